@@ -1,0 +1,45 @@
+"""paramserver: a parameter server for distributed machine-learning training, in Python.
+
+Where things live:
+
+* ``client.py``      the worker's handle: :func:`connect`, tables, pull / push / clock
+* ``launch.py``      :class:`LocalCluster`, ``paramserver run``, the role runners
+* ``coordinator.py`` membership, heartbeats, views, barriers, the table registry
+* ``server/``        one server process: event loop, shards, optimizer kernels, consistency
+* ``protocol.py``    the wire format; ``transport.py`` the ZeroMQ sockets and futures
+* ``partition.py``   which server owns a key or a range; ``spec.py`` table specs
+* ``init.py`` / ``optim.py``  initializers and server-side optimizers (``ps.init``, ``ps.optim``)
+* ``config.py``      settings and the ``PS_*`` variables; ``errors.py`` the exceptions
+
+Example:
+    import numpy as np
+    import paramserver as ps
+
+    with ps.LocalCluster(servers=2, workers=1) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("emb", dim=16, optimizer=ps.optim.Adagrad(lr=0.05))
+        rows = emb.pull(np.array([7, 42, 7], dtype=np.uint64))
+"""
+
+from paramserver import errors, init, launch, optim
+from paramserver.client import Client, DenseTable, SparseTable, connect
+from paramserver.config import Timeouts
+from paramserver.launch import LocalCluster
+from paramserver.transport import Future
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "DenseTable",
+    "Future",
+    "LocalCluster",
+    "SparseTable",
+    "Timeouts",
+    "__version__",
+    "connect",
+    "errors",
+    "init",
+    "launch",
+    "optim",
+]

@@ -1,0 +1,573 @@
+"""The worker's handle on a cluster: table handles, pull / push / clock, dedup, routing, futures.
+
+A :class:`Client` registers with the coordinator as a worker, connects one DEALER to every
+server and drives those sockets from the calling thread: every call returns (or is) a
+:class:`~paramserver.transport.Future`, and requests to different servers are all sent before
+any answer is awaited, so they proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as pysocket
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from paramserver.config import Timeouts, from_env, normalize_address, parse_consistency
+from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError
+from paramserver.init import Initializer, Zeros
+from paramserver.optim import SGD, Optimizer
+from paramserver.partition import HashRing, split_by_owner
+from paramserver.spec import TableSpec
+from paramserver.transport import Endpoint, Future, Heartbeat, gather, new_context
+
+__all__ = ["Client", "DenseTable", "SparseTable", "connect"]
+
+log = logging.getLogger(__name__)
+
+
+def connect(
+    address: str | None = None,
+    *,
+    rank: int | None = None,
+    timeouts: Timeouts | None = None,
+) -> Client:
+    """Join a cluster as a worker.
+
+    With no address, the coordinator comes from ``PS_COORDINATOR`` (and the rank from
+    ``PS_RANK``), as set by ``paramserver run`` or any other launcher.
+
+    Example:
+        client = ps.connect("127.0.0.1:7000")
+        client.rank   # 0..num_workers-1
+    """
+    env = from_env()
+    if address is None:
+        if env.coordinator is None:
+            raise ConfigError("no coordinator address: pass one, or set PS_COORDINATOR=host:port")
+        address = env.coordinator
+    return Client(normalize_address(address), rank=env.rank if rank is None else rank,
+                  timeouts=timeouts or env.timeouts)
+
+
+def _server(rank: int) -> str:
+    return f"server[{rank}]"
+
+
+class Client:
+    """A worker's connection to the cluster. Use :func:`connect` or ``LocalCluster.connect()``.
+
+    Example:
+        with ps.connect() as client:
+            emb = client.sparse_table("emb", dim=8)
+            rows = emb.pull(np.array([1, 2, 3], dtype=np.uint64))
+            client.clock()
+    """
+
+    def __init__(self, coordinator: str, *, rank: int | None = None,
+                 timeouts: Timeouts | None = None) -> None:
+        self.coordinator = coordinator
+        self.timeouts = timeouts or Timeouts()
+        self._ctx = new_context()
+        self._ep = Endpoint(self._ctx, self.timeouts.request, on_message=self._on_message)
+        self._ep.connect("coordinator", coordinator)
+        self._clock = 0
+        # Sequence numbers start from the wall clock so a restarted worker never reuses one.
+        self._seq = time.time_ns()
+        self._clock_futures: list[Future[Any]] = []
+        self._barriers: Counter[str] = Counter()
+        self._tables: dict[str, SparseTable | DenseTable] = {}
+        self._closed = False
+        self._epoch = 0
+        self.view: dict[str, Any] = {}
+        self._heartbeat: Heartbeat | None = None
+        try:
+            self._register(rank)
+        except BaseException:
+            self._ep.close()
+            self._ctx.term()
+            raise
+
+    # ---- membership -----------------------------------------------------------------------
+
+    def _register(self, rank: int | None) -> None:
+        what = f"worker registering with the coordinator at {self.coordinator}"
+        fut = self._ep.request(
+            "coordinator",
+            {"kind": "register", "role": "worker", "rank": rank,
+             "host": pysocket.gethostname()[:256], "pid": os.getpid()},
+            what=what,
+        )
+        try:
+            reply = fut.result(self.timeouts.connect)
+        except PSTimeoutError:
+            raise PSTimeoutError(self._why_no_registration(what)) from None
+        view = reply["view"]
+        self.rank: int = int(reply["rank"])
+        self.num_workers: int = int(view["num_workers"])
+        self.num_servers: int = int(view["num_servers"])
+        self._apply_view(view)
+        self.ring = HashRing.build(list(range(self.num_servers)))
+        self._heartbeat = Heartbeat(self._ctx, self.coordinator, "worker", self.rank,
+                                    int(view["token"]), self.timeouts.heartbeat_interval)
+        self._token = int(view["token"])
+        self._heartbeat.start()
+        log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
+
+    def _why_no_registration(self, what: str) -> str:
+        probe = self._ep.request("coordinator", {"kind": "get_view"}, what="get_view")
+        try:
+            view = probe.result(1.0)["view"]
+        except PSTimeoutError:
+            return (f"{what}: no answer after {self.timeouts.connect:.3g}s; nothing answers at "
+                    f"{self.coordinator}")
+        missing = [r for r, _, state in view["servers"] if state == "pending"]
+        if missing:
+            return (f"{what}: no answer after {self.timeouts.connect:.3g}s; the coordinator is "
+                    f"still waiting for " + ", ".join(_server(r) for r in missing) + " to register")
+        return f"{what}: no answer after {self.timeouts.connect:.3g}s"
+
+    def _on_message(self, peer: str, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        if header["kind"] == "view":
+            self._apply_view(header["view"])
+
+    def _apply_view(self, view: dict[str, Any]) -> None:
+        epoch = view.get("epoch", 0)
+        if not isinstance(epoch, int) or epoch <= self._epoch:
+            return
+        self._epoch = epoch
+        self.view = view
+        for rank, address, state in view.get("servers", []):
+            name = _server(rank)
+            if state == "alive" and address:
+                self._ep.connect(name, address)
+            elif state in ("dead", "left"):
+                self._ep.mark_lost(name, f"{name} at {address} was declared dead by the "
+                                         f"coordinator (view {epoch})")
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ConfigError("this client is closed")
+        hb = self._heartbeat
+        if hb is not None and hb.expelled:
+            raise NodeLostError(f"worker[{self.rank}] was dropped by the coordinator: {hb.expelled}")
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # ---- tables ---------------------------------------------------------------------------
+
+    def _create(self, spec: TableSpec) -> TableSpec:
+        self._check()
+        reply = self._ep.request(
+            "coordinator", {"kind": "create_table", "spec": spec.to_wire()},
+            what=f"creating table {spec.name!r} on the coordinator at {self.coordinator}",
+        ).result(self.timeouts.request)
+        final = TableSpec.from_wire(reply["spec"])
+        futs = [
+            self._ep.request(_server(s), {"kind": "create_shard", "spec": final.to_wire()},
+                             what=f"creating table {spec.name!r} on {_server(s)}")
+            for s in range(self.num_servers)
+        ]
+        for f in futs:
+            f.result(self.timeouts.request)
+        return final
+
+    def sparse_table(
+        self,
+        name: str,
+        dim: int,
+        *,
+        dtype: str = "float32",
+        init: Initializer | None = None,
+        optimizer: Optimizer | None = None,
+        consistency: str | None = None,
+        seed: int | None = None,
+    ) -> SparseTable:
+        """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
+
+        Example:
+            emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
+                                      optimizer=ps.optim.Adagrad(lr=0.05), consistency="async")
+        """
+        spec = TableSpec(name=name, kind="sparse", dim=dim, dtype=dtype, init=init or Zeros(),
+                         optimizer=optimizer or SGD(), consistency=_consistency(consistency),
+                         seed=seed)
+        final = self._create(spec)
+        table = SparseTable(self, final)
+        self._tables[name] = table
+        return table
+
+    def dense_table(
+        self,
+        name: str,
+        shape: int | tuple[int, ...],
+        *,
+        dtype: str = "float32",
+        init: Initializer | None = None,
+        optimizer: Optimizer | None = None,
+        consistency: str | None = None,
+        seed: int | None = None,
+    ) -> DenseTable:
+        """Create (or open) a dense table: one array of ``shape``, split over servers if large.
+
+        Example:
+            w = client.dense_table("mlp", shape=(4096,), optimizer=ps.optim.Adam(lr=1e-3),
+                                   consistency="sync")
+        """
+        shp = (shape,) if isinstance(shape, int) else tuple(shape)
+        spec = TableSpec(name=name, kind="dense", shape=shp, dtype=dtype, init=init or Zeros(),
+                         optimizer=optimizer or SGD(), consistency=_consistency(consistency),
+                         seed=seed)
+        final = self._create(spec)
+        table = DenseTable(self, final)
+        self._tables[name] = table
+        return table
+
+    # ---- clocks and barriers --------------------------------------------------------------
+
+    @property
+    def current_clock(self) -> int:
+        """This worker's clock: how many times it has called :meth:`clock`."""
+        return self._clock
+
+    def clock(self) -> int:
+        """End this worker's iteration; returns the new clock.
+
+        Example:
+            for step in range(100):
+                ...; client.clock()
+        """
+        self._check()
+        for f in self._clock_futures:
+            if f.done() and f.exception(0) is not None:
+                raise f.exception(0)  # type: ignore[misc]
+        self._clock += 1
+        self._clock_futures = [
+            self._ep.request(_server(s), {"kind": "clock", "rank": self.rank, "clock": self._clock},
+                             what=f"clock {self._clock} of worker[{self.rank}] to {_server(s)}")
+            for s in range(self.num_servers)
+        ]
+        self._ep.poll(0)
+        return self._clock
+
+    def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
+        """Wait until every live worker has reached this barrier.
+
+        Example:
+            client.barrier()            # all workers meet here
+        """
+        self._check()
+        limit = self.timeouts.request if timeout is None else timeout
+        self._barriers[name] += 1
+        fut = self._ep.request(
+            "coordinator",
+            {"kind": "barrier", "name": f"{name}#{self._barriers[name]}", "rank": self.rank,
+             "timeout": limit},
+            what=f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})",
+        )
+        fut.result(limit + 2.0)
+
+    def stats(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Per-server statistics: rows and bytes per table, clocks.
+
+        Example:
+            for s in client.stats(): print(s["rank"], s["tables"])
+        """
+        self._check()
+        futs = [self._ep.request(_server(s), {"kind": "stats"}, what=f"stats of {_server(s)}")
+                for s in range(self.num_servers)]
+        return [f.result(timeout)["stats"] for f in futs]
+
+    def tables(self) -> list[TableSpec]:
+        """The specs of every table in the cluster."""
+        reply = self._ep.request("coordinator", {"kind": "list_tables"},
+                                 what="listing tables").result()
+        return [TableSpec.from_wire(t) for t in reply["tables"]]
+
+    # ---- life -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the cluster (other workers stop waiting for this one) and close the sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._heartbeat is not None:
+                self._ep.request(
+                    "coordinator",
+                    {"kind": "leave", "role": "worker", "rank": self.rank, "token": self._token},
+                    what="leave",
+                ).result(2.0)
+        except Exception as exc:  # leaving is best effort; the heartbeat timeout covers the rest
+            log.debug("leave failed: %s", exc)
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
+                self._heartbeat.join(timeout=2)
+            self._ep.close()
+            self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _consistency(value: str | None) -> str:
+    if value is None:
+        value = os.environ.get("PS_CONSISTENCY") or "async"
+    parse_consistency(value)
+    return value
+
+
+def as_keys(keys: Any, table: str) -> np.ndarray:
+    """Validate keys (non-negative integers) and return them as uint64, any shape."""
+    arr = np.asarray(keys)
+    if arr.dtype == np.uint64:
+        return arr
+    if arr.dtype.kind == "u" or (arr.dtype.kind == "i"):
+        if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
+            bad = int(np.flatnonzero(arr.reshape(-1) < 0)[0])
+            raise ConfigError(f"table {table!r}: keys must be non-negative integers, got "
+                              f"{arr.reshape(-1)[bad]} at position {bad}")
+        return arr.astype(np.uint64)
+    raise ConfigError(f"table {table!r}: keys must be an array of unsigned integers, got dtype "
+                      f"{arr.dtype}")
+
+
+class _Handle:
+    def __init__(self, client: Client, spec: TableSpec) -> None:
+        self.client = client
+        self.spec = spec
+        self.name = spec.name
+        self.dtype = spec.np_dtype
+        self._staleness: Counter[int] = Counter()
+
+    def staleness(self) -> dict[int, int]:
+        """Histogram of the staleness this worker's pulls were served with: {clocks: count}.
+
+        Example:
+            emb.staleness()    # {0: 950, 1: 40, 2: 10}
+        """
+        return dict(sorted(self._staleness.items()))
+
+    def set_lr(self, lr: float, *, timeout: float | None = None) -> None:
+        """Change the learning rate of this table's optimizer on every server.
+
+        Example:
+            emb.set_lr(0.01)
+        """
+        opt = self.spec.optimizer.with_lr(lr)
+        futs = [self.client._ep.request(_server(s), {"kind": "set_lr", "table": self.name,
+                                                      "lr": float(lr)},
+                                        what=f"set_lr of table {self.name!r} on {_server(s)}")
+                for s in range(self.client.num_servers)]
+        for f in futs:
+            f.result(timeout)
+        self.spec = replace(self.spec, optimizer=opt)
+
+    def _check_grads(self, grads: Any, shape: tuple[int, ...]) -> np.ndarray:
+        g = np.asarray(grads)
+        if g.dtype != self.dtype:
+            raise ConfigError(f"table {self.name!r}: gradient dtype must be {self.dtype}, got "
+                              f"{g.dtype}")
+        if g.shape != shape:
+            raise ConfigError(f"table {self.name!r}: gradient shape must be {shape}, got {g.shape}")
+        if not np.isfinite(g).all():
+            raise ConfigError(f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
+                              "the table is unchanged")
+        return np.ascontiguousarray(g)
+
+    def _pull_header(self, create: bool, timeout: float) -> dict[str, Any]:
+        c = self.client
+        return {"kind": "pull", "table": self.name, "rank": c.rank, "clock": c._clock,
+                "create": create, "timeout": timeout}
+
+    def _record(self, staleness: list[int]) -> None:
+        self._staleness[max(staleness, default=0)] += 1
+
+
+class SparseTable(_Handle):
+    """Handle on a sparse table: rows of width ``dim`` keyed by uint64 ids.
+
+    Example:
+        rows = emb.pull(np.array([7, 42, 7], dtype=np.uint64))   # (3, dim)
+        emb.push(keys, grads).result()
+    """
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def pull_async(self, keys: Any, *, create: bool = True,
+                   timeout: float | None = None) -> Future[np.ndarray]:
+        """Start a pull and return its future (overlap it with compute).
+
+        Example:
+            nxt = emb.pull_async(next_keys); ...; rows = nxt.result()
+        """
+        c = self.client
+        c._check()
+        limit = c.timeouts.request if timeout is None else timeout
+        k = as_keys(keys, self.name)
+        flat = k.reshape(-1)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        owners = c.ring.route(uniq)
+        order, bounds = split_by_owner(owners, c.num_servers)
+        header = self._pull_header(create, limit)
+        futs: list[Future[np.ndarray]] = []
+        parts: list[np.ndarray] = []
+        staleness: list[int] = []
+
+        def rows_of(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray:
+            staleness.append(int(msg[0].get("staleness") or 0))
+            return msg[1][0]
+
+        for s in range(c.num_servers):
+            idx = order[bounds[s] : bounds[s + 1]]
+            if len(idx) == 0:
+                continue
+            parts.append(idx)
+            futs.append(c._ep.request(
+                _server(s), header, [np.ascontiguousarray(uniq[idx])],
+                what=f"pull of {len(idx)} keys of table {self.name!r} from {_server(s)} "
+                     f"({c._ep.address_of(_server(s))})",
+                parse=rows_of))
+
+        def combine(results: list[np.ndarray]) -> np.ndarray:
+            out_u = np.empty((len(uniq), self.dim), dtype=self.dtype)
+            for idx, rows in zip(parts, results, strict=True):
+                if rows.shape != (len(idx), self.dim):
+                    raise ConfigError(f"table {self.name!r}: server answered {rows.shape} rows")
+                out_u[idx] = rows
+            self._record(staleness)
+            out = out_u if len(uniq) == len(flat) and _is_sorted(flat) else out_u[inverse]
+            return out.reshape((*k.shape, self.dim))
+
+        return gather(futs, f"pull of table {self.name!r}", combine)
+
+    def pull(self, keys: Any, *, create: bool = True, timeout: float | None = None) -> np.ndarray:
+        """Return the rows for ``keys``, creating missing rows on the servers (``create=False``:
+        unseen keys come back with their initial value and are not stored).
+
+        Example:
+            rows = emb.pull(np.array([7, 7, 42], dtype=np.uint64))  # shape (3, emb.dim)
+        """
+        limit = self.client.timeouts.request if timeout is None else timeout
+        return self.pull_async(keys, create=create, timeout=limit).result(limit + 1.0)
+
+    def push(self, keys: Any, grads: Any) -> Future[None]:
+        """Send gradients for ``keys`` (repeated keys are summed first); returns at once.
+
+        ``.result()`` on the returned future waits for every server's acknowledgement. Do not
+        modify ``grads`` until then.
+
+        Example:
+            emb.push(keys, grads).result()
+        """
+        c = self.client
+        c._check()
+        k = as_keys(keys, self.name)
+        flat = k.reshape(-1)
+        g = self._check_grads(grads, (*k.shape, self.dim)).reshape(len(flat), self.dim)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        if len(uniq) == len(flat):
+            summed = np.empty_like(g)
+            summed[inverse] = g
+        else:
+            summed = np.zeros((len(uniq), self.dim), dtype=self.dtype)
+            np.add.at(summed, inverse, g)
+        owners = c.ring.route(uniq)
+        order, bounds = split_by_owner(owners, c.num_servers)
+        header = {"kind": "push", "table": self.name, "rank": c.rank, "clock": c._clock,
+                  "seq": c._next_seq()}
+        futs: list[Future[Any]] = []
+        for s in range(c.num_servers):
+            idx = order[bounds[s] : bounds[s + 1]]
+            if len(idx) == 0:
+                continue
+            futs.append(c._ep.request(
+                _server(s), header, [uniq[idx], summed[idx]],
+                what=f"push of {len(idx)} rows of table {self.name!r} to {_server(s)}"))
+        c._ep.poll(0)
+        return gather(futs, f"push to table {self.name!r}", lambda _: None)
+
+
+def _is_sorted(a: np.ndarray) -> bool:
+    return bool(len(a) < 2 or (a[1:] > a[:-1]).all())
+
+
+class DenseTable(_Handle):
+    """Handle on a dense table: one array of ``shape``.
+
+    Example:
+        w = dense.pull(); dense.push(np.ones_like(w)).result()
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.spec.shape
+
+    def pull_async(self, *, timeout: float | None = None) -> Future[np.ndarray]:
+        """Start a pull of the whole array and return its future."""
+        c = self.client
+        c._check()
+        limit = c.timeouts.request if timeout is None else timeout
+        header = self._pull_header(True, limit)
+        staleness: list[int] = []
+
+        def part(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray:
+            staleness.append(int(msg[0].get("staleness") or 0))
+            return msg[1][0]
+
+        ranges = self.spec.ranges
+        futs = [c._ep.request(_server(s), header,
+                              what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
+                                   f"({c._ep.address_of(_server(s))})",
+                              parse=part)
+                for s, a, b in ranges]
+
+        def combine(results: list[np.ndarray]) -> np.ndarray:
+            out = np.empty(self.spec.size, dtype=self.dtype)
+            for (_, a, b), r in zip(ranges, results, strict=True):
+                if r.shape != (b - a,):
+                    raise ConfigError(f"table {self.name!r}: server answered shape {r.shape}")
+                out[a:b] = r
+            self._record(staleness)
+            return out.reshape(self.shape)
+
+        return gather(futs, f"pull of table {self.name!r}", combine)
+
+    def pull(self, *, timeout: float | None = None) -> np.ndarray:
+        """Return the whole array (a fresh, writable copy).
+
+        Example:
+            w = dense.pull()
+        """
+        limit = self.client.timeouts.request if timeout is None else timeout
+        return self.pull_async(timeout=limit).result(limit + 1.0)
+
+    def push(self, grad: Any) -> Future[None]:
+        """Send a gradient of the table's shape; returns at once (``.result()`` waits).
+
+        Example:
+            dense.push(grad).result()
+        """
+        c = self.client
+        c._check()
+        g = self._check_grads(grad, self.shape).reshape(-1)
+        header = {"kind": "push", "table": self.name, "rank": c.rank, "clock": c._clock,
+                  "seq": c._next_seq()}
+        futs = [c._ep.request(_server(s), header, [g[a:b]],
+                              what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}")
+                for s, a, b in self.spec.ranges]
+        c._ep.poll(0)
+        return gather(futs, f"push to table {self.name!r}", lambda _: None)

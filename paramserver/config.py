@@ -1,0 +1,168 @@
+"""Settings for every role, as frozen dataclasses, and the one place that reads ``PS_*`` variables.
+
+Precedence is argument > environment variable > default: :func:`from_env` returns the
+environment's values, and callers pass them to ``dataclasses.replace`` only for fields the
+user did not set explicitly.
+
+Environment variables:
+
+=========================  ===================================================================
+``PS_COORDINATOR``         coordinator address, ``host:port`` or ``tcp://host:port``
+``PS_RANK``                worker rank requested by ``paramserver run`` (optional)
+``PS_NUM_WORKERS``         number of workers in the job (informational for workers)
+``PS_NUM_SERVERS``         number of servers in the job (informational for workers)
+``PS_HEARTBEAT_INTERVAL``  seconds between heartbeats (default 0.5)
+``PS_HEARTBEAT_TIMEOUT``   seconds without a heartbeat before a node is declared dead (default 5)
+``PS_REQUEST_TIMEOUT``     default timeout of a blocking call, seconds (default 60)
+``PS_CONNECT_TIMEOUT``     timeout to join a cluster, seconds (default 30)
+``PS_LOG_LEVEL``           log level of the CLI's handler (default INFO)
+=========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from paramserver.errors import ConfigError
+
+__all__ = [
+    "ENV_VARS",
+    "Timeouts",
+    "WorkerEnv",
+    "from_env",
+    "normalize_address",
+    "parse_consistency",
+]
+
+ENV_VARS = (
+    "PS_COORDINATOR",
+    "PS_RANK",
+    "PS_NUM_WORKERS",
+    "PS_NUM_SERVERS",
+    "PS_HEARTBEAT_INTERVAL",
+    "PS_HEARTBEAT_TIMEOUT",
+    "PS_REQUEST_TIMEOUT",
+    "PS_CONNECT_TIMEOUT",
+    "PS_LOG_LEVEL",
+)
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long nodes wait for each other.
+
+    Example:
+        Timeouts(heartbeat_timeout=2.0)  # declare a silent node dead after 2 s
+    """
+
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 5.0
+    request: float = 60.0
+    connect: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval", "heartbeat_timeout", "request", "connect"):
+            _positive(name, getattr(self, name))
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat_timeout ({self.heartbeat_timeout}s) must be at least twice "
+                f"heartbeat_interval ({self.heartbeat_interval}s)"
+            )
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """What a worker started by ``paramserver run`` (or any launcher) learns from ``PS_*``."""
+
+    coordinator: str | None = None
+    rank: int | None = None
+    num_workers: int | None = None
+    num_servers: int | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    log_level: str = "INFO"
+
+
+def normalize_address(address: str) -> str:
+    """Return ``tcp://host:port`` for ``host:port`` or ``tcp://host:port``; ConfigError otherwise.
+
+    Example:
+        normalize_address("127.0.0.1:5555")  # 'tcp://127.0.0.1:5555'
+    """
+    if not isinstance(address, str) or not address:
+        raise ConfigError(f"coordinator address must be 'host:port', got {address!r}")
+    rest = address[len("tcp://") :] if address.startswith("tcp://") else address
+    if "://" in rest:
+        raise ConfigError(f"only tcp:// addresses are supported, got {address!r}")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address must be 'host:port' with a port in 1..65535, got {address!r}")
+    return f"tcp://{host}:{int(port)}"
+
+
+def parse_consistency(value: str) -> tuple[str, int]:
+    """Parse ``"sync"``, ``"async"`` or ``"ssp:N"`` into (mode, bound).
+
+    Example:
+        parse_consistency("ssp:2")  # ('ssp', 2)
+    """
+    if value == "sync":
+        return "sync", 0
+    if value == "async":
+        return "async", -1
+    if isinstance(value, str) and value.startswith("ssp:") and value[4:].isdigit():
+        return "ssp", int(value[4:])
+    raise ConfigError(f"consistency must be 'sync', 'async' or 'ssp:N' with N >= 0, got {value!r}")
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise ConfigError(f"{name} must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
+    """Read every ``PS_*`` variable (the only place that reads ``os.environ``).
+
+    Example:
+        from_env({"PS_COORDINATOR": "10.0.0.1:7000", "PS_RANK": "3"}).rank  # 3
+    """
+    env = os.environ if env is None else env
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        heartbeat_interval=_float(env, "PS_HEARTBEAT_INTERVAL", defaults.heartbeat_interval),
+        heartbeat_timeout=_float(env, "PS_HEARTBEAT_TIMEOUT", defaults.heartbeat_timeout),
+        request=_float(env, "PS_REQUEST_TIMEOUT", defaults.request),
+        connect=_float(env, "PS_CONNECT_TIMEOUT", defaults.connect),
+    )
+    coordinator = env.get("PS_COORDINATOR") or None
+    if coordinator is not None:
+        coordinator = normalize_address(coordinator)
+    return WorkerEnv(
+        coordinator=coordinator,
+        rank=_int(env, "PS_RANK"),
+        num_workers=_int(env, "PS_NUM_WORKERS"),
+        num_servers=_int(env, "PS_NUM_SERVERS"),
+        timeouts=timeouts,
+        log_level=env.get("PS_LOG_LEVEL", "INFO") or "INFO",
+    )

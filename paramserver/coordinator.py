@@ -1,0 +1,311 @@
+"""The coordinator: membership, heartbeats, the cluster view, barriers and the table registry.
+
+One process, one ROUTER socket, one single-threaded loop. Servers and workers register and get
+ranks; the coordinator publishes a *view* (epoch, members and their states) to every member
+whenever it changes; a member whose heartbeats stop for ``heartbeat_timeout`` seconds is
+declared dead and a new view goes out. Tables are created here first (idempotent by name and
+spec; a conflicting spec is refused), then on the servers by the worker that asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from paramserver import protocol
+from paramserver.config import Timeouts
+from paramserver.errors import ConfigError, ProtocolError
+from paramserver.partition import dense_ranges
+from paramserver.spec import TableSpec
+from paramserver.transport import Router, new_context
+
+__all__ = ["Coordinator"]
+
+log = logging.getLogger(__name__)
+
+PENDING, ALIVE, DEAD, LEFT = "pending", "alive", "dead", "left"
+
+
+@dataclass
+class Member:
+    role: str
+    rank: int
+    state: str = PENDING
+    address: str = ""
+    host: str = ""
+    pid: int = 0
+    token: int = 0
+    identity: bytes = b""
+    last_seen: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}[{self.rank}]"
+
+
+@dataclass
+class _Barrier:
+    arrived: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    deadline: float = 0.0
+
+
+class Coordinator:
+    """The coordinator's state and loop.
+
+    Example:
+        coord = Coordinator(num_servers=2, num_workers=1)
+        threading.Thread(target=coord.serve).start(); ...; coord.stop()
+    """
+
+    def __init__(
+        self,
+        num_servers: int,
+        num_workers: int,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        if num_servers < 1:
+            raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
+        if num_workers < 1:
+            raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
+        self.timeouts = timeouts or Timeouts()
+        self.ctx = new_context()
+        self.router = Router(self.ctx, host, port)
+        self.address = self.router.address
+        self.epoch = 1
+        self.servers = [Member("server", r) for r in range(num_servers)]
+        self.workers = [Member("worker", r) for r in range(num_workers)]
+        self.tables: dict[str, TableSpec] = {}
+        self.barriers: dict[str, _Barrier] = {}
+        self.waiting_workers: list[tuple[bytes, dict[str, Any], float]] = []
+        self._stop = threading.Event()
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Run until :meth:`stop` or a ``shutdown`` request."""
+        log.info("coordinator bound at %s, expecting %d servers and %d workers",
+                 self.address, len(self.servers), len(self.workers))
+        sock = self.router.socket
+        try:
+            while not self._stop.is_set():
+                if sock.poll(100):
+                    for _ in range(1000):
+                        try:
+                            identity, frames = self.router.recv_raw_nowait()
+                        except BlockingIOError:
+                            break
+                        self._handle(identity, frames)
+                self._check_deadlines(time.monotonic())
+        finally:
+            self.router.close()
+            self.ctx.term()
+            log.info("coordinator stopped")
+
+    def _handle(self, identity: bytes, frames: list[Any]) -> None:
+        try:
+            header, _ = protocol.decode(frames)
+        except ProtocolError as exc:
+            log.warning("coordinator: malformed message dropped: %s", exc)
+            self._answer_malformed(identity, exc)
+            return
+        kind, rid = header["kind"], header["id"]
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is None:
+            self.router.error(identity, rid, "bad_request", f"the coordinator does not take {kind!r}")
+            return
+        try:
+            handler(identity, header)
+        except ConfigError as exc:
+            self.router.error(identity, rid, "invalid", str(exc))
+
+    def _answer_malformed(self, identity: bytes, exc: ProtocolError) -> None:
+        self.router.error(identity, 0, "protocol", f"coordinator: {exc}")
+
+    # ---- membership -----------------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "servers": [[m.rank, m.address, m.state] for m in self.servers],
+            "workers": [[m.rank, m.state] for m in self.workers],
+        }
+
+    def _publish(self, reason: str) -> None:
+        self.epoch += 1
+        log.info("view %d: %s", self.epoch, reason)
+        view = self.view()
+        for m in (*self.servers, *self.workers):
+            if m.state == ALIVE and m.identity:
+                self.router.send(m.identity, {"kind": "view", "id": 0, "view": view})
+
+    def _on_register(self, identity: bytes, h: dict[str, Any]) -> None:
+        if h["role"] == "server":
+            self._register_server(identity, h)
+        else:
+            self.waiting_workers.append((identity, h, time.monotonic()))
+            self._admit_workers()
+
+    def _register_server(self, identity: bytes, h: dict[str, Any]) -> None:
+        if not h.get("address"):
+            self.router.error(identity, h["id"], "invalid", "a server must register its address")
+            return
+        free = [m for m in self.servers if m.state in (PENDING, DEAD, LEFT)]
+        if not free:
+            self.router.error(identity, h["id"], "full",
+                              f"all {len(self.servers)} server ranks are taken by live servers")
+            return
+        m = free[0]
+        self._activate(m, identity, h)
+        self.router.reply(identity, h["id"], rank=m.rank, view=self._view_with_token(m))
+        self._publish(f"{m.name} registered at {m.address}")
+        self._admit_workers()
+
+    def _view_with_token(self, m: Member) -> dict[str, Any]:
+        return {**self.view(), "token": m.token, "num_servers": len(self.servers),
+                "num_workers": len(self.workers)}
+
+    def _activate(self, m: Member, identity: bytes, h: dict[str, Any]) -> None:
+        m.state, m.identity = ALIVE, identity
+        m.address = h.get("address") or ""
+        m.host, m.pid = h.get("host") or "", h.get("pid") or 0
+        m.token = secrets.randbits(62) + 1
+        m.last_seen = time.monotonic()
+
+    def _admit_workers(self) -> None:
+        if any(s.state == PENDING for s in self.servers) or not self.waiting_workers:
+            return
+        waiting, self.waiting_workers = self.waiting_workers, []
+        for identity, h, _ in waiting:
+            want = h.get("rank")
+            if want is not None:
+                if want >= len(self.workers):
+                    self.router.error(identity, h["id"], "invalid",
+                                      f"rank {want} asked for, but the cluster has "
+                                      f"{len(self.workers)} workers (ranks 0..{len(self.workers) - 1})")
+                    continue
+                m = self.workers[want]
+                if m.state == ALIVE:
+                    self.router.error(identity, h["id"], "taken",
+                                      f"worker rank {want} is already taken by a live worker")
+                    continue
+            else:
+                free = [w for w in self.workers if w.state == PENDING]
+                if not free:
+                    self.router.error(identity, h["id"], "full",
+                                      f"the cluster expects {len(self.workers)} workers and "
+                                      "every rank has been taken")
+                    continue
+                m = free[0]
+            self._activate(m, identity, h)
+            self.router.reply(identity, h["id"], rank=m.rank, view=self._view_with_token(m))
+            self._publish(f"{m.name} registered")
+
+    def _member(self, role: str, rank: int) -> Member | None:
+        members = self.servers if role == "server" else self.workers
+        return members[rank] if rank < len(members) else None
+
+    def _on_heartbeat(self, identity: bytes, h: dict[str, Any]) -> None:
+        m = self._member(h["role"], h["rank"])
+        if m is None or m.state != ALIVE or m.token != h["token"]:
+            self.router.error(identity, h["id"], "expelled",
+                              f"{h['role']}[{h['rank']}] is not a live member of this cluster "
+                              "(declared dead or never registered)")
+            return
+        m.last_seen = time.monotonic()
+        self.router.reply(identity, h["id"], view={"epoch": self.epoch})
+
+    def _on_leave(self, identity: bytes, h: dict[str, Any]) -> None:
+        m = self._member(h["role"], h["rank"])
+        if m is not None and m.state == ALIVE and m.token == h["token"]:
+            m.state = LEFT
+            self._publish(f"{m.name} left")
+            self._check_barriers()
+        self.router.reply(identity, h["id"])
+
+    def _on_get_view(self, identity: bytes, h: dict[str, Any]) -> None:
+        self.router.reply(identity, h["id"], view=self.view())
+
+    def _check_deadlines(self, now: float) -> None:
+        limit = self.timeouts.heartbeat_timeout
+        for m in (*self.servers, *self.workers):
+            if m.state == ALIVE and now - m.last_seen > limit:
+                m.state = DEAD
+                log.warning("%s (%s) declared dead: no heartbeat for %.1fs",
+                            m.name, m.address or f"pid {m.pid}", now - m.last_seen)
+                self._publish(f"{m.name} declared dead")
+                self._check_barriers()
+        for name, b in list(self.barriers.items()):
+            if now > b.deadline:
+                missing = self._barrier_missing(b)
+                del self.barriers[name]
+                msg = (f"barrier {name.split('#')[0]!r} timed out waiting for "
+                       + ", ".join(f"worker[{r}]" for r in missing))
+                for identity, rid in b.arrived.values():
+                    self.router.error(identity, rid, "timeout", msg)
+
+    # ---- tables ---------------------------------------------------------------------------
+
+    def _on_create_table(self, identity: bytes, h: dict[str, Any]) -> None:
+        spec = TableSpec.from_wire({**h["spec"], "ranges": []} if h["spec"].get("kind") == "dense"
+                                   else h["spec"])
+        old = self.tables.get(spec.name)
+        if old is not None:
+            diff = old.conflicts(spec)
+            if diff:
+                self.router.error(identity, h["id"], "conflict",
+                                  f"table {spec.name!r} already exists with a different "
+                                  f"{', '.join(diff)} (existing: "
+                                  + ", ".join(f"{k}={old.definition().get(k)!r}" for k in diff) + ")")
+                return
+            self.router.reply(identity, h["id"], spec=old.to_wire())
+            return
+        if spec.kind == "dense":
+            spec = spec.with_ranges(dense_ranges(spec.name, spec.size, [m.rank for m in self.servers]))
+        self.tables[spec.name] = spec
+        log.info("table %r created (%s, %s, %s)", spec.name, spec.kind, spec.optimizer.to_spec()["kind"],
+                 spec.consistency)
+        self.router.reply(identity, h["id"], spec=spec.to_wire())
+
+    def _on_list_tables(self, identity: bytes, h: dict[str, Any]) -> None:
+        self.router.reply(identity, h["id"], tables=[s.to_wire() for s in self.tables.values()])
+
+    # ---- barriers -------------------------------------------------------------------------
+
+    def _barrier_missing(self, b: _Barrier) -> list[int]:
+        return [w.rank for w in self.workers if w.state in (PENDING, ALIVE) and w.rank not in b.arrived]
+
+    def _on_barrier(self, identity: bytes, h: dict[str, Any]) -> None:
+        b = self.barriers.setdefault(h["name"], _Barrier())
+        b.arrived[h["rank"]] = (identity, h["id"])
+        b.deadline = max(b.deadline, time.monotonic() + h["timeout"])
+        self._check_barriers()
+
+    def _check_barriers(self) -> None:
+        for name, b in list(self.barriers.items()):
+            if not self._barrier_missing(b):
+                del self.barriers[name]
+                for identity, rid in b.arrived.values():
+                    self.router.reply(identity, rid)
+
+    # ---- shutdown -------------------------------------------------------------------------
+
+    def _on_shutdown(self, identity: bytes, h: dict[str, Any]) -> None:
+        log.info("shutdown requested: stopping %d servers",
+                 sum(m.state == ALIVE for m in self.servers))
+        for m in self.servers:
+            if m.state == ALIVE and m.identity:
+                self.router.send(m.identity, {"kind": "stop", "id": 0})
+        self.router.reply(identity, h["id"])
+        self._stop.set()
+
+    def _on_ping(self, identity: bytes, h: dict[str, Any]) -> None:
+        self.router.reply(identity, h["id"])

@@ -1,0 +1,124 @@
+"""Which server owns a key of a sparse table, or a range of a dense table.
+
+Sparse keys are spread by a consistent-hash ring with virtual nodes: all keys are hashed at once,
+``searchsorted`` finds their ring points, and a stable radix sort on the owner groups them per
+server. A dense table smaller than :data:`DENSE_SPLIT_ELEMENTS` lives whole on one server chosen by
+a hash of its name; a larger one is cut into contiguous ranges, one per server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DENSE_SPLIT_ELEMENTS",
+    "HashRing",
+    "dense_ranges",
+    "hash_keys",
+    "split_by_owner",
+]
+
+DENSE_SPLIT_ELEMENTS = 1 << 18
+DEFAULT_VNODES = 64
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# Routing uses its own salt so that the keys one server receives are not correlated with the
+# hash the server's own index uses.
+_ROUTE_SALT = np.uint64(0x5F3759DF2545F491)
+
+
+def hash_keys(keys: np.ndarray, salt: np.uint64 = _ROUTE_SALT) -> np.ndarray:
+    """splitmix64 of ``keys ^ salt``, vectorized; uint64 in, uint64 out.
+
+    Example:
+        hash_keys(np.arange(3, dtype=np.uint64))
+    """
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.uint64, copy=True)
+        z ^= salt
+        z += _GOLDEN
+        z ^= z >> np.uint64(30)
+        z *= _M1
+        z ^= z >> np.uint64(27)
+        z *= _M2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+@dataclass(frozen=True)
+class HashRing:
+    """A consistent-hash ring over server ranks.
+
+    Example:
+        ring = HashRing.build([0, 1])
+        owners = ring.route(np.array([7, 42], dtype=np.uint64))  # server rank per key
+    """
+
+    points: np.ndarray  # sorted uint64 ring positions
+    owners: np.ndarray  # server rank at each position (int32)
+
+    @classmethod
+    def build(cls, servers: list[int], vnodes: int = DEFAULT_VNODES) -> HashRing:
+        if not servers:
+            raise ValueError("a hash ring needs at least one server")
+        ranks = np.repeat(np.asarray(servers, dtype=np.uint64), vnodes)
+        replica = np.tile(np.arange(vnodes, dtype=np.uint64), len(servers))
+        pts = hash_keys(ranks * np.uint64(1 << 20) + replica, salt=np.uint64(0x243F6A8885A308D3))
+        order = np.argsort(pts, kind="stable")
+        return cls(points=pts[order], owners=ranks[order].astype(np.int32))
+
+    @property
+    def servers(self) -> list[int]:
+        return sorted({int(s) for s in self.owners})
+
+    def route(self, keys: np.ndarray) -> np.ndarray:
+        """Server rank owning each key (int32 array, same length as ``keys``)."""
+        if len(self.points) == 0:
+            raise ValueError("empty ring")
+        idx = np.searchsorted(self.points, hash_keys(keys), side="right")
+        idx[idx == len(self.points)] = 0
+        return self.owners[idx]
+
+
+def split_by_owner(owners: np.ndarray, n_owners: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group positions by owner: returns (order, bounds) so that
+    ``order[bounds[s]:bounds[s+1]]`` are the positions owned by ``s``, in their original order.
+
+    Example:
+        order, bounds = split_by_owner(np.array([1, 0, 1], dtype=np.int32), 2)
+        # order = [1, 0, 2], bounds = [0, 1, 3]
+    """
+    if n_owners <= 1:
+        return np.arange(len(owners)), np.array([0, len(owners)])
+    small = owners.astype(np.uint16 if n_owners < 1 << 16 else np.int64)
+    order = np.argsort(small, kind="stable")  # radix sort for 16-bit integers
+    counts = np.bincount(small, minlength=n_owners)
+    bounds = np.zeros(n_owners + 1, dtype=np.int64)
+    np.cumsum(counts, out=bounds[1:])
+    return order, bounds
+
+
+def _name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def dense_ranges(
+    name: str, size: int, servers: list[int], split_at: int = DENSE_SPLIT_ELEMENTS
+) -> list[tuple[int, int, int]]:
+    """Cut a dense table of ``size`` elements into ``(server, start, stop)`` ranges.
+
+    Example:
+        dense_ranges("mlp", 10, [0, 1])  # small: [(s, 0, 10)] on the server the name hashes to
+    """
+    if not servers:
+        raise ValueError("no servers to place the table on")
+    servers = sorted(servers)
+    if size < split_at or len(servers) == 1:
+        return [(servers[_name_hash(name) % len(servers)], 0, size)]
+    cuts = [size * i // len(servers) for i in range(len(servers) + 1)]
+    return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(servers)]

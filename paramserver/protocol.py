@@ -1,0 +1,275 @@
+"""The wire format: message kinds, the header schema, and frame encoding and decoding.
+
+A message is one ZeroMQ multipart message ``[header, frame, ...]``. The header is a small
+msgpack map; arrays follow as raw little-endian frames, each array cut into frames of at most
+:data:`CHUNK_BYTES` (1 MiB), because a fresh huge receive buffer per message costs more in page
+faults than the transfer itself while 1 MiB buffers are reused by the allocator.
+
+Every field of every incoming header is checked here, before anything else looks at it:
+:func:`decode` either returns a header whose fields have the types and ranges the schema says,
+or raises :class:`~paramserver.errors.ProtocolError` naming the field. Nothing here imports
+zmq: frames are anything that exposes the buffer protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from paramserver.errors import ProtocolError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DTYPES",
+    "KINDS",
+    "MAX_MESSAGE_BYTES",
+    "decode",
+    "encode",
+    "error_header",
+]
+
+VERSION = 1
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 4 << 30
+MAX_HEADER_BYTES = 1 << 20
+MAX_NDIM = 4
+
+# Wire dtypes, always little-endian. bfloat16 travels as uint16 bit patterns.
+DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in ("uint64", "int64", "float64", "float32", "float16", "uint16", "int8", "uint8")
+}
+
+Check = Callable[[Any], bool]
+
+
+def _int(lo: int, hi: int) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _str(max_len: int) -> Check:
+    return lambda v: isinstance(v, str) and 0 < len(v) <= max_len
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+def _is_timeout(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _opt(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
+U63 = _int(0, (1 << 63) - 1)
+RANK = _int(0, 1 << 20)
+NAME = _str(128)
+ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
+
+# kind -> {field: (check, required)}. Fields common to all kinds ("kind", "id", "v", "arrays")
+# are checked separately. Unknown fields are an error: a peer speaking another dialect is
+# refused rather than half-understood.
+SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
+    # coordinator requests
+    "register": {
+        "role": (ROLE, True),
+        "address": (_opt(_str(256)), False),
+        "rank": (_opt(RANK), False),
+        "host": (_opt(_str(256)), False),
+        "pid": (_opt(U63), False),
+    },
+    "heartbeat": {"role": (ROLE, True), "rank": (RANK, True), "token": (U63, True)},
+    "get_view": {},
+    "create_table": {"spec": (_is_map, True)},
+    "list_tables": {},
+    "barrier": {"name": (NAME, True), "rank": (RANK, True), "timeout": (_is_timeout, True)},
+    "leave": {"role": (ROLE, True), "rank": (RANK, True), "token": (U63, True)},
+    "shutdown": {},
+    # coordinator -> node
+    "view": {"view": (_is_map, True)},
+    "stop": {},
+    # server requests
+    "create_shard": {"spec": (_is_map, True)},
+    "pull": {
+        "table": (NAME, True),
+        "rank": (RANK, True),
+        "clock": (U63, True),
+        "create": (_is_bool, True),
+        "timeout": (_is_timeout, True),
+    },
+    "push": {
+        "table": (NAME, True),
+        "rank": (RANK, True),
+        "clock": (U63, True),
+        "seq": (U63, True),
+    },
+    "clock": {"rank": (RANK, True), "clock": (U63, True)},
+    "set_lr": {"table": (NAME, True), "lr": (_is_number, True)},
+    "stats": {},
+    "ping": {},
+    # replies
+    "reply": {
+        "staleness": (_opt(U63), False),
+        "rank": (_opt(RANK), False),
+        "view": (_opt(_is_map), False),
+        "spec": (_opt(_is_map), False),
+        "tables": (_opt(lambda v: isinstance(v, list)), False),
+        "stats": (_opt(_is_map), False),
+    },
+    "error": {"code": (_str(64), True), "message": (_str(4096), True)},
+}
+KINDS = frozenset(SCHEMA)
+
+
+def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
+    """Return the frames of one message: the msgpack header, then each array's raw bytes.
+
+    Arrays larger than :data:`CHUNK_BYTES` are sent as several frames, all views of the
+    caller's memory (no copy); the caller keeps the arrays alive and unchanged until sent.
+
+    Example:
+        frames = encode({"kind": "ping", "id": 1})
+    """
+    frames: list[Any] = [b""]
+    layout = []
+    for a in arrays:
+        if a.dtype.byteorder == ">" or a.dtype.str.lstrip("<>=|") not in _WIRE_NAMES:
+            raise ProtocolError(f"cannot send an array of dtype {a.dtype}")
+        a = np.ascontiguousarray(a)
+        flat = memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+        n = len(flat)
+        if n <= CHUNK_BYTES:
+            frames.append(flat)
+            nframes = 1
+        else:
+            nframes = -(-n // CHUNK_BYTES)
+            frames.extend(flat[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES] for i in range(nframes))
+        layout.append([_WIRE_NAMES[a.dtype.str.lstrip("<>=|")], list(a.shape), nframes])
+    full = {"v": VERSION, **header}
+    if layout:
+        full["arrays"] = layout
+    frames[0] = msgpack.packb(full, use_bin_type=True)
+    return frames
+
+
+_WIRE_NAMES = {dt.str.lstrip("<>=|"): name for name, dt in DTYPES.items()}
+
+
+def error_header(request_id: int, code: str, message: str) -> dict[str, Any]:
+    """The header of an error reply (message trimmed to the schema's limit)."""
+    return {"kind": "error", "id": request_id, "code": code, "message": message[:4096] or code}
+
+
+def _fail(message: str) -> ProtocolError:
+    return ProtocolError(message)
+
+
+def decode_header(raw: Any) -> dict[str, Any]:
+    """Parse and validate a header frame; ProtocolError names what is wrong."""
+    buf = memoryview(raw)
+    if buf.nbytes > MAX_HEADER_BYTES:
+        raise _fail(f"header of {buf.nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise _fail(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise _fail(f"header must be a map, got {type(header).__name__}")
+    if header.get("v") != VERSION:
+        raise _fail(f"protocol version {header.get('v')!r} is not supported (this is {VERSION})")
+    kind = header.get("kind")
+    if not isinstance(kind, str) or kind not in SCHEMA:
+        raise _fail(f"unknown message kind {kind!r}")
+    if not U63(header.get("id")):
+        raise _fail(f"{kind}: field 'id' must be an integer in 0..2**63-1, got {header.get('id')!r}")
+    schema = SCHEMA[kind]
+    for key, value in header.items():
+        if key in ("v", "kind", "id", "arrays"):
+            continue
+        spec = schema.get(key)
+        if spec is None:
+            raise _fail(f"{kind}: unexpected field {key!r}")
+        if not spec[0](value):
+            raise _fail(f"{kind}: field {key!r} has an invalid value {_short(value)}")
+    for key, (_, required) in schema.items():
+        if required and key not in header:
+            raise _fail(f"{kind}: missing field {key!r}")
+    return header
+
+
+def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Validate a whole message and return (header, arrays).
+
+    Single-frame arrays are read-only views of the received frame (no copy); arrays that came in
+    several frames are assembled into one fresh array.
+
+    Example:
+        header, arrays = decode(encode({"kind": "ping", "id": 1}))
+    """
+    if not frames:
+        raise _fail("empty message")
+    header = decode_header(frames[0])
+    layout = header.pop("arrays", [])
+    if not isinstance(layout, list) or len(layout) > 8:
+        raise _fail("field 'arrays' must be a list of at most 8 [dtype, shape, nframes] entries")
+    arrays: list[np.ndarray] = []
+    pos = 1
+    total = 0
+    for i, entry in enumerate(layout):
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise _fail(f"arrays[{i}] must be [dtype, shape, nframes]")
+        name, shape, nframes = entry
+        dtype = DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise _fail(f"arrays[{i}]: unsupported dtype {_short(name)}")
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= MAX_NDIM
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+        ):
+            raise _fail(f"arrays[{i}]: invalid shape {_short(shape)}")
+        if not (isinstance(nframes, int) and not isinstance(nframes, bool) and 1 <= nframes):
+            raise _fail(f"arrays[{i}]: invalid frame count {_short(nframes)}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        total += nbytes
+        if total > MAX_MESSAGE_BYTES:
+            raise _fail(f"message larger than the limit of {MAX_MESSAGE_BYTES} bytes")
+        if pos + nframes > len(frames):
+            raise _fail(f"arrays[{i}]: header announces more frames than the message has")
+        parts = [memoryview(f).cast("B") for f in frames[pos : pos + nframes]]
+        pos += nframes
+        got = sum(p.nbytes for p in parts)
+        if got != nbytes:
+            raise _fail(f"arrays[{i}]: {got} bytes received, shape {shape} x {name} needs {nbytes}")
+        if nframes == 1:
+            arr = np.frombuffer(parts[0], dtype=dtype) if nbytes else np.empty(0, dtype)
+        else:
+            arr = np.empty(nbytes, dtype=np.uint8)
+            off = 0
+            for p in parts:
+                arr[off : off + p.nbytes] = np.frombuffer(p, dtype=np.uint8)
+                off += p.nbytes
+            arr = arr.view(dtype)
+        arrays.append(arr.reshape(shape))
+    if pos != len(frames):
+        raise _fail(f"message has {len(frames) - pos} frames more than its header announces")
+    return header, arrays
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

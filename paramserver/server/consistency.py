@@ -1,0 +1,160 @@
+"""Clocks and consistency on one server: when a pull may be answered, and sync aggregation.
+
+Pure logic, no I/O. Every worker's clock is the number of ``clock()`` calls it has made. The
+*live* workers are those the cluster view lists as pending or alive; ``min_clock`` is the
+smallest clock among them. For a pull by a worker at clock ``c``:
+
+* ``sync``: answered once ``min_clock >= c`` (every update of clocks < c is applied);
+* ``ssp:N``: answered once ``min_clock >= c - N``;
+* ``async``: answered at once.
+
+It is served with staleness ``max(0, c - min_clock)``: the clocks of other workers' updates it
+may be missing.
+
+Sync pushes are buffered per clock and per worker. When every live worker has finished clock
+``c``, each worker's pushes of ``c`` are summed in the order they arrived, the workers' sums
+are added in rank order, and the total is divided by the number of live workers. The order is
+fixed, so the result is bitwise the same whatever the timing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+
+__all__ = ["Clocks", "SyncBuffer", "pull_ready", "staleness_of"]
+
+INF_CLOCK = 1 << 62
+
+
+class Clocks:
+    """Per-worker clocks and the live set.
+
+    Example:
+        clocks = Clocks(num_workers=2)
+        clocks.advance(0, 1); clocks.min_clock   # 0: worker 1 is still at clock 0
+    """
+
+    def __init__(self, num_workers: int) -> None:
+        self.clock = [0] * num_workers
+        self.live = set(range(num_workers))
+
+    @property
+    def min_clock(self) -> int:
+        return min((self.clock[r] for r in self.live), default=INF_CLOCK)
+
+    def advance(self, rank: int, clock: int) -> None:
+        # a worker only moves forward; a restarted worker rejoins at the clock it reports
+        if clock > self.clock[rank]:
+            self.clock[rank] = clock
+
+    def set_live(self, ranks: set[int]) -> None:
+        self.live = {r for r in ranks if 0 <= r < len(self.clock)}
+
+    def slowest(self) -> list[tuple[int, int]]:
+        """(rank, clock) of the live workers at the minimum clock."""
+        low = self.min_clock
+        return sorted((r, self.clock[r]) for r in self.live if self.clock[r] == low)
+
+
+def pull_ready(mode: str, bound: int, clock: int, min_clock: int) -> bool:
+    if mode == "async":
+        return True
+    if mode == "sync":
+        return min_clock >= clock
+    return min_clock >= clock - bound
+
+
+def staleness_of(clock: int, min_clock: int) -> int:
+    return max(0, clock - min_clock)
+
+
+@numba.njit(cache=True, nogil=True)  # type: ignore[misc]
+def _ordered_segment_sum(
+    keys: np.ndarray, ranks: np.ndarray, grads: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    # Items are sorted by key (stable), so each key's items come in (rank, arrival) order.
+    # Sum per (key, rank) sequentially, then add the ranks' sums in rank order.
+    n = order.shape[0]
+    dim = grads.shape[1]
+    out_keys = np.empty(n, dtype=keys.dtype)
+    out = np.empty((n, dim), dtype=grads.dtype)
+    part = np.empty(dim, dtype=grads.dtype)
+    u = -1
+    i = 0
+    while i < n:
+        k = keys[order[i]]
+        u += 1
+        out_keys[u] = k
+        first_rank = True
+        j = i
+        while j < n and keys[order[j]] == k:
+            r = ranks[order[j]]
+            src = order[j]
+            for d in range(dim):
+                part[d] = grads[src, d]
+            j += 1
+            while j < n and keys[order[j]] == k and ranks[order[j]] == r:
+                src = order[j]
+                for d in range(dim):
+                    part[d] = part[d] + grads[src, d]
+                j += 1
+            if first_rank:
+                for d in range(dim):
+                    out[u, d] = part[d]
+                first_rank = False
+            else:
+                for d in range(dim):
+                    out[u, d] = out[u, d] + part[d]
+        i = j
+    return out_keys[: u + 1], out[: u + 1]
+
+
+def aggregate_sparse(
+    pushes: list[tuple[int, np.ndarray, np.ndarray]], num_live: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sync aggregation of sparse pushes ``[(rank, keys, grads), ...]`` in arrival order.
+
+    Returns (unique keys, mean gradient rows) as described in the module docstring.
+    """
+    pushes = sorted(pushes, key=lambda p: p[0])  # stable: keeps arrival order within a rank
+    keys = np.concatenate([p[1] for p in pushes])
+    grads = np.concatenate([p[2] for p in pushes])
+    ranks = np.concatenate([np.full(len(p[1]), p[0], dtype=np.int64) for p in pushes])
+    order = np.argsort(keys, kind="stable")
+    ukeys, total = _ordered_segment_sum(keys, ranks, grads, order)
+    return ukeys, total / grads.dtype.type(num_live)
+
+
+def aggregate_dense(pushes: list[tuple[int, np.ndarray]], num_live: int) -> np.ndarray:
+    """Sync aggregation of dense pushes ``[(rank, grad), ...]`` in arrival order."""
+    by_rank: dict[int, np.ndarray] = {}
+    for rank, grad in pushes:
+        if rank in by_rank:
+            by_rank[rank] += grad
+        else:
+            by_rank[rank] = grad.copy()
+    ranks = sorted(by_rank)
+    total = by_rank[ranks[0]]
+    for r in ranks[1:]:
+        total += by_rank[r]
+    return total / total.dtype.type(num_live)
+
+
+@dataclass
+class SyncBuffer:
+    """Pushes of a sync table waiting for their clock to complete, by clock."""
+
+    kind: str
+    pending: dict[int, list[Any]] = field(default_factory=dict)
+
+    def add(self, clock: int, item: Any) -> None:
+        self.pending.setdefault(clock, []).append(item)
+
+    def take_completed(self, min_clock: int) -> list[tuple[int, list[Any]]]:
+        """Remove and return, in clock order, the buffered clocks below ``min_clock``."""
+        done = sorted(c for c in self.pending if c < min_clock)
+        return [(c, self.pending.pop(c)) for c in done]

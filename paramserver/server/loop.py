@@ -1,0 +1,467 @@
+"""One server process: registration, the single-threaded event loop, and request handlers.
+
+The loop owns every shard (no locks around tables): it receives requests on its data ROUTER and
+cluster views on its DEALER to the coordinator, answers pulls (or defers them until the table's
+consistency allows), applies pushes with the table's optimizer, and keeps per-worker clocks.
+Heartbeats run on their own thread and socket. A bad request gets an error reply and changes
+nothing; the server never dies of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as pysocket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import zmq
+
+from paramserver import protocol
+from paramserver.config import Timeouts
+from paramserver.errors import ConfigError, ProtocolError, PSError
+from paramserver.server.consistency import (
+    Clocks,
+    SyncBuffer,
+    aggregate_dense,
+    aggregate_sparse,
+    pull_ready,
+    staleness_of,
+)
+from paramserver.server.shard import DenseShard, SparseShard, all_finite
+from paramserver.spec import TableSpec
+from paramserver.transport import Endpoint, Heartbeat, Router, new_context
+
+__all__ = ["Server", "run_server"]
+
+log = logging.getLogger(__name__)
+
+
+class Refused(PSError):
+    """A request this server will not carry out; becomes an error reply with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Table:
+    spec: TableSpec
+    shard: SparseShard | DenseShard | None  # None: a dense table with no range on this server
+    start: int = 0
+    stop: int = 0
+    sync: SyncBuffer | None = None
+    pulls: int = 0
+    pushes: int = 0
+
+
+@dataclass
+class DeferredPull:
+    identity: bytes
+    header: dict[str, Any]
+    keys: np.ndarray | None
+    deadline: float
+    since: float = field(default_factory=time.monotonic)
+
+
+class Server:
+    """A server: bind, register with the coordinator, serve until told to stop.
+
+    Example:
+        srv = Server("tcp://127.0.0.1:7000")
+        srv.serve()          # blocks; srv.stop() from another thread or SIGTERM ends it
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeouts: Timeouts | None = None,
+        advertise: str | None = None,
+    ) -> None:
+        self.timeouts = timeouts or Timeouts()
+        self.coordinator = coordinator
+        self.ctx = new_context()
+        self.router = Router(self.ctx, host, port)
+        self.address = self.router.address
+        if advertise or host in ("0.0.0.0", "*"):
+            self.address = f"tcp://{advertise or pysocket.gethostname()}:{self.router.port}"
+        self.tables: dict[str, Table] = {}
+        self.deferred: list[DeferredPull] = []
+        self.last_seq: dict[int, int] = {}
+        self.rank = -1
+        self.name = "server[?]"
+        self.epoch = 0
+        self.clocks = Clocks(0)
+        self._stop = threading.Event()
+        self._coord = Endpoint(
+            self.ctx, request_timeout=self.timeouts.connect, on_message=self._on_coordinator_message
+        )
+        self._coord.connect("coordinator", coordinator)
+        self._heartbeat: Heartbeat | None = None
+
+    # ---- life -----------------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Register with the coordinator and learn this server's rank and the view."""
+        fut = self._coord.request(
+            "coordinator",
+            {
+                "kind": "register",
+                "role": "server",
+                "address": self.address,
+                "host": pysocket.gethostname()[:256],
+                "pid": os.getpid(),
+            },
+            what=f"server at {self.address} registering with the coordinator at {self.coordinator}",
+        )
+        reply = fut.result(self.timeouts.connect)
+        self.rank = int(reply["rank"])
+        self.name = f"server[{self.rank}]"
+        view = reply["view"]
+        self.clocks = Clocks(int(view["num_workers"]))
+        self._apply_view(view)
+        self._heartbeat = Heartbeat(
+            self.ctx,
+            self.coordinator,
+            "server",
+            self.rank,
+            int(view["token"]),
+            self.timeouts.heartbeat_interval,
+        )
+        self._heartbeat.start()
+        log.info("%s serving at %s", self.name, self.address)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Register (if not yet) and run the loop until stopped."""
+        try:
+            if self.rank < 0:
+                self.register()
+            poller = zmq.Poller()
+            poller.register(self.router.socket, zmq.POLLIN)
+            while not self._stop.is_set():
+                wait_ms = 100
+                if self.deferred:
+                    soonest = min(d.deadline for d in self.deferred) - time.monotonic()
+                    wait_ms = max(0, min(wait_ms, int(soonest * 1000) + 1))
+                if poller.poll(wait_ms):
+                    for _ in range(256):
+                        try:
+                            identity, frames = self.router.recv_raw_nowait()
+                        except BlockingIOError:
+                            break
+                        self._handle(identity, frames)
+                self._coord.poll(0)
+                if self.deferred:
+                    self._expire_deferred(time.monotonic())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat.join(timeout=2)
+        self._coord.close()
+        self.router.close()
+        self.ctx.term()
+        log.info("%s stopped", self.name)
+
+    # ---- cluster view ---------------------------------------------------------------------
+
+    def _on_coordinator_message(
+        self, peer: str, header: dict[str, Any], arrays: list[np.ndarray]
+    ) -> None:
+        if header["kind"] == "view":
+            self._apply_view(header["view"])
+        elif header["kind"] == "stop":
+            log.info("%s: stop requested by the coordinator", self.name)
+            self._stop.set()
+
+    def _apply_view(self, view: dict[str, Any]) -> None:
+        epoch = view.get("epoch")
+        workers = view.get("workers")
+        if not isinstance(epoch, int) or not isinstance(workers, list) or epoch <= self.epoch:
+            return
+        self.epoch = epoch
+        live = {int(r) for r, state in workers if state in ("pending", "alive")}
+        if live != self.clocks.live:
+            self.clocks.set_live(live)
+            self._progress()
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    def _handle(self, identity: bytes, frames: list[Any]) -> None:
+        try:
+            header, arrays = protocol.decode(frames)
+        except ProtocolError as exc:
+            log.warning("%s: malformed message dropped: %s", self.name, exc)
+            self.router.error(identity, 0, "protocol", f"{self.name}: {exc}")
+            return
+        kind, rid = header["kind"], header["id"]
+        handler = getattr(self, f"_on_{kind}", None)
+        try:
+            if handler is None:
+                raise Refused("bad_request", f"a server does not take {kind!r} messages")
+            handler(identity, header, arrays)
+        except Refused as exc:
+            self.router.error(identity, rid, exc.code, str(exc))
+        except ConfigError as exc:
+            self.router.error(identity, rid, "invalid", str(exc))
+        except Exception as exc:  # a bug must not take the server down with it
+            log.exception("%s: %s request %d failed", self.name, kind, rid)
+            self.router.error(identity, rid, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _table(self, name: str) -> Table:
+        t = self.tables.get(name)
+        if t is None:
+            raise Refused("unknown_table", f"table {name!r} does not exist on {self.name}")
+        return t
+
+    def _check_live(self, rank: int) -> None:
+        if rank not in self.clocks.live:
+            raise Refused("not_live", f"worker[{rank}] is not a live member in view {self.epoch}")
+
+    # ---- handlers -------------------------------------------------------------------------
+
+    def _on_ping(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.router.reply(identity, h["id"])
+
+    def _on_create_shard(
+        self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]
+    ) -> None:
+        spec = TableSpec.from_wire(h["spec"])
+        old = self.tables.get(spec.name)
+        if old is not None:
+            diff = old.spec.conflicts(spec)
+            if diff or old.spec.ranges != spec.ranges:
+                raise Refused(
+                    "conflict",
+                    f"table {spec.name!r} exists on {self.name} with a "
+                    f"different {', '.join(diff) or 'placement'}",
+                )
+            self.router.reply(identity, h["id"])
+            return
+        assert spec.seed is not None
+        mode, _ = spec.mode
+        if spec.kind == "sparse":
+            table = Table(
+                spec, SparseShard(spec.dim, spec.np_dtype, spec.init, spec.optimizer, spec.seed)
+            )
+        else:
+            mine = [(s, a, b) for s, a, b in spec.ranges if s == self.rank]
+            if mine:
+                _, a, b = mine[0]
+                table = Table(
+                    spec,
+                    DenseShard(
+                        b - a, spec.np_dtype, spec.init, spec.optimizer, spec.seed, offset=a
+                    ),
+                    a,
+                    b,
+                )
+            else:
+                table = Table(spec, None)
+        if mode == "sync":
+            table.sync = SyncBuffer(spec.kind)
+        self.tables[spec.name] = table
+        log.info("%s: table %r created", self.name, spec.name)
+        self.router.reply(identity, h["id"])
+
+    def _on_set_lr(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        t = self._table(h["table"])
+        opt = t.spec.optimizer.with_lr(float(h["lr"]))
+        if t.shard is not None:
+            t.shard.set_optimizer(opt)
+        t.spec = replace(t.spec, optimizer=opt)
+        self.router.reply(identity, h["id"])
+
+    def _on_stats(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        stats = {
+            name: {
+                "kind": t.spec.kind,
+                "rows": int(t.shard.num_rows) if t.shard is not None else 0,
+                "bytes": int(t.shard.nbytes) if t.shard is not None else 0,
+                "pulls": t.pulls,
+                "pushes": t.pushes,
+            }
+            for name, t in self.tables.items()
+        }
+        self.router.reply(
+            identity,
+            h["id"],
+            stats={
+                "rank": self.rank,
+                "tables": stats,
+                "clocks": list(self.clocks.clock),
+                "deferred": len(self.deferred),
+            },
+        )
+
+    def _on_clock(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        rank = h["rank"]
+        if rank >= len(self.clocks.clock):
+            raise Refused("invalid", f"worker rank {rank} out of range")
+        self.clocks.advance(rank, h["clock"])
+        self._progress()
+        self.router.reply(identity, h["id"])
+
+    def _on_pull(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        t = self._table(h["table"])
+        if h["rank"] >= len(self.clocks.clock):
+            raise Refused("invalid", f"worker rank {h['rank']} out of range")
+        keys = self._pull_keys(t, arrays)
+        mode, bound = t.spec.mode
+        if pull_ready(mode, bound, h["clock"], self.clocks.min_clock):
+            self._answer_pull(identity, h, t, keys)
+        else:
+            # answer just before the worker gives up, with a reason that names who is slow
+            wait = max(0.0, h["timeout"] * 0.95 - 0.05)
+            self.deferred.append(DeferredPull(identity, h, keys, time.monotonic() + wait))
+
+    def _pull_keys(self, t: Table, arrays: list[np.ndarray]) -> np.ndarray | None:
+        if t.spec.kind == "dense":
+            if arrays:
+                raise Refused("invalid", f"pull of dense table {t.spec.name!r} takes no key array")
+            if t.shard is None:
+                raise Refused(
+                    "invalid", f"{self.name} holds no range of dense table {t.spec.name!r}"
+                )
+            return None
+        if len(arrays) != 1:
+            raise Refused(
+                "invalid", f"pull of sparse table {t.spec.name!r} needs exactly one key array"
+            )
+        keys = arrays[0]
+        if keys.dtype != np.uint64 or keys.ndim != 1:
+            raise Refused(
+                "invalid",
+                f"pull of {t.spec.name!r}: keys must be a 1-D uint64 array, "
+                f"got {keys.ndim}-D {keys.dtype}",
+            )
+        return keys
+
+    def _answer_pull(
+        self, identity: bytes, h: dict[str, Any], t: Table, keys: np.ndarray | None
+    ) -> None:
+        assert t.shard is not None
+        if isinstance(t.shard, SparseShard):
+            assert keys is not None
+            rows = t.shard.pull(keys, create=h["create"])
+        else:
+            rows = t.shard.pull()
+        t.pulls += 1
+        self.router.reply(
+            identity, h["id"], [rows], staleness=staleness_of(h["clock"], self.clocks.min_clock)
+        )
+
+    def _on_push(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        t = self._table(h["table"])
+        rank, seq = h["rank"], h["seq"]
+        self._check_live(rank)
+        where = f"push to table {t.spec.name!r} from worker[{rank}]"
+        dtype = t.spec.np_dtype
+        if t.shard is None:
+            raise Refused("invalid", f"{self.name} holds no range of dense table {t.spec.name!r}")
+        if isinstance(t.shard, SparseShard):
+            if len(arrays) != 2:
+                raise Refused("invalid", f"{where}: needs a key array and a gradient array")
+            keys, grads = arrays
+            if keys.dtype != np.uint64 or keys.ndim != 1:
+                raise Refused(
+                    "invalid",
+                    f"{where}: keys must be a 1-D uint64 array, got {keys.ndim}-D {keys.dtype}",
+                )
+            want: tuple[int, ...] = (len(keys), t.spec.dim)
+        else:
+            if len(arrays) != 1:
+                raise Refused("invalid", f"{where}: needs exactly one gradient array")
+            keys, grads = None, arrays[0]
+            want = (t.stop - t.start,)
+        if grads.shape != want or grads.dtype != dtype:
+            raise Refused(
+                "invalid",
+                f"{where}: gradient must be {want} {dtype}, got {tuple(grads.shape)} {grads.dtype}",
+            )
+        if not all_finite(grads):
+            raise Refused(
+                "non_finite",
+                f"{where} rejected: the gradient contains NaN or Inf; the table is unchanged",
+            )
+        if seq <= self.last_seq.get(rank, -1):
+            self.router.reply(identity, h["id"])  # a retry of a push already applied
+            return
+        self.last_seq[rank] = seq
+        t.pushes += 1
+        if t.sync is not None:
+            if h["clock"] < self.clocks.clock[rank]:
+                raise Refused("invalid", f"{where}: clock {h['clock']} is already finished")
+            t.sync.add(h["clock"], (rank, keys, grads) if keys is not None else (rank, grads))
+        elif isinstance(t.shard, SparseShard):
+            assert keys is not None
+            t.shard.push(keys, grads)
+        else:
+            t.shard.push(grads)
+        self.router.reply(identity, h["id"])
+
+    # ---- consistency ----------------------------------------------------------------------
+
+    def _progress(self) -> None:
+        """Apply completed sync clocks, then answer the deferred pulls that became ready."""
+        low = self.clocks.min_clock
+        live = self.clocks.live
+        for t in self.tables.values():
+            if t.sync is None or t.shard is None:
+                continue
+            for _, items in t.sync.take_completed(low):
+                items = [it for it in items if it[0] in live]
+                if not items:
+                    continue
+                if isinstance(t.shard, SparseShard):
+                    keys, mean = aggregate_sparse(items, len(live))
+                    t.shard.push(keys, mean)
+                else:
+                    t.shard.push(aggregate_dense(items, len(live)))
+        if self.deferred:
+            waiting, self.deferred = self.deferred, []
+            for d in waiting:
+                t = self.tables.get(d.header["table"])
+                if t is None:
+                    continue
+                mode, bound = t.spec.mode
+                if pull_ready(mode, bound, d.header["clock"], low):
+                    self._answer_pull(d.identity, d.header, t, d.keys)
+                else:
+                    self.deferred.append(d)
+
+    def _expire_deferred(self, now: float) -> None:
+        keep = []
+        for d in self.deferred:
+            if now < d.deadline:
+                keep.append(d)
+                continue
+            slow = ", ".join(f"worker[{r}] at clock {c}" for r, c in self.clocks.slowest())
+            t = self.tables.get(d.header["table"])
+            mode = t.spec.consistency if t is not None else "?"
+            self.router.error(
+                d.identity,
+                d.header["id"],
+                "timeout",
+                f"pull of table {d.header['table']!r} at clock {d.header['clock']} ({mode}) "
+                f"waited {now - d.since:.1f}s on {self.name} for {slow or 'no one'}",
+            )
+        self.deferred = keep
+
+
+def run_server(
+    coordinator: str, host: str = "127.0.0.1", port: int = 0, timeouts: Timeouts | None = None
+) -> None:
+    """Start a server and serve until stopped (SIGTERM/SIGINT handled by the caller)."""
+    Server(coordinator, host, port, timeouts).serve()

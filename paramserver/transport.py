@@ -1,0 +1,402 @@
+"""ZeroMQ sockets, request ids and futures. Knows nothing of tables.
+
+* :class:`Router` is the bound side (coordinator, server): receive ``(identity, message)``,
+  answer to an identity.
+* :class:`Endpoint` is the connecting side: one DEALER per peer, requests tagged with ids, and
+  :class:`Future` objects that are completed by whoever waits. There is no background thread:
+  ``Future.result()`` polls all of the endpoint's sockets, so replies from every peer are
+  dispatched while any one of them is awaited, and libzmq's own I/O threads move the bytes.
+* :class:`Heartbeat` sends heartbeats on its own thread and socket, so a long computation or a
+  long kernel never looks like death.
+
+This is the only module that imports ``zmq``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import zmq
+
+from paramserver import protocol
+from paramserver.errors import NodeLostError, ProtocolError, PSTimeoutError, RemoteError
+
+__all__ = ["Endpoint", "Future", "Heartbeat", "Router", "new_context"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Message = tuple[dict[str, Any], list[np.ndarray]]
+
+
+def new_context() -> zmq.Context[Any]:
+    """A fresh ZeroMQ context (one per process role; never the global instance)."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    return ctx
+
+
+def _frames(socket: zmq.Socket[Any]) -> list[Any]:
+    return [f.buffer for f in socket.recv_multipart(copy=False)]
+
+
+def _send(socket: zmq.Socket[Any], frames: Sequence[Any], prefix: Sequence[bytes] = ()) -> None:
+    socket.send_multipart([*prefix, *frames], copy=False)
+
+
+class Router:
+    """A bound ROUTER socket: receive requests from any peer and answer them.
+
+    Example:
+        router = Router(ctx, "127.0.0.1")      # binds a random port
+        ident, frames = router.recv_raw()
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.socket: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        bind_host = "*" if host in ("0.0.0.0", "*") else host
+        try:
+            if port:
+                self.socket.bind(f"tcp://{bind_host}:{port}")
+            else:
+                port = self.socket.bind_to_random_port(f"tcp://{bind_host}")
+        except zmq.ZMQError as exc:
+            self.socket.close(0)
+            raise OSError(f"cannot bind tcp://{host}:{port}: {exc}") from None
+        self.port = port
+        self.address = f"tcp://{host}:{port}"
+
+    def recv_raw(self) -> tuple[bytes, list[Any]]:
+        """One message as (identity, frames); frames are not yet validated."""
+        parts = _frames(self.socket)
+        return bytes(parts[0]), parts[1:]
+
+    def recv_raw_nowait(self) -> tuple[bytes, list[Any]]:
+        """Like :meth:`recv_raw` but raises BlockingIOError when nothing is waiting."""
+        try:
+            parts = [f.buffer for f in self.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)]
+        except zmq.Again:
+            raise BlockingIOError from None
+        return bytes(parts[0]), parts[1:]
+
+    def send(self, identity: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
+        _send(self.socket, protocol.encode(header, arrays), prefix=(identity,))
+
+    def reply(self, identity: bytes, request_id: int, arrays: Sequence[np.ndarray] = (), **fields: Any) -> None:
+        self.send(identity, {"kind": "reply", "id": request_id, **fields}, arrays)
+
+    def error(self, identity: bytes, request_id: int, code: str, message: str) -> None:
+        self.send(identity, protocol.error_header(request_id, code, message))
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+class Future(Generic[T]):
+    """The outcome of one request (or a group of them), completed while someone waits.
+
+    Example:
+        fut = emb.push(keys, grads)
+        fut.result(timeout=10)   # waits for the acknowledgement; raises on error
+    """
+
+    def __init__(self, endpoint: Endpoint | None, what: str) -> None:
+        self._endpoint = endpoint
+        self.what = what
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Future[T]], None]] = []
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: T) -> None:
+        if not self._done:
+            self._value, self._done = value, True
+            self._run_callbacks()
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self._done:
+            self._error, self._done = error, True
+            self._run_callbacks()
+
+    def add_done_callback(self, fn: Callable[[Future[T]], None]) -> None:
+        if self._done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def _run_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._error
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait for the outcome (default: the endpoint's request timeout) and return it."""
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[no-any-return]
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._done:
+            return
+        if self._endpoint is None:
+            raise PSTimeoutError(f"{self.what}: nothing will complete this future")
+        limit = self._endpoint.request_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while not self._done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PSTimeoutError(f"{self.what}: no answer after {limit:.3g}s")
+            self._endpoint.poll(left)
+
+
+def gather(futures: Sequence[Future[Any]], what: str, combine: Callable[[list[Any]], T]) -> Future[T]:
+    """One future completed when all of ``futures`` are, with ``combine`` of their results.
+
+    The first failure fails the group.
+    """
+    endpoint = futures[0]._endpoint if futures else None
+    group: Future[T] = Future(endpoint, what)
+    if not futures:
+        group.set_result(combine([]))
+        return group
+    left = [len(futures)]
+
+    def one_done(f: Future[Any]) -> None:
+        if group.done():
+            return
+        if f._error is not None:
+            group.set_exception(f._error)
+            return
+        left[0] -= 1
+        if left[0] == 0:
+            try:
+                group.set_result(combine([g._value for g in futures]))
+            except Exception as exc:  # a combine error belongs to the caller of result()
+                group.set_exception(exc)
+
+    for f in futures:
+        f.add_done_callback(one_done)
+    return group
+
+
+class _Peer:
+    def __init__(self, ctx: zmq.Context[Any], name: str, address: str) -> None:
+        self.name = name
+        self.address = address
+        self.socket: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.connect(address)
+        self.pending: dict[int, tuple[Future[Any], Callable[[Message], Any] | None]] = {}
+        self.lost: str | None = None
+
+
+class Endpoint:
+    """The connecting side of a node: one DEALER per peer, requests and their futures.
+
+    Example:
+        ep = Endpoint(ctx, request_timeout=30)
+        ep.connect("server[0]", "tcp://127.0.0.1:5555")
+        fut = ep.request("server[0]", {"kind": "ping"}, what="ping server[0]")
+        fut.result()
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        request_timeout: float = 60.0,
+        on_message: Callable[[str, dict[str, Any], list[np.ndarray]], None] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.request_timeout = request_timeout
+        self.on_message = on_message
+        self.peers: dict[str, _Peer] = {}
+        self._ids = itertools.count(1)
+        self._poller = zmq.Poller()
+        self._by_socket: dict[zmq.Socket[Any], _Peer] = {}
+
+    def connect(self, name: str, address: str) -> None:
+        old = self.peers.get(name)
+        if old is not None:
+            if old.address == address and old.lost is None:
+                return
+            self.disconnect(name, f"{name} moved from {old.address} to {address}")
+        peer = _Peer(self.ctx, name, address)
+        self.peers[name] = peer
+        self._poller.register(peer.socket, zmq.POLLIN)
+        self._by_socket[peer.socket] = peer
+
+    def disconnect(self, name: str, reason: str) -> None:
+        peer = self.peers.pop(name, None)
+        if peer is None:
+            return
+        self._poller.unregister(peer.socket)
+        del self._by_socket[peer.socket]
+        self._fail_pending(peer, NodeLostError(reason))
+        peer.socket.close(0)
+
+    def mark_lost(self, name: str, reason: str) -> None:
+        """Fail every request in flight to ``name`` at once (it was declared dead)."""
+        peer = self.peers.get(name)
+        if peer is not None:
+            peer.lost = reason
+            self._fail_pending(peer, NodeLostError(reason))
+
+    def _fail_pending(self, peer: _Peer, error: BaseException) -> None:
+        pending, peer.pending = peer.pending, {}
+        for fut, _ in pending.values():
+            fut.set_exception(error)
+
+    def address_of(self, name: str) -> str:
+        peer = self.peers.get(name)
+        return peer.address if peer else "?"
+
+    def request(
+        self,
+        name: str,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        *,
+        what: str,
+        parse: Callable[[Message], T] | None = None,
+    ) -> Future[T]:
+        """Send a request to peer ``name``; the future gets ``parse((header, arrays))``."""
+        peer = self.peers.get(name)
+        fut: Future[T] = Future(self, what)
+        if peer is None:
+            fut.set_exception(NodeLostError(f"{what}: not connected to {name}"))
+            return fut
+        if peer.lost is not None:
+            fut.set_exception(NodeLostError(f"{what}: {peer.lost}"))
+            return fut
+        request_id = next(self._ids)
+        peer.pending[request_id] = (fut, parse)
+        try:
+            _send(peer.socket, protocol.encode({**header, "id": request_id}, arrays))
+        except Exception:
+            peer.pending.pop(request_id, None)
+            raise
+        return fut
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for messages and dispatch every one that arrived."""
+        events = self._poller.poll(max(0, int(timeout * 1000)) if timeout > 0 else 0)
+        for socket, _ in events:
+            peer = self._by_socket.get(socket)
+            if peer is None:
+                continue
+            while True:
+                try:
+                    parts = socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._dispatch(peer, [f.buffer for f in parts])
+
+    def _dispatch(self, peer: _Peer, frames: list[Any]) -> None:
+        try:
+            header, arrays = protocol.decode(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message from %s: %s", peer.name, exc)
+            return
+        if header["kind"] not in ("reply", "error"):
+            if self.on_message is not None:
+                self.on_message(peer.name, header, arrays)
+            return
+        entry = peer.pending.pop(header["id"], None)
+        if entry is None:
+            return  # an answer to a request that already timed out
+        fut, parse = entry
+        if header["kind"] == "error":
+            fut.set_exception(RemoteError(header["message"], node=peer.name, code=header["code"]))
+            return
+        try:
+            fut.set_result(parse((header, arrays)) if parse else header)
+        except Exception as exc:
+            fut.set_exception(exc)
+
+    def close(self) -> None:
+        for name in list(self.peers):
+            self.disconnect(name, f"{name}: endpoint closed")
+
+
+class Heartbeat(threading.Thread):
+    """Sends ``heartbeat`` to the coordinator every ``interval`` seconds on its own socket.
+
+    ``epoch`` holds the newest cluster-view epoch the coordinator reported; ``expelled`` is set
+    if the coordinator no longer knows this node (it was declared dead).
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        coordinator: str,
+        role: str,
+        rank: int,
+        token: int,
+        interval: float,
+    ) -> None:
+        super().__init__(name=f"heartbeat-{role}[{rank}]", daemon=True)
+        self.ctx = ctx
+        self.coordinator = coordinator
+        self.role, self.rank, self.token = role, rank, token
+        self.interval = interval
+        self.epoch = 0
+        self.expelled: str | None = None
+        self.last_answer = time.monotonic()
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.coordinator)
+        beat = {"kind": "heartbeat", "role": self.role, "rank": self.rank, "token": self.token}
+        try:
+            n = 0
+            while not self._stop_event.is_set():
+                n += 1
+                _send(sock, protocol.encode({**beat, "id": n}))
+                deadline = time.monotonic() + self.interval
+                while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
+                    # short slices, so that stop() is noticed within ~50 ms
+                    if sock.poll(min(50, int(left * 1000) + 1), zmq.POLLIN):
+                        self._handle(_frames(sock))
+        except zmq.ZMQError as exc:  # context terminated while we were running
+            if exc.errno != zmq.ETERM:
+                log.warning("heartbeat thread of %s[%d] stopped: %s", self.role, self.rank, exc)
+        finally:
+            sock.close(0)
+
+    def _handle(self, frames: list[Any]) -> None:
+        try:
+            header, _ = protocol.decode(frames)
+        except ProtocolError:
+            return
+        self.last_answer = time.monotonic()
+        if header["kind"] == "error":
+            self.expelled = header["message"]
+        elif header["kind"] == "reply" and isinstance(header.get("view"), dict):
+            epoch = header["view"].get("epoch")
+            if isinstance(epoch, int):
+                self.epoch = max(self.epoch, epoch)
