@@ -1,0 +1,10 @@
+"""One server process: it holds shards of tables and applies the workers' pushes.
+
+Files and their jobs:
+
+- ``kernels.py``: compiled numba kernels: hash index, row arena, deterministic
+  initialization, gather, duplicate summing, one update kernel per optimizer.
+- ``shard.py``: ``SparseShard`` and ``DenseShard``, the storage of one table on
+  one server, built on the kernels; pure (no sockets, no I/O).
+- ``loop.py``: the server process event loop (written separately).
+"""

@@ -1,0 +1,103 @@
+"""The numba kernels directly: hashing, the index, duplicates, and the pinned init format."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paramserver.init import Uniform
+from paramserver.optim import SGD
+from paramserver.server import kernels as k
+from paramserver.server.shard import DenseShard, SparseShard
+
+U64 = np.uint64
+
+
+def np_mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer in NumPy (uint64 arrays wrap silently)."""
+    z = (z ^ (z >> U64(30))) * U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> U64(27))) * U64(0x94D049BB133111EB)
+    out: np.ndarray = z ^ (z >> U64(31))
+    return out
+
+
+def test_mix64_matches_reference_and_known_value() -> None:
+    zs = np.array([0, 1, 2**63, 2**64 - 1, 0x123456789], U64)
+    want = np_mix64(zs)
+    assert [int(k.mix64(z)) for z in zs] == want.tolist()
+    # splitmix64's first output for seed 0 is mix64(0x9E3779B97F4A7C15) = 0xE220A8397B1DCDAF.
+    assert int(k.mix64(U64(0x9E3779B97F4A7C15))) == 0xE220A8397B1DCDAF
+
+
+def test_uniform_init_format_is_pinned() -> None:
+    """Initial values are part of the checkpoint format: recompute them independently."""
+    seed, keys, dim, low, high = 12345, np.array([0, 7, 2**64 - 1], U64), 3, -2.0, 2.0
+    golden = U64(0x9E3779B97F4A7C15)
+    base = np_mix64(np_mix64(keys) ^ np_mix64(np.array([seed], U64) + golden))
+    ctr = (2 * np.arange(dim, dtype=U64) + U64(1)) * golden
+    h = np_mix64(base[:, None] + ctr[None, :])
+    want = low + (high - low) * ((h >> U64(11)).astype(np.float64) * 2.0**-53)
+    got = SparseShard(dim, np.float64, Uniform(low, high), SGD(), seed=seed).pull(keys)
+    np.testing.assert_array_equal(got, want)
+    dense = DenseShard(3, np.float64, Uniform(low, high), SGD(), seed=seed, offset=2**40).pull()
+    dkeys = np.arange(2**40, 2**40 + 3, dtype=U64)
+    dbase = np_mix64(np_mix64(dkeys) ^ np_mix64(np.array([seed], U64) + golden))
+    dh = np_mix64(dbase + golden)
+    np.testing.assert_array_equal(dense, low + (high - low) * ((dh >> U64(11)) * 2.0**-53))
+
+
+def test_lookup_or_insert_stops_at_max_rows_and_resumes() -> None:
+    index = k.new_index(16)
+    row_keys = np.zeros(8, U64)
+    keys = np.array([10, 11, 10, 12, 13, 11], U64)
+    rows = np.full(6, -7, np.int64)
+    pos, n = k.lookup_or_insert(index, row_keys, 0, 2, keys, rows, 0)
+    assert (pos, n) == (3, 2)  # key 12 would be the third row
+    assert rows[:3].tolist() == [0, 1, 0]
+    pos, n = k.lookup_or_insert(index, row_keys, n, 8, keys, rows, pos)
+    assert (pos, n) == (6, 4)
+    assert rows.tolist() == [0, 1, 0, 2, 3, 1]
+    assert row_keys[:4].tolist() == [10, 11, 12, 13]
+    found = np.empty(3, np.int64)
+    assert k.lookup(index, np.array([13, 99, 10], U64), found) == 1
+    assert found.tolist() == [3, -1, 0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=200, unique=True))
+def test_rehash_finds_every_key(keys_list: list[int]) -> None:
+    keys = np.array(keys_list, U64)
+    size = 1 << int(np.ceil(np.log2(2 * keys.size + 1)))
+    index = k.new_index(size)
+    row_keys = np.empty(keys.size, U64)
+    rows = np.empty(keys.size, np.int64)
+    assert k.lookup_or_insert(index, row_keys, 0, keys.size, keys, rows, 0) == (
+        keys.size,
+        keys.size,
+    )
+    bigger = k.new_index(2 * size)
+    k.rehash(bigger, row_keys, keys.size)
+    found = np.empty(keys.size, np.int64)
+    assert k.lookup(bigger, keys, found) == 0
+    assert found.tolist() == list(range(keys.size))
+
+
+def test_has_duplicates_and_sum_in_order() -> None:
+    mark = np.zeros(10, np.int64)
+    assert not k.has_duplicates(np.array([3, 1, 4], np.int64), mark, 1)
+    rows = np.array([3, 1, 3, 5, 1, 3], np.int64)
+    assert k.has_duplicates(rows, mark, 2)
+    grads = np.arange(12, dtype=np.float32).reshape(6, 2)
+    urows, ugrads = k.sum_duplicates(rows, grads, mark)
+    assert urows.tolist() == [3, 1, 5]
+    np.testing.assert_array_equal(ugrads, [[0 + 4 + 10, 1 + 5 + 11], [2 + 8, 3 + 9], [6, 7]])
+    # Marks left by the dedup never look like a later stamp.
+    assert not k.has_duplicates(np.array([3, 1, 5], np.int64), mark, 3)
+
+
+def test_count_nonfinite() -> None:
+    a = np.array([0.0, -0.0, 1.0, np.inf, -np.inf, np.nan, np.finfo(np.float32).max], np.float32)
+    assert k.count_nonfinite(a.view(np.uint32), np.uint32(0x7F800000)) == 3
+    b = a.astype(np.float64)
+    assert k.count_nonfinite(b.view(np.uint64), U64(0x7FF0000000000000)) == 3
