@@ -51,8 +51,11 @@ def connect(
         if env.coordinator is None:
             raise ConfigError("no coordinator address: pass one, or set PS_COORDINATOR=host:port")
         address = env.coordinator
-    return Client(normalize_address(address), rank=env.rank if rank is None else rank,
-                  timeouts=timeouts or env.timeouts)
+    return Client(
+        normalize_address(address),
+        rank=env.rank if rank is None else rank,
+        timeouts=timeouts or env.timeouts,
+    )
 
 
 def _server(rank: int) -> str:
@@ -69,8 +72,9 @@ class Client:
             client.clock()
     """
 
-    def __init__(self, coordinator: str, *, rank: int | None = None,
-                 timeouts: Timeouts | None = None) -> None:
+    def __init__(
+        self, coordinator: str, *, rank: int | None = None, timeouts: Timeouts | None = None
+    ) -> None:
         self.coordinator = coordinator
         self.timeouts = timeouts or Timeouts()
         self._ctx = new_context()
@@ -99,8 +103,13 @@ class Client:
         what = f"worker registering with the coordinator at {self.coordinator}"
         fut = self._ep.request(
             "coordinator",
-            {"kind": "register", "role": "worker", "rank": rank,
-             "host": pysocket.gethostname()[:256], "pid": os.getpid()},
+            {
+                "kind": "register",
+                "role": "worker",
+                "rank": rank,
+                "host": pysocket.gethostname()[:256],
+                "pid": os.getpid(),
+            },
             what=what,
         )
         try:
@@ -113,8 +122,14 @@ class Client:
         self.num_servers: int = int(view["num_servers"])
         self._apply_view(view)
         self.ring = HashRing.build(list(range(self.num_servers)))
-        self._heartbeat = Heartbeat(self._ctx, self.coordinator, "worker", self.rank,
-                                    int(view["token"]), self.timeouts.heartbeat_interval)
+        self._heartbeat = Heartbeat(
+            self._ctx,
+            self.coordinator,
+            "worker",
+            self.rank,
+            int(view["token"]),
+            self.timeouts.heartbeat_interval,
+        )
         self._token = int(view["token"])
         self._heartbeat.start()
         log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
@@ -124,12 +139,16 @@ class Client:
         try:
             view = probe.result(1.0)["view"]
         except PSTimeoutError:
-            return (f"{what}: no answer after {self.timeouts.connect:.3g}s; nothing answers at "
-                    f"{self.coordinator}")
+            return (
+                f"{what}: no answer after {self.timeouts.connect:.3g}s; nothing answers at "
+                f"{self.coordinator}"
+            )
         missing = [r for r, _, state in view["servers"] if state == "pending"]
         if missing:
-            return (f"{what}: no answer after {self.timeouts.connect:.3g}s; the coordinator is "
-                    f"still waiting for " + ", ".join(_server(r) for r in missing) + " to register")
+            return (
+                f"{what}: no answer after {self.timeouts.connect:.3g}s; the coordinator is "
+                f"still waiting for " + ", ".join(_server(r) for r in missing) + " to register"
+            )
         return f"{what}: no answer after {self.timeouts.connect:.3g}s"
 
     def _on_message(self, peer: str, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
@@ -147,15 +166,18 @@ class Client:
             if state == "alive" and address:
                 self._ep.connect(name, address)
             elif state in ("dead", "left"):
-                self._ep.mark_lost(name, f"{name} at {address} was declared dead by the "
-                                         f"coordinator (view {epoch})")
+                self._ep.mark_lost(
+                    name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
+                )
 
     def _check(self) -> None:
         if self._closed:
             raise ConfigError("this client is closed")
         hb = self._heartbeat
         if hb is not None and hb.expelled:
-            raise NodeLostError(f"worker[{self.rank}] was dropped by the coordinator: {hb.expelled}")
+            raise NodeLostError(
+                f"worker[{self.rank}] was dropped by the coordinator: {hb.expelled}"
+            )
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -166,13 +188,17 @@ class Client:
     def _create(self, spec: TableSpec) -> TableSpec:
         self._check()
         reply = self._ep.request(
-            "coordinator", {"kind": "create_table", "spec": spec.to_wire()},
+            "coordinator",
+            {"kind": "create_table", "spec": spec.to_wire()},
             what=f"creating table {spec.name!r} on the coordinator at {self.coordinator}",
         ).result(self.timeouts.request)
         final = TableSpec.from_wire(reply["spec"])
         futs = [
-            self._ep.request(_server(s), {"kind": "create_shard", "spec": final.to_wire()},
-                             what=f"creating table {spec.name!r} on {_server(s)}")
+            self._ep.request(
+                _server(s),
+                {"kind": "create_shard", "spec": final.to_wire()},
+                what=f"creating table {spec.name!r} on {_server(s)}",
+            )
             for s in range(self.num_servers)
         ]
         for f in futs:
@@ -196,9 +222,16 @@ class Client:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
                                       optimizer=ps.optim.Adagrad(lr=0.05), consistency="async")
         """
-        spec = TableSpec(name=name, kind="sparse", dim=dim, dtype=dtype, init=init or Zeros(),
-                         optimizer=optimizer or SGD(), consistency=_consistency(consistency),
-                         seed=seed)
+        spec = TableSpec(
+            name=name,
+            kind="sparse",
+            dim=dim,
+            dtype=dtype,
+            init=init or Zeros(),
+            optimizer=optimizer or SGD(),
+            consistency=_consistency(consistency),
+            seed=seed,
+        )
         final = self._create(spec)
         table = SparseTable(self, final)
         self._tables[name] = table
@@ -222,9 +255,16 @@ class Client:
                                    consistency="sync")
         """
         shp = (shape,) if isinstance(shape, int) else tuple(shape)
-        spec = TableSpec(name=name, kind="dense", shape=shp, dtype=dtype, init=init or Zeros(),
-                         optimizer=optimizer or SGD(), consistency=_consistency(consistency),
-                         seed=seed)
+        spec = TableSpec(
+            name=name,
+            kind="dense",
+            shape=shp,
+            dtype=dtype,
+            init=init or Zeros(),
+            optimizer=optimizer or SGD(),
+            consistency=_consistency(consistency),
+            seed=seed,
+        )
         final = self._create(spec)
         table = DenseTable(self, final)
         self._tables[name] = table
@@ -250,8 +290,11 @@ class Client:
                 raise f.exception(0)  # type: ignore[misc]
         self._clock += 1
         self._clock_futures = [
-            self._ep.request(_server(s), {"kind": "clock", "rank": self.rank, "clock": self._clock},
-                             what=f"clock {self._clock} of worker[{self.rank}] to {_server(s)}")
+            self._ep.request(
+                _server(s),
+                {"kind": "clock", "rank": self.rank, "clock": self._clock},
+                what=f"clock {self._clock} of worker[{self.rank}] to {_server(s)}",
+            )
             for s in range(self.num_servers)
         ]
         self._ep.poll(0)
@@ -268,8 +311,12 @@ class Client:
         self._barriers[name] += 1
         fut = self._ep.request(
             "coordinator",
-            {"kind": "barrier", "name": f"{name}#{self._barriers[name]}", "rank": self.rank,
-             "timeout": limit},
+            {
+                "kind": "barrier",
+                "name": f"{name}#{self._barriers[name]}",
+                "rank": self.rank,
+                "timeout": limit,
+            },
             what=f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})",
         )
         fut.result(limit + 2.0)
@@ -281,14 +328,17 @@ class Client:
             for s in client.stats(): print(s["rank"], s["tables"])
         """
         self._check()
-        futs = [self._ep.request(_server(s), {"kind": "stats"}, what=f"stats of {_server(s)}")
-                for s in range(self.num_servers)]
+        futs = [
+            self._ep.request(_server(s), {"kind": "stats"}, what=f"stats of {_server(s)}")
+            for s in range(self.num_servers)
+        ]
         return [f.result(timeout)["stats"] for f in futs]
 
     def tables(self) -> list[TableSpec]:
         """The specs of every table in the cluster."""
-        reply = self._ep.request("coordinator", {"kind": "list_tables"},
-                                 what="listing tables").result()
+        reply = self._ep.request(
+            "coordinator", {"kind": "list_tables"}, what="listing tables"
+        ).result()
         return [TableSpec.from_wire(t) for t in reply["tables"]]
 
     # ---- life -----------------------------------------------------------------------------
@@ -336,11 +386,14 @@ def as_keys(keys: Any, table: str) -> np.ndarray:
     if arr.dtype.kind == "u" or (arr.dtype.kind == "i"):
         if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
             bad = int(np.flatnonzero(arr.reshape(-1) < 0)[0])
-            raise ConfigError(f"table {table!r}: keys must be non-negative integers, got "
-                              f"{arr.reshape(-1)[bad]} at position {bad}")
+            raise ConfigError(
+                f"table {table!r}: keys must be non-negative integers, got "
+                f"{arr.reshape(-1)[bad]} at position {bad}"
+            )
         return arr.astype(np.uint64)
-    raise ConfigError(f"table {table!r}: keys must be an array of unsigned integers, got dtype "
-                      f"{arr.dtype}")
+    raise ConfigError(
+        f"table {table!r}: keys must be an array of unsigned integers, got dtype {arr.dtype}"
+    )
 
 
 class _Handle:
@@ -366,10 +419,14 @@ class _Handle:
             emb.set_lr(0.01)
         """
         opt = self.spec.optimizer.with_lr(lr)
-        futs = [self.client._ep.request(_server(s), {"kind": "set_lr", "table": self.name,
-                                                      "lr": float(lr)},
-                                        what=f"set_lr of table {self.name!r} on {_server(s)}")
-                for s in range(self.client.num_servers)]
+        futs = [
+            self.client._ep.request(
+                _server(s),
+                {"kind": "set_lr", "table": self.name, "lr": float(lr)},
+                what=f"set_lr of table {self.name!r} on {_server(s)}",
+            )
+            for s in range(self.client.num_servers)
+        ]
         for f in futs:
             f.result(timeout)
         self.spec = replace(self.spec, optimizer=opt)
@@ -377,19 +434,28 @@ class _Handle:
     def _check_grads(self, grads: Any, shape: tuple[int, ...]) -> np.ndarray:
         g = np.asarray(grads)
         if g.dtype != self.dtype:
-            raise ConfigError(f"table {self.name!r}: gradient dtype must be {self.dtype}, got "
-                              f"{g.dtype}")
+            raise ConfigError(
+                f"table {self.name!r}: gradient dtype must be {self.dtype}, got {g.dtype}"
+            )
         if g.shape != shape:
             raise ConfigError(f"table {self.name!r}: gradient shape must be {shape}, got {g.shape}")
         if not np.isfinite(g).all():
-            raise ConfigError(f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
-                              "the table is unchanged")
+            raise ConfigError(
+                f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
+                "the table is unchanged"
+            )
         return np.ascontiguousarray(g)
 
     def _pull_header(self, create: bool, timeout: float) -> dict[str, Any]:
         c = self.client
-        return {"kind": "pull", "table": self.name, "rank": c.rank, "clock": c._clock,
-                "create": create, "timeout": timeout}
+        return {
+            "kind": "pull",
+            "table": self.name,
+            "rank": c.rank,
+            "clock": c._clock,
+            "create": create,
+            "timeout": timeout,
+        }
 
     def _record(self, staleness: list[int]) -> None:
         self._staleness[max(staleness, default=0)] += 1
@@ -407,8 +473,9 @@ class SparseTable(_Handle):
     def dim(self) -> int:
         return self.spec.dim
 
-    def pull_async(self, keys: Any, *, create: bool = True,
-                   timeout: float | None = None) -> Future[np.ndarray]:
+    def pull_async(
+        self, keys: Any, *, create: bool = True, timeout: float | None = None
+    ) -> Future[np.ndarray]:
         """Start a pull and return its future (overlap it with compute).
 
         Example:
@@ -436,11 +503,16 @@ class SparseTable(_Handle):
             if len(idx) == 0:
                 continue
             parts.append(idx)
-            futs.append(c._ep.request(
-                _server(s), header, [np.ascontiguousarray(uniq[idx])],
-                what=f"pull of {len(idx)} keys of table {self.name!r} from {_server(s)} "
-                     f"({c._ep.address_of(_server(s))})",
-                parse=rows_of))
+            futs.append(
+                c._ep.request(
+                    _server(s),
+                    header,
+                    [np.ascontiguousarray(uniq[idx])],
+                    what=f"pull of {len(idx)} keys of table {self.name!r} from {_server(s)} "
+                    f"({c._ep.address_of(_server(s))})",
+                    parse=rows_of,
+                )
+            )
 
         def combine(results: list[np.ndarray]) -> np.ndarray:
             out_u = np.empty((len(uniq), self.dim), dtype=self.dtype)
@@ -487,16 +559,26 @@ class SparseTable(_Handle):
             np.add.at(summed, inverse, g)
         owners = c.ring.route(uniq)
         order, bounds = split_by_owner(owners, c.num_servers)
-        header = {"kind": "push", "table": self.name, "rank": c.rank, "clock": c._clock,
-                  "seq": c._next_seq()}
+        header = {
+            "kind": "push",
+            "table": self.name,
+            "rank": c.rank,
+            "clock": c._clock,
+            "seq": c._next_seq(),
+        }
         futs: list[Future[Any]] = []
         for s in range(c.num_servers):
             idx = order[bounds[s] : bounds[s + 1]]
             if len(idx) == 0:
                 continue
-            futs.append(c._ep.request(
-                _server(s), header, [uniq[idx], summed[idx]],
-                what=f"push of {len(idx)} rows of table {self.name!r} to {_server(s)}"))
+            futs.append(
+                c._ep.request(
+                    _server(s),
+                    header,
+                    [uniq[idx], summed[idx]],
+                    what=f"push of {len(idx)} rows of table {self.name!r} to {_server(s)}",
+                )
+            )
         c._ep.poll(0)
         return gather(futs, f"push to table {self.name!r}", lambda _: None)
 
@@ -529,11 +611,16 @@ class DenseTable(_Handle):
             return msg[1][0]
 
         ranges = self.spec.ranges
-        futs = [c._ep.request(_server(s), header,
-                              what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
-                                   f"({c._ep.address_of(_server(s))})",
-                              parse=part)
-                for s, a, b in ranges]
+        futs = [
+            c._ep.request(
+                _server(s),
+                header,
+                what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
+                f"({c._ep.address_of(_server(s))})",
+                parse=part,
+            )
+            for s, a, b in ranges
+        ]
 
         def combine(results: list[np.ndarray]) -> np.ndarray:
             out = np.empty(self.spec.size, dtype=self.dtype)
@@ -564,10 +651,21 @@ class DenseTable(_Handle):
         c = self.client
         c._check()
         g = self._check_grads(grad, self.shape).reshape(-1)
-        header = {"kind": "push", "table": self.name, "rank": c.rank, "clock": c._clock,
-                  "seq": c._next_seq()}
-        futs = [c._ep.request(_server(s), header, [g[a:b]],
-                              what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}")
-                for s, a, b in self.spec.ranges]
+        header = {
+            "kind": "push",
+            "table": self.name,
+            "rank": c.rank,
+            "clock": c._clock,
+            "seq": c._next_seq(),
+        }
+        futs = [
+            c._ep.request(
+                _server(s),
+                header,
+                [g[a:b]],
+                what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",
+            )
+            for s, a, b in self.spec.ranges
+        ]
         c._ep.poll(0)
         return gather(futs, f"push to table {self.name!r}", lambda _: None)

@@ -127,9 +127,12 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:
@@ -157,7 +160,10 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
     )
     coordinator = env.get("PS_COORDINATOR") or None
     if coordinator is not None:
-        coordinator = normalize_address(coordinator)
+        try:
+            coordinator = normalize_address(coordinator)
+        except ConfigError as exc:
+            raise ConfigError(f"PS_COORDINATOR: {exc}") from None
     return WorkerEnv(
         coordinator=coordinator,
         rank=_int(env, "PS_RANK"),

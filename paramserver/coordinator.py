@@ -92,8 +92,12 @@ class Coordinator:
 
     def serve(self) -> None:
         """Run until :meth:`stop` or a ``shutdown`` request."""
-        log.info("coordinator bound at %s, expecting %d servers and %d workers",
-                 self.address, len(self.servers), len(self.workers))
+        log.info(
+            "coordinator bound at %s, expecting %d servers and %d workers",
+            self.address,
+            len(self.servers),
+            len(self.workers),
+        )
         sock = self.router.socket
         try:
             while not self._stop.is_set():
@@ -120,7 +124,9 @@ class Coordinator:
         kind, rid = header["kind"], header["id"]
         handler = getattr(self, f"_on_{kind}", None)
         if handler is None:
-            self.router.error(identity, rid, "bad_request", f"the coordinator does not take {kind!r}")
+            self.router.error(
+                identity, rid, "bad_request", f"the coordinator does not take {kind!r}"
+            )
             return
         try:
             handler(identity, header)
@@ -160,8 +166,12 @@ class Coordinator:
             return
         free = [m for m in self.servers if m.state in (PENDING, DEAD, LEFT)]
         if not free:
-            self.router.error(identity, h["id"], "full",
-                              f"all {len(self.servers)} server ranks are taken by live servers")
+            self.router.error(
+                identity,
+                h["id"],
+                "full",
+                f"all {len(self.servers)} server ranks are taken by live servers",
+            )
             return
         m = free[0]
         self._activate(m, identity, h)
@@ -170,8 +180,12 @@ class Coordinator:
         self._admit_workers()
 
     def _view_with_token(self, m: Member) -> dict[str, Any]:
-        return {**self.view(), "token": m.token, "num_servers": len(self.servers),
-                "num_workers": len(self.workers)}
+        return {
+            **self.view(),
+            "token": m.token,
+            "num_servers": len(self.servers),
+            "num_workers": len(self.workers),
+        }
 
     def _activate(self, m: Member, identity: bytes, h: dict[str, Any]) -> None:
         m.state, m.identity = ALIVE, identity
@@ -188,21 +202,33 @@ class Coordinator:
             want = h.get("rank")
             if want is not None:
                 if want >= len(self.workers):
-                    self.router.error(identity, h["id"], "invalid",
-                                      f"rank {want} asked for, but the cluster has "
-                                      f"{len(self.workers)} workers (ranks 0..{len(self.workers) - 1})")
+                    self.router.error(
+                        identity,
+                        h["id"],
+                        "invalid",
+                        f"rank {want} asked for, but the cluster has "
+                        f"{len(self.workers)} workers (ranks 0..{len(self.workers) - 1})",
+                    )
                     continue
                 m = self.workers[want]
                 if m.state == ALIVE:
-                    self.router.error(identity, h["id"], "taken",
-                                      f"worker rank {want} is already taken by a live worker")
+                    self.router.error(
+                        identity,
+                        h["id"],
+                        "taken",
+                        f"worker rank {want} is already taken by a live worker",
+                    )
                     continue
             else:
                 free = [w for w in self.workers if w.state == PENDING]
                 if not free:
-                    self.router.error(identity, h["id"], "full",
-                                      f"the cluster expects {len(self.workers)} workers and "
-                                      "every rank has been taken")
+                    self.router.error(
+                        identity,
+                        h["id"],
+                        "full",
+                        f"the cluster expects {len(self.workers)} workers and "
+                        "every rank has been taken",
+                    )
                     continue
                 m = free[0]
             self._activate(m, identity, h)
@@ -216,9 +242,13 @@ class Coordinator:
     def _on_heartbeat(self, identity: bytes, h: dict[str, Any]) -> None:
         m = self._member(h["role"], h["rank"])
         if m is None or m.state != ALIVE or m.token != h["token"]:
-            self.router.error(identity, h["id"], "expelled",
-                              f"{h['role']}[{h['rank']}] is not a live member of this cluster "
-                              "(declared dead or never registered)")
+            self.router.error(
+                identity,
+                h["id"],
+                "expelled",
+                f"{h['role']}[{h['rank']}] is not a live member of this cluster "
+                "(declared dead or never registered)",
+            )
             return
         m.last_seen = time.monotonic()
         self.router.reply(identity, h["id"], view={"epoch": self.epoch})
@@ -239,40 +269,58 @@ class Coordinator:
         for m in (*self.servers, *self.workers):
             if m.state == ALIVE and now - m.last_seen > limit:
                 m.state = DEAD
-                log.warning("%s (%s) declared dead: no heartbeat for %.1fs",
-                            m.name, m.address or f"pid {m.pid}", now - m.last_seen)
+                log.warning(
+                    "%s (%s) declared dead: no heartbeat for %.1fs",
+                    m.name,
+                    m.address or f"pid {m.pid}",
+                    now - m.last_seen,
+                )
                 self._publish(f"{m.name} declared dead")
                 self._check_barriers()
         for name, b in list(self.barriers.items()):
             if now > b.deadline:
                 missing = self._barrier_missing(b)
                 del self.barriers[name]
-                msg = (f"barrier {name.split('#')[0]!r} timed out waiting for "
-                       + ", ".join(f"worker[{r}]" for r in missing))
+                msg = f"barrier {name.split('#')[0]!r} timed out waiting for " + ", ".join(
+                    f"worker[{r}]" for r in missing
+                )
                 for identity, rid in b.arrived.values():
                     self.router.error(identity, rid, "timeout", msg)
 
     # ---- tables ---------------------------------------------------------------------------
 
     def _on_create_table(self, identity: bytes, h: dict[str, Any]) -> None:
-        spec = TableSpec.from_wire({**h["spec"], "ranges": []} if h["spec"].get("kind") == "dense"
-                                   else h["spec"])
+        spec = TableSpec.from_wire(
+            {**h["spec"], "ranges": []} if h["spec"].get("kind") == "dense" else h["spec"]
+        )
         old = self.tables.get(spec.name)
         if old is not None:
             diff = old.conflicts(spec)
             if diff:
-                self.router.error(identity, h["id"], "conflict",
-                                  f"table {spec.name!r} already exists with a different "
-                                  f"{', '.join(diff)} (existing: "
-                                  + ", ".join(f"{k}={old.definition().get(k)!r}" for k in diff) + ")")
+                self.router.error(
+                    identity,
+                    h["id"],
+                    "conflict",
+                    f"table {spec.name!r} already exists with a different "
+                    f"{', '.join(diff)} (existing: "
+                    + ", ".join(f"{k}={old.definition().get(k)!r}" for k in diff)
+                    + ")",
+                )
                 return
             self.router.reply(identity, h["id"], spec=old.to_wire())
             return
         if spec.kind == "dense":
-            spec = spec.with_ranges(dense_ranges(spec.name, spec.size, [m.rank for m in self.servers]))
+            spec = spec.with_ranges(
+                dense_ranges(spec.name, spec.size, [m.rank for m in self.servers])
+            )
         self.tables[spec.name] = spec
-        log.info("table %r created (%s, %s, %s)", spec.name, spec.kind, spec.optimizer.to_spec()["kind"],
-                 spec.consistency)
+        log.info(
+            "table %r created (%s, %s, %s)",
+            spec.name,
+            spec.kind,
+            spec.optimizer.to_spec()["kind"],
+            spec.consistency,
+        )
         self.router.reply(identity, h["id"], spec=spec.to_wire())
 
     def _on_list_tables(self, identity: bytes, h: dict[str, Any]) -> None:
@@ -281,7 +329,9 @@ class Coordinator:
     # ---- barriers -------------------------------------------------------------------------
 
     def _barrier_missing(self, b: _Barrier) -> list[int]:
-        return [w.rank for w in self.workers if w.state in (PENDING, ALIVE) and w.rank not in b.arrived]
+        return [
+            w.rank for w in self.workers if w.state in (PENDING, ALIVE) and w.rank not in b.arrived
+        ]
 
     def _on_barrier(self, identity: bytes, h: dict[str, Any]) -> None:
         b = self.barriers.setdefault(h["name"], _Barrier())
@@ -299,8 +349,9 @@ class Coordinator:
     # ---- shutdown -------------------------------------------------------------------------
 
     def _on_shutdown(self, identity: bytes, h: dict[str, Any]) -> None:
-        log.info("shutdown requested: stopping %d servers",
-                 sum(m.state == ALIVE for m in self.servers))
+        log.info(
+            "shutdown requested: stopping %d servers", sum(m.state == ALIVE for m in self.servers)
+        )
         for m in self.servers:
             if m.state == ALIVE and m.identity:
                 self.router.send(m.identity, {"kind": "stop", "id": 0})

@@ -150,7 +150,7 @@ def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[An
         if a.dtype.byteorder == ">" or a.dtype.str.lstrip("<>=|") not in _WIRE_NAMES:
             raise ProtocolError(f"cannot send an array of dtype {a.dtype}")
         a = np.ascontiguousarray(a)
-        flat = memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+        flat = memoryview(a.reshape(-1).view(np.uint8).data) if a.size else memoryview(b"")
         n = len(flat)
         if n <= CHUNK_BYTES:
             frames.append(flat)
@@ -195,7 +195,9 @@ def decode_header(raw: Any) -> dict[str, Any]:
     if not isinstance(kind, str) or kind not in SCHEMA:
         raise _fail(f"unknown message kind {kind!r}")
     if not U63(header.get("id")):
-        raise _fail(f"{kind}: field 'id' must be an integer in 0..2**63-1, got {header.get('id')!r}")
+        raise _fail(
+            f"{kind}: field 'id' must be an integer in 0..2**63-1, got {header.get('id')!r}"
+        )
     schema = SCHEMA[kind]
     for key, value in header.items():
         if key in ("v", "kind", "id", "arrays"):
@@ -239,10 +241,12 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
         if not (
             isinstance(shape, list)
             and len(shape) <= MAX_NDIM
-            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+            and all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape
+            )
         ):
             raise _fail(f"arrays[{i}]: invalid shape {_short(shape)}")
-        if not (isinstance(nframes, int) and not isinstance(nframes, bool) and 1 <= nframes):
+        if not (isinstance(nframes, int) and not isinstance(nframes, bool) and nframes >= 1):
             raise _fail(f"arrays[{i}]: invalid frame count {_short(nframes)}")
         nbytes = math.prod(shape) * dtype.itemsize
         total += nbytes

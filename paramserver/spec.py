@@ -64,7 +64,9 @@ class TableSpec:
             raise ConfigError(f"{where}: dtype must be one of {TABLE_DTYPES}, got {self.dtype!r}")
         if self.kind == "sparse":
             if not (isinstance(self.dim, int) and 0 < self.dim <= MAX_DIM):
-                raise ConfigError(f"{where}: dim must be an integer in 1..{MAX_DIM}, got {self.dim!r}")
+                raise ConfigError(
+                    f"{where}: dim must be an integer in 1..{MAX_DIM}, got {self.dim!r}"
+                )
         else:
             shape = self.shape
             if not (
@@ -76,7 +78,9 @@ class TableSpec:
         if not isinstance(self.init, Initializer):
             raise ConfigError(f"{where}: init must be a ps.init initializer, got {self.init!r}")
         if not isinstance(self.optimizer, Optimizer):
-            raise ConfigError(f"{where}: optimizer must be a ps.optim optimizer, got {self.optimizer!r}")
+            raise ConfigError(
+                f"{where}: optimizer must be a ps.optim optimizer, got {self.optimizer!r}"
+            )
         parse_consistency(self.consistency)
         if self.seed is None:
             object.__setattr__(self, "seed", default_seed(self.name))
@@ -154,7 +158,9 @@ class TableSpec:
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
                 for r in raw_ranges
             ):
-                raise ConfigError("dense table spec: 'ranges' must be a list of [server, start, stop]")
+                raise ConfigError(
+                    "dense table spec: 'ranges' must be a list of [server, start, stop]"
+                )
             ranges = tuple((r[0], r[1], r[2]) for r in raw_ranges)
         spec = cls(
             name=d["name"],
@@ -172,8 +178,12 @@ class TableSpec:
             pos = 0
             for _, start, stop in ranges:
                 if start != pos or stop <= start:
-                    raise ConfigError(f"table {spec.name!r}: ranges {list(ranges)} do not tile the table")
+                    raise ConfigError(
+                        f"table {spec.name!r}: ranges {list(ranges)} do not tile the table"
+                    )
                 pos = stop
             if pos != spec.size:
-                raise ConfigError(f"table {spec.name!r}: ranges cover {pos} of {spec.size} elements")
+                raise ConfigError(
+                    f"table {spec.name!r}: ranges cover {pos} of {spec.size} elements"
+                )
         return spec

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import zmq
@@ -89,10 +89,14 @@ class Router:
             raise BlockingIOError from None
         return bytes(parts[0]), parts[1:]
 
-    def send(self, identity: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
+    def send(
+        self, identity: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()
+    ) -> None:
         _send(self.socket, protocol.encode(header, arrays), prefix=(identity,))
 
-    def reply(self, identity: bytes, request_id: int, arrays: Sequence[np.ndarray] = (), **fields: Any) -> None:
+    def reply(
+        self, identity: bytes, request_id: int, arrays: Sequence[np.ndarray] = (), **fields: Any
+    ) -> None:
         self.send(identity, {"kind": "reply", "id": request_id, **fields}, arrays)
 
     def error(self, identity: bytes, request_id: int, code: str, message: str) -> None:
@@ -167,7 +171,9 @@ class Future(Generic[T]):
             self._endpoint.poll(left)
 
 
-def gather(futures: Sequence[Future[Any]], what: str, combine: Callable[[list[Any]], T]) -> Future[T]:
+def gather(
+    futures: Sequence[Future[Any]], what: str, combine: Callable[[list[Any]], T]
+) -> Future[T]:
     """One future completed when all of ``futures`` are, with ``combine`` of their results.
 
     The first failure fails the group.
@@ -270,6 +276,7 @@ class Endpoint:
         peer = self.peers.get(name)
         return peer.address if peer else "?"
 
+    @overload
     def request(
         self,
         name: str,
@@ -277,11 +284,33 @@ class Endpoint:
         arrays: Sequence[np.ndarray] = (),
         *,
         what: str,
-        parse: Callable[[Message], T] | None = None,
-    ) -> Future[T]:
-        """Send a request to peer ``name``; the future gets ``parse((header, arrays))``."""
+        parse: None = None,
+    ) -> Future[dict[str, Any]]: ...
+
+    @overload
+    def request(
+        self,
+        name: str,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        *,
+        what: str,
+        parse: Callable[[Message], T],
+    ) -> Future[T]: ...
+
+    def request(
+        self,
+        name: str,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        *,
+        what: str,
+        parse: Callable[[Message], Any] | None = None,
+    ) -> Future[Any]:
+        """Send a request to peer ``name``; the future gets ``parse((header, arrays))``, or the
+        reply header when there is no ``parse``."""
         peer = self.peers.get(name)
-        fut: Future[T] = Future(self, what)
+        fut: Future[Any] = Future(self, what)
         if peer is None:
             fut.set_exception(NodeLostError(f"{what}: not connected to {name}"))
             return fut

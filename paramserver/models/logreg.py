@@ -45,7 +45,8 @@ class SyntheticCTR:
         field_ids = np.arange(self.fields, dtype=np.uint64)
         keys = (field_ids[None, :] << np.uint64(40)) | values.astype(np.uint64)
         true_w = rng.normal(0.0, 1.0, size=(self.fields, self.vocab)) * (
-            rng.random((self.fields, self.vocab)) < 0.3)
+            rng.random((self.fields, self.vocab)) < 0.3
+        )
         logits = true_w[np.arange(self.fields)[None, :], values].sum(axis=1) - 0.5
         y = (rng.random(self.examples) < 1 / (1 + np.exp(-logits))).astype(np.float32)
         n_test = int(self.examples * self.test_fraction)
@@ -75,7 +76,8 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
 def _predict(table: ps.SparseTable, bias: ps.DenseTable, x: np.ndarray, create: bool) -> np.ndarray:
     w = table.pull(x, create=create)[..., 0]  # (batch, fields)
     z = w.sum(axis=1) + bias.pull()[0]
-    return 1.0 / (1.0 + np.exp(-z))
+    p: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+    return p
 
 
 def _logloss(y: np.ndarray, p: np.ndarray) -> float:
@@ -94,10 +96,15 @@ def train(
 ) -> dict[str, Any]:
     """Train on this worker's share of the data (rows rank::num_workers); returns metrics."""
     x_train, y_train, x_test, y_test = data
-    table = client.sparse_table("logreg/w", dim=1, optimizer=ps.optim.FTRL(alpha=0.1, beta=1.0, l1=1.0),
-                                consistency=consistency)
-    bias = client.dense_table("logreg/b", shape=(1,), optimizer=ps.optim.SGD(lr=0.05),
-                              consistency=consistency)
+    table = client.sparse_table(
+        "logreg/w",
+        dim=1,
+        optimizer=ps.optim.FTRL(alpha=0.1, beta=1.0, l1=1.0),
+        consistency=consistency,
+    )
+    bias = client.dense_table(
+        "logreg/b", shape=(1,), optimizer=ps.optim.SGD(lr=0.05), consistency=consistency
+    )
     mine = slice(client.rank, None, client.num_workers)
     x, y = x_train[mine], y_train[mine]
     history = []
@@ -118,25 +125,40 @@ def train(
         for f in pending:
             f.result()
         client.barrier("epoch")
-        p_test = np.concatenate([_predict(table, bias, x_test[i : i + 8192], create=False)
-                                 for i in range(0, len(x_test), 8192)])
+        p_test = np.concatenate(
+            [
+                _predict(table, bias, x_test[i : i + 8192], create=False)
+                for i in range(0, len(x_test), 8192)
+            ]
+        )
         nonzero = sum(int(t["tables"]["logreg/w"]["rows"]) for t in client.stats())
-        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "test_loss": _logloss(y_test, p_test),
-               "test_auc": auc(y_test, p_test), "rows": nonzero,
-               "seconds": time.perf_counter() - start}
+        rec = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "test_loss": _logloss(y_test, p_test),
+            "test_auc": auc(y_test, p_test),
+            "rows": nonzero,
+            "seconds": time.perf_counter() - start,
+        }
         history.append(rec)
-        log(f"worker[{client.rank}] epoch {epoch}: train loss {rec['train_loss']:.4f}  "
+        log(
+            f"worker[{client.rank}] epoch {epoch}: train loss {rec['train_loss']:.4f}  "
             f"test loss {rec['test_loss']:.4f}  test AUC {rec['test_auc']:.4f}  "
-            f"({rec['seconds']:.1f}s)")
+            f"({rec['seconds']:.1f}s)"
+        )
     return {"history": history}
 
 
 def demo(servers: int = 2, workers: int = 1, epochs: int = 3) -> int:
     """The main job until the full demo exists: FTRL logistic regression on generated data."""
-    print(f"paramserver demo: sparse logistic regression (FTRL, L1) on synthetic CTR data, "
-          f"{servers} servers, {workers} worker(s)")
+    print(
+        f"paramserver demo: sparse logistic regression (FTRL, L1) on synthetic CTR data, "
+        f"{servers} servers, {workers} worker(s)"
+    )
     if workers > 1:
-        return ps.launch.run_job([__file__, "--epochs", str(epochs)], servers=servers, workers=workers)
+        return ps.launch.run_job(
+            [__file__, "--epochs", str(epochs)], servers=servers, workers=workers
+        )
     data = SyntheticCTR().make()
     with ps.LocalCluster(servers=servers, workers=1) as cluster:
         client = cluster.connect()

@@ -72,7 +72,7 @@ def staleness_of(clock: int, min_clock: int) -> int:
     return max(0, clock - min_clock)
 
 
-@numba.njit(cache=True, nogil=True)  # type: ignore[misc]
+@numba.njit(cache=True, nogil=True)
 def _ordered_segment_sum(
     keys: np.ndarray, ranks: np.ndarray, grads: np.ndarray, order: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +141,8 @@ def aggregate_dense(pushes: list[tuple[int, np.ndarray]], num_live: int) -> np.n
     total = by_rank[ranks[0]]
     for r in ranks[1:]:
         total += by_rank[r]
-    return total / total.dtype.type(num_live)
+    mean: np.ndarray = total / total.dtype.type(num_live)
+    return mean
 
 
 @dataclass

@@ -432,12 +432,10 @@ class Server:
         if self.deferred:
             waiting, self.deferred = self.deferred, []
             for d in waiting:
-                t = self.tables.get(d.header["table"])
-                if t is None:
-                    continue
-                mode, bound = t.spec.mode
+                table = self.tables[d.header["table"]]  # tables are never dropped
+                mode, bound = table.spec.mode
                 if pull_ready(mode, bound, d.header["clock"], low):
-                    self._answer_pull(d.identity, d.header, t, d.keys)
+                    self._answer_pull(d.identity, d.header, table, d.keys)
                 else:
                     self.deferred.append(d)
 
@@ -448,8 +446,8 @@ class Server:
                 keep.append(d)
                 continue
             slow = ", ".join(f"worker[{r}] at clock {c}" for r, c in self.clocks.slowest())
-            t = self.tables.get(d.header["table"])
-            mode = t.spec.consistency if t is not None else "?"
+            table = self.tables.get(d.header["table"])
+            mode = table.spec.consistency if table is not None else "?"
             self.router.error(
                 d.identity,
                 d.header["id"],

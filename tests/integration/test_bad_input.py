@@ -1,0 +1,182 @@
+"""Bad input gets a clear error and changes nothing; the cluster keeps serving."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+import paramserver as ps
+from paramserver import protocol
+from paramserver.errors import ConfigError, PSTimeoutError, RemoteError
+from paramserver.transport import Endpoint, new_context
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def table(cluster: ps.LocalCluster) -> ps.SparseTable:
+    client = cluster.connect()
+    t = client.sparse_table(
+        "emb", dim=4, init=ps.init.Normal(std=0.1), optimizer=ps.optim.Adagrad(lr=0.1)
+    )
+    t.pull(np.arange(100, dtype=np.uint64))
+    return t
+
+
+def snapshot(t: ps.SparseTable) -> bytes:
+    return t.pull(np.arange(100, dtype=np.uint64), create=False).tobytes()
+
+
+def test_keys_must_be_non_negative_integers(table: ps.SparseTable) -> None:
+    before = snapshot(table)
+    with pytest.raises(ConfigError, match=r"'emb'.*unsigned integers.*float64"):
+        table.pull(np.array([1.0, 2.0]))
+    with pytest.raises(ConfigError, match=r"non-negative.*-3 at position 1"):
+        table.push(np.array([1, -3]), np.zeros((2, 4), np.float32))
+    assert snapshot(table) == before
+
+
+def test_gradient_shape_and_dtype_must_match(table: ps.SparseTable) -> None:
+    before = snapshot(table)
+    with pytest.raises(ConfigError, match=r"shape must be \(2, 4\), got \(2, 3\)"):
+        table.push(np.array([1, 2]), np.zeros((2, 3), np.float32))
+    with pytest.raises(ConfigError, match="dtype must be float32, got float64"):
+        table.push(np.array([1, 2]), np.zeros((2, 4)))
+    assert snapshot(table) == before
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradients_are_refused(table: ps.SparseTable, bad: float) -> None:
+    before = snapshot(table)
+    grads = np.zeros((100, 4), np.float32)
+    grads[57, 2] = bad
+    with pytest.raises(ConfigError, match=r"'emb'.*NaN or Inf"):
+        table.push(np.arange(100), grads)
+    assert snapshot(table) == before
+
+
+def raw_request(address: str, header: dict, arrays=()):  # type: ignore[no-untyped-def]
+    ctx = new_context()
+    ep = Endpoint(ctx, request_timeout=5.0)
+    try:
+        ep.connect("server", address)
+        return ep.request("server", header, arrays, what="raw request").result(5.0)
+    finally:
+        ep.close()
+        ctx.term()
+
+
+def server_addresses(table: ps.SparseTable) -> list[str]:
+    return [addr for _, addr, _ in table.client.view["servers"]]
+
+
+def test_server_refuses_non_finite_push_even_from_a_bypassing_client(table: ps.SparseTable) -> None:
+    before = snapshot(table)
+    keys = np.arange(100, dtype=np.uint64)
+    owners = table.client.ring.route(keys)
+    mine = keys[owners == 0]
+    grads = np.full((len(mine), 4), np.nan, np.float32)
+    header = {"kind": "push", "table": "emb", "rank": 0, "clock": 0, "seq": 2**62}
+    with pytest.raises(RemoteError, match=r"push to table 'emb'.*NaN or Inf.*unchanged"):
+        raw_request(server_addresses(table)[0], header, [mine, grads])
+    assert snapshot(table) == before
+
+
+def test_unknown_table_is_named(table: ps.SparseTable) -> None:
+    header = {
+        "kind": "pull",
+        "table": "nope",
+        "rank": 0,
+        "clock": 0,
+        "create": True,
+        "timeout": 5.0,
+    }
+    with pytest.raises(RemoteError, match=r"table 'nope' does not exist on server\[0\]"):
+        raw_request(server_addresses(table)[0], header, [np.arange(3, dtype=np.uint64)])
+
+
+def test_wrong_shape_reaching_the_server_is_refused(table: ps.SparseTable) -> None:
+    before = snapshot(table)
+    header = {"kind": "push", "table": "emb", "rank": 0, "clock": 0, "seq": 2**62}
+    keys = np.arange(3, dtype=np.uint64)
+    with pytest.raises(RemoteError, match=r"gradient must be \(3, 4\) float32, got \(3, 5\)"):
+        raw_request(server_addresses(table)[0], header, [keys, np.zeros((3, 5), np.float32)])
+    with pytest.raises(RemoteError, match="keys must be a 1-D uint64"):
+        raw_request(
+            server_addresses(table)[0],
+            header,
+            [keys.astype(np.float64), np.zeros((3, 4), np.float32)],
+        )
+    assert snapshot(table) == before
+
+
+def test_garbage_on_the_server_port_does_not_disturb_anyone(table: ps.SparseTable) -> None:
+    before = snapshot(table)
+    address = server_addresses(table)[0]
+    host, port = address[len("tcp://") :].rsplit(":", 1)
+    # bytes that are not even ZeroMQ
+    with socket.create_connection((host, int(port)), timeout=2) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 8)
+        time.sleep(0.1)
+    # ZeroMQ frames that are not this protocol: each gets an error reply
+    ctx = new_context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    rng = np.random.default_rng(0)
+    good = protocol.encode(
+        {
+            "kind": "pull",
+            "id": 1,
+            "table": "emb",
+            "rank": 0,
+            "clock": 0,
+            "create": True,
+            "timeout": 5.0,
+        },
+        [np.arange(3, dtype=np.uint64)],
+    )
+    messages = [
+        [b"\xc1\xc1"],
+        [b"not msgpack at all"],
+        [protocol.encode({"kind": "pull", "id": 1})[0]],  # missing fields
+        [bytes(good[0]), b"short"],  # frame length disagrees with the header
+        [bytes(good[0])],  # missing frame
+        [rng.bytes(64) for _ in range(3)],
+    ]
+    for m in messages:
+        sock.send_multipart(m)
+        assert sock.poll(5000), f"no answer to {m!r}"
+        header, _ = protocol.decode(sock.recv_multipart())
+        assert header["kind"] == "error" and header["code"] == "protocol"
+    sock.close(0)
+    ctx.term()
+    # everyone else is still served, and nothing changed
+    assert snapshot(table) == before
+    table.push(np.array([1], np.uint64), np.ones((1, 4), np.float32)).result()
+    assert snapshot(table) != before
+
+
+def test_nobody_listening_times_out_naming_the_address() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(PSTimeoutError, match=f"127.0.0.1:{port}"):
+        ps.connect(f"127.0.0.1:{port}", timeouts=ps.Timeouts(connect=1.0))
+    assert time.monotonic() - start < 10
+
+
+def test_bad_table_specs_are_refused_before_anything_is_sent(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    with pytest.raises(ConfigError, match="dim"):
+        client.sparse_table("x", dim=0)
+    with pytest.raises(ConfigError, match="consistency"):
+        client.sparse_table("x", dim=2, consistency="ssp:-1")
+    with pytest.raises(ConfigError, match="dtype"):
+        client.dense_table("x", shape=(2,), dtype="int32")
+    assert client.tables() == []

@@ -1,0 +1,132 @@
+"""Sparse and dense tables through a real local cluster, checked against NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import paramserver as ps
+from paramserver.errors import RemoteError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_sparse_sgd_matches_numpy_with_repeated_keys(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    emb = client.sparse_table(
+        "emb", dim=3, init=ps.init.Constant(1.0), optimizer=ps.optim.SGD(lr=0.5)
+    )
+    rng = np.random.default_rng(0)
+    ref: dict[int, np.ndarray] = {}
+    for _ in range(20):
+        keys = rng.integers(0, 2**64 - 1, size=50, dtype=np.uint64)
+        keys[:10] = keys[10:20]  # repeats inside one push
+        rows = emb.pull(keys)
+        for i, k in enumerate(keys.tolist()):
+            np.testing.assert_array_equal(rows[i], ref.get(k, np.ones(3, np.float32)))
+        grads = rng.standard_normal((50, 3)).astype(np.float32)
+        emb.push(keys, grads).result()
+        summed: dict[int, np.ndarray] = {}
+        for k, g in zip(keys.tolist(), grads, strict=True):
+            summed[k] = summed[k] + g if k in summed else g.copy()
+        for k, g in summed.items():
+            ref[k] = ref.get(k, np.ones(3, np.float32)) - np.float32(0.5) * g
+    stats = client.stats()
+    assert sum(s["tables"]["emb"]["rows"] for s in stats) == len(ref)
+    assert all(s["tables"]["emb"]["rows"] > 0 for s in stats), (
+        "keys were not spread over both servers"
+    )
+
+
+def test_pull_keeps_shape_and_order(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    emb = client.sparse_table("shaped", dim=2, init=ps.init.Normal(std=1.0))
+    keys = np.array([[5, 9, 5], [1, 9, 0]], dtype=np.int64)
+    rows = emb.pull(keys)
+    assert rows.shape == (2, 3, 2)
+    np.testing.assert_array_equal(rows[0, 0], rows[0, 2])
+    np.testing.assert_array_equal(rows[0, 1], rows[1, 1])
+    single = emb.pull(np.array([9], dtype=np.uint64))
+    np.testing.assert_array_equal(single[0], rows[0, 1])
+
+
+def test_initial_rows_do_not_depend_on_the_number_of_servers() -> None:
+    keys = np.arange(0, 5000, 7, dtype=np.uint64)
+    pulled = []
+    for servers in (1, 3):
+        with ps.LocalCluster(servers=servers, workers=1) as c:
+            t = c.connect().sparse_table("same", dim=4, init=ps.init.Normal(std=0.1), seed=1234)
+            pulled.append(t.pull(keys))
+    np.testing.assert_array_equal(pulled[0], pulled[1])
+    assert pulled[0].std() > 0.05
+
+
+def test_pull_without_create_stores_nothing(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    emb = client.sparse_table("eval", dim=4, init=ps.init.Uniform(-1, 1))
+    keys = np.arange(100, dtype=np.uint64)
+    probe = emb.pull(keys, create=False)
+    assert sum(s["tables"]["eval"]["rows"] for s in client.stats()) == 0
+    created = emb.pull(keys)
+    np.testing.assert_array_equal(probe, created)
+    assert sum(s["tables"]["eval"]["rows"] for s in client.stats()) == 100
+
+
+def test_dense_small_and_split_tables(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    small = client.dense_table(
+        "small", shape=(3, 4), init=ps.init.Constant(2.0), optimizer=ps.optim.SGD(lr=0.25)
+    )
+    assert len(small.spec.ranges) == 1
+    big = client.dense_table(
+        "big", shape=(600_000,), init=ps.init.Normal(std=0.01), optimizer=ps.optim.Adam(lr=0.01)
+    )
+    assert [r[0] for r in big.spec.ranges] == [0, 1], "a large table is split over both servers"
+    g = np.arange(12, dtype=np.float32).reshape(3, 4)
+    small.push(g).result()
+    np.testing.assert_array_equal(small.pull(), np.float32(2.0) - np.float32(0.25) * g)
+    w0 = big.pull()
+    gb = np.random.default_rng(1).standard_normal(600_000).astype(np.float32)
+    big.push(gb).result()
+    # Adam's first step: m_hat = g, v_hat = g*g, so each weight moves by lr * g / (|g| + eps)
+    step = w0.astype(np.float64) - big.pull()
+    g64 = gb.astype(np.float64)
+    np.testing.assert_allclose(step, 0.01 * g64 / (np.abs(g64) + 1e-8), rtol=1e-3, atol=1e-8)
+
+
+def test_set_lr_changes_the_step(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    d = client.dense_table("lr", shape=(4,), optimizer=ps.optim.SGD(lr=1.0))
+    d.push(np.ones(4, np.float32)).result()
+    d.set_lr(0.125)
+    d.push(np.ones(4, np.float32)).result()
+    np.testing.assert_array_equal(d.pull(), np.full(4, -1.125, np.float32))
+
+
+def test_create_is_idempotent_and_conflicts_are_refused(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    a = client.sparse_table("t", dim=8, optimizer=ps.optim.Adagrad(lr=0.1))
+    a.push(np.array([1], np.uint64), np.ones((1, 8), np.float32)).result()
+    b = client.sparse_table("t", dim=8, optimizer=ps.optim.Adagrad(lr=0.1))
+    np.testing.assert_array_equal(a.pull(np.array([1])), b.pull(np.array([1])))
+    with pytest.raises(RemoteError, match=r"'t' already exists with a different dim"):
+        client.sparse_table("t", dim=16, optimizer=ps.optim.Adagrad(lr=0.1))
+    with pytest.raises(RemoteError, match="optimizer"):
+        client.sparse_table("t", dim=8, optimizer=ps.optim.SGD(lr=0.1))
+    assert [s.name for s in client.tables()] == ["t"]
+
+
+def test_pull_async_overlaps_and_staleness_is_recorded(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    emb = client.sparse_table("async", dim=2)
+    futures = [emb.pull_async(np.arange(i, i + 10)) for i in range(5)]
+    assert all(f.result().shape == (10, 2) for f in futures)
+    assert emb.staleness() == {0: 5}
+
+
+def test_ftrl_weights_are_exactly_zero_under_l1(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    t = client.sparse_table("ftrl", dim=1, optimizer=ps.optim.FTRL(alpha=0.1, l1=10.0))
+    keys = np.arange(50, dtype=np.uint64)
+    t.push(keys, np.full((50, 1), 0.5, np.float32)).result()
+    assert np.count_nonzero(t.pull(keys)) == 0

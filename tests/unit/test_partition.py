@@ -1,0 +1,59 @@
+"""The hash ring and dense ranges."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paramserver.partition import HashRing, dense_ranges, hash_keys, split_by_owner
+
+
+def test_keys_spread_evenly_over_servers() -> None:
+    keys = np.arange(200_000, dtype=np.uint64)  # sequential ids: the worst case for a weak hash
+    owners = HashRing.build([0, 1, 2, 3]).route(keys)
+    counts = np.bincount(owners, minlength=4)
+    assert counts.min() > 0.6 * counts.mean(), counts
+
+
+def test_routing_is_deterministic_and_consistent() -> None:
+    keys = np.random.default_rng(0).integers(0, 2**64 - 1, 50_000, dtype=np.uint64)
+    three = HashRing.build([0, 1, 2]).route(keys)
+    np.testing.assert_array_equal(three, HashRing.build([2, 1, 0]).route(keys))
+    four = HashRing.build([0, 1, 2, 3]).route(keys)
+    moved = np.mean(three != four)
+    assert 0.1 < moved < 0.4, "adding a 4th server should move about a quarter of the keys"
+    assert np.all(four[three != four] == 3), "keys only move to the new server"
+
+
+def test_hash_is_a_bijection_on_samples() -> None:
+    keys = np.arange(100_000, dtype=np.uint64)
+    assert len(np.unique(hash_keys(keys))) == len(keys)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=200), st.integers(1, 6))
+def test_split_by_owner_groups_positions_in_order(owners: list[int], n: int) -> None:
+    arr = np.array([o % n for o in owners], dtype=np.int32)
+    order, bounds = split_by_owner(arr, n)
+    assert bounds[0] == 0 and bounds[-1] == len(arr)
+    for s in range(n):
+        idx = order[bounds[s] : bounds[s + 1]]
+        assert np.all(arr[idx] == s)
+        assert np.all(np.diff(idx) > 0)
+    assert sorted(order.tolist()) == list(range(len(arr)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 10**7), st.integers(1, 8))
+def test_dense_ranges_tile_the_table(size: int, servers: int) -> None:
+    ranges = dense_ranges("t", size, list(range(servers)), split_at=1000)
+    assert ranges[0][1] == 0 and ranges[-1][2] == size
+    for (_, _, stop), (_, start, _) in itertools.pairwise(ranges):
+        assert stop == start
+    if size >= 1000:
+        assert [r[0] for r in ranges] == list(range(servers))
+    else:
+        assert len(ranges) == 1
