@@ -6,5 +6,6 @@ Files and their jobs:
   initialization, gather, duplicate summing, one update kernel per optimizer.
 - ``shard.py``: ``SparseShard`` and ``DenseShard``, the storage of one table on
   one server, built on the kernels; pure (no sockets, no I/O).
+- ``consistency.py``: clocks, consistency modes and sync aggregation (written separately).
 - ``loop.py``: the server process event loop (written separately).
 """
