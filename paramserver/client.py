@@ -373,7 +373,7 @@ class Client:
 
 def _consistency(value: str | None) -> str:
     if value is None:
-        value = os.environ.get("PS_CONSISTENCY") or "async"
+        return from_env().consistency
     parse_consistency(value)
     return value
 

@@ -11,6 +11,7 @@ Environment variables:
 ``PS_RANK``                worker rank requested by ``paramserver run`` (optional)
 ``PS_NUM_WORKERS``         number of workers in the job (informational for workers)
 ``PS_NUM_SERVERS``         number of servers in the job (informational for workers)
+``PS_CONSISTENCY``         default consistency of tables created without one (default async)
 ``PS_HEARTBEAT_INTERVAL``  seconds between heartbeats (default 0.5)
 ``PS_HEARTBEAT_TIMEOUT``   seconds without a heartbeat before a node is declared dead (default 5)
 ``PS_REQUEST_TIMEOUT``     default timeout of a blocking call, seconds (default 60)
@@ -42,6 +43,7 @@ ENV_VARS = (
     "PS_RANK",
     "PS_NUM_WORKERS",
     "PS_NUM_SERVERS",
+    "PS_CONSISTENCY",
     "PS_HEARTBEAT_INTERVAL",
     "PS_HEARTBEAT_TIMEOUT",
     "PS_REQUEST_TIMEOUT",
@@ -86,6 +88,7 @@ class WorkerEnv:
     rank: int | None = None
     num_workers: int | None = None
     num_servers: int | None = None
+    consistency: str = "async"
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "INFO"
 
@@ -164,8 +167,14 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
             coordinator = normalize_address(coordinator)
         except ConfigError as exc:
             raise ConfigError(f"PS_COORDINATOR: {exc}") from None
+    consistency = env.get("PS_CONSISTENCY") or "async"
+    try:
+        parse_consistency(consistency)
+    except ConfigError as exc:
+        raise ConfigError(f"PS_CONSISTENCY: {exc}") from None
     return WorkerEnv(
         coordinator=coordinator,
+        consistency=consistency,
         rank=_int(env, "PS_RANK"),
         num_workers=_int(env, "PS_NUM_WORKERS"),
         num_servers=_int(env, "PS_NUM_SERVERS"),

@@ -299,6 +299,8 @@ class Server:
             h["id"],
             stats={
                 "rank": self.rank,
+                "pid": os.getpid(),
+                "address": self.address,
                 "tables": stats,
                 "clocks": list(self.clocks.clock),
                 "deferred": len(self.deferred),

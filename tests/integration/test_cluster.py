@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from paramserver.errors import PSError, PSTimeoutError, RemoteError
+from paramserver.errors import NodeLostError, PSError, PSTimeoutError, RemoteError
 
 pytestmark = pytest.mark.timeout(60)
 FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
@@ -118,3 +118,18 @@ def test_barrier_releases_every_worker() -> None:
         assert not fa.done()
         b.barrier("x", timeout=5)
         fa.result(5)
+
+
+def test_requests_to_a_killed_server_fail_fast_with_node_lost() -> None:
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("e", dim=2)
+        emb.pull(np.arange(100))
+        os.kill(client.stats()[1]["pid"], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(NodeLostError, match=r"server\[1\] .* declared dead"):
+            for _ in range(200):  # until the new view arrives; each pull also touches server 1
+                emb.pull(np.arange(100), timeout=20)
+                time.sleep(0.05)
+        assert time.monotonic() - start < FAST.heartbeat_timeout + 3.0
+        assert dict((r, s) for r, _, s in client.view["servers"])[1] == "dead"
