@@ -17,36 +17,47 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from paramserver.config import Timeouts, from_env, normalize_address
+from paramserver.config import Timeouts, from_env, normalize_address, parse_consistency
 from paramserver.errors import ConfigError, PSError
 
 __all__ = ["main"]
 
 
 def _add_timeouts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--heartbeat-interval", type=float, default=None, help="seconds between heartbeats")
-    p.add_argument("--heartbeat-timeout", type=float, default=None,
-                   help="seconds of silence before a node is declared dead")
+    p.add_argument(
+        "--heartbeat-interval", type=float, default=None, help="seconds between heartbeats"
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        help="seconds of silence before a node is declared dead",
+    )
     p.add_argument("--request-timeout", type=float, default=None, help="default timeout of a call")
-    p.add_argument("--connect-timeout", type=float, default=None, help="timeout to join the cluster")
+    p.add_argument(
+        "--connect-timeout", type=float, default=None, help="timeout to join the cluster"
+    )
+
+
+def _pick(flag: float | None, default: float) -> float:
+    return default if flag is None else flag
 
 
 def _timeouts(args: argparse.Namespace) -> Timeouts:
     env = from_env().timeouts
-    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
     return Timeouts(
-        heartbeat_interval=pick(args.heartbeat_interval, env.heartbeat_interval),
-        heartbeat_timeout=pick(args.heartbeat_timeout, env.heartbeat_timeout),
-        request=pick(args.request_timeout, env.request),
-        connect=pick(args.connect_timeout, env.connect),
+        heartbeat_interval=_pick(args.heartbeat_interval, env.heartbeat_interval),
+        heartbeat_timeout=_pick(args.heartbeat_timeout, env.heartbeat_timeout),
+        request=_pick(args.request_timeout, env.request),
+        connect=_pick(args.connect_timeout, env.connect),
     )
 
 
 def _is_loopback(host: str) -> bool:
-    if host in ("localhost",):
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
     except ValueError:
         return False
 
@@ -55,12 +66,17 @@ def _refuse_exposed(host: str, insecure: bool, role: str) -> None:
     if not _is_loopback(host) and not insecure:
         raise ConfigError(
             f"{role}: refusing to bind {host} (beyond loopback) without security; pass --insecure "
-            "to accept unauthenticated traffic on a trusted network")
+            "to accept unauthenticated traffic on a trusted network"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paramserver", description="A parameter server for ML training.")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: PS_LOG_LEVEL or INFO)")
+    p = argparse.ArgumentParser(
+        prog="paramserver", description="A parameter server for ML training."
+    )
+    p.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING (default: PS_LOG_LEVEL or INFO)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("coordinator", help="run the coordinator of a cluster")
@@ -68,12 +84,26 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
     c.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
     c.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
+    c.add_argument(
+        "--restore",
+        default=None,
+        help="resume from this checkpoint (its directory, or a root with LATEST)",
+    )
+    c.add_argument("--checkpoint-dir", default=None, help="write periodic checkpoints here")
+    c.add_argument(
+        "--checkpoint-every", type=float, default=None, help="seconds between periodic checkpoints"
+    )
+    c.add_argument(
+        "--checkpoint-keep", type=int, default=None, help="how many periodic checkpoints to keep"
+    )
     c.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     _add_timeouts(c)
 
     s = sub.add_parser("server", help="run one server of a cluster")
-    s.add_argument("--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)")
+    s.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port to listen on (default: any)")
     s.add_argument("--advertise", default=None, help="host name others reach this server by")
@@ -84,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start a local cluster and run a script once per worker")
     r.add_argument("-s", "--servers", type=int, default=2, help="number of servers (default 2)")
     r.add_argument("-w", "--workers", type=int, default=1, help="number of workers (default 1)")
-    r.add_argument("--consistency", default=None, help="default consistency of tables: sync, ssp:N, async")
+    r.add_argument(
+        "--consistency", default=None, help="default consistency of tables: sync, ssp:N, async"
+    )
     _add_timeouts(r)
     r.add_argument("script", help="the worker program (a Python file)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the worker program")
@@ -104,48 +136,95 @@ def _setup_logging(level: str, role: str) -> None:
     )
 
 
+def _log_level(args: argparse.Namespace) -> str:
+    level = str(args.log_level or from_env().log_level).upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return level
+
+
+def _bind(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--bind must be HOST:PORT with a port in 0..65535, got {value!r}")
+    return host
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "coordinator":
+        from paramserver.launch import serve_coordinator
+
+        _refuse_exposed(_bind(args.bind), args.insecure, "coordinator")
+        serve_coordinator(
+            args.bind,
+            args.servers,
+            args.workers,
+            _timeouts(args),
+            ready_fd=args.ready_fd,
+            parent_pid=args.parent_pid,
+            restore=args.restore,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_keep=args.checkpoint_keep,
+        )
+        return 0
+    if args.command == "server":
+        from paramserver.launch import serve_server
+
+        address = args.coordinator or from_env().coordinator
+        if not address:
+            raise ConfigError("server: pass --coordinator HOST:PORT or set PS_COORDINATOR")
+        _refuse_exposed(args.host, args.insecure, "server")
+        serve_server(
+            normalize_address(address),
+            args.host,
+            args.port,
+            _timeouts(args),
+            parent_pid=args.parent_pid,
+            advertise=args.advertise,
+        )
+        return 0
+    if args.command == "run":
+        from paramserver.launch import run_job
+
+        if args.consistency is not None:
+            parse_consistency(args.consistency)  # refuse a bad value before starting anything
+        return run_job(
+            [args.script, *args.args],
+            servers=args.servers,
+            workers=args.workers,
+            consistency=args.consistency,
+            timeouts=_timeouts(args),
+            log_level=args.log_level or "WARNING",
+        )
+    if args.command == "demo":
+        from paramserver.models.logreg import demo
+
+        return demo(servers=args.servers, workers=args.workers, epochs=args.epochs)
+    raise ConfigError(f"unknown command {args.command!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``paramserver`` command; returns the exit code."""
+    """Entry point of the ``paramserver`` command; returns the exit code.
+
+    Exit codes: 0 success; 1 a system error (an address in use); 2 bad settings or a cluster
+    error; 130 Ctrl-C; ``run`` returns the first failed worker's code.
+
+    Example:
+        main(["coordinator", "--bind", "127.0.0.1:7070", "-s", "2", "-w", "4"])
+    """
     args = _parser().parse_args(argv)
-    level = args.log_level or from_env().log_level
-    _setup_logging(level, args.command)
     try:
-        if args.command == "coordinator":
-            from paramserver.launch import serve_coordinator
-
-            host, _, port = args.bind.rpartition(":")
-            if not port.isdigit():
-                raise ConfigError(f"--bind must be HOST:PORT, got {args.bind!r}")
-            _refuse_exposed(host, args.insecure, "coordinator")
-            serve_coordinator(args.bind, args.servers, args.workers, _timeouts(args),
-                              ready_fd=args.ready_fd, parent_pid=args.parent_pid)
-            return 0
-        if args.command == "server":
-            from paramserver.launch import serve_server
-
-            address = args.coordinator or from_env().coordinator
-            if not address:
-                raise ConfigError("server: pass --coordinator HOST:PORT or set PS_COORDINATOR")
-            _refuse_exposed(args.host, args.insecure, "server")
-            serve_server(normalize_address(address), args.host, args.port, _timeouts(args),
-                         parent_pid=args.parent_pid, advertise=args.advertise)
-            return 0
-        if args.command == "run":
-            from paramserver.launch import run_job
-
-            return run_job([args.script, *args.args], servers=args.servers, workers=args.workers,
-                           consistency=args.consistency, timeouts=_timeouts(args),
-                           log_level=args.log_level or "WARNING")
-        if args.command == "demo":
-            from paramserver.models.logreg import demo
-
-            return demo(servers=args.servers, workers=args.workers, epochs=args.epochs)
+        _setup_logging(_log_level(args), args.command)
+        return _command(args)
     except PSError as exc:
         print(f"paramserver {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"paramserver {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    return 2
 
 
 if __name__ == "__main__":

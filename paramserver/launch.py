@@ -4,6 +4,9 @@ multi-host cluster (``paramserver coordinator|server``).
 Every process started here is stopped when its parent stops: on success, on error and on
 Ctrl-C. Children get ``PR_SET_PDEATHSIG`` (Linux) so that even a parent killed with SIGKILL
 takes them along, and they exit at once if their parent is already gone when they start.
+
+Linux sends that signal when the *thread* that started a child exits, not the process: start a
+:class:`LocalCluster` from the main thread, or from a thread that outlives the cluster.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from paramserver.config import Timeouts
@@ -29,15 +32,29 @@ __all__ = ["LocalCluster", "run_job", "serve_coordinator", "serve_server"]
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[[int, int], int] | None:
+    try:
+        fn: Callable[[int, int], int] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+# Looked up once, in the parent: a child between fork and exec must not dlopen (another
+# thread of the parent may have held the loader's lock at the fork).
+_prctl = _load_prctl() if sys.platform.startswith("linux") else None
+
 
 # ---- the child side ------------------------------------------------------------------------
 
 
 def _die_with_parent() -> None:
     """Ask the kernel to SIGTERM this process when its parent exits (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _guard_parent(parent_pid: int | None) -> None:
@@ -48,26 +65,78 @@ def _guard_parent(parent_pid: int | None) -> None:
         raise SystemExit(1)
 
 
-def _on_signals(stop: Callable[[], None]) -> None:
+class _Stopped(BaseException):
+    """Raised by a role's signal handler to cut short a start-up that blocks or has nothing to
+    clean up yet. A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    swallows it."""
+
+
+def _on_signals(stop: Callable[[], None], interruptible: Callable[[], bool]) -> None:
+    """SIGTERM and SIGINT stop the role: by raising :class:`_Stopped` while ``interruptible()``
+    (starting up), otherwise through ``stop()`` and the loop's next turn."""
+
     def handler(signum: int, frame: Any) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
         stop()
+        if interruptible():
+            raise _Stopped(signum)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
 def serve_coordinator(
-    bind: str, num_servers: int, num_workers: int, timeouts: Timeouts,
-    ready_fd: int | None = None, parent_pid: int | None = None,
+    bind: str,
+    num_servers: int,
+    num_workers: int,
+    timeouts: Timeouts,
+    ready_fd: int | None = None,
+    parent_pid: int | None = None,
+    restore: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: float | None = None,
+    checkpoint_keep: int | None = None,
 ) -> None:
-    """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped."""
-    from paramserver.coordinator import Coordinator
+    """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
+    ``restore``, the cluster resumes from that checkpoint; with ``checkpoint_dir``, it writes a
+    checkpoint there every ``checkpoint_every`` seconds and keeps the last ``checkpoint_keep``.
+
+    SIGTERM or SIGINT stops it cleanly: the function returns.
+
+    Example:
+        serve_coordinator("127.0.0.1:7070", num_servers=2, num_workers=4, timeouts=Timeouts())
+    """
+    from paramserver.coordinator import CheckpointPolicy, Coordinator
 
     _guard_parent(parent_pid)
+    policy = None
+    if checkpoint_dir is not None:
+        given: dict[str, Any] = {"every_seconds": checkpoint_every, "keep": checkpoint_keep}
+        policy = CheckpointPolicy(
+            checkpoint_dir, **{k: v for k, v in given.items() if v is not None}
+        )
     host, _, port = bind.rpartition(":")
-    coord = Coordinator(num_servers, num_workers, host or "127.0.0.1", int(port or 0), timeouts)
-    _on_signals(coord.stop)
+    coord: Coordinator | None = None
+
+    def stop() -> None:
+        if coord is not None:
+            coord.stop()
+
+    # Installed before the sockets exist, so that no signal finds the default handler (which
+    # would end the process with -SIGTERM instead of 0); once built, its loop wakes every 100 ms.
+    _on_signals(stop, lambda: coord is None)
+    try:
+        coord = Coordinator(
+            num_servers,
+            num_workers,
+            host or "127.0.0.1",
+            int(port or 0),
+            timeouts,
+            restore=restore,
+            checkpoints=policy,
+        )
+    except _Stopped:
+        return
     if ready_fd is not None:
         os.write(ready_fd, (coord.address + "\n").encode())
         os.close(ready_fd)
@@ -75,16 +144,37 @@ def serve_coordinator(
 
 
 def serve_server(
-    coordinator: str, host: str, port: int, timeouts: Timeouts, parent_pid: int | None = None,
+    coordinator: str,
+    host: str,
+    port: int,
+    timeouts: Timeouts,
+    parent_pid: int | None = None,
     advertise: str | None = None,
 ) -> None:
-    """Run a server that registers with ``coordinator`` until stopped."""
+    """Run a server that registers with ``coordinator`` until stopped.
+
+    SIGTERM or SIGINT stops it cleanly (the function returns), also while it still waits for
+    the coordinator to answer its registration.
+
+    Example:
+        serve_server("tcp://10.0.0.1:7070", "127.0.0.1", 0, Timeouts())
+    """
     from paramserver.server.loop import Server
 
     _guard_parent(parent_pid)
-    server = Server(coordinator, host, port, timeouts, advertise=advertise)
-    _on_signals(server.stop)
-    server.serve()
+    server: Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.stop()
+
+    # Registration waits up to the connect timeout for the coordinator; a signal must not.
+    _on_signals(stop, lambda: server is None or server.rank < 0)
+    try:
+        server = Server(coordinator, host, port, timeouts, advertise=advertise)
+        server.serve()  # closes its sockets on the way out, whatever ends it
+    except _Stopped:
+        log.info("server stopped before it had registered with %s", coordinator)
 
 
 # ---- the parent side -----------------------------------------------------------------------
@@ -96,16 +186,45 @@ def _timeout_flags(t: Timeouts) -> list[str]:
         "--heartbeat-timeout", repr(t.heartbeat_timeout),
         "--request-timeout", repr(t.request),
         "--connect-timeout", repr(t.connect),
-    ]
+    ]  # fmt: skip
+
+
+# One lock for every line written on behalf of children, so lines never interleave mid-line.
+_output_lock = threading.Lock()
+
+
+def _say(out: IO[str], line: str) -> None:
+    """Write one line of the launcher's own to ``out`` (never raises: output is best effort)."""
+    with contextlib.suppress(OSError, ValueError), _output_lock:
+        out.write(line + "\n")
+        out.flush()
 
 
 def _pump(stream: IO[bytes], prefix: str, out: IO[str]) -> None:
-    """Copy lines from a child's pipe to ``out``, each prefixed with its role and rank."""
+    """Copy lines from a child's pipe to ``out``, each prefixed with its role and rank.
+
+    If ``out`` breaks (a closed pipe: ``paramserver run ... | head``) the lines are still read
+    and dropped, so that the child never blocks on a full pipe.
+    """
+    broken = False
     for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").rstrip("\n")
-        out.write(f"{prefix} {line}\n")
-        out.flush()
+        if broken:
+            continue
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        try:
+            with _output_lock:
+                out.write(f"{prefix} {line}\n")
+                out.flush()
+        except (OSError, ValueError):
+            broken = True
     stream.close()
+
+
+def _wait_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.0, deadline - time.monotonic()))
 
 
 class _Children:
@@ -115,44 +234,69 @@ class _Children:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.pumps: list[threading.Thread] = []
 
-    def start(self, name: str, cmd: Sequence[str], *, env: dict[str, str] | None = None,
-              prefix_output: IO[str] | None = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        prefix_output: IO[str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> subprocess.Popen[bytes]:
         piped = prefix_output is not None
+        parent = os.getpid()
+
+        def in_child() -> None:  # between fork and exec: no imports, no locks
+            _die_with_parent()
+            if os.getppid() != parent:  # the launcher died before prctl took effect
+                os._exit(1)
+
         proc = subprocess.Popen(
-            list(cmd), env=env, pass_fds=tuple(pass_fds),
+            list(cmd),
+            env=env,
+            pass_fds=tuple(pass_fds),
             stdout=subprocess.PIPE if piped else None,
             stderr=subprocess.STDOUT if piped else None,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            preexec_fn=in_child if _prctl is not None else None,
         )
         self.procs.append((name, proc))
         if piped:
             assert proc.stdout is not None and prefix_output is not None
-            t = threading.Thread(target=_pump, args=(proc.stdout, f"[{name}]", prefix_output),
-                                 daemon=True)
+            t = threading.Thread(
+                target=_pump, args=(proc.stdout, f"[{name}]", prefix_output), daemon=True
+            )
             t.start()
             self.pumps.append(t)
         return proc
 
-    def stop(self, grace: float = 2.0) -> None:
-        """Wait up to ``grace`` seconds for every child, then SIGTERM, then SIGKILL."""
-        deadline = time.monotonic() + grace
-        for _, p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.0, deadline - time.monotonic()))
-        alive = [p for _, p in self.procs if p.poll() is None]
-        for p in alive:
+    def alive(self) -> list[subprocess.Popen[bytes]]:
+        return [p for _, p in self.procs if p.poll() is None]
+
+    def signal(self, signum: int) -> None:
+        for p in self.alive():
             with contextlib.suppress(ProcessLookupError):
-                p.terminate()
-        for p in alive:
-            try:
-                p.wait(1.0)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                p.wait(5.0)
+                p.send_signal(signum)
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Wait up to ``grace`` seconds for every child to exit by itself, then SIGTERM the
+        rest and wait up to 2 s, then SIGKILL. Returns within about ``grace`` + 8 s."""
+        _wait_all(self.alive(), grace)
+        alive = self.alive()
+        if alive:
+            self.signal(signal.SIGTERM)
+            _wait_all(alive, 2.0)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL every child still alive and reap them (bounded waits)."""
+        alive = self.alive()
+        if alive:
+            self.signal(signal.SIGKILL)
+            _wait_all(alive, 5.0)
+        deadline = time.monotonic() + 1.0
         for t in self.pumps:
-            t.join(timeout=1.0)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _read_line(fd: int, timeout: float, what: str) -> str:
@@ -174,7 +318,9 @@ def _read_line(fd: int, timeout: float, what: str) -> str:
 class LocalCluster:
     """A coordinator and servers as local processes on loopback.
 
-    Stops every process it started on exit, also when the body raises.
+    Stops every process it started on exit, also when the body raises. ``restore`` resumes
+    from a checkpoint; ``checkpoint_dir`` (with ``checkpoint_every`` seconds and
+    ``checkpoint_keep``) makes the coordinator write checkpoints periodically.
 
     Example:
         with ps.LocalCluster(servers=2, workers=1) as cluster:
@@ -193,6 +339,10 @@ class LocalCluster:
         log_level: str = "WARNING",
         start_timeout: float = 60.0,
         output: IO[str] | None = None,
+        restore: str | os.PathLike[str] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: float | None = None,
+        checkpoint_keep: int | None = None,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -206,14 +356,35 @@ class LocalCluster:
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.output = output
+        self.restore = None if restore is None else os.path.abspath(restore)
+        if self.restore is not None:
+            from paramserver.server.checkpoint import find_checkpoint
+
+            find_checkpoint(self.restore)  # a missing checkpoint is an error here, not in a child
+        self._checkpoint_flags: list[str] = []
+        if checkpoint_dir is not None:
+            self._checkpoint_flags += ["--checkpoint-dir", os.path.abspath(checkpoint_dir)]
+        if checkpoint_every is not None:
+            self._checkpoint_flags += ["--checkpoint-every", repr(float(checkpoint_every))]
+        if checkpoint_keep is not None:
+            self._checkpoint_flags += ["--checkpoint-keep", str(int(checkpoint_keep))]
         self.address = ""
         self._children = _Children()
         self._clients: list[Any] = []
         self._started = False
 
     def _role_cmd(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "paramserver.cli", "--log-level", self.log_level, *args,
-                *_timeout_flags(self.timeouts), "--parent-pid", str(os.getpid())]
+        return [
+            sys.executable,
+            "-m",
+            "paramserver.cli",
+            "--log-level",
+            self.log_level,
+            *args,
+            *_timeout_flags(self.timeouts),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
 
     def start(self) -> LocalCluster:
         """Start the coordinator and servers and wait until every server has registered."""
@@ -225,20 +396,39 @@ class LocalCluster:
             try:
                 coord = self._children.start(
                     "coordinator",
-                    self._role_cmd("coordinator", "--bind", f"{self.host}:{self.port}",
-                                   "-s", str(self.num_servers), "-w", str(self.num_workers),
-                                   "--ready-fd", str(write_fd)),
-                    pass_fds=[write_fd], prefix_output=self.output)
+                    self._role_cmd(
+                        "coordinator",
+                        "--bind",
+                        f"{self.host}:{self.port}",
+                        "-s",
+                        str(self.num_servers),
+                        "-w",
+                        str(self.num_workers),
+                        "--ready-fd",
+                        str(write_fd),
+                        *(["--restore", self.restore] if self.restore is not None else []),
+                        *self._checkpoint_flags,
+                    ),
+                    pass_fds=[write_fd],
+                    prefix_output=self.output,
+                )
+                # Only the child may hold the write end, or a coordinator that dies at start-up
+                # would never show as end-of-file here.
                 os.close(write_fd)
-                self.address = _read_line(read_fd, self.start_timeout,
-                                          f"starting the coordinator (pid {coord.pid})")
+                write_fd = -1
+                self.address = _read_line(
+                    read_fd, self.start_timeout, f"starting the coordinator (pid {coord.pid})"
+                )
             finally:
                 os.close(read_fd)
+                if write_fd >= 0:
+                    os.close(write_fd)
             for r in range(self.num_servers):
                 self._children.start(
                     f"server {r}",
                     self._role_cmd("server", "--coordinator", self.address, "--host", self.host),
-                    prefix_output=self.output)
+                    prefix_output=self.output,
+                )
             self._wait_servers()
         except BaseException:
             self.close()
@@ -254,10 +444,15 @@ class LocalCluster:
             while True:
                 for name, p in self._children.procs:
                     if p.poll() is not None:
-                        raise PSError(f"{name} exited with code {p.returncode} while the cluster "
-                                      "was starting (its log is above)")
-                view = ep.request("coordinator", {"kind": "get_view"},
-                                  what=f"view from the coordinator at {self.address}").result(5.0)["view"]
+                        raise PSError(
+                            f"{name} exited with code {p.returncode} while the cluster "
+                            "was starting (its log is above)"
+                        )
+                view = ep.request(
+                    "coordinator",
+                    {"kind": "get_view"},
+                    what=f"view from the coordinator at {self.address}",
+                ).result(5.0)["view"]
                 pending = [r for r, _, state in view["servers"] if state != "alive"]
                 if not pending:
                     return
@@ -265,7 +460,8 @@ class LocalCluster:
                     raise PSTimeoutError(
                         f"starting the local cluster: after {self.start_timeout:.3g}s the coordinator "
                         f"at {self.address} still waits for "
-                        + ", ".join(f"server[{r}]" for r in pending))
+                        + ", ".join(f"server[{r}]" for r in pending)
+                    )
                 time.sleep(0.01)
         finally:
             ep.close()
@@ -291,29 +487,108 @@ class LocalCluster:
         return {name: p.pid for name, p in self._children.procs}
 
     def close(self) -> None:
-        """Stop every process this cluster started (and close the clients it handed out)."""
+        """Stop every process this cluster started (and close the clients it handed out).
+
+        Asks the coordinator to shut the cluster down, waits up to 2 s for the processes to
+        exit, then SIGTERMs and finally SIGKILLs what is left. Safe to call more than once.
+        """
         for c in self._clients:
             with contextlib.suppress(Exception):
                 c.close()
         self._clients.clear()
-        if self.address:
+        coordinator = next((p for name, p in self._children.procs if name == "coordinator"), None)
+        asked = False
+        if self.address and coordinator is not None and coordinator.poll() is None:
             ctx = new_context()
             ep = Endpoint(ctx, request_timeout=1.0)
             try:
                 ep.connect("coordinator", self.address)
                 ep.request("coordinator", {"kind": "shutdown"}, what="shutdown").result(1.0)
+                asked = True
             except PSError:
-                pass
+                pass  # not answering: the signals below stop it
             finally:
                 ep.close()
                 ctx.term()
-        self._children.stop(grace=2.0)
+        # Without a coordinator to tell them, the servers would wait out the grace for nothing:
+        # SIGTERM (which they handle cleanly) at once.
+        self._children.stop(grace=2.0 if asked else 0.0)
+
+    def kill(self) -> None:
+        """SIGKILL every process this cluster started (no shutdown request, no grace)."""
+        self._children.kill()
 
     def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP turned into an interrupt, so that ``run_job`` cleans up as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt(signums: Sequence[int]) -> Iterator[None]:
+    """Within the block, ``signums`` raise :class:`_Interrupted` (main thread only: elsewhere
+    Python cannot install handlers, and the caller's own handling applies)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    # A signal ignored on purpose stays ignored (``nohup paramserver run ...``: no SIGHUP).
+    previous = {
+        s: signal.signal(s, handler) for s in signums if signal.getsignal(s) != signal.SIG_IGN
+    }
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _exit_code(rc: int) -> int:
+    """A child's return code as a shell reports it: -N (killed by signal N) becomes 128 + N."""
+    return rc if rc >= 0 else 128 - rc
+
+
+def _how(rc: int) -> str:
+    if rc >= 0:
+        return f"exit code {rc}"
+    try:
+        return f"signal {signal.Signals(-rc).name}"
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def _watch(workers: _Children, cluster: _Children, out: IO[str]) -> int:
+    """Wait for every worker; at the first failure return its exit code at once."""
+    pending = dict(workers.procs)
+    reported: set[str] = set()
+    while pending:
+        for name, p in list(pending.items()):
+            rc = p.poll()
+            if rc is None:
+                continue
+            del pending[name]
+            if rc != 0:
+                _say(out, f"[paramserver] {name} failed with {_how(rc)}; stopping the job")
+                return _exit_code(rc)
+        for name, p in cluster.procs:
+            # The workers see a lost node by themselves (and may survive it); say why it left.
+            if name not in reported and p.poll() is not None:
+                reported.add(name)
+                _say(out, f"[paramserver] {name} exited with {_how(p.returncode)}")
+        time.sleep(0.05)
+    return 0
 
 
 def run_job(
@@ -329,51 +604,64 @@ def run_job(
 ) -> int:
     """``paramserver run``: a cluster plus one process per worker running ``script``.
 
-    Returns 0 if every worker exited 0, else the first non-zero exit code; every process it
-    started is stopped before it returns, also on Ctrl-C.
+    Returns 0 if every worker exited 0, else the first failed worker's exit code (128 + N for
+    a worker killed by signal N); 130 on Ctrl-C, 128 + N on SIGTERM or SIGHUP. Every process
+    it started is stopped before it returns: the other workers at once when one fails, and
+    within about a second (then SIGTERM) when interrupted.
+
+    Example:
+        code = run_job(["train.py", "--epochs", "2"], servers=2, workers=4)
     """
+    if not script:
+        raise ConfigError("no worker program given")
+    if not os.path.isfile(script[0]):
+        raise ConfigError(f"worker program {script[0]!r} is not a file")
     out = out or sys.stdout
     timeouts = timeouts or Timeouts()
-    cluster = LocalCluster(servers, workers, host=host, timeouts=timeouts, log_level=log_level,
-                           output=out)
+    cluster = LocalCluster(
+        servers, workers, host=host, timeouts=timeouts, log_level=log_level, output=out
+    )
     workers_ = _Children()
-    interrupted = False
     code = 0
-    try:
-        cluster.start()
-        env = dict(os.environ)
-        env.update({
-            "PS_COORDINATOR": cluster.address,
-            "PS_NUM_WORKERS": str(workers),
-            "PS_NUM_SERVERS": str(servers),
-            "PS_HEARTBEAT_INTERVAL": repr(timeouts.heartbeat_interval),
-            "PS_HEARTBEAT_TIMEOUT": repr(timeouts.heartbeat_timeout),
-            "PS_REQUEST_TIMEOUT": repr(timeouts.request),
-            "PS_CONNECT_TIMEOUT": repr(timeouts.connect),
-            "PYTHONUNBUFFERED": "1",
-        })
-        if consistency:
-            env["PS_CONSISTENCY"] = consistency
-        for r in range(workers):
-            workers_.start(f"worker {r}", [sys.executable, *script],
-                           env={**env, "PS_RANK": str(r)}, prefix_output=out)
-        pending = dict(workers_.procs)
-        while pending:
-            for name, p in list(pending.items()):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                del pending[name]
-                if rc != 0 and code == 0:
-                    code = rc if rc > 0 else 128 - rc
-                    out.write(f"[paramserver] {name} failed with exit code {rc}; stopping the job\n")
-                    out.flush()
-                    pending.clear()
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        interrupted = True
-        code = 130
-    finally:
-        workers_.stop(grace=0.0 if (code or interrupted) else 5.0)
-        cluster.close()
+    interrupted = False
+    with _signals_interrupt([signal.SIGTERM, signal.SIGHUP]):
+        try:
+            try:
+                cluster.start()
+                env = dict(os.environ)
+                env.update({
+                    "PS_COORDINATOR": cluster.address,
+                    "PS_NUM_WORKERS": str(workers),
+                    "PS_NUM_SERVERS": str(servers),
+                    "PS_HEARTBEAT_INTERVAL": repr(timeouts.heartbeat_interval),
+                    "PS_HEARTBEAT_TIMEOUT": repr(timeouts.heartbeat_timeout),
+                    "PS_REQUEST_TIMEOUT": repr(timeouts.request),
+                    "PS_CONNECT_TIMEOUT": repr(timeouts.connect),
+                    "PYTHONUNBUFFERED": "1",
+                })  # fmt: skip
+                if consistency:
+                    env["PS_CONSISTENCY"] = consistency
+                for r in range(workers):
+                    workers_.start(
+                        f"worker {r}",
+                        [sys.executable, *script],
+                        env={**env, "PS_RANK": str(r)},
+                        prefix_output=out,
+                    )
+                code = _watch(workers_, cluster._children, out)
+            except KeyboardInterrupt as exc:
+                interrupted = True
+                signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
+                code = 128 + signum
+                _say(out, f"[paramserver] {signal.Signals(signum).name}: stopping the job")
+            finally:
+                # After Ctrl-C the workers may have had it too (a terminal signals the whole
+                # group): a moment to finish on their own, then SIGTERM. After a failure the
+                # others are likely blocked on the failed one: SIGTERM at once.
+                workers_.stop(grace=1.0 if interrupted else 0.0)
+                cluster.close()
+        except KeyboardInterrupt:  # interrupted again while cleaning up: no more grace
+            workers_.kill()
+            cluster.kill()
+            code = code or 130
     return code

@@ -1,0 +1,517 @@
+"""End-to-end tests of the launcher, as a user runs it: ``paramserver run``, the multi-host roles
+``paramserver coordinator`` / ``paramserver server``, ``LocalCluster`` and ``paramserver demo``.
+
+Every test checks that no process it started is left, including processes that were reparented
+away from the test (a launcher that died leaves its children to init, where the conftest's
+check of this process's descendants cannot see them): a background sampler remembers every
+descendant it ever saw, with its start time so that a reused pid is not mistaken for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+import paramserver as ps
+
+PROGRAMS = Path(__file__).parent / "programs"
+FAST = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2"]
+FAST_TIMEOUTS = ps.Timeouts(
+    heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0
+)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _paramserver() -> list[str]:
+    """The ``paramserver`` command of this environment, as a user would type it."""
+    script = Path(sys.executable).with_name("paramserver")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "paramserver"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This process's environment without PS_* variables (they would leak into the children)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of ``pid`` from /proc, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """Live (non-zombie) descendants of ``root``: pid -> start time."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None and st[0] != "Z":
+                children.setdefault(st[1], []).append((int(entry), st[2]))
+    found: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, start in children.get(pid, []):
+            if child not in found:
+                found[child] = start
+                frontier.append(child)
+    return found
+
+
+def _alive(procs: dict[int, int]) -> list[int]:
+    alive = []
+    for pid, start in procs.items():
+        st = _stat(pid)
+        if st is not None and st[0] != "Z" and st[2] == start:
+            alive.append(pid)
+    return alive
+
+
+def _pids_from_files(folder: Path) -> dict[int, int]:
+    """The pids the worker programs wrote into ``folder`` (with their start times)."""
+    found = {}
+    for f in folder.glob("worker-*.pid"):
+        pid = int(f.read_text())
+        st = _stat(pid)
+        found[pid] = st[2] if st is not None else -1
+    return found
+
+
+class _Watch:
+    """Samples this process's descendants in the background and remembers every one it saw."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+        self.before = _descendants(os.getpid())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.sample()
+
+    def sample(self) -> None:
+        for pid, start in _descendants(os.getpid()).items():
+            if self.before.get(pid) != start:
+                self.seen[pid] = start
+
+    def assert_gone(self, extra: dict[int, int] | None = None, timeout: float = 5.0) -> None:
+        """Fail (after killing them) if any process seen, or in ``extra``, outlives ``timeout``."""
+        self._stop.set()
+        self._thread.join(5.0)
+        self.sample()
+        procs = {**self.seen, **(extra or {})}
+        deadline = time.monotonic() + timeout
+        left = _alive(procs)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = _alive(procs)
+        cmds = {}
+        for pid in left:
+            try:
+                cmds[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                os.kill(pid, signal.SIGKILL)  # one leak must not poison the rest of the run
+            except OSError:
+                pass
+        assert not left, f"processes left behind: {cmds}"
+
+
+@contextmanager
+def _watch() -> Iterator[_Watch]:
+    w = _Watch()
+    w._thread.start()
+    try:
+        yield w
+    finally:
+        w._stop.set()
+
+
+class _Lines:
+    """Reads a child's output in a thread, so that waiting for a line has a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pred: Callable[[list[str]], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred(self.lines):
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"timed out after {timeout}s; output so far:\n" + "\n".join(self.lines)
+                ) from None
+            if line is None:
+                raise AssertionError("output ended early:\n" + "\n".join(self.lines))
+            self.lines.append(line)
+
+    def rest(self, timeout: float) -> list[str]:
+        """Every line until the end of the output (the child's pipe closed)."""
+        self._thread.join(timeout)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.lines.append(line)
+        return self.lines
+
+
+def _wait(proc: subprocess.Popen[str], timeout: float) -> int:
+    """Exit code of ``proc`` within ``timeout`` seconds, or fail (after killing it)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5.0)
+        raise AssertionError(f"{proc.args} did not exit within {timeout}s") from None
+
+
+# ---- paramserver run ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_run_starts_cluster_and_prefixes_worker_output() -> None:
+    with _watch() as watch:
+        done = subprocess.run(
+            [*_paramserver(), "run", "-s", "2", "-w", "3", "--consistency", "sync", *FAST,
+             str(PROGRAMS / "basic.py")],
+            env=_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        watch.assert_gone()
+    out = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in out:
+        assert re.match(r"\[(worker \d|server \d|coordinator|paramserver)\] ", line), line
+    for r in range(3):
+        mine = [line.split(" ", 2)[2] for line in out if line.startswith(f"[worker {r}] ")]
+        assert f"rank {r} of 3 consistency sync" in mine, out
+        env_line = next(line for line in mine if line.startswith("env "))
+        assert f"PS_RANK={r} PS_NUM_WORKERS=3 PS_COORDINATOR=tcp://127.0.0.1:" in env_line
+        # sync: the 3 workers' pushes of the clock are summed and divided by 3, and the pull
+        # after the barrier waits for them; keys 1 and 2 had 3 pushes of 1.0, key 100 + r one
+        assert "rows [-1.0, -1.0, -0.3333]" in mine, mine
+        assert mine[-2:] == ["two lines", "on stderr"]  # stderr too, line by line
+    coordinators = {line.split("PS_COORDINATOR=")[1] for line in out if "PS_COORDINATOR=" in line}
+    assert len(coordinators) == 1
+
+
+@pytest.mark.timeout(60)
+def test_run_stops_everything_when_one_worker_fails(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with _watch() as watch:
+        done = subprocess.run(
+            [*_paramserver(), "run", "-s", "2", "-w", "3", *FAST,
+             str(PROGRAMS / "fail_one.py"), str(tmp_path)],
+            env=_env(), capture_output=True, text=True, timeout=40,
+        )  # fmt: skip
+        watch.assert_gone(_pids_from_files(tmp_path))
+    elapsed = time.monotonic() - start
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "[worker 1] rank 1 fails now" in done.stdout
+    assert "[worker 0] waiting at the barrier" in done.stdout
+    assert "[worker 2] waiting at the barrier" in done.stdout
+    assert "[paramserver] worker 1 failed with exit code 3; stopping the job" in done.stdout
+    assert len(list(tmp_path.glob("worker-*.pid"))) == 3
+    # the others were blocked at a barrier with an hour's timeout: they were stopped, not awaited
+    assert elapsed < 40
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("target", "signum", "code"),
+    [
+        ("launcher", signal.SIGINT, 130),
+        ("group", signal.SIGINT, 130),  # Ctrl-C in a terminal signals the whole group
+        ("launcher", signal.SIGTERM, 143),
+    ],
+)
+def test_run_interrupted_stops_everything(
+    tmp_path: Path, target: str, signum: signal.Signals, code: int
+) -> None:
+    with _watch() as watch:
+        proc = subprocess.Popen(
+            [*_paramserver(), "run", "-s", "2", "-w", "3", *FAST,
+             str(PROGRAMS / "sleeper.py"), str(tmp_path)],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its own group, so that killpg does not hit pytest
+        )  # fmt: skip
+        try:
+            lines = _Lines(proc.stdout)  # type: ignore[arg-type]
+            lines.wait_for(lambda ls: sum(line.endswith("] ready") for line in ls) == 3, 40)
+            if target == "group":
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+            rc = _wait(proc, 20)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        watch.assert_gone(_pids_from_files(tmp_path))
+    out = lines.rest(5.0)
+    assert rc == code, "\n".join(out)
+    assert f"[paramserver] {signum.name}: stopping the job" in out
+
+
+@pytest.mark.timeout(60)
+def test_run_killed_takes_its_children_along(tmp_path: Path) -> None:
+    """SIGKILL leaves the launcher no chance to clean up: PR_SET_PDEATHSIG must."""
+    with _watch() as watch:
+        proc = subprocess.Popen(
+            [*_paramserver(), "run", "-s", "2", "-w", "2", *FAST,
+             str(PROGRAMS / "sleeper.py"), str(tmp_path)],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            lines = _Lines(proc.stdout)  # type: ignore[arg-type]
+            lines.wait_for(lambda ls: sum(line.endswith("] ready") for line in ls) == 2, 40)
+            watch.sample()
+            proc.kill()
+            assert _wait(proc, 10) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        watch.assert_gone(_pids_from_files(tmp_path))
+
+
+# ---- many hosts: every role its own command -------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_roles_as_separate_commands_train_and_stop_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("coord", "s0", "s1")}  # noqa: SIM115
+
+    def log_of(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text()
+
+    def role(name: str, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*_paramserver(), *args, *FAST], env=_env(), stdout=logs[name],
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    procs: list[subprocess.Popen[str]] = []
+    with _watch() as watch:
+        try:
+            coord = role("coord", "coordinator", "--bind", address, "-s", "2", "-w", "2")
+            procs.append(coord)
+            servers = [role(f"s{i}", "server", "--coordinator", address) for i in range(2)]
+            procs += servers
+            env = _env(
+                PS_COORDINATOR=address, PS_HEARTBEAT_INTERVAL="0.2", PS_HEARTBEAT_TIMEOUT="2"
+            )
+            workers = [_worker(PROGRAMS / "logreg_worker.py", env) for _ in range(2)]
+            procs += workers
+            outputs = [w.communicate(timeout=60)[0] for w in workers]
+            results = []
+            for w, out in zip(workers, outputs, strict=True):
+                assert w.returncode == 0, out
+                line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+                results.append(json.loads(line.removeprefix("RESULT ")))
+            assert sorted(r["rank"] for r in results) == [
+                0,
+                1,
+            ]  # ranks given out by the coordinator
+            for r in results:
+                losses = [h["train_loss"] for h in r["history"]]
+                assert losses[-1] < losses[0], losses
+                assert r["history"][-1]["test_auc"] > 0.6, r["history"]
+
+            for name, p in (("s0", servers[0]), ("s1", servers[1]), ("coord", coord)):
+                p.send_signal(signal.SIGTERM)
+                assert _wait(p, 10) == 0, log_of(name)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(5)
+            for f in logs.values():
+                f.close()
+        watch.assert_gone()
+    assert "signal SIGTERM: stopping" in log_of("coord")
+
+
+def _worker(program: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A worker as any launcher starts one: a plain process that finds the cluster by PS_*."""
+    return subprocess.Popen(
+        [sys.executable, str(program)], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_server_stops_on_sigterm_while_waiting_for_the_coordinator(tmp_path: Path) -> None:
+    """Registration waits up to the connect timeout (30 s here); SIGTERM must not."""
+    with _watch() as watch:
+        proc = subprocess.Popen(
+            [*_paramserver(), "--log-level", "INFO", "server", "--coordinator",
+             f"127.0.0.1:{_free_port()}", "--connect-timeout", "30", *FAST],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            lines = _Lines(proc.stdout)  # type: ignore[arg-type]
+            # its sockets exist once it waits for the coordinator's answer
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not _registering(proc.pid):
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rc = _wait(proc, 10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        watch.assert_gone()
+    out = lines.rest(5.0)
+    assert rc == 0, "\n".join(out)
+    assert any("stopped before it had registered" in line for line in out), out
+
+
+def _registering(pid: int) -> bool:
+    """Whether the server ``pid`` has opened its sockets (so it waits in its registration)."""
+    try:
+        return any(
+            os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            for fd in os.listdir(f"/proc/{pid}/fd")
+        )
+    except OSError:
+        return False
+
+
+# ---- refusals and errors --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_coordinator_refuses_to_bind_beyond_loopback_without_insecure() -> None:
+    with _watch() as watch:
+        done = subprocess.run(
+            [*_paramserver(), "coordinator", "--bind", "0.0.0.0:0", "-s", "1", "-w", "1"],
+            env=_env(), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        watch.assert_gone()
+    assert done.returncode != 0
+    assert "refusing to bind 0.0.0.0" in done.stderr, done.stderr
+    assert "--insecure" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_cli_errors_are_one_clear_line() -> None:
+    with _watch() as watch:
+        bad_level = subprocess.run(
+            [*_paramserver(), "coordinator", "-s", "1", "-w", "1"],
+            env=_env(PS_HEARTBEAT_INTERVAL="soon"), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        missing = subprocess.run(
+            [*_paramserver(), "run", "-s", "1", "-w", "1", "no/such/program.py"],
+            env=_env(), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        watch.assert_gone()
+    assert bad_level.returncode == 2
+    assert "PS_HEARTBEAT_INTERVAL" in bad_level.stderr and "Traceback" not in bad_level.stderr
+    assert missing.returncode == 2
+    assert "no/such/program.py" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.timeout(60)
+def test_connect_where_nothing_listens_times_out_naming_the_address() -> None:
+    address = f"127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ps.errors.PSTimeoutError) as caught:
+        ps.connect(address, timeouts=ps.Timeouts(connect=2.0))
+    elapsed = time.monotonic() - start
+    assert address in str(caught.value)
+    # the connect timeout, plus the 1 s probe the client makes to explain the failure, plus slack
+    assert elapsed < 2.0 + 1.0 + 5.0
+
+
+# ---- LocalCluster ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_local_cluster_stops_its_processes_when_the_body_raises() -> None:
+    with _watch() as watch:
+        with pytest.raises(RuntimeError, match="body failed"):  # noqa: SIM117
+            with ps.LocalCluster(servers=2, workers=1, timeouts=FAST_TIMEOUTS) as cluster:
+                pids = dict(cluster.pids)
+                assert set(pids) == {"coordinator", "server 0", "server 1"}
+                assert cluster.address.startswith("tcp://127.0.0.1:")
+                client = cluster.connect()
+                client.sparse_table("emb", dim=2)
+                raise RuntimeError("body failed")
+        watch.assert_gone({pid: _stat(pid)[2] for pid in pids.values() if _stat(pid)})  # type: ignore[index]
+    for pid in pids.values():
+        st = _stat(pid)
+        assert st is None or st[0] == "Z", f"pid {pid} still alive"
+
+
+@pytest.mark.timeout(60)
+def test_local_cluster_closes_after_its_coordinator_was_killed() -> None:
+    with _watch() as watch:
+        with ps.LocalCluster(servers=2, workers=1, timeouts=FAST_TIMEOUTS) as cluster:
+            os.kill(cluster.pids["coordinator"], signal.SIGKILL)
+        watch.assert_gone()
+    for pid in cluster.pids.values():
+        st = _stat(pid)
+        assert st is None or st[0] == "Z", f"pid {pid} still alive"
+
+
+# ---- the demo -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_demo_trains_with_decreasing_loss() -> None:
+    with _watch() as watch:
+        done = subprocess.run(
+            [*_paramserver(), "demo", "--epochs", "2"],
+            env=_env(), capture_output=True, text=True, timeout=80,
+        )  # fmt: skip
+        watch.assert_gone()
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(
+        line for line in done.stdout.splitlines() if line.startswith("train loss by epoch:")
+    )
+    losses = [float(v) for v in line.split(":", 1)[1].split("->")]
+    assert len(losses) == 2 and losses[1] < losses[0], line
