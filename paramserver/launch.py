@@ -106,13 +106,18 @@ def serve_coordinator(
     Example:
         serve_coordinator("127.0.0.1:7070", num_servers=2, num_workers=4, timeouts=Timeouts())
     """
-    from paramserver.coordinator import CheckpointPolicy, Coordinator
+    from paramserver.coordinator import Coordinator
 
     _guard_parent(parent_pid)
-    policy = None
+    # Only what was asked for is passed on, so that a plain coordinator needs no checkpointing.
+    extra: dict[str, Any] = {}
+    if restore is not None:
+        extra["restore"] = restore
     if checkpoint_dir is not None:
+        from paramserver.coordinator import CheckpointPolicy
+
         given: dict[str, Any] = {"every_seconds": checkpoint_every, "keep": checkpoint_keep}
-        policy = CheckpointPolicy(
+        extra["checkpoints"] = CheckpointPolicy(
             checkpoint_dir, **{k: v for k, v in given.items() if v is not None}
         )
     host, _, port = bind.rpartition(":")
@@ -132,8 +137,7 @@ def serve_coordinator(
             host or "127.0.0.1",
             int(port or 0),
             timeouts,
-            restore=restore,
-            checkpoints=policy,
+            **extra,
         )
     except _Stopped:
         return
