@@ -24,7 +24,7 @@ from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
 from paramserver.partition import HashRing, split_by_owner
 from paramserver.spec import TableSpec
-from paramserver.transport import Endpoint, Future, Heartbeat, gather, new_context
+from paramserver.transport import Endpoint, Future, Heartbeat, Security, gather, new_context
 
 __all__ = ["Client", "DenseTable", "SparseTable", "connect"]
 
@@ -36,11 +36,13 @@ def connect(
     *,
     rank: int | None = None,
     timeouts: Timeouts | None = None,
+    token: str | None = None,
 ) -> Client:
     """Join a cluster as a worker.
 
     With no address, the coordinator comes from ``PS_COORDINATOR`` (and the rank from
-    ``PS_RANK``), as set by ``paramserver run`` or any other launcher.
+    ``PS_RANK``), as set by ``paramserver run`` or any other launcher. The cluster token comes
+    from ``token`` or ``PS_TOKEN`` / ``PS_TOKEN_FILE``.
 
     Example:
         client = ps.connect("127.0.0.1:7000")
@@ -55,6 +57,7 @@ def connect(
         normalize_address(address),
         rank=env.rank if rank is None else rank,
         timeouts=timeouts or env.timeouts,
+        token=token or env.token,
     )
 
 
@@ -73,12 +76,20 @@ class Client:
     """
 
     def __init__(
-        self, coordinator: str, *, rank: int | None = None, timeouts: Timeouts | None = None
+        self,
+        coordinator: str,
+        *,
+        rank: int | None = None,
+        timeouts: Timeouts | None = None,
+        token: str | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.timeouts = timeouts or Timeouts()
+        self._security = Security.from_token(token) if token is not None else None
         self._ctx = new_context()
-        self._ep = Endpoint(self._ctx, self.timeouts.request, on_message=self._on_message)
+        self._ep = Endpoint(
+            self._ctx, self.timeouts.request, on_message=self._on_message, security=self._security
+        )
         self._ep.connect("coordinator", coordinator)
         self._clock = 0
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
@@ -112,14 +123,18 @@ class Client:
             },
             what=what,
         )
+        # Asked at once and answered at once by a live coordinator, so that a registration that
+        # times out can say why without waiting any longer.
+        probe = self._ep.request("coordinator", {"kind": "get_view"}, what="get_view")
         try:
             reply = fut.result(self.timeouts.connect)
         except PSTimeoutError:
-            raise PSTimeoutError(self._why_no_registration(what)) from None
+            raise PSTimeoutError(self._why_no_registration(what, probe)) from None
         view = reply["view"]
         self.rank: int = int(reply["rank"])
         self.num_workers: int = int(view["num_workers"])
         self.num_servers: int = int(view["num_servers"])
+        self._clock = int(view.get("start_clock") or 0)
         self._apply_view(view)
         self.ring = HashRing.build(list(range(self.num_servers)))
         self._heartbeat = Heartbeat(
@@ -129,20 +144,19 @@ class Client:
             self.rank,
             int(view["token"]),
             self.timeouts.heartbeat_interval,
+            security=self._security,
         )
         self._token = int(view["token"])
         self._heartbeat.start()
         log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
 
-    def _why_no_registration(self, what: str) -> str:
-        probe = self._ep.request("coordinator", {"kind": "get_view"}, what="get_view")
-        try:
-            view = probe.result(1.0)["view"]
-        except PSTimeoutError:
+    def _why_no_registration(self, what: str, probe: Future[dict[str, Any]]) -> str:
+        if not probe.done() or probe.exception(0) is not None:
             return (
                 f"{what}: no answer after {self.timeouts.connect:.3g}s; nothing answers at "
-                f"{self.coordinator}"
+                f"{self.coordinator} (or it uses another cluster token)"
             )
+        view = probe.result(0)["view"]
         missing = [r for r, _, state in view["servers"] if state == "pending"]
         if missing:
             return (
@@ -320,6 +334,27 @@ class Client:
             what=f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})",
         )
         fut.result(limit + 2.0)
+
+    def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> str:
+        """Write a consistent checkpoint of every table at this worker's clock boundary.
+
+        Every server snapshots its shards when all live workers have reached this worker's
+        clock (for ``sync`` tables: exactly the updates of earlier clocks), then the coordinator
+        writes the manifest and makes the checkpoint visible by one rename. ``path`` must be on
+        storage every server and the coordinator can reach. Returns the checkpoint directory.
+
+        Example:
+            client.save("ckpt/")       # later: ps.LocalCluster(restore="ckpt/")
+        """
+        self._check()
+        limit = self.timeouts.request if timeout is None else timeout
+        root = os.path.abspath(os.fspath(path))
+        reply = self._ep.request(
+            "coordinator",
+            {"kind": "save", "path": root, "clock": self._clock, "timeout": limit},
+            what=f"checkpoint into {root} at clock {self._clock}",
+        ).result(limit + 2.0)
+        return str(reply["path"])
 
     def stats(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Per-server statistics: rows and bytes per table, clocks.

@@ -17,6 +17,8 @@ Environment variables:
 ``PS_REQUEST_TIMEOUT``     default timeout of a blocking call, seconds (default 60)
 ``PS_CONNECT_TIMEOUT``     timeout to join a cluster, seconds (default 30)
 ``PS_LOG_LEVEL``           log level of the CLI's handler (default INFO)
+``PS_TOKEN``               the cluster token: every socket then uses CURVE (never logged)
+``PS_TOKEN_FILE``          a file holding the cluster token (used when PS_TOKEN is unset)
 =========================  ===================================================================
 """
 
@@ -36,6 +38,7 @@ __all__ = [
     "from_env",
     "normalize_address",
     "parse_consistency",
+    "read_token_file",
 ]
 
 ENV_VARS = (
@@ -49,6 +52,8 @@ ENV_VARS = (
     "PS_REQUEST_TIMEOUT",
     "PS_CONNECT_TIMEOUT",
     "PS_LOG_LEVEL",
+    "PS_TOKEN",
+    "PS_TOKEN_FILE",
 )
 
 
@@ -91,6 +96,19 @@ class WorkerEnv:
     consistency: str = "async"
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "INFO"
+    token: str | None = field(default=None, repr=False)
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace removed); ConfigError if unreadable."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"the token file {path} is empty")
+    return token
 
 
 def normalize_address(address: str) -> str:
@@ -172,9 +190,13 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
         parse_consistency(consistency)
     except ConfigError as exc:
         raise ConfigError(f"PS_CONSISTENCY: {exc}") from None
+    token = env.get("PS_TOKEN") or None
+    if token is None and env.get("PS_TOKEN_FILE"):
+        token = read_token_file(env["PS_TOKEN_FILE"])
     return WorkerEnv(
         coordinator=coordinator,
         consistency=consistency,
+        token=token,
         rank=_int(env, "PS_RANK"),
         num_workers=_int(env, "PS_NUM_WORKERS"),
         num_servers=_int(env, "PS_NUM_SERVERS"),

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from paramserver import protocol
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.partition import dense_ranges
+from paramserver.server import checkpoint
 from paramserver.spec import TableSpec
-from paramserver.transport import Router, new_context
+from paramserver.transport import Router, Security, new_context, start_authenticator
 
 __all__ = ["Coordinator"]
 
@@ -41,10 +44,34 @@ class Member:
     token: int = 0
     identity: bytes = b""
     last_seen: float = 0.0
+    clock: int = 0  # a server's min clock over live workers, from its heartbeats
 
     @property
     def name(self) -> str:
         return f"{self.role}[{self.rank}]"
+
+
+@dataclass
+class _Round:
+    """A checkpoint round in progress."""
+
+    round_id: int
+    root: Path
+    partial: Path
+    clock: int
+    waiting: set[int]
+    deadline: float
+    requester: tuple[bytes, int] | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Periodic checkpoints: into ``directory`` every ``every_seconds``, keeping the last ``keep``."""
+
+    directory: str
+    every_seconds: float = 600.0
+    keep: int = 3
+    timeout: float = 600.0
 
 
 @dataclass
@@ -68,6 +95,9 @@ class Coordinator:
         host: str = "127.0.0.1",
         port: int = 0,
         timeouts: Timeouts | None = None,
+        restore: str | None = None,
+        checkpoints: CheckpointPolicy | None = None,
+        security: Security | None = None,
     ) -> None:
         if num_servers < 1:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
@@ -75,7 +105,8 @@ class Coordinator:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts or Timeouts()
         self.ctx = new_context()
-        self.router = Router(self.ctx, host, port)
+        self.auth = start_authenticator(self.ctx, security) if security is not None else None
+        self.router = Router(self.ctx, host, port, security)
         self.address = self.router.address
         self.epoch = 1
         self.servers = [Member("server", r) for r in range(num_servers)]
@@ -83,7 +114,33 @@ class Coordinator:
         self.tables: dict[str, TableSpec] = {}
         self.barriers: dict[str, _Barrier] = {}
         self.waiting_workers: list[tuple[bytes, dict[str, Any], float]] = []
+        self.rounds: dict[int, _Round] = {}
+        self._round_ids = 0
+        self.checkpoints = checkpoints
+        self._next_periodic = time.monotonic() + (checkpoints.every_seconds if checkpoints else 0)
+        self.start_clock = 0
+        self.restore: dict[str, Any] | None = None
+        if restore is not None:
+            self._load_restore(restore)
         self._stop = threading.Event()
+
+    def _load_restore(self, path: str) -> None:
+        directory, manifest, specs = checkpoint.read_manifest(path)
+        servers = [m.rank for m in self.servers]
+        for spec in specs:
+            if spec.kind == "dense":
+                spec = spec.with_ranges(dense_ranges(spec.name, spec.size, servers))
+            self.tables[spec.name] = spec
+        self.start_clock = int(manifest["clock"])
+        self.restore = {"path": str(directory), "clock": self.start_clock}
+        log.info(
+            "restoring %d tables at clock %d from %s (written by %d servers, now %d)",
+            len(specs),
+            self.start_clock,
+            directory,
+            manifest["num_servers"],
+            len(servers),
+        )
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -111,6 +168,8 @@ class Coordinator:
                 self._check_deadlines(time.monotonic())
         finally:
             self.router.close()
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.term()
             log.info("coordinator stopped")
 
@@ -164,23 +223,42 @@ class Coordinator:
         if not h.get("address"):
             self.router.error(identity, h["id"], "invalid", "a server must register its address")
             return
-        free = [m for m in self.servers if m.state in (PENDING, DEAD, LEFT)]
-        if not free:
-            self.router.error(
-                identity,
-                h["id"],
-                "full",
-                f"all {len(self.servers)} server ranks are taken by live servers",
-            )
-            return
-        m = free[0]
+        want = h.get("rank")
+        if want is not None:
+            if want >= len(self.servers) or self.servers[want].state == ALIVE:
+                self.router.error(
+                    identity,
+                    h["id"],
+                    "taken",
+                    f"server rank {want} is not free (the cluster has {len(self.servers)} servers)",
+                )
+                return
+            m = self.servers[want]
+        else:
+            free = [s for s in self.servers if s.state in (PENDING, DEAD, LEFT)]
+            if not free:
+                self.router.error(
+                    identity,
+                    h["id"],
+                    "full",
+                    f"all {len(self.servers)} server ranks are taken by live servers",
+                )
+                return
+            m = free[0]
         self._activate(m, identity, h)
-        self.router.reply(identity, h["id"], rank=m.rank, view=self._view_with_token(m))
+        tables = [s.to_wire() for s in self.tables.values()] if self.restore else None
+        self.router.reply(
+            identity, h["id"], rank=m.rank, view=self._view_with_token(m), tables=tables
+        )
         self._publish(f"{m.name} registered at {m.address}")
         self._admit_workers()
 
     def _view_with_token(self, m: Member) -> dict[str, Any]:
+        extra: dict[str, Any] = {"start_clock": self.start_clock}
+        if self.restore is not None:
+            extra["restore"] = self.restore
         return {
+            **extra,
             **self.view(),
             "token": m.token,
             "num_servers": len(self.servers),
@@ -251,6 +329,8 @@ class Coordinator:
             )
             return
         m.last_seen = time.monotonic()
+        if h.get("clock") is not None:
+            m.clock = h["clock"]
         self.router.reply(identity, h["id"], view={"epoch": self.epoch})
 
     def _on_leave(self, identity: bytes, h: dict[str, Any]) -> None:
@@ -264,7 +344,116 @@ class Coordinator:
     def _on_get_view(self, identity: bytes, h: dict[str, Any]) -> None:
         self.router.reply(identity, h["id"], view=self.view())
 
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def _on_save(self, identity: bytes, h: dict[str, Any]) -> None:
+        err = self._start_round(Path(h["path"]), h["clock"], h["timeout"], (identity, h["id"]))
+        if err:
+            self.router.error(identity, h["id"], "checkpoint", err)
+
+    def _start_round(
+        self, root: Path, clock: int, timeout: float, requester: tuple[bytes, int] | None
+    ) -> str | None:
+        if self.rounds:
+            return "a checkpoint is already being written; try again when it is done"
+        alive = [m for m in self.servers if m.state == ALIVE]
+        if len(alive) != len(self.servers):
+            return "not every server is alive: " + ", ".join(
+                f"{m.name} is {m.state}" for m in self.servers if m.state != ALIVE
+            )
+        self._round_ids += 1
+        rid = self._round_ids
+        partial = root / f".partial-{clock:08d}-{rid}"
+        try:
+            partial.mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            return f"cannot create {partial}: {exc}"
+        self.rounds[rid] = _Round(
+            rid,
+            root,
+            partial,
+            clock,
+            {m.rank for m in alive},
+            time.monotonic() + timeout,
+            requester,
+        )
+        for m in alive:
+            self.router.send(
+                m.identity, {"kind": "checkpoint", "id": rid, "path": str(partial), "clock": clock}
+            )
+        log.info("checkpoint round %d at clock %d into %s started", rid, clock, root)
+        return None
+
+    def _server_by_identity(self, identity: bytes) -> Member | None:
+        return next((m for m in self.servers if m.identity == identity and m.state == ALIVE), None)
+
+    def _on_reply(self, identity: bytes, h: dict[str, Any]) -> None:
+        rnd, m = self.rounds.get(h["id"]), self._server_by_identity(identity)
+        if rnd is None or m is None:
+            return
+        rnd.waiting.discard(m.rank)
+        if not rnd.waiting:
+            self._finish_round(rnd)
+
+    def _on_error(self, identity: bytes, h: dict[str, Any]) -> None:
+        rnd = self.rounds.get(h["id"])
+        if rnd is not None:
+            self._fail_round(rnd, h["message"])
+
+    def _finish_round(self, rnd: _Round) -> None:
+        del self.rounds[rnd.round_id]
+        keep = self.checkpoints.keep if self.checkpoints else None
+        try:
+            final = checkpoint.commit_checkpoint(
+                rnd.root,
+                rnd.partial,
+                clock=rnd.clock,
+                round_id=rnd.round_id,
+                tables=list(self.tables.values()),
+                num_servers=len(self.servers),
+                num_workers=len(self.workers),
+                keep=keep,
+            )
+        except OSError as exc:
+            self._fail_round(rnd, f"writing the manifest failed: {exc}")
+            return
+        log.info("checkpoint at clock %d written: %s", rnd.clock, final)
+        if rnd.requester is not None:
+            self.router.reply(rnd.requester[0], rnd.requester[1], path=str(final))
+
+    def _fail_round(self, rnd: _Round, reason: str) -> None:
+        self.rounds.pop(rnd.round_id, None)
+        shutil.rmtree(rnd.partial, ignore_errors=True)
+        log.error("checkpoint round %d at clock %d failed: %s", rnd.round_id, rnd.clock, reason)
+        if rnd.requester is not None:
+            self.router.error(
+                rnd.requester[0],
+                rnd.requester[1],
+                "checkpoint",
+                f"checkpoint at clock {rnd.clock} failed: {reason}",
+            )
+
+    def _periodic_checkpoint(self, now: float) -> None:
+        policy = self.checkpoints
+        if policy is None or now < self._next_periodic or self.rounds:
+            return
+        self._next_periodic = now + policy.every_seconds
+        clocks = [m.clock for m in self.servers if m.state == ALIVE]
+        if not clocks or not any(w.state == ALIVE for w in self.workers):
+            return
+        target = min(max(clocks) + 1, (1 << 62) - 1)
+        err = self._start_round(Path(policy.directory), target, policy.timeout, None)
+        if err:
+            log.warning("periodic checkpoint skipped: %s", err)
+
     def _check_deadlines(self, now: float) -> None:
+        self._periodic_checkpoint(now)
+        for rnd in list(self.rounds.values()):
+            if now > rnd.deadline:
+                waiting = ", ".join(f"server[{r}]" for r in sorted(rnd.waiting))
+                self._fail_round(
+                    rnd, f"timed out waiting for {waiting} to reach clock {rnd.clock} and write"
+                )
         limit = self.timeouts.heartbeat_timeout
         for m in (*self.servers, *self.workers):
             if m.state == ALIVE and now - m.last_seen > limit:

@@ -92,16 +92,23 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "host": (_opt(_str(256)), False),
         "pid": (_opt(U63), False),
     },
-    "heartbeat": {"role": (ROLE, True), "rank": (RANK, True), "token": (U63, True)},
+    "heartbeat": {
+        "role": (ROLE, True),
+        "rank": (RANK, True),
+        "token": (U63, True),
+        "clock": (_opt(U63), False),
+    },
     "get_view": {},
     "create_table": {"spec": (_is_map, True)},
     "list_tables": {},
     "barrier": {"name": (NAME, True), "rank": (RANK, True), "timeout": (_is_timeout, True)},
+    "save": {"path": (_str(4096), True), "clock": (U63, True), "timeout": (_is_timeout, True)},
     "leave": {"role": (ROLE, True), "rank": (RANK, True), "token": (U63, True)},
     "shutdown": {},
     # coordinator -> node
     "view": {"view": (_is_map, True)},
     "stop": {},
+    "checkpoint": {"path": (_str(4096), True), "clock": (U63, True)},
     # server requests
     "create_shard": {"spec": (_is_map, True)},
     "pull": {
@@ -129,6 +136,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "spec": (_opt(_is_map), False),
         "tables": (_opt(lambda v: isinstance(v, list)), False),
         "stats": (_opt(_is_map), False),
+        "path": (_opt(_str(4096)), False),
     },
     "error": {"code": (_str(64), True), "message": (_str(4096), True)},
 }

@@ -14,20 +14,38 @@ This is the only module that imports ``zmq``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from paramserver import protocol
-from paramserver.errors import NodeLostError, ProtocolError, PSTimeoutError, RemoteError
+from paramserver.errors import (
+    ConfigError,
+    NodeLostError,
+    ProtocolError,
+    PSTimeoutError,
+    RemoteError,
+)
 
-__all__ = ["Endpoint", "Future", "Heartbeat", "Router", "new_context"]
+__all__ = [
+    "Endpoint",
+    "Future",
+    "Heartbeat",
+    "Router",
+    "Security",
+    "new_context",
+    "start_authenticator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +58,70 @@ def new_context() -> zmq.Context[Any]:
     ctx: zmq.Context[Any] = zmq.Context()
     ctx.setsockopt(zmq.LINGER, 0)
     return ctx
+
+
+MIN_TOKEN_LENGTH = 16
+# A DEALER whose peer is unreachable (e.g. its CURVE handshake failed) has no pipe to queue a
+# message on, and a plain send would then block forever: every send gives up after this long.
+SEND_TIMEOUT_MS = 2000
+
+
+@dataclass(frozen=True)
+class Security:
+    """CURVE keys derived from the cluster token: every node that knows the token can compute
+    them, and no other. Binding sockets authenticate peers by the client key (ZAP), so a peer
+    without the token cannot even complete the handshake; all traffic is encrypted.
+
+    Example:
+        sec = Security.from_token(open("token").read().strip())
+    """
+
+    server_public: bytes = field(repr=False)
+    server_secret: bytes = field(repr=False)
+    client_public: bytes = field(repr=False)
+    client_secret: bytes = field(repr=False)
+
+    @classmethod
+    def from_token(cls, token: str) -> Security:
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigError(
+                f"the cluster token must be a string of at least {MIN_TOKEN_LENGTH} characters"
+            )
+
+        def pair(purpose: bytes) -> tuple[bytes, bytes]:
+            seed = hashlib.blake2b(token.encode(), digest_size=32, person=purpose).digest()
+            secret = zmq.utils.z85.encode(seed)  # any 32 bytes are an X25519 secret key
+            return zmq.curve_public(secret), secret
+
+        sp, ss = pair(b"paramserver-srv")
+        cp, cs = pair(b"paramserver-cli")
+        return cls(sp, ss, cp, cs)
+
+    def serve(self, socket: zmq.Socket[Any]) -> None:
+        socket.curve_secretkey = self.server_secret
+        socket.curve_publickey = self.server_public
+        socket.curve_server = True
+
+    def client(self, socket: zmq.Socket[Any]) -> None:
+        socket.curve_serverkey = self.server_public
+        socket.curve_publickey = self.client_public
+        socket.curve_secretkey = self.client_secret
+
+
+class _AllowClusterKey:
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.key
+
+
+def start_authenticator(ctx: zmq.Context[Any], security: Security) -> ThreadAuthenticator:
+    """Run the ZAP handler of ``ctx``: only peers holding the cluster's client key get in."""
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("paramserver.auth"))
+    auth.start()
+    auth.configure_curve_callback("*", _AllowClusterKey(security.client_public))
+    return auth
 
 
 def _frames(socket: zmq.Socket[Any]) -> list[Any]:
@@ -58,8 +140,16 @@ class Router:
         ident, frames = router.recv_raw()
     """
 
-    def __init__(self, ctx: zmq.Context[Any], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        security: Security | None = None,
+    ) -> None:
         self.socket: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
+        if security is not None:
+            security.serve(self.socket)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
@@ -204,10 +294,15 @@ def gather(
 
 
 class _Peer:
-    def __init__(self, ctx: zmq.Context[Any], name: str, address: str) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], name: str, address: str, security: Security | None
+    ) -> None:
         self.name = name
         self.address = address
         self.socket: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        if security is not None:
+            security.client(self.socket)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
@@ -231,8 +326,10 @@ class Endpoint:
         ctx: zmq.Context[Any],
         request_timeout: float = 60.0,
         on_message: Callable[[str, dict[str, Any], list[np.ndarray]], None] | None = None,
+        security: Security | None = None,
     ) -> None:
         self.ctx = ctx
+        self.security = security
         self.request_timeout = request_timeout
         self.on_message = on_message
         self.peers: dict[str, _Peer] = {}
@@ -246,7 +343,7 @@ class Endpoint:
             if old.address == address and old.lost is None:
                 return
             self.disconnect(name, f"{name} moved from {old.address} to {address}")
-        peer = _Peer(self.ctx, name, address)
+        peer = _Peer(self.ctx, name, address, self.security)
         self.peers[name] = peer
         self._poller.register(peer.socket, zmq.POLLIN)
         self._by_socket[peer.socket] = peer
@@ -321,10 +418,29 @@ class Endpoint:
         peer.pending[request_id] = (fut, parse)
         try:
             _send(peer.socket, protocol.encode({**header, "id": request_id}, arrays))
+        except zmq.Again:
+            peer.pending.pop(request_id, None)
+            fut.set_exception(NodeLostError(f"{what}: {self._unreachable(peer)}"))
         except Exception:
             peer.pending.pop(request_id, None)
             raise
         return fut
+
+    def _unreachable(self, peer: _Peer) -> str:
+        return (
+            f"cannot send to {peer.name} at {peer.address}: no connection for "
+            f"{SEND_TIMEOUT_MS / 1000:.0f}s (is it running, and does it use the same cluster token?)"
+        )
+
+    def send(self, name: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
+        """Send a message that expects no answer (e.g. a reply to a request the peer made)."""
+        peer = self.peers.get(name)
+        if peer is None:
+            raise NodeLostError(f"not connected to {name}")
+        try:
+            _send(peer.socket, protocol.encode(header, arrays))
+        except zmq.Again:
+            raise NodeLostError(self._unreachable(peer)) from None
 
     def poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for messages and dispatch every one that arrived."""
@@ -382,12 +498,16 @@ class Heartbeat(threading.Thread):
         rank: int,
         token: int,
         interval: float,
+        status: Callable[[], dict[str, Any]] | None = None,
+        security: Security | None = None,
     ) -> None:
         super().__init__(name=f"heartbeat-{role}[{rank}]", daemon=True)
         self.ctx = ctx
         self.coordinator = coordinator
         self.role, self.rank, self.token = role, rank, token
         self.interval = interval
+        self.status = status
+        self.security = security
         self.epoch = 0
         self.expelled: str | None = None
         self.last_answer = time.monotonic()
@@ -399,13 +519,18 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 0)  # never block: a beat that cannot go out is skipped
+        if self.security is not None:
+            self.security.client(sock)
         sock.connect(self.coordinator)
         beat = {"kind": "heartbeat", "role": self.role, "rank": self.rank, "token": self.token}
         try:
             n = 0
             while not self._stop_event.is_set():
                 n += 1
-                _send(sock, protocol.encode({**beat, "id": n}))
+                extra = self.status() if self.status is not None else {}
+                with contextlib.suppress(zmq.Again):
+                    _send(sock, protocol.encode({**beat, **extra, "id": n}))
                 deadline = time.monotonic() + self.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
                     # short slices, so that stop() is noticed within ~50 ms

@@ -38,8 +38,8 @@ class Clocks:
         clocks.advance(0, 1); clocks.min_clock   # 0: worker 1 is still at clock 0
     """
 
-    def __init__(self, num_workers: int) -> None:
-        self.clock = [0] * num_workers
+    def __init__(self, num_workers: int, start: int = 0) -> None:
+        self.clock = [start] * num_workers
         self.live = set(range(num_workers))
 
     @property

@@ -15,6 +15,7 @@ import socket as pysocket
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ import zmq
 from paramserver import protocol
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError
+from paramserver.partition import HashRing
+from paramserver.server import checkpoint
 from paramserver.server.consistency import (
     Clocks,
     SyncBuffer,
@@ -33,7 +36,14 @@ from paramserver.server.consistency import (
 )
 from paramserver.server.shard import DenseShard, SparseShard, all_finite
 from paramserver.spec import TableSpec
-from paramserver.transport import Endpoint, Heartbeat, Router, new_context
+from paramserver.transport import (
+    Endpoint,
+    Heartbeat,
+    Router,
+    Security,
+    new_context,
+    start_authenticator,
+)
 
 __all__ = ["Server", "run_server"]
 
@@ -83,11 +93,16 @@ class Server:
         port: int = 0,
         timeouts: Timeouts | None = None,
         advertise: str | None = None,
+        rank: int | None = None,
+        security: Security | None = None,
     ) -> None:
+        self.wanted_rank = rank
+        self.security = security
         self.timeouts = timeouts or Timeouts()
         self.coordinator = coordinator
         self.ctx = new_context()
-        self.router = Router(self.ctx, host, port)
+        self.auth = start_authenticator(self.ctx, security) if security is not None else None
+        self.router = Router(self.ctx, host, port, security)
         self.address = self.router.address
         if advertise or host in ("0.0.0.0", "*"):
             self.address = f"tcp://{advertise or pysocket.gethostname()}:{self.router.port}"
@@ -100,10 +115,14 @@ class Server:
         self.clocks = Clocks(0)
         self._stop = threading.Event()
         self._coord = Endpoint(
-            self.ctx, request_timeout=self.timeouts.connect, on_message=self._on_coordinator_message
+            self.ctx,
+            request_timeout=self.timeouts.connect,
+            on_message=self._on_coordinator_message,
+            security=security,
         )
         self._coord.connect("coordinator", coordinator)
         self._heartbeat: Heartbeat | None = None
+        self._snapshot: tuple[int, str, int] | None = None  # (request id, directory, clock)
 
     # ---- life -----------------------------------------------------------------------------
 
@@ -117,6 +136,7 @@ class Server:
                 "address": self.address,
                 "host": pysocket.gethostname()[:256],
                 "pid": os.getpid(),
+                "rank": self.wanted_rank,
             },
             what=f"server at {self.address} registering with the coordinator at {self.coordinator}",
         )
@@ -124,8 +144,12 @@ class Server:
         self.rank = int(reply["rank"])
         self.name = f"server[{self.rank}]"
         view = reply["view"]
-        self.clocks = Clocks(int(view["num_workers"]))
+        restore = view.get("restore")
+        start = int(restore["clock"]) if isinstance(restore, dict) else 0
+        self.clocks = Clocks(int(view["num_workers"]), start=start)
         self._apply_view(view)
+        if isinstance(restore, dict):
+            self._restore(str(restore["path"]), view, reply.get("tables") or [])
         self._heartbeat = Heartbeat(
             self.ctx,
             self.coordinator,
@@ -133,6 +157,8 @@ class Server:
             self.rank,
             int(view["token"]),
             self.timeouts.heartbeat_interval,
+            status=lambda: {"clock": self.clocks.min_clock},
+            security=self.security,
         )
         self._heartbeat.start()
         log.info("%s serving at %s", self.name, self.address)
@@ -171,6 +197,8 @@ class Server:
             self._heartbeat.join(timeout=2)
         self._coord.close()
         self.router.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         log.info("%s stopped", self.name)
 
@@ -181,6 +209,9 @@ class Server:
     ) -> None:
         if header["kind"] == "view":
             self._apply_view(header["view"])
+        elif header["kind"] == "checkpoint":
+            self._snapshot = (header["id"], header["path"], header["clock"])
+            self._progress()
         elif header["kind"] == "stop":
             log.info("%s: stop requested by the coordinator", self.name)
             self._stop.set()
@@ -249,8 +280,14 @@ class Server:
                 )
             self.router.reply(identity, h["id"])
             return
+        self.tables[spec.name] = self._make_table(spec)
+        log.info("%s: table %r created", self.name, spec.name)
+        self.router.reply(identity, h["id"])
+
+    def _make_table(self, spec: TableSpec) -> Table:
         assert spec.seed is not None
         mode, _ = spec.mode
+        table: Table
         if spec.kind == "sparse":
             table = Table(
                 spec, SparseShard(spec.dim, spec.np_dtype, spec.init, spec.optimizer, spec.seed)
@@ -271,9 +308,7 @@ class Server:
                 table = Table(spec, None)
         if mode == "sync":
             table.sync = SyncBuffer(spec.kind)
-        self.tables[spec.name] = table
-        log.info("%s: table %r created", self.name, spec.name)
-        self.router.reply(identity, h["id"])
+        return table
 
     def _on_set_lr(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         t = self._table(h["table"])
@@ -416,21 +451,13 @@ class Server:
     # ---- consistency ----------------------------------------------------------------------
 
     def _progress(self) -> None:
-        """Apply completed sync clocks, then answer the deferred pulls that became ready."""
+        """Apply completed sync clocks (taking a pending checkpoint exactly at its clock
+        boundary), then answer the deferred pulls that became ready."""
         low = self.clocks.min_clock
-        live = self.clocks.live
-        for t in self.tables.values():
-            if t.sync is None or t.shard is None:
-                continue
-            for _, items in t.sync.take_completed(low):
-                items = [it for it in items if it[0] in live]
-                if not items:
-                    continue
-                if isinstance(t.shard, SparseShard):
-                    keys, mean = aggregate_sparse(items, len(live))
-                    t.shard.push(keys, mean)
-                else:
-                    t.shard.push(aggregate_dense(items, len(live)))
+        if self._snapshot is not None and self._snapshot[2] <= low:
+            self._apply_sync(self._snapshot[2])
+            self._write_snapshot()
+        self._apply_sync(low)
         if self.deferred:
             waiting, self.deferred = self.deferred, []
             for d in waiting:
@@ -440,6 +467,76 @@ class Server:
                     self._answer_pull(d.identity, d.header, table, d.keys)
                 else:
                     self.deferred.append(d)
+
+    def _apply_sync(self, below: int) -> None:
+        """Apply the buffered sync pushes of every clock < ``below``."""
+        live = self.clocks.live
+        for t in self.tables.values():
+            if t.sync is None or t.shard is None:
+                continue
+            for _, items in t.sync.take_completed(below):
+                items = [it for it in items if it[0] in live]
+                if not items:
+                    continue
+                if isinstance(t.shard, SparseShard):
+                    keys, mean = aggregate_sparse(items, len(live))
+                    t.shard.push(keys, mean)
+                else:
+                    t.shard.push(aggregate_dense(items, len(live)))
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def _write_snapshot(self) -> None:
+        assert self._snapshot is not None
+        rid, path, clock = self._snapshot
+        self._snapshot = None
+        start = time.monotonic()
+        try:
+            index = checkpoint.write_server_shards(
+                Path(path),
+                self.rank,
+                {n: (t.spec, t.shard, t.start, t.stop) for n, t in self.tables.items()},
+            )
+        except OSError as exc:
+            log.error("%s: checkpoint at clock %d into %s failed: %s", self.name, clock, path, exc)
+            self._coord.send("coordinator", protocol.error_header(rid, "io", f"{self.name}: {exc}"))
+            return
+        log.info(
+            "%s: checkpoint at clock %d written to %s in %.2fs",
+            self.name,
+            clock,
+            path,
+            time.monotonic() - start,
+        )
+        rows = sum(int(e["count"]) for e in index["tables"].values())
+        self._coord.send("coordinator", {"kind": "reply", "id": rid, "stats": {"rows": rows}})
+
+    def _restore(self, path: str, view: dict[str, Any], tables: list[Any]) -> None:
+        directory, manifest, _ = checkpoint.read_manifest(path)
+        ring = HashRing.build(list(range(int(view["num_servers"]))))
+        for wire in tables:
+            spec = TableSpec.from_wire(wire)
+            table = self._make_table(spec)
+            if isinstance(table.shard, SparseShard):
+                keys, rows = checkpoint.load_sparse_rows(
+                    directory, manifest, spec.name, ring, self.rank
+                )
+                if len(keys):
+                    table.shard.load(keys, rows.astype(spec.np_dtype, copy=False))
+            elif isinstance(table.shard, DenseShard):
+                dense = checkpoint.load_dense_range(
+                    directory, manifest, spec.name, table.start, table.stop
+                )
+                if dense is not None:
+                    table.shard.load(dense.astype(spec.np_dtype, copy=False))
+            self.tables[spec.name] = table
+        log.info(
+            "%s: restored %d tables from %s at clock %d",
+            self.name,
+            len(tables),
+            directory,
+            manifest["clock"],
+        )
 
     def _expire_deferred(self, now: float) -> None:
         keep = []

@@ -1,0 +1,164 @@
+"""Checkpoints: consistent rounds, restore onto another number of servers, bitwise continuation."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import paramserver as ps
+from paramserver.errors import ConfigError
+from paramserver.server import checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=3.0, request=30.0, connect=30.0)
+VOCAB, DIM, BATCH = 50, 4, 16
+
+
+def steps(client: ps.Client, first: int, last: int) -> None:
+    """The deterministic sync algorithm of one worker for clocks first..last-1."""
+    emb = client.sparse_table(
+        "emb",
+        dim=DIM,
+        init=ps.init.Normal(std=0.1),
+        optimizer=ps.optim.Adagrad(lr=0.1),
+        consistency="sync",
+    )
+    dense = client.dense_table(
+        "dense",
+        shape=(300_000,),
+        init=ps.init.Uniform(-0.1, 0.1),
+        optimizer=ps.optim.Adam(lr=0.01),
+        consistency="sync",
+    )
+    assert client.current_clock == first
+    for step in range(first, last):
+        rng = np.random.default_rng([client.rank, step])
+        keys = rng.integers(0, VOCAB, size=BATCH).astype(np.uint64)
+        w = emb.pull(keys)
+        f1 = emb.push(keys, (0.1 * w + rng.standard_normal((BATCH, DIM))).astype(np.float32))
+        d = dense.pull()
+        f2 = dense.push((0.1 * d + rng.standard_normal(d.shape)).astype(np.float32))
+        f1.result()
+        f2.result()
+        client.clock()
+
+
+def run_workers(cluster: ps.LocalCluster, first: int, last: int, save: Path | None = None) -> None:
+    clients = [cluster.connect(rank=r) for r in range(2)]
+    errors: list[BaseException] = []
+
+    def work(c: ps.Client) -> None:
+        try:
+            steps(c, first, last)
+            if save is not None and c.rank == 0:
+                c.save(save)
+            c.barrier("end", timeout=60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    for c in clients:
+        c.close()  # leave, so that a later client may take rank 0 again
+    assert not errors, errors
+
+
+def final_state(cluster: ps.LocalCluster) -> tuple[np.ndarray, np.ndarray]:
+    client = cluster.connect(rank=0)
+    emb = client.sparse_table(
+        "emb",
+        dim=DIM,
+        init=ps.init.Normal(std=0.1),
+        optimizer=ps.optim.Adagrad(lr=0.1),
+        consistency="sync",
+    )
+    dense = client.dense_table(
+        "dense",
+        shape=(300_000,),
+        init=ps.init.Uniform(-0.1, 0.1),
+        optimizer=ps.optim.Adam(lr=0.01),
+        consistency="sync",
+    )
+    return emb.pull(np.arange(VOCAB), create=False), dense.pull()
+
+
+def test_restore_onto_more_servers_continues_sync_training_bitwise(tmp_path: Path) -> None:
+    with ps.LocalCluster(servers=2, workers=2, timeouts=FAST) as cluster:
+        run_workers(cluster, 0, 8)
+        expected = final_state(cluster)
+
+    root = tmp_path / "ckpt"
+    with ps.LocalCluster(servers=2, workers=2, timeouts=FAST) as cluster:
+        run_workers(cluster, 0, 4, save=root)
+    _, manifest, specs = checkpoint.read_manifest(root)
+    assert manifest["clock"] == 4 and {s.name for s in specs} == {"emb", "dense"}
+
+    with ps.LocalCluster(servers=3, workers=2, timeouts=FAST, restore=root) as cluster:
+        run_workers(cluster, 4, 8)
+        got = final_state(cluster)
+    assert got[0].tobytes() == expected[0].tobytes()
+    assert got[1].tobytes() == expected[1].tobytes()
+
+
+def test_periodic_checkpoints_keep_the_last_k(tmp_path: Path) -> None:
+    root = tmp_path / "periodic"
+    with ps.LocalCluster(
+        servers=2,
+        workers=1,
+        timeouts=FAST,
+        checkpoint_dir=root,
+        checkpoint_every=0.3,
+        checkpoint_keep=2,
+    ) as cluster:
+        client = cluster.connect()
+        t = client.sparse_table("t", dim=2, optimizer=ps.optim.SGD(lr=1.0))
+        deadline = 0
+        for step in range(400):
+            t.push(np.array([step % 7], np.uint64), np.ones((1, 2), np.float32)).result()
+            client.clock()
+            if len(list(root.glob("ckpt-*"))) >= 2 and step > deadline:
+                deadline = step + 40  # a few more rounds to exercise pruning
+            if deadline and step >= deadline:
+                break
+    kept = sorted(root.glob("ckpt-*"))
+    assert 1 <= len(kept) <= 2
+    directory, manifest, _ = checkpoint.read_manifest(root)
+    assert directory == kept[-1] and manifest["clock"] > 0
+    assert not list(root.glob(".partial-*"))
+
+
+def test_a_half_written_checkpoint_leaves_the_previous_one_readable(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        t = client.sparse_table("t", dim=2)
+        t.push(np.arange(10), np.ones((10, 2), np.float32)).result()
+        client.clock()
+        first = client.save(root)
+    # a crash mid-save: shard files written into a partial directory, no manifest, no rename
+    partial = root / ".partial-00000009-99"
+    (partial / "server-0").mkdir(parents=True)
+    (partial / "server-0" / "t0.rows.npy").write_bytes(b"\x93NUMPY truncated")
+    directory, manifest, _ = checkpoint.read_manifest(root)
+    assert str(directory) == first and manifest["clock"] == 1
+    with ps.LocalCluster(servers=1, workers=1, timeouts=FAST, restore=root) as cluster:
+        client = cluster.connect()
+        assert client.current_clock == 1
+        t = client.sparse_table("t", dim=2)
+        np.testing.assert_array_equal(
+            t.pull(np.arange(10), create=False), np.full((10, 2), -0.01, np.float32)
+        )
+
+
+def test_restore_from_nothing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        checkpoint.read_manifest(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        checkpoint.read_manifest(tmp_path / "empty")
