@@ -33,7 +33,10 @@ def _add_timeouts(p: argparse.ArgumentParser) -> None:
 
 def _timeouts(args: argparse.Namespace) -> Timeouts:
     env = from_env().timeouts
-    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+
+    def pick(flag: float | None, default: float) -> float:
+        return default if flag is None else flag
+
     return Timeouts(
         heartbeat_interval=pick(args.heartbeat_interval, env.heartbeat_interval),
         heartbeat_timeout=pick(args.heartbeat_timeout, env.heartbeat_timeout),

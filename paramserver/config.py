@@ -17,6 +17,7 @@ Environment variables:
 ``PS_REQUEST_TIMEOUT``     default timeout of a blocking call, seconds (default 60)
 ``PS_CONNECT_TIMEOUT``     timeout to join a cluster, seconds (default 30)
 ``PS_LOG_LEVEL``           log level of the CLI's handler (default INFO)
+``PS_DATA_DIR``            cache of downloaded data sets (default ``~/.cache/paramserver``)
 =========================  ===================================================================
 """
 
@@ -26,6 +27,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from paramserver.errors import ConfigError
 
@@ -49,6 +51,7 @@ ENV_VARS = (
     "PS_REQUEST_TIMEOUT",
     "PS_CONNECT_TIMEOUT",
     "PS_LOG_LEVEL",
+    "PS_DATA_DIR",
 )
 
 
@@ -91,6 +94,7 @@ class WorkerEnv:
     consistency: str = "async"
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "INFO"
+    data_dir: str = ""
 
 
 def normalize_address(address: str) -> str:
@@ -180,4 +184,5 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
         num_servers=_int(env, "PS_NUM_SERVERS"),
         timeouts=timeouts,
         log_level=env.get("PS_LOG_LEVEL", "INFO") or "INFO",
+        data_dir=env.get("PS_DATA_DIR") or str(Path.home() / ".cache" / "paramserver"),
     )
