@@ -1,6 +1,7 @@
 """``paramserver``: the command line.
 
 ``paramserver demo``                     the demo training run on a local cluster
+``paramserver train MODEL [options]``    a ready program: logreg, deepfm, word2vec, mlp
 ``paramserver run -s 2 -w 4 train.py``   a local cluster plus one process per worker
 ``paramserver coordinator --bind H:P``   the coordinator of a multi-host cluster
 ``paramserver server --coordinator H:P`` one server of a multi-host cluster
@@ -92,10 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("script", help="the worker program (a Python file)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the worker program")
 
-    d = sub.add_parser("demo", help="train the demo model on a local cluster")
+    d = sub.add_parser("demo", help="FTRL and DeepFM on MovieLens-100K on a local cluster")
     d.add_argument("-s", "--servers", type=int, default=2)
-    d.add_argument("-w", "--workers", type=int, default=1)
+    d.add_argument("-w", "--workers", type=int, default=2)
     d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--out", default="paramserver-demo", help="folder for the JSON and the plot")
+
+    t = sub.add_parser("train", help="train a ready model: logreg, deepfm, word2vec, mlp",
+                       add_help=False)
+    t.add_argument("model", choices=["logreg", "deepfm", "word2vec", "mlp"])
+    t.add_argument("options", nargs=argparse.REMAINDER, help="the model's options (--help)")
     return p
 
 
@@ -110,7 +117,8 @@ def _setup_logging(level: str, role: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``paramserver`` command; returns the exit code."""
     args = _parser().parse_args(argv)
-    level = args.log_level or from_env().log_level
+    quiet = args.command in ("demo", "train")  # their own output says what happens
+    level = args.log_level or ("WARNING" if quiet else from_env().log_level)
     _setup_logging(level, args.command)
     try:
         if args.command == "coordinator":
@@ -140,9 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                            consistency=args.consistency, timeouts=_timeouts(args),
                            log_level=args.log_level or "WARNING")
         if args.command == "demo":
-            from paramserver.models.logreg import demo
+            from pathlib import Path
 
-            return demo(servers=args.servers, workers=args.workers, epochs=args.epochs)
+            from paramserver.models.demo import main as demo
+
+            return demo(args.servers, args.workers, args.epochs, Path(args.out))
+        if args.command == "train":
+            import importlib
+
+            program = importlib.import_module(f"paramserver.models.{args.model}")
+            return int(program.main(args.options))
     except PSError as exc:
         print(f"paramserver {args.command}: {exc}", file=sys.stderr)
         return 2
