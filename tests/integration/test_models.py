@@ -56,3 +56,16 @@ def test_logreg_program_with_two_workers_on_synthetic_data(tmp_path: Path) -> No
     train, test = SyntheticCriteo(examples=30000).make()
     base = sklearn_logreg(train, test)["test_auc"]
     assert summary["history"][-1]["test_auc"] > base - 0.03
+
+
+def test_mlp_on_servers_matches_the_one_process_mlp() -> None:
+    pytest.importorskip("torch")
+    from paramserver.models import mlp
+
+    with ps.LocalCluster(servers=2, workers=1) as cluster:
+        out = mlp.train_worker(
+            cluster.connect(), mlp.load("digits"), epochs=3, reference=True, show=False
+        )
+    last = out["curve"][-1]
+    assert last["test_accuracy"] > 0.85
+    assert abs(last["test_accuracy"] - last["reference_accuracy"]) <= 0.01
