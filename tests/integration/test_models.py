@@ -64,8 +64,8 @@ def test_mlp_on_servers_matches_the_one_process_mlp() -> None:
 
     with ps.LocalCluster(servers=2, workers=1) as cluster:
         out = mlp.train_worker(
-            cluster.connect(), mlp.load("digits"), epochs=3, reference=True, show=False
+            cluster.connect(), mlp.load("digits"), epochs=6, reference=True, show=False
         )
     last = out["curve"][-1]
-    assert last["test_accuracy"] > 0.85
+    assert last["test_accuracy"] > 0.85  # 8x8 digits, 6 epochs
     assert abs(last["test_accuracy"] - last["reference_accuracy"]) <= 0.01
