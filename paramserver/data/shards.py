@@ -66,6 +66,22 @@ class ArrayShards(Generic[T]):
         for shard in client.leases(self.name, epoch, len(self)):
             yield self.read(shard)
 
+    def share(self, rank: int, workers: int) -> Iterator[T]:
+        """Rows ``rank::workers``, cut to the same length for every worker, in parts of the
+        shard size. For sync and bounded staleness, where every worker must run the same number
+        of clocks (a worker that stops clocking early would hold the others back)."""
+        n = len(self.data) // workers  # type: ignore[arg-type]
+        rows = self.bounds[0][1] - self.bounds[0][0] if self.bounds else 1
+        mine = self.data.take(slice(rank, rank + n * workers, workers))  # type: ignore[attr-defined]
+        for a in range(0, n, rows):
+            yield mine.take(slice(a, min(a + rows, n)))
+
+    def parts(self, client: Any, epoch: int, consistency: str) -> Iterator[T]:
+        """Leases under async; an equal fixed share under sync / ssp (see :meth:`share`)."""
+        if consistency == "async":
+            return self.epoch(client, epoch)
+        return self.share(client.rank, client.num_workers)
+
 
 class FileShards(Generic[T]):
     """Files cut into chunks of whole lines; ``reader(path, start=, stop=, first_line=)`` reads

@@ -102,7 +102,9 @@ def train_worker(
         losses: list[float] = []
         seen = 0
         parts = progress(
-            shards.epoch(client, epoch), desc=f"logreg epoch {epoch}", show=show and lead
+            shards.parts(client, epoch, consistency),
+            desc=f"logreg epoch {epoch}",
+            show=show and lead,
         )
         pending: list[ps.Future[None]] = []
         for part in parts:

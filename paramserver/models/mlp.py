@@ -94,7 +94,7 @@ def train_worker(
     for epoch in range(1, epochs + 1):
         total, seen = 0.0, 0
         for part in progress(
-            shards.epoch(client, epoch), desc=f"mlp epoch {epoch}", show=show and lead
+            shards.parts(client, epoch, consistency), desc=f"mlp epoch {epoch}", show=show and lead
         ):
             for i in range(0, len(part), batch):
                 xb = torch.from_numpy(part.x[i : i + batch])
