@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -118,13 +119,23 @@ def _parser() -> argparse.ArgumentParser:
         "--consistency", default=None, help="default consistency of tables: sync, ssp:N, async"
     )
     _add_timeouts(r)
-    r.add_argument("script", help="the worker program (a Python file)")
+    r.add_argument(
+        "-m", dest="module", default=None, help="run a module (like python -m) instead of a file"
+    )
+    r.add_argument("script", nargs="?", help="the worker program (a Python file)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the worker program")
 
-    d = sub.add_parser("demo", help="train the demo model on a local cluster")
+    d = sub.add_parser("demo", help="FTRL and DeepFM on MovieLens-100K on a local cluster")
     d.add_argument("-s", "--servers", type=int, default=2)
-    d.add_argument("-w", "--workers", type=int, default=1)
+    d.add_argument("-w", "--workers", type=int, default=2)
     d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--out", default="paramserver-demo", help="folder for the JSON and the plot")
+
+    t = sub.add_parser(
+        "train", help="train a ready model: logreg, deepfm, word2vec, mlp", add_help=False
+    )
+    t.add_argument("model", choices=["logreg", "deepfm", "word2vec", "mlp"])
+    t.add_argument("options", nargs=argparse.REMAINDER, help="the model's options (--help)")
     return p
 
 
@@ -137,7 +148,8 @@ def _setup_logging(level: str, role: str) -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    level = str(args.log_level or from_env().log_level).upper()
+    quiet = args.command in ("demo", "train")  # their own output says what happens
+    level = str(args.log_level or ("WARNING" if quiet else from_env().log_level)).upper()
     if not isinstance(logging.getLevelName(level), int):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
     return level
@@ -189,8 +201,11 @@ def _command(args: argparse.Namespace) -> int:
 
         if args.consistency is not None:
             parse_consistency(args.consistency)  # refuse a bad value before starting anything
+        if (args.module is None) == (args.script is None):
+            raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
+        program = ["-m", args.module] if args.module else [args.script]
         return run_job(
-            [args.script, *args.args],
+            [*program, *args.args],
             servers=args.servers,
             workers=args.workers,
             consistency=args.consistency,
@@ -198,10 +213,31 @@ def _command(args: argparse.Namespace) -> int:
             log_level=args.log_level or "WARNING",
         )
     if args.command == "demo":
-        from paramserver.models.logreg import demo
+        from pathlib import Path
 
-        return demo(servers=args.servers, workers=args.workers, epochs=args.epochs)
+        from paramserver.models.demo import main as demo
+
+        return demo(args.servers, args.workers, args.epochs, Path(args.out))
+    if args.command == "train":
+        import importlib
+
+        model = importlib.import_module(f"paramserver.models.{args.model}")
+        return int(model.main(args.options))
     raise ConfigError(f"unknown command {args.command!r}")
+
+
+def _split_module(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``run ... -m MODULE ARGS``: everything after MODULE belongs to the program (argparse
+    cannot tell a program's options from ours there)."""
+    if "run" not in argv:
+        return argv, None
+    start = argv.index("run") + 1
+    for j in range(start, len(argv) - 1):
+        if argv[j] == "-m":
+            return argv[: j + 2], argv[j + 2 :]
+        if argv[j].endswith(".py") or os.path.isfile(argv[j]):
+            break  # a program file: what follows is its own
+    return argv, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Example:
         main(["coordinator", "--bind", "127.0.0.1:7070", "-s", "2", "-w", "4"])
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, module_args = _split_module(argv)
     args = _parser().parse_args(argv)
+    if module_args is not None:
+        args.args = module_args
     try:
         _setup_logging(_log_level(args), args.command)
         return _command(args)

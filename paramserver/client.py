@@ -13,6 +13,7 @@ import os
 import socket as pysocket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -375,6 +376,64 @@ class Client:
             "coordinator", {"kind": "list_tables"}, what="listing tables"
         ).result()
         return [TableSpec.from_wire(t) for t in reply["tables"]]
+
+    # ---- data leases ----------------------------------------------------------------------
+
+    def acquire_lease(
+        self, dataset: str, epoch: int, shards: int, *, timeout: float | None = None
+    ) -> int | None:
+        """Take the next shard of ``dataset`` in ``epoch`` (``shards`` in all); None when every
+        shard of the epoch has been handed out.
+
+        Example:
+            shard = client.acquire_lease("criteo/train", epoch=1, shards=64)
+        """
+        self._check()
+        reply = self._ep.request(
+            "coordinator",
+            {
+                "kind": "acquire_lease",
+                "dataset": dataset,
+                "epoch": epoch,
+                "shards": shards,
+                "rank": self.rank,
+            },
+            what=f"lease on {dataset!r} epoch {epoch} from the coordinator at {self.coordinator}",
+        ).result(timeout)
+        shard = int(reply.get("shard", -1))
+        return None if shard < 0 else shard
+
+    def complete_lease(
+        self, dataset: str, epoch: int, shard: int, *, timeout: float | None = None
+    ) -> None:
+        """Report shard ``shard`` of ``dataset`` in ``epoch`` as read and trained on."""
+        self._check()
+        self._ep.request(
+            "coordinator",
+            {
+                "kind": "complete_lease",
+                "dataset": dataset,
+                "epoch": epoch,
+                "shard": shard,
+                "rank": self.rank,
+            },
+            what=f"completing lease {shard} of {dataset!r} epoch {epoch}",
+        ).result(timeout)
+
+    def leases(self, dataset: str, epoch: int, shards: int) -> Iterator[int]:
+        """Shards of ``dataset`` for this worker in ``epoch``: each is completed when the loop
+        asks for the next one; the iterator ends when none is left.
+
+        Example:
+            for shard in client.leases("criteo/train", epoch, len(shard_list)):
+                train_on(shard_list[shard])
+        """
+        while True:
+            shard = self.acquire_lease(dataset, epoch, shards)
+            if shard is None:
+                return
+            yield shard
+            self.complete_lease(dataset, epoch, shard)
 
     # ---- life -----------------------------------------------------------------------------
 

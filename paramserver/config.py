@@ -19,6 +19,7 @@ Environment variables:
 ``PS_LOG_LEVEL``           log level of the CLI's handler (default INFO)
 ``PS_TOKEN``               the cluster token: every socket then uses CURVE (never logged)
 ``PS_TOKEN_FILE``          a file holding the cluster token (used when PS_TOKEN is unset)
+``PS_DATA_DIR``            cache of downloaded data sets (default ``~/.cache/paramserver``)
 =========================  ===================================================================
 """
 
@@ -28,6 +29,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from paramserver.errors import ConfigError
 
@@ -54,6 +56,7 @@ ENV_VARS = (
     "PS_LOG_LEVEL",
     "PS_TOKEN",
     "PS_TOKEN_FILE",
+    "PS_DATA_DIR",
 )
 
 
@@ -97,6 +100,7 @@ class WorkerEnv:
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "INFO"
     token: str | None = field(default=None, repr=False)
+    data_dir: str = ""
 
 
 def read_token_file(path: str) -> str:
@@ -202,4 +206,5 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
         num_servers=_int(env, "PS_NUM_SERVERS"),
         timeouts=timeouts,
         log_level=env.get("PS_LOG_LEVEL", "INFO") or "INFO",
+        data_dir=env.get("PS_DATA_DIR") or str(Path.home() / ".cache" / "paramserver"),
     )

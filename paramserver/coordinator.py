@@ -1,15 +1,18 @@
-"""The coordinator: membership, heartbeats, the cluster view, barriers and the table registry.
+"""The coordinator: membership, heartbeats, the cluster view, barriers, the table registry and
+data leases.
 
 One process, one ROUTER socket, one single-threaded loop. Servers and workers register and get
 ranks; the coordinator publishes a *view* (epoch, members and their states) to every member
 whenever it changes; a member whose heartbeats stop for ``heartbeat_timeout`` seconds is
 declared dead and a new view goes out. Tables are created here first (idempotent by name and
-spec; a conflicting spec is refused), then on the servers by the worker that asked.
+spec; a conflicting spec is refused), then on the servers by the worker that asked. Shards of a
+data set are handed out as leases, one epoch at a time (:class:`_LeaseBook`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import shutil
 import threading
@@ -80,6 +83,16 @@ class _Barrier:
     deadline: float = 0.0
 
 
+@dataclass
+class _LeaseBook:
+    """The shards of one data set in one epoch: still to hand out, held (by rank), done."""
+
+    shards: int
+    todo: list[int]
+    held: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+
 class Coordinator:
     """The coordinator's state and loop.
 
@@ -122,6 +135,7 @@ class Coordinator:
         self.restore: dict[str, Any] | None = None
         if restore is not None:
             self._load_restore(restore)
+        self.leases: dict[tuple[str, int], _LeaseBook] = {}
         self._stop = threading.Event()
 
     def _load_restore(self, path: str) -> None:
@@ -534,6 +548,49 @@ class Coordinator:
                 del self.barriers[name]
                 for identity, rid in b.arrived.values():
                     self.router.reply(identity, rid)
+
+    # ---- data leases ----------------------------------------------------------------------
+    # Every worker of a data set asks for the next shard of an epoch; each shard is handed out
+    # once per epoch, in an order shuffled by (data set, epoch). A lease is held by its worker's
+    # rank until completed (giving a dead worker's leases back is left to recovery).
+
+    def _lease_book(self, h: dict[str, Any]) -> _LeaseBook:
+        key = (h["dataset"], h["epoch"])
+        book = self.leases.get(key)
+        if book is None:
+            if "shards" not in h:
+                raise ConfigError(
+                    f"data set {h['dataset']!r} epoch {h['epoch']}: no lease was ever handed out"
+                )
+            order = list(range(h["shards"]))
+            random.Random(f"{h['dataset']}/{h['epoch']}").shuffle(order)
+            book = self.leases[key] = _LeaseBook(h["shards"], order[::-1])
+            self.leases.pop((h["dataset"], h["epoch"] - 2), None)  # keep the last two epochs
+        elif "shards" in h and h["shards"] != book.shards:
+            raise ConfigError(
+                f"data set {h['dataset']!r} epoch {h['epoch']} has {book.shards} shards, "
+                f"worker[{h['rank']}] counts {h['shards']}: the workers disagree on the data"
+            )
+        return book
+
+    def _on_acquire_lease(self, identity: bytes, h: dict[str, Any]) -> None:
+        book = self._lease_book(h)
+        shard = book.todo.pop() if book.todo else -1
+        if shard >= 0:
+            book.held[shard] = h["rank"]
+        self.router.reply(identity, h["id"], shard=shard)
+
+    def _on_complete_lease(self, identity: bytes, h: dict[str, Any]) -> None:
+        book = self._lease_book(h)
+        shard = h["shard"]
+        if book.held.get(shard) != h["rank"]:
+            raise ConfigError(
+                f"data set {h['dataset']!r} epoch {h['epoch']}: shard {shard} is not leased to "
+                f"worker[{h['rank']}]"
+            )
+        del book.held[shard]
+        book.done.add(shard)
+        self.router.reply(identity, h["id"])
 
     # ---- shutdown -------------------------------------------------------------------------
 

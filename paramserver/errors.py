@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DataError",
     "NodeLostError",
     "PSError",
     "PSTimeoutError",
@@ -18,6 +19,11 @@ class PSError(Exception):
 
 class ConfigError(PSError, ValueError):
     """Bad settings or arguments: a wrong shape, dtype, option or spec."""
+
+
+class DataError(PSError, ValueError):
+    """Bad input data: a malformed line (named by file and line), a missing file, a label
+    outside {0, 1}, a download whose checksum does not match its pin."""
 
 
 class ProtocolError(PSError):

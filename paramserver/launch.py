@@ -615,10 +615,16 @@ def run_job(
 
     Example:
         code = run_job(["train.py", "--epochs", "2"], servers=2, workers=4)
+        code = run_job(["-m", "paramserver.models.logreg"], servers=2, workers=2)
     """
     if not script:
         raise ConfigError("no worker program given")
-    if not os.path.isfile(script[0]):
+    if script[0] == "-m":
+        import importlib.util
+
+        if len(script) < 2 or importlib.util.find_spec(script[1]) is None:
+            raise ConfigError(f"worker module {script[1] if len(script) > 1 else ''!r} not found")
+    elif not os.path.isfile(script[0]):
         raise ConfigError(f"worker program {script[0]!r} is not a file")
     out = out or sys.stdout
     timeouts = timeouts or Timeouts()

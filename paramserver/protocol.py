@@ -78,6 +78,7 @@ def _opt(check: Check) -> Check:
 U63 = _int(0, (1 << 63) - 1)
 RANK = _int(0, 1 << 20)
 NAME = _str(128)
+MAX_SHARDS = 1 << 24
 ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
 
 # kind -> {field: (check, required)}. Fields common to all kinds ("kind", "id", "v", "arrays")
@@ -105,6 +106,19 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     "save": {"path": (_str(4096), True), "clock": (U63, True), "timeout": (_is_timeout, True)},
     "leave": {"role": (ROLE, True), "rank": (RANK, True), "token": (U63, True)},
     "shutdown": {},
+    # data leases (coordinator): which shard of a data set a worker reads next in an epoch
+    "acquire_lease": {
+        "dataset": (NAME, True),
+        "epoch": (U63, True),
+        "shards": (_int(1, MAX_SHARDS), True),
+        "rank": (RANK, True),
+    },
+    "complete_lease": {
+        "dataset": (NAME, True),
+        "epoch": (U63, True),
+        "shard": (_int(0, MAX_SHARDS - 1), True),
+        "rank": (RANK, True),
+    },
     # coordinator -> node
     "view": {"view": (_is_map, True)},
     "stop": {},
@@ -137,6 +151,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "tables": (_opt(lambda v: isinstance(v, list)), False),
         "stats": (_opt(_is_map), False),
         "path": (_opt(_str(4096)), False),
+        "shard": (_opt(_int(-1, MAX_SHARDS - 1)), False),
     },
     "error": {"code": (_str(64), True), "message": (_str(4096), True)},
 }

@@ -1,185 +1,209 @@
-"""Sparse logistic regression trained with FTRL-Proximal on the servers.
+"""Sparse logistic regression trained with FTRL-Proximal (L1) on the servers.
 
-The worker program hashes each example's categorical features to uint64 keys, pulls their
-weights (one row of width 1 per key), computes the logistic loss gradient and pushes it; the
-servers apply FTRL with L1, so most weights stay exactly zero.
+Each example's hashed (field, value) keys, plus one bias key, index one weight each (a sparse
+table of width 1). A worker pulls the weights of a batch's distinct keys, computes the logistic
+loss gradient per example and pushes it per key (repeated keys summed by the client); the
+servers apply FTRL-Proximal, whose L1 term keeps most weights exactly zero. Training data is
+handed out by the coordinator as leases (shards of rows); rank 0 evaluates after every epoch.
 
-Run it as the demo (``paramserver demo``), or as the worker script of a cluster:
-``paramserver run -s 2 -w 2 -m paramserver.models.logreg`` is not supported by ``run``; use
-``paramserver run -s 2 -w 2 paramserver/models/logreg.py``.
+    paramserver train logreg --data movielens --epochs 3
+    paramserver run -s 2 -w 4 paramserver/models/logreg.py --data synthetic   (a process per worker)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 import paramserver as ps
+from paramserver.data.ctr import CTRBatch
+from paramserver.data.evaluate import auc, logloss
+from paramserver.data.hashing import hash_field
+from paramserver.data.shards import ArrayShards
+from paramserver.models.program import (
+    Report,
+    add_common_args,
+    add_ctr_args,
+    load_ctr,
+    progress,
+    run,
+)
 
-__all__ = ["SyntheticCTR", "auc", "demo", "train"]
+__all__ = ["evaluate", "main", "parser", "train", "train_worker"]
 
-
-@dataclass(frozen=True)
-class SyntheticCTR:
-    """Generated click data (labelled synthetic): ``fields`` categorical fields per example,
-    power-law value frequencies, labels drawn from a known logistic model.
-
-    Example:
-        x_train, y_train, x_test, y_test = SyntheticCTR().make()
-    """
-
-    examples: int = 200_000
-    fields: int = 16
-    vocab: int = 20_000
-    test_fraction: float = 0.2
-    seed: int = 0
-
-    def make(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(self.seed)
-        # value ids with a Zipf-like law; key = (field, value) hashed into uint64
-        values = np.minimum(rng.zipf(1.3, size=(self.examples, self.fields)), self.vocab) - 1
-        field_ids = np.arange(self.fields, dtype=np.uint64)
-        keys = (field_ids[None, :] << np.uint64(40)) | values.astype(np.uint64)
-        true_w = rng.normal(0.0, 1.0, size=(self.fields, self.vocab)) * (
-            rng.random((self.fields, self.vocab)) < 0.3
-        )
-        logits = true_w[np.arange(self.fields)[None, :], values].sum(axis=1) - 0.5
-        y = (rng.random(self.examples) < 1 / (1 + np.exp(-logits))).astype(np.float32)
-        n_test = int(self.examples * self.test_fraction)
-        return keys[n_test:], y[n_test:], keys[:n_test], y[:n_test]
+BIAS_KEY = np.uint64(hash_field(1 << 20, np.zeros(1, np.uint64))[0])
 
 
-def auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (rank formula, ties averaged).
-
-    Example:
-        auc(np.array([0, 1]), np.array([0.1, 0.9]))  # 1.0
-    """
-    order = np.argsort(score, kind="mergesort")
-    s = score[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average ranks over ties
-    _, first, counts = np.unique(s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def _with_bias(keys: np.ndarray) -> np.ndarray:
+    out = np.empty((len(keys), keys.shape[1] + 1), dtype=np.uint64)
+    out[:, :-1] = keys
+    out[:, -1] = BIAS_KEY
+    return out
 
 
-def _predict(table: ps.SparseTable, bias: ps.DenseTable, x: np.ndarray, create: bool) -> np.ndarray:
-    w = table.pull(x, create=create)[..., 0]  # (batch, fields)
-    z = w.sum(axis=1) + bias.pull()[0]
-    p: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+def predict(table: ps.SparseTable, keys: np.ndarray, *, create: bool = False) -> np.ndarray:
+    """Click probabilities of examples with hashed ``keys`` (examples x fields)."""
+    w = table.pull(_with_bias(keys), create=create)[..., 0]
+    p: np.ndarray = 1.0 / (1.0 + np.exp(-w.sum(axis=1, dtype=np.float64)))
     return p
 
 
-def _logloss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+def evaluate(table: ps.SparseTable, test: CTRBatch, train_keys: np.ndarray) -> dict[str, Any]:
+    """Test AUC and log-loss, and how many weights of the training keys are nonzero."""
+    p = np.concatenate(
+        [predict(table, test.keys[i : i + 16384]) for i in range(0, len(test), 16384)]
+    )
+    w = table.pull(train_keys, create=False)[:, 0]
+    return {
+        "test_auc": auc(test.y, p),
+        "test_logloss": logloss(test.y, p),
+        "nonzero_weights": int(np.count_nonzero(w)),
+    }
 
 
-def train(
+def train_worker(
     client: ps.Client,
-    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    train: CTRBatch,
+    test: CTRBatch,
     *,
     epochs: int = 3,
-    batch: int = 1024,
+    batch: int = 512,
     consistency: str = "async",
-    log: Any = print,
+    alpha: float = 0.2,
+    beta: float = 1.0,
+    l1: float = 0.1,
+    l2: float = 1.0,
+    shard_rows: int = 8192,
+    slow_rank: int = -1,
+    slow_factor: float = 1.0,
+    eval_every: int = 0,
+    report: Report | None = None,
+    show: bool = True,
 ) -> dict[str, Any]:
-    """Train on this worker's share of the data (rows rank::num_workers); returns metrics."""
-    x_train, y_train, x_test, y_test = data
+    """Train on the leased shards of ``train``; rank 0 evaluates on ``test`` (after every epoch,
+    and every ``eval_every`` steps if set). Returns the curve and the staleness histogram."""
     table = client.sparse_table(
         "logreg/w",
         dim=1,
-        optimizer=ps.optim.FTRL(alpha=0.1, beta=1.0, l1=1.0),
+        optimizer=ps.optim.FTRL(alpha=alpha, beta=beta, l1=l1, l2=l2),
         consistency=consistency,
     )
-    bias = client.dense_table(
-        "logreg/b", shape=(1,), optimizer=ps.optim.SGD(lr=0.05), consistency=consistency
-    )
-    mine = slice(client.rank, None, client.num_workers)
-    x, y = x_train[mine], y_train[mine]
-    history = []
+    shards = ArrayShards("logreg/train", train, rows=shard_rows)
+    train_keys = np.unique(_with_bias(train.keys))
+    lead = client.rank == 0
+    curve: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    steps = 0
     for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        losses = []
+        losses: list[float] = []
+        seen = 0
+        parts = progress(
+            shards.parts(client, epoch, consistency),
+            desc=f"logreg epoch {epoch}",
+            show=show and lead,
+        )
         pending: list[ps.Future[None]] = []
-        for i in range(0, len(x), batch):
-            xb, yb = x[i : i + batch], y[i : i + batch]
-            p = _predict(table, bias, xb, create=True)
-            losses.append(_logloss(yb, p))
-            g = (p - yb).astype(np.float32)  # d loss / d logit, summed per key by the client
-            grads = np.repeat(g[:, None], xb.shape[1], axis=1)[..., None]
-            for f in pending:
-                f.result()
-            pending = [table.push(xb, grads), bias.push(np.array([g.mean()], dtype=np.float32))]
-            client.clock()
+        for part in parts:
+            for i in range(0, len(part), batch):
+                tick = time.perf_counter()
+                xb, yb = part.keys[i : i + batch], part.y[i : i + batch]
+                keys = _with_bias(xb)
+                p = predict(table, xb, create=True)
+                losses.append(logloss(yb, p) * len(yb))
+                seen += len(yb)
+                g = (p - yb).astype(np.float32)
+                grads = np.broadcast_to(g[:, None, None], (*keys.shape, 1))
+                for f in pending:
+                    f.result()
+                pending = [table.push(keys, np.ascontiguousarray(grads))]
+                client.clock()
+                steps += 1
+                if client.rank == slow_rank and slow_factor > 1:
+                    time.sleep((slow_factor - 1) * (time.perf_counter() - tick))
+                if lead and eval_every and steps % eval_every == 0:
+                    m = evaluate(table, test, train_keys)
+                    curve.append({"seconds": time.perf_counter() - t0, "step": steps, **m})
         for f in pending:
             f.result()
-        client.barrier("epoch")
-        p_test = np.concatenate(
-            [
-                _predict(table, bias, x_test[i : i + 8192], create=False)
-                for i in range(0, len(x_test), 8192)
-            ]
-        )
-        nonzero = sum(int(t["tables"]["logreg/w"]["rows"]) for t in client.stats())
-        rec = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "test_loss": _logloss(y_test, p_test),
-            "test_auc": auc(y_test, p_test),
-            "rows": nonzero,
-            "seconds": time.perf_counter() - start,
-        }
-        history.append(rec)
-        log(
-            f"worker[{client.rank}] epoch {epoch}: train loss {rec['train_loss']:.4f}  "
-            f"test loss {rec['test_loss']:.4f}  test AUC {rec['test_auc']:.4f}  "
-            f"({rec['seconds']:.1f}s)"
-        )
-    return {"history": history}
+        client.barrier("logreg/epoch")
+        if lead:
+            m = evaluate(table, test, train_keys)
+            curve.append({"seconds": time.perf_counter() - t0, "step": steps, **m})
+            if report is not None:
+                # the loss of this worker's batches, before each update (progressive validation)
+                report.epoch(epoch, train_loss=float(np.sum(losses) / max(1, seen)), **m)
+    client.barrier("logreg/done")
+    return {"curve": curve, "staleness": table.staleness(), "steps": steps}
 
 
-def demo(servers: int = 2, workers: int = 1, epochs: int = 3) -> int:
-    """The main job until the full demo exists: FTRL logistic regression on generated data."""
-    print(
-        f"paramserver demo: sparse logistic regression (FTRL, L1) on synthetic CTR data, "
-        f"{servers} servers, {workers} worker(s)"
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="paramserver train logreg",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if workers > 1:
-        return ps.launch.run_job(
-            [__file__, "--epochs", str(epochs)], servers=servers, workers=workers
+    add_common_args(p)
+    add_ctr_args(p)
+    p.add_argument("--alpha", type=float, default=0.2, help="FTRL learning rate alpha")
+    p.add_argument("--beta", type=float, default=1.0, help="FTRL beta")
+    p.add_argument("--l1", type=float, default=0.1, help="FTRL L1 strength")
+    p.add_argument("--l2", type=float, default=1.0, help="FTRL L2 strength")
+    p.add_argument(
+        "--baseline", action="store_true", help="also fit scikit-learn's logistic regression"
+    )
+    return p
+
+
+def train(client: ps.Client, args: argparse.Namespace) -> int:
+    """The program: load the data, train, report (rank 0)."""
+    tr, te, what = load_ctr(args)
+    lead = client.rank == 0
+    report = Report(
+        "logreg",
+        args.out,
+        show=lead,
+        data=what,
+        baseline_auc=args.baseline_auc,
+        title=f"FTRL logistic regression, {what}",
+    )
+    if lead:
+        print(
+            f"logreg: {what}: {len(tr)} train / {len(te)} test examples, {tr.fields} fields; "
+            f"{client.num_servers} servers, {client.num_workers} workers",
+            flush=True,
         )
-    data = SyntheticCTR().make()
-    with ps.LocalCluster(servers=servers, workers=1) as cluster:
-        client = cluster.connect()
-        result = train(client, data, epochs=epochs)
-    losses = [h["train_loss"] for h in result["history"]]
-    print("train loss by epoch:", " -> ".join(f"{v:.4f}" for v in losses))
-    return 0 if losses[-1] < losses[0] else 1
+        if args.baseline:
+            from paramserver.models.baselines import sklearn_logreg
+
+            base = sklearn_logreg(tr, te)
+            report.info["baseline"] = {
+                "name": "scikit-learn LogisticRegression, one process",
+                **base,
+            }
+            report.info["baseline_auc"] = base["test_auc"]
+            print(
+                f"logreg: single-process scikit-learn baseline: test AUC {base['test_auc']:.4f}",
+                flush=True,
+            )
+    out = train_worker(
+        client, tr, te, epochs=args.epochs, batch=args.batch, consistency=args.consistency,
+        alpha=args.alpha, beta=args.beta, l1=args.l1, l2=args.l2, report=report,
+        show=not args.no_progress,
+    )  # fmt: skip
+    if lead:
+        report.info["staleness"] = {str(k): v for k, v in out["staleness"].items()}
+        js, png = report.save()
+        print(f"logreg: wrote {js} and {png}", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry under ``paramserver run``."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--consistency", default="async")
-    args = p.parse_args(argv)
-    data = SyntheticCTR().make()
-    with ps.connect() as client:
-        train(client, data, epochs=args.epochs, consistency=args.consistency)
-    return 0
+    """``paramserver train logreg ...`` and ``python -m paramserver.models.logreg ...``."""
+    return run("paramserver.models.logreg", parser(), train, argv)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
 import json
 
 import paramserver as ps
-from paramserver.models.logreg import SyntheticCTR, train
+from paramserver.data.ctr import SyntheticCriteo
+from paramserver.models.logreg import train_worker
 
-data = SyntheticCTR(examples=20000).make()
+train, test = SyntheticCriteo(examples=20000).make()
 with ps.connect() as client:
-    result = train(client, data, epochs=3, batch=512)
-print("RESULT", json.dumps({"rank": client.rank, "history": result["history"]}), flush=True)
+    result = train_worker(client, train, test, epochs=3, batch=512, show=False)
+print("RESULT", json.dumps({"rank": client.rank, "curve": result["curve"]}), flush=True)

