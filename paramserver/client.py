@@ -18,8 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.config import Timeouts, from_env, normalize_address, parse_consistency
-from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError
+from paramserver import shm
+from paramserver.config import (
+    Timeouts,
+    from_env,
+    normalize_address,
+    parse_consistency,
+    parse_transport,
+)
+from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
 from paramserver.partition import HashRing, split_by_owner
@@ -36,11 +43,14 @@ def connect(
     *,
     rank: int | None = None,
     timeouts: Timeouts | None = None,
+    transport: str | None = None,
 ) -> Client:
     """Join a cluster as a worker.
 
     With no address, the coordinator comes from ``PS_COORDINATOR`` (and the rank from
-    ``PS_RANK``), as set by ``paramserver run`` or any other launcher.
+    ``PS_RANK``), as set by ``paramserver run`` or any other launcher. ``transport``
+    (default ``PS_TRANSPORT``, else ``"auto"``): ``"auto"`` passes dense tables through shared
+    memory with servers on this host and uses TCP for the rest; ``"tcp"`` always uses TCP.
 
     Example:
         client = ps.connect("127.0.0.1:7000")
@@ -55,6 +65,7 @@ def connect(
         normalize_address(address),
         rank=env.rank if rank is None else rank,
         timeouts=timeouts or env.timeouts,
+        transport=transport,
     )
 
 
@@ -73,10 +84,16 @@ class Client:
     """
 
     def __init__(
-        self, coordinator: str, *, rank: int | None = None, timeouts: Timeouts | None = None
+        self,
+        coordinator: str,
+        *,
+        rank: int | None = None,
+        timeouts: Timeouts | None = None,
+        transport: str | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.timeouts = timeouts or Timeouts()
+        self.transport = from_env().transport if transport is None else parse_transport(transport)
         self._ctx = new_context()
         self._ep = Endpoint(self._ctx, self.timeouts.request, on_message=self._on_message)
         self._ep.connect("coordinator", coordinator)
@@ -439,7 +456,7 @@ class _Handle:
             )
         if g.shape != shape:
             raise ConfigError(f"table {self.name!r}: gradient shape must be {shape}, got {g.shape}")
-        if not np.isfinite(g).all():
+        if not _all_finite(g):
             raise ConfigError(
                 f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
                 "the table is unchanged"
@@ -583,6 +600,17 @@ class SparseTable(_Handle):
         return gather(futs, f"push to table {self.name!r}", lambda _: None)
 
 
+def _all_finite(g: np.ndarray) -> bool:
+    # A dot product is finite only if every element is (inf and NaN propagate); it runs at
+    # memory speed without temporaries. Only when it overflows is the exact check needed.
+    if g.dtype.kind == "f" and g.ndim >= 1 and g.flags.c_contiguous and g.size:
+        flat = g.reshape(-1)
+        with np.errstate(all="ignore"):
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(g).all())
+
+
 def _is_sorted(a: np.ndarray) -> bool:
     return bool(len(a) < 2 or (a[1:] > a[:-1]).all())
 
@@ -590,27 +618,149 @@ def _is_sorted(a: np.ndarray) -> bool:
 class DenseTable(_Handle):
     """Handle on a dense table: one array of ``shape``.
 
+    With servers on the same host (and ``transport="auto"``) values travel through a shared
+    memory segment per table and worker: only headers go over the socket.
+
     Example:
         w = dense.pull(); dense.push(np.ones_like(w)).result()
     """
+
+    def __init__(self, client: Client, spec: TableSpec) -> None:
+        super().__init__(client, spec)
+        self._seg: shm.Segment | None = None
+        self._shm_tried = False
+        self._last_push: Future[None] | None = None
+        self._sendbuf: np.ndarray | None = None
+        self._recvbuf: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.spec.shape
 
-    def pull_async(self, *, timeout: float | None = None) -> Future[np.ndarray]:
-        """Start a pull of the whole array and return its future."""
+    @property
+    def shared_memory(self) -> bool:
+        """Whether this table's values travel through shared memory (decided on first use)."""
+        self._lane()
+        return self._seg is not None
+
+    def _lane(self) -> shm.Segment | None:
+        """The shared-memory segment, attached to every server of the table on first use."""
+        if self._shm_tried:
+            return self._seg
+        c = self.client
+        if c.transport != "auto":
+            self._shm_tried = True
+            return None
+        seg = shm.create(self.spec.size * self.dtype.itemsize)
+        if seg is None:
+            self._shm_tried = True
+            return None
+        ok = True
+        try:
+            futs = [
+                c._ep.request(
+                    _server(s),
+                    {
+                        "kind": "attach",
+                        "table": self.name,
+                        "rank": c.rank,
+                        "path": seg.path,
+                        "nonce": seg.nonce,
+                    },
+                    what=f"attaching shared memory for table {self.name!r} on {_server(s)}",
+                )
+                for s, _, _ in self.spec.ranges
+            ]
+            for f in futs:
+                try:
+                    f.result(c.timeouts.request)
+                except RemoteError as exc:  # another host, or no /dev/shm there: use TCP
+                    log.info("table %r: shared memory refused (%s); using TCP", self.name, exc)
+                    ok = False
+        except BaseException:
+            seg.close()
+            raise
+        seg.unlink()  # every server has mapped it (or refused): no name left to clean up
+        self._shm_tried = True
+        if ok:
+            self._seg = seg
+        else:
+            seg.close()
+        return self._seg
+
+    def _wait_push(self) -> None:
+        # its error, if any, belongs to whoever holds that push's future
+        if self._last_push is not None:
+            try:
+                self._last_push.exception()
+            finally:
+                self._last_push = None
+
+    def push_buffer(self) -> np.ndarray:
+        """A writable array of the table's shape to compute a gradient into; ``push(buf)`` then
+        sends it without a copy (on the same host the server reads it where it lies). Waits
+        until the previous push was applied; the contents are undefined until written.
+
+        Example:
+            buf = dense.push_buffer(); np.multiply(x, 0.5, out=buf); dense.push(buf)
+        """
+        self.client._check()
+        seg = self._lane()
+        self._wait_push()
+        if seg is not None:
+            return seg.grad.view(self.dtype)[: self.spec.size].reshape(self.shape)
+        if self._sendbuf is None:
+            self._sendbuf = np.empty(self.shape, self.dtype)
+        return self._sendbuf
+
+    def pull_async(
+        self,
+        *,
+        timeout: float | None = None,
+        out: np.ndarray | None = None,
+        copy: bool = True,
+    ) -> Future[np.ndarray]:
+        """Start a pull of the whole array and return its future (see :meth:`pull`)."""
         c = self.client
         c._check()
         limit = c.timeouts.request if timeout is None else timeout
+        if out is not None and (
+            not isinstance(out, np.ndarray)
+            or out.dtype != self.dtype
+            or out.shape != self.shape
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise ConfigError(
+                f"table {self.name!r}: out must be a writeable C-contiguous {self.dtype} array "
+                f"of shape {self.shape}"
+            )
+        seg = self._lane()
         header = self._pull_header(True, limit)
+        if seg is not None:
+            header["shm"] = True
         staleness: list[int] = []
 
-        def part(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray:
+        def part(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray | None:
             staleness.append(int(msg[0].get("staleness") or 0))
+            if seg is not None:
+                if not msg[0].get("shm") or msg[1]:
+                    raise ConfigError(f"table {self.name!r}: server did not answer in memory")
+                return None
             return msg[1][0]
 
         ranges = self.spec.ranges
+        # over TCP, replies are assembled straight into the result (no second copy)
+        dest = None
+        if seg is None:
+            if out is None and not copy:  # a read-only view of a reused receive buffer
+                if self._recvbuf is None:
+                    self._recvbuf = np.empty(self.shape, self.dtype)
+                out_ = self._recvbuf
+            else:
+                out_ = out if out is not None else np.empty(self.shape, self.dtype)
+            dest = out_.reshape(-1)
+        item = self.dtype.itemsize
         futs = [
             c._ep.request(
                 _server(s),
@@ -618,32 +768,61 @@ class DenseTable(_Handle):
                 what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
                 f"({c._ep.address_of(_server(s))})",
                 parse=part,
+                sink=None if dest is None else dest.view(np.uint8)[a * item : b * item],
             )
             for s, a, b in ranges
         ]
 
-        def combine(results: list[np.ndarray]) -> np.ndarray:
-            out = np.empty(self.spec.size, dtype=self.dtype)
+        def combine(results: list[np.ndarray | None]) -> np.ndarray:
+            self._record(staleness)
+            if seg is not None:
+                view = seg.reply.view(self.dtype)[: self.spec.size].reshape(self.shape)
+                if out is not None:
+                    np.copyto(out, view)
+                    return out
+                if copy:
+                    return view.copy()
+                ro = view.view()
+                ro.flags.writeable = False
+                return ro
+            assert dest is not None
             for (_, a, b), r in zip(ranges, results, strict=True):
+                assert r is not None
                 if r.shape != (b - a,):
                     raise ConfigError(f"table {self.name!r}: server answered shape {r.shape}")
-                out[a:b] = r
-            self._record(staleness)
-            return out.reshape(self.shape)
+                if r.ctypes.data != dest[a:b].ctypes.data:
+                    dest[a:b] = r
+            res = dest.reshape(self.shape)
+            if out is None and not copy:
+                res = res.view()
+                res.flags.writeable = False
+            return res
 
         return gather(futs, f"pull of table {self.name!r}", combine)
 
-    def pull(self, *, timeout: float | None = None) -> np.ndarray:
-        """Return the whole array (a fresh, writable copy).
+    def pull(
+        self,
+        *,
+        timeout: float | None = None,
+        out: np.ndarray | None = None,
+        copy: bool = True,
+    ) -> np.ndarray:
+        """Return the whole array: a fresh, writable copy; or written into ``out`` (reused, no
+        allocation); or, with ``copy=False``, a read-only view of this worker's receive buffer
+        (on the same host the shared reply buffer: no copy at all), valid until this worker's
+        next push or pull of the table.
 
         Example:
             w = dense.pull()
+            dense.pull(out=w)                 # refresh in place
+            view = dense.pull(copy=False)     # zero-copy, read-only
         """
         limit = self.client.timeouts.request if timeout is None else timeout
-        return self.pull_async(timeout=limit).result(limit + 1.0)
+        return self.pull_async(timeout=limit, out=out, copy=copy).result(limit + 1.0)
 
     def push(self, grad: Any) -> Future[None]:
-        """Send a gradient of the table's shape; returns at once (``.result()`` waits).
+        """Send a gradient of the table's shape; returns at once (``.result()`` waits). Do not
+        modify ``grad`` until then. A gradient computed into :meth:`push_buffer` is not copied.
 
         Example:
             dense.push(grad).result()
@@ -651,6 +830,7 @@ class DenseTable(_Handle):
         c = self.client
         c._check()
         g = self._check_grads(grad, self.shape).reshape(-1)
+        seg = self._lane()
         header = {
             "kind": "push",
             "table": self.name,
@@ -658,14 +838,27 @@ class DenseTable(_Handle):
             "clock": c._clock,
             "seq": c._next_seq(),
         }
+        if seg is not None:
+            mine = seg.grad.view(self.dtype)[: self.spec.size]
+            if g.ctypes.data != mine.ctypes.data:
+                self._wait_push()  # the server may still be reading the previous gradient
+                np.copyto(mine, g)
+            header["shm"] = True
+            arrays: list[list[np.ndarray]] = [[] for _ in self.spec.ranges]
+        else:
+            if self._sendbuf is not None and g.ctypes.data == self._sendbuf.ctypes.data:
+                self._wait_push()
+            arrays = [[g[a:b]] for _, a, b in self.spec.ranges]
         futs = [
             c._ep.request(
                 _server(s),
                 header,
-                [g[a:b]],
+                arr,
                 what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",
             )
-            for s, a, b in self.spec.ranges
+            for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
         ]
         c._ep.poll(0)
-        return gather(futs, f"push to table {self.name!r}", lambda _: None)
+        fut: Future[None] = gather(futs, f"push to table {self.name!r}", lambda _: None)
+        self._last_push = fut
+        return fut

@@ -17,6 +17,7 @@ Environment variables:
 ``PS_REQUEST_TIMEOUT``     default timeout of a blocking call, seconds (default 60)
 ``PS_CONNECT_TIMEOUT``     timeout to join a cluster, seconds (default 30)
 ``PS_LOG_LEVEL``           log level of the CLI's handler (default INFO)
+``PS_TRANSPORT``           ``auto`` (shared memory with servers on this host, else TCP) or ``tcp``
 =========================  ===================================================================
 """
 
@@ -49,6 +50,7 @@ ENV_VARS = (
     "PS_REQUEST_TIMEOUT",
     "PS_CONNECT_TIMEOUT",
     "PS_LOG_LEVEL",
+    "PS_TRANSPORT",
 )
 
 
@@ -91,6 +93,7 @@ class WorkerEnv:
     consistency: str = "async"
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "INFO"
+    transport: str = "auto"
 
 
 def normalize_address(address: str) -> str:
@@ -123,6 +126,20 @@ def parse_consistency(value: str) -> tuple[str, int]:
     if isinstance(value, str) and value.startswith("ssp:") and value[4:].isdigit():
         return "ssp", int(value[4:])
     raise ConfigError(f"consistency must be 'sync', 'async' or 'ssp:N' with N >= 0, got {value!r}")
+
+
+TRANSPORTS = ("auto", "tcp")
+
+
+def parse_transport(value: str, what: str = "transport") -> str:
+    """``auto``: shared memory with servers on the same host, TCP otherwise; ``tcp``: always TCP.
+
+    Example:
+        parse_transport("tcp")  # "tcp"
+    """
+    if value not in TRANSPORTS:
+        raise ConfigError(f"{what} must be one of {TRANSPORTS}, got {value!r}")
+    return value
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -180,4 +197,5 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
         num_servers=_int(env, "PS_NUM_SERVERS"),
         timeouts=timeouts,
         log_level=env.get("PS_LOG_LEVEL", "INFO") or "INFO",
+        transport=parse_transport(env.get("PS_TRANSPORT") or "auto", "PS_TRANSPORT"),
     )

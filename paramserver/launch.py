@@ -123,7 +123,7 @@ class _Children:
             stdout=subprocess.PIPE if piped else None,
             stderr=subprocess.STDOUT if piped else None,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         self.procs.append((name, proc))
         if piped:
@@ -271,8 +271,9 @@ class LocalCluster:
             ep.close()
             ctx.term()
 
-    def connect(self, *, rank: int | None = None) -> Any:
-        """Join this cluster as a worker from the current process; returns a Client.
+    def connect(self, *, rank: int | None = None, transport: str | None = None) -> Any:
+        """Join this cluster as a worker from the current process; returns a Client
+        (``transport="tcp"`` keeps values off shared memory, see :func:`paramserver.connect`).
 
         Example:
             client = cluster.connect()
@@ -281,7 +282,7 @@ class LocalCluster:
 
         if not self._started:
             self.start()
-        client = Client(self.address, rank=rank, timeouts=self.timeouts)
+        client = Client(self.address, rank=rank, timeouts=self.timeouts, transport=transport)
         self._clients.append(client)
         return client
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from paramserver import protocol
+from paramserver import protocol, shm
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError
 from paramserver.server.consistency import (
@@ -57,6 +57,12 @@ class Table:
     sync: SyncBuffer | None = None
     pulls: int = 0
     pushes: int = 0
+    # dense, same host: worker rank -> its shared-memory segment, and the table version its
+    # reply region holds (``version`` counts the updates applied here)
+    segments: dict[int, shm.Segment] = field(default_factory=dict)
+    reply_version: dict[int, int] = field(default_factory=dict)
+    version: int = 0
+    reply_buf: tuple[np.ndarray | None, Any] = (None, None)
 
 
 @dataclass
@@ -104,6 +110,16 @@ class Server:
         )
         self._coord.connect("coordinator", coordinator)
         self._heartbeat: Heartbeat | None = None
+        # reused receive buffers for arrays that arrive in several frames (no page faults per
+        # message); an array decoded into one is only valid while its request is handled
+        self._scratch: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+
+    def _alloc(self, i: int, nbytes: int) -> np.ndarray:
+        if i >= len(self._scratch):
+            return np.empty(nbytes, np.uint8)
+        if self._scratch[i].nbytes < nbytes:
+            self._scratch[i] = np.empty(nbytes, np.uint8)
+        return self._scratch[i]
 
     # ---- life -----------------------------------------------------------------------------
 
@@ -169,6 +185,9 @@ class Server:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat.join(timeout=2)
+        for t in self.tables.values():
+            for seg in t.segments.values():
+                seg.close()
         self._coord.close()
         self.router.close()
         self.ctx.term()
@@ -200,7 +219,7 @@ class Server:
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
         try:
-            header, arrays = protocol.decode(frames)
+            header, arrays = protocol.decode(frames, self._alloc)
         except ProtocolError as exc:
             log.warning("%s: malformed message dropped: %s", self.name, exc)
             self.router.error(identity, 0, "protocol", f"{self.name}: {exc}")
@@ -326,7 +345,8 @@ class Server:
         else:
             # answer just before the worker gives up, with a reason that names who is slow
             wait = max(0.0, h["timeout"] * 0.95 - 0.05)
-            self.deferred.append(DeferredPull(identity, h, keys, time.monotonic() + wait))
+            kept = None if keys is None else keys.copy()  # keys may live in a reused buffer
+            self.deferred.append(DeferredPull(identity, h, kept, time.monotonic() + wait))
 
     def _pull_keys(self, t: Table, arrays: list[np.ndarray]) -> np.ndarray | None:
         if t.spec.kind == "dense":
@@ -354,15 +374,68 @@ class Server:
         self, identity: bytes, h: dict[str, Any], t: Table, keys: np.ndarray | None
     ) -> None:
         assert t.shard is not None
+        staleness = staleness_of(h["clock"], self.clocks.min_clock)
         if isinstance(t.shard, SparseShard):
             assert keys is not None
             rows = t.shard.pull(keys, create=h["create"])
+        elif h.get("shm"):
+            rank = h["rank"]
+            reply = self._reply_region(t, rank)
+            if t.reply_version.get(rank) != t.version:  # else the worker's buffer is current
+                t.shard.pull(out=reply)
+                t.reply_version[rank] = t.version
+            t.pulls += 1
+            self.router.reply(identity, h["id"], staleness=staleness, shm=True)
+            return
         else:
-            rows = t.shard.pull()
+            # into a reused reply buffer once libzmq has finished sending its last contents
+            # (a fresh 64 MiB array per pull costs as much in page faults as the transfer)
+            buf, tracker = t.reply_buf
+            if buf is None or not (tracker is None or tracker.done):
+                buf = np.empty(t.stop - t.start, t.spec.np_dtype)
+            rows = t.shard.pull(out=buf)
+            t.pulls += 1
+            tracker = self.router.reply(identity, h["id"], [rows], track=True, staleness=staleness)
+            t.reply_buf = (buf, tracker)
+            return
         t.pulls += 1
-        self.router.reply(
-            identity, h["id"], [rows], staleness=staleness_of(h["clock"], self.clocks.min_clock)
-        )
+        self.router.reply(identity, h["id"], [rows], staleness=staleness)
+
+    def _segment(self, t: Table, rank: int) -> shm.Segment:
+        seg = t.segments.get(rank)
+        if seg is None:
+            raise Refused(
+                "invalid",
+                f"worker[{rank}] has no shared-memory segment attached for table "
+                f"{t.spec.name!r} on {self.name}",
+            )
+        return seg
+
+    def _reply_region(self, t: Table, rank: int) -> np.ndarray:
+        seg = self._segment(t, rank)
+        dt = t.spec.np_dtype
+        return seg.reply.view(dt)[t.start : t.stop]
+
+    def _on_attach(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        t = self._table(h["table"])
+        rank = h["rank"]
+        if t.spec.kind != "dense" or t.shard is None:
+            raise Refused(
+                "invalid", f"{self.name} holds no range of dense table {t.spec.name!r} to share"
+            )
+        if arrays:
+            raise Refused("invalid", "attach takes no arrays")
+        nbytes = t.spec.size * t.spec.np_dtype.itemsize
+        try:
+            seg = shm.attach(h["path"], h["nonce"], nbytes)
+        except OSError as exc:
+            raise Refused("no_shm", f"{self.name} cannot map {h['path']!r}: {exc}") from None
+        old = t.segments.pop(rank, None)
+        if old is not None:
+            old.close()
+        t.segments[rank] = seg
+        t.reply_version.pop(rank, None)
+        self.router.reply(identity, h["id"])
 
     def _on_push(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         t = self._table(h["table"])
@@ -382,6 +455,12 @@ class Server:
                     f"{where}: keys must be a 1-D uint64 array, got {keys.ndim}-D {keys.dtype}",
                 )
             want: tuple[int, ...] = (len(keys), t.spec.dim)
+        elif h.get("shm"):
+            if arrays:
+                raise Refused("invalid", f"{where}: a shared-memory push carries no arrays")
+            keys = None
+            grads = self._segment(t, rank).grad.view(dtype)[t.start : t.stop]
+            want = (t.stop - t.start,)
         else:
             if len(arrays) != 1:
                 raise Refused("invalid", f"{where}: needs exactly one gradient array")
@@ -405,12 +484,22 @@ class Server:
         if t.sync is not None:
             if h["clock"] < self.clocks.clock[rank]:
                 raise Refused("invalid", f"{where}: clock {h['clock']} is already finished")
+            # kept until the clock completes: copied out of reused or shared buffers
+            grads = grads.copy()
+            if keys is not None:
+                keys = keys.copy()
             t.sync.add(h["clock"], (rank, keys, grads) if keys is not None else (rank, grads))
         elif isinstance(t.shard, SparseShard):
             assert keys is not None
             t.shard.push(keys, grads)
+        elif h.get("shm"):
+            # refresh the worker's reply region in the same pass: its next pull is free
+            t.shard.push(grads, out=self._reply_region(t, rank))
+            t.version += 1
+            t.reply_version[rank] = t.version
         else:
             t.shard.push(grads)
+            t.version += 1
         self.router.reply(identity, h["id"])
 
     # ---- consistency ----------------------------------------------------------------------
@@ -431,6 +520,7 @@ class Server:
                     t.shard.push(keys, mean)
                 else:
                     t.shard.push(aggregate_dense(items, len(live)))
+                t.version += 1
         if self.deferred:
             waiting, self.deferred = self.deferred, []
             for d in waiting:

@@ -477,6 +477,20 @@ class DenseShard:
         return self.size
 
     @property
+    def weights(self) -> npt.NDArray[Any]:
+        """The live weights ``(size,)``, read-only (a view: valid until the next push).
+
+        Example:
+            >>> from paramserver.init import Constant
+            >>> from paramserver.optim import SGD
+            >>> DenseShard(2, "float32", Constant(1.0), SGD(), seed=0).weights.tolist()
+            [1.0, 1.0]
+        """
+        w = self._data[0, : self.size]
+        w.flags.writeable = False
+        return w
+
+    @property
     def nbytes(self) -> int:
         """Bytes allocated for weights and optimizer state."""
         return int(self._data.nbytes)
@@ -494,8 +508,9 @@ class DenseShard:
         np.copyto(res, self._data[0, : self.size])
         return res
 
-    def push(self, grad: npt.NDArray[Any]) -> None:
-        """Apply one optimizer update with gradient ``grad`` ``(size,)`` in the table dtype.
+    def push(self, grad: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> None:
+        """Apply one optimizer update with gradient ``grad`` ``(size,)`` in the table dtype;
+        with ``out``, also write the new weights there (for SGD in the same pass).
 
         Example:
             >>> from paramserver.init import Zeros
@@ -506,7 +521,14 @@ class DenseShard:
             [-1.0, 1.0]
         """
         grad = _check_values("grad", grad, (self.size,), self.dtype)
+        if out is not None:
+            out = _check_out(out, (self.size,), self.dtype)
+            if isinstance(self._rule.opt, SGD):
+                k.sgd_copy(self._data[0, : self.size], grad, out, *self._rule.args)
+                return
         self._rule.apply(self._data, self._row0, grad.reshape(1, self.size))
+        if out is not None:
+            np.copyto(out, self._data[0, : self.size])
 
     def set_optimizer(self, optimizer: Optimizer) -> None:
         """Replace the hyperparameters (same optimizer kind only; the state is kept).
