@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket as pysocket
 import time
-from collections import Counter
-from dataclasses import replace
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, replace
+from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
@@ -478,17 +480,95 @@ class _Handle:
         self._staleness[max(staleness, default=0)] += 1
 
 
+@dataclass
+class _KeyPlan:
+    """How one key list travels: its distinct keys split by server. With ``sig`` set the
+    servers have resolved the keys to rows and later requests carry only the signature."""
+
+    keys: np.ndarray  # the flat key list (a private copy when cached)
+    base: np.ndarray  # the keys sent, in the order rows come back: the list itself if distinct
+    inverse: np.ndarray | None  # base position of each key (None: base is the list)
+    parts: list[tuple[int, np.ndarray | None, np.ndarray]]  # (server, base positions|all, keys)
+    sig: int | None = None
+    known: set[int] = dc_field(default_factory=set)  # servers that have resolved ``sig``
+
+
+KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more, see server.loop)
+
+
+def _fingerprint(flat: np.ndarray) -> tuple[int, ...]:
+    # O(1): length and a few sampled keys. Only a hint: a hit is confirmed by comparing the
+    # whole list, so a collision costs a comparison, never a wrong answer.
+    n = len(flat)
+    if n == 0:
+        return (0,)
+    picks = flat[[0, n // 7, n // 3, n // 2, (2 * n) // 3, n - 1]]
+    return (n, *(int(v) for v in picks))
+
+
 class SparseTable(_Handle):
     """Handle on a sparse table: rows of width ``dim`` keyed by uint64 ids.
+
+    A key list sent again (the same features every step, ps-lite's benchmark shape) is cached
+    after its second sighting: the worker reuses its dedup and routing, and the servers keep
+    the resolved rows, so later requests carry a signature instead of the keys (OSDI 2014).
 
     Example:
         rows = emb.pull(np.array([7, 42, 7], dtype=np.uint64))   # (3, dim)
         emb.push(keys, grads).result()
     """
 
+    def __init__(self, client: Client, spec: TableSpec) -> None:
+        super().__init__(client, spec)
+        self._plans: OrderedDict[tuple[int, ...], _KeyPlan] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
+
     @property
     def dim(self) -> int:
         return self.spec.dim
+
+    def _plan(self, flat: np.ndarray, cacheable: bool) -> _KeyPlan:
+        c = self.client
+        fp = _fingerprint(flat) if cacheable else ()
+        if cacheable:
+            plan = self._plans.get(fp)
+            if plan is not None and np.array_equal(plan.keys, flat):
+                self._plans.move_to_end(fp)
+                return plan
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        distinct = len(uniq) == len(flat)
+        base = flat if distinct else uniq
+        owners = c.ring.route(base)
+        order, bounds = split_by_owner(owners, c.num_servers)
+        parts: list[tuple[int, np.ndarray | None, np.ndarray]] = []
+        for s in range(c.num_servers):
+            idx = order[bounds[s] : bounds[s + 1]]
+            if len(idx) == 0:
+                continue
+            if len(idx) == len(base):  # one server owns every key: no split, no copy
+                parts.append((s, None, np.ascontiguousarray(base)))
+            else:
+                parts.append((s, idx, np.ascontiguousarray(base[idx])))
+        plan = _KeyPlan(flat, base, None if distinct else inverse.reshape(-1), parts)
+        if cacheable:
+            if fp in self._seen:  # second sighting: cache it
+                plan.keys = flat.copy()
+                if distinct:
+                    plan.base = plan.keys
+                plan.sig = secrets.randbits(63)
+                self._plans[fp] = plan
+                while len(self._plans) > KEY_CACHE_LISTS:
+                    self._plans.popitem(last=False)
+            else:
+                self._seen[fp] = None
+                while len(self._seen) > 4 * KEY_CACHE_LISTS:
+                    self._seen.popitem(last=False)
+        return plan
+
+    def _forget(self, plan: _KeyPlan) -> None:
+        for fp, p in list(self._plans.items()):
+            if p is plan:
+                del self._plans[fp]
 
     def pull_async(
         self, keys: Any, *, create: bool = True, timeout: float | None = None
@@ -503,45 +583,87 @@ class SparseTable(_Handle):
         limit = c.timeouts.request if timeout is None else timeout
         k = as_keys(keys, self.name)
         flat = k.reshape(-1)
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        owners = c.ring.route(uniq)
-        order, bounds = split_by_owner(owners, c.num_servers)
+        plan = self._plan(flat, cacheable=create)
         header = self._pull_header(create, limit)
         futs: list[Future[np.ndarray]] = []
-        parts: list[np.ndarray] = []
         staleness: list[int] = []
 
         def rows_of(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray:
             staleness.append(int(msg[0].get("staleness") or 0))
             return msg[1][0]
 
-        for s in range(c.num_servers):
-            idx = order[bounds[s] : bounds[s + 1]]
-            if len(idx) == 0:
-                continue
-            parts.append(idx)
+        sent: list[int] = []
+        for s, _, part_keys in plan.parts:
+            h = header
+            arrays = [part_keys]
+            if plan.sig is not None:
+                h = {**header, "sig": plan.sig}
+                if s in plan.known:
+                    arrays = []
+                else:
+                    sent.append(s)
             futs.append(
                 c._ep.request(
                     _server(s),
-                    header,
-                    [np.ascontiguousarray(uniq[idx])],
-                    what=f"pull of {len(idx)} keys of table {self.name!r} from {_server(s)} "
-                    f"({c._ep.address_of(_server(s))})",
+                    h,
+                    arrays,
+                    what=f"pull of {len(part_keys)} keys of table {self.name!r} from "
+                    f"{_server(s)} ({c._ep.address_of(_server(s))})",
                     parse=rows_of,
                 )
             )
 
         def combine(results: list[np.ndarray]) -> np.ndarray:
-            out_u = np.empty((len(uniq), self.dim), dtype=self.dtype)
-            for idx, rows in zip(parts, results, strict=True):
-                if rows.shape != (len(idx), self.dim):
+            plan.known.update(sent)
+            n_base = len(plan.base)
+            if len(plan.parts) == 1 and plan.parts[0][1] is None:
+                rows = results[0]
+                if rows.shape != (n_base, self.dim):
                     raise ConfigError(f"table {self.name!r}: server answered {rows.shape} rows")
-                out_u[idx] = rows
+            else:
+                rows = np.empty((n_base, self.dim), dtype=self.dtype)
+                for (_, idx, part_keys), r in zip(plan.parts, results, strict=True):
+                    if r.shape != (len(part_keys), self.dim):
+                        raise ConfigError(f"table {self.name!r}: server answered {r.shape} rows")
+                    rows[idx] = r
             self._record(staleness)
-            out = out_u if len(uniq) == len(flat) and _is_sorted(flat) else out_u[inverse]
+            out = rows if plan.inverse is None else rows[plan.inverse]
+            if not out.flags.writeable:
+                out = out.copy()
             return out.reshape((*k.shape, self.dim))
 
-        return gather(futs, f"pull of table {self.name!r}", combine)
+        fut = gather(futs, f"pull of table {self.name!r}", combine)
+        if plan.sig is None:
+            return fut
+        return self._retry_unknown(
+            fut, plan, lambda: self.pull_async(k, create=create, timeout=timeout)
+        )
+
+    def _retry_unknown(self, fut: Future[Any], plan: _KeyPlan, again: Any) -> Future[Any]:
+        """A server that lost a key list (restarted, or evicted it) answers ``unknown_sig``:
+        forget the plan and send the request again with its keys."""
+        outer: Future[Any] = Future(self.client._ep, fut.what)
+
+        def done(f: Future[Any]) -> None:
+            err = f._error
+            if isinstance(err, RemoteError) and err.code == "unknown_sig":
+                self._forget(plan)
+                plan.sig = None
+                retry = again()
+                retry.add_done_callback(
+                    lambda r: (
+                        outer.set_exception(r._error)
+                        if r._error is not None
+                        else outer.set_result(r._value)
+                    )
+                )
+            elif err is not None:
+                outer.set_exception(err)
+            else:
+                outer.set_result(f._value)
+
+        fut.add_done_callback(done)
+        return outer
 
     def pull(self, keys: Any, *, create: bool = True, timeout: float | None = None) -> np.ndarray:
         """Return the rows for ``keys``, creating missing rows on the servers (``create=False``:
@@ -567,15 +689,13 @@ class SparseTable(_Handle):
         k = as_keys(keys, self.name)
         flat = k.reshape(-1)
         g = self._check_grads(grads, (*k.shape, self.dim)).reshape(len(flat), self.dim)
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        if len(uniq) == len(flat):
-            summed = np.empty_like(g)
-            summed[inverse] = g
+        mode, _ = self.spec.mode
+        plan = self._plan(flat, cacheable=mode != "sync")
+        if plan.inverse is None:
+            summed = g  # distinct keys: the gradient goes as it is, in the list's order
         else:
-            summed = np.zeros((len(uniq), self.dim), dtype=self.dtype)
-            np.add.at(summed, inverse, g)
-        owners = c.ring.route(uniq)
-        order, bounds = split_by_owner(owners, c.num_servers)
+            summed = np.zeros((len(plan.base), self.dim), dtype=self.dtype)
+            np.add.at(summed, plan.inverse, g)
         header = {
             "kind": "push",
             "table": self.name,
@@ -583,21 +703,42 @@ class SparseTable(_Handle):
             "clock": c._clock,
             "seq": c._next_seq(),
         }
+        return self._send_push(plan, header, summed)
+
+    def _send_push(
+        self, plan: _KeyPlan, header: dict[str, Any], summed: np.ndarray
+    ) -> Future[None]:
+        c = self.client
         futs: list[Future[Any]] = []
-        for s in range(c.num_servers):
-            idx = order[bounds[s] : bounds[s + 1]]
-            if len(idx) == 0:
-                continue
+        sent: list[int] = []
+        for s, idx, part_keys in plan.parts:
+            part = summed if idx is None else summed[idx]
+            h = header
+            arrays = [part_keys, part]
+            if plan.sig is not None:
+                h = {**header, "sig": plan.sig}
+                if s in plan.known:
+                    arrays = [part]
+                else:
+                    sent.append(s)
             futs.append(
                 c._ep.request(
                     _server(s),
-                    header,
-                    [uniq[idx], summed[idx]],
-                    what=f"push of {len(idx)} rows of table {self.name!r} to {_server(s)}",
+                    h,
+                    arrays,
+                    what=f"push of {len(part_keys)} rows of table {self.name!r} to {_server(s)}",
                 )
             )
         c._ep.poll(0)
-        return gather(futs, f"push to table {self.name!r}", lambda _: None)
+
+        def acked(_: list[Any]) -> None:
+            plan.known.update(sent)
+
+        fut = gather(futs, f"push to table {self.name!r}", acked)
+        if plan.sig is None:
+            return fut
+        # a retry keeps the sequence number: a server that applied the first try skips it
+        return self._retry_unknown(fut, plan, lambda: self._send_push(plan, header, summed))
 
 
 def _all_finite(g: np.ndarray) -> bool:

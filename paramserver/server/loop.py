@@ -14,6 +14,7 @@ import os
 import socket as pysocket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,6 +64,13 @@ class Table:
     reply_version: dict[int, int] = field(default_factory=dict)
     version: int = 0
     reply_buf: tuple[np.ndarray | None, Any] = (None, None)
+    # sparse key caching: (worker rank, signature) -> (row ids, whether any repeat), LRU
+    key_cache: OrderedDict[tuple[int, int], tuple[np.ndarray, bool]] = field(
+        default_factory=OrderedDict
+    )
+
+
+KEY_CACHE_ENTRIES = 32  # per table; a worker keeps fewer, so its live signatures stay here
 
 
 @dataclass
@@ -338,7 +346,11 @@ class Server:
         t = self._table(h["table"])
         if h["rank"] >= len(self.clocks.clock):
             raise Refused("invalid", f"worker rank {h['rank']} out of range")
-        keys = self._pull_keys(t, arrays)
+        if "sig" in h:
+            self._cached_rows(t, h, arrays, "pull")
+            keys = None
+        else:
+            keys = self._pull_keys(t, arrays)
         mode, bound = t.spec.mode
         if pull_ready(mode, bound, h["clock"], self.clocks.min_clock):
             self._answer_pull(identity, h, t, keys)
@@ -375,7 +387,10 @@ class Server:
     ) -> None:
         assert t.shard is not None
         staleness = staleness_of(h["clock"], self.clocks.min_clock)
-        if isinstance(t.shard, SparseShard):
+        if isinstance(t.shard, SparseShard) and "sig" in h:
+            ids, _ = self._cached_rows(t, h, [], "pull")
+            rows = t.shard.pull_rows(ids)
+        elif isinstance(t.shard, SparseShard):
             assert keys is not None
             rows = t.shard.pull(keys, create=h["create"])
         elif h.get("shm"):
@@ -400,6 +415,59 @@ class Server:
             return
         t.pulls += 1
         self.router.reply(identity, h["id"], [rows], staleness=staleness)
+
+    def _cached_rows(
+        self, t: Table, h: dict[str, Any], arrays: list[np.ndarray], what: str
+    ) -> tuple[np.ndarray, bool]:
+        """Row ids for a request with a key-list signature: resolved from the keys the first
+        time (which must be there), looked up later."""
+        if not isinstance(t.shard, SparseShard):
+            raise Refused("invalid", f"key signatures are for sparse tables, not {t.spec.name!r}")
+        if what == "pull" and not h["create"]:
+            raise Refused("invalid", "a pull with a key signature must create rows")
+        slot = (h["rank"], h["sig"])
+        want = 1 if what == "pull" else 2  # pull: [keys]; push: [keys, grads]
+        if len(arrays) == want:
+            keys = arrays[0]
+            if keys.dtype != np.uint64 or keys.ndim != 1:
+                raise Refused(
+                    "invalid",
+                    f"{what} of {t.spec.name!r}: keys must be a 1-D uint64 array, "
+                    f"got {keys.ndim}-D {keys.dtype}",
+                )
+            if what == "push":
+                self._check_sparse_grads(t, h, len(keys), arrays[1])
+            entry = t.shard.resolve(keys)
+            t.key_cache[slot] = entry
+            while len(t.key_cache) > KEY_CACHE_ENTRIES:
+                t.key_cache.popitem(last=False)
+            return entry
+        if len(arrays) != want - 1:
+            raise Refused("invalid", f"{what} of {t.spec.name!r}: wrong number of arrays")
+        found = t.key_cache.get(slot)
+        if found is None:
+            raise Refused(
+                "unknown_sig",
+                f"{self.name} does not know key list {h['sig']} of worker[{h['rank']}] for "
+                f"table {t.spec.name!r}; send the keys again",
+            )
+        t.key_cache.move_to_end(slot)
+        return found
+
+    def _check_sparse_grads(self, t: Table, h: dict[str, Any], n: int, grads: np.ndarray) -> None:
+        where = f"push to table {t.spec.name!r} from worker[{h['rank']}]"
+        want = (n, t.spec.dim)
+        if grads.shape != want or grads.dtype != t.spec.np_dtype:
+            raise Refused(
+                "invalid",
+                f"{where}: gradient must be {want} {t.spec.np_dtype}, "
+                f"got {tuple(grads.shape)} {grads.dtype}",
+            )
+        if not all_finite(grads):
+            raise Refused(
+                "non_finite",
+                f"{where} rejected: the gradient contains NaN or Inf; the table is unchanged",
+            )
 
     def _segment(self, t: Table, rank: int) -> shm.Segment:
         seg = t.segments.get(rank)
@@ -445,6 +513,21 @@ class Server:
         dtype = t.spec.np_dtype
         if t.shard is None:
             raise Refused("invalid", f"{self.name} holds no range of dense table {t.spec.name!r}")
+        if "sig" in h:
+            if t.sync is not None:
+                raise Refused("invalid", f"{where}: key signatures are for async/ssp tables")
+            ids, dup = self._cached_rows(t, h, arrays, "push")
+            grads = arrays[-1]
+            self._check_sparse_grads(t, h, len(ids), grads)
+            if seq <= self.last_seq.get(rank, -1):
+                self.router.reply(identity, h["id"])  # a retry of a push already applied
+                return
+            self.last_seq[rank] = seq
+            t.pushes += 1
+            assert isinstance(t.shard, SparseShard)
+            t.shard.push_rows(ids, grads, dup)
+            self.router.reply(identity, h["id"])
+            return
         if isinstance(t.shard, SparseShard):
             if len(arrays) != 2:
                 raise Refused("invalid", f"{where}: needs a key array and a gradient array")
