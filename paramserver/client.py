@@ -510,7 +510,7 @@ class SparseTable(_Handle):
     """Handle on a sparse table: rows of width ``dim`` keyed by uint64 ids.
 
     A key list sent again (the same features every step, ps-lite's benchmark shape) is cached
-    after its second sighting: the worker reuses its dedup and routing, and the servers keep
+    after its third sighting: the worker reuses its dedup and routing, and the servers keep
     the resolved rows, so later requests carry a signature instead of the keys (OSDI 2014).
 
     Example:
@@ -521,27 +521,36 @@ class SparseTable(_Handle):
     def __init__(self, client: Client, spec: TableSpec) -> None:
         super().__init__(client, spec)
         self._plans: OrderedDict[tuple[int, ...], _KeyPlan] = OrderedDict()
-        self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, ...], int] = OrderedDict()
+        self._last: tuple[tuple[int, ...], _KeyPlan] | None = None
 
     @property
     def dim(self) -> int:
         return self.spec.dim
 
     def _plan(self, flat: np.ndarray, cacheable: bool) -> _KeyPlan:
-        c = self.client
-        fp = _fingerprint(flat) if cacheable else ()
+        fp = _fingerprint(flat)
         if cacheable:
             plan = self._plans.get(fp)
             if plan is not None and np.array_equal(plan.keys, flat):
                 self._plans.move_to_end(fp)
                 return plan
+        last = self._last
+        if last is not None and last[0] == fp and np.array_equal(last[1].keys, flat):
+            # the same list again at once (a push after the pull of one batch): reuse its
+            # dedup and routing; a list seen a third time is cached on the servers too
+            plan = last[1]
+            self._seen[fp] = self._seen.get(fp, 0) + 1
+            if cacheable and self._seen[fp] >= 3:
+                self._promote(fp, plan)
+            return plan
         uniq, inverse = np.unique(flat, return_inverse=True)
         distinct = len(uniq) == len(flat)
         base = flat if distinct else uniq
-        owners = c.ring.route(base)
-        order, bounds = split_by_owner(owners, c.num_servers)
+        owners = self.client.ring.route(base)
+        order, bounds = split_by_owner(owners, self.client.num_servers)
         parts: list[tuple[int, np.ndarray | None, np.ndarray]] = []
-        for s in range(c.num_servers):
+        for s in range(self.client.num_servers):
             idx = order[bounds[s] : bounds[s + 1]]
             if len(idx) == 0:
                 continue
@@ -549,26 +558,32 @@ class SparseTable(_Handle):
                 parts.append((s, None, np.ascontiguousarray(base)))
             else:
                 parts.append((s, idx, np.ascontiguousarray(base[idx])))
-        plan = _KeyPlan(flat, base, None if distinct else inverse.reshape(-1), parts)
-        if cacheable:
-            if fp in self._seen:  # second sighting: cache it
-                plan.keys = flat.copy()
-                if distinct:
-                    plan.base = plan.keys
-                plan.sig = secrets.randbits(63)
-                self._plans[fp] = plan
-                while len(self._plans) > KEY_CACHE_LISTS:
-                    self._plans.popitem(last=False)
-            else:
-                self._seen[fp] = None
-                while len(self._seen) > 4 * KEY_CACHE_LISTS:
-                    self._seen.popitem(last=False)
+        # a private copy of the list: the caller may reuse its array for the next batch
+        keys = flat.copy()
+        plan = _KeyPlan(keys, keys if distinct else base, None if distinct else inverse, parts)
+        if distinct and len(parts) == 1 and parts[0][1] is None:
+            plan.parts = [(parts[0][0], None, keys)]
+        self._last = (fp, plan)
+        self._seen[fp] = self._seen.get(fp, 0) + 1
+        self._seen.move_to_end(fp)
+        while len(self._seen) > 4 * KEY_CACHE_LISTS:
+            self._seen.popitem(last=False)
+        if cacheable and self._seen[fp] >= 3:
+            self._promote(fp, plan)
         return plan
+
+    def _promote(self, fp: tuple[int, ...], plan: _KeyPlan) -> None:
+        plan.sig = secrets.randbits(63)
+        self._plans[fp] = plan
+        while len(self._plans) > KEY_CACHE_LISTS:
+            self._plans.popitem(last=False)
 
     def _forget(self, plan: _KeyPlan) -> None:
         for fp, p in list(self._plans.items()):
             if p is plan:
                 del self._plans[fp]
+        if self._last is not None and self._last[1] is plan:
+            self._last = None
 
     def pull_async(
         self, keys: Any, *, create: bool = True, timeout: float | None = None
