@@ -20,6 +20,7 @@ Environment variables:
 ``PS_TOKEN``               the cluster token: every socket then uses CURVE (never logged)
 ``PS_TOKEN_FILE``          a file holding the cluster token (used when PS_TOKEN is unset)
 ``PS_DATA_DIR``            cache of downloaded data sets (default ``~/.cache/paramserver``)
+``PS_TRANSPORT``           ``auto`` (shared memory with servers on this host, else TCP) or ``tcp``
 =========================  ===================================================================
 """
 
@@ -57,6 +58,7 @@ ENV_VARS = (
     "PS_TOKEN",
     "PS_TOKEN_FILE",
     "PS_DATA_DIR",
+    "PS_TRANSPORT",
 )
 
 
@@ -101,6 +103,7 @@ class WorkerEnv:
     log_level: str = "INFO"
     token: str | None = field(default=None, repr=False)
     data_dir: str = ""
+    transport: str = "auto"
 
 
 def read_token_file(path: str) -> str:
@@ -145,6 +148,20 @@ def parse_consistency(value: str) -> tuple[str, int]:
     if isinstance(value, str) and value.startswith("ssp:") and value[4:].isdigit():
         return "ssp", int(value[4:])
     raise ConfigError(f"consistency must be 'sync', 'async' or 'ssp:N' with N >= 0, got {value!r}")
+
+
+TRANSPORTS = ("auto", "tcp")
+
+
+def parse_transport(value: str, what: str = "transport") -> str:
+    """``auto``: shared memory with servers on the same host, TCP otherwise; ``tcp``: always TCP.
+
+    Example:
+        parse_transport("tcp")  # "tcp"
+    """
+    if value not in TRANSPORTS:
+        raise ConfigError(f"{what} must be one of {TRANSPORTS}, got {value!r}")
+    return value
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -207,4 +224,5 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
         timeouts=timeouts,
         log_level=env.get("PS_LOG_LEVEL", "INFO") or "INFO",
         data_dir=env.get("PS_DATA_DIR") or str(Path.home() / ".cache" / "paramserver"),
+        transport=parse_transport(env.get("PS_TRANSPORT") or "auto", "PS_TRANSPORT"),
     )

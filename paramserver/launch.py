@@ -471,8 +471,9 @@ class LocalCluster:
             ep.close()
             ctx.term()
 
-    def connect(self, *, rank: int | None = None) -> Any:
-        """Join this cluster as a worker from the current process; returns a Client.
+    def connect(self, *, rank: int | None = None, transport: str | None = None) -> Any:
+        """Join this cluster as a worker from the current process; returns a Client
+        (``transport="tcp"`` keeps values off shared memory, see :func:`paramserver.connect`).
 
         Example:
             client = cluster.connect()
@@ -481,7 +482,7 @@ class LocalCluster:
 
         if not self._started:
             self.start()
-        client = Client(self.address, rank=rank, timeouts=self.timeouts)
+        client = Client(self.address, rank=rank, timeouts=self.timeouts, transport=transport)
         self._clients.append(client)
         return client
 

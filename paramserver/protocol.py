@@ -131,12 +131,23 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "clock": (U63, True),
         "create": (_is_bool, True),
         "timeout": (_is_timeout, True),
+        "shm": (_is_bool, False),  # dense: answer into the attached shared-memory segment
+        "sig": (U63, False),  # sparse: key-list signature (key caching)
     },
     "push": {
         "table": (NAME, True),
         "rank": (RANK, True),
         "clock": (U63, True),
         "seq": (U63, True),
+        "shm": (_is_bool, False),  # dense: the gradient is in the attached segment
+        "sig": (U63, False),  # sparse: key-list signature (key caching)
+    },
+    # a worker offers a shared-memory segment for a dense table (same-host fast path)
+    "attach": {
+        "table": (NAME, True),
+        "rank": (RANK, True),
+        "path": (_str(256), True),
+        "nonce": (U63, True),
     },
     "clock": {"rank": (RANK, True), "clock": (U63, True)},
     "set_lr": {"table": (NAME, True), "lr": (_is_number, True)},
@@ -152,6 +163,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "stats": (_opt(_is_map), False),
         "path": (_opt(_str(4096)), False),
         "shard": (_opt(_int(-1, MAX_SHARDS - 1)), False),
+        "shm": (_is_bool, False),
     },
     "error": {"code": (_str(64), True), "message": (_str(4096), True)},
 }
@@ -236,11 +248,17 @@ def decode_header(raw: Any) -> dict[str, Any]:
     return header
 
 
-def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
+Alloc = Callable[[int, int], np.ndarray]
+
+
+def decode(
+    frames: Sequence[Any], alloc: Alloc | None = None
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Validate a whole message and return (header, arrays).
 
     Single-frame arrays are read-only views of the received frame (no copy); arrays that came in
-    several frames are assembled into one fresh array.
+    several frames are assembled into one array: ``alloc(i, nbytes)`` (a writable uint8 buffer
+    of at least ``nbytes``, e.g. a reused one: no page faults) or a fresh one.
 
     Example:
         header, arrays = decode(encode({"kind": "ping", "id": 1}))
@@ -285,7 +303,7 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
         if nframes == 1:
             arr = np.frombuffer(parts[0], dtype=dtype) if nbytes else np.empty(0, dtype)
         else:
-            arr = np.empty(nbytes, dtype=np.uint8)
+            arr = np.empty(nbytes, dtype=np.uint8) if alloc is None else alloc(i, nbytes)[:nbytes]
             off = 0
             for p in parts:
                 arr[off : off + p.nbytes] = np.frombuffer(p, dtype=np.uint8)

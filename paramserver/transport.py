@@ -128,8 +128,13 @@ def _frames(socket: zmq.Socket[Any]) -> list[Any]:
     return [f.buffer for f in socket.recv_multipart(copy=False)]
 
 
-def _send(socket: zmq.Socket[Any], frames: Sequence[Any], prefix: Sequence[bytes] = ()) -> None:
-    socket.send_multipart([*prefix, *frames], copy=False)
+def _send(
+    socket: zmq.Socket[Any],
+    frames: Sequence[Any],
+    prefix: Sequence[bytes] = (),
+    track: bool = False,
+) -> Any:
+    return socket.send_multipart([*prefix, *frames], copy=False, track=track)
 
 
 class Router:
@@ -180,14 +185,25 @@ class Router:
         return bytes(parts[0]), parts[1:]
 
     def send(
-        self, identity: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()
-    ) -> None:
-        _send(self.socket, protocol.encode(header, arrays), prefix=(identity,))
+        self,
+        identity: bytes,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        track: bool = False,
+    ) -> Any:
+        """Send a message (arrays without a copy). With ``track``, return a tracker whose
+        ``done`` says when libzmq no longer reads the arrays (so a buffer may be reused)."""
+        return _send(self.socket, protocol.encode(header, arrays), prefix=(identity,), track=track)
 
     def reply(
-        self, identity: bytes, request_id: int, arrays: Sequence[np.ndarray] = (), **fields: Any
-    ) -> None:
-        self.send(identity, {"kind": "reply", "id": request_id, **fields}, arrays)
+        self,
+        identity: bytes,
+        request_id: int,
+        arrays: Sequence[np.ndarray] = (),
+        track: bool = False,
+        **fields: Any,
+    ) -> Any:
+        return self.send(identity, {"kind": "reply", "id": request_id, **fields}, arrays, track)
 
     def error(self, identity: bytes, request_id: int, code: str, message: str) -> None:
         self.send(identity, protocol.error_header(request_id, code, message))
@@ -307,7 +323,10 @@ class _Peer:
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.connect(address)
-        self.pending: dict[int, tuple[Future[Any], Callable[[Message], Any] | None]] = {}
+        # request id -> (future, parse, sink: where a multi-frame reply array is assembled)
+        self.pending: dict[
+            int, tuple[Future[Any], Callable[[Message], Any] | None, np.ndarray | None]
+        ] = {}
         self.lost: str | None = None
 
 
@@ -366,7 +385,7 @@ class Endpoint:
 
     def _fail_pending(self, peer: _Peer, error: BaseException) -> None:
         pending, peer.pending = peer.pending, {}
-        for fut, _ in pending.values():
+        for fut, _, _ in pending.values():
             fut.set_exception(error)
 
     def address_of(self, name: str) -> str:
@@ -382,6 +401,7 @@ class Endpoint:
         *,
         what: str,
         parse: None = None,
+        sink: np.ndarray | None = None,
     ) -> Future[dict[str, Any]]: ...
 
     @overload
@@ -393,6 +413,7 @@ class Endpoint:
         *,
         what: str,
         parse: Callable[[Message], T],
+        sink: np.ndarray | None = None,
     ) -> Future[T]: ...
 
     def request(
@@ -403,9 +424,11 @@ class Endpoint:
         *,
         what: str,
         parse: Callable[[Message], Any] | None = None,
+        sink: np.ndarray | None = None,
     ) -> Future[Any]:
         """Send a request to peer ``name``; the future gets ``parse((header, arrays))``, or the
-        reply header when there is no ``parse``."""
+        reply header when there is no ``parse``. A reply's first array, when it comes in several
+        frames, is assembled straight into ``sink`` (a uint8 buffer large enough) if given."""
         peer = self.peers.get(name)
         fut: Future[Any] = Future(self, what)
         if peer is None:
@@ -415,7 +438,7 @@ class Endpoint:
             fut.set_exception(NodeLostError(f"{what}: {peer.lost}"))
             return fut
         request_id = next(self._ids)
-        peer.pending[request_id] = (fut, parse)
+        peer.pending[request_id] = (fut, parse, sink)
         try:
             _send(peer.socket, protocol.encode({**header, "id": request_id}, arrays))
         except zmq.Again:
@@ -457,8 +480,21 @@ class Endpoint:
                 self._dispatch(peer, [f.buffer for f in parts])
 
     def _dispatch(self, peer: _Peer, frames: list[Any]) -> None:
+        alloc = None
+        if len(frames) > 2:  # a multi-frame array: is there a sink waiting for it?
+            try:
+                rid = protocol.decode_header(frames[0]).get("id")
+            except ProtocolError:
+                rid = None
+            waiting = peer.pending.get(rid) if isinstance(rid, int) else None
+            sink = waiting[2] if waiting is not None else None
+            if sink is not None:
+
+                def alloc(i: int, nbytes: int, sink: np.ndarray = sink) -> np.ndarray:
+                    return sink if i == 0 and sink.nbytes >= nbytes else np.empty(nbytes, np.uint8)
+
         try:
-            header, arrays = protocol.decode(frames)
+            header, arrays = protocol.decode(frames, alloc)
         except ProtocolError as exc:
             log.warning("dropped a malformed message from %s: %s", peer.name, exc)
             return
@@ -469,7 +505,7 @@ class Endpoint:
         entry = peer.pending.pop(header["id"], None)
         if entry is None:
             return  # an answer to a request that already timed out
-        fut, parse = entry
+        fut, parse, _ = entry
         if header["kind"] == "error":
             fut.set_exception(RemoteError(header["message"], node=peer.name, code=header["code"]))
             return

@@ -68,6 +68,7 @@ __all__ = [
     "new_index",
     "rehash",
     "scatter_rows",
+    "sgd_copy",
     "sgd_rows",
     "sum_duplicates",
 ]
@@ -618,3 +619,23 @@ def ftrl_rows(
                 w[j] = zero
             else:
                 w[j] = -(z - np.sign(z) * l1) / ((beta + np.sqrt(n_new)) / alpha + l2)
+
+
+@_kernel
+def sgd_copy(w: Array, g: Array, out: Array, lr: Scalar) -> None:
+    """Dense SGD fused with the copy out: ``w -= lr*g; out[:] = w`` in one pass over memory
+    (the same-host push that refreshes the worker's reply buffer)."""
+    for j in range(w.shape[0]):
+        x = w[j] - lr * g[j]
+        w[j] = x
+        out[j] = x
+
+
+@_kernel
+def gather_slots(data: Array, rows: Array, out: Array) -> None:
+    """``out[i] = data[rows[i], :dim]`` without prefetch hints (rows already sorted)."""
+    dim = out.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for j in range(dim):
+            out[i, j] = data[r, j]

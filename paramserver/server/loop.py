@@ -14,6 +14,7 @@ import os
 import socket as pysocket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from paramserver import protocol
+from paramserver import protocol, shm
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError
 from paramserver.partition import HashRing
@@ -67,6 +68,19 @@ class Table:
     sync: SyncBuffer | None = None
     pulls: int = 0
     pushes: int = 0
+    # dense, same host: worker rank -> its shared-memory segment, and the table version its
+    # reply region holds (``version`` counts the updates applied here)
+    segments: dict[int, shm.Segment] = field(default_factory=dict)
+    reply_version: dict[int, int] = field(default_factory=dict)
+    version: int = 0
+    reply_buf: tuple[np.ndarray | None, Any] = (None, None)
+    # sparse key caching: (worker rank, signature) -> (row ids, whether any repeat), LRU
+    key_cache: OrderedDict[tuple[int, int], tuple[np.ndarray, bool]] = field(
+        default_factory=OrderedDict
+    )
+
+
+KEY_CACHE_ENTRIES = 32  # per table; a worker keeps fewer, so its live signatures stay here
 
 
 @dataclass
@@ -123,6 +137,16 @@ class Server:
         self._coord.connect("coordinator", coordinator)
         self._heartbeat: Heartbeat | None = None
         self._snapshot: tuple[int, str, int] | None = None  # (request id, directory, clock)
+        # reused receive buffers for arrays that arrive in several frames (no page faults per
+        # message); an array decoded into one is only valid while its request is handled
+        self._scratch: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+
+    def _alloc(self, i: int, nbytes: int) -> np.ndarray:
+        if i >= len(self._scratch):
+            return np.empty(nbytes, np.uint8)
+        if self._scratch[i].nbytes < nbytes:
+            self._scratch[i] = np.empty(nbytes, np.uint8)
+        return self._scratch[i]
 
     # ---- life -----------------------------------------------------------------------------
 
@@ -195,6 +219,9 @@ class Server:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat.join(timeout=2)
+        for t in self.tables.values():
+            for seg in t.segments.values():
+                seg.close()
         self._coord.close()
         self.router.close()
         if self.auth is not None:
@@ -231,7 +258,7 @@ class Server:
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
         try:
-            header, arrays = protocol.decode(frames)
+            header, arrays = protocol.decode(frames, self._alloc)
         except ProtocolError as exc:
             log.warning("%s: malformed message dropped: %s", self.name, exc)
             self.router.error(identity, 0, "protocol", f"{self.name}: {exc}")
@@ -354,14 +381,19 @@ class Server:
         t = self._table(h["table"])
         if h["rank"] >= len(self.clocks.clock):
             raise Refused("invalid", f"worker rank {h['rank']} out of range")
-        keys = self._pull_keys(t, arrays)
+        if "sig" in h:
+            self._cached_rows(t, h, arrays, "pull")
+            keys = None
+        else:
+            keys = self._pull_keys(t, arrays)
         mode, bound = t.spec.mode
         if pull_ready(mode, bound, h["clock"], self.clocks.min_clock):
             self._answer_pull(identity, h, t, keys)
         else:
             # answer just before the worker gives up, with a reason that names who is slow
             wait = max(0.0, h["timeout"] * 0.95 - 0.05)
-            self.deferred.append(DeferredPull(identity, h, keys, time.monotonic() + wait))
+            kept = None if keys is None else keys.copy()  # keys may live in a reused buffer
+            self.deferred.append(DeferredPull(identity, h, kept, time.monotonic() + wait))
 
     def _pull_keys(self, t: Table, arrays: list[np.ndarray]) -> np.ndarray | None:
         if t.spec.kind == "dense":
@@ -389,15 +421,124 @@ class Server:
         self, identity: bytes, h: dict[str, Any], t: Table, keys: np.ndarray | None
     ) -> None:
         assert t.shard is not None
-        if isinstance(t.shard, SparseShard):
+        staleness = staleness_of(h["clock"], self.clocks.min_clock)
+        if isinstance(t.shard, SparseShard) and "sig" in h:
+            ids, _ = self._cached_rows(t, h, [], "pull")
+            rows = t.shard.pull_rows(ids)
+        elif isinstance(t.shard, SparseShard):
             assert keys is not None
             rows = t.shard.pull(keys, create=h["create"])
+        elif h.get("shm"):
+            rank = h["rank"]
+            reply = self._reply_region(t, rank)
+            if t.reply_version.get(rank) != t.version:  # else the worker's buffer is current
+                t.shard.pull(out=reply)
+                t.reply_version[rank] = t.version
+            t.pulls += 1
+            self.router.reply(identity, h["id"], staleness=staleness, shm=True)
+            return
         else:
-            rows = t.shard.pull()
+            # into a reused reply buffer once libzmq has finished sending its last contents
+            # (a fresh 64 MiB array per pull costs as much in page faults as the transfer)
+            buf, tracker = t.reply_buf
+            if buf is None or not (tracker is None or tracker.done):
+                buf = np.empty(t.stop - t.start, t.spec.np_dtype)
+            rows = t.shard.pull(out=buf)
+            t.pulls += 1
+            tracker = self.router.reply(identity, h["id"], [rows], track=True, staleness=staleness)
+            t.reply_buf = (buf, tracker)
+            return
         t.pulls += 1
-        self.router.reply(
-            identity, h["id"], [rows], staleness=staleness_of(h["clock"], self.clocks.min_clock)
-        )
+        self.router.reply(identity, h["id"], [rows], staleness=staleness)
+
+    def _cached_rows(
+        self, t: Table, h: dict[str, Any], arrays: list[np.ndarray], what: str
+    ) -> tuple[np.ndarray, bool]:
+        """Row ids for a request with a key-list signature: resolved from the keys the first
+        time (which must be there), looked up later."""
+        if not isinstance(t.shard, SparseShard):
+            raise Refused("invalid", f"key signatures are for sparse tables, not {t.spec.name!r}")
+        if what == "pull" and not h["create"]:
+            raise Refused("invalid", "a pull with a key signature must create rows")
+        slot = (h["rank"], h["sig"])
+        want = 1 if what == "pull" else 2  # pull: [keys]; push: [keys, grads]
+        if len(arrays) == want:
+            keys = arrays[0]
+            if keys.dtype != np.uint64 or keys.ndim != 1:
+                raise Refused(
+                    "invalid",
+                    f"{what} of {t.spec.name!r}: keys must be a 1-D uint64 array, "
+                    f"got {keys.ndim}-D {keys.dtype}",
+                )
+            if what == "push":
+                self._check_sparse_grads(t, h, len(keys), arrays[1])
+            entry = t.shard.resolve(keys)
+            t.key_cache[slot] = entry
+            while len(t.key_cache) > KEY_CACHE_ENTRIES:
+                t.key_cache.popitem(last=False)
+            return entry
+        if len(arrays) != want - 1:
+            raise Refused("invalid", f"{what} of {t.spec.name!r}: wrong number of arrays")
+        found = t.key_cache.get(slot)
+        if found is None:
+            raise Refused(
+                "unknown_sig",
+                f"{self.name} does not know key list {h['sig']} of worker[{h['rank']}] for "
+                f"table {t.spec.name!r}; send the keys again",
+            )
+        t.key_cache.move_to_end(slot)
+        return found
+
+    def _check_sparse_grads(self, t: Table, h: dict[str, Any], n: int, grads: np.ndarray) -> None:
+        where = f"push to table {t.spec.name!r} from worker[{h['rank']}]"
+        want = (n, t.spec.dim)
+        if grads.shape != want or grads.dtype != t.spec.np_dtype:
+            raise Refused(
+                "invalid",
+                f"{where}: gradient must be {want} {t.spec.np_dtype}, "
+                f"got {tuple(grads.shape)} {grads.dtype}",
+            )
+        if not all_finite(grads):
+            raise Refused(
+                "non_finite",
+                f"{where} rejected: the gradient contains NaN or Inf; the table is unchanged",
+            )
+
+    def _segment(self, t: Table, rank: int) -> shm.Segment:
+        seg = t.segments.get(rank)
+        if seg is None:
+            raise Refused(
+                "invalid",
+                f"worker[{rank}] has no shared-memory segment attached for table "
+                f"{t.spec.name!r} on {self.name}",
+            )
+        return seg
+
+    def _reply_region(self, t: Table, rank: int) -> np.ndarray:
+        seg = self._segment(t, rank)
+        dt = t.spec.np_dtype
+        return seg.reply.view(dt)[t.start : t.stop]
+
+    def _on_attach(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        t = self._table(h["table"])
+        rank = h["rank"]
+        if t.spec.kind != "dense" or t.shard is None:
+            raise Refused(
+                "invalid", f"{self.name} holds no range of dense table {t.spec.name!r} to share"
+            )
+        if arrays:
+            raise Refused("invalid", "attach takes no arrays")
+        nbytes = t.spec.size * t.spec.np_dtype.itemsize
+        try:
+            seg = shm.attach(h["path"], h["nonce"], nbytes)
+        except OSError as exc:
+            raise Refused("no_shm", f"{self.name} cannot map {h['path']!r}: {exc}") from None
+        old = t.segments.pop(rank, None)
+        if old is not None:
+            old.close()
+        t.segments[rank] = seg
+        t.reply_version.pop(rank, None)
+        self.router.reply(identity, h["id"])
 
     def _on_push(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         t = self._table(h["table"])
@@ -407,6 +548,21 @@ class Server:
         dtype = t.spec.np_dtype
         if t.shard is None:
             raise Refused("invalid", f"{self.name} holds no range of dense table {t.spec.name!r}")
+        if "sig" in h:
+            if t.sync is not None:
+                raise Refused("invalid", f"{where}: key signatures are for async/ssp tables")
+            ids, dup = self._cached_rows(t, h, arrays, "push")
+            grads = arrays[-1]
+            self._check_sparse_grads(t, h, len(ids), grads)
+            if seq <= self.last_seq.get(rank, -1):
+                self.router.reply(identity, h["id"])  # a retry of a push already applied
+                return
+            self.last_seq[rank] = seq
+            t.pushes += 1
+            assert isinstance(t.shard, SparseShard)
+            t.shard.push_rows(ids, grads, dup)
+            self.router.reply(identity, h["id"])
+            return
         if isinstance(t.shard, SparseShard):
             if len(arrays) != 2:
                 raise Refused("invalid", f"{where}: needs a key array and a gradient array")
@@ -417,6 +573,12 @@ class Server:
                     f"{where}: keys must be a 1-D uint64 array, got {keys.ndim}-D {keys.dtype}",
                 )
             want: tuple[int, ...] = (len(keys), t.spec.dim)
+        elif h.get("shm"):
+            if arrays:
+                raise Refused("invalid", f"{where}: a shared-memory push carries no arrays")
+            keys = None
+            grads = self._segment(t, rank).grad.view(dtype)[t.start : t.stop]
+            want = (t.stop - t.start,)
         else:
             if len(arrays) != 1:
                 raise Refused("invalid", f"{where}: needs exactly one gradient array")
@@ -440,12 +602,22 @@ class Server:
         if t.sync is not None:
             if h["clock"] < self.clocks.clock[rank]:
                 raise Refused("invalid", f"{where}: clock {h['clock']} is already finished")
+            # kept until the clock completes: copied out of reused or shared buffers
+            grads = grads.copy()
+            if keys is not None:
+                keys = keys.copy()
             t.sync.add(h["clock"], (rank, keys, grads) if keys is not None else (rank, grads))
         elif isinstance(t.shard, SparseShard):
             assert keys is not None
             t.shard.push(keys, grads)
+        elif h.get("shm"):
+            # refresh the worker's reply region in the same pass: its next pull is free
+            t.shard.push(grads, out=self._reply_region(t, rank))
+            t.version += 1
+            t.reply_version[rank] = t.version
         else:
             t.shard.push(grads)
+            t.version += 1
         self.router.reply(identity, h["id"])
 
     # ---- consistency ----------------------------------------------------------------------
@@ -483,6 +655,7 @@ class Server:
                     t.shard.push(keys, mean)
                 else:
                     t.shard.push(aggregate_dense(items, len(live)))
+                t.version += 1
 
     # ---- checkpoints ----------------------------------------------------------------------
 

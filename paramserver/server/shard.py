@@ -317,6 +317,59 @@ class SparseShard:
             rows, grads = k.sum_duplicates(rows, grads, self._mark)
         self._rule.apply(self._data, rows, grads)
 
+    def resolve(self, keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], bool]:
+        """Row ids of ``keys`` (rows created as a pull would), and whether any repeats: what a
+        server keeps for a cached key list, so later requests skip the hash lookup.
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Zeros(), SGD(), seed=0)
+            >>> rows, dup = shard.resolve(np.array([4, 9], np.uint64))
+            >>> rows.tolist(), dup
+            ([0, 1], False)
+        """
+        keys = _check_keys(keys)
+        rows = self._find_or_create(keys)
+        self._stamp += 1
+        return rows, bool(k.has_duplicates(rows, self._mark, self._stamp))
+
+    def pull_rows(
+        self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any] | None = None
+    ) -> npt.NDArray[Any]:
+        """Weights of rows given by :meth:`resolve` (no lookup).
+
+        Example:
+            >>> from paramserver.init import Constant
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Constant(2.0), SGD(), seed=0)
+            >>> rows, _ = shard.resolve(np.array([4], np.uint64))
+            >>> shard.pull_rows(rows).tolist()
+            [[2.0]]
+        """
+        res = _check_out(out, (rows.shape[0], self.dim), self.dtype)
+        k.gather(self._data, rows, res)
+        return res
+
+    def push_rows(
+        self, rows: npt.NDArray[np.int64], grads: npt.NDArray[Any], duplicates: bool
+    ) -> None:
+        """:meth:`push` to rows given by :meth:`resolve` (no lookup).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Zeros(), SGD(lr=1.0), seed=0)
+            >>> rows, dup = shard.resolve(np.array([4], np.uint64))
+            >>> shard.push_rows(rows, np.ones((1, 1), np.float32), dup)
+            >>> shard.pull_rows(rows).tolist()
+            [[-1.0]]
+        """
+        grads = _check_values("grads", grads, (rows.shape[0], self.dim), self.dtype)
+        if duplicates:
+            rows, grads = k.sum_duplicates(rows, grads, self._mark)
+        self._rule.apply(self._data, rows, grads)
+
     def set_optimizer(self, optimizer: Optimizer) -> None:
         """Replace the hyperparameters (same optimizer kind only; the state is kept).
 
@@ -477,6 +530,20 @@ class DenseShard:
         return self.size
 
     @property
+    def weights(self) -> npt.NDArray[Any]:
+        """The live weights ``(size,)``, read-only (a view: valid until the next push).
+
+        Example:
+            >>> from paramserver.init import Constant
+            >>> from paramserver.optim import SGD
+            >>> DenseShard(2, "float32", Constant(1.0), SGD(), seed=0).weights.tolist()
+            [1.0, 1.0]
+        """
+        w = self._data[0, : self.size]
+        w.flags.writeable = False
+        return w
+
+    @property
     def nbytes(self) -> int:
         """Bytes allocated for weights and optimizer state."""
         return int(self._data.nbytes)
@@ -494,8 +561,9 @@ class DenseShard:
         np.copyto(res, self._data[0, : self.size])
         return res
 
-    def push(self, grad: npt.NDArray[Any]) -> None:
-        """Apply one optimizer update with gradient ``grad`` ``(size,)`` in the table dtype.
+    def push(self, grad: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> None:
+        """Apply one optimizer update with gradient ``grad`` ``(size,)`` in the table dtype;
+        with ``out``, also write the new weights there (for SGD in the same pass).
 
         Example:
             >>> from paramserver.init import Zeros
@@ -506,7 +574,14 @@ class DenseShard:
             [-1.0, 1.0]
         """
         grad = _check_values("grad", grad, (self.size,), self.dtype)
+        if out is not None:
+            out = _check_out(out, (self.size,), self.dtype)
+            if isinstance(self._rule.opt, SGD):
+                k.sgd_copy(self._data[0, : self.size], grad, out, *self._rule.args)
+                return
         self._rule.apply(self._data, self._row0, grad.reshape(1, self.size))
+        if out is not None:
+            np.copyto(out, self._data[0, : self.size])
 
     def set_optimizer(self, optimizer: Optimizer) -> None:
         """Replace the hyperparameters (same optimizer kind only; the state is kept).

@@ -1,0 +1,219 @@
+"""Workload 1: push then pull of a dense float32 table (64 MiB), 1 worker + 1 server, one host.
+
+Cases: the default path (shared memory between processes on one host), the same forced over
+TCP (``transport="tcp"``, the path between hosts), and same-run baselines: a raw TCP socket
+round trip receiving into a reused buffer, a pyzmq round trip receiving into fresh buffers,
+and a NumPy memcpy. Throughput counts both directions: 2 x table bytes per push+pull.
+
+    python benchmarks/dense.py            # 64 MiB, 9 repetitions
+    python benchmarks/dense.py --quick    # 1 MiB
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import zmq
+from common import emit, median_time, parser
+
+import paramserver as ps
+
+CHUNK = 1 << 20
+
+
+def _raw_echo_server(port_out: list[int], nbytes: int, rounds: int, ready: threading.Event) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port_out.append(srv.getsockname()[1])
+    ready.set()
+    conn, _ = srv.accept()
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    for _ in range(rounds):
+        got = 0
+        while got < nbytes:
+            got += conn.recv_into(view[got:], nbytes - got)
+        conn.sendall(view)
+    conn.close()
+    srv.close()
+
+
+def raw_tcp(nbytes: int, repeat: int) -> float:
+    """Seconds per round trip of ``nbytes`` each way over a plain TCP socket (reused buffers).
+
+    The echo side runs in a child process (as a server would), receiving into one reused buffer.
+    """
+    code = f"""
+import socket, sys
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+n = {nbytes}; buf = bytearray(n); view = memoryview(buf)
+while True:
+    got = 0
+    while got < n:
+        r = conn.recv_into(view[got:], n - got)
+        if not r: sys.exit(0)
+        got += r
+    conn.sendall(view)
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        s = socket.create_connection(("127.0.0.1", port))
+        out = np.ones(nbytes, np.uint8)
+        back = bytearray(nbytes)
+        view = memoryview(back)
+
+        def once() -> None:
+            s.sendall(out)
+            got = 0
+            while got < nbytes:
+                got += s.recv_into(view[got:], nbytes - got)
+
+        t = median_time(once, repeat)
+        s.close()
+        return t
+    finally:
+        child.kill()
+        child.wait()
+
+
+def zmq_fresh(nbytes: int, repeat: int) -> float:
+    """Seconds per round trip over pyzmq DEALER/ROUTER in 1 MiB frames, received into fresh
+    buffers (what a plain pyzmq program does), echo side in a child process."""
+    code = """
+import zmq, sys
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.setsockopt(zmq.LINGER, 0)
+port = s.bind_to_random_port("tcp://127.0.0.1"); print(port, flush=True)
+while True:
+    parts = s.recv_multipart(copy=False)
+    s.send_multipart(parts, copy=False)
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        ctx = zmq.Context()
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(f"tcp://127.0.0.1:{port}")
+        data = np.ones(nbytes, np.uint8)
+        frames = [memoryview(data)[i : i + CHUNK] for i in range(0, nbytes, CHUNK)]
+
+        def once() -> None:
+            d.send_multipart(frames, copy=False)
+            parts = d.recv_multipart(copy=False)
+            out = np.empty(nbytes, np.uint8)  # a fresh buffer, as frames are assembled
+            off = 0
+            for p in parts:
+                b = p.buffer
+                out[off : off + len(b)] = np.frombuffer(b, np.uint8)
+                off += len(b)
+
+        t = median_time(once, repeat)
+        d.close(0)
+        ctx.term()
+        return t
+    finally:
+        child.kill()
+        child.wait()
+
+
+def ps_dense(nbytes: int, repeat: int, transport: str) -> tuple[float, float]:
+    """(seconds per push+pull through the public API with a reused buffer and read-only views,
+    seconds per push+pull of plain arrays: the copy into the send buffer and a fresh pull)."""
+    n = nbytes // 4
+    with ps.LocalCluster(servers=1, workers=1) as cluster:
+        client = cluster.connect(transport=transport)
+        table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
+        grad = np.full(n, 1e-6, np.float32)
+
+        table.push_buffer()[:] = grad
+
+        def fast() -> None:
+            # a worker computes its gradient into push_buffer() (the fill is its compute, not
+            # timed) and reads the weights through a read-only view
+            table.push(table.push_buffer()).result()
+            w = table.pull(copy=False)
+            assert w.shape == (n,)
+
+        def plain() -> None:
+            table.push(grad).result()
+            table.pull()
+
+        t_fast = median_time(fast, repeat, warmup=2)
+        t_plain = median_time(plain, repeat, warmup=2)
+        # correctness spot check: every element moved by the same amount
+        w = table.pull()
+        assert float(w.max() - w.min()) < 1e-3
+        return t_fast, t_plain
+
+
+def memcpy(nbytes: int, repeat: int) -> float:
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    return median_time(lambda: np.copyto(b, a), repeat)
+
+
+def main() -> None:
+    args = parser(__doc__ or "").parse_args()
+    nbytes = (1 << 20) if args.quick else (64 << 20)
+    repeat = args.repeat or (3 if args.quick else 9)
+    gb = 2 * nbytes / 1e9  # both directions
+    mib = nbytes >> 20
+    t_mem = memcpy(nbytes, repeat)
+    emit("dense", f"numpy memcpy {mib} MiB", nbytes / 1e9 / t_mem, "GB/s")
+    t_raw = raw_tcp(nbytes, repeat)
+    emit("dense", f"raw TCP socket round trip {mib} MiB (reused buffer)", gb / t_raw, "GB/s")
+    t_zmq = zmq_fresh(nbytes, repeat)
+    emit(
+        "dense",
+        f"pyzmq round trip {mib} MiB (fresh buffers)",
+        gb / t_zmq,
+        "GB/s",
+        baseline=gb / t_raw,
+    )
+    t_shm, t_shm_plain = ps_dense(nbytes, repeat, "auto")
+    emit(
+        "dense",
+        f"push+pull {mib} MiB, same host (shared memory)",
+        gb / t_shm,
+        "GB/s",
+        baseline=gb / t_raw,
+        target=12.0,
+    )
+    emit(
+        "dense",
+        f"push+pull {mib} MiB, same host, plain arrays (copy in, fresh copy out)",
+        gb / t_shm_plain,
+        "GB/s",
+        baseline=gb / t_raw,
+    )
+    t_tcp, t_tcp_plain = ps_dense(nbytes, repeat, "tcp")
+    emit(
+        "dense",
+        f"push+pull {mib} MiB over TCP",
+        gb / t_tcp,
+        "GB/s",
+        baseline=gb / t_raw,
+        target_ratio=0.85,
+        met=bool(t_raw / t_tcp >= 0.85),
+    )
+    emit(
+        "dense",
+        f"push+pull {mib} MiB over TCP, plain arrays",
+        gb / t_tcp_plain,
+        "GB/s",
+        baseline=gb / t_raw,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Shared-memory segments between processes on one host (the same-host fast path).
+
+A worker creates a segment per dense table (a file under ``/dev/shm``), writes a random nonce
+into its first page and asks each server to map it. A server that can open the file and reads
+the same nonce shares this host's memory with the worker; one that cannot (another host,
+another container, no ``/dev/shm``) refuses, and the worker falls back to TCP. Once every
+server has mapped it the worker unlinks the file at once, so nothing is left behind when a
+process dies later, even by SIGKILL. A process killed in the short window between create and
+unlink leaves a file named ``paramserver-<pid>-...``; the next :func:`create` removes every
+such file whose process is gone.
+
+Layout: page 0 holds the nonce; then the gradient region and the reply region, each
+``nbytes`` rounded up to whole pages. Nothing here imports zmq, and nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Segment", "attach", "cleanup_stale", "create", "layout"]
+
+SHM_DIR = "/dev/shm"
+PAGE = mmap.PAGESIZE
+PREFIX = "paramserver-"
+_NAME = re.compile(r"^paramserver-(\d+)-[0-9a-f]{16}$")
+
+
+def _round(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def layout(nbytes: int) -> tuple[int, int, int]:
+    """(gradient offset, reply offset, total size) of a segment for ``nbytes`` per region."""
+    grad = PAGE
+    reply = grad + _round(max(nbytes, 1))
+    return grad, reply, reply + _round(max(nbytes, 1))
+
+
+@dataclass
+class Segment:
+    """A mapped segment: ``grad`` and ``reply`` are uint8 views of its two regions."""
+
+    path: str
+    nonce: int
+    mm: mmap.mmap
+    grad: np.ndarray
+    reply: np.ndarray
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        self.unlink()
+        # numpy views keep the buffer exported; the mapping goes when the last view does
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale() -> int:
+    """Unlink segments left by processes that no longer exist; returns how many."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir(SHM_DIR):
+            m = _NAME.match(name)
+            if m and not _alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(SHM_DIR, name))
+                    removed += 1
+    return removed
+
+
+def _views(mm: mmap.mmap, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    g, r, _ = layout(nbytes)
+    buf = np.frombuffer(mm, np.uint8)
+    return buf[g : g + nbytes], buf[r : r + nbytes]
+
+
+def create(nbytes: int) -> Segment | None:
+    """Create and map a segment with two regions of ``nbytes``; None where shared memory is
+    unavailable (no ``/dev/shm``, or it is full)."""
+    if not os.path.isdir(SHM_DIR):
+        return None
+    cleanup_stale()
+    path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+    _, _, total = layout(nbytes)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, total)
+        mm = mmap.mmap(fd, total)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    finally:
+        os.close(fd)
+    nonce = secrets.randbits(63)
+    np.frombuffer(mm, np.uint64, count=1)[0] = nonce
+    grad, reply = _views(mm, nbytes)
+    return Segment(path, nonce, mm, grad, reply)
+
+
+def attach(path: str, nonce: int, nbytes: int) -> Segment:
+    """Map a segment another process created; raises OSError (with the reason) if it is not
+    there, has the wrong size, or does not hold ``nonce``."""
+    name = os.path.basename(path)
+    if os.path.dirname(path) != SHM_DIR or not _NAME.match(name):
+        raise OSError(f"{path!r} is not a paramserver segment")
+    _, _, total = layout(nbytes)
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if size != total:
+            raise OSError(f"segment {name} has {size} bytes, expected {total}")
+        mm = mmap.mmap(fd, total)
+    finally:
+        os.close(fd)
+    if int(np.frombuffer(mm, np.uint64, count=1)[0]) != nonce:
+        mm.close()
+        raise OSError(f"segment {name} belongs to another worker (nonce differs)")
+    grad, reply = _views(mm, nbytes)
+    return Segment(path, nonce, mm, grad, reply)

@@ -1,0 +1,47 @@
+"""Every benchmark script runs with --quick and prints JSON lines with the expected fields."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = {
+    "dense.py": [],
+    "sparse.py": [],
+    "tiny.py": [],
+    "startup.py": [],
+    "training.py": ["-w", "1", "2"],
+    "capacity.py": ["-s", "1", "2"],
+}
+
+
+@pytest.mark.timeout(120)
+def test_every_benchmark_runs_quick() -> None:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "benchmarks", name), "--quick", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name, args in SCRIPTS.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=110)
+        assert proc.returncode == 0, f"{name} failed:\n{err[-3000:]}"
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert lines, f"{name} printed nothing"
+        for line in lines:
+            rec = json.loads(line)
+            for field in ("bench", "case", "value", "unit"):
+                assert field in rec, f"{name}: {field!r} missing in {line}"
+            assert isinstance(rec["value"], int | float) and rec["value"] >= 0
+            if "baseline" in rec:
+                assert "ratio" in rec

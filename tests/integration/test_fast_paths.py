@@ -1,0 +1,168 @@
+"""The fast paths (same-host shared memory, TCP receive buffers, key caching) give the same
+results as plain NumPy, fall back safely, and leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import paramserver as ps
+from paramserver import shm
+from paramserver.errors import RemoteError
+
+pytestmark = pytest.mark.timeout(90)
+
+N = 300_000  # above the split threshold: one range per server, several 1 MiB frames each
+
+
+def _our_segments() -> list[str]:
+    return [f for f in os.listdir(shm.SHM_DIR) if f.startswith(f"{shm.PREFIX}{os.getpid()}-")]
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+@pytest.mark.parametrize("opt", ["sgd", "adagrad"])
+def test_dense_paths_match_numpy(cluster: ps.LocalCluster, transport: str, opt: str) -> None:
+    client = cluster.connect(transport=transport)
+    optimizer = (
+        ps.optim.SGD(lr=0.5) if opt == "sgd" else ps.optim.Adagrad(lr=0.5, initial_accumulator=0.1)
+    )
+    w = client.dense_table(f"w_{opt}", shape=(N,), init=ps.init.Constant(1.0), optimizer=optimizer)
+    assert w.shared_memory == (transport == "auto" and os.path.isdir(shm.SHM_DIR))
+    assert _our_segments() == []  # unlinked as soon as the servers mapped it
+    rng = np.random.default_rng(1)
+    ref = np.ones(N, np.float32)
+    acc = np.full(N, 0.1, np.float32)  # Adagrad's initial accumulator
+    out = np.empty(N, np.float32)
+    for step in range(4):
+        g = rng.standard_normal(N).astype(np.float32)
+        if step % 2:
+            buf = w.push_buffer()
+            buf[:] = g
+            w.push(buf).result()
+        else:
+            w.push(g).result()
+        if opt == "sgd":
+            ref = ref - np.float32(0.5) * g
+        else:
+            acc = acc + g * g
+            ref = ref - np.float32(0.5) * g / (np.sqrt(acc) + np.float32(1e-10))
+        view = w.pull(copy=False)
+        assert not view.flags.writeable
+        np.testing.assert_allclose(view, ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(w.pull(out=out), view)
+        fresh = w.pull()
+        assert fresh.flags.writeable
+        np.testing.assert_array_equal(fresh, view)
+
+
+def test_shared_memory_bad_input_changes_nothing(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    w = client.dense_table("w", shape=(N,), init=ps.init.Constant(2.0))
+    assert w.shared_memory
+    buf = w.push_buffer()
+    buf[:] = 1.0
+    buf[N - 1] = np.nan
+    with pytest.raises(ps.errors.ConfigError, match="NaN or Inf"):
+        w.push(buf)
+    np.testing.assert_array_equal(w.pull(), np.full(N, 2.0, np.float32))
+    # a segment the server cannot map (not ours, wrong nonce, missing) is refused, nothing breaks
+    for path in ("/etc/passwd", f"{shm.SHM_DIR}/{shm.PREFIX}1-0123456789abcdef"):
+        fut = client._ep.request(
+            "server[0]",
+            {"kind": "attach", "table": "w", "rank": client.rank, "path": path, "nonce": 1},
+            what="attach",
+        )
+        with pytest.raises(RemoteError, match="cannot map"):
+            fut.result(10)
+    np.testing.assert_array_equal(w.pull(), np.full(N, 2.0, np.float32))
+
+
+def test_segment_nonce_and_stale_cleanup() -> None:
+    seg = shm.create(1000)
+    assert seg is not None
+    try:
+        with pytest.raises(OSError, match="nonce"):
+            shm.attach(seg.path, seg.nonce ^ 1, 1000)
+        with pytest.raises(OSError, match="bytes"):
+            shm.attach(seg.path, seg.nonce, 100_000)
+        other = shm.attach(seg.path, seg.nonce, 1000)
+        other.grad[:] = 7
+        assert (seg.grad == 7).all()
+    finally:
+        seg.close()
+    assert not os.path.exists(seg.path)
+    # a segment of a process that is gone is removed by the next start
+    dead = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}999999999-00000000deadbeef")
+    with open(dead, "wb") as f:
+        f.write(b"x")
+    assert shm.cleanup_stale() >= 1
+    assert not os.path.exists(dead)
+
+
+def test_forced_tcp_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PS_TRANSPORT", "tcp")
+    from paramserver.config import from_env
+
+    assert from_env().transport == "tcp"
+    monkeypatch.setenv("PS_TRANSPORT", "udp")
+    with pytest.raises(ps.errors.ConfigError, match="PS_TRANSPORT"):
+        from_env()
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_key_caching_matches_numpy(cluster: ps.LocalCluster, distinct: bool) -> None:
+    client = cluster.connect()
+    emb = client.sparse_table(
+        "emb", dim=4, init=ps.init.Constant(1.0), optimizer=ps.optim.SGD(lr=0.25)
+    )
+    rng = np.random.default_rng(3)
+    keys = rng.choice(2**62, size=5000, replace=False).astype(np.uint64)
+    if not distinct:
+        keys[:1000] = keys[1000:2000]
+    ref = {int(k): np.ones(4, np.float32) for k in keys}
+    for step in range(6):
+        g = rng.standard_normal((len(keys), 4)).astype(np.float32)
+        emb.push(keys, g).result()
+        summed: dict[int, np.ndarray] = {}
+        for k, gi in zip(keys.tolist(), g, strict=True):
+            summed[k] = summed[k] + gi if k in summed else gi.copy()
+        for k, gi in summed.items():
+            ref[k] = ref[k] - np.float32(0.25) * gi
+        rows = emb.pull(keys)
+        np.testing.assert_allclose(rows, np.stack([ref[int(k)] for k in keys]), rtol=1e-6)
+        if step == 3:  # by now the list is cached: the servers only get its signature
+            plan = next(iter(emb._plans.values()))
+            assert plan.sig is not None and plan.known
+            # a server that forgot the list (restart, eviction) makes the worker resend it
+            plan.sig = plan.sig ^ 1
+    # the caller may reuse its key array: the cache holds its own copy
+    keys[:] = keys[::-1]
+    rows = emb.pull(keys)
+    np.testing.assert_allclose(rows, np.stack([ref[int(k)] for k in keys]), rtol=1e-6)
+    assert sum(s["tables"]["emb"]["rows"] for s in client.stats()) == len(ref)
+
+
+def test_unknown_signature_is_refused_and_changes_nothing(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    client.sparse_table("emb", dim=2, init=ps.init.Constant(1.0))
+    grads = np.ones((3, 2), np.float32)
+    for s in range(client.num_servers):
+        fut = client._ep.request(
+            f"server[{s}]",
+            {
+                "kind": "push",
+                "table": "emb",
+                "rank": client.rank,
+                "clock": 0,
+                "seq": 1,
+                "sig": 12345,
+            },
+            [grads],
+            what="push",
+        )
+        with pytest.raises(RemoteError, match="send the keys again") as info:
+            fut.result(10)
+        assert info.value.code == "unknown_sig"
+    assert sum(s["tables"]["emb"]["rows"] for s in client.stats()) == 0
