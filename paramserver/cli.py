@@ -18,7 +18,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from paramserver.config import Timeouts, from_env, normalize_address, parse_consistency
+from paramserver.config import (
+    Timeouts,
+    from_env,
+    normalize_address,
+    parse_consistency,
+    read_token_file,
+)
 from paramserver.errors import ConfigError, PSError
 
 __all__ = ["main"]
@@ -63,12 +69,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _refuse_exposed(host: str, insecure: bool, role: str) -> None:
-    if not _is_loopback(host) and not insecure:
+def _refuse_exposed(host: str, insecure: bool, token: str | None, role: str) -> None:
+    if not _is_loopback(host) and not insecure and token is None:
         raise ConfigError(
-            f"{role}: refusing to bind {host} (beyond loopback) without security; pass --insecure "
-            "to accept unauthenticated traffic on a trusted network"
+            f"{role}: refusing to bind {host} (beyond loopback) without a cluster token; set "
+            "PS_TOKEN or pass --token-file, or pass --insecure to accept unauthenticated "
+            "traffic on a trusted network"
         )
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The cluster token: --token-file, else PS_TOKEN / PS_TOKEN_FILE. Never put on a command
+    line or in a log."""
+    if getattr(args, "token_file", None):
+        return read_token_file(args.token_file)
+    return from_env().token
+
+
+def _add_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the cluster token (or set PS_TOKEN): every socket then uses CURVE",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
     c.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
     c.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
+    _add_token(c)
     c.add_argument(
         "--restore",
         default=None,
@@ -109,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=0, help="port to listen on (default: any)")
     s.add_argument("--advertise", default=None, help="host name others reach this server by")
     s.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
+    _add_token(s)
     s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     _add_timeouts(s)
 
@@ -118,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--consistency", default=None, help="default consistency of tables: sync, ssp:N, async"
     )
+    _add_token(r)
     _add_timeouts(r)
     r.add_argument(
         "-m", dest="module", default=None, help="run a module (like python -m) instead of a file"
@@ -166,7 +192,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "coordinator":
         from paramserver.launch import serve_coordinator
 
-        _refuse_exposed(_bind(args.bind), args.insecure, "coordinator")
+        token = _token(args)
+        _refuse_exposed(_bind(args.bind), args.insecure, token, "coordinator")
         serve_coordinator(
             args.bind,
             args.servers,
@@ -178,6 +205,7 @@ def _command(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             checkpoint_keep=args.checkpoint_keep,
+            token=token,
         )
         return 0
     if args.command == "server":
@@ -186,7 +214,8 @@ def _command(args: argparse.Namespace) -> int:
         address = args.coordinator or from_env().coordinator
         if not address:
             raise ConfigError("server: pass --coordinator HOST:PORT or set PS_COORDINATOR")
-        _refuse_exposed(args.host, args.insecure, "server")
+        token = _token(args)
+        _refuse_exposed(args.host, args.insecure, token, "server")
         serve_server(
             normalize_address(address),
             args.host,
@@ -194,6 +223,7 @@ def _command(args: argparse.Namespace) -> int:
             _timeouts(args),
             parent_pid=args.parent_pid,
             advertise=args.advertise,
+            token=token,
         )
         return 0
     if args.command == "run":
@@ -211,6 +241,7 @@ def _command(args: argparse.Namespace) -> int:
             consistency=args.consistency,
             timeouts=_timeouts(args),
             log_level=args.log_level or "WARNING",
+            token=_token(args),
         )
     if args.command == "demo":
         from pathlib import Path

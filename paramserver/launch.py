@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
-from paramserver.config import Timeouts
+from paramserver.config import Timeouts, from_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
-from paramserver.transport import Endpoint, new_context
+from paramserver.transport import Endpoint, Security, new_context
 
 __all__ = ["LocalCluster", "run_job", "serve_coordinator", "serve_server"]
 
@@ -96,6 +96,7 @@ def serve_coordinator(
     checkpoint_dir: str | None = None,
     checkpoint_every: float | None = None,
     checkpoint_keep: int | None = None,
+    token: str | None = None,
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoint_dir``, it writes a
@@ -111,6 +112,8 @@ def serve_coordinator(
     _guard_parent(parent_pid)
     # Only what was asked for is passed on, so that a plain coordinator needs no checkpointing.
     extra: dict[str, Any] = {}
+    if token is not None:
+        extra["security"] = Security.from_token(token)
     if restore is not None:
         extra["restore"] = restore
     if checkpoint_dir is not None:
@@ -154,6 +157,7 @@ def serve_server(
     timeouts: Timeouts,
     parent_pid: int | None = None,
     advertise: str | None = None,
+    token: str | None = None,
 ) -> None:
     """Run a server that registers with ``coordinator`` until stopped.
 
@@ -175,7 +179,8 @@ def serve_server(
     # Registration waits up to the connect timeout for the coordinator; a signal must not.
     _on_signals(stop, lambda: server is None or server.rank < 0)
     try:
-        server = Server(coordinator, host, port, timeouts, advertise=advertise)
+        security = Security.from_token(token) if token is not None else None
+        server = Server(coordinator, host, port, timeouts, advertise=advertise, security=security)
         server.serve()  # closes its sockets on the way out, whatever ends it
     except _Stopped:
         log.info("server stopped before it had registered with %s", coordinator)
@@ -347,6 +352,7 @@ class LocalCluster:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: float | None = None,
         checkpoint_keep: int | None = None,
+        token: str | None = None,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -372,6 +378,10 @@ class LocalCluster:
             self._checkpoint_flags += ["--checkpoint-every", repr(float(checkpoint_every))]
         if checkpoint_keep is not None:
             self._checkpoint_flags += ["--checkpoint-keep", str(int(checkpoint_keep))]
+        # The token travels to the children in their environment, never on a command line.
+        self._token = from_env().token if token is None else token
+        self._security = Security.from_token(self._token) if self._token is not None else None
+        self._env = {**os.environ, "PS_TOKEN": self._token} if self._token is not None else None
         self.address = ""
         self._children = _Children()
         self._clients: list[Any] = []
@@ -415,6 +425,7 @@ class LocalCluster:
                     ),
                     pass_fds=[write_fd],
                     prefix_output=self.output,
+                    env=self._env,
                 )
                 # Only the child may hold the write end, or a coordinator that dies at start-up
                 # would never show as end-of-file here.
@@ -432,6 +443,7 @@ class LocalCluster:
                     f"server {r}",
                     self._role_cmd("server", "--coordinator", self.address, "--host", self.host),
                     prefix_output=self.output,
+                    env=self._env,
                 )
             self._wait_servers()
         except BaseException:
@@ -441,7 +453,7 @@ class LocalCluster:
 
     def _wait_servers(self) -> None:
         ctx = new_context()
-        ep = Endpoint(ctx, request_timeout=5.0)
+        ep = Endpoint(ctx, request_timeout=5.0, security=self._security)
         ep.connect("coordinator", self.address)
         deadline = time.monotonic() + self.start_timeout
         try:
@@ -482,7 +494,9 @@ class LocalCluster:
 
         if not self._started:
             self.start()
-        client = Client(self.address, rank=rank, timeouts=self.timeouts, transport=transport)
+        client = Client(
+            self.address, rank=rank, timeouts=self.timeouts, transport=transport, token=self._token
+        )
         self._clients.append(client)
         return client
 
@@ -505,7 +519,7 @@ class LocalCluster:
         asked = False
         if self.address and coordinator is not None and coordinator.poll() is None:
             ctx = new_context()
-            ep = Endpoint(ctx, request_timeout=1.0)
+            ep = Endpoint(ctx, request_timeout=1.0, security=self._security)
             try:
                 ep.connect("coordinator", self.address)
                 ep.request("coordinator", {"kind": "shutdown"}, what="shutdown").result(1.0)
@@ -606,8 +620,12 @@ def run_job(
     timeouts: Timeouts | None = None,
     log_level: str = "WARNING",
     out: IO[str] | None = None,
+    token: str | None = None,
 ) -> int:
     """``paramserver run``: a cluster plus one process per worker running ``script``.
+
+    With a ``token`` (default: ``PS_TOKEN`` / ``PS_TOKEN_FILE``) every socket uses CURVE and the
+    workers get the token in their environment.
 
     Returns 0 if every worker exited 0, else the first failed worker's exit code (128 + N for
     a worker killed by signal N); 130 on Ctrl-C, 128 + N on SIGTERM or SIGHUP. Every process
@@ -630,8 +648,9 @@ def run_job(
     out = out or sys.stdout
     timeouts = timeouts or Timeouts()
     cluster = LocalCluster(
-        servers, workers, host=host, timeouts=timeouts, log_level=log_level, output=out
-    )
+        servers, workers, host=host, timeouts=timeouts, log_level=log_level, output=out,
+        token=token,
+    )  # fmt: skip
     workers_ = _Children()
     code = 0
     interrupted = False
@@ -652,6 +671,8 @@ def run_job(
                 })  # fmt: skip
                 if consistency:
                     env["PS_CONSISTENCY"] = consistency
+                if cluster._token is not None:
+                    env["PS_TOKEN"] = cluster._token
                 for r in range(workers):
                     workers_.start(
                         f"worker {r}",
