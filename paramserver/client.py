@@ -698,11 +698,14 @@ class SparseTable(_Handle):
             return msg[1][0]
 
         sent: list[int] = []
+        # rows resolved under a signature are created rows; an evaluation pull (create=False)
+        # must not create any, so it always sends its keys
+        sig = plan.sig if create else None
         for s, _, part_keys in plan.parts:
             h = header
             arrays = [part_keys]
-            if plan.sig is not None:
-                h = {**header, "sig": plan.sig}
+            if sig is not None:
+                h = {**header, "sig": sig}
                 if s in plan.known:
                     arrays = []
                 else:
@@ -738,7 +741,7 @@ class SparseTable(_Handle):
             return out.reshape((*k.shape, self.dim))
 
         fut = gather(futs, f"pull of table {self.name!r}", combine)
-        if plan.sig is None:
+        if sig is None:
             return fut
         return self._retry_unknown(
             fut, plan, lambda: self.pull_async(k, create=create, timeout=timeout)

@@ -127,6 +127,7 @@ class Coordinator:
         self.tables: dict[str, TableSpec] = {}
         self.barriers: dict[str, _Barrier] = {}
         self.waiting_workers: list[tuple[bytes, dict[str, Any], float]] = []
+        self._rejections = protocol.Rejections()
         self.rounds: dict[int, _Round] = {}
         self._round_ids = 0
         self.checkpoints = checkpoints
@@ -191,7 +192,12 @@ class Coordinator:
         try:
             header, _ = protocol.decode(frames)
         except ProtocolError as exc:
-            log.warning("coordinator: malformed message dropped: %s", exc)
+            if self._rejections.count():
+                log.warning(
+                    "coordinator: malformed message dropped (%d so far): %s",
+                    self._rejections.total,
+                    exc,
+                )
             self._answer_malformed(identity, exc)
             return
         kind, rid = header["kind"], header["id"]

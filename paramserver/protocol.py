@@ -315,6 +315,24 @@ def decode(
     return header, arrays
 
 
+class Rejections:
+    """Counts malformed messages so that a flood of them cannot flood the log as well: the
+    first ``first`` are worth logging, then one in ``every``.
+
+    Example:
+        if rejections.count(): log.warning("malformed message dropped: %s", exc)
+    """
+
+    def __init__(self, first: int = 10, every: int = 1000) -> None:
+        self.total = 0
+        self.first = first
+        self.every = every
+
+    def count(self) -> bool:
+        self.total += 1
+        return self.total <= self.first or self.total % self.every == 0
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -136,6 +136,7 @@ class Server:
         )
         self._coord.connect("coordinator", coordinator)
         self._heartbeat: Heartbeat | None = None
+        self._rejections = protocol.Rejections()
         self._snapshot: tuple[int, str, int] | None = None  # (request id, directory, clock)
         # reused receive buffers for arrays that arrive in several frames (no page faults per
         # message); an array decoded into one is only valid while its request is handled
@@ -260,7 +261,13 @@ class Server:
         try:
             header, arrays = protocol.decode(frames, self._alloc)
         except ProtocolError as exc:
-            log.warning("%s: malformed message dropped: %s", self.name, exc)
+            if self._rejections.count():
+                log.warning(
+                    "%s: malformed message dropped (%d so far): %s",
+                    self.name,
+                    self._rejections.total,
+                    exc,
+                )
             self.router.error(identity, 0, "protocol", f"{self.name}: {exc}")
             return
         kind, rid = header["kind"], header["id"]

@@ -130,3 +130,19 @@ def test_ftrl_weights_are_exactly_zero_under_l1(cluster: ps.LocalCluster) -> Non
     keys = np.arange(50, dtype=np.uint64)
     t.push(keys, np.full((50, 1), 0.5, np.float32)).result()
     assert np.count_nonzero(t.pull(keys)) == 0
+
+
+def test_evaluation_pulls_of_a_cached_key_list_create_nothing(cluster: ps.LocalCluster) -> None:
+    # a key list pulled and pushed again and again is cached on the servers (key signatures);
+    # an evaluation pull of the same list must still work and must still create nothing
+    client = cluster.connect()
+    emb = client.sparse_table("cached", dim=2, optimizer=ps.optim.SGD(lr=1.0))
+    keys = np.arange(30, dtype=np.uint64)
+    for _ in range(5):
+        emb.pull(keys)
+        emb.push(keys, np.ones((30, 2), np.float32)).result()
+    np.testing.assert_array_equal(emb.pull(keys, create=False), np.full((30, 2), -5.0, np.float32))
+    unseen = np.arange(1000, 1030, dtype=np.uint64)
+    for _ in range(4):
+        emb.pull(unseen, create=False)
+    assert sum(s["tables"]["cached"]["rows"] for s in client.stats()) == 30
