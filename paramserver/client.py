@@ -245,8 +245,16 @@ class Client:
         optimizer: Optimizer | None = None,
         consistency: str | None = None,
         seed: int | None = None,
+        nonfinite: str = "reject",
+        max_rows: int | None = None,
     ) -> SparseTable:
         """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
+
+        ``nonfinite``: a push with NaN or Inf is refused whole ("reject", the default), or its
+        rows holding them are dropped and the rest applied ("skip"; counted in ``stats()``).
+        ``max_rows``: at most this many rows on each server; a pull or push that would create
+        more is refused with :class:`~paramserver.errors.RemoteError` (code ``"full"``) and
+        changes nothing.
 
         Example:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
@@ -261,6 +269,8 @@ class Client:
             optimizer=optimizer or SGD(),
             consistency=_consistency(consistency),
             seed=seed,
+            nonfinite=nonfinite,
+            max_rows=max_rows,
         )
         final = self._create(spec)
         table = SparseTable(self, final)
@@ -277,6 +287,7 @@ class Client:
         optimizer: Optimizer | None = None,
         consistency: str | None = None,
         seed: int | None = None,
+        nonfinite: str = "reject",
     ) -> DenseTable:
         """Create (or open) a dense table: one array of ``shape``, split over servers if large.
 
@@ -294,6 +305,7 @@ class Client:
             optimizer=optimizer or SGD(),
             consistency=_consistency(consistency),
             seed=seed,
+            nonfinite=nonfinite,
         )
         final = self._create(spec)
         table = DenseTable(self, final)
@@ -548,10 +560,12 @@ class _Handle:
             )
         if g.shape != shape:
             raise ConfigError(f"table {self.name!r}: gradient shape must be {shape}, got {g.shape}")
-        if not _all_finite(g):
+        # with nonfinite="skip" the servers drop the rows holding NaN or Inf themselves
+        if self.spec.nonfinite == "reject" and not _all_finite(g):
             raise ConfigError(
                 f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
-                "the table is unchanged"
+                "the table is unchanged (create the table with nonfinite='skip' to drop such "
+                "rows instead)"
             )
         return np.ascontiguousarray(g)
 

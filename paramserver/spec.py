@@ -24,6 +24,7 @@ __all__ = ["TableSpec"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 TABLE_DTYPES = ("float32", "float64")
+NONFINITE = ("reject", "skip")
 MAX_DIM = 1 << 16
 
 
@@ -49,6 +50,12 @@ class TableSpec:
     optimizer: Optimizer = field(default_factory=SGD)
     consistency: str = "async"
     seed: int | None = None
+    # what a push with NaN or Inf does: "reject" it whole (nothing changes), or "skip" the
+    # rows (sparse) or the gradient (dense) that hold them and apply the rest
+    nonfinite: str = "reject"
+    # sparse only: at most this many rows on each server; a request that would create more is
+    # refused and changes nothing
+    max_rows: int | None = None
     # dense only, assigned by the coordinator: (server rank, start, stop) over the flat array
     ranges: tuple[tuple[int, int, int], ...] = ()
 
@@ -82,6 +89,21 @@ class TableSpec:
                 f"{where}: optimizer must be a ps.optim optimizer, got {self.optimizer!r}"
             )
         parse_consistency(self.consistency)
+        if self.nonfinite not in NONFINITE:
+            raise ConfigError(
+                f"{where}: nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}"
+            )
+        if self.max_rows is not None:
+            if self.kind != "sparse":
+                raise ConfigError(f"{where}: max_rows is for sparse tables")
+            if not (
+                isinstance(self.max_rows, int)
+                and not isinstance(self.max_rows, bool)
+                and 0 < self.max_rows < 1 << 48
+            ):
+                raise ConfigError(
+                    f"{where}: max_rows must be a positive integer, got {self.max_rows!r}"
+                )
         if self.seed is None:
             object.__setattr__(self, "seed", default_seed(self.name))
         elif not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 63):
@@ -123,7 +145,10 @@ class TableSpec:
             "optimizer": self.optimizer.to_spec(),
             "consistency": self.consistency,
             "seed": self.seed,
+            "nonfinite": self.nonfinite,
         }
+        if self.max_rows is not None:
+            d["max_rows"] = self.max_rows
         if self.kind == "sparse":
             d["dim"] = self.dim
         else:
@@ -137,7 +162,7 @@ class TableSpec:
         if not isinstance(d, dict):
             raise ConfigError(f"table spec must be a map, got {type(d).__name__}")
         allowed = {"name", "kind", "dtype", "init", "optimizer", "consistency", "seed", "dim"}
-        allowed |= {"shape", "ranges"}
+        allowed |= {"shape", "ranges", "nonfinite", "max_rows"}
         extra = set(d) - allowed
         if extra:
             raise ConfigError(f"table spec has unknown fields {sorted(extra)}")
@@ -173,6 +198,8 @@ class TableSpec:
             consistency=d["consistency"],
             seed=d["seed"],
             ranges=ranges,
+            nonfinite=d.get("nonfinite", "reject"),
+            max_rows=d.get("max_rows"),
         )
         if kind == "dense" and ranges:
             pos = 0

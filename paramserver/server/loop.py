@@ -68,6 +68,7 @@ class Table:
     sync: SyncBuffer | None = None
     pulls: int = 0
     pushes: int = 0
+    skipped: int = 0  # gradient rows (sparse) or gradients (dense) skipped as non-finite
     # dense, same host: worker rank -> its shared-memory segment, and the table version its
     # reply region holds (``version`` counts the updates applied here)
     segments: dict[int, shm.Segment] = field(default_factory=dict)
@@ -360,6 +361,7 @@ class Server:
                 "bytes": int(t.shard.nbytes) if t.shard is not None else 0,
                 "pulls": t.pulls,
                 "pushes": t.pushes,
+                "skipped_nonfinite": t.skipped,
             }
             for name, t in self.tables.items()
         }
@@ -434,6 +436,8 @@ class Server:
             rows = t.shard.pull_rows(ids)
         elif isinstance(t.shard, SparseShard):
             assert keys is not None
+            if h["create"]:
+                self._check_room(t, keys)
             rows = t.shard.pull(keys, create=h["create"])
         elif h.get("shm"):
             rank = h["rank"]
@@ -478,7 +482,8 @@ class Server:
                     f"got {keys.ndim}-D {keys.dtype}",
                 )
             if what == "push":
-                self._check_sparse_grads(t, h, len(keys), arrays[1])
+                self._check_sparse_grads(t, h, len(keys), arrays[1], finite=False)
+            self._check_room(t, keys)
             entry = t.shard.resolve(keys)
             t.key_cache[slot] = entry
             while len(t.key_cache) > KEY_CACHE_ENTRIES:
@@ -496,7 +501,11 @@ class Server:
         t.key_cache.move_to_end(slot)
         return found
 
-    def _check_sparse_grads(self, t: Table, h: dict[str, Any], n: int, grads: np.ndarray) -> None:
+    def _check_sparse_grads(
+        self, t: Table, h: dict[str, Any], n: int, grads: np.ndarray, *, finite: bool = True
+    ) -> np.ndarray | None:
+        """Check shape and dtype; returns None if every value is finite, else (policy "skip")
+        the mask of the rows to keep."""
         where = f"push to table {t.spec.name!r} from worker[{h['rank']}]"
         want = (n, t.spec.dim)
         if grads.shape != want or grads.dtype != t.spec.np_dtype:
@@ -505,10 +514,35 @@ class Server:
                 f"{where}: gradient must be {want} {t.spec.np_dtype}, "
                 f"got {tuple(grads.shape)} {grads.dtype}",
             )
-        if not all_finite(grads):
+        return self._finite_rows(t, where, grads) if finite else None
+
+    def _finite_rows(self, t: Table, where: str, grads: np.ndarray) -> np.ndarray | None:
+        if all_finite(grads):
+            return None
+        if t.spec.nonfinite == "reject":
             raise Refused(
                 "non_finite",
                 f"{where} rejected: the gradient contains NaN or Inf; the table is unchanged",
+            )
+        keep: np.ndarray = np.isfinite(grads).reshape(len(grads), -1).all(axis=1)
+        t.skipped += int(len(keep) - keep.sum())
+        return keep
+
+    def _check_room(self, t: Table, keys: np.ndarray) -> None:
+        """Refuse (changing nothing) a request that would grow a sparse table past max_rows."""
+        cap = t.spec.max_rows
+        if cap is None or not isinstance(t.shard, SparseShard):
+            return
+        have = t.shard.num_rows
+        if have + len(keys) <= cap:
+            return  # cheap: even if every key were new
+        new = int(len(keys) - np.count_nonzero(t.shard.contains(np.unique(keys))))
+        if have + new > cap:
+            raise Refused(
+                "full",
+                f"table {t.spec.name!r} is full on {self.name}: it holds {have} rows and "
+                f"max_rows is {cap}; a request for {new} new keys was refused and nothing "
+                "changed (raise max_rows, add servers, or evict rows)",
             )
 
     def _segment(self, t: Table, rank: int) -> shm.Segment:
@@ -560,7 +594,9 @@ class Server:
                 raise Refused("invalid", f"{where}: key signatures are for async/ssp tables")
             ids, dup = self._cached_rows(t, h, arrays, "push")
             grads = arrays[-1]
-            self._check_sparse_grads(t, h, len(ids), grads)
+            keep = self._check_sparse_grads(t, h, len(ids), grads)
+            if keep is not None:
+                ids, grads = ids[keep], grads[keep]
             if seq <= self.last_seq.get(rank, -1):
                 self.router.reply(identity, h["id"])  # a retry of a push already applied
                 return
@@ -596,11 +632,14 @@ class Server:
                 "invalid",
                 f"{where}: gradient must be {want} {dtype}, got {tuple(grads.shape)} {grads.dtype}",
             )
-        if not all_finite(grads):
-            raise Refused(
-                "non_finite",
-                f"{where} rejected: the gradient contains NaN or Inf; the table is unchanged",
-            )
+        keep = self._finite_rows(t, where, grads)
+        if keep is not None:
+            if keys is None:  # dense: the whole gradient is skipped
+                self.router.reply(identity, h["id"])
+                return
+            keys, grads = keys[keep], grads[keep]
+        if keys is not None:
+            self._check_room(t, keys)
         if seq <= self.last_seq.get(rank, -1):
             self.router.reply(identity, h["id"])  # a retry of a push already applied
             return

@@ -180,3 +180,43 @@ def test_bad_table_specs_are_refused_before_anything_is_sent(cluster: ps.LocalCl
     with pytest.raises(ConfigError, match="dtype"):
         client.dense_table("x", shape=(2,), dtype="int32")
     assert client.tables() == []
+
+
+def test_nonfinite_skip_drops_only_the_bad_rows(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    t = client.sparse_table("skip", dim=2, optimizer=ps.optim.SGD(lr=1.0), nonfinite="skip")
+    grads = np.ones((6, 2), np.float32)
+    grads[1, 0] = np.nan
+    grads[4, 1] = np.inf
+    t.push(np.arange(6), grads).result()
+    rows = t.pull(np.arange(6), create=False)
+    np.testing.assert_array_equal(rows[[0, 2, 3, 5]], -np.ones((4, 2), np.float32))
+    np.testing.assert_array_equal(rows[[1, 4]], np.zeros((2, 2), np.float32))
+    assert sum(s["tables"]["skip"]["skipped_nonfinite"] for s in client.stats()) == 2
+    d = client.dense_table("dskip", shape=(3,), optimizer=ps.optim.SGD(lr=1.0), nonfinite="skip")
+    d.push(np.array([1.0, np.nan, 1.0], np.float32)).result()
+    np.testing.assert_array_equal(d.pull(), np.zeros(3, np.float32))
+    with pytest.raises(ConfigError, match="nonfinite"):
+        client.sparse_table("bad", dim=2, nonfinite="ignore")
+
+
+def test_a_full_table_refuses_new_rows_and_changes_nothing(cluster: ps.LocalCluster) -> None:
+    client = cluster.connect()
+    t = client.sparse_table("capped", dim=2, optimizer=ps.optim.SGD(lr=1.0), max_rows=50)
+    keys = np.arange(40, dtype=np.uint64)
+    t.push(keys, np.ones((40, 2), np.float32)).result()  # ~20 rows on each of 2 servers
+    before = t.pull(keys, create=False).tobytes()
+    rows_before = [s["tables"]["capped"]["rows"] for s in client.stats()]
+    with pytest.raises(RemoteError, match=r"'capped' is full on server\[\d\].*max_rows is 50") as e:
+        t.pull(np.arange(1000, 1200))
+    assert e.value.code == "full"
+    with pytest.raises(RemoteError, match="is full"):
+        t.push(np.arange(2000, 2200), np.ones((200, 2), np.float32)).result()
+    assert [s["tables"]["capped"]["rows"] for s in client.stats()] == rows_before
+    assert t.pull(keys, create=False).tobytes() == before
+    t.push(keys, np.ones((40, 2), np.float32)).result()  # existing rows still train
+    assert t.pull(np.arange(3000, 3004), create=False).shape == (4, 2)  # eval never creates
+    with pytest.raises(ConfigError, match="max_rows is for sparse"):
+        from paramserver.spec import TableSpec
+
+        TableSpec(name="x", kind="dense", shape=(2,), max_rows=5)
