@@ -157,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=3)
     d.add_argument("--out", default="paramserver-demo", help="folder for the JSON and the plot")
 
+    k = sub.add_parser("checkpoint", help="look at checkpoints")
+    ksub = k.add_subparsers(dest="action", required=True)
+    ki = ksub.add_parser("inspect", help="list a checkpoint's tables, rows, bytes and clock")
+    ki.add_argument("path", help="a checkpoint directory, or a root with a LATEST file")
+    ki.add_argument("--json", action="store_true", help="print JSON")
+
     t = sub.add_parser(
         "train", help="train a ready model: logreg, deepfm, word2vec, mlp", add_help=False
     )
@@ -186,6 +192,34 @@ def _bind(value: str) -> str:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"--bind must be HOST:PORT with a port in 0..65535, got {value!r}")
     return host
+
+
+def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
+    import json
+    import time
+
+    from paramserver.server.checkpoint import describe
+
+    info = describe(path)
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return 0
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created"] or 0))
+    print(
+        f"{info['path']}: clock {info['clock']}, written {created} by {info['servers']} servers "
+        f"for {info['workers']} workers (format {info['format']})"
+    )
+    print(
+        f"{'table':<24} {'kind':<7} {'shape':<12} {'optimizer':<9} {'consistency':<11} "
+        f"{'rows':>12} {'bytes':>14}"
+    )
+    for name, t in info["tables"].items():
+        shape = "x".join(str(d) for d in t["shape"])
+        print(
+            f"{name:<24} {t['kind']:<7} {shape:<12} {t['optimizer']:<9} {t['consistency']:<11} "
+            f"{t['rows']:>12,} {t['bytes']:>14,}"
+        )
+    return 0
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -243,6 +277,8 @@ def _command(args: argparse.Namespace) -> int:
             log_level=args.log_level or "WARNING",
             token=_token(args),
         )
+    if args.command == "checkpoint":
+        return _inspect_checkpoint(args.path, as_json=args.json)
     if args.command == "demo":
         from pathlib import Path
 

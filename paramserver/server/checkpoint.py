@@ -36,6 +36,7 @@ from paramserver.spec import TableSpec
 __all__ = [
     "FORMAT_VERSION",
     "commit_checkpoint",
+    "describe",
     "find_checkpoint",
     "load_dense_range",
     "load_sparse_rows",
@@ -248,3 +249,34 @@ def load_dense_range(
             f"checkpoint {directory}: table {name!r} elements {covered}..{stop} are missing"
         )
     return np.concatenate(parts) if parts else None
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a checkpoint holds: clock, servers, and per table its kind, rows and bytes.
+
+    Example:
+        describe("ckpt/")["tables"]["emb"]["rows"]
+    """
+    directory, manifest, specs = read_manifest(path)
+    indexes = _indexes(directory, manifest["num_servers"])
+    tables: dict[str, Any] = {}
+    for spec in specs:
+        entries = [idx["tables"][spec.name] for idx in indexes if spec.name in idx["tables"]]
+        tables[spec.name] = {
+            "kind": spec.kind,
+            "dtype": spec.dtype,
+            "shape": [spec.dim] if spec.kind == "sparse" else list(spec.shape),
+            "optimizer": spec.optimizer.to_spec()["kind"],
+            "consistency": spec.consistency,
+            "rows": sum(int(e["count"]) for e in entries) if spec.kind == "sparse" else spec.size,
+            "bytes": sum(int(e.get("nbytes", 0)) for e in entries),
+        }
+    return {
+        "path": str(directory),
+        "format": manifest["format"],
+        "clock": manifest["clock"],
+        "created": manifest.get("created"),
+        "servers": manifest["num_servers"],
+        "workers": manifest["num_workers"],
+        "tables": tables,
+    }

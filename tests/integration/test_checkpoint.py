@@ -162,3 +162,35 @@ def test_restore_from_nothing_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="not a checkpoint"):
         checkpoint.read_manifest(tmp_path / "empty")
+
+
+def test_checkpoint_inspect_lists_tables_rows_bytes_and_clock(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = tmp_path / "ckpt"
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("emb", dim=8, optimizer=ps.optim.Adagrad(lr=0.1))
+        client.dense_table("w", shape=(10, 3))
+        emb.pull(np.arange(100))
+        for _ in range(3):
+            client.clock()
+        client.save(root)
+    cmd = [sys.executable, "-m", "paramserver.cli", "checkpoint", "inspect", str(root)]
+    info = json.loads(
+        subprocess.run(
+            [*cmd, "--json"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    )
+    assert info["clock"] == 3 and info["servers"] == 2
+    assert info["tables"]["emb"]["rows"] == 100 and info["tables"]["w"]["rows"] == 30
+    # Adagrad keeps an accumulator beside each weight: 100 rows x (8 + 8) float32 + 100 keys
+    assert info["tables"]["emb"]["bytes"] == 100 * 16 * 4 + 100 * 8
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "clock 3" in text and "emb" in text and "adagrad" in text
+    missing = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
