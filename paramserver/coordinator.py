@@ -119,7 +119,13 @@ class Coordinator:
         self.timeouts = timeouts or Timeouts()
         self.ctx = new_context()
         self.auth = start_authenticator(self.ctx, security) if security is not None else None
-        self.router = Router(self.ctx, host, port, security)
+        try:
+            self.router = Router(self.ctx, host, port, security)
+        except BaseException:  # e.g. the address is in use: leave no thread or context behind
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.term()
+            raise
         self.address = self.router.address
         self.epoch = 1
         self.servers = [Member("server", r) for r in range(num_servers)]

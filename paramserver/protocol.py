@@ -36,6 +36,9 @@ VERSION = 1
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 4 << 30
 MAX_HEADER_BYTES = 1 << 20
+# No frame we send is larger than a header or a chunk; a bound socket drops a peer that sends
+# one larger than this before it is ever read into memory.
+MAX_FRAME_BYTES = 16 << 20
 MAX_NDIM = 4
 
 # Wire dtypes, always little-endian. bfloat16 travels as uint16 bit patterns.

@@ -117,7 +117,13 @@ class Server:
         self.coordinator = coordinator
         self.ctx = new_context()
         self.auth = start_authenticator(self.ctx, security) if security is not None else None
-        self.router = Router(self.ctx, host, port, security)
+        try:
+            self.router = Router(self.ctx, host, port, security)
+        except BaseException:  # e.g. the address is in use: leave no thread or context behind
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.term()
+            raise
         self.address = self.router.address
         if advertise or host in ("0.0.0.0", "*"):
             self.address = f"tcp://{advertise or pysocket.gethostname()}:{self.router.port}"

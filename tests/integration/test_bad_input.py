@@ -220,3 +220,17 @@ def test_a_full_table_refuses_new_rows_and_changes_nothing(cluster: ps.LocalClus
         from paramserver.spec import TableSpec
 
         TableSpec(name="x", kind="dense", shape=(2,), max_rows=5)
+
+
+def test_an_oversized_frame_only_disconnects_its_sender(table: ps.SparseTable) -> None:
+    before = snapshot(table)
+    ctx = new_context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server_addresses(table)[0])
+    sock.send_multipart([b"\x00" * (protocol.MAX_FRAME_BYTES + 1)])
+    assert not sock.poll(1000), "an oversized frame must not be answered"
+    sock.close(0)
+    ctx.term()
+    assert snapshot(table) == before
+    table.push(np.array([1], np.uint64), np.ones((1, 4), np.float32)).result()  # still serving
