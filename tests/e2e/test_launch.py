@@ -518,3 +518,19 @@ def test_demo_trains_both_models_and_writes_its_plot(tmp_path: Path) -> None:
     assert (out / "demo.png").stat().st_size > 1000
     summary = json.loads((out / "logreg.json").read_text())
     assert summary, "the FTRL run wrote no summary"
+
+
+@pytest.mark.timeout(170)
+def test_demo_without_the_registry_says_so_and_trains_on_synthetic_data(tmp_path: Path) -> None:
+    env = {**_env(), "PS_DATA_DIR": str(tmp_path / "empty-cache"), "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": ""}  # fmt: skip
+    with _watch() as watch:
+        done = subprocess.run(
+            [*_paramserver(), "demo", "--epochs", "1", "--out", str(tmp_path / "demo")],
+            env=env, capture_output=True, text=True, timeout=160,
+        )  # fmt: skip
+        watch.assert_gone()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cannot be fetched" in done.stdout and "SYNTHETIC" in done.stdout, done.stdout
+    line = next(line for line in done.stdout.splitlines() if "final test AUC" in line)
+    assert min(float(v) for v in re.findall(r"(\d\.\d{4})", line)) > 0.6, line
