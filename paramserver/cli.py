@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--checkpoint-dir", default=None, help="write periodic checkpoints here")
     c.add_argument(
+        "--checkpoint-every-clocks",
+        type=int,
+        default=None,
+        help="write a checkpoint every N clocks (instead of every --checkpoint-every seconds)",
+    )
+    c.add_argument(
         "--checkpoint-every", type=float, default=None, help="seconds between periodic checkpoints"
     )
     c.add_argument(
@@ -240,6 +246,7 @@ def _command(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             checkpoint_keep=args.checkpoint_keep,
             token=token,
+            checkpoint_every_clocks=args.checkpoint_every_clocks,
         )
         return 0
     if args.command == "server":

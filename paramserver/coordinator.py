@@ -69,12 +69,22 @@ class _Round:
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """Periodic checkpoints: into ``directory`` every ``every_seconds``, keeping the last ``keep``."""
+    """Periodic checkpoints into ``directory``: every ``every_seconds``, or every
+    ``every_clocks`` clocks when that is set; keeping the last ``keep``."""
 
     directory: str
     every_seconds: float = 600.0
     keep: int = 3
     timeout: float = 600.0
+    every_clocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.every_seconds > 0:
+            raise ConfigError(f"checkpoint interval must be positive, got {self.every_seconds}")
+        if not (isinstance(self.keep, int) and self.keep >= 1):
+            raise ConfigError(f"checkpoints to keep must be at least 1, got {self.keep}")
+        if self.every_clocks is not None and not self.every_clocks >= 1:
+            raise ConfigError(f"checkpoint clock interval must be >= 1, got {self.every_clocks}")
 
 
 @dataclass
@@ -138,6 +148,8 @@ class Coordinator:
         self._round_ids = 0
         self.checkpoints = checkpoints
         self._next_periodic = time.monotonic() + (checkpoints.every_seconds if checkpoints else 0)
+        self._next_clock: int | None = None
+        self._lead = 2  # how far ahead of the reported clocks a periodic round aims
         self.start_clock = 0
         self.restore: dict[str, Any] | None = None
         if restore is not None:
@@ -423,8 +435,23 @@ class Coordinator:
 
     def _on_error(self, identity: bytes, h: dict[str, Any]) -> None:
         rnd = self.rounds.get(h["id"])
-        if rnd is not None:
-            self._fail_round(rnd, h["message"])
+        if rnd is None:
+            return
+        if h["code"] == "too_late" and rnd.requester is None:
+            # a periodic round aimed at a clock some server had already passed (heartbeats
+            # report clocks late): drop it quietly and aim further ahead next time
+            self._lead = min(2 * self._lead, 1 << 16)
+            self.rounds.pop(rnd.round_id, None)
+            shutil.rmtree(rnd.partial, ignore_errors=True)
+            self._next_periodic = 0.0
+            log.debug(
+                "checkpoint round %d: %s; retrying %d clocks ahead",
+                rnd.round_id,
+                h["message"],
+                self._lead,
+            )
+            return
+        self._fail_round(rnd, h["message"])
 
     def _finish_round(self, rnd: _Round) -> None:
         del self.rounds[rnd.round_id]
@@ -461,13 +488,24 @@ class Coordinator:
 
     def _periodic_checkpoint(self, now: float) -> None:
         policy = self.checkpoints
-        if policy is None or now < self._next_periodic or self.rounds:
+        if policy is None or self.rounds:
             return
-        self._next_periodic = now + policy.every_seconds
         clocks = [m.clock for m in self.servers if m.state == ALIVE]
-        if not clocks or not any(w.state == ALIVE for w in self.workers):
+        if not clocks or not any(w.state == ALIVE for w in self.workers) or max(clocks) >= 1 << 61:
             return
-        target = min(max(clocks) + 1, (1 << 62) - 1)
+        if policy.every_clocks is not None:
+            # every N clocks: the first round at the next multiple of N
+            if self._next_clock is None:
+                self._next_clock = (max(clocks) // policy.every_clocks + 1) * policy.every_clocks
+            if max(clocks) + self._lead < self._next_clock:
+                return
+            target = max(self._next_clock, max(clocks) + self._lead)
+            self._next_clock = target + policy.every_clocks
+        else:
+            if now < self._next_periodic:
+                return
+            self._next_periodic = now + policy.every_seconds
+            target = max(clocks) + self._lead
         err = self._start_round(Path(policy.directory), target, policy.timeout, None)
         if err:
             log.warning("periodic checkpoint skipped: %s", err)

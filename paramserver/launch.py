@@ -97,6 +97,7 @@ def serve_coordinator(
     checkpoint_every: float | None = None,
     checkpoint_keep: int | None = None,
     token: str | None = None,
+    checkpoint_every_clocks: int | None = None,
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoint_dir``, it writes a
@@ -119,7 +120,11 @@ def serve_coordinator(
     if checkpoint_dir is not None:
         from paramserver.coordinator import CheckpointPolicy
 
-        given: dict[str, Any] = {"every_seconds": checkpoint_every, "keep": checkpoint_keep}
+        given: dict[str, Any] = {
+            "every_seconds": checkpoint_every,
+            "keep": checkpoint_keep,
+            "every_clocks": checkpoint_every_clocks,
+        }
         extra["checkpoints"] = CheckpointPolicy(
             checkpoint_dir, **{k: v for k, v in given.items() if v is not None}
         )
@@ -353,6 +358,7 @@ class LocalCluster:
         checkpoint_every: float | None = None,
         checkpoint_keep: int | None = None,
         token: str | None = None,
+        checkpoint_every_clocks: int | None = None,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -378,6 +384,11 @@ class LocalCluster:
             self._checkpoint_flags += ["--checkpoint-every", repr(float(checkpoint_every))]
         if checkpoint_keep is not None:
             self._checkpoint_flags += ["--checkpoint-keep", str(int(checkpoint_keep))]
+        if checkpoint_every_clocks is not None:
+            self._checkpoint_flags += [
+                "--checkpoint-every-clocks",
+                str(int(checkpoint_every_clocks)),
+            ]
         # The token travels to the children in their environment, never on a command line.
         self._token = from_env().token if token is None else token
         self._security = Security.from_token(self._token) if self._token is not None else None

@@ -245,6 +245,17 @@ class Server:
         if header["kind"] == "view":
             self._apply_view(header["view"])
         elif header["kind"] == "checkpoint":
+            if self.clocks.min_clock > header["clock"]:
+                # already past the boundary: a snapshot now would not be at that clock, and the
+                # other servers' would be (the coordinator tries again further ahead)
+                self._coord.send(
+                    "coordinator",
+                    protocol.error_header(
+                        header["id"], "too_late",
+                        f"{self.name} is already at clock {self.clocks.min_clock}",
+                    ),
+                )  # fmt: skip
+                return
             self._snapshot = (header["id"], header["path"], header["clock"])
             self._progress()
         elif header["kind"] == "stop":
