@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port to listen on (default: any)")
     s.add_argument("--advertise", default=None, help="host name others reach this server by")
+    s.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="take this server rank (a restarted server replaces the dead one of that rank)",
+    )
     s.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
     s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     _add_timeouts(s)
@@ -194,6 +200,7 @@ def _command(args: argparse.Namespace) -> int:
             _timeouts(args),
             parent_pid=args.parent_pid,
             advertise=args.advertise,
+            rank=args.rank,
         )
         return 0
     if args.command == "run":

@@ -14,7 +14,7 @@ import secrets
 import socket as pysocket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
 from typing import Any
@@ -34,7 +34,15 @@ from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
 from paramserver.partition import HashRing, split_by_owner
 from paramserver.spec import TableSpec
-from paramserver.transport import Endpoint, Future, Heartbeat, Security, gather, new_context
+from paramserver.transport import (
+    Endpoint,
+    Future,
+    Heartbeat,
+    Message,
+    Security,
+    gather,
+    new_context,
+)
 
 __all__ = ["Client", "DenseTable", "SparseTable", "connect"]
 
@@ -79,6 +87,21 @@ def _server(rank: int) -> str:
     return f"server[{rank}]"
 
 
+class _Endpoint(Endpoint):
+    """The worker's endpoint: while requests wait for a lost server's replacement, every poll
+    also gives up on those whose time is over (nothing else would wake them)."""
+
+    expire: Callable[[], float | None] | None = None
+
+    def poll(self, timeout: float) -> None:
+        nxt = self.expire() if self.expire is not None else None
+        if nxt is not None:
+            timeout = min(timeout, max(0.0, nxt - time.monotonic()) + 0.001)
+        super().poll(timeout)
+        if self.expire is not None:
+            self.expire()
+
+
 class Client:
     """A worker's connection to the cluster. Use :func:`connect` or ``LocalCluster.connect()``.
 
@@ -103,9 +126,15 @@ class Client:
         self._security = Security.from_token(token) if token is not None else None
         self.transport = from_env().transport if transport is None else parse_transport(transport)
         self._ctx = new_context()
-        self._ep = Endpoint(
+        self._ep = _Endpoint(
             self._ctx, self.timeouts.request, on_message=self._on_message, security=self._security
         )
+        self._ep.expire = self._expire_resends
+        # server rank -> requests waiting for that server to come back: (deadline, lost peer,
+        # resend, give up)
+        self._resends: dict[
+            int, list[tuple[float, object, Callable[[], None], Callable[[], None]]]
+        ] = {}
         self._ep.connect("coordinator", coordinator)
         self._clock = 0
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
@@ -199,6 +228,83 @@ class Client:
                 self._ep.mark_lost(
                     name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
                 )
+        if self._resends:
+            self._resend_to_replaced()
+
+    # ---- requests to servers that may be replaced -----------------------------------------
+
+    def _server_request(
+        self,
+        s: int,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        *,
+        what: str,
+        parse: Callable[[Message], Any] | None = None,
+        sink: np.ndarray | None = None,
+    ) -> Future[Any]:
+        """A request to server ``s`` that survives its replacement: if the server is lost, wait
+        (up to the request timeout) for a view in which a new server holds rank ``s``, then send
+        the same request again (a push keeps its sequence number)."""
+        name = _server(s)
+        outer: Future[Any] = Future(self._ep, what)
+        # a pull carries its own timeout: the wait for a replacement is bounded by it too
+        wait = float(header.get("timeout") or self.timeouts.request)
+        deadline = time.monotonic() + wait
+
+        def attempt() -> None:
+            peer = self._ep.peers.get(name)
+            fut = self._ep.request(name, header, arrays, what=what, parse=parse, sink=sink)
+
+            def done(f: Future[Any]) -> None:
+                err = f._error
+                if err is None:
+                    outer.set_result(f._value)
+                elif isinstance(err, NodeLostError) and not self._closed:
+                    give_up = lambda: outer.set_exception(  # noqa: E731
+                        NodeLostError(f"{err} (no replacement for {name} within {wait:.3g}s)")
+                    )
+                    self._resends.setdefault(s, []).append((deadline, peer, attempt, give_up))
+                else:
+                    outer.set_exception(err)
+
+            fut.add_done_callback(done)
+
+        attempt()
+        return outer
+
+    def _resend_to_replaced(self) -> None:
+        for s, waiting in list(self._resends.items()):
+            peer = self._ep.peers.get(_server(s))
+            ready = [w for w in waiting if peer is not None and peer is not w[1] and not peer.lost]
+            if not ready:
+                continue
+            self._resends[s] = [w for w in waiting if w not in ready]
+            if not self._resends[s]:
+                del self._resends[s]
+            log.info("worker[%d]: resending %d requests to %s", self.rank, len(ready), _server(s))
+            for _, _, again, _ in ready:
+                again()
+
+    def _expire_resends(self) -> float | None:
+        """Fail the resends whose deadline passed; the next deadline, if any."""
+        if not self._resends:
+            return None
+        now = time.monotonic()
+        soonest: float | None = None
+        for s, waiting in list(self._resends.items()):
+            keep = []
+            for w in waiting:
+                if now >= w[0]:
+                    w[3]()
+                else:
+                    keep.append(w)
+                    soonest = w[0] if soonest is None else min(soonest, w[0])
+            if keep:
+                self._resends[s] = keep
+            else:
+                del self._resends[s]
+        return soonest
 
     def _check(self) -> None:
         if self._closed:
@@ -224,8 +330,8 @@ class Client:
         ).result(self.timeouts.request)
         final = TableSpec.from_wire(reply["spec"])
         futs = [
-            self._ep.request(
-                _server(s),
+            self._server_request(
+                s,
                 {"kind": "create_shard", "spec": final.to_wire()},
                 what=f"creating table {spec.name!r} on {_server(s)}",
             )
@@ -320,8 +426,8 @@ class Client:
                 raise f.exception(0)  # type: ignore[misc]
         self._clock += 1
         self._clock_futures = [
-            self._ep.request(
-                _server(s),
+            self._server_request(
+                s,
                 {"kind": "clock", "rank": self.rank, "clock": self._clock},
                 what=f"clock {self._clock} of worker[{self.rank}] to {_server(s)}",
             )
@@ -708,8 +814,8 @@ class SparseTable(_Handle):
                 else:
                     sent.append(s)
             futs.append(
-                c._ep.request(
-                    _server(s),
+                c._server_request(
+                    s,
                     h,
                     arrays,
                     what=f"pull of {len(part_keys)} keys of table {self.name!r} from "
@@ -827,8 +933,8 @@ class SparseTable(_Handle):
                 else:
                     sent.append(s)
             futs.append(
-                c._ep.request(
-                    _server(s),
+                c._server_request(
+                    s,
                     h,
                     arrays,
                     what=f"push of {len(part_keys)} rows of table {self.name!r} to {_server(s)}",
@@ -1008,8 +1114,8 @@ class DenseTable(_Handle):
             dest = out_.reshape(-1)
         item = self.dtype.itemsize
         futs = [
-            c._ep.request(
-                _server(s),
+            c._server_request(
+                s,
                 header,
                 what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
                 f"({c._ep.address_of(_server(s))})",
@@ -1096,8 +1202,8 @@ class DenseTable(_Handle):
                 self._wait_push()
             arrays = [[g[a:b]] for _, a, b in self.spec.ranges]
         futs = [
-            c._ep.request(
-                _server(s),
+            c._server_request(
+                s,
                 header,
                 arr,
                 what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",

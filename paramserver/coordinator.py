@@ -136,6 +136,10 @@ class Coordinator:
         if restore is not None:
             self._load_restore(restore)
         self.leases: dict[tuple[str, int], _LeaseBook] = {}
+        # the newest checkpoint this cluster can restore from: a replaced server loads its shards
+        self.latest_checkpoint: dict[str, Any] | None = self.restore
+        # worker rank -> the clock it rejoined at, until every server has seen it (see view())
+        self.rejoined: dict[int, int] = {}
         self._stop = threading.Event()
 
     def _load_restore(self, path: str) -> None:
@@ -212,11 +216,15 @@ class Coordinator:
     # ---- membership -----------------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
-        return {
+        view: dict[str, Any] = {
             "epoch": self.epoch,
             "servers": [[m.rank, m.address, m.state] for m in self.servers],
             "workers": [[m.rank, m.state] for m in self.workers],
         }
+        if self.rejoined:
+            # a restarted worker comes back at this clock: the servers set its clock to it
+            view["rejoined"] = [[r, c] for r, c in sorted(self.rejoined.items())]
+        return view
 
     def _publish(self, reason: str) -> None:
         self.epoch += 1
@@ -259,13 +267,30 @@ class Coordinator:
                 )
                 return
             m = free[0]
+        replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h)
-        tables = [s.to_wire() for s in self.tables.values()] if self.restore else None
-        self.router.reply(
-            identity, h["id"], rank=m.rank, view=self._view_with_token(m), tables=tables
+        view = self._view_with_token(m)
+        tables = None
+        if replacing:
+            # a replacement: it creates every table and loads its keys from the newest
+            # checkpoint, if any (updates since that checkpoint are lost on this server)
+            view.pop("restore", None)
+            if self.latest_checkpoint is not None:
+                view["restore"] = self.latest_checkpoint
+            tables = [s.to_wire() for s in self.tables.values()]
+        elif self.restore:
+            tables = [s.to_wire() for s in self.tables.values()]
+        self.router.reply(identity, h["id"], rank=m.rank, view=view, tables=tables)
+        self._publish(
+            f"{m.name} {'replaced' if replacing else 'registered'} at {m.address}"
+            + (f" (restoring {view['restore']['path']})" if replacing and "restore" in view else "")
         )
-        self._publish(f"{m.name} registered at {m.address}")
         self._admit_workers()
+
+    def _current_clock(self) -> int:
+        """The cluster's clock as the live servers last reported it (their min clocks)."""
+        clocks = [m.clock for m in self.servers if m.state == ALIVE]
+        return max(clocks, default=self.start_clock)
 
     def _view_with_token(self, m: Member) -> dict[str, Any]:
         extra: dict[str, Any] = {"start_clock": self.start_clock}
@@ -323,9 +348,17 @@ class Coordinator:
                     )
                     continue
                 m = free[0]
+            rejoin = m.state in (DEAD, LEFT)
             self._activate(m, identity, h)
-            self.router.reply(identity, h["id"], rank=m.rank, view=self._view_with_token(m))
-            self._publish(f"{m.name} registered")
+            view = self._view_with_token(m)
+            if rejoin:
+                # a restarted worker goes on from where the live workers are, not from 0
+                view["start_clock"] = self.rejoined[m.rank] = self._current_clock()
+            self.router.reply(identity, h["id"], rank=m.rank, view=view)
+            self._publish(
+                f"{m.name} "
+                + (f"rejoined at clock {view['start_clock']}" if rejoin else "registered")
+            )
 
     def _member(self, role: str, rank: int) -> Member | None:
         members = self.servers if role == "server" else self.workers
@@ -345,12 +378,19 @@ class Coordinator:
         m.last_seen = time.monotonic()
         if h.get("clock") is not None:
             m.clock = h["clock"]
+            if self.rejoined and m.role == "server":
+                # once every live server's min clock has passed a rejoin, it is no news
+                low = min(s.clock for s in self.servers if s.state == ALIVE)
+                for r, c in list(self.rejoined.items()):
+                    if low > c:
+                        del self.rejoined[r]
         self.router.reply(identity, h["id"], view={"epoch": self.epoch})
 
     def _on_leave(self, identity: bytes, h: dict[str, Any]) -> None:
         m = self._member(h["role"], h["rank"])
         if m is not None and m.state == ALIVE and m.token == h["token"]:
             m.state = LEFT
+            self._requeue_leases(m)
             self._publish(f"{m.name} left")
             self._check_barriers()
         self.router.reply(identity, h["id"])
@@ -432,6 +472,7 @@ class Coordinator:
             self._fail_round(rnd, f"writing the manifest failed: {exc}")
             return
         log.info("checkpoint at clock %d written: %s", rnd.clock, final)
+        self.latest_checkpoint = {"path": str(final), "clock": rnd.clock}
         if rnd.requester is not None:
             self.router.reply(rnd.requester[0], rnd.requester[1], path=str(final))
 
@@ -478,6 +519,8 @@ class Coordinator:
                     m.address or f"pid {m.pid}",
                     now - m.last_seen,
                 )
+                if m.role == "worker":
+                    self._requeue_leases(m)
                 self._publish(f"{m.name} declared dead")
                 self._check_barriers()
         for name, b in list(self.barriers.items()):
@@ -552,7 +595,23 @@ class Coordinator:
     # ---- data leases ----------------------------------------------------------------------
     # Every worker of a data set asks for the next shard of an epoch; each shard is handed out
     # once per epoch, in an order shuffled by (data set, epoch). A lease is held by its worker's
-    # rank until completed (giving a dead worker's leases back is left to recovery).
+    # rank until completed; the leases of a worker that dies or leaves go back to the queue, so
+    # an epoch covers every shard whoever survives.
+
+    def _requeue_leases(self, m: Member) -> None:
+        for (dataset, epoch), book in self.leases.items():
+            lost = sorted(s for s, r in book.held.items() if r == m.rank)
+            for shard in lost:
+                del book.held[shard]
+                book.todo.append(shard)  # handed out next
+            if lost:
+                log.warning(
+                    "%s: leases %s of %r epoch %d go back to the queue",
+                    m.name,
+                    lost,
+                    dataset,
+                    epoch,
+                )
 
     def _lease_book(self, h: dict[str, Any]) -> _LeaseBook:
         key = (h["dataset"], h["epoch"])
