@@ -132,6 +132,9 @@ class Client:
         self._ep.expire = self._expire_resends
         # server rank -> requests waiting for that server to come back: (deadline, lost peer,
         # resend, give up)
+        # server rank -> how many times a new process took it over (shared memory is not shared
+        # with a replacement: dense tables reach it over TCP)
+        self.replaced: Counter[int] = Counter()
         self._resends: dict[
             int, list[tuple[float, object, Callable[[], None], Callable[[], None]]]
         ] = {}
@@ -223,6 +226,9 @@ class Client:
         for rank, address, state in view.get("servers", []):
             name = _server(rank)
             if state == "alive" and address:
+                old = self._ep.peers.get(name)
+                if old is not None and (old.address != address or old.lost is not None):
+                    self.replaced[rank] += 1
                 self._ep.connect(name, address)
             elif state in ("dead", "left"):
                 self._ep.mark_lost(
@@ -242,10 +248,12 @@ class Client:
         what: str,
         parse: Callable[[Message], Any] | None = None,
         sink: np.ndarray | None = None,
+        again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
     ) -> Future[Any]:
         """A request to server ``s`` that survives its replacement: if the server is lost, wait
         (up to the request timeout) for a view in which a new server holds rank ``s``, then send
-        the same request again (a push keeps its sequence number)."""
+        the same request again (a push keeps its sequence number); ``again`` gives the header,
+        arrays and parse of a resend when it must differ (no shared memory with a new server)."""
         name = _server(s)
         outer: Future[Any] = Future(self._ep, what)
         # a pull carries its own timeout: the wait for a replacement is bounded by it too
@@ -261,14 +269,23 @@ class Client:
                 if err is None:
                     outer.set_result(f._value)
                 elif isinstance(err, NodeLostError) and not self._closed:
-                    give_up = lambda: outer.set_exception(  # noqa: E731
-                        NodeLostError(f"{err} (no replacement for {name} within {wait:.3g}s)")
-                    )
-                    self._resends.setdefault(s, []).append((deadline, peer, attempt, give_up))
+
+                    def give_up() -> None:
+                        outer.set_exception(
+                            NodeLostError(f"{err} (no replacement for {name} within {wait:.3g}s)")
+                        )
+
+                    self._resends.setdefault(s, []).append((deadline, peer, resend, give_up))
                 else:
                     outer.set_exception(err)
 
             fut.add_done_callback(done)
+
+        def resend() -> None:
+            nonlocal header, arrays, parse
+            if again is not None:
+                header, arrays, parse = again()
+            attempt()
 
         attempt()
         return outer
@@ -981,6 +998,7 @@ class DenseTable(_Handle):
         super().__init__(client, spec)
         self._seg: shm.Segment | None = None
         self._shm_tried = False
+        self._lane_servers: Counter[int] = Counter()  # client.replaced when the lane was made
         self._last_push: Future[None] | None = None
         self._sendbuf: np.ndarray | None = None
         self._recvbuf: np.ndarray | None = None
@@ -1036,6 +1054,7 @@ class DenseTable(_Handle):
         self._shm_tried = True
         if ok:
             self._seg = seg
+            self._lane_servers = Counter(c.replaced)
         else:
             seg.close()
         return self._seg
@@ -1047,6 +1066,10 @@ class DenseTable(_Handle):
                 self._last_push.exception()
             finally:
                 self._last_push = None
+
+    def _over_tcp(self, s: int) -> bool:
+        """Whether server ``s`` took over after the segment was shared: reach it by TCP."""
+        return self.client.replaced[s] != self._lane_servers[s]
 
     def push_buffer(self) -> np.ndarray:
         """A writable array of the table's shape to compute a gradient into; ``push(buf)`` then
@@ -1101,6 +1124,19 @@ class DenseTable(_Handle):
                 return None
             return msg[1][0]
 
+        def part_by_tcp(a: int, b: int) -> Callable[[Message], None]:
+            # a replacement server has no shared memory: its rows go where the others wrote
+            def parse(msg: Message) -> None:
+                staleness.append(int(msg[0].get("staleness") or 0))
+                assert seg is not None
+                if len(msg[1]) != 1 or msg[1][0].shape != (b - a,):
+                    raise ConfigError(f"table {self.name!r}: server answered a wrong shape")
+                seg.reply.view(self.dtype)[a:b] = msg[1][0]
+
+            return parse
+
+        tcp_header = {k: v for k, v in header.items() if k != "shm"}
+
         ranges = self.spec.ranges
         # over TCP, replies are assembled straight into the result (no second copy)
         dest = None
@@ -1121,6 +1157,15 @@ class DenseTable(_Handle):
                 f"({c._ep.address_of(_server(s))})",
                 parse=part,
                 sink=None if dest is None else dest.view(np.uint8)[a * item : b * item],
+            )
+            if seg is None
+            else c._server_request(
+                s,
+                tcp_header if self._over_tcp(s) else header,
+                what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
+                f"({c._ep.address_of(_server(s))})",
+                parse=part_by_tcp(a, b) if self._over_tcp(s) else part,
+                again=lambda a=a, b=b: (tcp_header, [], part_by_tcp(a, b)),  # type: ignore[misc]
             )
             for s, a, b in ranges
         ]
@@ -1201,12 +1246,21 @@ class DenseTable(_Handle):
             if self._sendbuf is not None and g.ctypes.data == self._sendbuf.ctypes.data:
                 self._wait_push()
             arrays = [[g[a:b]] for _, a, b in self.spec.ranges]
+        if seg is not None:
+            # a replacement server has no shared memory: it gets its part of the gradient by TCP
+            tcp_header = {k: v for k, v in header.items() if k != "shm"}
+            grad = seg.grad.view(self.dtype)
+            tcp = {s: (tcp_header, [grad[a:b]], None) for s, a, b in self.spec.ranges}
+            for i, (s, _, _) in enumerate(self.spec.ranges):
+                if self._over_tcp(s):
+                    arrays[i] = tcp[s][1]
         futs = [
             c._server_request(
                 s,
-                header,
+                tcp[s][0] if seg is not None and self._over_tcp(s) else header,
                 arr,
                 what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",
+                again=None if seg is None else (lambda s=s: tcp[s]),  # type: ignore[misc]
             )
             for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
         ]

@@ -92,7 +92,8 @@ def test_a_killed_worker_loses_no_shard_and_a_restarted_one_rejoins(tmp_path: Pa
     print(f"restarted worker rejoined at clock {start_clock}; {len(trained)} shard trainings")
 
 
-def test_a_killed_server_is_replaced_and_training_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "auto"])  # auto: dense over shared memory
+def test_a_killed_server_is_replaced_and_training_goes_on(tmp_path: Path, transport: str) -> None:
     steps, kill_at = 60, 20
     with ps.LocalCluster(
         servers=2,
@@ -101,7 +102,7 @@ def test_a_killed_server_is_replaced_and_training_goes_on(tmp_path: Path) -> Non
         checkpoint_dir=tmp_path / "ckpt",
         checkpoint_every=0.3,
     ) as cluster:
-        client = cluster.connect(transport="tcp")
+        client = cluster.connect(transport=transport)
         emb = client.sparse_table("emb", dim=4, optimizer=ps.optim.SGD(lr=0.1), consistency="sync")
         dense = client.dense_table(
             "w", shape=(1000,), optimizer=ps.optim.SGD(lr=0.1), consistency="sync"
@@ -135,4 +136,5 @@ def test_a_killed_server_is_replaced_and_training_goes_on(tmp_path: Path) -> Non
         # every step after the kill was applied: each lowers the values by lr * 1
         after = dense.pull()
         assert np.all(after < -0.1 * (steps - kill_at))
+        assert dense.shared_memory == (transport == "auto")
     print(f"server recovery: training moved again {recovered - killed_at:.2f}s after SIGKILL")
