@@ -12,9 +12,11 @@ data set are handed out as leases, one epoch at a time (:class:`_LeaseBook`).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -246,6 +248,8 @@ class Coordinator:
             self.router.error(identity, h["id"], "invalid", "a server must register its address")
             return
         want = h.get("rank")
+        if want is not None and want < len(self.servers) and self._gone(self.servers[want], h):
+            self._declare_dead(self.servers[want], "its process is gone and a replacement is here")
         if want is not None:
             if want >= len(self.servers) or self.servers[want].state == ALIVE:
                 self.router.error(
@@ -286,6 +290,33 @@ class Coordinator:
             + (f" (restoring {view['restore']['path']})" if replacing and "restore" in view else "")
         )
         self._admit_workers()
+
+    def _gone(self, m: Member, h: dict[str, Any]) -> bool:
+        """Whether live member ``m``, which a newcomer wants to replace, is surely dead already:
+        it ran on this host (same name), its pid is gone here, and it missed two heartbeats
+        (so a live namesake in another pid namespace, still beating, is never taken for dead).
+        Saves a replacement the wait for the heartbeat timeout."""
+        if m.state != ALIVE or not m.pid or m.host != h.get("host"):
+            return False
+        if m.host != socket.gethostname()[:256]:
+            return False
+        if time.monotonic() - m.last_seen < 2 * self.timeouts.heartbeat_interval:
+            return False
+        try:
+            os.kill(m.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _declare_dead(self, m: Member, why: str) -> None:
+        m.state = DEAD
+        log.warning("%s (%s) declared dead: %s", m.name, m.address or f"pid {m.pid}", why)
+        if m.role == "worker":
+            self._requeue_leases(m)
+        self._publish(f"{m.name} declared dead")
+        self._check_barriers()
 
     def _current_clock(self) -> int:
         """The cluster's clock as the live servers last reported it (their min clocks)."""
@@ -512,17 +543,7 @@ class Coordinator:
         limit = self.timeouts.heartbeat_timeout
         for m in (*self.servers, *self.workers):
             if m.state == ALIVE and now - m.last_seen > limit:
-                m.state = DEAD
-                log.warning(
-                    "%s (%s) declared dead: no heartbeat for %.1fs",
-                    m.name,
-                    m.address or f"pid {m.pid}",
-                    now - m.last_seen,
-                )
-                if m.role == "worker":
-                    self._requeue_leases(m)
-                self._publish(f"{m.name} declared dead")
-                self._check_barriers()
+                self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f}s")
         for name, b in list(self.barriers.items()):
             if now > b.deadline:
                 missing = self._barrier_missing(b)
