@@ -315,6 +315,10 @@ class Coordinator:
         log.warning("%s (%s) declared dead: %s", m.name, m.address or f"pid {m.pid}", why)
         if m.role == "worker":
             self._requeue_leases(m)
+        else:  # a round waiting for it would block every later checkpoint until its timeout
+            for rnd in list(self.rounds.values()):
+                if m.rank in rnd.waiting:
+                    self._fail_round(rnd, f"{m.name} died before it wrote its shards")
         self._publish(f"{m.name} declared dead")
         self._check_barriers()
 
