@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port to listen on (default: any)")
     s.add_argument("--advertise", default=None, help="host name others reach this server by")
+    s.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="take this server rank (a restarted server replaces the dead one of that rank)",
+    )
     s.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
     _add_token(s)
     s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -265,6 +271,7 @@ def _command(args: argparse.Namespace) -> int:
             parent_pid=args.parent_pid,
             advertise=args.advertise,
             token=token,
+            rank=args.rank,
         )
         return 0
     if args.command == "run":

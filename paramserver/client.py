@@ -14,7 +14,7 @@ import secrets
 import socket as pysocket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
 from typing import Any
@@ -34,7 +34,15 @@ from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
 from paramserver.partition import HashRing, split_by_owner
 from paramserver.spec import TableSpec
-from paramserver.transport import Endpoint, Future, Heartbeat, Security, gather, new_context
+from paramserver.transport import (
+    Endpoint,
+    Future,
+    Heartbeat,
+    Message,
+    Security,
+    gather,
+    new_context,
+)
 
 __all__ = ["Client", "DenseTable", "SparseTable", "connect"]
 
@@ -79,6 +87,21 @@ def _server(rank: int) -> str:
     return f"server[{rank}]"
 
 
+class _Endpoint(Endpoint):
+    """The worker's endpoint: while requests wait for a lost server's replacement, every poll
+    also gives up on those whose time is over (nothing else would wake them)."""
+
+    expire: Callable[[], float | None] | None = None
+
+    def poll(self, timeout: float) -> None:
+        nxt = self.expire() if self.expire is not None else None
+        if nxt is not None:
+            timeout = min(timeout, max(0.0, nxt - time.monotonic()) + 0.001)
+        super().poll(timeout)
+        if self.expire is not None:
+            self.expire()
+
+
 class Client:
     """A worker's connection to the cluster. Use :func:`connect` or ``LocalCluster.connect()``.
 
@@ -103,9 +126,18 @@ class Client:
         self._security = Security.from_token(token) if token is not None else None
         self.transport = from_env().transport if transport is None else parse_transport(transport)
         self._ctx = new_context()
-        self._ep = Endpoint(
+        self._ep = _Endpoint(
             self._ctx, self.timeouts.request, on_message=self._on_message, security=self._security
         )
+        self._ep.expire = self._expire_resends
+        # server rank -> requests waiting for that server to come back: (deadline, lost peer,
+        # resend, give up)
+        # server rank -> how many times a new process took it over (shared memory is not shared
+        # with a replacement: dense tables reach it over TCP)
+        self.replaced: Counter[int] = Counter()
+        self._resends: dict[
+            int, list[tuple[float, object, Callable[[], None], Callable[[], None]]]
+        ] = {}
         self._ep.connect("coordinator", coordinator)
         self._clock = 0
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
@@ -194,11 +226,102 @@ class Client:
         for rank, address, state in view.get("servers", []):
             name = _server(rank)
             if state == "alive" and address:
+                old = self._ep.peers.get(name)
+                if old is not None and (old.address != address or old.lost is not None):
+                    self.replaced[rank] += 1
                 self._ep.connect(name, address)
             elif state in ("dead", "left"):
                 self._ep.mark_lost(
                     name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
                 )
+        if self._resends:
+            self._resend_to_replaced()
+
+    # ---- requests to servers that may be replaced -----------------------------------------
+
+    def _server_request(
+        self,
+        s: int,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        *,
+        what: str,
+        parse: Callable[[Message], Any] | None = None,
+        sink: np.ndarray | None = None,
+        again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
+    ) -> Future[Any]:
+        """A request to server ``s`` that survives its replacement: if the server is lost, wait
+        (up to the request timeout) for a view in which a new server holds rank ``s``, then send
+        the same request again (a push keeps its sequence number); ``again`` gives the header,
+        arrays and parse of a resend when it must differ (no shared memory with a new server)."""
+        name = _server(s)
+        outer: Future[Any] = Future(self._ep, what)
+        # a pull carries its own timeout: the wait for a replacement is bounded by it too
+        wait = float(header.get("timeout") or self.timeouts.request)
+        deadline = time.monotonic() + wait
+
+        def attempt() -> None:
+            peer = self._ep.peers.get(name)
+            fut = self._ep.request(name, header, arrays, what=what, parse=parse, sink=sink)
+
+            def done(f: Future[Any]) -> None:
+                err = f._error
+                if err is None:
+                    outer.set_result(f._value)
+                elif isinstance(err, NodeLostError) and not self._closed:
+
+                    def give_up() -> None:
+                        outer.set_exception(
+                            NodeLostError(f"{err} (no replacement for {name} within {wait:.3g}s)")
+                        )
+
+                    self._resends.setdefault(s, []).append((deadline, peer, resend, give_up))
+                else:
+                    outer.set_exception(err)
+
+            fut.add_done_callback(done)
+
+        def resend() -> None:
+            nonlocal header, arrays, parse
+            if again is not None:
+                header, arrays, parse = again()
+            attempt()
+
+        attempt()
+        return outer
+
+    def _resend_to_replaced(self) -> None:
+        for s, waiting in list(self._resends.items()):
+            peer = self._ep.peers.get(_server(s))
+            ready = [w for w in waiting if peer is not None and peer is not w[1] and not peer.lost]
+            if not ready:
+                continue
+            self._resends[s] = [w for w in waiting if w not in ready]
+            if not self._resends[s]:
+                del self._resends[s]
+            log.info("worker[%d]: resending %d requests to %s", self.rank, len(ready), _server(s))
+            for _, _, again, _ in ready:
+                again()
+
+    def _expire_resends(self) -> float | None:
+        """Fail the resends whose deadline passed; the next deadline, if any."""
+        if not self._resends:
+            return None
+        now = time.monotonic()
+        soonest: float | None = None
+        for s, waiting in list(self._resends.items()):
+            keep = []
+            for w in waiting:
+                if now >= w[0]:
+                    w[3]()
+                else:
+                    keep.append(w)
+                    soonest = w[0] if soonest is None else min(soonest, w[0])
+            if keep:
+                self._resends[s] = keep
+            else:
+                del self._resends[s]
+        return soonest
 
     def _check(self) -> None:
         if self._closed:
@@ -224,8 +347,8 @@ class Client:
         ).result(self.timeouts.request)
         final = TableSpec.from_wire(reply["spec"])
         futs = [
-            self._ep.request(
-                _server(s),
+            self._server_request(
+                s,
                 {"kind": "create_shard", "spec": final.to_wire()},
                 what=f"creating table {spec.name!r} on {_server(s)}",
             )
@@ -332,8 +455,8 @@ class Client:
                 raise f.exception(0)  # type: ignore[misc]
         self._clock += 1
         self._clock_futures = [
-            self._ep.request(
-                _server(s),
+            self._server_request(
+                s,
                 {"kind": "clock", "rank": self.rank, "clock": self._clock},
                 what=f"clock {self._clock} of worker[{self.rank}] to {_server(s)}",
             )
@@ -725,8 +848,8 @@ class SparseTable(_Handle):
                 else:
                     sent.append(s)
             futs.append(
-                c._ep.request(
-                    _server(s),
+                c._server_request(
+                    s,
                     h,
                     arrays,
                     what=f"pull of {len(part_keys)} keys of table {self.name!r} from "
@@ -833,19 +956,22 @@ class SparseTable(_Handle):
         c = self.client
         futs: list[Future[Any]] = []
         sent: list[int] = []
+        # a sync table buffers each push's keys until its clock completes, so pushes to it
+        # always carry their keys (the plan may hold a signature from a pull of the same list)
+        sig = plan.sig if self.spec.mode[0] != "sync" else None
         for s, idx, part_keys in plan.parts:
             part = summed if idx is None else summed[idx]
             h = header
             arrays = [part_keys, part]
-            if plan.sig is not None:
-                h = {**header, "sig": plan.sig}
+            if sig is not None:
+                h = {**header, "sig": sig}
                 if s in plan.known:
                     arrays = [part]
                 else:
                     sent.append(s)
             futs.append(
-                c._ep.request(
-                    _server(s),
+                c._server_request(
+                    s,
                     h,
                     arrays,
                     what=f"push of {len(part_keys)} rows of table {self.name!r} to {_server(s)}",
@@ -857,7 +983,7 @@ class SparseTable(_Handle):
             plan.known.update(sent)
 
         fut = gather(futs, f"push to table {self.name!r}", acked)
-        if plan.sig is None:
+        if sig is None:
             return fut
         # a retry keeps the sequence number: a server that applied the first try skips it
         return self._retry_unknown(fut, plan, lambda: self._send_push(plan, header, summed))
@@ -892,6 +1018,7 @@ class DenseTable(_Handle):
         super().__init__(client, spec)
         self._seg: shm.Segment | None = None
         self._shm_tried = False
+        self._lane_servers: Counter[int] = Counter()  # client.replaced when the lane was made
         self._last_push: Future[None] | None = None
         self._sendbuf: np.ndarray | None = None
         self._recvbuf: np.ndarray | None = None
@@ -947,6 +1074,7 @@ class DenseTable(_Handle):
         self._shm_tried = True
         if ok:
             self._seg = seg
+            self._lane_servers = Counter(c.replaced)
         else:
             seg.close()
         return self._seg
@@ -958,6 +1086,10 @@ class DenseTable(_Handle):
                 self._last_push.exception()
             finally:
                 self._last_push = None
+
+    def _over_tcp(self, s: int) -> bool:
+        """Whether server ``s`` took over after the segment was shared: reach it by TCP."""
+        return self.client.replaced[s] != self._lane_servers[s]
 
     def push_buffer(self) -> np.ndarray:
         """A writable array of the table's shape to compute a gradient into; ``push(buf)`` then
@@ -1012,6 +1144,19 @@ class DenseTable(_Handle):
                 return None
             return msg[1][0]
 
+        def part_by_tcp(a: int, b: int) -> Callable[[Message], None]:
+            # a replacement server has no shared memory: its rows go where the others wrote
+            def parse(msg: Message) -> None:
+                staleness.append(int(msg[0].get("staleness") or 0))
+                assert seg is not None
+                if len(msg[1]) != 1 or msg[1][0].shape != (b - a,):
+                    raise ConfigError(f"table {self.name!r}: server answered a wrong shape")
+                seg.reply.view(self.dtype)[a:b] = msg[1][0]
+
+            return parse
+
+        tcp_header = {k: v for k, v in header.items() if k != "shm"}
+
         ranges = self.spec.ranges
         # over TCP, replies are assembled straight into the result (no second copy)
         dest = None
@@ -1025,13 +1170,22 @@ class DenseTable(_Handle):
             dest = out_.reshape(-1)
         item = self.dtype.itemsize
         futs = [
-            c._ep.request(
-                _server(s),
+            c._server_request(
+                s,
                 header,
                 what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
                 f"({c._ep.address_of(_server(s))})",
                 parse=part,
                 sink=None if dest is None else dest.view(np.uint8)[a * item : b * item],
+            )
+            if seg is None
+            else c._server_request(
+                s,
+                tcp_header if self._over_tcp(s) else header,
+                what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
+                f"({c._ep.address_of(_server(s))})",
+                parse=part_by_tcp(a, b) if self._over_tcp(s) else part,
+                again=lambda a=a, b=b: (tcp_header, [], part_by_tcp(a, b)),  # type: ignore[misc]
             )
             for s, a, b in ranges
         ]
@@ -1112,12 +1266,21 @@ class DenseTable(_Handle):
             if self._sendbuf is not None and g.ctypes.data == self._sendbuf.ctypes.data:
                 self._wait_push()
             arrays = [[g[a:b]] for _, a, b in self.spec.ranges]
+        if seg is not None:
+            # a replacement server has no shared memory: it gets its part of the gradient by TCP
+            tcp_header = {k: v for k, v in header.items() if k != "shm"}
+            grad = seg.grad.view(self.dtype)
+            tcp = {s: (tcp_header, [grad[a:b]], None) for s, a, b in self.spec.ranges}
+            for i, (s, _, _) in enumerate(self.spec.ranges):
+                if self._over_tcp(s):
+                    arrays[i] = tcp[s][1]
         futs = [
-            c._ep.request(
-                _server(s),
-                header,
+            c._server_request(
+                s,
+                tcp[s][0] if seg is not None and self._over_tcp(s) else header,
                 arr,
                 what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",
+                again=None if seg is None else (lambda s=s: tcp[s]),  # type: ignore[misc]
             )
             for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
         ]

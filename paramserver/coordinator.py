@@ -12,9 +12,11 @@ data set are handed out as leases, one epoch at a time (:class:`_LeaseBook`).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -155,6 +157,10 @@ class Coordinator:
         if restore is not None:
             self._load_restore(restore)
         self.leases: dict[tuple[str, int], _LeaseBook] = {}
+        # the newest checkpoint this cluster can restore from: a replaced server loads its shards
+        self.latest_checkpoint: dict[str, Any] | None = self.restore
+        # worker rank -> the clock it rejoined at, until every server has seen it (see view())
+        self.rejoined: dict[int, int] = {}
         self._stop = threading.Event()
 
     def _load_restore(self, path: str) -> None:
@@ -236,11 +242,15 @@ class Coordinator:
     # ---- membership -----------------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
-        return {
+        view: dict[str, Any] = {
             "epoch": self.epoch,
             "servers": [[m.rank, m.address, m.state] for m in self.servers],
             "workers": [[m.rank, m.state] for m in self.workers],
         }
+        if self.rejoined:
+            # a restarted worker comes back at this clock: the servers set its clock to it
+            view["rejoined"] = [[r, c] for r, c in sorted(self.rejoined.items())]
+        return view
 
     def _publish(self, reason: str) -> None:
         self.epoch += 1
@@ -262,6 +272,8 @@ class Coordinator:
             self.router.error(identity, h["id"], "invalid", "a server must register its address")
             return
         want = h.get("rank")
+        if want is not None and want < len(self.servers) and self._gone(self.servers[want], h):
+            self._declare_dead(self.servers[want], "its process is gone and a replacement is here")
         if want is not None:
             if want >= len(self.servers) or self.servers[want].state == ALIVE:
                 self.router.error(
@@ -283,13 +295,61 @@ class Coordinator:
                 )
                 return
             m = free[0]
+        replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h)
-        tables = [s.to_wire() for s in self.tables.values()] if self.restore else None
-        self.router.reply(
-            identity, h["id"], rank=m.rank, view=self._view_with_token(m), tables=tables
+        view = self._view_with_token(m)
+        tables = None
+        if replacing:
+            # a replacement: it creates every table and loads its keys from the newest
+            # checkpoint, if any (updates since that checkpoint are lost on this server)
+            view.pop("restore", None)
+            if self.latest_checkpoint is not None:
+                view["restore"] = self.latest_checkpoint
+            tables = [s.to_wire() for s in self.tables.values()]
+        elif self.restore:
+            tables = [s.to_wire() for s in self.tables.values()]
+        self.router.reply(identity, h["id"], rank=m.rank, view=view, tables=tables)
+        self._publish(
+            f"{m.name} {'replaced' if replacing else 'registered'} at {m.address}"
+            + (f" (restoring {view['restore']['path']})" if replacing and "restore" in view else "")
         )
-        self._publish(f"{m.name} registered at {m.address}")
         self._admit_workers()
+
+    def _gone(self, m: Member, h: dict[str, Any]) -> bool:
+        """Whether live member ``m``, which a newcomer wants to replace, is surely dead already:
+        it ran on this host (same name), its pid is gone here, and it missed two heartbeats
+        (so a live namesake in another pid namespace, still beating, is never taken for dead).
+        Saves a replacement the wait for the heartbeat timeout."""
+        if m.state != ALIVE or not m.pid or m.host != h.get("host"):
+            return False
+        if m.host != socket.gethostname()[:256]:
+            return False
+        if time.monotonic() - m.last_seen < 2 * self.timeouts.heartbeat_interval:
+            return False
+        try:
+            os.kill(m.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _declare_dead(self, m: Member, why: str) -> None:
+        m.state = DEAD
+        log.warning("%s (%s) declared dead: %s", m.name, m.address or f"pid {m.pid}", why)
+        if m.role == "worker":
+            self._requeue_leases(m)
+        else:  # a round waiting for it would block every later checkpoint until its timeout
+            for rnd in list(self.rounds.values()):
+                if m.rank in rnd.waiting:
+                    self._fail_round(rnd, f"{m.name} died before it wrote its shards")
+        self._publish(f"{m.name} declared dead")
+        self._check_barriers()
+
+    def _current_clock(self) -> int:
+        """The cluster's clock as the live servers last reported it (their min clocks)."""
+        clocks = [m.clock for m in self.servers if m.state == ALIVE]
+        return max(clocks, default=self.start_clock)
 
     def _view_with_token(self, m: Member) -> dict[str, Any]:
         extra: dict[str, Any] = {"start_clock": self.start_clock}
@@ -347,9 +407,17 @@ class Coordinator:
                     )
                     continue
                 m = free[0]
+            rejoin = m.state in (DEAD, LEFT)
             self._activate(m, identity, h)
-            self.router.reply(identity, h["id"], rank=m.rank, view=self._view_with_token(m))
-            self._publish(f"{m.name} registered")
+            view = self._view_with_token(m)
+            if rejoin:
+                # a restarted worker goes on from where the live workers are, not from 0
+                view["start_clock"] = self.rejoined[m.rank] = self._current_clock()
+            self.router.reply(identity, h["id"], rank=m.rank, view=view)
+            self._publish(
+                f"{m.name} "
+                + (f"rejoined at clock {view['start_clock']}" if rejoin else "registered")
+            )
 
     def _member(self, role: str, rank: int) -> Member | None:
         members = self.servers if role == "server" else self.workers
@@ -369,12 +437,19 @@ class Coordinator:
         m.last_seen = time.monotonic()
         if h.get("clock") is not None:
             m.clock = h["clock"]
+            if self.rejoined and m.role == "server":
+                # once every live server's min clock has passed a rejoin, it is no news
+                low = min(s.clock for s in self.servers if s.state == ALIVE)
+                for r, c in list(self.rejoined.items()):
+                    if low > c:
+                        del self.rejoined[r]
         self.router.reply(identity, h["id"], view={"epoch": self.epoch})
 
     def _on_leave(self, identity: bytes, h: dict[str, Any]) -> None:
         m = self._member(h["role"], h["rank"])
         if m is not None and m.state == ALIVE and m.token == h["token"]:
             m.state = LEFT
+            self._requeue_leases(m)
             self._publish(f"{m.name} left")
             self._check_barriers()
         self.router.reply(identity, h["id"])
@@ -471,6 +546,7 @@ class Coordinator:
             self._fail_round(rnd, f"writing the manifest failed: {exc}")
             return
         log.info("checkpoint at clock %d written: %s", rnd.clock, final)
+        self.latest_checkpoint = {"path": str(final), "clock": rnd.clock}
         if rnd.requester is not None:
             self.router.reply(rnd.requester[0], rnd.requester[1], path=str(final))
 
@@ -521,15 +597,7 @@ class Coordinator:
         limit = self.timeouts.heartbeat_timeout
         for m in (*self.servers, *self.workers):
             if m.state == ALIVE and now - m.last_seen > limit:
-                m.state = DEAD
-                log.warning(
-                    "%s (%s) declared dead: no heartbeat for %.1fs",
-                    m.name,
-                    m.address or f"pid {m.pid}",
-                    now - m.last_seen,
-                )
-                self._publish(f"{m.name} declared dead")
-                self._check_barriers()
+                self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f}s")
         for name, b in list(self.barriers.items()):
             if now > b.deadline:
                 missing = self._barrier_missing(b)
@@ -602,7 +670,23 @@ class Coordinator:
     # ---- data leases ----------------------------------------------------------------------
     # Every worker of a data set asks for the next shard of an epoch; each shard is handed out
     # once per epoch, in an order shuffled by (data set, epoch). A lease is held by its worker's
-    # rank until completed (giving a dead worker's leases back is left to recovery).
+    # rank until completed; the leases of a worker that dies or leaves go back to the queue, so
+    # an epoch covers every shard whoever survives.
+
+    def _requeue_leases(self, m: Member) -> None:
+        for (dataset, epoch), book in self.leases.items():
+            lost = sorted(s for s, r in book.held.items() if r == m.rank)
+            for shard in lost:
+                del book.held[shard]
+                book.todo.append(shard)  # handed out next
+            if lost:
+                log.warning(
+                    "%s: leases %s of %r epoch %d go back to the queue",
+                    m.name,
+                    lost,
+                    dataset,
+                    epoch,
+                )
 
     def _lease_book(self, h: dict[str, Any]) -> _LeaseBook:
         key = (h["dataset"], h["epoch"])

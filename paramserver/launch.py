@@ -163,8 +163,10 @@ def serve_server(
     parent_pid: int | None = None,
     advertise: str | None = None,
     token: str | None = None,
+    rank: int | None = None,
 ) -> None:
-    """Run a server that registers with ``coordinator`` until stopped.
+    """Run a server that registers with ``coordinator`` until stopped (as server ``rank``,
+    if given: a restarted server takes the dead one's place and shards).
 
     SIGTERM or SIGINT stops it cleanly (the function returns), also while it still waits for
     the coordinator to answer its registration.
@@ -185,7 +187,9 @@ def serve_server(
     _on_signals(stop, lambda: server is None or server.rank < 0)
     try:
         security = Security.from_token(token) if token is not None else None
-        server = Server(coordinator, host, port, timeouts, advertise=advertise, security=security)
+        server = Server(
+            coordinator, host, port, timeouts, advertise=advertise, security=security, rank=rank
+        )
         server.serve()  # closes its sockets on the way out, whatever ends it
     except _Stopped:
         log.info("server stopped before it had registered with %s", coordinator)
@@ -334,7 +338,9 @@ class LocalCluster:
 
     Stops every process it started on exit, also when the body raises. ``restore`` resumes
     from a checkpoint; ``checkpoint_dir`` (with ``checkpoint_every`` seconds and
-    ``checkpoint_keep``) makes the coordinator write checkpoints periodically.
+    ``checkpoint_keep``) makes the coordinator write checkpoints periodically. With
+    ``restart_servers`` (the default) a server process that dies is started again with the same
+    rank; it loads its shards from the newest checkpoint, if any (see docs/fault-tolerance.md).
 
     Example:
         with ps.LocalCluster(servers=2, workers=1) as cluster:
@@ -359,6 +365,7 @@ class LocalCluster:
         checkpoint_keep: int | None = None,
         token: str | None = None,
         checkpoint_every_clocks: int | None = None,
+        restart_servers: bool = True,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -397,6 +404,11 @@ class LocalCluster:
         self._children = _Children()
         self._clients: list[Any] = []
         self._started = False
+        self.restart_servers = restart_servers
+        self._servers: dict[int, subprocess.Popen[bytes]] = {}
+        self._closing = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.restarts: list[tuple[int, float]] = []  # (server rank, time.monotonic() of restart)
 
     def _role_cmd(self, *args: str) -> list[str]:
         return [
@@ -450,17 +462,50 @@ class LocalCluster:
                 if write_fd >= 0:
                     os.close(write_fd)
             for r in range(self.num_servers):
-                self._children.start(
-                    f"server {r}",
-                    self._role_cmd("server", "--coordinator", self.address, "--host", self.host),
-                    prefix_output=self.output,
-                    env=self._env,
-                )
+                self._start_server(r)
             self._wait_servers()
+            if self.restart_servers:
+                self._monitor = threading.Thread(
+                    target=self._restart_dead_servers, name="server-monitor", daemon=True
+                )
+                self._monitor.start()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _start_server(self, rank: int) -> None:
+        self._servers[rank] = self._children.start(
+            f"server {rank}",
+            self._role_cmd(
+                "server", "--coordinator", self.address, "--host", self.host, "--rank", str(rank)
+            ),
+            prefix_output=self.output,
+            env=self._env,
+        )
+
+    def _restart_dead_servers(self) -> None:
+        """Start a server again, same rank, when its process dies. It registers as soon as the
+        coordinator has declared the dead one dead, and restores its shards from the newest
+        checkpoint the coordinator knows."""
+        while not self._closing.wait(0.05):
+            for rank, proc in list(self._servers.items()):
+                if proc.poll() is None or self._closing.is_set():
+                    continue
+                log.warning(
+                    "server[%d] (pid %d) exited with %s; starting it again",
+                    rank,
+                    proc.pid,
+                    _how(proc.returncode),
+                )
+                if self.output is not None:
+                    _say(
+                        self.output,
+                        f"[paramserver] server {rank} exited with {_how(proc.returncode)}; "
+                        "restarting it",
+                    )
+                self._start_server(rank)
+                self.restarts.append((rank, time.monotonic()))
 
     def _wait_servers(self) -> None:
         ctx = new_context()
@@ -522,6 +567,10 @@ class LocalCluster:
         Asks the coordinator to shut the cluster down, waits up to 2 s for the processes to
         exit, then SIGTERMs and finally SIGKILLs what is left. Safe to call more than once.
         """
+        self._closing.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5.0)
+            self._monitor = None
         for c in self._clients:
             with contextlib.suppress(Exception):
                 c.close()
@@ -546,6 +595,10 @@ class LocalCluster:
 
     def kill(self) -> None:
         """SIGKILL every process this cluster started (no shutdown request, no grace)."""
+        self._closing.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5.0)
+            self._monitor = None
         self._children.kill()
 
     def __enter__(self) -> LocalCluster:

@@ -24,7 +24,7 @@ import zmq
 
 from paramserver import protocol, shm
 from paramserver.config import Timeouts
-from paramserver.errors import ConfigError, ProtocolError, PSError
+from paramserver.errors import ConfigError, ProtocolError, PSError, RemoteError
 from paramserver.partition import HashRing
 from paramserver.server import checkpoint
 from paramserver.server.consistency import (
@@ -160,19 +160,30 @@ class Server:
 
     def register(self) -> None:
         """Register with the coordinator and learn this server's rank and the view."""
-        fut = self._coord.request(
-            "coordinator",
-            {
-                "kind": "register",
-                "role": "server",
-                "address": self.address,
-                "host": pysocket.gethostname()[:256],
-                "pid": os.getpid(),
-                "rank": self.wanted_rank,
-            },
-            what=f"server at {self.address} registering with the coordinator at {self.coordinator}",
-        )
-        reply = fut.result(self.timeouts.connect)
+        deadline = time.monotonic() + self.timeouts.connect
+        while True:
+            fut = self._coord.request(
+                "coordinator",
+                {
+                    "kind": "register",
+                    "role": "server",
+                    "address": self.address,
+                    "host": pysocket.gethostname()[:256],
+                    "pid": os.getpid(),
+                    "rank": self.wanted_rank,
+                },
+                what=f"server at {self.address} registering with the coordinator at "
+                f"{self.coordinator}",
+            )
+            try:
+                reply = fut.result(max(0.1, deadline - time.monotonic()))
+                break
+            except RemoteError as exc:
+                # a restart of a server the coordinator has not yet declared dead: its rank
+                # frees up within the heartbeat timeout
+                if exc.code != "taken" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         self.rank = int(reply["rank"])
         self.name = f"server[{self.rank}]"
         view = reply["view"]
@@ -182,6 +193,10 @@ class Server:
         self._apply_view(view)
         if isinstance(restore, dict):
             self._restore(str(restore["path"]), view, reply.get("tables") or [])
+        else:  # a replacement with no checkpoint to load: the tables, empty
+            for wire in reply.get("tables") or []:
+                spec = TableSpec.from_wire(wire)
+                self.tables[spec.name] = self._make_table(spec)
         self._heartbeat = Heartbeat(
             self.ctx,
             self.coordinator,
@@ -269,6 +284,12 @@ class Server:
             return
         self.epoch = epoch
         live = {int(r) for r, state in workers if state in ("pending", "alive")}
+        rejoined = {int(r): int(c) for r, c in view.get("rejoined") or []}
+        for r in live - self.clocks.live:
+            if r in rejoined and r < len(self.clocks.clock):
+                # a restarted worker: it goes on at the clock the coordinator gave it
+                self.clocks.clock[r] = rejoined[r]
+                self.last_seq.pop(r, None)
         if live != self.clocks.live:
             self.clocks.set_live(live)
             self._progress()
@@ -309,6 +330,11 @@ class Server:
         return t
 
     def _check_live(self, rank: int) -> None:
+        if rank not in self.clocks.live:
+            # a restarted worker may be faster than the view that lets it back in: wait for it
+            deadline = time.monotonic() + 1.0
+            while rank not in self.clocks.live and (left := deadline - time.monotonic()) > 0:
+                self._coord.poll(left)
         if rank not in self.clocks.live:
             raise Refused("not_live", f"worker[{rank}] is not a live member in view {self.epoch}")
 
@@ -403,10 +429,18 @@ class Server:
         self._progress()
         self.router.reply(identity, h["id"])
 
+    def _caught_up(self, rank: int, clock: int) -> None:
+        """A request at ``clock`` means its worker has finished every clock before it; a server
+        that restarted after the worker's clock messages learns it this way."""
+        if clock > self.clocks.clock[rank]:
+            self.clocks.advance(rank, clock)
+            self._progress()
+
     def _on_pull(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         t = self._table(h["table"])
         if h["rank"] >= len(self.clocks.clock):
             raise Refused("invalid", f"worker rank {h['rank']} out of range")
+        self._caught_up(h["rank"], h["clock"])
         if "sig" in h:
             self._cached_rows(t, h, arrays, "pull")
             keys = None
@@ -602,6 +636,7 @@ class Server:
         t = self._table(h["table"])
         rank, seq = h["rank"], h["seq"]
         self._check_live(rank)
+        self._caught_up(rank, h["clock"])
         where = f"push to table {t.spec.name!r} from worker[{rank}]"
         dtype = t.spec.np_dtype
         if t.shard is None:
@@ -750,10 +785,13 @@ class Server:
     def _restore(self, path: str, view: dict[str, Any], tables: list[Any]) -> None:
         directory, manifest, _ = checkpoint.read_manifest(path)
         ring = HashRing.build(list(range(int(view["num_servers"]))))
+        saved = {t["name"] for t in manifest["tables"]}
         for wire in tables:
             spec = TableSpec.from_wire(wire)
             table = self._make_table(spec)
-            if isinstance(table.shard, SparseShard):
+            if spec.name not in saved:  # created after the checkpoint: starts empty
+                pass
+            elif isinstance(table.shard, SparseShard):
                 keys, rows = checkpoint.load_sparse_rows(
                     directory, manifest, spec.name, ring, self.rank
                 )

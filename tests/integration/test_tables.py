@@ -146,3 +146,25 @@ def test_evaluation_pulls_of_a_cached_key_list_create_nothing(cluster: ps.LocalC
     for _ in range(4):
         emb.pull(unseen, create=False)
     assert sum(s["tables"]["cached"]["rows"] for s in client.stats()) == 30
+
+
+@pytest.mark.parametrize("consistency", ["sync", "ssp:1", "async"])
+def test_the_same_key_list_every_step_in_every_mode(
+    cluster: ps.LocalCluster, consistency: str
+) -> None:
+    # the same feature block each step: pulls get a server-side signature after a few steps,
+    # and pushes must keep working whatever the consistency
+    client = cluster.connect()
+    t = client.sparse_table(
+        f"fixed-{consistency.replace(':', '-')}",
+        dim=2,
+        optimizer=ps.optim.SGD(lr=1.0),
+        consistency=consistency,
+    )
+    keys = np.array([5, 9, 5, 70, 3], dtype=np.uint64)
+    for _ in range(6):
+        t.pull(keys)
+        t.push(keys, np.ones((5, 2), np.float32)).result()
+        client.clock()
+    expect = -6 * np.array([2, 1, 2, 1, 1], np.float32)[:, None] * np.ones((1, 2), np.float32)
+    np.testing.assert_array_equal(t.pull(keys, create=False), expect)
