@@ -96,10 +96,13 @@ def serve_coordinator(
     checkpoint_dir: str | None = None,
     checkpoint_every: float | None = None,
     checkpoint_keep: int | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoint_dir``, it writes a
-    checkpoint there every ``checkpoint_every`` seconds and keeps the last ``checkpoint_keep``.
+    checkpoint there every ``checkpoint_every`` seconds and keeps the last ``checkpoint_keep``;
+    with ``metrics_port``, it serves Prometheus metrics at ``http://metrics_host:port/metrics``.
 
     SIGTERM or SIGINT stops it cleanly: the function returns.
 
@@ -120,6 +123,8 @@ def serve_coordinator(
         extra["checkpoints"] = CheckpointPolicy(
             checkpoint_dir, **{k: v for k, v in given.items() if v is not None}
         )
+    if metrics_port is not None:
+        extra["metrics_port"], extra["metrics_host"] = metrics_port, metrics_host
     host, _, port = bind.rpartition(":")
     coord: Coordinator | None = None
 
@@ -324,7 +329,8 @@ class LocalCluster:
 
     Stops every process it started on exit, also when the body raises. ``restore`` resumes
     from a checkpoint; ``checkpoint_dir`` (with ``checkpoint_every`` seconds and
-    ``checkpoint_keep``) makes the coordinator write checkpoints periodically.
+    ``checkpoint_keep``) makes the coordinator write checkpoints periodically; ``metrics_port``
+    makes it serve Prometheus metrics at ``http://127.0.0.1:metrics_port/metrics``.
 
     Example:
         with ps.LocalCluster(servers=2, workers=1) as cluster:
@@ -347,6 +353,7 @@ class LocalCluster:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: float | None = None,
         checkpoint_keep: int | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -372,6 +379,9 @@ class LocalCluster:
             self._checkpoint_flags += ["--checkpoint-every", repr(float(checkpoint_every))]
         if checkpoint_keep is not None:
             self._checkpoint_flags += ["--checkpoint-keep", str(int(checkpoint_keep))]
+        if metrics_port is not None:  # Prometheus metrics of the coordinator, on loopback
+            self._checkpoint_flags += ["--metrics-port", str(int(metrics_port))]
+        self.metrics_port = metrics_port
         self.address = ""
         self._children = _Children()
         self._clients: list[Any] = []
