@@ -195,7 +195,10 @@ def _add_ops_commands(sub: Any) -> None:
     )
     m.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     m.add_argument(
-        "command", nargs=argparse.REMAINDER, help="the worker command, e.g. python train.py"
+        "worker_command",
+        nargs=argparse.REMAINDER,
+        metavar="command",
+        help="the worker command, e.g. -- python train.py",
     )
 
 
@@ -253,7 +256,9 @@ def _ops_command(args: argparse.Namespace) -> int:
         servers=args.servers,
         workers=args.workers,
         image=args.image,
-        command=[c for c in args.command if c != "--"],
+        command=args.worker_command[1:]
+        if args.worker_command[:1] == ["--"]
+        else args.worker_command,
         name=args.name,
         namespace=args.namespace,
         port=args.port,
