@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from paramserver.config import Timeouts
+from paramserver.config import Timeouts, from_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 
 __all__ = ["launch", "run_job"]
@@ -34,11 +34,25 @@ __all__ = ["launch", "run_job"]
 
 class _CoordinatorRole:
     def __init__(
-        self, servers: int, workers: int, host: str, timeouts: Timeouts, metrics_port: int | None
+        self,
+        servers: int,
+        workers: int,
+        host: str,
+        timeouts: Timeouts,
+        metrics_port: int | None,
+        token: str | None,
     ) -> None:
         from paramserver.coordinator import Coordinator
 
-        self.coord = Coordinator(servers, workers, host, 0, timeouts, metrics_port=metrics_port)
+        self.coord = Coordinator(
+            servers,
+            workers,
+            host,
+            0,
+            timeouts,
+            metrics_port=metrics_port,
+            security=_security(token),
+        )
         self.thread = threading.Thread(target=self.coord.serve, name="coordinator", daemon=True)
         self.thread.start()
 
@@ -52,11 +66,18 @@ class _CoordinatorRole:
 
 class _ServerRole:
     def __init__(
-        self, coordinator: str, host: str, advertise: str | None, timeouts: Timeouts
+        self,
+        coordinator: str,
+        host: str,
+        advertise: str | None,
+        timeouts: Timeouts,
+        token: str | None,
     ) -> None:
         from paramserver.server.loop import Server
 
-        self.server = Server(coordinator, host, 0, timeouts, advertise=advertise)
+        self.server = Server(
+            coordinator, host, 0, timeouts, advertise=advertise, security=_security(token)
+        )
         self.thread = threading.Thread(target=self.server.serve, name="server", daemon=True)
         self.thread.start()
 
@@ -79,10 +100,11 @@ class _WorkerRole:
         rank: int,
         timeouts: Timeouts,
         args: tuple[Any, ...],
+        token: str | None,
     ) -> Any:
         from paramserver.client import connect
 
-        with connect(coordinator, rank=rank, timeouts=timeouts) as client:
+        with connect(coordinator, rank=rank, timeouts=timeouts, token=token) as client:
             return train(client, *args)
 
     def run_program(self, cmd: list[str], env: dict[str, str], prefix: str) -> int:
@@ -101,6 +123,12 @@ class _WorkerRole:
             sys.stdout.write(f"{prefix} {line.decode(errors='replace')}")
             sys.stdout.flush()
         return proc.wait()
+
+
+def _security(token: str | None) -> Any:
+    from paramserver.transport import Security
+
+    return Security.from_token(token) if token else None
 
 
 # Roles are processes that mostly wait on sockets: they claim no Ray CPU (a job never waits for
@@ -130,17 +158,17 @@ class _Cluster:
         start_timeout: float,
     ) -> None:
         ray = self.ray = _ray()
-        if (
-            host not in ("127.0.0.1", "localhost")
-            and not insecure
-            and not os.environ.get("PS_TOKEN")
-        ):
+        # the cluster token travels to the actors as an argument (Ray's own security covers it)
+        self.token = from_env().token
+        if host not in ("127.0.0.1", "localhost") and not insecure and not self.token:
             raise ConfigError(
                 f"ray backend: refusing to bind {host} (beyond loopback) without a cluster token "
                 "(PS_TOKEN); pass insecure=True to accept unauthenticated traffic"
             )
         self.own_ray = not ray.is_initialized()
-        if self.own_ray:
+        if self.own_ray and os.environ.get("RAY_ADDRESS"):
+            ray.init()  # join the Ray cluster RAY_ADDRESS names
+        elif self.own_ray:  # a local Ray instance for this call, on loopback only
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
         self.actors: list[Any] = []
         self.timeouts = timeouts
@@ -150,7 +178,12 @@ class _Cluster:
                 None if host in ("127.0.0.1", "localhost") else ray.util.get_node_ip_address()
             )
             coord = ray.remote(num_cpus=0)(_CoordinatorRole).remote(
-                servers, workers, "0.0.0.0" if advertise else host, timeouts, metrics_port
+                servers,
+                workers,
+                "0.0.0.0" if advertise else host,
+                timeouts,
+                metrics_port,
+                self.token,
             )
             self.actors.append(coord)
             address = ray.get(coord.address.remote(), timeout=start_timeout)
@@ -160,7 +193,7 @@ class _Cluster:
             self.coordinator = coord
             server_cls = ray.remote(**_PLACE)(_ServerRole)
             for _ in range(servers):
-                self.actors.append(server_cls.remote(address, host, None, timeouts))
+                self.actors.append(server_cls.remote(address, host, None, timeouts, self.token))
             ray.get([a.address.remote() for a in self.actors[1:]], timeout=start_timeout)
         except BaseException:
             self.close()
@@ -240,7 +273,8 @@ def launch(
     try:
         actors = cluster.add_workers(workers)
         refs = [
-            a.run.remote(train, cluster.address, r, t, tuple(args)) for r, a in enumerate(actors)
+            a.run.remote(train, cluster.address, r, t, tuple(args), cluster.token)
+            for r, a in enumerate(actors)
         ]
         try:
             return _wait(ray, refs, timeout, "ray launch")
