@@ -9,6 +9,8 @@ Where things live:
 * ``protocol.py``    the wire format; ``transport.py`` the ZeroMQ sockets and futures
 * ``partition.py``   which server owns a key or a range; ``spec.py`` table specs
 * ``init.py`` / ``optim.py``  initializers and server-side optimizers (``ps.init``, ``ps.optim``)
+* ``ray.py``         the Ray backend: ``ps.ray.launch(train, servers=, workers=)``
+* ``metrics.py``     status, histograms, Prometheus; ``k8s.py`` Kubernetes manifests
 * ``config.py``      settings and the ``PS_*`` variables; ``errors.py`` the exceptions
 
 Example:
@@ -21,7 +23,7 @@ Example:
         rows = emb.pull(np.array([7, 42, 7], dtype=np.uint64))
 """
 
-from paramserver import errors, init, launch, optim
+from paramserver import errors, init, launch, optim, ray
 from paramserver.client import Client, DenseTable, SparseTable, connect
 from paramserver.config import Timeouts
 from paramserver.launch import LocalCluster
@@ -42,4 +44,5 @@ __all__ = [
     "init",
     "launch",
     "optim",
+    "ray",
 ]

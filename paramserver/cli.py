@@ -4,6 +4,8 @@
 ``paramserver run -s 2 -w 4 train.py``   a local cluster plus one process per worker
 ``paramserver coordinator --bind H:P``   the coordinator of a multi-host cluster
 ``paramserver server --coordinator H:P`` one server of a multi-host cluster
+``paramserver status --coordinator H:P`` nodes, tables, clocks, traffic, staleness (``--watch``)
+``paramserver k8s manifest -s 4 -w 16``  Kubernetes manifests for a cluster
 
 Flags map one-to-one onto the fields of :class:`paramserver.config.Timeouts`; a flag overrides the
 matching ``PS_*`` variable, which overrides the default.
@@ -13,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from paramserver.config import (
     Timeouts,
@@ -129,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    _add_metrics_args(c)
     _add_timeouts(c)
 
     s = sub.add_parser("server", help="run one server of a cluster")
@@ -160,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "-m", dest="module", default=None, help="run a module (like python -m) instead of a file"
     )
+    r.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local processes (default) or Ray actors on a Ray cluster (RAY_ADDRESS or local)",
+    )
     r.add_argument("script", nargs="?", help="the worker program (a Python file)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the worker program")
 
@@ -180,7 +193,128 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("model", choices=["logreg", "deepfm", "word2vec", "mlp"])
     t.add_argument("options", nargs=argparse.REMAINDER, help="the model's options (--help)")
+    _add_ops_commands(sub)
     return p
+
+
+# ---- operations: status, metrics, Kubernetes --------------------------------------------------
+
+
+def _add_metrics_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics over HTTP on this port (needs paramserver[ops])",
+    )
+    c.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
+
+
+def _add_ops_commands(sub: Any) -> None:
+    st = sub.add_parser("status", help="show a running cluster: nodes, tables, clocks, traffic")
+    st.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
+    )
+    st.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    st.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+
+    k = sub.add_parser("k8s", help="Kubernetes manifests")
+    ksub = k.add_subparsers(dest="k8s_command", required=True)
+    m = ksub.add_parser("manifest", help="write a Service, StatefulSets and a worker Job (YAML)")
+    m.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
+    m.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
+    m.add_argument("--image", required=True, help="container image with paramserver installed")
+    m.add_argument("--name", default="paramserver", help="prefix of every object's name")
+    m.add_argument("--namespace", default=None, help="namespace of every object")
+    m.add_argument("--port", type=int, default=7070, help="coordinator port")
+    m.add_argument("--server-port", type=int, default=7071, help="servers' data port")
+    m.add_argument("--metrics-port", type=int, default=9100, help="coordinator metrics port")
+    m.add_argument(
+        "--token-secret",
+        default=None,
+        help="name of a Secret with key 'token': sets PS_TOKEN everywhere (else --insecure)",
+    )
+    m.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    m.add_argument(
+        "worker_command",
+        nargs=argparse.REMAINDER,
+        metavar="command",
+        help="the worker command, e.g. -- python train.py",
+    )
+
+
+def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
+    from paramserver.transport import Endpoint, Security, new_context
+
+    token = from_env().token
+    ctx = new_context()
+    ep = Endpoint(ctx, timeout, security=Security.from_token(token) if token else None)
+    try:
+        ep.connect("coordinator", address)
+        fut = ep.request(
+            "coordinator", {"kind": "status"}, what=f"status of the coordinator at {address}"
+        )
+        deadline = time.monotonic() + timeout
+        while not fut.done() and time.monotonic() < deadline:
+            ep.poll(0.05)
+        status = fut.result(0.001)["status"]
+        assert isinstance(status, dict)
+        return status
+    finally:
+        ep.close()
+        ctx.term()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from paramserver.metrics import format_status
+
+    address = args.coordinator or from_env().coordinator
+    if not address:
+        raise ConfigError("status: pass --coordinator HOST:PORT or set PS_COORDINATOR")
+    address = normalize_address(address)
+    shown = 0
+    while True:
+        status = _fetch_status(address, args.timeout)
+        text = json.dumps(status, sort_keys=True) if args.json else format_status(status)
+        if args.watch and not args.json and sys.stdout.isatty():
+            sys.stdout.write("\x1b[H\x1b[2J")  # refresh in place
+        print(text, flush=True)
+        shown += 1
+        if not args.watch or (args.count is not None and shown >= args.count):
+            return 0
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _ops_command(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        return _status(args)
+    from paramserver.k8s import manifest
+
+    text = manifest(
+        servers=args.servers,
+        workers=args.workers,
+        image=args.image,
+        command=args.worker_command[1:]
+        if args.worker_command[:1] == ["--"]
+        else args.worker_command,
+        name=args.name,
+        namespace=args.namespace,
+        port=args.port,
+        server_port=args.server_port,
+        metrics_port=args.metrics_port,
+        token_secret=args.token_secret,
+    )
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
 
 
 def _setup_logging(level: str, role: str) -> None:
@@ -192,7 +326,7 @@ def _setup_logging(level: str, role: str) -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    quiet = args.command in ("demo", "train")  # their own output says what happens
+    quiet = args.command in ("demo", "train", "status", "k8s")  # their own output says what happens
     level = str(args.log_level or ("WARNING" if quiet else from_env().log_level)).upper()
     if not isinstance(logging.getLevelName(level), int):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
@@ -235,6 +369,8 @@ def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.command in ("status", "k8s"):
+        return _ops_command(args)
     if args.command == "coordinator":
         from paramserver.launch import serve_coordinator
 
@@ -253,6 +389,8 @@ def _command(args: argparse.Namespace) -> int:
             checkpoint_keep=args.checkpoint_keep,
             token=token,
             checkpoint_every_clocks=args.checkpoint_every_clocks,
+            **({"metrics_port": args.metrics_port} if args.metrics_port is not None else {}),
+            **({"metrics_host": args.metrics_host} if args.metrics_port is not None else {}),
         )
         return 0
     if args.command == "server":
@@ -282,6 +420,16 @@ def _command(args: argparse.Namespace) -> int:
         if (args.module is None) == (args.script is None):
             raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
         program = ["-m", args.module] if args.module else [args.script]
+        if args.backend == "ray":
+            from paramserver.ray import run_job as run_ray_job
+
+            return run_ray_job(
+                [*program, *args.args],
+                servers=args.servers,
+                workers=args.workers,
+                consistency=args.consistency,
+                timeouts=_timeouts(args),
+            )
         return run_job(
             [*program, *args.args],
             servers=args.servers,

@@ -140,6 +140,7 @@ class Client:
         ] = {}
         self._ep.connect("coordinator", coordinator)
         self._clock = 0
+        self._examples = 0  # reported by report(); sent with heartbeats (paramserver status)
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
         self._seq = time.time_ns()
         self._clock_futures: list[Future[Any]] = []
@@ -192,6 +193,7 @@ class Client:
             self.rank,
             int(view["token"]),
             self.timeouts.heartbeat_interval,
+            status=lambda: {"clock": self._clock, "examples": self._examples},
             security=self._security,
         )
         self._token = int(view["token"])
@@ -464,6 +466,18 @@ class Client:
         ]
         self._ep.poll(0)
         return self._clock
+
+    def report(self, *, examples: int) -> None:
+        """Count ``examples`` more training examples done by this worker; the count goes to the
+        coordinator with the heartbeats, where ``paramserver status`` and the metrics show it
+        with its rate (examples/s).
+
+        Example:
+            client.report(examples=len(batch)); client.clock()
+        """
+        if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
+            raise ConfigError(f"examples must be a non-negative integer, got {examples!r}")
+        self._examples += examples
 
     def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
         """Wait until every live worker has reached this barrier.

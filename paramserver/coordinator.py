@@ -11,6 +11,7 @@ data set are handed out as leases, one epoch at a time (:class:`_LeaseBook`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,18 @@ from typing import Any
 from paramserver import protocol
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError
+from paramserver.metrics import LATENCY_BUCKETS, STALENESS_BUCKETS, Rate, serve_prometheus
 from paramserver.partition import dense_ranges
 from paramserver.server import checkpoint
 from paramserver.spec import TableSpec
-from paramserver.transport import Router, Security, new_context, start_authenticator
+from paramserver.transport import (
+    Endpoint,
+    Future,
+    Router,
+    Security,
+    new_context,
+    start_authenticator,
+)
 
 __all__ = ["Coordinator"]
 
@@ -50,6 +60,7 @@ class Member:
     identity: bytes = b""
     last_seen: float = 0.0
     clock: int = 0  # a server's min clock over live workers, from its heartbeats
+    examples: int = 0  # a worker's reported examples, from its heartbeats
 
     @property
     def name(self) -> str:
@@ -123,6 +134,8 @@ class Coordinator:
         restore: str | None = None,
         checkpoints: CheckpointPolicy | None = None,
         security: Security | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if num_servers < 1:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
@@ -162,6 +175,7 @@ class Coordinator:
         # worker rank -> the clock it rejoined at, until every server has seen it (see view())
         self.rejoined: dict[int, int] = {}
         self._stop = threading.Event()
+        self._init_status(security, metrics_port, metrics_host)
 
     def _load_restore(self, path: str) -> None:
         directory, manifest, specs = checkpoint.read_manifest(path)
@@ -205,7 +219,9 @@ class Coordinator:
                             break
                         self._handle(identity, frames)
                 self._check_deadlines(time.monotonic())
+                self._gather_status(time.monotonic())
         finally:
+            self._close_status()
             self.router.close()
             if self.auth is not None:
                 self.auth.stop()
@@ -443,6 +459,9 @@ class Coordinator:
                 for r, c in list(self.rejoined.items()):
                     if low > c:
                         del self.rejoined[r]
+        if h.get("examples") is not None:
+            m.examples = h["examples"]
+            self._examples_rate.setdefault(m.rank, Rate()).add(m.last_seen, m.examples)
         self.router.reply(identity, h["id"], view={"epoch": self.epoch})
 
     def _on_leave(self, identity: bytes, h: dict[str, Any]) -> None:
@@ -547,6 +566,7 @@ class Coordinator:
             return
         log.info("checkpoint at clock %d written: %s", rnd.clock, final)
         self.latest_checkpoint = {"path": str(final), "clock": rnd.clock}
+        self.last_checkpoint = (time.time(), str(final))
         if rnd.requester is not None:
             self.router.reply(rnd.requester[0], rnd.requester[1], path=str(final))
 
@@ -740,3 +760,207 @@ class Coordinator:
 
     def _on_ping(self, identity: bytes, h: dict[str, Any]) -> None:
         self.router.reply(identity, h["id"])
+
+    # ---- status and metrics ---------------------------------------------------------------
+    # Every ``STATS_INTERVAL`` seconds the loop asks each live server for its ``stats`` (rows,
+    # bytes, pull and push counts, latency and staleness histograms) on its own DEALERs, and
+    # keeps the answers; ``status`` requests and the Prometheus exporter (another thread) read
+    # ``snapshot``, a map rebuilt by the loop and replaced whole, so no lock is needed.
+
+    STATS_INTERVAL = 1.0
+    last_checkpoint: tuple[float, str] | None  # (wall time, directory) of the last one written
+
+    def _init_status(
+        self, security: Security | None, metrics_port: int | None, metrics_host: str
+    ) -> None:
+        self.started = time.monotonic()
+        self.last_checkpoint = None
+        self._examples_rate: dict[int, Rate] = {}
+        self._server_stats: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._server_rates: dict[tuple[int, str, str], Rate] = {}
+        self._stats_inflight: dict[int, tuple[Future[dict[str, Any]], float]] = {}
+        self._stats_ep = Endpoint(self.ctx, request_timeout=10.0, security=security)
+        self._next_stats = 0.0
+        self.snapshot: dict[str, Any] | None = None
+        self._stop_metrics: Callable[[], None] | None = None
+        if metrics_port is not None:
+            try:
+                self._stop_metrics = serve_prometheus(
+                    lambda: self.snapshot, metrics_port, metrics_host
+                )
+            except BaseException:
+                self.router.close()
+                self.ctx.term()
+                raise
+            log.info("metrics served at http://%s:%d/metrics", metrics_host, metrics_port)
+
+    def _close_status(self) -> None:
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+        self._stats_ep.close()
+
+    def _gather_status(self, now: float) -> None:
+        self._stats_ep.poll(0)
+        if now < self._next_stats:
+            return
+        self._next_stats = now + self.STATS_INTERVAL
+        for m in self.servers:
+            name = m.name
+            if m.state != ALIVE or not m.address:
+                self._stats_inflight.pop(m.rank, None)
+                continue
+            pending = self._stats_inflight.get(m.rank)
+            if pending is not None and not pending[0].done():
+                if now - pending[1] < 10.0:
+                    continue
+                self._stats_ep.disconnect(name, f"{name}: stats unanswered for 10s")
+            self._stats_ep.connect(name, m.address)
+            fut = self._stats_ep.request(name, {"kind": "stats"}, what=f"stats of {name}")
+            fut.add_done_callback(functools.partial(self._on_stats_answer, m.rank))
+            self._stats_inflight[m.rank] = (fut, now)
+        self.snapshot = self.status()
+
+    def _on_stats_answer(self, rank: int, fut: Future[dict[str, Any]]) -> None:
+        if fut.exception(0) is not None:
+            return
+        stats = fut.result(0).get("stats")
+        if not _sane_stats(stats):
+            log.warning("server[%d] answered stats the coordinator cannot read", rank)
+            return
+        assert isinstance(stats, dict)
+        now = time.monotonic()
+        self._server_stats[rank] = (now, stats)
+        for table, t in stats["tables"].items():
+            if isinstance(t, dict):
+                for what in ("pulls", "pushes"):
+                    rate = self._server_rates.setdefault((rank, table, what), Rate())
+                    rate.add(now, float(t.get(what, 0)))
+
+    def _rate(self, rank: int, table: str, what: str) -> float:
+        rate = self._server_rates.get((rank, table, what))
+        return rate.per_second() if rate is not None else 0.0
+
+    def status(self) -> dict[str, Any]:
+        """The cluster's state as one plain map: nodes, workers' clocks and examples/s, tables
+        per server, servers' traffic, staleness, the last checkpoint (see paramserver.metrics).
+
+        Example:
+            print(paramserver.metrics.format_status(coord.status()))
+        """
+        now = time.monotonic()
+        nodes = []
+        for m in (*self.servers, *self.workers):
+            node: dict[str, Any] = {
+                "role": m.role,
+                "rank": m.rank,
+                "state": m.state,
+                "address": m.address,
+                "host": m.host,
+                "pid": m.pid,
+                "last_heartbeat": round(now - m.last_seen, 3) if m.last_seen else None,
+                "clock": m.clock,
+            }
+            if m.role == "worker":
+                rate = self._examples_rate.get(m.rank)
+                node["examples"] = m.examples
+                node["examples_per_s"] = rate.per_second() if rate is not None else 0.0
+            nodes.append(node)
+        tables = []
+        for spec in self.tables.values():
+            per = []
+            for rank, (_, st) in sorted(self._server_stats.items()):
+                t = st["tables"].get(spec.name)
+                if isinstance(t, dict):
+                    per.append(
+                        {
+                            "rank": rank,
+                            "rows": int(t.get("rows", 0)),
+                            "bytes": int(t.get("bytes", 0)),
+                            "pulls": int(t.get("pulls", 0)),
+                            "pushes": int(t.get("pushes", 0)),
+                            "pulls_per_s": self._rate(rank, spec.name, "pulls"),
+                            "pushes_per_s": self._rate(rank, spec.name, "pushes"),
+                        }
+                    )
+            tables.append(
+                {
+                    "name": spec.name,
+                    "kind": spec.kind,
+                    "consistency": spec.consistency,
+                    "optimizer": str(spec.optimizer.to_spec()["kind"]),
+                    "servers": per,
+                }
+            )
+        servers: list[dict[str, Any]] = []
+        staleness: dict[str, list[Any]] = {}
+        for rank, (seen, st) in sorted(self._server_stats.items()):
+            clocks = [c for c in st.get("clocks", []) if isinstance(c, int)]
+            metrics: dict[str, Any] = st.get("metrics") or {}
+            tabs = st["tables"].values()
+            servers.append(
+                {
+                    "rank": rank,
+                    "age": round(now - seen, 3),
+                    "min_clock": self.servers[rank].clock if rank < len(self.servers) else 0,
+                    "clocks": clocks,
+                    "deferred": st.get("deferred", 0),
+                    "pulls_per_s": sum(self._rate(rank, n, "pulls") for n in st["tables"]),
+                    "pushes_per_s": sum(self._rate(rank, n, "pushes") for n in st["tables"]),
+                    "pulls": sum(int(t.get("pulls", 0)) for t in tabs if isinstance(t, dict)),
+                    "pushes": sum(int(t.get("pushes", 0)) for t in tabs if isinstance(t, dict)),
+                    "latency": metrics.get("latency") or {},
+                }
+            )
+            for name, hist in (metrics.get("staleness") or {}).items():
+                counts, total = hist
+                old = staleness.get(name)
+                if old is None:
+                    staleness[name] = [list(counts), float(total)]
+                else:
+                    old[0] = [a + b for a, b in zip(old[0], counts, strict=False)]
+                    old[1] += float(total)
+        ck = None
+        if self.last_checkpoint is not None:
+            ck = {"path": self.last_checkpoint[1], "age": time.time() - self.last_checkpoint[0]}
+        return {
+            "address": self.address,
+            "epoch": self.epoch,
+            "time": time.time(),
+            "uptime": now - self.started,
+            "nodes": nodes,
+            "tables": tables,
+            "servers": servers,
+            "staleness": staleness,
+            "checkpoint": ck,
+            "buckets": {"latency": list(LATENCY_BUCKETS), "staleness": list(STALENESS_BUCKETS)},
+        }
+
+    def _on_status(self, identity: bytes, h: dict[str, Any]) -> None:
+        self.router.reply(identity, h["id"], status=self.status())
+
+
+def _is_hist(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) == 2
+        and isinstance(v[0], list)
+        and all(isinstance(c, int) for c in v[0])
+        and isinstance(v[1], int | float)
+    )
+
+
+def _sane_stats(st: Any) -> bool:
+    """A server's stats answer has the shape status() reads (a bad one is ignored, not fatal)."""
+    if not isinstance(st, dict) or not isinstance(st.get("tables"), dict):
+        return False
+    if not all(isinstance(t, dict) for t in st["tables"].values()):
+        return False
+    m = st.get("metrics", {})
+    return (
+        isinstance(m, dict)
+        and isinstance(m.get("latency", {}), dict)
+        and isinstance(m.get("staleness", {}), dict)
+        and all(
+            _is_hist(h) for h in (*m.get("latency", {}).values(), *m.get("staleness", {}).values())
+        )
+    )

@@ -98,10 +98,13 @@ def serve_coordinator(
     checkpoint_keep: int | None = None,
     token: str | None = None,
     checkpoint_every_clocks: int | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoint_dir``, it writes a
-    checkpoint there every ``checkpoint_every`` seconds and keeps the last ``checkpoint_keep``.
+    checkpoint there every ``checkpoint_every`` seconds and keeps the last ``checkpoint_keep``;
+    with ``metrics_port``, it serves Prometheus metrics at ``http://metrics_host:port/metrics``.
 
     SIGTERM or SIGINT stops it cleanly: the function returns.
 
@@ -128,6 +131,8 @@ def serve_coordinator(
         extra["checkpoints"] = CheckpointPolicy(
             checkpoint_dir, **{k: v for k, v in given.items() if v is not None}
         )
+    if metrics_port is not None:
+        extra["metrics_port"], extra["metrics_host"] = metrics_port, metrics_host
     host, _, port = bind.rpartition(":")
     coord: Coordinator | None = None
 
@@ -341,6 +346,8 @@ class LocalCluster:
     ``checkpoint_keep``) makes the coordinator write checkpoints periodically. With
     ``restart_servers`` (the default) a server process that dies is started again with the same
     rank; it loads its shards from the newest checkpoint, if any (see docs/fault-tolerance.md).
+    ``metrics_port`` makes the coordinator serve Prometheus metrics at
+    ``http://127.0.0.1:metrics_port/metrics``.
 
     Example:
         with ps.LocalCluster(servers=2, workers=1) as cluster:
@@ -366,6 +373,7 @@ class LocalCluster:
         token: str | None = None,
         checkpoint_every_clocks: int | None = None,
         restart_servers: bool = True,
+        metrics_port: int | None = None,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -400,6 +408,9 @@ class LocalCluster:
         self._token = from_env().token if token is None else token
         self._security = Security.from_token(self._token) if self._token is not None else None
         self._env = {**os.environ, "PS_TOKEN": self._token} if self._token is not None else None
+        if metrics_port is not None:  # Prometheus metrics of the coordinator, on loopback
+            self._checkpoint_flags += ["--metrics-port", str(int(metrics_port))]
+        self.metrics_port = metrics_port
         self.address = ""
         self._children = _Children()
         self._clients: list[Any] = []

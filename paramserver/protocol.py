@@ -74,6 +74,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_status(v: Any) -> bool:
+    """A coordinator's status map: its sections have the types paramserver.metrics reads."""
+    return (
+        _is_map(v)
+        and all(isinstance(v.get(k), list) for k in ("nodes", "tables", "servers"))
+        and all(_is_map(n) for k in ("nodes", "tables", "servers") for n in v[k])
+        and _is_map(v.get("staleness"))
+        and _is_map(v.get("buckets"))
+    )
+
+
 def _opt(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
@@ -101,6 +112,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "rank": (RANK, True),
         "token": (U63, True),
         "clock": (_opt(U63), False),
+        "examples": (_opt(U63), False),  # a worker's examples so far (client.report)
     },
     "get_view": {},
     "create_table": {"spec": (_is_map, True)},
@@ -109,6 +121,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     "save": {"path": (_str(4096), True), "clock": (U63, True), "timeout": (_is_timeout, True)},
     "leave": {"role": (ROLE, True), "rank": (RANK, True), "token": (U63, True)},
     "shutdown": {},
+    "status": {},  # the cluster's status (paramserver status); answered with reply.status
     # data leases (coordinator): which shard of a data set a worker reads next in an epoch
     "acquire_lease": {
         "dataset": (NAME, True),
@@ -164,6 +177,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "spec": (_opt(_is_map), False),
         "tables": (_opt(lambda v: isinstance(v, list)), False),
         "stats": (_opt(_is_map), False),
+        "status": (_opt(_is_status), False),
         "path": (_opt(_str(4096)), False),
         "shard": (_opt(_int(-1, MAX_SHARDS - 1)), False),
         "shm": (_is_bool, False),

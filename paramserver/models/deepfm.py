@@ -126,6 +126,7 @@ def train_worker(
                 loss = F.binary_cross_entropy_with_logits(logit, torch.from_numpy(b.y))
                 loss.backward()  # type: ignore[no-untyped-call]
                 dense.push()
+                client.report(examples=len(b.y))  # examples/s in paramserver status
                 client.clock()
                 total += loss.item() * len(b)
                 seen += len(b)

@@ -120,6 +120,7 @@ def train_worker(
                 for f in pending:
                     f.result()
                 pending = [table.push(keys, np.ascontiguousarray(grads))]
+                client.report(examples=len(yb))  # examples/s in paramserver status
                 client.clock()
                 steps += 1
                 if client.rank == slow_rank and slow_factor > 1:

@@ -103,6 +103,7 @@ def train_worker(
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()  # type: ignore[no-untyped-call]
                 dense.push()
+                client.report(examples=len(yb))  # examples/s in paramserver status
                 client.clock()
                 total += loss.item() * len(yb)
                 seen += len(yb)

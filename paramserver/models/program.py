@@ -10,6 +10,8 @@ per epoch and writes the JSON summary and the PNG plot of the curves.
 from __future__ import annotations
 
 import argparse
+import csv
+import importlib
 import json
 import sys
 import time
@@ -38,7 +40,12 @@ def progress(
 
 
 class Report:
-    """Per-epoch records of a run, printed as they come and written as JSON and PNG.
+    """Per-epoch records of a run, printed as they come and written as JSON, CSV and PNG, and as
+    TensorBoard event files when ``torch.utils.tensorboard`` (or ``tensorboardX``) can be
+    imported (``tensorboard --logdir OUT/tensorboard``).
+
+    ``scalar(tag, value, step)`` records finer-grained curves (e.g. the loss every 100 batches):
+    into ``{model}-scalars.csv`` and the event files.
 
     Example:
         rep = Report("logreg", Path("out")); rep.epoch(1, train_loss=0.5, test_auc=0.7); rep.save()
@@ -50,7 +57,13 @@ class Report:
         self.show = show
         self.info = dict(info)
         self.history: list[dict[str, Any]] = []
+        self.scalars: list[tuple[str, float, int]] = []
         self.start = time.perf_counter()
+        self.tensorboard: Path | None = None  # the event files' folder, once written
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Record one point of the curve ``tag`` (written by :meth:`save`)."""
+        self.scalars.append((tag, float(value), int(step)))
 
     def epoch(self, epoch: int, **metrics: Any) -> None:
         rec = {"epoch": epoch, "seconds": round(time.perf_counter() - self.start, 2), **metrics}
@@ -72,7 +85,44 @@ class Report:
             json.dumps({"model": self.model, **self.info, "history": self.history}, indent=1)
         )
         plot_curves({self.model: self.history}, png, title=self.info.get("title", self.model))
+        self._write_csv()
+        self.tensorboard = self._write_events()
         return js, png
+
+    def _write_csv(self) -> None:
+        cols = list(dict.fromkeys(k for r in self.history for k in r))
+        with (self.out / f"{self.model}.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols or ["epoch"])
+            w.writeheader()
+            w.writerows(self.history)
+        if self.scalars:
+            with (self.out / f"{self.model}-scalars.csv").open("w", newline="") as f:
+                sw = csv.writer(f)
+                sw.writerow(["tag", "step", "value"])
+                sw.writerows((tag, step, value) for tag, value, step in self.scalars)
+
+    def _write_events(self) -> Path | None:
+        """TensorBoard event files, if a writer can be imported; else None (the CSV remains)."""
+        for name in ("torch.utils.tensorboard", "tensorboardX"):
+            try:
+                module: Any = importlib.import_module(name)
+                break
+            except ImportError:  # torch.utils.tensorboard raises it without tensorboard
+                continue
+        else:
+            return None
+        folder = self.out / "tensorboard" / self.model
+        writer = module.SummaryWriter(log_dir=str(folder))
+        try:
+            for rec in self.history:
+                for k, v in rec.items():
+                    if k != "epoch" and isinstance(v, int | float):
+                        writer.add_scalar(f"epoch/{k}", v, rec["epoch"])
+            for tag, value, step in self.scalars:
+                writer.add_scalar(tag, value, step)
+        finally:
+            writer.close()
+        return folder
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, *, title: str = "") -> Path:

@@ -182,6 +182,7 @@ def train_worker(
                 seen += len(c)
                 emb_in.push(c.astype(np.uint64), np.einsum("bk,bkd->bd", g, u).astype(np.float32))
                 emb_out.push(out_keys, (g[..., None] * v[:, None, :]).astype(np.float32))
+                client.report(examples=len(c))  # examples/s in paramserver status
                 client.clock()
                 steps += 1
                 if steps % 100 == 0:  # word2vec's linear decay, to 1e-4 of the start

@@ -25,6 +25,7 @@ import zmq
 from paramserver import protocol, shm
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError, RemoteError
+from paramserver.metrics import ServerMetrics
 from paramserver.partition import HashRing
 from paramserver.server import checkpoint
 from paramserver.server.consistency import (
@@ -148,6 +149,7 @@ class Server:
         # reused receive buffers for arrays that arrive in several frames (no page faults per
         # message); an array decoded into one is only valid while its request is handled
         self._scratch: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self.metrics = ServerMetrics()  # latency and staleness, sent with stats
 
     def _alloc(self, i: int, nbytes: int) -> np.ndarray:
         if i >= len(self._scratch):
@@ -314,7 +316,9 @@ class Server:
         try:
             if handler is None:
                 raise Refused("bad_request", f"a server does not take {kind!r} messages")
+            started = time.perf_counter()
             handler(identity, header, arrays)
+            self.metrics.observe_request(kind, time.perf_counter() - started)
         except Refused as exc:
             self.router.error(identity, rid, exc.code, str(exc))
         except ConfigError as exc:
@@ -418,6 +422,7 @@ class Server:
                 "tables": stats,
                 "clocks": list(self.clocks.clock),
                 "deferred": len(self.deferred),
+                "metrics": self.metrics.to_wire(),
             },
         )
 
@@ -482,6 +487,7 @@ class Server:
     ) -> None:
         assert t.shard is not None
         staleness = staleness_of(h["clock"], self.clocks.min_clock)
+        self.metrics.observe_staleness(t.spec.name, staleness)
         if isinstance(t.shard, SparseShard) and "sig" in h:
             ids, _ = self._cached_rows(t, h, [], "pull")
             rows = t.shard.pull_rows(ids)

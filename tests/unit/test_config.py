@@ -69,6 +69,7 @@ def test_public_api_is_pinned() -> None:
             "init",
             "launch",
             "optim",
+            "ray",
         ]
     )
     for name in ps.__all__:

@@ -1,0 +1,333 @@
+"""The Ray backend: the coordinator, the servers and the workers as Ray actors on a Ray cluster.
+
+Nothing here is imported from Ray until used (``pip install 'paramserver[ray]'``). Each role
+runs in its own actor (its own process), exactly the code a local cluster runs, so everything
+else (heartbeats, views, checkpoints, ``paramserver status``) is unchanged:
+
+- ``launch(train, servers=2, workers=4)`` runs ``train(client)`` in each of ``workers`` worker
+  actors, joined to a cluster of actors, and returns their results in rank order;
+- ``run_job(["train.py", ...], ...)`` (``paramserver run --backend ray``) runs a program once
+  per worker actor with the ``PS_*`` variables set, as ``paramserver run`` does locally.
+
+Roles bind ``host`` (default loopback: one machine). On a multi-node Ray cluster pass
+``host="0.0.0.0"`` with a cluster token (``PS_TOKEN``), or ``insecure=True`` on a trusted
+network; the actors then advertise their node's address. With no Ray instance running, one is
+started for the call (bound to 127.0.0.1) and stopped after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from paramserver.config import Timeouts, from_env
+from paramserver.errors import ConfigError, PSError, PSTimeoutError
+
+__all__ = ["launch", "run_job"]
+
+
+class _CoordinatorRole:
+    def __init__(
+        self,
+        servers: int,
+        workers: int,
+        host: str,
+        timeouts: Timeouts,
+        metrics_port: int | None,
+        token: str | None,
+    ) -> None:
+        from paramserver.coordinator import Coordinator
+
+        self.coord = Coordinator(
+            servers,
+            workers,
+            host,
+            0,
+            timeouts,
+            metrics_port=metrics_port,
+            security=_security(token),
+        )
+        self.thread = threading.Thread(target=self.coord.serve, name="coordinator", daemon=True)
+        self.thread.start()
+
+    def address(self) -> str:
+        return self.coord.address
+
+    def stop(self) -> None:
+        self.coord.stop()
+        self.thread.join(timeout=10)
+
+
+class _ServerRole:
+    def __init__(
+        self,
+        coordinator: str,
+        host: str,
+        advertise: str | None,
+        timeouts: Timeouts,
+        token: str | None,
+    ) -> None:
+        from paramserver.server.loop import Server
+
+        self.server = Server(
+            coordinator, host, 0, timeouts, advertise=advertise, security=_security(token)
+        )
+        self.thread = threading.Thread(target=self.server.serve, name="server", daemon=True)
+        self.thread.start()
+
+    def address(self) -> str:
+        return self.server.address
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=10)
+
+
+class _WorkerRole:
+    def ready(self) -> bool:
+        return True
+
+    def run(
+        self,
+        train: Callable[..., Any],
+        coordinator: str,
+        rank: int,
+        timeouts: Timeouts,
+        args: tuple[Any, ...],
+        token: str | None,
+    ) -> Any:
+        from paramserver.client import connect
+
+        with connect(coordinator, rank=rank, timeouts=timeouts, token=token) as client:
+            return train(client, *args)
+
+    def run_program(self, cmd: list[str], env: dict[str, str], prefix: str) -> int:
+        from paramserver.launch import _die_with_parent
+
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # a killed actor takes its program with it
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(f"{prefix} {line.decode(errors='replace')}")
+            sys.stdout.flush()
+        return proc.wait()
+
+
+def _security(token: str | None) -> Any:
+    from paramserver.transport import Security
+
+    return Security.from_token(token) if token else None
+
+
+# Roles are processes that mostly wait on sockets: they claim no Ray CPU (a job never waits for
+# a free CPU slot that will not come) and are spread over the nodes.
+_PLACE: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("the Ray backend needs ray: pip install 'paramserver[ray]'") from exc
+    return ray
+
+
+class _Cluster:
+    """A coordinator actor and server actors; :meth:`close` stops and kills them."""
+
+    def __init__(
+        self,
+        servers: int,
+        workers: int,
+        host: str,
+        insecure: bool,
+        timeouts: Timeouts,
+        metrics_port: int | None,
+        start_timeout: float,
+    ) -> None:
+        ray = self.ray = _ray()
+        # the cluster token travels to the actors as an argument (Ray's own security covers it)
+        self.token = from_env().token
+        if host not in ("127.0.0.1", "localhost") and not insecure and not self.token:
+            raise ConfigError(
+                f"ray backend: refusing to bind {host} (beyond loopback) without a cluster token "
+                "(PS_TOKEN); pass insecure=True to accept unauthenticated traffic"
+            )
+        self.own_ray = not ray.is_initialized()
+        if self.own_ray and os.environ.get("RAY_ADDRESS"):
+            ray.init()  # join the Ray cluster RAY_ADDRESS names
+        elif self.own_ray:  # a local Ray instance for this call, on loopback only
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+        self.actors: list[Any] = []
+        self.timeouts = timeouts
+        self.start_timeout = start_timeout
+        try:
+            advertise = (
+                None if host in ("127.0.0.1", "localhost") else ray.util.get_node_ip_address()
+            )
+            coord = ray.remote(num_cpus=0)(_CoordinatorRole).remote(
+                servers,
+                workers,
+                "0.0.0.0" if advertise else host,
+                timeouts,
+                metrics_port,
+                self.token,
+            )
+            self.actors.append(coord)
+            address = ray.get(coord.address.remote(), timeout=start_timeout)
+            if advertise:
+                address = f"tcp://{advertise}:{address.rsplit(':', 1)[1]}"
+            self.address: str = address
+            self.coordinator = coord
+            server_cls = ray.remote(**_PLACE)(_ServerRole)
+            for _ in range(servers):
+                self.actors.append(server_cls.remote(address, host, None, timeouts, self.token))
+            ray.get([a.address.remote() for a in self.actors[1:]], timeout=start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_workers(self, n: int) -> list[Any]:
+        """``n`` worker actors, each placed (started) within the start timeout."""
+        worker_cls = self.ray.remote(**_PLACE)(_WorkerRole)
+        actors = [worker_cls.remote() for _ in range(n)]
+        self.actors.extend(actors)
+        _wait(self.ray, [a.ready.remote() for a in actors], self.start_timeout, "placing workers")
+        return actors
+
+    def close(self) -> None:
+        ray = self.ray
+        # servers first, then the coordinator, each told to stop cleanly, then killed anyway
+        for actor in reversed(self.actors):
+            with contextlib.suppress(Exception):  # one that died or hung is killed below
+                ray.get(actor.stop.remote(), timeout=15)
+            ray.kill(actor)
+        self.actors = []
+        if self.own_ray:
+            ray.shutdown()
+            self.own_ray = False
+
+
+def _wait(
+    ray: Any,
+    refs: list[Any],
+    timeout: float | None,
+    what: str,
+    failed: Callable[[Any], bool] = lambda _: False,
+) -> list[Any]:
+    """ray.get on every ref, stopping at the first error or ``failed`` result, within
+    ``timeout`` (None: no limit)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = list(refs)
+    while pending:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise PSTimeoutError(
+                f"{what}: {len(pending)} of {len(refs)} workers not done after {timeout}s"
+            )
+        done, pending = ray.wait(
+            pending, num_returns=1, timeout=1.0 if left is None else min(1.0, left)
+        )
+        for ref in done:
+            if failed(ray.get(ref)):  # ray.get raises the worker's error at once
+                return [ray.get(ref)]
+    return list(ray.get(refs))
+
+
+def launch(
+    train: Callable[..., Any],
+    *,
+    servers: int = 2,
+    workers: int = 1,
+    args: Sequence[Any] = (),
+    host: str = "127.0.0.1",
+    insecure: bool = False,
+    timeouts: Timeouts | None = None,
+    metrics_port: int | None = None,
+    timeout: float | None = None,
+    start_timeout: float = 120.0,
+) -> list[Any]:
+    """Run ``train(client, *args)`` in ``workers`` worker actors of a cluster of Ray actors;
+    return the results in rank order. Every actor is stopped before this returns or raises.
+
+    Example:
+        def train(client):
+            emb = client.sparse_table("emb", dim=8); client.clock(); return client.rank
+        ps.ray.launch(train, servers=2, workers=2)   # [0, 1]
+    """
+    t = timeouts or Timeouts()
+    cluster = _Cluster(servers, workers, host, insecure, t, metrics_port, start_timeout)
+    ray = cluster.ray
+    try:
+        actors = cluster.add_workers(workers)
+        refs = [
+            a.run.remote(train, cluster.address, r, t, tuple(args), cluster.token)
+            for r, a in enumerate(actors)
+        ]
+        try:
+            return _wait(ray, refs, timeout, "ray launch")
+        except ray.exceptions.RayTaskError as exc:
+            raise PSError(f"a worker failed: {exc}") from exc
+    finally:
+        cluster.close()
+
+
+def run_job(
+    program: Sequence[str],
+    *,
+    servers: int,
+    workers: int,
+    consistency: str | None = None,
+    timeouts: Timeouts | None = None,
+    host: str = "127.0.0.1",
+    insecure: bool = False,
+    timeout: float | None = None,
+) -> int:
+    """``paramserver run --backend ray``: run ``python PROGRAM...`` once per worker actor with
+    ``PS_COORDINATOR``, ``PS_RANK``, ``PS_NUM_WORKERS``, ``PS_NUM_SERVERS`` set; return 0, or
+    the first failed worker's exit code.
+
+    Example:
+        run_job(["train.py", "--epochs", "3"], servers=2, workers=4)
+    """
+    t = timeouts or Timeouts()
+    program = [
+        os.path.abspath(p) if i == 0 and os.path.isfile(p) else p for i, p in enumerate(program)
+    ]
+    cluster = _Cluster(servers, workers, host, insecure, t, None, 120.0)
+    ray = cluster.ray
+    try:
+        env = {
+            "PS_COORDINATOR": cluster.address,
+            "PS_NUM_WORKERS": str(workers),
+            "PS_NUM_SERVERS": str(servers),
+            "PS_HEARTBEAT_INTERVAL": repr(t.heartbeat_interval),
+            "PS_HEARTBEAT_TIMEOUT": repr(t.heartbeat_timeout),
+            "PS_REQUEST_TIMEOUT": repr(t.request),
+            "PS_CONNECT_TIMEOUT": repr(t.connect),
+        }
+        if consistency is not None:
+            env["PS_CONSISTENCY"] = consistency
+        actors = cluster.add_workers(workers)
+        refs = [
+            a.run_program.remote(
+                [sys.executable, *program], {**env, "PS_RANK": str(r)}, f"worker[{r}]"
+            )
+            for r, a in enumerate(actors)
+        ]
+        codes = _wait(ray, refs, timeout, "paramserver run --backend ray", lambda c: c != 0)
+        return next((int(c) for c in codes if c != 0), 0)
+    finally:
+        cluster.close()
