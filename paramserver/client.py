@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from paramserver import shm
+from paramserver.codec import decode_rows
 from paramserver.config import (
     Timeouts,
     from_env,
@@ -245,8 +246,12 @@ class Client:
         optimizer: Optimizer | None = None,
         consistency: str | None = None,
         seed: int | None = None,
+        codec: str = "none",
     ) -> SparseTable:
         """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
+
+        ``codec`` ("none", "float16", "bfloat16" or "int8" with a per-row scale) is how pulled
+        rows travel: fewer bytes, rounded values (see :mod:`paramserver.codec`).
 
         Example:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
@@ -261,6 +266,7 @@ class Client:
             optimizer=optimizer or SGD(),
             consistency=_consistency(consistency),
             seed=seed,
+            codec=codec,
         )
         final = self._create(spec)
         table = SparseTable(self, final)
@@ -693,9 +699,16 @@ class SparseTable(_Handle):
         futs: list[Future[np.ndarray]] = []
         staleness: list[int] = []
 
+        codec = self.spec.codec
+
         def rows_of(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray:
             staleness.append(int(msg[0].get("staleness") or 0))
-            return msg[1][0]
+            if codec == "none":
+                return msg[1][0]
+            try:
+                return decode_rows(msg[1], codec, self.dim, self.dtype)
+            except ValueError as exc:
+                raise ConfigError(f"table {self.name!r}: {exc}") from None
 
         sent: list[int] = []
         for s, _, part_keys in plan.parts:

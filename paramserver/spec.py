@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.codec import CODECS
 from paramserver.config import parse_consistency
 from paramserver.errors import ConfigError
 from paramserver.init import Initializer, Zeros
@@ -49,6 +50,7 @@ class TableSpec:
     optimizer: Optimizer = field(default_factory=SGD)
     consistency: str = "async"
     seed: int | None = None
+    codec: str = "none"  # how pull replies travel (sparse only), see paramserver.codec
     # dense only, assigned by the coordinator: (server rank, start, stop) over the flat array
     ranges: tuple[tuple[int, int, int], ...] = ()
 
@@ -82,6 +84,10 @@ class TableSpec:
                 f"{where}: optimizer must be a ps.optim optimizer, got {self.optimizer!r}"
             )
         parse_consistency(self.consistency)
+        if self.codec not in CODECS:
+            raise ConfigError(f"{where}: codec must be one of {CODECS}, got {self.codec!r}")
+        if self.codec != "none" and self.kind != "sparse":
+            raise ConfigError(f"{where}: codecs apply to sparse tables, not {self.kind} ones")
         if self.seed is None:
             object.__setattr__(self, "seed", default_seed(self.name))
         elif not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 63):
@@ -126,6 +132,8 @@ class TableSpec:
         }
         if self.kind == "sparse":
             d["dim"] = self.dim
+            if self.codec != "none":  # absent means none: specs of older peers still compare
+                d["codec"] = self.codec
         else:
             d["shape"] = list(self.shape)
             d["ranges"] = [list(r) for r in self.ranges]
@@ -137,7 +145,7 @@ class TableSpec:
         if not isinstance(d, dict):
             raise ConfigError(f"table spec must be a map, got {type(d).__name__}")
         allowed = {"name", "kind", "dtype", "init", "optimizer", "consistency", "seed", "dim"}
-        allowed |= {"shape", "ranges"}
+        allowed |= {"shape", "ranges", "codec"}
         extra = set(d) - allowed
         if extra:
             raise ConfigError(f"table spec has unknown fields {sorted(extra)}")
@@ -172,6 +180,7 @@ class TableSpec:
             optimizer=Optimizer.from_spec(d["optimizer"]),
             consistency=d["consistency"],
             seed=d["seed"],
+            codec=d.get("codec", "none"),
             ranges=ranges,
         )
         if kind == "dense" and ranges:

@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from paramserver import protocol, shm
+from paramserver.codec import encode_rows
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError
 from paramserver.partition import HashRing
@@ -449,7 +450,9 @@ class Server:
             t.reply_buf = (buf, tracker)
             return
         t.pulls += 1
-        self.router.reply(identity, h["id"], [rows], staleness=staleness)
+        codec = t.spec.codec
+        out = [rows] if codec == "none" else encode_rows(rows, codec)
+        self.router.reply(identity, h["id"], out, staleness=staleness)
 
     def _cached_rows(
         self, t: Table, h: dict[str, Any], arrays: list[np.ndarray], what: str
