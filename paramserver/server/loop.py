@@ -23,7 +23,6 @@ import numpy as np
 import zmq
 
 from paramserver import protocol, shm
-from paramserver.codec import encode_rows
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError
 from paramserver.partition import HashRing
@@ -451,7 +450,12 @@ class Server:
             return
         t.pulls += 1
         codec = t.spec.codec
-        out = [rows] if codec == "none" else encode_rows(rows, codec)
+        if codec == "none":
+            out = [rows]
+        else:  # compiled encoders, loaded only by a server that has a codec table
+            from paramserver.server.codec_kernels import encode_rows_fast
+
+            out = encode_rows_fast(rows, codec)
         self.router.reply(identity, h["id"], out, staleness=staleness)
 
     def _cached_rows(
