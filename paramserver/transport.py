@@ -22,11 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import numpy as np
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from paramserver import protocol
 from paramserver.errors import (
@@ -36,6 +35,9 @@ from paramserver.errors import (
     PSTimeoutError,
     RemoteError,
 )
+
+if TYPE_CHECKING:  # imported when a token is set: it pulls in asyncio and ssl (~40 ms)
+    from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = [
     "Endpoint",
@@ -118,6 +120,8 @@ class _AllowClusterKey:
 
 def start_authenticator(ctx: zmq.Context[Any], security: Security) -> ThreadAuthenticator:
     """Run the ZAP handler of ``ctx``: only peers holding the cluster's client key get in."""
+    from zmq.auth.thread import ThreadAuthenticator
+
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("paramserver.auth"))
     auth.start()
     auth.configure_curve_callback("*", _AllowClusterKey(security.client_public))

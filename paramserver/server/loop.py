@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket as pysocket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,8 @@ import zmq
 from paramserver import protocol, shm
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError
+from paramserver.init import Zeros
+from paramserver.optim import SGD
 from paramserver.partition import HashRing
 from paramserver.server import checkpoint
 from paramserver.server.consistency import (
@@ -735,6 +738,33 @@ class Server:
                 f"waited {now - d.since:.1f}s on {self.name} for {slow or 'no one'}",
             )
         self.deferred = keep
+
+
+def warm_kernels() -> None:
+    """Load the compiled kernels of a first pull and push from numba's cache. Meant for a
+    background thread of a server process, started before it registers: the loads overlap the
+    registration and the worker's table creation instead of delaying the first pull.
+
+    numba's first kernel load checks for BLAS by importing ``scipy.linalg`` when SciPy is
+    installed (0.3-0.7 s and ~15 MiB of a server's memory here); no kernel uses BLAS, so SciPy
+    is hidden from that check. Only call this in a server process: the check's answer stays.
+
+    Example:
+        threading.Thread(target=warm_kernels, daemon=True).start()
+    """
+    hide = "scipy.linalg" not in sys.modules
+    if hide:  # import scipy.linalg -> ImportError
+        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]
+    try:
+        shard = SparseShard(1, np.dtype(np.float32), Zeros(), SGD(), 0)
+        keys = np.arange(2, dtype=np.uint64)
+        shard.pull(keys)
+        shard.push(keys, np.zeros((2, 1), np.float32))
+    except Exception:  # only an optimization: the real request compiles what it needs
+        log.debug("warming the kernels failed", exc_info=True)
+    finally:
+        if hide and "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
+            del sys.modules["scipy.linalg"]
 
 
 def run_server(
