@@ -165,9 +165,10 @@ def serve_server(
     Example:
         serve_server("tcp://10.0.0.1:7070", "127.0.0.1", 0, Timeouts())
     """
-    from paramserver.server.loop import Server, warm_kernels
+    from paramserver.server.loop import Server, tune_allocator, warm_kernels
 
     _guard_parent(parent_pid)
+    tune_allocator()
     threading.Thread(target=warm_kernels, name="warm-kernels", daemon=True).start()
     server: Server | None = None
 

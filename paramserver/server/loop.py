@@ -9,6 +9,8 @@ nothing; the server never dies of one.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import socket as pysocket
@@ -143,6 +145,7 @@ class Server:
         # reused receive buffers for arrays that arrive in several frames (no page faults per
         # message); an array decoded into one is only valid while its request is handled
         self._scratch: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._received = 0  # bytes received since the allocator was last trimmed
 
     def _alloc(self, i: int, nbytes: int) -> np.ndarray:
         if i >= len(self._scratch):
@@ -211,7 +214,13 @@ class Server:
                             identity, frames = self.router.recv_raw_nowait()
                         except BlockingIOError:
                             break
+                        self._received += sum(memoryview(f).nbytes for f in frames)
                         self._handle(identity, frames)
+                elif self._received >= TRIM_AFTER_BYTES:
+                    # idle for a whole poll after large messages: hand the allocator's free
+                    # memory back (freed message buffers, grown and replaced arrays)
+                    self._received = 0
+                    _libc_call("malloc_trim", 0)
                 self._coord.poll(0)
                 if self.deferred:
                     self._expire_deferred(time.monotonic())
@@ -738,6 +747,36 @@ class Server:
                 f"waited {now - d.since:.1f}s on {self.name} for {slow or 'no one'}",
             )
         self.deferred = keep
+
+
+TRIM_AFTER_BYTES = 32 << 20
+_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+
+
+def _libc_call(name: str, *args: int) -> None:
+    fn = getattr(_libc(), name, None) if sys.platform.startswith("linux") else None
+    if fn is not None:
+        fn(*args)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): allocator tuning is skipped
+        return None
+
+
+def tune_allocator() -> None:
+    """Limit glibc malloc to two arenas in this (server) process. Every thread that allocates
+    (libzmq's I/O thread receives the messages) otherwise gets its own arena, and freed
+    message buffers stay in each: 28 MiB of a server's RSS holding 1M rows with Adagrad.
+    Call it before threads start.
+
+    Example:
+        tune_allocator()
+    """
+    _libc_call("mallopt", _M_ARENA_MAX, 2)
 
 
 def warm_kernels() -> None:
