@@ -69,6 +69,21 @@ def main() -> None:
                 target=target,
                 **({"target_ratio": 0.7} if name == "adagrad" else {}),
             )
+        # value codecs: the same pull, rows sent as float16 / bfloat16 / int8 + per-row scale
+        for codec in ("float16", "bfloat16", "int8"):
+            table = client.sparse_table(
+                f"emb_{codec}", dim=DIM, init=ps.init.Normal(std=0.01), codec=codec
+            )
+            for i in range(0, rows, 100_000):
+                table.pull(all_keys[i : i + 100_000])
+            t_pull = median_time(lambda t=table: t.pull(keys), repeat, warmup=2)
+            emit(
+                "sparse",
+                f"pull codec {codec} {nkeys} keys x {DIM} ({rows} rows)",
+                nkeys / t_pull / 1e6,
+                "M keys/s",
+            )
+            del table
         rows_served = sum(s["tables"]["emb_sgd"]["rows"] for s in client.stats())
         assert rows_served == rows, rows_served
 

@@ -64,6 +64,7 @@ def main() -> None:
             ).result()
         stats = client.stats()[0]["tables"]["emb"]
         assert stats["rows"] == rows
+        time.sleep(0.5)  # at rest: a server hands freed message buffers back when idle
         emit(
             "startup",
             f"server RSS, {rows} x 16 float32 rows + Adagrad",

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from paramserver import shm
+from paramserver.codec import decode_rows
 from paramserver.config import (
     Timeouts,
     from_env,
@@ -372,6 +373,7 @@ class Client:
         seed: int | None = None,
         nonfinite: str = "reject",
         max_rows: int | None = None,
+        codec: str = "none",
     ) -> SparseTable:
         """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
 
@@ -380,6 +382,9 @@ class Client:
         ``max_rows``: at most this many rows on each server; a pull or push that would create
         more is refused with :class:`~paramserver.errors.RemoteError` (code ``"full"``) and
         changes nothing.
+
+        ``codec`` ("none", "float16", "bfloat16" or "int8" with a per-row scale) is how pulled
+        rows travel: fewer bytes, rounded values (see :mod:`paramserver.codec`).
 
         Example:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
@@ -396,6 +401,7 @@ class Client:
             seed=seed,
             nonfinite=nonfinite,
             max_rows=max_rows,
+            codec=codec,
         )
         final = self._create(spec)
         table = SparseTable(self, final)
@@ -735,6 +741,7 @@ class _KeyPlan:
 
 
 KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more, see server.loop)
+RECENT_LISTS = 2  # latest key lists whose dedup a worker reuses without caching them
 
 
 def _fingerprint(flat: np.ndarray) -> tuple[int, ...]:
@@ -763,7 +770,9 @@ class SparseTable(_Handle):
         super().__init__(client, spec)
         self._plans: OrderedDict[tuple[int, ...], _KeyPlan] = OrderedDict()
         self._seen: OrderedDict[tuple[int, ...], int] = OrderedDict()
-        self._last: tuple[tuple[int, ...], _KeyPlan] | None = None
+        # the key lists of the latest requests: a push after the pull of the same batch, also
+        # when the pull of the next batch went out in between (prefetch), reuses their dedup
+        self._recent: list[tuple[tuple[int, ...], _KeyPlan]] = []
 
     @property
     def dim(self) -> int:
@@ -776,8 +785,10 @@ class SparseTable(_Handle):
             if plan is not None and np.array_equal(plan.keys, flat):
                 self._plans.move_to_end(fp)
                 return plan
-        last = self._last
-        if last is not None and last[0] == fp and np.array_equal(last[1].keys, flat):
+        last = next(
+            (r for r in self._recent if r[0] == fp and np.array_equal(r[1].keys, flat)), None
+        )
+        if last is not None:
             # the same list again at once (a push after the pull of one batch): reuse its
             # dedup and routing; a list seen a third time is cached on the servers too
             plan = last[1]
@@ -804,7 +815,7 @@ class SparseTable(_Handle):
         plan = _KeyPlan(keys, keys if distinct else base, None if distinct else inverse, parts)
         if distinct and len(parts) == 1 and parts[0][1] is None:
             plan.parts = [(parts[0][0], None, keys)]
-        self._last = (fp, plan)
+        self._recent = [(fp, plan), *self._recent[: RECENT_LISTS - 1]]
         self._seen[fp] = self._seen.get(fp, 0) + 1
         self._seen.move_to_end(fp)
         while len(self._seen) > 4 * KEY_CACHE_LISTS:
@@ -823,8 +834,7 @@ class SparseTable(_Handle):
         for fp, p in list(self._plans.items()):
             if p is plan:
                 del self._plans[fp]
-        if self._last is not None and self._last[1] is plan:
-            self._last = None
+        self._recent = [r for r in self._recent if r[1] is not plan]
 
     def pull_async(
         self, keys: Any, *, create: bool = True, timeout: float | None = None
@@ -844,9 +854,16 @@ class SparseTable(_Handle):
         futs: list[Future[np.ndarray]] = []
         staleness: list[int] = []
 
+        codec = self.spec.codec
+
         def rows_of(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray:
             staleness.append(int(msg[0].get("staleness") or 0))
-            return msg[1][0]
+            if codec == "none":
+                return msg[1][0]
+            try:
+                return decode_rows(msg[1], codec, self.dim, self.dtype)
+            except ValueError as exc:
+                raise ConfigError(f"table {self.name!r}: {exc}") from None
 
         sent: list[int] = []
         # rows resolved under a signature are created rows; an evaluation pull (create=False)

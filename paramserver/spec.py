@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.codec import CODECS
 from paramserver.config import parse_consistency
 from paramserver.errors import ConfigError
 from paramserver.init import Initializer, Zeros
@@ -56,6 +57,7 @@ class TableSpec:
     # sparse only: at most this many rows on each server; a request that would create more is
     # refused and changes nothing
     max_rows: int | None = None
+    codec: str = "none"  # how pull replies travel (sparse only), see paramserver.codec
     # dense only, assigned by the coordinator: (server rank, start, stop) over the flat array
     ranges: tuple[tuple[int, int, int], ...] = ()
 
@@ -104,6 +106,10 @@ class TableSpec:
                 raise ConfigError(
                     f"{where}: max_rows must be a positive integer, got {self.max_rows!r}"
                 )
+        if self.codec not in CODECS:
+            raise ConfigError(f"{where}: codec must be one of {CODECS}, got {self.codec!r}")
+        if self.codec != "none" and self.kind != "sparse":
+            raise ConfigError(f"{where}: codecs apply to sparse tables, not {self.kind} ones")
         if self.seed is None:
             object.__setattr__(self, "seed", default_seed(self.name))
         elif not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 63):
@@ -151,6 +157,8 @@ class TableSpec:
             d["max_rows"] = self.max_rows
         if self.kind == "sparse":
             d["dim"] = self.dim
+            if self.codec != "none":  # absent means none: specs of older peers still compare
+                d["codec"] = self.codec
         else:
             d["shape"] = list(self.shape)
             d["ranges"] = [list(r) for r in self.ranges]
@@ -162,7 +170,7 @@ class TableSpec:
         if not isinstance(d, dict):
             raise ConfigError(f"table spec must be a map, got {type(d).__name__}")
         allowed = {"name", "kind", "dtype", "init", "optimizer", "consistency", "seed", "dim"}
-        allowed |= {"shape", "ranges", "nonfinite", "max_rows"}
+        allowed |= {"shape", "ranges", "nonfinite", "max_rows", "codec"}
         extra = set(d) - allowed
         if extra:
             raise ConfigError(f"table spec has unknown fields {sorted(extra)}")
@@ -197,6 +205,7 @@ class TableSpec:
             optimizer=Optimizer.from_spec(d["optimizer"]),
             consistency=d["consistency"],
             seed=d["seed"],
+            codec=d.get("codec", "none"),
             ranges=ranges,
             nonfinite=d.get("nonfinite", "reject"),
             max_rows=d.get("max_rows"),

@@ -22,11 +22,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import numpy as np
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from paramserver import protocol
 from paramserver.errors import (
@@ -36,6 +36,9 @@ from paramserver.errors import (
     PSTimeoutError,
     RemoteError,
 )
+
+if TYPE_CHECKING:  # imported when a token is set: it pulls in asyncio and ssl (~40 ms)
+    from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = [
     "Endpoint",
@@ -90,7 +93,7 @@ class Security:
 
         def pair(purpose: bytes) -> tuple[bytes, bytes]:
             seed = hashlib.blake2b(token.encode(), digest_size=32, person=purpose).digest()
-            secret = zmq.utils.z85.encode(seed)  # any 32 bytes are an X25519 secret key
+            secret = z85.encode(seed)  # any 32 bytes are an X25519 secret key
             return zmq.curve_public(secret), secret
 
         sp, ss = pair(b"paramserver-srv")
@@ -118,6 +121,8 @@ class _AllowClusterKey:
 
 def start_authenticator(ctx: zmq.Context[Any], security: Security) -> ThreadAuthenticator:
     """Run the ZAP handler of ``ctx``: only peers holding the cluster's client key get in."""
+    from zmq.auth.thread import ThreadAuthenticator
+
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("paramserver.auth"))
     auth.start()
     auth.configure_curve_callback("*", _AllowClusterKey(security.client_public))

@@ -94,6 +94,8 @@ def train_worker(
     )
     shards = ArrayShards("logreg/train", train, rows=shard_rows)
     train_keys = np.unique(_with_bias(train.keys))
+    # under sync or ssp a pull must wait for the clocks, so it cannot go out a step early
+    prefetch = table.spec.mode[0] == "async"
     lead = client.rank == 0
     curve: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -108,11 +110,23 @@ def train_worker(
         )
         pending: list[ps.Future[None]] = []
         for part in parts:
+            nxt: tuple[np.ndarray, ps.Future[np.ndarray]] | None = None
             for i in range(0, len(part), batch):
                 tick = time.perf_counter()
-                xb, yb = part.keys[i : i + batch], part.y[i : i + batch]
-                keys = _with_bias(xb)
-                p = predict(table, xb, create=True)
+                yb = part.y[i : i + batch]
+                if nxt is None:
+                    keys = _with_bias(part.keys[i : i + batch])
+                    rows = table.pull_async(keys)
+                else:
+                    keys, rows = nxt
+                w = rows.result()[..., 0]
+                nxt = None
+                if prefetch and i + batch < len(part):
+                    # the next batch's weights travel while this batch is computed; they miss
+                    # this batch's update (one step more staleness, what async allows anyway)
+                    k2 = _with_bias(part.keys[i + batch : i + 2 * batch])
+                    nxt = (k2, table.pull_async(k2))
+                p = 1.0 / (1.0 + np.exp(-w.sum(axis=1, dtype=np.float64)))
                 losses.append(logloss(yb, p) * len(yb))
                 seen += len(yb)
                 g = (p - yb).astype(np.float32)

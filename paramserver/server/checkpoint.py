@@ -24,14 +24,16 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from paramserver.errors import ConfigError
 from paramserver.partition import HashRing
-from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.spec import TableSpec
+
+if TYPE_CHECKING:  # the coordinator reads manifests here: it must not load numba and kernels
+    from paramserver.server.shard import DenseShard, SparseShard
 
 __all__ = [
     "FORMAT_VERSION",
@@ -91,7 +93,7 @@ def write_server_shards(
         data = shard.export()
         entry: dict[str, Any] = {"rows": f"{stem}.rows.npy", "count": len(data["rows"])}
         _save_npy(out / entry["rows"], data["rows"])
-        if isinstance(shard, SparseShard):
+        if "keys" in data:  # a sparse shard
             entry["keys"] = f"{stem}.keys.npy"
             _save_npy(out / entry["keys"], data["keys"])
         else:

@@ -166,3 +166,40 @@ def test_unknown_signature_is_refused_and_changes_nothing(cluster: ps.LocalClust
             fut.result(10)
         assert info.value.code == "unknown_sig"
     assert sum(s["tables"]["emb"]["rows"] for s in client.stats()) == 0
+
+
+def test_push_after_a_prefetched_pull_reuses_the_dedup(
+    cluster: ps.LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pull(A), pull(B), push(A), push(B): the pushes reuse the pulls' dedup and still match
+    NumPy (the order of a training loop that prefetches the next batch)."""
+    from paramserver import client as client_module
+
+    client = cluster.connect()
+    emb = client.sparse_table("pre", dim=2, optimizer=ps.optim.SGD(lr=1.0))
+    rng = np.random.default_rng(5)
+    ref: dict[int, np.ndarray] = {}
+    calls = []
+    real_unique = np.unique
+    monkeypatch.setattr(
+        client_module.np, "unique", lambda *a, **kw: calls.append(1) or real_unique(*a, **kw)
+    )
+    lists = [rng.integers(0, 50, size=40).astype(np.uint64) for _ in range(6)]
+    fut = emb.pull_async(lists[0])
+    for i, keys in enumerate(lists):
+        rows = fut.result()
+        for j, k in enumerate(keys.tolist()):
+            np.testing.assert_array_equal(rows[j], ref.get(k, np.zeros(2, np.float32)))
+        if i + 1 < len(lists):
+            fut = emb.pull_async(lists[i + 1])  # sent before this batch's push
+        before = len(calls)
+        grads = rng.standard_normal((40, 2)).astype(np.float32)
+        emb.push(keys, grads).result()
+        assert len(calls) == before, "the push recomputed the dedup of its key list"
+        summed: dict[int, np.ndarray] = {}  # repeated keys are summed, then applied
+        for k, g in zip(keys.tolist(), grads, strict=True):
+            summed[k] = summed[k] + g if k in summed else g.copy()
+        for k, g in summed.items():
+            ref[k] = ref.get(k, np.zeros(2, np.float32)) - g
+        if i + 1 < len(lists):  # the prefetched rows missed this push: pull them fresh
+            fut = emb.pull_async(lists[i + 1])

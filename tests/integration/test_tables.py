@@ -168,3 +168,46 @@ def test_the_same_key_list_every_step_in_every_mode(
         client.clock()
     expect = -6 * np.array([2, 1, 2, 1, 1], np.float32)[:, None] * np.ones((1, 2), np.float32)
     np.testing.assert_array_equal(t.pull(keys, create=False), expect)
+
+
+@pytest.mark.parametrize("codec", ["float16", "bfloat16", "int8"])
+def test_codec_pulls_match_numpy(cluster: ps.LocalCluster, codec: str) -> None:
+    from paramserver.codec import decode_rows, encode_rows
+
+    client = cluster.connect()
+    emb = client.sparse_table(
+        f"emb_{codec}",
+        dim=8,
+        init=ps.init.Constant(0.0),
+        optimizer=ps.optim.SGD(lr=1.0),
+        codec=codec,
+    )
+    plain = client.sparse_table(
+        f"plain_{codec}", dim=8, init=ps.init.Constant(0.0), optimizer=ps.optim.SGD(lr=1.0)
+    )
+    rng = np.random.default_rng(1)
+    keys = rng.choice(2**62, size=300, replace=False).astype(np.uint64)
+    grads = rng.standard_normal((300, 8)).astype(np.float32)
+    grads[:5] = 0.0  # rows that stay zero
+    for _ in range(4):  # the key list gets cached on the servers along the way
+        emb.push(keys, grads).result()
+        plain.push(keys, grads).result()
+        exact = plain.pull(keys)
+        got = emb.pull(keys)
+        want = decode_rows(encode_rows(exact, codec), codec, 8, np.float32)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got[:5], 0.0)
+    again = np.concatenate([keys[:7], keys[:7]])  # repeated keys, in order
+    np.testing.assert_array_equal(emb.pull(again), np.concatenate([want[:7], want[:7]]))
+    emb2 = client.sparse_table(
+        f"emb_{codec}",
+        dim=8,
+        init=ps.init.Constant(0.0),
+        optimizer=ps.optim.SGD(lr=1.0),
+        codec=codec,
+    )
+    assert emb2.spec == emb.spec
+    with pytest.raises(RemoteError, match="codec"):
+        client.sparse_table(
+            f"emb_{codec}", dim=8, init=ps.init.Constant(0.0), optimizer=ps.optim.SGD(lr=1.0)
+        )
