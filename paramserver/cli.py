@@ -92,6 +92,27 @@ def _token(args: argparse.Namespace) -> str | None:
     return from_env().token
 
 
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--restore",
+        default=None,
+        help="resume from this checkpoint (its directory, or a root with LATEST)",
+    )
+    p.add_argument("--checkpoint-dir", default=None, help="write periodic checkpoints here")
+    p.add_argument(
+        "--checkpoint-every-clocks",
+        type=int,
+        default=None,
+        help="write a checkpoint every N clocks (instead of every --checkpoint-every seconds)",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=float, default=None, help="seconds between periodic checkpoints"
+    )
+    p.add_argument(
+        "--checkpoint-keep", type=int, default=None, help="how many periodic checkpoints to keep"
+    )
+
+
 def _add_token(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token-file",
@@ -115,24 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
     c.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
     _add_token(c)
-    c.add_argument(
-        "--restore",
-        default=None,
-        help="resume from this checkpoint (its directory, or a root with LATEST)",
-    )
-    c.add_argument("--checkpoint-dir", default=None, help="write periodic checkpoints here")
-    c.add_argument(
-        "--checkpoint-every-clocks",
-        type=int,
-        default=None,
-        help="write a checkpoint every N clocks (instead of every --checkpoint-every seconds)",
-    )
-    c.add_argument(
-        "--checkpoint-every", type=float, default=None, help="seconds between periodic checkpoints"
-    )
-    c.add_argument(
-        "--checkpoint-keep", type=int, default=None, help="how many periodic checkpoints to keep"
-    )
+    _add_checkpoint_args(c)
     c.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     _add_metrics_args(c)
@@ -162,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--consistency", default=None, help="default consistency of tables: sync, ssp:N, async"
     )
+    _add_checkpoint_args(r)
     _add_token(r)
     _add_timeouts(r)
     r.add_argument(
@@ -438,6 +443,11 @@ def _command(args: argparse.Namespace) -> int:
             timeouts=_timeouts(args),
             log_level=args.log_level or "WARNING",
             token=_token(args),
+            restore=args.restore,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_every_clocks=args.checkpoint_every_clocks,
+            checkpoint_keep=args.checkpoint_keep,
         )
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)

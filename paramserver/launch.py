@@ -704,8 +704,16 @@ def run_job(
     log_level: str = "WARNING",
     out: IO[str] | None = None,
     token: str | None = None,
+    restore: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: float | None = None,
+    checkpoint_every_clocks: int | None = None,
+    checkpoint_keep: int | None = None,
 ) -> int:
     """``paramserver run``: a cluster plus one process per worker running ``script``.
+
+    ``restore`` and the ``checkpoint_*`` settings are :class:`LocalCluster`'s: resume from a
+    checkpoint, write periodic ones (a server that dies is restarted from the newest).
 
     With a ``token`` (default: ``PS_TOKEN`` / ``PS_TOKEN_FILE``) every socket uses CURVE and the
     workers get the token in their environment.
@@ -732,7 +740,9 @@ def run_job(
     timeouts = timeouts or Timeouts()
     cluster = LocalCluster(
         servers, workers, host=host, timeouts=timeouts, log_level=log_level, output=out,
-        token=token,
+        token=token, restore=restore, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, checkpoint_every_clocks=checkpoint_every_clocks,
+        checkpoint_keep=checkpoint_keep,
     )  # fmt: skip
     workers_ = _Children()
     code = 0

@@ -535,3 +535,22 @@ def test_demo_without_the_registry_says_so_and_trains_on_synthetic_data(tmp_path
     assert "cannot be fetched" in done.stdout and "SYNTHETIC" in done.stdout, done.stdout
     line = next(line for line in done.stdout.splitlines() if "final test AUC" in line)
     assert min(float(v) for v in re.findall(r"(\d\.\d{4})", line)) > 0.6, line
+
+
+@pytest.mark.timeout(120)
+def test_run_restore_resumes_at_the_saved_clock(tmp_path: Path) -> None:
+    program = str(PROGRAMS / "save_restore.py")
+    root = str(tmp_path / "ckpt")
+    with _watch() as watch:
+        first = subprocess.run(
+            [*_paramserver(), "run", "-s", "2", "-w", "2", program, "save", root],
+            env=_env(), capture_output=True, text=True, timeout=100,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stdout + first.stderr
+        second = subprocess.run(
+            [*_paramserver(), "run", "-s", "1", "-w", "2", "--restore", root, program, "check"],
+            env=_env(), capture_output=True, text=True, timeout=100,
+        )  # fmt: skip
+        watch.assert_gone()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.count("OK") == 2 and "[worker 1] OK 1 3" in second.stdout, second.stdout
