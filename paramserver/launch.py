@@ -603,8 +603,8 @@ class LocalCluster:
                 ep.connect("coordinator", self.address)
                 ep.request("coordinator", {"kind": "shutdown"}, what="shutdown").result(1.0)
                 asked = True
-            except PSError:
-                pass  # not answering: the signals below stop it
+            except PSError as exc:  # not answering: the SIGTERM below stops it instead
+                log.debug("coordinator at %s did not take the shutdown: %s", self.address, exc)
             finally:
                 ep.close()
                 ctx.term()

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -55,7 +56,7 @@ def _check(cls: str, name: str, value: object, *, low: float, high: float = math
 
 
 @dataclass(frozen=True)
-class Optimizer:
+class Optimizer(abc.ABC):
     """Base class of the optimizers: :class:`SGD`, :class:`Momentum`, :class:`Adagrad`,
     :class:`Adam`, :class:`FTRL`.
 
@@ -71,9 +72,9 @@ class Optimizer:
     """Per-row state scalars (Adam's step count)."""
 
     @property
+    @abc.abstractmethod
     def lr(self) -> float:
-        """The learning rate (FTRL: ``alpha``)."""
-        raise NotImplementedError  # every subclass has an ``lr`` field or overrides this
+        """The learning rate (FTRL: ``alpha``); a subclass's ``lr`` field provides it."""
 
     def with_lr(self, lr: float) -> Optimizer:
         """Return a copy with learning rate ``lr`` (validated like the constructor).
