@@ -778,7 +778,16 @@ class SparseTable(_Handle):
     def dim(self) -> int:
         return self.spec.dim
 
-    def _plan(self, flat: np.ndarray, cacheable: bool) -> _KeyPlan:
+    def _plan(self, flat: np.ndarray, cacheable: bool) -> tuple[_KeyPlan, int | None]:
+        """The plan of a key list, and the signature this request may travel by: none unless
+        ``cacheable``. Rows resolved under a signature are created rows, so an evaluation pull
+        (create=False) sends its keys; a sync table buffers each push's keys until its clock
+        completes, so pushes to it send theirs. A plan shared with a cacheable request may hold
+        a signature all the same."""
+        plan = self._find_plan(flat, cacheable)
+        return plan, plan.sig if cacheable else None
+
+    def _find_plan(self, flat: np.ndarray, cacheable: bool) -> _KeyPlan:
         fp = _fingerprint(flat)
         if cacheable:
             plan = self._plans.get(fp)
@@ -849,7 +858,7 @@ class SparseTable(_Handle):
         limit = c.timeouts.request if timeout is None else timeout
         k = as_keys(keys, self.name)
         flat = k.reshape(-1)
-        plan = self._plan(flat, cacheable=create)
+        plan, sig = self._plan(flat, cacheable=create)
         header = self._pull_header(create, limit)
         futs: list[Future[np.ndarray]] = []
         staleness: list[int] = []
@@ -866,9 +875,6 @@ class SparseTable(_Handle):
                 raise ConfigError(f"table {self.name!r}: {exc}") from None
 
         sent: list[int] = []
-        # rows resolved under a signature are created rows; an evaluation pull (create=False)
-        # must not create any, so it always sends its keys
-        sig = plan.sig if create else None
         for s, _, part_keys in plan.parts:
             h = header
             arrays = [part_keys]
@@ -966,7 +972,7 @@ class SparseTable(_Handle):
         flat = k.reshape(-1)
         g = self._check_grads(grads, (*k.shape, self.dim)).reshape(len(flat), self.dim)
         mode, _ = self.spec.mode
-        plan = self._plan(flat, cacheable=mode != "sync")
+        plan, sig = self._plan(flat, cacheable=mode != "sync")
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order
         else:
@@ -979,17 +985,14 @@ class SparseTable(_Handle):
             "clock": c._clock,
             "seq": c._next_seq(),
         }
-        return self._send_push(plan, header, summed)
+        return self._send_push(plan, sig, header, summed)
 
     def _send_push(
-        self, plan: _KeyPlan, header: dict[str, Any], summed: np.ndarray
+        self, plan: _KeyPlan, sig: int | None, header: dict[str, Any], summed: np.ndarray
     ) -> Future[None]:
         c = self.client
         futs: list[Future[Any]] = []
         sent: list[int] = []
-        # a sync table buffers each push's keys until its clock completes, so pushes to it
-        # always carry their keys (the plan may hold a signature from a pull of the same list)
-        sig = plan.sig if self.spec.mode[0] != "sync" else None
         for s, idx, part_keys in plan.parts:
             part = summed if idx is None else summed[idx]
             h = header
@@ -1017,7 +1020,7 @@ class SparseTable(_Handle):
         if sig is None:
             return fut
         # a retry keeps the sequence number: a server that applied the first try skips it
-        return self._retry_unknown(fut, plan, lambda: self._send_push(plan, header, summed))
+        return self._retry_unknown(fut, plan, lambda: self._send_push(plan, None, header, summed))
 
 
 def _all_finite(g: np.ndarray) -> bool:

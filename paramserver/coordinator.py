@@ -38,7 +38,6 @@ from paramserver.transport import (
     Router,
     Security,
     new_context,
-    start_authenticator,
 )
 
 __all__ = ["Coordinator"]
@@ -143,12 +142,9 @@ class Coordinator:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts or Timeouts()
         self.ctx = new_context()
-        self.auth = start_authenticator(self.ctx, security) if security is not None else None
         try:
             self.router = Router(self.ctx, host, port, security)
-        except BaseException:  # e.g. the address is in use: leave no thread or context behind
-            if self.auth is not None:
-                self.auth.stop()
+        except BaseException:  # e.g. the address is in use: leave no context behind
             self.ctx.term()
             raise
         self.address = self.router.address
@@ -223,8 +219,6 @@ class Coordinator:
         finally:
             self._close_status()
             self.router.close()
-            if self.auth is not None:
-                self.auth.stop()
             self.ctx.term()
             log.info("coordinator stopped")
 

@@ -145,6 +145,9 @@ def _send(
 class Router:
     """A bound ROUTER socket: receive requests from any peer and answer them.
 
+    With ``security`` it serves CURVE and runs the context's ZAP handler, which admits only
+    peers holding the cluster's client key; :meth:`close` stops both.
+
     Example:
         router = Router(ctx, "127.0.0.1")      # binds a random port
         ident, frames = router.recv_raw()
@@ -157,6 +160,7 @@ class Router:
         port: int = 0,
         security: Security | None = None,
     ) -> None:
+        self.auth = start_authenticator(ctx, security) if security is not None else None
         self.socket: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
         if security is not None:
             security.serve(self.socket)
@@ -172,7 +176,7 @@ class Router:
             else:
                 port = self.socket.bind_to_random_port(f"tcp://{bind_host}")
         except zmq.ZMQError as exc:
-            self.socket.close(0)
+            self.close()
             raise OSError(f"cannot bind tcp://{host}:{port}: {exc}") from None
         self.port = port
         self.address = f"tcp://{host}:{port}"
@@ -216,6 +220,9 @@ class Router:
 
     def close(self) -> None:
         self.socket.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
 
 
 class Future(Generic[T]):

@@ -49,7 +49,6 @@ from paramserver.transport import (
     Router,
     Security,
     new_context,
-    start_authenticator,
 )
 
 __all__ = ["Server", "run_server"]
@@ -63,6 +62,15 @@ class Refused(PSError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _check_keys(keys: np.ndarray, where: str) -> np.ndarray:
+    """Keys on the wire are a 1-D uint64 array; anything else is refused."""
+    if keys.dtype != np.uint64 or keys.ndim != 1:
+        raise Refused(
+            "invalid", f"{where}: keys must be a 1-D uint64 array, got {keys.ndim}-D {keys.dtype}"
+        )
+    return keys
 
 
 @dataclass
@@ -122,12 +130,9 @@ class Server:
         self.timeouts = timeouts or Timeouts()
         self.coordinator = coordinator
         self.ctx = new_context()
-        self.auth = start_authenticator(self.ctx, security) if security is not None else None
         try:
             self.router = Router(self.ctx, host, port, security)
-        except BaseException:  # e.g. the address is in use: leave no thread or context behind
-            if self.auth is not None:
-                self.auth.stop()
+        except BaseException:  # e.g. the address is in use: leave no context behind
             self.ctx.term()
             raise
         self.address = self.router.address
@@ -261,8 +266,6 @@ class Server:
                 seg.close()
         self._coord.close()
         self.router.close()
-        if self.auth is not None:
-            self.auth.stop()
         self.ctx.term()
         log.info("%s stopped", self.name)
 
@@ -485,14 +488,7 @@ class Server:
             raise Refused(
                 "invalid", f"pull of sparse table {t.spec.name!r} needs exactly one key array"
             )
-        keys = arrays[0]
-        if keys.dtype != np.uint64 or keys.ndim != 1:
-            raise Refused(
-                "invalid",
-                f"pull of {t.spec.name!r}: keys must be a 1-D uint64 array, "
-                f"got {keys.ndim}-D {keys.dtype}",
-            )
-        return keys
+        return _check_keys(arrays[0], f"pull of {t.spec.name!r}")
 
     def _answer_pull(
         self, identity: bytes, h: dict[str, Any], t: Table, keys: np.ndarray | None
@@ -550,13 +546,7 @@ class Server:
         slot = (h["rank"], h["sig"])
         want = 1 if what == "pull" else 2  # pull: [keys]; push: [keys, grads]
         if len(arrays) == want:
-            keys = arrays[0]
-            if keys.dtype != np.uint64 or keys.ndim != 1:
-                raise Refused(
-                    "invalid",
-                    f"{what} of {t.spec.name!r}: keys must be a 1-D uint64 array, "
-                    f"got {keys.ndim}-D {keys.dtype}",
-                )
+            keys = _check_keys(arrays[0], f"{what} of {t.spec.name!r}")
             if what == "push":
                 self._check_sparse_grads(t, h, len(keys), arrays[1], finite=False)
             self._check_room(t, keys)
@@ -687,11 +677,7 @@ class Server:
             if len(arrays) != 2:
                 raise Refused("invalid", f"{where}: needs a key array and a gradient array")
             keys, grads = arrays
-            if keys.dtype != np.uint64 or keys.ndim != 1:
-                raise Refused(
-                    "invalid",
-                    f"{where}: keys must be a 1-D uint64 array, got {keys.ndim}-D {keys.dtype}",
-                )
+            _check_keys(keys, where)
             want: tuple[int, ...] = (len(keys), t.spec.dim)
         elif h.get("shm"):
             if arrays:

@@ -18,8 +18,8 @@ FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=3.0, request=30.0, 
 VOCAB, DIM, BATCH = 50, 4, 16
 
 
-def steps(client: ps.Client, first: int, last: int) -> None:
-    """The deterministic sync algorithm of one worker for clocks first..last-1."""
+def open_tables(client: ps.Client) -> tuple[ps.SparseTable, ps.DenseTable]:
+    """The two sync tables of the algorithm below (a large dense one is split over servers)."""
     emb = client.sparse_table(
         "emb",
         dim=DIM,
@@ -34,6 +34,12 @@ def steps(client: ps.Client, first: int, last: int) -> None:
         optimizer=ps.optim.Adam(lr=0.01),
         consistency="sync",
     )
+    return emb, dense
+
+
+def steps(client: ps.Client, first: int, last: int) -> None:
+    """The deterministic sync algorithm of one worker for clocks first..last-1."""
+    emb, dense = open_tables(client)
     assert client.current_clock == first
     for step in range(first, last):
         rng = np.random.default_rng([client.rank, step])
@@ -72,20 +78,7 @@ def run_workers(cluster: ps.LocalCluster, first: int, last: int, save: Path | No
 
 def final_state(cluster: ps.LocalCluster) -> tuple[np.ndarray, np.ndarray]:
     client = cluster.connect(rank=0)
-    emb = client.sparse_table(
-        "emb",
-        dim=DIM,
-        init=ps.init.Normal(std=0.1),
-        optimizer=ps.optim.Adagrad(lr=0.1),
-        consistency="sync",
-    )
-    dense = client.dense_table(
-        "dense",
-        shape=(300_000,),
-        init=ps.init.Uniform(-0.1, 0.1),
-        optimizer=ps.optim.Adam(lr=0.01),
-        consistency="sync",
-    )
+    emb, dense = open_tables(client)
     return emb.pull(np.arange(VOCAB), create=False), dense.pull()
 
 
