@@ -33,7 +33,10 @@ from paramserver.config import (
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
+from paramserver.parallel import halves
 from paramserver.partition import HashRing, split_by_owner
+from paramserver.protocol import SLOT_MIN_BYTES
+from paramserver.slots import SlotPool, reply_offset
 from paramserver.spec import TableSpec
 from paramserver.transport import (
     Endpoint,
@@ -140,6 +143,8 @@ class Client:
             int, list[tuple[float, object, Callable[[], None], Callable[[], None]]]
         ] = {}
         self._ep.connect("coordinator", coordinator)
+        # server rank -> (its ``replaced`` count when made, shared-memory slots with it)
+        self._slot_pools: dict[int, tuple[int, SlotPool]] = {}
         self._clock = 0
         self._examples = 0  # reported by report(); sent with heartbeats (paramserver status)
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
@@ -252,25 +257,54 @@ class Client:
         parse: Callable[[Message], Any] | None = None,
         sink: np.ndarray | None = None,
         again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
+        reply_bytes: int | None = None,
     ) -> Future[Any]:
         """A request to server ``s`` that survives its replacement: if the server is lost, wait
         (up to the request timeout) for a view in which a new server holds rank ``s``, then send
         the same request again (a push keeps its sequence number); ``again`` gives the header,
-        arrays and parse of a resend when it must differ (no shared memory with a new server)."""
+        arrays and parse of a resend when it must differ (no shared memory with a new server).
+
+        With ``reply_bytes`` (at most what the reply's arrays take), the request may travel in
+        a shared-memory slot when the server is on this host (see :mod:`paramserver.slots`):
+        ``parse`` must then be given and must not keep the reply's arrays (the slot is reused
+        once it returns)."""
         name = _server(s)
         outer: Future[Any] = Future(self._ep, what)
         # a pull carries its own timeout: the wait for a replacement is bounded by it too
         wait = float(header.get("timeout") or self.timeouts.request)
         deadline = time.monotonic() + wait
 
-        def attempt() -> None:
+        def attempt(use_slot: bool = True) -> None:
             peer = self._ep.peers.get(name)
-            fut = self._ep.request(name, header, arrays, what=what, parse=parse, sink=sink)
+            got = None
+            if use_slot and reply_bytes is not None:
+                pool = self._slot_pool(s)
+                at = reply_offset(list(arrays))
+                if pool is not None and at + reply_bytes >= SLOT_MIN_BYTES:
+                    got = pool.take(at + reply_bytes)
+            if got is None:
+                fut = self._ep.request(name, header, arrays, what=what, parse=parse, sink=sink)
+            else:
+                assert pool is not None
+                slot, region = got
+                fut = self._ep.request(
+                    name,
+                    {**header, "slot": slot, "reply_at": at},
+                    arrays,
+                    what=what,
+                    parse=parse,
+                    region=region,
+                    release=lambda: pool.release(slot),
+                )
 
             def done(f: Future[Any]) -> None:
                 err = f._error
                 if err is None:
                     outer.set_result(f._value)
+                elif isinstance(err, RemoteError) and err.code == "no_slot" and got is not None:
+                    # the server does not know the slot (it was restarted): start afresh
+                    self._drop_slots(s)
+                    attempt(use_slot=False)
                 elif isinstance(err, NodeLostError) and not self._closed:
 
                     def give_up() -> None:
@@ -292,6 +326,24 @@ class Client:
 
         attempt()
         return outer
+
+    def _slot_pool(self, s: int) -> SlotPool | None:
+        """The shared-memory slots with server ``s`` (None: not with ``transport="tcp"``)."""
+        if self.transport != "auto" or self._closed:
+            return None
+        made = self._slot_pools.get(s)
+        if made is not None and made[0] == self.replaced[s]:
+            return made[1]
+        if made is not None:
+            made[1].close()  # a new server process: it knows none of them
+        pool = SlotPool(self._ep, _server(s), self.rank)
+        self._slot_pools[s] = (self.replaced[s], pool)
+        return pool
+
+    def _drop_slots(self, s: int) -> None:
+        made = self._slot_pools.pop(s, None)
+        if made is not None:
+            made[1].close()
 
     def _resend_to_replaced(self) -> None:
         for s, waiting in list(self._resends.items()):
@@ -625,6 +677,8 @@ class Client:
             if self._heartbeat is not None:
                 self._heartbeat.stop()
                 self._heartbeat.join(timeout=2)
+            for _, pool in self._slot_pools.values():
+                pool.close()
             self._ep.close()
             self._ctx.term()
 
@@ -860,22 +914,30 @@ class SparseTable(_Handle):
         flat = k.reshape(-1)
         plan, sig = self._plan(flat, cacheable=create)
         header = self._pull_header(create, limit)
-        futs: list[Future[np.ndarray]] = []
+        futs: list[Future[None]] = []
         staleness: list[int] = []
-
         codec = self.spec.codec
+        # every server's rows go straight into the result, in the order of plan.base
+        rows = np.empty((len(plan.base), self.dim), dtype=self.dtype)
 
-        def rows_of(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray:
-            staleness.append(int(msg[0].get("staleness") or 0))
-            if codec == "none":
-                return msg[1][0]
-            try:
-                return decode_rows(msg[1], codec, self.dim, self.dtype)
-            except ValueError as exc:
-                raise ConfigError(f"table {self.name!r}: {exc}") from None
+        def into(idx: np.ndarray | None, n: int) -> Callable[[Message], None]:
+            def parse(msg: Message) -> None:
+                staleness.append(int(msg[0].get("staleness") or 0))
+                try:
+                    part = decode_rows(msg[1], codec, self.dim, self.dtype)
+                except ValueError as exc:
+                    raise ConfigError(f"table {self.name!r}: {exc}") from None
+                if part.shape != (n, self.dim):
+                    raise ConfigError(f"table {self.name!r}: server answered {part.shape} rows")
+                if idx is None:
+                    rows[...] = part
+                else:
+                    rows[idx] = part
+
+            return parse
 
         sent: list[int] = []
-        for s, _, part_keys in plan.parts:
+        for s, idx, part_keys in plan.parts:
             h = header
             arrays = [part_keys]
             if sig is not None:
@@ -891,27 +953,17 @@ class SparseTable(_Handle):
                     arrays,
                     what=f"pull of {len(part_keys)} keys of table {self.name!r} from "
                     f"{_server(s)} ({c._ep.address_of(_server(s))})",
-                    parse=rows_of,
+                    parse=into(idx, len(part_keys)),
+                    reply_bytes=rows.nbytes if idx is None else len(idx) * rows[:1].nbytes,
                 )
             )
+        # fresh memory is mapped on first write: have that happen while the servers work
+        rows.fill(0)
 
-        def combine(results: list[np.ndarray]) -> np.ndarray:
+        def combine(_: list[None]) -> np.ndarray:
             plan.known.update(sent)
-            n_base = len(plan.base)
-            if len(plan.parts) == 1 and plan.parts[0][1] is None:
-                rows = results[0]
-                if rows.shape != (n_base, self.dim):
-                    raise ConfigError(f"table {self.name!r}: server answered {rows.shape} rows")
-            else:
-                rows = np.empty((n_base, self.dim), dtype=self.dtype)
-                for (_, idx, part_keys), r in zip(plan.parts, results, strict=True):
-                    if r.shape != (len(part_keys), self.dim):
-                        raise ConfigError(f"table {self.name!r}: server answered {r.shape} rows")
-                    rows[idx] = r
             self._record(staleness)
             out = rows if plan.inverse is None else rows[plan.inverse]
-            if not out.flags.writeable:
-                out = out.copy()
             return out.reshape((*k.shape, self.dim))
 
         fut = gather(futs, f"pull of table {self.name!r}", combine)
@@ -1009,6 +1061,7 @@ class SparseTable(_Handle):
                     h,
                     arrays,
                     what=f"push of {len(part_keys)} rows of table {self.name!r} to {_server(s)}",
+                    reply_bytes=0,
                 )
             )
         c._ep.poll(0)
@@ -1029,7 +1082,7 @@ def _all_finite(g: np.ndarray) -> bool:
     if g.dtype.kind == "f" and g.ndim >= 1 and g.flags.c_contiguous and g.size:
         flat = g.reshape(-1)
         with np.errstate(all="ignore"):
-            if np.isfinite(np.dot(flat, flat)):
+            if all(np.isfinite(d) for d in halves(np.dot, [flat, flat])):
                 return True
     return bool(np.isfinite(g).all())
 
@@ -1295,6 +1348,8 @@ class DenseTable(_Handle):
                 self._wait_push()  # the server may still be reading the previous gradient
                 np.copyto(mine, g)
             header["shm"] = True
+            # _check_grads found every value finite: the servers need not scan it again
+            header["checked"] = self.spec.nonfinite == "reject"
             arrays: list[list[np.ndarray]] = [[] for _ in self.spec.ranges]
         else:
             if self._sendbuf is not None and g.ctypes.data == self._sendbuf.ctypes.data:
@@ -1302,7 +1357,7 @@ class DenseTable(_Handle):
             arrays = [[g[a:b]] for _, a, b in self.spec.ranges]
         if seg is not None:
             # a replacement server has no shared memory: it gets its part of the gradient by TCP
-            tcp_header = {k: v for k, v in header.items() if k != "shm"}
+            tcp_header = {k: v for k, v in header.items() if k not in ("shm", "checked")}
             grad = seg.grad.view(self.dtype)
             tcp = {s: (tcp_header, [grad[a:b]], None) for s, a, b in self.spec.ranges}
             for i, (s, _, _) in enumerate(self.spec.ranges):

@@ -27,7 +27,14 @@ class DataError(PSError, ValueError):
 
 
 class ProtocolError(PSError):
-    """A malformed or incompatible message."""
+    """A malformed or incompatible message. ``request_id`` is the message's id when its header
+    was readable (0 otherwise), so that the sender's request can be answered; ``code`` names
+    the kind of problem for the error reply."""
+
+    def __init__(self, message: str, *, request_id: int = 0, code: str = "protocol") -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.code = code
 
 
 class RemoteError(PSError):

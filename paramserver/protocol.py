@@ -9,6 +9,11 @@ Every field of every incoming header is checked here, before anything else looks
 :func:`decode` either returns a header whose fields have the types and ranges the schema says,
 or raises :class:`~paramserver.errors.ProtocolError` naming the field. Nothing here imports
 zmq: frames are anything that exposes the buffer protocol.
+
+Between a worker and a server on one host, a request may name a *slot*: a shared-memory region
+the worker attached to that server (``attach_slot``). Its large arrays, and those of the
+reply, then lie in the slot (layout entry ``[dtype, shape, 0, offset]``) instead of frames;
+only the header crosses the socket.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ MAX_HEADER_BYTES = 1 << 20
 # one larger than this before it is ever read into memory.
 MAX_FRAME_BYTES = 16 << 20
 MAX_NDIM = 4
+# arrays at least this large go into a message's shared slot (if it has one and they fit)
+SLOT_MIN_BYTES = 32 << 10
+SLOT_ALIGN = 64
+MAX_SLOTS = 16  # slots per worker and server
 
 # Wire dtypes, always little-endian. bfloat16 travels as uint16 bit patterns.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -149,6 +158,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "timeout": (_is_timeout, True),
         "shm": (_is_bool, False),  # dense: answer into the attached shared-memory segment
         "sig": (U63, False),  # sparse: key-list signature (key caching)
+        "slot": (_int(0, MAX_SLOTS - 1), False),  # same host: arrays lie in this slot
+        "reply_at": (U63, False),  # where in the slot the reply's arrays may go
     },
     "push": {
         "table": (NAME, True),
@@ -156,7 +167,10 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "clock": (U63, True),
         "seq": (U63, True),
         "shm": (_is_bool, False),  # dense: the gradient is in the attached segment
+        "checked": (_is_bool, False),  # dense, shm: the worker found every value finite
         "sig": (U63, False),  # sparse: key-list signature (key caching)
+        "slot": (_int(0, MAX_SLOTS - 1), False),
+        "reply_at": (U63, False),
     },
     # a worker offers a shared-memory segment for a dense table (same-host fast path)
     "attach": {
@@ -164,6 +178,14 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "rank": (RANK, True),
         "path": (_str(256), True),
         "nonce": (U63, True),
+    },
+    # a worker offers a shared-memory slot for the arrays of its requests (same host)
+    "attach_slot": {
+        "rank": (RANK, True),
+        "slot": (_int(0, MAX_SLOTS - 1), True),
+        "path": (_str(256), True),
+        "nonce": (U63, True),
+        "size": (_int(1, MAX_MESSAGE_BYTES), True),
     },
     "clock": {"rank": (RANK, True), "clock": (U63, True)},
     "set_lr": {"table": (NAME, True), "lr": (_is_number, True)},
@@ -187,21 +209,54 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
 KINDS = frozenset(SCHEMA)
 
 
-def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
+def _in_region(region: np.ndarray, a: np.ndarray) -> int | None:
+    """The offset of ``a``'s bytes in ``region`` if they lie there, else None."""
+    start = int(a.ctypes.data) - int(region.ctypes.data)
+    return start if start >= 0 and start + a.nbytes <= region.nbytes else None
+
+
+def in_region(region: np.ndarray, a: np.ndarray) -> bool:
+    """Whether ``a``'s bytes lie in ``region`` (e.g. a reply array in a shared slot)."""
+    return a.size > 0 and _in_region(region, a) is not None
+
+
+def encode(
+    header: dict[str, Any],
+    arrays: Sequence[np.ndarray] = (),
+    region: np.ndarray | None = None,
+    start: int = 0,
+) -> list[Any]:
     """Return the frames of one message: the msgpack header, then each array's raw bytes.
 
     Arrays larger than :data:`CHUNK_BYTES` are sent as several frames, all views of the
     caller's memory (no copy); the caller keeps the arrays alive and unchanged until sent.
+    With a shared ``region`` (a uint8 slot), arrays of at least :data:`SLOT_MIN_BYTES` that fit
+    go there instead, from offset ``start`` on (an array already in the region stays where it
+    is); the header names their offsets.
 
     Example:
         frames = encode({"kind": "ping", "id": 1})
     """
     frames: list[Any] = [b""]
     layout = []
+    pos = start
     for a in arrays:
         if a.dtype.byteorder == ">" or a.dtype.str.lstrip("<>=|") not in _WIRE_NAMES:
             raise ProtocolError(f"cannot send an array of dtype {a.dtype}")
         a = np.ascontiguousarray(a)
+        name = _WIRE_NAMES[a.dtype.str.lstrip("<>=|")]
+        if region is not None and a.nbytes >= SLOT_MIN_BYTES:
+            off = _in_region(region, a)
+            if off is None:
+                off = -(-pos // SLOT_ALIGN) * SLOT_ALIGN
+                if off + a.nbytes <= region.nbytes:
+                    region[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
+                else:
+                    off = None
+            if off is not None:
+                layout.append([name, list(a.shape), 0, off])
+                pos = max(pos, off + a.nbytes)
+                continue
         flat = memoryview(a.reshape(-1).view(np.uint8).data) if a.size else memoryview(b"")
         n = len(flat)
         if n <= CHUNK_BYTES:
@@ -210,7 +265,7 @@ def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[An
         else:
             nframes = -(-n // CHUNK_BYTES)
             frames.extend(flat[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES] for i in range(nframes))
-        layout.append([_WIRE_NAMES[a.dtype.str.lstrip("<>=|")], list(a.shape), nframes])
+        layout.append([name, list(a.shape), nframes])
     full = {"v": VERSION, **header}
     if layout:
         full["arrays"] = layout
@@ -266,16 +321,18 @@ def decode_header(raw: Any) -> dict[str, Any]:
 
 
 Alloc = Callable[[int, int], np.ndarray]
+RegionOf = Callable[[dict[str, Any]], "np.ndarray | None"]
 
 
 def decode(
-    frames: Sequence[Any], alloc: Alloc | None = None
+    frames: Sequence[Any], alloc: Alloc | None = None, region_of: RegionOf | None = None
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Validate a whole message and return (header, arrays).
 
     Single-frame arrays are read-only views of the received frame (no copy); arrays that came in
     several frames are assembled into one array: ``alloc(i, nbytes)`` (a writable uint8 buffer
-    of at least ``nbytes``, e.g. a reused one: no page faults) or a fresh one.
+    of at least ``nbytes``, e.g. a reused one: no page faults) or a fresh one. Arrays in a
+    shared slot are read-only views of ``region_of(header)`` (the message's slot, or None).
 
     Example:
         header, arrays = decode(encode({"kind": "ping", "id": 1}))
@@ -283,16 +340,27 @@ def decode(
     if not frames:
         raise _fail("empty message")
     header = decode_header(frames[0])
+    try:
+        return header, _decode_arrays(header, frames, alloc, region_of)
+    except ProtocolError as exc:
+        exc.request_id = header["id"]
+        raise
+
+
+def _decode_arrays(
+    header: dict[str, Any], frames: Sequence[Any], alloc: Alloc | None, region_of: RegionOf | None
+) -> list[np.ndarray]:
     layout = header.pop("arrays", [])
     if not isinstance(layout, list) or len(layout) > 8:
         raise _fail("field 'arrays' must be a list of at most 8 [dtype, shape, nframes] entries")
     arrays: list[np.ndarray] = []
     pos = 1
     total = 0
+    region: np.ndarray | None = None
     for i, entry in enumerate(layout):
-        if not (isinstance(entry, list) and len(entry) == 3):
-            raise _fail(f"arrays[{i}] must be [dtype, shape, nframes]")
-        name, shape, nframes = entry
+        if not (isinstance(entry, list) and len(entry) in (3, 4)):
+            raise _fail(f"arrays[{i}] must be [dtype, shape, nframes] or [dtype, shape, 0, offset]")
+        name, shape, nframes = entry[:3]
         dtype = DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
             raise _fail(f"arrays[{i}]: unsupported dtype {_short(name)}")
@@ -304,9 +372,13 @@ def decode(
             )
         ):
             raise _fail(f"arrays[{i}]: invalid shape {_short(shape)}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if len(entry) == 4:
+            region = region if region is not None else _region(header, region_of)
+            arrays.append(_slot_array(region, entry[3], nbytes, dtype, shape, i))
+            continue
         if not (isinstance(nframes, int) and not isinstance(nframes, bool) and nframes >= 1):
             raise _fail(f"arrays[{i}]: invalid frame count {_short(nframes)}")
-        nbytes = math.prod(shape) * dtype.itemsize
         total += nbytes
         if total > MAX_MESSAGE_BYTES:
             raise _fail(f"message larger than the limit of {MAX_MESSAGE_BYTES} bytes")
@@ -329,7 +401,37 @@ def decode(
         arrays.append(arr.reshape(shape))
     if pos != len(frames):
         raise _fail(f"message has {len(frames) - pos} frames more than its header announces")
-    return header, arrays
+    return arrays
+
+
+def _region(header: dict[str, Any], region_of: RegionOf | None) -> np.ndarray:
+    region = region_of(header) if region_of is not None else None
+    if region is None:
+        raise ProtocolError(
+            f"{header['kind']}: arrays in shared slot {header.get('slot')!r}, but no such slot "
+            "is attached",
+            code="no_slot",
+        )
+    return region
+
+
+def _slot_array(
+    region: np.ndarray, offset: Any, nbytes: int, dtype: np.dtype[Any], shape: list[int], i: int
+) -> np.ndarray:
+    if not (
+        isinstance(offset, int)
+        and not isinstance(offset, bool)
+        and offset >= 0
+        and offset % dtype.itemsize == 0
+        and offset + nbytes <= region.nbytes
+    ):
+        raise _fail(
+            f"arrays[{i}]: offset {_short(offset)} + {nbytes} bytes is not inside the "
+            f"{region.nbytes}-byte slot (or not aligned to {dtype.itemsize})"
+        )
+    arr = region[offset : offset + nbytes].view(dtype).reshape(shape)
+    arr.flags.writeable = False
+    return arr
 
 
 class Rejections:

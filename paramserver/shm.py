@@ -9,8 +9,9 @@ process dies later, even by SIGKILL. A process killed in the short window betwee
 unlink leaves a file named ``paramserver-<pid>-...``; the next :func:`create` removes every
 such file whose process is gone.
 
-Layout: page 0 holds the nonce; then the gradient region and the reply region, each
-``nbytes`` rounded up to whole pages. Nothing here imports zmq, and nothing is pickled.
+Layout: page 0 holds the nonce; then ``regions`` regions (two for a dense table: the gradient
+and the reply; one for a worker's message slot), each ``nbytes`` rounded up to whole pages.
+Nothing here imports zmq, and nothing is pickled.
 """
 
 from __future__ import annotations
@@ -36,22 +37,29 @@ def _round(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-def layout(nbytes: int) -> tuple[int, int, int]:
-    """(gradient offset, reply offset, total size) of a segment for ``nbytes`` per region."""
-    grad = PAGE
-    reply = grad + _round(max(nbytes, 1))
-    return grad, reply, reply + _round(max(nbytes, 1))
+def layout(nbytes: int, regions: int = 2) -> tuple[list[int], int]:
+    """(offset of each region, total size) of a segment of ``regions`` x ``nbytes``."""
+    step = _round(max(nbytes, 1))
+    return [PAGE + i * step for i in range(regions)], PAGE + regions * step
 
 
 @dataclass
 class Segment:
-    """A mapped segment: ``grad`` and ``reply`` are uint8 views of its two regions."""
+    """A mapped segment: ``regions`` are uint8 views of its regions; a dense table's segment
+    has two, ``grad`` and ``reply``."""
 
     path: str
     nonce: int
     mm: mmap.mmap
-    grad: np.ndarray
-    reply: np.ndarray
+    regions: list[np.ndarray]
+
+    @property
+    def grad(self) -> np.ndarray:
+        return self.regions[0]
+
+    @property
+    def reply(self) -> np.ndarray:
+        return self.regions[-1]
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -87,20 +95,20 @@ def cleanup_stale() -> int:
     return removed
 
 
-def _views(mm: mmap.mmap, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
-    g, r, _ = layout(nbytes)
+def _views(mm: mmap.mmap, nbytes: int, regions: int) -> list[np.ndarray]:
+    offsets, _ = layout(nbytes, regions)
     buf = np.frombuffer(mm, np.uint8)
-    return buf[g : g + nbytes], buf[r : r + nbytes]
+    return [buf[o : o + nbytes] for o in offsets]
 
 
-def create(nbytes: int) -> Segment | None:
-    """Create and map a segment with two regions of ``nbytes``; None where shared memory is
-    unavailable (no ``/dev/shm``, or it is full)."""
+def create(nbytes: int, regions: int = 2) -> Segment | None:
+    """Create and map a segment with ``regions`` regions of ``nbytes``; None where shared
+    memory is unavailable (no ``/dev/shm``, or it is full)."""
     if not os.path.isdir(SHM_DIR):
         return None
     cleanup_stale()
     path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
-    _, _, total = layout(nbytes)
+    _, total = layout(nbytes, regions)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError:
@@ -116,17 +124,16 @@ def create(nbytes: int) -> Segment | None:
         os.close(fd)
     nonce = secrets.randbits(63)
     np.frombuffer(mm, np.uint64, count=1)[0] = nonce
-    grad, reply = _views(mm, nbytes)
-    return Segment(path, nonce, mm, grad, reply)
+    return Segment(path, nonce, mm, _views(mm, nbytes, regions))
 
 
-def attach(path: str, nonce: int, nbytes: int) -> Segment:
+def attach(path: str, nonce: int, nbytes: int, regions: int = 2) -> Segment:
     """Map a segment another process created; raises OSError (with the reason) if it is not
     there, has the wrong size, or does not hold ``nonce``."""
     name = os.path.basename(path)
     if os.path.dirname(path) != SHM_DIR or not _NAME.match(name):
         raise OSError(f"{path!r} is not a paramserver segment")
-    _, _, total = layout(nbytes)
+    _, total = layout(nbytes, regions)
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
     try:
         size = os.fstat(fd).st_size
@@ -138,5 +145,4 @@ def attach(path: str, nonce: int, nbytes: int) -> Segment:
     if int(np.frombuffer(mm, np.uint64, count=1)[0]) != nonce:
         mm.close()
         raise OSError(f"segment {name} belongs to another worker (nonce differs)")
-    grad, reply = _views(mm, nbytes)
-    return Segment(path, nonce, mm, grad, reply)
+    return Segment(path, nonce, mm, _views(mm, nbytes, regions))

@@ -200,10 +200,14 @@ class Router:
         header: dict[str, Any],
         arrays: Sequence[np.ndarray] = (),
         track: bool = False,
+        region: np.ndarray | None = None,
+        start: int = 0,
     ) -> Any:
         """Send a message (arrays without a copy). With ``track``, return a tracker whose
-        ``done`` says when libzmq no longer reads the arrays (so a buffer may be reused)."""
-        return _send(self.socket, protocol.encode(header, arrays), prefix=(identity,), track=track)
+        ``done`` says when libzmq no longer reads the arrays (so a buffer may be reused). With
+        a shared slot ``region``, large arrays lie there from offset ``start`` on."""
+        frames = protocol.encode(header, arrays, region, start)
+        return _send(self.socket, frames, prefix=(identity,), track=track)
 
     def reply(
         self,
@@ -211,9 +215,12 @@ class Router:
         request_id: int,
         arrays: Sequence[np.ndarray] = (),
         track: bool = False,
+        region: np.ndarray | None = None,
+        start: int = 0,
         **fields: Any,
     ) -> Any:
-        return self.send(identity, {"kind": "reply", "id": request_id, **fields}, arrays, track)
+        header = {"kind": "reply", "id": request_id, **fields}
+        return self.send(identity, header, arrays, track, region, start)
 
     def error(self, identity: bytes, request_id: int, code: str, message: str) -> None:
         self.send(identity, protocol.error_header(request_id, code, message))
@@ -322,6 +329,15 @@ def gather(
     return group
 
 
+@dataclass
+class _Pending:
+    fut: Future[Any]
+    parse: Callable[[Message], Any] | None
+    sink: np.ndarray | None  # where a multi-frame reply array is assembled
+    region: np.ndarray | None = None  # the request's shared slot: where reply arrays may lie
+    release: Callable[[], None] | None = None  # called once the answer was parsed
+
+
 class _Peer:
     def __init__(
         self, ctx: zmq.Context[Any], name: str, address: str, security: Security | None
@@ -336,10 +352,8 @@ class _Peer:
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.connect(address)
-        # request id -> (future, parse, sink: where a multi-frame reply array is assembled)
-        self.pending: dict[
-            int, tuple[Future[Any], Callable[[Message], Any] | None, np.ndarray | None]
-        ] = {}
+        # request id -> what waits for the answer
+        self.pending: dict[int, _Pending] = {}
         self.lost: str | None = None
 
 
@@ -398,8 +412,8 @@ class Endpoint:
 
     def _fail_pending(self, peer: _Peer, error: BaseException) -> None:
         pending, peer.pending = peer.pending, {}
-        for fut, _, _ in pending.values():
-            fut.set_exception(error)
+        for p in pending.values():
+            p.fut.set_exception(error)
 
     def address_of(self, name: str) -> str:
         peer = self.peers.get(name)
@@ -415,6 +429,9 @@ class Endpoint:
         what: str,
         parse: None = None,
         sink: np.ndarray | None = None,
+        region: np.ndarray | None = None,
+        start: int = 0,
+        release: Callable[[], None] | None = None,
     ) -> Future[dict[str, Any]]: ...
 
     @overload
@@ -427,6 +444,9 @@ class Endpoint:
         what: str,
         parse: Callable[[Message], T],
         sink: np.ndarray | None = None,
+        region: np.ndarray | None = None,
+        start: int = 0,
+        release: Callable[[], None] | None = None,
     ) -> Future[T]: ...
 
     def request(
@@ -438,28 +458,41 @@ class Endpoint:
         what: str,
         parse: Callable[[Message], Any] | None = None,
         sink: np.ndarray | None = None,
+        region: np.ndarray | None = None,
+        start: int = 0,
+        release: Callable[[], None] | None = None,
     ) -> Future[Any]:
         """Send a request to peer ``name``; the future gets ``parse((header, arrays))``, or the
         reply header when there is no ``parse``. A reply's first array, when it comes in several
-        frames, is assembled straight into ``sink`` (a uint8 buffer large enough) if given."""
+        frames, is assembled straight into ``sink`` (a uint8 buffer large enough) if given.
+        With a shared slot ``region`` (the header names it), large arrays go there from offset
+        ``start`` on, reply arrays may come back in it, and ``release`` runs once the answer
+        was parsed (the slot is free again)."""
         peer = self.peers.get(name)
         fut: Future[Any] = Future(self, what)
+        unsent: BaseException | None = None
         if peer is None:
-            fut.set_exception(NodeLostError(f"{what}: not connected to {name}"))
-            return fut
-        if peer.lost is not None:
-            fut.set_exception(NodeLostError(f"{what}: {peer.lost}"))
-            return fut
-        request_id = next(self._ids)
-        peer.pending[request_id] = (fut, parse, sink)
-        try:
-            _send(peer.socket, protocol.encode({**header, "id": request_id}, arrays))
-        except zmq.Again:
-            peer.pending.pop(request_id, None)
-            fut.set_exception(NodeLostError(f"{what}: {self._unreachable(peer)}"))
-        except Exception:
-            peer.pending.pop(request_id, None)
-            raise
+            unsent = NodeLostError(f"{what}: not connected to {name}")
+        elif peer.lost is not None:
+            unsent = NodeLostError(f"{what}: {peer.lost}")
+        else:
+            request_id = next(self._ids)
+            peer.pending[request_id] = _Pending(fut, parse, sink, region, release)
+            try:
+                frames = protocol.encode({**header, "id": request_id}, arrays, region, start)
+                _send(peer.socket, frames)
+                return fut
+            except zmq.Again:
+                peer.pending.pop(request_id, None)
+                unsent = NodeLostError(f"{what}: {self._unreachable(peer)}")
+            except BaseException:
+                peer.pending.pop(request_id, None)
+                if release is not None:
+                    release()
+                raise
+        if release is not None:  # nothing went out: the slot is free again
+            release()
+        fut.set_exception(unsent)
         return fut
 
     def _unreachable(self, peer: _Peer) -> str:
@@ -500,14 +533,18 @@ class Endpoint:
             except ProtocolError:
                 rid = None
             waiting = peer.pending.get(rid) if isinstance(rid, int) else None
-            sink = waiting[2] if waiting is not None else None
+            sink = waiting.sink if waiting is not None else None
             if sink is not None:
 
                 def alloc(i: int, nbytes: int, sink: np.ndarray = sink) -> np.ndarray:
                     return sink if i == 0 and sink.nbytes >= nbytes else np.empty(nbytes, np.uint8)
 
+        def region_of(h: dict[str, Any]) -> np.ndarray | None:
+            waiting = peer.pending.get(h["id"]) if h["kind"] == "reply" else None
+            return waiting.region if waiting is not None else None
+
         try:
-            header, arrays = protocol.decode(frames, alloc)
+            header, arrays = protocol.decode(frames, alloc, region_of)
         except ProtocolError as exc:
             log.warning("dropped a malformed message from %s: %s", peer.name, exc)
             return
@@ -518,14 +555,22 @@ class Endpoint:
         entry = peer.pending.pop(header["id"], None)
         if entry is None:
             return  # an answer to a request that already timed out
-        fut, parse, _ = entry
-        if header["kind"] == "error":
-            fut.set_exception(RemoteError(header["message"], node=peer.name, code=header["code"]))
-            return
+        fut, parse = entry.fut, entry.parse
         try:
-            fut.set_result(parse((header, arrays)) if parse else header)
-        except Exception as exc:
-            fut.set_exception(exc)
+            if header["kind"] == "error":
+                fut.set_exception(
+                    RemoteError(header["message"], node=peer.name, code=header["code"])
+                )
+                return
+            try:
+                value = parse((header, arrays)) if parse else header
+            except Exception as exc:
+                fut.set_exception(exc)
+                return
+            fut.set_result(value)
+        finally:
+            if entry.release is not None:
+                entry.release()
 
     def close(self) -> None:
         for name in list(self.peers):

@@ -159,6 +159,9 @@ class Server:
         # reused receive buffers for arrays that arrive in several frames (no page faults per
         # message); an array decoded into one is only valid while its request is handled
         self._scratch: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        # same host: (worker rank, slot) -> a shared-memory slot the worker's requests and
+        # their replies put their arrays in (see protocol)
+        self.slots: dict[tuple[int, int], shm.Segment] = {}
         self.metrics = ServerMetrics()  # latency and staleness, sent with stats
         self._received = 0  # bytes received since the allocator was last trimmed
 
@@ -264,6 +267,8 @@ class Server:
         for t in self.tables.values():
             for seg in t.segments.values():
                 seg.close()
+        for seg in self.slots.values():
+            seg.close()
         self._coord.close()
         self.router.close()
         self.ctx.term()
@@ -307,6 +312,8 @@ class Server:
                 # a restarted worker: it goes on at the clock the coordinator gave it
                 self.clocks.clock[r] = rejoined[r]
                 self.last_seq.pop(r, None)
+        for key in [key for key in self.slots if key[0] not in live]:
+            self.slots.pop(key).close()  # a worker that left or died: its slots go too
         if live != self.clocks.live:
             self.clocks.set_live(live)
             self._progress()
@@ -315,7 +322,7 @@ class Server:
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
         try:
-            header, arrays = protocol.decode(frames, self._alloc)
+            header, arrays = protocol.decode(frames, self._alloc, self._slot_region)
         except ProtocolError as exc:
             if self._rejections.count():
                 log.warning(
@@ -324,7 +331,7 @@ class Server:
                     self._rejections.total,
                     exc,
                 )
-            self.router.error(identity, 0, "protocol", f"{self.name}: {exc}")
+            self.router.error(identity, exc.request_id, exc.code, f"{self.name}: {exc}")
             return
         kind, rid = header["kind"], header["id"]
         handler = getattr(self, f"_on_{kind}", None)
@@ -498,12 +505,13 @@ class Server:
         self.metrics.observe_staleness(t.spec.name, staleness)
         if isinstance(t.shard, SparseShard) and "sig" in h:
             ids, _ = self._cached_rows(t, h, [], "pull")
-            rows = t.shard.pull_rows(ids)
+            rows = t.shard.pull_rows(ids, out=self._reply_rows(h, len(ids), t))
         elif isinstance(t.shard, SparseShard):
             assert keys is not None
             if h["create"]:
                 self._check_room(t, keys)
-            rows = t.shard.pull(keys, create=h["create"])
+            into = self._reply_rows(h, len(keys), t)
+            rows = t.shard.pull(keys, create=h["create"], out=into)
         elif h.get("shm"):
             rank = h["rank"]
             reply = self._reply_region(t, rank)
@@ -532,7 +540,9 @@ class Server:
             from paramserver.server.codec_kernels import encode_rows_fast
 
             out = encode_rows_fast(rows, codec)
-        self.router.reply(identity, h["id"], out, staleness=staleness)
+        region = self._slot_region(h)
+        at = int(h.get("reply_at", 0)) if region is not None else 0
+        self.router.reply(identity, h["id"], out, region=region, start=at, staleness=staleness)
 
     def _cached_rows(
         self, t: Table, h: dict[str, Any], arrays: list[np.ndarray], what: str
@@ -647,6 +657,38 @@ class Server:
         t.reply_version.pop(rank, None)
         self.router.reply(identity, h["id"])
 
+    def _on_attach_slot(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        if arrays:
+            raise Refused("invalid", "attach_slot takes no arrays")
+        self._check_live(h["rank"])
+        try:
+            seg = shm.attach(h["path"], h["nonce"], h["size"], regions=1)
+        except OSError as exc:
+            raise Refused("no_shm", f"{self.name} cannot map {h['path']!r}: {exc}") from None
+        old = self.slots.pop((h["rank"], h["slot"]), None)
+        if old is not None:
+            old.close()
+        self.slots[h["rank"], h["slot"]] = seg
+        self.router.reply(identity, h["id"])
+
+    def _slot_region(self, h: dict[str, Any]) -> np.ndarray | None:
+        """The shared slot a request names (None: it names none, or one not attached)."""
+        slot = h.get("slot")
+        seg = None if slot is None else self.slots.get((int(h.get("rank", -1)), slot))
+        return None if seg is None else seg.regions[0]
+
+    def _reply_rows(self, h: dict[str, Any], n: int, t: Table) -> np.ndarray | None:
+        """Where a pull's rows can be written straight into the request's slot (no copy)."""
+        region = self._slot_region(h)
+        if region is None or t.spec.codec != "none":
+            return None
+        at = -(-int(h.get("reply_at", 0)) // protocol.SLOT_ALIGN) * protocol.SLOT_ALIGN
+        dt = t.spec.np_dtype
+        nbytes = n * t.spec.dim * dt.itemsize
+        if at + nbytes > region.nbytes:
+            return None
+        return region[at : at + nbytes].view(dt).reshape(n, t.spec.dim)
+
     def _on_push(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         t = self._table(h["table"])
         rank, seq = h["rank"], h["seq"]
@@ -695,7 +737,11 @@ class Server:
                 "invalid",
                 f"{where}: gradient must be {want} {dtype}, got {tuple(grads.shape)} {grads.dtype}",
             )
-        keep = self._finite_rows(t, where, grads)
+        # A gradient in shared memory that the worker checked is not scanned again: the worker
+        # could change it after any scan of ours, so a second pass (2 ms of 64 MiB) would buy
+        # no safety; every gradient that crosses the socket is checked here.
+        checked = bool(h.get("shm") and h.get("checked"))
+        keep = None if checked else self._finite_rows(t, where, grads)
         if keep is not None:
             if keys is None:  # dense: the whole gradient is skipped
                 self.router.reply(identity, h["id"])

@@ -32,6 +32,7 @@ import numpy.typing as npt
 from paramserver.errors import ConfigError
 from paramserver.init import Constant, Initializer, Normal, Uniform, Zeros
 from paramserver.optim import FTRL, SGD, Adagrad, Adam, Momentum, Optimizer
+from paramserver.parallel import halves
 from paramserver.server import kernels as k
 
 __all__ = ["DenseShard", "SparseShard", "all_finite"]
@@ -51,9 +52,12 @@ def all_finite(a: npt.NDArray[Any]) -> bool:
         return True
     if a.dtype in _DTYPES and (a.flags.c_contiguous or a.flags.f_contiguous):
         flat = a.ravel(order="A")
+        mask: np.unsignedinteger[Any]
         if a.dtype == np.float32:
-            return int(k.count_nonfinite(flat.view(np.uint32), np.uint32(0x7F80_0000))) == 0
-        return int(k.count_nonfinite(flat.view(np.uint64), np.uint64(0x7FF0_0000_0000_0000))) == 0
+            bits, mask = flat.view(np.uint32), np.uint32(0x7F80_0000)
+        else:
+            bits, mask = flat.view(np.uint64), np.uint64(0x7FF0_0000_0000_0000)
+        return sum(int(c) for c in halves(k.count_nonfinite, [bits], mask)) == 0
     return bool(np.isfinite(a).all())
 
 
@@ -577,7 +581,7 @@ class DenseShard:
         if out is not None:
             out = _check_out(out, (self.size,), self.dtype)
             if isinstance(self._rule.opt, SGD):
-                k.sgd_copy(self._data[0, : self.size], grad, out, *self._rule.args)
+                halves(k.sgd_copy, [self._data[0, : self.size], grad, out], *self._rule.args)
                 return
         self._rule.apply(self._data, self._row0, grad.reshape(1, self.size))
         if out is not None:

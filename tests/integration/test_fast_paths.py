@@ -4,13 +4,16 @@ results as plain NumPy, fall back safely, and leave nothing behind."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
 import paramserver as ps
 from paramserver import shm
 from paramserver.errors import RemoteError
+from paramserver.transport import Future, _Pending
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,6 +70,16 @@ def test_shared_memory_bad_input_changes_nothing(cluster: ps.LocalCluster) -> No
     with pytest.raises(ps.errors.ConfigError, match="NaN or Inf"):
         w.push(buf)
     np.testing.assert_array_equal(w.pull(), np.full(N, 2.0, np.float32))
+    # a shared-memory push the worker did not say it checked is scanned by the server
+    last = w.spec.ranges[-1][0]  # the server whose range holds the NaN
+    fut = client._ep.request(
+        f"server[{last}]",
+        {"kind": "push", "table": "w", "rank": client.rank, "clock": 0, "seq": 1, "shm": True},
+        what="unchecked push",
+    )
+    with pytest.raises(RemoteError, match="NaN or Inf") as info:
+        fut.result(10)
+    assert info.value.code == "non_finite"
     # a segment the server cannot map (not ours, wrong nonce, missing) is refused, nothing breaks
     for path in ("/etc/passwd", f"{shm.SHM_DIR}/{shm.PREFIX}1-0123456789abcdef"):
         fut = client._ep.request(
@@ -203,3 +216,122 @@ def test_push_after_a_prefetched_pull_reuses_the_dedup(
             ref[k] = ref.get(k, np.zeros(2, np.float32)) - g
         if i + 1 < len(lists):  # the prefetched rows missed this push: pull them fresh
             fut = emb.pull_async(lists[i + 1])
+
+
+def _slot_requests(client: ps.Client) -> int:
+    return sum(pool.used for _, pool in client._slot_pools.values())
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+@pytest.mark.parametrize("consistency", ["async", "sync"])
+@pytest.mark.parametrize("codec", ["none", "bfloat16"])
+def test_sparse_slots_match_numpy(
+    cluster: ps.LocalCluster, transport: str, consistency: str, codec: str
+) -> None:
+    """Pulls and pushes large enough for shared-memory slots (first sends with keys, then
+    signatures; repeated keys; two servers) give NumPy's answer, in sync mode too where pulls
+    wait for the clock and are answered into their slot later."""
+    client = cluster.connect(transport=transport)
+    dim = 8
+    emb = client.sparse_table(
+        "emb",
+        dim=dim,
+        init=ps.init.Constant(0.5),
+        optimizer=ps.optim.SGD(lr=0.125),
+        consistency=consistency,
+        codec=codec,
+    )
+    rng = np.random.default_rng(11)
+    pool = rng.choice(2**62, size=30_000, replace=False).astype(np.uint64)
+    lists = [pool[rng.integers(0, len(pool), size=24_000)] for _ in range(3)]
+    ref = np.full((len(pool), dim), 0.5, np.float32)
+    where = {int(k): i for i, k in enumerate(pool.tolist())}
+    for step in range(8):
+        keys = lists[step % 3]
+        at = np.fromiter((where[int(k)] for k in keys.tolist()), np.int64, len(keys))
+        rows = emb.pull(keys)
+        want = ref[at]
+        if codec == "bfloat16":  # rounded to 8 bits of mantissa on the way back
+            np.testing.assert_allclose(rows, want, rtol=2**-8)
+        else:
+            np.testing.assert_array_equal(rows, want)
+        grads = rng.standard_normal((len(keys), dim)).astype(np.float32)
+        emb.push(keys, grads).result()
+        summed = np.zeros_like(ref)
+        np.add.at(summed, at, grads)
+        touched = np.unique(at)
+        ref[touched] -= np.float32(0.125) * summed[touched]
+        client.clock()
+    final = emb.pull(pool)
+    np.testing.assert_allclose(final, ref, rtol=2**-8 if codec == "bfloat16" else 1e-6)
+    if transport == "tcp" or not os.path.isdir(shm.SHM_DIR):
+        assert _slot_requests(client) == 0
+    else:
+        assert _slot_requests(client) >= 8  # most of them went through the slots
+    assert _our_segments() == []  # every slot was unlinked once its server mapped it
+
+
+def test_slot_bad_input_changes_nothing(cluster: ps.LocalCluster) -> None:
+    from paramserver import protocol
+
+    client = cluster.connect()
+    emb = client.sparse_table("emb", dim=4, init=ps.init.Constant(1.0))
+    keys = np.arange(20_000, dtype=np.uint64)
+    grads = np.ones((len(keys), 4), np.float32)
+    push = {"kind": "push", "table": "emb", "rank": client.rank, "clock": 0, "seq": 1}
+    # a slot that was never attached: refused with the request's id, nothing applied
+    fake = np.zeros(1 << 20, np.uint8)
+    fut = client._ep.request(
+        "server[0]", {**push, "slot": 3, "reply_at": 0}, [keys, grads], what="push", region=fake
+    )
+    with pytest.raises(RemoteError, match="no such slot") as info:
+        fut.result(10)
+    assert info.value.code == "no_slot"
+    # a segment the server cannot map is refused
+    for path in ("/etc/passwd", f"{shm.SHM_DIR}/{shm.PREFIX}1-0123456789abcdef"):
+        fut = client._ep.request(
+            "server[0]",
+            {
+                "kind": "attach_slot",
+                "rank": client.rank,
+                "slot": 0,
+                "path": path,
+                "nonce": 1,
+                "size": 1 << 20,
+            },
+            what="attach_slot",
+        )
+        with pytest.raises(RemoteError, match="cannot map"):
+            fut.result(10)
+    # an attached slot, but an array said to lie outside it
+    seg = shm.create(1 << 20, regions=1)
+    assert seg is not None
+    try:
+        client._ep.request(
+            "server[0]",
+            {
+                "kind": "attach_slot",
+                "rank": client.rank,
+                "slot": 5,
+                "path": seg.path,
+                "nonce": seg.nonce,
+                "size": 1 << 20,
+            },
+            what="attach_slot",
+        ).result(10)
+        rid = 1 << 40  # not an id the endpoint hands out
+        frames = protocol.encode({**push, "slot": 5, "id": rid}, [keys])
+        header = protocol.decode_header(frames[0])
+        header["arrays"] = [["uint64", [len(keys)], 0, (1 << 20) - 8]]
+        frames = [msgpack.packb(header), *frames[2:]]
+        peer = client._ep.peers["server[0]"]
+        fut: Future[Any] = Future(client._ep, "bad offset")
+        peer.pending[rid] = _Pending(fut, None, None)
+        peer.socket.send_multipart(frames)
+        with pytest.raises(RemoteError, match="not inside") as info:
+            fut.result(10)
+        assert info.value.code == "protocol"
+    finally:
+        seg.close()
+    assert sum(s["tables"]["emb"]["rows"] for s in client.stats()) == 0
+    np.testing.assert_array_equal(emb.pull(keys[:5]), np.ones((5, 4), np.float32))
