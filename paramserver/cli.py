@@ -138,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_token(c)
     _add_checkpoint_args(c)
     c.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     _add_metrics_args(c)
     _add_timeouts(c)
@@ -387,6 +388,7 @@ def _command(args: argparse.Namespace) -> int:
             args.workers,
             _timeouts(args),
             ready_fd=args.ready_fd,
+            listen_fd=args.listen_fd,
             parent_pid=args.parent_pid,
             restore=args.restore,
             checkpoint_dir=args.checkpoint_dir,

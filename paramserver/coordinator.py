@@ -135,6 +135,7 @@ class Coordinator:
         security: Security | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        listen_fd: int | None = None,
     ) -> None:
         if num_servers < 1:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
@@ -143,7 +144,7 @@ class Coordinator:
         self.timeouts = timeouts or Timeouts()
         self.ctx = new_context()
         try:
-            self.router = Router(self.ctx, host, port, security)
+            self.router = Router(self.ctx, host, port, security, listen_fd)
         except BaseException:  # e.g. the address is in use: leave no context behind
             self.ctx.term()
             raise

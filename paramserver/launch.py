@@ -17,12 +17,15 @@ import logging
 import os
 import select
 import signal
+import socket as pysocket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
+
+import zmq
 
 from paramserver.config import Timeouts, from_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
@@ -100,11 +103,14 @@ def serve_coordinator(
     checkpoint_every_clocks: int | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    listen_fd: int | None = None,
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoint_dir``, it writes a
     checkpoint there every ``checkpoint_every`` seconds and keeps the last ``checkpoint_keep``;
-    with ``metrics_port``, it serves Prometheus metrics at ``http://metrics_host:port/metrics``.
+    with ``metrics_port``, it serves Prometheus metrics at ``http://metrics_host:port/metrics``;
+    with ``listen_fd``, it takes over that socket, already listening at ``bind`` (inherited from
+    a launcher that started the servers at the same time).
 
     SIGTERM or SIGINT stops it cleanly: the function returns.
 
@@ -133,6 +139,8 @@ def serve_coordinator(
         )
     if metrics_port is not None:
         extra["metrics_port"], extra["metrics_host"] = metrics_port, metrics_host
+    if listen_fd is not None:
+        extra["listen_fd"] = listen_fd
     host, _, port = bind.rpartition(":")
     coord: Coordinator | None = None
 
@@ -330,6 +338,27 @@ class _Children:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
+def _listen(host: str, port: int) -> pysocket.socket | None:
+    """A TCP socket bound at ``host:port`` (0: any free port) and listening, to hand to the
+    coordinator; None where libzmq cannot take one over (then the coordinator binds itself)."""
+    if not hasattr(zmq, "USE_FD") or host in ("0.0.0.0", "*"):
+        return None
+    try:
+        family = pysocket.AF_INET6 if ":" in host else pysocket.AF_INET
+        sock = pysocket.socket(family, pysocket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(256)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind the coordinator at {host}:{port}: {exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _read_line(fd: int, timeout: float, what: str) -> str:
     deadline = time.monotonic() + timeout
     data = b""
@@ -448,24 +477,31 @@ class LocalCluster:
             return self
         self._started = True
         try:
+            # The coordinator's socket is bound and listening here, before any process starts,
+            # and handed to it: the servers start at the same time as the coordinator (their
+            # connections wait in the socket's backlog), instead of after it reported its port.
+            listener = _listen(self.host, self.port)
             read_fd, write_fd = os.pipe()
             try:
+                bind = f"{self.host}:{self.port if listener is None else listener.getsockname()[1]}"
+                fds = [write_fd] if listener is None else [write_fd, listener.fileno()]
                 coord = self._children.start(
                     "coordinator",
                     self._role_cmd(
                         "coordinator",
                         "--bind",
-                        f"{self.host}:{self.port}",
+                        bind,
                         "-s",
                         str(self.num_servers),
                         "-w",
                         str(self.num_workers),
                         "--ready-fd",
                         str(write_fd),
+                        *([] if listener is None else ["--listen-fd", str(listener.fileno())]),
                         *(["--restore", self.restore] if self.restore is not None else []),
                         *self._checkpoint_flags,
                     ),
-                    pass_fds=[write_fd],
+                    pass_fds=fds,
                     prefix_output=self.output,
                     env=self._env,
                 )
@@ -473,15 +509,24 @@ class LocalCluster:
                 # would never show as end-of-file here.
                 os.close(write_fd)
                 write_fd = -1
-                self.address = _read_line(
+                if listener is not None:
+                    listener.close()  # the coordinator holds its own copy
+                    self.address = f"tcp://{bind}"
+                    for r in range(self.num_servers):
+                        self._start_server(r)
+                address = _read_line(
                     read_fd, self.start_timeout, f"starting the coordinator (pid {coord.pid})"
                 )
+                if listener is None:
+                    self.address = address
+                    for r in range(self.num_servers):
+                        self._start_server(r)
             finally:
                 os.close(read_fd)
                 if write_fd >= 0:
                     os.close(write_fd)
-            for r in range(self.num_servers):
-                self._start_server(r)
+                if listener is not None:
+                    listener.close()
             self._wait_servers()
             if self.restart_servers:
                 self._monitor = threading.Thread(

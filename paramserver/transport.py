@@ -148,6 +148,9 @@ class Router:
     With ``security`` it serves CURVE and runs the context's ZAP handler, which admits only
     peers holding the cluster's client key; :meth:`close` stops both.
 
+    With ``listen_fd``, it takes over a TCP socket another process already bound and put in
+    listening state at ``host:port``: peers may connect before this process even started.
+
     Example:
         router = Router(ctx, "127.0.0.1")      # binds a random port
         ident, frames = router.recv_raw()
@@ -159,11 +162,14 @@ class Router:
         host: str = "127.0.0.1",
         port: int = 0,
         security: Security | None = None,
+        listen_fd: int | None = None,
     ) -> None:
         self.auth = start_authenticator(ctx, security) if security is not None else None
         self.socket: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
         if security is not None:
             security.serve(self.socket)
+        if listen_fd is not None:  # a socket already listening at host:port (ZMQ_USE_FD)
+            self.socket.setsockopt(zmq.USE_FD, listen_fd)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)

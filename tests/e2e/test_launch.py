@@ -554,3 +554,15 @@ def test_run_restore_resumes_at_the_saved_clock(tmp_path: Path) -> None:
         watch.assert_gone()
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.count("OK") == 2 and "[worker 1] OK 1 3" in second.stdout, second.stdout
+
+
+def test_local_cluster_on_a_port_in_use_says_so() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot bind the coordinator at 127.0.0.1:{port}"):
+            ps.LocalCluster(servers=1, workers=1, port=port).start()
+    finally:
+        taken.close()
