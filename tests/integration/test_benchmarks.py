@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +21,8 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.timeout(120)
-def test_every_benchmark_runs_quick() -> None:
+@pytest.mark.timeout(150)
+def test_every_benchmark_runs_quick(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = {
         name: subprocess.Popen(
@@ -33,6 +34,7 @@ def test_every_benchmark_runs_quick() -> None:
         )
         for name, args in SCRIPTS.items()
     }
+    results = tmp_path / "results.jsonl"
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=110)
         assert proc.returncode == 0, f"{name} failed:\n{err[-3000:]}"
@@ -45,3 +47,15 @@ def test_every_benchmark_runs_quick() -> None:
             assert isinstance(rec["value"], int | float) and rec["value"] >= 0
             if "baseline" in rec:
                 assert "ratio" in rec
+        with results.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+    # and the charts of docs/performance.md are drawn from such a run
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), str(results), "--out",
+         str(tmp_path / "img")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in SCRIPTS:
+        png = tmp_path / "img" / name.replace(".py", ".png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"no chart {png.name}"
