@@ -11,20 +11,23 @@ Storage the kernels assume:
 - ``data``: the arena, ``(capacity, stride)`` in the table dtype; a row is
   ``[w (dim) | slot 0 (dim) | slot 1 (dim) | scalars]``, so one update touches
   one contiguous stretch of memory.
-- ``row_keys``: ``(capacity,)`` uint64, the key of each row, rows in insertion order.
-- ``index``: ``(size, 2)`` uint64, open addressing with linear probing, ``size`` a
-  power of two; column 0 is the key, column 1 the row id or :data:`EMPTY`. The
-  key and its row share a cache line, so a lookup costs one miss. Every uint64
-  key is allowed (0 and 2**64-1 included): emptiness lives in the row column.
-- ``mark``: ``(capacity,)`` int64 scratch per row for duplicate detection.
+- ``index``: a pair of arrays of ``size`` slots, ``size`` a power of two, open
+  addressing with linear probing: ``index_keys`` (uint64) the key of a slot and
+  ``index_rows`` the row id + 1, 0 for an empty slot (so a fresh index is
+  ``np.zeros``: pages the kernel maps lazily). Row ids are uint32 while the index
+  has at most 2**32 slots (rows <= 2**31), uint64 beyond: 12 bytes a slot instead
+  of 16. Every uint64 key is allowed (0 and 2**64-1 included): emptiness lives in
+  the row array. The keys of the rows are kept only here; :func:`keys_by_row`
+  gives them back in row order.
+- ``mark``: ``(capacity,)`` uint8 scratch per row for duplicate detection (a stamp
+  that wraps; the caller clears the marks when it does).
 
 Example:
     >>> import numpy as np
     >>> from paramserver.server import kernels as k
-    >>> index = k.new_index(8)
-    >>> row_keys = np.empty(4, np.uint64)
+    >>> index_keys, index_rows = k.new_index(8)
     >>> rows = np.empty(3, np.int64)
-    >>> k.lookup_or_insert(index, row_keys, 0, 4, np.array([5, 9, 5], np.uint64), rows, 0)
+    >>> k.lookup_or_insert(index_keys, index_rows, 0, 4, np.array([5, 9, 5], np.uint64), rows, 0)
     (3, 2)
     >>> rows.tolist()
     [0, 1, 0]
@@ -44,7 +47,7 @@ from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic as _intrinsic
 
 __all__ = [
-    "EMPTY",
+    "INDEX_U32_SLOTS",
     "INIT_CONSTANT",
     "INIT_NORMAL",
     "INIT_UNIFORM",
@@ -61,6 +64,7 @@ __all__ = [
     "has_duplicates",
     "init_dense",
     "init_rows",
+    "keys_by_row",
     "lookup",
     "lookup_or_insert",
     "mix64",
@@ -128,8 +132,6 @@ _AHEAD = 16
 """How many keys ahead the kernels prefetch."""
 
 
-EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-"""Row column value of an empty index slot."""
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _M1 = np.uint64(0xBF58_476D_1CE4_E5B9)
 _M2 = np.uint64(0x94D0_49BB_1331_11EB)
@@ -153,15 +155,23 @@ STATE_FTRL = 2
 """FTRL: z chosen so that the weight formula gives back the initial weight; n = 0."""
 
 
-def new_index(size: int) -> Array:
-    """Return an empty hash index with ``size`` slots (a power of two).
+INDEX_U32_SLOTS = 1 << 32
+"""Largest index (in slots) whose row ids are uint32: it holds at most half as many rows,
+so row id + 1 <= 2**31 fits. Larger indexes use uint64 row ids."""
+
+
+def new_index(size: int) -> tuple[Array, Array]:
+    """Return an empty hash index with ``size`` slots (a power of two): ``(keys, rows)``.
 
     Example:
-        >>> new_index(4).shape
-        (4, 2)
+        >>> keys, rows = new_index(4)
+        >>> keys.shape, rows.dtype.name
+        ((4,), 'uint32')
     """
     assert size > 0 and size & (size - 1) == 0, size
-    return np.full((size, 2), EMPTY, dtype=np.uint64)
+    row_dtype = np.uint32 if size <= INDEX_U32_SLOTS else np.uint64
+    # Keys are read only where the row says the slot is used: no need to clear them.
+    return np.empty(size, np.uint64), np.zeros(size, row_dtype)
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -239,9 +249,9 @@ def _init_state(
 @_kernel
 def init_rows(
     data: Array,
-    row_keys: Array,
-    start: int,
-    stop: int,
+    keys: Array,
+    rows: Array,
+    first: int,
     dim: int,
     seed: np.uint64,
     kind: int,
@@ -253,11 +263,15 @@ def init_rows(
     c: Scalar,
     d: Scalar,
 ) -> None:
-    """Initialize rows ``start..stop`` of the arena (weights from their keys, then state)."""
-    for r in range(start, stop):
-        row = data[r]
-        _init_row(row, dim, kind, p0, p1, _row_base(seed, row_keys[r]))
-        _init_state(row, dim, state, a, b, c, d)
+    """Initialize the rows created for ``keys`` (those with ``rows[i] >= first``, the row count
+    before :func:`lookup_or_insert` ran): weights from their keys, then state. A key repeated
+    in ``keys`` initializes its row again, to the same values."""
+    for i in range(keys.shape[0]):
+        r = rows[i]
+        if r >= first:
+            row = data[r]
+            _init_row(row, dim, kind, p0, p1, _row_base(seed, keys[i]))
+            _init_state(row, dim, state, a, b, c, d)
 
 
 @_kernel
@@ -294,24 +308,26 @@ def _prefetch_span(data: Array, r: int, width: int) -> None:
 
 
 @_kernel
-def lookup(index: Array, keys: Array, rows: Array) -> int:
+def lookup(index_keys: Array, index_rows: Array, keys: Array, rows: Array) -> int:
     """Write the row of each key into ``rows`` (-1 where absent); return how many were absent."""
-    mask = np.uint64(index.shape[0] - 1)
+    mask = np.uint64(index_keys.shape[0] - 1)
     missing = 0
     n = keys.shape[0]
     for i in range(n):
         if i + _AHEAD < n:
-            _prefetch2(index, mix64(keys[i + _AHEAD]) & mask, 0)
+            ahead = mix64(keys[i + _AHEAD]) & mask
+            _prefetch(index_rows, ahead)
+            _prefetch(index_keys, ahead)
         k = keys[i]
         h = mix64(k) & mask
         while True:
-            r = index[h, 1]
-            if r == EMPTY:
+            r = index_rows[h]
+            if r == 0:
                 rows[i] = -1
                 missing += 1
                 break
-            if index[h, 0] == k:
-                rows[i] = np.int64(r)
+            if index_keys[h] == k:
+                rows[i] = np.int64(r) - 1
                 break
             h = (h + np.uint64(1)) & mask
     return missing
@@ -319,52 +335,71 @@ def lookup(index: Array, keys: Array, rows: Array) -> int:
 
 @_kernel
 def lookup_or_insert(
-    index: Array, row_keys: Array, n_rows: int, max_rows: int, keys: Array, rows: Array, start: int
+    index_keys: Array,
+    index_rows: Array,
+    n_rows: int,
+    max_rows: int,
+    keys: Array,
+    rows: Array,
+    start: int,
 ) -> tuple[int, int]:
     """Find or append the row of each of ``keys[start:]``, writing row ids into ``rows``.
 
-    New rows get ids ``n_rows, n_rows+1, ...`` (their keys go into ``row_keys``),
-    so the rows created are exactly the range from the old to the new row count.
-    Stops early, before the insert that would make the row count exceed
-    ``max_rows``; the caller grows the arrays and calls again from the returned
-    position. Returns ``(position reached, new row count)``.
+    New rows get ids ``n_rows, n_rows+1, ...``, so the rows created are exactly
+    the range from the old to the new row count (:func:`init_rows` finds them in
+    ``rows``). Stops early, before the insert that would make the row count
+    exceed ``max_rows``; the caller grows the arrays and calls again from the
+    returned position. Returns ``(position reached, new row count)``.
     """
-    mask = np.uint64(index.shape[0] - 1)
+    mask = np.uint64(index_keys.shape[0] - 1)
     n = keys.shape[0]
     for i in range(start, n):
         if i + _AHEAD < n:
-            _prefetch2(index, mix64(keys[i + _AHEAD]) & mask, 0)
+            ahead = mix64(keys[i + _AHEAD]) & mask
+            _prefetch(index_rows, ahead)
+            _prefetch(index_keys, ahead)
         k = keys[i]
         h = mix64(k) & mask
         while True:
-            r = index[h, 1]
-            if r == EMPTY:
+            r = index_rows[h]
+            if r == 0:
                 if n_rows >= max_rows:
                     return i, n_rows
-                index[h, 0] = k
-                index[h, 1] = np.uint64(n_rows)
-                row_keys[n_rows] = k
+                index_keys[h] = k
+                index_rows[h] = n_rows + 1
                 rows[i] = n_rows
                 n_rows += 1
                 break
-            if index[h, 0] == k:
-                rows[i] = np.int64(r)
+            if index_keys[h] == k:
+                rows[i] = np.int64(r) - 1
                 break
             h = (h + np.uint64(1)) & mask
     return n, n_rows
 
 
 @_kernel
-def rehash(index: Array, row_keys: Array, n_rows: int) -> None:
-    """Fill the empty ``index`` with rows ``0..n_rows`` (used when the index grows)."""
-    mask = np.uint64(index.shape[0] - 1)
-    for r in range(n_rows):
-        k = row_keys[r]
+def rehash(index_keys: Array, index_rows: Array, old_keys: Array, old_rows: Array) -> None:
+    """Move every entry of the old index into the empty new one (used when the index grows)."""
+    mask = np.uint64(index_keys.shape[0] - 1)
+    for s in range(old_rows.shape[0]):
+        r = old_rows[s]
+        if r == 0:
+            continue
+        k = old_keys[s]
         h = mix64(k) & mask
-        while index[h, 1] != EMPTY:
+        while index_rows[h] != 0:
             h = (h + np.uint64(1)) & mask
-        index[h, 0] = k
-        index[h, 1] = np.uint64(r)
+        index_keys[h] = k
+        index_rows[h] = r
+
+
+@_kernel
+def keys_by_row(index_keys: Array, index_rows: Array, out: Array) -> None:
+    """``out[r]`` = the key of row ``r`` for every row in the index (``out`` holds them all)."""
+    for s in range(index_rows.shape[0]):
+        r = index_rows[s]
+        if r != 0:
+            out[np.int64(r) - 1] = index_keys[s]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -422,7 +457,9 @@ def scatter_rows(data: Array, rows: Array, src: Array) -> None:
 def has_duplicates(rows: Array, mark: Array, stamp: int) -> bool:
     """Whether a row repeats in ``rows``: one random access per row into ``mark``.
 
-    ``stamp`` must be positive and new for every call (a per-push counter).
+    ``stamp`` must be in 1..255 and differ from every value in ``mark`` (the caller
+    counts it per push and clears ``mark`` when it wraps). With uint8 marks the
+    array is 1 byte a row and mostly stays in cache.
     """
     n = rows.shape[0]
     for i in range(n):
@@ -436,32 +473,40 @@ def has_duplicates(rows: Array, mark: Array, stamp: int) -> bool:
 
 
 @_kernel
-def sum_duplicates(rows: Array, grads: Array, mark: Array) -> tuple[Array, Array]:
+def sum_duplicates(rows: Array, grads: Array) -> tuple[Array, Array]:
     """Return the distinct rows in order of first occurrence and their summed gradients.
 
-    Sums run in order of occurrence (``(g1 + g2) + g3``). Leaves ``mark`` at values
-    <= 0, which never equal a (positive) stamp of :func:`has_duplicates`.
+    Sums run in order of occurrence (``(g1 + g2) + g3``). Positions are found
+    through a hash table local to the call (load <= 0.5), so no per-row state
+    of the table is needed.
     """
     n = rows.shape[0]
     dim = grads.shape[1]
-    for i in range(n):
-        mark[rows[i]] = 0
+    size = 2
+    while size < 2 * n:
+        size *= 2
+    mask = np.uint64(size - 1)
+    slots = np.full(size, -1, np.int64)
     urows = np.empty(n, np.int64)
     ugrads = np.empty((n, dim), grads.dtype)
     u = 0
     for i in range(n):
         r = rows[i]
-        m = mark[r]
-        if m == 0:
-            mark[r] = -(u + 1)
-            urows[u] = r
-            for j in range(dim):
-                ugrads[u, j] = grads[i, j]
-            u += 1
-        else:
-            p = -m - 1
-            for j in range(dim):
-                ugrads[p, j] += grads[i, j]
+        h = mix64(np.uint64(r)) & mask
+        while True:
+            p = slots[h]
+            if p < 0:
+                slots[h] = u
+                urows[u] = r
+                for j in range(dim):
+                    ugrads[u, j] = grads[i, j]
+                u += 1
+                break
+            if urows[p] == r:
+                for j in range(dim):
+                    ugrads[p, j] += grads[i, j]
+                break
+            h = (h + np.uint64(1)) & mask
     return urows[:u], ugrads[:u]
 
 

@@ -196,8 +196,10 @@ class SparseShard:
     """Rows of width ``dim`` keyed by uint64, created on first touch, updated by an optimizer.
 
     Storage: one growable arena of rows ``[w | optimizer slots | per-row scalars]``
-    (doubling when full) and an open-addressing hash index (load factor <= 0.5,
-    doubling by rehash). Initial rows depend only on (seed, key).
+    (doubling when full), an open-addressing hash index (load factor <= 0.5,
+    doubling by rehash; 12 bytes a slot: the key and the uint32 row id) that is
+    also the only record of the rows' keys, and a byte per row for duplicate
+    detection. Initial rows depend only on (seed, key).
 
     Example:
         >>> from paramserver.init import Zeros
@@ -230,9 +232,8 @@ class SparseShard:
         capacity = _check_int("capacity", capacity, 1)
         self.stride = self.dim * (1 + optimizer.n_slots) + optimizer.n_scalars
         self._data = np.empty((capacity, self.stride), self.dtype)
-        self._row_keys = np.empty(capacity, np.uint64)
-        self._mark = np.zeros(capacity, np.int64)
-        self._index = k.new_index(_pow2_at_least(2 * capacity))
+        self._mark = np.zeros(capacity, np.uint8)
+        self._index_keys, self._index_rows = k.new_index(_pow2_at_least(2 * capacity))
         self._n = 0
         self._stamp = 0
 
@@ -255,9 +256,12 @@ class SparseShard:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated: arena, row keys, duplicate marks and hash index."""
+        """Bytes allocated: arena, duplicate marks and hash index."""
         return int(
-            self._data.nbytes + self._row_keys.nbytes + self._mark.nbytes + self._index.nbytes
+            self._data.nbytes
+            + self._mark.nbytes
+            + self._index_keys.nbytes
+            + self._index_rows.nbytes
         )
 
     # ------------------------------------------------------------------ public operations
@@ -288,7 +292,7 @@ class SparseShard:
             k.gather(self._data, rows, res)
         else:
             rows = np.empty(keys.shape[0], np.int64)
-            k.lookup(self._index, keys, rows)
+            k.lookup(self._index_keys, self._index_rows, keys, rows)
             kind, p0, p1 = self._init_args
             k.gather_or_init(self._data, rows, keys, res, self._seed, kind, p0, p1)
         return res
@@ -312,9 +316,8 @@ class SparseShard:
         if keys.shape[0] == 0:
             return
         rows = self._find_or_create(keys)
-        self._stamp += 1
-        if k.has_duplicates(rows, self._mark, self._stamp):
-            rows, grads = k.sum_duplicates(rows, grads, self._mark)
+        if k.has_duplicates(rows, self._mark, self._next_stamp()):
+            rows, grads = k.sum_duplicates(rows, grads)
         self._rule.apply(self._data, rows, grads)
 
     def resolve(self, keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], bool]:
@@ -331,8 +334,7 @@ class SparseShard:
         """
         keys = _check_keys(keys)
         rows = self._find_or_create(keys)
-        self._stamp += 1
-        return rows, bool(k.has_duplicates(rows, self._mark, self._stamp))
+        return rows, bool(k.has_duplicates(rows, self._mark, self._next_stamp()))
 
     def pull_rows(
         self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any] | None = None
@@ -367,7 +369,7 @@ class SparseShard:
         """
         grads = _check_values("grads", grads, (rows.shape[0], self.dim), self.dtype)
         if duplicates:
-            rows, grads = k.sum_duplicates(rows, grads, self._mark)
+            rows, grads = k.sum_duplicates(rows, grads)
         self._rule.apply(self._data, rows, grads)
 
     def set_optimizer(self, optimizer: Optimizer) -> None:
@@ -396,7 +398,7 @@ class SparseShard:
         """
         keys = _check_keys(keys)
         rows = np.empty(keys.shape[0], np.int64)
-        k.lookup(self._index, keys, rows)
+        k.lookup(self._index_keys, self._index_rows, keys, rows)
         return rows >= 0
 
     def export(self) -> dict[str, npt.NDArray[Any]]:
@@ -411,7 +413,9 @@ class SparseShard:
             >>> shard.export()["rows"].shape
             (1, 4)
         """
-        return {"keys": self._row_keys[: self._n].copy(), "rows": self._data[: self._n].copy()}
+        keys = np.empty(self._n, np.uint64)
+        k.keys_by_row(self._index_keys, self._index_rows, keys)
+        return {"keys": keys, "rows": self._data[: self._n].copy()}
 
     def load(self, keys: npt.NDArray[np.uint64], rows: npt.NDArray[Any]) -> None:
         """Store full rows (as :meth:`export` gives them) under ``keys``, replacing existing ones.
@@ -435,6 +439,15 @@ class SparseShard:
 
     # ------------------------------------------------------------------ storage
 
+    def _next_stamp(self) -> int:
+        """A stamp for :func:`~paramserver.server.kernels.has_duplicates`: 1..255, the marks
+        cleared when it wraps (one memset of a byte a row every 255 calls)."""
+        if self._stamp == 255:
+            self._mark.fill(0)
+            self._stamp = 0
+        self._stamp += 1
+        return self._stamp
+
     def _find_or_create(
         self, keys: npt.NDArray[np.uint64], *, initialize: bool = True
     ) -> npt.NDArray[np.int64]:
@@ -443,9 +456,9 @@ class SparseShard:
         n0 = self._n
         pos = 0
         while True:
-            max_rows = min(self._data.shape[0], self._index.shape[0] // 2)
+            max_rows = min(self._data.shape[0], self._index_rows.shape[0] // 2)
             pos, self._n = k.lookup_or_insert(
-                self._index, self._row_keys, self._n, max_rows, keys, rows, pos
+                self._index_keys, self._index_rows, self._n, max_rows, keys, rows, pos
             )
             if pos == keys.shape[0]:
                 break
@@ -453,9 +466,8 @@ class SparseShard:
         if initialize and self._n > n0:
             kind, p0, p1 = self._init_args
             k.init_rows(
-                self._data, self._row_keys, n0, self._n, self.dim, self._seed, kind, p0, p1,
-                *self._rule.state,
-            )  # fmt: skip
+                self._data, keys, rows, n0, self.dim, self._seed, kind, p0, p1, *self._rule.state
+            )
         return rows
 
     def _grow(self) -> None:
@@ -465,14 +477,13 @@ class SparseShard:
             cap = 2 * self._data.shape[0]
             data = np.empty((cap, self.stride), self.dtype)
             data[:n] = self._data[:n]
-            row_keys = np.empty(cap, np.uint64)
-            row_keys[:n] = self._row_keys[:n]
-            mark = np.zeros(cap, np.int64)
-            self._data, self._row_keys, self._mark = data, row_keys, mark
-        if n >= self._index.shape[0] // 2:
-            index = k.new_index(2 * self._index.shape[0])
-            k.rehash(index, self._row_keys, n)
-            self._index = index
+            self._data = data
+            # fresh marks: zeros never equal a stamp, so the stamp count goes on
+            self._mark = np.zeros(cap, np.uint8)
+        if n >= self._index_rows.shape[0] // 2:
+            index_keys, index_rows = k.new_index(2 * self._index_rows.shape[0])
+            k.rehash(index_keys, index_rows, self._index_keys, self._index_rows)
+            self._index_keys, self._index_rows = index_keys, index_rows
 
 
 class DenseShard:

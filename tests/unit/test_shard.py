@@ -256,8 +256,43 @@ def test_index_growth_keeps_every_row() -> None:
     np.testing.assert_array_equal(s.pull(keys[:1000]), first - 1.0)
     fresh = SparseShard(2, np.float64, Uniform(), SGD(), seed=3)
     np.testing.assert_array_equal(s.pull(keys[1000:]), fresh.pull(keys[1000:], create=False))
-    assert s.nbytes >= s.capacity * (2 * 8 + 8)
+    assert s.nbytes >= s.capacity * (2 * 8 + 1) + 2 * s.capacity * 12
     np.testing.assert_array_equal(s.export()["keys"][:1000], keys[:1000])  # insertion order
+
+
+def test_growth_past_the_uint32_row_id_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``INDEX_U32_SLOTS`` the index switches to uint64 row ids (the real limit, 2**32
+    slots, is lowered here): every row survives the rehash from the uint32 index."""
+    from paramserver.server import kernels
+
+    monkeypatch.setattr(kernels, "INDEX_U32_SLOTS", 64)
+    keys = np.random.default_rng(8).permutation(np.arange(1, 301, dtype=U64) * U64(2**54 + 1))
+    s = SparseShard(2, np.float32, Zeros(), SGD(lr=1.0), seed=0, capacity=4)
+    s.push(keys[:20], np.ones((20, 2), np.float32))
+    assert s._index_rows.dtype == np.uint32
+    s.push(keys, np.ones((300, 2), np.float32))
+    assert s._index_rows.dtype == np.uint64 and s.num_rows == 300
+    want = np.full((300, 2), -1.0, np.float32)
+    want[:20] = -2.0
+    np.testing.assert_array_equal(s.pull(keys), want)
+    np.testing.assert_array_equal(s.export()["keys"], keys)  # insertion order
+
+
+def test_duplicates_found_across_stamp_wraps() -> None:
+    """The duplicate marks are a byte a row with a stamp that wraps every 255 pushes:
+    duplicates are summed and distinct keys are not, before and after the wraps."""
+    s = SparseShard(1, np.float64, Zeros(), SGD(lr=1.0), seed=0)
+    keys = np.arange(10, dtype=U64)
+    want = np.zeros(10)
+    for i in range(700):
+        batch = keys[[i % 10, (i + 1) % 10, (i + 3) % 10]]
+        if i % 7 == 0:
+            batch[2] = batch[0]  # a duplicate
+        _, dup = s.resolve(batch)
+        assert dup == (i % 7 == 0)
+        s.push(batch, np.ones((3, 1)))
+        np.add.at(want, batch.astype(np.int64), -1.0)
+    np.testing.assert_array_equal(s.pull(keys)[:, 0], want)
 
 
 # ----------------------------------------------------------------------------- export / load
