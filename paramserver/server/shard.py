@@ -192,14 +192,20 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+_BUCKET_ROWS = 4
+"""Rows an index holds per bucket before it doubles: 80% of the slots, so that a lookup
+rarely reads past its own bucket (one cache line)."""
+
+
 class SparseShard:
     """Rows of width ``dim`` keyed by uint64, created on first touch, updated by an optimizer.
 
     Storage: one growable arena of rows ``[w | optimizer slots | per-row scalars]``
-    (doubling when full), an open-addressing hash index (load factor <= 0.5,
-    doubling by rehash; 12 bytes a slot: the key and the uint32 row id) that is
-    also the only record of the rows' keys, and a byte per row for duplicate
-    detection. Initial rows depend only on (seed, key).
+    (doubling when full), an open-addressing hash index of 64-byte buckets of 5
+    keys and their uint32 row ids (at most 4 rows a bucket on average, doubling by
+    rehash) that is also the only record of the rows' keys, and a byte per row for
+    duplicate detection. At most ``2**32 - 1`` rows. Initial rows depend only on
+    (seed, key).
 
     Example:
         >>> from paramserver.init import Zeros
@@ -233,7 +239,7 @@ class SparseShard:
         self.stride = self.dim * (1 + optimizer.n_slots) + optimizer.n_scalars
         self._data = np.empty((capacity, self.stride), self.dtype)
         self._mark = np.zeros(capacity, np.uint8)
-        self._index_keys, self._index_rows = k.new_index(_pow2_at_least(2 * capacity))
+        self._index = k.new_index(_pow2_at_least(-(-capacity // _BUCKET_ROWS)))
         self._n = 0
         self._stamp = 0
 
@@ -257,12 +263,7 @@ class SparseShard:
     @property
     def nbytes(self) -> int:
         """Bytes allocated: arena, duplicate marks and hash index."""
-        return int(
-            self._data.nbytes
-            + self._mark.nbytes
-            + self._index_keys.nbytes
-            + self._index_rows.nbytes
-        )
+        return int(self._data.nbytes + self._mark.nbytes + self._index.nbytes)
 
     # ------------------------------------------------------------------ public operations
 
@@ -292,7 +293,7 @@ class SparseShard:
             k.gather(self._data, rows, res)
         else:
             rows = np.empty(keys.shape[0], np.int64)
-            k.lookup(self._index_keys, self._index_rows, keys, rows)
+            k.lookup(self._index, keys, rows)
             kind, p0, p1 = self._init_args
             k.gather_or_init(self._data, rows, keys, res, self._seed, kind, p0, p1)
         return res
@@ -398,7 +399,7 @@ class SparseShard:
         """
         keys = _check_keys(keys)
         rows = np.empty(keys.shape[0], np.int64)
-        k.lookup(self._index_keys, self._index_rows, keys, rows)
+        k.lookup(self._index, keys, rows)
         return rows >= 0
 
     def export(self) -> dict[str, npt.NDArray[Any]]:
@@ -414,7 +415,7 @@ class SparseShard:
             (1, 4)
         """
         keys = np.empty(self._n, np.uint64)
-        k.keys_by_row(self._index_keys, self._index_rows, keys)
+        k.keys_by_row(self._index, keys)
         return {"keys": keys, "rows": self._data[: self._n].copy()}
 
     def load(self, keys: npt.NDArray[np.uint64], rows: npt.NDArray[Any]) -> None:
@@ -452,14 +453,20 @@ class SparseShard:
         self, keys: npt.NDArray[np.uint64], *, initialize: bool = True
     ) -> npt.NDArray[np.int64]:
         """Row ids of ``keys``, appending (and initializing) rows for the missing ones."""
+        if self._n + keys.shape[0] > k.INDEX_MAX_ROWS:
+            new = int(np.count_nonzero(~self.contains(np.unique(keys))))
+            if self._n + new > k.INDEX_MAX_ROWS:
+                raise ConfigError(
+                    f"keys: {new} new rows would take this shard past the "
+                    f"{k.INDEX_MAX_ROWS} rows it can hold (it has {self._n}); nothing was "
+                    "changed (spread the table over more servers)"
+                )
         rows = np.empty(keys.shape[0], np.int64)
         n0 = self._n
         pos = 0
         while True:
-            max_rows = min(self._data.shape[0], self._index_rows.shape[0] // 2)
-            pos, self._n = k.lookup_or_insert(
-                self._index_keys, self._index_rows, self._n, max_rows, keys, rows, pos
-            )
+            max_rows = min(self._data.shape[0], _BUCKET_ROWS * self._index.shape[0])
+            pos, self._n = k.lookup_or_insert(self._index, self._n, max_rows, keys, rows, pos)
             if pos == keys.shape[0]:
                 break
             self._grow()
@@ -480,10 +487,10 @@ class SparseShard:
             self._data = data
             # fresh marks: zeros never equal a stamp, so the stamp count goes on
             self._mark = np.zeros(cap, np.uint8)
-        if n >= self._index_rows.shape[0] // 2:
-            index_keys, index_rows = k.new_index(2 * self._index_rows.shape[0])
-            k.rehash(index_keys, index_rows, self._index_keys, self._index_rows)
-            self._index_keys, self._index_rows = index_keys, index_rows
+        if n >= _BUCKET_ROWS * self._index.shape[0]:
+            index = k.new_index(2 * self._index.shape[0])
+            k.rehash(index, self._index)
+            self._index = index
 
 
 class DenseShard:

@@ -48,57 +48,67 @@ def test_uniform_init_format_is_pinned() -> None:
 
 
 def test_lookup_or_insert_stops_at_max_rows_and_resumes() -> None:
-    index_keys, index_rows = k.new_index(16)
+    index = k.new_index(4)
     keys = np.array([10, 11, 10, 12, 13, 11], U64)
     rows = np.full(6, -7, np.int64)
-    pos, n = k.lookup_or_insert(index_keys, index_rows, 0, 2, keys, rows, 0)
+    pos, n = k.lookup_or_insert(index, 0, 2, keys, rows, 0)
     assert (pos, n) == (3, 2)  # key 12 would be the third row
     assert rows[:3].tolist() == [0, 1, 0]
-    pos, n = k.lookup_or_insert(index_keys, index_rows, n, 8, keys, rows, pos)
+    pos, n = k.lookup_or_insert(index, n, 8, keys, rows, pos)
     assert (pos, n) == (6, 4)
     assert rows.tolist() == [0, 1, 0, 2, 3, 1]
     by_row = np.empty(4, U64)
-    k.keys_by_row(index_keys, index_rows, by_row)
+    k.keys_by_row(index, by_row)
     assert by_row.tolist() == [10, 11, 12, 13]
     found = np.empty(3, np.int64)
-    assert k.lookup(index_keys, index_rows, np.array([13, 99, 10], U64), found) == 1
+    assert k.lookup(index, np.array([13, 99, 10], U64), found) == 1
     assert found.tolist() == [3, -1, 0]
 
 
-def test_index_row_ids_are_uint32_up_to_2_32_slots_then_uint64() -> None:
-    assert k.new_index(1 << 20)[1].dtype == np.uint32
-    assert k.INDEX_U32_SLOTS == 1 << 32  # so row id + 1 <= 2**31 fits in uint32
-    # Sizes above the limit are not allocated here (64 GiB); the kernels are the same code
-    # for uint64 row ids, checked with a small uint64 index.
-    index_keys, index_rows = np.empty(8, U64), np.zeros(8, U64)
-    rows = np.empty(3, np.int64)
-    assert k.lookup_or_insert(
-        index_keys, index_rows, 0, 4, np.array([0, 2**64 - 1, 0], U64), rows, 0
-    ) == (3, 2)
-    assert rows.tolist() == [0, 1, 0]
+def test_index_buckets_are_cache_lines() -> None:
+    for buckets in (1, 2, 64, 1 << 16):
+        index = k.new_index(buckets)
+        assert index.shape == (buckets, 8) and index.ctypes.data % 64 == 0
+        assert not index.any()
+
+
+def test_full_buckets_overflow_into_the_next_and_wrap_around() -> None:
+    """Keys beyond a bucket's 5 slots go on to the next bucket, the last one to the first;
+    row ids up to INDEX_MAX_ROWS fit."""
+    index = k.new_index(2)
+    keys = np.arange(9, dtype=U64) * U64(0x9E3779B97F4A7C15)  # 9 of the 10 slots
+    rows = np.empty(9, np.int64)
+    top = k.INDEX_MAX_ROWS - 9
+    assert k.lookup_or_insert(index, top, k.INDEX_MAX_ROWS, keys, rows, 0) == (9, top + 9)
+    assert rows.tolist() == list(range(top, top + 9))
+    found = np.empty(11, np.int64)
+    probe = np.concatenate([keys, np.array([1, 2], U64)])
+    assert k.lookup(index, probe, found) == 2
+    assert found.tolist() == [*range(top, top + 9), -1, -1]
+    bigger = k.new_index(4)
+    k.rehash(bigger, index)
+    assert k.lookup(bigger, probe, found) == 2
+    assert found.tolist() == [*range(top, top + 9), -1, -1]
 
 
 @settings(max_examples=50, deadline=None)
 @given(
     st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=200, unique=True),
-    st.sampled_from([np.uint32, np.uint64]),
+    st.integers(0, 3),
 )
-def test_rehash_finds_every_key(keys_list: list[int], row_dtype: type) -> None:
+def test_rehash_finds_every_key(keys_list: list[int], extra: int) -> None:
     keys = np.array(keys_list, U64)
-    size = 1 << int(np.ceil(np.log2(2 * keys.size + 1)))
-    index_keys, index_rows = np.empty(size, U64), np.zeros(size, row_dtype)
+    buckets = 1 << int(np.ceil(np.log2(keys.size / 4.5)) if keys.size > 4 else 0)
+    index = k.new_index(buckets)  # up to 90% full: long overflow chains
     rows = np.empty(keys.size, np.int64)
-    assert k.lookup_or_insert(index_keys, index_rows, 0, keys.size, keys, rows, 0) == (
-        keys.size,
-        keys.size,
-    )
-    bigger_keys, bigger_rows = np.empty(2 * size, U64), np.zeros(2 * size, row_dtype)
-    k.rehash(bigger_keys, bigger_rows, index_keys, index_rows)
+    assert k.lookup_or_insert(index, 0, keys.size, keys, rows, 0) == (keys.size, keys.size)
+    bigger = k.new_index(buckets << extra)
+    k.rehash(bigger, index)
     found = np.empty(keys.size, np.int64)
-    assert k.lookup(bigger_keys, bigger_rows, keys, found) == 0
+    assert k.lookup(bigger, keys, found) == 0
     assert found.tolist() == list(range(keys.size))
     by_row = np.empty(keys.size, U64)
-    k.keys_by_row(bigger_keys, bigger_rows, by_row)
+    k.keys_by_row(bigger, by_row)
     assert by_row.tolist() == keys_list
 
 

@@ -256,26 +256,33 @@ def test_index_growth_keeps_every_row() -> None:
     np.testing.assert_array_equal(s.pull(keys[:1000]), first - 1.0)
     fresh = SparseShard(2, np.float64, Uniform(), SGD(), seed=3)
     np.testing.assert_array_equal(s.pull(keys[1000:]), fresh.pull(keys[1000:], create=False))
-    assert s.nbytes >= s.capacity * (2 * 8 + 1) + 2 * s.capacity * 12
+    buckets = s._index.shape[0]
+    assert s.nbytes == s.capacity * (2 * 8 + 1) + buckets * 64
+    assert 2 * buckets < s.num_rows <= 4 * buckets  # doubled when 4 rows a bucket
     np.testing.assert_array_equal(s.export()["keys"][:1000], keys[:1000])  # insertion order
 
 
-def test_growth_past_the_uint32_row_id_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past ``INDEX_U32_SLOTS`` the index switches to uint64 row ids (the real limit, 2**32
-    slots, is lowered here): every row survives the rehash from the uint32 index."""
+def test_rows_past_the_row_id_limit_are_refused_and_nothing_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row ids are 32-bit (``INDEX_MAX_ROWS``, lowered here): a request that would create
+    more rows is refused whole, one that fits exactly is served."""
     from paramserver.server import kernels
 
-    monkeypatch.setattr(kernels, "INDEX_U32_SLOTS", 64)
-    keys = np.random.default_rng(8).permutation(np.arange(1, 301, dtype=U64) * U64(2**54 + 1))
-    s = SparseShard(2, np.float32, Zeros(), SGD(lr=1.0), seed=0, capacity=4)
-    s.push(keys[:20], np.ones((20, 2), np.float32))
-    assert s._index_rows.dtype == np.uint32
-    s.push(keys, np.ones((300, 2), np.float32))
-    assert s._index_rows.dtype == np.uint64 and s.num_rows == 300
-    want = np.full((300, 2), -1.0, np.float32)
-    want[:20] = -2.0
-    np.testing.assert_array_equal(s.pull(keys), want)
-    np.testing.assert_array_equal(s.export()["keys"], keys)  # insertion order
+    monkeypatch.setattr(kernels, "INDEX_MAX_ROWS", 50)
+    s = SparseShard(1, np.float32, Zeros(), SGD(lr=1.0), seed=0, capacity=4)
+    s.push(np.arange(40, dtype=U64), np.ones((40, 1), np.float32))
+    with pytest.raises(ConfigError, match="11 new rows would take this shard past the 50"):
+        s.push(np.arange(29, 51, dtype=U64), np.ones((22, 1), np.float32))
+    with pytest.raises(ConfigError, match="past the 50"):
+        s.pull(np.arange(35, 60, dtype=U64))
+    assert s.num_rows == 40
+    np.testing.assert_array_equal(s.pull(np.arange(40, dtype=U64))[:, 0], -np.ones(40))
+    s.push(np.arange(30, 50, dtype=U64), np.ones((20, 1), np.float32))  # exactly 50 rows
+    assert s.num_rows == 50
+    assert (
+        s.pull(np.arange(50, dtype=U64))[:, 0].tolist() == [-1.0] * 30 + [-2.0] * 10 + [-1.0] * 10
+    )
 
 
 def test_duplicates_found_across_stamp_wraps() -> None:
