@@ -11,20 +11,23 @@ Storage the kernels assume:
 - ``data``: the arena, ``(capacity, stride)`` in the table dtype; a row is
   ``[w (dim) | slot 0 (dim) | slot 1 (dim) | scalars]``, so one update touches
   one contiguous stretch of memory.
-- ``row_keys``: ``(capacity,)`` uint64, the key of each row, rows in insertion order.
-- ``index``: ``(size, 2)`` uint64, open addressing with linear probing, ``size`` a
-  power of two; column 0 is the key, column 1 the row id or :data:`EMPTY`. The
-  key and its row share a cache line, so a lookup costs one miss. Every uint64
-  key is allowed (0 and 2**64-1 included): emptiness lives in the row column.
-- ``mark``: ``(capacity,)`` int64 scratch per row for duplicate detection.
+- ``index``: ``(buckets, 8)`` uint64, ``buckets`` a power of two, each bucket one
+  64-byte cache line: words 0-4 the keys of its 5 slots, words 5-7 their row ids + 1
+  as uint32 (0 = empty, so a fresh index is ``np.zeros``). Open addressing: a key
+  goes into the first free slot of its bucket, then of the next buckets (linear
+  probing over buckets), so a lookup reads one cache line almost always. Every
+  uint64 key is allowed (0 and 2**64-1 included): emptiness lives in the row ids.
+  The keys of the rows are kept only here; :func:`keys_by_row` gives them back
+  in row order. 32-bit row ids: at most :data:`INDEX_MAX_ROWS` rows.
+- ``mark``: ``(capacity,)`` uint8 scratch per row for duplicate detection (a stamp
+  that wraps; the caller clears the marks when it does).
 
 Example:
     >>> import numpy as np
     >>> from paramserver.server import kernels as k
-    >>> index = k.new_index(8)
-    >>> row_keys = np.empty(4, np.uint64)
+    >>> index = k.new_index(2)
     >>> rows = np.empty(3, np.int64)
-    >>> k.lookup_or_insert(index, row_keys, 0, 4, np.array([5, 9, 5], np.uint64), rows, 0)
+    >>> k.lookup_or_insert(index, 0, 4, np.array([5, 9, 5], np.uint64), rows, 0)
     (3, 2)
     >>> rows.tolist()
     [0, 1, 0]
@@ -44,7 +47,8 @@ from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic as _intrinsic
 
 __all__ = [
-    "EMPTY",
+    "BUCKET_SLOTS",
+    "INDEX_MAX_ROWS",
     "INIT_CONSTANT",
     "INIT_NORMAL",
     "INIT_UNIFORM",
@@ -61,6 +65,7 @@ __all__ = [
     "has_duplicates",
     "init_dense",
     "init_rows",
+    "keys_by_row",
     "lookup",
     "lookup_or_insert",
     "mix64",
@@ -126,10 +131,9 @@ def _prefetch2(typingctx: Any, arr: Any, i: Any, j: Any) -> Any:
 
 _AHEAD = 16
 """How many keys ahead the kernels prefetch."""
+_RING = 32  # > _AHEAD: hashes of the keys between the one probed and the one prefetched
 
 
-EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-"""Row column value of an empty index slot."""
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _M1 = np.uint64(0xBF58_476D_1CE4_E5B9)
 _M2 = np.uint64(0x94D0_49BB_1331_11EB)
@@ -137,6 +141,9 @@ _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
 _S11 = np.uint64(11)
+_M32 = np.uint64(0xFFFF_FFFF)
+_S32 = np.uint64(32)
+_Z64 = np.uint64(0)
 _TWO_M53 = 2.0**-53
 _TWO_PI = 2.0 * np.pi
 
@@ -153,15 +160,27 @@ STATE_FTRL = 2
 """FTRL: z chosen so that the weight formula gives back the initial weight; n = 0."""
 
 
-def new_index(size: int) -> Array:
-    """Return an empty hash index with ``size`` slots (a power of two).
+BUCKET_SLOTS = 5  # _probe reads the 5 slots without a loop
+"""Keys a bucket of the index holds: 5 keys (40 bytes) and their 5 row ids (uint32, 20
+bytes) fill one 64-byte cache line."""
+_ROW_WORD = 5  # the row ids of slots 2j, 2j+1 are the low, high half of word 5+j
+INDEX_MAX_ROWS = (1 << 32) - 1
+"""Rows an index can address (row id + 1 is a uint32)."""
+
+
+def new_index(buckets: int) -> Array:
+    """Return an empty hash index of ``buckets`` buckets (a power of two), each 64 bytes on a
+    64-byte boundary, so that a bucket is one cache line.
 
     Example:
         >>> new_index(4).shape
-        (4, 2)
+        (4, 8)
     """
-    assert size > 0 and size & (size - 1) == 0, size
-    return np.full((size, 2), EMPTY, dtype=np.uint64)
+    assert buckets > 0 and buckets & (buckets - 1) == 0, buckets
+    # zeros: all slots empty, and the pages are mapped as the index fills
+    raw = np.zeros((buckets + 1) * 8, np.uint64)
+    skip = (-raw.ctypes.data % 64) // 8
+    return raw[skip : skip + buckets * 8].reshape(buckets, 8)
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -239,9 +258,9 @@ def _init_state(
 @_kernel
 def init_rows(
     data: Array,
-    row_keys: Array,
-    start: int,
-    stop: int,
+    keys: Array,
+    rows: Array,
+    first: int,
     dim: int,
     seed: np.uint64,
     kind: int,
@@ -253,11 +272,15 @@ def init_rows(
     c: Scalar,
     d: Scalar,
 ) -> None:
-    """Initialize rows ``start..stop`` of the arena (weights from their keys, then state)."""
-    for r in range(start, stop):
-        row = data[r]
-        _init_row(row, dim, kind, p0, p1, _row_base(seed, row_keys[r]))
-        _init_state(row, dim, state, a, b, c, d)
+    """Initialize the rows created for ``keys`` (those with ``rows[i] >= first``, the row count
+    before :func:`lookup_or_insert` ran): weights from their keys, then state. A key repeated
+    in ``keys`` initializes its row again, to the same values."""
+    for i in range(keys.shape[0]):
+        r = rows[i]
+        if r >= first:
+            row = data[r]
+            _init_row(row, dim, kind, p0, p1, _row_base(seed, keys[i]))
+            _init_state(row, dim, state, a, b, c, d)
 
 
 @_kernel
@@ -294,77 +317,133 @@ def _prefetch_span(data: Array, r: int, width: int) -> None:
 
 
 @_kernel
+def _slot_row(index: Array, b: np.uint64, s: int) -> np.uint64:
+    """Row id + 1 held by slot ``s`` of bucket ``b`` (0: empty)."""
+    w: np.uint64 = index[b, _ROW_WORD + (s >> 1)]
+    return (w >> np.uint64(32 * (s & 1))) & _M32
+
+
+@_kernel
+def _set_slot(index: Array, b: np.uint64, s: int, key: np.uint64, v: np.uint64) -> None:
+    index[b, s] = key
+    index[b, _ROW_WORD + (s >> 1)] |= v << np.uint64(32 * (s & 1))
+
+
+@_kernel
+def _probe(index: Array, key: np.uint64, h: np.uint64) -> tuple[np.uint64, int, np.uint64]:
+    """Where ``key`` (hash ``h``) is, or the first empty slot of its probe sequence, where it
+    would go: ``(bucket, slot, row id + 1 or 0)`` (the slot only when the key is absent).
+
+    Slots fill in probe order and are never emptied, so a bucket with an empty
+    slot ends the search, and its first empty slot follows its filled ones. A key
+    is in at most one slot and an empty slot's row is 0, so OR-ing the rows of the
+    slots whose key matches gives the row without a branch per slot (a branch on
+    where in the bucket a key sits mispredicts every other lookup).
+    """
+    mask = np.uint64(index.shape[0] - 1)
+    b = h & mask
+    while True:
+        w5 = index[b, 5]
+        w6 = index[b, 6]
+        r0, r1 = w5 & _M32, w5 >> _S32
+        r2, r3 = w6 & _M32, w6 >> _S32
+        r4 = index[b, 7] & _M32
+        v = (
+            (r0 if index[b, 0] == key else _Z64)
+            | (r1 if index[b, 1] == key else _Z64)
+            | (r2 if index[b, 2] == key else _Z64)
+            | (r3 if index[b, 3] == key else _Z64)
+            | (r4 if index[b, 4] == key else _Z64)
+        )
+        if v != 0:
+            return b, 0, v
+        if r4 == 0:
+            return b, int(r0 != 0) + int(r1 != 0) + int(r2 != 0) + int(r3 != 0), _Z64
+        b = (b + np.uint64(1)) & mask
+
+
+@_kernel
+def _hash_ahead(index: Array, keys: Array, i: int, ring: Array) -> None:
+    """Hash ``keys[i]`` into ``ring`` and prefetch its bucket: the lookups hash each key once,
+    :data:`_AHEAD` keys before they probe it."""
+    h = mix64(keys[i])
+    ring[i % _RING] = h
+    _prefetch2(index, h & np.uint64(index.shape[0] - 1), 0)
+
+
+@_kernel
 def lookup(index: Array, keys: Array, rows: Array) -> int:
     """Write the row of each key into ``rows`` (-1 where absent); return how many were absent."""
-    mask = np.uint64(index.shape[0] - 1)
     missing = 0
     n = keys.shape[0]
+    ring = np.empty(_RING, np.uint64)
+    for i in range(min(n, _AHEAD)):
+        _hash_ahead(index, keys, i, ring)
     for i in range(n):
         if i + _AHEAD < n:
-            _prefetch2(index, mix64(keys[i + _AHEAD]) & mask, 0)
-        k = keys[i]
-        h = mix64(k) & mask
-        while True:
-            r = index[h, 1]
-            if r == EMPTY:
-                rows[i] = -1
-                missing += 1
-                break
-            if index[h, 0] == k:
-                rows[i] = np.int64(r)
-                break
-            h = (h + np.uint64(1)) & mask
+            _hash_ahead(index, keys, i + _AHEAD, ring)
+        _, _, v = _probe(index, keys[i], ring[i % _RING])
+        if v == 0:
+            rows[i] = -1
+            missing += 1
+        else:
+            rows[i] = np.int64(v) - 1
     return missing
 
 
 @_kernel
 def lookup_or_insert(
-    index: Array, row_keys: Array, n_rows: int, max_rows: int, keys: Array, rows: Array, start: int
+    index: Array, n_rows: int, max_rows: int, keys: Array, rows: Array, start: int
 ) -> tuple[int, int]:
     """Find or append the row of each of ``keys[start:]``, writing row ids into ``rows``.
 
-    New rows get ids ``n_rows, n_rows+1, ...`` (their keys go into ``row_keys``),
-    so the rows created are exactly the range from the old to the new row count.
-    Stops early, before the insert that would make the row count exceed
-    ``max_rows``; the caller grows the arrays and calls again from the returned
-    position. Returns ``(position reached, new row count)``.
+    New rows get ids ``n_rows, n_rows+1, ...``, so the rows created are exactly
+    the range from the old to the new row count (:func:`init_rows` finds them in
+    ``rows``). Stops early, before the insert that would make the row count
+    exceed ``max_rows`` (at most :data:`INDEX_MAX_ROWS`); the caller grows the
+    arrays and calls again from the returned position. Returns ``(position
+    reached, new row count)``.
     """
-    mask = np.uint64(index.shape[0] - 1)
     n = keys.shape[0]
+    ring = np.empty(_RING, np.uint64)
+    for i in range(start, min(n, start + _AHEAD)):
+        _hash_ahead(index, keys, i, ring)
     for i in range(start, n):
         if i + _AHEAD < n:
-            _prefetch2(index, mix64(keys[i + _AHEAD]) & mask, 0)
+            _hash_ahead(index, keys, i + _AHEAD, ring)
         k = keys[i]
-        h = mix64(k) & mask
-        while True:
-            r = index[h, 1]
-            if r == EMPTY:
-                if n_rows >= max_rows:
-                    return i, n_rows
-                index[h, 0] = k
-                index[h, 1] = np.uint64(n_rows)
-                row_keys[n_rows] = k
-                rows[i] = n_rows
-                n_rows += 1
-                break
-            if index[h, 0] == k:
-                rows[i] = np.int64(r)
-                break
-            h = (h + np.uint64(1)) & mask
+        b, s, v = _probe(index, k, ring[i % _RING])
+        if v == 0:
+            if n_rows >= max_rows:
+                return i, n_rows
+            _set_slot(index, b, s, k, np.uint64(n_rows + 1))
+            rows[i] = n_rows
+            n_rows += 1
+        else:
+            rows[i] = np.int64(v) - 1
     return n, n_rows
 
 
 @_kernel
-def rehash(index: Array, row_keys: Array, n_rows: int) -> None:
-    """Fill the empty ``index`` with rows ``0..n_rows`` (used when the index grows)."""
-    mask = np.uint64(index.shape[0] - 1)
-    for r in range(n_rows):
-        k = row_keys[r]
-        h = mix64(k) & mask
-        while index[h, 1] != EMPTY:
-            h = (h + np.uint64(1)) & mask
-        index[h, 0] = k
-        index[h, 1] = np.uint64(r)
+def rehash(index: Array, old: Array) -> None:
+    """Move every entry of index ``old`` into the empty ``index`` (used when the index grows)."""
+    for ob in range(old.shape[0]):
+        for os in range(BUCKET_SLOTS):
+            v = _slot_row(old, np.uint64(ob), os)
+            if v != 0:
+                k = old[ob, os]
+                b, s, _ = _probe(index, k, mix64(k))
+                _set_slot(index, b, s, k, v)
+
+
+@_kernel
+def keys_by_row(index: Array, out: Array) -> None:
+    """``out[r]`` = the key of row ``r`` for every row in the index (``out`` holds them all)."""
+    for b in range(index.shape[0]):
+        for s in range(BUCKET_SLOTS):
+            v = _slot_row(index, np.uint64(b), s)
+            if v != 0:
+                out[np.int64(v) - 1] = index[b, s]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -422,7 +501,9 @@ def scatter_rows(data: Array, rows: Array, src: Array) -> None:
 def has_duplicates(rows: Array, mark: Array, stamp: int) -> bool:
     """Whether a row repeats in ``rows``: one random access per row into ``mark``.
 
-    ``stamp`` must be positive and new for every call (a per-push counter).
+    ``stamp`` must be in 1..255 and differ from every value in ``mark`` (the caller
+    counts it per push and clears ``mark`` when it wraps). With uint8 marks the
+    array is 1 byte a row and mostly stays in cache.
     """
     n = rows.shape[0]
     for i in range(n):
@@ -436,32 +517,40 @@ def has_duplicates(rows: Array, mark: Array, stamp: int) -> bool:
 
 
 @_kernel
-def sum_duplicates(rows: Array, grads: Array, mark: Array) -> tuple[Array, Array]:
+def sum_duplicates(rows: Array, grads: Array) -> tuple[Array, Array]:
     """Return the distinct rows in order of first occurrence and their summed gradients.
 
-    Sums run in order of occurrence (``(g1 + g2) + g3``). Leaves ``mark`` at values
-    <= 0, which never equal a (positive) stamp of :func:`has_duplicates`.
+    Sums run in order of occurrence (``(g1 + g2) + g3``). Positions are found
+    through a hash table local to the call (load <= 0.5), so no per-row state
+    of the table is needed.
     """
     n = rows.shape[0]
     dim = grads.shape[1]
-    for i in range(n):
-        mark[rows[i]] = 0
+    size = 2
+    while size < 2 * n:
+        size *= 2
+    mask = np.uint64(size - 1)
+    slots = np.full(size, -1, np.int64)
     urows = np.empty(n, np.int64)
     ugrads = np.empty((n, dim), grads.dtype)
     u = 0
     for i in range(n):
         r = rows[i]
-        m = mark[r]
-        if m == 0:
-            mark[r] = -(u + 1)
-            urows[u] = r
-            for j in range(dim):
-                ugrads[u, j] = grads[i, j]
-            u += 1
-        else:
-            p = -m - 1
-            for j in range(dim):
-                ugrads[p, j] += grads[i, j]
+        h = mix64(np.uint64(r)) & mask
+        while True:
+            p = slots[h]
+            if p < 0:
+                slots[h] = u
+                urows[u] = r
+                for j in range(dim):
+                    ugrads[u, j] = grads[i, j]
+                u += 1
+                break
+            if urows[p] == r:
+                for j in range(dim):
+                    ugrads[p, j] += grads[i, j]
+                break
+            h = (h + np.uint64(1)) & mask
     return urows[:u], ugrads[:u]
 
 

@@ -251,8 +251,11 @@ class Server:
                         self._handle(identity, frames)
                 elif self._received >= TRIM_AFTER_BYTES:
                     # idle for a whole poll after large messages: hand the allocator's free
-                    # memory back (freed message buffers, grown and replaced arrays)
+                    # memory back (freed message buffers, grown and replaced arrays) and the
+                    # receive buffers too (12 MiB after pushes of 200k x 16 float32); the next
+                    # burst allocates them once again
                     self._received = 0
+                    self._scratch = [np.empty(0, np.uint8) for _ in self._scratch]
                     _libc_call("malloc_trim", 0)
                 self._coord.poll(0)
                 if self.deferred:

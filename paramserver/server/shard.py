@@ -196,12 +196,20 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+_BUCKET_ROWS = 4
+"""Rows an index holds per bucket before it doubles: 80% of the slots, so that a lookup
+rarely reads past its own bucket (one cache line)."""
+
+
 class SparseShard:
     """Rows of width ``dim`` keyed by uint64, created on first touch, updated by an optimizer.
 
     Storage: one growable arena of rows ``[w | optimizer slots | per-row scalars]``
-    (doubling when full) and an open-addressing hash index (load factor <= 0.5,
-    doubling by rehash). Initial rows depend only on (seed, key).
+    (doubling when full), an open-addressing hash index of 64-byte buckets of 5
+    keys and their uint32 row ids (at most 4 rows a bucket on average, doubling by
+    rehash) that is also the only record of the rows' keys, and a byte per row for
+    duplicate detection. At most ``2**32 - 1`` rows. Initial rows depend only on
+    (seed, key).
 
     Example:
         >>> from paramserver.init import Zeros
@@ -234,9 +242,8 @@ class SparseShard:
         capacity = _check_int("capacity", capacity, 1)
         self.stride = self.dim * (1 + optimizer.n_slots) + optimizer.n_scalars
         self._data = np.empty((capacity, self.stride), self.dtype)
-        self._row_keys = np.empty(capacity, np.uint64)
-        self._mark = np.zeros(capacity, np.int64)
-        self._index = k.new_index(_pow2_at_least(2 * capacity))
+        self._mark = np.zeros(capacity, np.uint8)
+        self._index = k.new_index(_pow2_at_least(-(-capacity // _BUCKET_ROWS)))
         self._n = 0
         self._stamp = 0
 
@@ -259,10 +266,8 @@ class SparseShard:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated: arena, row keys, duplicate marks and hash index."""
-        return int(
-            self._data.nbytes + self._row_keys.nbytes + self._mark.nbytes + self._index.nbytes
-        )
+        """Bytes allocated: arena, duplicate marks and hash index."""
+        return int(self._data.nbytes + self._mark.nbytes + self._index.nbytes)
 
     # ------------------------------------------------------------------ public operations
 
@@ -316,9 +321,8 @@ class SparseShard:
         if keys.shape[0] == 0:
             return
         rows = self._find_or_create(keys)
-        self._stamp += 1
-        if k.has_duplicates(rows, self._mark, self._stamp):
-            rows, grads = k.sum_duplicates(rows, grads, self._mark)
+        if k.has_duplicates(rows, self._mark, self._next_stamp()):
+            rows, grads = k.sum_duplicates(rows, grads)
         self._rule.apply(self._data, rows, grads)
 
     def resolve(self, keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], bool]:
@@ -335,8 +339,7 @@ class SparseShard:
         """
         keys = _check_keys(keys)
         rows = self._find_or_create(keys)
-        self._stamp += 1
-        return rows, bool(k.has_duplicates(rows, self._mark, self._stamp))
+        return rows, bool(k.has_duplicates(rows, self._mark, self._next_stamp()))
 
     def pull_rows(
         self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any] | None = None
@@ -371,7 +374,7 @@ class SparseShard:
         """
         grads = _check_values("grads", grads, (rows.shape[0], self.dim), self.dtype)
         if duplicates:
-            rows, grads = k.sum_duplicates(rows, grads, self._mark)
+            rows, grads = k.sum_duplicates(rows, grads)
         self._rule.apply(self._data, rows, grads)
 
     def set_optimizer(self, optimizer: Optimizer) -> None:
@@ -415,7 +418,9 @@ class SparseShard:
             >>> shard.export()["rows"].shape
             (1, 4)
         """
-        return {"keys": self._row_keys[: self._n].copy(), "rows": self._data[: self._n].copy()}
+        keys = np.empty(self._n, np.uint64)
+        k.keys_by_row(self._index, keys)
+        return {"keys": keys, "rows": self._data[: self._n].copy()}
 
     def load(self, keys: npt.NDArray[np.uint64], rows: npt.NDArray[Any]) -> None:
         """Store full rows (as :meth:`export` gives them) under ``keys``, replacing existing ones.
@@ -439,27 +444,41 @@ class SparseShard:
 
     # ------------------------------------------------------------------ storage
 
+    def _next_stamp(self) -> int:
+        """A stamp for :func:`~paramserver.server.kernels.has_duplicates`: 1..255, the marks
+        cleared when it wraps (one memset of a byte a row every 255 calls)."""
+        if self._stamp == 255:
+            self._mark.fill(0)
+            self._stamp = 0
+        self._stamp += 1
+        return self._stamp
+
     def _find_or_create(
         self, keys: npt.NDArray[np.uint64], *, initialize: bool = True
     ) -> npt.NDArray[np.int64]:
         """Row ids of ``keys``, appending (and initializing) rows for the missing ones."""
+        if self._n + keys.shape[0] > k.INDEX_MAX_ROWS:
+            new = int(np.count_nonzero(~self.contains(np.unique(keys))))
+            if self._n + new > k.INDEX_MAX_ROWS:
+                raise ConfigError(
+                    f"keys: {new} new rows would take this shard past the "
+                    f"{k.INDEX_MAX_ROWS} rows it can hold (it has {self._n}); nothing was "
+                    "changed (spread the table over more servers)"
+                )
         rows = np.empty(keys.shape[0], np.int64)
         n0 = self._n
         pos = 0
         while True:
-            max_rows = min(self._data.shape[0], self._index.shape[0] // 2)
-            pos, self._n = k.lookup_or_insert(
-                self._index, self._row_keys, self._n, max_rows, keys, rows, pos
-            )
+            max_rows = min(self._data.shape[0], _BUCKET_ROWS * self._index.shape[0])
+            pos, self._n = k.lookup_or_insert(self._index, self._n, max_rows, keys, rows, pos)
             if pos == keys.shape[0]:
                 break
             self._grow()
         if initialize and self._n > n0:
             kind, p0, p1 = self._init_args
             k.init_rows(
-                self._data, self._row_keys, n0, self._n, self.dim, self._seed, kind, p0, p1,
-                *self._rule.state,
-            )  # fmt: skip
+                self._data, keys, rows, n0, self.dim, self._seed, kind, p0, p1, *self._rule.state
+            )
         return rows
 
     def _grow(self) -> None:
@@ -469,13 +488,12 @@ class SparseShard:
             cap = 2 * self._data.shape[0]
             data = np.empty((cap, self.stride), self.dtype)
             data[:n] = self._data[:n]
-            row_keys = np.empty(cap, np.uint64)
-            row_keys[:n] = self._row_keys[:n]
-            mark = np.zeros(cap, np.int64)
-            self._data, self._row_keys, self._mark = data, row_keys, mark
-        if n >= self._index.shape[0] // 2:
+            self._data = data
+            # fresh marks: zeros never equal a stamp, so the stamp count goes on
+            self._mark = np.zeros(cap, np.uint8)
+        if n >= _BUCKET_ROWS * self._index.shape[0]:
             index = k.new_index(2 * self._index.shape[0])
-            k.rehash(index, self._row_keys, n)
+            k.rehash(index, self._index)
             self._index = index
 
 

@@ -48,52 +48,93 @@ def test_uniform_init_format_is_pinned() -> None:
 
 
 def test_lookup_or_insert_stops_at_max_rows_and_resumes() -> None:
-    index = k.new_index(16)
-    row_keys = np.zeros(8, U64)
+    index = k.new_index(4)
     keys = np.array([10, 11, 10, 12, 13, 11], U64)
     rows = np.full(6, -7, np.int64)
-    pos, n = k.lookup_or_insert(index, row_keys, 0, 2, keys, rows, 0)
+    pos, n = k.lookup_or_insert(index, 0, 2, keys, rows, 0)
     assert (pos, n) == (3, 2)  # key 12 would be the third row
     assert rows[:3].tolist() == [0, 1, 0]
-    pos, n = k.lookup_or_insert(index, row_keys, n, 8, keys, rows, pos)
+    pos, n = k.lookup_or_insert(index, n, 8, keys, rows, pos)
     assert (pos, n) == (6, 4)
     assert rows.tolist() == [0, 1, 0, 2, 3, 1]
-    assert row_keys[:4].tolist() == [10, 11, 12, 13]
+    by_row = np.empty(4, U64)
+    k.keys_by_row(index, by_row)
+    assert by_row.tolist() == [10, 11, 12, 13]
     found = np.empty(3, np.int64)
     assert k.lookup(index, np.array([13, 99, 10], U64), found) == 1
     assert found.tolist() == [3, -1, 0]
 
 
+def test_index_buckets_are_cache_lines() -> None:
+    for buckets in (1, 2, 64, 1 << 16):
+        index = k.new_index(buckets)
+        assert index.shape == (buckets, 8) and index.ctypes.data % 64 == 0
+        assert not index.any()
+
+
+def test_full_buckets_overflow_into_the_next_and_wrap_around() -> None:
+    """Keys beyond a bucket's 5 slots go on to the next bucket, the last one to the first;
+    row ids up to INDEX_MAX_ROWS fit."""
+    index = k.new_index(2)
+    keys = np.arange(9, dtype=U64) * U64(0x9E3779B97F4A7C15)  # 9 of the 10 slots
+    rows = np.empty(9, np.int64)
+    top = k.INDEX_MAX_ROWS - 9
+    assert k.lookup_or_insert(index, top, k.INDEX_MAX_ROWS, keys, rows, 0) == (9, top + 9)
+    assert rows.tolist() == list(range(top, top + 9))
+    found = np.empty(11, np.int64)
+    probe = np.concatenate([keys, np.array([1, 2], U64)])
+    assert k.lookup(index, probe, found) == 2
+    assert found.tolist() == [*range(top, top + 9), -1, -1]
+    bigger = k.new_index(4)
+    k.rehash(bigger, index)
+    assert k.lookup(bigger, probe, found) == 2
+    assert found.tolist() == [*range(top, top + 9), -1, -1]
+
+
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=200, unique=True))
-def test_rehash_finds_every_key(keys_list: list[int]) -> None:
+@given(
+    st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=200, unique=True),
+    st.integers(0, 3),
+)
+def test_rehash_finds_every_key(keys_list: list[int], extra: int) -> None:
     keys = np.array(keys_list, U64)
-    size = 1 << int(np.ceil(np.log2(2 * keys.size + 1)))
-    index = k.new_index(size)
-    row_keys = np.empty(keys.size, U64)
+    buckets = 1 << int(np.ceil(np.log2(keys.size / 4.5)) if keys.size > 4 else 0)
+    index = k.new_index(buckets)  # up to 90% full: long overflow chains
     rows = np.empty(keys.size, np.int64)
-    assert k.lookup_or_insert(index, row_keys, 0, keys.size, keys, rows, 0) == (
-        keys.size,
-        keys.size,
-    )
-    bigger = k.new_index(2 * size)
-    k.rehash(bigger, row_keys, keys.size)
+    assert k.lookup_or_insert(index, 0, keys.size, keys, rows, 0) == (keys.size, keys.size)
+    bigger = k.new_index(buckets << extra)
+    k.rehash(bigger, index)
     found = np.empty(keys.size, np.int64)
     assert k.lookup(bigger, keys, found) == 0
     assert found.tolist() == list(range(keys.size))
+    by_row = np.empty(keys.size, U64)
+    k.keys_by_row(bigger, by_row)
+    assert by_row.tolist() == keys_list
 
 
 def test_has_duplicates_and_sum_in_order() -> None:
-    mark = np.zeros(10, np.int64)
+    mark = np.zeros(10, np.uint8)
     assert not k.has_duplicates(np.array([3, 1, 4], np.int64), mark, 1)
     rows = np.array([3, 1, 3, 5, 1, 3], np.int64)
     assert k.has_duplicates(rows, mark, 2)
     grads = np.arange(12, dtype=np.float32).reshape(6, 2)
-    urows, ugrads = k.sum_duplicates(rows, grads, mark)
+    urows, ugrads = k.sum_duplicates(rows, grads)
     assert urows.tolist() == [3, 1, 5]
     np.testing.assert_array_equal(ugrads, [[0 + 4 + 10, 1 + 5 + 11], [2 + 8, 3 + 9], [6, 7]])
-    # Marks left by the dedup never look like a later stamp.
     assert not k.has_duplicates(np.array([3, 1, 5], np.int64), mark, 3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**40), min_size=1, max_size=300))
+def test_sum_duplicates_matches_reference(rows_list: list[int]) -> None:
+    rows = np.array(rows_list, np.int64)
+    grads = np.random.default_rng(len(rows_list)).normal(size=(rows.size, 3)).astype(np.float32)
+    want: dict[int, np.ndarray] = {}
+    for r, g in zip(rows_list, grads, strict=True):
+        want[r] = want[r] + g if r in want else g.copy()  # in order of occurrence
+    urows, ugrads = k.sum_duplicates(rows, grads)
+    assert urows.tolist() == list(want)
+    np.testing.assert_array_equal(ugrads, np.array(list(want.values())).reshape(-1, 3))
 
 
 def test_count_nonfinite() -> None:

@@ -256,8 +256,50 @@ def test_index_growth_keeps_every_row() -> None:
     np.testing.assert_array_equal(s.pull(keys[:1000]), first - 1.0)
     fresh = SparseShard(2, np.float64, Uniform(), SGD(), seed=3)
     np.testing.assert_array_equal(s.pull(keys[1000:]), fresh.pull(keys[1000:], create=False))
-    assert s.nbytes >= s.capacity * (2 * 8 + 8)
+    buckets = s._index.shape[0]
+    assert s.nbytes == s.capacity * (2 * 8 + 1) + buckets * 64
+    assert 2 * buckets < s.num_rows <= 4 * buckets  # doubled when 4 rows a bucket
     np.testing.assert_array_equal(s.export()["keys"][:1000], keys[:1000])  # insertion order
+
+
+def test_rows_past_the_row_id_limit_are_refused_and_nothing_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row ids are 32-bit (``INDEX_MAX_ROWS``, lowered here): a request that would create
+    more rows is refused whole, one that fits exactly is served."""
+    from paramserver.server import kernels
+
+    monkeypatch.setattr(kernels, "INDEX_MAX_ROWS", 50)
+    s = SparseShard(1, np.float32, Zeros(), SGD(lr=1.0), seed=0, capacity=4)
+    s.push(np.arange(40, dtype=U64), np.ones((40, 1), np.float32))
+    with pytest.raises(ConfigError, match="11 new rows would take this shard past the 50"):
+        s.push(np.arange(29, 51, dtype=U64), np.ones((22, 1), np.float32))
+    with pytest.raises(ConfigError, match="past the 50"):
+        s.pull(np.arange(35, 60, dtype=U64))
+    assert s.num_rows == 40
+    np.testing.assert_array_equal(s.pull(np.arange(40, dtype=U64))[:, 0], -np.ones(40))
+    s.push(np.arange(30, 50, dtype=U64), np.ones((20, 1), np.float32))  # exactly 50 rows
+    assert s.num_rows == 50
+    assert (
+        s.pull(np.arange(50, dtype=U64))[:, 0].tolist() == [-1.0] * 30 + [-2.0] * 10 + [-1.0] * 10
+    )
+
+
+def test_duplicates_found_across_stamp_wraps() -> None:
+    """The duplicate marks are a byte a row with a stamp that wraps every 255 pushes:
+    duplicates are summed and distinct keys are not, before and after the wraps."""
+    s = SparseShard(1, np.float64, Zeros(), SGD(lr=1.0), seed=0)
+    keys = np.arange(10, dtype=U64)
+    want = np.zeros(10)
+    for i in range(700):
+        batch = keys[[i % 10, (i + 1) % 10, (i + 3) % 10]]
+        if i % 7 == 0:
+            batch[2] = batch[0]  # a duplicate
+        _, dup = s.resolve(batch)
+        assert dup == (i % 7 == 0)
+        s.push(batch, np.ones((3, 1)))
+        np.add.at(want, batch.astype(np.int64), -1.0)
+    np.testing.assert_array_equal(s.pull(keys)[:, 0], want)
 
 
 # ----------------------------------------------------------------------------- export / load
