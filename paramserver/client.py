@@ -66,8 +66,9 @@ def connect(
     With no address, the coordinator comes from ``PS_COORDINATOR`` (and the rank from
     ``PS_RANK``), as set by ``paramserver run`` or any other launcher. The cluster token comes
     from ``token`` or ``PS_TOKEN`` / ``PS_TOKEN_FILE``. ``transport``
-    (default ``PS_TRANSPORT``, else ``"auto"``): ``"auto"`` passes dense tables through shared
-    memory with servers on this host and uses TCP for the rest; ``"tcp"`` always uses TCP.
+    (default ``PS_TRANSPORT``, else ``"auto"``): ``"auto"`` passes dense tables, and the large
+    arrays of sparse requests, through shared memory with servers on this host and uses TCP for
+    the rest; ``"tcp"`` always uses TCP.
 
     Example:
         client = ps.connect("127.0.0.1:7000")
