@@ -335,3 +335,31 @@ def test_slot_bad_input_changes_nothing(cluster: ps.LocalCluster) -> None:
         seg.close()
     assert sum(s["tables"]["emb"]["rows"] for s in client.stats()) == 0
     np.testing.assert_array_equal(emb.pull(keys[:5]), np.ones((5, 4), np.float32))
+
+
+def test_a_deferred_sync_pull_is_answered_into_its_slot(fast_timeouts: ps.Timeouts) -> None:
+    """Under sync, a worker's pull for the next clock waits on the servers until the slow
+    worker's push of this clock is applied; the answer, written into the pull's slot later,
+    holds both workers' updates."""
+    with ps.LocalCluster(servers=2, workers=2, timeouts=fast_timeouts) as cluster:
+        fast, slow = (
+            cluster.connect(rank=0, transport="auto"),
+            cluster.connect(rank=1, transport="auto"),
+        )
+        keys = np.arange(20_000, dtype=np.uint64)  # 640 KiB of rows per server
+        spec = {"dim": 16, "init": ps.init.Constant(1.0), "consistency": "sync"}
+        a = fast.sparse_table("emb", optimizer=ps.optim.SGD(lr=1.0), **spec)
+        b = slow.sparse_table("emb", optimizer=ps.optim.SGD(lr=1.0), **spec)
+        for _ in range(3):  # slots are attached in the background: let them be
+            a.pull(keys)
+        a.push(keys, np.full((len(keys), 16), 0.25, np.float32)).result()
+        fast.clock()
+        waiting = a.pull_async(keys)  # clock 1: needs the slow worker's clock 0
+        fast._ep.poll(0.3)
+        assert not waiting.done()
+        b.push(keys, np.full((len(keys), 16), 0.75, np.float32)).result()
+        slow.clock()
+        rows = waiting.result(30)
+        # sync applies the workers' mean gradient: 1 - (0.25 + 0.75) / 2
+        np.testing.assert_array_equal(rows, np.full((len(keys), 16), 0.5, np.float32))
+        assert _slot_requests(fast) >= 4

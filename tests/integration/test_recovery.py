@@ -103,7 +103,7 @@ def test_a_killed_server_is_replaced_and_training_goes_on(tmp_path: Path, transp
         checkpoint_every=0.3,
     ) as cluster:
         client = cluster.connect(transport=transport)
-        emb = client.sparse_table("emb", dim=4, optimizer=ps.optim.SGD(lr=0.1), consistency="sync")
+        emb = client.sparse_table("emb", dim=8, optimizer=ps.optim.SGD(lr=0.1), consistency="sync")
         dense = client.dense_table(
             "w", shape=(1000,), optimizer=ps.optim.SGD(lr=0.1), consistency="sync"
         )
@@ -120,7 +120,8 @@ def test_a_killed_server_is_replaced_and_training_goes_on(tmp_path: Path, transp
                 kill_step = step
             assert kill_step >= 0 or step < steps - 20, "no checkpoint was written"
             # a new key list each step (the key cache is for async/ssp tables)
-            keys = np.arange(step, step + 200, dtype=np.uint64)
+            # large enough for shared-memory slots under "auto" (64 KiB of rows per server)
+            keys = np.arange(step, step + 4000, dtype=np.uint64)
             rows = emb.pull(keys)
             w = dense.pull()
             f1 = emb.push(keys, np.ones_like(rows))
@@ -139,4 +140,8 @@ def test_a_killed_server_is_replaced_and_training_goes_on(tmp_path: Path, transp
         after = dense.pull()
         assert np.all(after < -0.1 * (steps - kill_step))
         assert dense.shared_memory == (transport == "auto")
+        if transport == "auto":  # the replacement got slots of its own, and used them
+            made, pool = client._slot_pools[1]
+            assert made == client.replaced[1] >= 1
+            assert pool.used > 0 and pool.slots
     print(f"server recovery: training moved again {recovered - killed_at:.2f}s after SIGKILL")
