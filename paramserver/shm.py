@@ -114,7 +114,9 @@ def create(nbytes: int, regions: int = 2) -> Segment | None:
     except OSError:
         return None
     try:
-        os.ftruncate(fd, total)
+        # reserved now: a full /dev/shm (64 MiB in a default container) refuses here, instead
+        # of a SIGBUS when a page is first written
+        os.posix_fallocate(fd, 0, total)
         mm = mmap.mmap(fd, total)
     except OSError:
         with contextlib.suppress(OSError):
