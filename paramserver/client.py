@@ -8,6 +8,7 @@ any answer is awaited, so they proceed in parallel.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -17,7 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -799,6 +800,37 @@ KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more, s
 RECENT_LISTS = 2  # latest key lists whose dedup a worker reuses without caching them
 
 
+FACTORIZE_MIN = 2048  # shorter lists: np.unique is as fast, and nothing more is imported
+
+
+@functools.cache
+def _factorize() -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    try:
+        from pandas import factorize
+    except ImportError:
+        return None
+    return cast(Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], factorize)
+
+
+def unique_inverse(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct keys of ``flat`` and the position of each key among them
+    (``uniq[inverse] == flat``). Long lists go through a hash table, pandas' ``factorize``
+    where pandas is installed (0.11 ms for 20k keys against 0.9 ms for ``np.unique``'s sort);
+    the distinct keys then come in order of first appearance rather than sorted.
+
+    Example:
+        >>> uniq, inv = unique_inverse(np.array([5, 3, 5], np.uint64))
+        >>> uniq[inv].tolist()
+        [5, 3, 5]
+    """
+    factorize = _factorize() if len(flat) >= FACTORIZE_MIN else None
+    if factorize is None:
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        return uniq, inverse
+    codes, uniques = factorize(flat)
+    return np.asarray(uniques, dtype=flat.dtype), np.asarray(codes, dtype=np.intp)
+
+
 def _fingerprint(flat: np.ndarray) -> tuple[int, ...]:
     # O(1): length and a few sampled keys. Only a hint: a hit is confirmed by comparing the
     # whole list, so a collision costs a comparison, never a wrong answer.
@@ -860,7 +892,7 @@ class SparseTable(_Handle):
             if cacheable and self._seen[fp] >= 3:
                 self._promote(fp, plan)
             return plan
-        uniq, inverse = np.unique(flat, return_inverse=True)
+        uniq, inverse = unique_inverse(flat)
         distinct = len(uniq) == len(flat)
         base = flat if distinct else uniq
         owners = self.client.ring.route(base)
