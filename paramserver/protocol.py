@@ -93,6 +93,7 @@ U63 = _int(0, (1 << 63) - 1)
 RANK = _int(0, 1 << 20)
 NAME = _str(128)
 MAX_SHARDS = 1 << 24
+BULK = _int(1, MAX_MESSAGE_BYTES)
 ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
 
 # kind -> {field: (check, required)}. Fields common to all kinds ("kind", "id", "v", "arrays")
@@ -149,6 +150,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "timeout": (_is_timeout, True),
         "shm": (_is_bool, False),  # dense: answer into the attached shared-memory segment
         "sig": (U63, False),  # sparse: key-list signature (key caching)
+        "bulk": (_is_bool, False),  # dense: the values may come on the bulk channel
     },
     "push": {
         "table": (NAME, True),
@@ -157,7 +159,11 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "seq": (U63, True),
         "shm": (_is_bool, False),  # dense: the gradient is in the attached segment
         "sig": (U63, False),  # sparse: key-list signature (key caching)
+        "bulk": (BULK, False),  # dense: this many gradient bytes follow on the bulk channel
     },
+    # a worker asks for a ticket to open a bulk channel (paramserver.bulk); the reply has the
+    # port and the ticket
+    "open_bulk": {"rank": (RANK, True)},
     # a worker offers a shared-memory segment for a dense table (same-host fast path)
     "attach": {
         "table": (NAME, True),
@@ -181,6 +187,9 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "path": (_opt(_str(4096)), False),
         "shard": (_opt(_int(-1, MAX_SHARDS - 1)), False),
         "shm": (_is_bool, False),
+        "bulk": (BULK, False),  # a pull's values follow on the bulk channel
+        "port": (_int(1, 65535), False),
+        "ticket": (U63, False),
     },
     "error": {"code": (_str(64), True), "message": (_str(4096), True)},
 }
