@@ -201,7 +201,7 @@ class Listener:
             raise ConnectionError(f"{what}: no bulk connection from this worker")
         try:
             recv_exactly(c.sock, buf, self.idle, what)
-        except OSError as exc:
+        except BaseException as exc:  # out of step with the headers now, whatever happened
             self._drop(c, str(exc))
             raise
         finally:
