@@ -582,9 +582,13 @@ class Endpoint:
             except (OSError, ProtocolError) as exc:
                 peer.close_bulk()  # out of step with the headers now
                 entry = peer.pending.pop(header["id"], None)
-                if entry is not None:
-                    err = PSTimeoutError if isinstance(exc, TimeoutError) else NodeLostError
-                    entry[0].set_exception(err(str(exc)))
+                if entry is not None:  # a closed connection: the server died, or dropped it
+                    error: Exception = exc
+                    if isinstance(exc, TimeoutError):
+                        error = PSTimeoutError(str(exc))
+                    elif isinstance(exc, OSError):
+                        error = NodeLostError(str(exc))
+                    entry[0].set_exception(error)
                 return
         elif header["kind"] == "error" and header["code"] == "bulk":
             peer.close_bulk()  # the server closed its end
