@@ -1293,6 +1293,7 @@ class DenseTable(_Handle):
     def push(self, grad: Any) -> Future[None]:
         """Send a gradient of the table's shape; returns at once (``.result()`` waits). Do not
         modify ``grad`` until then. A gradient computed into :meth:`push_buffer` is not copied.
+        Over the TCP bulk channel it returns once the sockets have taken the gradient.
 
         Example:
             dense.push(grad).result()
