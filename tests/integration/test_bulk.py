@@ -206,10 +206,8 @@ def test_a_worker_killed_mid_push_hangs_no_one(one_server: ps.LocalCluster) -> N
     before = w.pull()
     child = _start_worker(one_server, "half-push")
     assert child.wait(timeout=30) == -signal.SIGKILL  # died half-way through its payload
-    started = time.monotonic()
     w.push(np.ones(n, np.float32)).result(20)
     np.testing.assert_array_equal(w.pull(), before - 1.0)  # the half push changed nothing
-    assert time.monotonic() - started < 15
 
 
 def test_a_worker_that_stops_reading_blocks_no_one(one_server: ps.LocalCluster) -> None:
@@ -243,14 +241,10 @@ def test_a_replaced_server_gets_a_new_bulk_channel() -> None:
         old = client._ep.peers["server[0]"]
         assert old.bulk is not None
         os.kill(client.stats()[0]["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while not cluster.restarts or client.replaced[0] == 0:
-            assert time.monotonic() < deadline, "the server was not replaced"
-            try:
-                client.stats(timeout=1)
-            except ps.errors.PSError:
-                time.sleep(0.1)
-        start = w.pull()  # the replacement has no checkpoint: the table starts again
+        # waits for the replacement, then asks it (in ZeroMQ frames: no channel to it yet);
+        # it has no checkpoint to load, so the table starts again
+        start = w.pull(timeout=30)
+        assert client.replaced[0] == 1
         w.push(np.ones(n, np.float32)).result()
         np.testing.assert_array_equal(w.pull(), start - 1.0)
         assert client._ep.peers["server[0]"] is not old
