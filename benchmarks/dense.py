@@ -1,7 +1,8 @@
 """Workload 1: push then pull of a dense float32 table (64 MiB), 1 worker + 1 server, one host.
 
 Cases: the default path (shared memory between processes on one host), the same forced over
-TCP (``transport="tcp"``, the path between hosts), and same-run baselines: a raw TCP socket
+TCP (``transport="tcp"``, the path between hosts: large arrays on the raw-socket bulk channel),
+over TCP in ZeroMQ frames only (``transport="zmq"``), and same-run baselines: a raw TCP socket
 round trip receiving into a reused buffer, a pyzmq round trip receiving into fresh buffers,
 and a NumPy memcpy. Throughput counts both directions: 2 x table bytes per push+pull.
 
@@ -210,6 +211,14 @@ def main() -> None:
         "dense",
         f"push+pull {mib} MiB over TCP, plain arrays",
         gb / t_tcp_plain,
+        "GB/s",
+        baseline=gb / t_raw,
+    )
+    t_zmq_ps, _ = ps_dense(nbytes, repeat, "zmq")
+    emit(
+        "dense",
+        f"push+pull {mib} MiB over TCP, ZeroMQ frames only (transport='zmq')",
+        gb / t_zmq_ps,
         "GB/s",
         baseline=gb / t_raw,
     )

@@ -7,6 +7,8 @@ Where things live:
 * ``coordinator.py`` membership, heartbeats, views, barriers, the table registry
 * ``server/``        one server process: event loop, shards, optimizer kernels, consistency
 * ``protocol.py``    the wire format; ``transport.py`` the ZeroMQ sockets and futures
+* ``bulk.py``        raw TCP connections beside ZeroMQ for large dense values; ``shm.py``
+                     shared memory for them on one host
 * ``partition.py``   which server owns a key or a range; ``spec.py`` table specs
 * ``init.py`` / ``optim.py``  initializers and server-side optimizers (``ps.init``, ``ps.optim``)
 * ``ray.py``         the Ray backend: ``ps.ray.launch(train, servers=, workers=)``

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from paramserver import shm
+from paramserver import bulk, shm
 from paramserver.codec import decode_rows
 from paramserver.config import (
     Timeouts,
@@ -69,7 +69,9 @@ def connect(
     from ``token`` or ``PS_TOKEN`` / ``PS_TOKEN_FILE``. ``transport``
     (default ``PS_TRANSPORT``, else ``"auto"``): ``"auto"`` passes dense tables, and the large
     arrays of sparse requests, through shared memory with servers on this host and uses TCP for
-    the rest; ``"tcp"`` always uses TCP.
+    the rest; ``"tcp"`` always uses TCP. Over TCP, large dense arrays take a raw socket beside
+    ZeroMQ (the bulk channel), except with a cluster token (it is not encrypted) or with
+    ``"zmq"``: ZeroMQ frames only.
 
     Example:
         client = ps.connect("127.0.0.1:7000")
@@ -260,6 +262,7 @@ class Client:
         sink: np.ndarray | None = None,
         again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
         reply_bytes: int | None = None,
+        bulk: bool = False,
     ) -> Future[Any]:
         """A request to server ``s`` that survives its replacement: if the server is lost, wait
         (up to the request timeout) for a view in which a new server holds rank ``s``, then send
@@ -285,7 +288,9 @@ class Client:
                 if pool is not None and at + reply_bytes >= SLOT_MIN_BYTES:
                     got = pool.take(at + reply_bytes)
             if got is None:
-                fut = self._ep.request(name, header, arrays, what=what, parse=parse, sink=sink)
+                fut = self._ep.request(
+                    name, header, arrays, what=what, parse=parse, sink=sink, bulk=bulk
+                )
             else:
                 assert pool is not None
                 slot, region = got
@@ -1207,6 +1212,16 @@ class DenseTable(_Handle):
             finally:
                 self._last_push = None
 
+    def _bulk(self, s: int, a: int, b: int) -> bool:
+        """Whether range [a:b] to and from server ``s`` may take the bulk channel (opened on
+        first use; without it, ZeroMQ frames)."""
+        c = self.client
+        return (
+            (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
+            and c.transport != "zmq"
+            and c._ep.open_bulk(_server(s), c.rank, c.timeouts.heartbeat_timeout)
+        )
+
     def _over_tcp(self, s: int) -> bool:
         """Whether server ``s`` took over after the segment was shared: reach it by TCP."""
         return self.client.replaced[s] != self._lane_servers[s]
@@ -1262,6 +1277,9 @@ class DenseTable(_Handle):
                 if not msg[0].get("shm") or msg[1]:
                     raise ConfigError(f"table {self.name!r}: server did not answer in memory")
                 return None
+            if msg[0].get("bulk"):  # raw bytes from the bulk channel
+                raw = msg[1][0]
+                return raw.view(self.dtype) if raw.nbytes % self.dtype.itemsize == 0 else raw
             return msg[1][0]
 
         def part_by_tcp(a: int, b: int) -> Callable[[Message], None]:
@@ -1297,6 +1315,7 @@ class DenseTable(_Handle):
                 f"({c._ep.address_of(_server(s))})",
                 parse=part,
                 sink=None if dest is None else dest.view(np.uint8)[a * item : b * item],
+                bulk=self._bulk(s, a, b),
             )
             if seg is None
             else c._server_request(
@@ -1360,6 +1379,7 @@ class DenseTable(_Handle):
     def push(self, grad: Any) -> Future[None]:
         """Send a gradient of the table's shape; returns at once (``.result()`` waits). Do not
         modify ``grad`` until then. A gradient computed into :meth:`push_buffer` is not copied.
+        Over the TCP bulk channel it returns once the sockets have taken the gradient.
 
         Example:
             dense.push(grad).result()
@@ -1403,6 +1423,7 @@ class DenseTable(_Handle):
                 arr,
                 what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",
                 again=None if seg is None else (lambda s=s: tcp[s]),  # type: ignore[misc]
+                bulk=seg is None and self._bulk(s, a, b),
             )
             for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
         ]

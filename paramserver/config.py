@@ -150,11 +150,12 @@ def parse_consistency(value: str) -> tuple[str, int]:
     raise ConfigError(f"consistency must be 'sync', 'async' or 'ssp:N' with N >= 0, got {value!r}")
 
 
-TRANSPORTS = ("auto", "tcp")
+TRANSPORTS = ("auto", "tcp", "zmq")
 
 
 def parse_transport(value: str, what: str = "transport") -> str:
-    """``auto``: shared memory with servers on the same host, TCP otherwise; ``tcp``: always TCP.
+    """``auto``: shared memory with servers on the same host, TCP otherwise; ``tcp``: always TCP
+    (large dense arrays on the raw-socket bulk channel); ``zmq``: always TCP, in ZeroMQ frames.
 
     Example:
         parse_transport("tcp")  # "tcp"

@@ -102,6 +102,7 @@ U63 = _int(0, (1 << 63) - 1)
 RANK = _int(0, 1 << 20)
 NAME = _str(128)
 MAX_SHARDS = 1 << 24
+BULK = _int(1, MAX_MESSAGE_BYTES)
 ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
 
 # kind -> {field: (check, required)}. Fields common to all kinds ("kind", "id", "v", "arrays")
@@ -160,6 +161,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "sig": (U63, False),  # sparse: key-list signature (key caching)
         "slot": (_int(0, MAX_SLOTS - 1), False),  # same host: arrays lie in this slot
         "reply_at": (U63, False),  # where in the slot the reply's arrays may go
+        "bulk": (_is_bool, False),  # dense: the values may come on the bulk channel
     },
     "push": {
         "table": (NAME, True),
@@ -171,7 +173,11 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "sig": (U63, False),  # sparse: key-list signature (key caching)
         "slot": (_int(0, MAX_SLOTS - 1), False),
         "reply_at": (U63, False),
+        "bulk": (BULK, False),  # dense: this many gradient bytes follow on the bulk channel
     },
+    # a worker asks for a ticket to open a bulk channel (paramserver.bulk); the reply has the
+    # port and the ticket
+    "open_bulk": {"rank": (RANK, True)},
     # a worker offers a shared-memory segment for a dense table (same-host fast path)
     "attach": {
         "table": (NAME, True),
@@ -203,6 +209,9 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "path": (_opt(_str(4096)), False),
         "shard": (_opt(_int(-1, MAX_SHARDS - 1)), False),
         "shm": (_is_bool, False),
+        "bulk": (BULK, False),  # a pull's values follow on the bulk channel
+        "port": (_int(1, 65535), False),
+        "ticket": (U63, False),
     },
     "error": {"code": (_str(64), True), "message": (_str(4096), True)},
 }

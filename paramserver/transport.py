@@ -6,6 +6,8 @@
   :class:`Future` objects that are completed by whoever waits. There is no background thread:
   ``Future.result()`` polls all of the endpoint's sockets, so replies from every peer are
   dispatched while any one of them is awaited, and libzmq's own I/O threads move the bytes.
+* Large arrays may bypass ZeroMQ on a peer's bulk channel (:mod:`paramserver.bulk`): see
+  :meth:`Endpoint.open_bulk` and ``request(..., bulk=True)``.
 * :class:`Heartbeat` sends heartbeats on its own thread and socket, so a long computation or a
   long kernel never looks like death.
 
@@ -28,6 +30,7 @@ import numpy as np
 import zmq
 from zmq.utils import z85
 
+from paramserver import bulk as bulk_channel
 from paramserver import protocol
 from paramserver.errors import (
     ConfigError,
@@ -361,6 +364,13 @@ class _Peer:
         # request id -> what waits for the answer
         self.pending: dict[int, _Pending] = {}
         self.lost: str | None = None
+        self.bulk: bulk_channel.Channel | None = None
+        self.bulk_off = False  # refused or unreachable: this peer gets ZeroMQ frames only
+
+    def close_bulk(self) -> None:
+        if self.bulk is not None:
+            self.bulk.close()
+            self.bulk = None
 
 
 class Endpoint:
@@ -407,6 +417,7 @@ class Endpoint:
         self._poller.unregister(peer.socket)
         del self._by_socket[peer.socket]
         self._fail_pending(peer, NodeLostError(reason))
+        peer.close_bulk()
         peer.socket.close(0)
 
     def mark_lost(self, name: str, reason: str) -> None:
@@ -415,6 +426,36 @@ class Endpoint:
         if peer is not None:
             peer.lost = reason
             self._fail_pending(peer, NodeLostError(reason))
+
+    def open_bulk(self, name: str, rank: int, idle: float) -> bool:
+        """Open the bulk channel to ``name`` unless it is open (or was refused); whether it is
+        open. ``idle``: how long a transfer may make no progress. Never with a cluster token:
+        the channel is not encrypted."""
+        peer = self.peers.get(name)
+        if peer is None or peer.lost is not None or peer.bulk_off or self.security is not None:
+            return False
+        if peer.bulk is not None:
+            return True
+        what = f"opening the bulk channel to {name} at {peer.address}"
+        try:
+            reply = self.request(name, {"kind": "open_bulk", "rank": rank}, what=what).result(idle)
+            if not isinstance(reply.get("port"), int) or not isinstance(reply.get("ticket"), int):
+                raise ProtocolError("no port and ticket in the reply")
+            host = peer.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+            channel = bulk_channel.Channel.open(
+                host, reply["port"], reply["ticket"], idle=idle, where=name
+            )
+        except (NodeLostError, PSTimeoutError):
+            return False  # the peer itself is in trouble; its requests will say so
+        except (RemoteError, ProtocolError, OSError) as exc:
+            log.info("%s failed (%s); it gets ZeroMQ frames", what, exc)
+            peer.bulk_off = True
+            return False
+        if self.peers.get(name) is not peer:  # replaced while we waited
+            channel.close()
+            return False
+        peer.bulk = channel
+        return True
 
     def _fail_pending(self, peer: _Peer, error: BaseException) -> None:
         pending, peer.pending = peer.pending, {}
@@ -438,6 +479,7 @@ class Endpoint:
         region: np.ndarray | None = None,
         start: int = 0,
         release: Callable[[], None] | None = None,
+        bulk: bool = False,
     ) -> Future[dict[str, Any]]: ...
 
     @overload
@@ -453,6 +495,7 @@ class Endpoint:
         region: np.ndarray | None = None,
         start: int = 0,
         release: Callable[[], None] | None = None,
+        bulk: bool = False,
     ) -> Future[T]: ...
 
     def request(
@@ -467,13 +510,19 @@ class Endpoint:
         region: np.ndarray | None = None,
         start: int = 0,
         release: Callable[[], None] | None = None,
+        bulk: bool = False,
     ) -> Future[Any]:
         """Send a request to peer ``name``; the future gets ``parse((header, arrays))``, or the
         reply header when there is no ``parse``. A reply's first array, when it comes in several
-        frames, is assembled straight into ``sink`` (a uint8 buffer large enough) if given.
+        frames or on the bulk channel, lands straight in ``sink`` (a uint8 buffer large enough)
+        if given.
+
         With a shared slot ``region`` (the header names it), large arrays go there from offset
         ``start`` on, reply arrays may come back in it, and ``release`` runs once the answer
-        was parsed (the slot is free again)."""
+        was parsed (the slot is free again). With ``bulk`` and an open bulk channel to the
+        peer, a single large array goes over it (the header says ``bulk: nbytes``), and a
+        request without arrays says that its reply may come over it (``bulk: True``; such a
+        reply's array is uint8 and its header keeps ``bulk``)."""
         peer = self.peers.get(name)
         fut: Future[Any] = Future(self, what)
         unsent: BaseException | None = None
@@ -483,11 +532,17 @@ class Endpoint:
             unsent = NodeLostError(f"{what}: {peer.lost}")
         else:
             request_id = next(self._ids)
+            header = {**header, "id": request_id}
+            payload = None
+            if bulk and peer.bulk is not None:
+                if not arrays:
+                    header["bulk"] = True
+                elif len(arrays) == 1 and arrays[0].nbytes >= bulk_channel.MIN_BYTES:
+                    payload = np.ascontiguousarray(arrays[0]).reshape(-1).view(np.uint8)
+                    header["bulk"], arrays = payload.nbytes, ()
             peer.pending[request_id] = _Pending(fut, parse, sink, region, release)
             try:
-                frames = protocol.encode({**header, "id": request_id}, arrays, region, start)
-                _send(peer.socket, frames)
-                return fut
+                _send(peer.socket, protocol.encode(header, arrays, region, start))
             except zmq.Again:
                 peer.pending.pop(request_id, None)
                 unsent = NodeLostError(f"{what}: {self._unreachable(peer)}")
@@ -496,6 +551,16 @@ class Endpoint:
                 if release is not None:
                     release()
                 raise
+            else:
+                if payload is not None and peer.bulk is not None:
+                    try:
+                        peer.bulk.send(payload.data, what)
+                    except OSError as exc:
+                        # the server reads a short payload and refuses the request (or it is
+                        # dead, and the view says so): the future is completed by that answer
+                        log.warning("%s: %s; bulk channel closed", what, exc)
+                        peer.close_bulk()
+                return fut
         if release is not None:  # nothing went out: the slot is free again
             release()
         fut.set_exception(unsent)
@@ -554,6 +619,24 @@ class Endpoint:
         except ProtocolError as exc:
             log.warning("dropped a malformed message from %s: %s", peer.name, exc)
             return
+        if header["kind"] == "reply" and "bulk" in header:
+            try:
+                arrays = [self._recv_bulk(peer, header)]
+            except (OSError, ProtocolError) as exc:
+                peer.close_bulk()  # out of step with the headers now
+                entry = peer.pending.pop(header["id"], None)
+                if entry is not None:  # a closed connection: the server died, or dropped it
+                    error: Exception = exc
+                    if isinstance(exc, TimeoutError):
+                        error = PSTimeoutError(str(exc))
+                    elif isinstance(exc, OSError):
+                        error = NodeLostError(str(exc))
+                    entry.fut.set_exception(error)
+                    if entry.release is not None:
+                        entry.release()
+                return
+        elif header["kind"] == "error" and header["code"] == "bulk":
+            peer.close_bulk()  # the server closed its end
         if header["kind"] not in ("reply", "error"):
             if self.on_message is not None:
                 self.on_message(peer.name, header, arrays)
@@ -577,6 +660,18 @@ class Endpoint:
         finally:
             if entry.release is not None:
                 entry.release()
+
+    def _recv_bulk(self, peer: _Peer, header: dict[str, Any]) -> np.ndarray:
+        """Read a reply's payload from the bulk channel, into its request's sink if it fits."""
+        waiting = peer.pending.get(header["id"])
+        what = waiting.fut.what if waiting is not None else "a late reply"
+        if peer.bulk is None:
+            raise ProtocolError(f"{what}: {peer.name} answered on a bulk channel that is closed")
+        n = header["bulk"]
+        sink = waiting.sink if waiting is not None else None
+        buf = sink[:n] if sink is not None and sink.nbytes >= n else np.empty(n, np.uint8)
+        peer.bulk.recv_into(buf.data, what)
+        return buf
 
     def close(self) -> None:
         for name in list(self.peers):

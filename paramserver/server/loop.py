@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from paramserver import protocol, shm
+from paramserver import bulk, protocol, shm
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError, RemoteError
 from paramserver.init import Zeros
@@ -136,6 +136,14 @@ class Server:
             self.ctx.term()
             raise
         self.address = self.router.address
+        # the bulk channel for large dense payloads; not with a token (it is not encrypted)
+        self.bulk: bulk.Listener | None = None
+        if security is None:
+            try:
+                self.bulk = bulk.Listener(host, idle=self.timeouts.heartbeat_timeout)
+            except OSError as exc:
+                log.warning("no bulk channel (dense values travel in ZeroMQ frames): %s", exc)
+        self._watched: dict[int, int] = {}  # bulk fds in the poller -> events
         if advertise or host in ("0.0.0.0", "*"):
             self.address = f"tcp://{advertise or pysocket.gethostname()}:{self.router.port}"
         self.tables: dict[str, Table] = {}
@@ -202,6 +210,8 @@ class Server:
                 time.sleep(0.1)
         self.rank = int(reply["rank"])
         self.name = f"server[{self.rank}]"
+        if self.bulk is not None:
+            self.bulk.name = self.name
         view = reply["view"]
         restore = view.get("restore")
         start = int(restore["clock"]) if isinstance(restore, dict) else 0
@@ -241,7 +251,8 @@ class Server:
                 if self.deferred:
                     soonest = min(d.deadline for d in self.deferred) - time.monotonic()
                     wait_ms = max(0, min(wait_ms, int(soonest * 1000) + 1))
-                if poller.poll(wait_ms):
+                events = poller.poll(wait_ms) if self.bulk is None else self._poll(poller, wait_ms)
+                if events:
                     for _ in range(256):
                         try:
                             identity, frames = self.router.recv_raw_nowait()
@@ -260,8 +271,30 @@ class Server:
                 self._coord.poll(0)
                 if self.deferred:
                     self._expire_deferred(time.monotonic())
+                if self.bulk is not None:
+                    self.bulk.expire(time.monotonic())
         finally:
             self.close()
+
+    def _poll(self, poller: zmq.Poller, wait_ms: int) -> list[Any]:
+        """Poll the ROUTER and the bulk channel's sockets; handle the bulk events here."""
+        assert self.bulk is not None
+        reading, writing = self.bulk.fds()
+        want: dict[int, int] = dict.fromkeys(reading, int(zmq.POLLIN))
+        for fd in writing:
+            want[fd] = want.get(fd, 0) | int(zmq.POLLOUT)
+        for fd in self._watched.keys() - want.keys():
+            poller.unregister(fd)
+        for fd, ev in want.items():
+            if self._watched.get(fd) != ev:
+                poller.register(fd, ev)
+        self._watched = want
+        events = poller.poll(wait_ms)
+        for sock, ev in events:
+            if isinstance(sock, int):
+                err = bool(ev & zmq.POLLERR)
+                self.bulk.handle(sock, err or bool(ev & zmq.POLLIN), err or bool(ev & zmq.POLLOUT))
+        return events
 
     def close(self) -> None:
         if self._heartbeat is not None:
@@ -272,6 +305,8 @@ class Server:
                 seg.close()
         for seg in self.slots.values():
             seg.close()
+        if self.bulk is not None:
+            self.bulk.close()
         self._coord.close()
         self.router.close()
         self.ctx.term()
@@ -317,6 +352,9 @@ class Server:
                 self.last_seq.pop(r, None)
         for key in [key for key in self.slots if key[0] not in live]:
             self.slots.pop(key).close()  # a worker that left or died: its slots go too
+        if self.bulk is not None:
+            for r in self.clocks.live - live:
+                self.bulk.drop_rank(r)
         if live != self.clocks.live:
             self.clocks.set_live(live)
             self._progress()
@@ -339,6 +377,9 @@ class Server:
         kind, rid = header["kind"], header["id"]
         handler = getattr(self, f"_on_{kind}", None)
         try:
+            if kind == "push" and "bulk" in header:
+                # first of all: the payload is on its way behind this header
+                arrays = [self._recv_bulk(identity, header)]
             if handler is None:
                 raise Refused("bad_request", f"a server does not take {kind!r} messages")
             started = time.perf_counter()
@@ -351,6 +392,23 @@ class Server:
         except Exception as exc:  # a bug must not take the server down with it
             log.exception("%s: %s request %d failed", self.name, kind, rid)
             self.router.error(identity, rid, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _recv_bulk(self, identity: bytes, h: dict[str, Any]) -> np.ndarray:
+        what = f"{self.name}: push to table {h['table']!r} from worker[{h['rank']}]"
+        buf = self._alloc(0, h["bulk"])[: h["bulk"]]
+        try:
+            if self.bulk is None:
+                raise ConnectionError(f"{what}: {self.name} has no bulk channel")
+            self.bulk.recv(identity, buf.data, what)
+        except OSError as exc:
+            raise Refused("bulk", f"{exc}; the table is unchanged") from None
+        return buf
+
+    def _changing(self, t: Table) -> None:
+        """Called before a dense shard's weights change: replies still being written from
+        them keep the values they were sent with."""
+        if self.bulk is not None:
+            self.bulk.release(t)
 
     def _table(self, name: str) -> Table:
         t = self.tables.get(name)
@@ -524,6 +582,17 @@ class Server:
             t.pulls += 1
             self.router.reply(identity, h["id"], staleness=staleness, shm=True)
             return
+        elif (
+            h.get("bulk")
+            and self.bulk is not None
+            and t.spec.codec == "none"
+            and self.bulk.send(identity, t.shard.weights.data.cast("B"), owner=t)
+        ):
+            # written straight from the weights, as the socket takes it (see _changing)
+            t.pulls += 1
+            nbytes = (t.stop - t.start) * t.spec.np_dtype.itemsize
+            self.router.reply(identity, h["id"], staleness=staleness, bulk=nbytes)
+            return
         else:
             # into a reused reply buffer once libzmq has finished sending its last contents
             # (a fresh 64 MiB array per pull costs as much in page faults as the transfer)
@@ -639,6 +708,13 @@ class Server:
         dt = t.spec.np_dtype
         return seg.reply.view(dt)[t.start : t.stop]
 
+    def _on_open_bulk(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        if self.bulk is None:
+            why = "a cluster token is set" if self.security is not None else "it could not bind"
+            raise Refused("no_bulk", f"{self.name} has no bulk channel: {why}")
+        port, ticket = self.bulk.port, self.bulk.ticket(identity, h["rank"])
+        self.router.reply(identity, h["id"], port=port, ticket=ticket)
+
     def _on_attach(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         t = self._table(h["table"])
         rank = h["rank"]
@@ -701,6 +777,8 @@ class Server:
         dtype = t.spec.np_dtype
         if t.shard is None:
             raise Refused("invalid", f"{self.name} holds no range of dense table {t.spec.name!r}")
+        if "bulk" in h and t.spec.kind != "dense":
+            raise Refused("invalid", f"{where}: the bulk channel is for dense tables")
         if "sig" in h:
             if t.sync is not None:
                 raise Refused("invalid", f"{where}: key signatures are for async/ssp tables")
@@ -734,6 +812,8 @@ class Server:
             if len(arrays) != 1:
                 raise Refused("invalid", f"{where}: needs exactly one gradient array")
             keys, grads = None, arrays[0]
+            if "bulk" in h and grads.nbytes % dtype.itemsize == 0:
+                grads = grads.view(dtype)  # raw bytes from the bulk channel
             want = (t.stop - t.start,)
         if grads.shape != want or grads.dtype != dtype:
             raise Refused(
@@ -770,10 +850,12 @@ class Server:
             t.shard.push(keys, grads)
         elif h.get("shm"):
             # refresh the worker's reply region in the same pass: its next pull is free
+            self._changing(t)
             t.shard.push(grads, out=self._reply_region(t, rank))
             t.version += 1
             t.reply_version[rank] = t.version
         else:
+            self._changing(t)
             t.shard.push(grads)
             t.version += 1
         self.router.reply(identity, h["id"])
@@ -812,6 +894,7 @@ class Server:
                     keys, mean = aggregate_sparse(items, len(live))
                     t.shard.push(keys, mean)
                 else:
+                    self._changing(t)
                     t.shard.push(aggregate_dense(items, len(live)))
                 t.version += 1
 
