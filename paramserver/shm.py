@@ -65,6 +65,12 @@ class Segment:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
+    def drop_pages(self) -> None:
+        """Take this process's page mappings of the segment away (the contents stay in the
+        file): its resident memory shrinks until the pages are touched again."""
+        with contextlib.suppress(OSError, ValueError):
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         self.unlink()
         # numpy views keep the buffer exported; the mapping goes when the last view does

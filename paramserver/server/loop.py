@@ -268,6 +268,8 @@ class Server:
                     self._received = 0
                     self._scratch = [np.empty(0, np.uint8) for _ in self._scratch]
                     _libc_call("malloc_trim", 0)
+                    for seg in self.slots.values():  # mapped again on the next request
+                        seg.drop_pages()
                 self._coord.poll(0)
                 if self.deferred:
                     self._expire_deferred(time.monotonic())
@@ -375,6 +377,8 @@ class Server:
             self.router.error(identity, exc.request_id, exc.code, f"{self.name}: {exc}")
             return
         kind, rid = header["kind"], header["id"]
+        if "slot" in header:  # bytes that came in a shared slot count as received too
+            self._received += sum(a.nbytes for a in arrays)
         handler = getattr(self, f"_on_{kind}", None)
         try:
             if kind == "push" and "bulk" in header:
