@@ -102,6 +102,8 @@ def plot_training(recs: list[Rec], path: str) -> None:
     if single is not None:
         ax.axhline(single, color="tab:gray", linestyle=":", label="single-process NumPy")
         ax.axhline(0.7 * single, color="tab:red", linestyle="dashed", label="target: 0.7 x")
+    ax.set_xticks(sorted({w for pts in by_servers.values() for w, _ in pts}))
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("worker processes")
     ax.set_ylabel("examples/s")
     ax.set_title("FTRL logistic regression training")
@@ -132,11 +134,12 @@ def plot_capacity(recs: list[Rec], path: str) -> None:
         color="tab:orange",
         label="rows per server (M)",
     )
+    ax2.set_ylim(bottom=0)
     ax.set_xlabel("servers")
     ax.set_ylabel("MiB")
     ax2.set_ylabel("M rows")
     ax.set_title("capacity: each server holds 1/S of the table")
-    fig.legend(fontsize=8, loc="upper right")
+    fig.legend(fontsize=8, loc="upper right", bbox_to_anchor=(0.85, 0.85))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
