@@ -363,3 +363,31 @@ def test_a_deferred_sync_pull_is_answered_into_its_slot(fast_timeouts: ps.Timeou
         # sync applies the workers' mean gradient: 1 - (0.25 + 0.75) / 2
         np.testing.assert_array_equal(rows, np.full((len(keys), 16), 0.5, np.float32))
         assert _slot_requests(fast) >= 4
+
+
+def test_a_server_that_cannot_map_slots_gets_frames(
+    cluster: ps.LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a server on another host would: it refuses the first slot, the worker stops asking
+    and every request goes in frames, with the same answers."""
+    from paramserver import slots
+
+    create = shm.create
+
+    def elsewhere(nbytes: int, regions: int = 2) -> shm.Segment | None:
+        seg = create(nbytes, regions)
+        if seg is not None:
+            seg.unlink()  # the server finds no such file, as on another host
+        return seg
+
+    monkeypatch.setattr(slots.shm, "create", elsewhere)
+    client = cluster.connect()
+    emb = client.sparse_table(
+        "emb", dim=8, init=ps.init.Constant(1.0), optimizer=ps.optim.SGD(lr=1.0)
+    )
+    keys = np.arange(50_000, dtype=np.uint64)
+    for _ in range(4):
+        emb.push(keys, np.ones((len(keys), 8), np.float32)).result()
+    np.testing.assert_array_equal(emb.pull(keys), np.full((len(keys), 8), -3.0, np.float32))
+    pools = [pool for _, pool in client._slot_pools.values()]
+    assert pools and all(p.refused and not p.slots and p.used == 0 for p in pools)
