@@ -33,10 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from paramserver.client import Client, DenseTable, SparseTable
+from paramserver.client import Client
+from paramserver.dense import DenseTable
 from paramserver.errors import ConfigError
 from paramserver.init import Constant, Initializer, Normal, Uniform, Zeros
 from paramserver.optim import SGD, Optimizer
+from paramserver.tables import SparseTable
 from paramserver.transport import Future
 
 __all__ = ["DenseParameters", "Embedding"]

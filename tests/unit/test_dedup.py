@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from paramserver import client as client_module
-from paramserver.client import FACTORIZE_MIN, unique_inverse
+from paramserver import tables
+from paramserver.tables import FACTORIZE_MIN, unique_inverse
 
 
 @pytest.mark.parametrize("n", [0, 1, 10, FACTORIZE_MIN, 50_000])
@@ -16,7 +16,7 @@ def test_unique_inverse_rebuilds_the_list(
     n: int, with_pandas: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not with_pandas:
-        monkeypatch.setattr(client_module, "_factorize", lambda: None)
+        monkeypatch.setattr(tables, "_factorize", lambda: None)
     rng = np.random.default_rng(n)
     flat = rng.integers(0, max(1, n // 3), size=n).astype(np.uint64)
     flat[: n // 2] += np.uint64(2**63)  # keys above int64's range too

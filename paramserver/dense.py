@@ -1,0 +1,332 @@
+"""The handle on a dense table: one array, its ranges on the servers, same-host shared memory
+and the TCP bulk channel."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from paramserver import bulk, shm
+from paramserver.errors import ConfigError, RemoteError
+from paramserver.spec import TableSpec
+from paramserver.tables import _Handle, _server
+from paramserver.transport import (
+    Future,
+    Message,
+    gather,
+)
+
+if TYPE_CHECKING:
+    from paramserver.client import Client
+
+__all__ = ["DenseTable"]
+
+log = logging.getLogger(__name__)
+
+
+class DenseTable(_Handle):
+    """Handle on a dense table: one array of ``shape``.
+
+    With servers on the same host (and ``transport="auto"``) values travel through a shared
+    memory segment per table and worker: only headers go over the socket.
+
+    Example:
+        w = dense.pull(); dense.push(np.ones_like(w)).result()
+    """
+
+    def __init__(self, client: Client, spec: TableSpec) -> None:
+        super().__init__(client, spec)
+        self._seg: shm.Segment | None = None
+        self._shm_tried = False
+        self._lane_servers: Counter[int] = Counter()  # client.replaced when the lane was made
+        self._last_push: Future[None] | None = None
+        self._sendbuf: np.ndarray | None = None
+        self._recvbuf: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.spec.shape
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether this table's values travel through shared memory (decided on first use)."""
+        self._lane()
+        return self._seg is not None
+
+    def _lane(self) -> shm.Segment | None:
+        """The shared-memory segment, attached to every server of the table on first use."""
+        if self._shm_tried:
+            return self._seg
+        c = self.client
+        if c.transport != "auto":
+            self._shm_tried = True
+            return None
+        seg = shm.create(self.spec.size * self.dtype.itemsize)
+        if seg is None:
+            self._shm_tried = True
+            return None
+        ok = True
+        try:
+            futs = [
+                c._ep.request(
+                    _server(s),
+                    {
+                        "kind": "attach",
+                        "table": self.name,
+                        "rank": c.rank,
+                        "path": seg.path,
+                        "nonce": seg.nonce,
+                    },
+                    what=f"attaching shared memory for table {self.name!r} on {_server(s)}",
+                )
+                for s, _, _ in self.spec.ranges
+            ]
+            for f in futs:
+                try:
+                    f.result(c.timeouts.request)
+                except RemoteError as exc:  # another host, or no /dev/shm there: use TCP
+                    log.info("table %r: shared memory refused (%s); using TCP", self.name, exc)
+                    ok = False
+        except BaseException:
+            seg.close()
+            raise
+        seg.unlink()  # every server has mapped it (or refused): no name left to clean up
+        self._shm_tried = True
+        if ok:
+            self._seg = seg
+            self._lane_servers = Counter(c.replaced)
+        else:
+            seg.close()
+        return self._seg
+
+    def _wait_push(self) -> None:
+        # its error, if any, belongs to whoever holds that push's future
+        if self._last_push is not None:
+            try:
+                self._last_push.exception()
+            finally:
+                self._last_push = None
+
+    def _bulk(self, s: int, a: int, b: int) -> bool:
+        """Whether range [a:b] to and from server ``s`` may take the bulk channel (opened on
+        first use; without it, ZeroMQ frames)."""
+        c = self.client
+        return (
+            (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
+            and c.transport != "zmq"
+            and c._ep.open_bulk(_server(s), c.rank, c.timeouts.heartbeat_timeout)
+        )
+
+    def _over_tcp(self, s: int) -> bool:
+        """Whether server ``s`` took over after the segment was shared: reach it by TCP."""
+        return self.client.replaced[s] != self._lane_servers[s]
+
+    def push_buffer(self) -> np.ndarray:
+        """A writable array of the table's shape to compute a gradient into; ``push(buf)`` then
+        sends it without a copy (on the same host the server reads it where it lies). Waits
+        until the previous push was applied; the contents are undefined until written.
+
+        Example:
+            buf = dense.push_buffer(); np.multiply(x, 0.5, out=buf); dense.push(buf)
+        """
+        self.client._check()
+        seg = self._lane()
+        self._wait_push()
+        if seg is not None:
+            return seg.grad.view(self.dtype)[: self.spec.size].reshape(self.shape)
+        if self._sendbuf is None:
+            self._sendbuf = np.empty(self.shape, self.dtype)
+        return self._sendbuf
+
+    def pull_async(
+        self,
+        *,
+        timeout: float | None = None,
+        out: np.ndarray | None = None,
+        copy: bool = True,
+    ) -> Future[np.ndarray]:
+        """Start a pull of the whole array and return its future (see :meth:`pull`)."""
+        c = self.client
+        c._check()
+        limit = c.timeouts.request if timeout is None else timeout
+        if out is not None and (
+            not isinstance(out, np.ndarray)
+            or out.dtype != self.dtype
+            or out.shape != self.shape
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise ConfigError(
+                f"table {self.name!r}: out must be a writeable C-contiguous {self.dtype} array "
+                f"of shape {self.shape}"
+            )
+        seg = self._lane()
+        header = self._pull_header(True, limit)
+        if seg is not None:
+            header["shm"] = True
+        staleness: list[int] = []
+
+        def part(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray | None:
+            staleness.append(int(msg[0].get("staleness") or 0))
+            if seg is not None:
+                if not msg[0].get("shm") or msg[1]:
+                    raise ConfigError(f"table {self.name!r}: server did not answer in memory")
+                return None
+            if msg[0].get("bulk"):  # raw bytes from the bulk channel
+                raw = msg[1][0]
+                return raw.view(self.dtype) if raw.nbytes % self.dtype.itemsize == 0 else raw
+            return msg[1][0]
+
+        def part_by_tcp(a: int, b: int) -> Callable[[Message], None]:
+            # a replacement server has no shared memory: its rows go where the others wrote
+            def parse(msg: Message) -> None:
+                staleness.append(int(msg[0].get("staleness") or 0))
+                assert seg is not None
+                if len(msg[1]) != 1 or msg[1][0].shape != (b - a,):
+                    raise ConfigError(f"table {self.name!r}: server answered a wrong shape")
+                seg.reply.view(self.dtype)[a:b] = msg[1][0]
+
+            return parse
+
+        tcp_header = {k: v for k, v in header.items() if k != "shm"}
+
+        ranges = self.spec.ranges
+        # over TCP, replies are assembled straight into the result (no second copy)
+        dest = None
+        if seg is None:
+            if out is None and not copy:  # a read-only view of a reused receive buffer
+                if self._recvbuf is None:
+                    self._recvbuf = np.empty(self.shape, self.dtype)
+                out_ = self._recvbuf
+            else:
+                out_ = out if out is not None else np.empty(self.shape, self.dtype)
+            dest = out_.reshape(-1)
+        item = self.dtype.itemsize
+        futs = [
+            c._server_request(
+                s,
+                header,
+                what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
+                f"({c._ep.address_of(_server(s))})",
+                parse=part,
+                sink=None if dest is None else dest.view(np.uint8)[a * item : b * item],
+                bulk=self._bulk(s, a, b),
+            )
+            if seg is None
+            else c._server_request(
+                s,
+                tcp_header if self._over_tcp(s) else header,
+                what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
+                f"({c._ep.address_of(_server(s))})",
+                parse=part_by_tcp(a, b) if self._over_tcp(s) else part,
+                again=lambda a=a, b=b: (tcp_header, [], part_by_tcp(a, b)),  # type: ignore[misc]
+            )
+            for s, a, b in ranges
+        ]
+
+        def combine(results: list[np.ndarray | None]) -> np.ndarray:
+            self._record(staleness)
+            if seg is not None:
+                view = seg.reply.view(self.dtype)[: self.spec.size].reshape(self.shape)
+                if out is not None:
+                    np.copyto(out, view)
+                    return out
+                if copy:
+                    return view.copy()
+                ro = view.view()
+                ro.flags.writeable = False
+                return ro
+            assert dest is not None
+            for (_, a, b), r in zip(ranges, results, strict=True):
+                assert r is not None
+                if r.shape != (b - a,):
+                    raise ConfigError(f"table {self.name!r}: server answered shape {r.shape}")
+                if r.ctypes.data != dest[a:b].ctypes.data:
+                    dest[a:b] = r
+            res = dest.reshape(self.shape)
+            if out is None and not copy:
+                res = res.view()
+                res.flags.writeable = False
+            return res
+
+        return gather(futs, f"pull of table {self.name!r}", combine)
+
+    def pull(
+        self,
+        *,
+        timeout: float | None = None,
+        out: np.ndarray | None = None,
+        copy: bool = True,
+    ) -> np.ndarray:
+        """Return the whole array: a fresh, writable copy; or written into ``out`` (reused, no
+        allocation); or, with ``copy=False``, a read-only view of this worker's receive buffer
+        (on the same host the shared reply buffer: no copy at all), valid until this worker's
+        next push or pull of the table.
+
+        Example:
+            w = dense.pull()
+            dense.pull(out=w)                 # refresh in place
+            view = dense.pull(copy=False)     # zero-copy, read-only
+        """
+        limit = self.client.timeouts.request if timeout is None else timeout
+        return self.pull_async(timeout=limit, out=out, copy=copy).result(limit + 1.0)
+
+    def push(self, grad: Any) -> Future[None]:
+        """Send a gradient of the table's shape; returns at once (``.result()`` waits). Do not
+        modify ``grad`` until then. A gradient computed into :meth:`push_buffer` is not copied.
+        Over the TCP bulk channel it returns once the sockets have taken the gradient.
+
+        Example:
+            dense.push(grad).result()
+        """
+        c = self.client
+        c._check()
+        g = self._check_grads(grad, self.shape).reshape(-1)
+        seg = self._lane()
+        header = {
+            "kind": "push",
+            "table": self.name,
+            "rank": c.rank,
+            "clock": c._clock,
+            "seq": c._next_seq(),
+        }
+        if seg is not None:
+            mine = seg.grad.view(self.dtype)[: self.spec.size]
+            if g.ctypes.data != mine.ctypes.data:
+                self._wait_push()  # the server may still be reading the previous gradient
+                np.copyto(mine, g)
+            header["shm"] = True
+            # _check_grads found every value finite: the servers need not scan it again
+            header["checked"] = self.spec.nonfinite == "reject"
+            arrays: list[list[np.ndarray]] = [[] for _ in self.spec.ranges]
+        else:
+            if self._sendbuf is not None and g.ctypes.data == self._sendbuf.ctypes.data:
+                self._wait_push()
+            arrays = [[g[a:b]] for _, a, b in self.spec.ranges]
+        if seg is not None:
+            # a replacement server has no shared memory: it gets its part of the gradient by TCP
+            tcp_header = {k: v for k, v in header.items() if k not in ("shm", "checked")}
+            grad = seg.grad.view(self.dtype)
+            tcp = {s: (tcp_header, [grad[a:b]], None) for s, a, b in self.spec.ranges}
+            for i, (s, _, _) in enumerate(self.spec.ranges):
+                if self._over_tcp(s):
+                    arrays[i] = tcp[s][1]
+        futs = [
+            c._server_request(
+                s,
+                tcp[s][0] if seg is not None and self._over_tcp(s) else header,
+                arr,
+                what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",
+                again=None if seg is None else (lambda s=s: tcp[s]),  # type: ignore[misc]
+                bulk=seg is None and self._bulk(s, a, b),
+            )
+            for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
+        ]
+        c._ep.poll(0)
+        fut: Future[None] = gather(futs, f"push to table {self.name!r}", lambda _: None)
+        self._last_push = fut
+        return fut
