@@ -287,13 +287,7 @@ class DenseTable(_Handle):
         c._check()
         g = self._check_grads(grad, self.shape).reshape(-1)
         seg = self._lane()
-        header = {
-            "kind": "push",
-            "table": self.name,
-            "rank": c.rank,
-            "clock": c._clock,
-            "seq": c._next_seq(),
-        }
+        header = self._push_header()
         if seg is not None:
             mine = seg.grad.view(self.dtype)[: self.spec.size]
             if g.ctypes.data != mine.ctypes.data:

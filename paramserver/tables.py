@@ -119,6 +119,11 @@ class _Handle:
             )
         return np.ascontiguousarray(g)
 
+    def _push_header(self) -> dict[str, Any]:
+        c = self.client
+        return {"kind": "push", "table": self.name, "rank": c.rank, "clock": c._clock,
+                "seq": c._next_seq()}  # fmt: skip
+
     def _pull_header(self, create: bool, timeout: float) -> dict[str, Any]:
         c = self.client
         return {
@@ -414,13 +419,7 @@ class SparseTable(_Handle):
         else:
             summed = np.zeros((len(plan.base), self.dim), dtype=self.dtype)
             np.add.at(summed, plan.inverse, g)
-        header = {
-            "kind": "push",
-            "table": self.name,
-            "rank": c.rank,
-            "clock": c._clock,
-            "seq": c._next_seq(),
-        }
+        header = self._push_header()
         return self._send_push(plan, sig, header, summed)
 
     def _send_push(
