@@ -53,6 +53,12 @@ def _bars(ax: Any, recs: list[Rec], title: str, ours: Any = lambda r: True) -> N
     ax.set_title(title, fontsize=10)
 
 
+def _save(fig: Any, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_dense(recs: list[Rec], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     _bars(
@@ -61,9 +67,7 @@ def plot_dense(recs: list[Rec], path: str) -> None:
         "dense 1 worker + 1 server (grey: same-run baselines; dashed: target, orange: 0.85 x raw)",
         ours=lambda r: "push+pull" in r["case"],
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sparse(recs: list[Rec], path: str) -> None:
@@ -84,9 +88,7 @@ def plot_sparse(recs: list[Rec], path: str) -> None:
     ax.set_ylabel(ours[0]["unit"] if ours else "")
     ax.set_title("sparse, 1 worker + 1 server (dashed: target, orange: 0.7 x in-process)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_training(recs: list[Rec], path: str) -> None:
@@ -108,9 +110,7 @@ def plot_training(recs: list[Rec], path: str) -> None:
     ax.set_ylabel("examples/s")
     ax.set_title("FTRL logistic regression training")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_capacity(recs: list[Rec], path: str) -> None:
@@ -140,9 +140,7 @@ def plot_capacity(recs: list[Rec], path: str) -> None:
     ax2.set_ylabel("M rows")
     ax.set_title("capacity: each server holds 1/S of the table")
     fig.legend(fontsize=8, loc="upper right", bbox_to_anchor=(0.85, 0.85))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_simple(recs: list[Rec], path: str, title: str) -> None:
@@ -150,9 +148,7 @@ def plot_simple(recs: list[Rec], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, len(units), figsize=(4 * len(units), 4.5), squeeze=False)
     for ax, unit in zip(axes[0], units, strict=True):
         _bars(ax, [r for r in recs if r["unit"] == unit], title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def main() -> None:

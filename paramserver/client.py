@@ -32,8 +32,8 @@ from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, Remot
 from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
 from paramserver.partition import HashRing
-from paramserver.protocol import SLOT_MIN_BYTES
-from paramserver.slots import SlotPool, reply_offset
+from paramserver.protocol import SLOT_MIN_BYTES, slot_end
+from paramserver.slots import SlotPool
 from paramserver.spec import TableSpec
 from paramserver.tables import SparseTable, _server
 from paramserver.transport import (
@@ -276,7 +276,7 @@ class Client:
             got = None
             if use_slot and reply_bytes is not None:
                 pool = self._slot_pool(s)
-                at = reply_offset(list(arrays))
+                at = slot_end(arrays)
                 if pool is not None and at + reply_bytes >= SLOT_MIN_BYTES:
                     got = pool.take(at + reply_bytes)
             if got is None:

@@ -224,9 +224,19 @@ def _in_region(region: np.ndarray, a: np.ndarray) -> int | None:
     return start if start >= 0 and start + a.nbytes <= region.nbytes else None
 
 
-def in_region(region: np.ndarray, a: np.ndarray) -> bool:
-    """Whether ``a``'s bytes lie in ``region`` (e.g. a reply array in a shared slot)."""
-    return a.size > 0 and _in_region(region, a) is not None
+def slot_align(offset: int) -> int:
+    """``offset`` rounded up to where an array in a slot may start."""
+    return -(-offset // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def slot_end(arrays: Sequence[np.ndarray]) -> int:
+    """Where a reply's arrays may start in a request's slot: after every array of the request
+    that :func:`encode` puts there (the same placement, from offset 0)."""
+    end = 0
+    for a in arrays:
+        if a.nbytes >= SLOT_MIN_BYTES:
+            end = slot_align(end) + a.nbytes
+    return slot_align(end)
 
 
 def encode(
@@ -257,7 +267,7 @@ def encode(
         if region is not None and a.nbytes >= SLOT_MIN_BYTES:
             off = _in_region(region, a)
             if off is None:
-                off = -(-pos // SLOT_ALIGN) * SLOT_ALIGN
+                off = slot_align(pos)
                 if off + a.nbytes <= region.nbytes:
                     region[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
                 else:
@@ -336,12 +346,9 @@ RegionOf = Callable[[dict[str, Any]], "np.ndarray | None"]
 def decode(
     frames: Sequence[Any], alloc: Alloc | None = None, region_of: RegionOf | None = None
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Validate a whole message and return (header, arrays).
-
-    Single-frame arrays are read-only views of the received frame (no copy); arrays that came in
-    several frames are assembled into one array: ``alloc(i, nbytes)`` (a writable uint8 buffer
-    of at least ``nbytes``, e.g. a reused one: no page faults) or a fresh one. Arrays in a
-    shared slot are read-only views of ``region_of(header)`` (the message's slot, or None).
+    """Validate a whole message and return (header, arrays): :func:`decode_header`, then
+    :func:`decode_arrays` with the slot ``region_of(header)`` (the message's slot, or None).
+    A ProtocolError about the arrays carries the message's id.
 
     Example:
         header, arrays = decode(encode({"kind": "ping", "id": 1}))
@@ -350,22 +357,32 @@ def decode(
         raise _fail("empty message")
     header = decode_header(frames[0])
     try:
-        return header, _decode_arrays(header, frames, alloc, region_of)
+        region = region_of(header) if region_of is not None else None
+        return header, decode_arrays(header, frames, alloc, region)
     except ProtocolError as exc:
         exc.request_id = header["id"]
         raise
 
 
-def _decode_arrays(
-    header: dict[str, Any], frames: Sequence[Any], alloc: Alloc | None, region_of: RegionOf | None
+def decode_arrays(
+    header: dict[str, Any],
+    frames: Sequence[Any],
+    alloc: Alloc | None = None,
+    region: np.ndarray | None = None,
 ) -> list[np.ndarray]:
+    """The arrays of a message whose header :func:`decode_header` returned.
+
+    Single-frame arrays are read-only views of the received frame (no copy); arrays that came in
+    several frames are assembled into one array: ``alloc(i, nbytes)`` (a writable uint8 buffer
+    of at least ``nbytes``, e.g. a reused one: no page faults) or a fresh one. Arrays in a
+    shared slot are read-only views of ``region``.
+    """
     layout = header.pop("arrays", [])
     if not isinstance(layout, list) or len(layout) > 8:
         raise _fail("field 'arrays' must be a list of at most 8 [dtype, shape, nframes] entries")
     arrays: list[np.ndarray] = []
     pos = 1
     total = 0
-    region: np.ndarray | None = None
     for i, entry in enumerate(layout):
         if not (isinstance(entry, list) and len(entry) in (3, 4)):
             raise _fail(f"arrays[{i}] must be [dtype, shape, nframes] or [dtype, shape, 0, offset]")
@@ -383,7 +400,12 @@ def _decode_arrays(
             raise _fail(f"arrays[{i}]: invalid shape {_short(shape)}")
         nbytes = math.prod(shape) * dtype.itemsize
         if len(entry) == 4:
-            region = region if region is not None else _region(header, region_of)
+            if region is None:
+                raise ProtocolError(
+                    f"{header['kind']}: arrays in shared slot {header.get('slot')!r}, but no "
+                    "such slot is attached",
+                    code="no_slot",
+                )
             arrays.append(_slot_array(region, entry[3], nbytes, dtype, shape, i))
             continue
         if not (isinstance(nframes, int) and not isinstance(nframes, bool) and nframes >= 1):
@@ -411,17 +433,6 @@ def _decode_arrays(
     if pos != len(frames):
         raise _fail(f"message has {len(frames) - pos} frames more than its header announces")
     return arrays
-
-
-def _region(header: dict[str, Any], region_of: RegionOf | None) -> np.ndarray:
-    region = region_of(header) if region_of is not None else None
-    if region is None:
-        raise ProtocolError(
-            f"{header['kind']}: arrays in shared slot {header.get('slot')!r}, but no such slot "
-            "is attached",
-            code="no_slot",
-        )
-    return region
 
 
 def _slot_array(

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserver import protocol, shm
+from paramserver import shm
 from paramserver.transport import Endpoint, Future
 
 __all__ = ["SlotPool"]
@@ -138,13 +138,3 @@ class SlotPool:
             seg.close()
         self.slots.clear()
         self.attaching.clear()
-
-
-def reply_offset(arrays: list[np.ndarray]) -> int:
-    """Where a reply's arrays may start in a slot: after every array of the request that
-    :func:`protocol.encode` would place there."""
-    end = 0
-    for a in arrays:
-        if a.nbytes >= protocol.SLOT_MIN_BYTES:
-            end = -(-end // protocol.SLOT_ALIGN) * protocol.SLOT_ALIGN + a.nbytes
-    return -(-end // protocol.SLOT_ALIGN) * protocol.SLOT_ALIGN

@@ -597,25 +597,22 @@ class Endpoint:
                 self._dispatch(peer, [f.buffer for f in parts])
 
     def _dispatch(self, peer: _Peer, frames: list[Any]) -> None:
-        alloc = None
-        if len(frames) > 2:  # a multi-frame array: is there a sink waiting for it?
-            try:
-                rid = protocol.decode_header(frames[0]).get("id")
-            except ProtocolError:
-                rid = None
-            waiting = peer.pending.get(rid) if isinstance(rid, int) else None
-            sink = waiting.sink if waiting is not None else None
-            if sink is not None:
+        try:
+            if not frames:
+                raise ProtocolError("empty message")
+            header = protocol.decode_header(frames[0])
+            # a reply's first multi-frame array goes into the request's sink, and its arrays
+            # may lie in the request's shared slot
+            waiting = peer.pending.get(header["id"]) if header["kind"] == "reply" else None
+            alloc = None
+            if waiting is not None and waiting.sink is not None:
+                sink = waiting.sink
 
-                def alloc(i: int, nbytes: int, sink: np.ndarray = sink) -> np.ndarray:
+                def alloc(i: int, nbytes: int) -> np.ndarray:
                     return sink if i == 0 and sink.nbytes >= nbytes else np.empty(nbytes, np.uint8)
 
-        def region_of(h: dict[str, Any]) -> np.ndarray | None:
-            waiting = peer.pending.get(h["id"]) if h["kind"] == "reply" else None
-            return waiting.region if waiting is not None else None
-
-        try:
-            header, arrays = protocol.decode(frames, alloc, region_of)
+            region = waiting.region if waiting is not None else None
+            arrays = protocol.decode_arrays(header, frames, alloc, region)
         except ProtocolError as exc:
             log.warning("dropped a malformed message from %s: %s", peer.name, exc)
             return

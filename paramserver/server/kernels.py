@@ -718,13 +718,3 @@ def sgd_copy(w: Array, g: Array, out: Array, lr: Scalar) -> None:
         x = w[j] - lr * g[j]
         w[j] = x
         out[j] = x
-
-
-@_kernel
-def gather_slots(data: Array, rows: Array, out: Array) -> None:
-    """``out[i] = data[rows[i], :dim]`` without prefetch hints (rows already sorted)."""
-    dim = out.shape[1]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        for j in range(dim):
-            out[i, j] = data[r, j]

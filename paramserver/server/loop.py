@@ -765,7 +765,7 @@ class Server:
         region = self._slot_region(h)
         if region is None or t.spec.codec != "none":
             return None
-        at = -(-int(h.get("reply_at", 0)) // protocol.SLOT_ALIGN) * protocol.SLOT_ALIGN
+        at = protocol.slot_align(int(h.get("reply_at", 0)))
         dt = t.spec.np_dtype
         nbytes = n * t.spec.dim * dt.itemsize
         if at + nbytes > region.nbytes:

@@ -153,3 +153,26 @@ def test_decode_of_mutated_messages_only_raises_protocol_error(data: st.DataObje
     except ProtocolError:
         return
     assert header["kind"] in protocol.KINDS
+
+
+def test_slot_end_is_where_encode_stops_placing_arrays() -> None:
+    """A worker puts a reply after slot_end(arrays): it must not overlap what encode placed."""
+    region = np.zeros(1 << 22, np.uint8)
+    arrays = [
+        np.arange(5000, dtype=np.uint64),  # 40 000 bytes: in the slot
+        np.ones(10, np.float32),  # small: a frame
+        np.ones((3001, 3), np.float32),  # 36 012 bytes: in the slot, after the first
+    ]
+    frames = protocol.encode({"kind": "ping", "id": 7}, arrays, region)
+    layout = msgpack.unpackb(frames[0])["arrays"]
+    placed = [(e[3], a.nbytes) for e, a in zip(layout, arrays, strict=True) if len(e) == 4]
+    assert len(placed) == 2 and len(frames) == 2  # header + the small array's frame
+    end = max(off + n for off, n in placed)
+    assert end <= protocol.slot_end(arrays) < end + protocol.SLOT_ALIGN
+    header = protocol.decode_header(frames[0])
+    got = protocol.decode_arrays(header, frames, region=region)
+    for a, b in zip(arrays, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ProtocolError, match="no such slot") as info:
+        protocol.decode(frames)  # the same message where no slot is attached
+    assert info.value.code == "no_slot" and info.value.request_id == 7
