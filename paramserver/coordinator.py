@@ -58,6 +58,10 @@ class Member:
     token: int = 0
     identity: bytes = b""
     last_seen: float = 0.0
+    # the connection its heartbeats come on, and whether libzmq still holds it (ZMTP pings
+    # answered by the member's I/O thread, whatever its Python code is doing)
+    link: int = -1
+    link_up: bool = False
     clock: int = 0  # a server's min clock over live workers, from its heartbeats
     examples: int = 0  # a worker's reported examples, from its heartbeats
 
@@ -144,7 +148,14 @@ class Coordinator:
         self.timeouts = timeouts or Timeouts()
         self.ctx = new_context()
         try:
-            self.router = Router(self.ctx, host, port, security, listen_fd)
+            self.router = Router(
+                self.ctx,
+                host,
+                port,
+                security,
+                listen_fd,
+                liveness=(self.timeouts.heartbeat_interval, self.timeouts.heartbeat_timeout),
+            )
         except BaseException:  # e.g. the address is in use: leave no context behind
             self.ctx.term()
             raise
@@ -205,16 +216,17 @@ class Coordinator:
             len(self.servers),
             len(self.workers),
         )
-        sock = self.router.socket
+        poller = self.router.poller()
         try:
             while not self._stop.is_set():
-                if sock.poll(100):
+                if poller.poll(100):
                     for _ in range(1000):
                         try:
                             identity, frames = self.router.recv_raw_nowait()
                         except BlockingIOError:
                             break
                         self._handle(identity, frames)
+                    self._links_dropped(self.router.dropped())
                 self._check_deadlines(time.monotonic())
                 self._gather_status(time.monotonic())
         finally:
@@ -246,6 +258,10 @@ class Coordinator:
             handler(identity, header)
         except ConfigError as exc:
             self.router.error(identity, rid, "invalid", str(exc))
+        except Exception as exc:  # a bug must not take the coordinator down with it
+            if self._rejections.count():
+                log.exception("coordinator: %s request %d failed", kind, rid)
+            self.router.error(identity, rid, "internal", f"{type(exc).__name__}: {exc}"[:4096])
 
     def _answer_malformed(self, identity: bytes, exc: ProtocolError) -> None:
         self.router.error(identity, 0, "protocol", f"coordinator: {exc}")
@@ -345,6 +361,11 @@ class Coordinator:
             return False
         return False
 
+    def _links_dropped(self, fds: list[int]) -> None:
+        for m in (*self.servers, *self.workers):
+            if m.link in fds:
+                m.link_up = False
+
     def _declare_dead(self, m: Member, why: str) -> None:
         m.state = DEAD
         log.warning("%s (%s) declared dead: %s", m.name, m.address or f"pid {m.pid}", why)
@@ -380,6 +401,7 @@ class Coordinator:
         m.host, m.pid = h.get("host") or "", h.get("pid") or 0
         m.token = secrets.randbits(62) + 1
         m.last_seen = time.monotonic()
+        m.link, m.link_up = -1, False  # known from its first heartbeat on
 
     def _admit_workers(self) -> None:
         if any(s.state == PENDING for s in self.servers) or not self.waiting_workers:
@@ -446,6 +468,7 @@ class Coordinator:
             )
             return
         m.last_seen = time.monotonic()
+        m.link, m.link_up = self.router.last_fd, self.router.last_fd >= 0
         if h.get("clock") is not None:
             m.clock = h["clock"]
             if self.rejoined and m.role == "server":
@@ -611,7 +634,9 @@ class Coordinator:
                 )
         limit = self.timeouts.heartbeat_timeout
         for m in (*self.servers, *self.workers):
-            if m.state == ALIVE and now - m.last_seen > limit:
+            # silent for the timeout and its connection gone too (closed, or its pings
+            # unanswered): a member whose own code holds the GIL stays connected
+            if m.state == ALIVE and now - m.last_seen > limit and not m.link_up:
                 self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f}s")
         for name, b in list(self.barriers.items()):
             if now > b.deadline:

@@ -45,6 +45,9 @@ MAX_HEADER_BYTES = 1 << 20
 # one larger than this before it is ever read into memory.
 MAX_FRAME_BYTES = 16 << 20
 MAX_NDIM = 4
+# No header we send nests deeper than a server's stats (5 levels); a deeper one is refused
+# before any code walks it (repr, validation, a spec parser: all recursive).
+MAX_DEPTH = 16
 # arrays at least this large go into a message's shared slot (if it has one and they fit)
 SLOT_MIN_BYTES = 32 << 10
 SLOT_ALIGN = 64
@@ -304,8 +307,35 @@ def _fail(message: str) -> ProtocolError:
     return ProtocolError(message)
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and maps more than ``limit`` levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
 def decode_header(raw: Any) -> dict[str, Any]:
-    """Parse and validate a header frame; ProtocolError names what is wrong."""
+    """Parse and validate a header frame; ProtocolError names what is wrong, and nothing else
+    escapes: whatever a peer sends, the caller gets a header or a ProtocolError."""
+    try:
+        return _decode_header(raw)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a check that broke on a value nobody foresaw
+        raise _fail(f"header could not be validated ({type(exc).__name__})") from None
+
+
+def _decode_header(raw: Any) -> dict[str, Any]:
     buf = memoryview(raw)
     if buf.nbytes > MAX_HEADER_BYTES:
         raise _fail(f"header of {buf.nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES}")
@@ -313,16 +343,20 @@ def decode_header(raw: Any) -> dict[str, Any]:
         header = msgpack.unpackb(buf, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise _fail(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if _too_deep(header, MAX_DEPTH):
+        raise _fail(f"header nests deeper than {MAX_DEPTH} levels")
     if not isinstance(header, dict):
         raise _fail(f"header must be a map, got {type(header).__name__}")
     if header.get("v") != VERSION:
-        raise _fail(f"protocol version {header.get('v')!r} is not supported (this is {VERSION})")
+        raise _fail(
+            f"protocol version {_short(header.get('v'))} is not supported (this is {VERSION})"
+        )
     kind = header.get("kind")
     if not isinstance(kind, str) or kind not in SCHEMA:
-        raise _fail(f"unknown message kind {kind!r}")
+        raise _fail(f"unknown message kind {_short(kind)}")
     if not U63(header.get("id")):
         raise _fail(
-            f"{kind}: field 'id' must be an integer in 0..2**63-1, got {header.get('id')!r}"
+            f"{kind}: field 'id' must be an integer in 0..2**63-1, got {_short(header.get('id'))}"
         )
     schema = SCHEMA[kind]
     for key, value in header.items():
@@ -330,7 +364,7 @@ def decode_header(raw: Any) -> dict[str, Any]:
             continue
         spec = schema.get(key)
         if spec is None:
-            raise _fail(f"{kind}: unexpected field {key!r}")
+            raise _fail(f"{kind}: unexpected field {_short(key)}")
         if not spec[0](value):
             raise _fail(f"{kind}: field {key!r} has an invalid value {_short(value)}")
     for key, (_, required) in schema.items():
@@ -362,6 +396,11 @@ def decode(
     except ProtocolError as exc:
         exc.request_id = header["id"]
         raise
+    except Exception as exc:  # nothing but a ProtocolError leaves the decoder
+        raise ProtocolError(
+            f"{header['kind']}: arrays could not be decoded ({type(exc).__name__})",
+            request_id=header["id"],
+        ) from None
 
 
 def decode_arrays(
@@ -473,5 +512,14 @@ class Rejections:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A short description of a peer's value for an error text: never ``repr`` of anything
+    unbounded (a deep or huge value would make the error itself fail)."""
+    if value is None or isinstance(value, bool | int | float):
+        text = repr(value)
+    elif isinstance(value, str | bytes):
+        text = repr(value[:60])
+    elif isinstance(value, list | dict):
+        return f"<{type(value).__name__} of {len(value)}>"
+    else:
+        return f"<{type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."

@@ -45,25 +45,32 @@ __all__ = ["DenseParameters", "Embedding"]
 
 
 class _PullPush(torch.autograd.Function):
-    """Gathers pulled rows for every id; backward sums per distinct id and pushes."""
+    """Gathers pulled rows for every id; backward sums per distinct id and hands the sum, with
+    this call's own distinct keys, to the embedding (which pushes once per backward pass)."""
 
     @staticmethod
     def forward(
-        ctx: Any, trigger: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor, owner: Any
+        ctx: Any,
+        trigger: torch.Tensor,
+        rows: torch.Tensor,
+        inverse: torch.Tensor,
+        owner: Any,
+        keys: np.ndarray,
     ) -> torch.Tensor:
         ctx.owner = owner
+        ctx.keys = keys  # this call's distinct keys: a later call of the same module has others
         ctx.save_for_backward(inverse)
         ctx.n_rows = rows.shape[0]
         return rows[inverse]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None, None]:
         (inverse,) = ctx.saved_tensors
         dim = grad.shape[-1]
         summed = torch.zeros((ctx.n_rows, dim), dtype=torch.float32)
         summed.index_add_(0, inverse.reshape(-1), grad.reshape(-1, dim).to(torch.float32))
-        ctx.owner._push(summed.numpy())
-        return None, None, None, None
+        ctx.owner._accumulate(ctx.keys, summed.numpy())
+        return None, None, None, None, None
 
 
 class Embedding(nn.Module):
@@ -96,7 +103,8 @@ class Embedding(nn.Module):
         )
         self.dim = dim
         self.create = create
-        self._keys: np.ndarray | None = None  # the distinct keys of the last forward
+        # (keys, summed gradients) of each call whose backward ran in the current pass
+        self._grads: list[tuple[np.ndarray, np.ndarray]] = []
         self._prefetched: tuple[np.ndarray, np.ndarray, Future[np.ndarray]] | None = None
         self._pending: list[Future[None]] = []
         self._trigger = torch.empty(0, requires_grad=True)
@@ -137,20 +145,42 @@ class Embedding(nn.Module):
             rows = pre[2].result()
         else:
             rows = self.table.pull(uniq, create=self.create)
-        self._keys = uniq
         out = _PullPush.apply(  # type: ignore[no-untyped-call]
             self._trigger,
             torch.from_numpy(np.array(rows, dtype=np.float32)),
             torch.from_numpy(inverse.astype(np.int64)),
             self,
+            uniq,
         )
         assert isinstance(out, torch.Tensor)
         return out.reshape((*shape, self.dim))
 
-    def _push(self, grads: np.ndarray) -> None:
-        assert self._keys is not None
+    def _accumulate(self, keys: np.ndarray, grads: np.ndarray) -> None:
+        """Called by the backward of each forward call. A module used several times in one
+        forward pass (one table shared by several features) gets one push per backward pass,
+        of every call's gradients summed per key, as ``nn.Embedding`` gets one optimizer step:
+        the engine runs :meth:`_flush` once the whole pass is done."""
+        if not self._grads:
+            try:
+                queue = torch.autograd.Variable._execution_engine.queue_callback
+            except AttributeError:  # not inside the engine: nothing else to wait for
+                self._grads.append((keys, grads))
+                self._flush()
+                return
+            queue(self._flush)
+        self._grads.append((keys, grads))
+
+    def _flush(self) -> None:
+        calls, self._grads = self._grads, []
+        if not calls:
+            return
+        if len(calls) == 1:
+            keys, grads = calls[0]
+        else:  # the table's push sums repeated keys
+            keys = np.concatenate([k for k, _ in calls])
+            grads = np.concatenate([g for _, g in calls])
         self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self.table.push(self._keys, grads))
+        self._pending.append(self.table.push(keys, grads))
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every push so far is acknowledged by the servers."""

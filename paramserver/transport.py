@@ -154,6 +154,13 @@ class Router:
     With ``listen_fd``, it takes over a TCP socket another process already bound and put in
     listening state at ``host:port``: peers may connect before this process even started.
 
+    With ``liveness=(interval, timeout)`` (seconds), libzmq itself pings every connection every
+    ``interval`` and drops one that stays silent for ``timeout`` (ZMTP heartbeats). The peer's
+    libzmq I/O thread answers those pings, so a peer whose Python code holds the GIL for
+    minutes still counts as connected, while a stopped process or a cut-off host does not.
+    :attr:`last_fd` is then the connection the last message came on, and :meth:`dropped`
+    lists the connections closed since it was last called.
+
     Example:
         router = Router(ctx, "127.0.0.1")      # binds a random port
         ident, frames = router.recv_raw()
@@ -166,9 +173,18 @@ class Router:
         port: int = 0,
         security: Security | None = None,
         listen_fd: int | None = None,
+        liveness: tuple[float, float] | None = None,
     ) -> None:
         self.auth = start_authenticator(ctx, security) if security is not None else None
         self.socket: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
+        self.last_fd = -1
+        self._monitor: zmq.Socket[Any] | None = None
+        if liveness is not None:
+            interval, timeout = (max(1, int(x * 1000)) for x in liveness)
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, interval)
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+            self.socket.setsockopt(zmq.HEARTBEAT_TTL, timeout)
+            self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         if security is not None:
             security.serve(self.socket)
         if listen_fd is not None:  # a socket already listening at host:port (ZMQ_USE_FD)
@@ -190,6 +206,14 @@ class Router:
         self.port = port
         self.address = f"tcp://{host}:{port}"
 
+    def poller(self) -> zmq.Poller:
+        """A poller over this socket (and its connection monitor, with ``liveness``)."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        return poller
+
     def recv_raw(self) -> tuple[bytes, list[Any]]:
         """One message as (identity, frames); frames are not yet validated."""
         parts = _frames(self.socket)
@@ -198,10 +222,35 @@ class Router:
     def recv_raw_nowait(self) -> tuple[bytes, list[Any]]:
         """Like :meth:`recv_raw` but raises BlockingIOError when nothing is waiting."""
         try:
-            parts = [f.buffer for f in self.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)]
+            got = self.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             raise BlockingIOError from None
+        if self._monitor is not None and len(got) > 1:
+            self.last_fd = int(got[1].get(zmq.SRCFD))
+        parts = [f.buffer for f in got]
         return bytes(parts[0]), parts[1:]
+
+    @property
+    def monitor(self) -> zmq.Socket[Any] | None:
+        """The socket that becomes readable when a connection closed (with ``liveness``)."""
+        return self._monitor
+
+    def dropped(self) -> list[int]:
+        """The connections (file descriptors, as :attr:`last_fd` names them) that libzmq
+        closed since the last call: the peer went away, or missed its pings."""
+        if self._monitor is None:
+            return []
+        from zmq.utils.monitor import parse_monitor_message
+
+        fds: list[int] = []
+        while True:
+            try:
+                msg = self._monitor.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return fds
+            event = parse_monitor_message(msg)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                fds.append(int(event["value"]))
 
     def send(
         self,
@@ -235,6 +284,10 @@ class Router:
         self.send(identity, protocol.error_header(request_id, code, message))
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self.socket.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
         self.socket.close(0)
         if self.auth is not None:
             self.auth.stop()

@@ -68,3 +68,40 @@ def test_import_paramserver_does_not_import_torch() -> None:
 
     code = "import sys, paramserver, paramserver.data; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_one_embedding_called_several_times_matches_torch(optimizer: str) -> None:
+    """One table shared by several features: calls with overlapping keys and different lengths
+    in one forward pass get the gradients torch.nn.Embedding gets, applied as one step."""
+    vocab, dim = 30, 3
+    rng = np.random.default_rng(1)
+    steps = [
+        (rng.integers(0, vocab, size=(4, 5)), rng.integers(0, vocab, size=(4,)),
+         rng.integers(0, 10, size=(2, 7)))
+        for _ in range(4)
+    ]  # fmt: skip
+    server_opt = ps.optim.SGD(lr=1.0) if optimizer == "sgd" else ps.optim.Adagrad(lr=0.3)
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb = pst.Embedding(client, "shared", dim, optimizer=server_opt, consistency="async",
+                            init=ps.init.Uniform(-0.1, 0.1))  # fmt: skip
+        ref = torch.nn.Embedding(vocab, dim)
+        with torch.no_grad():
+            ref.weight.copy_(torch.from_numpy(emb.table.pull(np.arange(vocab, dtype=np.uint64))))
+        if optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(ref.parameters(), lr=1.0)
+        else:
+            opt = torch.optim.Adagrad(ref.parameters(), lr=0.3, initial_accumulator_value=0.0,
+                                      eps=1e-10)  # fmt: skip
+        for a, b, c in steps:
+            ids = [torch.from_numpy(x) for x in (a, b, c)]
+            u, i, h = (emb(x) for x in ids)
+            (u.sum() + 100 * i.pow(2).sum() + 3 * h.sum()).backward()
+            emb.wait()
+            opt.zero_grad()
+            ru, ri, rh = (ref(x) for x in ids)
+            (ru.sum() + 100 * ri.pow(2).sum() + 3 * rh.sum()).backward()
+            opt.step()
+        got = emb.table.pull(np.arange(vocab, dtype=np.uint64))
+        np.testing.assert_allclose(got, ref.weight.detach().numpy(), rtol=1e-4, atol=1e-5)
