@@ -2,14 +2,13 @@
 
 Where things live:
 
-* ``client.py``      the worker's handle: :func:`connect`, table creation, clock, barriers
-* ``tables.py``      sparse tables: dedup, routing, key caching; ``dense.py`` dense tables
+* ``client/``        the worker's side: :func:`connect`, :class:`Client`, the table handles
 * ``launch.py``      :class:`LocalCluster`, ``paramserver run``, the role runners
-* ``coordinator.py`` membership, heartbeats, views, barriers, the table registry
+* ``coordinator/``   membership, heartbeats, views, barriers, the table registry, leases
 * ``server/``        one server process: event loop, shards, optimizer kernels, consistency
-* ``protocol.py``    the wire format; ``transport.py`` the ZeroMQ sockets and futures
-* ``bulk.py``        raw TCP connections beside ZeroMQ for large dense values; ``shm.py``
-                     shared memory on one host, ``slots.py`` its slots for sparse requests
+* ``wire/``          the message format, the ZeroMQ sockets and futures, the bulk channel,
+                     shared memory and its slots, value codecs
+* ``checkpoint.py``  the checkpoint files (written by servers, committed by the coordinator)
 * ``parallel.py``    one pass over a large array on two cores
 * ``partition.py``   which server owns a key or a range; ``spec.py`` table specs
 * ``init.py`` / ``optim.py``  initializers and server-side optimizers (``ps.init``, ``ps.optim``)
@@ -28,12 +27,10 @@ Example:
 """
 
 from paramserver import errors, init, launch, optim, ray
-from paramserver.client import Client, connect
+from paramserver.client import Client, DenseTable, SparseTable, connect
 from paramserver.config import Timeouts
-from paramserver.dense import DenseTable
 from paramserver.launch import LocalCluster
-from paramserver.tables import SparseTable
-from paramserver.transport import Future
+from paramserver.wire.transport import Future
 
 __version__ = "0.1.0"
 

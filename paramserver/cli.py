@@ -253,7 +253,7 @@ def _add_ops_commands(sub: Any) -> None:
 
 
 def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
-    from paramserver.transport import Endpoint, Security, new_context
+    from paramserver.wire.transport import Endpoint, Security, new_context
 
     token = from_env().token
     ctx = new_context()
@@ -350,7 +350,7 @@ def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
     import json
     import time
 
-    from paramserver.server.checkpoint import describe
+    from paramserver.checkpoint import describe
 
     info = describe(path)
     if as_json:

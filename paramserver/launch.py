@@ -29,7 +29,7 @@ import zmq
 
 from paramserver.config import Timeouts, from_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
-from paramserver.transport import Endpoint, Security, new_context
+from paramserver.wire.transport import Endpoint, Security, new_context
 
 __all__ = ["LocalCluster", "run_job", "serve_coordinator", "serve_server"]
 
@@ -426,7 +426,7 @@ class LocalCluster:
         self.output = output
         self.restore = None if restore is None else os.path.abspath(restore)
         if self.restore is not None:
-            from paramserver.server.checkpoint import find_checkpoint
+            from paramserver.checkpoint import find_checkpoint
 
             find_checkpoint(self.restore)  # a missing checkpoint is an error here, not in a child
         self._checkpoint_flags: list[str] = []

@@ -126,7 +126,7 @@ class _WorkerRole:
 
 
 def _security(token: str | None) -> Any:
-    from paramserver.transport import Security
+    from paramserver.wire.transport import Security
 
     return Security.from_token(token) if token else None
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.codec import CODECS
 from paramserver.config import parse_consistency
 from paramserver.errors import ConfigError
 from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
+from paramserver.wire.codec import CODECS
 
 __all__ = ["TableSpec"]
 
@@ -57,7 +57,7 @@ class TableSpec:
     # sparse only: at most this many rows on each server; a request that would create more is
     # refused and changes nothing
     max_rows: int | None = None
-    codec: str = "none"  # how pull replies travel (sparse only), see paramserver.codec
+    codec: str = "none"  # how pull replies travel (sparse only), see paramserver.wire.codec
     # dense only, assigned by the coordinator: (server rank, start, stop) over the flat array
     ranges: tuple[tuple[int, int, int], ...] = ()
 

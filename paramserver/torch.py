@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from paramserver.client import Client
-from paramserver.dense import DenseTable
+from paramserver.client.dense import DenseTable
+from paramserver.client.sparse import SparseTable
 from paramserver.errors import ConfigError
 from paramserver.init import Constant, Initializer, Normal, Uniform, Zeros
 from paramserver.optim import SGD, Optimizer
-from paramserver.tables import SparseTable
-from paramserver.transport import Future
+from paramserver.wire.transport import Future
 
 __all__ = ["DenseParameters", "Embedding"]
 

@@ -1,6 +1,6 @@
-"""Compiled row encoders for the value codecs (the server side of :mod:`paramserver.codec`).
+"""Compiled row encoders for the value codecs (the server side of :mod:`paramserver.wire.codec`).
 
-Each kernel does in one pass what :func:`paramserver.codec.encode_rows` does with several NumPy
+Each kernel does in one pass what :func:`paramserver.wire.codec.encode_rows` does with several NumPy
 passes, and gives bit-identical results for float32 rows (tested against it). Kept apart from
 ``kernels.py`` so that editing one file does not invalidate numba's cache of the other, and so
 that a server without codec tables never compiles or loads them.
@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from paramserver.codec import encode_rows
+from paramserver.wire.codec import encode_rows
 
 __all__ = ["encode_rows_fast"]
 
@@ -100,7 +100,7 @@ def encode_int8(rows: Array, q: Array, scale: Array) -> None:
 
 
 def encode_rows_fast(rows: np.ndarray, codec: str) -> list[np.ndarray]:
-    """:func:`paramserver.codec.encode_rows`, compiled for float32 rows."""
+    """:func:`paramserver.wire.codec.encode_rows`, compiled for float32 rows."""
     if codec == "none" or rows.dtype != np.float32 or rows.ndim != 2:
         return encode_rows(rows, codec)
     rows = np.ascontiguousarray(rows)

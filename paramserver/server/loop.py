@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from paramserver import bulk, protocol, shm
+from paramserver import checkpoint
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError, RemoteError
 from paramserver.init import Zeros
 from paramserver.metrics import ServerMetrics
 from paramserver.optim import SGD
 from paramserver.partition import HashRing
-from paramserver.server import checkpoint
 from paramserver.server.consistency import (
     Clocks,
     SyncBuffer,
@@ -43,7 +42,8 @@ from paramserver.server.consistency import (
 )
 from paramserver.server.shard import DenseShard, SparseShard, all_finite
 from paramserver.spec import TableSpec
-from paramserver.transport import (
+from paramserver.wire import bulk, protocol, shm
+from paramserver.wire.transport import (
     Endpoint,
     Heartbeat,
     Router,

@@ -10,9 +10,9 @@ import pytest
 import zmq
 
 import paramserver as ps
-from paramserver import protocol
 from paramserver.errors import ConfigError, PSTimeoutError, RemoteError
-from paramserver.transport import Endpoint, new_context
+from paramserver.wire import protocol
+from paramserver.wire.transport import Endpoint, new_context
 
 pytestmark = pytest.mark.timeout(60)
 

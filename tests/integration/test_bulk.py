@@ -1,4 +1,4 @@
-"""The bulk channel (paramserver.bulk): large dense values over raw TCP beside ZeroMQ give the
+"""The bulk channel (paramserver.wire.bulk): large dense values over raw TCP beside ZeroMQ give the
 same results as NumPy, bad input and broken peers change nothing and hang no one, and with a
 cluster token (or transport="zmq") everything stays on ZeroMQ."""
 
@@ -18,7 +18,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.errors import RemoteError
-from paramserver.transport import Endpoint, new_context
+from paramserver.wire.transport import Endpoint, new_context
 
 pytestmark = pytest.mark.timeout(120)
 

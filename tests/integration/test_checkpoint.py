@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import paramserver as ps
+from paramserver import checkpoint
 from paramserver.errors import ConfigError
-from paramserver.server import checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=3.0, request=30.0, connect=30.0)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from paramserver import shm
 from paramserver.errors import RemoteError
-from paramserver.transport import Future, _Pending
+from paramserver.wire import shm
+from paramserver.wire.transport import Future, _Pending
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -272,7 +272,7 @@ def test_sparse_slots_match_numpy(
 
 
 def test_slot_bad_input_changes_nothing(cluster: ps.LocalCluster) -> None:
-    from paramserver import protocol
+    from paramserver.wire import protocol
 
     client = cluster.connect()
     emb = client.sparse_table("emb", dim=4, init=ps.init.Constant(1.0))
@@ -370,7 +370,7 @@ def test_a_server_that_cannot_map_slots_gets_frames(
 ) -> None:
     """As a server on another host would: it refuses the first slot, the worker stops asking
     and every request goes in frames, with the same answers."""
-    from paramserver import slots
+    from paramserver.wire import slots
 
     create = shm.create
 

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 import paramserver as ps
-from paramserver import protocol
+from paramserver.wire import protocol
 
 pytestmark = pytest.mark.timeout(180)
 MESSAGES = 10_000

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 import paramserver as ps
-from paramserver.transport import new_context
+from paramserver.wire.transport import new_context
 
 pytestmark = pytest.mark.timeout(60)
 

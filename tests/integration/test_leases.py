@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from paramserver import protocol
 from paramserver.data import ArrayShards, CTRBatch
 from paramserver.errors import ProtocolError, RemoteError
+from paramserver.wire import protocol
 
 pytestmark = pytest.mark.timeout(60)
 FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)

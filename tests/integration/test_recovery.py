@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from paramserver.transport import Endpoint, new_context
+from paramserver.wire.transport import Endpoint, new_context
 
 pytestmark = pytest.mark.timeout(120)
 FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)

@@ -15,7 +15,7 @@ import pytest
 import paramserver as ps
 from paramserver.cli import _refuse_exposed
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError
-from paramserver.transport import Endpoint, Security, new_context
+from paramserver.wire.transport import Endpoint, Security, new_context
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "correct-horse-battery-staple-42"

@@ -172,7 +172,7 @@ def test_the_same_key_list_every_step_in_every_mode(
 
 @pytest.mark.parametrize("codec", ["float16", "bfloat16", "int8"])
 def test_codec_pulls_match_numpy(cluster: ps.LocalCluster, codec: str) -> None:
-    from paramserver.codec import decode_rows, encode_rows
+    from paramserver.wire.codec import decode_rows, encode_rows
 
     client = cluster.connect()
     emb = client.sparse_table(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from paramserver.codec import decode_rows, encode_rows
 from paramserver.errors import ConfigError
 from paramserver.spec import TableSpec
+from paramserver.wire.codec import decode_rows, encode_rows
 
 
 def rows(n: int = 200, dim: int = 16, seed: int = 0) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paramserver import protocol
 from paramserver.errors import ProtocolError
+from paramserver.wire import protocol
 
 
 def roundtrip(header: dict, arrays=()):  # type: ignore[no-untyped-def]

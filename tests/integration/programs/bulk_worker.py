@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 import paramserver as ps
-from paramserver.bulk import Channel
+from paramserver.wire.bulk import Channel
 
 N = 4 << 20  # 16 MiB of float32: far more than the socket buffers hold
 

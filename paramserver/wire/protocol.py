@@ -178,7 +178,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "reply_at": (U63, False),
         "bulk": (BULK, False),  # dense: this many gradient bytes follow on the bulk channel
     },
-    # a worker asks for a ticket to open a bulk channel (paramserver.bulk); the reply has the
+    # a worker asks for a ticket to open a bulk channel (paramserver.wire.bulk); the reply has the
     # port and the ticket
     "open_bulk": {"rank": (RANK, True)},
     # a worker offers a shared-memory segment for a dense table (same-host fast path)

@@ -1,5 +1,5 @@
 """Handles on the tables of a cluster: the sparse table (dedup, routing, key caching, pull and
-push of rows) and what every table handle shares. The dense table is in :mod:`paramserver.dense`.
+push of rows) and what every table handle shares. The dense table is in :mod:`paramserver.client.dense`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from paramserver.codec import decode_rows
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.parallel import halves
 from paramserver.partition import split_by_owner
 from paramserver.spec import TableSpec
-from paramserver.transport import (
+from paramserver.wire.codec import decode_rows
+from paramserver.wire.transport import (
     Future,
     Message,
     gather,
 )
 
 if TYPE_CHECKING:
-    from paramserver.client import Client
+    from paramserver.client.session import Client
 
 __all__ = ["SparseTable", "as_keys", "unique_inverse"]
 

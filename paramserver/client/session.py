@@ -1,10 +1,10 @@
 """The worker's handle on a cluster: membership, table creation, clock, barriers, leases, and
 requests to servers that survive their replacement. The table handles are in
-:mod:`paramserver.tables` (sparse) and :mod:`paramserver.dense`.
+:mod:`paramserver.client.sparse` (sparse) and :mod:`paramserver.client.dense`.
 
 A :class:`Client` registers with the coordinator as a worker, connects one DEALER to every
 server and drives those sockets from the calling thread: every call returns (or is) a
-:class:`~paramserver.transport.Future`, and requests to different servers are all sent before
+:class:`~paramserver.wire.transport.Future`, and requests to different servers are all sent before
 any answer is awaited, so they proceed in parallel.
 """
 
@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.client.dense import DenseTable
+from paramserver.client.sparse import SparseTable, _server
 from paramserver.config import (
     Timeouts,
     from_env,
@@ -27,16 +29,14 @@ from paramserver.config import (
     parse_consistency,
     parse_transport,
 )
-from paramserver.dense import DenseTable
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.init import Initializer, Zeros
 from paramserver.optim import SGD, Optimizer
 from paramserver.partition import HashRing
-from paramserver.protocol import SLOT_MIN_BYTES, slot_end
-from paramserver.slots import SlotPool
 from paramserver.spec import TableSpec
-from paramserver.tables import SparseTable, _server
-from paramserver.transport import (
+from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
+from paramserver.wire.slots import SlotPool
+from paramserver.wire.transport import (
     Endpoint,
     Future,
     Heartbeat,
@@ -262,7 +262,7 @@ class Client:
         arrays and parse of a resend when it must differ (no shared memory with a new server).
 
         With ``reply_bytes`` (at most what the reply's arrays take), the request may travel in
-        a shared-memory slot when the server is on this host (see :mod:`paramserver.slots`):
+        a shared-memory slot when the server is on this host (see :mod:`paramserver.wire.slots`):
         ``parse`` must then be given and must not keep the reply's arrays (the slot is reused
         once it returns)."""
         name = _server(s)
@@ -435,7 +435,7 @@ class Client:
         changes nothing.
 
         ``codec`` ("none", "float16", "bfloat16" or "int8" with a per-row scale) is how pulled
-        rows travel: fewer bytes, rounded values (see :mod:`paramserver.codec`).
+        rows travel: fewer bytes, rounded values (see :mod:`paramserver.wire.codec`).
 
         Example:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),

@@ -6,7 +6,7 @@
   :class:`Future` objects that are completed by whoever waits. There is no background thread:
   ``Future.result()`` polls all of the endpoint's sockets, so replies from every peer are
   dispatched while any one of them is awaited, and libzmq's own I/O threads move the bytes.
-* Large arrays may bypass ZeroMQ on a peer's bulk channel (:mod:`paramserver.bulk`): see
+* Large arrays may bypass ZeroMQ on a peer's bulk channel (:mod:`paramserver.wire.bulk`): see
   :meth:`Endpoint.open_bulk` and ``request(..., bulk=True)``.
 * :class:`Heartbeat` sends heartbeats on its own thread and socket, so a long computation or a
   long kernel never looks like death.
@@ -30,8 +30,6 @@ import numpy as np
 import zmq
 from zmq.utils import z85
 
-from paramserver import bulk as bulk_channel
-from paramserver import protocol
 from paramserver.errors import (
     ConfigError,
     NodeLostError,
@@ -39,6 +37,8 @@ from paramserver.errors import (
     PSTimeoutError,
     RemoteError,
 )
+from paramserver.wire import bulk as bulk_channel
+from paramserver.wire import protocol
 
 if TYPE_CHECKING:  # imported when a token is set: it pulls in asyncio and ssl (~40 ms)
     from zmq.auth.thread import ThreadAuthenticator

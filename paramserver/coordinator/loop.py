@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paramserver import protocol
+from paramserver import checkpoint
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.metrics import LATENCY_BUCKETS, STALENESS_BUCKETS, Rate, serve_prometheus
 from paramserver.partition import dense_ranges
-from paramserver.server import checkpoint
 from paramserver.spec import TableSpec
-from paramserver.transport import (
+from paramserver.wire import protocol
+from paramserver.wire.transport import (
     Endpoint,
     Future,
     Router,

@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from paramserver import bulk, shm
+from paramserver.client.sparse import _Handle, _server
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.spec import TableSpec
-from paramserver.tables import _Handle, _server
-from paramserver.transport import (
+from paramserver.wire import bulk, shm
+from paramserver.wire.transport import (
     Future,
     Message,
     gather,
 )
 
 if TYPE_CHECKING:
-    from paramserver.client import Client
+    from paramserver.client.session import Client
 
 __all__ = ["DenseTable"]
 

@@ -4,7 +4,7 @@ A worker's large request arrays (the gradient of a sparse push, the keys of a fi
 the arrays of the reply (a pull's rows) need not cross the socket when both processes see the
 same memory. The worker creates a few *slots* per server, each a segment under ``/dev/shm``
 that the server maps once (``attach_slot``, checked by a nonce like the dense segments, see
-:mod:`paramserver.shm`). A request then names its slot; the worker writes its arrays into it,
+:mod:`paramserver.wire.shm`). A request then names its slot; the worker writes its arrays into it,
 the server reads them there and writes its reply's arrays after them (a pull gathers its rows
 straight into the slot); only the headers travel over ZeroMQ.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from paramserver import shm
-from paramserver.transport import Endpoint, Future
+from paramserver.wire import shm
+from paramserver.wire.transport import Endpoint, Future
 
 __all__ = ["SlotPool"]
 

@@ -1,0 +1,9 @@
+"""The coordinator: membership, views, barriers, the table registry, data leases and
+checkpoint rounds.
+
+* ``loop.py``  the coordinator's state and its single-threaded loop
+"""
+
+from paramserver.coordinator.loop import CheckpointPolicy, Coordinator
+
+__all__ = ["CheckpointPolicy", "Coordinator"]

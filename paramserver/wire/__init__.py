@@ -1,0 +1,11 @@
+"""How nodes talk: the message format, the sockets, and the paths large arrays take.
+
+* ``protocol.py``  message kinds, the header schema, frame encoding and decoding
+* ``transport.py`` ZeroMQ sockets, request ids, futures, CURVE security, heartbeats
+* ``bulk.py``      a raw TCP connection beside ZeroMQ for large dense values
+* ``shm.py``       shared-memory segments between processes on one host; ``slots.py`` the
+                   slots of them that carry the arrays of sparse requests
+* ``codec.py``     value codecs (float16, bfloat16, int8 with a per-row scale)
+
+Nothing outside this package imports ``zmq``.
+"""
