@@ -36,6 +36,7 @@ from paramserver.errors import ConfigError
 
 __all__ = [
     "ENV_VARS",
+    "CheckpointPolicy",
     "Timeouts",
     "WorkerEnv",
     "from_env",
@@ -88,6 +89,26 @@ class Timeouts:
                 f"heartbeat_timeout ({self.heartbeat_timeout}s) must be at least twice "
                 f"heartbeat_interval ({self.heartbeat_interval}s)"
             )
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Periodic checkpoints into ``directory``: every ``every_seconds``, or every
+    ``every_clocks`` clocks when that is set; keeping the last ``keep``."""
+
+    directory: str
+    every_seconds: float = 600.0
+    keep: int = 3
+    timeout: float = 600.0
+    every_clocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.every_seconds > 0:
+            raise ConfigError(f"checkpoint interval must be positive, got {self.every_seconds}")
+        if not (isinstance(self.keep, int) and self.keep >= 1):
+            raise ConfigError(f"checkpoints to keep must be at least 1, got {self.keep}")
+        if self.every_clocks is not None and not self.every_clocks >= 1:
+            raise ConfigError(f"checkpoint clock interval must be >= 1, got {self.every_clocks}")
 
 
 @dataclass(frozen=True)

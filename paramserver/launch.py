@@ -127,7 +127,7 @@ def serve_coordinator(
     if restore is not None:
         extra["restore"] = restore
     if checkpoint_dir is not None:
-        from paramserver.coordinator import CheckpointPolicy
+        from paramserver.config import CheckpointPolicy
 
         given: dict[str, Any] = {
             "every_seconds": checkpoint_every,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from paramserver.mix import splitmix64
+
 __all__ = [
     "DENSE_SPLIT_ELEMENTS",
     "HashRing",
@@ -24,30 +26,18 @@ __all__ = [
 DENSE_SPLIT_ELEMENTS = 1 << 18
 DEFAULT_VNODES = 64
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Routing uses its own salt so that the keys one server receives are not correlated with the
 # hash the server's own index uses.
 _ROUTE_SALT = np.uint64(0x5F3759DF2545F491)
 
 
 def hash_keys(keys: np.ndarray, salt: np.uint64 = _ROUTE_SALT) -> np.ndarray:
-    """splitmix64 of ``keys ^ salt``, vectorized; uint64 in, uint64 out.
+    """splitmix64 of ``keys ^ salt`` (:func:`paramserver.mix.splitmix64`); uint64 in and out.
 
     Example:
         hash_keys(np.arange(3, dtype=np.uint64))
     """
-    with np.errstate(over="ignore"):
-        z = keys.astype(np.uint64, copy=True)
-        z ^= salt
-        z += _GOLDEN
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-    return z
+    return splitmix64(keys, salt)
 
 
 @dataclass(frozen=True)

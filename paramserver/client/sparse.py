@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from paramserver.arrays import all_finite, as_keys
 from paramserver.errors import ConfigError, RemoteError
-from paramserver.parallel import halves
 from paramserver.partition import split_by_owner
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
@@ -29,42 +29,13 @@ from paramserver.wire.transport import (
 if TYPE_CHECKING:
     from paramserver.client.session import Client
 
-__all__ = ["SparseTable", "as_keys", "unique_inverse"]
+__all__ = ["SparseTable", "unique_inverse"]
 
 log = logging.getLogger(__name__)
 
 
 def _server(rank: int) -> str:
     return f"server[{rank}]"
-
-
-def _all_finite(g: np.ndarray) -> bool:
-    # A dot product is finite only if every element is (inf and NaN propagate); it runs at
-    # memory speed without temporaries. Only when it overflows is the exact check needed.
-    if g.dtype.kind == "f" and g.ndim >= 1 and g.flags.c_contiguous and g.size:
-        flat = g.reshape(-1)
-        with np.errstate(all="ignore"):
-            if all(np.isfinite(d) for d in halves(np.dot, [flat, flat])):
-                return True
-    return bool(np.isfinite(g).all())
-
-
-def as_keys(keys: Any, table: str) -> np.ndarray:
-    """Validate keys (non-negative integers) and return them as uint64, any shape."""
-    arr = np.asarray(keys)
-    if arr.dtype == np.uint64:
-        return arr
-    if arr.dtype.kind == "u" or (arr.dtype.kind == "i"):
-        if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
-            bad = int(np.flatnonzero(arr.reshape(-1) < 0)[0])
-            raise ConfigError(
-                f"table {table!r}: keys must be non-negative integers, got "
-                f"{arr.reshape(-1)[bad]} at position {bad}"
-            )
-        return arr.astype(np.uint64)
-    raise ConfigError(
-        f"table {table!r}: keys must be an array of unsigned integers, got dtype {arr.dtype}"
-    )
 
 
 class _Handle:
@@ -111,7 +82,7 @@ class _Handle:
         if g.shape != shape:
             raise ConfigError(f"table {self.name!r}: gradient shape must be {shape}, got {g.shape}")
         # with nonfinite="skip" the servers drop the rows holding NaN or Inf themselves
-        if self.spec.nonfinite == "reject" and not _all_finite(g):
+        if self.spec.nonfinite == "reject" and not all_finite(g):
             raise ConfigError(
                 f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
                 "the table is unchanged (create the table with nonfinite='skip' to drop such "

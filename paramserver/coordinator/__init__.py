@@ -4,6 +4,7 @@ checkpoint rounds.
 * ``loop.py``  the coordinator's state and its single-threaded loop
 """
 
-from paramserver.coordinator.loop import CheckpointPolicy, Coordinator
+from paramserver.config import CheckpointPolicy
+from paramserver.coordinator.loop import Coordinator
 
 __all__ = ["CheckpointPolicy", "Coordinator"]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from paramserver import checkpoint
-from paramserver.config import Timeouts
+from paramserver.config import CheckpointPolicy, Timeouts
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.metrics import LATENCY_BUCKETS, STALENESS_BUCKETS, Rate, serve_prometheus
 from paramserver.partition import dense_ranges
@@ -81,26 +81,6 @@ class _Round:
     waiting: set[int]
     deadline: float
     requester: tuple[bytes, int] | None = None
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """Periodic checkpoints into ``directory``: every ``every_seconds``, or every
-    ``every_clocks`` clocks when that is set; keeping the last ``keep``."""
-
-    directory: str
-    every_seconds: float = 600.0
-    keep: int = 3
-    timeout: float = 600.0
-    every_clocks: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.every_seconds > 0:
-            raise ConfigError(f"checkpoint interval must be positive, got {self.every_seconds}")
-        if not (isinstance(self.keep, int) and self.keep >= 1):
-            raise ConfigError(f"checkpoints to keep must be at least 1, got {self.keep}")
-        if self.every_clocks is not None and not self.every_clocks >= 1:
-            raise ConfigError(f"checkpoint clock interval must be >= 1, got {self.every_clocks}")
 
 
 @dataclass

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from paramserver.data.hashing import bucketize_log, hash_field, hash_strings, mix64
+from paramserver.data.hashing import bucketize_log, hash_field, hash_strings
 from paramserver.data.lines import BadLines, keep_lines, line_blocks, split_fields
 from paramserver.errors import ConfigError
+from paramserver.mix import splitmix64
 
 __all__ = ["CRITEO_CAT", "CRITEO_INT", "CTRBatch", "SyntheticCriteo", "check_labels", "read_criteo"]
 
@@ -237,8 +238,9 @@ class SyntheticCriteo:
         return auc(y[:n_test], p[:n_test])
 
     def _hex(self, cats: np.ndarray) -> np.ndarray:
-        codes = mix64(
-            cats.astype(np.uint64) * np.uint64(CRITEO_CAT) + np.arange(CRITEO_CAT, dtype=np.uint64)
+        codes = splitmix64(
+            cats.astype(np.uint64) * np.uint64(CRITEO_CAT) + np.arange(CRITEO_CAT, dtype=np.uint64),
+            np.uint64(0),
         )
         return np.char.mod("%08x", (codes & np.uint64(0xFFFFFFFF)).astype(np.int64))
 

@@ -1,6 +1,6 @@
 """Feature hashing: (field, value) pairs to uint64 keys, and numeric bucketization. Vectorized.
 
-A key is ``mix64(field_salt(field) ^ value_hash)``: the same (field, value) gives the same key in
+A key is ``splitmix64(value_hash, field_salt(field))`` (:mod:`paramserver.mix`): the same (field, value) gives the same key in
 every process and run (no Python ``hash``), different fields never share a key by construction
 of the salt, and keys spread evenly over the hash ring. Strings are hashed by pandas' vectorized
 SipHash (``pandas.util.hash_array``, fixed key), integers directly.
@@ -12,25 +12,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bucketize_log", "hash_field", "hash_strings", "mix64"]
+from paramserver.mix import splitmix64
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer over a uint64 array (a bijection that scatters bits).
-
-    Example:
-        mix64(np.arange(3, dtype=np.uint64))
-    """
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    out: np.ndarray = z ^ (z >> np.uint64(31))
-    return out
+__all__ = ["bucketize_log", "hash_field", "hash_strings"]
 
 
 def hash_strings(values: Any) -> np.ndarray:
@@ -54,8 +38,8 @@ def hash_field(field: int, values: np.ndarray) -> np.ndarray:
     Example:
         keys = hash_field(3, np.array([17, 17, 99], dtype=np.uint64))   # two distinct keys
     """
-    salt = mix64(np.array([field * 0x10001 + 0x51], dtype=np.uint64))[0]
-    return mix64(np.asarray(values).astype(np.uint64, copy=False) ^ salt)
+    salt = splitmix64(np.array([field * 0x10001 + 0x51], dtype=np.uint64), np.uint64(0))[0]
+    return splitmix64(np.asarray(values), salt)
 
 
 def bucketize_log(values: np.ndarray) -> np.ndarray:

@@ -46,6 +46,8 @@ from numba import types
 from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic as _intrinsic
 
+from paramserver.mix import GOLDEN, mix64
+
 __all__ = [
     "BUCKET_SLOTS",
     "INDEX_MAX_ROWS",
@@ -58,7 +60,6 @@ __all__ = [
     "STATE_ZEROS",
     "adagrad_rows",
     "adam_rows",
-    "count_nonfinite",
     "ftrl_rows",
     "gather",
     "gather_or_init",
@@ -68,7 +69,6 @@ __all__ = [
     "keys_by_row",
     "lookup",
     "lookup_or_insert",
-    "mix64",
     "momentum_rows",
     "new_index",
     "rehash",
@@ -134,12 +134,7 @@ _AHEAD = 16
 _RING = 32  # > _AHEAD: hashes of the keys between the one probed and the one prefetched
 
 
-_GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
-_M1 = np.uint64(0xBF58_476D_1CE4_E5B9)
-_M2 = np.uint64(0x94D0_49BB_1331_11EB)
-_S30 = np.uint64(30)
-_S27 = np.uint64(27)
-_S31 = np.uint64(31)
+_GOLDEN = GOLDEN
 _S11 = np.uint64(11)
 _M32 = np.uint64(0xFFFF_FFFF)
 _S32 = np.uint64(32)
@@ -184,19 +179,6 @@ def new_index(buckets: int) -> Array:
 
 
 # ----------------------------------------------------------------------------- hashing
-
-
-@_kernel
-def mix64(z: np.uint64) -> np.uint64:
-    """splitmix64's finalizer: a bijection of uint64 with full avalanche.
-
-    Example:
-        >>> int(mix64(np.uint64(1))) != 1
-        True
-    """
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)
 
 
 @_kernel
@@ -552,19 +534,6 @@ def sum_duplicates(rows: Array, grads: Array) -> tuple[Array, Array]:
                 break
             h = (h + np.uint64(1)) & mask
     return urows[:u], ugrads[:u]
-
-
-@_kernel
-def count_nonfinite(bits: Array, exponent: Any) -> int:
-    """How many of the floats whose raw bits are ``bits`` are inf or NaN (exponent all ones).
-
-    Integer compares on the bit pattern vectorize without fastmath.
-    """
-    c = 0
-    for i in range(bits.shape[0]):
-        if bits[i] & exponent == exponent:
-            c += 1
-    return c
 
 
 # ----------------------------------------------------------------------------- optimizers

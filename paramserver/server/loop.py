@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from paramserver import checkpoint
+from paramserver.arrays import all_finite, check_keys
 from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError, PSError, RemoteError
 from paramserver.init import Zeros
@@ -40,7 +41,7 @@ from paramserver.server.consistency import (
     pull_ready,
     staleness_of,
 )
-from paramserver.server.shard import DenseShard, SparseShard, all_finite
+from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, protocol, shm
 from paramserver.wire.transport import (
@@ -62,15 +63,6 @@ class Refused(PSError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _check_keys(keys: np.ndarray, where: str) -> np.ndarray:
-    """Keys on the wire are a 1-D uint64 array; anything else is refused."""
-    if keys.dtype != np.uint64 or keys.ndim != 1:
-        raise Refused(
-            "invalid", f"{where}: keys must be a 1-D uint64 array, got {keys.ndim}-D {keys.dtype}"
-        )
-    return keys
 
 
 @dataclass
@@ -560,7 +552,7 @@ class Server:
             raise Refused(
                 "invalid", f"pull of sparse table {t.spec.name!r} needs exactly one key array"
             )
-        return _check_keys(arrays[0], f"pull of {t.spec.name!r}")
+        return check_keys(arrays[0], f"pull of {t.spec.name!r}")
 
     def _answer_pull(
         self, identity: bytes, h: dict[str, Any], t: Table, keys: np.ndarray | None
@@ -632,7 +624,7 @@ class Server:
         slot = (h["rank"], h["sig"])
         want = 1 if what == "pull" else 2  # pull: [keys]; push: [keys, grads]
         if len(arrays) == want:
-            keys = _check_keys(arrays[0], f"{what} of {t.spec.name!r}")
+            keys = check_keys(arrays[0], f"{what} of {t.spec.name!r}")
             if what == "push":
                 self._check_sparse_grads(t, h, len(keys), arrays[1], finite=False)
             self._check_room(t, keys)
@@ -804,7 +796,7 @@ class Server:
             if len(arrays) != 2:
                 raise Refused("invalid", f"{where}: needs a key array and a gradient array")
             keys, grads = arrays
-            _check_keys(keys, where)
+            check_keys(keys, where)
             want: tuple[int, ...] = (len(keys), t.spec.dim)
         elif h.get("shm"):
             if arrays:

@@ -29,36 +29,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from paramserver.arrays import check_keys
 from paramserver.errors import ConfigError
 from paramserver.init import Constant, Initializer, Normal, Uniform, Zeros
 from paramserver.optim import FTRL, SGD, Adagrad, Adam, Momentum, Optimizer
 from paramserver.parallel import halves
 from paramserver.server import kernels as k
 
-__all__ = ["DenseShard", "SparseShard", "all_finite"]
+__all__ = ["DenseShard", "SparseShard"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _KEY_DTYPE = np.dtype(np.uint64)
-
-
-def all_finite(a: npt.NDArray[Any]) -> bool:
-    """Whether every element of ``a`` is finite, in one pass and without temporaries.
-
-    Example:
-        >>> all_finite(np.array([1.0, np.inf]))
-        False
-    """
-    if a.dtype.kind in "iub":
-        return True
-    if a.dtype in _DTYPES and (a.flags.c_contiguous or a.flags.f_contiguous):
-        flat = a.ravel(order="A")
-        mask: np.unsignedinteger[Any]
-        if a.dtype == np.float32:
-            bits, mask = flat.view(np.uint32), np.uint32(0x7F80_0000)
-        else:
-            bits, mask = flat.view(np.uint64), np.uint64(0x7FF0_0000_0000_0000)
-        return sum(int(c) for c in halves(k.count_nonfinite, [bits], mask)) == 0
-    return bool(np.isfinite(a).all())
 
 
 def _check_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
@@ -143,17 +124,6 @@ def _replace_rule(current: _Rule, optimizer: Optimizer, dtype: np.dtype[Any]) ->
 
 def _check_seed(seed: object) -> np.uint64:
     return np.uint64(_check_int("seed", seed, 0, 2**64))
-
-
-def _check_keys(keys: object) -> npt.NDArray[np.uint64]:
-    if not isinstance(keys, np.ndarray) or keys.dtype != _KEY_DTYPE or keys.ndim != 1:
-        got = (
-            f"{keys.dtype} array of shape {keys.shape}"
-            if isinstance(keys, np.ndarray)
-            else type(keys).__name__
-        )
-        raise ConfigError(f"keys: expected a 1-D uint64 array, got {got}")
-    return np.ascontiguousarray(keys)
 
 
 def _check_values(
@@ -290,7 +260,7 @@ class SparseShard:
             >>> shard.pull(np.array([9], np.uint64), create=False).tolist(), shard.num_rows
             ([[0.5, 0.5]], 0)
         """
-        keys = _check_keys(keys)
+        keys = check_keys(keys, "shard")
         res = _check_out(out, (keys.shape[0], self.dim), self.dtype)
         if create:
             rows = self._find_or_create(keys)
@@ -306,7 +276,7 @@ class SparseShard:
         """Apply gradients ``grads`` ``(len(keys), dim)``: duplicates summed in order, then
         one optimizer update per distinct key; missing rows are created first.
 
-        NaN and inf are not checked here (the caller decides, see :func:`all_finite`).
+        NaN and inf are not checked here (the caller decides, see :func:`paramserver.arrays.all_finite`).
 
         Example:
             >>> from paramserver.init import Zeros
@@ -316,7 +286,7 @@ class SparseShard:
             >>> shard.pull(np.array([1], np.uint64)).tolist()
             [[-1.0]]
         """
-        keys = _check_keys(keys)
+        keys = check_keys(keys, "shard")
         grads = _check_values("grads", grads, (keys.shape[0], self.dim), self.dtype)
         if keys.shape[0] == 0:
             return
@@ -337,7 +307,7 @@ class SparseShard:
             >>> rows.tolist(), dup
             ([0, 1], False)
         """
-        keys = _check_keys(keys)
+        keys = check_keys(keys, "shard")
         rows = self._find_or_create(keys)
         return rows, bool(k.has_duplicates(rows, self._mark, self._next_stamp()))
 
@@ -401,7 +371,7 @@ class SparseShard:
             >>> shard.contains(np.array([5, 6], np.uint64)).tolist()
             [True, False]
         """
-        keys = _check_keys(keys)
+        keys = check_keys(keys, "shard")
         rows = np.empty(keys.shape[0], np.int64)
         k.lookup(self._index, keys, rows)
         return rows >= 0
@@ -435,7 +405,7 @@ class SparseShard:
             >>> b.pull(np.array([4], np.uint64)).tolist()
             [[-0.009999999776482582, -0.009999999776482582]]
         """
-        keys = _check_keys(keys)
+        keys = check_keys(keys, "shard")
         rows = _check_values("rows", rows, (keys.shape[0], self.stride), self.dtype)
         if keys.shape[0] == 0:
             return

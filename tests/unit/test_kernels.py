@@ -6,7 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from paramserver.arrays import count_nonfinite
 from paramserver.init import Uniform
+from paramserver.mix import mix64, splitmix64
 from paramserver.optim import SGD
 from paramserver.server import kernels as k
 from paramserver.server.shard import DenseShard, SparseShard
@@ -25,9 +27,15 @@ def np_mix64(z: np.ndarray) -> np.ndarray:
 def test_mix64_matches_reference_and_known_value() -> None:
     zs = np.array([0, 1, 2**63, 2**64 - 1, 0x123456789], U64)
     want = np_mix64(zs)
-    assert [int(k.mix64(z)) for z in zs] == want.tolist()
+    assert [int(mix64(z)) for z in zs] == want.tolist()
     # splitmix64's first output for seed 0 is mix64(0x9E3779B97F4A7C15) = 0xE220A8397B1DCDAF.
-    assert int(k.mix64(U64(0x9E3779B97F4A7C15))) == 0xE220A8397B1DCDAF
+    assert int(mix64(U64(0x9E3779B97F4A7C15))) == 0xE220A8397B1DCDAF
+    # the array form: the golden-ratio step after the salt, then the finalizer
+    salt = U64(0x5F3759DF2545F491)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(
+            splitmix64(zs, salt), np_mix64((zs ^ salt) + U64(0x9E3779B97F4A7C15))
+        )
 
 
 def test_uniform_init_format_is_pinned() -> None:
@@ -139,6 +147,6 @@ def test_sum_duplicates_matches_reference(rows_list: list[int]) -> None:
 
 def test_count_nonfinite() -> None:
     a = np.array([0.0, -0.0, 1.0, np.inf, -np.inf, np.nan, np.finfo(np.float32).max], np.float32)
-    assert k.count_nonfinite(a.view(np.uint32), np.uint32(0x7F800000)) == 3
+    assert count_nonfinite(a.view(np.uint32), np.uint32(0x7F800000)) == 3
     b = a.astype(np.float64)
-    assert k.count_nonfinite(b.view(np.uint64), U64(0x7FF0000000000000)) == 3
+    assert count_nonfinite(b.view(np.uint64), U64(0x7FF0000000000000)) == 3

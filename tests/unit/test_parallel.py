@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from paramserver import parallel
+from paramserver.arrays import count_nonfinite
 from paramserver.server import kernels as k
 
 
@@ -22,7 +23,7 @@ def test_halves_match_one_pass() -> None:
     np.testing.assert_array_equal(out, want)
     g[n - 1] = np.nan
     g[0] = np.inf
-    counts = parallel.halves(k.count_nonfinite, [g.view(np.uint32)], np.uint32(0x7F80_0000))
+    counts = parallel.halves(count_nonfinite, [g.view(np.uint32)], np.uint32(0x7F80_0000))
     assert [int(c) for c in counts] == [1, 1]
     small = np.ones(10, np.float32)
     assert parallel.halves(np.dot, [small, small]) == [10.0]

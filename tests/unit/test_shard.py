@@ -10,10 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from paramserver.arrays import all_finite
 from paramserver.errors import ConfigError
 from paramserver.init import Constant, Normal, Uniform, Zeros
 from paramserver.optim import FTRL, SGD, Adagrad, Adam, Momentum, Optimizer
-from paramserver.server.shard import DenseShard, SparseShard, all_finite
+from paramserver.server.shard import DenseShard, SparseShard
 
 U64 = np.uint64
 EDGE_KEYS = np.array([0, 1, 2**63, 2**64 - 1], U64)
@@ -95,9 +96,9 @@ def test_duplicates_are_summed_in_order_of_occurrence() -> None:
 @pytest.mark.parametrize(
     ("keys", "grads", "match"),
     [
-        (np.array([1, 2], np.int64), np.zeros((2, 4), np.float32), "keys: expected a 1-D uint64 array, got int64"),
-        (np.array([[1, 2]], U64), np.zeros((2, 4), np.float32), r"keys: .*got uint64 array of shape \(1, 2\)"),
-        ([1, 2], np.zeros((2, 4), np.float32), "keys: .*got list"),
+        (np.array([1, 2], np.int64), np.zeros((2, 4), np.float32), "shard: keys must be a 1-D uint64 array, got int64"),
+        (np.array([[1, 2]], U64), np.zeros((2, 4), np.float32), r"shard: keys .*got uint64 array of shape \(1, 2\)"),
+        ([1, 2], np.zeros((2, 4), np.float32), "shard: keys .*got list"),
         (np.array([1, 2], U64), np.zeros((2, 4), np.float64), r"grads: expected a float32 array of shape \(2, 4\), got float64"),
         (np.array([1, 2], U64), np.zeros((2, 3), np.float32), r"grads: .*got float32 array of shape \(2, 3\)"),
         (np.array([1, 2], U64), np.zeros((3, 4), np.float32), r"got float32 array of shape \(3, 4\)"),

@@ -1,0 +1,96 @@
+"""Checks on the arrays that users and peers hand over, in one place for the worker and the
+server: keys (:func:`as_keys` for a user's, :func:`check_keys` for the wire's) and gradients
+(:func:`all_finite`).
+
+Example:
+    keys = as_keys([7, 42, 7], "emb")         # uint64, validated
+    all_finite(np.array([1.0, np.nan]))        # False
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+from paramserver.errors import ConfigError
+from paramserver.parallel import halves
+
+__all__ = ["all_finite", "as_keys", "check_keys", "count_nonfinite"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_keys(keys: Any, table: str) -> npt.NDArray[np.uint64]:
+    """A user's keys (non-negative integers of any integer dtype and shape) as uint64.
+
+    Example:
+        as_keys(np.array([3, 1]), "emb")
+    """
+    arr = np.asarray(keys)
+    if arr.dtype == np.uint64:
+        return arr
+    if arr.dtype.kind in "ui":
+        if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
+            bad = int(np.flatnonzero(arr.reshape(-1) < 0)[0])
+            raise ConfigError(
+                f"table {table!r}: keys must be non-negative integers, got "
+                f"{arr.reshape(-1)[bad]} at position {bad}"
+            )
+        return arr.astype(np.uint64)
+    raise ConfigError(
+        f"table {table!r}: keys must be an array of unsigned integers, got dtype {arr.dtype}"
+    )
+
+
+def check_keys(keys: object, where: str) -> npt.NDArray[np.uint64]:
+    """Keys as they travel and as shards take them: a 1-D uint64 array (contiguous on return);
+    anything else is a ConfigError naming ``where``.
+
+    Example:
+        check_keys(np.arange(3, dtype=np.uint64), "pull of 'emb'")
+    """
+    if not isinstance(keys, np.ndarray) or keys.dtype != np.uint64 or keys.ndim != 1:
+        got = (
+            f"{keys.dtype} array of shape {keys.shape}"
+            if isinstance(keys, np.ndarray)
+            else type(keys).__name__
+        )
+        raise ConfigError(f"{where}: keys must be a 1-D uint64 array, got {got}")
+    return np.ascontiguousarray(keys)
+
+
+@numba.njit(cache=True, nogil=True)
+def count_nonfinite(bits: npt.NDArray[Any], exponent: Any) -> int:
+    """How many of the floats whose raw bits are ``bits`` are inf or NaN (exponent all ones).
+
+    Integer compares on the bit pattern vectorize without fastmath.
+    """
+    c = 0
+    for i in range(bits.shape[0]):
+        if bits[i] & exponent == exponent:
+            c += 1
+    return c
+
+
+def all_finite(a: npt.NDArray[Any]) -> bool:
+    """Whether every element of ``a`` is finite: one pass over the raw bits, split over two
+    cores for large arrays, without temporaries.
+
+    Example:
+        >>> all_finite(np.array([1.0, np.inf]))
+        False
+    """
+    if a.dtype.kind in "iub":
+        return True
+    if a.dtype in _FLOATS and (a.flags.c_contiguous or a.flags.f_contiguous):
+        flat = a.ravel(order="A")
+        mask: np.unsignedinteger[Any]
+        if a.dtype == np.float32:
+            bits, mask = flat.view(np.uint32), np.uint32(0x7F80_0000)
+        else:
+            bits, mask = flat.view(np.uint64), np.uint64(0x7FF0_0000_0000_0000)
+        return sum(int(c) for c in halves(count_nonfinite, [bits], mask)) == 0
+    return bool(np.isfinite(a).all())

@@ -1,0 +1,358 @@
+"""One TypedDict per message kind of :data:`paramserver.wire.protocol.SCHEMA`: a handler
+declares which message it reads, and ``mypy --strict`` checks every field it touches.
+
+:func:`paramserver.wire.protocol.decode` validates a header against the schema first, so a
+header handed to a handler has exactly these fields, with these types. A unit test holds the
+two in step (tests/unit/test_messages.py).
+
+Example:
+    def on_pull(h: PullMsg) -> None:
+        h["table"], h["clock"]          # str, int; h["tabel"] is a type error
+"""
+
+# No "from __future__ import annotations" here: TypedDict reads NotRequired at class creation.
+from typing import Any, Literal, NotRequired, TypedDict
+
+__all__ = [
+    "MESSAGES",
+    "AcquireLeaseMsg",
+    "AttachMsg",
+    "AttachSlotMsg",
+    "BarrierMsg",
+    "CheckpointMsg",
+    "ClockMsg",
+    "CompleteLeaseMsg",
+    "CreateShardMsg",
+    "CreateTableMsg",
+    "ErrorMsg",
+    "GetViewMsg",
+    "Header",
+    "HeartbeatMsg",
+    "LeaveMsg",
+    "ListTablesMsg",
+    "OpenBulkMsg",
+    "PingMsg",
+    "PullMsg",
+    "PushMsg",
+    "RegisterMsg",
+    "ReplyMsg",
+    "Role",
+    "SaveMsg",
+    "SetLrMsg",
+    "ShutdownMsg",
+    "StatsMsg",
+    "StatusMsg",
+    "StopMsg",
+    "ViewMsg",
+]
+
+Role = Literal["server", "worker"]
+
+
+class Header(TypedDict):
+    """What every message carries: its kind and its request id (0: not a request)."""
+
+    kind: str
+    id: int
+
+
+class RegisterMsg(TypedDict):
+    """``register``."""
+
+    kind: Literal["register"]
+    id: int
+    role: Role
+    address: NotRequired[str | None]
+    rank: NotRequired[int | None]
+    host: NotRequired[str | None]
+    pid: NotRequired[int | None]
+
+
+class HeartbeatMsg(TypedDict):
+    """``heartbeat``."""
+
+    kind: Literal["heartbeat"]
+    id: int
+    role: Role
+    rank: int
+    token: int
+    clock: NotRequired[int | None]
+    examples: NotRequired[int | None]
+
+
+class GetViewMsg(TypedDict):
+    """``get_view``."""
+
+    kind: Literal["get_view"]
+    id: int
+
+
+class CreateTableMsg(TypedDict):
+    """``create_table``."""
+
+    kind: Literal["create_table"]
+    id: int
+    spec: dict[str, Any]
+
+
+class ListTablesMsg(TypedDict):
+    """``list_tables``."""
+
+    kind: Literal["list_tables"]
+    id: int
+
+
+class BarrierMsg(TypedDict):
+    """``barrier``."""
+
+    kind: Literal["barrier"]
+    id: int
+    name: str
+    rank: int
+    timeout: float
+
+
+class SaveMsg(TypedDict):
+    """``save``."""
+
+    kind: Literal["save"]
+    id: int
+    path: str
+    clock: int
+    timeout: float
+
+
+class LeaveMsg(TypedDict):
+    """``leave``."""
+
+    kind: Literal["leave"]
+    id: int
+    role: Role
+    rank: int
+    token: int
+
+
+class ShutdownMsg(TypedDict):
+    """``shutdown``."""
+
+    kind: Literal["shutdown"]
+    id: int
+
+
+class StatusMsg(TypedDict):
+    """``status``."""
+
+    kind: Literal["status"]
+    id: int
+
+
+class AcquireLeaseMsg(TypedDict):
+    """``acquire_lease``."""
+
+    kind: Literal["acquire_lease"]
+    id: int
+    dataset: str
+    epoch: int
+    shards: int
+    rank: int
+
+
+class CompleteLeaseMsg(TypedDict):
+    """``complete_lease``."""
+
+    kind: Literal["complete_lease"]
+    id: int
+    dataset: str
+    epoch: int
+    shard: int
+    rank: int
+
+
+class ViewMsg(TypedDict):
+    """``view``."""
+
+    kind: Literal["view"]
+    id: int
+    view: dict[str, Any]
+
+
+class StopMsg(TypedDict):
+    """``stop``."""
+
+    kind: Literal["stop"]
+    id: int
+
+
+class CheckpointMsg(TypedDict):
+    """``checkpoint``."""
+
+    kind: Literal["checkpoint"]
+    id: int
+    path: str
+    clock: int
+
+
+class CreateShardMsg(TypedDict):
+    """``create_shard``."""
+
+    kind: Literal["create_shard"]
+    id: int
+    spec: dict[str, Any]
+
+
+class PullMsg(TypedDict):
+    """``pull``."""
+
+    kind: Literal["pull"]
+    id: int
+    table: str
+    rank: int
+    clock: int
+    create: bool
+    timeout: float
+    shm: NotRequired[bool]
+    sig: NotRequired[int]
+    slot: NotRequired[int]
+    reply_at: NotRequired[int]
+    bulk: NotRequired[bool]
+
+
+class PushMsg(TypedDict):
+    """``push``."""
+
+    kind: Literal["push"]
+    id: int
+    table: str
+    rank: int
+    clock: int
+    seq: int
+    shm: NotRequired[bool]
+    checked: NotRequired[bool]
+    sig: NotRequired[int]
+    slot: NotRequired[int]
+    reply_at: NotRequired[int]
+    bulk: NotRequired[int]
+
+
+class OpenBulkMsg(TypedDict):
+    """``open_bulk``."""
+
+    kind: Literal["open_bulk"]
+    id: int
+    rank: int
+
+
+class AttachMsg(TypedDict):
+    """``attach``."""
+
+    kind: Literal["attach"]
+    id: int
+    table: str
+    rank: int
+    path: str
+    nonce: int
+
+
+class AttachSlotMsg(TypedDict):
+    """``attach_slot``."""
+
+    kind: Literal["attach_slot"]
+    id: int
+    rank: int
+    slot: int
+    path: str
+    nonce: int
+    size: int
+
+
+class ClockMsg(TypedDict):
+    """``clock``."""
+
+    kind: Literal["clock"]
+    id: int
+    rank: int
+    clock: int
+
+
+class SetLrMsg(TypedDict):
+    """``set_lr``."""
+
+    kind: Literal["set_lr"]
+    id: int
+    table: str
+    lr: float
+
+
+class StatsMsg(TypedDict):
+    """``stats``."""
+
+    kind: Literal["stats"]
+    id: int
+
+
+class PingMsg(TypedDict):
+    """``ping``."""
+
+    kind: Literal["ping"]
+    id: int
+
+
+class ReplyMsg(TypedDict):
+    """``reply``."""
+
+    kind: Literal["reply"]
+    id: int
+    staleness: NotRequired[int | None]
+    rank: NotRequired[int | None]
+    view: NotRequired[dict[str, Any] | None]
+    spec: NotRequired[dict[str, Any] | None]
+    tables: NotRequired[list[Any] | None]
+    stats: NotRequired[dict[str, Any] | None]
+    status: NotRequired[dict[str, Any] | None]
+    path: NotRequired[str | None]
+    shard: NotRequired[int | None]
+    shm: NotRequired[bool]
+    bulk: NotRequired[int]
+    port: NotRequired[int]
+    ticket: NotRequired[int]
+
+
+class ErrorMsg(TypedDict):
+    """``error``."""
+
+    kind: Literal["error"]
+    id: int
+    code: str
+    message: str
+
+
+# kind -> its TypedDict
+MESSAGES: dict[str, type] = {
+    "register": RegisterMsg,
+    "heartbeat": HeartbeatMsg,
+    "get_view": GetViewMsg,
+    "create_table": CreateTableMsg,
+    "list_tables": ListTablesMsg,
+    "barrier": BarrierMsg,
+    "save": SaveMsg,
+    "leave": LeaveMsg,
+    "shutdown": ShutdownMsg,
+    "status": StatusMsg,
+    "acquire_lease": AcquireLeaseMsg,
+    "complete_lease": CompleteLeaseMsg,
+    "view": ViewMsg,
+    "stop": StopMsg,
+    "checkpoint": CheckpointMsg,
+    "create_shard": CreateShardMsg,
+    "pull": PullMsg,
+    "push": PushMsg,
+    "open_bulk": OpenBulkMsg,
+    "attach": AttachMsg,
+    "attach_slot": AttachSlotMsg,
+    "clock": ClockMsg,
+    "set_lr": SetLrMsg,
+    "stats": StatsMsg,
+    "ping": PingMsg,
+    "reply": ReplyMsg,
+    "error": ErrorMsg,
+}
