@@ -275,7 +275,28 @@ class Host:
             stdin=stdin, stdout=stdout, stderr=stderr, text=text, start_new_session=True,
         )  # fmt: skip
         self.procs.append(proc)
+        self._wait_inside(proc)
         return proc
+
+    def _wait_inside(self, proc: subprocess.Popen[Any]) -> None:
+        """Return once ``proc`` has entered this host (nsenter's setns), so that it is found
+        among :meth:`pids` and killed with the host; or once it has ended."""
+        inside = _inodes([NETNS_DIR / self.netns])
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while proc.poll() is None:
+            with contextlib.suppress(OSError):
+                st = os.stat(f"/proc/{proc.pid}/ns/net")
+                if (st.st_dev, st.st_ino) in inside:
+                    return
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise BedError(f"{proc.args!r} did not enter {self.name} in {COMMAND_TIMEOUT}s")
+            time.sleep(0.002)
+
+    def _kill_tracked(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
 
     def run(
         self,
@@ -333,6 +354,7 @@ class Host:
 
     def kill(self) -> None:
         """Take the whole host away: SIGKILL every process in it, then its link down."""
+        self._kill_tracked()
         _kill_all(self.files, self.name)
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -425,6 +447,8 @@ class Bed:
             return
         self.closed = True
         try:
+            for h in self.hosts:
+                h._kill_tracked()
             _remove(self.dir, _read_state(self.dir) or self.state(manual=False))
         finally:
             for h in self.hosts:  # killed by now: reap them

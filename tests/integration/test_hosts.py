@@ -181,9 +181,11 @@ def _gone(pid: int) -> bool:
 def test_close_leaves_no_namespace_link_mount_or_process(emulated_hosts: Make) -> None:
     bed = emulated_hosts(3, rate="1gbit")
     serve(bed[0])
+    sleeper = bed[1].popen(["sleep", "300"])
+    assert bed[1].pids() == {sleeper.pid}  # popen returns once it is inside the host
     bed[2].run(["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 < /dev/null &"], timeout=10)
-    pids = bed[0].pids() | bed[2].pids()
-    assert len(pids) == 2 and len(_left(bed.run)) == 3 + 4 + 6 + 1
+    pids = bed[0].pids() | bed[1].pids() | bed[2].pids()
+    assert len(pids) == 3 and len(_left(bed.run)) == 3 + 4 + 6 + 1
     bed.close()
     assert _left(bed.run) == []
     assert all(_gone(pid) for pid in pids)
@@ -194,8 +196,8 @@ OWNER = """
 import sys, time
 from tests import hosts
 with hosts.up(2) as bed:
-    bed[1].popen(["sleep", "300"])
-    print(bed.run, *bed[1].pids(), flush=True)
+    sleeper = bed[1].popen(["sleep", "300"])
+    print(bed.run, sleeper.pid, flush=True)
     time.sleep(300)
 """
 
