@@ -10,11 +10,13 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 import paramserver as ps
+from tests import hosts
 
 
 def descendants(pid: int | None = None) -> set[int]:
@@ -69,3 +71,28 @@ def cluster() -> Iterator[ps.LocalCluster]:
     """A 2-server, 1-worker local cluster with short heartbeat timeouts."""
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as c:
         yield c
+
+
+@pytest.fixture
+def emulated_hosts() -> Iterator[Callable[..., hosts.Bed]]:
+    """Makes beds of emulated hosts (``emulated_hosts(3, rate="1gbit")``, see tests/hosts.py)
+    and removes them, with every process in them, after the test. Skips the test, saying why,
+    where they cannot be made (not root, no ``ip`` / ``tc``)."""
+    reason = hosts.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    beds: list[hosts.Bed] = []
+
+    def make(count: int, **kwargs: Any) -> hosts.Bed:
+        bed = hosts.up(count, **kwargs)
+        beds.append(bed)
+        return bed
+
+    yield make
+    errors = []
+    for bed in beds:
+        try:
+            bed.close()
+        except hosts.BedError as exc:
+            errors.append(str(exc))
+    assert not errors, errors
