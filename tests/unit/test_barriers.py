@@ -34,8 +34,8 @@ def test_barriers_are_independent_by_name() -> None:
 
 def test_a_timed_out_barrier_names_the_missing_workers() -> None:
     barriers = Barriers()
-    barriers.arrive("epoch-end#7", 1, (b"w1", 5), deadline=10.0)
-    barriers.arrive("epoch-end#7", 3, (b"w3", 6), deadline=20.0)  # the latest deadline counts
+    barriers.arrive("epoch-end#7", 1, (b"w1", 5), deadline=20.0)
+    barriers.arrive("epoch-end#7", 3, (b"w3", 6), deadline=10.0)  # the latest deadline counts
     assert barriers.expired(15.0, [0, 1, 2, 3]) == []
     [(waiters, why)] = barriers.expired(20.5, [0, 1, 2, 3])
     assert waiters == [(b"w1", 5), (b"w3", 6)]
