@@ -24,19 +24,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from paramserver.errors import ConfigError
 from paramserver.partition import HashRing
 from paramserver.spec import TableSpec
 
-if TYPE_CHECKING:  # the coordinator reads manifests here: it must not load numba and kernels
-    from paramserver.server.shard import DenseShard, SparseShard
-
 __all__ = [
     "FORMAT_VERSION",
+    "ExportableShard",
     "commit_checkpoint",
     "describe",
     "find_checkpoint",
@@ -48,6 +47,16 @@ __all__ = [
 
 FORMAT_VERSION = 1
 LATEST = "LATEST"
+
+
+class ExportableShard(Protocol):
+    """What a server's shard gives a checkpoint: copies of its rows (this module stands below
+    ``paramserver.server``, so it names what it needs instead of importing the shards)."""
+
+    def export(self) -> dict[str, npt.NDArray[Any]]:
+        """``rows`` (n, stride), each row ``[w | optimizer state]``; and for a sparse shard
+        ``keys`` (n,) uint64, in the same order."""
+        ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,9 +86,15 @@ def _write_json(path: Path, data: Any) -> None:
 def write_server_shards(
     directory: Path,
     rank: int,
-    tables: dict[str, tuple[TableSpec, SparseShard | DenseShard | None, int, int]],
+    tables: dict[str, tuple[TableSpec, ExportableShard | None, int, int]],
 ) -> dict[str, Any]:
-    """Write one server's shards into ``directory/server-<rank>/``; returns its index."""
+    """Write one server's shards into ``directory/server-<rank>/``: per table name its spec,
+    its shard (None: nothing here) and, for a dense table, the range it holds. Returns the
+    index it wrote.
+
+    Example:
+        write_server_shards(Path(".partial-00000010-1"), 0, {"emb": (spec, shard, 0, 0)})
+    """
     out = directory / f"server-{rank}"
     # the round's directory must exist already (shared storage): a round that was given up
     # must not be recreated by a late writer

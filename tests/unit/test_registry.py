@@ -1,0 +1,86 @@
+"""Table registry rules, without a socket: idempotent creation, conflicts refused by field,
+dense ranges over the servers, tables restored from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from paramserver.checkpoint import commit_checkpoint
+from paramserver.coordinator.refusal import Refusal
+from paramserver.coordinator.registry import TableRegistry
+from paramserver.errors import ConfigError
+from paramserver.init import Normal
+from paramserver.optim import SGD, Adagrad
+from paramserver.spec import TableSpec
+
+BIG = 1 << 20  # elements: a dense table this large is cut over every server
+
+
+def test_creating_the_same_table_again_gives_it_back() -> None:
+    registry = TableRegistry([0, 1])
+    spec = TableSpec("emb", "sparse", dim=8, optimizer=Adagrad(lr=0.1))
+    first = registry.create(spec.to_wire())
+    assert first == spec
+    assert registry.create(spec.to_wire()) is first
+    assert registry.specs() == [first] and registry.to_wire() == [first.to_wire()]
+
+
+def test_a_conflicting_spec_is_refused_naming_the_fields_and_changes_nothing() -> None:
+    registry = TableRegistry([0])
+    registry.create(TableSpec("emb", "sparse", dim=8, optimizer=SGD(lr=0.1)).to_wire())
+    other = TableSpec("emb", "sparse", dim=16, optimizer=SGD(lr=0.1), init=Normal(std=0.5))
+    with pytest.raises(Refusal) as e:
+        registry.create(other.to_wire())
+    assert e.value.code == "conflict"
+    assert e.value.message.startswith("table 'emb' already exists with a different dim, init ")
+    assert "dim=8" in e.value.message and "init={'kind': 'zeros'}" in e.value.message
+    assert registry.tables["emb"].dim == 8
+
+
+def test_a_malformed_spec_is_a_config_error() -> None:
+    registry = TableRegistry([0])
+    with pytest.raises(ConfigError, match="kind must be 'sparse' or 'dense'"):
+        registry.create({**TableSpec("t", "sparse").to_wire(), "kind": "tree"})
+    assert registry.tables == {}
+
+
+def test_dense_tables_get_ranges_that_cover_them_over_every_server() -> None:
+    registry = TableRegistry([0, 1, 2])
+    spec = registry.create(TableSpec("mlp", "dense", shape=(BIG,)).to_wire())
+    assert [r[0] for r in spec.ranges] == [0, 1, 2]
+    assert [(a, b) for _, a, b in spec.ranges] == [
+        (0, BIG // 3),
+        (BIG // 3, 2 * BIG // 3),
+        (2 * BIG // 3, BIG),
+    ]
+    # ranges a client sends are not its to choose, and do not make a conflict
+    again = TableSpec("mlp", "dense", shape=(BIG,)).with_ranges([(0, 0, BIG)])
+    assert registry.create(again.to_wire()) is spec
+
+
+def test_a_restored_cluster_starts_with_the_checkpoints_tables_cut_for_its_servers(
+    tmp_path: Path,
+) -> None:
+    written = TableRegistry([0, 1])
+    dense = written.create(TableSpec("mlp", "dense", shape=(BIG,)).to_wire())
+    sparse = written.create(TableSpec("emb", "sparse", dim=4).to_wire())
+    partial = tmp_path / ".partial"
+    partial.mkdir()
+    final = commit_checkpoint(
+        tmp_path,
+        partial,
+        clock=12,
+        round_id=3,
+        tables=written.specs(),
+        num_servers=2,
+        num_workers=1,
+    )
+    registry = TableRegistry([0, 1, 2])
+    assert registry.restore(str(tmp_path)) == {"path": str(final), "clock": 12}
+    assert registry.tables["emb"] == sparse
+    assert len(dense.ranges) == 2 and len(registry.tables["mlp"].ranges) == 3
+    assert registry.tables["mlp"].ranges[-1][2] == BIG
+    with pytest.raises(ConfigError, match="does not exist"):
+        TableRegistry([0]).restore(str(tmp_path / "missing"))
