@@ -9,9 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -62,17 +62,31 @@ def check_keys(keys: object, where: str) -> npt.NDArray[np.uint64]:
     return np.ascontiguousarray(keys)
 
 
-@numba.njit(cache=True, nogil=True)
 def count_nonfinite(bits: npt.NDArray[Any], exponent: Any) -> int:
-    """How many of the floats whose raw bits are ``bits`` are inf or NaN (exponent all ones).
+    """How many of the floats whose raw bits are ``bits`` are inf or NaN (exponent all ones);
+    a compiled kernel that releases the GIL.
 
-    Integer compares on the bit pattern vectorize without fastmath.
+    Example:
+        count_nonfinite(np.array([1.0, np.inf], np.float32).view(np.uint32), np.uint32(0x7F800000))
     """
-    c = 0
-    for i in range(bits.shape[0]):
-        if bits[i] & exponent == exponent:
-            c += 1
-    return c
+    return int(_count_kernel()(bits, exponent))
+
+
+@functools.cache
+def _count_kernel() -> Any:
+    # compiled on first use: `import paramserver` must not load numba (1-2 s)
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def count(bits: npt.NDArray[Any], exponent: Any) -> int:
+        # integer compares on the bit pattern vectorize without fastmath
+        c = 0
+        for i in range(bits.shape[0]):
+            if bits[i] & exponent == exponent:
+                c += 1
+        return c
+
+    return count
 
 
 def all_finite(a: npt.NDArray[Any]) -> bool:

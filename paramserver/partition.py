@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paramserver.mix import splitmix64
-
 __all__ = [
     "DENSE_SPLIT_ELEMENTS",
     "HashRing",
@@ -37,6 +35,10 @@ def hash_keys(keys: np.ndarray, salt: np.uint64 = _ROUTE_SALT) -> np.ndarray:
     Example:
         hash_keys(np.arange(3, dtype=np.uint64))
     """
+    # imported here: loading numba (1-2 s) is for those that route keys (workers), not for the
+    # coordinator, which only cuts dense ranges
+    from paramserver.mix import splitmix64
+
     return splitmix64(keys, salt)
 
 
