@@ -187,7 +187,8 @@ class Client:
         self.num_servers: int = int(view["num_servers"])
         self._clock = int(view.get("start_clock") or 0)
         self._apply_view(view)
-        self.ring = HashRing.build(list(range(self.num_servers)))
+        # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
+        # on a loaded machine.
         self._heartbeat = Heartbeat(
             self._ctx,
             self.coordinator,
@@ -200,6 +201,7 @@ class Client:
         )
         self._token = int(view["token"])
         self._heartbeat.start()
+        self.ring = HashRing.build(list(range(self.num_servers)))
         log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
 
     def _why_no_registration(self, what: str, probe: Future[dict[str, Any]]) -> str:

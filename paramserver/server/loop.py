@@ -209,12 +209,7 @@ class Server:
         start = int(restore["clock"]) if isinstance(restore, dict) else 0
         self.clocks = Clocks(int(view["num_workers"]), start=start)
         self._apply_view(view)
-        if isinstance(restore, dict):
-            self._restore(str(restore["path"]), view, reply.get("tables") or [])
-        else:  # a replacement with no checkpoint to load: the tables, empty
-            for wire in reply.get("tables") or []:
-                spec = TableSpec.from_wire(wire)
-                self.tables[spec.name] = self._make_table(spec)
+        # Beat before loading a checkpoint, which can take longer than the heartbeat timeout.
         self._heartbeat = Heartbeat(
             self.ctx,
             self.coordinator,
@@ -226,6 +221,12 @@ class Server:
             security=self.security,
         )
         self._heartbeat.start()
+        if isinstance(restore, dict):
+            self._restore(str(restore["path"]), view, reply.get("tables") or [])
+        else:  # a replacement with no checkpoint to load: the tables, empty
+            for wire in reply.get("tables") or []:
+                spec = TableSpec.from_wire(wire)
+                self.tables[spec.name] = self._make_table(spec)
         log.info("%s serving at %s", self.name, self.address)
 
     def stop(self) -> None:

@@ -68,10 +68,15 @@ def test_a_stopped_worker_is_still_declared_dead_within_the_timeout() -> None:
         client = cluster.connect()
         table = client.sparse_table("w", dim=2, consistency="async")
         child = subprocess.Popen(
-            [sys.executable, "-c", WORKER, cluster.address], stdout=subprocess.PIPE
+            [sys.executable, "-c", WORKER, cluster.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         try:
-            assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+            assert child.stdout is not None and child.stderr is not None
+            if child.stdout.readline() != b"ready\n":
+                child.kill()
+                pytest.fail(f"the worker failed: {child.stderr.read().decode()[-2000:]}")
             deadline = time.monotonic() + 10
             while state_of(child.pid) != "T":
                 assert time.monotonic() < deadline, "the worker never stopped"
