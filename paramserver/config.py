@@ -37,6 +37,7 @@ from paramserver.errors import ConfigError
 __all__ = [
     "ENV_VARS",
     "CheckpointPolicy",
+    "Limits",
     "Timeouts",
     "WorkerEnv",
     "from_env",
@@ -89,6 +90,33 @@ class Timeouts:
                 f"heartbeat_timeout ({self.heartbeat_timeout}s) must be at least twice "
                 f"heartbeat_interval ({self.heartbeat_interval}s)"
             )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much coordinator state peers' requests may hold, so that no request (a lease book
+    of 2**24 parts, ten thousand barrier names) can take the coordinator's memory or time.
+
+    ``lease_parts``: the most parts of all open lease books together (a part costs ~9 bytes);
+    ``datasets``: the most data-set epochs with a lease book at once (two epochs kept each);
+    ``barriers``: the most barriers open at once, and ``peer_barriers`` the most one peer
+    waits at; ``name_chars``: the longest data-set or barrier name.
+
+    Example:
+        Limits(lease_parts=1 << 24)  # lease books of 16M parts in all (~150 MB)
+    """
+
+    lease_parts: int = 1 << 22
+    datasets: int = 1024
+    barriers: int = 1024
+    peer_barriers: int = 16
+    name_chars: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("lease_parts", "datasets", "barriers", "peer_barriers", "name_chars"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"limit {name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from paramserver.config import Limits
+from paramserver.errors import ConfigError
+
 __all__ = ["Barrier", "Barriers"]
 
 Waiter = tuple[bytes, int]  # (identity, request id) of a worker's barrier request
@@ -34,11 +37,35 @@ class Barriers:
         barriers.expired(31.0, [0, 1])      # [([(b"w0", 7)], "... waiting for worker[1]")]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
         self.barriers: dict[str, Barrier] = {}
 
     def arrive(self, name: str, rank: int, waiter: Waiter, deadline: float) -> None:
-        b = self.barriers.setdefault(name, Barrier())
+        """Worker ``rank`` waits at ``name`` until ``deadline``; ConfigError, changing nothing,
+        for a name too long or one barrier too many (:class:`~paramserver.config.Limits`)."""
+        if not isinstance(name, str) or len(name) > self.limits.name_chars + 32:  # + "#n"
+            raise ConfigError(
+                f"a barrier name must be a string of at most {self.limits.name_chars} characters"
+            )
+        if not isinstance(deadline, float) or deadline != deadline:
+            raise ConfigError("a barrier's timeout must be a number of seconds")
+        b = self.barriers.get(name)
+        identity = waiter[0]
+        if (b is None or rank not in b.arrived) and sum(
+            w[0] == identity for o in self.barriers.values() for w in o.arrived.values()
+        ) >= self.limits.peer_barriers:
+            raise ConfigError(
+                f"this peer already waits at {self.limits.peer_barriers} barriers, the "
+                "coordinator's limit (Limits(peer_barriers=...))"
+            )
+        if b is None:
+            if len(self.barriers) >= self.limits.barriers:
+                raise ConfigError(
+                    f"{len(self.barriers)} barriers are open, the coordinator's limit "
+                    "(Limits(barriers=...)): a program should wait at few names at a time"
+                )
+            b = self.barriers[name] = Barrier()
         b.arrived[rank] = waiter
         b.deadline = max(b.deadline, deadline)
 

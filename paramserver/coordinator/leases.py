@@ -6,15 +6,21 @@ lease is held by its worker's rank until completed; the leases of a worker that 
 leaves go back to the queue and are handed out next, so an epoch covers every part. The
 books of the last two epochs of each data set are kept.
 
+A book is three arrays over its parts (the shuffled order, the holder, done), about 9 bytes a
+part, and :class:`~paramserver.config.Limits` bounds the parts of all books, the books and the
+names: no request can make the coordinator keep more.
+
 Plain state: the loop passes the messages in and sends the answers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
-from dataclasses import dataclass, field
 
+import numpy as np
+
+from paramserver.config import Limits
 from paramserver.errors import ConfigError
 from paramserver.wire.messages import AcquireLeaseMsg, CompleteLeaseMsg
 
@@ -22,20 +28,47 @@ __all__ = ["LeaseBook", "Leases"]
 
 log = logging.getLogger(__name__)
 
+FREE = -1  # a part no worker holds
 
-@dataclass
+
 class LeaseBook:
-    """The parts of one data set in one epoch: still to hand out (the last one next), held
-    (part -> worker rank), done."""
+    """The parts of one data set in one epoch: the shuffled order still to hand out (from
+    ``next``), the parts given back by lost workers (handed out first), each part's holder
+    (a worker rank, or FREE) and whether it is done."""
 
-    shards: int
-    todo: list[int]
-    held: dict[int, int] = field(default_factory=dict)
-    done: set[int] = field(default_factory=set)
+    def __init__(self, parts: int, seed: str) -> None:
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8]))
+        self.parts = parts
+        self.order = rng.permutation(parts).astype(np.int32)
+        self.next = 0
+        self.returned: list[int] = []
+        self.holder = np.full(parts, FREE, np.int32)
+        self.finished = np.zeros(parts, np.bool_)
+
+    def take(self, rank: int) -> int:
+        if self.returned:
+            part = self.returned.pop()
+        elif self.next < self.parts:
+            part = int(self.order[self.next])
+            self.next += 1
+        else:
+            return -1
+        self.holder[part] = rank
+        return part
+
+    @property
+    def held(self) -> dict[int, int]:
+        """Part -> the rank holding it."""
+        parts = np.flatnonzero(self.holder != FREE)
+        return dict(zip(parts.tolist(), self.holder[parts].tolist(), strict=True))
+
+    @property
+    def done(self) -> set[int]:
+        return set(np.flatnonzero(self.finished).tolist())
 
 
 class Leases:
-    """The lease books of every data set and epoch.
+    """The lease books of every data set and epoch, within ``limits``.
 
     Example:
         leases = Leases()
@@ -45,60 +78,85 @@ class Leases:
                          "shard": part, "rank": 0})
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
         self.books: dict[tuple[str, int], LeaseBook] = {}
 
-    def book(self, dataset: str, epoch: int, rank: int, shards: int | None) -> LeaseBook:
+    def _check_new(self, dataset: str, parts: int) -> None:
+        lim = self.limits
+        if not isinstance(parts, int) or isinstance(parts, bool) or parts < 0:
+            raise ConfigError(f"data set {dataset[:64]!r}: shards must be a count >= 0")
+        held = sum(b.parts for b in self.books.values())
+        if held + parts > lim.lease_parts:
+            raise ConfigError(
+                f"data set {dataset[:64]!r} has {parts} shards, and the coordinator's lease "
+                f"books hold {held} of their limit of {lim.lease_parts}: group files into "
+                "fewer parts, or start the coordinator with a larger Limits(lease_parts=...)"
+            )
+        if len(self.books) >= lim.datasets:
+            raise ConfigError(
+                f"the coordinator holds lease books for {len(self.books)} data-set epochs, its "
+                f"limit (Limits(datasets=...)): use fewer data-set names"
+            )
+
+    def book(self, dataset: str, epoch: int, rank: int, parts: int | None) -> LeaseBook:
         """The book of ``dataset`` in ``epoch``, opened when a worker first says how many parts
-        it has (``shards``); ConfigError if none was opened, or the workers' counts differ."""
+        it has (``parts``); ConfigError if none was opened, the workers' counts differ, or
+        opening it would pass a limit."""
+        if not isinstance(dataset, str) or len(dataset) > self.limits.name_chars:
+            raise ConfigError(
+                f"a data-set name must be a string of at most {self.limits.name_chars} characters"
+            )
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise ConfigError(f"data set {dataset!r}: the epoch must be an integer")
         key = (dataset, epoch)
         book = self.books.get(key)
         if book is None:
-            if shards is None:
+            if parts is None:
                 raise ConfigError(
                     f"data set {dataset!r} epoch {epoch}: no lease was ever handed out"
                 )
-            order = list(range(shards))
-            random.Random(f"{dataset}/{epoch}").shuffle(order)
-            book = self.books[key] = LeaseBook(shards, order[::-1])
             self.books.pop((dataset, epoch - 2), None)  # keep the last two epochs
-        elif shards is not None and shards != book.shards:
+            self._check_new(dataset, parts)
+            book = self.books[key] = LeaseBook(parts, f"{dataset}/{epoch}")
+        elif parts is not None and parts != book.parts:
             raise ConfigError(
-                f"data set {dataset!r} epoch {epoch} has {book.shards} shards, "
-                f"worker[{rank}] counts {shards}: the workers disagree on the data"
+                f"data set {dataset!r} epoch {epoch} has {book.parts} shards, "
+                f"worker[{rank}] counts {parts}: the workers disagree on the data"
             )
         return book
 
     def acquire(self, h: AcquireLeaseMsg) -> int:
         """The next part for worker ``h["rank"]``, now leased to it; -1 when none is left."""
-        book = self.book(h["dataset"], h["epoch"], h["rank"], h["shards"])
-        shard = book.todo.pop() if book.todo else -1
-        if shard >= 0:
-            book.held[shard] = h["rank"]
-        return shard
+        return self.book(h["dataset"], h["epoch"], h["rank"], h["shards"]).take(h["rank"])
 
     def complete(self, h: CompleteLeaseMsg) -> None:
         """Worker ``h["rank"]`` is done with its part ``h["shard"]``; ConfigError if that part
         is not leased to it."""
         book = self.book(h["dataset"], h["epoch"], h["rank"], None)
-        shard = h["shard"]
-        if book.held.get(shard) != h["rank"]:
+        part = h["shard"]
+        if not (isinstance(part, int) and 0 <= part < book.parts) or (
+            book.holder[part] != h["rank"]
+        ):
             raise ConfigError(
-                f"data set {h['dataset']!r} epoch {h['epoch']}: shard {shard} is not leased to "
+                f"data set {h['dataset']!r} epoch {h['epoch']}: shard {part} is not leased to "
                 f"worker[{h['rank']}]"
             )
-        del book.held[shard]
-        book.done.add(shard)
+        book.holder[part] = FREE
+        book.finished[part] = True
 
     def requeue(self, rank: int, name: str) -> None:
         """Worker ``rank`` (``name``, for the log) died or left: its parts go back to the
         queue, handed out next."""
         for (dataset, epoch), book in self.books.items():
-            lost = sorted(s for s, r in book.held.items() if r == rank)
-            for shard in lost:
-                del book.held[shard]
-                book.todo.append(shard)  # handed out next
-            if lost:
+            lost = np.flatnonzero(book.holder == rank)
+            if lost.size:
+                book.holder[lost] = FREE
+                book.returned.extend(lost[::-1].tolist())  # handed out next, lowest first
                 log.warning(
-                    "%s: leases %s of %r epoch %d go back to the queue", name, lost, dataset, epoch
+                    "%s: leases %s of %r epoch %d go back to the queue",
+                    name,
+                    lost[:20].tolist(),
+                    dataset,
+                    epoch,
                 )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from paramserver.config import CheckpointPolicy, Timeouts
+from paramserver.config import CheckpointPolicy, Limits, Timeouts
 from paramserver.coordinator.barriers import Barriers
 from paramserver.coordinator.collector import STATS_TIMEOUT, StatsCollector
 from paramserver.coordinator.leases import Leases
@@ -73,6 +73,7 @@ class Coordinator:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         listen_fd: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts)
@@ -82,8 +83,8 @@ class Coordinator:
             self.members.start_clock = self.members.restore["clock"]
         now = time.monotonic()
         self.rounds = CheckpointRounds(checkpoints, now, latest=self.members.restore)
-        self.leases = Leases()
-        self.barriers = Barriers()
+        self.leases = Leases(limits)
+        self.barriers = Barriers(limits)
         self.board = StatusBoard(now)
         self._rejections = protocol.Rejections()
         self._stop = threading.Event()

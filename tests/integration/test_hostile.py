@@ -56,3 +56,42 @@ def test_a_deeply_nested_header_is_refused_by_server_and_coordinator(
     ) == len(cluster.pids)
     assert emb.pull(keys).tobytes() == before
     client.barrier()  # the coordinator still serves
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_lease_and_barrier_floods_are_refused_within_the_coordinators_limits(
+    cluster: ps.LocalCluster,
+) -> None:
+    """acquire_lease with 2**24 parts, then a peer waiting at hundreds of barrier names: each
+    is refused with the limit it passed, the coordinator keeps its memory and its leases."""
+    client = cluster.connect()
+    part = client.acquire_lease("real", 1, shards=8)
+    coordinator = cluster.pids["coordinator"]
+    before = rss_mib(coordinator)
+    for name in ("big", "bigger", "biggest", "huge"):
+        with pytest.raises(ps.errors.PSError, match=r"Limits\(lease_parts=\.\.\.\)"):
+            client.acquire_lease(name, 1, shards=2**24)
+    assert rss_mib(coordinator) - before < 64  # today's main kept ~640 MiB per request
+    ctx = new_context()
+    peer = ctx.socket(zmq.DEALER)  # another peer, naming a rank no one has
+    try:
+        peer.connect(cluster.address)
+        for i in range(40):
+            header = {"v": 1, "kind": "barrier", "id": i + 1, "name": f"b{i}", "rank": 1}
+            peer.send_multipart([msgpack.packb({**header, "timeout": 1e9})])
+        answers = []
+        while len(answers) < 24 and peer.poll(10_000):
+            answers.append(msgpack.unpackb(peer.recv_multipart()[0]))
+    finally:
+        peer.close(0)
+        ctx.term()
+    assert [a["id"] for a in answers] == list(range(17, 41)), answers[:2]  # 16 wait
+    assert all("Limits(peer_barriers=...)" in a["message"] for a in answers)
+    rest = {client.acquire_lease("real", 1, shards=8) for _ in range(7)}
+    assert sorted({part, *rest}) == list(range(8))  # the real book is intact
+    client.barrier()  # the real worker still meets the others

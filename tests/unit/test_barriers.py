@@ -3,7 +3,11 @@ the missing ones."""
 
 from __future__ import annotations
 
+import pytest
+
+from paramserver.config import Limits
 from paramserver.coordinator.barriers import Barriers
+from paramserver.errors import ConfigError
 
 
 def test_a_barrier_opens_once_every_expected_worker_arrived() -> None:
@@ -41,3 +45,19 @@ def test_a_timed_out_barrier_names_the_missing_workers() -> None:
     assert waiters == [(b"w1", 5), (b"w3", 6)]
     assert why == "barrier 'epoch-end' timed out waiting for worker[0], worker[2]"
     assert barriers.barriers == {}
+
+
+def test_barriers_past_the_limits_are_refused_and_change_nothing() -> None:
+    barriers = Barriers(Limits(barriers=3, peer_barriers=2))
+    barriers.arrive("a", 0, (b"w0", 1), deadline=30.0)
+    barriers.arrive("b", 0, (b"w0", 2), deadline=30.0)
+    with pytest.raises(ConfigError, match=r"already waits at 2 barriers"):
+        barriers.arrive("c", 0, (b"w0", 3), deadline=30.0)
+    barriers.arrive("c", 1, (b"w1", 4), deadline=30.0)
+    with pytest.raises(ConfigError, match=r"3 barriers are open"):
+        barriers.arrive("d", 2, (b"w2", 5), deadline=30.0)
+    with pytest.raises(ConfigError, match="at most 256 characters"):
+        barriers.arrive("x" * 400, 1, (b"w1", 6), deadline=30.0)
+    barriers.arrive("a", 1, (b"w1", 7), deadline=30.0)  # an open barrier is always joined
+    assert sorted(barriers.barriers) == ["a", "b", "c"]
+    assert barriers.complete([0, 1]) == [[(b"w0", 1), (b"w1", 7)]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from paramserver.config import Limits
 from paramserver.coordinator.leases import Leases
 from paramserver.errors import ConfigError
 from paramserver.wire.messages import AcquireLeaseMsg, CompleteLeaseMsg
@@ -88,3 +89,29 @@ def test_the_books_of_the_last_two_epochs_are_kept() -> None:
         acquire(leases, 0, epoch=epoch)
     acquire(leases, 0, dataset="e")
     assert sorted(leases.books) == [("d", 2), ("d", 3), ("e", 1)]
+
+
+def test_lease_books_past_the_limits_are_refused_and_change_nothing() -> None:
+    leases = Leases(Limits(lease_parts=100, datasets=2))
+    acquire(leases, 0, parts=60)
+    with pytest.raises(ConfigError, match=r"has 50 shards.*hold 60 of their limit of 100"):
+        acquire(leases, 0, parts=50, dataset="e")
+    assert list(leases.books) == [("d", 1)]
+    acquire(leases, 0, parts=40, dataset="e")
+    with pytest.raises(ConfigError, match=r"lease books for 2 data-set epochs"):
+        acquire(leases, 0, parts=0, dataset="f")
+    with pytest.raises(ConfigError, match="at most 256 characters"):
+        acquire(leases, 0, parts=1, dataset="x" * 257)
+    with pytest.raises(ConfigError, match="shards must be a count"):
+        acquire(leases, 0, parts=-1, dataset="d", epoch=5)
+    assert sorted(leases.books) == [("d", 1), ("e", 1)]
+
+
+def test_a_default_coordinator_refuses_a_book_of_two_to_the_24_parts_at_once() -> None:
+    leases = Leases()
+    with pytest.raises(ConfigError, match=r"Limits\(lease_parts=\.\.\.\)"):
+        acquire(leases, 0, parts=2**24)
+    assert leases.books == {}
+    big = Leases(Limits(lease_parts=2**24))  # allowed when asked for: arrays, not lists
+    assert 0 <= acquire(big, 0, parts=2**24) < 2**24
+    assert big.books[("d", 1)].holder.nbytes == 4 * 2**24
