@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["dense", "sparse", "tiny", "startup", "training", "capacity"]
+SCRIPTS = ["traffic", "dense", "sparse", "tiny", "startup", "training", "capacity"]
 
 
 def run(name: str, quick: bool) -> list[dict[str, object]]:

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = {
+    "traffic.py": [],
     "dense.py": [],
     "sparse.py": [],
     "tiny.py": [],

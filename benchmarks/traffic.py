@@ -1,0 +1,136 @@
+"""The headline: training-shaped sparse traffic through the plain API, against one PyTorch process.
+
+Every step is a fresh batch of 65,536 lookups (2,048 examples x 32 features) whose ids follow a
+Zipf law over 2M ids: the head repeats inside a batch, the tail keeps bringing new ids. A step
+is what a training loop does: ``rows = table.pull(keys)`` (a new array), a gradient of the rows'
+shape, ``table.push(keys, grads).result()``, with Adagrad on the servers. The reference runs the
+same batches in the same script: one process of PyTorch, ``nn.Embedding(sparse=True)`` over the
+same ids (a table of 2M rows), forward, backward with the same gradient, and
+``torch.optim.Adagrad``. Beside it, labelled best case: the same batch pulled and pushed again
+(the key-list cache answers by signature).
+
+    python benchmarks/traffic.py                 # dims 16, 64, 128; 1 worker + 1 server
+    python benchmarks/traffic.py -s 2            # 2 servers
+    python benchmarks/traffic.py --quick         # dim 16, a few small steps (CI)
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from common import emit, parser
+
+import paramserver as ps
+
+IDS = 2_000_000  # the id space a Zipf draw falls into (both sides: the same rows)
+ZIPF = 1.1
+
+
+def batches(seed: int, lookups: int) -> Iterator[np.ndarray]:
+    """Fresh batches of Zipf-distributed ids in [0, IDS), as int64."""
+    rng = np.random.default_rng(seed)
+    while True:
+        ids = rng.zipf(ZIPF, size=lookups)
+        yield ((ids - 1) % IDS).astype(np.int64)
+
+
+def timed(step: Callable[[np.ndarray], None], data: Iterator[np.ndarray], steps: int) -> float:
+    """Median seconds of ``step`` over ``steps`` fresh batches (batch making not timed)."""
+    times = []
+    for _ in range(steps):
+        batch = next(data)
+        t0 = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def torch_reference(dim: int, lookups: int, steps: int, warmup: int) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        print("# traffic: PyTorch is not installed (pip install -e '.[torch]'): no reference")
+        return None
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    emb = torch.nn.Embedding(IDS, dim, sparse=True)
+    torch.nn.init.normal_(emb.weight, std=0.01)
+    opt = torch.optim.Adagrad(emb.parameters(), lr=0.05)
+    rng = np.random.default_rng(1)
+    grad = torch.from_numpy(rng.normal(0, 1e-3, (lookups, dim)).astype(np.float32))
+
+    def step(ids: np.ndarray) -> None:
+        out = emb(torch.from_numpy(ids))
+        out.backward(grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    data = batches(7, lookups)
+    timed(step, data, warmup)
+    t = timed(step, data, steps)
+    return t
+
+
+def paramserver_steps(
+    client: ps.Client, dim: int, lookups: int, steps: int, warmup: int
+) -> tuple[float, float]:
+    """(seconds per fresh-batch step, seconds per step of one batch repeated: best case)."""
+    table = client.sparse_table(
+        f"emb{dim}", dim=dim, init=ps.init.Normal(std=0.01), optimizer=ps.optim.Adagrad(lr=0.05)
+    )
+    rng = np.random.default_rng(1)
+    grad = rng.normal(0, 1e-3, (lookups, dim)).astype(np.float32)
+
+    def step(ids: np.ndarray) -> None:
+        keys = ids.astype(np.uint64)
+        table.pull(keys)  # a new array of rows, as a training step reads them
+        table.push(keys, grad).result()
+
+    data = batches(7, lookups)
+    timed(step, data, warmup)
+    fresh = timed(step, data, steps)
+    same = itertools.repeat(next(data))
+    timed(step, same, warmup)
+    best = timed(step, same, steps)
+    return fresh, best
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("-s", "--servers", type=int, default=1)
+    args = p.parse_args()
+    dims = [16] if args.quick else [16, 64, 128]
+    lookups = 8_192 if args.quick else 65_536
+    steps = args.repeat or (3 if args.quick else 15)
+    warmup = 2 if args.quick else 5
+    ref = {dim: torch_reference(dim, lookups, steps, warmup) for dim in dims}
+    with ps.LocalCluster(servers=args.servers, workers=1) as cluster:
+        client = cluster.connect()
+        for dim in dims:
+            fresh, best = paramserver_steps(client, dim, lookups, steps, warmup)
+            case = f"fresh Zipf batches, {lookups} lookups x {dim}, Adagrad, pull+push"
+            base = ref[dim]
+            emit(
+                "traffic",
+                case + f" ({args.servers} server{'s' if args.servers > 1 else ''})",
+                lookups / fresh / 1e6,
+                "M lookups/s",
+                **({"baseline": lookups / base / 1e6} if base else {}),
+                target_ratio=1.5,
+                reference="one process of PyTorch: nn.Embedding(sparse=True) + Adagrad",
+            )
+            emit(
+                "traffic",
+                f"best case: one batch repeated, {lookups} lookups x {dim}",
+                lookups / best / 1e6,
+                "M lookups/s",
+            )
+
+
+if __name__ == "__main__":
+    main()
