@@ -165,6 +165,7 @@ def main() -> None:
                     by_bench[rec["bench"]].append(rec)
     os.makedirs(args.out, exist_ok=True)
     plots = {
+        "traffic": lambda r, p: plot_simple(r, p, "training-shaped sparse traffic"),
         "dense": plot_dense,
         "sparse": plot_sparse,
         "training": plot_training,
