@@ -7,63 +7,30 @@ whose children (or their children) outlive it.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import paramserver as ps
-from tests import hosts
-
-
-def descendants(pid: int | None = None) -> set[int]:
-    """Pids of every live descendant of ``pid`` (default: this process), read from /proc."""
-    root = os.getpid() if pid is None else pid
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":  # a zombie is already dead, just not reaped
-            continue
-        parent_of[int(entry)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {p for p, pp in parent_of.items() if pp in frontier} - found
-        found |= frontier
-    return found
+from tests import hosts, procs
+from tests.timing import FAST, wait_until
 
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes() -> Iterator[None]:
-    before = descendants()
-    yield
-    deadline = time.monotonic() + 5.0
-    left = descendants() - before
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = descendants() - before
-    for pid in left:  # do not let one leak poison the rest of the run
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    before = procs.descendants()
+    left: list[int] = []
+
+    def none_left() -> bool:
+        nonlocal left
+        left = [pid for pid, start in procs.descendants().items() if before.get(pid) != start]
+        return not left
+
+    with contextlib.suppress(AssertionError):
+        wait_until(none_left, 5.0, "the test's processes to exit", every=0.05)
+    procs.kill(left)  # do not let one leak poison the rest of the run
     assert not left, f"processes left behind by the test: {sorted(left)}"
-
-
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
-
-
-@pytest.fixture
-def fast_timeouts() -> ps.Timeouts:
-    return FAST
 
 
 @pytest.fixture

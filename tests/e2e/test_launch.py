@@ -9,6 +9,7 @@ descendant it ever saw, with its start time so that a reused pid is not mistaken
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -27,12 +28,10 @@ from typing import IO
 import pytest
 
 import paramserver as ps
+from tests import procs
+from tests.timing import FAST, FAST_ENV, FAST_FLAGS, wait_until
 
 PROGRAMS = Path(__file__).parent / "programs"
-FAST = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2"]
-FAST_TIMEOUTS = ps.Timeouts(
-    heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0
-)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -59,51 +58,13 @@ def _free_port() -> int:
     return port
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, start time) of ``pid`` from /proc, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1]), int(fields[19])
-
-
-def _descendants(root: int) -> dict[int, int]:
-    """Live (non-zombie) descendants of ``root``: pid -> start time."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _stat(int(entry))
-            if st is not None and st[0] != "Z":
-                children.setdefault(st[1], []).append((int(entry), st[2]))
-    found: dict[int, int] = {}
-    frontier = [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, start in children.get(pid, []):
-            if child not in found:
-                found[child] = start
-                frontier.append(child)
-    return found
-
-
-def _alive(procs: dict[int, int]) -> list[int]:
-    alive = []
-    for pid, start in procs.items():
-        st = _stat(pid)
-        if st is not None and st[0] != "Z" and st[2] == start:
-            alive.append(pid)
-    return alive
-
-
 def _pids_from_files(folder: Path) -> dict[int, int]:
     """The pids the worker programs wrote into ``folder`` (with their start times)."""
     found = {}
     for f in folder.glob("worker-*.pid"):
         pid = int(f.read_text())
-        st = _stat(pid)
-        found[pid] = st[2] if st is not None else -1
+        st = procs.stat(pid)
+        found[pid] = st.start if st is not None else -1
     return found
 
 
@@ -112,7 +73,7 @@ class _Watch:
 
     def __init__(self) -> None:
         self.seen: dict[int, int] = {}
-        self.before = _descendants(os.getpid())
+        self.before = procs.descendants()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -121,7 +82,7 @@ class _Watch:
             self.sample()
 
     def sample(self) -> None:
-        for pid, start in _descendants(os.getpid()).items():
+        for pid, start in procs.descendants().items():
             if self.before.get(pid) != start:
                 self.seen[pid] = start
 
@@ -130,19 +91,18 @@ class _Watch:
         self._stop.set()
         self._thread.join(5.0)
         self.sample()
-        procs = {**self.seen, **(extra or {})}
-        deadline = time.monotonic() + timeout
-        left = _alive(procs)
-        while left and time.monotonic() < deadline:
-            time.sleep(0.05)
-            left = _alive(procs)
-        cmds = {}
-        for pid in left:
-            try:
-                cmds[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                os.kill(pid, signal.SIGKILL)  # one leak must not poison the rest of the run
-            except OSError:
-                pass
+        watched = {**self.seen, **(extra or {})}
+        left: list[int] = []
+
+        def none_left() -> bool:
+            nonlocal left
+            left = procs.alive(watched)
+            return not left
+
+        with contextlib.suppress(AssertionError):
+            wait_until(none_left, timeout, "the processes to exit", every=0.05)
+        cmds = {pid: procs.cmdline(pid) for pid in left}
+        procs.kill(left)  # one leak must not poison the rest of the run
         assert not left, f"processes left behind: {cmds}"
 
 
@@ -213,7 +173,7 @@ def _wait(proc: subprocess.Popen[str], timeout: float) -> int:
 def test_run_starts_cluster_and_prefixes_worker_output() -> None:
     with _watch() as watch:
         done = subprocess.run(
-            [*_paramserver(), "run", "-s", "2", "-w", "3", "--consistency", "sync", *FAST,
+            [*_paramserver(), "run", "-s", "2", "-w", "3", "--consistency", "sync", *FAST_FLAGS,
              str(PROGRAMS / "basic.py")],
             env=_env(), capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -240,7 +200,7 @@ def test_run_stops_everything_when_one_worker_fails(tmp_path: Path) -> None:
     start = time.monotonic()
     with _watch() as watch:
         done = subprocess.run(
-            [*_paramserver(), "run", "-s", "2", "-w", "3", *FAST,
+            [*_paramserver(), "run", "-s", "2", "-w", "3", *FAST_FLAGS,
              str(PROGRAMS / "fail_one.py"), str(tmp_path)],
             env=_env(), capture_output=True, text=True, timeout=40,
         )  # fmt: skip
@@ -270,7 +230,7 @@ def test_run_interrupted_stops_everything(
 ) -> None:
     with _watch() as watch:
         proc = subprocess.Popen(
-            [*_paramserver(), "run", "-s", "2", "-w", "3", *FAST,
+            [*_paramserver(), "run", "-s", "2", "-w", "3", *FAST_FLAGS,
              str(PROGRAMS / "sleeper.py"), str(tmp_path)],
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,  # its own group, so that killpg does not hit pytest
@@ -298,7 +258,7 @@ def test_run_killed_takes_its_children_along(tmp_path: Path) -> None:
     """SIGKILL leaves the launcher no chance to clean up: PR_SET_PDEATHSIG must."""
     with _watch() as watch:
         proc = subprocess.Popen(
-            [*_paramserver(), "run", "-s", "2", "-w", "2", *FAST,
+            [*_paramserver(), "run", "-s", "2", "-w", "2", *FAST_FLAGS,
              str(PROGRAMS / "sleeper.py"), str(tmp_path)],
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
@@ -329,22 +289,20 @@ def test_roles_as_separate_commands_train_and_stop_on_sigterm(tmp_path: Path) ->
 
     def role(name: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [*_paramserver(), *args, *FAST], env=_env(), stdout=logs[name],
+            [*_paramserver(), *args, *FAST_FLAGS], env=_env(), stdout=logs[name],
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
-    procs: list[subprocess.Popen[str]] = []
+    started: list[subprocess.Popen[str]] = []
     with _watch() as watch:
         try:
             coord = role("coord", "coordinator", "--bind", address, "-s", "2", "-w", "2")
-            procs.append(coord)
+            started.append(coord)
             servers = [role(f"s{i}", "server", "--coordinator", address) for i in range(2)]
-            procs += servers
-            env = _env(
-                PS_COORDINATOR=address, PS_HEARTBEAT_INTERVAL="0.2", PS_HEARTBEAT_TIMEOUT="2"
-            )
+            started += servers
+            env = _env(PS_COORDINATOR=address, **FAST_ENV)
             workers = [_worker(PROGRAMS / "logreg_worker.py", env) for _ in range(2)]
-            procs += workers
+            started += workers
             outputs = [w.communicate(timeout=60)[0] for w in workers]
             results = []
             for w, out in zip(workers, outputs, strict=True):
@@ -367,7 +325,7 @@ def test_roles_as_separate_commands_train_and_stop_on_sigterm(tmp_path: Path) ->
                 p.send_signal(signal.SIGTERM)
                 assert _wait(p, 10) == 0, log_of(name)
         finally:
-            for p in procs:
+            for p in started:
                 if p.poll() is None:
                     p.kill()
                     p.wait(5)
@@ -391,15 +349,13 @@ def test_server_stops_on_sigterm_while_waiting_for_the_coordinator(tmp_path: Pat
     with _watch() as watch:
         proc = subprocess.Popen(
             [*_paramserver(), "--log-level", "INFO", "server", "--coordinator",
-             f"127.0.0.1:{_free_port()}", "--connect-timeout", "30", *FAST],
+             f"127.0.0.1:{_free_port()}", "--connect-timeout", "30", *FAST_FLAGS],
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
             lines = _Lines(proc.stdout)  # type: ignore[arg-type]
             # its sockets exist once it waits for the coordinator's answer
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not _registering(proc.pid):
-                time.sleep(0.05)
+            wait_until(lambda: procs.has_sockets(proc.pid), 30, "the server to open its sockets")
             proc.send_signal(signal.SIGTERM)
             rc = _wait(proc, 10)
         finally:
@@ -410,17 +366,6 @@ def test_server_stops_on_sigterm_while_waiting_for_the_coordinator(tmp_path: Pat
     out = lines.rest(5.0)
     assert rc == 0, "\n".join(out)
     assert any("stopped before it had registered" in line for line in out), out
-
-
-def _registering(pid: int) -> bool:
-    """Whether the server ``pid`` has opened its sockets (so it waits in its registration)."""
-    try:
-        return any(
-            os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-            for fd in os.listdir(f"/proc/{pid}/fd")
-        )
-    except OSError:
-        return False
 
 
 # ---- refusals and errors --------------------------------------------------------------------
@@ -477,28 +422,26 @@ def test_connect_where_nothing_listens_times_out_naming_the_address() -> None:
 def test_local_cluster_stops_its_processes_when_the_body_raises() -> None:
     with _watch() as watch:
         with pytest.raises(RuntimeError, match="body failed"):  # noqa: SIM117
-            with ps.LocalCluster(servers=2, workers=1, timeouts=FAST_TIMEOUTS) as cluster:
+            with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
                 pids = dict(cluster.pids)
                 assert set(pids) == {"coordinator", "server 0", "server 1"}
                 assert cluster.address.startswith("tcp://127.0.0.1:")
                 client = cluster.connect()
                 client.sparse_table("emb", dim=2)
                 raise RuntimeError("body failed")
-        watch.assert_gone({pid: _stat(pid)[2] for pid in pids.values() if _stat(pid)})  # type: ignore[index]
+        watch.assert_gone({pid: st.start for pid in pids.values() if (st := procs.stat(pid))})
     for pid in pids.values():
-        st = _stat(pid)
-        assert st is None or st[0] == "Z", f"pid {pid} still alive"
+        assert procs.gone(pid), f"pid {pid} still alive"
 
 
 @pytest.mark.timeout(60)
 def test_local_cluster_closes_after_its_coordinator_was_killed() -> None:
     with _watch() as watch:
-        with ps.LocalCluster(servers=2, workers=1, timeouts=FAST_TIMEOUTS) as cluster:
+        with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
             os.kill(cluster.pids["coordinator"], signal.SIGKILL)
         watch.assert_gone()
     for pid in cluster.pids.values():
-        st = _stat(pid)
-        assert st is None or st[0] == "Z", f"pid {pid} still alive"
+        assert procs.gone(pid), f"pid {pid} still alive"
 
 
 # ---- the demo -------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,11 @@ import pytest
 import paramserver as ps
 from paramserver.errors import RemoteError
 from paramserver.wire.transport import Endpoint, new_context
+from tests import procs
+from tests.timing import FAST, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
 PROGRAM = str(Path(__file__).parent / "programs" / "bulk_worker.py")
 N = 3 * 400_000  # 1.6 MB per range on 3 servers: above the bulk channel's 1 MiB threshold
 
@@ -216,10 +216,7 @@ def test_a_worker_that_stops_reading_blocks_no_one(one_server: ps.LocalCluster) 
     w = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
     child = _start_worker(one_server, "no-reading")
     try:
-        deadline = time.monotonic() + 20
-        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
-            assert time.monotonic() < deadline, "the program did not stop"
-            time.sleep(0.05)
+        wait_until(lambda: procs.state(child.pid) == "T", 20, "the program to stop")
         before = w.pull()
         for i in range(3):  # pushes while the stopped worker's replies are still being written
             w.push(np.ones(n, np.float32)).result(10)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,12 @@ import pytest
 import paramserver as ps
 from paramserver import checkpoint
 from paramserver.errors import ConfigError
+from paramserver.wire.transport import Endpoint, new_context
+from tests.timing import FAST, wait_until
 
 pytestmark = pytest.mark.timeout(120)
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=3.0, request=30.0, connect=30.0)
+# FAST with the longer heartbeat timeout these tests have always run with
+CKPT = replace(FAST, heartbeat_timeout=3.0)
 VOCAB, DIM, BATCH = 50, 4, 16
 
 
@@ -82,18 +85,32 @@ def final_state(cluster: ps.LocalCluster) -> tuple[np.ndarray, np.ndarray]:
     return emb.pull(np.arange(VOCAB), create=False), dense.pull()
 
 
+def server_clocks(address: str) -> list[int]:
+    """The servers' clocks as the coordinator knows them (from their heartbeats)."""
+    ctx = new_context()
+    ep = Endpoint(ctx, request_timeout=5.0)
+    try:
+        ep.connect("coordinator", address)
+        status = ep.request("coordinator", {"kind": "status"}, what="status").result(5.0)
+        nodes = status["status"]["nodes"]
+        return [int(n["clock"]) for n in nodes if n["role"] == "server"]
+    finally:
+        ep.close()
+        ctx.term()
+
+
 def test_restore_onto_more_servers_continues_sync_training_bitwise(tmp_path: Path) -> None:
-    with ps.LocalCluster(servers=2, workers=2, timeouts=FAST) as cluster:
+    with ps.LocalCluster(servers=2, workers=2, timeouts=CKPT) as cluster:
         run_workers(cluster, 0, 8)
         expected = final_state(cluster)
 
     root = tmp_path / "ckpt"
-    with ps.LocalCluster(servers=2, workers=2, timeouts=FAST) as cluster:
+    with ps.LocalCluster(servers=2, workers=2, timeouts=CKPT) as cluster:
         run_workers(cluster, 0, 4, save=root)
     _, manifest, specs = checkpoint.read_manifest(root)
     assert manifest["clock"] == 4 and {s.name for s in specs} == {"emb", "dense"}
 
-    with ps.LocalCluster(servers=3, workers=2, timeouts=FAST, restore=root) as cluster:
+    with ps.LocalCluster(servers=3, workers=2, timeouts=CKPT, restore=root) as cluster:
         run_workers(cluster, 4, 8)
         got = final_state(cluster)
     assert got[0].tobytes() == expected[0].tobytes()
@@ -105,23 +122,28 @@ def test_periodic_checkpoints_keep_the_last_k(tmp_path: Path) -> None:
     with ps.LocalCluster(
         servers=2,
         workers=1,
-        timeouts=FAST,
+        timeouts=CKPT,
         checkpoint_dir=root,
         checkpoint_every=0.3,
         checkpoint_keep=2,
     ) as cluster:
         client = cluster.connect()
         t = client.sparse_table("t", dim=2, optimizer=ps.optim.SGD(lr=1.0))
-        deadline = 0
-        for step in range(400):
+        seen: set[str] = set()
+        step = 0
+
+        def third_checkpoint_written() -> bool:
+            nonlocal step
             t.push(np.array([step % 7], np.uint64), np.ones((1, 2), np.float32)).result()
             client.clock()
-            if len(list(root.glob("ckpt-*"))) >= 2 and step > deadline:
-                deadline = step + 40  # a few more rounds to exercise pruning
-            if deadline and step >= deadline:
-                break
+            step += 1
+            seen.update(p.name for p in root.glob("ckpt-*"))
+            return len(seen) >= 3  # one more than kept: the oldest had to be pruned
+
+        wait_until(third_checkpoint_written, 60, "a third periodic checkpoint", every=0)
     kept = sorted(root.glob("ckpt-*"))
-    assert 1 <= len(kept) <= 2
+    assert len(kept) == 2, (kept, sorted(seen))
+    assert min(seen) not in {p.name for p in kept}  # the oldest went, not a newer one
     directory, manifest, _ = checkpoint.read_manifest(root)
     assert directory == kept[-1] and manifest["clock"] > 0
     assert not list(root.glob(".partial-*"))
@@ -129,7 +151,7 @@ def test_periodic_checkpoints_keep_the_last_k(tmp_path: Path) -> None:
 
 def test_a_half_written_checkpoint_leaves_the_previous_one_readable(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
-    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+    with ps.LocalCluster(servers=2, workers=1, timeouts=CKPT) as cluster:
         client = cluster.connect()
         t = client.sparse_table("t", dim=2)
         t.push(np.arange(10), np.ones((10, 2), np.float32)).result()
@@ -141,7 +163,7 @@ def test_a_half_written_checkpoint_leaves_the_previous_one_readable(tmp_path: Pa
     (partial / "server-0" / "t0.rows.npy").write_bytes(b"\x93NUMPY truncated")
     directory, manifest, _ = checkpoint.read_manifest(root)
     assert str(directory) == first and manifest["clock"] == 1
-    with ps.LocalCluster(servers=1, workers=1, timeouts=FAST, restore=root) as cluster:
+    with ps.LocalCluster(servers=1, workers=1, timeouts=CKPT, restore=root) as cluster:
         client = cluster.connect()
         assert client.current_clock == 1
         t = client.sparse_table("t", dim=2)
@@ -164,7 +186,7 @@ def test_checkpoint_inspect_lists_tables_rows_bytes_and_clock(tmp_path: Path) ->
     import sys
 
     root = tmp_path / "ckpt"
-    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+    with ps.LocalCluster(servers=2, workers=1, timeouts=CKPT) as cluster:
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=8, optimizer=ps.optim.Adagrad(lr=0.1))
         client.dense_table("w", shape=(10, 3))
@@ -197,7 +219,7 @@ def test_periodic_checkpoints_every_n_clocks_land_on_clock_boundaries(tmp_path: 
     with ps.LocalCluster(
         servers=2,
         workers=1,
-        timeouts=FAST,
+        timeouts=CKPT,
         checkpoint_dir=root,
         checkpoint_every_clocks=5,
         checkpoint_keep=10,
@@ -207,8 +229,12 @@ def test_periodic_checkpoints_every_n_clocks_land_on_clock_boundaries(tmp_path: 
         for step in range(300):
             t.push(np.ones(4, np.float32)).result()
             client.clock()
-            if step % 20 == 0:
-                time.sleep(0.3)  # let heartbeats carry the clock
+            if step % 20 == 0:  # let heartbeats carry the clock to the coordinator
+                wait_until(
+                    lambda: min(server_clocks(cluster.address)) >= client.current_clock,
+                    10,
+                    f"the servers' heartbeats to report clock {client.current_clock}",
+                )
             if len(list(root.glob("ckpt-*"))) >= 2:
                 break
     kept = sorted(root.glob("ckpt-*"))

@@ -14,9 +14,9 @@ import pytest
 
 import paramserver as ps
 from paramserver.errors import NodeLostError, PSError, PSTimeoutError, RemoteError
+from tests.timing import FAST
 
 pytestmark = pytest.mark.timeout(60)
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
 
 
 def test_ranks_are_assigned_and_limited() -> None:

@@ -6,15 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import paramserver as ps
+from tests.timing import FAST
 
 PROGRAM = str(Path(__file__).parent / "programs" / "consistency_worker.py")
-TIMEOUTS = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=5.0, request=30.0, connect=30.0)
+# FAST with the longer heartbeat timeout these tests have always run with (three worker
+# processes start and compile at once)
+TIMEOUTS = replace(FAST, heartbeat_timeout=5.0)
 
 
 def run_workers(cluster: ps.LocalCluster, n: int, *args: str, timeout: float = 90) -> None:

@@ -14,6 +14,7 @@ import paramserver as ps
 from paramserver.errors import RemoteError
 from paramserver.wire import shm
 from paramserver.wire.transport import Future, _Pending
+from tests.timing import FAST
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -338,11 +339,11 @@ def test_slot_bad_input_changes_nothing(cluster: ps.LocalCluster) -> None:
     np.testing.assert_array_equal(emb.pull(keys[:5]), np.ones((5, 4), np.float32))
 
 
-def test_a_deferred_sync_pull_is_answered_into_its_slot(fast_timeouts: ps.Timeouts) -> None:
+def test_a_deferred_sync_pull_is_answered_into_its_slot() -> None:
     """Under sync, a worker's pull for the next clock waits on the servers until the slow
     worker's push of this clock is applied; the answer, written into the pull's slot later,
     holds both workers' updates."""
-    with ps.LocalCluster(servers=2, workers=2, timeouts=fast_timeouts) as cluster:
+    with ps.LocalCluster(servers=2, workers=2, timeouts=FAST) as cluster:
         fast, slow = (
             cluster.connect(rank=0, transport="auto"),
             cluster.connect(rank=1, transport="auto"),

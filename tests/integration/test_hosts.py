@@ -11,13 +11,13 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests import hosts
+from tests import hosts, procs
+from tests.timing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -170,14 +170,6 @@ def _left(run: str) -> list[str]:
     ]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def test_close_leaves_no_namespace_link_mount_or_process(emulated_hosts: Make) -> None:
     bed = emulated_hosts(3, rate="1gbit")
     serve(bed[0])
@@ -188,13 +180,14 @@ def test_close_leaves_no_namespace_link_mount_or_process(emulated_hosts: Make) -
     assert len(pids) == 3 and len(_left(bed.run)) == 3 + 4 + 6 + 1
     bed.close()
     assert _left(bed.run) == []
-    assert all(_gone(pid) for pid in pids)
+    assert all(procs.gone(pid) for pid in pids)
     bed.close()  # twice is fine
 
 
 OWNER = """
 import sys, time
-from tests import hosts
+from tests import hosts, procs
+from tests.timing import wait_until
 with hosts.up(2) as bed:
     sleeper = bed[1].popen(["sleep", "300"])
     print(bed.run, sleeper.pid, flush=True)
@@ -221,13 +214,10 @@ def test_a_bed_whose_owner_dies_is_removed(sig: signal.Signals) -> None:
             owner.kill()
             owner.wait(5)
     if sig == signal.SIGKILL:
-        assert _left(run) != [] and not _gone(int(sleeper))  # left behind, until ...
+        assert _left(run) != [] and not procs.gone(int(sleeper))  # left behind, until ...
         hosts.sweep()  # (another test run may have swept it already: fine)
     assert _left(run) == []
-    deadline = time.monotonic() + 5
-    while not _gone(int(sleeper)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _gone(int(sleeper))
+    wait_until(lambda: procs.gone(int(sleeper)), 5, f"the bed's sleeper {sleeper} to vanish")
 
 
 def test_bad_settings_are_refused_before_anything_is_made() -> None:

@@ -9,9 +9,9 @@ import paramserver as ps
 from paramserver.data import ArrayShards, CTRBatch
 from paramserver.errors import ProtocolError, RemoteError
 from paramserver.wire import protocol
+from tests.timing import FAST
 
 pytestmark = pytest.mark.timeout(60)
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
 
 
 def test_two_workers_share_each_epoch_exactly_once() -> None:

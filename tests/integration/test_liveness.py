@@ -6,12 +6,13 @@ from __future__ import annotations
 import ctypes
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import paramserver as ps
+from tests import procs
+from tests.timing import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,16 +46,12 @@ def test_a_worker_holding_the_gil_for_three_timeouts_is_not_dropped() -> None:
         assert [state for _, state in a.view["workers"]] == ["alive", "alive"]
 
 
-def state_of(pid: int) -> str:
-    """The process state letter of ``pid`` from /proc (``T``: stopped)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 WORKER = """
 import os, signal, sys
 import numpy as np
 import paramserver as ps
+from tests import procs
+from tests.timing import wait_until
 t = ps.Timeouts(heartbeat_interval=0.1, heartbeat_timeout=1.0, request=20.0, connect=20.0)
 client = ps.connect(sys.argv[1], timeouts=t)
 client.sparse_table("w", dim=2, consistency="async").pull(np.arange(2))
@@ -77,15 +74,16 @@ def test_a_stopped_worker_is_still_declared_dead_within_the_timeout() -> None:
             if child.stdout.readline() != b"ready\n":
                 child.kill()
                 pytest.fail(f"the worker failed: {child.stderr.read().decode()[-2000:]}")
-            deadline = time.monotonic() + 10
-            while state_of(child.pid) != "T":
-                assert time.monotonic() < deadline, "the worker never stopped"
-                time.sleep(0.01)
-            stopped = time.monotonic()
-            while dict(client.view.get("workers", [])).get(1) != "dead":
-                assert time.monotonic() - stopped < 3 * TIMEOUTS.heartbeat_timeout
+            wait_until(lambda: procs.state(child.pid) == "T", 10, "the worker to stop")
+
+            def declared_dead() -> bool:
                 table.pull(np.arange(2))  # drives the client's sockets: views arrive
-                time.sleep(0.05)
+                return dict(client.view.get("workers", [])).get(1) == "dead"
+
+            # what the test is about: found dead within 3 heartbeat timeouts although stopped
+            wait_until(
+                declared_dead, 3 * TIMEOUTS.heartbeat_timeout, "worker 1 declared dead", every=0.05
+            )
         finally:
             child.kill()
             child.wait()

@@ -20,8 +20,8 @@ import paramserver as ps
 from paramserver.errors import ProtocolError
 from paramserver.metrics import Histogram, Rate, format_status
 from paramserver.wire import protocol
+from tests.timing import FAST
 
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 

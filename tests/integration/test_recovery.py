@@ -19,9 +19,9 @@ import pytest
 
 import paramserver as ps
 from paramserver.wire.transport import Endpoint, new_context
+from tests.timing import FAST
 
 pytestmark = pytest.mark.timeout(120)
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
 PROGRAM = str(Path(__file__).parent / "programs" / "lease_worker.py")
 
 
@@ -51,7 +51,7 @@ def wait_worker_state(address: str, rank: int, state: str, timeout: float) -> No
 
 
 def start_worker(address: str, rank: int, out: Path, shards: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen(
         [sys.executable, PROGRAM, address, str(rank), str(out), str(shards), "0.05"],
         stdout=subprocess.PIPE,

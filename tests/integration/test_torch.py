@@ -7,12 +7,12 @@ import pytest
 
 import paramserver as ps
 from paramserver.errors import ConfigError
+from tests.timing import FAST
 
 torch = pytest.importorskip("torch")
 pst = pytest.importorskip("paramserver.torch")
 
 pytestmark = pytest.mark.timeout(90)
-FAST = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30.0, connect=30.0)
 
 
 def test_embedding_and_dense_match_a_local_torch_model() -> None:

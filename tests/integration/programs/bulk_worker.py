@@ -16,6 +16,7 @@ import numpy as np
 
 import paramserver as ps
 from paramserver.wire.bulk import Channel
+from tests.timing import FAST
 
 N = 4 << 20  # 16 MiB of float32: far more than the socket buffers hold
 
@@ -30,7 +31,7 @@ class HalfThenDie(Channel):
 
 def main() -> None:
     coordinator, mode = sys.argv[1], sys.argv[2]
-    timeouts = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30, connect=30)
+    timeouts = FAST
     client = ps.connect(coordinator, timeouts=timeouts, transport="tcp")
     w = client.dense_table("w", shape=(N,), optimizer=ps.optim.SGD(lr=1.0))
     w.pull()  # opens the bulk channel

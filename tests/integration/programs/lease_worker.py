@@ -13,12 +13,13 @@ import time
 import numpy as np
 
 import paramserver as ps
+from tests.timing import FAST
 
 
 def main() -> None:
     coordinator, rank, out, shards = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.05
-    timeouts = ps.Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request=30, connect=30)
+    timeouts = FAST
     client = ps.connect(coordinator, rank=rank, timeouts=timeouts, transport="tcp")
     print(f"start_clock {client.current_clock}", flush=True)
     emb = client.sparse_table("emb", dim=4, optimizer=ps.optim.SGD(lr=0.1), consistency="sync")
