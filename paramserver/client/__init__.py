@@ -1,13 +1,20 @@
 """The worker's side: joining a cluster and the handles on its tables.
 
-* ``session.py`` :class:`Client` and :func:`connect`: membership, table creation, clock,
-                 barriers, leases, requests that survive a server's replacement
-* ``sparse.py``  :class:`SparseTable`: dedup, routing, key caching, pull and push of rows
+* ``worker.py``  :class:`Client` and :func:`connect`: table creation, barriers, checkpoints,
+                  data leases (a :class:`Session` with tables)
+* ``session.py`` ``Session``: registration, view changes, requests that survive a server's
+                  replacement, shared-memory slot pools, sequence numbers, the clock
+* ``table.py``   ``TableHandle``: what every table handle shares (staleness, lr, headers)
+* ``sparse.py``  :class:`SparseTable`: pull and push of rows through key plans
+* ``keyplan.py`` key plans: dedup (``unique_inverse``), routing keys to servers, signatures
 * ``dense.py``   :class:`DenseTable`: one array in ranges, shared memory, the bulk channel
+
+Imports go one way: worker -> sparse, dense -> table, keyplan -> session; the session knows no
+table.
 """
 
 from paramserver.client.dense import DenseTable
-from paramserver.client.session import Client, connect
 from paramserver.client.sparse import SparseTable
+from paramserver.client.worker import Client, connect
 
 __all__ = ["Client", "DenseTable", "SparseTable", "connect"]

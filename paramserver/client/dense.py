@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from paramserver.client.sparse import _Handle, _server
+from paramserver.client.session import Session, server_name
+from paramserver.client.table import TableHandle
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, shm
@@ -20,15 +21,12 @@ from paramserver.wire.transport import (
     gather,
 )
 
-if TYPE_CHECKING:
-    from paramserver.client.session import Client
-
 __all__ = ["DenseTable"]
 
 log = logging.getLogger(__name__)
 
 
-class DenseTable(_Handle):
+class DenseTable(TableHandle):
     """Handle on a dense table: one array of ``shape``.
 
     With servers on the same host (and ``transport="auto"``) values travel through a shared
@@ -38,7 +36,7 @@ class DenseTable(_Handle):
         w = dense.pull(); dense.push(np.ones_like(w)).result()
     """
 
-    def __init__(self, client: Client, spec: TableSpec) -> None:
+    def __init__(self, client: Session, spec: TableSpec) -> None:
         super().__init__(client, spec)
         self._seg: shm.Segment | None = None
         self._shm_tried = False
@@ -72,8 +70,8 @@ class DenseTable(_Handle):
         ok = True
         try:
             futs = [
-                c._ep.request(
-                    _server(s),
+                c.endpoint.request(
+                    server_name(s),
                     {
                         "kind": "attach",
                         "table": self.name,
@@ -81,7 +79,7 @@ class DenseTable(_Handle):
                         "path": seg.path,
                         "nonce": seg.nonce,
                     },
-                    what=f"attaching shared memory for table {self.name!r} on {_server(s)}",
+                    what=f"attaching shared memory for table {self.name!r} on {server_name(s)}",
                 )
                 for s, _, _ in self.spec.ranges
             ]
@@ -118,7 +116,7 @@ class DenseTable(_Handle):
         return (
             (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
             and c.transport != "zmq"
-            and c._ep.open_bulk(_server(s), c.rank, c.timeouts.heartbeat_timeout)
+            and c.endpoint.open_bulk(server_name(s), c.rank, c.timeouts.heartbeat_timeout)
         )
 
     def _over_tcp(self, s: int) -> bool:
@@ -133,7 +131,7 @@ class DenseTable(_Handle):
         Example:
             buf = dense.push_buffer(); np.multiply(x, 0.5, out=buf); dense.push(buf)
         """
-        self.client._check()
+        self.client.check()
         seg = self._lane()
         self._wait_push()
         if seg is not None:
@@ -151,7 +149,7 @@ class DenseTable(_Handle):
     ) -> Future[np.ndarray]:
         """Start a pull of the whole array and return its future (see :meth:`pull`)."""
         c = self.client
-        c._check()
+        c.check()
         limit = c.timeouts.request if timeout is None else timeout
         if out is not None and (
             not isinstance(out, np.ndarray)
@@ -165,7 +163,7 @@ class DenseTable(_Handle):
                 f"of shape {self.shape}"
             )
         seg = self._lane()
-        header = self._pull_header(True, limit)
+        header = self.pull_header(True, limit)
         if seg is not None:
             header["shm"] = True
         staleness: list[int] = []
@@ -207,21 +205,21 @@ class DenseTable(_Handle):
             dest = out_.reshape(-1)
         item = self.dtype.itemsize
         futs = [
-            c._server_request(
+            c.request_server(
                 s,
                 header,
-                what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
-                f"({c._ep.address_of(_server(s))})",
+                what=f"pull of table {self.name!r} [{a}:{b}] from {server_name(s)} "
+                f"({c.endpoint.address_of(server_name(s))})",
                 parse=part,
                 sink=None if dest is None else dest.view(np.uint8)[a * item : b * item],
                 bulk=self._bulk(s, a, b),
             )
             if seg is None
-            else c._server_request(
+            else c.request_server(
                 s,
                 tcp_header if self._over_tcp(s) else header,
-                what=f"pull of table {self.name!r} [{a}:{b}] from {_server(s)} "
-                f"({c._ep.address_of(_server(s))})",
+                what=f"pull of table {self.name!r} [{a}:{b}] from {server_name(s)} "
+                f"({c.endpoint.address_of(server_name(s))})",
                 parse=part_by_tcp(a, b) if self._over_tcp(s) else part,
                 again=lambda a=a, b=b: (tcp_header, [], part_by_tcp(a, b)),  # type: ignore[misc]
             )
@@ -229,7 +227,7 @@ class DenseTable(_Handle):
         ]
 
         def combine(results: list[np.ndarray | None]) -> np.ndarray:
-            self._record(staleness)
+            self.record_staleness(staleness)
             if seg is not None:
                 view = seg.reply.view(self.dtype)[: self.spec.size].reshape(self.shape)
                 if out is not None:
@@ -284,17 +282,17 @@ class DenseTable(_Handle):
             dense.push(grad).result()
         """
         c = self.client
-        c._check()
-        g = self._check_grads(grad, self.shape).reshape(-1)
+        c.check()
+        g = self.check_grads(grad, self.shape).reshape(-1)
         seg = self._lane()
-        header = self._push_header()
+        header = self.push_header()
         if seg is not None:
             mine = seg.grad.view(self.dtype)[: self.spec.size]
             if g.ctypes.data != mine.ctypes.data:
                 self._wait_push()  # the server may still be reading the previous gradient
                 np.copyto(mine, g)
             header["shm"] = True
-            # _check_grads found every value finite: the servers need not scan it again
+            # check_grads found every value finite: the servers need not scan it again
             header["checked"] = self.spec.nonfinite == "reject"
             arrays: list[list[np.ndarray]] = [[] for _ in self.spec.ranges]
         else:
@@ -310,17 +308,17 @@ class DenseTable(_Handle):
                 if self._over_tcp(s):
                     arrays[i] = tcp[s][1]
         futs = [
-            c._server_request(
+            c.request_server(
                 s,
                 tcp[s][0] if seg is not None and self._over_tcp(s) else header,
                 arr,
-                what=f"push to table {self.name!r} [{a}:{b}] on {_server(s)}",
+                what=f"push to table {self.name!r} [{a}:{b}] on {server_name(s)}",
                 again=None if seg is None else (lambda s=s: tcp[s]),  # type: ignore[misc]
                 bulk=seg is None and self._bulk(s, a, b),
             )
             for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
         ]
-        c._ep.poll(0)
+        c.endpoint.poll(0)
         fut: Future[None] = gather(futs, f"push to table {self.name!r}", lambda _: None)
         self._last_push = fut
         return fut

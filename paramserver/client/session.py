@@ -1,11 +1,12 @@
-"""The worker's handle on a cluster: membership, table creation, clock, barriers, leases, and
-requests to servers that survive their replacement. The table handles are in
-:mod:`paramserver.client.sparse` (sparse) and :mod:`paramserver.client.dense`.
+"""A worker's session with a cluster: registration, view changes, requests to servers that
+survive their replacement, shared-memory slot pools, sequence numbers and the clock.
 
-A :class:`Client` registers with the coordinator as a worker, connects one DEALER to every
+A :class:`Session` registers with the coordinator as a worker, connects one DEALER to every
 server and drives those sockets from the calling thread: every call returns (or is) a
 :class:`~paramserver.wire.transport.Future`, and requests to different servers are all sent before
-any answer is awaited, so they proceed in parallel.
+any answer is awaited, so they proceed in parallel. It knows no table: the table handles
+(:mod:`paramserver.client.sparse`, :mod:`paramserver.client.dense`) call its public methods,
+and :class:`~paramserver.client.worker.Client` builds on it.
 """
 
 from __future__ import annotations
@@ -15,25 +16,14 @@ import os
 import socket as pysocket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Self
 
 import numpy as np
 
-from paramserver.client.dense import DenseTable
-from paramserver.client.sparse import SparseTable, _server
-from paramserver.config import (
-    Timeouts,
-    from_env,
-    normalize_address,
-    parse_consistency,
-    parse_transport,
-)
+from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
-from paramserver.init import Initializer, Zeros
-from paramserver.optim import SGD, Optimizer
 from paramserver.partition import HashRing
-from paramserver.spec import TableSpec
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
 from paramserver.wire.transport import (
@@ -45,46 +35,18 @@ from paramserver.wire.transport import (
     new_context,
 )
 
-__all__ = ["Client", "DenseTable", "SparseTable", "connect"]
+__all__ = ["Session", "server_name"]
 
 log = logging.getLogger(__name__)
 
 
-def connect(
-    address: str | None = None,
-    *,
-    rank: int | None = None,
-    timeouts: Timeouts | None = None,
-    token: str | None = None,
-    transport: str | None = None,
-) -> Client:
-    """Join a cluster as a worker.
-
-    With no address, the coordinator comes from ``PS_COORDINATOR`` (and the rank from
-    ``PS_RANK``), as set by ``paramserver run`` or any other launcher. The cluster token comes
-    from ``token`` or ``PS_TOKEN`` / ``PS_TOKEN_FILE``. ``transport``
-    (default ``PS_TRANSPORT``, else ``"auto"``): ``"auto"`` passes dense tables, and the large
-    arrays of sparse requests, through shared memory with servers on this host and uses TCP for
-    the rest; ``"tcp"`` always uses TCP. Over TCP, large dense arrays take a raw socket beside
-    ZeroMQ (the bulk channel), except with a cluster token (it is not encrypted) or with
-    ``"zmq"``: ZeroMQ frames only.
+def server_name(rank: int) -> str:
+    """The endpoint's name for server ``rank``.
 
     Example:
-        client = ps.connect("127.0.0.1:7000")
-        client.rank   # 0..num_workers-1
+        server_name(2)   # "server[2]"
     """
-    env = from_env()
-    if address is None:
-        if env.coordinator is None:
-            raise ConfigError("no coordinator address: pass one, or set PS_COORDINATOR=host:port")
-        address = env.coordinator
-    return Client(
-        normalize_address(address),
-        rank=env.rank if rank is None else rank,
-        timeouts=timeouts or env.timeouts,
-        token=token or env.token,
-        transport=transport,
-    )
+    return f"server[{rank}]"
 
 
 class _Endpoint(Endpoint):
@@ -102,14 +64,15 @@ class _Endpoint(Endpoint):
             self.expire()
 
 
-class Client:
-    """A worker's connection to the cluster. Use :func:`connect` or ``LocalCluster.connect()``.
+class Session:
+    """A worker's membership of the cluster and its requests to servers: registration, view
+    changes, resends to a replaced server, shared-memory slot pools, sequence numbers and the
+    clock. :class:`~paramserver.client.worker.Client` adds tables, barriers, leases and
+    checkpoints; table handles call the public methods here.
 
     Example:
-        with ps.connect() as client:
-            emb = client.sparse_table("emb", dim=8)
-            rows = emb.pull(np.array([1, 2, 3], dtype=np.uint64))
-            client.clock()
+        session = Session("127.0.0.1:7000")
+        session.requestserver_name(0, {"kind": "stats"}, what="stats").result()
     """
 
     def __init__(
@@ -146,8 +109,6 @@ class Client:
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
         self._seq = time.time_ns()
         self._clock_futures: list[Future[Any]] = []
-        self._barriers: Counter[str] = Counter()
-        self._tables: dict[str, SparseTable | DenseTable] = {}
         self._closed = False
         self._epoch = 0
         self.view: dict[str, Any] = {}
@@ -215,7 +176,7 @@ class Client:
         if missing:
             return (
                 f"{what}: no answer after {self.timeouts.connect:.3g}s; the coordinator is "
-                f"still waiting for " + ", ".join(_server(r) for r in missing) + " to register"
+                f"still waiting for " + ", ".join(server_name(r) for r in missing) + " to register"
             )
         return f"{what}: no answer after {self.timeouts.connect:.3g}s"
 
@@ -230,7 +191,7 @@ class Client:
         self._epoch = epoch
         self.view = view
         for rank, address, state in view.get("servers", []):
-            name = _server(rank)
+            name = server_name(rank)
             if state == "alive" and address:
                 old = self._ep.peers.get(name)
                 if old is not None and (old.address != address or old.lost is not None):
@@ -245,7 +206,7 @@ class Client:
 
     # ---- requests to servers that may be replaced -----------------------------------------
 
-    def _server_request(
+    def request_server(
         self,
         s: int,
         header: dict[str, Any],
@@ -267,7 +228,7 @@ class Client:
         a shared-memory slot when the server is on this host (see :mod:`paramserver.wire.slots`):
         ``parse`` must then be given and must not keep the reply's arrays (the slot is reused
         once it returns)."""
-        name = _server(s)
+        name = server_name(s)
         outer: Future[Any] = Future(self._ep, what)
         # a pull carries its own timeout: the wait for a replacement is bounded by it too
         wait = float(header.get("timeout") or self.timeouts.request)
@@ -299,9 +260,9 @@ class Client:
                 )
 
             def done(f: Future[Any]) -> None:
-                err = f._error
+                err = f.exception(0)  # done: no wait
                 if err is None:
-                    outer.set_result(f._value)
+                    outer.set_result(f.result(0))
                 elif isinstance(err, RemoteError) and err.code == "no_slot" and got is not None:
                     # the server does not know the slot (it was restarted): start afresh
                     self._drop_slots(s)
@@ -337,7 +298,7 @@ class Client:
             return made[1]
         if made is not None:
             made[1].close()  # a new server process: it knows none of them
-        pool = SlotPool(self._ep, _server(s), self.rank)
+        pool = SlotPool(self._ep, server_name(s), self.rank)
         self._slot_pools[s] = (self.replaced[s], pool)
         return pool
 
@@ -348,14 +309,16 @@ class Client:
 
     def _resend_to_replaced(self) -> None:
         for s, waiting in list(self._resends.items()):
-            peer = self._ep.peers.get(_server(s))
+            peer = self._ep.peers.get(server_name(s))
             ready = [w for w in waiting if peer is not None and peer is not w[1] and not peer.lost]
             if not ready:
                 continue
             self._resends[s] = [w for w in waiting if w not in ready]
             if not self._resends[s]:
                 del self._resends[s]
-            log.info("worker[%d]: resending %d requests to %s", self.rank, len(ready), _server(s))
+            log.info(
+                "worker[%d]: resending %d requests to %s", self.rank, len(ready), server_name(s)
+            )
             for _, _, again, _ in ready:
                 again()
 
@@ -379,7 +342,13 @@ class Client:
                 del self._resends[s]
         return soonest
 
-    def _check(self) -> None:
+    @property
+    def endpoint(self) -> Endpoint:
+        """The sockets to the coordinator and the servers (driven from the calling thread)."""
+        return self._ep
+
+    def check(self) -> None:
+        """Raise if this session is closed or the coordinator dropped this worker."""
         if self._closed:
             raise ConfigError("this client is closed")
         hb = self._heartbeat
@@ -388,115 +357,12 @@ class Client:
                 f"worker[{self.rank}] was dropped by the coordinator: {hb.expelled}"
             )
 
-    def _next_seq(self) -> int:
+    def next_seq(self) -> int:
+        """A new push sequence number (a resent push keeps its own: servers skip repeats)."""
         self._seq += 1
         return self._seq
 
-    # ---- tables ---------------------------------------------------------------------------
-
-    def _create(self, spec: TableSpec) -> TableSpec:
-        self._check()
-        reply = self._ep.request(
-            "coordinator",
-            {"kind": "create_table", "spec": spec.to_wire()},
-            what=f"creating table {spec.name!r} on the coordinator at {self.coordinator}",
-        ).result(self.timeouts.request)
-        final = TableSpec.from_wire(reply["spec"])
-        futs = [
-            self._server_request(
-                s,
-                {"kind": "create_shard", "spec": final.to_wire()},
-                what=f"creating table {spec.name!r} on {_server(s)}",
-            )
-            for s in range(self.num_servers)
-        ]
-        for f in futs:
-            f.result(self.timeouts.request)
-        return final
-
-    def sparse_table(
-        self,
-        name: str,
-        dim: int,
-        *,
-        dtype: str = "float32",
-        init: Initializer | None = None,
-        optimizer: Optimizer | None = None,
-        consistency: str | None = None,
-        seed: int | None = None,
-        nonfinite: str = "reject",
-        max_rows: int | None = None,
-        codec: str = "none",
-    ) -> SparseTable:
-        """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
-
-        ``nonfinite``: a push with NaN or Inf is refused whole ("reject", the default), or its
-        rows holding them are dropped and the rest applied ("skip"; counted in ``stats()``).
-        ``max_rows``: at most this many rows on each server; a pull or push that would create
-        more is refused with :class:`~paramserver.errors.RemoteError` (code ``"full"``) and
-        changes nothing.
-
-        ``codec`` ("none", "float16", "bfloat16" or "int8" with a per-row scale) is how pulled
-        rows travel: fewer bytes, rounded values (see :mod:`paramserver.wire.codec`).
-
-        Example:
-            emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
-                                      optimizer=ps.optim.Adagrad(lr=0.05), consistency="async")
-        """
-        spec = TableSpec(
-            name=name,
-            kind="sparse",
-            dim=dim,
-            dtype=dtype,
-            init=init or Zeros(),
-            optimizer=optimizer or SGD(),
-            consistency=_consistency(consistency),
-            seed=seed,
-            nonfinite=nonfinite,
-            max_rows=max_rows,
-            codec=codec,
-        )
-        final = self._create(spec)
-        table = SparseTable(self, final)
-        self._tables[name] = table
-        return table
-
-    def dense_table(
-        self,
-        name: str,
-        shape: int | tuple[int, ...],
-        *,
-        dtype: str = "float32",
-        init: Initializer | None = None,
-        optimizer: Optimizer | None = None,
-        consistency: str | None = None,
-        seed: int | None = None,
-        nonfinite: str = "reject",
-    ) -> DenseTable:
-        """Create (or open) a dense table: one array of ``shape``, split over servers if large.
-
-        Example:
-            w = client.dense_table("mlp", shape=(4096,), optimizer=ps.optim.Adam(lr=1e-3),
-                                   consistency="sync")
-        """
-        shp = (shape,) if isinstance(shape, int) else tuple(shape)
-        spec = TableSpec(
-            name=name,
-            kind="dense",
-            shape=shp,
-            dtype=dtype,
-            init=init or Zeros(),
-            optimizer=optimizer or SGD(),
-            consistency=_consistency(consistency),
-            seed=seed,
-            nonfinite=nonfinite,
-        )
-        final = self._create(spec)
-        table = DenseTable(self, final)
-        self._tables[name] = table
-        return table
-
-    # ---- clocks and barriers --------------------------------------------------------------
+    # ---- the clock --------------------------------------------------------------
 
     @property
     def current_clock(self) -> int:
@@ -510,16 +376,16 @@ class Client:
             for step in range(100):
                 ...; client.clock()
         """
-        self._check()
+        self.check()
         for f in self._clock_futures:
             if f.done() and f.exception(0) is not None:
                 raise f.exception(0)  # type: ignore[misc]
         self._clock += 1
         self._clock_futures = [
-            self._server_request(
+            self.request_server(
                 s,
                 {"kind": "clock", "rank": self.rank, "clock": self._clock},
-                what=f"clock {self._clock} of worker[{self.rank}] to {_server(s)}",
+                what=f"clock {self._clock} of worker[{self.rank}] to {server_name(s)}",
             )
             for s in range(self.num_servers)
         ]
@@ -537,126 +403,6 @@ class Client:
         if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
             raise ConfigError(f"examples must be a non-negative integer, got {examples!r}")
         self._examples += examples
-
-    def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
-        """Wait until every live worker has reached this barrier.
-
-        Example:
-            client.barrier()            # all workers meet here
-        """
-        self._check()
-        limit = self.timeouts.request if timeout is None else timeout
-        self._barriers[name] += 1
-        fut = self._ep.request(
-            "coordinator",
-            {
-                "kind": "barrier",
-                "name": f"{name}#{self._barriers[name]}",
-                "rank": self.rank,
-                "timeout": limit,
-            },
-            what=f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})",
-        )
-        fut.result(limit + 2.0)
-
-    def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> str:
-        """Write a consistent checkpoint of every table at this worker's clock boundary.
-
-        Every server snapshots its shards when all live workers have reached this worker's
-        clock (for ``sync`` tables: exactly the updates of earlier clocks), then the coordinator
-        writes the manifest and makes the checkpoint visible by one rename. ``path`` must be on
-        storage every server and the coordinator can reach. Returns the checkpoint directory.
-
-        Example:
-            client.save("ckpt/")       # later: ps.LocalCluster(restore="ckpt/")
-        """
-        self._check()
-        limit = self.timeouts.request if timeout is None else timeout
-        root = os.path.abspath(os.fspath(path))
-        reply = self._ep.request(
-            "coordinator",
-            {"kind": "save", "path": root, "clock": self._clock, "timeout": limit},
-            what=f"checkpoint into {root} at clock {self._clock}",
-        ).result(limit + 2.0)
-        return str(reply["path"])
-
-    def stats(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Per-server statistics: rows and bytes per table, clocks.
-
-        Example:
-            for s in client.stats(): print(s["rank"], s["tables"])
-        """
-        self._check()
-        futs = [
-            self._ep.request(_server(s), {"kind": "stats"}, what=f"stats of {_server(s)}")
-            for s in range(self.num_servers)
-        ]
-        return [f.result(timeout)["stats"] for f in futs]
-
-    def tables(self) -> list[TableSpec]:
-        """The specs of every table in the cluster."""
-        reply = self._ep.request(
-            "coordinator", {"kind": "list_tables"}, what="listing tables"
-        ).result()
-        return [TableSpec.from_wire(t) for t in reply["tables"]]
-
-    # ---- data leases ----------------------------------------------------------------------
-
-    def acquire_lease(
-        self, dataset: str, epoch: int, shards: int, *, timeout: float | None = None
-    ) -> int | None:
-        """Take the next shard of ``dataset`` in ``epoch`` (``shards`` in all); None when every
-        shard of the epoch has been handed out.
-
-        Example:
-            shard = client.acquire_lease("criteo/train", epoch=1, shards=64)
-        """
-        self._check()
-        reply = self._ep.request(
-            "coordinator",
-            {
-                "kind": "acquire_lease",
-                "dataset": dataset,
-                "epoch": epoch,
-                "shards": shards,
-                "rank": self.rank,
-            },
-            what=f"lease on {dataset!r} epoch {epoch} from the coordinator at {self.coordinator}",
-        ).result(timeout)
-        shard = int(reply.get("shard", -1))
-        return None if shard < 0 else shard
-
-    def complete_lease(
-        self, dataset: str, epoch: int, shard: int, *, timeout: float | None = None
-    ) -> None:
-        """Report shard ``shard`` of ``dataset`` in ``epoch`` as read and trained on."""
-        self._check()
-        self._ep.request(
-            "coordinator",
-            {
-                "kind": "complete_lease",
-                "dataset": dataset,
-                "epoch": epoch,
-                "shard": shard,
-                "rank": self.rank,
-            },
-            what=f"completing lease {shard} of {dataset!r} epoch {epoch}",
-        ).result(timeout)
-
-    def leases(self, dataset: str, epoch: int, shards: int) -> Iterator[int]:
-        """Shards of ``dataset`` for this worker in ``epoch``: each is completed when the loop
-        asks for the next one; the iterator ends when none is left.
-
-        Example:
-            for shard in client.leases("criteo/train", epoch, len(shard_list)):
-                train_on(shard_list[shard])
-        """
-        while True:
-            shard = self.acquire_lease(dataset, epoch, shards)
-            if shard is None:
-                return
-            yield shard
-            self.complete_lease(dataset, epoch, shard)
 
     # ---- life -----------------------------------------------------------------------------
 
@@ -683,15 +429,8 @@ class Client:
             self._ep.close()
             self._ctx.term()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _consistency(value: str | None) -> str:
-    if value is None:
-        return from_env().consistency
-    parse_consistency(value)
-    return value

@@ -33,8 +33,8 @@ def _bulk_open(client: Any) -> dict[str, bool]:
 
 def _raw_push(client: Any, w: Any, s: int, grad: np.ndarray) -> Any:
     """A push of server ``s``'s part sent as a worker would, past the client's own checks."""
-    header = {"kind": "push", "table": w.name, "rank": client.rank, "clock": client._clock}
-    header["seq"] = client._next_seq()
+    header = {"kind": "push", "table": w.name, "rank": client.rank, "clock": client.current_clock}
+    header["seq"] = client.next_seq()
     return client._ep.request(f"server[{s}]", header, [grad], what="raw push", bulk=True)
 
 

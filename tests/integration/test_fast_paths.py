@@ -187,7 +187,7 @@ def test_push_after_a_prefetched_pull_reuses_the_dedup(
 ) -> None:
     """pull(A), pull(B), push(A), push(B): the pushes reuse the pulls' dedup and still match
     NumPy (the order of a training loop that prefetches the next batch)."""
-    from paramserver.client import sparse as sparse_module
+    from paramserver.client import keyplan as sparse_module
 
     client = cluster.connect()
     emb = client.sparse_table("pre", dim=2, optimizer=ps.optim.SGD(lr=1.0))

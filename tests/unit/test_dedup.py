@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from paramserver.client import sparse as tables
-from paramserver.client.sparse import FACTORIZE_MIN, unique_inverse
+from paramserver.client import keyplan as tables
+from paramserver.client.keyplan import FACTORIZE_MIN, unique_inverse
 
 
 @pytest.mark.parametrize("n", [0, 1, 10, FACTORIZE_MIN, 50_000])

@@ -44,7 +44,7 @@ def main() -> None:
     elif mode == "no-reading":
         client._ep.poll(0)
         for _ in range(3):
-            header = w._pull_header(True, 30.0)
+            header = w.pull_header(True, 30.0)
             client._ep.request("server[0]", header, what="pull", bulk=True)
         os.kill(os.getpid(), signal.SIGSTOP)
     raise SystemExit(f"unknown mode {mode!r}")

@@ -1,0 +1,317 @@
+"""What a worker's program holds: :func:`connect` and :class:`Client`, a
+:class:`~paramserver.client.session.Session` with tables, barriers, checkpoints and data leases.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from paramserver.client.dense import DenseTable
+from paramserver.client.session import Session, server_name
+from paramserver.client.sparse import SparseTable
+from paramserver.config import Timeouts, from_env, normalize_address, parse_consistency
+from paramserver.errors import ConfigError
+from paramserver.init import Initializer, Zeros
+from paramserver.optim import SGD, Optimizer
+from paramserver.spec import TableSpec
+
+__all__ = ["Client", "connect"]
+
+
+def connect(
+    address: str | None = None,
+    *,
+    rank: int | None = None,
+    timeouts: Timeouts | None = None,
+    token: str | None = None,
+    transport: str | None = None,
+) -> Client:
+    """Join a cluster as a worker.
+
+    With no address, the coordinator comes from ``PS_COORDINATOR`` (and the rank from
+    ``PS_RANK``), as set by ``paramserver run`` or any other launcher. The cluster token comes
+    from ``token`` or ``PS_TOKEN`` / ``PS_TOKEN_FILE``. ``transport``
+    (default ``PS_TRANSPORT``, else ``"auto"``): ``"auto"`` passes dense tables, and the large
+    arrays of sparse requests, through shared memory with servers on this host and uses TCP for
+    the rest; ``"tcp"`` always uses TCP. Over TCP, large dense arrays take a raw socket beside
+    ZeroMQ (the bulk channel), except with a cluster token (it is not encrypted) or with
+    ``"zmq"``: ZeroMQ frames only.
+
+    Example:
+        client = ps.connect("127.0.0.1:7000")
+        client.rank   # 0..num_workers-1
+    """
+    env = from_env()
+    if address is None:
+        if env.coordinator is None:
+            raise ConfigError("no coordinator address: pass one, or set PS_COORDINATOR=host:port")
+        address = env.coordinator
+    return Client(
+        normalize_address(address),
+        rank=env.rank if rank is None else rank,
+        timeouts=timeouts or env.timeouts,
+        token=token or env.token,
+        transport=transport,
+    )
+
+
+class Client(Session):
+    """A worker's connection to the cluster. Use :func:`connect` or ``LocalCluster.connect()``.
+
+    Example:
+        with ps.connect() as client:
+            emb = client.sparse_table("emb", dim=8)
+            rows = emb.pull(np.array([1, 2, 3], dtype=np.uint64))
+            client.clock()
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        *,
+        rank: int | None = None,
+        timeouts: Timeouts | None = None,
+        token: str | None = None,
+        transport: str | None = None,
+    ) -> None:
+        super().__init__(
+            coordinator, rank=rank, timeouts=timeouts, token=token, transport=transport
+        )
+        self._barriers: Counter[str] = Counter()
+        self._tables: dict[str, SparseTable | DenseTable] = {}
+
+    # ---- tables ---------------------------------------------------------------------------
+
+    def _create(self, spec: TableSpec) -> TableSpec:
+        self.check()
+        reply = self.endpoint.request(
+            "coordinator",
+            {"kind": "create_table", "spec": spec.to_wire()},
+            what=f"creating table {spec.name!r} on the coordinator at {self.coordinator}",
+        ).result(self.timeouts.request)
+        final = TableSpec.from_wire(reply["spec"])
+        futs = [
+            self.request_server(
+                s,
+                {"kind": "create_shard", "spec": final.to_wire()},
+                what=f"creating table {spec.name!r} on {server_name(s)}",
+            )
+            for s in range(self.num_servers)
+        ]
+        for f in futs:
+            f.result(self.timeouts.request)
+        return final
+
+    def sparse_table(
+        self,
+        name: str,
+        dim: int,
+        *,
+        dtype: str = "float32",
+        init: Initializer | None = None,
+        optimizer: Optimizer | None = None,
+        consistency: str | None = None,
+        seed: int | None = None,
+        nonfinite: str = "reject",
+        max_rows: int | None = None,
+        codec: str = "none",
+    ) -> SparseTable:
+        """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
+
+        ``nonfinite``: a push with NaN or Inf is refused whole ("reject", the default), or its
+        rows holding them are dropped and the rest applied ("skip"; counted in ``stats()``).
+        ``max_rows``: at most this many rows on each server; a pull or push that would create
+        more is refused with :class:`~paramserver.errors.RemoteError` (code ``"full"``) and
+        changes nothing.
+
+        ``codec`` ("none", "float16", "bfloat16" or "int8" with a per-row scale) is how pulled
+        rows travel: fewer bytes, rounded values (see :mod:`paramserver.wire.codec`).
+
+        Example:
+            emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
+                                      optimizer=ps.optim.Adagrad(lr=0.05), consistency="async")
+        """
+        spec = TableSpec(
+            name=name,
+            kind="sparse",
+            dim=dim,
+            dtype=dtype,
+            init=init or Zeros(),
+            optimizer=optimizer or SGD(),
+            consistency=_consistency(consistency),
+            seed=seed,
+            nonfinite=nonfinite,
+            max_rows=max_rows,
+            codec=codec,
+        )
+        final = self._create(spec)
+        table = SparseTable(self, final)
+        self._tables[name] = table
+        return table
+
+    def dense_table(
+        self,
+        name: str,
+        shape: int | tuple[int, ...],
+        *,
+        dtype: str = "float32",
+        init: Initializer | None = None,
+        optimizer: Optimizer | None = None,
+        consistency: str | None = None,
+        seed: int | None = None,
+        nonfinite: str = "reject",
+    ) -> DenseTable:
+        """Create (or open) a dense table: one array of ``shape``, split over servers if large.
+
+        Example:
+            w = client.dense_table("mlp", shape=(4096,), optimizer=ps.optim.Adam(lr=1e-3),
+                                   consistency="sync")
+        """
+        shp = (shape,) if isinstance(shape, int) else tuple(shape)
+        spec = TableSpec(
+            name=name,
+            kind="dense",
+            shape=shp,
+            dtype=dtype,
+            init=init or Zeros(),
+            optimizer=optimizer or SGD(),
+            consistency=_consistency(consistency),
+            seed=seed,
+            nonfinite=nonfinite,
+        )
+        final = self._create(spec)
+        table = DenseTable(self, final)
+        self._tables[name] = table
+        return table
+
+    def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
+        """Wait until every live worker has reached this barrier.
+
+        Example:
+            client.barrier()            # all workers meet here
+        """
+        self.check()
+        limit = self.timeouts.request if timeout is None else timeout
+        self._barriers[name] += 1
+        fut = self.endpoint.request(
+            "coordinator",
+            {
+                "kind": "barrier",
+                "name": f"{name}#{self._barriers[name]}",
+                "rank": self.rank,
+                "timeout": limit,
+            },
+            what=f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})",
+        )
+        fut.result(limit + 2.0)
+
+    def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> str:
+        """Write a consistent checkpoint of every table at this worker's clock boundary.
+
+        Every server snapshots its shards when all live workers have reached this worker's
+        clock (for ``sync`` tables: exactly the updates of earlier clocks), then the coordinator
+        writes the manifest and makes the checkpoint visible by one rename. ``path`` must be on
+        storage every server and the coordinator can reach. Returns the checkpoint directory.
+
+        Example:
+            client.save("ckpt/")       # later: ps.LocalCluster(restore="ckpt/")
+        """
+        self.check()
+        limit = self.timeouts.request if timeout is None else timeout
+        root = os.path.abspath(os.fspath(path))
+        reply = self.endpoint.request(
+            "coordinator",
+            {"kind": "save", "path": root, "clock": self.current_clock, "timeout": limit},
+            what=f"checkpoint into {root} at clock {self.current_clock}",
+        ).result(limit + 2.0)
+        return str(reply["path"])
+
+    def stats(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Per-server statistics: rows and bytes per table, clocks.
+
+        Example:
+            for s in client.stats(): print(s["rank"], s["tables"])
+        """
+        self.check()
+        futs = [
+            self.endpoint.request(
+                server_name(s), {"kind": "stats"}, what=f"stats of {server_name(s)}"
+            )
+            for s in range(self.num_servers)
+        ]
+        return [f.result(timeout)["stats"] for f in futs]
+
+    def tables(self) -> list[TableSpec]:
+        """The specs of every table in the cluster."""
+        reply = self.endpoint.request(
+            "coordinator", {"kind": "list_tables"}, what="listing tables"
+        ).result()
+        return [TableSpec.from_wire(t) for t in reply["tables"]]
+
+    # ---- data leases ----------------------------------------------------------------------
+
+    def acquire_lease(
+        self, dataset: str, epoch: int, shards: int, *, timeout: float | None = None
+    ) -> int | None:
+        """Take the next shard of ``dataset`` in ``epoch`` (``shards`` in all); None when every
+        shard of the epoch has been handed out.
+
+        Example:
+            shard = client.acquire_lease("criteo/train", epoch=1, shards=64)
+        """
+        self.check()
+        reply = self.endpoint.request(
+            "coordinator",
+            {
+                "kind": "acquire_lease",
+                "dataset": dataset,
+                "epoch": epoch,
+                "shards": shards,
+                "rank": self.rank,
+            },
+            what=f"lease on {dataset!r} epoch {epoch} from the coordinator at {self.coordinator}",
+        ).result(timeout)
+        shard = int(reply.get("shard", -1))
+        return None if shard < 0 else shard
+
+    def complete_lease(
+        self, dataset: str, epoch: int, shard: int, *, timeout: float | None = None
+    ) -> None:
+        """Report shard ``shard`` of ``dataset`` in ``epoch`` as read and trained on."""
+        self.check()
+        self.endpoint.request(
+            "coordinator",
+            {
+                "kind": "complete_lease",
+                "dataset": dataset,
+                "epoch": epoch,
+                "shard": shard,
+                "rank": self.rank,
+            },
+            what=f"completing lease {shard} of {dataset!r} epoch {epoch}",
+        ).result(timeout)
+
+    def leases(self, dataset: str, epoch: int, shards: int) -> Iterator[int]:
+        """Shards of ``dataset`` for this worker in ``epoch``: each is completed when the loop
+        asks for the next one; the iterator ends when none is left.
+
+        Example:
+            for shard in client.leases("criteo/train", epoch, len(shard_list)):
+                train_on(shard_list[shard])
+        """
+        while True:
+            shard = self.acquire_lease(dataset, epoch, shards)
+            if shard is None:
+                return
+            yield shard
+            self.complete_lease(dataset, epoch, shard)
+
+
+def _consistency(value: str | None) -> str:
+    if value is None:
+        return from_env().consistency
+    parse_consistency(value)
+    return value
