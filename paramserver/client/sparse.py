@@ -175,8 +175,9 @@ class SparseTable(TableHandle):
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order
         else:
-            summed = np.zeros((len(plan.base), self.dim), dtype=self.dtype)
-            np.add.at(summed, plan.inverse, g)
+            from paramserver.client.kernels import sum_rows  # numba: loaded on first use
+
+            summed = sum_rows(plan.inverse, g, len(plan.base))
         header = self.push_header()
         return self._send_push(plan, sig, header, summed)
 
