@@ -74,6 +74,13 @@ def alive(procs: dict[int, int]) -> list[int]:
     return found
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
 def cmdline(pid: int) -> str:
     """``pid``'s command line, its arguments joined by spaces ("" if it is gone)."""
     try:

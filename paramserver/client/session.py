@@ -72,7 +72,7 @@ class Session:
 
     Example:
         session = Session("127.0.0.1:7000")
-        session.requestserver_name(0, {"kind": "stats"}, what="stats").result()
+        session.request_server(0, {"kind": "stats"}, what="stats").result()
     """
 
     def __init__(

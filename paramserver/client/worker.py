@@ -147,8 +147,7 @@ class Client(Session):
             max_rows=max_rows,
             codec=codec,
         )
-        final = self._create(spec)
-        table = SparseTable(self, final)
+        table = SparseTable(self, self._create(spec))
         self._tables[name] = table
         return table
 
@@ -182,10 +181,9 @@ class Client(Session):
             seed=seed,
             nonfinite=nonfinite,
         )
-        final = self._create(spec)
-        table = DenseTable(self, final)
-        self._tables[name] = table
-        return table
+        dense = DenseTable(self, self._create(spec))
+        self._tables[name] = dense
+        return dense
 
     def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
         """Wait until every live worker has reached this barrier.

@@ -10,6 +10,7 @@ import zmq
 
 import paramserver as ps
 from paramserver.wire.transport import new_context
+from tests.procs import rss_mib
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,12 +57,6 @@ def test_a_deeply_nested_header_is_refused_by_server_and_coordinator(
     ) == len(cluster.pids)
     assert emb.pull(keys).tobytes() == before
     client.barrier()  # the coordinator still serves
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(x for x in f if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
 
 
 def test_lease_and_barrier_floods_are_refused_within_the_coordinators_limits(
