@@ -14,7 +14,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.errors import NodeLostError, PSError, PSTimeoutError, RemoteError
-from tests.timing import FAST
+from tests.timing import FAST, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,8 +129,7 @@ def test_requests_to_a_killed_server_fail_fast_with_node_lost() -> None:
         os.kill(client.stats()[1]["pid"], signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(NodeLostError, match=r"server\[1\] .* declared dead"):
-            for _ in range(200):  # until the new view arrives; each pull also touches server 1
-                emb.pull(np.arange(100), timeout=3)
-                time.sleep(0.05)
+            # until the new view arrives; each pull also touches server 1
+            wait_until(lambda: emb.pull(np.arange(100), timeout=3) is None, 30, "a NodeLostError")
         assert time.monotonic() - start < FAST.heartbeat_timeout + 3.0 + 3.0
         assert dict((r, s) for r, _, s in client.view["servers"])[1] == "dead"

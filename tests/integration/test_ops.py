@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ import paramserver as ps
 from paramserver.errors import ProtocolError
 from paramserver.metrics import Histogram, Rate, format_status
 from paramserver.wire import protocol
-from tests.timing import FAST
+from tests.timing import FAST, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -42,13 +41,15 @@ def status_of(address: str, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """``wait_until`` that returns what ``check`` last gave (the status or metrics seen)."""
+    got: list[Any] = [None]
+
+    def seen() -> Any:
+        got[0] = check()
+        return got[0]
+
+    wait_until(seen, timeout, what, every=0.2)
+    return got[0]
 
 
 def train_a_little(client: ps.Client, steps: int) -> None:
