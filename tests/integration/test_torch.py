@@ -69,6 +69,14 @@ def test_import_paramserver_does_not_import_torch() -> None:
 
     code = "import sys, paramserver, paramserver.data; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    # ps.torch works as the docs write it, without `import paramserver.torch`
+    code = (
+        "import sys, paramserver as ps\n"
+        "assert ps.torch.Embedding is not None and 'torch' in sys.modules\n"
+        "try:\n    ps.no_such_part\nexcept AttributeError as e:\n    assert 'no_such_part' in str(e)\n"
+        "else:\n    raise SystemExit('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])

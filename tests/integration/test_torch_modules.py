@@ -98,6 +98,14 @@ def test_embedding_bag_matches_torch_embedding_bag() -> None:
             )  # fmt: skip
             assert _rows(client, f"bag{n}") == len(seen - {pad})  # the padding id is not stored
         assert bag.mode == "max"
+        last = pst.EmbeddingBag(client, "bag_last", DIM, mode="sum", include_last_offset=True,
+                                init=ps.init.Uniform(-1.0, 1.0))  # fmt: skip
+        ref = _reference_bag(last, "sum", None)
+        ref.include_last_offset = True
+        ids, offsets = torch.tensor([1, 5, 5, 2, 8]), torch.tensor([0, 2, 5])
+        np.testing.assert_allclose(
+            last(ids, offsets).detach(), ref(ids, offsets).detach(), atol=1e-6
+        )
         with pytest.raises(ConfigError, match="per_sample_weights needs mode 'sum'"):
             bag(torch.tensor([1, 2]), torch.tensor([0]), per_sample_weights=torch.ones(2))
         with pytest.raises(ConfigError, match="a 1-D input needs offsets"):
