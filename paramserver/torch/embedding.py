@@ -72,7 +72,9 @@ class _ServerEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         if padding_idx is not None and (
-            isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or padding_idx < 0
+            isinstance(padding_idx, bool)
+            or not isinstance(padding_idx, int)
+            or not 0 <= padding_idx < 2**64
         ):
             raise ConfigError(
                 f"embedding {name!r}: padding_idx must be a non-negative id or None, got "
@@ -288,33 +290,11 @@ class EmbeddingBag(_ServerEmbedding):
         offsets: torch.Tensor | np.ndarray | None = None,
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One vector per bag: ``(bags, dim)``."""
-        name = self.table.name
-        ndim = len(input.shape)
-        if ndim == 2 and offsets is not None:
-            raise ConfigError(f"embedding bag {name!r}: offsets must be None for a 2-D input")
-        if ndim == 1 and offsets is None:
-            raise ConfigError(
-                f"embedding bag {name!r}: a 1-D input needs offsets (each bag's start)"
-            )
-        if ndim not in (1, 2):
-            raise ConfigError(f"embedding bag {name!r}: input must be 1-D or 2-D, got {ndim}-D")
-        if per_sample_weights is not None:
-            if self.mode != "sum":
-                raise ConfigError(
-                    f"embedding bag {name!r}: per_sample_weights needs mode 'sum', not "
-                    f"{self.mode!r}"
-                )
-            if tuple(per_sample_weights.shape) != tuple(input.shape):
-                raise ConfigError(
-                    f"embedding bag {name!r}: per_sample_weights has shape "
-                    f"{tuple(per_sample_weights.shape)}, input {tuple(input.shape)}"
-                )
-        off = None
-        if offsets is not None:
-            off = (offsets if isinstance(offsets, torch.Tensor) else torch.from_numpy(
-                np.asarray(offsets))).to(torch.int64)  # fmt: skip
-        weight, index, pad = self._weight(input)
+        """One vector per bag: ``(bags, dim)``. Bad bags are refused before anything is
+        pulled (no row is created)."""
+        ids = input if isinstance(input, torch.Tensor) else np.asarray(input)
+        off = self._check_bags(ids, offsets, per_sample_weights)
+        weight, index, pad = self._weight(ids)
         return F.embedding_bag(
             index,
             weight,
@@ -324,6 +304,50 @@ class EmbeddingBag(_ServerEmbedding):
             include_last_offset=self.include_last_offset,
             padding_idx=pad,
         )
+
+    def _check_bags(
+        self,
+        ids: torch.Tensor | np.ndarray,
+        offsets: torch.Tensor | np.ndarray | None,
+        weights: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The offsets as a LongTensor, once the bags are known to be well formed."""
+        name = self.table.name
+        shape = tuple(ids.shape)
+        if len(shape) not in (1, 2):
+            raise ConfigError(f"embedding bag {name!r}: input must be 1-D or 2-D, got {shape}")
+        if weights is not None:
+            if self.mode != "sum":
+                raise ConfigError(
+                    f"embedding bag {name!r}: per_sample_weights needs mode 'sum', not "
+                    f"{self.mode!r}"
+                )
+            if tuple(weights.shape) != shape:
+                raise ConfigError(
+                    f"embedding bag {name!r}: per_sample_weights has shape "
+                    f"{tuple(weights.shape)}, input {shape}"
+                )
+        if len(shape) == 2:
+            if offsets is not None:
+                raise ConfigError(f"embedding bag {name!r}: offsets must be None for a 2-D input")
+            return None
+        if offsets is None:
+            raise ConfigError(f"embedding bag {name!r}: a 1-D input needs offsets (bag starts)")
+        off = offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor) else np.asarray(
+            offsets)  # fmt: skip
+        if off.ndim != 1 or off.dtype.kind not in "iu":
+            raise ConfigError(
+                f"embedding bag {name!r}: offsets must be a 1-D integer array, got "
+                f"{off.dtype} of shape {off.shape}"
+            )
+        n = shape[0]
+        if len(off) and (off[0] != 0 or (np.diff(off) < 0).any() or off[-1] > n):
+            raise ConfigError(
+                f"embedding bag {name!r}: offsets must start at 0, never decrease and stay "
+                f"within the input's {n} ids; got {off.tolist()[:8]}"
+                f"{' ...' if len(off) > 8 else ''}"
+            )
+        return torch.from_numpy(off.astype(np.int64, copy=False))
 
 
 def read_embeddings(checkpoint: str | os.PathLike[str], name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -110,6 +110,13 @@ def test_embedding_bag_matches_torch_embedding_bag() -> None:
             bag(torch.tensor([1, 2]), torch.tensor([0]), per_sample_weights=torch.ones(2))
         with pytest.raises(ConfigError, match="a 1-D input needs offsets"):
             bag(torch.tensor([1, 2]))
+        rows = _rows(client, "bag_last")
+        for bad in ([0, 3, 2], [1, 2], [0, 9]):  # decreasing, not from 0, past the end
+            with pytest.raises(ConfigError, match="offsets must start at 0, never decrease"):
+                last(torch.tensor([20, 21, 22, 23]), torch.tensor(bad))
+        with pytest.raises(ConfigError, match="input must be 1-D or 2-D"):
+            last(torch.tensor([[[20]]]))
+        assert _rows(client, "bag_last") == rows  # refused before anything was pulled
         with pytest.raises(ConfigError, match="mode must be one of"):
             pst.EmbeddingBag(client, "bag_bad", DIM, mode="median")
 
