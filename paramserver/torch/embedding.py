@@ -12,6 +12,7 @@ optimizer step, as a ``torch.nn.Embedding`` does).
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ _MODES = ("sum", "mean", "max")
 
 class _ServerRows(torch.autograd.Function):
     """The pulled rows as a tensor in the autograd graph; its backward hands the rows' gradient,
-    with this call's own keys, to the module (which pushes once per backward pass)."""
+    with this call's own keys, to the table's :class:`_TablePass`."""
 
     @staticmethod
     def forward(
@@ -50,8 +51,53 @@ class _ServerRows(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None]:
         n = len(ctx.keys)  # a padding row after them gets no push
         g = grad[:n].detach().to(torch.float32).contiguous().numpy()
-        ctx.owner._accumulate(ctx.keys, g)
+        ctx.owner.add(ctx.keys, g)
         return None, None, None, None
+
+
+class _TablePass:
+    """The gradients that every module over one table collects in a backward pass, pushed as
+    one sum when the pass ends: a table shared by several calls, or by an :class:`Embedding`
+    and an :class:`EmbeddingBag`, gets one optimizer step per pass, as one torch weight does."""
+
+    def __init__(self, table: SparseTable) -> None:
+        self.table = table
+        self.grads: list[tuple[np.ndarray, np.ndarray]] = []  # (keys, summed rows) per call
+        self.pending: list[Future[None]] = []
+
+    def add(self, keys: np.ndarray, grads: np.ndarray) -> None:
+        """Called by the backward of each forward call; the engine runs :meth:`flush` once the
+        whole pass is done."""
+        if not self.grads:
+            try:
+                queue = torch.autograd.Variable._execution_engine.queue_callback
+            except AttributeError:  # not inside the engine: nothing else to wait for
+                self.grads.append((keys, grads))
+                self.flush()
+                return
+            queue(self.flush)
+        self.grads.append((keys, grads))
+
+    def flush(self) -> None:
+        calls, self.grads = self.grads, []
+        if not calls:
+            return
+        if len(calls) == 1:
+            keys, grads = calls[0]
+        else:  # the table's push sums repeated keys
+            keys = np.concatenate([k for k, _ in calls])
+            grads = np.concatenate([g for _, g in calls])
+        self.pending = [f for f in self.pending if not f.done()]
+        self.pending.append(self.table.push(keys, grads))
+
+    def wait(self, timeout: float | None) -> None:
+        pending, self.pending = self.pending, []
+        for f in pending:
+            f.result(timeout)
+
+
+# per client, per table name: every module over a table shares its pass
+_PASSES: weakref.WeakKeyDictionary[Client, dict[str, _TablePass]] = weakref.WeakKeyDictionary()
 
 
 class _ServerEmbedding(nn.Module):
@@ -91,10 +137,8 @@ class _ServerEmbedding(nn.Module):
         self.dim = dim
         self.create = create
         self.padding_idx = padding_idx
-        # (keys, summed gradients) of each call whose backward ran in the current pass
-        self._grads: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pass = _PASSES.setdefault(client, {}).setdefault(name, _TablePass(self.table))
         self._prefetched: tuple[np.ndarray, bool, Future[np.ndarray]] | None = None
-        self._pending: list[Future[None]] = []
         self._trigger = torch.empty(0, requires_grad=True)
 
     def extra_repr(self) -> str:
@@ -157,35 +201,8 @@ class _ServerEmbedding(nn.Module):
         if reading:
             weight = torch.from_numpy(rows)
         else:
-            weight = _ServerRows.apply(self._trigger, rows, self, uniq)  # type: ignore[no-untyped-call]
+            weight = _ServerRows.apply(self._trigger, rows, self._pass, uniq)  # type: ignore[no-untyped-call]
         return weight, torch.from_numpy(inverse), pad
-
-    def _accumulate(self, keys: np.ndarray, grads: np.ndarray) -> None:
-        """Called by the backward of each forward call. A module used several times in one
-        forward pass gets one push per backward pass, of every call's gradients summed per key,
-        as ``nn.Embedding`` gets one optimizer step: the engine runs :meth:`_flush` once the
-        whole pass is done."""
-        if not self._grads:
-            try:
-                queue = torch.autograd.Variable._execution_engine.queue_callback
-            except AttributeError:  # not inside the engine: nothing else to wait for
-                self._grads.append((keys, grads))
-                self._flush()
-                return
-            queue(self._flush)
-        self._grads.append((keys, grads))
-
-    def _flush(self) -> None:
-        calls, self._grads = self._grads, []
-        if not calls:
-            return
-        if len(calls) == 1:
-            keys, grads = calls[0]
-        else:  # the table's push sums repeated keys
-            keys = np.concatenate([k for k, _ in calls])
-            grads = np.concatenate([g for _, g in calls])
-        self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self.table.push(keys, grads))
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every push so far is acknowledged by the servers.
@@ -193,9 +210,7 @@ class _ServerEmbedding(nn.Module):
         Example:
             loss.backward(); emb.wait()      # the servers have applied this step
         """
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result(timeout)
+        self._pass.wait(timeout)
 
     def export(
         self, path: str | os.PathLike[str], *, timeout: float | None = None

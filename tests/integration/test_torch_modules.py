@@ -147,6 +147,42 @@ def test_embedding_padding_idx_matches_torch_embedding() -> None:
         assert _rows(client, "padded") == 3  # 3, 5 and 9; never the padding id
 
 
+def test_an_embedding_and_a_bag_over_one_table_step_once_per_pass() -> None:
+    """The target item through an Embedding and the history through an EmbeddingBag of the same
+    table: one Adagrad step per pass on the summed gradients, as one torch weight gets."""
+    rng = np.random.default_rng(2)
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        adagrad = ps.optim.Adagrad(lr=0.3)
+        init = ps.init.Uniform(-1.0, 1.0)
+        item = pst.Embedding(
+            client, "items", DIM, optimizer=adagrad, init=init, consistency="async"
+        )
+        history = pst.EmbeddingBag(client, "items", DIM, mode="mean", optimizer=adagrad, init=init,
+                                   consistency="async")  # fmt: skip
+        weight = torch.nn.Parameter(
+            torch.from_numpy(item.table.pull(np.arange(VOCAB, dtype=np.uint64), create=False))
+        )
+        opt = torch.optim.Adagrad([weight], lr=0.3)
+        for _ in range(3):
+            target = torch.from_numpy(rng.integers(0, VOCAB, size=6))
+            seen = torch.from_numpy(rng.integers(0, VOCAB, size=(6, 4)))
+            score = (item(target) * history(seen)).sum(1) + item(target).pow(2).sum(1)
+            score.sum().backward()
+            item.wait()
+            opt.zero_grad()
+            want = (
+                torch.nn.functional.embedding(target, weight)
+                * torch.nn.functional.embedding_bag(seen, weight, mode="mean")
+            ).sum(1)
+            want = want + torch.nn.functional.embedding(target, weight).pow(2).sum(1)
+            np.testing.assert_allclose(score.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+            want.sum().backward()
+            opt.step()
+        got = item.table.pull(np.arange(VOCAB, dtype=np.uint64), create=False)
+        np.testing.assert_allclose(got, weight.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_int64_ids_are_the_bit_patterns_of_uint64_keys() -> None:
     """A hashed id >= 2**63 reaches the same row as a LongTensor (negative there) as it does as
     a uint64 NumPy key, for reading and for training."""
