@@ -5,8 +5,8 @@
 A forward pulls the distinct ids' rows once into a small local weight of ``(distinct ids, dim)``
 and lets torch's own ``embedding`` / ``embedding_bag`` gather and reduce over it, so the
 backward of that weight is torch's too. Its gradient goes to the servers once per backward pass,
-summed over every call of the module in the pass (a table shared by several features gets one
-optimizer step, as a ``torch.nn.Embedding`` does).
+summed over every call of every module over the table in the pass (a table shared by several
+features gets one optimizer step, as a ``torch.nn.Embedding`` does).
 """
 
 from __future__ import annotations
