@@ -26,6 +26,8 @@ Example:
         rows = emb.pull(np.array([7, 42, 7], dtype=np.uint64))
 """
 
+from types import ModuleType
+
 from paramserver import errors, init, launch, optim, ray
 from paramserver.client import Client, DenseTable, SparseTable, connect
 from paramserver.config import Timeouts
@@ -49,3 +51,12 @@ __all__ = [
     "optim",
     "ray",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    # ps.torch imports torch (seconds): only when a user asks for it
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module("paramserver.torch")
+    raise AttributeError(f"module 'paramserver' has no attribute {name!r}")

@@ -23,15 +23,21 @@ __all__ = ["all_finite", "as_keys", "check_keys", "count_nonfinite"]
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def as_keys(keys: Any, table: str) -> npt.NDArray[np.uint64]:
+def as_keys(keys: Any, table: str, *, int64_bits: bool = False) -> npt.NDArray[np.uint64]:
     """A user's keys (non-negative integers of any integer dtype and shape) as uint64.
+
+    ``int64_bits``: an int64 array holds the bit patterns of uint64 keys (what a LongTensor of
+    hashed ids holds: keys >= 2**63 are negative there) and is reinterpreted, not checked.
 
     Example:
         as_keys(np.array([3, 1]), "emb")
+        as_keys(np.array([-1]), "emb", int64_bits=True)    # [18446744073709551615]
     """
     arr = np.asarray(keys)
     if arr.dtype == np.uint64:
         return arr
+    if int64_bits and arr.dtype == np.int64:
+        return arr.view(np.uint64)
     if arr.dtype.kind in "ui":
         if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
             bad = int(np.flatnonzero(arr.reshape(-1) < 0)[0])

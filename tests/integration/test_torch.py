@@ -56,8 +56,9 @@ def test_embedding_and_dense_match_a_local_torch_model() -> None:
         got = emb.table.pull(np.arange(vocab, dtype=np.uint64))
         np.testing.assert_allclose(got, ref_emb.weight.detach().numpy(), atol=1e-5)
         np.testing.assert_allclose(head.weight.detach(), ref_head.weight.detach(), atol=1e-5)
-        with pytest.raises(ConfigError, match="must be non-negative, got -3"):
-            emb(torch.tensor([[1, -3]]))
+        # int64 holds uint64 bit patterns; a narrower signed id cannot be one
+        with pytest.raises(ConfigError, match="must be non-negative integers, got -3"):
+            emb(torch.tensor([[1, -3]], dtype=torch.int32))
         with pytest.raises(ConfigError, match="must be integers"):
             emb(torch.tensor([0.5]))
 
@@ -68,6 +69,14 @@ def test_import_paramserver_does_not_import_torch() -> None:
 
     code = "import sys, paramserver, paramserver.data; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    # ps.torch works as the docs write it, without `import paramserver.torch`
+    code = (
+        "import sys, paramserver as ps\n"
+        "assert ps.torch.Embedding is not None and 'torch' in sys.modules\n"
+        "try:\n    ps.no_such_part\nexcept AttributeError as e:\n    assert 'no_such_part' in str(e)\n"
+        "else:\n    raise SystemExit('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
