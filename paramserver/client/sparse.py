@@ -12,7 +12,7 @@ import numpy as np
 from paramserver.arrays import as_keys
 from paramserver.client.keyplan import KeyPlan, KeyPlanCache
 from paramserver.client.session import Session, server_name
-from paramserver.client.table import TableHandle
+from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
@@ -21,16 +21,6 @@ from paramserver.wire.transport import Future, Message, gather
 __all__ = ["SparseTable"]
 
 log = logging.getLogger(__name__)
-
-PAGE = 4096  # bytes of a memory page (huge pages are multiples of it)
-
-
-def prefault(a: np.ndarray) -> None:
-    """Write a zero into every page of ``a`` (C-contiguous): the kernel maps a fresh page on its
-    first write, and a page fault costs more than copying the page; this runs while the servers
-    work, so that the rows are then copied into mapped memory."""
-    raw = a.reshape(-1).view(np.uint8)
-    raw[::PAGE] = 0
 
 
 def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> None:
@@ -100,7 +90,12 @@ class SparseTable(TableHandle):
         codec = self.spec.codec
         # the user's array: every server's rows go straight into it, each to where its keys are
         # in the list (repeated keys expanded there), by compiled kernels
-        out = np.empty((len(flat), self.dim), dtype=self.dtype)
+        out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        row_bytes = self.dim * self.dtype.itemsize
+        # the request's callbacks reach the result through ``box``, emptied once it is done:
+        # they live on in reference cycles until the garbage collector runs, and the pool
+        # takes a result back only when nothing holds it any more
+        box = [out]
 
         def into(p: int, n: int) -> Callable[[Message], None]:
             def parse(msg: Message) -> None:
@@ -111,7 +106,7 @@ class SparseTable(TableHandle):
                     raise ConfigError(f"table {self.name!r}: {exc}") from None
                 if part.shape != (n, self.dim):
                     raise ConfigError(f"table {self.name!r}: server answered {part.shape} rows")
-                place_reply(plan, p, part, out)
+                place_reply(plan, p, part, box[0])
 
             return parse
 
@@ -133,18 +128,20 @@ class SparseTable(TableHandle):
                     what=f"pull of {len(part_keys)} keys of table {self.name!r} from "
                     f"{server_name(s)} ({c.endpoint.address_of(server_name(s))})",
                     parse=into(p, len(part_keys)),
-                    reply_bytes=len(part_keys) * out[:1].nbytes,
+                    reply_bytes=len(part_keys) * row_bytes,
                 )
             )
         # fresh memory is mapped on first write: have that happen while the servers work
-        prefault(out)
+        if fresh:
+            prefault(out)
+        del out
         if len(plan.parts) > 1:
             plan.placement()  # where each server's rows go, also while they work
 
         def combine(_: list[None]) -> np.ndarray:
             plan.known.update(sent)
             self.record_staleness(staleness)
-            return out.reshape((*k.shape, self.dim))
+            return box.pop().reshape((*k.shape, self.dim))
 
         fut = gather(futs, f"pull of table {self.name!r}", combine)
         if sig is None:
