@@ -201,6 +201,8 @@ class DenseTable(TableHandle):
         fresh = False
         if out is None and copy:
             result, fresh = self.results.take(self.shape, self.dtype)
+            if fresh and seg is None:  # TCP replies land in it as they come: map it first
+                prefault(result)
         if seg is None:
             if out is None and not copy:  # a read-only view of a reused receive buffer
                 if self._recvbuf is None:
@@ -233,7 +235,7 @@ class DenseTable(TableHandle):
             )
             for s, a, b in ranges
         ]
-        if fresh:
+        if fresh and seg is not None:  # the server writes the shared reply meanwhile
             assert result is not None
             prefault(result)
 
