@@ -1,7 +1,9 @@
 """Workload 1: push then pull of a dense float32 table (64 MiB), 1 worker + 1 server, one host.
 
-Cases: the default path (shared memory between processes on one host), the same forced over
-TCP (``transport="tcp"``, the path between hosts: large arrays on the raw-socket bulk channel),
+Cases, plain arrays first (``push(array)`` and ``pull()`` returning a new array, what a
+training loop writes), the zero-copy path (``push_buffer()`` + ``pull(copy=False)``) beside as
+the best case: the default path (shared memory between processes on one host), the same forced
+over TCP (``transport="tcp"``, the path between hosts: large arrays on the raw-socket bulk channel),
 over TCP in ZeroMQ frames only (``transport="zmq"``), and same-run baselines: a raw TCP socket
 round trip receiving into a reused buffer, a pyzmq round trip receiving into fresh buffers,
 and a NumPy memcpy. Throughput counts both directions: 2 x table bytes per push+pull.
@@ -184,35 +186,38 @@ def main() -> None:
     t_shm, t_shm_plain = ps_dense(nbytes, repeat, "auto")
     emit(
         "dense",
-        f"push+pull {mib} MiB, same host (shared memory)",
+        f"push+pull {mib} MiB, same host, plain arrays: push(array), pull() (a new array)",
+        gb / t_shm_plain,
+        "GB/s",
+        baseline=gb / t_raw,
+        target=8.5,
+    )
+    emit(
+        "dense",
+        f"best case: push+pull {mib} MiB, same host, push_buffer() + pull(copy=False) (zero-copy)",
         gb / t_shm,
         "GB/s",
         baseline=gb / t_raw,
         target=12.0,
     )
-    emit(
-        "dense",
-        f"push+pull {mib} MiB, same host, plain arrays (copy in, fresh copy out)",
-        gb / t_shm_plain,
-        "GB/s",
-        baseline=gb / t_raw,
-    )
     t_tcp, t_tcp_plain = ps_dense(nbytes, repeat, "tcp")
-    emit(
-        "dense",
-        f"push+pull {mib} MiB over TCP",
-        gb / t_tcp,
-        "GB/s",
-        baseline=gb / t_raw,
-        target_ratio=0.85,
-        met=bool(t_raw / t_tcp >= 0.85),
-    )
     emit(
         "dense",
         f"push+pull {mib} MiB over TCP, plain arrays",
         gb / t_tcp_plain,
         "GB/s",
         baseline=gb / t_raw,
+        target_ratio=0.6,
+        met=bool(t_raw / t_tcp_plain >= 0.6),
+    )
+    emit(
+        "dense",
+        f"best case: push+pull {mib} MiB over TCP, push_buffer() + pull(copy=False)",
+        gb / t_tcp,
+        "GB/s",
+        baseline=gb / t_raw,
+        target_ratio=0.85,
+        met=bool(t_raw / t_tcp >= 0.85),
     )
     t_zmq_ps, _ = ps_dense(nbytes, repeat, "zmq")
     emit(

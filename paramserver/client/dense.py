@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.client.session import Session, server_name
-from paramserver.client.table import TableHandle
+from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, shm
@@ -195,13 +195,23 @@ class DenseTable(TableHandle):
         ranges = self.spec.ranges
         # over TCP, replies are assembled straight into the result (no second copy)
         dest = None
+        # a plain pull's result: memory mapped by earlier results when the caller let go of
+        # them (see ResultPool), else fresh memory mapped while the servers work
+        result: np.ndarray | None = None
+        fresh = False
+        if out is None and copy:
+            result, fresh = self.results.take(self.shape, self.dtype)
+            if fresh and seg is None:  # TCP replies land in it as they come: map it first
+                prefault(result)
         if seg is None:
             if out is None and not copy:  # a read-only view of a reused receive buffer
                 if self._recvbuf is None:
                     self._recvbuf = np.empty(self.shape, self.dtype)
                 out_ = self._recvbuf
             else:
-                out_ = out if out is not None else np.empty(self.shape, self.dtype)
+                picked = out if out is not None else result
+                assert picked is not None
+                out_ = picked
             dest = out_.reshape(-1)
         item = self.dtype.itemsize
         futs = [
@@ -225,6 +235,9 @@ class DenseTable(TableHandle):
             )
             for s, a, b in ranges
         ]
+        if fresh and seg is not None:  # the server writes the shared reply meanwhile
+            assert result is not None
+            prefault(result)
 
         def combine(results: list[np.ndarray | None]) -> np.ndarray:
             self.record_staleness(staleness)
@@ -234,7 +247,9 @@ class DenseTable(TableHandle):
                     np.copyto(out, view)
                     return out
                 if copy:
-                    return view.copy()
+                    assert result is not None
+                    np.copyto(result, view)
+                    return result
                 ro = view.view()
                 ro.flags.writeable = False
                 return ro

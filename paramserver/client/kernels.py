@@ -1,6 +1,13 @@
 """The worker's side of a step, compiled: the distinct keys of a batch and where each key went
-(a hash table, in one pass), and the sum of repeated keys' gradients (rows added in batch
-order, so the result is the same, bit for bit, as adding them one after another).
+(a hash table, in one pass), the sum of repeated keys' gradients (rows added in batch order,
+so the result is the same, bit for bit, as adding them one after another), and the copies of
+rows between a server's reply, the distinct keys' rows and the batch's rows.
+
+Every kernel writes into arrays its caller gives, so that a table can reuse its buffers from
+step to step (fresh memory is mapped page by page on first write, which costs more than the
+copy). The kernels run on the calling thread: threads (numba's ``parallel=True``) made these
+copies slower, not faster, on the 2-core machine the benchmarks run on, where the server and
+other work hold the other core (16 ms instead of 1.4 ms to expand 65,536 rows of 64).
 
 Imported on first use by the tables, so that ``import paramserver`` does not load numba.
 
@@ -14,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numba
@@ -22,23 +30,29 @@ import numpy.typing as npt
 
 from paramserver.mix import mix64
 
-__all__ = ["dedup", "sum_rows"]
+__all__ = [
+    "dedup",
+    "expand_rows",
+    "group_by_part",
+    "place_rows",
+    "sum_rows",
+    "sum_rows_into",
+]
 
-_EMPTY = np.int64(-1)
+_Arr = npt.NDArray[Any]
 
 
 @numba.njit(cache=True, nogil=True)
 def _dedup(
-    keys: npt.NDArray[np.uint64], inverse: npt.NDArray[np.int64], uniq: npt.NDArray[np.uint64]
+    keys: npt.NDArray[np.uint64],
+    table: npt.NDArray[np.int32],
+    inverse: npt.NDArray[np.int64],
+    uniq: npt.NDArray[np.uint64],
 ) -> int:
-    n = keys.shape[0]
-    size = 16
-    while size < 2 * n:
-        size *= 2
-    mask = np.uint64(size - 1)
-    table = np.full(size, -1, np.int64)  # cell -> index into uniq, or empty
+    mask = np.uint64(table.shape[0] - 1)
+    table[:] = -1  # cell -> index into uniq, or empty
     count = 0
-    for i in range(n):
+    for i in range(keys.shape[0]):
         k = keys[i]
         cell = mix64(k) & mask
         while True:
@@ -56,6 +70,16 @@ def _dedup(
     return count
 
 
+class _Scratch(threading.local):
+    """The hash table of :func:`dedup`, kept between calls: one per thread, as the kernel runs
+    without the GIL."""
+
+    table = np.empty(0, np.int32)
+
+
+_scratch = _Scratch()
+
+
 def dedup(keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.intp]]:
     """The distinct keys of a 1-D uint64 array, in order of first appearance, and the position
     of each key among them (``uniq[inverse] == keys``).
@@ -64,14 +88,23 @@ def dedup(keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64], npt.NDA
         uniq, inverse = dedup(batch_keys)
     """
     flat = np.ascontiguousarray(keys, dtype=np.uint64)
-    inverse = np.empty(flat.shape[0], np.int64)
-    uniq = np.empty(flat.shape[0], np.uint64)
-    count = _dedup(flat, inverse, uniq)
+    n = flat.shape[0]
+    if n >= 1 << 30:
+        raise ValueError(f"dedup: {n} keys in one list; at most {(1 << 30) - 1}")
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    table = _scratch.table
+    if table.shape[0] < size:
+        table = _scratch.table = np.empty(size, np.int32)
+    inverse = np.empty(n, np.int64)
+    uniq = np.empty(n, np.uint64)
+    count = _dedup(flat, table[:size], inverse, uniq)
     return uniq[:count].copy(), inverse.astype(np.intp, copy=False)
 
 
 @numba.njit(cache=True, nogil=True)
-def _sum_rows(inverse: npt.NDArray[np.intp], grads: Any, out: Any) -> None:
+def _sum_rows(inverse: Any, grads: Any, out: Any) -> None:
     out[:] = 0
     dim = grads.shape[1]
     for i in range(inverse.shape[0]):
@@ -80,7 +113,19 @@ def _sum_rows(inverse: npt.NDArray[np.intp], grads: Any, out: Any) -> None:
             out[row, j] += grads[i, j]
 
 
-def sum_rows(inverse: npt.NDArray[np.intp], grads: npt.NDArray[Any], n: int) -> npt.NDArray[Any]:
+def sum_rows_into(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> _Arr:
+    """``out[u] = sum of grads[i] for every i with inverse[i] == u``, rows added in the order
+    of ``i``; ``grads`` and ``out`` are C-contiguous 2-D arrays of one dtype and width, and
+    every ``inverse[i]`` is a row of ``out``. Returns ``out``.
+
+    Example:
+        sum_rows_into(inverse, grads, np.empty((len(uniq), grads.shape[1]), grads.dtype))
+    """
+    _sum_rows(np.ascontiguousarray(inverse, dtype=np.intp), grads, out)
+    return out
+
+
+def sum_rows(inverse: npt.NDArray[np.intp], grads: _Arr, n: int) -> _Arr:
     """``out[u] = sum of grads[i] for every i with inverse[i] == u``, rows added in the order
     of ``i``; ``grads`` is 2-D, ``out`` has ``n`` rows of its dtype.
 
@@ -88,6 +133,86 @@ def sum_rows(inverse: npt.NDArray[np.intp], grads: npt.NDArray[Any], n: int) -> 
         summed = sum_rows(inverse, grads, len(uniq))
     """
     g = np.ascontiguousarray(grads)
-    out = np.empty((n, g.shape[1]), g.dtype)
-    _sum_rows(np.ascontiguousarray(inverse, dtype=np.intp), g, out)
+    return sum_rows_into(inverse, g, np.empty((n, g.shape[1]), g.dtype))
+
+
+@numba.njit(cache=True, nogil=True)
+def _expand(src: Any, inverse: Any, out: Any) -> None:
+    dim = out.shape[1]
+    for i in range(inverse.shape[0]):
+        r = inverse[i]
+        for j in range(dim):
+            out[i, j] = src[r, j]
+
+
+def expand_rows(src: _Arr, inverse: npt.NDArray[np.intp], out: _Arr) -> _Arr:
+    """``out[i] = src[inverse[i]]`` (NumPy's ``src[inverse]``, written into ``out``): the rows
+    of a batch from the rows of its distinct keys. Returns ``out``.
+
+    Example:
+        expand_rows(uniq_rows, inverse, np.empty((len(inverse), dim), uniq_rows.dtype))
+    """
+    _expand(src, inverse, out)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _place(src: Any, rows: Any, positions: Any, out: Any) -> None:
+    dim = out.shape[1]
+    for t in range(positions.shape[0]):
+        r = rows[t]
+        p = positions[t]
+        for j in range(dim):
+            out[p, j] = src[r, j]
+
+
+def place_rows(
+    src: _Arr, rows: npt.NDArray[np.intp], positions: npt.NDArray[np.intp], out: _Arr
+) -> _Arr:
+    """``out[positions[t]] = src[rows[t]]`` for every ``t`` (positions distinct): one server's
+    rows put where the batch wants them. Returns ``out``.
+
+    Example:
+        place_rows(part, rows_in_part, batch_positions, result)
+    """
+    _place(src, rows, positions, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _group(
+    inverse: Any, part_of: Any, row_in_part: Any, bounds: Any, positions: Any, rows: Any
+) -> None:
+    for i in range(inverse.shape[0]):
+        bounds[part_of[inverse[i]] + 1] += 1
+    for p in range(bounds.shape[0] - 1):
+        bounds[p + 1] += bounds[p]
+    fill = bounds[:-1].copy()
+    for i in range(inverse.shape[0]):
+        b = inverse[i]
+        p = part_of[b]
+        at = fill[p]
+        positions[at] = i
+        rows[at] = row_in_part[b]
+        fill[p] = at + 1
+
+
+def group_by_part(
+    inverse: npt.NDArray[np.intp],
+    part_of: npt.NDArray[np.intp],
+    row_in_part: npt.NDArray[np.intp],
+    nparts: int,
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The batch positions of each part's keys, in batch order: ``(positions, rows, bounds)``
+    such that for part ``p`` and ``t`` in ``bounds[p]:bounds[p+1]``, batch key
+    ``positions[t]`` is row ``rows[t]`` of that part. ``part_of[u]`` and ``row_in_part[u]``
+    say where distinct key ``u`` went; ``inverse[i]`` is batch key ``i``'s distinct key.
+
+    Example:
+        pos, rows, bounds = group_by_part(inverse, part_of, row_in_part, len(parts))
+    """
+    bounds = np.zeros(nparts + 1, np.intp)
+    positions = np.empty(len(inverse), np.intp)
+    rows = np.empty(len(inverse), np.intp)
+    _group(inverse, part_of, row_in_part, bounds, positions, rows)
+    return positions, rows, bounds

@@ -8,20 +8,16 @@ Pure: no sockets, no tables. :class:`~paramserver.client.sparse.SparseTable` kee
 
 from __future__ import annotations
 
-import functools
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import cast
 
 import numpy as np
 
 from paramserver.partition import HashRing, split_by_owner
 
 __all__ = [
-    "FACTORIZE_MIN",
     "KEY_CACHE_LISTS",
     "RECENT_LISTS",
     "KeyPlan",
@@ -32,7 +28,6 @@ __all__ = [
 
 KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more, see server.loop)
 RECENT_LISTS = 2  # latest key lists whose dedup a worker reuses without caching them
-FACTORIZE_MIN = 2048  # shorter lists: np.unique is as fast, and nothing more is imported
 
 # (server, positions in ``base`` | None for all of it, the keys it gets)
 Parts = list[tuple[int, np.ndarray | None, np.ndarray]]
@@ -49,34 +44,42 @@ class KeyPlan:
     parts: Parts
     sig: int | None = None
     known: set[int] = dc_field(default_factory=set)  # servers that have resolved ``sig``
+    # where each part's rows go in the list (group_by_part), made on the first pull that needs it
+    spread: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
+    def placement(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(positions, rows, bounds)``: for part ``p`` and ``t`` in
+        ``bounds[p]:bounds[p+1]``, key ``positions[t]`` of the list is row ``rows[t]`` of that
+        part's reply (see :func:`paramserver.client.kernels.group_by_part`)."""
+        if self.spread is None:
+            from paramserver.client.kernels import group_by_part
 
-@functools.cache
-def _factorize() -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
-    try:
-        from pandas import factorize
-    except ImportError:
-        return None
-    return cast(Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], factorize)
+            n = len(self.base)
+            part_of = np.empty(n, np.intp)
+            row_in_part = np.empty(n, np.intp)
+            for p, (_, idx, part_keys) in enumerate(self.parts):
+                where = slice(None) if idx is None else idx
+                part_of[where] = p
+                row_in_part[where] = np.arange(len(part_keys))
+            inverse = np.arange(n) if self.inverse is None else self.inverse
+            self.spread = group_by_part(inverse, part_of, row_in_part, len(self.parts))
+        return self.spread
 
 
 def unique_inverse(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct keys of ``flat`` and the position of each key among them
-    (``uniq[inverse] == flat``). Long lists go through a hash table, pandas' ``factorize``
-    where pandas is installed (0.11 ms for 20k keys against 0.9 ms for ``np.unique``'s sort);
-    the distinct keys then come in order of first appearance rather than sorted.
+    """The distinct keys of ``flat``, in order of first appearance, and the position of each key
+    among them (``uniq[inverse] == flat``): one pass through a hash table
+    (:func:`paramserver.client.kernels.dedup`; 0.47 ms for a Zipf batch of 65,536 keys against
+    0.77 ms for pandas' ``factorize`` and 7.1 ms for ``np.unique``'s sort).
 
     Example:
         >>> uniq, inv = unique_inverse(np.array([5, 3, 5], np.uint64))
-        >>> uniq[inv].tolist()
-        [5, 3, 5]
+        >>> uniq.tolist(), uniq[inv].tolist()
+        ([5, 3], [5, 3, 5])
     """
-    factorize = _factorize() if len(flat) >= FACTORIZE_MIN else None
-    if factorize is None:
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        return uniq, inverse
-    codes, uniques = factorize(flat)
-    return np.asarray(uniques, dtype=flat.dtype), np.asarray(codes, dtype=np.intp)
+    from paramserver.client.kernels import dedup  # numba: loaded on first use
+
+    return dedup(flat)
 
 
 def route_keys(base: np.ndarray, ring: HashRing, num_servers: int) -> Parts:
@@ -86,6 +89,8 @@ def route_keys(base: np.ndarray, ring: HashRing, num_servers: int) -> Parts:
     Example:
         parts = route_keys(np.array([1, 2, 3], np.uint64), HashRing.build([0, 1]), 2)
     """
+    if num_servers == 1:  # the one server owns every key: nothing to hash
+        return [(0, None, np.ascontiguousarray(base))]
     owners = ring.route(base)
     order, bounds = split_by_owner(owners, num_servers)
     parts: Parts = []

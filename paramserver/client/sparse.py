@@ -12,7 +12,7 @@ import numpy as np
 from paramserver.arrays import as_keys
 from paramserver.client.keyplan import KeyPlan, KeyPlanCache
 from paramserver.client.session import Session, server_name
-from paramserver.client.table import TableHandle
+from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
@@ -21,6 +21,22 @@ from paramserver.wire.transport import Future, Message, gather
 __all__ = ["SparseTable"]
 
 log = logging.getLogger(__name__)
+
+
+def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> None:
+    """Put the rows of the reply to part ``p`` of ``plan`` where the list wants them in ``out``
+    (repeated keys get their row copied to each of their positions)."""
+    from paramserver.client.kernels import expand_rows, place_rows  # numba: on first use
+
+    if len(plan.parts) == 1 and plan.parts[0][1] is None:
+        if plan.inverse is None:
+            out[...] = part
+        else:
+            expand_rows(part, plan.inverse, out)
+        return
+    positions, rows, bounds = plan.placement()
+    a, b = bounds[p], bounds[p + 1]
+    place_rows(part, rows[a:b], positions[a:b], out)
 
 
 def _settle(outer: Future[Any], done: Future[Any]) -> None:
@@ -47,6 +63,8 @@ class SparseTable(TableHandle):
     def __init__(self, client: Session, spec: TableSpec) -> None:
         super().__init__(client, spec)
         self._plans = KeyPlanCache(client.ring, client.num_servers)
+        self._sum_buf: np.ndarray | None = None  # a push's summed gradient (see _sum_buffer)
+        self._sum_busy: Future[None] | None = None  # the push that sent it
 
     @property
     def dim(self) -> int:
@@ -70,10 +88,16 @@ class SparseTable(TableHandle):
         futs: list[Future[None]] = []
         staleness: list[int] = []
         codec = self.spec.codec
-        # every server's rows go straight into the result, in the order of plan.base
-        rows = np.empty((len(plan.base), self.dim), dtype=self.dtype)
+        # the user's array: every server's rows go straight into it, each to where its keys are
+        # in the list (repeated keys expanded there), by compiled kernels
+        out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        row_bytes = self.dim * self.dtype.itemsize
+        # the request's callbacks reach the result through ``box``, emptied once it is done:
+        # they live on in reference cycles until the garbage collector runs, and the pool
+        # takes a result back only when nothing holds it any more
+        box = [out]
 
-        def into(idx: np.ndarray | None, n: int) -> Callable[[Message], None]:
+        def into(p: int, n: int) -> Callable[[Message], None]:
             def parse(msg: Message) -> None:
                 staleness.append(int(msg[0].get("staleness") or 0))
                 try:
@@ -82,15 +106,12 @@ class SparseTable(TableHandle):
                     raise ConfigError(f"table {self.name!r}: {exc}") from None
                 if part.shape != (n, self.dim):
                     raise ConfigError(f"table {self.name!r}: server answered {part.shape} rows")
-                if idx is None:
-                    rows[...] = part
-                else:
-                    rows[idx] = part
+                place_reply(plan, p, part, box[0])
 
             return parse
 
         sent: list[int] = []
-        for s, idx, part_keys in plan.parts:
+        for p, (s, _, part_keys) in enumerate(plan.parts):
             h = header
             arrays = [part_keys]
             if sig is not None:
@@ -106,18 +127,21 @@ class SparseTable(TableHandle):
                     arrays,
                     what=f"pull of {len(part_keys)} keys of table {self.name!r} from "
                     f"{server_name(s)} ({c.endpoint.address_of(server_name(s))})",
-                    parse=into(idx, len(part_keys)),
-                    reply_bytes=rows.nbytes if idx is None else len(idx) * rows[:1].nbytes,
+                    parse=into(p, len(part_keys)),
+                    reply_bytes=len(part_keys) * row_bytes,
                 )
             )
         # fresh memory is mapped on first write: have that happen while the servers work
-        rows.fill(0)
+        if fresh:
+            prefault(out)
+        del out
+        if len(plan.parts) > 1:
+            plan.placement()  # where each server's rows go, also while they work
 
         def combine(_: list[None]) -> np.ndarray:
             plan.known.update(sent)
             self.record_staleness(staleness)
-            out = rows if plan.inverse is None else rows[plan.inverse]
-            return out.reshape((*k.shape, self.dim))
+            return box.pop().reshape((*k.shape, self.dim))
 
         fut = gather(futs, f"pull of table {self.name!r}", combine)
         if sig is None:
@@ -175,11 +199,24 @@ class SparseTable(TableHandle):
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order
         else:
-            from paramserver.client.kernels import sum_rows  # numba: loaded on first use
+            from paramserver.client.kernels import sum_rows_into  # numba: loaded on first use
 
-            summed = sum_rows(plan.inverse, g, len(plan.base))
+            summed = sum_rows_into(plan.inverse, g, self._sum_buffer(len(plan.base)))
         header = self.push_header()
-        return self._send_push(plan, sig, header, summed)
+        fut = self._send_push(plan, sig, header, summed)
+        if summed is not g:
+            self._sum_busy = fut
+        return fut
+
+    def _sum_buffer(self, n: int) -> np.ndarray:
+        """Rows to sum a push's gradient into: the table's buffer, its pages mapped by earlier
+        pushes, unless a push still in flight holds it (then a new one, kept for later)."""
+        buf = self._sum_buf
+        busy = self._sum_busy is not None and not self._sum_busy.done()
+        if buf is None or busy or buf.shape[0] < n:
+            buf = np.empty((max(n, 0 if buf is None else buf.shape[0]), self.dim), self.dtype)
+            self._sum_buf = buf
+        return buf[:n]
 
     def _send_push(
         self, plan: KeyPlan, sig: int | None, header: dict[str, Any], summed: np.ndarray

@@ -1,8 +1,11 @@
 """What every table handle shares (:class:`TableHandle`): its spec, the staleness its pulls
-were served with, the learning rate, and the headers and gradient checks of its requests."""
+were served with, the learning rate, the headers and gradient checks of its requests, and the
+memory its pulls' results go into (:class:`ResultPool`)."""
 
 from __future__ import annotations
 
+import math
+import sys
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -14,7 +17,55 @@ from paramserver.client.session import Session, server_name
 from paramserver.errors import ConfigError
 from paramserver.spec import TableSpec
 
-__all__ = ["TableHandle"]
+__all__ = ["PAGE", "ResultPool", "TableHandle", "prefault"]
+
+PAGE = 4096  # bytes of a memory page (a huge page is a multiple of it)
+POOL_MIN_BYTES = 1 << 20  # smaller results: the allocator reuses freed memory by itself
+
+
+def prefault(a: np.ndarray) -> None:
+    """Write a zero into every page of ``a`` (C-contiguous). The kernel maps a fresh page on its
+    first write, and a page fault costs more than copying the page: done while the servers
+    work, the rows are then copied into mapped memory."""
+    raw = a.reshape(-1).view(np.uint8)
+    raw[::PAGE] = 0
+
+
+class ResultPool:
+    """Memory for a table's pull results whose pages are already mapped.
+
+    A pull returns an array the caller owns. Large results come from the buffers of earlier
+    results that the caller has let go of: CPython's reference count of a buffer says whether
+    anything (the array, a view of it, a tensor made from it) still holds it. A training loop
+    ``w = table.pull()`` holds one result while it asks for the next, so the pool keeps
+    ``keep`` buffers: each step then writes into memory mapped before, where a fresh array of
+    64 MiB would be mapped page by page (glibc gives arrays above 32 MiB back to the kernel when
+    they are freed). The pool holds at most ``keep`` buffers of the largest result.
+
+    Example:
+        pool = ResultPool()
+        out, fresh = pool.take((1000, 64), np.dtype(np.float32))
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._bufs: list[np.ndarray] = []
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.ndarray, bool]:
+        """An uninitialised C-contiguous array of ``shape`` and ``dtype`` that nobody else
+        holds, and whether its memory is fresh (not yet mapped: see :func:`prefault`)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < POOL_MIN_BYTES:
+            return np.empty(shape, dtype), False
+        for i in range(len(self._bufs)):
+            # 2: the list's reference and getrefcount's argument; nobody else holds it
+            if self._bufs[i].nbytes >= nbytes and sys.getrefcount(self._bufs[i]) == 2:
+                return self._bufs[i][:nbytes].view(dtype).reshape(shape), False
+        buf = np.empty(nbytes, np.uint8)
+        self._bufs.append(buf)
+        if len(self._bufs) > self.keep:  # the oldest stays with whoever holds it
+            self._bufs.pop(0)
+        return buf.view(dtype).reshape(shape), True
 
 
 class TableHandle:
@@ -27,6 +78,7 @@ class TableHandle:
         self.name = spec.name
         self.dtype = spec.np_dtype
         self._staleness: Counter[int] = Counter()
+        self.results = ResultPool()
 
     def staleness(self) -> dict[int, int]:
         """Histogram of the staleness this worker's pulls were served with: {clocks: count}.

@@ -20,6 +20,8 @@ SCRIPTS = {
     "training.py": ["-w", "1", "2"],
     "capacity.py": ["-s", "1", "2"],
 }
+# peers.py: the PyTorch peer only (the others need the bench extra; skipped where missing)
+PEERS = ["--only", "torch"]
 
 
 @pytest.mark.timeout(150)
@@ -60,3 +62,22 @@ def test_every_benchmark_runs_quick(tmp_path: Path) -> None:
     for name in SCRIPTS:
         png = tmp_path / "img" / name.replace(".py", ".png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"no chart {png.name}"
+
+
+@pytest.mark.timeout(150)
+def test_peers_runs_quick_or_says_what_is_missing() -> None:
+    """benchmarks/peers.py: every stdout line is a result with its peer's figure and the ratio;
+    a peer that is not installed is named on stderr instead."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "peers.py"), "--quick", *PEERS],
+        capture_output=True, text=True, env=env, timeout=140, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if not lines:
+        assert "skipped" in proc.stderr and "not installed" in proc.stderr, proc.stderr[-3000:]
+    for line in lines:
+        rec = json.loads(line)
+        assert rec["bench"] == "peers" and rec["value"] > 0 and "peer" in rec
+        assert rec["ratio"] == pytest.approx(rec["value"] / rec["baseline"], rel=1e-3)

@@ -393,3 +393,45 @@ def test_a_server_that_cannot_map_slots_gets_frames(
     np.testing.assert_array_equal(emb.pull(keys), np.full((len(keys), 8), -3.0, np.float32))
     pools = [pool for _, pool in client._slot_pools.values()]
     assert pools and all(p.refused and not p.slots and p.used == 0 for p in pools)
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_held_results_never_change_while_later_pulls_reuse_memory(
+    cluster: ps.LocalCluster, transport: str
+) -> None:
+    """Pull results come from memory of earlier results that nothing holds any more: a result
+    the caller keeps (or a view of it) keeps its values through later pulls and pushes, and each
+    pull's rows are NumPy's, with repeated keys, over both servers, sparse and dense."""
+    client = cluster.connect(transport=transport)
+    dim = 16
+    emb = client.sparse_table(
+        "held", dim=dim, init=ps.init.Constant(0.0), optimizer=ps.optim.SGD(lr=1.0)
+    )
+    dense = client.dense_table(
+        "held_w", shape=(N,), init=ps.init.Constant(0.0), optimizer=ps.optim.SGD(lr=1.0)
+    )
+    rng = np.random.default_rng(21)
+    ref = np.zeros((5_000, dim), np.float32)
+    w_ref = np.zeros(N, np.float32)
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    for step in range(8):
+        at = rng.integers(0, len(ref), size=40_000)  # 2.5 MB of rows: from the pool
+        rows = emb.pull(at.astype(np.uint64))
+        np.testing.assert_array_equal(rows, ref[at])
+        w = dense.pull()
+        np.testing.assert_array_equal(w, w_ref)
+        if step % 3 == 0:  # held by the caller: a view, and the whole dense result
+            kept.append((rows[::7], ref[at][::7].copy()))
+            kept.append((w, w_ref.copy()))
+        grads = rng.standard_normal((len(at), dim)).astype(np.float32)
+        emb.push(at.astype(np.uint64), grads).result()
+        summed = np.zeros_like(ref)
+        np.add.at(summed, at, grads)  # repeated keys summed first, then one update
+        ref -= summed
+        g = rng.standard_normal(N).astype(np.float32)
+        dense.push(g).result()
+        w_ref -= g
+        if step % 3:
+            rows[:] = np.nan  # the caller's to scribble on
+    for got, want in kept:
+        np.testing.assert_array_equal(got, want)

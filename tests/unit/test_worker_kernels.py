@@ -1,12 +1,19 @@
-"""The worker's compiled dedup and gradient sum against NumPy: np.unique's sets and
-np.add.at's sums, bit for bit."""
+"""The worker's compiled kernels against NumPy: np.unique's sets, np.add.at's sums bit for bit,
+fancy indexing's copies."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from paramserver.client.kernels import dedup, sum_rows
+from paramserver.client.kernels import (
+    dedup,
+    expand_rows,
+    group_by_part,
+    place_rows,
+    sum_rows,
+    sum_rows_into,
+)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 5000])
@@ -32,3 +39,47 @@ def test_sum_rows_adds_repeated_rows_in_batch_order_like_add_at(dtype: type) -> 
     got = sum_rows(inverse, grads, 60)
     assert got.dtype == dtype
     assert got.tobytes() == expected.tobytes()
+
+
+def test_sum_rows_into_a_reused_buffer_clears_what_it_held() -> None:
+    rng = np.random.default_rng(4)
+    inverse = rng.integers(0, 30, size=500).astype(np.intp)
+    grads = rng.standard_normal((500, 4)).astype(np.float32)
+    buf = np.full((30, 4), 7.0, np.float32)  # a previous push's sums
+    expected = np.zeros((30, 4), np.float32)
+    np.add.at(expected, inverse, grads)
+    assert sum_rows_into(inverse, grads, buf) is buf
+    assert buf.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("dim", [1, 16, 64, 128])
+def test_expand_rows_is_fancy_indexing(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    src = rng.standard_normal((300, dim)).astype(np.float32)
+    inverse = rng.integers(0, 300, size=2000).astype(np.intp)
+    out = np.full((2000, dim), np.nan, np.float32)
+    expand_rows(src, inverse, out)
+    assert out.tobytes() == src[inverse].tobytes()
+
+
+def test_group_by_part_then_place_rows_rebuilds_the_list_from_every_part() -> None:
+    """Distinct keys split over 3 parts (as routing does), each part's rows placed by the
+    grouping: the result is the rows of the whole list, as fancy indexing gives them."""
+    rng = np.random.default_rng(9)
+    keys = rng.integers(0, 400, size=3000).astype(np.uint64)
+    uniq, inverse = dedup(keys)
+    owner = rng.integers(0, 3, size=len(uniq))
+    idx = [np.flatnonzero(owner == p) for p in range(3)]
+    part_of = owner.astype(np.intp)
+    row_in_part = np.empty(len(uniq), np.intp)
+    for part in idx:
+        row_in_part[part] = np.arange(len(part))
+    positions, rows, bounds = group_by_part(inverse, part_of, row_in_part, 3)
+    assert bounds.tolist() == [0, *np.cumsum(np.bincount(owner[inverse], minlength=3))]
+    table = rng.standard_normal((len(uniq), 5))  # the row of each distinct key
+    out = np.full((len(keys), 5), np.nan)
+    for p in range(3):
+        a, b = bounds[p], bounds[p + 1]
+        assert np.all(np.diff(positions[a:b]) > 0)  # batch order inside a part
+        place_rows(table[idx[p]], rows[a:b], positions[a:b], out)
+    assert out.tobytes() == table[inverse].tobytes()
