@@ -167,6 +167,8 @@ class CheckpointPolicy:
     def __post_init__(self) -> None:
         if not self.every_seconds > 0:
             raise ConfigError(f"checkpoint interval must be positive, got {self.every_seconds}")
+        if not self.timeout > 0:
+            raise ConfigError(f"checkpoint round timeout must be positive, got {self.timeout}")
         if not (isinstance(self.keep, int) and self.keep >= 1):
             raise ConfigError(f"checkpoints to keep must be at least 1, got {self.keep}")
         if self.every_clocks is not None and not self.every_clocks >= 1:

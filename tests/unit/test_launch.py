@@ -36,6 +36,8 @@ def test_the_flags_give_one_policy_or_none_without_a_directory() -> None:
     )
     with pytest.raises(ConfigError, match="at least 1"):
         coordinator_args("--checkpoint-dir", "d", "--checkpoint-keep", "0")
+    with pytest.raises(ConfigError, match="timeout must be positive"):
+        coordinator_args("--checkpoint-dir", "d", "--checkpoint-timeout", "0")
 
 
 def test_the_loose_keywords_give_the_same_policy_and_never_mix_with_one() -> None:
