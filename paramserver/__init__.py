@@ -3,7 +3,7 @@
 Where things live:
 
 * ``client/``        the worker's side: :func:`connect`, :class:`Client`, the table handles
-* ``launch.py``      :class:`LocalCluster`, ``paramserver run``, the role runners
+* ``launch/``        :class:`LocalCluster`, ``paramserver run``, the role runners, supervision
 * ``coordinator/``   membership, heartbeats, views, barriers, the table registry, leases
 * ``server/``        one server process: event loop, shards, optimizer kernels, consistency
 * ``wire/``          the message format, the ZeroMQ sockets and futures, the bulk channel,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from paramserver.config import (
+    CheckpointPolicy,
     Timeouts,
     from_env,
     normalize_address,
@@ -110,6 +111,19 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--checkpoint-keep", type=int, default=None, help="how many periodic checkpoints to keep"
+    )
+    # the policy's last field, for a launcher handing a whole CheckpointPolicy to a coordinator
+    p.add_argument("--checkpoint-timeout", type=float, default=None, help=argparse.SUPPRESS)
+
+
+def _checkpoints(args: argparse.Namespace) -> CheckpointPolicy | None:
+    """The checkpoint policy the flags give (None without --checkpoint-dir)."""
+    return CheckpointPolicy.from_settings(
+        args.checkpoint_dir,
+        every_seconds=args.checkpoint_every,
+        keep=args.checkpoint_keep,
+        every_clocks=args.checkpoint_every_clocks,
+        timeout=args.checkpoint_timeout,
     )
 
 
@@ -391,11 +405,8 @@ def _command(args: argparse.Namespace) -> int:
             listen_fd=args.listen_fd,
             parent_pid=args.parent_pid,
             restore=args.restore,
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
-            checkpoint_keep=args.checkpoint_keep,
+            checkpoints=_checkpoints(args),
             token=token,
-            checkpoint_every_clocks=args.checkpoint_every_clocks,
             **({"metrics_port": args.metrics_port} if args.metrics_port is not None else {}),
             **({"metrics_host": args.metrics_host} if args.metrics_port is not None else {}),
         )
@@ -446,10 +457,7 @@ def _command(args: argparse.Namespace) -> int:
             log_level=args.log_level or "WARNING",
             token=_token(args),
             restore=args.restore,
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
-            checkpoint_every_clocks=args.checkpoint_every_clocks,
-            checkpoint_keep=args.checkpoint_keep,
+            checkpoints=_checkpoints(args),
         )
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)

@@ -31,6 +31,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from paramserver.errors import ConfigError
 
@@ -122,7 +123,15 @@ class Limits:
 @dataclass(frozen=True)
 class CheckpointPolicy:
     """Periodic checkpoints into ``directory``: every ``every_seconds``, or every
-    ``every_clocks`` clocks when that is set; keeping the last ``keep``."""
+    ``every_clocks`` clocks when that is set; keeping the last ``keep``; a round that takes
+    longer than ``timeout`` seconds fails.
+
+    One object carries these from the command line (or :class:`paramserver.LocalCluster`)
+    through the launcher to the coordinator.
+
+    Example:
+        CheckpointPolicy("/ckpt", every_clocks=100, keep=5)
+    """
 
     directory: str
     every_seconds: float = 600.0
@@ -130,9 +139,36 @@ class CheckpointPolicy:
     timeout: float = 600.0
     every_clocks: int | None = None
 
+    @classmethod
+    def from_settings(
+        cls,
+        directory: str | os.PathLike[str] | None,
+        every_seconds: float | None = None,
+        keep: int | None = None,
+        every_clocks: int | None = None,
+        timeout: float | None = None,
+    ) -> CheckpointPolicy | None:
+        """The policy for these settings, each None taking its default; None without a
+        ``directory`` (no periodic checkpoints, whatever the rest says).
+
+        Example:
+            CheckpointPolicy.from_settings(args.checkpoint_dir, keep=args.checkpoint_keep)
+        """
+        if directory is None:
+            return None
+        given: dict[str, Any] = {
+            "every_seconds": every_seconds,
+            "keep": keep,
+            "every_clocks": every_clocks,
+            "timeout": timeout,
+        }
+        return cls(os.fspath(directory), **{k: v for k, v in given.items() if v is not None})
+
     def __post_init__(self) -> None:
         if not self.every_seconds > 0:
             raise ConfigError(f"checkpoint interval must be positive, got {self.every_seconds}")
+        if not self.timeout > 0:
+            raise ConfigError(f"checkpoint round timeout must be positive, got {self.timeout}")
         if not (isinstance(self.keep, int) and self.keep >= 1):
             raise ConfigError(f"checkpoints to keep must be at least 1, got {self.keep}")
         if self.every_clocks is not None and not self.every_clocks >= 1:

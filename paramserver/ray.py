@@ -108,7 +108,7 @@ class _WorkerRole:
             return train(client, *args)
 
     def run_program(self, cmd: list[str], env: dict[str, str], prefix: str) -> int:
-        from paramserver.launch import _die_with_parent
+        from paramserver.launch import die_with_parent
 
         proc = subprocess.Popen(
             cmd,
@@ -116,7 +116,7 @@ class _WorkerRole:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # a killed actor takes its program with it
+            preexec_fn=die_with_parent,  # a killed actor takes its program with it
         )
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -29,8 +29,8 @@ from paramserver.wire.slots import SlotPool
 from paramserver.wire.transport import (
     Endpoint,
     Future,
-    Heartbeat,
     Message,
+    Pulse,
     Security,
     new_context,
 )
@@ -112,7 +112,8 @@ class Session:
         self._closed = False
         self._epoch = 0
         self.view: dict[str, Any] = {}
-        self._heartbeat: Heartbeat | None = None
+        self._heartbeat: Pulse | None = None
+        self._expelled: str | None = None  # why the coordinator refused our heartbeat
         try:
             self._register(rank)
         except BaseException:
@@ -150,17 +151,16 @@ class Session:
         self._apply_view(view)
         # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
         # on a loaded machine.
-        self._heartbeat = Heartbeat(
+        self._token = int(view["token"])
+        self._heartbeat = Pulse(
             self._ctx,
             self.coordinator,
-            "worker",
-            self.rank,
-            int(view["token"]),
+            self._beat,
             self.timeouts.heartbeat_interval,
-            status=lambda: {"clock": self._clock, "examples": self._examples},
+            on_answer=self._beat_answered,
             security=self._security,
+            name=f"heartbeat-worker[{self.rank}]",
         )
-        self._token = int(view["token"])
         self._heartbeat.start()
         self.ring = HashRing.build(list(range(self.num_servers)))
         log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
@@ -351,11 +351,26 @@ class Session:
         """Raise if this session is closed or the coordinator dropped this worker."""
         if self._closed:
             raise ConfigError("this client is closed")
-        hb = self._heartbeat
-        if hb is not None and hb.expelled:
+        if self._expelled:
             raise NodeLostError(
-                f"worker[{self.rank}] was dropped by the coordinator: {hb.expelled}"
+                f"worker[{self.rank}] was dropped by the coordinator: {self._expelled}"
             )
+
+    def _beat(self) -> dict[str, Any]:
+        """This worker's heartbeat (on the heartbeat thread): who it is, its clock, its count."""
+        return {
+            "kind": "heartbeat",
+            "role": "worker",
+            "rank": self.rank,
+            "token": self._token,
+            "clock": self._clock,
+            "examples": self._examples,
+        }
+
+    def _beat_answered(self, header: dict[str, Any]) -> None:
+        """The coordinator refuses a heartbeat of a member it declared dead: expelled."""
+        if header["kind"] == "error":
+            self._expelled = header["message"]
 
     def next_seq(self) -> int:
         """A new push sequence number (a resent push keeps its own: servers skip repeats)."""

@@ -306,20 +306,10 @@ class Coordinator:
         self._ask_to_write(rnd)
 
     def _periodic_checkpoint(self, now: float) -> None:
-        alive = [m.clock for m in self.members.servers if m.state == ALIVE]
         workers_alive = any(w.state == ALIVE for w in self.members.workers)
-        target = self.rounds.due(now, alive, workers_alive)
-        policy = self.rounds.policy
-        if target is None or policy is None:
-            return
-        try:
-            rnd = self.rounds.start(
-                Path(policy.directory), target, policy.timeout, None, self.members.servers, now
-            )
-        except Refusal as exc:
-            log.warning("periodic checkpoint skipped: %s", exc.message)
-            return
-        self._ask_to_write(rnd)
+        rnd = self.rounds.start_periodic(now, self.members.servers, workers_alive)
+        if rnd is not None:
+            self._ask_to_write(rnd)
 
     def _ask_to_write(self, rnd: Round) -> None:
         for rank in sorted(rnd.waiting):

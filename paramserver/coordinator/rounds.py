@@ -186,6 +186,22 @@ class CheckpointRounds:
             if now > rnd.deadline
         ]
 
+    def start_periodic(
+        self, now: float, servers: Sequence[Member], workers_alive: bool
+    ) -> Round | None:
+        """The periodic round to start now, by the policy, or None: none is due (see
+        :meth:`due`), or it cannot start (a server is not alive: skipped, with a warning)."""
+        target = self.due(now, [m.clock for m in servers if m.state == ALIVE], workers_alive)
+        if target is None or self.policy is None:
+            return None
+        try:
+            return self.start(
+                Path(self.policy.directory), target, self.policy.timeout, None, servers, now
+            )
+        except Refusal as exc:
+            log.warning("periodic checkpoint skipped: %s", exc.message)
+            return None
+
     def due(self, now: float, clocks: list[int], workers_alive: bool) -> int | None:
         """The clock a periodic round should start at now, or None: ``clocks`` are the live
         servers' reported clocks. Nothing is due without a policy, while a round runs, or

@@ -1,7 +1,13 @@
 """How nodes talk: the message format, the sockets, and the paths large arrays take.
 
 * ``protocol.py``  message kinds, the header schema, frame encoding and decoding
-* ``transport.py`` ZeroMQ sockets, request ids, futures, CURVE security, heartbeats
+* ``transport.py`` the connecting side (Endpoint: a socket per peer, request ids, replies to
+                   futures); re-exports the rest of the transport:
+  ``router.py``    the bound side (Router) and its link events (ZMTP liveness)
+  ``future.py``    futures and ``gather``
+  ``security.py``  CURVE keys from the cluster token, the ZAP handler
+  ``heartbeat.py`` beats on their own thread and socket (Pulse; no membership)
+  ``sockets.py``   contexts, frames, the listening socket a launcher hands over (ZMQ_USE_FD)
 * ``bulk.py``      a raw TCP connection beside ZeroMQ for large dense values
 * ``shm.py``       shared-memory segments between processes on one host; ``slots.py`` the
                    slots of them that carry the arrays of sparse requests

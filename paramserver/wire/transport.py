@@ -1,54 +1,50 @@
-"""ZeroMQ sockets, request ids and futures. Knows nothing of tables.
+"""The connecting side of a node, and the one place the rest of the package imports the
+transport from. Knows nothing of tables.
 
-* :class:`Router` is the bound side (coordinator, server): receive ``(identity, message)``,
-  answer to an identity.
-* :class:`Endpoint` is the connecting side: one DEALER per peer, requests tagged with ids, and
+* :class:`Endpoint` (here): one DEALER per peer, requests tagged with ids, and
   :class:`Future` objects that are completed by whoever waits. There is no background thread:
   ``Future.result()`` polls all of the endpoint's sockets, so replies from every peer are
   dispatched while any one of them is awaited, and libzmq's own I/O threads move the bytes.
 * Large arrays may bypass ZeroMQ on a peer's bulk channel (:mod:`paramserver.wire.bulk`): see
   :meth:`Endpoint.open_bulk` and ``request(..., bulk=True)``.
-* :class:`Heartbeat` sends heartbeats on its own thread and socket, so a long computation or a
-  long kernel never looks like death.
-
-This is the only module that imports ``zmq``.
+* :class:`Router` (``router.py``) is the bound side (coordinator, server): receive
+  ``(identity, message)``, answer to an identity; with ZMTP liveness it reports link events.
+* :class:`Future` and :func:`gather` (``future.py``); :class:`Security` and the ZAP handler
+  (``security.py``); contexts and frames (``sockets.py``); :class:`Pulse` and
+  :class:`Heartbeat`, beats on their own thread and socket (``heartbeat.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import itertools
 import logging
-import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import zmq
-from zmq.utils import z85
 
-from paramserver.errors import (
-    ConfigError,
-    NodeLostError,
-    ProtocolError,
-    PSTimeoutError,
-    RemoteError,
-)
+from paramserver.errors import NodeLostError, ProtocolError, PSTimeoutError, RemoteError
 from paramserver.wire import bulk as bulk_channel
 from paramserver.wire import protocol
-
-if TYPE_CHECKING:  # imported when a token is set: it pulls in asyncio and ssl (~40 ms)
-    from zmq.auth.thread import ThreadAuthenticator
+from paramserver.wire.future import Future, gather
+from paramserver.wire.heartbeat import Heartbeat, Pulse
+from paramserver.wire.router import Router
+from paramserver.wire.security import MIN_TOKEN_LENGTH, Security, start_authenticator
+from paramserver.wire.sockets import SEND_TIMEOUT_MS, Message, new_context, send_frames
 
 __all__ = [
+    "MIN_TOKEN_LENGTH",
+    "SEND_TIMEOUT_MS",
     "Endpoint",
     "Future",
     "Heartbeat",
+    "Message",
+    "Pulse",
     "Router",
     "Security",
+    "gather",
     "new_context",
     "start_authenticator",
 ]
@@ -56,339 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Message = tuple[dict[str, Any], list[np.ndarray]]
-
-
-def new_context() -> zmq.Context[Any]:
-    """A fresh ZeroMQ context (one per process role; never the global instance)."""
-    ctx: zmq.Context[Any] = zmq.Context()
-    ctx.setsockopt(zmq.LINGER, 0)
-    return ctx
-
-
-MIN_TOKEN_LENGTH = 16
-# A DEALER whose peer is unreachable (e.g. its CURVE handshake failed) has no pipe to queue a
-# message on, and a plain send would then block forever: every send gives up after this long.
-SEND_TIMEOUT_MS = 2000
-
-
-@dataclass(frozen=True)
-class Security:
-    """CURVE keys derived from the cluster token: every node that knows the token can compute
-    them, and no other. Binding sockets authenticate peers by the client key (ZAP), so a peer
-    without the token cannot even complete the handshake; all traffic is encrypted.
-
-    Example:
-        sec = Security.from_token(open("token").read().strip())
-    """
-
-    server_public: bytes = field(repr=False)
-    server_secret: bytes = field(repr=False)
-    client_public: bytes = field(repr=False)
-    client_secret: bytes = field(repr=False)
-
-    @classmethod
-    def from_token(cls, token: str) -> Security:
-        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(
-                f"the cluster token must be a string of at least {MIN_TOKEN_LENGTH} characters"
-            )
-
-        def pair(purpose: bytes) -> tuple[bytes, bytes]:
-            seed = hashlib.blake2b(token.encode(), digest_size=32, person=purpose).digest()
-            secret = z85.encode(seed)  # any 32 bytes are an X25519 secret key
-            return zmq.curve_public(secret), secret
-
-        sp, ss = pair(b"paramserver-srv")
-        cp, cs = pair(b"paramserver-cli")
-        return cls(sp, ss, cp, cs)
-
-    def serve(self, socket: zmq.Socket[Any]) -> None:
-        socket.curve_secretkey = self.server_secret
-        socket.curve_publickey = self.server_public
-        socket.curve_server = True
-
-    def client(self, socket: zmq.Socket[Any]) -> None:
-        socket.curve_serverkey = self.server_public
-        socket.curve_publickey = self.client_public
-        socket.curve_secretkey = self.client_secret
-
-
-class _AllowClusterKey:
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key == self.key
-
-
-def start_authenticator(ctx: zmq.Context[Any], security: Security) -> ThreadAuthenticator:
-    """Run the ZAP handler of ``ctx``: only peers holding the cluster's client key get in."""
-    from zmq.auth.thread import ThreadAuthenticator
-
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("paramserver.auth"))
-    auth.start()
-    auth.configure_curve_callback("*", _AllowClusterKey(security.client_public))
-    return auth
-
-
-def _frames(socket: zmq.Socket[Any]) -> list[Any]:
-    return [f.buffer for f in socket.recv_multipart(copy=False)]
-
-
-def _send(
-    socket: zmq.Socket[Any],
-    frames: Sequence[Any],
-    prefix: Sequence[bytes] = (),
-    track: bool = False,
-) -> Any:
-    return socket.send_multipart([*prefix, *frames], copy=False, track=track)
-
-
-class Router:
-    """A bound ROUTER socket: receive requests from any peer and answer them.
-
-    With ``security`` it serves CURVE and runs the context's ZAP handler, which admits only
-    peers holding the cluster's client key; :meth:`close` stops both.
-
-    With ``listen_fd``, it takes over a TCP socket another process already bound and put in
-    listening state at ``host:port``: peers may connect before this process even started.
-
-    With ``liveness=(interval, timeout)`` (seconds), libzmq itself pings every connection every
-    ``interval`` and drops one that stays silent for ``timeout`` (ZMTP heartbeats). The peer's
-    libzmq I/O thread answers those pings, so a peer whose Python code holds the GIL for
-    minutes still counts as connected, while a stopped process or a cut-off host does not.
-    :attr:`last_fd` is then the connection the last message came on, and :meth:`dropped`
-    lists the connections closed since it was last called.
-
-    Example:
-        router = Router(ctx, "127.0.0.1")      # binds a random port
-        ident, frames = router.recv_raw()
-    """
-
-    def __init__(
-        self,
-        ctx: zmq.Context[Any],
-        host: str = "127.0.0.1",
-        port: int = 0,
-        security: Security | None = None,
-        listen_fd: int | None = None,
-        liveness: tuple[float, float] | None = None,
-    ) -> None:
-        self.auth = start_authenticator(ctx, security) if security is not None else None
-        self.socket: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
-        self.last_fd = -1
-        self._monitor: zmq.Socket[Any] | None = None
-        if liveness is not None:
-            interval, timeout = (max(1, int(x * 1000)) for x in liveness)
-            self.socket.setsockopt(zmq.HEARTBEAT_IVL, interval)
-            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
-            self.socket.setsockopt(zmq.HEARTBEAT_TTL, timeout)
-            self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        if security is not None:
-            security.serve(self.socket)
-        if listen_fd is not None:  # a socket already listening at host:port (ZMQ_USE_FD)
-            self.socket.setsockopt(zmq.USE_FD, listen_fd)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
-        self.socket.setsockopt(zmq.RCVHWM, 0)
-        self.socket.setsockopt(zmq.SNDHWM, 0)
-        bind_host = "*" if host in ("0.0.0.0", "*") else host
-        try:
-            if port:
-                self.socket.bind(f"tcp://{bind_host}:{port}")
-            else:
-                port = self.socket.bind_to_random_port(f"tcp://{bind_host}")
-        except zmq.ZMQError as exc:
-            self.close()
-            raise OSError(f"cannot bind tcp://{host}:{port}: {exc}") from None
-        self.port = port
-        self.address = f"tcp://{host}:{port}"
-
-    def poller(self) -> zmq.Poller:
-        """A poller over this socket (and its connection monitor, with ``liveness``)."""
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        return poller
-
-    def recv_raw(self) -> tuple[bytes, list[Any]]:
-        """One message as (identity, frames); frames are not yet validated."""
-        parts = _frames(self.socket)
-        return bytes(parts[0]), parts[1:]
-
-    def recv_raw_nowait(self) -> tuple[bytes, list[Any]]:
-        """Like :meth:`recv_raw` but raises BlockingIOError when nothing is waiting."""
-        try:
-            got = self.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise BlockingIOError from None
-        if self._monitor is not None and len(got) > 1:
-            self.last_fd = int(got[1].get(zmq.SRCFD))
-        parts = [f.buffer for f in got]
-        return bytes(parts[0]), parts[1:]
-
-    @property
-    def monitor(self) -> zmq.Socket[Any] | None:
-        """The socket that becomes readable when a connection closed (with ``liveness``)."""
-        return self._monitor
-
-    def dropped(self) -> list[int]:
-        """The connections (file descriptors, as :attr:`last_fd` names them) that libzmq
-        closed since the last call: the peer went away, or missed its pings."""
-        if self._monitor is None:
-            return []
-        from zmq.utils.monitor import parse_monitor_message
-
-        fds: list[int] = []
-        while True:
-            try:
-                msg = self._monitor.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return fds
-            event = parse_monitor_message(msg)
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                fds.append(int(event["value"]))
-
-    def send(
-        self,
-        identity: bytes,
-        header: dict[str, Any],
-        arrays: Sequence[np.ndarray] = (),
-        track: bool = False,
-        region: np.ndarray | None = None,
-        start: int = 0,
-    ) -> Any:
-        """Send a message (arrays without a copy). With ``track``, return a tracker whose
-        ``done`` says when libzmq no longer reads the arrays (so a buffer may be reused). With
-        a shared slot ``region``, large arrays lie there from offset ``start`` on."""
-        frames = protocol.encode(header, arrays, region, start)
-        return _send(self.socket, frames, prefix=(identity,), track=track)
-
-    def reply(
-        self,
-        identity: bytes,
-        request_id: int,
-        arrays: Sequence[np.ndarray] = (),
-        track: bool = False,
-        region: np.ndarray | None = None,
-        start: int = 0,
-        **fields: Any,
-    ) -> Any:
-        header = {"kind": "reply", "id": request_id, **fields}
-        return self.send(identity, header, arrays, track, region, start)
-
-    def error(self, identity: bytes, request_id: int, code: str, message: str) -> None:
-        self.send(identity, protocol.error_header(request_id, code, message))
-
-    def close(self) -> None:
-        if self._monitor is not None:
-            self.socket.disable_monitor()
-            self._monitor.close(0)
-            self._monitor = None
-        self.socket.close(0)
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
-
-
-class Future(Generic[T]):
-    """The outcome of one request (or a group of them), completed while someone waits.
-
-    Example:
-        fut = emb.push(keys, grads)
-        fut.result(timeout=10)   # waits for the acknowledgement; raises on error
-    """
-
-    def __init__(self, endpoint: Endpoint | None, what: str) -> None:
-        self._endpoint = endpoint
-        self.what = what
-        self._done = False
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._callbacks: list[Callable[[Future[T]], None]] = []
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, value: T) -> None:
-        if not self._done:
-            self._value, self._done = value, True
-            self._run_callbacks()
-
-    def set_exception(self, error: BaseException) -> None:
-        if not self._done:
-            self._error, self._done = error, True
-            self._run_callbacks()
-
-    def add_done_callback(self, fn: Callable[[Future[T]], None]) -> None:
-        if self._done:
-            fn(self)
-        else:
-            self._callbacks.append(fn)
-
-    def _run_callbacks(self) -> None:
-        callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait(timeout)
-        return self._error
-
-    def result(self, timeout: float | None = None) -> T:
-        """Wait for the outcome (default: the endpoint's request timeout) and return it."""
-        self._wait(timeout)
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[no-any-return]
-
-    def _wait(self, timeout: float | None) -> None:
-        if self._done:
-            return
-        if self._endpoint is None:
-            raise PSTimeoutError(f"{self.what}: nothing will complete this future")
-        limit = self._endpoint.request_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while not self._done:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PSTimeoutError(f"{self.what}: no answer after {limit:.3g}s")
-            self._endpoint.poll(left)
-
-
-def gather(
-    futures: Sequence[Future[Any]], what: str, combine: Callable[[list[Any]], T]
-) -> Future[T]:
-    """One future completed when all of ``futures`` are, with ``combine`` of their results.
-
-    The first failure fails the group.
-    """
-    endpoint = futures[0]._endpoint if futures else None
-    group: Future[T] = Future(endpoint, what)
-    if not futures:
-        group.set_result(combine([]))
-        return group
-    left = [len(futures)]
-
-    def one_done(f: Future[Any]) -> None:
-        if group.done():
-            return
-        if f._error is not None:
-            group.set_exception(f._error)
-            return
-        left[0] -= 1
-        if left[0] == 0:
-            try:
-                group.set_result(combine([g._value for g in futures]))
-            except Exception as exc:  # a combine error belongs to the caller of result()
-                group.set_exception(exc)
-
-    for f in futures:
-        f.add_done_callback(one_done)
-    return group
 
 
 @dataclass
@@ -595,7 +258,7 @@ class Endpoint:
                     header["bulk"], arrays = payload.nbytes, ()
             peer.pending[request_id] = _Pending(fut, parse, sink, region, release)
             try:
-                _send(peer.socket, protocol.encode(header, arrays, region, start))
+                send_frames(peer.socket, protocol.encode(header, arrays, region, start))
             except zmq.Again:
                 peer.pending.pop(request_id, None)
                 unsent = NodeLostError(f"{what}: {self._unreachable(peer)}")
@@ -631,7 +294,7 @@ class Endpoint:
         if peer is None:
             raise NodeLostError(f"not connected to {name}")
         try:
-            _send(peer.socket, protocol.encode(header, arrays))
+            send_frames(peer.socket, protocol.encode(header, arrays))
         except zmq.Again:
             raise NodeLostError(self._unreachable(peer)) from None
 
@@ -726,76 +389,3 @@ class Endpoint:
     def close(self) -> None:
         for name in list(self.peers):
             self.disconnect(name, f"{name}: endpoint closed")
-
-
-class Heartbeat(threading.Thread):
-    """Sends ``heartbeat`` to the coordinator every ``interval`` seconds on its own socket.
-
-    ``epoch`` holds the newest cluster-view epoch the coordinator reported; ``expelled`` is set
-    if the coordinator no longer knows this node (it was declared dead).
-    """
-
-    def __init__(
-        self,
-        ctx: zmq.Context[Any],
-        coordinator: str,
-        role: str,
-        rank: int,
-        token: int,
-        interval: float,
-        status: Callable[[], dict[str, Any]] | None = None,
-        security: Security | None = None,
-    ) -> None:
-        super().__init__(name=f"heartbeat-{role}[{rank}]", daemon=True)
-        self.ctx = ctx
-        self.coordinator = coordinator
-        self.role, self.rank, self.token = role, rank, token
-        self.interval = interval
-        self.status = status
-        self.security = security
-        self.epoch = 0
-        self.expelled: str | None = None
-        self.last_answer = time.monotonic()
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDTIMEO, 0)  # never block: a beat that cannot go out is skipped
-        if self.security is not None:
-            self.security.client(sock)
-        sock.connect(self.coordinator)
-        beat = {"kind": "heartbeat", "role": self.role, "rank": self.rank, "token": self.token}
-        try:
-            n = 0
-            while not self._stop_event.is_set():
-                n += 1
-                extra = self.status() if self.status is not None else {}
-                with contextlib.suppress(zmq.Again):
-                    _send(sock, protocol.encode({**beat, **extra, "id": n}))
-                deadline = time.monotonic() + self.interval
-                while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
-                    # short slices, so that stop() is noticed within ~50 ms
-                    if sock.poll(min(50, int(left * 1000) + 1), zmq.POLLIN):
-                        self._handle(_frames(sock))
-        except zmq.ZMQError as exc:  # context terminated while we were running
-            if exc.errno != zmq.ETERM:
-                log.warning("heartbeat thread of %s[%d] stopped: %s", self.role, self.rank, exc)
-        finally:
-            sock.close(0)
-
-    def _handle(self, frames: list[Any]) -> None:
-        try:
-            header, _ = protocol.decode(frames)
-        except ProtocolError:
-            return
-        self.last_answer = time.monotonic()
-        if header["kind"] == "error":
-            self.expelled = header["message"]
-        elif header["kind"] == "reply" and isinstance(header.get("view"), dict):
-            epoch = header["view"].get("epoch")
-            if isinstance(epoch, int):
-                self.epoch = max(self.epoch, epoch)

@@ -52,8 +52,8 @@ def test_a_deeply_nested_header_is_refused_by_server_and_coordinator(
         assert reply is not None, f"no answer from {address}"
         answer = msgpack.unpackb(reply[0])
         assert answer["kind"] == "error" and "nests deeper" in answer["message"]
-    assert all(p.poll() is None for p in cluster._children.alive()) and len(
-        cluster._children.alive()
+    assert all(p.poll() is None for p in cluster.children.alive()) and len(
+        cluster.children.alive()
     ) == len(cluster.pids)
     assert emb.pull(keys).tobytes() == before
     client.barrier()  # the coordinator still serves

@@ -126,3 +126,20 @@ def test_a_policy_keeps_exactly_the_newest_checkpoints(tmp_path: Path) -> None:
     kept = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert kept == ["ckpt-00000030-3", "ckpt-00000040-4"]
     assert read_manifest(tmp_path)[1]["clock"] == 40
+
+
+def test_a_periodic_round_starts_by_the_policy_and_is_skipped_while_a_server_is_dead(
+    tmp_path: Path,
+) -> None:
+    policy = CheckpointPolicy(str(tmp_path / "p"), every_seconds=10.0, timeout=30.0)
+    rounds = CheckpointRounds(policy, now=0.0)
+    members = servers()
+    members[0].clock, members[1].clock = 3, 4
+    assert rounds.start_periodic(5.0, members, workers_alive=True) is None  # not due yet
+    members[1].state = DEAD
+    assert rounds.start_periodic(10.0, members, workers_alive=True) is None  # skipped
+    assert rounds.rounds == {}
+    members[1].state = ALIVE
+    rnd = rounds.start_periodic(20.0, members, workers_alive=True)
+    assert rnd is not None and rnd.requester is None and rnd.waiting == {0, 1}
+    assert (rnd.root, rnd.clock, rnd.deadline) == (tmp_path / "p", 6, 50.0)

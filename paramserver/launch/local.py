@@ -1,0 +1,362 @@
+"""A coordinator and servers as local processes on loopback (:class:`LocalCluster`).
+
+The children are ``python -m paramserver.cli coordinator|server`` (see ``roles.py``), started
+and stopped by :class:`~paramserver.launch.children.Children`; a server process that dies is
+started again with its rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import IO, Any
+
+from paramserver.config import CheckpointPolicy, Timeouts, from_env
+from paramserver.errors import ConfigError, PSError, PSTimeoutError
+from paramserver.launch.children import Children, describe_exit, say
+from paramserver.launch.roles import checkpoint_flags, checkpoint_policy, timeout_flags
+from paramserver.wire.sockets import listen_for_handover
+from paramserver.wire.transport import Endpoint, Security, new_context
+
+__all__ = ["LocalCluster"]
+
+log = logging.getLogger(__name__)
+
+
+def _read_line(fd: int, timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PSTimeoutError(f"{what}: no answer after {timeout:.3g}s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise PSError(f"{what}: the process exited before it was ready")
+            data += chunk
+    return data.decode().strip()
+
+
+class LocalCluster:
+    """A coordinator and servers as local processes on loopback.
+
+    Stops every process it started on exit, also when the body raises. ``restore`` resumes
+    from a checkpoint; ``checkpoints`` (a :class:`~paramserver.config.CheckpointPolicy`), or
+    ``checkpoint_dir`` with ``checkpoint_every`` seconds (or ``checkpoint_every_clocks``
+    clocks) and ``checkpoint_keep``, makes the coordinator write checkpoints periodically. With
+    ``restart_servers`` (the default) a server process that dies is started again with the same
+    rank; it loads its shards from the newest checkpoint, if any (see docs/fault-tolerance.md).
+    ``metrics_port`` makes the coordinator serve Prometheus metrics at
+    ``http://127.0.0.1:metrics_port/metrics``.
+
+    Example:
+        with ps.LocalCluster(servers=2, workers=1) as cluster:
+            client = cluster.connect()
+            emb = client.sparse_table("emb", dim=8)
+    """
+
+    def __init__(
+        self,
+        servers: int = 2,
+        workers: int = 1,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeouts: Timeouts | None = None,
+        log_level: str = "WARNING",
+        start_timeout: float = 60.0,
+        output: IO[str] | None = None,
+        restore: str | os.PathLike[str] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: float | None = None,
+        checkpoint_keep: int | None = None,
+        token: str | None = None,
+        checkpoint_every_clocks: int | None = None,
+        restart_servers: bool = True,
+        metrics_port: int | None = None,
+        checkpoints: CheckpointPolicy | None = None,
+    ) -> None:
+        if not isinstance(servers, int) or servers < 1:
+            raise ConfigError(f"servers must be a positive integer, got {servers!r}")
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        self.num_servers = servers
+        self.num_workers = workers
+        self.host = host
+        self.port = port
+        self.timeouts = timeouts or Timeouts()
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.output = output
+        self.restore = None if restore is None else os.path.abspath(restore)
+        if self.restore is not None:
+            from paramserver.checkpoint import find_checkpoint
+
+            find_checkpoint(self.restore)  # a missing checkpoint is an error here, not in a child
+        policy = checkpoint_policy(
+            checkpoints, checkpoint_dir, checkpoint_every, checkpoint_keep, checkpoint_every_clocks
+        )
+        if policy is not None:  # the child gets an absolute path, as with --restore
+            policy = replace(policy, directory=os.path.abspath(policy.directory))
+        self.checkpoints = policy
+        # The token travels to the children in their environment, never on a command line.
+        self._token = from_env().token if token is None else token
+        self._security = Security.from_token(self._token) if self._token is not None else None
+        self._env = {**os.environ, "PS_TOKEN": self._token} if self._token is not None else None
+        self._coordinator_flags = checkpoint_flags(policy)
+        if metrics_port is not None:  # Prometheus metrics of the coordinator, on loopback
+            self._coordinator_flags += ["--metrics-port", str(int(metrics_port))]
+        self.metrics_port = metrics_port
+        self.address = ""
+        # the processes this cluster started: the coordinator, the servers
+        self.children = Children()
+        self._clients: list[Any] = []
+        self._started = False
+        self.restart_servers = restart_servers
+        self._servers: dict[int, subprocess.Popen[bytes]] = {}
+        self._closing = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.restarts: list[tuple[int, float]] = []  # (server rank, time.monotonic() of restart)
+
+    def _role_cmd(self, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "paramserver.cli",
+            "--log-level",
+            self.log_level,
+            *args,
+            *timeout_flags(self.timeouts),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+
+    def start(self) -> LocalCluster:
+        """Start the coordinator and servers and wait until every server has registered."""
+        if self._started:
+            return self
+        self._started = True
+        try:
+            # The coordinator's socket is bound and listening here, before any process starts,
+            # and handed to it: the servers start at the same time as the coordinator (their
+            # connections wait in the socket's backlog), instead of after it reported its port.
+            listener = listen_for_handover(self.host, self.port)
+            read_fd, write_fd = os.pipe()
+            try:
+                bind = f"{self.host}:{self.port if listener is None else listener.getsockname()[1]}"
+                fds = [write_fd] if listener is None else [write_fd, listener.fileno()]
+                coord = self.children.start(
+                    "coordinator",
+                    self._role_cmd(
+                        "coordinator",
+                        "--bind",
+                        bind,
+                        "-s",
+                        str(self.num_servers),
+                        "-w",
+                        str(self.num_workers),
+                        "--ready-fd",
+                        str(write_fd),
+                        *([] if listener is None else ["--listen-fd", str(listener.fileno())]),
+                        *(["--restore", self.restore] if self.restore is not None else []),
+                        *self._coordinator_flags,
+                    ),
+                    pass_fds=fds,
+                    prefix_output=self.output,
+                    env=self._env,
+                )
+                # Only the child may hold the write end, or a coordinator that dies at start-up
+                # would never show as end-of-file here.
+                os.close(write_fd)
+                write_fd = -1
+                if listener is not None:
+                    listener.close()  # the coordinator holds its own copy
+                    self.address = f"tcp://{bind}"
+                    for r in range(self.num_servers):
+                        self._start_server(r)
+                address = _read_line(
+                    read_fd, self.start_timeout, f"starting the coordinator (pid {coord.pid})"
+                )
+                if listener is None:
+                    self.address = address
+                    for r in range(self.num_servers):
+                        self._start_server(r)
+            finally:
+                os.close(read_fd)
+                if write_fd >= 0:
+                    os.close(write_fd)
+                if listener is not None:
+                    listener.close()
+            self._wait_servers()
+            if self.restart_servers:
+                self._monitor = threading.Thread(
+                    target=self._restart_dead_servers, name="server-monitor", daemon=True
+                )
+                self._monitor.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start_server(self, rank: int) -> None:
+        self._servers[rank] = self.children.start(
+            f"server {rank}",
+            self._role_cmd(
+                "server", "--coordinator", self.address, "--host", self.host, "--rank", str(rank)
+            ),
+            prefix_output=self.output,
+            env=self._env,
+        )
+
+    def _restart_dead_servers(self) -> None:
+        """Start a server again, same rank, when its process dies. It registers as soon as the
+        coordinator has declared the dead one dead, and restores its shards from the newest
+        checkpoint the coordinator knows."""
+        while not self._closing.wait(0.05):
+            for rank, proc in list(self._servers.items()):
+                if proc.poll() is None or self._closing.is_set():
+                    continue
+                log.warning(
+                    "server[%d] (pid %d) exited with %s; starting it again",
+                    rank,
+                    proc.pid,
+                    describe_exit(proc.returncode),
+                )
+                if self.output is not None:
+                    say(
+                        self.output,
+                        f"[paramserver] server {rank} exited with {describe_exit(proc.returncode)}; "
+                        "restarting it",
+                    )
+                self._start_server(rank)
+                self.restarts.append((rank, time.monotonic()))
+
+    def _wait_servers(self) -> None:
+        ctx = new_context()
+        ep = Endpoint(ctx, request_timeout=5.0, security=self._security)
+        ep.connect("coordinator", self.address)
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            while True:
+                for name, p in self.children.procs:
+                    if p.poll() is not None:
+                        raise PSError(
+                            f"{name} exited with code {p.returncode} while the cluster "
+                            "was starting (its log is above)"
+                        )
+                view = ep.request(
+                    "coordinator",
+                    {"kind": "get_view"},
+                    what=f"view from the coordinator at {self.address}",
+                ).result(5.0)["view"]
+                pending = [r for r, _, state in view["servers"] if state != "alive"]
+                if not pending:
+                    return
+                if time.monotonic() > deadline:
+                    raise PSTimeoutError(
+                        f"starting the local cluster: after {self.start_timeout:.3g}s the coordinator "
+                        f"at {self.address} still waits for "
+                        + ", ".join(f"server[{r}]" for r in pending)
+                    )
+                time.sleep(0.01)
+        finally:
+            ep.close()
+            ctx.term()
+
+    def connect(self, *, rank: int | None = None, transport: str | None = None) -> Any:
+        """Join this cluster as a worker from the current process; returns a Client
+        (``transport="tcp"`` keeps values off shared memory, see :func:`paramserver.connect`).
+
+        Example:
+            client = cluster.connect()
+        """
+        from paramserver.client import Client
+
+        if not self._started:
+            self.start()
+        client = Client(
+            self.address, rank=rank, timeouts=self.timeouts, transport=transport, token=self._token
+        )
+        self._clients.append(client)
+        return client
+
+    def worker_env(self) -> dict[str, str]:
+        """The ``PS_*`` variables a worker process of this cluster needs: the coordinator's
+        address, the cluster's size, the timeouts, and the token if the cluster has one.
+
+        Example:
+            subprocess.run([sys.executable, "train.py"], env={**os.environ, **cluster.worker_env()})
+        """
+        t = self.timeouts
+        env = {
+            "PS_COORDINATOR": self.address,
+            "PS_NUM_WORKERS": str(self.num_workers),
+            "PS_NUM_SERVERS": str(self.num_servers),
+            "PS_HEARTBEAT_INTERVAL": repr(t.heartbeat_interval),
+            "PS_HEARTBEAT_TIMEOUT": repr(t.heartbeat_timeout),
+            "PS_REQUEST_TIMEOUT": repr(t.request),
+            "PS_CONNECT_TIMEOUT": repr(t.connect),
+        }
+        if self._token is not None:
+            env["PS_TOKEN"] = self._token
+        return env
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Process id of each role, e.g. ``{"coordinator": 123, "server 0": 124}``."""
+        return {name: p.pid for name, p in self.children.procs}
+
+    def close(self) -> None:
+        """Stop every process this cluster started (and close the clients it handed out).
+
+        Asks the coordinator to shut the cluster down, waits up to 2 s for the processes to
+        exit, then SIGTERMs and finally SIGKILLs what is left. Safe to call more than once.
+        """
+        self._closing.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5.0)
+            self._monitor = None
+        for c in self._clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        self._clients.clear()
+        coordinator = next((p for name, p in self.children.procs if name == "coordinator"), None)
+        asked = False
+        if self.address and coordinator is not None and coordinator.poll() is None:
+            ctx = new_context()
+            ep = Endpoint(ctx, request_timeout=1.0, security=self._security)
+            try:
+                ep.connect("coordinator", self.address)
+                ep.request("coordinator", {"kind": "shutdown"}, what="shutdown").result(1.0)
+                asked = True
+            except PSError as exc:  # not answering: the SIGTERM below stops it instead
+                log.debug("coordinator at %s did not take the shutdown: %s", self.address, exc)
+            finally:
+                ep.close()
+                ctx.term()
+        # Without a coordinator to tell them, the servers would wait out the grace for nothing:
+        # SIGTERM (which they handle cleanly) at once.
+        self.children.stop(grace=2.0 if asked else 0.0)
+
+    def kill(self) -> None:
+        """SIGKILL every process this cluster started (no shutdown request, no grace)."""
+        self._closing.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5.0)
+            self._monitor = None
+        self.children.kill()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

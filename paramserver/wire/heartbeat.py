@@ -1,0 +1,160 @@
+"""Heartbeats on their own thread and socket, so a long computation or a long kernel never
+looks like death.
+
+:class:`Pulse` is the transport's part: it sends the beat its owner builds every ``interval``
+seconds and hands every answer to its owner. What a beat says and what an answer means (a
+member's role, rank and incarnation; being expelled; a newer view) belongs to the owner: the
+worker's session, the server, and on the other end the coordinator's membership.
+
+Liveness does not hang on this thread alone: the coordinator's ROUTER also pings the beat's
+connection (ZMTP heartbeats, see :class:`paramserver.wire.router.Router`), and libzmq's I/O
+thread answers those pings without the GIL, so a member whose Python code holds the GIL for
+minutes stays connected while a stopped process does not.
+
+:class:`Heartbeat` is the older, membership-aware form of a pulse (role, rank, incarnation,
+``expelled``, ``epoch``), kept for callers that have not moved to :class:`Pulse`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from paramserver.errors import ProtocolError
+from paramserver.wire import protocol
+from paramserver.wire.security import Security
+from paramserver.wire.sockets import recv_frames, send_frames
+
+__all__ = ["Heartbeat", "Pulse"]
+
+log = logging.getLogger(__name__)
+
+
+class Pulse(threading.Thread):
+    """Sends ``beat()`` (a header; its ``id`` is added) to ``coordinator`` every ``interval``
+    seconds on a socket of its own, and calls ``on_answer(header)`` with every answer, from
+    this thread. :attr:`last_answer` is when the last one came (``time.monotonic()``).
+
+    A beat that cannot go out at once is skipped, never queued: the next one says the same.
+
+    Example:
+        pulse = Pulse(ctx, "tcp://10.0.0.1:7070", lambda: {"kind": "heartbeat", ...}, 0.5)
+        pulse.start(); ...; pulse.stop(); pulse.join(2)
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        coordinator: str,
+        beat: Callable[[], dict[str, Any]],
+        interval: float,
+        *,
+        on_answer: Callable[[dict[str, Any]], None] | None = None,
+        security: Security | None = None,
+        name: str = "heartbeat",
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.ctx = ctx
+        self.coordinator = coordinator
+        self.beat = beat
+        self.interval = interval
+        self.on_answer = on_answer
+        self.security = security
+        self.last_answer = time.monotonic()
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 0)  # never block: a beat that cannot go out is skipped
+        if self.security is not None:
+            self.security.client(sock)
+        sock.connect(self.coordinator)
+        try:
+            n = 0
+            while not self._stop_event.is_set():
+                n += 1
+                with contextlib.suppress(zmq.Again):
+                    send_frames(sock, protocol.encode({**self.beat(), "id": n}))
+                deadline = time.monotonic() + self.interval
+                while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
+                    # short slices, so that stop() is noticed within ~50 ms
+                    if sock.poll(min(50, int(left * 1000) + 1), zmq.POLLIN):
+                        self._handle(recv_frames(sock))
+        except zmq.ZMQError as exc:  # context terminated while we were running
+            if exc.errno != zmq.ETERM:
+                log.warning("%s stopped: %s", self.name, exc)
+        finally:
+            sock.close(0)
+
+    def _handle(self, frames: list[Any]) -> None:
+        try:
+            header, _ = protocol.decode(frames)
+        except ProtocolError:
+            return
+        self.last_answer = time.monotonic()
+        if self.on_answer is not None:
+            self.on_answer(header)
+
+
+class Heartbeat(Pulse):
+    """A :class:`Pulse` that beats as ``role[rank]`` of incarnation ``token`` (with
+    ``status()`` added to each beat). ``epoch`` holds the newest view number the coordinator
+    reported; ``expelled`` is set if the coordinator no longer knows this node (it was
+    declared dead).
+
+    Example:
+        hb = Heartbeat(ctx, coordinator, "server", 0, token, 0.5, status=lambda: {"clock": 3})
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        coordinator: str,
+        role: str,
+        rank: int,
+        token: int,
+        interval: float,
+        status: Callable[[], dict[str, Any]] | None = None,
+        security: Security | None = None,
+    ) -> None:
+        super().__init__(
+            ctx,
+            coordinator,
+            self._beat,
+            interval,
+            on_answer=self._answered,
+            security=security,
+            name=f"heartbeat-{role}[{rank}]",
+        )
+        self.role, self.rank, self.token = role, rank, token
+        self.status = status
+        self.epoch = 0
+        self.expelled: str | None = None
+
+    def _beat(self) -> dict[str, Any]:
+        extra = self.status() if self.status is not None else {}
+        return {
+            "kind": "heartbeat",
+            "role": self.role,
+            "rank": self.rank,
+            "token": self.token,
+            **extra,
+        }
+
+    def _answered(self, header: dict[str, Any]) -> None:
+        if header["kind"] == "error":
+            self.expelled = header["message"]
+        elif header["kind"] == "reply" and isinstance(header.get("view"), dict):
+            epoch = header["view"].get("epoch")
+            if isinstance(epoch, int):
+                self.epoch = max(self.epoch, epoch)
