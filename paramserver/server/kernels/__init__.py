@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from paramserver.server.kernels.index import (
-    BUCKET_SLOTS,
+    BUCKET_CELLS,
     INDEX_MAX_ROWS,
     keys_by_row,
     lookup,
@@ -58,7 +58,7 @@ from paramserver.server.kernels.rows import (
 )
 
 __all__ = [
-    "BUCKET_SLOTS",
+    "BUCKET_CELLS",
     "INDEX_MAX_ROWS",
     "INIT_CONSTANT",
     "INIT_NORMAL",

@@ -26,7 +26,7 @@ from paramserver.mix import mix64
 from paramserver.server.kernels.jit import AHEAD, Array, kernel, prefetch2
 
 __all__ = [
-    "BUCKET_SLOTS",
+    "BUCKET_CELLS",
     "INDEX_MAX_ROWS",
     "keys_by_row",
     "lookup",
@@ -40,10 +40,10 @@ _M32 = np.uint64(0xFFFF_FFFF)
 _S32 = np.uint64(32)
 _Z64 = np.uint64(0)
 
-BUCKET_SLOTS = 5  # _probe reads the 5 slots without a loop
-"""Keys a bucket of the index holds: 5 keys (40 bytes) and their 5 row ids (uint32, 20
+BUCKET_CELLS = 5  # _probe reads the 5 cells without a loop
+"""Cells (keys) a bucket of the index holds: 5 keys (40 bytes) and their 5 row ids (uint32, 20
 bytes) fill one 64-byte cache line."""
-_ROW_WORD = 5  # the row ids of slots 2j, 2j+1 are the low, high half of word 5+j
+_ROW_WORD = 5  # the row ids of cells 2j, 2j+1 are the low, high half of word 5+j
 INDEX_MAX_ROWS = (1 << 32) - 1
 """Rows an index can address (row id + 1 is a uint32)."""
 
@@ -57,34 +57,34 @@ def new_index(buckets: int) -> Array:
         (4, 8)
     """
     assert buckets > 0 and buckets & (buckets - 1) == 0, buckets
-    # zeros: all slots empty, and the pages are mapped as the index fills
+    # zeros: all cells empty, and the pages are mapped as the index fills
     raw = np.zeros((buckets + 1) * 8, np.uint64)
     skip = (-raw.ctypes.data % 64) // 8
     return raw[skip : skip + buckets * 8].reshape(buckets, 8)
 
 
 @kernel
-def _slot_row(index: Array, b: np.uint64, s: int) -> np.uint64:
-    """Row id + 1 held by slot ``s`` of bucket ``b`` (0: empty)."""
+def _cell_row(index: Array, b: np.uint64, s: int) -> np.uint64:
+    """Row id + 1 held by cell ``s`` of bucket ``b`` (0: empty)."""
     w: np.uint64 = index[b, _ROW_WORD + (s >> 1)]
     return (w >> np.uint64(32 * (s & 1))) & _M32
 
 
 @kernel
-def _set_slot(index: Array, b: np.uint64, s: int, key: np.uint64, v: np.uint64) -> None:
+def _set_cell(index: Array, b: np.uint64, s: int, key: np.uint64, v: np.uint64) -> None:
     index[b, s] = key
     index[b, _ROW_WORD + (s >> 1)] |= v << np.uint64(32 * (s & 1))
 
 
 @kernel
 def _probe(index: Array, key: np.uint64, h: np.uint64) -> tuple[np.uint64, int, np.uint64]:
-    """Where ``key`` (hash ``h``) is, or the first empty slot of its probe sequence, where it
-    would go: ``(bucket, slot, row id + 1 or 0)`` (the slot only when the key is absent).
+    """Where ``key`` (hash ``h``) is, or the first empty cell of its probe sequence, where it
+    would go: ``(bucket, cell, row id + 1 or 0)`` (the cell only when the key is absent).
 
-    Slots fill in probe order and are never emptied, so a bucket with an empty
-    slot ends the search, and its first empty slot follows its filled ones. A key
-    is in at most one slot and an empty slot's row is 0, so OR-ing the rows of the
-    slots whose key matches gives the row without a branch per slot (a branch on
+    Cells fill in probe order and are never emptied, so a bucket with an empty
+    cell ends the search, and its first empty cell follows its filled ones. A key
+    is in at most one cell and an empty cell's row is 0, so OR-ing the rows of the
+    cells whose key matches gives the row without a branch per cell (a branch on
     where in the bucket a key sits mispredicts every other lookup).
     """
     mask = np.uint64(index.shape[0] - 1)
@@ -163,7 +163,7 @@ def lookup_or_insert(
         if v == 0:
             if n_rows >= max_rows:
                 return i, n_rows
-            _set_slot(index, b, s, k, np.uint64(n_rows + 1))
+            _set_cell(index, b, s, k, np.uint64(n_rows + 1))
             rows[i] = n_rows
             n_rows += 1
         else:
@@ -175,19 +175,19 @@ def lookup_or_insert(
 def rehash(index: Array, old: Array) -> None:
     """Move every entry of index ``old`` into the empty ``index`` (used when the index grows)."""
     for ob in range(old.shape[0]):
-        for os in range(BUCKET_SLOTS):
-            v = _slot_row(old, np.uint64(ob), os)
+        for os in range(BUCKET_CELLS):
+            v = _cell_row(old, np.uint64(ob), os)
             if v != 0:
                 k = old[ob, os]
                 b, s, _ = _probe(index, k, mix64(k))
-                _set_slot(index, b, s, k, v)
+                _set_cell(index, b, s, k, v)
 
 
 @kernel
 def keys_by_row(index: Array, out: Array) -> None:
     """``out[r]`` = the key of row ``r`` for every row in the index (``out`` holds them all)."""
     for b in range(index.shape[0]):
-        for s in range(BUCKET_SLOTS):
-            v = _slot_row(index, np.uint64(b), s)
+        for s in range(BUCKET_CELLS):
+            v = _cell_row(index, np.uint64(b), s)
             if v != 0:
                 out[np.int64(v) - 1] = index[b, s]

@@ -125,7 +125,7 @@ def ftrl_rows(
     l2: Scalar,
     zero: Scalar,
 ) -> None:
-    """FTRL-Proximal (McMahan 2013) with slot 0 = z and slot 1 = n; w is recomputed."""
+    """FTRL-Proximal (McMahan 2013) with state 0 = z and state 1 = n; w is recomputed."""
     dim = grads.shape[1]
     n = rows.shape[0]
     stride = data.shape[1]

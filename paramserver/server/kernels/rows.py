@@ -55,7 +55,7 @@ INIT_UNIFORM = 3
 STATE_ZEROS = 0
 """Optimizer state starts at 0 (SGD, Momentum, Adam)."""
 STATE_FILL = 1
-"""Slot 0 starts at a constant (Adagrad's initial accumulator)."""
+"""State 0 starts at a constant (Adagrad's initial accumulator)."""
 STATE_FTRL = 2
 """FTRL: z chosen so that the weight formula gives back the initial weight; n = 0."""
 
@@ -102,7 +102,7 @@ def init_state(
 ) -> None:
     """Write the optimizer state of one row whose weights are already set.
 
-    STATE_FILL: ``a`` is the fill value of slot 0. STATE_FTRL: ``a, b, c, d`` are
+    STATE_FILL: ``a`` is the fill value of state 0. STATE_FTRL: ``a, b, c, d`` are
     ``alpha, beta, l1, l2`` in the table dtype.
     """
     for j in range(dim, row.shape[0]):
@@ -246,7 +246,7 @@ def sum_duplicates(rows: Array, grads: Array) -> tuple[Array, Array]:
     while size < 2 * n:
         size *= 2
     mask = np.uint64(size - 1)
-    slots = np.full(size, -1, np.int64)
+    cells = np.full(size, -1, np.int64)
     urows = np.empty(n, np.int64)
     ugrads = np.empty((n, dim), grads.dtype)
     u = 0
@@ -254,9 +254,9 @@ def sum_duplicates(rows: Array, grads: Array) -> tuple[Array, Array]:
         r = rows[i]
         h = mix64(np.uint64(r)) & mask
         while True:
-            p = slots[h]
+            p = cells[h]
             if p < 0:
-                slots[h] = u
+                cells[h] = u
                 urows[u] = r
                 for j in range(dim):
                     ugrads[u, j] = grads[i, j]

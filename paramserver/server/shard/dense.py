@@ -33,7 +33,7 @@ __all__ = ["DenseShard"]
 class DenseShard:
     """Elements ``[offset, offset+size)`` of a flat dense table, with optimizer state.
 
-    Held as a single row ``[w | slots | scalars]`` so the sparse optimizer kernels
+    Held as a single row ``[w | state | scalars]`` so the sparse optimizer kernels
     apply unchanged; ``w`` is one contiguous stretch, so a pull is one memcpy.
     Element ``i`` starts at the value a sparse row of key ``offset+i`` has in column
     0, so the table's values do not depend on how it is cut into shards.
@@ -150,7 +150,7 @@ class DenseShard:
         self._rule = replace_rule(self._rule, optimizer, self.dtype)
 
     def export(self) -> dict[str, npt.NDArray[Any]]:
-        """``{"rows": (size, 1 + n_slots + n_scalars)}``: per element ``[w, slots..., scalars...]``,
+        """``{"rows": (size, 1 + n_slots + n_scalars)}``: per element ``[w, state..., scalars...]``,
         the same layout as a sparse row of dim 1, so ranges can be re-cut on restore.
 
         Example:

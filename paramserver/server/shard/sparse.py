@@ -51,14 +51,14 @@ def _pow2_at_least(n: int) -> int:
 
 
 _BUCKET_ROWS = 4
-"""Rows an index holds per bucket before it doubles: 80% of the slots, so that a lookup
+"""Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
 rarely reads past its own bucket (one cache line)."""
 
 
 class SparseShard:
     """Rows of width ``dim`` keyed by uint64, created on first touch, updated by an optimizer.
 
-    Storage: one growable arena of rows ``[w | optimizer slots | per-row scalars]``
+    Storage: one growable arena of rows ``[w | optimizer state | per-row scalars]``
     (doubling when full), an open-addressing hash index of 64-byte buckets of 5
     keys and their uint32 row ids (at most 4 rows a bucket on average, doubling by
     rehash) that is also the only record of the rows' keys, and a byte per row for
@@ -262,7 +262,7 @@ class SparseShard:
 
     def export(self) -> dict[str, npt.NDArray[Any]]:
         """Copies of all rows in insertion order: ``keys`` (n,) uint64 and ``rows`` (n, stride),
-        each row ``[w | optimizer slots | scalars]``.
+        each row ``[w | optimizer state | scalars]``.
 
         Example:
             >>> from paramserver.init import Zeros
