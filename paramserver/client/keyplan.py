@@ -30,7 +30,7 @@ __all__ = [
     "unique_inverse",
 ]
 
-KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more, see server.loop)
+KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more: server/keycache)
 RECENT_LISTS = 2  # latest key lists whose dedup a worker reuses without caching them
 FACTORIZE_MIN = 2048  # shorter lists: np.unique is as fast, and nothing more is imported
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+
+import numpy as np
 
 from paramserver.metrics import ServerMetrics
 from paramserver.server.consistency import Clocks, DeferredPulls
 from paramserver.server.table import Table
+from paramserver.wire.messages import PullMsg
 from paramserver.wire.paths import Reply
 from paramserver.wire.refusal import Refusal
 
@@ -18,7 +20,7 @@ __all__ = ["ServerState", "Waiting"]
 
 # a deferred pull: (its header, where its answer goes, its keys: None for a dense table or a
 # key-list signature)
-Waiting = tuple[Any, Reply, Any]
+Waiting = tuple[PullMsg, Reply, np.ndarray | None]
 
 
 class ServerState:

@@ -6,7 +6,7 @@ gives every one of them.
 * ``rows.py``   the arena's rows: deterministic initialization, gather, scatter, repeated rows
 * ``optim.py``  one update kernel per optimizer
 
-Every kernel is a numba function over whole arrays; the Python side (``server/shard.py``)
+Every kernel is a numba function over whole arrays; the Python side (``server/shard/``)
 validates arguments, grows arrays and picks kernels; nothing here loops in Python per key or
 per row. Storage is described in each module's docstring.
 
