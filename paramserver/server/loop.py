@@ -30,7 +30,7 @@ from paramserver.server.pull import Pulls
 from paramserver.server.push import Pushes
 from paramserver.server.snapshot import Snapshots
 from paramserver.server.state import ServerState
-from paramserver.wire import bulk, protocol
+from paramserver.wire import protocol
 from paramserver.wire.paths import Paths, Request
 from paramserver.wire.poller import Poller
 from paramserver.wire.refusal import Refusal
@@ -67,16 +67,9 @@ class Server:
         except BaseException:  # e.g. the address is in use: leave no context behind
             self.ctx.term()
             raise
-        # the bulk channel for large dense payloads; not with a token (it is not encrypted)
-        channel: bulk.Listener | None = None
-        no_channel = "a cluster token is set"
-        if security is None:
-            no_channel = "it could not bind"
-            try:
-                channel = bulk.Listener(host, idle=self.timeouts.heartbeat_timeout)
-            except OSError as exc:
-                log.warning("no bulk channel (dense values travel in ZeroMQ frames): %s", exc)
-        self.paths = Paths(self.router, channel, no_channel)
+        self.paths = Paths.bind(
+            self.router, host, idle=self.timeouts.heartbeat_timeout, encrypted=security is not None
+        )
         self.state = ServerState()
         self.state.address = self.router.address
         if advertise or host in ("0.0.0.0", "*"):

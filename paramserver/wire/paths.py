@@ -20,6 +20,7 @@ the reused receive buffers, the bulk listener.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +33,8 @@ from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Router
 
 __all__ = ["DenseLink", "DenseValues", "Paths", "Reply", "Request", "SharedRange"]
+
+log = logging.getLogger(__name__)
 
 
 class DenseValues(Protocol):
@@ -97,6 +100,19 @@ class Paths:
         # message); an array decoded into one is only valid while its request is handled
         self.scratch: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
         self.received = 0  # bytes received since the last trim
+
+    @classmethod
+    def bind(cls, router: Router, host: str, *, idle: float, encrypted: bool) -> Paths:
+        """The paths of a server bound at ``host``, with a bulk channel unless the cluster is
+        ``encrypted`` (the channel is not) or its port cannot be bound; ``idle``: seconds a
+        bulk peer may stay silent mid-payload."""
+        if encrypted:
+            return cls(router, None, "a cluster token is set")
+        try:
+            return cls(router, bulk.Listener(host, idle=idle))
+        except OSError as exc:
+            log.warning("no bulk channel (dense values travel in ZeroMQ frames): %s", exc)
+            return cls(router, None, "it could not bind")
 
     def rename(self, name: str) -> None:
         self.name = name
