@@ -4,7 +4,7 @@ An initializer is a small frozen description (kind plus numbers) that travels
 as a msgpack-able dict (:meth:`Initializer.to_spec`). The values themselves are
 computed on the servers by a counter-based hash of (table seed, key, column),
 so the same key gets the same initial row on any server, at any capacity and
-after any re-sharding (see ``paramserver/server/kernels.py``).
+after any re-sharding (see ``paramserver/server/kernels/rows.py``).
 
 Example:
     >>> from paramserver.init import Initializer, Normal

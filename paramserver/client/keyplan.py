@@ -26,7 +26,7 @@ __all__ = [
     "unique_inverse",
 ]
 
-KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more, see server.loop)
+KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more: server/keycache)
 RECENT_LISTS = 2  # latest key lists whose dedup a worker reuses without caching them
 
 # (server, positions in ``base`` | None for all of it, the keys it gets)

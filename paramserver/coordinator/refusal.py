@@ -9,17 +9,6 @@ answered with the code ``invalid``.
 
 from __future__ import annotations
 
+from paramserver.wire.refusal import Refusal  # one class for the coordinator and the servers
+
 __all__ = ["Refusal"]
-
-
-class Refusal(Exception):
-    """A request the coordinator turns down: ``code`` for the error reply, and the reason.
-
-    Example:
-        raise Refusal("taken", "worker rank 2 is already taken by a live worker")
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message

@@ -2,11 +2,19 @@
 
 Files and their jobs:
 
-- ``kernels.py``: compiled numba kernels: hash index, row arena, deterministic
-  initialization, gather, duplicate summing, one update kernel per optimizer.
+- ``loop.py``: ``Server``, the event loop: poll, decode, dispatch to a handler, answer; and
+  ``progress``, what a clock's advance makes due (sync updates, a checkpoint, deferred pulls).
+- ``pull.py``, ``push.py``, ``admin.py``: the request handlers, by job. A handler gets its
+  header and a ``wire.paths.Request`` (arrays and a reply target), never the transport.
+- ``state.py``: ``ServerState``, what the handlers share (tables, clocks, deferred pulls).
+- ``table.py``: ``Table``, one table on this server, and the checks a request to it passes.
+- ``keycache.py``: ``KeyCache``, the key lists workers sent with a signature.
+- ``consistency.py``: clocks, the rule whether a pull waits (``pull_ready``), the queue of
+  pulls that wait (``DeferredPulls``), sync aggregation.
+- ``cluster.py``: the link to the coordinator: registration, views, checkpoint and stop orders.
+- ``snapshot.py``: checkpoints written at a clock boundary, and loaded back.
+- ``process.py``: process set-up: malloc arenas and trimming, kernels warmed.
+- ``shard/``: ``SparseShard`` and ``DenseShard``, a table's storage; pure (no sockets, no I/O).
+- ``kernels/``: compiled numba kernels: hash index, rows (init, gather, repeats), optimizers.
 - ``codec_kernels.py``: compiled encoders of pull replies for the value codecs.
-- ``shard.py``: ``SparseShard`` and ``DenseShard``, the storage of one table on
-  one server, built on the kernels; pure (no sockets, no I/O).
-- ``consistency.py``: clocks, consistency modes and sync aggregation.
-- ``loop.py``: the server process: registration, the event loop, the request handlers.
 """

@@ -9,7 +9,9 @@ smallest clock among them. For a pull by a worker at clock ``c``:
 * ``async``: answered at once.
 
 It is served with staleness ``max(0, c - min_clock)``: the clocks of other workers' updates it
-may be missing.
+may be missing. A pull that may not be answered yet waits in :class:`DeferredPulls` until a
+clock advances (or a slow worker leaves the view) and :func:`pull_ready` says yes, or until its
+deadline passes.
 
 Sync pushes are buffered per clock and per worker. When every live worker has finished clock
 ``c``, each worker's pushes of ``c`` are summed in the order they arrived, the workers' sums
@@ -20,14 +22,24 @@ fixed, so the result is bitwise the same whatever the timing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numba
 import numpy as np
 
-__all__ = ["Clocks", "SyncBuffer", "pull_ready", "staleness_of"]
+__all__ = [
+    "Clocks",
+    "DeferredPull",
+    "DeferredPulls",
+    "SyncBuffer",
+    "aggregate_dense",
+    "aggregate_sparse",
+    "pull_ready",
+    "staleness_of",
+]
 
 INF_CLOCK = 1 << 62
+T = TypeVar("T")
 
 
 class Clocks:
@@ -46,10 +58,13 @@ class Clocks:
     def min_clock(self) -> int:
         return min((self.clock[r] for r in self.live), default=INF_CLOCK)
 
-    def advance(self, rank: int, clock: int) -> None:
+    def advance(self, rank: int, clock: int) -> bool:
+        """Move ``rank`` to ``clock``; False (and nothing changes) unless it is ahead."""
         # a worker only moves forward; a restarted worker rejoins at the clock it reports
         if clock > self.clock[rank]:
             self.clock[rank] = clock
+            return True
+        return False
 
     def set_live(self, ranks: set[int]) -> None:
         self.live = {r for r in ranks if 0 <= r < len(self.clock)}
@@ -61,6 +76,12 @@ class Clocks:
 
 
 def pull_ready(mode: str, bound: int, clock: int, min_clock: int) -> bool:
+    """Whether a pull at ``clock`` of a table in ``mode`` (``bound``: ssp's N) may be answered
+    while the slowest live worker is at ``min_clock``.
+
+    Example:
+        pull_ready("ssp", 2, clock=5, min_clock=3)   # True: 3 >= 5 - 2
+    """
     if mode == "async":
         return True
     if mode == "sync":
@@ -159,3 +180,56 @@ class SyncBuffer:
         """Remove and return, in clock order, the buffered clocks below ``min_clock``."""
         done = sorted(c for c in self.pending if c < min_clock)
         return [(c, self.pending.pop(c)) for c in done]
+
+
+@dataclass
+class DeferredPull(Generic[T]):
+    """A pull that waits: ``item`` is whatever answers it (the caller's), the rest decides."""
+
+    item: T
+    mode: str
+    bound: int
+    clock: int
+    deadline: float
+    since: float
+
+
+class DeferredPulls(Generic[T]):
+    """The pulls waiting for slower workers, in the order they came.
+
+    Example:
+        waiting = DeferredPulls[str]()
+        waiting.add("pull 1", "ssp", 1, clock=3, deadline=now + 5.0, now=now)
+        waiting.release(min_clock=1)    # []: ssp:1 at clock 3 waits for clock 2
+        waiting.release(min_clock=2)    # ["pull 1"]
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[DeferredPull[T]] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def add(self, item: T, mode: str, bound: int, clock: int, deadline: float, now: float) -> None:
+        self.waiting.append(DeferredPull(item, mode, bound, clock, deadline, now))
+
+    def release(self, min_clock: int) -> list[T]:
+        """Remove and return (in arrival order) the pulls :func:`pull_ready` now allows."""
+        if not self.waiting:
+            return []
+        ready = [d for d in self.waiting if pull_ready(d.mode, d.bound, d.clock, min_clock)]
+        if ready:
+            self.waiting = [
+                d for d in self.waiting if not pull_ready(d.mode, d.bound, d.clock, min_clock)
+            ]
+        return [d.item for d in ready]
+
+    def expire(self, now: float) -> list[DeferredPull[T]]:
+        """Remove and return the pulls whose deadline has passed."""
+        late = [d for d in self.waiting if now >= d.deadline]
+        if late:
+            self.waiting = [d for d in self.waiting if now < d.deadline]
+        return late
+
+    def next_deadline(self) -> float | None:
+        return min((d.deadline for d in self.waiting), default=None)

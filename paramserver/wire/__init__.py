@@ -12,6 +12,10 @@
 * ``shm.py``       shared-memory segments between processes on one host; ``slots.py`` the
                    slots of them that carry the arrays of sparse requests
 * ``codec.py``     value codecs (float16, bfloat16, int8 with a per-row scale)
+* ``paths.py``     a server's side of all those paths: a handler gets a ``Request`` (its arrays)
+                   and a ``Reply`` that answers the way the request came; ``poller.py`` the
+                   server's poll over its ROUTER and bulk sockets; ``refusal.py`` a handler's
+                   "no" (``Refusal``), sent as an error reply
 
 Nothing outside this package imports ``zmq``.
 """

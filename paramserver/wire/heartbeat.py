@@ -10,9 +10,6 @@ Liveness does not hang on this thread alone: the coordinator's ROUTER also pings
 connection (ZMTP heartbeats, see :class:`paramserver.wire.router.Router`), and libzmq's I/O
 thread answers those pings without the GIL, so a member whose Python code holds the GIL for
 minutes stays connected while a stopped process does not.
-
-:class:`Heartbeat` is the older, membership-aware form of a pulse (role, rank, incarnation,
-``expelled``, ``epoch``), kept for callers that have not moved to :class:`Pulse`.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from paramserver.wire import protocol
 from paramserver.wire.security import Security
 from paramserver.wire.sockets import recv_frames, send_frames
 
-__all__ = ["Heartbeat", "Pulse"]
+__all__ = ["Pulse"]
 
 log = logging.getLogger(__name__)
 
@@ -104,57 +101,3 @@ class Pulse(threading.Thread):
         self.last_answer = time.monotonic()
         if self.on_answer is not None:
             self.on_answer(header)
-
-
-class Heartbeat(Pulse):
-    """A :class:`Pulse` that beats as ``role[rank]`` of incarnation ``token`` (with
-    ``status()`` added to each beat). ``epoch`` holds the newest view number the coordinator
-    reported; ``expelled`` is set if the coordinator no longer knows this node (it was
-    declared dead).
-
-    Example:
-        hb = Heartbeat(ctx, coordinator, "server", 0, token, 0.5, status=lambda: {"clock": 3})
-    """
-
-    def __init__(
-        self,
-        ctx: zmq.Context[Any],
-        coordinator: str,
-        role: str,
-        rank: int,
-        token: int,
-        interval: float,
-        status: Callable[[], dict[str, Any]] | None = None,
-        security: Security | None = None,
-    ) -> None:
-        super().__init__(
-            ctx,
-            coordinator,
-            self._beat,
-            interval,
-            on_answer=self._answered,
-            security=security,
-            name=f"heartbeat-{role}[{rank}]",
-        )
-        self.role, self.rank, self.token = role, rank, token
-        self.status = status
-        self.epoch = 0
-        self.expelled: str | None = None
-
-    def _beat(self) -> dict[str, Any]:
-        extra = self.status() if self.status is not None else {}
-        return {
-            "kind": "heartbeat",
-            "role": self.role,
-            "rank": self.rank,
-            "token": self.token,
-            **extra,
-        }
-
-    def _answered(self, header: dict[str, Any]) -> None:
-        if header["kind"] == "error":
-            self.expelled = header["message"]
-        elif header["kind"] == "reply" and isinstance(header.get("view"), dict):
-            epoch = header["view"].get("epoch")
-            if isinstance(epoch, int):
-                self.epoch = max(self.epoch, epoch)

@@ -10,8 +10,8 @@ transport from. Knows nothing of tables.
 * :class:`Router` (``router.py``) is the bound side (coordinator, server): receive
   ``(identity, message)``, answer to an identity; with ZMTP liveness it reports link events.
 * :class:`Future` and :func:`gather` (``future.py``); :class:`Security` and the ZAP handler
-  (``security.py``); contexts and frames (``sockets.py``); :class:`Pulse` and
-  :class:`Heartbeat`, beats on their own thread and socket (``heartbeat.py``).
+  (``security.py``); contexts and frames (``sockets.py``); :class:`Pulse`, beats
+  on their own thread and socket (``heartbeat.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from paramserver.errors import NodeLostError, ProtocolError, PSTimeoutError, Rem
 from paramserver.wire import bulk as bulk_channel
 from paramserver.wire import protocol
 from paramserver.wire.future import Future, gather
-from paramserver.wire.heartbeat import Heartbeat, Pulse
+from paramserver.wire.heartbeat import Pulse
 from paramserver.wire.router import Router
 from paramserver.wire.security import MIN_TOKEN_LENGTH, Security, start_authenticator
 from paramserver.wire.sockets import SEND_TIMEOUT_MS, Message, new_context, send_frames
@@ -39,7 +39,6 @@ __all__ = [
     "SEND_TIMEOUT_MS",
     "Endpoint",
     "Future",
-    "Heartbeat",
     "Message",
     "Pulse",
     "Router",

@@ -1,0 +1,143 @@
+"""The server's other requests: tables (create_shard, set_lr), clocks, stats, ping, and the
+set-up of a worker's faster paths (open_bulk, attach, attach_slot; see ``wire/paths.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+
+from paramserver.server.state import ServerState
+from paramserver.server.table import make_table
+from paramserver.spec import TableSpec
+from paramserver.wire.messages import (
+    AttachMsg,
+    AttachSlotMsg,
+    ClockMsg,
+    CreateShardMsg,
+    OpenBulkMsg,
+    PingMsg,
+    SetLrMsg,
+    StatsMsg,
+)
+from paramserver.wire.paths import Paths, Request
+from paramserver.wire.refusal import Refusal
+
+__all__ = ["Admin"]
+
+log = logging.getLogger(__name__)
+
+
+class Admin:
+    """Handlers of the requests that are neither pulls nor pushes.
+
+    Example:
+        admin = Admin(state, paths, progress=server.progress, wait_view=coord.poll)
+        admin.on_ping(header, request)
+    """
+
+    def __init__(
+        self,
+        state: ServerState,
+        paths: Paths,
+        progress: Callable[[], None],
+        wait_view: Callable[[float], None],
+    ) -> None:
+        self.state = state
+        self.paths = paths
+        self.progress = progress
+        self.wait_view = wait_view
+
+    def on_ping(self, h: PingMsg, req: Request) -> None:
+        req.reply.ok()
+
+    def on_create_shard(self, h: CreateShardMsg, req: Request) -> None:
+        spec = TableSpec.from_wire(h["spec"])
+        old = self.state.tables.get(spec.name)
+        if old is not None:
+            diff = old.spec.conflicts(spec)
+            if diff or old.spec.ranges != spec.ranges:
+                raise Refusal(
+                    "conflict",
+                    f"table {spec.name!r} exists on {self.state.name} with a "
+                    f"different {', '.join(diff) or 'placement'}",
+                )
+            req.reply.ok()
+            return
+        self.state.tables[spec.name] = make_table(spec, self.state.rank)
+        log.info("%s: table %r created", self.state.name, spec.name)
+        req.reply.ok()
+
+    def on_set_lr(self, h: SetLrMsg, req: Request) -> None:
+        t = self.state.table(h["table"])
+        opt = t.spec.optimizer.with_lr(float(h["lr"]))
+        if t.shard is not None:
+            t.shard.set_optimizer(opt)
+        t.spec = replace(t.spec, optimizer=opt)
+        req.reply.ok()
+
+    def on_clock(self, h: ClockMsg, req: Request) -> None:
+        rank = h["rank"]
+        if rank >= len(self.state.clocks.clock):
+            raise Refusal("invalid", f"worker rank {rank} out of range")
+        self.state.clocks.advance(rank, h["clock"])
+        self.progress()
+        req.reply.ok()
+
+    def on_stats(self, h: StatsMsg, req: Request) -> None:
+        state = self.state
+        tables = {
+            name: {
+                "kind": t.spec.kind,
+                "rows": int(t.shard.num_rows) if t.shard is not None else 0,
+                "bytes": int(t.shard.nbytes) if t.shard is not None else 0,
+                "pulls": t.pulls,
+                "pushes": t.pushes,
+                "skipped_nonfinite": t.skipped,
+            }
+            for name, t in state.tables.items()
+        }
+        req.reply.ok(
+            stats={
+                "rank": state.rank,
+                "pid": os.getpid(),
+                "address": state.address,
+                "tables": tables,
+                "clocks": list(state.clocks.clock),
+                "deferred": len(state.deferred),
+                "metrics": state.metrics.to_wire(),
+            }
+        )
+
+    def on_open_bulk(self, h: OpenBulkMsg, req: Request) -> None:
+        port, ticket = self.paths.open_channel(req.identity, h["rank"])
+        req.reply.ok(port=port, ticket=ticket)
+
+    def on_attach(self, h: AttachMsg, req: Request) -> None:
+        t = self.state.table(h["table"])
+        if t.spec.kind != "dense" or t.shard is None:
+            raise Refusal(
+                "invalid",
+                f"{self.state.name} holds no range of dense table {t.spec.name!r} to share",
+            )
+        if req.arrays:
+            raise Refusal("invalid", "attach takes no arrays")
+        self.paths.attach_range(
+            t.spec.name,
+            h["rank"],
+            h["path"],
+            h["nonce"],
+            t.spec.np_dtype,
+            t.spec.size,
+            range(t.start, t.stop),
+        )
+        req.reply.ok()
+
+    def on_attach_slot(self, h: AttachSlotMsg, req: Request) -> None:
+        if req.arrays:
+            raise Refusal("invalid", "attach_slot takes no arrays")
+        self.state.check_live(h["rank"], self.wait_view)
+        self.paths.attach_slot(h["rank"], h["slot"], h["path"], h["nonce"], h["size"])
+        req.reply.ok()

@@ -1,0 +1,135 @@
+"""Applying pushes: at once (``async``, ``ssp``) or when their clock completes (``sync``).
+
+:meth:`Pushes.on_push` checks the request (live worker, shapes, finite values, room), drops a
+push it has seen (the sequence number), then runs the optimizer over the rows
+(``SparseShard.push``, ``DenseShard.push``) or buffers the gradient until every live worker has
+finished its clock (``consistency.SyncBuffer``), when :meth:`Pushes.apply_sync` applies their
+mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from paramserver.arrays import check_keys
+from paramserver.server.consistency import aggregate_dense, aggregate_sparse
+from paramserver.server.shard import SparseShard
+from paramserver.server.state import ServerState
+from paramserver.wire.messages import PushMsg
+from paramserver.wire.paths import Paths, Request
+from paramserver.wire.refusal import Refusal
+
+__all__ = ["Pushes"]
+
+
+class Pushes:
+    """The push handler and the sync tables' apply step.
+
+    Example:
+        pushes = Pushes(state, paths, progress=server.progress, wait_view=coord.poll)
+        pushes.on_push(header, request)
+    """
+
+    def __init__(
+        self,
+        state: ServerState,
+        paths: Paths,
+        progress: Callable[[], None],
+        wait_view: Callable[[float], None],
+    ) -> None:
+        self.state = state
+        self.paths = paths
+        self.progress = progress  # called when a request moved a worker's clock
+        self.wait_view = wait_view  # waits up to the given seconds for the coordinator's view
+
+    def on_push(self, h: PushMsg, req: Request) -> None:
+        state = self.state
+        t = state.table(h["table"])
+        rank, seq = h["rank"], h["seq"]
+        state.check_live(rank, self.wait_view)
+        if state.clocks.advance(rank, h["clock"]):  # see Pulls.on_pull
+            self.progress()
+        where = f"push to table {t.spec.name!r} from worker[{rank}]"
+        dtype = t.spec.np_dtype
+        if t.shard is None:
+            raise Refusal("invalid", f"{state.name} holds no range of dense table {t.spec.name!r}")
+        arrays = req.keyed_arrays(where) if t.spec.kind != "dense" else req.arrays
+        if "sig" in h:
+            if t.sync is not None:
+                raise Refusal("invalid", f"{where}: key signatures are for async/ssp tables")
+            ids, dup = t.signed_rows(h, arrays, "push", state.name)
+            grads = arrays[-1]
+            keep = t.check_sparse_grads(rank, len(ids), grads)
+            if keep is not None:
+                ids, grads = ids[keep], grads[keep]
+            if state.fresh(rank, seq):  # else a retry of a push already applied
+                t.pushes += 1
+                assert isinstance(t.shard, SparseShard)
+                t.shard.push_rows(ids, grads, dup)
+            req.reply.ok()
+            return
+        if isinstance(t.shard, SparseShard):
+            if len(arrays) != 2:
+                raise Refusal("invalid", f"{where}: needs a key array and a gradient array")
+            keys, grads = arrays
+            check_keys(keys, where)
+            want: tuple[int, ...] = (len(keys), t.spec.dim)
+        else:
+            keys, grads = None, req.dense_array(where, dtype)
+            want = (t.stop - t.start,)
+        if grads.shape != want or grads.dtype != dtype:
+            raise Refusal(
+                "invalid",
+                f"{where}: gradient must be {want} {dtype}, got {tuple(grads.shape)} {grads.dtype}",
+            )
+        keep = None if req.prechecked else t.finite_rows(where, grads)
+        if keep is not None:
+            if keys is None:  # dense: the whole gradient is skipped
+                req.reply.ok()
+                return
+            keys, grads = keys[keep], grads[keep]
+        if keys is not None:
+            t.check_room(keys, state.name)
+        if not state.fresh(rank, seq):
+            req.reply.ok()  # a retry of a push already applied
+            return
+        t.pushes += 1
+        if t.sync is not None:
+            if h["clock"] < state.clocks.clock[rank]:
+                raise Refusal("invalid", f"{where}: clock {h['clock']} is already finished")
+            # kept until the clock completes: copied out of reused or shared buffers
+            grads = grads.copy()
+            if keys is not None:
+                keys = keys.copy()
+            t.sync.add(h["clock"], (rank, keys, grads) if keys is not None else (rank, grads))
+        elif isinstance(t.shard, SparseShard):
+            assert keys is not None
+            t.shard.push(keys, grads)
+        else:
+            self.paths.changing(t.spec.name)
+            # a worker that reads its own copy of the values gets it refreshed in the same pass
+            mirror = req.reply.mirror()
+            t.shard.push(grads, out=mirror)
+            t.version += 1
+            if mirror is not None:
+                req.reply.mirrored(t.version)
+        req.reply.ok()
+
+    def apply_sync(self, below: int) -> None:
+        """Apply the buffered sync pushes of every clock < ``below``: the mean over the live
+        workers (``consistency.aggregate_sparse``, ``aggregate_dense``)."""
+        live = self.state.clocks.live
+        for t in self.state.tables.values():
+            if t.sync is None or t.shard is None:
+                continue
+            for _, items in t.sync.take_completed(below):
+                items = [it for it in items if it[0] in live]
+                if not items:
+                    continue
+                if isinstance(t.shard, SparseShard):
+                    keys, mean = aggregate_sparse(items, len(live))
+                    t.shard.push(keys, mean)
+                else:
+                    self.paths.changing(t.spec.name)
+                    t.shard.push(aggregate_dense(items, len(live)))
+                t.version += 1

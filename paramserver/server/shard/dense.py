@@ -1,0 +1,187 @@
+"""A server's share of a dense table: :class:`DenseShard`, a range of a flat array.
+
+Like the sparse shard it owns the storage, applies the optimizer (the same kernels, over one
+row) and validates every argument before touching state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from paramserver.errors import ConfigError
+from paramserver.init import Initializer
+from paramserver.optim import SGD, Optimizer
+from paramserver.parallel import halves
+from paramserver.server import kernels as k
+from paramserver.server.shard.rule import (
+    UpdateRule,
+    check_dtype,
+    check_int,
+    check_out,
+    check_seed,
+    check_values,
+    init_args,
+    replace_rule,
+)
+
+__all__ = ["DenseShard"]
+
+
+class DenseShard:
+    """Elements ``[offset, offset+size)`` of a flat dense table, with optimizer state.
+
+    Held as a single row ``[w | state | scalars]`` so the sparse optimizer kernels
+    apply unchanged; ``w`` is one contiguous stretch, so a pull is one memcpy.
+    Element ``i`` starts at the value a sparse row of key ``offset+i`` has in column
+    0, so the table's values do not depend on how it is cut into shards.
+
+    Example:
+        >>> from paramserver.init import Uniform
+        >>> from paramserver.optim import Adam
+        >>> whole = DenseShard(10, "float32", Uniform(), Adam(), seed=3)
+        >>> part = DenseShard(4, "float32", Uniform(), Adam(), seed=3, offset=6)
+        >>> bool((whole.pull()[6:] == part.pull()).all())
+        True
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dtype: npt.DTypeLike,
+        init: Initializer,
+        optimizer: Optimizer,
+        seed: int,
+        offset: int = 0,
+    ) -> None:
+        self.size = check_int("size", size, 1)
+        self.offset = check_int("offset", offset, 0, 2**63 - self.size)
+        self.dtype = check_dtype(dtype)
+        if not isinstance(init, Initializer):
+            raise ConfigError(f"init: expected an Initializer, got {init!r}")
+        self.init = init
+        self._rule = UpdateRule(optimizer, self.dtype)
+        self._seed = check_seed(seed)
+        self.seed = int(self._seed)
+        self._width = 1 + optimizer.n_slots + optimizer.n_scalars  # per element, as exported
+        stride = self.size * (1 + optimizer.n_slots) + optimizer.n_scalars
+        self._data = np.empty((1, stride), self.dtype)
+        self._row0 = np.zeros(1, np.int64)
+        kind, p0, p1 = init_args(init)
+        k.init_dense(
+            self._data[0], self.size, self.offset, self._seed, kind, p0, p1, *self._rule.state
+        )
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The optimizer currently applied by :meth:`push`."""
+        return self._rule.opt
+
+    @property
+    def num_rows(self) -> int:
+        """The number of elements (``size``)."""
+        return self.size
+
+    @property
+    def weights(self) -> npt.NDArray[Any]:
+        """The live weights ``(size,)``, read-only (a view: valid until the next push).
+
+        Example:
+            >>> from paramserver.init import Constant
+            >>> from paramserver.optim import SGD
+            >>> DenseShard(2, "float32", Constant(1.0), SGD(), seed=0).weights.tolist()
+            [1.0, 1.0]
+        """
+        w = self._data[0, : self.size]
+        w.flags.writeable = False
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for weights and optimizer state."""
+        return int(self._data.nbytes)
+
+    def pull(self, out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
+        """Return a copy of the weights, ``(size,)`` (written into ``out`` if given).
+
+        Example:
+            >>> from paramserver.init import Constant
+            >>> from paramserver.optim import SGD
+            >>> DenseShard(3, "float64", Constant(2.0), SGD(), seed=0).pull().tolist()
+            [2.0, 2.0, 2.0]
+        """
+        res = check_out(out, (self.size,), self.dtype)
+        np.copyto(res, self._data[0, : self.size])
+        return res
+
+    def push(self, grad: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> None:
+        """Apply one optimizer update with gradient ``grad`` ``(size,)`` in the table dtype;
+        with ``out``, also write the new weights there (for SGD in the same pass).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = DenseShard(2, "float32", Zeros(), SGD(lr=1.0), seed=0)
+            >>> shard.push(np.array([1.0, -1.0], np.float32))
+            >>> shard.pull().tolist()
+            [-1.0, 1.0]
+        """
+        grad = check_values("grad", grad, (self.size,), self.dtype)
+        if out is not None:
+            out = check_out(out, (self.size,), self.dtype)
+            if isinstance(self._rule.opt, SGD):
+                halves(k.sgd_copy, [self._data[0, : self.size], grad, out], *self._rule.args)
+                return
+        self._rule.apply(self._data, self._row0, grad.reshape(1, self.size))
+        if out is not None:
+            np.copyto(out, self._data[0, : self.size])
+
+    def set_optimizer(self, optimizer: Optimizer) -> None:
+        """Replace the hyperparameters (same optimizer kind only; the state is kept).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import Adam
+            >>> shard = DenseShard(2, "float32", Zeros(), Adam(), seed=0)
+            >>> shard.set_optimizer(Adam(lr=1e-4))
+        """
+        self._rule = replace_rule(self._rule, optimizer, self.dtype)
+
+    def export(self) -> dict[str, npt.NDArray[Any]]:
+        """``{"rows": (size, 1 + n_slots + n_scalars)}``: per element ``[w, state..., scalars...]``,
+        the same layout as a sparse row of dim 1, so ranges can be re-cut on restore.
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import Momentum
+            >>> DenseShard(3, "float32", Zeros(), Momentum(), seed=0).export()["rows"].shape
+            (3, 2)
+        """
+        planes = 1 + self._rule.opt.n_slots
+        rows = np.empty((self.size, self._width), self.dtype)
+        rows[:, :planes] = self._data[0, : planes * self.size].reshape(planes, self.size).T
+        rows[:, planes:] = self._data[0, planes * self.size :]
+        return {"rows": rows}
+
+    def load(self, rows: npt.NDArray[Any]) -> None:
+        """Inverse of :meth:`export`. The per-element scalars (Adam's step) must agree.
+
+        Example:
+            >>> from paramserver.init import Normal
+            >>> from paramserver.optim import SGD
+            >>> a = DenseShard(3, "float32", Normal(), SGD(), seed=1)
+            >>> b = DenseShard(3, "float32", Normal(), SGD(), seed=2)
+            >>> b.load(**a.export())
+            >>> bool((a.pull() == b.pull()).all())
+            True
+        """
+        rows = check_values("rows", rows, (self.size, self._width), self.dtype)
+        planes = 1 + self._rule.opt.n_slots
+        scalars = rows[:, planes:]
+        if scalars.shape[1] and not (scalars == scalars[:1]).all():
+            raise ConfigError("rows: expected the same optimizer scalars (step) for every element")
+        self._data[0, : planes * self.size] = rows[:, :planes].T.reshape(-1)
+        if scalars.shape[1]:
+            self._data[0, planes * self.size :] = scalars[0]

@@ -1,0 +1,351 @@
+"""A server's share of a sparse table: :class:`SparseShard`, keyed rows created on first touch.
+
+The shard owns the storage and applies the optimizer; it knows nothing of sockets, clocks or
+consistency (the handlers decide *when* to call :meth:`~SparseShard.push`). Every method
+validates its arguments before touching state, so a bad request raises
+:class:`~paramserver.errors.ConfigError` and leaves the shard as it was. The work itself
+happens in the compiled kernels of :mod:`paramserver.server.kernels`.
+Example:
+    >>> import numpy as np
+    >>> from paramserver.init import Normal
+    >>> from paramserver.optim import Adagrad
+    >>> shard = SparseShard(dim=4, dtype="float32", init=Normal(std=0.01),
+    ...                     optimizer=Adagrad(lr=0.1), seed=7)
+    >>> keys = np.array([7, 42, 7], dtype=np.uint64)
+    >>> shard.pull(keys).shape
+    (3, 4)
+    >>> shard.push(keys, np.ones((3, 4), np.float32))
+    >>> shard.num_rows
+    2
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from paramserver.arrays import check_keys
+from paramserver.errors import ConfigError
+from paramserver.init import Initializer
+from paramserver.optim import Optimizer
+from paramserver.server import kernels as k
+from paramserver.server.shard.rule import (
+    UpdateRule,
+    check_dtype,
+    check_int,
+    check_out,
+    check_seed,
+    check_values,
+    init_args,
+    replace_rule,
+)
+
+__all__ = ["SparseShard"]
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+_BUCKET_ROWS = 4
+"""Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
+rarely reads past its own bucket (one cache line)."""
+
+
+class SparseShard:
+    """Rows of width ``dim`` keyed by uint64, created on first touch, updated by an optimizer.
+
+    Storage: one growable arena of rows ``[w | optimizer state | per-row scalars]``
+    (doubling when full), an open-addressing hash index of 64-byte buckets of 5
+    keys and their uint32 row ids (at most 4 rows a bucket on average, doubling by
+    rehash) that is also the only record of the rows' keys, and a byte per row for
+    duplicate detection. At most ``2**32 - 1`` rows. Initial rows depend only on
+    (seed, key).
+
+    Example:
+        >>> from paramserver.init import Zeros
+        >>> from paramserver.optim import SGD
+        >>> shard = SparseShard(2, "float32", Zeros(), SGD(lr=1.0), seed=0)
+        >>> keys = np.array([3, 3], np.uint64)
+        >>> shard.push(keys, np.ones((2, 2), np.float32))  # summed: one update of -2
+        >>> shard.pull(np.array([3], np.uint64)).tolist()
+        [[-2.0, -2.0]]
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: npt.DTypeLike,
+        init: Initializer,
+        optimizer: Optimizer,
+        seed: int,
+        capacity: int = 1024,
+    ) -> None:
+        self.dim = check_int("dim", dim, 1)
+        self.dtype = check_dtype(dtype)
+        if not isinstance(init, Initializer):
+            raise ConfigError(f"init: expected an Initializer, got {init!r}")
+        self.init = init
+        self._init_args = init_args(init)
+        self._rule = UpdateRule(optimizer, self.dtype)
+        self._seed = check_seed(seed)
+        self.seed = int(self._seed)
+        capacity = check_int("capacity", capacity, 1)
+        self.stride = self.dim * (1 + optimizer.n_slots) + optimizer.n_scalars
+        self._data = np.empty((capacity, self.stride), self.dtype)
+        self._mark = np.zeros(capacity, np.uint8)
+        self._index = k.new_index(_pow2_at_least(-(-capacity // _BUCKET_ROWS)))
+        self._n = 0
+        self._stamp = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The optimizer currently applied by :meth:`push`."""
+        return self._rule.opt
+
+    @property
+    def num_rows(self) -> int:
+        """How many rows are stored."""
+        return self._n
+
+    @property
+    def capacity(self) -> int:
+        """Rows the arena holds before it doubles."""
+        return int(self._data.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: arena, duplicate marks and hash index."""
+        return int(self._data.nbytes + self._mark.nbytes + self._index.nbytes)
+
+    # ------------------------------------------------------------------ public operations
+
+    def pull(
+        self,
+        keys: npt.NDArray[np.uint64],
+        *,
+        create: bool = True,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Return the weights of ``keys`` as ``(len(keys), dim)``; keys may repeat.
+
+        Missing rows are created by the initializer (``create=True``), or only
+        computed, not stored (``create=False``). ``out`` receives the rows if given.
+
+        Example:
+            >>> from paramserver.init import Constant
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(2, "float64", Constant(0.5), SGD(), seed=1)
+            >>> shard.pull(np.array([9], np.uint64), create=False).tolist(), shard.num_rows
+            ([[0.5, 0.5]], 0)
+        """
+        keys = check_keys(keys, "shard")
+        res = check_out(out, (keys.shape[0], self.dim), self.dtype)
+        if create:
+            rows = self._find_or_create(keys)
+            k.gather(self._data, rows, res)
+        else:
+            rows = np.empty(keys.shape[0], np.int64)
+            k.lookup(self._index, keys, rows)
+            kind, p0, p1 = self._init_args
+            k.gather_or_init(self._data, rows, keys, res, self._seed, kind, p0, p1)
+        return res
+
+    def push(self, keys: npt.NDArray[np.uint64], grads: npt.NDArray[Any]) -> None:
+        """Apply gradients ``grads`` ``(len(keys), dim)``: duplicates summed in order, then
+        one optimizer update per distinct key; missing rows are created first.
+
+        NaN and inf are not checked here (the caller decides, see :func:`paramserver.arrays.all_finite`).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Zeros(), SGD(lr=0.5), seed=0)
+            >>> shard.push(np.array([1], np.uint64), np.array([[2.0]], np.float32))
+            >>> shard.pull(np.array([1], np.uint64)).tolist()
+            [[-1.0]]
+        """
+        keys = check_keys(keys, "shard")
+        grads = check_values("grads", grads, (keys.shape[0], self.dim), self.dtype)
+        if keys.shape[0] == 0:
+            return
+        rows = self._find_or_create(keys)
+        if k.has_duplicates(rows, self._mark, self._next_stamp()):
+            rows, grads = k.sum_duplicates(rows, grads)
+        self._rule.apply(self._data, rows, grads)
+
+    def resolve(self, keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], bool]:
+        """Row ids of ``keys`` (rows created as a pull would), and whether any repeats: what a
+        server keeps for a cached key list, so later requests skip the hash lookup.
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Zeros(), SGD(), seed=0)
+            >>> rows, dup = shard.resolve(np.array([4, 9], np.uint64))
+            >>> rows.tolist(), dup
+            ([0, 1], False)
+        """
+        keys = check_keys(keys, "shard")
+        rows = self._find_or_create(keys)
+        return rows, bool(k.has_duplicates(rows, self._mark, self._next_stamp()))
+
+    def pull_rows(
+        self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any] | None = None
+    ) -> npt.NDArray[Any]:
+        """Weights of rows given by :meth:`resolve` (no lookup).
+
+        Example:
+            >>> from paramserver.init import Constant
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Constant(2.0), SGD(), seed=0)
+            >>> rows, _ = shard.resolve(np.array([4], np.uint64))
+            >>> shard.pull_rows(rows).tolist()
+            [[2.0]]
+        """
+        res = check_out(out, (rows.shape[0], self.dim), self.dtype)
+        k.gather(self._data, rows, res)
+        return res
+
+    def push_rows(
+        self, rows: npt.NDArray[np.int64], grads: npt.NDArray[Any], duplicates: bool
+    ) -> None:
+        """:meth:`push` to rows given by :meth:`resolve` (no lookup).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Zeros(), SGD(lr=1.0), seed=0)
+            >>> rows, dup = shard.resolve(np.array([4], np.uint64))
+            >>> shard.push_rows(rows, np.ones((1, 1), np.float32), dup)
+            >>> shard.pull_rows(rows).tolist()
+            [[-1.0]]
+        """
+        grads = check_values("grads", grads, (rows.shape[0], self.dim), self.dtype)
+        if duplicates:
+            rows, grads = k.sum_duplicates(rows, grads)
+        self._rule.apply(self._data, rows, grads)
+
+    def set_optimizer(self, optimizer: Optimizer) -> None:
+        """Replace the hyperparameters (same optimizer kind only; the state is kept).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Zeros(), SGD(lr=0.5), seed=0)
+            >>> shard.set_optimizer(shard.optimizer.with_lr(0.1))
+            >>> shard.optimizer.lr
+            0.1
+        """
+        self._rule = replace_rule(self._rule, optimizer, self.dtype)
+
+    def contains(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """Which of ``keys`` have a stored row.
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = SparseShard(1, "float32", Zeros(), SGD(), seed=0)
+            >>> _ = shard.pull(np.array([5], np.uint64))
+            >>> shard.contains(np.array([5, 6], np.uint64)).tolist()
+            [True, False]
+        """
+        keys = check_keys(keys, "shard")
+        rows = np.empty(keys.shape[0], np.int64)
+        k.lookup(self._index, keys, rows)
+        return rows >= 0
+
+    def export(self) -> dict[str, npt.NDArray[Any]]:
+        """Copies of all rows in insertion order: ``keys`` (n,) uint64 and ``rows`` (n, stride),
+        each row ``[w | optimizer state | scalars]``.
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import Adagrad
+            >>> shard = SparseShard(2, "float32", Zeros(), Adagrad(), seed=0)
+            >>> _ = shard.pull(np.array([8], np.uint64))
+            >>> shard.export()["rows"].shape
+            (1, 4)
+        """
+        keys = np.empty(self._n, np.uint64)
+        k.keys_by_row(self._index, keys)
+        return {"keys": keys, "rows": self._data[: self._n].copy()}
+
+    def load(self, keys: npt.NDArray[np.uint64], rows: npt.NDArray[Any]) -> None:
+        """Store full rows (as :meth:`export` gives them) under ``keys``, replacing existing ones.
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> a = SparseShard(2, "float32", Zeros(), SGD(), seed=0)
+            >>> a.push(np.array([4], np.uint64), np.ones((1, 2), np.float32))
+            >>> b = SparseShard(2, "float32", Zeros(), SGD(), seed=0)
+            >>> b.load(**a.export())
+            >>> b.pull(np.array([4], np.uint64)).tolist()
+            [[-0.009999999776482582, -0.009999999776482582]]
+        """
+        keys = check_keys(keys, "shard")
+        rows = check_values("rows", rows, (keys.shape[0], self.stride), self.dtype)
+        if keys.shape[0] == 0:
+            return
+        ids = self._find_or_create(keys, initialize=False)
+        k.scatter_rows(self._data, ids, rows)
+
+    # ------------------------------------------------------------------ storage
+
+    def _next_stamp(self) -> int:
+        """A stamp for :func:`~paramserver.server.kernels.has_duplicates`: 1..255, the marks
+        cleared when it wraps (one memset of a byte a row every 255 calls)."""
+        if self._stamp == 255:
+            self._mark.fill(0)
+            self._stamp = 0
+        self._stamp += 1
+        return self._stamp
+
+    def _find_or_create(
+        self, keys: npt.NDArray[np.uint64], *, initialize: bool = True
+    ) -> npt.NDArray[np.int64]:
+        """Row ids of ``keys``, appending (and initializing) rows for the missing ones."""
+        if self._n + keys.shape[0] > k.INDEX_MAX_ROWS:
+            new = int(np.count_nonzero(~self.contains(np.unique(keys))))
+            if self._n + new > k.INDEX_MAX_ROWS:
+                raise ConfigError(
+                    f"keys: {new} new rows would take this shard past the "
+                    f"{k.INDEX_MAX_ROWS} rows it can hold (it has {self._n}); nothing was "
+                    "changed (spread the table over more servers)"
+                )
+        rows = np.empty(keys.shape[0], np.int64)
+        n0 = self._n
+        pos = 0
+        while True:
+            max_rows = min(self._data.shape[0], _BUCKET_ROWS * self._index.shape[0])
+            pos, self._n = k.lookup_or_insert(self._index, self._n, max_rows, keys, rows, pos)
+            if pos == keys.shape[0]:
+                break
+            self._grow()
+        if initialize and self._n > n0:
+            kind, p0, p1 = self._init_args
+            k.init_rows(
+                self._data, keys, rows, n0, self.dim, self._seed, kind, p0, p1, *self._rule.state
+            )
+        return rows
+
+    def _grow(self) -> None:
+        """Double whichever of the arena and the index is full."""
+        n = self._n
+        if n >= self._data.shape[0]:
+            cap = 2 * self._data.shape[0]
+            data = np.empty((cap, self.stride), self.dtype)
+            data[:n] = self._data[:n]
+            self._data = data
+            # fresh marks: zeros never equal a stamp, so the stamp count goes on
+            self._mark = np.zeros(cap, np.uint8)
+        if n >= _BUCKET_ROWS * self._index.shape[0]:
+            index = k.new_index(2 * self._index.shape[0])
+            k.rehash(index, self._index)
+            self._index = index

@@ -1,0 +1,107 @@
+"""Checkpoints on a server: its shards written at the clock boundary the coordinator named,
+and loaded back when a server registers into a restored cluster (file format:
+``paramserver.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from paramserver import checkpoint
+from paramserver.partition import HashRing
+from paramserver.server.shard import DenseShard, SparseShard
+from paramserver.server.state import ServerState
+from paramserver.server.table import make_table
+from paramserver.spec import TableSpec
+from paramserver.wire import protocol
+
+__all__ = ["Snapshots", "restore"]
+
+log = logging.getLogger(__name__)
+
+
+class Snapshots:
+    """The checkpoint the coordinator asked for, written once every live worker reached its
+    clock and before any later clock is applied (see ``Server.progress``).
+
+    Example:
+        snaps = Snapshots(state)
+        snaps.ask(request_id=5, path="/ckpt/000010", clock=10)
+        if snaps.due(state.clocks.min_clock) is not None:
+            message = snaps.write()        # the reply for the coordinator
+    """
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.pending: tuple[int, str, int] | None = None  # (request id, directory, clock)
+
+    def ask(self, request_id: int, path: str, clock: int) -> None:
+        self.pending = (request_id, path, clock)
+
+    def due(self, min_clock: int) -> int | None:
+        """The clock of the pending checkpoint if every live worker reached it, else None."""
+        if self.pending is not None and self.pending[2] <= min_clock:
+            return self.pending[2]
+        return None
+
+    def write(self) -> dict[str, Any]:
+        """Write the pending checkpoint; returns the reply (or error) for the coordinator."""
+        assert self.pending is not None
+        rid, path, clock = self.pending
+        self.pending = None
+        state = self.state
+        start = time.monotonic()
+        try:
+            index = checkpoint.write_server_shards(
+                Path(path),
+                state.rank,
+                {n: (t.spec, t.shard, t.start, t.stop) for n, t in state.tables.items()},
+            )
+        except OSError as exc:
+            log.error("%s: checkpoint at clock %d into %s failed: %s", state.name, clock, path, exc)
+            return protocol.error_header(rid, "io", f"{state.name}: {exc}")
+        log.info(
+            "%s: checkpoint at clock %d written to %s in %.2fs",
+            state.name,
+            clock,
+            path,
+            time.monotonic() - start,
+        )
+        rows = sum(int(e["count"]) for e in index["tables"].values())
+        return {"kind": "reply", "id": rid, "stats": {"rows": rows}}
+
+
+def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[Any]) -> None:
+    """Create ``tables`` (wire specs) on this server with the rows the checkpoint at ``path``
+    holds for it (a table created after the checkpoint starts empty)."""
+    directory, manifest, _ = checkpoint.read_manifest(path)
+    ring = HashRing.build(list(range(int(view["num_servers"]))))
+    saved = {t["name"] for t in manifest["tables"]}
+    for wire in tables:
+        spec = TableSpec.from_wire(wire)
+        table = make_table(spec, state.rank)
+        if spec.name not in saved:  # created after the checkpoint: starts empty
+            pass
+        elif isinstance(table.shard, SparseShard):
+            keys, rows = checkpoint.load_sparse_rows(
+                directory, manifest, spec.name, ring, state.rank
+            )
+            if len(keys):
+                table.shard.load(keys, rows.astype(spec.np_dtype, copy=False))
+        elif isinstance(table.shard, DenseShard):
+            dense = checkpoint.load_dense_range(
+                directory, manifest, spec.name, table.start, table.stop
+            )
+            if dense is not None:
+                table.shard.load(dense.astype(spec.np_dtype, copy=False))
+        state.tables[spec.name] = table
+    log.info(
+        "%s: restored %d tables from %s at clock %d",
+        state.name,
+        len(tables),
+        directory,
+        manifest["clock"],
+    )
