@@ -179,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
         default="local",
         help="local processes (default) or Ray actors on a Ray cluster (RAY_ADDRESS or local)",
     )
+    _add_ray_resources(r)
     r.add_argument("script", nargs="?", help="the worker program (a Python file)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the worker program")
 
@@ -201,6 +202,67 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("options", nargs=argparse.REMAINDER, help="the model's options (--help)")
     _add_ops_commands(sub)
     return p
+
+
+_RAY_RESOURCES = (
+    ("server", "cpus"), ("server", "memory"), ("worker", "cpus"), ("worker", "memory"),
+    ("worker", "gpus"),
+)  # fmt: skip
+
+
+def _add_ray_resources(p: argparse.ArgumentParser) -> None:
+    for role, what in _RAY_RESOURCES:
+        p.add_argument(
+            f"--{role}-{what}",
+            type=str if what == "memory" else float,
+            default=None,
+            help=f"--backend ray: {what} each {role} actor claims"
+            + (" (e.g. 4Gi, 512M)" if what == "memory" else ""),
+        )
+
+
+def _ray_resources(args: argparse.Namespace, role: str) -> Any:
+    from paramserver.ray import Resources, parse_memory
+
+    memory = getattr(args, f"{role}_memory")
+    return Resources(
+        cpus=getattr(args, f"{role}_cpus"),
+        memory=None if memory is None else parse_memory(memory),
+        gpus=getattr(args, f"{role}_gpus", None),
+    )
+
+
+def _run_ray(args: argparse.Namespace, program: list[str]) -> int:
+    from paramserver.config import CheckpointPolicy
+    from paramserver.ray import run_job as run_ray_job
+
+    checkpoints = None
+    if args.checkpoint_dir is not None:
+        given = {
+            "every_seconds": args.checkpoint_every,
+            "keep": args.checkpoint_keep,
+            "every_clocks": args.checkpoint_every_clocks,
+        }
+        checkpoints = CheckpointPolicy(
+            args.checkpoint_dir, **{k: v for k, v in given.items() if v is not None}
+        )
+    elif any(
+        v is not None
+        for v in (args.checkpoint_every, args.checkpoint_keep, args.checkpoint_every_clocks)
+    ):
+        raise ConfigError("run: --checkpoint-every, -keep and -every-clocks need --checkpoint-dir")
+    return run_ray_job(
+        [*program, *args.args],
+        servers=args.servers,
+        workers=args.workers,
+        consistency=args.consistency,
+        timeouts=_timeouts(args),
+        token=_token(args),
+        restore=args.restore,
+        checkpoints=checkpoints,
+        server_resources=_ray_resources(args, "server"),
+        worker_resources=_ray_resources(args, "worker"),
+    )
 
 
 # ---- operations: status, metrics, Kubernetes --------------------------------------------------
@@ -243,6 +305,26 @@ def _add_ops_commands(sub: Any) -> None:
         default=None,
         help="name of a Secret with key 'token': sets PS_TOKEN everywhere (else --insecure)",
     )
+    m.add_argument("--checkpoint-size", default="10Gi", help="size of the checkpoint claim")
+    m.add_argument(
+        "--storage-class",
+        default=None,
+        help="storage class of the claim (must offer ReadWriteMany)",
+    )
+    m.add_argument(
+        "--checkpoint-claim", default=None, help="use this existing claim for the checkpoints"
+    )
+    m.add_argument(
+        "--checkpoint-every", type=float, default=600.0, help="seconds between checkpoints"
+    )
+    for role in ("coordinator", "server", "worker"):
+        m.add_argument(
+            f"--{role}-cpu", default=None, help=f"CPU request of a {role} (e.g. 2, 500m)"
+        )
+        m.add_argument(
+            f"--{role}-memory", default=None, help=f"memory request and limit of a {role} (4Gi)"
+        )
+    m.add_argument("--worker-gpus", type=int, default=0, help="nvidia.com/gpu limit of a worker")
     m.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     m.add_argument(
         "worker_command",
@@ -300,7 +382,14 @@ def _status(args: argparse.Namespace) -> int:
 def _ops_command(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args)
-    from paramserver.k8s import manifest
+    from paramserver.k8s import PodResources, manifest
+
+    def resources(role: str) -> PodResources | None:
+        cpu, memory = getattr(args, f"{role}_cpu"), getattr(args, f"{role}_memory")
+        gpus = getattr(args, f"{role}_gpus", 0)
+        if cpu is None and memory is None and not gpus:
+            return None  # the defaults
+        return PodResources(cpu=cpu, memory=memory, gpus=gpus)
 
     text = manifest(
         servers=args.servers,
@@ -315,6 +404,13 @@ def _ops_command(args: argparse.Namespace) -> int:
         server_port=args.server_port,
         metrics_port=args.metrics_port,
         token_secret=args.token_secret,
+        checkpoint_size=args.checkpoint_size,
+        storage_class=args.storage_class,
+        checkpoint_claim=args.checkpoint_claim,
+        checkpoint_every=args.checkpoint_every,
+        coordinator_resources=resources("coordinator"),
+        server_resources=resources("server"),
+        worker_resources=resources("worker"),
     )
     if args.output == "-":
         sys.stdout.write(text)
@@ -428,15 +524,10 @@ def _command(args: argparse.Namespace) -> int:
             raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
         program = ["-m", args.module] if args.module else [args.script]
         if args.backend == "ray":
-            from paramserver.ray import run_job as run_ray_job
-
-            return run_ray_job(
-                [*program, *args.args],
-                servers=args.servers,
-                workers=args.workers,
-                consistency=args.consistency,
-                timeouts=_timeouts(args),
-            )
+            return _run_ray(args, program)
+        given = [f"--{r}-{w}" for r, w in _RAY_RESOURCES if getattr(args, f"{r}_{w}") is not None]
+        if given:
+            raise ConfigError(f"run: {', '.join(given)} apply to --backend ray only")
         return run_job(
             [*program, *args.args],
             servers=args.servers,
