@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket as pysocket
 import time
 from collections import Counter
@@ -35,7 +36,7 @@ from paramserver.wire.transport import (
     new_context,
 )
 
-__all__ = ["Session", "server_name"]
+__all__ = ["Session", "clock_hint", "server_name"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,32 @@ def server_name(rank: int) -> str:
         server_name(2)   # "server[2]"
     """
     return f"server[{rank}]"
+
+
+_BEHIND = re.compile(r"worker\[(\d+)\] at clock (\d+)")
+
+
+def clock_hint(err: BaseException, header: dict[str, Any]) -> BaseException:
+    """A pull that timed out waiting for slower workers: the server's error plus the question
+    that usually finds the bug (a worker that never calls ``clock()`` holds every sync pull).
+
+    Example:
+        clock_hint(RemoteError("... for worker[1] at clock 0", code="timeout"),
+                   {"kind": "pull", "clock": 3})   # "...; did worker[1] call clock()? ..."
+    """
+    if not (
+        isinstance(err, RemoteError) and err.code == "timeout" and header.get("kind") == "pull"
+    ):
+        return err
+    behind = [f"worker[{r}]" for r, c in _BEHIND.findall(err.reason) if int(c) < header["clock"]]
+    if not behind:
+        return err
+    return RemoteError(
+        f"{err.reason}; did {' and '.join(behind)} call clock()? (a pull at clock "
+        f"{header['clock']} waits until every live worker has called client.clock() that often)",
+        node=err.node,
+        code=err.code,
+    )
 
 
 class _Endpoint(Endpoint):
@@ -276,7 +303,7 @@ class Session:
 
                     self._resends.setdefault(s, []).append((deadline, peer, resend, give_up))
                 else:
-                    outer.set_exception(err)
+                    outer.set_exception(clock_hint(err, header))
 
             fut.add_done_callback(done)
 
