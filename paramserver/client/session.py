@@ -24,6 +24,7 @@ import numpy as np
 
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
+from paramserver.metrics import MAX_SCALARS, check_scalar
 from paramserver.partition import HashRing
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
@@ -133,6 +134,8 @@ class Session:
         self._slot_pools: dict[int, tuple[int, SlotPool]] = {}
         self._clock = 0
         self._examples = 0  # reported by report(); sent with heartbeats (paramserver status)
+        self._scalars: dict[str, float] = {}  # the newest of each report(name=value)
+        self._traffic: dict[str, list[int]] = {}  # table -> [bytes sent, bytes received]
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
         self._seq = time.time_ns()
         self._clock_futures: list[Future[Any]] = []
@@ -184,7 +187,7 @@ class Session:
             self.rank,
             int(view["token"]),
             self.timeouts.heartbeat_interval,
-            status=lambda: {"clock": self._clock, "examples": self._examples},
+            status=self._beat,
             security=self._security,
         )
         self._token = int(view["token"])
@@ -257,6 +260,8 @@ class Session:
         once it returns)."""
         name = server_name(s)
         outer: Future[Any] = Future(self._ep, what)
+        if "table" in header and header["kind"] in ("pull", "push"):
+            parse = self._count_bytes(header["table"], arrays, parse)
         # a pull carries its own timeout: the wait for a replacement is bounded by it too
         wait = float(header.get("timeout") or self.timeouts.request)
         deadline = time.monotonic() + wait
@@ -419,17 +424,57 @@ class Session:
         self._ep.poll(0)
         return self._clock
 
-    def report(self, *, examples: int) -> None:
-        """Count ``examples`` more training examples done by this worker; the count goes to the
-        coordinator with the heartbeats, where ``paramserver status`` and the metrics show it
-        with its rate (examples/s).
+    def report(self, *, examples: int = 0, **scalars: float) -> None:
+        """Count ``examples`` more training examples done by this worker, and set training
+        scalars (``loss=0.41``, ``auc=0.78``: the newest value of each name counts). Both go to
+        the coordinator with the heartbeats: ``paramserver status`` and the Prometheus metrics
+        show them per worker and for the whole job (examples and examples/s summed over the
+        workers, each scalar's mean, min and max over the workers that reported it).
 
         Example:
-            client.report(examples=len(batch)); client.clock()
+            client.report(examples=len(batch), loss=float(loss)); client.clock()
         """
         if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
             raise ConfigError(f"examples must be a non-negative integer, got {examples!r}")
+        for name, value in scalars.items():
+            check_scalar(name, value)
+        if len(self._scalars.keys() | scalars.keys()) > MAX_SCALARS:
+            raise ConfigError(
+                f"report: at most {MAX_SCALARS} scalar names per worker, got "
+                f"{sorted(self._scalars.keys() | scalars.keys())}"
+            )
         self._examples += examples
+        self._scalars.update({k: float(v) for k, v in scalars.items()})
+
+    def _beat(self) -> dict[str, Any]:
+        """What the heartbeats carry (read on the heartbeat thread: copies, no iteration)."""
+        beat: dict[str, Any] = {"clock": self._clock, "examples": self._examples}
+        if self._scalars or self._traffic:
+            traffic = self._traffic.copy()
+            beat["metrics"] = {
+                "scalars": self._scalars.copy(),
+                "bytes": {t: [int(v[0]), int(v[1])] for t, v in traffic.items()},
+            }
+        return beat
+
+    def _count_bytes(
+        self,
+        table: str,
+        arrays: Sequence[np.ndarray],
+        parse: Callable[[Message], Any] | None,
+    ) -> Callable[[Message], Any]:
+        """Count a table's bytes sent now and received with the answer (per request: the
+        status shows bytes/s per table)."""
+        counts = self._traffic.get(table)
+        if counts is None:
+            counts = self._traffic[table] = [0, 0]
+        counts[0] += sum(a.nbytes for a in arrays)
+
+        def counted(msg: Message) -> Any:
+            counts[1] += sum(a.nbytes for a in msg[1])
+            return parse(msg) if parse is not None else msg[0]
+
+        return counted
 
     # ---- life -----------------------------------------------------------------------------
 
