@@ -288,6 +288,24 @@ class Client(Session):
         ]
         return [f.result(timeout)["stats"] for f in futs]
 
+    def training(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The whole job's training numbers as the coordinator has them from every worker's
+        :meth:`report` (a heartbeat interval behind): ``examples``, ``examples_per_s`` and per
+        scalar its ``mean``, ``min``, ``max`` and how many ``workers`` reported it; what a
+        plot of the job's loss should draw rather than one worker's own.
+
+        Example:
+            client.report(loss=0.41); ...; client.training()["scalars"]["loss"]["mean"]
+        """
+        self.check()
+        reply = self.endpoint.request(
+            "coordinator",
+            {"kind": "status"},
+            what=f"status of the coordinator at {self.coordinator}",
+        ).result(timeout)
+        training = reply["status"].get("training")
+        return dict(training) if isinstance(training, dict) else {}
+
     def tables(self) -> list[TableSpec]:
         """The specs of every table in the cluster."""
         reply = self.endpoint.request(

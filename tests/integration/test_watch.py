@@ -93,6 +93,7 @@ def test_status_and_prometheus_show_the_whole_job(tmp_path: Path) -> None:
         assert st["training"]["scalars"]["auc"] == {
             "mean": 0.5, "min": 0.5, "max": 0.5, "workers": 1
         }  # fmt: skip
+        assert b.training()["scalars"]["loss"]["mean"] == 2.0  # what a worker's plot draws
         emb = next(x for x in st["tables"] if x["name"] == "emb")
         assert emb["bytes_from_servers"] == 2 * from_servers
         by_rank = {n["rank"]: n for n in st["nodes"] if n["role"] == "worker"}
