@@ -449,6 +449,8 @@ def run_job(
                 worker_resources=Resources(cpus=2, gpus=1))
     """
     t = timeouts or Timeouts()
+    if not program or (program[0] != "-m" and not os.path.isfile(program[0])):
+        raise ConfigError(f"worker program {program[0] if program else ''!r} is not a file")
     program = [
         os.path.abspath(p) if i == 0 and os.path.isfile(p) else p for i, p in enumerate(program)
     ]

@@ -374,6 +374,12 @@ class Session:
                 del self._resends[s]
         return soonest
 
+    def coordinator_answers(self) -> bool:
+        """Whether the coordinator answered a heartbeat within the last few intervals."""
+        hb = self._heartbeat
+        recent = 4 * self.timeouts.heartbeat_interval
+        return hb is not None and time.monotonic() - hb.last_answer < recent
+
     @property
     def endpoint(self) -> Endpoint:
         """The sockets to the coordinator and the servers (driven from the calling thread)."""
@@ -478,8 +484,9 @@ class Session:
 
     # ---- life -----------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Leave the cluster (other workers stop waiting for this one) and close the sockets."""
+    def close(self, *, leave_timeout: float = 2.0) -> None:
+        """Leave the cluster (other workers stop waiting for this one) and close the sockets;
+        the coordinator's answer to the leave is awaited up to ``leave_timeout`` seconds."""
         if self._closed:
             return
         self._closed = True
@@ -489,7 +496,7 @@ class Session:
                     "coordinator",
                     {"kind": "leave", "role": "worker", "rank": self.rank, "token": self._token},
                     what="leave",
-                ).result(2.0)
+                ).result(leave_timeout)
         except Exception as exc:  # leaving is best effort; the heartbeat timeout covers the rest
             log.debug("leave failed: %s", exc)
         finally:

@@ -89,10 +89,10 @@ class Client(Session):
         # A program that ends without close() would hold the other workers (barriers, sync
         # clocks) until its heartbeat timeout: leave at interpreter exit. Weakly referenced,
         # so a client dropped earlier is not kept alive for it.
-        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self), os.getpid())
         atexit.register(self._at_exit)
 
-    def close(self) -> None:
+    def close(self, *, leave_timeout: float = 2.0) -> None:
         """Leave the cluster (other workers stop waiting for this one) and close the sockets;
         done at interpreter exit for a client still open then.
 
@@ -100,7 +100,7 @@ class Client(Session):
             client.close()
         """
         atexit.unregister(self._at_exit)
-        super().close()
+        super().close(leave_timeout=leave_timeout)
 
     # ---- tables ---------------------------------------------------------------------------
 
@@ -372,10 +372,12 @@ class Client(Session):
             self.complete_lease(dataset, epoch, shard)
 
 
-def _close_at_exit(ref: weakref.ref[Client]) -> None:
+def _close_at_exit(ref: weakref.ref[Client], pid: int) -> None:
     client = ref()
-    if client is not None:
-        client.close()
+    # a forked child inherits the registration but not the membership: it must not leave
+    if client is not None and os.getpid() == pid:
+        # a coordinator already gone (its cluster closed first) must not hold the exit
+        client.close(leave_timeout=2.0 if client.coordinator_answers() else 0.05)
 
 
 def _consistency(value: str | None) -> str:

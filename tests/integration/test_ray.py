@@ -140,3 +140,8 @@ def test_launch_gives_each_role_its_resources(local_ray: None) -> None:
     assert ps.ray.parse_memory("1.5G") == 1_500_000_000
     with pytest.raises(ps.errors.ConfigError, match="a size such as"):
         ps.ray.parse_memory("lots")
+
+
+def test_run_backend_ray_refuses_a_missing_program_before_starting_ray(tmp_path: Path) -> None:
+    got = _run_ray("-s", "1", "-w", "1", str(tmp_path / "missing.py"), timeout=60)
+    assert got.returncode == 2 and "missing.py' is not a file" in got.stderr, got.stderr
