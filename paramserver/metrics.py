@@ -235,7 +235,9 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.2g}ms"
+    if seconds is None:
+        return "-"
+    return f"{seconds:.2f}s" if seconds >= 1 else f"{seconds * 1000:.3g}ms"
 
 
 def _p50_p99(q: dict[str, float | None] | None) -> str:
@@ -253,7 +255,7 @@ def _training(t: dict[str, Any]) -> list[str]:
     for name, v in (t.get("scalars") or {}).items():
         lines.append(
             f"{name}: mean {v['mean']:.6g}  min {v['min']:.6g}  max {v['max']:.6g}  "
-            f"({v['workers']} workers)"
+            f"({v['workers']} worker{'' if v['workers'] == 1 else 's'})"
         )
     return lines
 
