@@ -279,6 +279,8 @@ def _add_metrics_args(c: argparse.ArgumentParser) -> None:
 
 
 def _add_ops_commands(sub: Any) -> None:
+    from paramserver.k8s import add_manifest_arguments  # no package import beyond errors
+
     st = sub.add_parser("status", help="show a running cluster: nodes, tables, clocks, traffic")
     st.add_argument(
         "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
@@ -291,47 +293,10 @@ def _add_ops_commands(sub: Any) -> None:
 
     k = sub.add_parser("k8s", help="Kubernetes manifests")
     ksub = k.add_subparsers(dest="k8s_command", required=True)
-    m = ksub.add_parser("manifest", help="write a Service, StatefulSets and a worker Job (YAML)")
-    m.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
-    m.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
-    m.add_argument("--image", required=True, help="container image with paramserver installed")
-    m.add_argument("--name", default="paramserver", help="prefix of every object's name")
-    m.add_argument("--namespace", default=None, help="namespace of every object")
-    m.add_argument("--port", type=int, default=7070, help="coordinator port")
-    m.add_argument("--server-port", type=int, default=7071, help="servers' data port")
-    m.add_argument("--metrics-port", type=int, default=9100, help="coordinator metrics port")
-    m.add_argument(
-        "--token-secret",
-        default=None,
-        help="name of a Secret with key 'token': sets PS_TOKEN everywhere (else --insecure)",
+    m = ksub.add_parser(
+        "manifest", help="write a claim, Services, StatefulSets and a worker Job (YAML)"
     )
-    m.add_argument("--checkpoint-size", default="10Gi", help="size of the checkpoint claim")
-    m.add_argument(
-        "--storage-class",
-        default=None,
-        help="storage class of the claim (must offer ReadWriteMany)",
-    )
-    m.add_argument(
-        "--checkpoint-claim", default=None, help="use this existing claim for the checkpoints"
-    )
-    m.add_argument(
-        "--checkpoint-every", type=float, default=600.0, help="seconds between checkpoints"
-    )
-    for role in ("coordinator", "server", "worker"):
-        m.add_argument(
-            f"--{role}-cpu", default=None, help=f"CPU request of a {role} (e.g. 2, 500m)"
-        )
-        m.add_argument(
-            f"--{role}-memory", default=None, help=f"memory request and limit of a {role} (4Gi)"
-        )
-    m.add_argument("--worker-gpus", type=int, default=0, help="nvidia.com/gpu limit of a worker")
-    m.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
-    m.add_argument(
-        "worker_command",
-        nargs=argparse.REMAINDER,
-        metavar="command",
-        help="the worker command, e.g. -- python train.py",
-    )
+    add_manifest_arguments(m)
 
 
 def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
@@ -382,36 +347,9 @@ def _status(args: argparse.Namespace) -> int:
 def _ops_command(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args)
-    from paramserver.k8s import PodResources, manifest
+    from paramserver.k8s import manifest_from_arguments
 
-    def resources(role: str) -> PodResources | None:
-        cpu, memory = getattr(args, f"{role}_cpu"), getattr(args, f"{role}_memory")
-        gpus = getattr(args, f"{role}_gpus", 0)
-        if cpu is None and memory is None and not gpus:
-            return None  # the defaults
-        return PodResources(cpu=cpu, memory=memory, gpus=gpus)
-
-    text = manifest(
-        servers=args.servers,
-        workers=args.workers,
-        image=args.image,
-        command=args.worker_command[1:]
-        if args.worker_command[:1] == ["--"]
-        else args.worker_command,
-        name=args.name,
-        namespace=args.namespace,
-        port=args.port,
-        server_port=args.server_port,
-        metrics_port=args.metrics_port,
-        token_secret=args.token_secret,
-        checkpoint_size=args.checkpoint_size,
-        storage_class=args.storage_class,
-        checkpoint_claim=args.checkpoint_claim,
-        checkpoint_every=args.checkpoint_every,
-        coordinator_resources=resources("coordinator"),
-        server_resources=resources("server"),
-        worker_resources=resources("worker"),
-    )
+    text = manifest_from_arguments(args)
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -29,6 +29,7 @@ without one the roles are started with ``--insecure`` (a trusted network only).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass
@@ -36,7 +37,13 @@ from typing import Any
 
 from paramserver.errors import ConfigError
 
-__all__ = ["PodResources", "manifest", "manifest_objects"]
+__all__ = [
+    "PodResources",
+    "add_manifest_arguments",
+    "manifest",
+    "manifest_from_arguments",
+    "manifest_objects",
+]
 
 CHECKPOINTS = "/checkpoints"  # where the checkpoint claim is mounted
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -404,6 +411,90 @@ def manifest_objects(
         },
     ]
     return objects
+
+
+def add_manifest_arguments(m: argparse.ArgumentParser) -> None:
+    """The flags of ``paramserver k8s manifest``, one per argument of :func:`manifest_objects`.
+
+    Example:
+        add_manifest_arguments(argparse.ArgumentParser())
+    """
+    m.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
+    m.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
+    m.add_argument("--image", required=True, help="container image with paramserver installed")
+    m.add_argument("--name", default="paramserver", help="prefix of every object's name")
+    m.add_argument("--namespace", default=None, help="namespace of every object")
+    m.add_argument("--port", type=int, default=7070, help="coordinator port")
+    m.add_argument("--server-port", type=int, default=7071, help="servers' data port")
+    m.add_argument("--metrics-port", type=int, default=9100, help="coordinator metrics port")
+    m.add_argument(
+        "--token-secret",
+        default=None,
+        help="name of a Secret with key 'token': sets PS_TOKEN everywhere (else --insecure)",
+    )
+    m.add_argument("--checkpoint-size", default="10Gi", help="size of the checkpoint claim")
+    m.add_argument(
+        "--storage-class",
+        default=None,
+        help="storage class of the claim (must offer ReadWriteMany)",
+    )
+    m.add_argument(
+        "--checkpoint-claim", default=None, help="use this existing claim for the checkpoints"
+    )
+    m.add_argument(
+        "--checkpoint-every", type=float, default=600.0, help="seconds between checkpoints"
+    )
+    for role in ("coordinator", "server", "worker"):
+        m.add_argument(
+            f"--{role}-cpu", default=None, help=f"CPU request of a {role} (e.g. 2, 500m)"
+        )
+        m.add_argument(
+            f"--{role}-memory", default=None, help=f"memory request and limit of a {role} (4Gi)"
+        )
+    m.add_argument("--worker-gpus", type=int, default=0, help="nvidia.com/gpu limit of a worker")
+    m.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    m.add_argument(
+        "worker_command",
+        nargs=argparse.REMAINDER,
+        metavar="command",
+        help="the worker command, e.g. -- python train.py",
+    )
+
+
+def manifest_from_arguments(args: argparse.Namespace) -> str:
+    """The YAML of ``paramserver k8s manifest`` for parsed :func:`add_manifest_arguments`.
+
+    Example:
+        manifest_from_arguments(parser.parse_args(["-s", "1", "-w", "1", "--image", "i", "t.py"]))
+    """
+
+    def resources(role: str) -> PodResources | None:
+        cpu, memory = getattr(args, f"{role}_cpu"), getattr(args, f"{role}_memory")
+        gpus = getattr(args, f"{role}_gpus", 0)
+        if cpu is None and memory is None and not gpus:
+            return None  # the defaults
+        return PodResources(cpu=cpu, memory=memory, gpus=gpus)
+
+    command = args.worker_command
+    return manifest(
+        servers=args.servers,
+        workers=args.workers,
+        image=args.image,
+        command=command[1:] if command[:1] == ["--"] else command,
+        name=args.name,
+        namespace=args.namespace,
+        port=args.port,
+        server_port=args.server_port,
+        metrics_port=args.metrics_port,
+        token_secret=args.token_secret,
+        checkpoint_size=args.checkpoint_size,
+        storage_class=args.storage_class,
+        checkpoint_claim=args.checkpoint_claim,
+        checkpoint_every=args.checkpoint_every,
+        coordinator_resources=resources("coordinator"),
+        server_resources=resources("server"),
+        worker_resources=resources("worker"),
+    )
 
 
 def _header(name: str, namespace: str | None) -> str:
