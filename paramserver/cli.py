@@ -193,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         default="local",
         help="local processes (default) or Ray actors on a Ray cluster (RAY_ADDRESS or local)",
     )
+    _add_ray_resources(r)
     r.add_argument("script", nargs="?", help="the worker program (a Python file)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the worker program")
 
@@ -217,6 +218,67 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_RAY_RESOURCES = (
+    ("server", "cpus"), ("server", "memory"), ("worker", "cpus"), ("worker", "memory"),
+    ("worker", "gpus"),
+)  # fmt: skip
+
+
+def _add_ray_resources(p: argparse.ArgumentParser) -> None:
+    for role, what in _RAY_RESOURCES:
+        p.add_argument(
+            f"--{role}-{what}",
+            type=str if what == "memory" else float,
+            default=None,
+            help=f"--backend ray: {what} each {role} actor claims"
+            + (" (e.g. 4Gi, 512M)" if what == "memory" else ""),
+        )
+
+
+def _ray_resources(args: argparse.Namespace, role: str) -> Any:
+    from paramserver.ray import Resources, parse_memory
+
+    memory = getattr(args, f"{role}_memory")
+    return Resources(
+        cpus=getattr(args, f"{role}_cpus"),
+        memory=None if memory is None else parse_memory(memory),
+        gpus=getattr(args, f"{role}_gpus", None),
+    )
+
+
+def _run_ray(args: argparse.Namespace, program: list[str]) -> int:
+    from paramserver.config import CheckpointPolicy
+    from paramserver.ray import run_job as run_ray_job
+
+    checkpoints = None
+    if args.checkpoint_dir is not None:
+        given = {
+            "every_seconds": args.checkpoint_every,
+            "keep": args.checkpoint_keep,
+            "every_clocks": args.checkpoint_every_clocks,
+        }
+        checkpoints = CheckpointPolicy(
+            args.checkpoint_dir, **{k: v for k, v in given.items() if v is not None}
+        )
+    elif any(
+        v is not None
+        for v in (args.checkpoint_every, args.checkpoint_keep, args.checkpoint_every_clocks)
+    ):
+        raise ConfigError("run: --checkpoint-every, -keep and -every-clocks need --checkpoint-dir")
+    return run_ray_job(
+        [*program, *args.args],
+        servers=args.servers,
+        workers=args.workers,
+        consistency=args.consistency,
+        timeouts=_timeouts(args),
+        token=_token(args),
+        restore=args.restore,
+        checkpoints=checkpoints,
+        server_resources=_ray_resources(args, "server"),
+        worker_resources=_ray_resources(args, "worker"),
+    )
+
+
 # ---- operations: status, metrics, Kubernetes --------------------------------------------------
 
 
@@ -231,6 +293,8 @@ def _add_metrics_args(c: argparse.ArgumentParser) -> None:
 
 
 def _add_ops_commands(sub: Any) -> None:
+    from paramserver.k8s import add_manifest_arguments  # no package import beyond errors
+
     st = sub.add_parser("status", help="show a running cluster: nodes, tables, clocks, traffic")
     st.add_argument(
         "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
@@ -243,27 +307,10 @@ def _add_ops_commands(sub: Any) -> None:
 
     k = sub.add_parser("k8s", help="Kubernetes manifests")
     ksub = k.add_subparsers(dest="k8s_command", required=True)
-    m = ksub.add_parser("manifest", help="write a Service, StatefulSets and a worker Job (YAML)")
-    m.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
-    m.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
-    m.add_argument("--image", required=True, help="container image with paramserver installed")
-    m.add_argument("--name", default="paramserver", help="prefix of every object's name")
-    m.add_argument("--namespace", default=None, help="namespace of every object")
-    m.add_argument("--port", type=int, default=7070, help="coordinator port")
-    m.add_argument("--server-port", type=int, default=7071, help="servers' data port")
-    m.add_argument("--metrics-port", type=int, default=9100, help="coordinator metrics port")
-    m.add_argument(
-        "--token-secret",
-        default=None,
-        help="name of a Secret with key 'token': sets PS_TOKEN everywhere (else --insecure)",
+    m = ksub.add_parser(
+        "manifest", help="write a claim, Services, StatefulSets and a worker Job (YAML)"
     )
-    m.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
-    m.add_argument(
-        "worker_command",
-        nargs=argparse.REMAINDER,
-        metavar="command",
-        help="the worker command, e.g. -- python train.py",
-    )
+    add_manifest_arguments(m)
 
 
 def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
@@ -314,22 +361,9 @@ def _status(args: argparse.Namespace) -> int:
 def _ops_command(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args)
-    from paramserver.k8s import manifest
+    from paramserver.k8s import manifest_from_arguments
 
-    text = manifest(
-        servers=args.servers,
-        workers=args.workers,
-        image=args.image,
-        command=args.worker_command[1:]
-        if args.worker_command[:1] == ["--"]
-        else args.worker_command,
-        name=args.name,
-        namespace=args.namespace,
-        port=args.port,
-        server_port=args.server_port,
-        metrics_port=args.metrics_port,
-        token_secret=args.token_secret,
-    )
+    text = manifest_from_arguments(args)
     if args.output == "-":
         sys.stdout.write(text)
     else:
@@ -439,15 +473,10 @@ def _command(args: argparse.Namespace) -> int:
             raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
         program = ["-m", args.module] if args.module else [args.script]
         if args.backend == "ray":
-            from paramserver.ray import run_job as run_ray_job
-
-            return run_ray_job(
-                [*program, *args.args],
-                servers=args.servers,
-                workers=args.workers,
-                consistency=args.consistency,
-                timeouts=_timeouts(args),
-            )
+            return _run_ray(args, program)
+        given = [f"--{r}-{w}" for r, w in _RAY_RESOURCES if getattr(args, f"{r}_{w}") is not None]
+        if given:
+            raise ConfigError(f"run: {', '.join(given)} apply to --backend ray only")
         return run_job(
             [*program, *args.args],
             servers=args.servers,

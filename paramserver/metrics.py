@@ -1,7 +1,7 @@
 """Counters, timings and staleness histograms; the cluster status; Prometheus.
 
-A pure leaf module (it imports nothing else from paramserver, so the server and the coordinator
-can both stand on it): servers keep :class:`ServerMetrics` (latency of pulls and pushes,
+A leaf module (it imports only ``paramserver.errors``, so the server, the coordinator and the
+client can all stand on it): servers keep :class:`ServerMetrics` (latency of pulls and pushes,
 staleness served per table) and send them inside their ``stats`` answers; the coordinator
 polls those answers, adds membership and the workers' reported clocks and examples, and keeps
 the result as one plain map, the *status* (:func:`format_status` prints it,
@@ -14,18 +14,28 @@ first bucket whose bound is >= it; the last bucket is +Inf), so they add up acro
 from __future__ import annotations
 
 import bisect
+import math
+import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from paramserver.errors import ConfigError
+
 __all__ = [
     "LATENCY_BUCKETS",
+    "MAX_SCALARS",
     "STALENESS_BUCKETS",
+    "HistWindow",
     "Histogram",
     "Rate",
     "ServerMetrics",
+    "check_scalar",
     "format_status",
+    "process_usage",
+    "quantile",
     "serve_prometheus",
 ]
 
@@ -61,8 +71,100 @@ class Histogram:
         return [list(self.counts), self.sum]
 
 
+def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The ``q`` quantile of a histogram, linear within its bucket (Prometheus'
+    ``histogram_quantile``); the last bound for the +Inf bucket; None when it is empty.
+
+    Example:
+        quantile([1, 2], [0, 10, 0], 0.5)   # 1.5
+    """
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    acc = 0
+    for i, c in enumerate(counts):
+        if c and acc + c >= rank:
+            if i >= len(bounds):
+                return float(bounds[-1])
+            lo = 0.0 if i == 0 else float(bounds[i - 1])
+            return lo + (float(bounds[i]) - lo) * (rank - acc) / c
+        acc += c
+    return float(bounds[-1])
+
+
+class HistWindow:
+    """The observations of a growing histogram (counts since its start) within the last
+    ``window`` seconds of samples; a counter that went down restarted (a node came back).
+
+    Example:
+        w = HistWindow(); w.add(0.0, [0, 5]); w.add(5.0, [2, 9]); w.recent()   # [2, 9]
+    """
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self.samples: deque[tuple[float, list[int]]] = deque()
+
+    def add(self, t: float, counts: Sequence[int]) -> None:
+        last = self.samples[-1][1] if self.samples else None
+        if (
+            last is None
+            or len(last) != len(counts)
+            or any(a < b for a, b in zip(counts, last, strict=True))
+        ):
+            self.samples.clear()
+            self.samples.append((t, [0] * len(counts)))  # counted from zero at its start
+        self.samples.append((t, list(counts)))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+
+    def recent(self) -> list[int]:
+        if not self.samples:
+            return []
+        first, last = self.samples[0][1], self.samples[-1][1]
+        return [b - a for a, b in zip(first, last, strict=True)]
+
+
+MAX_SCALARS = 32  # training scalar names per worker (client.report)
+_SCALAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def check_scalar(name: str, value: Any) -> None:
+    """A training scalar a worker may report: a name Prometheus can label with, a finite
+    number.
+
+    Example:
+        check_scalar("loss", 0.41)
+    """
+    if not _SCALAR_NAME.fullmatch(name):
+        raise ConfigError(
+            f"report: scalar name {name!r} must be letters, digits and '_' (at most 64)"
+        )
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"report: {name} must be a finite number, got {value!r}")
+
+
+def process_usage() -> dict[str, float]:
+    """This process's resident memory (bytes) and CPU time (seconds, user + system).
+
+    Example:
+        process_usage()   # {"rss_bytes": 81920000.0, "cpu_seconds": 12.5}
+    """
+    t = os.times()
+    rss = 0.0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource  # not Linux: the peak, the best there is
+
+        rss = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return {"rss_bytes": rss, "cpu_seconds": t.user + t.system}
+
+
 class ServerMetrics:
-    """What a server measures about its own work; :meth:`to_wire` goes into its stats answer."""
+    """What a server measures about its own work; :meth:`to_wire` goes into its stats answer
+    (with the process's memory and CPU time)."""
 
     def __init__(self) -> None:
         self.latency = {k: Histogram(LATENCY_BUCKETS) for k in ("pull", "push")}
@@ -83,6 +185,7 @@ class ServerMetrics:
         return {
             "latency": {k: h.to_wire() for k, h in self.latency.items()},
             "staleness": {k: h.to_wire() for k, h in self.staleness.items()},
+            "process": process_usage(),
         }
 
 
@@ -131,6 +234,32 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.2f}s" if seconds >= 1 else f"{seconds * 1000:.3g}ms"
+
+
+def _p50_p99(q: dict[str, float | None] | None) -> str:
+    return "-" if not q else f"{_ms(q.get('p50'))}/{_ms(q.get('p99'))}"
+
+
+def _training(t: dict[str, Any]) -> list[str]:
+    if not t:
+        return []
+    lines = [
+        "",
+        "TRAINING (whole job)",
+        f"examples {t.get('examples', 0)}  examples/s {t.get('examples_per_s', 0.0):.1f}",
+    ]
+    for name, v in (t.get("scalars") or {}).items():
+        lines.append(
+            f"{name}: mean {v['mean']:.6g}  min {v['min']:.6g}  max {v['max']:.6g}  "
+            f"({v['workers']} worker{'' if v['workers'] == 1 else 's'})"
+        )
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The status map as text: nodes, workers, tables, servers' traffic and staleness.
 
@@ -160,7 +289,7 @@ def format_status(status: dict[str, Any]) -> str:
         )
     lines += _table(rows)
     lines += ["", "WORKERS"]
-    rows = [["rank", "state", "clock", "examples", "examples/s"]]
+    rows = [["rank", "state", "clock", "examples", "examples/s", "reported"]]
     for n in status.get("nodes", []):
         if n["role"] == "worker":
             rows.append(
@@ -170,17 +299,25 @@ def format_status(status: dict[str, Any]) -> str:
                     str(n.get("clock", 0)),
                     str(n.get("examples", 0)),
                     f"{n.get('examples_per_s', 0.0):.1f}",
+                    " ".join(f"{k}={v:.4g}" for k, v in (n.get("scalars") or {}).items()) or "-",
                 ]
             )
     lines += _table(rows)
-    lines += ["", "TABLES"]
+    lines += _training(status.get("training") or {})
+    lines += ["", "TABLES (to/from servers: bytes/s of all workers' requests and answers)"]
     rows = [
-        ["table", "kind", "consistency", "optimizer", "server", "rows", "bytes", "pulls/s", "pushes/s"]
+        ["table", "kind", "consistency", "optimizer", "to servers", "from servers", "server",
+         "rows", "bytes", "pulls/s", "pushes/s"]
     ]  # fmt: skip
     for t in status.get("tables", []):
         per = t.get("servers") or [{}]
         for i, s in enumerate(per):
-            head = [t["name"], t["kind"], t["consistency"], t["optimizer"]] if i == 0 else [""] * 4
+            head = (
+                [t["name"], t["kind"], t["consistency"], t["optimizer"],
+                 _size(t.get("bytes_to_servers_per_s", 0.0)) + "/s",
+                 _size(t.get("bytes_from_servers_per_s", 0.0)) + "/s"]
+                if i == 0 else [""] * 6
+            )  # fmt: skip
             rows.append(
                 [
                     *head,
@@ -192,9 +329,14 @@ def format_status(status: dict[str, Any]) -> str:
                 ]
             )
     lines += _table(rows)
-    lines += ["", "SERVERS"]
-    rows = [["rank", "min clock", "deferred pulls", "pulls/s", "pushes/s", "stats"]]
+    lines += ["", "SERVERS (latency: the last 10s of requests)"]
+    rows = [
+        ["rank", "min clock", "deferred pulls", "pulls/s", "pushes/s", "pull p50/p99",
+         "push p50/p99", "memory", "cpu", "stats"]
+    ]  # fmt: skip
     for s in status.get("servers", []):
+        q = s.get("latency_quantiles") or {}
+        rss, cpu = s.get("rss_bytes"), s.get("cpu_percent")
         rows.append(
             [
                 str(s["rank"]),
@@ -202,10 +344,20 @@ def format_status(status: dict[str, Any]) -> str:
                 str(s.get("deferred", "-")),
                 f"{s.get('pulls_per_s', 0.0):.1f}",
                 f"{s.get('pushes_per_s', 0.0):.1f}",
+                _p50_p99(q.get("pull")),
+                _p50_p99(q.get("push")),
+                "-" if rss is None else _size(rss),
+                "-" if cpu is None else f"{cpu:.0f}%",
                 _ago(s.get("age")),
             ]
         )
     lines += _table(rows)
+    job = status.get("latency") or {}
+    if job:
+        lines.append(
+            "all servers: "
+            + "  ".join(f"{k} p50/p99 {_p50_p99(v)}" for k, v in sorted(job.items()))
+        )
     stale = status.get("staleness") or {}
     if stale:
         lines += ["", "STALENESS (pulls served, by clocks behind)"]
@@ -228,6 +380,74 @@ def _buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, 
         acc += c
         out.append(("+Inf" if b == float("inf") else repr(float(b)), float(acc)))
     return out
+
+
+_QUANTILES = (("p50", "0.5"), ("p99", "0.99"))
+
+
+def _training_families(st: dict[str, Any], gauge: Any, counter: Any) -> list[Any]:
+    """The whole job's training numbers and each worker's scalars; bytes/s per table."""
+    job = st.get("training") or {}
+    examples = counter("ps_job_examples", "examples all workers reported")
+    examples.add_metric([], float(job.get("examples", 0)))
+    rate = gauge("ps_job_examples_per_second", "examples/s of all live workers together")
+    rate.add_metric([], float(job.get("examples_per_s", 0.0)))
+    scalar = gauge(
+        "ps_job_scalar",
+        "a training scalar over the workers that reported it (client.report): mean, min, max",
+        labels=["name", "stat"],
+    )
+    for name, v in (job.get("scalars") or {}).items():
+        for stat in ("mean", "min", "max"):
+            scalar.add_metric([name, stat], float(v[stat]))
+    per_worker = gauge(
+        "ps_worker_scalar", "a worker's newest training scalar", labels=["rank", "name"]
+    )
+    for n in st["nodes"]:
+        for name, v in (n.get("scalars") or {}).items():
+            per_worker.add_metric([str(n["rank"]), name], float(v))
+    traffic = gauge(
+        "ps_table_traffic_bytes_per_second",
+        "bytes/s of a table's requests (to_servers: keys, gradients) and answers (from_servers: "
+        "rows), all workers together",
+        labels=["table", "direction"],
+    )
+    for t in st["tables"]:
+        for d in ("to_servers", "from_servers"):
+            traffic.add_metric([t["name"], d], float(t.get(f"bytes_{d}_per_s", 0.0)))
+    return [examples, rate, scalar, per_worker, traffic]
+
+
+def _server_families(st: dict[str, Any], gauge: Any) -> list[Any]:
+    """Latency quantiles of the last 10 s (per server and over all), memory and CPU."""
+    lat = gauge(
+        "ps_request_latency_seconds",
+        "quantile of a server's request latency over the last 10s",
+        labels=["server", "kind", "quantile"],
+    )
+    rss = gauge("ps_server_resident_memory_bytes", "a server's resident memory", labels=["server"])
+    cpu = gauge(
+        "ps_server_cpu_percent", "a server's CPU use (100: one core busy)", labels=["server"]
+    )
+    for s in st["servers"]:
+        for kind, q in (s.get("latency_quantiles") or {}).items():
+            for key, label in _QUANTILES:
+                if q.get(key) is not None:
+                    lat.add_metric([str(s["rank"]), kind, label], float(q[key]))
+        if s.get("rss_bytes") is not None:
+            rss.add_metric([str(s["rank"])], float(s["rss_bytes"]))
+        if s.get("cpu_percent") is not None:
+            cpu.add_metric([str(s["rank"])], float(s["cpu_percent"]))
+    job = gauge(
+        "ps_job_request_latency_seconds",
+        "quantile of the request latency over all servers' last 10s",
+        labels=["kind", "quantile"],
+    )
+    for kind, q in (st.get("latency") or {}).items():
+        for key, label in _QUANTILES:
+            if q.get(key) is not None:
+                job.add_metric([kind, label], float(q[key]))
+    return [lat, rss, cpu, job]
 
 
 def serve_prometheus(
@@ -289,6 +509,7 @@ def serve_prometheus(
                     ex.add_metric([str(n["rank"])], float(n.get("examples", 0)))
                     eps.add_metric([str(n["rank"])], float(n.get("examples_per_s", 0.0)))
             yield from (clock, ex, eps)
+            yield from _training_families(st, GaugeMetricFamily, CounterMetricFamily)
 
             lab = ["table", "server"]
             rows = GaugeMetricFamily("ps_table_rows", "rows of a table on a server", labels=lab)
@@ -323,6 +544,7 @@ def serve_prometheus(
                 for kind, (cnt, total) in (s.get("latency") or {}).items():
                     lat.add_metric([str(s["rank"]), kind], _buckets(bounds, cnt), total)
             yield from (lat, mclock)
+            yield from _server_families(st, GaugeMetricFamily)
 
             stale = HistogramMetricFamily(
                 "ps_pull_staleness", "staleness pulls were served with", labels=["table"]

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from paramserver.config import Timeouts, from_env
+from paramserver.config import CheckpointPolicy, Timeouts, from_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 
-__all__ = ["launch", "run_job"]
+__all__ = ["Resources", "launch", "parse_memory", "run_job"]
 
 
 class _CoordinatorRole:
@@ -41,6 +43,8 @@ class _CoordinatorRole:
         timeouts: Timeouts,
         metrics_port: int | None,
         token: str | None,
+        restore: str | None = None,
+        checkpoints: CheckpointPolicy | None = None,
     ) -> None:
         from paramserver.coordinator import Coordinator
 
@@ -50,7 +54,10 @@ class _CoordinatorRole:
             host,
             0,
             timeouts,
+            restore=restore,
+            checkpoints=checkpoints,
             metrics_port=metrics_port,
+            metrics_host="127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0",
             security=_security(token),
         )
         self.thread = threading.Thread(target=self.coord.serve, name="coordinator", daemon=True)
@@ -72,11 +79,19 @@ class _ServerRole:
         advertise: str | None,
         timeouts: Timeouts,
         token: str | None,
+        rank: int | None = None,
     ) -> None:
         from paramserver.server.loop import Server
 
+        # With its rank, an actor that Ray restarts takes the dead server's place (and shards)
         self.server = Server(
-            coordinator, host, 0, timeouts, advertise=advertise, security=_security(token)
+            coordinator,
+            host,
+            0,
+            timeouts,
+            advertise=advertise,
+            security=_security(token),
+            rank=rank,
         )
         self.thread = threading.Thread(target=self.server.serve, name="server", daemon=True)
         self.thread.start()
@@ -131,9 +146,61 @@ def _security(token: str | None) -> Any:
     return Security.from_token(token) if token else None
 
 
-# Roles are processes that mostly wait on sockets: they claim no Ray CPU (a job never waits for
-# a free CPU slot that will not come) and are spread over the nodes.
-_PLACE: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+@dataclass(frozen=True)
+class Resources:
+    """What one actor of a role claims from Ray: CPUs, memory (bytes), GPUs. None claims
+    nothing of that kind (the default: roles mostly wait on sockets, and a job must never wait
+    for a free slot that will not come).
+
+    Example:
+        ps.ray.launch(train, workers=4, worker_resources=Resources(cpus=2, gpus=1))
+    """
+
+    cpus: float | None = None
+    memory: int | None = None
+    gpus: float | None = None
+
+    def __post_init__(self) -> None:
+        for what, v in (("cpus", self.cpus), ("memory", self.memory), ("gpus", self.gpus)):
+            if v is not None and (isinstance(v, bool) or not v >= 0):
+                raise ConfigError(f"ray resources: {what} must be a number >= 0, got {v!r}")
+
+    def options(self) -> dict[str, Any]:
+        """The ``ray.remote`` options of an actor with these resources."""
+        opts: dict[str, Any] = {"num_cpus": self.cpus or 0, "scheduling_strategy": "SPREAD"}
+        if self.memory:
+            opts["memory"] = int(self.memory)
+        if self.gpus:
+            opts["num_gpus"] = self.gpus
+        return opts
+
+    def describe(self) -> str:
+        parts = [
+            f"{self.cpus:g} CPUs" if self.cpus else "",
+            f"{self.gpus:g} GPUs" if self.gpus else "",
+        ]
+        if self.memory:
+            parts.append(f"{self.memory / 2**30:.3g} GiB memory")
+        return ", ".join(p for p in parts if p) or "no resources"
+
+
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_memory(value: str) -> int:
+    """Bytes from a size such as ``"512Mi"``, ``"4G"``, ``"1.5Gi"`` or ``"1000000"``.
+
+    Example:
+        parse_memory("2Gi")   # 2147483648
+    """
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", value)
+    if m is None:
+        raise ConfigError(
+            f"memory must be a size such as 512Mi, 4G or a number of bytes, got {value!r}"
+        )
+    unit = m.group(2).lower()
+    scale = 1024 ** "kmgt".index(unit) * 1024 if m.group(3) and unit else _SIZE_UNITS[unit]
+    return int(float(m.group(1)) * scale)
 
 
 def _ray() -> Any:
@@ -142,6 +209,22 @@ def _ray() -> Any:
     except ImportError as exc:
         raise ConfigError("the Ray backend needs ray: pip install 'paramserver[ray]'") from exc
     return ray
+
+
+def _check_fits(ray: Any, role: str, n: int, res: Resources) -> None:
+    """Refuse resources a local Ray instance cannot ever give (else the start would wait for
+    them until its timeout)."""
+    have = ray.cluster_resources()
+    for key, want, flag in (
+        ("CPU", res.cpus, "cpus"),
+        ("GPU", res.gpus, "gpus"),
+        ("memory", res.memory, "memory"),
+    ):
+        if want and want * n > have.get(key, 0.0):
+            raise ConfigError(
+                f"ray backend: {n} {role}s with --{role}-{flag} {want:g} need "
+                f"{want * n:g} {key} in all, but this Ray instance has {have.get(key, 0.0):g}"
+            )
 
 
 class _Cluster:
@@ -156,15 +239,22 @@ class _Cluster:
         timeouts: Timeouts,
         metrics_port: int | None,
         start_timeout: float,
+        *,
+        token: str | None = None,
+        restore: str | None = None,
+        checkpoints: CheckpointPolicy | None = None,
+        server_resources: Resources = Resources(),
+        worker_resources: Resources = Resources(),
     ) -> None:
         ray = self.ray = _ray()
         # the cluster token travels to the actors as an argument (Ray's own security covers it)
-        self.token = from_env().token
+        self.token = token if token is not None else from_env().token
         if host not in ("127.0.0.1", "localhost") and not insecure and not self.token:
             raise ConfigError(
                 f"ray backend: refusing to bind {host} (beyond loopback) without a cluster token "
                 "(PS_TOKEN); pass insecure=True to accept unauthenticated traffic"
             )
+        self.worker_resources = worker_resources
         self.own_ray = not ray.is_initialized()
         if self.own_ray and os.environ.get("RAY_ADDRESS"):
             ray.init()  # join the Ray cluster RAY_ADDRESS names
@@ -174,6 +264,9 @@ class _Cluster:
         self.timeouts = timeouts
         self.start_timeout = start_timeout
         try:
+            if self.own_ray and not os.environ.get("RAY_ADDRESS"):
+                _check_fits(ray, "server", servers, server_resources)
+                _check_fits(ray, "worker", workers, worker_resources)
             advertise = (
                 None if host in ("127.0.0.1", "localhost") else ray.util.get_node_ip_address()
             )
@@ -184,6 +277,8 @@ class _Cluster:
                 timeouts,
                 metrics_port,
                 self.token,
+                restore,
+                checkpoints,
             )
             self.actors.append(coord)
             address = ray.get(coord.address.remote(), timeout=start_timeout)
@@ -191,20 +286,36 @@ class _Cluster:
                 address = f"tcp://{advertise}:{address.rsplit(':', 1)[1]}"
             self.address: str = address
             self.coordinator = coord
-            server_cls = ray.remote(**_PLACE)(_ServerRole)
-            for _ in range(servers):
-                self.actors.append(server_cls.remote(address, host, None, timeouts, self.token))
-            ray.get([a.address.remote() for a in self.actors[1:]], timeout=start_timeout)
+            # a server actor that dies is started again by Ray with its rank: it restores its
+            # shards from the newest checkpoint, as under `paramserver run`
+            server_cls = ray.remote(
+                max_restarts=-1 if checkpoints else 0, **server_resources.options()
+            )(_ServerRole)
+            for r in range(servers):
+                self.actors.append(server_cls.remote(address, host, None, timeouts, self.token, r))
+            _wait(
+                ray,
+                [a.address.remote() for a in self.actors[1:]],
+                start_timeout,
+                f"placing {servers} server actors ({server_resources.describe()} each)",
+                who="servers",
+            )
         except BaseException:
             self.close()
             raise
 
     def add_workers(self, n: int) -> list[Any]:
         """``n`` worker actors, each placed (started) within the start timeout."""
-        worker_cls = self.ray.remote(**_PLACE)(_WorkerRole)
+        res = self.worker_resources
+        worker_cls = self.ray.remote(**res.options())(_WorkerRole)
         actors = [worker_cls.remote() for _ in range(n)]
         self.actors.extend(actors)
-        _wait(self.ray, [a.ready.remote() for a in actors], self.start_timeout, "placing workers")
+        _wait(
+            self.ray,
+            [a.ready.remote() for a in actors],
+            self.start_timeout,
+            f"placing {n} worker actors ({res.describe()} each)",
+        )
         return actors
 
     def close(self) -> None:
@@ -213,7 +324,7 @@ class _Cluster:
         for actor in reversed(self.actors):
             with contextlib.suppress(Exception):  # one that died or hung is killed below
                 ray.get(actor.stop.remote(), timeout=15)
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         self.actors = []
         if self.own_ray:
             ray.shutdown()
@@ -226,6 +337,7 @@ def _wait(
     timeout: float | None,
     what: str,
     failed: Callable[[Any], bool] = lambda _: False,
+    who: str = "workers",
 ) -> list[Any]:
     """ray.get on every ref, stopping at the first error or ``failed`` result, within
     ``timeout`` (None: no limit)."""
@@ -235,7 +347,7 @@ def _wait(
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise PSTimeoutError(
-                f"{what}: {len(pending)} of {len(refs)} workers not done after {timeout}s"
+                f"{what}: {len(pending)} of {len(refs)} {who} not done after {timeout}s"
             )
         done, pending = ray.wait(
             pending, num_returns=1, timeout=1.0 if left is None else min(1.0, left)
@@ -258,9 +370,19 @@ def launch(
     metrics_port: int | None = None,
     timeout: float | None = None,
     start_timeout: float = 120.0,
+    token: str | None = None,
+    restore: str | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    server_resources: Resources | None = None,
+    worker_resources: Resources | None = None,
 ) -> list[Any]:
     """Run ``train(client, *args)`` in ``workers`` worker actors of a cluster of Ray actors;
     return the results in rank order. Every actor is stopped before this returns or raises.
+
+    ``token`` (default ``PS_TOKEN``): every socket uses CURVE. ``restore``: resume from that
+    checkpoint; ``checkpoints``: periodic checkpoints (a server actor that dies is then
+    restarted by Ray with its rank and restores its shards). ``server_resources`` and
+    ``worker_resources``: what each actor of the role claims from Ray.
 
     Example:
         def train(client):
@@ -268,7 +390,12 @@ def launch(
         ps.ray.launch(train, servers=2, workers=2)   # [0, 1]
     """
     t = timeouts or Timeouts()
-    cluster = _Cluster(servers, workers, host, insecure, t, metrics_port, start_timeout)
+    cluster = _Cluster(
+        servers, workers, host, insecure, t, metrics_port, start_timeout,
+        token=token, restore=_local_path(restore), checkpoints=_absolute(checkpoints),
+        server_resources=server_resources or Resources(),
+        worker_resources=worker_resources or Resources(),
+    )  # fmt: skip
     ray = cluster.ray
     try:
         actors = cluster.add_workers(workers)
@@ -284,6 +411,17 @@ def launch(
         cluster.close()
 
 
+def _local_path(path: str | None) -> str | None:
+    """An absolute path: the actors may run in another working directory."""
+    return None if path is None else os.path.abspath(path)
+
+
+def _absolute(policy: CheckpointPolicy | None) -> CheckpointPolicy | None:
+    if policy is None:
+        return None
+    return replace(policy, directory=os.path.abspath(policy.directory))
+
+
 def run_job(
     program: Sequence[str],
     *,
@@ -294,19 +432,34 @@ def run_job(
     host: str = "127.0.0.1",
     insecure: bool = False,
     timeout: float | None = None,
+    token: str | None = None,
+    restore: str | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    server_resources: Resources | None = None,
+    worker_resources: Resources | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """``paramserver run --backend ray``: run ``python PROGRAM...`` once per worker actor with
-    ``PS_COORDINATOR``, ``PS_RANK``, ``PS_NUM_WORKERS``, ``PS_NUM_SERVERS`` set; return 0, or
-    the first failed worker's exit code.
+    ``PS_COORDINATOR``, ``PS_RANK``, ``PS_NUM_WORKERS``, ``PS_NUM_SERVERS`` (and ``PS_TOKEN``
+    with a token) set; return 0, or the first failed worker's exit code. The other settings
+    are :func:`launch`'s.
 
     Example:
-        run_job(["train.py", "--epochs", "3"], servers=2, workers=4)
+        run_job(["train.py", "--epochs", "3"], servers=2, workers=4,
+                worker_resources=Resources(cpus=2, gpus=1))
     """
     t = timeouts or Timeouts()
+    if not program or (program[0] != "-m" and not os.path.isfile(program[0])):
+        raise ConfigError(f"worker program {program[0] if program else ''!r} is not a file")
     program = [
         os.path.abspath(p) if i == 0 and os.path.isfile(p) else p for i, p in enumerate(program)
     ]
-    cluster = _Cluster(servers, workers, host, insecure, t, None, 120.0)
+    cluster = _Cluster(
+        servers, workers, host, insecure, t, metrics_port, 120.0,
+        token=token, restore=_local_path(restore), checkpoints=_absolute(checkpoints),
+        server_resources=server_resources or Resources(),
+        worker_resources=worker_resources or Resources(),
+    )  # fmt: skip
     ray = cluster.ray
     try:
         env = {
@@ -317,9 +470,12 @@ def run_job(
             "PS_HEARTBEAT_TIMEOUT": repr(t.heartbeat_timeout),
             "PS_REQUEST_TIMEOUT": repr(t.request),
             "PS_CONNECT_TIMEOUT": repr(t.connect),
+            "PYTHONUNBUFFERED": "1",
         }
         if consistency is not None:
             env["PS_CONSISTENCY"] = consistency
+        if cluster.token is not None:
+            env["PS_TOKEN"] = cluster.token
         actors = cluster.add_workers(workers)
         refs = [
             a.run_program.remote(

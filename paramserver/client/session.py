@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket as pysocket
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ import numpy as np
 
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
+from paramserver.metrics import MAX_SCALARS, check_scalar
 from paramserver.partition import HashRing
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
@@ -35,7 +37,7 @@ from paramserver.wire.transport import (
     new_context,
 )
 
-__all__ = ["Session", "server_name"]
+__all__ = ["Session", "clock_hint", "server_name"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,32 @@ def server_name(rank: int) -> str:
         server_name(2)   # "server[2]"
     """
     return f"server[{rank}]"
+
+
+_BEHIND = re.compile(r"worker\[(\d+)\] at clock (\d+)")
+
+
+def clock_hint(err: BaseException, header: dict[str, Any]) -> BaseException:
+    """A pull that timed out waiting for slower workers: the server's error plus the question
+    that usually finds the bug (a worker that never calls ``clock()`` holds every sync pull).
+
+    Example:
+        clock_hint(RemoteError("... for worker[1] at clock 0", code="timeout"),
+                   {"kind": "pull", "clock": 3})   # "...; did worker[1] call clock()? ..."
+    """
+    if not (
+        isinstance(err, RemoteError) and err.code == "timeout" and header.get("kind") == "pull"
+    ):
+        return err
+    behind = [f"worker[{r}]" for r, c in _BEHIND.findall(err.reason) if int(c) < header["clock"]]
+    if not behind:
+        return err
+    return RemoteError(
+        f"{err.reason}; did {' and '.join(behind)} call clock()? (a pull at clock "
+        f"{header['clock']} waits until every live worker has called client.clock() that often)",
+        node=err.node,
+        code=err.code,
+    )
 
 
 class _Endpoint(Endpoint):
@@ -106,6 +134,8 @@ class Session:
         self._slot_pools: dict[int, tuple[int, SlotPool]] = {}
         self._clock = 0
         self._examples = 0  # reported by report(); sent with heartbeats (paramserver status)
+        self._scalars: dict[str, float] = {}  # the newest of each report(name=value)
+        self._traffic: dict[str, list[int]] = {}  # table -> [bytes sent, bytes received]
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
         self._seq = time.time_ns()
         self._clock_futures: list[Future[Any]] = []
@@ -230,6 +260,8 @@ class Session:
         once it returns)."""
         name = server_name(s)
         outer: Future[Any] = Future(self._ep, what)
+        if "table" in header and header["kind"] in ("pull", "push"):
+            parse = self._count_bytes(header["table"], arrays, parse)
         # a pull carries its own timeout: the wait for a replacement is bounded by it too
         wait = float(header.get("timeout") or self.timeouts.request)
         deadline = time.monotonic() + wait
@@ -276,7 +308,7 @@ class Session:
 
                     self._resends.setdefault(s, []).append((deadline, peer, resend, give_up))
                 else:
-                    outer.set_exception(err)
+                    outer.set_exception(clock_hint(err, header))
 
             fut.add_done_callback(done)
 
@@ -342,6 +374,12 @@ class Session:
                 del self._resends[s]
         return soonest
 
+    def coordinator_answers(self) -> bool:
+        """Whether the coordinator answered a heartbeat within the last few intervals."""
+        hb = self._heartbeat
+        recent = 4 * self.timeouts.heartbeat_interval
+        return hb is not None and time.monotonic() - hb.last_answer < recent
+
     @property
     def endpoint(self) -> Endpoint:
         """The sockets to the coordinator and the servers (driven from the calling thread)."""
@@ -355,17 +393,6 @@ class Session:
             raise NodeLostError(
                 f"worker[{self.rank}] was dropped by the coordinator: {self._expelled}"
             )
-
-    def _beat(self) -> dict[str, Any]:
-        """This worker's heartbeat (on the heartbeat thread): who it is, its clock, its count."""
-        return {
-            "kind": "heartbeat",
-            "role": "worker",
-            "rank": self.rank,
-            "token": self._token,
-            "clock": self._clock,
-            "examples": self._examples,
-        }
 
     def _beat_answered(self, header: dict[str, Any]) -> None:
         """The coordinator refuses a heartbeat of a member it declared dead: expelled."""
@@ -407,22 +434,71 @@ class Session:
         self._ep.poll(0)
         return self._clock
 
-    def report(self, *, examples: int) -> None:
-        """Count ``examples`` more training examples done by this worker; the count goes to the
-        coordinator with the heartbeats, where ``paramserver status`` and the metrics show it
-        with its rate (examples/s).
+    def report(self, *, examples: int = 0, **scalars: float) -> None:
+        """Count ``examples`` more training examples done by this worker, and set training
+        scalars (``loss=0.41``, ``auc=0.78``: the newest value of each name counts). Both go to
+        the coordinator with the heartbeats: ``paramserver status`` and the Prometheus metrics
+        show them per worker and for the whole job (examples and examples/s summed over the
+        workers, each scalar's mean, min and max over the workers that reported it).
 
         Example:
-            client.report(examples=len(batch)); client.clock()
+            client.report(examples=len(batch), loss=float(loss)); client.clock()
         """
         if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
             raise ConfigError(f"examples must be a non-negative integer, got {examples!r}")
+        for name, value in scalars.items():
+            check_scalar(name, value)
+        if len(self._scalars.keys() | scalars.keys()) > MAX_SCALARS:
+            raise ConfigError(
+                f"report: at most {MAX_SCALARS} scalar names per worker, got "
+                f"{sorted(self._scalars.keys() | scalars.keys())}"
+            )
         self._examples += examples
+        self._scalars.update({k: float(v) for k, v in scalars.items()})
+
+    def _beat(self) -> dict[str, Any]:
+        """This worker's heartbeat (built on the heartbeat thread: copies, no iteration): who
+        it is, its clock, its count, and the training scalars and bytes it reports."""
+        beat: dict[str, Any] = {
+            "kind": "heartbeat",
+            "role": "worker",
+            "rank": self.rank,
+            "token": self._token,
+            "clock": self._clock,
+            "examples": self._examples,
+        }
+        if self._scalars or self._traffic:
+            traffic = self._traffic.copy()
+            beat["metrics"] = {
+                "scalars": self._scalars.copy(),
+                "bytes": {t: [int(v[0]), int(v[1])] for t, v in traffic.items()},
+            }
+        return beat
+
+    def _count_bytes(
+        self,
+        table: str,
+        arrays: Sequence[np.ndarray],
+        parse: Callable[[Message], Any] | None,
+    ) -> Callable[[Message], Any]:
+        """Count a table's bytes sent now and received with the answer (per request: the
+        status shows bytes/s per table)."""
+        counts = self._traffic.get(table)
+        if counts is None:
+            counts = self._traffic[table] = [0, 0]
+        counts[0] += sum(a.nbytes for a in arrays)
+
+        def counted(msg: Message) -> Any:
+            counts[1] += sum(a.nbytes for a in msg[1])
+            return parse(msg) if parse is not None else msg[0]
+
+        return counted
 
     # ---- life -----------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Leave the cluster (other workers stop waiting for this one) and close the sockets."""
+    def close(self, *, leave_timeout: float = 2.0) -> None:
+        """Leave the cluster (other workers stop waiting for this one) and close the sockets;
+        the coordinator's answer to the leave is awaited up to ``leave_timeout`` seconds."""
         if self._closed:
             return
         self._closed = True
@@ -432,7 +508,7 @@ class Session:
                     "coordinator",
                     {"kind": "leave", "role": "worker", "rank": self.rank, "token": self._token},
                     what="leave",
-                ).result(2.0)
+                ).result(leave_timeout)
         except Exception as exc:  # leaving is best effort; the heartbeat timeout covers the rest
             log.debug("leave failed: %s", exc)
         finally:

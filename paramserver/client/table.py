@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -79,6 +80,8 @@ class TableHandle:
         self.dtype = spec.np_dtype
         self._staleness: Counter[int] = Counter()
         self.results = ResultPool()
+        self._pushed_at = -1  # this worker's clock at its last push to this table
+        self._warned_unclocked = False
 
     def staleness(self) -> dict[int, int]:
         """Histogram of the staleness this worker's pulls were served with: {clocks: count}.
@@ -126,11 +129,14 @@ class TableHandle:
 
     def push_header(self) -> dict[str, Any]:
         c = self.client
+        self._pushed_at = c.current_clock
         return {"kind": "push", "table": self.name, "rank": c.rank, "clock": c.current_clock,
                 "seq": c.next_seq()}  # fmt: skip
 
     def pull_header(self, create: bool, timeout: float) -> dict[str, Any]:
         c = self.client
+        if self._pushed_at == c.current_clock and self.spec.consistency == "sync":
+            self._warn_unclocked()
         return {
             "kind": "pull",
             "table": self.name,
@@ -139,6 +145,22 @@ class TableHandle:
             "create": create,
             "timeout": timeout,
         }
+
+    def _warn_unclocked(self) -> None:
+        """Once per table: a sync pull cannot see this worker's own pushes of the same clock
+        (they are applied when every worker has called ``clock()``); without ``clock()`` in the
+        loop the rows stay at their initial values."""
+        if self._warned_unclocked:
+            return
+        self._warned_unclocked = True
+        c = self.client
+        warnings.warn(
+            f"table {self.name!r} is sync: this pull at clock {c.current_clock} does not see "
+            f"worker[{c.rank}]'s pushes of clock {c.current_clock}; they are applied once every "
+            "worker has called client.clock() (call it at the end of each step)",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def record_staleness(self, staleness: list[int]) -> None:
         self._staleness[max(staleness, default=0)] += 1

@@ -4,7 +4,11 @@
 
 from __future__ import annotations
 
+import atexit
+import difflib
+import functools
 import os
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -82,6 +86,21 @@ class Client(Session):
         )
         self._barriers: Counter[str] = Counter()
         self._tables: dict[str, SparseTable | DenseTable] = {}
+        # A program that ends without close() would hold the other workers (barriers, sync
+        # clocks) until its heartbeat timeout: leave at interpreter exit. Weakly referenced,
+        # so a client dropped earlier is not kept alive for it.
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self), os.getpid())
+        atexit.register(self._at_exit)
+
+    def close(self, *, leave_timeout: float = 2.0) -> None:
+        """Leave the cluster (other workers stop waiting for this one) and close the sockets;
+        done at interpreter exit for a client still open then.
+
+        Example:
+            client.close()
+        """
+        atexit.unregister(self._at_exit)
+        super().close(leave_timeout=leave_timeout)
 
     # ---- tables ---------------------------------------------------------------------------
 
@@ -185,6 +204,33 @@ class Client(Session):
         self._tables[name] = dense
         return dense
 
+    def table(self, name: str) -> SparseTable | DenseTable:
+        """Open an existing table by name (a typo is an error here, where ``sparse_table``
+        would create a new table).
+
+        Example:
+            emb = client.table("emb")     # ConfigError naming the tables if there is none
+        """
+        if name in self._tables:
+            return self._tables[name]
+        specs = {t.name: t for t in self.tables()}
+        spec = specs.get(name)
+        if spec is None:
+            close = difflib.get_close_matches(name, list(specs), n=1)
+            raise ConfigError(
+                f"no table {name!r} in the cluster at {self.coordinator}"
+                + (f"; did you mean {close[0]!r}?" if close else "")
+                + " Tables: "
+                + (", ".join(repr(n) for n in sorted(specs)) or "none")
+                + " (create one with client.sparse_table(...) or client.dense_table(...); a "
+                "table another worker creates exists once it has returned: meet at a "
+                "client.barrier() first)"
+            )
+        final = self._create(spec)  # idempotent: the same spec opens it on every server
+        handle = SparseTable(self, final) if final.kind == "sparse" else DenseTable(self, final)
+        self._tables[name] = handle
+        return handle
+
     def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
         """Wait until every live worker has reached this barrier.
 
@@ -241,6 +287,24 @@ class Client(Session):
             for s in range(self.num_servers)
         ]
         return [f.result(timeout)["stats"] for f in futs]
+
+    def training(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The whole job's training numbers as the coordinator has them from every worker's
+        :meth:`report` (a heartbeat interval behind): ``examples``, ``examples_per_s`` and per
+        scalar its ``mean``, ``min``, ``max`` and how many ``workers`` reported it; what a
+        plot of the job's loss should draw rather than one worker's own.
+
+        Example:
+            client.report(loss=0.41); ...; client.training()["scalars"]["loss"]["mean"]
+        """
+        self.check()
+        reply = self.endpoint.request(
+            "coordinator",
+            {"kind": "status"},
+            what=f"status of the coordinator at {self.coordinator}",
+        ).result(timeout)
+        training = reply["status"].get("training")
+        return dict(training) if isinstance(training, dict) else {}
 
     def tables(self) -> list[TableSpec]:
         """The specs of every table in the cluster."""
@@ -306,6 +370,14 @@ class Client(Session):
                 return
             yield shard
             self.complete_lease(dataset, epoch, shard)
+
+
+def _close_at_exit(ref: weakref.ref[Client], pid: int) -> None:
+    client = ref()
+    # a forked child inherits the registration but not the membership: it must not leave
+    if client is not None and os.getpid() == pid:
+        # a coordinator already gone (its cluster closed first) must not hold the exit
+        client.close(leave_timeout=2.0 if client.coordinator_answers() else 0.05)
 
 
 def _consistency(value: str | None) -> str:

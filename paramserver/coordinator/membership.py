@@ -60,6 +60,8 @@ class Member:
     link_up: bool = False
     clock: int = 0  # a server's min clock over live workers, from its heartbeats
     examples: int = 0  # a worker's reported examples, from its heartbeats
+    # a worker's training scalars and bytes per table, from its heartbeats (StatusBoard reads it)
+    metrics: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -283,6 +285,8 @@ class Membership:
         examples = h.get("examples")
         if examples is not None:
             m.examples = examples
+        if h.get("metrics") is not None:
+            m.metrics = h.get("metrics")
         return m
 
     def leave(self, h: LeaveMsg) -> Member | None:

@@ -78,6 +78,7 @@ class HeartbeatMsg(TypedDict):
     token: int
     clock: NotRequired[int | None]
     examples: NotRequired[int | None]
+    metrics: NotRequired[dict[str, Any] | None]
 
 
 class GetViewMsg(TypedDict):

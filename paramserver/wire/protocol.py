@@ -126,6 +126,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "token": (U63, True),
         "clock": (_opt(U63), False),
         "examples": (_opt(U63), False),  # a worker's examples so far (client.report)
+        # a worker's training scalars and bytes per table (client.report; paramserver status)
+        "metrics": (_opt(_is_map), False),
     },
     "get_view": {},
     "create_table": {"spec": (_is_map, True)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from paramserver.errors import ConfigError
-from paramserver.k8s import manifest_objects
+from paramserver.k8s import PodResources, manifest_objects
 
 yaml = pytest.importorskip(
     "yaml", reason="PyYAML is not installed (pip install 'paramserver[ops]')"
@@ -35,6 +36,7 @@ def test_cli_writes_services_statefulsets_and_an_indexed_job(tmp_path: Any) -> N
     docs = list(yaml.safe_load_all(out.read_text()))
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     assert set(by) == {
+        ("PersistentVolumeClaim", "paramserver-checkpoints"),
         ("Service", "paramserver-coordinator"),
         ("StatefulSet", "paramserver-coordinator"),
         ("Service", "paramserver-server"),
@@ -76,7 +78,7 @@ def test_cli_writes_services_statefulsets_and_an_indexed_job(tmp_path: Any) -> N
 
 def test_token_secret_replaces_insecure() -> None:
     docs = manifest_objects(
-        servers=1, workers=1, image="x", token_secret="ps-token", namespace="ml"
+        servers=1, workers=1, image="x", token_secret="ps-token", namespace="ml", command=["t"]
     )
     for d in docs:
         assert d["metadata"]["namespace"] == "ml"
@@ -89,3 +91,103 @@ def test_token_secret_replaces_insecure() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ConfigError):
         manifest_objects(servers=0, workers=1, image="x")
+
+
+def test_objects_pass_the_kubernetes_schemas() -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    for kwargs in (
+        {},
+        {"token_secret": "ps-token", "namespace": "ml", "storage_class": "nfs"},
+        {
+            "checkpoint_claim": "shared-ckpt",
+            "worker_resources": PodResources(cpu="4", memory="8Gi", gpus=1),
+            "server_resources": PodResources(cpu="500m"),
+        },
+    ):
+        objs = manifest_objects(
+            servers=3, workers=2, image="me/train:1", command=["python", "t.py"], **kwargs
+        )
+        for obj in objs:
+            # strict: a misspelt or misplaced field is an error too, not ignored
+            kv.validate(obj, "1.30", strict=True)
+
+
+def test_servers_take_rank_from_ordinal_and_checkpoint_on_the_claim() -> None:
+    objs = manifest_objects(servers=2, workers=1, image="x", command=["t"], name="ctr")
+    by = {(d["kind"], d["metadata"]["name"]): d for d in objs}
+    claim = by[("PersistentVolumeClaim", "ctr-checkpoints")]["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"]
+    for role in ("coordinator", "server"):
+        pod = by[("StatefulSet", f"ctr-{role}")]["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert pod["volumes"] == [
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ctr-checkpoints"}}
+        ]
+        assert c["volumeMounts"] == [{"name": "checkpoints", "mountPath": "/checkpoints"}]
+        assert c["readinessProbe"]["tcpSocket"] and c["livenessProbe"]["tcpSocket"]
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    coord = by[("StatefulSet", "ctr-coordinator")]["spec"]["template"]["spec"]["containers"][0]
+    assert coord["args"][coord["args"].index("--checkpoint-dir") + 1] == "/checkpoints"
+    s = by[("StatefulSet", "ctr-server")]["spec"]["template"]["spec"]["containers"][0]
+    assert s["args"][s["args"].index("--rank") + 1] == "$(POD_INDEX)"
+    assert env_of(s)["POD_INDEX"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+    }
+    # every object is found by the one label the cleanup deletes by
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/instance"] == "ctr" for d in objs)
+
+
+def test_worker_gpus_and_resources_from_the_command_line(tmp_path: Any) -> None:
+    got = subprocess.run(
+        [
+            sys.executable, "-m", "paramserver.cli", "k8s", "manifest", "-s", "1", "-w", "2",
+            "--image", "i", "--worker-cpu", "4", "--worker-memory", "8Gi", "--worker-gpus", "1",
+            "--", "python", "t.py",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert "kubectl delete statefulset,service -l app.kubernetes.io/instance=paramserver" in (
+        got.stdout
+    )
+    job = next(d for d in yaml.safe_load_all(got.stdout) if d["kind"] == "Job")
+    res = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res == {
+        "requests": {"cpu": "4", "memory": "8Gi"},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": 1},
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "My_Cluster"}, "--name 'My_Cluster' must be a DNS-1123 label"),
+        ({"name": "-x"}, "must be a DNS-1123 label"),
+        ({"name": "a" * 41}, "at most 40 characters"),
+        ({"namespace": "ML"}, "--namespace 'ML' must be a DNS-1123 label"),
+        ({"token_secret": "bad secret"}, "--token-secret 'bad secret' is not a valid"),
+        ({"command": []}, "give the worker command after --"),
+        ({"command": None}, "give the worker command after --"),
+        ({"port": 70000}, "--port must be a port"),
+        ({"metrics_port": 7070}, "the ports must differ"),
+        ({"checkpoint_size": "ten gigs"}, "--checkpoint-size 'ten gigs' is not a quantity"),
+        ({"worker_resources": "x"}, None),
+    ],
+)
+def test_bad_names_and_an_empty_command_are_refused(kwargs: dict[str, Any], match: str) -> None:
+    if match is None:  # a quantity that is not one
+        with pytest.raises(ConfigError, match="is not a Kubernetes quantity"):
+            PodResources(memory="8 gigs")
+        return
+    args: dict[str, Any] = {"servers": 1, "workers": 1, "image": "x", "command": ["t"]}
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        manifest_objects(**{**args, **kwargs})
+
+
+def test_cli_refuses_an_empty_worker_command() -> None:
+    got = subprocess.run(
+        [sys.executable, "-m", "paramserver.cli", "k8s", "manifest", "-s", "1", "-w", "1",
+         "--image", "i"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 2 and "give the worker command after --" in got.stderr, got.stderr
