@@ -58,6 +58,15 @@ class Clocks:
     def min_clock(self) -> int:
         return min((self.clock[r] for r in self.live), default=INF_CLOCK)
 
+    @property
+    def reached(self) -> int:
+        """The clock the tables stand at: ``min_clock`` while a worker is live; once none is,
+        the furthest clock any worker reached (not ``INF_CLOCK``: a checkpoint asked for a
+        later clock must not be labelled with a clock nobody trained to)."""
+        if self.live:
+            return self.min_clock
+        return max(self.clock, default=0)
+
     def advance(self, rank: int, clock: int) -> bool:
         """Move ``rank`` to ``clock``; False (and nothing changes) unless it is ahead."""
         # a worker only moves forward; a restarted worker rejoins at the clock it reports

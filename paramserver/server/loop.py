@@ -198,7 +198,7 @@ class Server:
         a pending checkpoint exactly at its clock boundary), then answer the deferred pulls
         that became ready."""
         low = self.state.clocks.min_clock
-        due = self.snapshots.due(low)
+        due = self.snapshots.due(self.state.clocks.reached)
         if due is not None:
             self.pushes.apply_sync(due)
             self.cluster.send(self.snapshots.write())

@@ -30,7 +30,7 @@ class Snapshots:
     Example:
         snaps = Snapshots(state)
         snaps.ask(request_id=5, path="/ckpt/000010", clock=10)
-        if snaps.due(state.clocks.min_clock) is not None:
+        if snaps.due(state.clocks.reached) is not None:
             message = snaps.write()        # the reply for the coordinator
     """
 
@@ -41,9 +41,10 @@ class Snapshots:
     def ask(self, request_id: int, path: str, clock: int) -> None:
         self.pending = (request_id, path, clock)
 
-    def due(self, min_clock: int) -> int | None:
-        """The clock of the pending checkpoint if every live worker reached it, else None."""
-        if self.pending is not None and self.pending[2] <= min_clock:
+    def due(self, reached: int) -> int | None:
+        """The clock of the pending checkpoint if the tables reached it (every live worker
+        did; with none live, one did), else None."""
+        if self.pending is not None and self.pending[2] <= reached:
             return self.pending[2]
         return None
 
