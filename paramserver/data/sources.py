@@ -120,7 +120,7 @@ class FileData:
     """A data file (``KIND:PATH``) cut into training parts and test parts; see the module doc.
 
     ``workers`` only sizes the automatic parts (``part_bytes=0``: about 8 parts per worker,
-    64 KiB to 64 MiB each), so that every worker has parts to read.
+    4 KiB to 64 MiB each), so that every worker has parts to read.
 
     Example:
         src = FileData("csv:clicks.csv", label="click", workers=4)
@@ -150,14 +150,14 @@ class FileData:
             raise DataError(f"{test}: no such test file")
         size = self.path.stat().st_size
         if part_bytes <= 0:
-            part_bytes = min(64 << 20, max(64 << 10, size // max(10, 8 * workers) + 1))
+            part_bytes = min(64 << 20, max(4 << 10, size // max(10, 8 * workers) + 1))
         self.part_bytes = part_bytes
         parts = self._parts(self.path)
         if test is not None:
             self.train, self.test = parts, self._parts(Path(test))
         elif len(parts) < 2:
             raise ConfigError(
-                f"{self.path} is a single part (compressed, or one Parquet row group), so no "
+                f"{self.path} is a single part (compressed, one Parquet row group, or tiny), so no "
                 "test set can be held out of it: give a test file (--test PATH)"
             )
         else:

@@ -280,7 +280,7 @@ def add_file_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fields", type=int, default=0, help="libsvm: keys per example (default: "
                    "the most features of a row of the file's first block)")  # fmt: skip
     g.add_argument("--part-bytes", type=int, default=0, help="bytes per part of a line file "
-                   "(default: about 8 parts per worker, 64 KiB to 64 MiB)")  # fmt: skip
+                   "(default: about 8 parts per worker, 4 KiB to 64 MiB)")  # fmt: skip
 
 
 def _columns(value: str | None) -> list[str] | None:
