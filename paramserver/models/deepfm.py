@@ -4,7 +4,9 @@ One :class:`~paramserver.torch.Embedding` of width ``dim + 1`` per hashed key ho
 first-order weight (column 0) and its factor vector; the FM term is the usual
 ``0.5 * ((sum v)^2 - sum v^2)``; the deep part is an MLP over the concatenated field vectors and
 the dense inputs, kept on the servers by :class:`~paramserver.torch.DenseParameters`. The
-servers run Adagrad for the embeddings and Adam for the MLP.
+servers run Adagrad for the embeddings and Adam for the MLP. Data as logreg's (built-in sets,
+or ``--data criteo|libsvm|csv|parquet:PATH``); training stops after ``--patience`` epochs
+without a better test AUC.
 
     paramserver train deepfm --data movielens --epochs 3
 """

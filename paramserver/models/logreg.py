@@ -4,9 +4,12 @@ Each example's hashed (field, value) keys, plus one bias key, index one weight e
 table of width 1). A worker pulls the weights of a batch's distinct keys, computes the logistic
 loss gradient per example and pushes it per key (repeated keys summed by the client); the
 servers apply FTRL-Proximal, whose L1 term keeps most weights exactly zero. Training data is
-handed out by the coordinator as leases (shards of rows); rank 0 evaluates after every epoch.
+handed out by the coordinator as leases (parts of the data); rank 0 evaluates after every epoch.
+Data: the built-in sets, or your own file (``--data criteo|libsvm|csv|parquet:PATH``), streamed
+part by part.
 
     paramserver train logreg --data movielens --epochs 3
+    paramserver train logreg -w 4 --data libsvm:train.svm --test test.svm
     paramserver run -s 2 -w 4 paramserver/models/logreg.py --data synthetic   (a process per worker)
 """
 

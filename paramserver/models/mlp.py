@@ -1,7 +1,8 @@
 """An MLP image classifier whose parameters live on the servers (dense tables only).
 
 Data: 5,000 MNIST digits (``--data mnist``, fetched; shuffled because the file is sorted by
-label) or scikit-learn's bundled 8x8 digits (``--data digits``, offline). The servers run Adam;
+label), scikit-learn's bundled 8x8 digits (``--data digits``, offline), or your own
+``csv:PATH`` / ``parquet:PATH`` / ``libsvm:PATH`` with a label column. The servers run Adam;
 ``--reference`` also trains the same MLP (same initial values, same batches, torch.optim.Adam)
 in this one process and reports its accuracy next to the distributed one.
 

@@ -1,7 +1,7 @@
 """word2vec: skip-gram with negative sampling, both embedding tables on the servers.
 
-The corpus (the Lee news corpus and a Wikipedia excerpt shipped with gensim's tests, fetched) is
-read once, words seen fewer than ``--min-count`` times are dropped, frequent words are
+The corpus (the Lee news corpus and a Wikipedia excerpt shipped with gensim's tests, fetched, or
+your own text file or folder: ``--corpus PATH``) is read once, words seen fewer than ``--min-count`` times are dropped, frequent words are
 subsampled, and (center, context) pairs are made with word2vec's shrinking window, all with
 array operations. Each step pulls the centers' input vectors and the contexts' and negative
 samples' output vectors, computes the negative-sampling gradients in NumPy and pushes them
