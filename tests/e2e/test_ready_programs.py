@@ -8,6 +8,7 @@ training file's rows once (every part read once, by one worker) with no worker r
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -204,3 +205,28 @@ def test_train_help_lists_the_models_and_a_models_options(tmp_path: Path) -> Non
     assert "logreg" in r.stdout and "MODEL --help" in r.stdout
     r = _run(["train", "deepfm", "--help"], tmp_path)
     assert r.returncode == 0 and "--patience" in r.stdout and "--data" in r.stdout, r.stderr
+
+
+def _deepfm(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    out = tmp_path / "out"
+    r = _run(["train", "deepfm", "-s", "1", "--data", "synthetic", "--examples", "20000",
+              "--out", str(out), "--no-progress", *flags], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary: dict[str, Any] = json.loads((out / "deepfm.json").read_text())
+    return summary
+
+
+def test_deepfm_defaults_do_not_overfit_and_a_falling_auc_stops_it(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    aucs = [h["test_auc"] for h in _deepfm(tmp_path)["history"]]
+    assert len(aucs) == 3  # the default epochs
+    # the test AUC does not fall over the default epochs (the old rates lost 0.02 an epoch)
+    assert all(b >= a - 0.003 for a, b in itertools.pairwise(aucs)), aucs
+    assert aucs[-1] > aucs[0], aucs
+    # the old rates overfit after one epoch: training stops at the first fall of the AUC
+    summary = _deepfm(tmp_path, "--lr-sparse", "0.05", "--lr-dense", "1e-3", "--epochs", "4")
+    hist = summary["history"]
+    assert len(hist) == 2 and hist[1]["test_auc"] < hist[0]["test_auc"], hist
+    assert summary["best_epoch"] == 1
+    assert summary["best_test_auc"] == hist[0]["test_auc"]
+    assert any("stopped early" in n for n in summary["notes"])
