@@ -77,6 +77,9 @@ class FileFeed:
         w = max(client.num_workers, 1)
         return max(part_steps(self.src.train[r::w], self.batch) for r in range(w))
 
+    def malformed(self) -> int:
+        return self.src.bad.count
+
 
 @dataclass
 class CTRData:

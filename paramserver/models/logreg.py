@@ -187,7 +187,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--l1", type=float, default=0.1, help="FTRL L1 strength")
     p.add_argument("--l2", type=float, default=1.0, help="FTRL L2 strength")
     p.add_argument(
-        "--baseline", action="store_true", help="also fit scikit-learn's logistic regression"
+        "--baseline",
+        action="store_true",
+        help="also fit scikit-learn's logistic regression (rank 0 reads the data into memory)",
     )
     return p
 

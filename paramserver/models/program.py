@@ -79,6 +79,10 @@ class Feed(Protocol):
         a worker with fewer clocks the rest empty). 0: no padding needed."""
         ...
 
+    def malformed(self) -> int:
+        """Malformed lines this worker has skipped so far."""
+        ...
+
 
 class ArrayFeed:
     """An in-memory data set as a :class:`Feed`: :class:`~paramserver.data.shards.ArrayShards`
@@ -114,6 +118,9 @@ class ArrayFeed:
     def steps(self, client: Any, consistency: str) -> int:
         return 0  # the fixed shares are equal (ArrayShards.share)
 
+    def malformed(self) -> int:
+        return 0
+
 
 class JobStats:
     """Every worker's epoch figures (summed loss, examples, parts, batches) in one small dense
@@ -126,7 +133,7 @@ class JobStats:
         stats.publish(1, loss=41.5, examples=100, parts=2, steps=1)  # then a barrier
     """
 
-    FIGURES = ("loss", "examples", "parts", "steps")
+    FIGURES = ("loss", "examples", "parts", "steps", "malformed")
 
     def __init__(self, client: Any, name: str, epochs: int) -> None:
         self.client = client
@@ -203,6 +210,7 @@ def fit(
     stop_rule = stopping or Stopping()
     client.barrier(f"{name}/start")  # every worker present before the first lease goes out
     history: list[dict[str, Any]] = []
+    skipped = 0
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         loss, examples, parts, steps = 0.0, 0, 0, 0
@@ -223,7 +231,8 @@ def fit(
         for _ in range(feed.steps(client, consistency) - steps):
             client.clock()  # a short share under sync: the others wait for these clocks
         trainer.flush()
-        stats.publish(epoch, loss=loss, examples=examples, parts=parts, steps=steps)
+        bad, skipped = feed.malformed() - skipped, feed.malformed()
+        stats.publish(epoch, loss=loss, examples=examples, parts=parts, steps=steps, malformed=bad)
         client.barrier(f"{name}/epoch")
         stop = False
         if lead:
@@ -233,9 +242,11 @@ def fit(
                 "train_loss": float(job["loss"].sum() / max(job["examples"].sum(), 1)),
                 **metrics,
             }
-            stop = stop_rule.update(epoch, rec)
+            stop = stop_rule.update(epoch, rec) and epoch < epochs
             rec["examples_by_worker"] = [int(v) for v in job["examples"]]
             rec["parts_by_worker"] = [int(v) for v in job["parts"]]
+            if job["malformed"].sum():
+                rec["malformed_lines"] = int(job["malformed"].sum())  # skipped, all workers
             history.append({"epoch": epoch, **rec})
             if report is not None:
                 report.epoch(epoch, seconds=time.perf_counter() - t0, **rec)

@@ -159,6 +159,20 @@ def test_held_out_tenth_and_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
         assert out.count("skipped") == 0, out
 
 
+def test_malformed_lines_are_skipped_and_counted_over_all_workers(tmp_path: Path) -> None:
+    data, test, _ = _write_criteo(tmp_path)
+    lines = (tmp_path / "train.tsv").read_text().splitlines(keepends=True)
+    for i in range(0, len(lines), 200):  # 30 lines lose their last field
+        lines[i] = lines[i].rsplit("\t", 1)[0] + "\n"
+    (tmp_path / "train.tsv").write_text("".join(lines))
+    r = _run(["run", "-s", "1", "-w", "2", LOGREG, "--data", data, "--test", test, "--epochs",
+              "1", "--out", "out", "--no-progress"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads((tmp_path / "out" / "logreg.json").read_text())["history"][0]
+    assert rec["malformed_lines"] == 30
+    assert sum(rec["examples_by_worker"]) == N_TRAIN - 30
+
+
 def test_mlp_trains_on_a_users_csv(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     import pandas as pd
