@@ -28,8 +28,9 @@ from paramserver.models.program import ArrayFeed, Report, Stopping, add_common_a
 
 __all__ = ["DeepFM", "DeepFMTrainer", "main", "parser", "train", "train_on", "train_worker"]
 
-# Rates that do not overfit the synthetic data within the default epochs (test AUC rising
-# each of 3 epochs; 0.05 / 1e-3 peaked after one epoch and fell every epoch after).
+# The program's rates: they do not overfit the synthetic data within the default 3 epochs (test
+# AUC rising each epoch; 0.05 / 1e-3, still train_worker's defaults, peaked after one epoch and
+# fell every epoch after).
 LR_SPARSE, LR_DENSE = 0.003, 3e-4
 
 
@@ -132,8 +133,8 @@ def train_worker(
     batch: int = 512,
     dim: int = 8,
     hidden: tuple[int, ...] = (64, 32),
-    lr_sparse: float = LR_SPARSE,
-    lr_dense: float = LR_DENSE,
+    lr_sparse: float = 0.05,
+    lr_dense: float = 1e-3,
     consistency: str = "async",
     shard_rows: int = 8192,
     patience: int = 0,
