@@ -82,24 +82,30 @@ class Part:
 
 def _line_parts(path: Path, part_bytes: int, header: bool) -> list[Part]:
     chunks = line_index(path, part_bytes, header=header)
-    total = _count_lines(path) - (1 if header else 0)
-    parts = []
-    for i, (start, stop, first) in enumerate(chunks):
-        nxt = chunks[i + 1][2] if i + 1 < len(chunks) else total + first_line_of(header)
-        parts.append(Part(path, start, None if stop < 0 else stop, first, nxt - first))
-    return parts
+    if not chunks:
+        return []
+    start, stop, first = chunks[-1]
+    end = first + _count_lines(path, start, None if stop < 0 else stop)  # the last part's end
+    nexts = [c[2] for c in chunks[1:]] + [end]
+    return [
+        Part(path, a, None if b < 0 else b, f, n - f)
+        for (a, b, f), n in zip(chunks, nexts, strict=True)
+    ]
 
 
-def first_line_of(header: bool) -> int:
-    return 2 if header else 1
-
-
-def _count_lines(path: Path) -> int:
+def _count_lines(path: Path, start: int, stop: int | None) -> int:
+    """Lines in a byte range (a last line without its newline counted)."""
     from paramserver.data.lines import open_data
 
-    count, last = 0, b"\n"
+    count, last, left = 0, b"\n", None if stop is None else stop - start
     with open_data(path) as f:
-        while buf := f.read(8 << 20):
+        f.seek(start)
+        while left is None or left > 0:
+            buf = f.read(8 << 20 if left is None else min(8 << 20, left))
+            if not buf:
+                break
+            if left is not None:
+                left -= len(buf)
             count += buf.count(b"\n")
             last = buf[-1:]
     return count + (last != b"\n")
