@@ -210,7 +210,10 @@ def _parser() -> argparse.ArgumentParser:
     ki.add_argument("--json", action="store_true", help="print JSON")
 
     t = sub.add_parser(
-        "train", help="train a ready model: logreg, deepfm, word2vec, mlp", add_help=False
+        "train",
+        help="train a ready model: logreg, deepfm, word2vec, mlp",
+        description="Train a ready model on a local cluster (or as one worker under "
+        "paramserver run). 'paramserver train MODEL --help' lists the model's options.",
     )
     t.add_argument("model", choices=["logreg", "deepfm", "word2vec", "mlp"])
     t.add_argument("options", nargs=argparse.REMAINDER, help="the model's options (--help)")

@@ -74,17 +74,23 @@ def read_libsvm(
     bad: BadLines | None = None,
     signed_labels: bool = False,
     block_bytes: int = 8 << 20,
+    start: int = 0,
+    stop: int | None = None,
+    first_line: int = 1,
 ) -> Iterator[SparseBatch]:
     """Stream a libsvm/svmlight file (``label idx:value ...``) as SparseBatches.
 
     Keys are ``hash_field(0, idx)``. Labels must be 0 or 1; with ``signed_labels`` -1/+1 are read
-    as 0/1. ``qid:`` tokens are ignored.
+    as 0/1. ``qid:`` tokens are ignored. ``start``/``stop``/``first_line`` read one part of the
+    file (see :func:`~paramserver.data.lines.line_blocks`).
 
     Example:
         for b in read_libsvm("a9a.txt", signed_labels=True): ...
     """
     bad = bad or BadLines()
-    for first, block in line_blocks(path, block_bytes=block_bytes):
+    for first, block in line_blocks(
+        path, block_bytes=block_bytes, start=start, stop=stop, first_line=first_line
+    ):
         tokens = np.array(block.replace(b"\n", b" \x01 ").split(), dtype=np.bytes_)
         end = tokens == b"\x01"
         line = np.cumsum(end) - end  # block-relative line of each token
@@ -171,11 +177,18 @@ def read_table(
     bad: BadLines | None = None,
     block_bytes: int = 8 << 20,
     batch_rows: int = 65536,
+    start: int | None = None,
+    stop: int | None = None,
+    first_line: int = 2,
+    row_groups: Sequence[int] | None = None,
 ) -> Iterator[CTRBatch]:
     """Stream a CSV file (with a header line) or a Parquet file as CTRBatches.
 
     Categorical columns are hashed as (column, string); numeric columns go to ``dense`` and,
     with ``bucketize``, also to ``keys`` as signed-log buckets. The label must be 0 or 1.
+
+    One part of the file: a CSV's byte range ``start``/``stop`` of whole lines after the header
+    (``first_line`` is the number of the line at ``start``), or a Parquet file's ``row_groups``.
 
     Example:
         for b in read_table("clicks.parquet", label="click", categorical=["site", "ad"],
@@ -197,8 +210,10 @@ def read_table(
         missing = [c for c in wanted if c not in pf.schema_arrow.names]
         if missing:
             raise DataError(f"{p}: no column(s) {missing}; it has {pf.schema_arrow.names}")
-        row = 0
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=wanted):
+        groups = list(range(pf.num_row_groups)) if row_groups is None else list(row_groups)
+        meta = pf.metadata
+        row = sum(meta.row_group(g).num_rows for g in range(groups[0])) if groups else 0
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=wanted, row_groups=groups):
             frame = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in wanted}
             frame[label] = _numbers(frame[label].astype(str))
             for c in categorical:
@@ -223,12 +238,17 @@ def read_table(
     missing = [c for c in wanted if c not in names]
     if missing:
         raise DataError(f"{p}:1: header has no column(s) {missing}; it has {names}")
-    start = len(header_line) if p.suffix not in (".gz", ".bz2") else 0
-    skip_header = start == 0
+    if start is None:
+        start = len(header_line) if p.suffix not in (".gz", ".bz2") else 0
+        skip_header = start == 0
+    else:
+        skip_header = False
     sep_byte = sep.encode()
     if len(sep_byte) != 1:
         raise ConfigError(f"sep must be one byte, got {sep!r}")
-    for first, block in line_blocks(p, block_bytes=block_bytes, start=start, first_line=2):
+    for first, block in line_blocks(
+        p, block_bytes=block_bytes, start=start, stop=stop, first_line=first_line
+    ):
         if skip_header:  # a compressed file cannot seek past its header
             block = block[block.index(b"\n") + 1 :]
             skip_header = False

@@ -71,7 +71,8 @@ def _run_model(model: str, args: list[str], servers: int, workers: int) -> int:
 def main(servers: int = 2, workers: int = 2, epochs: int = 3, out: Path | None = None) -> int:
     """Run the demo; returns the exit code."""
     from paramserver.models.baselines import sklearn_logreg
-    from paramserver.models.program import load_ctr, plot_curves
+    from paramserver.models.ctr import load_ctr
+    from paramserver.models.program import plot_curves
 
     start = time.perf_counter()
     out = out or Path("paramserver-demo")

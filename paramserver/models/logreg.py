@@ -4,9 +4,12 @@ Each example's hashed (field, value) keys, plus one bias key, index one weight e
 table of width 1). A worker pulls the weights of a batch's distinct keys, computes the logistic
 loss gradient per example and pushes it per key (repeated keys summed by the client); the
 servers apply FTRL-Proximal, whose L1 term keeps most weights exactly zero. Training data is
-handed out by the coordinator as leases (shards of rows); rank 0 evaluates after every epoch.
+handed out by the coordinator as leases (parts of the data); rank 0 evaluates after every epoch.
+Data: the built-in sets, or your own file (``--data criteo|libsvm|csv|parquet:PATH``), streamed
+part by part.
 
     paramserver train logreg --data movielens --epochs 3
+    paramserver train logreg -w 4 --data libsvm:train.svm --test test.svm
     paramserver run -s 2 -w 4 paramserver/models/logreg.py --data synthetic   (a process per worker)
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,17 +27,10 @@ import paramserver as ps
 from paramserver.data.ctr import CTRBatch
 from paramserver.data.evaluate import auc, logloss
 from paramserver.data.hashing import hash_field
-from paramserver.data.shards import ArrayShards
-from paramserver.models.program import (
-    Report,
-    add_common_args,
-    add_ctr_args,
-    load_ctr,
-    progress,
-    run,
-)
+from paramserver.models.ctr import CTRData, add_ctr_args, ctr_data, predict_blocks, test_blocks
+from paramserver.models.program import ArrayFeed, Report, add_common_args, fit, run
 
-__all__ = ["evaluate", "main", "parser", "train", "train_worker"]
+__all__ = ["LogregTrainer", "evaluate", "main", "parser", "train", "train_on", "train_worker"]
 
 BIAS_KEY = np.uint64(hash_field(1 << 20, np.zeros(1, np.uint64))[0])
 
@@ -54,15 +51,81 @@ def predict(table: ps.SparseTable, keys: np.ndarray, *, create: bool = False) ->
 
 def evaluate(table: ps.SparseTable, test: CTRBatch, train_keys: np.ndarray) -> dict[str, Any]:
     """Test AUC and log-loss, and how many weights of the training keys are nonzero."""
-    p = np.concatenate(
-        [predict(table, test.keys[i : i + 16384]) for i in range(0, len(test), 16384)]
-    )
+    _, p = predict_blocks(test_blocks(test), lambda b: predict(table, b.keys))
     w = table.pull(train_keys, create=False)[:, 0]
     return {
         "test_auc": auc(test.y, p),
         "test_logloss": logloss(test.y, p),
         "nonzero_weights": int(np.count_nonzero(w)),
     }
+
+
+class LogregTrainer:
+    """The model's own part of a step: pull the weights of a batch's keys (the next batch's
+    prefetched under async), push the logistic loss gradient per key."""
+
+    def __init__(
+        self, client: ps.Client, test: Callable[[], Iterator[CTRBatch]], *,
+        consistency: str, alpha: float, beta: float, l1: float, l2: float,
+        train_keys: np.ndarray | None = None, slow_rank: int = -1, slow_factor: float = 1.0,
+        eval_every: int = 0,
+    ) -> None:  # fmt: skip
+        self.client = client
+        self.table = client.sparse_table(
+            "logreg/w", dim=1, optimizer=ps.optim.FTRL(alpha=alpha, beta=beta, l1=l1, l2=l2),
+            consistency=consistency,
+        )  # fmt: skip
+        self.test = test
+        self.train_keys = train_keys
+        # under sync or ssp a pull must wait for the clocks, so it cannot go out a step early
+        self.prefetch = self.table.spec.mode[0] == "async"
+        self.pending: list[ps.Future[None]] = []
+        self.nxt: tuple[np.ndarray, ps.Future[np.ndarray]] | None = None
+        self.slow_rank, self.slow_factor, self.eval_every = slow_rank, slow_factor, eval_every
+        self.steps = 0
+        self.t0 = time.perf_counter()
+        self.curve: list[dict[str, Any]] = []
+
+    def step(self, batch: CTRBatch, nxt: CTRBatch | None) -> tuple[float, int]:
+        tick = time.perf_counter()
+        if self.nxt is None:
+            keys = _with_bias(batch.keys)
+            rows = self.table.pull_async(keys)
+        else:
+            keys, rows = self.nxt
+        w = rows.result()[..., 0]
+        self.nxt = None
+        if self.prefetch and nxt is not None:
+            # the next batch's weights travel while this batch is computed; they miss this
+            # batch's update (one step more staleness, what async allows anyway)
+            k2 = _with_bias(nxt.keys)
+            self.nxt = (k2, self.table.pull_async(k2))
+        p = 1.0 / (1.0 + np.exp(-w.sum(axis=1, dtype=np.float64)))
+        loss = logloss(batch.y, p) * len(batch)
+        g = (p - batch.y).astype(np.float32)
+        grads = np.broadcast_to(g[:, None, None], (*keys.shape, 1))
+        self.flush()
+        self.pending = [self.table.push(keys, np.ascontiguousarray(grads))]
+        self.steps += 1
+        if self.client.rank == self.slow_rank and self.slow_factor > 1:
+            time.sleep((self.slow_factor - 1) * (time.perf_counter() - tick))
+        if self.client.rank == 0 and self.eval_every and self.steps % self.eval_every == 0:
+            self.evaluate()
+        return loss, len(batch)
+
+    def flush(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending = []
+
+    def evaluate(self) -> dict[str, float]:
+        y, p = predict_blocks(self.test, lambda b: predict(self.table, b.keys))
+        m: dict[str, Any] = {"test_auc": auc(y, p), "test_logloss": logloss(y, p)}
+        if self.train_keys is not None:
+            w = self.table.pull(self.train_keys, create=False)[:, 0]
+            m["nonzero_weights"] = int(np.count_nonzero(w))
+        self.curve.append({"seconds": time.perf_counter() - self.t0, "step": self.steps, **m})
+        return m
 
 
 def train_worker(
@@ -86,73 +149,29 @@ def train_worker(
 ) -> dict[str, Any]:
     """Train on the leased shards of ``train``; rank 0 evaluates on ``test`` (after every epoch,
     and every ``eval_every`` steps if set). Returns the curve and the staleness histogram."""
-    table = client.sparse_table(
-        "logreg/w",
-        dim=1,
-        optimizer=ps.optim.FTRL(alpha=alpha, beta=beta, l1=l1, l2=l2),
-        consistency=consistency,
+    data = CTRData(
+        ArrayFeed("logreg/train", train, rows=shard_rows, batch=batch), test_blocks(test), "",
+        len(train), len(test), train.fields, int(train.dense.shape[1]), train,
+    )  # fmt: skip
+    return train_on(
+        client, data, epochs=epochs, consistency=consistency, alpha=alpha, beta=beta, l1=l1,
+        l2=l2, slow_rank=slow_rank, slow_factor=slow_factor, eval_every=eval_every,
+        report=report, show=show,
+    )  # fmt: skip
+
+
+def train_on(
+    client: ps.Client, data: CTRData, *, epochs: int, consistency: str, report: Report | None,
+    show: bool, **settings: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Train on ``data`` (a feed of batches and a test set) with :func:`program.fit`."""
+    train_keys = None if data.train is None else np.unique(_with_bias(data.train.keys))
+    trainer = LogregTrainer(
+        client, data.test, consistency=consistency, train_keys=train_keys, **settings
     )
-    shards = ArrayShards("logreg/train", train, rows=shard_rows)
-    train_keys = np.unique(_with_bias(train.keys))
-    # under sync or ssp a pull must wait for the clocks, so it cannot go out a step early
-    prefetch = table.spec.mode[0] == "async"
-    lead = client.rank == 0
-    curve: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    steps = 0
-    for epoch in range(1, epochs + 1):
-        losses: list[float] = []
-        seen = 0
-        parts = progress(
-            shards.parts(client, epoch, consistency),
-            desc=f"logreg epoch {epoch}",
-            show=show and lead,
-        )
-        pending: list[ps.Future[None]] = []
-        for part in parts:
-            nxt: tuple[np.ndarray, ps.Future[np.ndarray]] | None = None
-            for i in range(0, len(part), batch):
-                tick = time.perf_counter()
-                yb = part.y[i : i + batch]
-                if nxt is None:
-                    keys = _with_bias(part.keys[i : i + batch])
-                    rows = table.pull_async(keys)
-                else:
-                    keys, rows = nxt
-                w = rows.result()[..., 0]
-                nxt = None
-                if prefetch and i + batch < len(part):
-                    # the next batch's weights travel while this batch is computed; they miss
-                    # this batch's update (one step more staleness, what async allows anyway)
-                    k2 = _with_bias(part.keys[i + batch : i + 2 * batch])
-                    nxt = (k2, table.pull_async(k2))
-                p = 1.0 / (1.0 + np.exp(-w.sum(axis=1, dtype=np.float64)))
-                losses.append(logloss(yb, p) * len(yb))
-                seen += len(yb)
-                g = (p - yb).astype(np.float32)
-                grads = np.broadcast_to(g[:, None, None], (*keys.shape, 1))
-                for f in pending:
-                    f.result()
-                pending = [table.push(keys, np.ascontiguousarray(grads))]
-                client.report(examples=len(yb))  # examples/s in paramserver status
-                client.clock()
-                steps += 1
-                if client.rank == slow_rank and slow_factor > 1:
-                    time.sleep((slow_factor - 1) * (time.perf_counter() - tick))
-                if lead and eval_every and steps % eval_every == 0:
-                    m = evaluate(table, test, train_keys)
-                    curve.append({"seconds": time.perf_counter() - t0, "step": steps, **m})
-        for f in pending:
-            f.result()
-        client.barrier("logreg/epoch")
-        if lead:
-            m = evaluate(table, test, train_keys)
-            curve.append({"seconds": time.perf_counter() - t0, "step": steps, **m})
-            if report is not None:
-                # the loss of this worker's batches, before each update (progressive validation)
-                report.epoch(epoch, train_loss=float(np.sum(losses) / max(1, seen)), **m)
-    client.barrier("logreg/done")
-    return {"curve": curve, "staleness": table.staleness(), "steps": steps}
+    fit(client, data.feed, trainer, name="logreg", epochs=epochs, consistency=consistency,
+        report=report, show=show)  # fmt: skip
+    return {"curve": trainer.curve, "staleness": trainer.table.staleness(), "steps": trainer.steps}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -168,32 +187,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--l1", type=float, default=0.1, help="FTRL L1 strength")
     p.add_argument("--l2", type=float, default=1.0, help="FTRL L2 strength")
     p.add_argument(
-        "--baseline", action="store_true", help="also fit scikit-learn's logistic regression"
+        "--baseline",
+        action="store_true",
+        help="also fit scikit-learn's logistic regression (rank 0 reads the data into memory)",
     )
     return p
 
 
 def train(client: ps.Client, args: argparse.Namespace) -> int:
-    """The program: load the data, train, report (rank 0)."""
-    tr, te, what = load_ctr(args)
+    """The program: open the data, train, report (rank 0)."""
+    data = ctr_data(args, client.num_workers, "logreg")
     lead = client.rank == 0
     report = Report(
-        "logreg",
-        args.out,
-        show=lead,
-        data=what,
-        baseline_auc=args.baseline_auc,
-        title=f"FTRL logistic regression, {what}",
-    )
+        "logreg", args.out, show=lead, data=data.what, baseline_auc=args.baseline_auc,
+        title=f"FTRL logistic regression, {data.what}",
+    )  # fmt: skip
     if lead:
         print(
-            f"logreg: {what}: {len(tr)} train / {len(te)} test examples, {tr.fields} fields; "
-            f"{client.num_servers} servers, {client.num_workers} workers",
+            f"logreg: {data.what}: {data.train_rows} train / {data.test_rows} test examples, "
+            f"{data.fields} fields; {client.num_servers} servers, {client.num_workers} workers",
             flush=True,
         )
         if args.baseline:
             from paramserver.models.baselines import sklearn_logreg
+            from paramserver.models.ctr import load_ctr
 
+            tr, te, _ = load_ctr(args)
             base = sklearn_logreg(tr, te)
             report.info["baseline"] = {
                 "name": "scikit-learn LogisticRegression, one process",
@@ -204,10 +223,9 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
                 f"logreg: single-process scikit-learn baseline: test AUC {base['test_auc']:.4f}",
                 flush=True,
             )
-    out = train_worker(
-        client, tr, te, epochs=args.epochs, batch=args.batch, consistency=args.consistency,
-        alpha=args.alpha, beta=args.beta, l1=args.l1, l2=args.l2, report=report,
-        show=not args.no_progress,
+    out = train_on(
+        client, data, epochs=args.epochs, consistency=args.consistency, alpha=args.alpha,
+        beta=args.beta, l1=args.l1, l2=args.l2, report=report, show=not args.no_progress,
     )  # fmt: skip
     if lead:
         report.info["staleness"] = {str(k): v for k, v in out["staleness"].items()}

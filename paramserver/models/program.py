@@ -1,156 +1,272 @@
-"""What every ready training program shares: where it runs, progress bars, its report.
+"""The skeleton every ready program shares: flags, where it runs, the epochs, the report.
 
-A program is a function ``train(client, args, report)`` plus an argument parser. :func:`run`
-starts it on a local cluster (``--servers``, ``--workers``; the workers are processes, each
-running the program's module with ``--worker``), or, when started by ``paramserver run`` or any
-launcher that sets ``PS_COORDINATOR``, joins that cluster as one worker. Rank 0 prints one line
-per epoch and writes the JSON summary and the PNG plot of the curves.
+A model brings a parser of its own flags and a ``train(client, args)`` that builds a
+:class:`Feed` (its data, as parts) and a :class:`Trainer` (a step per batch, a flush, an
+evaluation) and hands both to :func:`fit`, which runs the epochs: this worker's parts (leases
+under async, a fixed share under sync / ssp), a step and a clock per batch, the progress bar,
+the job's train loss (every worker's, through :class:`JobStats`), rank 0's evaluation and
+report line, early stopping. :func:`run` starts the program on a local cluster (``--servers``,
+``--workers``; the workers are processes, each running the program's module with ``--worker``),
+or, when started by ``paramserver run`` or any launcher that sets ``PS_COORDINATOR``, joins that
+cluster as one worker.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib
-import json
+import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol
+
+import numpy as np
 
 import paramserver as ps
 from paramserver.config import from_env
+from paramserver.data.shards import ArrayShards
+from paramserver.errors import PSError
+from paramserver.models.report import Report, plot_curves, progress
 
-__all__ = ["Report", "add_common_args", "progress", "run"]
-
-T = TypeVar("T")
-
-
-def progress(
-    items: Iterable[T], *, desc: str, total: int | None = None, show: bool = True
-) -> Iterator[T]:
-    """A tqdm progress bar on stderr (or the bare iterable when ``show`` is false)."""
-    if not show:
-        yield from items
-        return
-    from tqdm import tqdm
-
-    yield from tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, mininterval=0.5)
+__all__ = [
+    "ArrayFeed",
+    "Feed",
+    "JobStats",
+    "Report",
+    "Trainer",
+    "add_common_args",
+    "fit",
+    "plot_curves",
+    "progress",
+    "run",
+]
 
 
-class Report:
-    """Per-epoch records of a run, printed as they come and written as JSON, CSV and PNG, and as
-    TensorBoard event files when ``torch.utils.tensorboard`` (or ``tensorboardX``) can be
-    imported (``tensorboard --logdir OUT/tensorboard``).
+class Trainer(Protocol):
+    """What a model does with its batches (the skeleton does the rest)."""
 
-    ``scalar(tag, value, step)`` records finer-grained curves (e.g. the loss every 100 batches):
-    into ``{model}-scalars.csv`` and the event files.
+    def step(self, batch: Any, nxt: Any | None) -> tuple[float, int]:
+        """Train on ``batch`` (``nxt``, the part's next batch or None, may be prefetched);
+        return the batch's summed loss and its number of examples."""
+        ...
+
+    def flush(self) -> None:
+        """Wait for this worker's updates in flight (end of an epoch)."""
+        ...
+
+    def evaluate(self) -> dict[str, float]:
+        """Test metrics (rank 0, after every epoch)."""
+        ...
+
+
+class Feed(Protocol):
+    """A data set cut into parts, as an epoch reads them."""
+
+    name: str
+
+    def epoch(self, client: Any, epoch: int, consistency: str) -> Iterator[Iterator[Any]]:
+        """This worker's parts of ``epoch``, each as its batches."""
+        ...
+
+    def total(self, client: Any, consistency: str) -> int:
+        """About how many parts this worker reads in an epoch (the progress bar's total)."""
+        ...
+
+    def steps(self, client: Any, consistency: str) -> int:
+        """Under sync / ssp: the batches every worker must clock per epoch (the largest share;
+        a worker with fewer clocks the rest empty). 0: no padding needed."""
+        ...
+
+    def malformed(self) -> int:
+        """Malformed lines this worker has skipped so far."""
+        ...
+
+
+class ArrayFeed:
+    """An in-memory data set as a :class:`Feed`: :class:`~paramserver.data.shards.ArrayShards`
+    of ``rows`` rows, each part cut into ``batch``-row batches (``split`` may cut otherwise)."""
+
+    def __init__(
+        self,
+        name: str,
+        data: Any,
+        *,
+        rows: int,
+        batch: int,
+        split: Callable[[Any], Iterator[Any]] | None = None,
+    ) -> None:
+        self.name = name
+        self.shards = ArrayShards(name, data, rows=rows)
+        self.batch = batch
+        self.split = split or self._cut
+
+    def _cut(self, part: Any) -> Iterator[Any]:
+        for i in range(0, len(part), self.batch):
+            yield part.take(slice(i, i + self.batch))
+
+    def epoch(self, client: Any, epoch: int, consistency: str) -> Iterator[Iterator[Any]]:
+        for part in self.shards.parts(client, epoch, consistency):
+            yield self.split(part)
+
+    def total(self, client: Any, consistency: str) -> int:
+        n, workers = len(self.shards.data), max(int(client.num_workers), 1)
+        rows = self.shards.bounds[0][1] if self.shards.bounds else 1
+        return max(1, math.ceil(n / workers / rows))
+
+    def steps(self, client: Any, consistency: str) -> int:
+        return 0  # the fixed shares are equal (ArrayShards.share)
+
+    def malformed(self) -> int:
+        return 0
+
+
+class JobStats:
+    """Every worker's epoch figures (summed loss, examples, parts, batches) in one small dense
+    table, so that rank 0 reports the whole job's train loss and who read what; and rank 0's
+    stop decision back to every worker. Built from a table because the coordinator offers no
+    aggregate of workers' scalars.
 
     Example:
-        rep = Report("logreg", Path("out")); rep.epoch(1, train_loss=0.5, test_auc=0.7); rep.save()
+        stats = JobStats(client, "logreg", epochs=3)
+        stats.publish(1, loss=41.5, examples=100, parts=2, steps=1)  # then a barrier
     """
 
-    def __init__(self, model: str, out: Path, *, show: bool = True, **info: Any) -> None:
-        self.model = model
-        self.out = out
-        self.show = show
-        self.info = dict(info)
-        self.history: list[dict[str, Any]] = []
-        self.scalars: list[tuple[str, float, int]] = []
-        self.start = time.perf_counter()
-        self.tensorboard: Path | None = None  # the event files' folder, once written
+    FIGURES = ("loss", "examples", "parts", "steps", "malformed")
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        """Record one point of the curve ``tag`` (written by :meth:`save`)."""
-        self.scalars.append((tag, float(value), int(step)))
-
-    def epoch(self, epoch: int, **metrics: Any) -> None:
-        rec = {"epoch": epoch, "seconds": round(time.perf_counter() - self.start, 2), **metrics}
-        self.history.append(rec)
-        if self.show:
-            parts = "  ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-            )
-            base = self.info.get("baseline_auc")
-            if base is not None and "test_auc" in metrics:
-                parts += f"  (single-process baseline AUC {base:.4f})"
-            print(f"{self.model} epoch {epoch}: {parts}  ({rec['seconds']:.1f}s)", flush=True)
-
-    def save(self) -> tuple[Path, Path]:
-        """Write ``{model}.json`` and ``{model}.png`` into the output folder; return both."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        js, png = self.out / f"{self.model}.json", self.out / f"{self.model}.png"
-        js.write_text(
-            json.dumps({"model": self.model, **self.info, "history": self.history}, indent=1)
+    def __init__(self, client: Any, name: str, epochs: int) -> None:
+        self.client = client
+        self.workers = max(int(client.num_workers), 1)  # the same shape in every worker
+        self.table = client.dense_table(
+            f"{name}/job-stats",
+            (epochs, self.workers + 1, len(self.FIGURES)),
+            dtype="float64",
+            optimizer=ps.optim.SGD(lr=1.0),
+            consistency="async",
         )
-        plot_curves({self.model: self.history}, png, title=self.info.get("title", self.model))
-        self._write_csv()
-        self.tensorboard = self._write_events()
-        return js, png
 
-    def _write_csv(self) -> None:
-        cols = list(dict.fromkeys(k for r in self.history for k in r))
-        with (self.out / f"{self.model}.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols or ["epoch"])
-            w.writeheader()
-            w.writerows(self.history)
-        if self.scalars:
-            with (self.out / f"{self.model}-scalars.csv").open("w", newline="") as f:
-                sw = csv.writer(f)
-                sw.writerow(["tag", "step", "value"])
-                sw.writerows((tag, step, value) for tag, value, step in self.scalars)
+    def _add(self, epoch: int, row: int, values: list[float]) -> None:
+        g = np.zeros(self.table.shape, np.float64)
+        g[epoch - 1, row, : len(values)] = values
+        self.table.push(-g).result()  # SGD with rate 1 adds what it is handed, negated
 
-    def _write_events(self) -> Path | None:
-        """TensorBoard event files, if a writer can be imported; else None (the CSV remains)."""
-        for name in ("torch.utils.tensorboard", "tensorboardX"):
-            try:
-                module: Any = importlib.import_module(name)
-                break
-            except ImportError:  # torch.utils.tensorboard raises it without tensorboard
-                continue
-        else:
-            return None
-        folder = self.out / "tensorboard" / self.model
-        writer = module.SummaryWriter(log_dir=str(folder))
-        try:
-            for rec in self.history:
-                for k, v in rec.items():
-                    if k != "epoch" and isinstance(v, int | float):
-                        writer.add_scalar(f"epoch/{k}", v, rec["epoch"])
-            for tag, value, step in self.scalars:
-                writer.add_scalar(tag, value, step)
-        finally:
-            writer.close()
-        return folder
+    def publish(self, epoch: int, **figures: float) -> None:
+        if self.client.rank < self.workers:  # a worker that joined later is not counted
+            self._add(epoch, self.client.rank, [float(figures[f]) for f in self.FIGURES])
+
+    def collect(self, epoch: int) -> dict[str, np.ndarray]:
+        """Each figure of ``epoch``, one value per worker."""
+        got = self.table.pull()[epoch - 1, : self.workers]
+        return {f: got[:, j] for j, f in enumerate(self.FIGURES)}
+
+    def decide(self, epoch: int, stop: bool) -> None:
+        if stop:
+            self._add(epoch, self.workers, [1.0])
+
+    def stopped(self, epoch: int) -> bool:
+        return bool(self.table.pull()[epoch - 1, self.workers, 0] > 0)
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, *, title: str = "") -> Path:
-    """One panel per metric (train loss, test metrics) over epochs, a line per run."""
-    import matplotlib
+def _lookahead(batches: Iterator[Any]) -> Iterator[tuple[Any, Any | None]]:
+    cur = next(batches, None)
+    while cur is not None:
+        nxt = next(batches, None)
+        yield cur, nxt
+        cur = nxt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    keys = sorted({k for h in runs.values() for r in h for k, v in r.items()
-                   if isinstance(v, float) and k not in ("seconds",)})  # fmt: skip
-    if not keys:
-        keys = ["seconds"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys, strict=True):
-        for name, h in runs.items():
-            pts = [(r["epoch"], r[k]) for r in h if k in r]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set_title(k)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+@dataclass
+class Stopping:
+    """Stop when ``monitor`` (higher is better) has not improved for ``patience`` epochs."""
+
+    monitor: str = ""
+    patience: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+
+    def update(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        value = metrics.get(self.monitor)
+        if value is not None and value > self.best:
+            self.best, self.best_epoch = float(value), epoch
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+
+def fit(
+    client: Any,
+    feed: Feed,
+    trainer: Trainer,
+    *,
+    name: str,
+    epochs: int,
+    consistency: str,
+    report: Report | None = None,
+    show: bool = True,
+    stopping: Stopping | None = None,
+) -> list[dict[str, Any]]:
+    """Run the epochs (see the module docstring); rank 0 returns the per-epoch records."""
+    lead = client.rank == 0
+    stats = JobStats(client, name, epochs)
+    stop_rule = stopping or Stopping()
+    client.barrier(f"{name}/start")  # every worker present before the first lease goes out
+    history: list[dict[str, Any]] = []
+    skipped = 0
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        loss, examples, parts, steps = 0.0, 0, 0, 0
+        for batches in progress(
+            feed.epoch(client, epoch, consistency),
+            desc=f"{name} epoch {epoch}",
+            total=feed.total(client, consistency),
+            show=show and lead,
+        ):
+            parts += 1
+            for batch, nxt in _lookahead(batches):
+                batch_loss, n = trainer.step(batch, nxt)
+                loss += batch_loss
+                examples += n
+                steps += 1
+                client.report(examples=n)  # examples/s in paramserver status
+                client.clock()
+        for _ in range(feed.steps(client, consistency) - steps):
+            client.clock()  # a short share under sync: the others wait for these clocks
+        trainer.flush()
+        bad, skipped = feed.malformed() - skipped, feed.malformed()
+        stats.publish(epoch, loss=loss, examples=examples, parts=parts, steps=steps, malformed=bad)
+        client.barrier(f"{name}/epoch")
+        stop = False
+        if lead:
+            job = stats.collect(epoch)
+            metrics = trainer.evaluate()
+            rec: dict[str, Any] = {
+                "train_loss": float(job["loss"].sum() / max(job["examples"].sum(), 1)),
+                **metrics,
+            }
+            stop = stop_rule.update(epoch, rec) and epoch < epochs
+            rec["examples_by_worker"] = [int(v) for v in job["examples"]]
+            rec["parts_by_worker"] = [int(v) for v in job["parts"]]
+            if job["malformed"].sum():
+                rec["malformed_lines"] = int(job["malformed"].sum())  # skipped, all workers
+            history.append({"epoch": epoch, **rec})
+            if report is not None:
+                report.epoch(epoch, seconds=time.perf_counter() - t0, **rec)
+            if stop_rule.patience:
+                stats.decide(epoch, stop)
+        if stop_rule.patience:
+            client.barrier(f"{name}/decided")
+            stop = stats.stopped(epoch)
+        if stop:
+            if lead and report is not None:
+                report.note(
+                    f"stopped early: {stop_rule.monitor} has not improved for "
+                    f"{stop_rule.patience} epoch(s) since epoch {stop_rule.best_epoch}"
+                )
+            break
+    if lead and report is not None and stop_rule.monitor and stop_rule.best_epoch:
+        report.info["best_epoch"] = stop_rule.best_epoch
+        report.info[f"best_{stop_rule.monitor}"] = stop_rule.best
+    client.barrier(f"{name}/done")
+    return history
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -162,61 +278,74 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
+def add_file_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``--data KIND:PATH`` (see :mod:`paramserver.data.sources`)."""
+    g = p.add_argument_group("your own data file (--data criteo|libsvm|csv|parquet:PATH)")
+    g.add_argument("--test", default=None, help="a test file of the same kind (default: the "
+                   "last tenth of the parts of --data is held out)")  # fmt: skip
+    g.add_argument("--label", default="label", help="CSV / Parquet: the label column (0 or 1)")
+    g.add_argument("--categorical", default=None, help="CSV / Parquet: categorical columns, "
+                   "comma-separated (default: the columns that are not numbers)")  # fmt: skip
+    g.add_argument("--numeric", default=None, help="CSV / Parquet: numeric columns, "
+                   "comma-separated (default: the columns that are numbers)")  # fmt: skip
+    g.add_argument("--fields", type=int, default=0, help="libsvm: keys per example (default: "
+                   "the most features of a row of the file's first block)")  # fmt: skip
+    g.add_argument("--part-bytes", type=int, default=0, help="bytes per part of a line file "
+                   "(default: about 8 parts per worker, 4 KiB to 64 MiB)")  # fmt: skip
+
+
+def _columns(value: str | None) -> list[str] | None:
+    return None if value is None else [c for c in value.split(",") if c]
+
+
+def open_file_data(args: argparse.Namespace, workers: int) -> Any:
+    """The :class:`~paramserver.data.sources.FileData` of ``--data KIND:PATH``, probed."""
+    from paramserver.data.sources import FileData
+
+    src = FileData(
+        args.data, test=args.test, label=args.label, categorical=_columns(args.categorical),
+        numeric=_columns(args.numeric), fields=args.fields, part_bytes=args.part_bytes,
+        workers=workers,
+    )  # fmt: skip
+    src.probe()
+    return src
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    """A data file that is not there fails here, in one line, before any process starts."""
+    from paramserver.data.sources import KINDS, parse_data
+
+    data = getattr(args, "data", None)
+    if isinstance(data, str) and data.split(":", 1)[0] in KINDS:
+        _, path = parse_data(data)
+        if not path.is_file():
+            raise ps.errors.DataError(f"{path}: no such data file (--data {data})")
+    test = getattr(args, "test", None)
+    if test is not None and not Path(test).is_file():
+        raise ps.errors.DataError(f"{test}: no such test file (--test)")
+
+
 def run(
     module: str,
     parser: argparse.ArgumentParser,
     train: Callable[[ps.Client, argparse.Namespace], int],
     argv: list[str] | None,
 ) -> int:
-    """Parse ``argv`` and run ``train`` as one worker of a cluster (see the module docstring)."""
+    """Parse ``argv`` and run ``train`` as one worker of a cluster (see the module docstring).
+    A bad setting or data file ends in one line on stderr and exit code 2."""
     args = parser.parse_args(argv)
-    if args.worker or from_env().coordinator:
-        with ps.connect() as client:
-            return train(client, args)
-    if args.workers == 1:
-        with ps.LocalCluster(servers=args.servers, workers=1) as cluster:
-            return train(cluster.connect(), args)
-    rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+    try:
+        _check_files(args)
+        if args.worker or from_env().coordinator:
+            with ps.connect() as client:
+                return train(client, args)
+        if args.workers == 1:
+            with ps.LocalCluster(servers=args.servers, workers=1) as cluster:
+                return train(cluster.connect(), args)
+    except PSError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    rest = list(argv if argv is not None else sys.argv[1:])
     return ps.launch.run_job(
         ["-m", module, *rest, "--worker"], servers=args.servers, workers=args.workers
-    )
-
-
-def add_ctr_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data",
-        default="movielens",
-        help="movielens (MovieLens-100K, fetched), synthetic (generated Criteo-format data), "
-        "or criteo:PATH (a Criteo TSV file; the last 10%% of lines are the test set)",
-    )
-    p.add_argument("--split", default="time", choices=["time", "random"], help="MovieLens split")
-    p.add_argument("--examples", type=int, default=100_000, help="synthetic examples")
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--consistency", default="async", help="sync, ssp:N or async")
-    p.add_argument("--baseline-auc", type=float, default=None, help=argparse.SUPPRESS)
-
-
-def load_ctr(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(train, test, description) CTRBatches for ``--data``."""
-    from paramserver.data import BadLines, CTRBatch, SyntheticCriteo, load_movielens, read_criteo
-
-    if args.data == "movielens":
-        train, test = load_movielens(args.split)
-        return train, test, f"MovieLens-100K ({args.split} split, click = rating >= 4)"
-    if args.data == "synthetic":
-        train, test = SyntheticCriteo(examples=args.examples).make()
-        return train, test, f"SYNTHETIC Criteo-format data ({args.examples} generated examples)"
-    if args.data.startswith("criteo:"):
-        path = args.data[len("criteo:") :]
-        bad = BadLines("skip")
-        data = CTRBatch.concat(list(read_criteo(path, bad=bad)))
-        n_test = max(1, len(data) // 10)
-        print(f"{path}: {len(data)} examples, {bad.report()}", flush=True)
-        return (
-            data.take(slice(0, len(data) - n_test)),
-            data.take(slice(len(data) - n_test, None)),
-            path,
-        )
-    raise ps.errors.ConfigError(
-        f"--data must be movielens, synthetic or criteo:PATH, got {args.data!r}"
     )

@@ -1,7 +1,7 @@
 """word2vec: skip-gram with negative sampling, both embedding tables on the servers.
 
-The corpus (the Lee news corpus and a Wikipedia excerpt shipped with gensim's tests, fetched) is
-read once, words seen fewer than ``--min-count`` times are dropped, frequent words are
+The corpus (the Lee news corpus and a Wikipedia excerpt shipped with gensim's tests, fetched, or
+your own text file or folder: ``--corpus PATH``) is read once, words seen fewer than ``--min-count`` times are dropped, frequent words are
 subsampled, and (center, context) pairs are made with word2vec's shrinking window, all with
 array operations. Each step pulls the centers' input vectors and the contexts' and negative
 samples' output vectors, computes the negative-sampling gradients in NumPy and pushes them
@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 import paramserver as ps
 from paramserver.data.evaluate import spearman
-from paramserver.data.shards import ArrayShards
-from paramserver.models.program import Report, add_common_args, progress, run
+from paramserver.models.program import ArrayFeed, Report, add_common_args, fit, run
 
-__all__ = ["Vocabulary", "evaluate", "main", "parser", "train", "train_worker"]
+__all__ = ["Vocabulary", "evaluate", "main", "parser", "read_corpus", "train", "train_worker"]
 
 
 class Vocabulary:
@@ -142,64 +142,83 @@ def train_worker(
     vocab = Vocabulary(words, min_count)
     ids = vocab.ids(words)
     ids = ids[ids >= 0]
-    emb_in = client.sparse_table(
-        "w2v/in", dim=dim, init=ps.init.Uniform(-0.5 / dim, 0.5 / dim),
-        optimizer=ps.optim.SGD(lr=lr), consistency=consistency,
-    )  # fmt: skip
-    emb_out = client.sparse_table(
-        "w2v/out", dim=dim, init=ps.init.Zeros(), optimizer=ps.optim.SGD(lr=lr),
-        consistency=consistency,
-    )  # fmt: skip
-    noise = np.cumsum(vocab.counts.astype(np.float64) ** 0.75)
-    noise /= noise[-1]
-    shards = ArrayShards("w2v/corpus", _Tokens(ids), rows=50_000)
     rng = np.random.default_rng([seed, client.rank])
-    lead = client.rank == 0
     total_steps = max(1, epochs * len(ids) * window // batch // max(client.num_workers, 1))
-    steps = 0
-    curve = []
-    for epoch in range(1, epochs + 1):
-        total, seen = 0.0, 0
-        for part in progress(
-            shards.parts(client, epoch, consistency),
-            desc=f"word2vec epoch {epoch}",
-            show=show and lead,
-        ):
-            centers, contexts = pairs(part.ids, vocab.counts, window, sample, rng)
-            for i in range(0, len(centers), batch):
-                c, x = centers[i : i + batch], contexts[i : i + batch]
-                neg = np.searchsorted(noise, rng.random((len(c), negative)))
-                out_keys = np.concatenate([x[:, None], neg], axis=1).astype(np.uint64)
-                fut_v = emb_in.pull_async(c.astype(np.uint64))
-                u = emb_out.pull(out_keys)  # (b, 1 + negative, dim)
-                v = fut_v.result()
-                score = np.einsum("bd,bkd->bk", v, u)
-                label = np.zeros_like(score)
-                label[:, 0] = 1.0
-                sig = _sigmoid(score)
-                g = (sig - label).astype(np.float32)  # d loss / d score
-                total += float(-np.log(np.where(label > 0, sig, 1 - sig) + 1e-7).sum())
-                seen += len(c)
-                emb_in.push(c.astype(np.uint64), np.einsum("bk,bkd->bd", g, u).astype(np.float32))
-                emb_out.push(out_keys, (g[..., None] * v[:, None, :]).astype(np.float32))
-                client.report(examples=len(c))  # examples/s in paramserver status
-                client.clock()
-                steps += 1
-                if steps % 100 == 0:  # word2vec's linear decay, to 1e-4 of the start
-                    rate = lr * max(1e-4, 1 - steps / total_steps)
-                    emb_in.set_lr(rate)
-                    emb_out.set_lr(rate)
-        client.barrier("w2v/epoch")
-        if lead:
-            m: dict[str, float] = {}
-            if evaluation is not None:
-                vectors = emb_in.pull(np.arange(len(vocab), dtype=np.uint64), create=False)
-                m = evaluate(vectors, vocab, *evaluation)
-            curve.append(m)
-            if report is not None:
-                report.epoch(epoch, train_loss=total / max(seen, 1), **m)
-    client.barrier("w2v/done")
-    return {"curve": curve, "vocabulary": len(vocab), "tokens": len(ids)}
+    trainer = _Trainer(client, vocab, dim=dim, negative=negative, lr=lr, total_steps=total_steps,
+                       consistency=consistency, evaluation=evaluation, rng=rng)  # fmt: skip
+
+    def split(part: _Tokens) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        centers, contexts = pairs(part.ids, vocab.counts, window, sample, rng)
+        for i in range(0, len(centers), batch):
+            yield centers[i : i + batch], contexts[i : i + batch]
+
+    feed = ArrayFeed("w2v/corpus", _Tokens(ids), rows=50_000, batch=batch, split=split)
+    fit(client, feed, trainer, name="w2v", epochs=epochs, consistency=consistency,
+        report=report, show=show)  # fmt: skip
+    return {"curve": trainer.curve, "vocabulary": len(vocab), "tokens": len(ids)}
+
+
+class _Trainer:
+    """Skip-gram steps: pull the centers' input vectors and the contexts' and negatives' output
+    vectors, push the negative-sampling gradients; the rate decays linearly."""
+
+    def __init__(
+        self, client: ps.Client, vocab: Vocabulary, *, dim: int, negative: int, lr: float,
+        total_steps: int, consistency: str, evaluation: tuple[Any, Any] | None,
+        rng: np.random.Generator,
+    ) -> None:  # fmt: skip
+        self.emb_in = client.sparse_table(
+            "w2v/in", dim=dim, init=ps.init.Uniform(-0.5 / dim, 0.5 / dim),
+            optimizer=ps.optim.SGD(lr=lr), consistency=consistency,
+        )  # fmt: skip
+        self.emb_out = client.sparse_table(
+            "w2v/out", dim=dim, init=ps.init.Zeros(), optimizer=ps.optim.SGD(lr=lr),
+            consistency=consistency,
+        )  # fmt: skip
+        noise = np.cumsum(vocab.counts.astype(np.float64) ** 0.75)
+        self.noise = noise / noise[-1]
+        self.vocab, self.negative, self.lr, self.total_steps = vocab, negative, lr, total_steps
+        self.evaluation, self.rng = evaluation, rng
+        self.steps = 0
+        self.pending: list[ps.Future[None]] = []
+        self.curve: list[dict[str, float]] = []
+
+    def step(self, batch: tuple[np.ndarray, np.ndarray], nxt: Any) -> tuple[float, int]:
+        c, x = batch
+        neg = np.searchsorted(self.noise, self.rng.random((len(c), self.negative)))
+        out_keys = np.concatenate([x[:, None], neg], axis=1).astype(np.uint64)
+        fut_v = self.emb_in.pull_async(c.astype(np.uint64))
+        u = self.emb_out.pull(out_keys)  # (b, 1 + negative, dim)
+        v = fut_v.result()
+        score = np.einsum("bd,bkd->bk", v, u)
+        label = np.zeros_like(score)
+        label[:, 0] = 1.0
+        sig = _sigmoid(score)
+        g = (sig - label).astype(np.float32)  # d loss / d score
+        loss = float(-np.log(np.where(label > 0, sig, 1 - sig) + 1e-7).sum())
+        self.pending = [
+            self.emb_in.push(c.astype(np.uint64), np.einsum("bk,bkd->bd", g, u).astype(np.float32)),
+            self.emb_out.push(out_keys, (g[..., None] * v[:, None, :]).astype(np.float32)),
+        ]
+        self.steps += 1
+        if self.steps % 100 == 0:  # word2vec's linear decay, to 1e-4 of the start
+            rate = self.lr * max(1e-4, 1 - self.steps / self.total_steps)
+            self.emb_in.set_lr(rate)
+            self.emb_out.set_lr(rate)
+        return loss, len(c)
+
+    def flush(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending = []
+
+    def evaluate(self) -> dict[str, float]:
+        m: dict[str, float] = {}
+        if self.evaluation is not None:
+            keys = np.arange(len(self.vocab), dtype=np.uint64)
+            m = evaluate(self.emb_in.pull(keys, create=False), self.vocab, *self.evaluation)
+        self.curve.append(m)
+        return m
 
 
 def gensim_reference(
@@ -222,11 +241,64 @@ def gensim_reference(
     return evaluate(vectors, vocab, *evaluation)
 
 
+BUILT_IN = ("lee", "lee+wiki")
+
+
+def read_corpus(corpus: str) -> np.ndarray:
+    """The word tokens of ``--corpus``: a built-in corpus, a text file or a folder of them.
+
+    Example:
+        words = read_corpus("my_texts/")     # bytes tokens, lower case
+    """
+    from pathlib import Path
+
+    from paramserver.data.datasets import load_text_corpus
+    from paramserver.data.formats import read_text
+
+    if corpus in BUILT_IN:
+        return load_text_corpus(wiki=corpus == "lee+wiki")
+    root = Path(corpus)
+    if root.is_dir():
+        files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+    elif root.is_file():
+        files = [root]
+    else:
+        raise ps.errors.DataError(
+            f"--corpus {corpus!r}: neither {' nor '.join(BUILT_IN)} nor a file or folder"
+        )
+    parts = [block for f in files for block in read_text(f)]
+    words = np.concatenate(parts) if parts else np.empty(0, "S1")
+    if len(words) == 0:
+        raise ps.errors.DataError(f"--corpus {corpus}: no word in {len(files)} file(s)")
+    return words
+
+
+def _evaluation_sets(corpus: str) -> tuple[Any, Any] | None:
+    """The analogy questions and WordSim353; None (no evaluation) where a user's corpus is
+    trained offline and they cannot be fetched."""
+    from paramserver.data.datasets import load_analogies, load_wordsim
+    from paramserver.data.fetch import RegistryUnreachable
+
+    try:
+        return load_analogies(), load_wordsim()
+    except RegistryUnreachable as exc:
+        if corpus in BUILT_IN:
+            raise
+        print(f"word2vec: no evaluation sets ({exc}); training without evaluation", flush=True)
+        return None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paramserver train word2vec", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_common_args(p)
-    p.add_argument("--corpus", default="lee+wiki", choices=["lee", "lee+wiki"])
+    p.add_argument(
+        "--corpus",
+        default="lee+wiki",
+        help="lee (the Lee news corpus), lee+wiki (and a Wikipedia excerpt), both fetched; or "
+        "PATH: a text file or a folder of text files (read recursively, in name order), cut "
+        "into lower-case words: a letter, then letters, digits and apostrophes (ASCII)",
+    )
     p.add_argument("--dim", type=int, default=100)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negative", type=int, default=5)
@@ -241,10 +313,8 @@ def parser() -> argparse.ArgumentParser:
 
 def train(client: ps.Client, args: argparse.Namespace) -> int:
     """The program: read the corpus, train, evaluate, report (rank 0)."""
-    from paramserver.data.datasets import load_analogies, load_text_corpus, load_wordsim
-
-    words = load_text_corpus(wiki=args.corpus == "lee+wiki")
-    evaluation = (load_analogies(), load_wordsim())
+    words = read_corpus(args.corpus)
+    evaluation = _evaluation_sets(args.corpus)
     lead = client.rank == 0
     report = Report("word2vec", args.out, show=lead, corpus=args.corpus, title="word2vec skip-gram")
     if lead:
@@ -258,7 +328,7 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
     )  # fmt: skip
     if lead:
         report.info["vocabulary"] = out["vocabulary"]
-        if args.gensim:
+        if args.gensim and evaluation is not None:
             ref = gensim_reference(words, args, evaluation)
             report.info["gensim"] = ref
             mine = out["curve"][-1]

@@ -50,3 +50,14 @@ def test_report_writes_tensorboard_events(tmp_path: Path) -> None:
     got = [(e.step, round(e.value, 4)) for e in acc.Scalars("epoch/train_loss")]
     assert got == [(1, 0.7), (2, 0.4)]
     assert [e.step for e in acc.Scalars("batch/loss")] == [10]
+
+
+def test_an_epochs_seconds_are_its_own_and_elapsed_is_the_runs(tmp_path: Path) -> None:
+    rep = Report("logreg", tmp_path, show=False)
+    rep.epoch(1, seconds=2.5, train_loss=0.7)
+    rep.epoch(2, seconds=1.5, train_loss=0.6)
+    rep.epoch(3, train_loss=0.5)  # timed since the previous record
+    first, second, third = rep.history
+    assert (first["seconds"], second["seconds"]) == (2.5, 1.5)
+    assert second["elapsed"] >= first["elapsed"]
+    assert third["seconds"] <= third["elapsed"]
