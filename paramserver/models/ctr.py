@@ -14,7 +14,7 @@ import numpy as np
 import paramserver as ps
 from paramserver.data.ctr import CTRBatch
 from paramserver.data.sources import KINDS, FileData, part_steps
-from paramserver.models.program import ArrayFeed, Feed, add_file_args, open_file_data
+from paramserver.models.program import ArrayFeed, Feed, Report, add_file_args, open_file_data
 
 __all__ = [
     "CTRData",
@@ -22,6 +22,7 @@ __all__ = [
     "add_ctr_args",
     "ctr_data",
     "load_ctr",
+    "open_ctr_run",
     "predict_blocks",
     "test_blocks",
 ]
@@ -113,6 +114,26 @@ def ctr_data(args: argparse.Namespace, workers: int, name: str, shard_rows: int 
     feed = ArrayFeed(f"{name}/train", train, rows=shard_rows, batch=args.batch)
     return CTRData(feed, test_blocks(test), what, len(train), len(test), train.fields,
                    int(train.dense.shape[1]), train)  # fmt: skip
+
+
+def open_ctr_run(
+    client: ps.Client, args: argparse.Namespace, name: str, title: str
+) -> tuple[CTRData, Report]:
+    """A CTR program's start: its data, its report (shown by rank 0), and rank 0's line
+    naming the data and the cluster."""
+    data = ctr_data(args, client.num_workers, name)
+    lead = client.rank == 0
+    report = Report(
+        name, args.out, show=lead, data=data.what, baseline_auc=args.baseline_auc,
+        title=f"{title}, {data.what}",
+    )  # fmt: skip
+    if lead:
+        print(
+            f"{name}: {data.what}: {data.train_rows} train / {data.test_rows} test examples, "
+            f"{data.fields} fields; {client.num_servers} servers, {client.num_workers} workers",
+            flush=True,
+        )
+    return data, report
 
 
 def load_ctr(args: argparse.Namespace) -> tuple[CTRBatch, CTRBatch, str]:

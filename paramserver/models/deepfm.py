@@ -23,7 +23,13 @@ import numpy as np
 import paramserver as ps
 from paramserver.data.ctr import CTRBatch
 from paramserver.data.evaluate import auc, logloss
-from paramserver.models.ctr import CTRData, add_ctr_args, ctr_data, predict_blocks, test_blocks
+from paramserver.models.ctr import (
+    CTRData,
+    add_ctr_args,
+    open_ctr_run,
+    predict_blocks,
+    test_blocks,
+)
 from paramserver.models.program import ArrayFeed, Report, Stopping, add_common_args, fit, run
 
 __all__ = ["DeepFM", "DeepFMTrainer", "main", "parser", "train", "train_on", "train_worker"]
@@ -186,18 +192,8 @@ def parser() -> argparse.ArgumentParser:
 
 def train(client: ps.Client, args: argparse.Namespace) -> int:
     """The program: open the data, train, report (rank 0)."""
-    data = ctr_data(args, client.num_workers, "deepfm")
+    data, report = open_ctr_run(client, args, "deepfm", "DeepFM")
     lead = client.rank == 0
-    report = Report(
-        "deepfm", args.out, show=lead, data=data.what, baseline_auc=args.baseline_auc,
-        title=f"DeepFM, {data.what}",
-    )  # fmt: skip
-    if lead:
-        print(
-            f"deepfm: {data.what}: {data.train_rows} train / {data.test_rows} test examples; "
-            f"{client.num_servers} servers, {client.num_workers} workers",
-            flush=True,
-        )
     train_on(
         client, data, epochs=args.epochs, dim=args.dim, hidden=(64, 32),
         lr_sparse=args.lr_sparse, lr_dense=args.lr_dense, consistency=args.consistency,

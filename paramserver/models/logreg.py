@@ -27,7 +27,13 @@ import paramserver as ps
 from paramserver.data.ctr import CTRBatch
 from paramserver.data.evaluate import auc, logloss
 from paramserver.data.hashing import hash_field
-from paramserver.models.ctr import CTRData, add_ctr_args, ctr_data, predict_blocks, test_blocks
+from paramserver.models.ctr import (
+    CTRData,
+    add_ctr_args,
+    open_ctr_run,
+    predict_blocks,
+    test_blocks,
+)
 from paramserver.models.program import ArrayFeed, Report, add_common_args, fit, run
 
 __all__ = ["LogregTrainer", "evaluate", "main", "parser", "train", "train_on", "train_worker"]
@@ -196,33 +202,23 @@ def parser() -> argparse.ArgumentParser:
 
 def train(client: ps.Client, args: argparse.Namespace) -> int:
     """The program: open the data, train, report (rank 0)."""
-    data = ctr_data(args, client.num_workers, "logreg")
+    data, report = open_ctr_run(client, args, "logreg", "FTRL logistic regression")
     lead = client.rank == 0
-    report = Report(
-        "logreg", args.out, show=lead, data=data.what, baseline_auc=args.baseline_auc,
-        title=f"FTRL logistic regression, {data.what}",
-    )  # fmt: skip
-    if lead:
+    if lead and args.baseline:
+        from paramserver.models.baselines import sklearn_logreg
+        from paramserver.models.ctr import load_ctr
+
+        tr, te, _ = load_ctr(args)
+        base = sklearn_logreg(tr, te)
+        report.info["baseline"] = {
+            "name": "scikit-learn LogisticRegression, one process",
+            **base,
+        }
+        report.info["baseline_auc"] = base["test_auc"]
         print(
-            f"logreg: {data.what}: {data.train_rows} train / {data.test_rows} test examples, "
-            f"{data.fields} fields; {client.num_servers} servers, {client.num_workers} workers",
+            f"logreg: single-process scikit-learn baseline: test AUC {base['test_auc']:.4f}",
             flush=True,
         )
-        if args.baseline:
-            from paramserver.models.baselines import sklearn_logreg
-            from paramserver.models.ctr import load_ctr
-
-            tr, te, _ = load_ctr(args)
-            base = sklearn_logreg(tr, te)
-            report.info["baseline"] = {
-                "name": "scikit-learn LogisticRegression, one process",
-                **base,
-            }
-            report.info["baseline_auc"] = base["test_auc"]
-            print(
-                f"logreg: single-process scikit-learn baseline: test AUC {base['test_auc']:.4f}",
-                flush=True,
-            )
     out = train_on(
         client, data, epochs=args.epochs, consistency=args.consistency, alpha=args.alpha,
         beta=args.beta, l1=args.l1, l2=args.l2, report=report, show=not args.no_progress,
