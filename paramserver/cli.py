@@ -318,9 +318,7 @@ def _add_ops_commands(sub: Any) -> None:
 
     k = sub.add_parser("k8s", help="Kubernetes manifests")
     ksub = k.add_subparsers(dest="k8s_command", required=True)
-    m = ksub.add_parser(
-        "manifest", help="write a claim, Services and the roles' Jobs (YAML)"
-    )
+    m = ksub.add_parser("manifest", help="write a claim, Services and the roles' Jobs (YAML)")
     add_manifest_arguments(m)
 
 

@@ -88,6 +88,7 @@ class Completion:
         self._retry_at = 0.0
         self._give_up_at = 0.0
         self._stop_by = 0.0
+        self._linked: set[int] = set()  # the servers whose connection was up at the stop
 
     def tick(self, now: float) -> None:
         """Move the end on by what happened since the last call."""
@@ -113,15 +114,20 @@ class Completion:
         if self.phase == FINAL_ROUND:
             self._final_round(now)
         elif self.phase == STOPPING:
-            gone = all(m.state != ALIVE or not m.link_up for m in coord.members.servers)
+            # a server is gone once its connection closed; one whose connection libzmq did not
+            # name is gone once declared dead (its heartbeats stopped)
+            gone = all(
+                m.state != ALIVE or (m.rank in self._linked and not m.link_up)
+                for m in coord.members.servers
+            )
             if gone or now > self._stop_by:
                 if not gone:
                     log.warning(
-                        "exit when done: %s still connected after %gs; exiting anyway",
-                        ", ".join(m.name for m in coord.members.servers if m.link_up),
-                        coord.timeouts.heartbeat_timeout,
+                        "exit when done: %s still connected after the stop; exiting anyway",
+                        ", ".join(m.name for m in coord.members.servers if m.state == ALIVE),
                     )
-                log.info("job done: every server stopped; the coordinator exits")
+                else:
+                    log.info("job done: every server stopped; the coordinator exits")
                 coord.stop()
 
     def _final_round(self, now: float) -> None:
@@ -170,5 +176,6 @@ class Completion:
         log.info("job done: stopping %d servers", len(live))
         for m in live:
             coord.router.send(m.identity, {"kind": "stop", "id": 0})
+        self._linked = {m.rank for m in live if m.link_up}
         self.phase = STOPPING
-        self._stop_by = now + coord.timeouts.heartbeat_timeout
+        self._stop_by = now + coord.timeouts.heartbeat_timeout + coord.timeouts.heartbeat_interval
