@@ -151,6 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
     _add_token(c)
     _add_checkpoint_args(c)
+    c.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="once every worker left: final checkpoint, stop the servers, exit 0",
+    )
+    c.add_argument(
+        "--restart-grace",
+        type=float,
+        default=300.0,
+        help="with --exit-when-done: seconds a dead worker may take to come back (default 300)",
+    )
     c.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -310,9 +321,7 @@ def _add_ops_commands(sub: Any) -> None:
 
     k = sub.add_parser("k8s", help="Kubernetes manifests")
     ksub = k.add_subparsers(dest="k8s_command", required=True)
-    m = ksub.add_parser(
-        "manifest", help="write a claim, Services, StatefulSets and a worker Job (YAML)"
-    )
+    m = ksub.add_parser("manifest", help="write a claim, Services and the roles' Jobs (YAML)")
     add_manifest_arguments(m)
 
 
@@ -444,6 +453,7 @@ def _command(args: argparse.Namespace) -> int:
             restore=args.restore,
             checkpoints=_checkpoints(args),
             token=token,
+            exit_when_done=args.restart_grace if args.exit_when_done else None,
             **({"metrics_port": args.metrics_port} if args.metrics_port is not None else {}),
             **({"metrics_host": args.metrics_host} if args.metrics_port is not None else {}),
         )

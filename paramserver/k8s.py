@@ -7,21 +7,27 @@ variables wired:
   ``/checkpoints`` by the coordinator and every server. One claim shared by all, not one per
   server: a checkpoint is one directory that every server writes its shards into and the
   coordinator completes with one rename, and a replaced server reads any server's shards;
-- the coordinator: a StatefulSet of one pod behind a Service (``NAME-coordinator``), which
-  also exposes its Prometheus metrics port; it writes a checkpoint every
-  ``checkpoint_every`` seconds into the claim (``--checkpoint-dir``);
-- the servers: a StatefulSet of ``servers`` pods behind a headless Service (``NAME-server``),
-  each advertising its stable DNS name (``NAME-server-3.NAME-server``) and taking its rank from
-  its ordinal (``--rank``, from the pod-index label, Kubernetes >= 1.28): a restarted server
-  pod replaces the dead server of its rank and restores its shards from the newest checkpoint;
+- the coordinator: a Job of one pod behind a Service (``NAME-coordinator``), which also
+  exposes its Prometheus metrics port; it writes a checkpoint every ``checkpoint_every``
+  seconds into the claim (``--checkpoint-dir``) and runs with ``--exit-when-done``;
+- the servers: an Indexed Job of ``servers`` pods behind a headless Service (``NAME-server``,
+  the pods' subdomain), each advertising its stable DNS name (``NAME-server-3.NAME-server``)
+  and taking its rank from its completion index (``--rank $(JOB_COMPLETION_INDEX)``): a
+  restarted server pod replaces the dead server of its rank and restores its shards from the
+  newest checkpoint;
 - the workers: an Indexed Job of ``workers`` pods; each pod's completion index is its
   ``PS_RANK``; ``PS_COORDINATOR``, ``PS_NUM_WORKERS`` and ``PS_NUM_SERVERS`` are set.
 
+Completion. The coordinator and server pods restart on failure (``restartPolicy:
+OnFailure``) and complete on a clean exit. Once every worker left (a dead one: not restarted
+within ``restart_grace`` seconds), the coordinator writes a final checkpoint, stops the
+servers (they exit 0) and exits 0 (paramserver.coordinator.completion): all three Jobs
+complete by themselves. What remains are the Services, the completed Jobs' objects and the
+claim: ``kubectl delete job,service -l app.kubernetes.io/instance=NAME`` removes them but the
+claim (every object carries that label); the YAML's first lines say so.
+
 Every container has resource requests (and memory and GPU limits) and the coordinator and the
-servers have readiness and liveness probes on their ports. Every object carries the label
-``app.kubernetes.io/instance=NAME``: once the worker Job completes,
-``kubectl delete statefulset,service -l app.kubernetes.io/instance=NAME`` ends the rest (the
-claim, and with it the checkpoints, stays); the YAML's first lines say so.
+servers have readiness and liveness probes on their ports.
 
 With ``token_secret`` (a Secret with the key ``token``) every pod gets ``PS_TOKEN`` from it;
 without one the roles are started with ``--insecure`` (a trusted network only).
@@ -49,8 +55,8 @@ CHECKPOINTS = "/checkpoints"  # where the checkpoint claim is mounted
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
-# A StatefulSet's pods get a controller-revision-hash label of its name plus 11 characters,
-# within the 63 of a label value: the longest object name here ("-coordinator") must fit 52.
+# A Job's pods are named after it plus an index and 6 characters, and their hostname (an
+# Indexed Job's NAME-server-INDEX) must fit a DNS label's 63: kept with room to spare.
 _MAX_NAME = 52 - len("-coordinator")
 
 
@@ -175,13 +181,16 @@ def manifest_objects(
     storage_class: str | None = None,
     checkpoint_claim: str | None = None,
     checkpoint_every: float = 600.0,
+    restart_grace: float = 300.0,
     coordinator_resources: PodResources | None = None,
     server_resources: PodResources | None = None,
     worker_resources: PodResources | None = None,
 ) -> list[dict[str, Any]]:
     """The Kubernetes objects of a cluster, as plain maps (see the module docstring).
     ``checkpoint_claim`` names an existing claim to use instead of making one of
-    ``checkpoint_size`` (in ``storage_class``, which must offer ReadWriteMany).
+    ``checkpoint_size`` (in ``storage_class``, which must offer ReadWriteMany);
+    ``restart_grace`` is how long the coordinator waits for a dead worker's restart before it
+    ends the job.
 
     Example:
         objs = manifest_objects(servers=4, workers=16, image="me/train:1",
@@ -206,6 +215,8 @@ def manifest_objects(
         )
     if not checkpoint_every > 0:
         raise ConfigError(f"k8s manifest: --checkpoint-every must be > 0, got {checkpoint_every}")
+    if not restart_grace >= 0:
+        raise ConfigError(f"k8s manifest: --restart-grace must be >= 0, got {restart_grace}")
     res = {
         "coordinator": coordinator_resources or _DEFAULTS["coordinator"],
         "server": server_resources or _DEFAULTS["server"],
@@ -242,6 +253,7 @@ def manifest_objects(
     coordinator_pod = {
         "metadata": {"labels": labels("coordinator")},
         "spec": {
+            "restartPolicy": "OnFailure",
             "containers": [
                 {
                     "name": "coordinator",
@@ -262,6 +274,9 @@ def manifest_objects(
                         CHECKPOINTS,
                         "--checkpoint-every",
                         f"{checkpoint_every:g}",
+                        "--exit-when-done",
+                        "--restart-grace",
+                        f"{restart_grace:g}",
                         *insecure,
                     ],
                     "env": common,
@@ -277,10 +292,12 @@ def manifest_objects(
             "volumes": volume,
         },
     }
-    pod_index = "metadata.labels['apps.kubernetes.io/pod-index']"
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     server_pod = {
         "metadata": {"labels": labels("server")},
         "spec": {
+            "restartPolicy": "OnFailure",
+            "subdomain": srv,  # with the headless Service: NAME-server-3.NAME-server resolves
             "containers": [
                 {
                     "name": "server",
@@ -294,17 +311,17 @@ def manifest_objects(
                         "--port",
                         str(server_port),
                         "--advertise",
-                        f"$(POD_NAME).{srv}",
+                        f"{srv}-$(JOB_COMPLETION_INDEX).{srv}",
                         "--rank",
-                        "$(POD_INDEX)",
+                        "$(JOB_COMPLETION_INDEX)",
                         *insecure,
                     ],
                     "env": [
+                        # set by the Job controller too; named here so that $(...) expands it
                         {
-                            "name": "POD_NAME",
-                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                            "name": "JOB_COMPLETION_INDEX",
+                            "valueFrom": {"fieldRef": {"fieldPath": index}},
                         },
-                        {"name": "POD_INDEX", "valueFrom": {"fieldRef": {"fieldPath": pod_index}}},
                         *common,
                     ],
                     "ports": [{"name": "data", "containerPort": server_port}],
@@ -316,7 +333,6 @@ def manifest_objects(
             "volumes": volume,
         },
     }
-    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     worker_pod = {
         "metadata": {"labels": labels("worker")},
         "spec": {
@@ -365,15 +381,10 @@ def manifest_objects(
             },
         },
         {
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
+            "apiVersion": "batch/v1",
+            "kind": "Job",
             "metadata": _meta(coord, namespace, labels("coordinator")),
-            "spec": {
-                "serviceName": coord,
-                "replicas": 1,
-                "selector": {"matchLabels": labels("coordinator")},
-                "template": coordinator_pod,
-            },
+            "spec": {"completions": 1, "backoffLimit": 6, "template": coordinator_pod},
         },
         {
             "apiVersion": "v1",
@@ -381,19 +392,21 @@ def manifest_objects(
             "metadata": _meta(srv, namespace, labels("server")),
             "spec": {
                 "clusterIP": "None",
+                # a server registers its name before its probe passes: resolvable at once
+                "publishNotReadyAddresses": True,
                 "selector": labels("server"),
                 "ports": [{"name": "data", "port": server_port, "targetPort": server_port}],
             },
         },
         {
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
+            "apiVersion": "batch/v1",
+            "kind": "Job",
             "metadata": _meta(srv, namespace, labels("server")),
             "spec": {
-                "serviceName": srv,
-                "replicas": servers,
-                "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": labels("server")},
+                "completionMode": "Indexed",
+                "completions": servers,
+                "parallelism": servers,
+                "backoffLimit": 6 * servers,  # restarts in place, counted over all servers
                 "template": server_pod,
             },
         },
@@ -451,6 +464,12 @@ def add_manifest_arguments(m: argparse.ArgumentParser) -> None:
         m.add_argument(
             f"--{role}-memory", default=None, help=f"memory request and limit of a {role} (4Gi)"
         )
+    m.add_argument(
+        "--restart-grace",
+        type=float,
+        default=300.0,
+        help="seconds the coordinator waits for a dead worker's restart before it ends the job",
+    )
     m.add_argument("--worker-gpus", type=int, default=0, help="nvidia.com/gpu limit of a worker")
     m.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     m.add_argument(
@@ -491,6 +510,7 @@ def manifest_from_arguments(args: argparse.Namespace) -> str:
         storage_class=args.storage_class,
         checkpoint_claim=args.checkpoint_claim,
         checkpoint_every=args.checkpoint_every,
+        restart_grace=args.restart_grace,
         coordinator_resources=resources("coordinator"),
         server_resources=resources("server"),
         worker_resources=resources("worker"),
@@ -501,16 +521,18 @@ def _header(name: str, namespace: str | None) -> str:
     ns = f" -n {namespace}" if namespace else ""
     return (
         f"# paramserver cluster {name!r}: kubectl apply{ns} -f THIS_FILE\n"
-        f"# when the workers are done, end the coordinator and the servers (the checkpoints stay):\n"
-        f"#   kubectl wait{ns} --for=condition=complete job/{name}-worker --timeout=-1s\n"
-        f"#   kubectl delete{ns} statefulset,service -l app.kubernetes.io/instance={name}\n"
+        f"# the Jobs complete by themselves: once every worker left, the coordinator writes a\n"
+        f"# final checkpoint, stops the servers and exits. Then remove what remains (the claim,\n"
+        f"# with the checkpoints, stays; add pvc to remove it too):\n"
+        f"#   kubectl wait{ns} --for=condition=complete job/{name}-coordinator --timeout=-1s\n"
+        f"#   kubectl delete{ns} job,service -l app.kubernetes.io/instance={name}\n"
     )
 
 
 def manifest(**kwargs: Any) -> str:
     """The objects of :func:`manifest_objects` as one multi-document YAML text (JSON documents,
     which are YAML too, when PyYAML is not installed), after comment lines that say how to
-    apply it and how to end the cluster once the worker Job completed.
+    apply it and how to remove what remains once the Jobs completed.
 
     Example:
         open("ps.yaml", "w").write(manifest(servers=4, workers=16, image="me/train:1",

@@ -19,6 +19,7 @@ from typing import Any
 from paramserver.config import CheckpointPolicy, Limits, Timeouts
 from paramserver.coordinator.barriers import Barriers
 from paramserver.coordinator.collector import STATS_TIMEOUT, StatsCollector
+from paramserver.coordinator.completion import Completion
 from paramserver.coordinator.leases import Leases
 from paramserver.coordinator.membership import ALIVE, Member, Membership
 from paramserver.coordinator.refusal import Refusal
@@ -74,6 +75,7 @@ class Coordinator:
         metrics_host: str = "127.0.0.1",
         listen_fd: int | None = None,
         limits: Limits | None = None,
+        exit_when_done: float | None = None,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts)
@@ -86,6 +88,8 @@ class Coordinator:
         self.leases = Leases(limits)
         self.barriers = Barriers(limits)
         self.board = StatusBoard(now)
+        # with exit_when_done (a dead worker's restart grace, s): end the job once it is done
+        self.completion = None if exit_when_done is None else Completion(self, exit_when_done)
         self._rejections = protocol.Rejections()
         self._stop = threading.Event()
         self.ctx = new_context()
@@ -210,6 +214,8 @@ class Coordinator:
         for waiters, why in self.barriers.expired(now, self.members.expected_at_barriers()):
             for identity, rid in waiters:
                 self.router.error(identity, rid, "timeout", why)
+        if self.completion is not None:
+            self.completion.tick(now)
 
     # ---- membership -----------------------------------------------------------------------
 

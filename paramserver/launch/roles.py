@@ -64,12 +64,15 @@ def serve_coordinator(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     listen_fd: int | None = None,
+    exit_when_done: float | None = None,
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoints``, it writes
     periodic checkpoints by that policy; with ``metrics_port``, it serves Prometheus metrics at
     ``http://metrics_host:port/metrics``; with ``listen_fd``, it takes over that socket, already
-    listening at ``bind`` (inherited from a launcher that started the servers at the same time).
+    listening at ``bind`` (inherited from a launcher that started the servers at the same time);
+    with ``exit_when_done`` (seconds a dead worker may take to come back), it ends the job and
+    returns once every worker left (paramserver.coordinator.completion).
 
     SIGTERM or SIGINT stops it cleanly: the function returns.
 
@@ -91,6 +94,8 @@ def serve_coordinator(
         extra["metrics_port"], extra["metrics_host"] = metrics_port, metrics_host
     if listen_fd is not None:
         extra["listen_fd"] = listen_fd
+    if exit_when_done is not None:
+        extra["exit_when_done"] = exit_when_done
     host, _, port = bind.rpartition(":")
     coord: Coordinator | None = None
 

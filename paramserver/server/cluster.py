@@ -120,7 +120,7 @@ class CoordinatorLink:
                 "role": "server",
                 "rank": state.rank,
                 "token": incarnation,
-                "clock": state.clocks.min_clock,
+                "clock": state.clocks.reached,  # with no live worker: the furthest trained
             },
             self.timeouts.heartbeat_interval,
             security=self.security,
@@ -140,13 +140,13 @@ class CoordinatorLink:
         if header["kind"] == "view":
             self.apply_view(header["view"])
         elif header["kind"] == "checkpoint":
-            if state.clocks.min_clock > header["clock"]:
+            if state.clocks.reached > header["clock"]:
                 # already past the boundary: a snapshot now would not be at that clock, and the
                 # other servers' would be (the coordinator tries again further ahead)
                 self.send(
                     protocol.error_header(
                         header["id"], "too_late",
-                        f"{state.name} is already at clock {state.clocks.min_clock}",
+                        f"{state.name} is already at clock {state.clocks.reached}",
                     ),
                 )  # fmt: skip
                 return

@@ -22,7 +22,7 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-def test_cli_writes_services_statefulsets_and_an_indexed_job(tmp_path: Any) -> None:
+def test_cli_writes_services_and_jobs_that_complete(tmp_path: Any) -> None:
     out = tmp_path / "ps.yaml"
     got = subprocess.run(
         [
@@ -38,31 +38,38 @@ def test_cli_writes_services_statefulsets_and_an_indexed_job(tmp_path: Any) -> N
     assert set(by) == {
         ("PersistentVolumeClaim", "paramserver-checkpoints"),
         ("Service", "paramserver-coordinator"),
-        ("StatefulSet", "paramserver-coordinator"),
+        ("Job", "paramserver-coordinator"),
         ("Service", "paramserver-server"),
-        ("StatefulSet", "paramserver-server"),
+        ("Job", "paramserver-server"),
         ("Job", "paramserver-worker"),
     }
     coord_svc = by[("Service", "paramserver-coordinator")]["spec"]
     assert {p["port"] for p in coord_svc["ports"]} == {7070, 9100}
 
-    coord = by[("StatefulSet", "paramserver-coordinator")]["spec"]
-    assert coord["replicas"] == 1
-    assert coord["selector"]["matchLabels"] == coord["template"]["metadata"]["labels"]
-    assert coord["selector"]["matchLabels"] == coord_svc["selector"]
+    coord = by[("Job", "paramserver-coordinator")]["spec"]
+    assert coord["completions"] == 1
+    assert coord["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert coord["template"]["metadata"]["labels"] == coord_svc["selector"]
     c = coord["template"]["spec"]["containers"][0]
     assert c["command"] == ["paramserver", "coordinator"]
     assert c["args"][c["args"].index("-s") + 1] == "4"
     assert c["args"][c["args"].index("-w") + 1] == "16"
     assert "--metrics-port" in c["args"] and "--insecure" in c["args"]
+    # the coordinator ends the job once the workers are done: its Job completes
+    assert "--exit-when-done" in c["args"]
+    assert c["args"][c["args"].index("--restart-grace") + 1] == "300"
 
-    servers = by[("StatefulSet", "paramserver-server")]["spec"]
-    assert servers["replicas"] == 4 and servers["serviceName"] == "paramserver-server"
+    servers = by[("Job", "paramserver-server")]["spec"]
+    assert servers["completionMode"] == "Indexed"
+    assert servers["completions"] == servers["parallelism"] == 4
+    pod = servers["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure" and pod["subdomain"] == "paramserver-server"
     assert by[("Service", "paramserver-server")]["spec"]["clusterIP"] == "None"
-    s = servers["template"]["spec"]["containers"][0]
+    s = pod["containers"][0]
     assert s["args"][s["args"].index("--coordinator") + 1] == "paramserver-coordinator:7070"
-    assert "$(POD_NAME).paramserver-server" in s["args"]
-    assert env_of(s)["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # an Indexed Job's pod hostname is JOB-INDEX, resolvable under the headless Service
+    advertise = s["args"][s["args"].index("--advertise") + 1]
+    assert advertise == "paramserver-server-$(JOB_COMPLETION_INDEX).paramserver-server"
 
     job = by[("Job", "paramserver-worker")]["spec"]
     assert job["completionMode"] == "Indexed"
@@ -82,7 +89,7 @@ def test_token_secret_replaces_insecure() -> None:
     )
     for d in docs:
         assert d["metadata"]["namespace"] == "ml"
-        if d["kind"] in ("StatefulSet", "Job"):
+        if d["kind"] == "Job":
             c = d["spec"]["template"]["spec"]["containers"][0]
             assert env_of(c)["PS_TOKEN"] == {"secretKeyRef": {"name": "ps-token", "key": "token"}}
             assert "--insecure" not in c.get("args", [])
@@ -112,13 +119,13 @@ def test_objects_pass_the_kubernetes_schemas() -> None:
             kv.validate(obj, "1.30", strict=True)
 
 
-def test_servers_take_rank_from_ordinal_and_checkpoint_on_the_claim() -> None:
+def test_servers_take_rank_from_completion_index_and_checkpoint_on_the_claim() -> None:
     objs = manifest_objects(servers=2, workers=1, image="x", command=["t"], name="ctr")
     by = {(d["kind"], d["metadata"]["name"]): d for d in objs}
     claim = by[("PersistentVolumeClaim", "ctr-checkpoints")]["spec"]
     assert claim["accessModes"] == ["ReadWriteMany"]
     for role in ("coordinator", "server"):
-        pod = by[("StatefulSet", f"ctr-{role}")]["spec"]["template"]["spec"]
+        pod = by[("Job", f"ctr-{role}")]["spec"]["template"]["spec"]
         (c,) = pod["containers"]
         assert pod["volumes"] == [
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ctr-checkpoints"}}
@@ -126,12 +133,15 @@ def test_servers_take_rank_from_ordinal_and_checkpoint_on_the_claim() -> None:
         assert c["volumeMounts"] == [{"name": "checkpoints", "mountPath": "/checkpoints"}]
         assert c["readinessProbe"]["tcpSocket"] and c["livenessProbe"]["tcpSocket"]
         assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
-    coord = by[("StatefulSet", "ctr-coordinator")]["spec"]["template"]["spec"]["containers"][0]
+    coord = by[("Job", "ctr-coordinator")]["spec"]["template"]["spec"]["containers"][0]
     assert coord["args"][coord["args"].index("--checkpoint-dir") + 1] == "/checkpoints"
-    s = by[("StatefulSet", "ctr-server")]["spec"]["template"]["spec"]["containers"][0]
-    assert s["args"][s["args"].index("--rank") + 1] == "$(POD_INDEX)"
-    assert env_of(s)["POD_INDEX"] == {
-        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+    s = by[("Job", "ctr-server")]["spec"]["template"]["spec"]["containers"][0]
+    assert s["args"][s["args"].index("--rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    # named in the container's env (from the completion-index annotation), so $(...) expands
+    assert env_of(s)["JOB_COMPLETION_INDEX"] == {
+        "fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        }
     }
     # every object is found by the one label the cleanup deletes by
     assert all(d["metadata"]["labels"]["app.kubernetes.io/instance"] == "ctr" for d in objs)
@@ -147,10 +157,12 @@ def test_worker_gpus_and_resources_from_the_command_line(tmp_path: Any) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert got.returncode == 0, got.stderr
-    assert "kubectl delete statefulset,service -l app.kubernetes.io/instance=paramserver" in (
-        got.stdout
+    assert "kubectl delete job,service -l app.kubernetes.io/instance=paramserver" in got.stdout
+    job = next(
+        d
+        for d in yaml.safe_load_all(got.stdout)
+        if d["kind"] == "Job" and d["metadata"]["name"] == "paramserver-worker"
     )
-    job = next(d for d in yaml.safe_load_all(got.stdout) if d["kind"] == "Job")
     res = job["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert res == {
         "requests": {"cpu": "4", "memory": "8Gi"},
@@ -171,6 +183,7 @@ def test_worker_gpus_and_resources_from_the_command_line(tmp_path: Any) -> None:
         ({"port": 70000}, "--port must be a port"),
         ({"metrics_port": 7070}, "the ports must differ"),
         ({"checkpoint_size": "ten gigs"}, "--checkpoint-size 'ten gigs' is not a quantity"),
+        ({"restart_grace": -1.0}, "--restart-grace must be >= 0"),
         ({"worker_resources": "x"}, None),
     ],
 )
