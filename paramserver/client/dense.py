@@ -276,7 +276,8 @@ class DenseTable(TableHandle):
     def push(self, grad: Any) -> Future[None]:
         """Send a gradient of the table's shape; returns at once (``.result()`` waits). Do not
         modify ``grad`` until then. A gradient computed into :meth:`push_buffer` is not copied.
-        Over the TCP bulk channel it returns once the sockets have taken the gradient.
+        Over the TCP bulk channel the parts for all servers go out at once, from the channels'
+        own threads, while this returns.
 
         Example:
             dense.push(grad).result()

@@ -14,6 +14,13 @@ FIFO), so a connection needs no framing of its own.
   blocking, driven by the server's event loop.
 * :class:`Channel` (worker): one connection to one server.
 
+Every connection is read ahead by a thread of its own (:class:`_Reader`) and a worker's writes
+go out from one (:class:`_Writer`): a request's payloads to all its servers, and the payloads
+of several peers arriving at once, travel at the same time instead of one after another (on a
+link that several flows share, one at a time leaves the others' links idle). Bytes read before
+anyone asked for them wait in memory of the connection's own (at most ``READ_AHEAD``) and are
+copied out once; bytes read while someone waits go straight into the destination.
+
 No encryption: with a cluster token set (CURVE), nodes do not use this channel at all. Bytes
 travel in the machine's byte order (little-endian, like the ZeroMQ frames; big-endian hosts are
 not supported). Errors are ``OSError``; the callers translate them into the library's errors.
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import select
 import socket
+import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -39,6 +48,9 @@ _MAGIC = b"PSBULK01"
 _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
 _ACK = b"\x01"
 _TICKETS = 1024  # outstanding tickets kept per server (oldest dropped)
+READ_AHEAD = 32 << 20  # bytes a connection reads before anyone asks for them, at most
+_CHUNK = 1 << 20  # read-ahead memory comes in pieces of this size
+_TICK = 0.2  # how often a waiting I/O thread looks whether it was closed
 
 
 def _tune(sock: socket.socket) -> None:
@@ -66,6 +78,196 @@ def recv_exactly(sock: socket.socket, buf: memoryview, idle: float, what: str) -
         raise ConnectionError(f"{what}: {exc} after {got} of {n} bytes") from None
 
 
+def _poll(sock: socket.socket, event: int, seconds: float) -> bool:
+    """Whether ``sock`` became ready for ``event`` (POLLIN, POLLOUT) within ``seconds``."""
+    p = select.poll()
+    p.register(sock.fileno(), event | select.POLLERR | select.POLLHUP)
+    return bool(p.poll(seconds * 1000))
+
+
+class _Reader(threading.Thread):
+    """Reads one connection ahead (into pieces of memory of its own, up to ``READ_AHEAD``
+    bytes), or, while :meth:`read_into` waits and nothing is staged, straight into the
+    destination. The socket must be non-blocking."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        super().__init__(name=f"bulk reader {name}", daemon=True)
+        self.sock = sock
+        self.cond = threading.Condition()
+        self.chunks: deque[list[Any]] = deque()  # [bytearray, start, end]: staged bytes
+        self.staged = 0
+        self.target: memoryview | None = None  # where the waiting reader wants bytes
+        self.filled = 0  # bytes of target filled
+        self.error: str | None = None
+        self.closed = False
+        self.seen = time.monotonic()  # when bytes last arrived
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and self.target is None and self.staged >= READ_AHEAD:
+                    self.cond.wait(_TICK)
+                if self.closed or self.error is not None:
+                    return
+                direct = self.target is not None and not self.staged
+                target, off = self.target, self.filled
+                if not direct:
+                    if not self.chunks or self.chunks[-1][2] == len(self.chunks[-1][0]):
+                        self.chunks.append([bytearray(_CHUNK), 0, 0])
+                    tail = self.chunks[-1]
+                    view = memoryview(tail[0])[tail[2] :]
+            if not _poll(self.sock, select.POLLIN, _TICK):
+                continue
+            try:
+                if direct:
+                    assert target is not None
+                    n = self.sock.recv_into(target[off:])
+                else:
+                    n = self.sock.recv_into(view)
+                if not n:
+                    raise ConnectionError("connection closed by the peer")
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                with self.cond:
+                    self.error = str(exc) or type(exc).__name__
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.seen = time.monotonic()
+                if direct:
+                    self.filled += n
+                else:
+                    tail[2] += n
+                    self.staged += n
+                self.cond.notify_all()
+
+    def read_into(self, buf: memoryview, idle: float, what: str) -> None:
+        """Fill ``buf``; ConnectionError if the connection broke, TimeoutError if nothing
+        arrived for ``idle`` seconds (both name ``what`` and how far it got)."""
+        n, pos = buf.nbytes, 0
+        with self.cond:
+            self.seen = max(self.seen, time.monotonic())
+            try:
+                while pos < n:
+                    while self.staged and pos < n:
+                        c = self.chunks[0]
+                        k = min(c[2] - c[1], n - pos)
+                        buf[pos : pos + k] = memoryview(c[0])[c[1] : c[1] + k]
+                        c[1] += k
+                        pos += k
+                        self.staged -= k
+                        # the reader thread appends to the last piece while it has room
+                        if c[1] == c[2] and (c[2] == len(c[0]) or len(self.chunks) > 1):
+                            self.chunks.popleft()
+                    if pos == n:
+                        break
+                    self.target, self.filled = buf[pos:], 0
+                    self.cond.notify_all()
+                    while self.filled < n - pos and not self.staged:
+                        if self.error is not None:
+                            raise ConnectionError(
+                                f"{what}: {self.error} after {pos + self.filled} of {n} bytes"
+                            )
+                        if self.closed:
+                            raise ConnectionError(f"{what}: connection closed")
+                        if time.monotonic() - self.seen > idle:
+                            raise TimeoutError(
+                                f"{what}: {pos + self.filled} of {n} bytes received, then "
+                                f"nothing for {idle:g}s"
+                            )
+                        self.cond.wait(min(_TICK, idle))
+                    pos += self.filled
+                    self.target, self.filled = None, 0
+            finally:
+                self.target = None
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.chunks.clear()
+            self.staged = 0
+            self.cond.notify_all()
+
+
+class _Writer(threading.Thread):
+    """Sends the payloads queued by :meth:`send` in order, so that the caller (and its sends to
+    other servers) need not wait for the link. The socket must be non-blocking."""
+
+    def __init__(self, sock: socket.socket, name: str, idle: float) -> None:
+        super().__init__(name=f"bulk writer {name}", daemon=True)
+        self.sock, self.idle, self.where = sock, idle, name
+        self.cond = threading.Condition()
+        self.queue: deque[tuple[memoryview, str]] = deque()
+        self.error: str | None = None
+        self.closed = False
+
+    def send(self, data: memoryview, what: str) -> None:
+        with self.cond:
+            if self.error is not None:
+                raise ConnectionError(f"{what}: {self.error}")
+            if self.closed:
+                raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
+            self.queue.append((data.cast("B") if data.format != "B" else data, what))
+            self.cond.notify_all()
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closed:
+                    self.cond.wait(_TICK)
+                if self.closed:
+                    return
+                data, what = self.queue[0]
+            try:
+                self._send(data, what)
+            except OSError as exc:
+                with self.cond:
+                    self.error = str(exc)
+                    self.queue.clear()
+                log.warning("%s; bulk channel to %s closed", exc, self.where)
+                # the server sees the connection end: it refuses the payload it was reading
+                with _suppress_oserror():
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                return
+            with self.cond:
+                self.queue.popleft()
+
+    def _send(self, data: memoryview, what: str) -> None:
+        sent, n, last = 0, data.nbytes, time.monotonic()
+        while sent < n:
+            if self.closed:
+                raise ConnectionError(f"{what}: the bulk channel was closed")
+            if not _poll(self.sock, select.POLLOUT, _TICK):
+                if time.monotonic() - last > self.idle:
+                    raise TimeoutError(
+                        f"{what}: {self.where} took {sent} of {n} bytes, then nothing for "
+                        f"{self.idle:g}s"
+                    )
+                continue
+            try:
+                sent += self.sock.send(data[sent:])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise ConnectionError(f"{what}: {exc} after {sent} of {n} bytes") from None
+            last = time.monotonic()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.queue.clear()
+            self.cond.notify_all()
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, OSError)
+
+
 class Channel:
     """A worker's bulk connection to one server.
 
@@ -78,6 +280,11 @@ class Channel:
         self.sock = sock
         self.where = where
         self.idle = idle
+        sock.setblocking(False)
+        self.reader = _Reader(sock, where)
+        self.writer = _Writer(sock, where, idle)
+        self.reader.start()
+        self.writer.start()
 
     @classmethod
     def open(cls, host: str, port: int, ticket: int, *, idle: float, where: str) -> Channel:
@@ -96,23 +303,24 @@ class Channel:
         return cls(sock, where, idle)
 
     def send(self, data: memoryview, what: str) -> None:
-        """Send all of ``data``; TimeoutError if the server takes nothing for ``idle`` seconds."""
-        sent, n = 0, data.nbytes
-        try:
-            self.sock.settimeout(self.idle)
-            while sent < n:
-                sent += self.sock.send(data[sent:])
-        except TimeoutError:
-            raise TimeoutError(
-                f"{what}: {self.where} took {sent} of {n} bytes, then nothing for {self.idle:g}s"
-            ) from None
-        except OSError as exc:
-            raise ConnectionError(f"{what}: {exc} after {sent} of {n} bytes") from None
+        """Queue all of ``data`` for sending and return: it goes out behind what was queued
+        before, while the caller goes on (to send to other servers). ``data`` must not change
+        until its request is answered (the server answers once it has read all of it).
+        ConnectionError if an earlier payload could not be sent (the channel is broken: the
+        server refuses that payload's request)."""
+        self.writer.send(data, what)
 
     def recv_into(self, buf: memoryview, what: str) -> None:
-        recv_exactly(self.sock, buf, self.idle, f"{what} from {self.where}")
+        self.reader.read_into(buf, self.idle, f"{what} from {self.where}")
 
     def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+        with _suppress_oserror():
+            self.sock.shutdown(socket.SHUT_RDWR)
+        for t in (self.writer, self.reader):
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(2 * _TICK + 1.0)
         self.sock.close()
 
 
@@ -121,6 +329,7 @@ class _Conn:
     sock: socket.socket
     identity: bytes
     rank: int
+    reader: _Reader
     # payloads still to write, in order: [bytes left, owner] (owner: whose memory it views)
     queue: deque[list[Any]] = field(default_factory=deque)
 
@@ -200,13 +409,10 @@ class Listener:
         if c is None:
             raise ConnectionError(f"{what}: no bulk connection from this worker")
         try:
-            recv_exactly(c.sock, buf, self.idle, what)
+            c.reader.read_into(buf, self.idle, what)
         except BaseException as exc:  # out of step with the headers now, whatever happened
             self._drop(c, str(exc))
             raise
-        finally:
-            if c.sock.fileno() >= 0:
-                c.sock.setblocking(False)
 
     def send(self, identity: bytes, data: memoryview, owner: object) -> bool:
         """Queue ``data`` (a view of ``owner``'s memory) for the worker at ``identity`` and
@@ -278,7 +484,8 @@ class Listener:
         except OSError:
             sock.close()
             return
-        c = _Conn(sock, identity, rank)
+        c = _Conn(sock, identity, rank, _Reader(sock, f"{self.name} worker[{rank}]"))
+        c.reader.start()
         self._by_fd[fd] = c
         self._by_identity[identity] = c
         log.debug("%s: bulk connection of worker[%d] open", self.name, rank)
@@ -304,4 +511,9 @@ class Listener:
         if self._by_identity.get(c.identity) is c:
             del self._by_identity[c.identity]
         c.queue.clear()
+        c.reader.close()
+        with _suppress_oserror():
+            c.sock.shutdown(socket.SHUT_RDWR)
+        if c.reader.is_alive():
+            c.reader.join(2 * _TICK + 1.0)
         c.sock.close()

@@ -1,0 +1,182 @@
+"""Throughput between emulated hosts (tests/hosts.py): dense and sparse push+pull with S server
+hosts and W worker hosts on links shaped to a rate, with and without a cluster token, on the bulk
+channel or in ZeroMQ frames; printed as a fraction of what the links can carry. Needs root.
+
+Each worker pushes and pulls at once, round after round (an async table: a pull does not wait
+for the push beside it), so both directions of every link can be full. What the links carry per
+round is the larger of a worker link's time for its bytes one way and a server link's time for
+the bytes of all workers one way; ``link_fraction`` is that time over the measured one. Where
+it is low at a high rate, the two shared cores, not the link, are the limit: ``cpu_bound``
+says so when the processes' CPU time was over 1.6 s per second.
+
+    sudo PYTHONPATH=. .venv/bin/python benchmarks/hosts.py            # 100mbit, 1gbit, 10gbit
+    sudo PYTHONPATH=. .venv/bin/python benchmarks/hosts.py --quick    # one small case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+from tests import hosts
+
+WORKER = r"""
+import json, sys, time
+import numpy as np
+import paramserver as ps
+kind, transport, n, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with ps.connect(transport=transport) as client:
+    if kind == "dense":
+        t = client.dense_table("b/d", shape=(n,), optimizer=ps.optim.SGD(lr=1e-9),
+                               consistency="async")
+        g = np.ones(n, np.float32)
+        step = lambda: (t.push(g), t.pull(copy=False))[0].result()
+        nbytes = 4 * n
+    else:
+        dim = 16
+        t = client.sparse_table("b/s", dim=dim, optimizer=ps.optim.SGD(lr=1e-9),
+                                consistency="async")
+        rng = np.random.default_rng(client.rank)
+        keys = rng.integers(0, 1 << 40, n // dim, dtype=np.uint64)
+        g = np.ones((len(keys), dim), np.float32)
+        t.pull(keys)
+        step = lambda: (t.push(keys, g), t.pull(keys))[0].result()
+        nbytes = 4 * n + 8 * len(keys)  # rows, plus the keys each way
+    step()
+    client.barrier("b/start", timeout=60)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(rounds):
+        step()
+    seconds = time.perf_counter() - t0
+    client.barrier("b/end", timeout=120)
+print("RESULT", json.dumps({"bytes": nbytes * rounds, "seconds": seconds}), flush=True)
+"""
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, Any]:
+    s, w, rate = case["servers"], case["workers"], hosts.parse_rate(case["rate"])
+    for h in bed:
+        h.shape(case["rate"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    secure = ["--token-file", "token"] if case["token"] else ["--insecure"]
+    wenv = {**env, "PS_COORDINATOR": f"{bed[0].name}:7070"}
+    if case["token"]:
+        wenv["PS_TOKEN_FILE"] = "token"
+    ps_ = [sys.executable, "-m", "paramserver"]
+    procs = [bed[0].popen([*ps_, "coordinator", "--bind", "0.0.0.0:7070", "-s", str(s), "-w",
+                           str(w), *secure], cwd=folder, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    try:
+        for i in range(s):
+            procs.append(bed[1 + i].popen(
+                ["sh", "-c", f"exec {' '.join(ps_)} server --coordinator {bed[0].name}:7070 "
+                 f"--host 0.0.0.0 --advertise $(hostname) {' '.join(secure)}"],
+                cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        workers = [
+            bed[1 + s + i].popen(
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    case["kind"],
+                    case["transport"],
+                    str(case["n"]),
+                    str(case["rounds"]),
+                ],
+                cwd=folder,
+                env=wenv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for i in range(w)
+        ]
+        pids = [p.pid for p in procs + workers]
+        cpu0, t0 = _cpu(pids), time.perf_counter()
+        outs = [p.communicate(timeout=600) for p in workers]
+        cpu = (_cpu(pids) - cpu0) / (time.perf_counter() - t0)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+    results = []
+    for (out, err), p in zip(outs, workers, strict=True):
+        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            raise RuntimeError(f"worker exited {p.returncode}: {err[-2000:]}")
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    per_worker = results[0]["bytes"]  # each way, per worker
+    seconds = max(r["seconds"] for r in results)
+    ideal = max(per_worker * 8 / rate, per_worker * w / s * 8 / rate)
+    mbps = sum(r["bytes"] for r in results) / seconds / 1e6
+    return {
+        "bench": "hosts", **case, "MB_per_s_each_way": round(mbps, 1),
+        "link_fraction": round(ideal / seconds, 3), "cpu_cores": round(cpu, 2),
+        "cpu_bound": cpu > 1.6,
+    }  # fmt: skip
+
+
+def cases(quick: bool) -> list[dict[str, Any]]:
+    if quick:
+        return [{"kind": "dense", "rate": "100mbit", "servers": 1, "workers": 1, "token": False,
+                 "transport": "tcp", "n": 1 << 19, "rounds": 3}]  # fmt: skip
+    out = []
+    for rate, n in (("100mbit", 1 << 20), ("1gbit", 1 << 22), ("10gbit", 1 << 23)):
+        rounds = 4
+        for s, w in ((1, 1), (2, 2), (1, 2), (2, 1), (4, 2), (2, 4)):
+            for token in (False, True):
+                for kind in ("dense", "sparse"):
+                    for transport in ("tcp", "zmq") if kind == "dense" and not token else ("tcp",):
+                        out.append({"kind": kind, "rate": rate, "servers": s, "workers": w,
+                                    "token": token, "transport": transport,
+                                    "n": n if kind == "dense" else n // 4, "rounds": rounds})  # fmt: skip
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one small case (CI)")
+    p.add_argument("--rate", action="append", help="only these rates (e.g. 1gbit)")
+    p.add_argument("--layout", action="append", help="only these SERVERS,WORKERS (e.g. 2,2)")
+    args = p.parse_args()
+    reason = hosts.unavailable()
+    if reason is not None:
+        print(json.dumps({"bench": "hosts", "skipped": reason}))
+        return 0
+    todo = [
+        c
+        for c in cases(args.quick)
+        if (not args.rate or c["rate"] in args.rate)
+        and (not args.layout or f"{c['servers']},{c['workers']}" in args.layout)
+    ]
+    size = max(1 + c["servers"] + c["workers"] for c in todo)
+    with hosts.up(size) as bed, TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        os.chmod(folder, 0o755)
+        bed[0].run(["sh", "-c", "head -c 32 /dev/urandom | base64 > token"], cwd=folder,
+                   timeout=10)  # fmt: skip
+        for case in todo:
+            print(json.dumps(run_case(bed, folder, case)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
