@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["MIN_BYTES", "Channel", "Listener"]
@@ -191,25 +191,34 @@ class _Reader(threading.Thread):
 
 
 class _Writer(threading.Thread):
-    """Sends the payloads queued by :meth:`send` in order, so that the caller (and its sends to
-    other servers) need not wait for the link. The socket must be non-blocking."""
+    """Sends the payloads queued by :meth:`send` in order, so that the caller (a worker's sends
+    to other servers, a server's event loop) need not wait for the link. The socket must be
+    non-blocking."""
 
     def __init__(self, sock: socket.socket, name: str, idle: float) -> None:
         super().__init__(name=f"bulk writer {name}", daemon=True)
         self.sock, self.idle, self.where = sock, idle, name
         self.cond = threading.Condition()
-        self.queue: deque[tuple[memoryview, str]] = deque()
+        self.sending = threading.Lock()  # held while a send reads a payload's memory
+        self.queue: deque[list[Any]] = deque()  # [bytes left, owner, what]
         self.error: str | None = None
         self.closed = False
 
-    def send(self, data: memoryview, what: str) -> None:
+    def send(self, data: memoryview, what: str, owner: object = None) -> None:
         with self.cond:
             if self.error is not None:
                 raise ConnectionError(f"{what}: {self.error}")
             if self.closed:
                 raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
-            self.queue.append((data.cast("B") if data.format != "B" else data, what))
+            self.queue.append([data.cast("B") if data.format != "B" else data, owner, what])
             self.cond.notify_all()
+
+    def release(self, owner: object) -> None:
+        """Copy the unsent part of every payload viewing ``owner``'s memory."""
+        with self.sending, self.cond:
+            for item in self.queue:
+                if item[1] is owner:
+                    item[0], item[1] = memoryview(bytes(item[0])), None
 
     def run(self) -> None:
         while True:
@@ -218,39 +227,44 @@ class _Writer(threading.Thread):
                     self.cond.wait(_TICK)
                 if self.closed:
                     return
-                data, what = self.queue[0]
             try:
-                self._send(data, what)
+                self._send_head()
             except OSError as exc:
                 with self.cond:
                     self.error = str(exc)
                     self.queue.clear()
                 log.warning("%s; bulk channel to %s closed", exc, self.where)
-                # the server sees the connection end: it refuses the payload it was reading
+                # the peer sees the connection end: it refuses the payload it was reading
                 with _suppress_oserror():
                     self.sock.shutdown(socket.SHUT_RDWR)
                 return
-            with self.cond:
-                self.queue.popleft()
 
-    def _send(self, data: memoryview, what: str) -> None:
-        sent, n, last = 0, data.nbytes, time.monotonic()
-        while sent < n:
-            if self.closed:
-                raise ConnectionError(f"{what}: the bulk channel was closed")
+    def _send_head(self) -> None:
+        last = time.monotonic()
+        while True:
+            with self.cond:
+                if self.closed:
+                    raise ConnectionError(f"the bulk channel to {self.where} was closed")
+                item = self.queue[0]
+                if not item[0].nbytes:
+                    self.queue.popleft()
+                    return
             if not _poll(self.sock, select.POLLOUT, _TICK):
                 if time.monotonic() - last > self.idle:
                     raise TimeoutError(
-                        f"{what}: {self.where} took {sent} of {n} bytes, then nothing for "
-                        f"{self.idle:g}s"
+                        f"{item[2]}: {self.where} took nothing for {self.idle:g}s "
+                        f"({item[0].nbytes} bytes left)"
                     )
                 continue
-            try:
-                sent += self.sock.send(data[sent:])
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                raise ConnectionError(f"{what}: {exc} after {sent} of {n} bytes") from None
+            with self.sending:
+                view = item[0]  # release() may have replaced it by a copy
+                try:
+                    n = self.sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    raise ConnectionError(f"{item[2]}: {exc}") from None
+                item[0] = view[n:]
             last = time.monotonic()
 
     def close(self) -> None:
@@ -330,8 +344,7 @@ class _Conn:
     identity: bytes
     rank: int
     reader: _Reader
-    # payloads still to write, in order: [bytes left, owner] (owner: whose memory it views)
-    queue: deque[list[Any]] = field(default_factory=deque)
+    writer: _Writer  # writes the replies' payloads while the event loop goes on
 
 
 class Listener:
@@ -374,17 +387,13 @@ class Listener:
 
     def fds(self) -> tuple[list[int], list[int]]:
         """(fds to watch for reading, fds to watch for writing)."""
-        reading = [self.sock.fileno(), *self._hello]
-        writing = [fd for fd, c in self._by_fd.items() if c.queue]
-        return reading, writing
+        return [self.sock.fileno(), *self._hello], []
 
     def handle(self, fd: int, readable: bool, writable: bool) -> None:
         if fd == self.sock.fileno():
             self._accept()
         elif fd in self._hello and readable:
             self._greet(fd)
-        elif fd in self._by_fd and writable:
-            self._flush(self._by_fd[fd])
 
     def expire(self, now: float) -> None:
         """Close handshakes that did not complete in time (a silent or foreign client)."""
@@ -421,17 +430,18 @@ class Listener:
         c = self._by_identity.get(identity)
         if c is None:
             return False
-        c.queue.append([data, owner])
-        self._flush(c)
+        try:
+            c.writer.send(data, f"reply to worker[{c.rank}]", owner)
+        except OSError as exc:
+            self._drop(c, str(exc))
+            return False
         return True
 
     def release(self, owner: object) -> None:
         """Copy the unsent part of every payload viewing ``owner``'s memory (which is about to
         change): what a worker receives is the memory as it was when its reply was sent."""
         for c in self._by_fd.values():
-            for item in c.queue:
-                if item[1] is owner:
-                    item[0], item[1] = memoryview(bytes(item[0])), None
+            c.writer.release(owner)
 
     def close(self) -> None:
         for c in list(self._by_fd.values()):
@@ -484,25 +494,13 @@ class Listener:
         except OSError:
             sock.close()
             return
-        c = _Conn(sock, identity, rank, _Reader(sock, f"{self.name} worker[{rank}]"))
+        where = f"{self.name} worker[{rank}]"
+        c = _Conn(sock, identity, rank, _Reader(sock, where), _Writer(sock, where, self.idle))
         c.reader.start()
+        c.writer.start()
         self._by_fd[fd] = c
         self._by_identity[identity] = c
         log.debug("%s: bulk connection of worker[%d] open", self.name, rank)
-
-    def _flush(self, c: _Conn) -> None:
-        while c.queue:
-            item = c.queue[0]
-            try:
-                n = c.sock.send(item[0])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._drop(c, f"writing to worker[{c.rank}]: {exc}")
-                return
-            item[0] = item[0][n:]
-            if not item[0].nbytes:
-                c.queue.popleft()
 
     def _drop(self, c: _Conn, reason: str | None) -> None:
         if reason is not None:
@@ -510,10 +508,11 @@ class Listener:
         self._by_fd.pop(c.sock.fileno(), None)
         if self._by_identity.get(c.identity) is c:
             del self._by_identity[c.identity]
-        c.queue.clear()
         c.reader.close()
-        with _suppress_oserror():
+        c.writer.close()
+        with c.writer.sending, _suppress_oserror():
             c.sock.shutdown(socket.SHUT_RDWR)
-        if c.reader.is_alive():
-            c.reader.join(2 * _TICK + 1.0)
+        for t in (c.reader, c.writer):
+            if t.is_alive():
+                t.join(2 * _TICK + 1.0)
         c.sock.close()
