@@ -10,8 +10,8 @@ FIFO), so a connection needs no framing of its own.
 
 * :class:`Listener` (server): accepts connections, binds each to the worker that presents a
   one-time ticket (given to it over ZeroMQ), reads push payloads (blocking, with a timeout:
-  the worker is sending them right behind their header) and writes pull payloads without ever
-  blocking, driven by the server's event loop.
+  the worker is sending them right behind their header) and queues pull payloads, which the
+  connection's own thread writes while the server's event loop goes on.
 * :class:`Channel` (worker): one connection to one server.
 
 Every connection is read ahead by a thread of its own (:class:`_Reader`) and a worker's writes
