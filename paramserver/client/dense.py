@@ -116,7 +116,7 @@ class DenseTable(TableHandle):
         return (
             (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
             and c.transport != "zmq"
-            and c.endpoint.open_bulk(server_name(s), c.rank, c.timeouts.heartbeat_timeout)
+            and bulk.open_channel(c.endpoint, server_name(s), c.rank, c.timeouts.heartbeat_timeout)
         )
 
     def _over_tcp(self, s: int) -> bool:

@@ -128,11 +128,12 @@ class Server:
             self.ctx.term()
             raise
         self.address = self.router.address
-        # the bulk channel for large dense payloads; not with a token (it is not encrypted)
+        # the bulk channel for large dense payloads; sealed with a token, if it can be
         self.bulk: bulk.Listener | None = None
-        if security is None:
+        if security is None or bulk.can_seal():
             try:
-                self.bulk = bulk.Listener(host, idle=self.timeouts.heartbeat_timeout)
+                secret = None if security is None else security.server_secret
+                self.bulk = bulk.Listener(host, idle=self.timeouts.heartbeat_timeout, secret=secret)
             except OSError as exc:
                 log.warning("no bulk channel (dense values travel in ZeroMQ frames): %s", exc)
         self._watched: dict[int, int] = {}  # bulk fds in the poller -> events
@@ -707,7 +708,9 @@ class Server:
 
     def _on_open_bulk(self, identity: bytes, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         if self.bulk is None:
-            why = "a cluster token is set" if self.security is not None else "it could not bind"
+            why = "it could not bind"
+            if self.security is not None and not bulk.can_seal():
+                why = "a cluster token is set and the cryptography package is missing"
             raise Refused("no_bulk", f"{self.name} has no bulk channel: {why}")
         port, ticket = self.bulk.port, self.bulk.ticket(identity, h["rank"])
         self.router.reply(identity, h["id"], port=port, ticket=ticket)

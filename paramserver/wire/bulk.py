@@ -14,15 +14,17 @@ FIFO), so a connection needs no framing of its own.
   connection's own thread writes while the server's event loop goes on.
 * :class:`Channel` (worker): one connection to one server.
 
-Every connection is read ahead by a thread of its own (:class:`_Reader`) and a worker's writes
-go out from one (:class:`_Writer`): a request's payloads to all its servers, and the payloads
+Every connection is read ahead by a thread of its own and written by another
+(:mod:`paramserver.wire.streams`): a request's payloads to all its servers, and the payloads
 of several peers arriving at once, travel at the same time instead of one after another (on a
 link that several flows share, one at a time leaves the others' links idle). Bytes read before
 anyone asked for them wait in memory of the connection's own (at most ``READ_AHEAD``) and are
 copied out once; bytes read while someone waits go straight into the destination.
 
-No encryption: with a cluster token set (CURVE), nodes do not use this channel at all. Bytes
-travel in the machine's byte order (little-endian, like the ZeroMQ frames; big-endian hosts are
+With a cluster token (CURVE on every ZeroMQ socket), payloads travel as AES-GCM records keyed
+per ticket from the token (:mod:`paramserver.wire.seal`), and a worker proves in its hello that
+it holds the key; without the optional ``cryptography`` package, a token turns the channel off
+and values travel in CURVE frames. Bytes travel in the machine's byte order (little-endian, like the ZeroMQ frames; big-endian hosts are
 not supported). Errors are ``OSError``; the callers translate them into the library's errors.
 """
 
@@ -30,15 +32,24 @@ from __future__ import annotations
 
 import logging
 import secrets
-import select
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MIN_BYTES", "Channel", "Listener"]
+from paramserver.errors import (
+    ConfigError,
+    NodeLostError,
+    ProtocolError,
+    PSTimeoutError,
+    RemoteError,
+)
+from paramserver.wire import seal
+from paramserver.wire.streams import JOIN, Reader, Writer, suppress_oserror
+
+__all__ = ["MIN_BYTES", "Channel", "Listener", "can_seal", "open_channel"]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +57,10 @@ log = logging.getLogger(__name__)
 MIN_BYTES = 1 << 20
 _MAGIC = b"PSBULK01"
 _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
+_SEALED_MAGIC = b"PSBULKS1"
+_SEALED_HELLO = len(_SEALED_MAGIC) + 8 + seal.TAG  # and the proof of the key
 _ACK = b"\x01"
 _TICKETS = 1024  # outstanding tickets kept per server (oldest dropped)
-READ_AHEAD = 32 << 20  # bytes a connection reads before anyone asks for them, at most
-_CHUNK = 1 << 20  # read-ahead memory comes in pieces of this size
-_TICK = 0.2  # how often a waiting I/O thread looks whether it was closed
 
 
 def _tune(sock: socket.socket) -> None:
@@ -78,210 +88,6 @@ def recv_exactly(sock: socket.socket, buf: memoryview, idle: float, what: str) -
         raise ConnectionError(f"{what}: {exc} after {got} of {n} bytes") from None
 
 
-def _poll(sock: socket.socket, event: int, seconds: float) -> bool:
-    """Whether ``sock`` became ready for ``event`` (POLLIN, POLLOUT) within ``seconds``."""
-    p = select.poll()
-    p.register(sock.fileno(), event | select.POLLERR | select.POLLHUP)
-    return bool(p.poll(seconds * 1000))
-
-
-class _Reader(threading.Thread):
-    """Reads one connection ahead (into pieces of memory of its own, up to ``READ_AHEAD``
-    bytes), or, while :meth:`read_into` waits and nothing is staged, straight into the
-    destination. The socket must be non-blocking."""
-
-    def __init__(self, sock: socket.socket, name: str) -> None:
-        super().__init__(name=f"bulk reader {name}", daemon=True)
-        self.sock = sock
-        self.cond = threading.Condition()
-        self.chunks: deque[list[Any]] = deque()  # [bytearray, start, end]: staged bytes
-        self.staged = 0
-        self.target: memoryview | None = None  # where the waiting reader wants bytes
-        self.filled = 0  # bytes of target filled
-        self.error: str | None = None
-        self.closed = False
-        self.seen = time.monotonic()  # when bytes last arrived
-
-    def run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.closed and self.target is None and self.staged >= READ_AHEAD:
-                    self.cond.wait(_TICK)
-                if self.closed or self.error is not None:
-                    return
-                direct = self.target is not None and not self.staged
-                target, off = self.target, self.filled
-                if not direct:
-                    if not self.chunks or self.chunks[-1][2] == len(self.chunks[-1][0]):
-                        self.chunks.append([bytearray(_CHUNK), 0, 0])
-                    tail = self.chunks[-1]
-                    view = memoryview(tail[0])[tail[2] :]
-            if not _poll(self.sock, select.POLLIN, _TICK):
-                continue
-            try:
-                if direct:
-                    assert target is not None
-                    n = self.sock.recv_into(target[off:])
-                else:
-                    n = self.sock.recv_into(view)
-                if not n:
-                    raise ConnectionError("connection closed by the peer")
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                with self.cond:
-                    self.error = str(exc) or type(exc).__name__
-                    self.cond.notify_all()
-                return
-            with self.cond:
-                self.seen = time.monotonic()
-                if direct:
-                    self.filled += n
-                else:
-                    tail[2] += n
-                    self.staged += n
-                self.cond.notify_all()
-
-    def read_into(self, buf: memoryview, idle: float, what: str) -> None:
-        """Fill ``buf``; ConnectionError if the connection broke, TimeoutError if nothing
-        arrived for ``idle`` seconds (both name ``what`` and how far it got)."""
-        n, pos = buf.nbytes, 0
-        with self.cond:
-            self.seen = max(self.seen, time.monotonic())
-            try:
-                while pos < n:
-                    while self.staged and pos < n:
-                        c = self.chunks[0]
-                        k = min(c[2] - c[1], n - pos)
-                        buf[pos : pos + k] = memoryview(c[0])[c[1] : c[1] + k]
-                        c[1] += k
-                        pos += k
-                        self.staged -= k
-                        # the reader thread appends to the last piece while it has room
-                        if c[1] == c[2] and (c[2] == len(c[0]) or len(self.chunks) > 1):
-                            self.chunks.popleft()
-                    if pos == n:
-                        break
-                    self.target, self.filled = buf[pos:], 0
-                    self.cond.notify_all()
-                    while self.filled < n - pos and not self.staged:
-                        if self.error is not None:
-                            raise ConnectionError(
-                                f"{what}: {self.error} after {pos + self.filled} of {n} bytes"
-                            )
-                        if self.closed:
-                            raise ConnectionError(f"{what}: connection closed")
-                        if time.monotonic() - self.seen > idle:
-                            raise TimeoutError(
-                                f"{what}: {pos + self.filled} of {n} bytes received, then "
-                                f"nothing for {idle:g}s"
-                            )
-                        self.cond.wait(min(_TICK, idle))
-                    pos += self.filled
-                    self.target, self.filled = None, 0
-            finally:
-                self.target = None
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.chunks.clear()
-            self.staged = 0
-            self.cond.notify_all()
-
-
-class _Writer(threading.Thread):
-    """Sends the payloads queued by :meth:`send` in order, so that the caller (a worker's sends
-    to other servers, a server's event loop) need not wait for the link. The socket must be
-    non-blocking."""
-
-    def __init__(self, sock: socket.socket, name: str, idle: float) -> None:
-        super().__init__(name=f"bulk writer {name}", daemon=True)
-        self.sock, self.idle, self.where = sock, idle, name
-        self.cond = threading.Condition()
-        self.sending = threading.Lock()  # held while a send reads a payload's memory
-        self.queue: deque[list[Any]] = deque()  # [bytes left, owner, what]
-        self.error: str | None = None
-        self.closed = False
-
-    def send(self, data: memoryview, what: str, owner: object = None) -> None:
-        with self.cond:
-            if self.error is not None:
-                raise ConnectionError(f"{what}: {self.error}")
-            if self.closed:
-                raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
-            self.queue.append([data.cast("B") if data.format != "B" else data, owner, what])
-            self.cond.notify_all()
-
-    def release(self, owner: object) -> None:
-        """Copy the unsent part of every payload viewing ``owner``'s memory."""
-        with self.sending, self.cond:
-            for item in self.queue:
-                if item[1] is owner:
-                    item[0], item[1] = memoryview(bytes(item[0])), None
-
-    def run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue and not self.closed:
-                    self.cond.wait(_TICK)
-                if self.closed:
-                    return
-            try:
-                self._send_head()
-            except OSError as exc:
-                with self.cond:
-                    self.error = str(exc)
-                    self.queue.clear()
-                log.warning("%s; bulk channel to %s closed", exc, self.where)
-                # the peer sees the connection end: it refuses the payload it was reading
-                with _suppress_oserror():
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                return
-
-    def _send_head(self) -> None:
-        last = time.monotonic()
-        while True:
-            with self.cond:
-                if self.closed:
-                    raise ConnectionError(f"the bulk channel to {self.where} was closed")
-                item = self.queue[0]
-                if not item[0].nbytes:
-                    self.queue.popleft()
-                    return
-            if not _poll(self.sock, select.POLLOUT, _TICK):
-                if time.monotonic() - last > self.idle:
-                    raise TimeoutError(
-                        f"{item[2]}: {self.where} took nothing for {self.idle:g}s "
-                        f"({item[0].nbytes} bytes left)"
-                    )
-                continue
-            with self.sending:
-                view = item[0]  # release() may have replaced it by a copy
-                try:
-                    n = self.sock.send(view)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    raise ConnectionError(f"{item[2]}: {exc}") from None
-                item[0] = view[n:]
-            last = time.monotonic()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.queue.clear()
-            self.cond.notify_all()
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, OSError)
-
-
 class Channel:
     """A worker's bulk connection to one server.
 
@@ -290,23 +96,42 @@ class Channel:
         ch.send(memoryview(grad).cast("B"), "push of 'w'")
     """
 
-    def __init__(self, sock: socket.socket, where: str, idle: float) -> None:
+    def __init__(
+        self, sock: socket.socket, where: str, idle: float, key: bytes | None = None
+    ) -> None:
         self.sock = sock
         self.where = where
         self.idle = idle
+        self.sealed = key is not None
         sock.setblocking(False)
-        self.reader = _Reader(sock, where)
-        self.writer = _Writer(sock, where, idle)
+        opened = None if key is None else seal.Seal(key, seal.SERVER_TO_WORKER)
+        sealing = None if key is None else seal.Seal(key, seal.WORKER_TO_SERVER)
+        self.reader = Reader(sock, where, opened)
+        self.writer = Writer(sock, where, idle, sealing)
         self.reader.start()
         self.writer.start()
 
     @classmethod
-    def open(cls, host: str, port: int, ticket: int, *, idle: float, where: str) -> Channel:
-        """Connect, present ``ticket`` and wait for the server's acknowledgement."""
+    def open(
+        cls,
+        host: str,
+        port: int,
+        ticket: int,
+        *,
+        idle: float,
+        where: str,
+        secret: bytes | None = None,
+    ) -> Channel:
+        """Connect, present ``ticket`` and wait for the server's acknowledgement. With the
+        cluster ``secret`` (a token is set), payloads travel sealed."""
+        key = None if secret is None else seal.ticket_key(secret, ticket)
         sock = socket.create_connection((host, port), timeout=idle)
         try:
             _tune(sock)
-            sock.sendall(_MAGIC + ticket.to_bytes(8, "little"))
+            if key is None:
+                sock.sendall(_MAGIC + ticket.to_bytes(8, "little"))
+            else:
+                sock.sendall(_SEALED_MAGIC + ticket.to_bytes(8, "little") + seal.hello_tag(key))
             ack = bytearray(1)
             recv_exactly(sock, memoryview(ack), idle, f"bulk channel to {where}: acknowledgement")
             if bytes(ack) != _ACK:
@@ -314,7 +139,7 @@ class Channel:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, where, idle)
+        return cls(sock, where, idle, key)
 
     def send(self, data: memoryview, what: str) -> None:
         """Queue all of ``data`` for sending and return: it goes out behind what was queued
@@ -330,11 +155,11 @@ class Channel:
     def close(self) -> None:
         self.writer.close()
         self.reader.close()
-        with _suppress_oserror():
+        with suppress_oserror():
             self.sock.shutdown(socket.SHUT_RDWR)
         for t in (self.writer, self.reader):
             if t.is_alive() and t is not threading.current_thread():
-                t.join(2 * _TICK + 1.0)
+                t.join(JOIN)
         self.sock.close()
 
 
@@ -343,8 +168,8 @@ class _Conn:
     sock: socket.socket
     identity: bytes
     rank: int
-    reader: _Reader
-    writer: _Writer  # writes the replies' payloads while the event loop goes on
+    reader: Reader
+    writer: Writer  # writes the replies' payloads while the event loop goes on
 
 
 class Listener:
@@ -357,9 +182,16 @@ class Listener:
         ticket = bulk.ticket(identity, rank)          # sent to the worker over ZeroMQ
     """
 
-    def __init__(self, host: str, *, idle: float, name: str = "server") -> None:
+    def __init__(
+        self, host: str, *, idle: float, name: str = "server", secret: bytes | None = None
+    ) -> None:
+        """With the cluster ``secret`` (a token is set), only sealed connections are taken."""
+        if secret is not None and not seal.available():
+            raise ConfigError("a sealed bulk channel needs the cryptography package")
         self.idle = idle
         self.name = name
+        self.secret = secret
+        self._hello_bytes = _HELLO if secret is None else _SEALED_HELLO
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             self.sock.bind(("" if host in ("0.0.0.0", "*") else host, 0))
@@ -469,18 +301,24 @@ class Listener:
     def _greet(self, fd: int) -> None:
         sock, got, _ = self._hello[fd]
         try:
-            data = sock.recv(_HELLO - len(got))
+            data = sock.recv(self._hello_bytes - len(got))
         except BlockingIOError:
             return
         except OSError:
             data = b""
         got += data
-        if data and len(got) < _HELLO:
+        if data and len(got) < self._hello_bytes:
             return
         del self._hello[fd]
-        entry = None
-        if len(got) == _HELLO and got.startswith(_MAGIC):
-            entry = self._tickets.pop(int.from_bytes(got[len(_MAGIC) :], "little"), None)
+        entry, key = None, None
+        magic = _MAGIC if self.secret is None else _SEALED_MAGIC
+        if len(got) == self._hello_bytes and got.startswith(magic):
+            ticket = int.from_bytes(got[len(magic) : len(magic) + 8], "little")
+            if self.secret is not None:
+                key = seal.ticket_key(self.secret, ticket)
+                if not seal.verify_hello(key, bytes(got[len(magic) + 8 :])):
+                    ticket = -1  # no such ticket: whoever sent it does not hold the token
+            entry = self._tickets.pop(ticket, None)
         if entry is None:
             log.warning("%s: bulk connection refused: no valid ticket", self.name)
             sock.close()
@@ -495,7 +333,12 @@ class Listener:
             sock.close()
             return
         where = f"{self.name} worker[{rank}]"
-        c = _Conn(sock, identity, rank, _Reader(sock, where), _Writer(sock, where, self.idle))
+        opened = None if key is None else seal.Seal(key, seal.WORKER_TO_SERVER)
+        sealing = None if key is None else seal.Seal(key, seal.SERVER_TO_WORKER)
+        c = _Conn(
+            sock, identity, rank, Reader(sock, where, opened),
+            Writer(sock, where, self.idle, sealing),
+        )  # fmt: skip
         c.reader.start()
         c.writer.start()
         self._by_fd[fd] = c
@@ -510,9 +353,55 @@ class Listener:
             del self._by_identity[c.identity]
         c.reader.close()
         c.writer.close()
-        with c.writer.sending, _suppress_oserror():
+        with c.writer.sending, suppress_oserror():
             c.sock.shutdown(socket.SHUT_RDWR)
         for t in (c.reader, c.writer):
             if t.is_alive():
-                t.join(2 * _TICK + 1.0)
+                t.join(JOIN)
         c.sock.close()
+
+
+def can_seal() -> bool:
+    """Whether this process can seal bulk payloads (the ``cryptography`` package is there): a
+    node with a cluster token uses the bulk channel only then."""
+    return seal.available()
+
+
+def open_channel(endpoint: Any, name: str, rank: int, idle: float) -> bool:
+    """Open the bulk channel of ``endpoint`` (a :class:`~paramserver.wire.transport.Endpoint`)
+    to peer ``name`` unless it is open (or was refused); whether it is open. With the endpoint's
+    cluster token it is sealed (and not opened where :func:`can_seal` is false); without one,
+    this is ``endpoint.open_bulk``. ``idle``: how long a transfer may make no progress.
+
+    Example:
+        if open_channel(client.endpoint, "server[0]", client.rank, 5.0): ...
+    """
+    security = endpoint.security
+    if security is None:
+        return bool(endpoint.open_bulk(name, rank, idle))
+    peer = endpoint.peers.get(name)
+    if peer is None or peer.lost is not None or peer.bulk_off or not can_seal():
+        return False
+    if peer.bulk is not None:
+        return True
+    what = f"opening the sealed bulk channel to {name} at {peer.address}"
+    try:
+        reply = endpoint.request(name, {"kind": "open_bulk", "rank": rank}, what=what).result(idle)
+        if not isinstance(reply.get("port"), int) or not isinstance(reply.get("ticket"), int):
+            raise ProtocolError("no port and ticket in the reply")
+        host = peer.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        channel = Channel.open(
+            host, reply["port"], reply["ticket"], idle=idle, where=name,
+            secret=security.server_secret,
+        )  # fmt: skip
+    except (NodeLostError, PSTimeoutError):
+        return False  # the peer itself is in trouble; its requests will say so
+    except (RemoteError, ProtocolError, OSError) as exc:
+        log.info("%s failed (%s); it gets ZeroMQ frames", what, exc)
+        peer.bulk_off = True
+        return False
+    if endpoint.peers.get(name) is not peer:  # replaced while we waited
+        channel.close()
+        return False
+    peer.bulk = channel
+    return True
