@@ -64,7 +64,11 @@ class Reader(threading.Thread):
                     self.cond.wait(_TICK)
                 if self.closed or self.error is not None:
                     return
-                direct = self.target is not None and not self.staged
+                # straight into the waiting reader's buffer while it has room (a full one has
+                # not been taken back yet: what comes now belongs to the next payload)
+                direct = (
+                    self.target is not None and not self.staged and self.filled < self.target.nbytes
+                )
                 target, off = self.target, self.filled
                 if not direct:
                     if not self.chunks or self.chunks[-1][2] == len(self.chunks[-1][0]):
