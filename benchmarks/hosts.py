@@ -159,7 +159,9 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
             raise RuntimeError(f"worker exited {p.returncode}: {err[-2000:]}\nservers: {logs}")
         results.append(json.loads(line.removeprefix("RESULT ")))
     seconds = max(r["seconds"] for r in results)
-    out: dict[str, Any] = {"bench": "hosts", **case}
+    name = (f"{case['kind']} {case['rate']} {s} server x {w} worker hosts, "
+            f"{'token' if case['token'] else 'no token'}, {case['transport']}")  # fmt: skip
+    out: dict[str, Any] = {"bench": "hosts", "case": name, **case}
     if case["kind"] == "training":
         out["examples_per_s"] = round(sum(r["examples"] for r in results) / seconds)
         out["test_auc"] = next((r["auc"] for r in results if r["auc"] is not None), None)
@@ -168,6 +170,7 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
         moved = moved * case["rounds"] // (case["rounds"] + 1)  # less the untimed first step
     # the busiest link's bytes (the busier way) over what it carries in that time
     out["link_fraction"] = round(moved * 8 / rate / seconds, 3)
+    out["value"], out["unit"] = out["link_fraction"], "fraction of the busiest link"
     out["cpu_cores"], out["cpu_bound"] = round(cpu, 2), cpu > 1.6
     return out
 
@@ -198,7 +201,8 @@ def main() -> int:
     args = p.parse_args()
     reason = hosts.unavailable()
     if reason is not None:
-        print(json.dumps({"bench": "hosts", "skipped": reason}))
+        print(json.dumps({"bench": "hosts", "case": "skipped", "value": 0, "unit": "-",
+                          "skipped": reason}))  # fmt: skip
         return 0
     todo = [
         c
