@@ -193,12 +193,43 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     return out
 
 
+def seal_cost(mib: int = 64) -> dict[str, Any]:
+    """One core's rate of sealing and opening a payload (paramserver.wire.seal), against a plain
+    copy of the same bytes: the sealed channel's CPU cost, which the link does not see."""
+    import numpy as np
+
+    from paramserver.wire import seal
+
+    if not seal.available():
+        return {"bench": "hosts", "case": "seal: cryptography missing", "value": 0, "unit": "-"}
+    key = seal.ticket_key(b"k" * 32, 1)
+    src = np.ones(mib << 20, np.uint8)
+    dst = np.empty_like(src)
+    out, sealed_buf = memoryview(dst), bytearray(seal.RECORD + seal.TAG)
+    np.copyto(dst, src)  # the destination's pages are touched before anything is timed
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    copy = time.perf_counter() - t0
+    tx, rx = seal.Seal(key, 0), seal.Seal(key, 0)
+    t0 = time.perf_counter()
+    plain = memoryview(src)
+    for a in range(0, src.nbytes, seal.RECORD):
+        rx.open(tx.seal(plain[a : a + seal.RECORD], sealed_buf), out[a : a + seal.RECORD])
+    sealed = time.perf_counter() - t0
+    return {
+        "bench": "hosts", "case": "seal + open on one core (AES-256-GCM)",
+        "value": round(src.nbytes / sealed / 1e6), "unit": "MB/s",
+        "baseline": round(src.nbytes / copy / 1e6), "ratio": round(copy / sealed, 3),
+    }  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one small case (CI)")
     p.add_argument("--rate", action="append", help="only these rates (e.g. 1gbit)")
     p.add_argument("--layout", action="append", help="only these SERVERS,WORKERS (e.g. 2,2)")
     args = p.parse_args()
+    print(json.dumps(seal_cost(8 if args.quick else 64)), flush=True)
     reason = hosts.unavailable()
     if reason is not None:
         print(json.dumps({"bench": "hosts", "case": "skipped", "value": 0, "unit": "-",
