@@ -212,6 +212,8 @@ class Writer(threading.Thread):
                 with self.cond:
                     self.error = str(exc)
                     self.queue.clear()
+                    if self.closed:  # closed by its owner: nothing went wrong
+                        return
                 log.warning("%s; bulk channel to %s closed", exc, self.where)
                 # the peer sees the connection end: it refuses the payload it was reading
                 with suppress_oserror():

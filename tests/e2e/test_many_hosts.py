@@ -419,6 +419,7 @@ def test_a_worker_host_then_a_server_host_taken_away_mid_training(
     r.wait_status(observer, lambda s: _nodes(s, "server")[dead_server]["state"] == "dead",
                   "the server on h2 to be declared dead")  # fmt: skip
     r.start("server1b", spare, f"{r.lines['server']} --rank {dead_server}")
+    r.wait_line("server1b", r"restored \d+ tables from \S*ckpt", 60)  # the newest checkpoint
     for i in range(2):
         r.finish(f"worker{i}", 120)
 
@@ -448,13 +449,22 @@ def test_a_worker_host_then_a_server_host_taken_away_mid_training(
         )
 
     st = r.wait_status(observer, truthful, "the status to show the cluster as it is")
-    samples = _metrics(observer, coordinator.address)
+    samples: dict[str, float] = {}
+
+    def rows_scraped() -> bool:  # the endpoint serves the collector's latest snapshot
+        samples.clear()
+        samples.update(_metrics(observer, coordinator.address))
+        rows = sum(v for k, v in samples.items()
+                   if k.startswith("ps_table_rows{") and 'table="faults/w"' in k)  # fmt: skip
+        return rows == sum(result["rows"].values()) == 24 * 64
+
+    try:
+        wait_until(rows_scraped, 30, "the Prometheus endpoint to show every row", every=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {samples}") from None
     assert samples[f'ps_node_up{{rank="{dead_worker}",role="worker"}}'] == 0, samples
     assert samples[f'ps_node_up{{rank="{dead_server}",role="server"}}'] == 1, samples
     assert samples["ps_dead_nodes"] >= 1, samples
-    rows = sum(v for k, v in samples.items()
-               if k.startswith("ps_table_rows{") and 'table="faults/w"' in k)  # fmt: skip
-    assert rows == sum(result["rows"].values()) == 24 * 64, samples
 
     for name in ("server0", "server1b", "coordinator"):
         r.stop(name)

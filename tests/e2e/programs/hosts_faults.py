@@ -26,6 +26,7 @@ with ps.connect() as client:
         for _ in range(STEPS):
             table.pull(keys)
             table.push(keys, np.ones((KEYS, DIM), np.float32)).result()
+            client.clock()  # periodic checkpoints are taken at a clock
             time.sleep(0.05)
         print("DONE", part, flush=True)
     client.barrier("faults/end", timeout=60)
