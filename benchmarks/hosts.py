@@ -228,6 +228,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="one small case (CI)")
     p.add_argument("--rate", action="append", help="only these rates (e.g. 1gbit)")
     p.add_argument("--layout", action="append", help="only these SERVERS,WORKERS (e.g. 2,2)")
+    p.add_argument("--kind", action="append", help="only dense, sparse or training")
     args = p.parse_args()
     print(json.dumps(seal_cost(8 if args.quick else 64)), flush=True)
     reason = hosts.unavailable()
@@ -240,6 +241,7 @@ def main() -> int:
         for c in cases(args.quick)
         if (not args.rate or c["rate"] in args.rate)
         and (not args.layout or f"{c['servers']},{c['workers']}" in args.layout)
+        and (not args.kind or c["kind"] in args.kind)
     ]
     size = max(1 + c["servers"] + c["workers"] for c in todo)
     with hosts.up(size) as bed, TemporaryDirectory() as tmp:

@@ -276,8 +276,8 @@ class DenseTable(TableHandle):
     def push(self, grad: Any) -> Future[None]:
         """Send a gradient of the table's shape; returns at once (``.result()`` waits). Do not
         modify ``grad`` until then. A gradient computed into :meth:`push_buffer` is not copied.
-        Over the TCP bulk channel the parts for all servers go out at once, from the channels'
-        own threads, while this returns.
+        Over the TCP bulk channel it returns once the parts for all servers, sent at once, were
+        written.
 
         Example:
             dense.push(grad).result()
@@ -308,6 +308,12 @@ class DenseTable(TableHandle):
             for i, (s, _, _) in enumerate(self.spec.ranges):
                 if self._over_tcp(s):
                     arrays[i] = tcp[s][1]
+        # over TCP, the parts go to every server at once, ahead of their headers
+        ranges = self.spec.ranges
+        use = [seg is None and self._bulk(s, a, b) for s, a, b in ranges]
+        parts = [(server_name(s), g[a:b].data.cast("B")) if u else None
+                 for (s, a, b), u in zip(ranges, use, strict=True)]  # fmt: skip
+        went = bulk.presend(c.endpoint, parts, f"push to table {self.name!r}") if any(use) else []
         futs = [
             c.request_server(
                 s,
@@ -315,9 +321,16 @@ class DenseTable(TableHandle):
                 arr,
                 what=f"push to table {self.name!r} [{a}:{b}] on {server_name(s)}",
                 again=None if seg is None else (lambda s=s: tcp[s]),  # type: ignore[misc]
-                bulk=seg is None and self._bulk(s, a, b),
+                bulk=use[i],
             )
-            for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
+            if not (went and went[i])
+            else c.request_server(
+                s,
+                {**header, "bulk": arr[0].nbytes},
+                what=f"push to table {self.name!r} [{a}:{b}] on {server_name(s)}",
+                again=lambda h=header, arr=arr: (h, arr, None),  # type: ignore[misc]
+            )
+            for i, ((s, a, b), arr) in enumerate(zip(ranges, arrays, strict=True))
         ]
         c.endpoint.poll(0)
         fut: Future[None] = gather(futs, f"push to table {self.name!r}", lambda _: None)

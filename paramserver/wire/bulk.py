@@ -47,9 +47,9 @@ from paramserver.errors import (
     RemoteError,
 )
 from paramserver.wire import seal
-from paramserver.wire.streams import JOIN, Reader, Writer, suppress_oserror
+from paramserver.wire.streams import JOIN, READ_AHEAD, Reader, Writer, suppress_oserror
 
-__all__ = ["MIN_BYTES", "Channel", "Listener", "can_seal", "open_channel"]
+__all__ = ["MIN_BYTES", "PRESEND_MAX", "Channel", "Listener", "can_seal", "open_channel", "presend"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
 _SEALED_MAGIC = b"PSBULKS1"
 _SEALED_HELLO = len(_SEALED_MAGIC) + 8 + seal.TAG  # and the proof of the key
 _ACK = b"\x01"
+# A payload up to this size may go before its header (:func:`presend`): the server reads it
+# ahead into memory of the connection's own, so the header finds it there.
+PRESEND_MAX = READ_AHEAD // 2
 _TICKETS = 1024  # outstanding tickets kept per server (oldest dropped)
 
 
@@ -148,6 +151,10 @@ class Channel:
         ConnectionError if an earlier payload could not be sent (the channel is broken: the
         server refuses that payload's request)."""
         self.writer.send(data, what)
+
+    def flush(self, what: str) -> None:
+        """Wait until everything sent is written (see :meth:`Writer.flush`)."""
+        self.writer.flush(self.idle, what)
 
     def recv_into(self, buf: memoryview, what: str) -> None:
         self.reader.read_into(buf, self.idle, f"{what} from {self.where}")
@@ -405,3 +412,43 @@ def open_channel(endpoint: Any, name: str, rank: int, idle: float) -> bool:
         return False
     peer.bulk = channel
     return True
+
+
+def presend(endpoint: Any, parts: list[tuple[str, memoryview] | None], what: str) -> list[bool]:
+    """Send each part (peer name, payload of at most PRESEND_MAX bytes) on the open bulk channel
+    of ``endpoint`` to that peer, all at once, and wait until every one is written: the
+    servers read them ahead, so that the headers sent next find their payloads there and no
+    server's event loop waits for a link (it handles one message at a time). Whether each part
+    went; the caller sends the header of one that went with ``bulk`` set to its size, and the
+    others as usual. A part that failed closes its channel (no header names its bytes).
+
+    Example:
+        went = presend(ep, [("server[0]", memoryview(g[:n]).cast("B")), None], "push of 'w'")
+    """
+    sending: list[tuple[Any, Channel] | None] = []
+    for part in parts:
+        peer = endpoint.peers.get(part[0]) if part is not None else None
+        channel = peer.bulk if peer is not None and peer.lost is None else None
+        if part is None or peer is None or channel is None or part[1].nbytes > PRESEND_MAX:
+            sending.append(None)
+            continue
+        try:
+            channel.send(part[1], what)
+        except OSError:
+            peer.close_bulk()
+            sending.append(None)
+            continue
+        sending.append((peer, channel))
+    went = []
+    for item in sending:
+        if item is not None:
+            peer, channel = item
+            try:
+                channel.flush(f"{what} to {channel.where}")
+            except OSError as exc:
+                log.warning("%s; bulk channel closed", exc)
+                if peer.bulk is channel:
+                    peer.close_bulk()
+                item = None
+        went.append(item is not None)
+    return went

@@ -182,6 +182,7 @@ class Writer(threading.Thread):
         self.queue: deque[list[Any]] = deque()  # [bytes left, owner, what]
         self.error: str | None = None
         self.closed = False
+        self.progress = time.monotonic()  # when bytes last went out
 
     def send(self, data: memoryview, what: str, owner: object = None) -> None:
         with self.cond:
@@ -191,6 +192,22 @@ class Writer(threading.Thread):
                 raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
             self.queue.append([data.cast("B") if data.format != "B" else data, owner, what])
             self.cond.notify_all()
+
+    def flush(self, idle: float, what: str) -> None:
+        """Wait until everything queued is written; ConnectionError if the connection broke,
+        TimeoutError if nothing went out for ``idle`` seconds."""
+        with self.cond:
+            self.progress = max(self.progress, time.monotonic())
+            while self.queue:
+                if self.error is not None:
+                    raise ConnectionError(f"{what}: {self.error}")
+                if self.closed:
+                    raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
+                if time.monotonic() - self.progress > idle:
+                    raise TimeoutError(f"{what}: {self.where} took nothing for {idle:g}s")
+                self.cond.wait(min(_TICK, idle))
+            if self.error is not None:
+                raise ConnectionError(f"{what}: {self.error}")
 
     def release(self, owner: object) -> None:
         """Copy the unsent part of every payload viewing ``owner``'s memory."""
@@ -212,6 +229,7 @@ class Writer(threading.Thread):
                 with self.cond:
                     self.error = str(exc)
                     self.queue.clear()
+                    self.cond.notify_all()
                     if self.closed:  # closed by its owner: nothing went wrong
                         return
                 log.warning("%s; bulk channel to %s closed", exc, self.where)
@@ -231,6 +249,7 @@ class Writer(threading.Thread):
                 item = self.queue[0]
                 if not item[0].nbytes and not out.nbytes:
                     self.queue.popleft()
+                    self.cond.notify_all()
                     return
             if self.seal is not None and not out.nbytes:
                 with self.sending:  # the payload's memory is read here only
@@ -256,7 +275,7 @@ class Writer(threading.Thread):
                     out = out[n:]
                 else:
                     item[0] = view[n:]
-            last = time.monotonic()
+            last = self.progress = time.monotonic()
 
     def close(self) -> None:
         with self.cond:
