@@ -352,6 +352,15 @@ class Host:
             raise BedError(f"cut(how=...) must be 'drop' or 'down', got {how!r}")
         self.state = "cut"
 
+    def stop(self) -> None:
+        """SIGKILL every process in this host (started here or not); its link stays as it is."""
+        self._kill_tracked()
+        _kill_all(self.files, self.name)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(COMMAND_TIMEOUT)
+        self.procs = [p for p in self.procs if p.returncode is None]
+
     def kill(self) -> None:
         """Take the whole host away: SIGKILL every process in it, then its link down."""
         self._kill_tracked()

@@ -116,7 +116,7 @@ class DenseTable(TableHandle):
         return (
             (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
             and c.transport != "zmq"
-            and c.endpoint.open_bulk(server_name(s), c.rank, c.timeouts.heartbeat_timeout)
+            and bulk.open_channel(c.endpoint, server_name(s), c.rank, c.timeouts.heartbeat_timeout)
         )
 
     def _over_tcp(self, s: int) -> bool:
@@ -291,7 +291,8 @@ class DenseTable(TableHandle):
     def push(self, grad: Any) -> Future[None]:
         """Send a gradient of the table's shape; returns at once (``.result()`` waits). Do not
         modify ``grad`` until then. A gradient computed into :meth:`push_buffer` is not copied.
-        Over the TCP bulk channel it returns once the sockets have taken the gradient.
+        Over the TCP bulk channel it returns once the parts for all servers, sent at once, were
+        written.
 
         Example:
             dense.push(grad).result()
@@ -322,6 +323,12 @@ class DenseTable(TableHandle):
             for i, (s, _, _) in enumerate(self.spec.ranges):
                 if self._over_tcp(s):
                     arrays[i] = tcp[s][1]
+        # over TCP, the parts go to every server at once, ahead of their headers
+        ranges = self.spec.ranges
+        use = [seg is None and self._bulk(s, a, b) for s, a, b in ranges]
+        parts = [(server_name(s), g[a:b].data.cast("B")) if u else None
+                 for (s, a, b), u in zip(ranges, use, strict=True)]  # fmt: skip
+        went = bulk.presend(c.endpoint, parts, f"push to table {self.name!r}") if any(use) else []
         futs = [
             c.request_server(
                 s,
@@ -329,9 +336,16 @@ class DenseTable(TableHandle):
                 arr,
                 what=f"push to table {self.name!r} [{a}:{b}] on {server_name(s)}",
                 again=None if seg is None else (lambda s=s: tcp[s]),  # type: ignore[misc]
-                bulk=seg is None and self._bulk(s, a, b),
+                bulk=use[i],
             )
-            for (s, a, b), arr in zip(self.spec.ranges, arrays, strict=True)
+            if not (went and went[i])
+            else c.request_server(
+                s,
+                {**header, "bulk": arr[0].nbytes},
+                what=f"push to table {self.name!r} [{a}:{b}] on {server_name(s)}",
+                again=lambda h=header, arr=arr: (h, arr, None),  # type: ignore[misc]
+            )
+            for i, ((s, a, b), arr) in enumerate(zip(ranges, arrays, strict=True))
         ]
         c.endpoint.poll(0)
         fut: Future[None] = gather(futs, f"push to table {self.name!r}", lambda _: None)

@@ -68,7 +68,10 @@ class Server:
             self.ctx.term()
             raise
         self.paths = Paths.bind(
-            self.router, host, idle=self.timeouts.heartbeat_timeout, encrypted=security is not None
+            self.router,
+            host,
+            idle=self.timeouts.heartbeat_timeout,
+            secret=None if security is None else security.server_secret,
         )
         self.state = ServerState()
         self.state.address = self.router.address

@@ -10,12 +10,21 @@ FIFO), so a connection needs no framing of its own.
 
 * :class:`Listener` (server): accepts connections, binds each to the worker that presents a
   one-time ticket (given to it over ZeroMQ), reads push payloads (blocking, with a timeout:
-  the worker is sending them right behind their header) and writes pull payloads without ever
-  blocking, driven by the server's event loop.
+  the worker is sending them right behind their header) and queues pull payloads, which the
+  connection's own thread writes while the server's event loop goes on.
 * :class:`Channel` (worker): one connection to one server.
 
-No encryption: with a cluster token set (CURVE), nodes do not use this channel at all. Bytes
-travel in the machine's byte order (little-endian, like the ZeroMQ frames; big-endian hosts are
+Every connection is read ahead by a thread of its own and written by another
+(:mod:`paramserver.wire.streams`): a request's payloads to all its servers, and the payloads
+of several peers arriving at once, travel at the same time instead of one after another (on a
+link that several flows share, one at a time leaves the others' links idle). Bytes read before
+anyone asked for them wait in memory of the connection's own (at most ``READ_AHEAD``) and are
+copied out once; bytes read while someone waits go straight into the destination.
+
+With a cluster token (CURVE on every ZeroMQ socket), payloads travel as AES-GCM records keyed
+per ticket from the token (:mod:`paramserver.wire.seal`), and a worker proves in its hello that
+it holds the key; without the optional ``cryptography`` package, a token turns the channel off
+and values travel in CURVE frames. Bytes travel in the machine's byte order (little-endian, like the ZeroMQ frames; big-endian hosts are
 not supported). Errors are ``OSError``; the callers translate them into the library's errors.
 """
 
@@ -24,12 +33,23 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MIN_BYTES", "Channel", "Listener"]
+from paramserver.errors import (
+    ConfigError,
+    NodeLostError,
+    ProtocolError,
+    PSTimeoutError,
+    RemoteError,
+)
+from paramserver.wire import seal
+from paramserver.wire.streams import JOIN, READ_AHEAD, Reader, Writer, suppress_oserror
+
+__all__ = ["MIN_BYTES", "PRESEND_MAX", "Channel", "Listener", "can_seal", "open_channel", "presend"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +57,12 @@ log = logging.getLogger(__name__)
 MIN_BYTES = 1 << 20
 _MAGIC = b"PSBULK01"
 _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
+_SEALED_MAGIC = b"PSBULKS1"
+_SEALED_HELLO = len(_SEALED_MAGIC) + 8 + seal.TAG  # and the proof of the key
 _ACK = b"\x01"
+# A payload up to this size may go before its header (:func:`presend`): the server reads it
+# ahead into memory of the connection's own, so the header finds it there.
+PRESEND_MAX = READ_AHEAD // 2
 _TICKETS = 1024  # outstanding tickets kept per server (oldest dropped)
 
 
@@ -74,18 +99,42 @@ class Channel:
         ch.send(memoryview(grad).cast("B"), "push of 'w'")
     """
 
-    def __init__(self, sock: socket.socket, where: str, idle: float) -> None:
+    def __init__(
+        self, sock: socket.socket, where: str, idle: float, key: bytes | None = None
+    ) -> None:
         self.sock = sock
         self.where = where
         self.idle = idle
+        self.sealed = key is not None
+        sock.setblocking(False)
+        opened = None if key is None else seal.Seal(key, seal.SERVER_TO_WORKER)
+        sealing = None if key is None else seal.Seal(key, seal.WORKER_TO_SERVER)
+        self.reader = Reader(sock, where, opened)
+        self.writer = Writer(sock, where, idle, sealing)
+        self.reader.start()
+        self.writer.start()
 
     @classmethod
-    def open(cls, host: str, port: int, ticket: int, *, idle: float, where: str) -> Channel:
-        """Connect, present ``ticket`` and wait for the server's acknowledgement."""
+    def open(
+        cls,
+        host: str,
+        port: int,
+        ticket: int,
+        *,
+        idle: float,
+        where: str,
+        secret: bytes | None = None,
+    ) -> Channel:
+        """Connect, present ``ticket`` and wait for the server's acknowledgement. With the
+        cluster ``secret`` (a token is set), payloads travel sealed."""
+        key = None if secret is None else seal.ticket_key(secret, ticket)
         sock = socket.create_connection((host, port), timeout=idle)
         try:
             _tune(sock)
-            sock.sendall(_MAGIC + ticket.to_bytes(8, "little"))
+            if key is None:
+                sock.sendall(_MAGIC + ticket.to_bytes(8, "little"))
+            else:
+                sock.sendall(_SEALED_MAGIC + ticket.to_bytes(8, "little") + seal.hello_tag(key))
             ack = bytearray(1)
             recv_exactly(sock, memoryview(ack), idle, f"bulk channel to {where}: acknowledgement")
             if bytes(ack) != _ACK:
@@ -93,26 +142,31 @@ class Channel:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, where, idle)
+        return cls(sock, where, idle, key)
 
     def send(self, data: memoryview, what: str) -> None:
-        """Send all of ``data``; TimeoutError if the server takes nothing for ``idle`` seconds."""
-        sent, n = 0, data.nbytes
-        try:
-            self.sock.settimeout(self.idle)
-            while sent < n:
-                sent += self.sock.send(data[sent:])
-        except TimeoutError:
-            raise TimeoutError(
-                f"{what}: {self.where} took {sent} of {n} bytes, then nothing for {self.idle:g}s"
-            ) from None
-        except OSError as exc:
-            raise ConnectionError(f"{what}: {exc} after {sent} of {n} bytes") from None
+        """Queue all of ``data`` for sending and return: it goes out behind what was queued
+        before, while the caller goes on (to send to other servers). ``data`` must not change
+        until its request is answered (the server answers once it has read all of it).
+        ConnectionError if an earlier payload could not be sent (the channel is broken: the
+        server refuses that payload's request)."""
+        self.writer.send(data, what)
+
+    def flush(self, what: str) -> None:
+        """Wait until everything sent is written (see :meth:`Writer.flush`)."""
+        self.writer.flush(self.idle, what)
 
     def recv_into(self, buf: memoryview, what: str) -> None:
-        recv_exactly(self.sock, buf, self.idle, f"{what} from {self.where}")
+        self.reader.read_into(buf, self.idle, f"{what} from {self.where}")
 
     def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+        with suppress_oserror():
+            self.sock.shutdown(socket.SHUT_RDWR)
+        for t in (self.writer, self.reader):
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(JOIN)
         self.sock.close()
 
 
@@ -121,8 +175,8 @@ class _Conn:
     sock: socket.socket
     identity: bytes
     rank: int
-    # payloads still to write, in order: [bytes left, owner] (owner: whose memory it views)
-    queue: deque[list[Any]] = field(default_factory=deque)
+    reader: Reader
+    writer: Writer  # writes the replies' payloads while the event loop goes on
 
 
 class Listener:
@@ -135,9 +189,16 @@ class Listener:
         ticket = bulk.ticket(identity, rank)          # sent to the worker over ZeroMQ
     """
 
-    def __init__(self, host: str, *, idle: float, name: str = "server") -> None:
+    def __init__(
+        self, host: str, *, idle: float, name: str = "server", secret: bytes | None = None
+    ) -> None:
+        """With the cluster ``secret`` (a token is set), only sealed connections are taken."""
+        if secret is not None and not seal.available():
+            raise ConfigError("a sealed bulk channel needs the cryptography package")
         self.idle = idle
         self.name = name
+        self.secret = secret
+        self._hello_bytes = _HELLO if secret is None else _SEALED_HELLO
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             self.sock.bind(("" if host in ("0.0.0.0", "*") else host, 0))
@@ -165,17 +226,13 @@ class Listener:
 
     def fds(self) -> tuple[list[int], list[int]]:
         """(fds to watch for reading, fds to watch for writing)."""
-        reading = [self.sock.fileno(), *self._hello]
-        writing = [fd for fd, c in self._by_fd.items() if c.queue]
-        return reading, writing
+        return [self.sock.fileno(), *self._hello], []
 
     def handle(self, fd: int, readable: bool, writable: bool) -> None:
         if fd == self.sock.fileno():
             self._accept()
         elif fd in self._hello and readable:
             self._greet(fd)
-        elif fd in self._by_fd and writable:
-            self._flush(self._by_fd[fd])
 
     def expire(self, now: float) -> None:
         """Close handshakes that did not complete in time (a silent or foreign client)."""
@@ -200,13 +257,10 @@ class Listener:
         if c is None:
             raise ConnectionError(f"{what}: no bulk connection from this worker")
         try:
-            recv_exactly(c.sock, buf, self.idle, what)
+            c.reader.read_into(buf, self.idle, what)
         except BaseException as exc:  # out of step with the headers now, whatever happened
             self._drop(c, str(exc))
             raise
-        finally:
-            if c.sock.fileno() >= 0:
-                c.sock.setblocking(False)
 
     def send(self, identity: bytes, data: memoryview, owner: object) -> bool:
         """Queue ``data`` (a view of ``owner``'s memory) for the worker at ``identity`` and
@@ -215,17 +269,18 @@ class Listener:
         c = self._by_identity.get(identity)
         if c is None:
             return False
-        c.queue.append([data, owner])
-        self._flush(c)
+        try:
+            c.writer.send(data, f"reply to worker[{c.rank}]", owner)
+        except OSError as exc:
+            self._drop(c, str(exc))
+            return False
         return True
 
     def release(self, owner: object) -> None:
         """Copy the unsent part of every payload viewing ``owner``'s memory (which is about to
         change): what a worker receives is the memory as it was when its reply was sent."""
         for c in self._by_fd.values():
-            for item in c.queue:
-                if item[1] is owner:
-                    item[0], item[1] = memoryview(bytes(item[0])), None
+            c.writer.release(owner)
 
     def close(self) -> None:
         for c in list(self._by_fd.values()):
@@ -253,18 +308,24 @@ class Listener:
     def _greet(self, fd: int) -> None:
         sock, got, _ = self._hello[fd]
         try:
-            data = sock.recv(_HELLO - len(got))
+            data = sock.recv(self._hello_bytes - len(got))
         except BlockingIOError:
             return
         except OSError:
             data = b""
         got += data
-        if data and len(got) < _HELLO:
+        if data and len(got) < self._hello_bytes:
             return
         del self._hello[fd]
-        entry = None
-        if len(got) == _HELLO and got.startswith(_MAGIC):
-            entry = self._tickets.pop(int.from_bytes(got[len(_MAGIC) :], "little"), None)
+        entry, key = None, None
+        magic = _MAGIC if self.secret is None else _SEALED_MAGIC
+        if len(got) == self._hello_bytes and got.startswith(magic):
+            ticket = int.from_bytes(got[len(magic) : len(magic) + 8], "little")
+            if self.secret is not None:
+                key = seal.ticket_key(self.secret, ticket)
+                if not seal.verify_hello(key, bytes(got[len(magic) + 8 :])):
+                    ticket = -1  # no such ticket: whoever sent it does not hold the token
+            entry = self._tickets.pop(ticket, None)
         if entry is None:
             log.warning("%s: bulk connection refused: no valid ticket", self.name)
             sock.close()
@@ -278,24 +339,18 @@ class Listener:
         except OSError:
             sock.close()
             return
-        c = _Conn(sock, identity, rank)
+        where = f"{self.name} worker[{rank}]"
+        opened = None if key is None else seal.Seal(key, seal.WORKER_TO_SERVER)
+        sealing = None if key is None else seal.Seal(key, seal.SERVER_TO_WORKER)
+        c = _Conn(
+            sock, identity, rank, Reader(sock, where, opened),
+            Writer(sock, where, self.idle, sealing),
+        )  # fmt: skip
+        c.reader.start()
+        c.writer.start()
         self._by_fd[fd] = c
         self._by_identity[identity] = c
         log.debug("%s: bulk connection of worker[%d] open", self.name, rank)
-
-    def _flush(self, c: _Conn) -> None:
-        while c.queue:
-            item = c.queue[0]
-            try:
-                n = c.sock.send(item[0])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._drop(c, f"writing to worker[{c.rank}]: {exc}")
-                return
-            item[0] = item[0][n:]
-            if not item[0].nbytes:
-                c.queue.popleft()
 
     def _drop(self, c: _Conn, reason: str | None) -> None:
         if reason is not None:
@@ -303,5 +358,97 @@ class Listener:
         self._by_fd.pop(c.sock.fileno(), None)
         if self._by_identity.get(c.identity) is c:
             del self._by_identity[c.identity]
-        c.queue.clear()
+        c.reader.close()
+        c.writer.close()
+        with c.writer.sending, suppress_oserror():
+            c.sock.shutdown(socket.SHUT_RDWR)
+        for t in (c.reader, c.writer):
+            if t.is_alive():
+                t.join(JOIN)
         c.sock.close()
+
+
+def can_seal() -> bool:
+    """Whether this process can seal bulk payloads (the ``cryptography`` package is there): a
+    node with a cluster token uses the bulk channel only then."""
+    return seal.available()
+
+
+def open_channel(endpoint: Any, name: str, rank: int, idle: float) -> bool:
+    """Open the bulk channel of ``endpoint`` (a :class:`~paramserver.wire.transport.Endpoint`)
+    to peer ``name`` unless it is open (or was refused); whether it is open. With the endpoint's
+    cluster token it is sealed (and not opened where :func:`can_seal` is false); without one,
+    this is ``endpoint.open_bulk``. ``idle``: how long a transfer may make no progress.
+
+    Example:
+        if open_channel(client.endpoint, "server[0]", client.rank, 5.0): ...
+    """
+    security = endpoint.security
+    if security is None:
+        return bool(endpoint.open_bulk(name, rank, idle))
+    peer = endpoint.peers.get(name)
+    if peer is None or peer.lost is not None or peer.bulk_off or not can_seal():
+        return False
+    if peer.bulk is not None:
+        return True
+    what = f"opening the sealed bulk channel to {name} at {peer.address}"
+    try:
+        reply = endpoint.request(name, {"kind": "open_bulk", "rank": rank}, what=what).result(idle)
+        if not isinstance(reply.get("port"), int) or not isinstance(reply.get("ticket"), int):
+            raise ProtocolError("no port and ticket in the reply")
+        host = peer.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        channel = Channel.open(
+            host, reply["port"], reply["ticket"], idle=idle, where=name,
+            secret=security.server_secret,
+        )  # fmt: skip
+    except (NodeLostError, PSTimeoutError):
+        return False  # the peer itself is in trouble; its requests will say so
+    except (RemoteError, ProtocolError, OSError) as exc:
+        log.info("%s failed (%s); it gets ZeroMQ frames", what, exc)
+        peer.bulk_off = True
+        return False
+    if endpoint.peers.get(name) is not peer:  # replaced while we waited
+        channel.close()
+        return False
+    peer.bulk = channel
+    return True
+
+
+def presend(endpoint: Any, parts: list[tuple[str, memoryview] | None], what: str) -> list[bool]:
+    """Send each part (peer name, payload of at most PRESEND_MAX bytes) on the open bulk channel
+    of ``endpoint`` to that peer, all at once, and wait until every one is written: the
+    servers read them ahead, so that the headers sent next find their payloads there and no
+    server's event loop waits for a link (it handles one message at a time). Whether each part
+    went; the caller sends the header of one that went with ``bulk`` set to its size, and the
+    others as usual. A part that failed closes its channel (no header names its bytes).
+
+    Example:
+        went = presend(ep, [("server[0]", memoryview(g[:n]).cast("B")), None], "push of 'w'")
+    """
+    sending: list[tuple[Any, Channel] | None] = []
+    for part in parts:
+        peer = endpoint.peers.get(part[0]) if part is not None else None
+        channel = peer.bulk if peer is not None and peer.lost is None else None
+        if part is None or peer is None or channel is None or part[1].nbytes > PRESEND_MAX:
+            sending.append(None)
+            continue
+        try:
+            channel.send(part[1], what)
+        except OSError:
+            peer.close_bulk()
+            sending.append(None)
+            continue
+        sending.append((peer, channel))
+    went = []
+    for item in sending:
+        if item is not None:
+            peer, channel = item
+            try:
+                channel.flush(f"{what} to {channel.where}")
+            except OSError as exc:
+                log.warning("%s; bulk channel closed", exc)
+                if peer.bulk is channel:
+                    peer.close_bulk()
+                item = None
+        went.append(item is not None)
+    return went

@@ -102,14 +102,17 @@ class Paths:
         self.received = 0  # bytes received since the last trim
 
     @classmethod
-    def bind(cls, router: Router, host: str, *, idle: float, encrypted: bool) -> Paths:
-        """The paths of a server bound at ``host``, with a bulk channel unless the cluster is
-        ``encrypted`` (the channel is not) or its port cannot be bound; ``idle``: seconds a
-        bulk peer may stay silent mid-payload."""
-        if encrypted:
-            return cls(router, None, "a cluster token is set")
+    def bind(cls, router: Router, host: str, *, idle: float, secret: bytes | None) -> Paths:
+        """The paths of a server bound at ``host``, with a bulk channel unless its port cannot
+        be bound, or the cluster has a token (``secret``, which seals the channel's payloads)
+        and the ``cryptography`` package is missing; ``idle``: seconds a bulk peer may stay
+        silent mid-payload."""
+        if secret is not None and not bulk.can_seal():
+            return cls(
+                router, None, "a cluster token is set and the cryptography package is missing"
+            )
         try:
-            return cls(router, bulk.Listener(host, idle=idle))
+            return cls(router, bulk.Listener(host, idle=idle, secret=secret))
         except OSError as exc:
             log.warning("no bulk channel (dense values travel in ZeroMQ frames): %s", exc)
             return cls(router, None, "it could not bind")

@@ -1,6 +1,8 @@
 """The bulk channel (paramserver.wire.bulk): large dense values over raw TCP beside ZeroMQ give the
 same results as NumPy, bad input and broken peers change nothing and hang no one, and with a
-cluster token (or transport="zmq") everything stays on ZeroMQ."""
+cluster token the payloads travel sealed (a record tampered with or replayed is refused and
+changes nothing), or, without the cryptography package (or with transport="zmq"), everything
+stays on ZeroMQ."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.errors import RemoteError
+from paramserver.wire import seal
 from paramserver.wire.transport import Endpoint, new_context
 from tests import procs
 from tests.timing import FAST, wait_until
@@ -248,9 +251,121 @@ def test_a_replaced_server_gets_a_new_bulk_channel() -> None:
         assert _bulk_open(client) == {"server[0]": True}
 
 
-def test_a_cluster_token_or_zmq_transport_keeps_values_on_zeromq() -> None:
-    token = "correct-horse-battery-staple-42"
-    with ps.LocalCluster(servers=1, workers=2, timeouts=FAST, token=token) as cluster:
+TOKEN = "correct-horse-battery-staple-42"
+
+
+def _sealed(client: Any) -> dict[str, bool]:
+    return {
+        n: p.bulk is not None and p.bulk.sealed
+        for n, p in client._ep.peers.items()
+        if n.startswith("server")
+    }
+
+
+def _train(client: Any) -> np.ndarray:
+    w = client.dense_table(
+        "w", shape=(N,), init=ps.init.Constant(1.0),
+        optimizer=ps.optim.Adagrad(lr=0.5, initial_accumulator=0.1),
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        w.push(rng.standard_normal(N).astype(np.float32)).result()
+        pulled: np.ndarray = w.pull()
+    return pulled
+
+
+def test_with_a_token_values_travel_sealed_and_equal_the_zeromq_path() -> None:
+    pytest.importorskip("cryptography")
+    results = {}
+    for transport in ("tcp", "zmq"):
+        with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, token=TOKEN) as cluster:
+            client = cluster.connect(transport=transport)
+            results[transport] = _train(client)
+            want = transport == "tcp"
+            assert _sealed(client) == {"server[0]": want, "server[1]": want}
+    np.testing.assert_array_equal(results["tcp"], results["zmq"])
+
+
+class FlipOneBit(seal.Seal):
+    """A real sealing of records, one of which has a bit flipped on the way."""
+
+    def seal(self, plain: memoryview, out: bytearray) -> memoryview:
+        record = super().seal(plain, out)
+        if self.count == 3:
+            record[100] ^= 0x01
+        return record
+
+
+class ReplayOne(seal.Seal):
+    """A real sealing of records that sends an earlier record again in place of the fourth."""
+
+    kept = b""
+
+    def seal(self, plain: memoryview, out: bytearray) -> memoryview:
+        record = super().seal(plain, out)
+        if self.count == 2:
+            self.kept = bytes(record)
+        elif self.count == 4:
+            record[:] = self.kept
+        return record
+
+
+@pytest.mark.parametrize("fault", [FlipOneBit, ReplayOne])
+def test_a_tampered_or_replayed_sealed_stream_is_refused_and_changes_nothing(
+    fault: type[seal.Seal],
+) -> None:
+    pytest.importorskip("cryptography")
+    with ps.LocalCluster(servers=1, workers=1, timeouts=FAST, token=TOKEN) as cluster:
+        client = cluster.connect(transport="tcp")
+        n = 1 << 21  # 8 MiB: 32 records
+        w = client.dense_table("w", shape=(n,), init=ps.init.Constant(2.0),
+                               optimizer=ps.optim.SGD(lr=1.0))  # fmt: skip
+        before = w.pull()
+        assert _sealed(client) == {"server[0]": True}
+        channel = client._ep.peers["server[0]"].bulk
+        channel.writer.seal.__class__ = fault  # the channel's own sealing, one record spoilt
+        with pytest.raises(RemoteError, match="failed authentication") as err:
+            w.push(np.ones(n, np.float32)).result(10)
+        assert err.value.code == "bulk"
+        np.testing.assert_array_equal(w.pull(), before)  # on a new channel
+        assert _sealed(client) == {"server[0]": True}
+        assert client._ep.peers["server[0]"].bulk is not channel
+        w.push(np.ones(n, np.float32)).result(10)
+        np.testing.assert_array_equal(w.pull(), before - 1.0)
+
+
+def test_a_sealed_hello_without_the_key_is_refused() -> None:
+    pytest.importorskip("cryptography")
+    with ps.LocalCluster(servers=1, workers=1, timeouts=FAST, token=TOKEN) as cluster:
+        client = cluster.connect(transport="tcp")
+        n = 1 << 20
+        w = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
+        w.pull()
+        server = client._ep.address_of("server[0]")
+        reply = client._ep.request("server[0]", {"kind": "open_bulk", "rank": 0}, what="ticket")
+        port, ticket = reply.result(10)["port"], reply.result(10)["ticket"]
+        host = server.removeprefix("tcp://").rsplit(":", 1)[0]
+        wrong = seal.hello_tag(seal.ticket_key(b"not the cluster secret" * 2, ticket))
+        probes = {
+            "wrong key": b"PSBULKS1" + ticket.to_bytes(8, "little") + wrong,
+            "plain hello": b"PSBULK01" + ticket.to_bytes(8, "little"),
+        }
+        for what, hello in probes.items():
+            with socket.create_connection((host, port), timeout=5) as sock:
+                sock.sendall(hello)
+                assert _closed_by_peer(sock, 10), f"{what}: the server kept the connection open"
+        w.push(np.ones(n, np.float32)).result()
+        np.testing.assert_array_equal(w.pull(), -np.ones(n, np.float32))
+
+
+def test_without_the_cryptography_package_a_token_keeps_values_on_zeromq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # servers in whose Python the package is missing (a package that fails to import shadows it)
+    (tmp_path / "cryptography").mkdir()
+    (tmp_path / "cryptography" / "__init__.py").write_text("raise ImportError('missing')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    with ps.LocalCluster(servers=1, workers=2, timeouts=FAST, token=TOKEN) as cluster:
         client = cluster.connect(transport="tcp")
         n = 1 << 20
         w = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
@@ -258,9 +373,13 @@ def test_a_cluster_token_or_zmq_transport_keeps_values_on_zeromq() -> None:
         np.testing.assert_array_equal(w.pull(), -np.ones(n, np.float32))
         assert _bulk_open(client) == {"server[0]": False}
         fut = client._ep.request("server[0]", {"kind": "open_bulk", "rank": 0}, what="ticket")
-        with pytest.raises(RemoteError, match="cluster token") as err:
+        with pytest.raises(RemoteError, match="cryptography package is missing") as err:
             fut.result(10)
         assert err.value.code == "no_bulk"
+
+
+def test_the_zmq_transport_keeps_values_on_zeromq() -> None:
+    n = 1 << 20
     with ps.LocalCluster(servers=1, workers=1, timeouts=FAST) as cluster:
         client = cluster.connect(transport="zmq")
         w = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))

@@ -25,6 +25,7 @@ class HalfThenDie(Channel):
     """A real bulk channel whose sender dies half-way through a payload."""
 
     def send(self, data: memoryview, what: str) -> None:
+        self.sock.setblocking(True)  # a channel's socket is non-blocking (its threads poll)
         self.sock.sendall(data[: data.nbytes // 2])
         os.kill(os.getpid(), signal.SIGKILL)
 

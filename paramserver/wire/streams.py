@@ -1,0 +1,292 @@
+"""The two threads of a bulk connection: one reads it ahead, one writes the payloads queued
+for it, so that several connections' transfers go on at once and no caller waits on a link.
+With a :class:`~paramserver.wire.seal.Seal` they read and write sealed records instead of raw
+bytes (the cluster token's encrypted fast path).
+
+Example:
+    reader, writer = Reader(sock, "server[0]"), Writer(sock, "server[0]", idle=5.0)
+    reader.start(); writer.start()
+    writer.send(memoryview(grad).cast("B"), "push of 'w'")
+    reader.read_into(memoryview(out).cast("B"), 5.0, "pull of 'w'")
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from paramserver.wire.seal import RECORD, TAG, Seal
+
+__all__ = ["JOIN", "READ_AHEAD", "Reader", "Writer", "poll_ready", "suppress_oserror"]
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD = 32 << 20  # bytes a connection reads before anyone asks for them, at most
+_CHUNK = 1 << 20  # read-ahead memory comes in pieces of this size
+_TICK = 0.2  # how often a waiting I/O thread looks whether it was closed
+JOIN = 2 * _TICK + 1.0  # how long closing waits for a connection's thread
+
+
+def poll_ready(sock: socket.socket, event: int, seconds: float) -> bool:
+    """Whether ``sock`` became ready for ``event`` (POLLIN, POLLOUT) within ``seconds``."""
+    p = select.poll()
+    p.register(sock.fileno(), event | select.POLLERR | select.POLLHUP)
+    return bool(p.poll(seconds * 1000))
+
+
+class Reader(threading.Thread):
+    """Reads one connection ahead (into pieces of memory of its own, up to ``READ_AHEAD``
+    bytes), or, while :meth:`read_into` waits and nothing is staged, straight into the
+    destination. The socket must be non-blocking."""
+
+    def __init__(self, sock: socket.socket, name: str, seal: Seal | None = None) -> None:
+        super().__init__(name=f"bulk reader {name}", daemon=True)
+        self.sock = sock
+        self.seal = seal  # records to open, or None: raw bytes
+        self.cond = threading.Condition()
+        self.chunks: deque[list[Any]] = deque()  # [bytearray, start, end]: staged bytes
+        self.staged = 0
+        self.target: memoryview | None = None  # where the waiting reader wants bytes
+        self.filled = 0  # bytes of target filled
+        self.error: str | None = None
+        self.closed = False
+        self.seen = time.monotonic()  # when bytes last arrived
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and self.target is None and self.staged >= READ_AHEAD:
+                    self.cond.wait(_TICK)
+                if self.closed or self.error is not None:
+                    return
+                # straight into the waiting reader's buffer while it has room (a full one has
+                # not been taken back yet: what comes now belongs to the next payload)
+                direct = (
+                    self.target is not None and not self.staged and self.filled < self.target.nbytes
+                )
+                target, off = self.target, self.filled
+                if not direct:
+                    if not self.chunks or self.chunks[-1][2] == len(self.chunks[-1][0]):
+                        self.chunks.append([bytearray(_CHUNK), 0, 0])
+                    tail = self.chunks[-1]
+                    view = memoryview(tail[0])[tail[2] :]
+            if not poll_ready(self.sock, select.POLLIN, _TICK):
+                continue
+            try:
+                if direct:
+                    assert target is not None
+                    n = self.sock.recv_into(target[off:])
+                else:
+                    n = self.sock.recv_into(view)
+                if not n:
+                    raise ConnectionError("connection closed by the peer")
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                with self.cond:
+                    self.error = str(exc) or type(exc).__name__
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.seen = time.monotonic()
+                if direct:
+                    self.filled += n
+                else:
+                    tail[2] += n
+                    self.staged += n
+                self.cond.notify_all()
+
+    def read_into(self, buf: memoryview, idle: float, what: str) -> None:
+        """Fill ``buf`` with the next payload; ConnectionError if the connection broke or (with
+        a seal) a record failed authentication, TimeoutError if nothing arrived for ``idle``
+        seconds (all name ``what`` and how far it got)."""
+        if self.seal is None:
+            self._read(buf, idle, what)
+            return
+        n, pos = buf.nbytes, 0
+        while pos < n:
+            k = min(RECORD, n - pos)
+            record = memoryview(self.seal.scratch)[: k + TAG]
+            self._read(record, idle, what)
+            try:
+                self.seal.open(record, buf[pos : pos + k])
+            except ConnectionError as exc:
+                raise ConnectionError(f"{what}: {exc}, at byte {pos} of {n}") from None
+            pos += k
+
+    def _read(self, buf: memoryview, idle: float, what: str) -> None:
+        n, pos = buf.nbytes, 0
+        with self.cond:
+            self.seen = max(self.seen, time.monotonic())
+            try:
+                while pos < n:
+                    while self.staged and pos < n:
+                        c = self.chunks[0]
+                        k = min(c[2] - c[1], n - pos)
+                        buf[pos : pos + k] = memoryview(c[0])[c[1] : c[1] + k]
+                        c[1] += k
+                        pos += k
+                        self.staged -= k
+                        # the reader thread appends to the last piece while it has room
+                        if c[1] == c[2] and (c[2] == len(c[0]) or len(self.chunks) > 1):
+                            self.chunks.popleft()
+                    if pos == n:
+                        break
+                    self.target, self.filled = buf[pos:], 0
+                    self.cond.notify_all()
+                    while self.filled < n - pos and not self.staged:
+                        if self.error is not None:
+                            raise ConnectionError(
+                                f"{what}: {self.error} after {pos + self.filled} of {n} bytes"
+                            )
+                        if self.closed:
+                            raise ConnectionError(f"{what}: connection closed")
+                        if time.monotonic() - self.seen > idle:
+                            raise TimeoutError(
+                                f"{what}: {pos + self.filled} of {n} bytes received, then "
+                                f"nothing for {idle:g}s"
+                            )
+                        self.cond.wait(min(_TICK, idle))
+                    pos += self.filled
+                    self.target, self.filled = None, 0
+            finally:
+                self.target = None
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.chunks.clear()
+            self.staged = 0
+            self.cond.notify_all()
+
+
+class Writer(threading.Thread):
+    """Sends the payloads queued by :meth:`send` in order, so that the caller (a worker's sends
+    to other servers, a server's event loop) need not wait for the link. The socket must be
+    non-blocking."""
+
+    def __init__(
+        self, sock: socket.socket, name: str, idle: float, seal: Seal | None = None
+    ) -> None:
+        super().__init__(name=f"bulk writer {name}", daemon=True)
+        self.sock, self.idle, self.where = sock, idle, name
+        self.seal = seal  # records to seal, or None: raw bytes
+        self.sealed = bytearray(RECORD + TAG) if seal is not None else bytearray()
+        self.cond = threading.Condition()
+        self.sending = threading.Lock()  # held while a send reads a payload's memory
+        self.queue: deque[list[Any]] = deque()  # [bytes left, owner, what]
+        self.error: str | None = None
+        self.closed = False
+        self.progress = time.monotonic()  # when bytes last went out
+
+    def send(self, data: memoryview, what: str, owner: object = None) -> None:
+        with self.cond:
+            if self.error is not None:
+                raise ConnectionError(f"{what}: {self.error}")
+            if self.closed:
+                raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
+            self.queue.append([data.cast("B") if data.format != "B" else data, owner, what])
+            self.cond.notify_all()
+
+    def flush(self, idle: float, what: str) -> None:
+        """Wait until everything queued is written; ConnectionError if the connection broke,
+        TimeoutError if nothing went out for ``idle`` seconds."""
+        with self.cond:
+            self.progress = max(self.progress, time.monotonic())
+            while self.queue:
+                if self.error is not None:
+                    raise ConnectionError(f"{what}: {self.error}")
+                if self.closed:
+                    raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
+                if time.monotonic() - self.progress > idle:
+                    raise TimeoutError(f"{what}: {self.where} took nothing for {idle:g}s")
+                self.cond.wait(min(_TICK, idle))
+            if self.error is not None:
+                raise ConnectionError(f"{what}: {self.error}")
+
+    def release(self, owner: object) -> None:
+        """Copy the unsent part of every payload viewing ``owner``'s memory."""
+        with self.sending, self.cond:
+            for item in self.queue:
+                if item[1] is owner:
+                    item[0], item[1] = memoryview(bytes(item[0])), None
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closed:
+                    self.cond.wait(_TICK)
+                if self.closed:
+                    return
+            try:
+                self._send_head()
+            except OSError as exc:
+                with self.cond:
+                    self.error = str(exc)
+                    self.queue.clear()
+                    self.cond.notify_all()
+                    if self.closed:  # closed by its owner: nothing went wrong
+                        return
+                log.warning("%s; bulk channel to %s closed", exc, self.where)
+                # the peer sees the connection end: it refuses the payload it was reading
+                with suppress_oserror():
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    def _send_head(self) -> None:
+        """Send the payload at the head of the queue (raw, or record by record, sealed)."""
+        last = time.monotonic()
+        out = memoryview(b"")  # a sealed record still to send
+        while True:
+            with self.cond:
+                if self.closed:
+                    raise ConnectionError(f"the bulk channel to {self.where} was closed")
+                item = self.queue[0]
+                if not item[0].nbytes and not out.nbytes:
+                    self.queue.popleft()
+                    self.cond.notify_all()
+                    return
+            if self.seal is not None and not out.nbytes:
+                with self.sending:  # the payload's memory is read here only
+                    plain = item[0][:RECORD]
+                    out = self.seal.seal(plain, self.sealed)
+                    item[0] = item[0][plain.nbytes :]
+            if not poll_ready(self.sock, select.POLLOUT, _TICK):
+                if time.monotonic() - last > self.idle:
+                    raise TimeoutError(
+                        f"{item[2]}: {self.where} took nothing for {self.idle:g}s "
+                        f"({item[0].nbytes + out.nbytes} bytes left)"
+                    )
+                continue
+            with self.sending:
+                view = out if self.seal is not None else item[0]  # release() may copy item[0]
+                try:
+                    n = self.sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    raise ConnectionError(f"{item[2]}: {exc}") from None
+                if self.seal is not None:
+                    out = out[n:]
+                else:
+                    item[0] = view[n:]
+            last = self.progress = time.monotonic()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.queue.clear()
+            self.cond.notify_all()
+
+
+class suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, OSError)
