@@ -215,6 +215,7 @@ class PullMsg(TypedDict):
     slot: NotRequired[int]
     reply_at: NotRequired[int]
     bulk: NotRequired[bool]
+    codec: NotRequired[str]
 
 
 class PushMsg(TypedDict):
@@ -232,6 +233,7 @@ class PushMsg(TypedDict):
     slot: NotRequired[int]
     reply_at: NotRequired[int]
     bulk: NotRequired[int]
+    codec: NotRequired[str]
 
 
 class OpenBulkMsg(TypedDict):
