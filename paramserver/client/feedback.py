@@ -99,10 +99,10 @@ def lookup_residuals(keys: Array, tags: Array, used: Array, rows: Array, out: Ar
                 break
 
 
-def _prepare(values: np.ndarray, codec: str) -> None:
-    """Clip in place what float16 cannot hold: the excess stays in the residual."""
-    if codec == "float16":
-        np.clip(values, -F16_MAX, F16_MAX, out=values)
+def _prepare(values: np.ndarray, codec: str) -> np.ndarray:
+    """What to encode: float16 gets a copy clipped to what it can hold (the excess stays in the
+    residual, taken from the unclipped values)."""
+    return np.clip(values, -F16_MAX, F16_MAX) if codec == "float16" else values
 
 
 class SparseFeedback:
@@ -131,8 +131,7 @@ class SparseFeedback:
         sent = np.empty((n, self.dim), self.dtype)
         slots = np.empty(n, np.int64)
         add_residuals(keys, grads, self.tags, self.used, self.rows, sent, slots)
-        _prepare(sent, codec)
-        arrays = encode_rows(sent, codec)
+        arrays = encode_rows(_prepare(sent, codec), codec)
         applied = decode_rows(arrays, codec, self.dim, self.dtype)
         keep_residuals(slots, sent, applied, self.rows)
         return arrays
@@ -162,8 +161,7 @@ class DenseFeedback:
         residual of that range is kept."""
         resid = self.values[start:stop]
         sent = grad[start:stop] + resid
-        _prepare(sent, codec)
-        arrays = encode_flat(sent, codec)
+        arrays = encode_flat(_prepare(sent, codec), codec)
         np.subtract(sent, decode_flat(arrays, codec, stop - start, self.dtype), out=resid)
         resid[~np.isfinite(resid)] = 0.0
         return arrays

@@ -69,6 +69,7 @@ def train_worker(
     reference: bool = False,
     report: Report | None = None,
     show: bool = True,
+    codec: str = "none",
 ) -> dict[str, Any]:
     """Train on leased shards; rank 0 evaluates after each epoch (and trains the one-process
     reference alongside, if asked: same initial values, same batches)."""
@@ -80,7 +81,7 @@ def train_worker(
     x, y, xt, yt = data
     model = make_mlp(x.shape[1], hidden, int(y.max()) + 1)
     dense = DenseParameters(
-        client, "mlp", model, optimizer=ps.optim.Adam(lr=lr), consistency=consistency
+        client, "mlp", model, optimizer=ps.optim.Adam(lr=lr), consistency=consistency, codec=codec
     )
     lead = client.rank == 0
     ref = ref_opt = None
@@ -136,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="the servers' Adam rate")
     p.add_argument("--consistency", default="sync", help="sync, ssp:N or async")
     p.add_argument("--reference", action="store_true", help="also train it in this one process")
+    p.add_argument("--codec", default="none", help="how values travel: float16, bfloat16, int8")
     return p
 
 
@@ -150,7 +152,7 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
     train_worker(
         client, data, epochs=args.epochs, batch=args.batch, hidden=args.hidden, lr=args.lr,
         consistency=args.consistency, reference=args.reference and client.num_workers == 1,
-        report=report, show=not args.no_progress,
+        report=report, show=not args.no_progress, codec=args.codec,
     )  # fmt: skip
     if lead:
         js, png = report.save()
