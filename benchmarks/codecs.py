@@ -95,9 +95,7 @@ def run_once(bed: hosts.Bed, codec: str, args: Any, folder: Path) -> dict[str, A
                 proc.wait(10)
         for log in logs:
             log.close()
-    history: list[dict[str, Any]] = json.loads((folder / "out" / "mlp.json").read_text())[
-        "history"
-    ]
+    history: list[dict[str, Any]] = json.loads((folder / "out" / "mlp.json").read_text())["history"]
     return {"history": history, "wall": wall}
 
 
@@ -133,7 +131,7 @@ def main() -> int:
                     "codecs",
                     f"mlp digits hidden={args.hidden} {args.workers} workers {args.rate} {codec}",
                     ttq if ttq is not None else float("nan"),
-                    "s to test accuracy >= %g" % args.target,
+                    f"s to test accuracy >= {args.target:g}",
                     baseline=base if codec != "none" and base else None,
                     higher_is_better=False,
                     final_accuracy=run["history"][-1].get("test_accuracy"),
