@@ -111,3 +111,30 @@ def test_dense_pulls_come_encoded(cluster: ps.LocalCluster, codec: str) -> None:
     assert len(w.spec.ranges) == 2
     np.testing.assert_array_equal(got, want)
     assert np.all(np.abs(got - exact) <= one_rounding(exact, codec).max())
+
+
+def test_a_malformed_encoded_push_is_refused_and_changes_nothing(cluster: ps.LocalCluster) -> None:
+    from paramserver.errors import RemoteError
+
+    client = cluster.connect(transport="tcp")
+    emb = client.sparse_table("bad_enc", dim=4, init=ps.init.Constant(1.0), push_codec="int8")
+    w = client.dense_table("bad_enc_d", shape=(600,), init=ps.init.Constant(1.0), codec="int8")
+    keys = np.array([3], np.uint64)
+    q, scale = encode_rows(np.ones((1, 4), np.float32), "int8")
+    s = emb._plans.plan(keys, cacheable=False)[0].parts[0][0]
+    cases = [
+        (s, emb, [keys, q], "int8"),  # no scales
+        (s, emb, [keys, q, scale[:0]], "int8"),  # scales of the wrong length
+        (s, emb, [keys, q], "bfloat16"),  # int8 values announced as bfloat16
+    ]
+    qd, sd = encode_flat(np.ones(600, np.float32), "int8")
+    for srv, a, b in w.spec.ranges:
+        blocks = -(-(b - a) // 256)
+        cases.append((srv, w, [qd[a:b], np.ones(blocks + 1, np.float32)], "int8"))  # scales
+        cases.append((srv, w, [qd[a : b - 1], sd[:blocks]], "int8"))  # a value short
+    for srv, table, arrays, codec in cases:
+        header = {**table.push_header(), "codec": codec}
+        with pytest.raises(RemoteError, match=codec):
+            client.request_server(srv, header, arrays, what="a malformed push").result(10)
+    np.testing.assert_array_equal(emb.pull(keys), 1.0)
+    np.testing.assert_array_equal(w.pull(), 1.0)
