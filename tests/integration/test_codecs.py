@@ -44,6 +44,7 @@ def test_sparse_pushes_with_error_feedback_track_the_true_sum(
     emb = client.sparse_table(
         f"ef_{codec}", dim=8, optimizer=ps.optim.SGD(lr=1.0), push_codec=codec
     )
+    exact = client.sparse_table(f"ef_{codec}_f32", dim=8, optimizer=ps.optim.SGD(lr=1.0))
     rng = np.random.default_rng(5)
     keys = rng.choice(2**62, size=300, replace=False).astype(np.uint64)
     g = biased(len(keys), 8)
@@ -52,17 +53,22 @@ def test_sparse_pushes_with_error_feedback_track_the_true_sum(
         # the same list (cached: signatures after a few sends), a shuffled one, repeated keys
         if step % 3 == 0:
             order = rng.permutation(len(keys))
-            emb.push(keys[order], g[order]).result()
+            pushed = (keys[order], g[order])
             true += g
         elif step % 3 == 1:
-            emb.push(keys, g).result()
+            pushed = (keys, g)
             true += g
         else:
             twice = np.concatenate([keys[:50], keys[:50]])
-            half = np.concatenate([g[:50], g[:50]]) * np.float32(0.5)
-            emb.push(twice, half).result()
+            pushed = (twice, np.concatenate([g[:50], g[:50]]) * np.float32(0.5))
             true[:50] += g[:50]
+        emb.push(*pushed).result()
+        exact.push(*pushed).result()
     got = -emb.pull(keys).astype(np.float64)  # SGD, lr 1, from 0: minus the applied sum
+    # the float32 run, and NumPy's sum, agree; the encoded run is within one rounding of both
+    f32 = -exact.pull(keys).astype(np.float64)
+    np.testing.assert_allclose(f32, true, rtol=1e-6)
+    assert np.all(np.abs(got - f32) <= one_rounding(g, codec) + 1e-6 * np.abs(true))
     bound = one_rounding(g, codec)
     plain = STEPS * decode_rows(encode_rows(g, codec), codec, 8, np.float32).astype(np.float64)
     assert (np.abs(plain - true) > 3 * bound)[50:].any()  # without feedback: drift
