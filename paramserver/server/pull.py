@@ -68,7 +68,10 @@ class Pulls:
         self.state.metrics.observe_staleness(t.spec.name, staleness)
         if isinstance(t.shard, DenseShard):
             if "codec" in h and not h.get("shm"):  # the worker asked for encoded values
-                reply.send(encode_flat(t.shard.weights, h["codec"]), staleness=staleness)
+                from paramserver.server.codec_kernels import encode_rows_fast
+
+                values = encode_flat(t.shard.weights, h["codec"], encode_rows_fast)
+                reply.send(values, staleness=staleness)
                 t.pulls += 1
                 return
             reply.dense(t.shard, t.version, raw=t.spec.codec == "none", staleness=staleness)

@@ -30,6 +30,7 @@ Pure NumPy; imports neither zmq nor the server.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -127,20 +128,26 @@ def _to_bfloat16(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_flat(values: np.ndarray, codec: str) -> list[np.ndarray]:
+def encode_flat(
+    values: np.ndarray,
+    codec: str,
+    encode: Callable[[np.ndarray, str], list[np.ndarray]] | None = None,
+) -> list[np.ndarray]:
     """The flat arrays that carry a dense range ``values`` (n,) in ``codec`` (int8: one scale
-    per :data:`BLOCK` elements).
+    per :data:`BLOCK` elements); ``encode``: the row encoder (default :func:`encode_rows`; the
+    server passes its compiled one).
 
     Example:
         q, scale = encode_flat(np.ones(1000, np.float32), "int8")   # (1000,) int8, (4,) float32
     """
     n = len(values)
+    rows = encode or encode_rows
     if codec != "int8":
-        return [a.reshape(-1) for a in encode_rows(values.reshape(1, n), codec)]
+        return [a.reshape(-1) for a in rows(values.reshape(1, n), codec)]
     blocks = -(-n // BLOCK)
     padded = np.zeros(blocks * BLOCK, values.dtype)
     padded[:n] = values
-    q, scale = encode_rows(padded.reshape(blocks, BLOCK), codec)
+    q, scale = rows(padded.reshape(blocks, BLOCK), codec)
     return [q.reshape(-1)[:n], scale]
 
 

@@ -105,3 +105,13 @@ def test_dense_feedback_by_range_tracks_the_true_sum(codec: str) -> None:
             applied[a:b] += decode_flat(fb.encode(g, a, b, codec), codec, b - a, np.float32)
         true += g
     np.testing.assert_allclose(applied + fb.values, true, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_flat_encoding_with_the_compiled_encoder_is_bit_identical(codec: str) -> None:
+    from paramserver.server.codec_kernels import encode_rows_fast
+
+    x = np.random.default_rng(9).standard_normal(3 * BLOCK + 5).astype(np.float32)
+    for a, b in zip(encode_flat(x, codec), encode_flat(x, codec, encode_rows_fast), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
