@@ -57,7 +57,10 @@ class TableSpec:
     # sparse only: at most this many rows on each server; a request that would create more is
     # refused and changes nothing
     max_rows: int | None = None
-    codec: str = "none"  # how pull replies travel (sparse only), see paramserver.wire.codec
+    # how values travel, see paramserver.wire.codec: ``codec`` for pull replies (and pushes,
+    # unless ``push_codec`` says otherwise; None: as ``codec``)
+    codec: str = "none"
+    push_codec: str | None = None
     # dense only, assigned by the coordinator: (server rank, start, stop) over the flat array
     ranges: tuple[tuple[int, int, int], ...] = ()
 
@@ -108,8 +111,13 @@ class TableSpec:
                 )
         if self.codec not in CODECS:
             raise ConfigError(f"{where}: codec must be one of {CODECS}, got {self.codec!r}")
-        if self.codec != "none" and self.kind != "sparse":
-            raise ConfigError(f"{where}: codecs apply to sparse tables, not {self.kind} ones")
+        if self.push_codec is None:
+            object.__setattr__(self, "push_codec", self.codec)
+        elif self.push_codec not in CODECS:
+            raise ConfigError(
+                f"{where}: push_codec must be one of {CODECS} (or None: as codec), "
+                f"got {self.push_codec!r}"
+            )
         if self.seed is None:
             object.__setattr__(self, "seed", default_seed(self.name))
         elif not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 63):
@@ -155,10 +163,12 @@ class TableSpec:
         }
         if self.max_rows is not None:
             d["max_rows"] = self.max_rows
+        if self.codec != "none":  # absent means none: specs of older peers still compare
+            d["codec"] = self.codec
+        if self.push_codec != self.codec:  # absent means as codec
+            d["push_codec"] = self.push_codec
         if self.kind == "sparse":
             d["dim"] = self.dim
-            if self.codec != "none":  # absent means none: specs of older peers still compare
-                d["codec"] = self.codec
         else:
             d["shape"] = list(self.shape)
             d["ranges"] = [list(r) for r in self.ranges]
@@ -170,7 +180,7 @@ class TableSpec:
         if not isinstance(d, dict):
             raise ConfigError(f"table spec must be a map, got {type(d).__name__}")
         allowed = {"name", "kind", "dtype", "init", "optimizer", "consistency", "seed", "dim"}
-        allowed |= {"shape", "ranges", "nonfinite", "max_rows", "codec"}
+        allowed |= {"shape", "ranges", "nonfinite", "max_rows", "codec", "push_codec"}
         extra = set(d) - allowed
         if extra:
             raise ConfigError(f"table spec has unknown fields {sorted(extra)}")
@@ -206,6 +216,7 @@ class TableSpec:
             consistency=d["consistency"],
             seed=d["seed"],
             codec=d.get("codec", "none"),
+            push_codec=d.get("push_codec"),
             ranges=ranges,
             nonfinite=d.get("nonfinite", "reject"),
             max_rows=d.get("max_rows"),

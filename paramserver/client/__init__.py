@@ -8,6 +8,8 @@
 * ``sparse.py``  :class:`SparseTable`: pull and push of rows through key plans
 * ``keyplan.py`` key plans: dedup (``unique_inverse``), routing keys to servers, signatures
 * ``dense.py``   :class:`DenseTable`: one array in ranges, shared memory, the bulk channel
+* ``feedback.py`` error feedback of encoded pushes: residual rows (a bounded compiled hash
+                  map) and elements, imported by a table whose pushes have a codec
 * ``kernels.py`` compiled worker kernels (a hash dedup, the sum of repeated keys' gradients),
                   imported on first use so that ``import paramserver`` loads no numba
 

@@ -15,6 +15,7 @@ from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, shm
+from paramserver.wire.codec import decode_flat
 from paramserver.wire.transport import (
     Future,
     Message,
@@ -44,6 +45,7 @@ class DenseTable(TableHandle):
         self._last_push: Future[None] | None = None
         self._sendbuf: np.ndarray | None = None
         self._recvbuf: np.ndarray | None = None
+        self._residuals: Any = None  # DenseFeedback of encoded pushes (client.feedback)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -166,6 +168,10 @@ class DenseTable(TableHandle):
         header = self.pull_header(True, limit)
         if seg is not None:
             header["shm"] = True
+        # values that cross the network come encoded if the table has a codec
+        codec = self.spec.codec if seg is None and self.spec.codec != "none" else None
+        if codec is not None:
+            header["codec"] = codec
         staleness: list[int] = []
 
         def part(msg: tuple[dict[str, Any], list[np.ndarray]]) -> np.ndarray | None:
@@ -187,6 +193,17 @@ class DenseTable(TableHandle):
                 if len(msg[1]) != 1 or msg[1][0].shape != (b - a,):
                     raise ConfigError(f"table {self.name!r}: server answered a wrong shape")
                 seg.reply.view(self.dtype)[a:b] = msg[1][0]
+
+            return parse
+
+        def decoded(a: int, b: int) -> Callable[[Message], np.ndarray]:
+            def parse(msg: Message) -> np.ndarray:
+                staleness.append(int(msg[0].get("staleness") or 0))
+                assert codec is not None
+                try:
+                    return decode_flat(msg[1], codec, b - a, self.dtype)
+                except ValueError as exc:
+                    raise ConfigError(f"table {self.name!r}: {exc}") from None
 
             return parse
 
@@ -220,9 +237,11 @@ class DenseTable(TableHandle):
                 header,
                 what=f"pull of table {self.name!r} [{a}:{b}] from {server_name(s)} "
                 f"({c.endpoint.address_of(server_name(s))})",
-                parse=part,
-                sink=None if dest is None else dest.view(np.uint8)[a * item : b * item],
-                bulk=self._bulk(s, a, b),
+                parse=part if codec is None else decoded(a, b),
+                sink=None
+                if dest is None or codec is not None
+                else dest.view(np.uint8)[a * item : b * item],
+                bulk=codec is None and self._bulk(s, a, b),
             )
             if seg is None
             else c.request_server(
@@ -311,6 +330,15 @@ class DenseTable(TableHandle):
             # check_grads found every value finite: the servers need not scan it again
             header["checked"] = self.spec.nonfinite == "reject"
             arrays: list[list[np.ndarray]] = [[] for _ in self.spec.ranges]
+        elif self.spec.push_codec not in (None, "none"):  # rounded, the residual kept
+            codec = self.spec.push_codec
+            assert codec is not None
+            header["codec"] = codec
+            if self._residuals is None:
+                from paramserver.client.feedback import DenseFeedback
+
+                self._residuals = DenseFeedback(self.spec.size, self.dtype)
+            arrays = [self._residuals.encode(g, a, b, codec) for _, a, b in self.spec.ranges]
         else:
             if self._sendbuf is not None and g.ctypes.data == self._sendbuf.ctypes.data:
                 self._wait_push()
@@ -325,7 +353,9 @@ class DenseTable(TableHandle):
                     arrays[i] = tcp[s][1]
         # over TCP, the parts go to every server at once, ahead of their headers
         ranges = self.spec.ranges
-        use = [seg is None and self._bulk(s, a, b) for s, a, b in ranges]
+        # (encoded values never take the bulk channel)
+        plain = seg is None and "codec" not in header
+        use = [plain and self._bulk(s, a, b) for s, a, b in ranges]
         parts = [(server_name(s), g[a:b].data.cast("B")) if u else None
                  for (s, a, b), u in zip(ranges, use, strict=True)]  # fmt: skip
         went = bulk.presend(c.endpoint, parts, f"push to table {self.name!r}") if any(use) else []

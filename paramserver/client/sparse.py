@@ -65,6 +65,7 @@ class SparseTable(TableHandle):
         self._plans = KeyPlanCache(client.ring, client.num_servers)
         self._sum_buf: np.ndarray | None = None  # a push's summed gradient (see _sum_buffer)
         self._sum_busy: Future[None] | None = None  # the push that sent it
+        self._residuals: Any = None  # SparseFeedback of an encoded push (client.feedback)
 
     @property
     def dim(self) -> int:
@@ -203,10 +204,23 @@ class SparseTable(TableHandle):
 
             summed = sum_rows_into(plan.inverse, g, self._sum_buffer(len(plan.base)))
         header = self.push_header()
-        fut = self._send_push(plan, sig, header, summed)
-        if summed is not g:
+        values = [summed]
+        codec = self.spec.push_codec
+        if codec is not None and codec != "none":  # rounded, the residuals kept for next time
+            header["codec"] = codec
+            values = self._feedback().encode(plan.base, summed, codec)
+        fut = self._send_push(plan, sig, header, values)
+        if summed is not g and values[0] is summed:
             self._sum_busy = fut
         return fut
+
+    def _feedback(self) -> Any:
+        """The residual rows of this table's encoded pushes (numba: loaded on first use)."""
+        if self._residuals is None:
+            from paramserver.client.feedback import SparseFeedback
+
+            self._residuals = SparseFeedback(self.dim, self.dtype)
+        return self._residuals
 
     def _sum_buffer(self, n: int) -> np.ndarray:
         """Rows to sum a push's gradient into: the table's buffer, its pages mapped by earlier
@@ -219,19 +233,19 @@ class SparseTable(TableHandle):
         return buf[:n]
 
     def _send_push(
-        self, plan: KeyPlan, sig: int | None, header: dict[str, Any], summed: np.ndarray
+        self, plan: KeyPlan, sig: int | None, header: dict[str, Any], values: list[np.ndarray]
     ) -> Future[None]:
         c = self.client
         futs: list[Future[Any]] = []
         sent: list[int] = []
         for s, idx, part_keys in plan.parts:
-            part = summed if idx is None else summed[idx]
+            part = values if idx is None else [v[idx] for v in values]
             h = header
-            arrays = [part_keys, part]
+            arrays = [part_keys, *part]
             if sig is not None:
                 h = {**header, "sig": sig}
                 if s in plan.known:
-                    arrays = [part]
+                    arrays = part
                 else:
                     sent.append(s)
             futs.append(
@@ -252,4 +266,4 @@ class SparseTable(TableHandle):
         if sig is None:
             return fut
         # a retry keeps the sequence number: a server that applied the first try skips it
-        return self._retry_unknown(fut, plan, lambda: self._send_push(plan, None, header, summed))
+        return self._retry_unknown(fut, plan, lambda: self._send_push(plan, None, header, values))

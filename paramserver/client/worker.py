@@ -137,6 +137,7 @@ class Client(Session):
         nonfinite: str = "reject",
         max_rows: int | None = None,
         codec: str = "none",
+        push_codec: str | None = None,
     ) -> SparseTable:
         """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
 
@@ -147,7 +148,10 @@ class Client(Session):
         changes nothing.
 
         ``codec`` ("none", "float16", "bfloat16" or "int8" with a per-row scale) is how pulled
-        rows travel: fewer bytes, rounded values (see :mod:`paramserver.wire.codec`).
+        rows and pushed gradients travel: fewer bytes, rounded values (see
+        :mod:`paramserver.wire.codec`); what rounding takes off a gradient is added to the next
+        push of the same key (error feedback). ``push_codec`` sets the pushes' codec apart
+        ("none": exact gradients).
 
         Example:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
@@ -165,6 +169,7 @@ class Client(Session):
             nonfinite=nonfinite,
             max_rows=max_rows,
             codec=codec,
+            push_codec=push_codec,
         )
         table = SparseTable(self, self._create(spec))
         self._tables[name] = table
@@ -181,8 +186,13 @@ class Client(Session):
         consistency: str | None = None,
         seed: int | None = None,
         nonfinite: str = "reject",
+        codec: str = "none",
+        push_codec: str | None = None,
     ) -> DenseTable:
         """Create (or open) a dense table: one array of ``shape``, split over servers if large.
+
+        ``codec`` and ``push_codec``: as for :meth:`sparse_table`, for the values that cross a
+        socket (int8 scales blocks of 256 elements); shared memory carries them exact.
 
         Example:
             w = client.dense_table("mlp", shape=(4096,), optimizer=ps.optim.Adam(lr=1e-3),
@@ -199,6 +209,8 @@ class Client(Session):
             consistency=_consistency(consistency),
             seed=seed,
             nonfinite=nonfinite,
+            codec=codec,
+            push_codec=push_codec,
         )
         dense = DenseTable(self, self._create(spec))
         self._tables[name] = dense

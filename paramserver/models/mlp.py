@@ -127,12 +127,13 @@ def train_worker(
     reference: bool = False,
     report: Report | None = None,
     show: bool = True,
+    codec: str = "none",
 ) -> dict[str, Any]:
     """Train on leased shards; rank 0 evaluates after each epoch (and trains the one-process
     reference alongside, if asked: same initial values, same batches)."""
     x, y = data[0], data[1]
     trainer = _Trainer(client, data, hidden=hidden, lr=lr, consistency=consistency,
-                       reference=reference and client.rank == 0)  # fmt: skip
+                       reference=reference and client.rank == 0, codec=codec)  # fmt: skip
     feed = ArrayFeed("mlp/train", _Images(x, y), rows=1024, batch=batch)
     fit(client, feed, trainer, name="mlp", epochs=epochs, consistency=consistency,
         report=report, show=show)  # fmt: skip
@@ -142,7 +143,7 @@ def train_worker(
 class _Trainer:
     def __init__(
         self, client: ps.Client, data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], *,
-        hidden: int, lr: float, consistency: str, reference: bool,
+        hidden: int, lr: float, consistency: str, reference: bool, codec: str = "none",
     ) -> None:  # fmt: skip
         import torch
 
@@ -152,7 +153,12 @@ class _Trainer:
         classes = int(max(y.max(initial=0), self.yt.max(initial=0))) + 1
         self.model = make_mlp(x.shape[1], hidden, classes)
         self.dense = DenseParameters(
-            client, "mlp", self.model, optimizer=ps.optim.Adam(lr=lr), consistency=consistency
+            client,
+            "mlp",
+            self.model,
+            optimizer=ps.optim.Adam(lr=lr),
+            consistency=consistency,
+            codec=codec,
         )
         self.ref: Any = None
         self.ref_opt: Any = None
@@ -205,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="the servers' Adam rate")
     p.add_argument("--consistency", default="sync", help="sync, ssp:N or async")
     p.add_argument("--reference", action="store_true", help="also train it in this one process")
+    p.add_argument("--codec", default="none", help="how values travel: float16, bfloat16, int8")
     return p
 
 
@@ -219,7 +226,7 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
     train_worker(
         client, data, epochs=args.epochs, batch=args.batch, hidden=args.hidden, lr=args.lr,
         consistency=args.consistency, reference=args.reference and client.num_workers == 1,
-        report=report, show=not args.no_progress,
+        report=report, show=not args.no_progress, codec=args.codec,
     )  # fmt: skip
     if lead:
         js, png = report.save()

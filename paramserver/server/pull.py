@@ -18,6 +18,7 @@ from paramserver.server.consistency import pull_ready, staleness_of
 from paramserver.server.shard import DenseShard
 from paramserver.server.state import ServerState
 from paramserver.server.table import Table
+from paramserver.wire.codec import encode_flat
 from paramserver.wire.messages import PullMsg
 from paramserver.wire.paths import Reply, Request
 from paramserver.wire.refusal import Refusal
@@ -66,6 +67,13 @@ class Pulls:
         staleness = staleness_of(h["clock"], self.state.clocks.min_clock)
         self.state.metrics.observe_staleness(t.spec.name, staleness)
         if isinstance(t.shard, DenseShard):
+            if "codec" in h and not h.get("shm"):  # the worker asked for encoded values
+                from paramserver.server.codec_kernels import encode_rows_fast
+
+                values = encode_flat(t.shard.weights, h["codec"], encode_rows_fast)
+                reply.send(values, staleness=staleness)
+                t.pulls += 1
+                return
             reply.dense(t.shard, t.version, raw=t.spec.codec == "none", staleness=staleness)
             t.pulls += 1
             return

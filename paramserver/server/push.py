@@ -15,11 +15,24 @@ from paramserver.arrays import check_keys
 from paramserver.server.consistency import aggregate_dense, aggregate_sparse
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import ServerState
+from paramserver.server.table import Table
+from paramserver.wire.codec import decode_pushed
 from paramserver.wire.messages import PushMsg
 from paramserver.wire.paths import Paths, Request
 from paramserver.wire.refusal import Refusal
 
 __all__ = ["Pushes"]
+
+
+def decode_gradient(req: Request, t: Table, codec: str, where: str) -> None:
+    """Replace the encoded gradient of ``req`` by its values in the table's dtype."""
+    if req.raw or req.header.get("shm"):
+        raise Refusal("invalid", f"{where}: an encoded gradient must travel in frames")
+    size = t.spec.dim if t.spec.kind == "sparse" else t.stop - t.start
+    try:
+        req.arrays = decode_pushed(req.arrays, codec, t.spec.kind, size, t.spec.np_dtype)
+    except ValueError as exc:
+        raise Refusal("invalid", f"{where}: {exc}") from None
 
 
 class Pushes:
@@ -53,6 +66,8 @@ class Pushes:
         dtype = t.spec.np_dtype
         if t.shard is None:
             raise Refusal("invalid", f"{state.name} holds no range of dense table {t.spec.name!r}")
+        if "codec" in h:  # an encoded gradient: decoded before any check or the optimizer
+            decode_gradient(req, t, h["codec"], where)
         arrays = req.keyed_arrays(where) if t.spec.kind != "dense" else req.arrays
         if "sig" in h:
             if t.sync is not None:

@@ -67,6 +67,7 @@ class DenseParameters(torch.optim.Optimizer):
         optimizer: Optimizer | None = None,
         consistency: str | None = None,
         init: dict[str, Initializer] | None = None,
+        codec: str = "none",
     ) -> None:
         params = dict(module.named_parameters())
         if not params:
@@ -93,6 +94,7 @@ class DenseParameters(torch.optim.Optimizer):
                 init=chosen,
                 optimizer=server_opt,
                 consistency=consistency,
+                codec=codec,  # values and gradients that cross a socket (wire.codec)
             )
         self._lr = server_opt.lr
         self._pending: list[Future[None]] = []

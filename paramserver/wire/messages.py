@@ -216,6 +216,7 @@ class PullMsg(TypedDict):
     slot: NotRequired[int]
     reply_at: NotRequired[int]
     bulk: NotRequired[bool]
+    codec: NotRequired[str]
 
 
 class PushMsg(TypedDict):
@@ -233,6 +234,7 @@ class PushMsg(TypedDict):
     slot: NotRequired[int]
     reply_at: NotRequired[int]
     bulk: NotRequired[int]
+    codec: NotRequired[str]
 
 
 class OpenBulkMsg(TypedDict):

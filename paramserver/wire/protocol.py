@@ -107,6 +107,7 @@ NAME = _str(128)
 MAX_SHARDS = 1 << 24
 BULK = _int(1, MAX_MESSAGE_BYTES)
 ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
+CODEC: Check = lambda v: v in ("float16", "bfloat16", "int8")  # noqa: E731  (wire.codec)
 
 # kind -> {field: (check, required)}. Fields common to all kinds ("kind", "id", "v", "arrays")
 # are checked separately. Unknown fields are an error: a peer speaking another dialect is
@@ -167,6 +168,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "slot": (_int(0, MAX_SLOTS - 1), False),  # same host: arrays lie in this slot
         "reply_at": (U63, False),  # where in the slot the reply's arrays may go
         "bulk": (_is_bool, False),  # dense: the values may come on the bulk channel
+        "codec": (CODEC, False),  # dense: encode the values in this codec (wire.codec)
     },
     "push": {
         "table": (NAME, True),
@@ -179,6 +181,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "slot": (_int(0, MAX_SLOTS - 1), False),
         "reply_at": (U63, False),
         "bulk": (BULK, False),  # dense: this many gradient bytes follow on the bulk channel
+        "codec": (CODEC, False),  # the gradient is encoded in this codec (wire.codec)
     },
     # a worker asks for a ticket to open a bulk channel (paramserver.wire.bulk); the reply has the
     # port and the ticket

@@ -242,6 +242,7 @@ def test_sparse_slots_match_numpy(
         optimizer=ps.optim.SGD(lr=0.125),
         consistency=consistency,
         codec=codec,
+        push_codec="none",  # the pulls round; encoded pushes: tests/integration/test_codecs.py
     )
     rng = np.random.default_rng(11)
     pool = rng.choice(2**62, size=30_000, replace=False).astype(np.uint64)

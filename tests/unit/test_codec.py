@@ -107,14 +107,22 @@ def test_malformed_replies_are_refused() -> None:
 def test_spec_validates_the_codec_and_compares_it() -> None:
     with pytest.raises(ConfigError, match="codec"):
         TableSpec(name="t", kind="sparse", dim=4, codec="int4")
-    with pytest.raises(ConfigError, match="codec"):
-        TableSpec(name="t", kind="dense", shape=(4,), codec="float16")
+    with pytest.raises(ConfigError, match="push_codec"):
+        TableSpec(name="t", kind="dense", shape=(4,), codec="float16", push_codec="bf16")
     a = TableSpec(name="t", kind="sparse", dim=4, codec="int8")
     b = TableSpec(name="t", kind="sparse", dim=4)
+    assert a.push_codec == "int8" and b.push_codec == "none"  # pushes follow codec
     assert a.conflicts(b) == ["codec"]
     assert TableSpec.from_wire(a.to_wire()) == a
     assert "codec" not in b.to_wire()  # a plain table's spec is what it was before codecs
+    assert "push_codec" not in b.to_wire() and "push_codec" not in a.to_wire()
     assert TableSpec.from_wire(b.to_wire()).codec == "none"
+    # pulls encoded, pushes exact; and a dense table with its own codecs
+    c = TableSpec(name="t", kind="sparse", dim=4, codec="int8", push_codec="none")
+    assert c.conflicts(a) == ["push_codec"]
+    assert TableSpec.from_wire(c.to_wire()) == c
+    d = TableSpec(name="d", kind="dense", shape=(4,), codec="float16", push_codec="bfloat16")
+    assert TableSpec.from_wire(d.to_wire()) == d
 
 
 @pytest.mark.parametrize("codec", ["float16", "bfloat16", "int8"])
