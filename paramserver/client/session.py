@@ -114,6 +114,7 @@ class Session:
         self.view: dict[str, Any] = {}
         self._heartbeat: Pulse | None = None
         self._expelled: str | None = None  # why the coordinator refused our heartbeat
+        self._coordinator_seen = 0.0  # when it last answered a ping (see _check_coordinator)
         try:
             self._register(rank)
         except BaseException:
@@ -236,6 +237,8 @@ class Session:
 
         def attempt(use_slot: bool = True) -> None:
             peer = self._ep.peers.get(name)
+            # the view it is sent in: a server that was replaced since refuses it (fencing)
+            sent = {**header, "view": self._epoch}
             got = None
             if use_slot and reply_bytes is not None:
                 pool = self._slot_pool(s)
@@ -244,14 +247,14 @@ class Session:
                     got = pool.take(at + reply_bytes)
             if got is None:
                 fut = self._ep.request(
-                    name, header, arrays, what=what, parse=parse, sink=sink, bulk=bulk
+                    name, sent, arrays, what=what, parse=parse, sink=sink, bulk=bulk
                 )
             else:
                 assert pool is not None
                 slot, region = got
                 fut = self._ep.request(
                     name,
-                    {**header, "slot": slot, "reply_at": at},
+                    {**sent, "slot": slot, "reply_at": at},
                     arrays,
                     what=what,
                     parse=parse,
@@ -355,6 +358,46 @@ class Session:
             raise NodeLostError(
                 f"worker[{self.rank}] was dropped by the coordinator: {self._expelled}"
             )
+        self._check_coordinator()
+
+    def _check_coordinator(self) -> None:
+        """Raise if the coordinator has not answered a heartbeat for the heartbeat timeout."""
+        beat = self._heartbeat
+        if beat is None:
+            return
+        quiet = time.monotonic() - max(beat.last_answer, self._coordinator_seen)
+        if quiet <= self.timeouts.heartbeat_timeout:
+            return
+        # Our own code may have held the GIL (the heartbeat thread could not read the answers):
+        # ask once before saying the coordinator is gone.
+        try:
+            self._ep.request("coordinator", {"kind": "ping"}, what="ping").result(
+                2 * self.timeouts.heartbeat_interval
+            )
+            self._coordinator_seen = time.monotonic()
+        except (PSTimeoutError, NodeLostError):
+            raise NodeLostError(
+                f"the coordinator at {self.coordinator} has not answered worker[{self.rank}]'s "
+                f"heartbeats for {quiet:.1f}s (heartbeat timeout "
+                f"{self.timeouts.heartbeat_timeout:.3g}s): it died or is cut off"
+            ) from None
+
+    def wait_coordinator(self, fut: Future[Any], timeout: float) -> Any:
+        """The result of request ``fut`` to the coordinator, waiting up to ``timeout`` seconds
+        but giving up (NodeLostError naming it) once the coordinator stops answering heartbeats.
+
+        Example:
+            reply = session.wait_coordinator(session.endpoint.request("coordinator", ...), 30)
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            step = min(self.timeouts.heartbeat_interval, deadline - time.monotonic())
+            try:
+                return fut.result(max(0.0, step))
+            except PSTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                self._check_coordinator()
 
     def _beat(self) -> dict[str, Any]:
         """This worker's heartbeat (on the heartbeat thread): who it is, its clock, its count."""

@@ -204,7 +204,7 @@ class Client(Session):
             },
             what=f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})",
         )
-        fut.result(limit + 2.0)
+        self.wait_coordinator(fut, limit + 2.0)
 
     def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> str:
         """Write a consistent checkpoint of every table at this worker's clock boundary.

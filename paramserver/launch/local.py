@@ -23,7 +23,7 @@ from paramserver.errors import ConfigError, PSError, PSTimeoutError
 from paramserver.launch.children import Children, describe_exit, say
 from paramserver.launch.roles import checkpoint_flags, checkpoint_policy, timeout_flags
 from paramserver.wire.sockets import listen_for_handover
-from paramserver.wire.transport import Endpoint, Security, new_context
+from paramserver.wire.transport import Endpoint, Future, Security, new_context
 
 __all__ = ["LocalCluster"]
 
@@ -220,25 +220,75 @@ class LocalCluster:
     def _restart_dead_servers(self) -> None:
         """Start a server again, same rank, when its process dies. It registers as soon as the
         coordinator has declared the dead one dead, and restores its shards from the newest
-        checkpoint the coordinator knows."""
-        while not self._closing.wait(0.05):
-            for rank, proc in list(self._servers.items()):
-                if proc.poll() is None or self._closing.is_set():
-                    continue
-                log.warning(
-                    "server[%d] (pid %d) exited with %s; starting it again",
-                    rank,
-                    proc.pid,
-                    describe_exit(proc.returncode),
-                )
-                if self.output is not None:
-                    say(
-                        self.output,
-                        f"[paramserver] server {rank} exited with {describe_exit(proc.returncode)}; "
-                        "restarting it",
+        checkpoint the coordinator knows. A server the coordinator declared dead whose process
+        still exists (paused, hung) is killed first, so that it can never come back."""
+        ctx = new_context()
+        ep = Endpoint(ctx, request_timeout=5.0, security=self._security)
+        ep.connect("coordinator", self.address)
+        asked: Future[dict[str, Any]] | None = None  # the status request in flight, if any
+        every = min(0.5, self.timeouts.heartbeat_interval)
+        due = time.monotonic()
+        try:
+            while not self._closing.wait(0.05):
+                if time.monotonic() >= due:
+                    due = time.monotonic() + every
+                    asked = self._kill_hung_servers(ep, asked)
+                for rank, proc in list(self._servers.items()):
+                    if proc.poll() is None or self._closing.is_set():
+                        continue
+                    log.warning(
+                        "server[%d] (pid %d) exited with %s; starting it again",
+                        rank,
+                        proc.pid,
+                        describe_exit(proc.returncode),
                     )
-                self._start_server(rank)
-                self.restarts.append((rank, time.monotonic()))
+                    if self.output is not None:
+                        say(
+                            self.output,
+                            f"[paramserver] server {rank} exited with "
+                            f"{describe_exit(proc.returncode)}; restarting it",
+                        )
+                    self._start_server(rank)
+                    self.restarts.append((rank, time.monotonic()))
+        finally:
+            ep.close()
+            ctx.term()
+
+    def _kill_hung_servers(
+        self, ep: Endpoint, asked: Future[dict[str, Any]] | None
+    ) -> Future[dict[str, Any]]:
+        """SIGKILL the server processes the coordinator declared dead while they still exist
+        (the pid it registered with, so never a replacement). Returns the status request in
+        flight (asked again once answered)."""
+        ep.poll(0)
+        if asked is not None and not asked.done():
+            return asked
+        if asked is not None and asked.exception(0) is None:
+            for node in asked.result(0)["status"]["nodes"]:
+                proc = self._servers.get(node["rank"])
+                if (
+                    node["role"] == "server"
+                    and node["state"] == "dead"
+                    and proc is not None
+                    and proc.pid == node["pid"]
+                    and proc.poll() is None
+                ):
+                    log.warning(
+                        "server[%d] (pid %d) was declared dead but its process is still there "
+                        "(paused or hung): killing it before it is replaced",
+                        node["rank"],
+                        proc.pid,
+                    )
+                    if self.output is not None:
+                        say(
+                            self.output,
+                            f"[paramserver] server {node['rank']} (pid {proc.pid}) was declared "
+                            "dead but still exists; killing it",
+                        )
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    proc.wait()
+        return ep.request("coordinator", {"kind": "status"}, what="status of the cluster")
 
     def _wait_servers(self) -> None:
         ctx = new_context()

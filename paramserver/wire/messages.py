@@ -197,6 +197,7 @@ class CreateShardMsg(TypedDict):
 
     kind: Literal["create_shard"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     spec: dict[str, Any]
 
 
@@ -205,6 +206,7 @@ class PullMsg(TypedDict):
 
     kind: Literal["pull"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     clock: int
@@ -222,6 +224,7 @@ class PushMsg(TypedDict):
 
     kind: Literal["push"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     clock: int
@@ -239,6 +242,7 @@ class OpenBulkMsg(TypedDict):
 
     kind: Literal["open_bulk"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
 
 
@@ -247,6 +251,7 @@ class AttachMsg(TypedDict):
 
     kind: Literal["attach"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     path: str
@@ -258,6 +263,7 @@ class AttachSlotMsg(TypedDict):
 
     kind: Literal["attach_slot"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
     slot: int
     path: str
@@ -270,6 +276,7 @@ class ClockMsg(TypedDict):
 
     kind: Literal["clock"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
     clock: int
 
@@ -279,6 +286,7 @@ class SetLrMsg(TypedDict):
 
     kind: Literal["set_lr"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     lr: float
 
@@ -288,6 +296,7 @@ class StatsMsg(TypedDict):
 
     kind: Literal["stats"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
 class PingMsg(TypedDict):
@@ -295,6 +304,7 @@ class PingMsg(TypedDict):
 
     kind: Literal["ping"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
 class ReplyMsg(TypedDict):
