@@ -96,11 +96,9 @@ def test_a_replaced_server_that_resumes_serves_nothing_and_stops() -> None:
             )
             # a supervisor restarts rank 1 while the old process still exists (paused)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-            replacement = subprocess.Popen(
-                [sys.executable, "-m", "paramserver.cli", "server", "--coordinator"]
-                + [cluster.address, "--host", "127.0.0.1", "--rank", "1", *FAST_FLAGS],
-                env=env,
-            )
+            cmd = [sys.executable, "-m", "paramserver.cli", "server", "--host", "127.0.0.1"]
+            cmd += ["--coordinator", cluster.address, "--rank", "1", *FAST_FLAGS]
+            replacement = subprocess.Popen(cmd, env=env)
             wait_until(
                 lambda: server_entry(cluster.address, 1)[2] == "alive",
                 30,
