@@ -115,6 +115,8 @@ class Session:
         self._heartbeat: Pulse | None = None
         self._expelled: str | None = None  # why the coordinator refused our heartbeat
         self._coordinator_seen = 0.0  # when it last answered a ping (see _check_coordinator)
+        self._beats = 0  # heartbeats built so far, and the incarnation each one carried
+        self._beat_tokens: dict[int, int] = {}
         try:
             self._register(rank)
         except BaseException:
@@ -355,10 +357,43 @@ class Session:
         if self._closed:
             raise ConfigError("this client is closed")
         if self._expelled:
-            raise NodeLostError(
-                f"worker[{self.rank}] was dropped by the coordinator: {self._expelled}"
-            )
+            self._rejoin(self._expelled)
         self._check_coordinator()
+
+    def _rejoin(self, why: str) -> None:
+        """Register again under this worker's rank after the coordinator dropped it while it
+        was alive (paused, cut off for longer than the heartbeat timeout): it goes on at the
+        cluster's current clock, as a restarted worker would."""
+        fut = self._ep.request(
+            "coordinator",
+            {
+                "kind": "register",
+                "role": "worker",
+                "rank": self.rank,
+                "host": pysocket.gethostname()[:256],
+                "pid": os.getpid(),
+            },
+            what=f"worker[{self.rank}] rejoining the coordinator at {self.coordinator}",
+        )
+        try:
+            reply = self.wait_coordinator(fut, self.timeouts.connect)
+        except (PSTimeoutError, RemoteError) as exc:
+            raise NodeLostError(
+                f"worker[{self.rank}] was dropped by the coordinator ({why}) and could not "
+                f"rejoin: {exc}"
+            ) from None
+        view = reply["view"]
+        self._token = int(view["token"])  # beats carry it from now on
+        self._expelled = None
+        self._clock = int(view.get("start_clock") or self._clock)
+        self._clock_futures = []
+        self._apply_view(view)
+        log.warning(
+            "worker[%d] was dropped by the coordinator while alive (%s); rejoined at clock %d",
+            self.rank,
+            why,
+            self._clock,
+        )
 
     def _check_coordinator(self) -> None:
         """Raise if the coordinator has not answered a heartbeat for the heartbeat timeout."""
@@ -401,6 +436,10 @@ class Session:
 
     def _beat(self) -> dict[str, Any]:
         """This worker's heartbeat (on the heartbeat thread): who it is, its clock, its count."""
+        # the Pulse numbers its beats 1, 2, ...: remember which incarnation each one spoke for
+        self._beats += 1
+        self._beat_tokens[self._beats] = self._token
+        self._beat_tokens.pop(self._beats - 64, None)
         return {
             "kind": "heartbeat",
             "role": "worker",
@@ -411,8 +450,9 @@ class Session:
         }
 
     def _beat_answered(self, header: dict[str, Any]) -> None:
-        """The coordinator refuses a heartbeat of a member it declared dead: expelled."""
-        if header["kind"] == "error":
+        """The coordinator refuses a heartbeat of a member it declared dead: expelled (unless
+        that beat spoke for an incarnation before the current one)."""
+        if header["kind"] == "error" and self._beat_tokens.get(header["id"]) == self._token:
             self._expelled = header["message"]
 
     def next_seq(self) -> int:

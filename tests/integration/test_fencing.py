@@ -21,6 +21,7 @@ import pytest
 import paramserver as ps
 from paramserver.errors import NodeLostError, RemoteError
 from paramserver.partition import dense_ranges
+from paramserver.wire.transport import Endpoint, new_context
 from tests.integration.test_recovery import view_of
 from tests.timing import FAST, FAST_FLAGS, wait_until
 
@@ -38,6 +39,19 @@ def server_entry(address: str, rank: int) -> list[object]:
     servers = view_of(address)["servers"]
     assert isinstance(servers, list)
     return next(s for s in servers if s[0] == rank)
+
+
+def server_clock(address: str) -> int:
+    """Server 0's min clock as the coordinator last heard it."""
+    ctx = new_context()
+    ep = Endpoint(ctx, request_timeout=5.0)
+    try:
+        ep.connect("coordinator", address)
+        nodes = ep.request("coordinator", {"kind": "status"}, what="status").result(5.0)
+        return int(next(n["clock"] for n in nodes["status"]["nodes"] if n["role"] == "server"))
+    finally:
+        ep.close()
+        ctx.term()
 
 
 def process_exists(pid: int) -> bool:
@@ -171,3 +185,57 @@ def test_a_dead_coordinator_is_named_by_workers_and_servers() -> None:
         with lock:
             logged = out.getvalue()
         assert f"the coordinator at {cluster.address} has not answered" in logged
+
+
+REJOINING = """
+import os, signal, sys
+import numpy as np
+import paramserver as ps
+from tests.timing import FAST
+client = ps.connect(sys.argv[1], rank=1, timeouts=FAST)
+w = client.dense_table("w", shape=(8,), optimizer=ps.optim.SGD(lr=1.0), consistency="async")
+for step in range(6):
+    if step == 3:
+        print("pausing at clock", client.current_clock, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)  # cut off; the test resumes it once it was dropped
+    w.pull()
+    w.push(np.ones(8, dtype=np.float32)).result()
+    client.clock()
+print("clock", client.current_clock, flush=True)
+client.close()
+"""
+
+
+def test_a_worker_dropped_while_alive_rejoins_at_the_current_clock() -> None:
+    with ps.LocalCluster(servers=1, workers=2, timeouts=FAST) as cluster:
+        client = cluster.connect(rank=0)
+        w = client.dense_table("w", shape=(8,), optimizer=ps.optim.SGD(lr=1.0), consistency="async")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        other = subprocess.Popen(
+            [sys.executable, "-c", REJOINING, cluster.address], stdout=subprocess.PIPE, env=env
+        )
+        try:
+            assert other.stdout is not None
+            assert other.stdout.readline().startswith(b"pausing at clock 3")
+            wait_until(
+                lambda: dict(view_of(cluster.address)["workers"])[1] == "dead",  # type: ignore[call-overload]
+                30,
+                "worker[1] to be dropped",
+            )
+            for _ in range(20):  # the cluster moves on without it
+                w.push(np.ones(8, dtype=np.float32)).result()
+                client.clock()
+            wait_until(
+                lambda: server_clock(cluster.address) >= 20,
+                30,
+                "the server to report clock 20",
+            )
+            os.kill(other.pid, signal.SIGCONT)
+            out, _ = other.communicate(timeout=60)
+        finally:
+            if other.poll() is None:
+                other.kill()
+                other.wait()
+        assert other.returncode == 0, out.decode()
+        # it went on from the cluster's clock (20), not from its own (3), and trained 3 steps
+        assert out.split()[-1] == b"23", out.decode()
