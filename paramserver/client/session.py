@@ -115,6 +115,8 @@ class Session:
         self._heartbeat: Pulse | None = None
         self._expelled: str | None = None  # why the coordinator refused our heartbeat
         self._coordinator_seen = 0.0  # when it last answered a ping (see _check_coordinator)
+        self._supervised = False  # the coordinator is restarted when it dies (it journals)
+        self._coordinator_boot: int | None = None  # its process's number, from heartbeats
         self._beats = 0  # heartbeats built so far, and the incarnation each one carried
         self._beat_tokens: dict[int, int] = {}
         try:
@@ -151,6 +153,7 @@ class Session:
         self.num_workers: int = int(view["num_workers"])
         self.num_servers: int = int(view["num_servers"])
         self._clock = int(view.get("start_clock") or 0)
+        self._supervised = bool(view.get("supervised"))
         self._apply_view(view)
         # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
         # on a loaded machine.
@@ -396,12 +399,16 @@ class Session:
         )
 
     def _check_coordinator(self) -> None:
-        """Raise if the coordinator has not answered a heartbeat for the heartbeat timeout."""
+        """Raise if the coordinator has not answered a heartbeat for the heartbeat timeout (one
+        that is restarted when it dies, for the connect timeout more)."""
         beat = self._heartbeat
         if beat is None:
             return
         quiet = time.monotonic() - max(beat.last_answer, self._coordinator_seen)
-        if quiet <= self.timeouts.heartbeat_timeout:
+        limit = self.timeouts.heartbeat_timeout
+        if self._supervised:
+            limit += self.timeouts.connect
+        if quiet <= limit:
             return
         # Our own code may have held the GIL (the heartbeat thread could not read the answers):
         # ask once before saying the coordinator is gone.
@@ -414,17 +421,27 @@ class Session:
             raise NodeLostError(
                 f"the coordinator at {self.coordinator} has not answered worker[{self.rank}]'s "
                 f"heartbeats for {quiet:.1f}s (heartbeat timeout "
-                f"{self.timeouts.heartbeat_timeout:.3g}s): it died or is cut off"
+                f"{self.timeouts.heartbeat_timeout:.3g}s"
+                + (
+                    f", and {self.timeouts.connect:.3g}s more for a restart"
+                    if self._supervised
+                    else ""
+                )
+                + "): it died or is cut off"
             ) from None
 
-    def wait_coordinator(self, fut: Future[Any], timeout: float) -> Any:
+    def wait_coordinator(
+        self, fut: Future[Any], timeout: float, again: Callable[[], Future[Any]] | None = None
+    ) -> Any:
         """The result of request ``fut`` to the coordinator, waiting up to ``timeout`` seconds
         but giving up (NodeLostError naming it) once the coordinator stops answering heartbeats.
+        If the coordinator was restarted meanwhile (it lost the request), ``again()`` asks anew.
 
         Example:
             reply = session.wait_coordinator(session.endpoint.request("coordinator", ...), 30)
         """
         deadline = time.monotonic() + timeout
+        boot = self._coordinator_boot
         while True:
             step = min(self.timeouts.heartbeat_interval, deadline - time.monotonic())
             try:
@@ -433,6 +450,10 @@ class Session:
                 if time.monotonic() >= deadline:
                     raise
                 self._check_coordinator()
+                if again is not None and boot is not None and self._coordinator_boot != boot:
+                    log.warning("worker[%d]: the coordinator restarted; asking again", self.rank)
+                    boot = self._coordinator_boot
+                    fut = again()
 
     def _beat(self) -> dict[str, Any]:
         """This worker's heartbeat (on the heartbeat thread): who it is, its clock, its count."""
@@ -454,6 +475,8 @@ class Session:
         that beat spoke for an incarnation before the current one)."""
         if header["kind"] == "error" and self._beat_tokens.get(header["id"]) == self._token:
             self._expelled = header["message"]
+        elif isinstance(header.get("view"), dict):
+            self._coordinator_boot = header["view"].get("boot")
 
     def next_seq(self) -> int:
         """A new push sequence number (a resent push keeps its own: servers skip repeats)."""

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -55,6 +57,9 @@ class LocalCluster:
     clocks) and ``checkpoint_keep``, makes the coordinator write checkpoints periodically. With
     ``restart_servers`` (the default) a server process that dies is started again with the same
     rank; it loads its shards from the newest checkpoint, if any (see docs/fault-tolerance.md).
+    With ``restart_coordinator`` (the default) the coordinator journals what it knows to a file
+    and a coordinator process that dies is started again on the same address with that
+    journal: servers and workers carry on (see docs/fault-tolerance.md).
     ``metrics_port`` makes the coordinator serve Prometheus metrics at
     ``http://127.0.0.1:metrics_port/metrics``.
 
@@ -84,6 +89,7 @@ class LocalCluster:
         restart_servers: bool = True,
         metrics_port: int | None = None,
         checkpoints: CheckpointPolicy | None = None,
+        restart_coordinator: bool = True,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -126,6 +132,13 @@ class LocalCluster:
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
         self.restarts: list[tuple[int, float]] = []  # (server rank, time.monotonic() of restart)
+        self.restart_coordinator = restart_coordinator
+        self.coordinator_restarts: list[float] = []  # time.monotonic() of each restart
+        self._journal_dir = (
+            tempfile.mkdtemp(prefix="ps-coordinator-") if restart_coordinator else ""
+        )
+        self._coordinator_cmd: list[str] = []
+        self._listener: Any = None  # the coordinator's listening socket, kept for a restart
 
     def _role_cmd(self, *args: str) -> list[str]:
         return [
@@ -154,22 +167,23 @@ class LocalCluster:
             try:
                 bind = f"{self.host}:{self.port if listener is None else listener.getsockname()[1]}"
                 fds = [write_fd] if listener is None else [write_fd, listener.fileno()]
+                self._coordinator_cmd = self._role_cmd(
+                    "coordinator",
+                    "--bind",
+                    bind,
+                    "-s",
+                    str(self.num_servers),
+                    "-w",
+                    str(self.num_workers),
+                    *([] if listener is None else ["--listen-fd", str(listener.fileno())]),
+                    *(["--restore", self.restore] if self.restore is not None else []),
+                    *self._coordinator_flags,
+                    *(["--journal", os.path.join(self._journal_dir, "journal")]
+                      if self.restart_coordinator else []),
+                )  # fmt: skip
                 coord = self.children.start(
                     "coordinator",
-                    self._role_cmd(
-                        "coordinator",
-                        "--bind",
-                        bind,
-                        "-s",
-                        str(self.num_servers),
-                        "-w",
-                        str(self.num_workers),
-                        "--ready-fd",
-                        str(write_fd),
-                        *([] if listener is None else ["--listen-fd", str(listener.fileno())]),
-                        *(["--restore", self.restore] if self.restore is not None else []),
-                        *self._coordinator_flags,
-                    ),
+                    [*self._coordinator_cmd, "--ready-fd", str(write_fd)],
                     pass_fds=fds,
                     prefix_output=self.output,
                     env=self._env,
@@ -179,15 +193,21 @@ class LocalCluster:
                 os.close(write_fd)
                 write_fd = -1
                 if listener is not None:
-                    listener.close()  # the coordinator holds its own copy
+                    if self.restart_coordinator:  # kept for a restarted coordinator
+                        self._listener, listener = listener, None
+                    else:
+                        listener.close()  # the coordinator holds its own copy
                     self.address = f"tcp://{bind}"
                     for r in range(self.num_servers):
                         self._start_server(r)
                 address = _read_line(
                     read_fd, self.start_timeout, f"starting the coordinator (pid {coord.pid})"
                 )
-                if listener is None:
+                if not self.address:
                     self.address = address
+                    # a restarted coordinator binds the port this one got
+                    at = self._coordinator_cmd.index("--bind") + 1
+                    self._coordinator_cmd[at] = address.removeprefix("tcp://")
                     for r in range(self.num_servers):
                         self._start_server(r)
             finally:
@@ -197,7 +217,7 @@ class LocalCluster:
                 if listener is not None:
                     listener.close()
             self._wait_servers()
-            if self.restart_servers:
+            if self.restart_servers or self.restart_coordinator:
                 self._monitor = threading.Thread(
                     target=self._restart_dead_servers, name="server-monitor", daemon=True
                 )
@@ -230,6 +250,9 @@ class LocalCluster:
         due = time.monotonic()
         try:
             while not self._closing.wait(0.05):
+                self._restart_dead_coordinator()
+                if not self.restart_servers:
+                    continue
                 if time.monotonic() >= due:
                     due = time.monotonic() + every
                     asked = self._kill_hung_servers(ep, asked)
@@ -253,6 +276,40 @@ class LocalCluster:
         finally:
             ep.close()
             ctx.term()
+
+    def _restart_dead_coordinator(self) -> None:
+        """Start the coordinator again, on its address and with its journal, if it died."""
+        if not self.restart_coordinator or self._closing.is_set():
+            return
+        coord = self._coordinator()
+        if coord is None or coord.poll() is None:
+            return
+        log.warning(
+            "the coordinator (pid %d) exited with %s; starting it again at %s",
+            coord.pid,
+            describe_exit(coord.returncode),
+            self.address,
+        )
+        if self.output is not None:
+            say(
+                self.output,
+                f"[paramserver] coordinator exited with {describe_exit(coord.returncode)}; "
+                "restarting it",
+            )
+        fds = [] if self._listener is None else [self._listener.fileno()]
+        self.children.start(
+            "coordinator",
+            self._coordinator_cmd,
+            pass_fds=fds,
+            prefix_output=self.output,
+            env=self._env,
+        )
+        self.coordinator_restarts.append(time.monotonic())
+
+    def _coordinator(self) -> subprocess.Popen[bytes] | None:
+        """The newest coordinator process (earlier ones died and were replaced)."""
+        procs = [p for name, p in self.children.procs if name == "coordinator"]
+        return procs[-1] if procs else None
 
     def _kill_hung_servers(
         self, ep: Endpoint, asked: Future[dict[str, Any]] | None
@@ -379,7 +436,7 @@ class LocalCluster:
             with contextlib.suppress(Exception):
                 c.close()
         self._clients.clear()
-        coordinator = next((p for name, p in self.children.procs if name == "coordinator"), None)
+        coordinator = self._coordinator()
         asked = False
         if self.address and coordinator is not None and coordinator.poll() is None:
             ctx = new_context()
@@ -396,6 +453,14 @@ class LocalCluster:
         # Without a coordinator to tell them, the servers would wait out the grace for nothing:
         # SIGTERM (which they handle cleanly) at once.
         self.children.stop(grace=2.0 if asked else 0.0)
+        self._drop_journal()
+
+    def _drop_journal(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._journal_dir:
+            shutil.rmtree(self._journal_dir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL every process this cluster started (no shutdown request, no grace)."""
@@ -404,6 +469,7 @@ class LocalCluster:
             self._monitor.join(timeout=5.0)
             self._monitor = None
         self.children.kill()
+        self._drop_journal()
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -64,6 +64,7 @@ def serve_coordinator(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     listen_fd: int | None = None,
+    journal: str | None = None,
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoints``, it writes
@@ -91,6 +92,8 @@ def serve_coordinator(
         extra["metrics_port"], extra["metrics_host"] = metrics_port, metrics_host
     if listen_fd is not None:
         extra["listen_fd"] = listen_fd
+    if journal is not None:  # restarted with the same journal, it carries on the job
+        extra["journal"] = journal
     host, _, port = bind.rpartition(":")
     coord: Coordinator | None = None
 

@@ -166,7 +166,9 @@ def test_a_dead_coordinator_is_named_by_workers_and_servers() -> None:
 
     # connect: how long a server waits for a coordinator that went silent before it stops
     timeouts = replace(FAST, connect=3.0)
-    with ps.LocalCluster(servers=1, workers=1, timeouts=timeouts, output=Locked()) as cluster:
+    with ps.LocalCluster(
+        servers=1, workers=1, timeouts=timeouts, output=Locked(), restart_coordinator=False
+    ) as cluster:
         client = cluster.connect(transport="tcp")
         w = client.dense_table("w", shape=(8,), optimizer=ps.optim.SGD(lr=1.0))
         w.push(np.ones(8, dtype=np.float32)).result()
