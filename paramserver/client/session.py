@@ -114,7 +114,8 @@ class Session:
         self.view: dict[str, Any] = {}
         self._heartbeat: Pulse | None = None
         self._expelled: str | None = None  # why the coordinator refused our heartbeat
-        self._coordinator_seen = 0.0  # when it last answered a ping (see _check_coordinator)
+        self._coordinator_seen = 0.0  # when it last answered a probe (see _check_coordinator)
+        self._probed = 0.0  # when it was last probed
         self._supervised = False  # the coordinator is restarted when it dies (it journals)
         self._coordinator_boot: int | None = None  # its process's number, from heartbeats
         self._beats = 0  # heartbeats built so far, and the incarnation each one carried
@@ -400,24 +401,25 @@ class Session:
 
     def _check_coordinator(self) -> None:
         """Raise if the coordinator has not answered a heartbeat for the heartbeat timeout (one
-        that is restarted when it dies, for the connect timeout more)."""
+        that is restarted when it dies: for the connect timeout more). Heartbeats unanswered
+        for the heartbeat timeout (this worker was paused, cut off, or its own code held the
+        GIL) are checked with one heartbeat from here first: answered ``expelled``, this worker
+        rejoins."""
         beat = self._heartbeat
         if beat is None:
             return
+        now = time.monotonic()
+        if now - max(beat.last_answer, self._coordinator_seen) <= self.timeouts.heartbeat_timeout:
+            return
+        if now - self._probed >= self.timeouts.heartbeat_timeout:  # once per timeout at most
+            self._probed = now
+            if self._probe():
+                return
         quiet = time.monotonic() - max(beat.last_answer, self._coordinator_seen)
         limit = self.timeouts.heartbeat_timeout
         if self._supervised:
             limit += self.timeouts.connect
-        if quiet <= limit:
-            return
-        # Our own code may have held the GIL (the heartbeat thread could not read the answers):
-        # ask once before saying the coordinator is gone.
-        try:
-            self._ep.request("coordinator", {"kind": "ping"}, what="ping").result(
-                2 * self.timeouts.heartbeat_interval
-            )
-            self._coordinator_seen = time.monotonic()
-        except (PSTimeoutError, NodeLostError):
+        if quiet > limit:
             raise NodeLostError(
                 f"the coordinator at {self.coordinator} has not answered worker[{self.rank}]'s "
                 f"heartbeats for {quiet:.1f}s (heartbeat timeout "
@@ -428,7 +430,33 @@ class Session:
                     else ""
                 )
                 + "): it died or is cut off"
-            ) from None
+            )
+
+    def _probe(self) -> bool:
+        """One heartbeat from this thread: whether the coordinator answered (rejoining if it
+        answered that this worker was dropped)."""
+        try:
+            self._ep.request(
+                "coordinator",
+                {
+                    "kind": "heartbeat",
+                    "role": "worker",
+                    "rank": self.rank,
+                    "token": self._token,
+                    "clock": self._clock,
+                },
+                what="heartbeat",
+            ).result(2 * self.timeouts.heartbeat_interval)
+        except RemoteError as exc:
+            if exc.code != "expelled":
+                raise
+            self._coordinator_seen = time.monotonic()
+            self._rejoin(exc.reason)
+            return True
+        except (PSTimeoutError, NodeLostError):
+            return False
+        self._coordinator_seen = time.monotonic()
+        return True
 
     def wait_coordinator(
         self, fut: Future[Any], timeout: float, again: Callable[[], Future[Any]] | None = None
