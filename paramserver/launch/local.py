@@ -278,11 +278,12 @@ class LocalCluster:
             ctx.term()
 
     def _restart_dead_coordinator(self) -> None:
-        """Start the coordinator again, on its address and with its journal, if it died."""
+        """Start the coordinator again, on its address and with its journal, if it died (not
+        if it exited cleanly: a ``shutdown`` request ends the cluster)."""
         if not self.restart_coordinator or self._closing.is_set():
             return
         coord = self._coordinator()
-        if coord is None or coord.poll() is None:
+        if coord is None or coord.poll() in (None, 0):  # running, or shut down on request
             return
         log.warning(
             "the coordinator (pid %d) exited with %s; starting it again at %s",
