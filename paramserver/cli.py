@@ -164,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument(
+        "--journal",
+        default=None,
+        help="file where the coordinator journals membership, tables, leases and checkpoints; "
+        "a coordinator restarted with the same file (and address) carries on the job",
+    )
     c.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     _add_metrics_args(c)
     _add_timeouts(c)
@@ -449,6 +455,7 @@ def _command(args: argparse.Namespace) -> int:
             _timeouts(args),
             ready_fd=args.ready_fd,
             listen_fd=args.listen_fd,
+            journal=args.journal,
             parent_pid=args.parent_pid,
             restore=args.restore,
             checkpoints=_checkpoints(args),

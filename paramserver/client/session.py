@@ -22,6 +22,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from paramserver.client.watch import CoordinatorWatch
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.metrics import MAX_SCALARS, check_scalar
@@ -92,7 +93,7 @@ class _Endpoint(Endpoint):
             self.expire()
 
 
-class Session:
+class Session(CoordinatorWatch):
     """A worker's membership of the cluster and its requests to servers: registration, view
     changes, resends to a replaced server, shared-memory slot pools, sequence numbers and the
     clock. :class:`~paramserver.client.worker.Client` adds tables, barriers, leases and
@@ -143,7 +144,8 @@ class Session:
         self._epoch = 0
         self.view: dict[str, Any] = {}
         self._heartbeat: Pulse | None = None
-        self._expelled: str | None = None  # why the coordinator refused our heartbeat
+        self._expelled = None  # why the coordinator refused our heartbeat
+        self._init_watch()
         try:
             self._register(rank)
         except BaseException:
@@ -178,6 +180,7 @@ class Session:
         self.num_workers: int = int(view["num_workers"])
         self.num_servers: int = int(view["num_servers"])
         self._clock = int(view.get("start_clock") or 0)
+        self._supervised = bool(view.get("supervised"))
         self._apply_view(view)
         # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
         # on a loaded machine.
@@ -268,6 +271,8 @@ class Session:
 
         def attempt(use_slot: bool = True) -> None:
             peer = self._ep.peers.get(name)
+            # the view it is sent in: a server that was replaced since refuses it (fencing)
+            sent = {**header, "view": self._epoch}
             got = None
             if use_slot and reply_bytes is not None:
                 pool = self._slot_pool(s)
@@ -276,14 +281,14 @@ class Session:
                     got = pool.take(at + reply_bytes)
             if got is None:
                 fut = self._ep.request(
-                    name, header, arrays, what=what, parse=parse, sink=sink, bulk=bulk
+                    name, sent, arrays, what=what, parse=parse, sink=sink, bulk=bulk
                 )
             else:
                 assert pool is not None
                 slot, region = got
                 fut = self._ep.request(
                     name,
-                    {**header, "slot": slot, "reply_at": at},
+                    {**sent, "slot": slot, "reply_at": at},
                     arrays,
                     what=what,
                     parse=parse,
@@ -390,14 +395,8 @@ class Session:
         if self._closed:
             raise ConfigError("this client is closed")
         if self._expelled:
-            raise NodeLostError(
-                f"worker[{self.rank}] was dropped by the coordinator: {self._expelled}"
-            )
-
-    def _beat_answered(self, header: dict[str, Any]) -> None:
-        """The coordinator refuses a heartbeat of a member it declared dead: expelled."""
-        if header["kind"] == "error":
-            self._expelled = header["message"]
+            self._rejoin(self._expelled)
+        self._check_coordinator()
 
     def next_seq(self) -> int:
         """A new push sequence number (a resent push keeps its own: servers skip repeats)."""
@@ -457,16 +456,9 @@ class Session:
         self._scalars.update({k: float(v) for k, v in scalars.items()})
 
     def _beat(self) -> dict[str, Any]:
-        """This worker's heartbeat (built on the heartbeat thread: copies, no iteration): who
-        it is, its clock, its count, and the training scalars and bytes it reports."""
-        beat: dict[str, Any] = {
-            "kind": "heartbeat",
-            "role": "worker",
-            "rank": self.rank,
-            "token": self._token,
-            "clock": self._clock,
-            "examples": self._examples,
-        }
+        """This worker's heartbeat (built on the heartbeat thread: copies, no iteration): the
+        watch's beat, with the training scalars and bytes the worker reports."""
+        beat = super()._beat()
         if self._scalars or self._traffic:
             traffic = self._traffic.copy()
             beat["metrics"] = {

@@ -252,17 +252,18 @@ class Client(Session):
         self.check()
         limit = self.timeouts.request if timeout is None else timeout
         self._barriers[name] += 1
-        fut = self.endpoint.request(
-            "coordinator",
-            {
-                "kind": "barrier",
-                "name": f"{name}#{self._barriers[name]}",
-                "rank": self.rank,
-                "timeout": limit,
-            },
-            what=f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})",
-        )
-        fut.result(limit + 2.0)
+        header = {
+            "kind": "barrier",
+            "name": f"{name}#{self._barriers[name]}",
+            "rank": self.rank,
+            "timeout": limit,
+        }
+        what = f"barrier {name!r} of worker[{self.rank}] (coordinator at {self.coordinator})"
+
+        def ask() -> Any:  # again, if the coordinator restarted meanwhile
+            return self.endpoint.request("coordinator", header, what=what)
+
+        self.wait_coordinator(ask(), limit + 2.0, again=ask)
 
     def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> str:
         """Write a consistent checkpoint of every table at this worker's clock boundary.

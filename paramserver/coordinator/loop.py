@@ -10,6 +10,7 @@ socket; this module is the plumbing between them and the wire.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from paramserver.config import CheckpointPolicy, Limits, Timeouts
 from paramserver.coordinator.barriers import Barriers
 from paramserver.coordinator.collector import STATS_TIMEOUT, StatsCollector
 from paramserver.coordinator.completion import Completion
+from paramserver.coordinator.journal import Journal
 from paramserver.coordinator.leases import Leases
 from paramserver.coordinator.membership import ALIVE, Member, Membership
 from paramserver.coordinator.refusal import Refusal
@@ -76,6 +78,7 @@ class Coordinator:
         listen_fd: int | None = None,
         limits: Limits | None = None,
         exit_when_done: float | None = None,
+        journal: str | None = None,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts)
@@ -90,6 +93,12 @@ class Coordinator:
         self.board = StatusBoard(now)
         # with exit_when_done (a dead worker's restart grace, s): end the job once it is done
         self.completion = None if exit_when_done is None else Completion(self, exit_when_done)
+        # this process's number: a member that sees it change knows the coordinator restarted
+        self.boot = secrets.randbits(62) + 1
+        self.journal = Journal(journal) if journal is not None else None
+        if self.journal is not None:
+            self.members.supervised = True
+            self._replay(self.journal.replay(), now)
         self._rejections = protocol.Rejections()
         self._stop = threading.Event()
         self.ctx = new_context()
@@ -173,6 +182,8 @@ class Coordinator:
             self.collector.close()
             self.router.close()
             self.ctx.term()
+            if self.journal is not None:
+                self.journal.close()
             log.info("coordinator stopped")
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
@@ -222,8 +233,38 @@ class Coordinator:
     def view(self) -> dict[str, Any]:
         return self.members.view()
 
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.journal is not None:
+            self.journal.append(record)
+
+    def _replay(self, records: list[dict[str, Any]], now: float) -> None:
+        """Take back what a previous coordinator process journaled (see journal.py)."""
+        views = 0
+        for rec in records:
+            if rec["t"] == "view":
+                self.members.load_record(rec, now)
+                views += 1
+            elif rec["t"] == "table":
+                self.tables.create(rec["spec"])
+            elif rec["t"] == "checkpoint":
+                self.rounds.latest = rec["latest"]
+            elif rec["op"] == "acquire":
+                self.leases.acquire(rec["h"])
+            elif rec["op"] == "complete":
+                self.leases.complete(rec["h"])
+            else:
+                self.leases.requeue(rec["rank"], rec["name"])
+        if views:
+            log.warning(
+                "coordinator restarted: view %d, %d tables, from %d journal records",
+                self.members.epoch,
+                len(self.tables.specs()),
+                len(records),
+            )
+
     def _publish(self, reason: str) -> None:
         view, identities = self.members.publish(reason)
+        self._record(self.members.to_record())
         for identity in identities:
             self.router.send(identity, {"kind": "view", "id": 0, "view": view})
 
@@ -231,6 +272,7 @@ class Coordinator:
         self.members.mark_dead(m, why)
         if m.role == "worker":
             self.leases.requeue(m.rank, m.name)
+            self._record({"t": "lease", "op": "requeue", "rank": m.rank, "name": m.name})
         else:  # a round waiting for it would block every later checkpoint until its timeout
             for rnd in self.rounds.server_lost(m.rank):
                 self._fail_round(rnd, f"{m.name} died before it wrote its shards")
@@ -285,12 +327,13 @@ class Coordinator:
         m = self.members.heartbeat(h, time.monotonic(), self.router.last_fd)
         if h.get("examples") is not None:
             self.board.record_examples(m.rank, m.last_seen, m.examples)
-        self.router.reply(identity, h["id"], view={"epoch": self.members.epoch})
+        self.router.reply(identity, h["id"], view={"epoch": self.members.epoch, "boot": self.boot})
 
     def _on_leave(self, identity: bytes, h: LeaveMsg) -> None:
         m = self.members.leave(h)
         if m is not None:
             self.leases.requeue(m.rank, m.name)
+            self._record({"t": "lease", "op": "requeue", "rank": m.rank, "name": m.name})
             self._publish(f"{m.name} left")
             self._check_barriers()
         self.router.reply(identity, h["id"])
@@ -351,6 +394,7 @@ class Coordinator:
         except OSError as exc:
             self._fail_round(rnd, f"writing the manifest failed: {exc}")
             return
+        self._record({"t": "checkpoint", "latest": self.rounds.latest})
         if rnd.requester is not None:
             self.router.reply(rnd.requester[0], rnd.requester[1], path=str(final))
 
@@ -367,7 +411,9 @@ class Coordinator:
     # ---- tables, barriers, leases ---------------------------------------------------------
 
     def _on_create_table(self, identity: bytes, h: CreateTableMsg) -> None:
-        self.router.reply(identity, h["id"], spec=self.tables.create(h["spec"]).to_wire())
+        spec = self.tables.create(h["spec"]).to_wire()
+        self._record({"t": "table", "spec": spec})
+        self.router.reply(identity, h["id"], spec=spec)
 
     def _on_list_tables(self, identity: bytes, h: ListTablesMsg) -> None:
         self.router.reply(identity, h["id"], tables=self.tables.to_wire())
@@ -383,10 +429,13 @@ class Coordinator:
                 self.router.reply(identity, rid)
 
     def _on_acquire_lease(self, identity: bytes, h: AcquireLeaseMsg) -> None:
-        self.router.reply(identity, h["id"], shard=self.leases.acquire(h))
+        shard = self.leases.acquire(h)
+        self._record({"t": "lease", "op": "acquire", "h": dict(h)})
+        self.router.reply(identity, h["id"], shard=shard)
 
     def _on_complete_lease(self, identity: bytes, h: CompleteLeaseMsg) -> None:
         self.leases.complete(h)
+        self._record({"t": "lease", "op": "complete", "h": dict(h)})
         self.router.reply(identity, h["id"])
 
     # ---- shutdown and status --------------------------------------------------------------

@@ -114,6 +114,8 @@ class Membership:
         self.start_clock = 0  # where a fresh cluster starts: 0, or a restored checkpoint's clock
         self.restore: dict[str, Any] | None = None  # the checkpoint the cluster started from
         self.hostname = socket.gethostname()[:256] if hostname is None else hostname
+        # with a journal, the coordinator is restarted when it dies: members wait for it
+        self.supervised = False
         self._process_gone = process_gone
 
     @property
@@ -149,7 +151,7 @@ class Membership:
 
     def view_for(self, m: Member) -> dict[str, Any]:
         """The view a newly registered member gets: with its incarnation and the cluster size."""
-        extra: dict[str, Any] = {"start_clock": self.start_clock}
+        extra: dict[str, Any] = {"start_clock": self.start_clock, "supervised": self.supervised}
         if self.restore is not None:
             extra["restore"] = self.restore
         return {
@@ -159,6 +161,29 @@ class Membership:
             "num_servers": len(self.servers),
             "num_workers": len(self.workers),
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """The journal's record of this membership (see coordinator/journal.py)."""
+        return {
+            "t": "view",
+            "epoch": self.epoch,
+            "members": [
+                [m.role, m.rank, m.state, m.address, m.host, m.pid, m.token, m.identity]
+                for m in self.members
+            ],
+        }
+
+    def load_record(self, record: dict[str, Any], now: float) -> None:
+        """Take a journal's membership back (a restarted coordinator): the live members keep
+        their incarnations and have the heartbeat timeout to beat again."""
+        self.epoch = int(record["epoch"])
+        for role, rank, state, address, host, pid, token, identity in record["members"]:
+            m = self.member(role, rank)
+            if m is None:
+                continue
+            m.state, m.address, m.host, m.pid = state, address, host, pid
+            m.token, m.identity = token, identity
+            m.last_seen, m.link, m.link_up = now, -1, False
 
     def current_clock(self) -> int:
         """The cluster's clock as the live servers last reported it (their min clocks)."""

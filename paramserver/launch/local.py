@@ -11,8 +11,10 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -23,7 +25,7 @@ from paramserver.errors import ConfigError, PSError, PSTimeoutError
 from paramserver.launch.children import Children, describe_exit, say
 from paramserver.launch.roles import checkpoint_flags, checkpoint_policy, timeout_flags
 from paramserver.wire.sockets import listen_for_handover
-from paramserver.wire.transport import Endpoint, Security, new_context
+from paramserver.wire.transport import Endpoint, Future, Security, new_context
 
 __all__ = ["LocalCluster"]
 
@@ -55,6 +57,9 @@ class LocalCluster:
     clocks) and ``checkpoint_keep``, makes the coordinator write checkpoints periodically. With
     ``restart_servers`` (the default) a server process that dies is started again with the same
     rank; it loads its shards from the newest checkpoint, if any (see docs/fault-tolerance.md).
+    With ``restart_coordinator`` (the default) the coordinator journals what it knows to a file
+    and a coordinator process that dies is started again on the same address with that
+    journal: servers and workers carry on (see docs/fault-tolerance.md).
     ``metrics_port`` makes the coordinator serve Prometheus metrics at
     ``http://127.0.0.1:metrics_port/metrics``.
 
@@ -84,6 +89,7 @@ class LocalCluster:
         restart_servers: bool = True,
         metrics_port: int | None = None,
         checkpoints: CheckpointPolicy | None = None,
+        restart_coordinator: bool = True,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -126,6 +132,13 @@ class LocalCluster:
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
         self.restarts: list[tuple[int, float]] = []  # (server rank, time.monotonic() of restart)
+        self.restart_coordinator = restart_coordinator
+        self.coordinator_restarts: list[float] = []  # time.monotonic() of each restart
+        self._journal_dir = (
+            tempfile.mkdtemp(prefix="ps-coordinator-") if restart_coordinator else ""
+        )
+        self._coordinator_cmd: list[str] = []
+        self._listener: Any = None  # the coordinator's listening socket, kept for a restart
 
     def _role_cmd(self, *args: str) -> list[str]:
         return [
@@ -154,22 +167,23 @@ class LocalCluster:
             try:
                 bind = f"{self.host}:{self.port if listener is None else listener.getsockname()[1]}"
                 fds = [write_fd] if listener is None else [write_fd, listener.fileno()]
+                self._coordinator_cmd = self._role_cmd(
+                    "coordinator",
+                    "--bind",
+                    bind,
+                    "-s",
+                    str(self.num_servers),
+                    "-w",
+                    str(self.num_workers),
+                    *([] if listener is None else ["--listen-fd", str(listener.fileno())]),
+                    *(["--restore", self.restore] if self.restore is not None else []),
+                    *self._coordinator_flags,
+                    *(["--journal", os.path.join(self._journal_dir, "journal")]
+                      if self.restart_coordinator else []),
+                )  # fmt: skip
                 coord = self.children.start(
                     "coordinator",
-                    self._role_cmd(
-                        "coordinator",
-                        "--bind",
-                        bind,
-                        "-s",
-                        str(self.num_servers),
-                        "-w",
-                        str(self.num_workers),
-                        "--ready-fd",
-                        str(write_fd),
-                        *([] if listener is None else ["--listen-fd", str(listener.fileno())]),
-                        *(["--restore", self.restore] if self.restore is not None else []),
-                        *self._coordinator_flags,
-                    ),
+                    [*self._coordinator_cmd, "--ready-fd", str(write_fd)],
                     pass_fds=fds,
                     prefix_output=self.output,
                     env=self._env,
@@ -179,15 +193,21 @@ class LocalCluster:
                 os.close(write_fd)
                 write_fd = -1
                 if listener is not None:
-                    listener.close()  # the coordinator holds its own copy
+                    if self.restart_coordinator:  # kept for a restarted coordinator
+                        self._listener, listener = listener, None
+                    else:
+                        listener.close()  # the coordinator holds its own copy
                     self.address = f"tcp://{bind}"
                     for r in range(self.num_servers):
                         self._start_server(r)
                 address = _read_line(
                     read_fd, self.start_timeout, f"starting the coordinator (pid {coord.pid})"
                 )
-                if listener is None:
+                if not self.address:
                     self.address = address
+                    # a restarted coordinator binds the port this one got
+                    at = self._coordinator_cmd.index("--bind") + 1
+                    self._coordinator_cmd[at] = address.removeprefix("tcp://")
                     for r in range(self.num_servers):
                         self._start_server(r)
             finally:
@@ -197,7 +217,7 @@ class LocalCluster:
                 if listener is not None:
                     listener.close()
             self._wait_servers()
-            if self.restart_servers:
+            if self.restart_servers or self.restart_coordinator:
                 self._monitor = threading.Thread(
                     target=self._restart_dead_servers, name="server-monitor", daemon=True
                 )
@@ -220,25 +240,113 @@ class LocalCluster:
     def _restart_dead_servers(self) -> None:
         """Start a server again, same rank, when its process dies. It registers as soon as the
         coordinator has declared the dead one dead, and restores its shards from the newest
-        checkpoint the coordinator knows."""
-        while not self._closing.wait(0.05):
-            for rank, proc in list(self._servers.items()):
-                if proc.poll() is None or self._closing.is_set():
+        checkpoint the coordinator knows. A server the coordinator declared dead whose process
+        still exists (paused, hung) is killed first, so that it can never come back."""
+        ctx = new_context()
+        ep = Endpoint(ctx, request_timeout=5.0, security=self._security)
+        ep.connect("coordinator", self.address)
+        asked: Future[dict[str, Any]] | None = None  # the status request in flight, if any
+        every = min(0.5, self.timeouts.heartbeat_interval)
+        due = time.monotonic()
+        try:
+            while not self._closing.wait(0.05):
+                self._restart_dead_coordinator()
+                if not self.restart_servers:
                     continue
-                log.warning(
-                    "server[%d] (pid %d) exited with %s; starting it again",
-                    rank,
-                    proc.pid,
-                    describe_exit(proc.returncode),
-                )
-                if self.output is not None:
-                    say(
-                        self.output,
-                        f"[paramserver] server {rank} exited with {describe_exit(proc.returncode)}; "
-                        "restarting it",
+                if time.monotonic() >= due:
+                    due = time.monotonic() + every
+                    asked = self._kill_hung_servers(ep, asked)
+                for rank, proc in list(self._servers.items()):
+                    if proc.poll() is None or self._closing.is_set():
+                        continue
+                    log.warning(
+                        "server[%d] (pid %d) exited with %s; starting it again",
+                        rank,
+                        proc.pid,
+                        describe_exit(proc.returncode),
                     )
-                self._start_server(rank)
-                self.restarts.append((rank, time.monotonic()))
+                    if self.output is not None:
+                        say(
+                            self.output,
+                            f"[paramserver] server {rank} exited with "
+                            f"{describe_exit(proc.returncode)}; restarting it",
+                        )
+                    self._start_server(rank)
+                    self.restarts.append((rank, time.monotonic()))
+        finally:
+            ep.close()
+            ctx.term()
+
+    def _restart_dead_coordinator(self) -> None:
+        """Start the coordinator again, on its address and with its journal, if it died (not
+        if it exited cleanly: a ``shutdown`` request ends the cluster)."""
+        if not self.restart_coordinator or self._closing.is_set():
+            return
+        coord = self._coordinator()
+        if coord is None or coord.poll() in (None, 0):  # running, or shut down on request
+            return
+        log.warning(
+            "the coordinator (pid %d) exited with %s; starting it again at %s",
+            coord.pid,
+            describe_exit(coord.returncode),
+            self.address,
+        )
+        if self.output is not None:
+            say(
+                self.output,
+                f"[paramserver] coordinator exited with {describe_exit(coord.returncode)}; "
+                "restarting it",
+            )
+        fds = [] if self._listener is None else [self._listener.fileno()]
+        self.children.start(
+            "coordinator",
+            self._coordinator_cmd,
+            pass_fds=fds,
+            prefix_output=self.output,
+            env=self._env,
+        )
+        self.coordinator_restarts.append(time.monotonic())
+
+    def _coordinator(self) -> subprocess.Popen[bytes] | None:
+        """The newest coordinator process (earlier ones died and were replaced)."""
+        procs = [p for name, p in self.children.procs if name == "coordinator"]
+        return procs[-1] if procs else None
+
+    def _kill_hung_servers(
+        self, ep: Endpoint, asked: Future[dict[str, Any]] | None
+    ) -> Future[dict[str, Any]]:
+        """SIGKILL the server processes the coordinator declared dead while they still exist
+        (the pid it registered with, so never a replacement). Returns the status request in
+        flight (asked again once answered)."""
+        ep.poll(0)
+        if asked is not None and not asked.done():
+            return asked
+        if asked is not None and asked.exception(0) is None:
+            for node in asked.result(0)["status"]["nodes"]:
+                proc = self._servers.get(node["rank"])
+                if (
+                    node["role"] == "server"
+                    and node["state"] == "dead"
+                    and proc is not None
+                    and proc.pid == node["pid"]
+                    and proc.poll() is None
+                ):
+                    log.warning(
+                        "server[%d] (pid %d) was declared dead but its process is still there "
+                        "(paused or hung): killing it before it is replaced",
+                        node["rank"],
+                        proc.pid,
+                    )
+                    if self.output is not None:
+                        say(
+                            self.output,
+                            f"[paramserver] server {node['rank']} (pid {proc.pid}) was declared "
+                            "dead but still exists; killing it",
+                        )
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    proc.wait()
+        return ep.request("coordinator", {"kind": "status"}, what="status of the cluster")
 
     def _wait_servers(self) -> None:
         ctx = new_context()
@@ -329,7 +437,7 @@ class LocalCluster:
             with contextlib.suppress(Exception):
                 c.close()
         self._clients.clear()
-        coordinator = next((p for name, p in self.children.procs if name == "coordinator"), None)
+        coordinator = self._coordinator()
         asked = False
         if self.address and coordinator is not None and coordinator.poll() is None:
             ctx = new_context()
@@ -346,6 +454,14 @@ class LocalCluster:
         # Without a coordinator to tell them, the servers would wait out the grace for nothing:
         # SIGTERM (which they handle cleanly) at once.
         self.children.stop(grace=2.0 if asked else 0.0)
+        self._drop_journal()
+
+    def _drop_journal(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._journal_dir:
+            shutil.rmtree(self._journal_dir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL every process this cluster started (no shutdown request, no grace)."""
@@ -354,6 +470,7 @@ class LocalCluster:
             self._monitor.join(timeout=5.0)
             self._monitor = None
         self.children.kill()
+        self._drop_journal()
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -65,6 +65,7 @@ def serve_coordinator(
     metrics_host: str = "127.0.0.1",
     listen_fd: int | None = None,
     exit_when_done: float | None = None,
+    journal: str | None = None,
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoints``, it writes
@@ -96,6 +97,8 @@ def serve_coordinator(
         extra["listen_fd"] = listen_fd
     if exit_when_done is not None:
         extra["exit_when_done"] = exit_when_done
+    if journal is not None:  # restarted with the same journal, it carries on the job
+        extra["journal"] = journal
     host, _, port = bind.rpartition(":")
     coord: Coordinator | None = None
 

@@ -1,5 +1,18 @@
 """A server's link to the coordinator: registering (rank, view, heartbeat, the tables to hold),
 applying the views it sends (live workers, rejoined clocks), and its orders (checkpoint, stop).
+
+Fencing: a server that was declared dead (paused with SIGSTOP, or cut off, for longer than the
+heartbeat timeout) and replaced must neither serve nor change a table when it comes back. So
+
+* a heartbeat answered ``expelled`` (this incarnation is no longer a member) stops the server;
+* a request that carries a newer view number than this server has seen, or any request while
+  the coordinator has not answered a heartbeat for the heartbeat timeout, is admitted only
+  once the coordinator confirmed that this process still holds its rank (one ``get_view``);
+  a server that no longer holds it refuses the request (``fenced``) and stops.
+
+A coordinator that does not answer for the heartbeat timeout is logged (it is named with its
+address); requests go on being served while it is away, and the server stops once it has been
+silent for ``heartbeat_timeout + connect`` seconds (a restarted coordinator comes back sooner).
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.config import Timeouts
-from paramserver.errors import RemoteError
+from paramserver.errors import PSError, RemoteError
 from paramserver.server import snapshot
 from paramserver.server.consistency import Clocks
 from paramserver.server.snapshot import Snapshots
@@ -24,6 +37,7 @@ from paramserver.server.table import make_table
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
 from paramserver.wire.paths import Paths
+from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Endpoint, Pulse, Security
 
 __all__ = ["CoordinatorLink"]
@@ -62,6 +76,11 @@ class CoordinatorLink:
         self.progress = progress  # called when the live set moved the slowest clock
         self.stopping = stop
         self.heartbeat: Pulse | None = None
+        self.fenced: str | None = None  # why this process no longer holds its rank
+        self._fenced_at = 0.0
+        self._confirmed = 0.0  # when the coordinator last confirmed that it does
+        self._asked = 0.0  # when it was last asked to (at most once per heartbeat timeout)
+        self._silence_told = False  # whether the coordinator's silence was logged
         self.endpoint = Endpoint(
             ctx, request_timeout=timeouts.connect, on_message=self.on_message, security=security
         )
@@ -123,6 +142,7 @@ class CoordinatorLink:
                 "clock": state.clocks.reached,  # with no live worker: the furthest trained
             },
             self.timeouts.heartbeat_interval,
+            on_answer=self._beat_answered,
             security=self.security,
             name=f"heartbeat-{state.name}",
         )
@@ -134,6 +154,110 @@ class CoordinatorLink:
                 spec = TableSpec.from_wire(wire)
                 state.tables[spec.name] = make_table(spec, state.rank)
         log.info("%s serving at %s", state.name, state.address)
+
+    # ---- fencing ----------------------------------------------------------------------------
+
+    def _beat_answered(self, header: dict[str, Any]) -> None:
+        """On the heartbeat thread: a refused heartbeat means this incarnation was expelled."""
+        if header["kind"] == "error" and header.get("code") == "expelled":
+            self._fence(f"the coordinator refused its heartbeat: {header.get('message')}")
+
+    def _fence(self, why: str) -> None:
+        if self.fenced is None:
+            self._fenced_at = time.monotonic()
+            self.fenced = why
+            log.error(
+                "%s at %s no longer holds its rank (%s): it refuses every request and stops",
+                self.state.name,
+                self.state.address,
+                why,
+            )
+
+    def silence(self) -> float:
+        """Seconds since the coordinator last answered a heartbeat (0 before registering)."""
+        if self.heartbeat is None:
+            return 0.0
+        return max(0.0, time.monotonic() - max(self.heartbeat.last_answer, self._confirmed))
+
+    def admit(self, header: dict[str, Any]) -> None:
+        """Refuse (``fenced``) a request this process may no longer serve: see the module
+        docstring. Asks the coordinator only when the request's view is newer than this
+        server's or the coordinator has been silent for the heartbeat timeout."""
+        if self.fenced is None:
+            wanted = header.get("view")
+            newer = isinstance(wanted, int) and wanted > self.state.view
+            if newer:
+                self.poll(0)  # the view may be on its way
+                newer = isinstance(wanted, int) and wanted > self.state.view
+            quiet = self.silence() > self.timeouts.heartbeat_timeout
+            if newer or (
+                quiet and time.monotonic() - self._asked > self.timeouts.heartbeat_timeout
+            ):
+                self._confirm(self.timeouts.heartbeat_interval)
+        if self.fenced is not None:
+            raise Refusal(
+                "fenced",
+                f"{self.state.name} at {self.state.address} was replaced and serves nothing: "
+                f"{self.fenced}",
+            )
+
+    def _confirm(self, timeout: float) -> None:
+        """Ask the coordinator whether this process still holds its rank; fence it if not.
+        No answer: it cannot be told (the coordinator is away), and the request is served."""
+        state = self.state
+        self._asked = time.monotonic()
+        try:
+            view = self.endpoint.request(
+                "coordinator", {"kind": "get_view"}, what="view from the coordinator"
+            ).result(timeout)["view"]
+        except PSError as exc:
+            log.debug("%s: could not confirm its rank: %s", state.name, exc)
+            return
+        self._confirmed = time.monotonic()
+        mine = next((s for s in view.get("servers", []) if s[0] == state.rank), None)
+        if mine is None or mine[1] != state.address or mine[2] != "alive":
+            self._fence(
+                f"view {view.get('epoch')} gives rank {state.rank} to "
+                + (f"{mine[1]} ({mine[2]})" if mine is not None else "nobody")
+            )
+        else:
+            self.apply_view(view)
+
+    def watch_coordinator(self) -> None:
+        """Log a coordinator silent for the heartbeat timeout; stop after ``connect`` more.
+        A fenced server stops a heartbeat timeout after it was fenced (refusing meanwhile what
+        was sent to it, so that its senders learn why)."""
+        t = self.timeouts
+        if self.fenced is not None:
+            if time.monotonic() - self._fenced_at > t.heartbeat_timeout:
+                self.stopping.set()
+            return
+        quiet = self.silence()
+        if quiet <= t.heartbeat_timeout:
+            if self._silence_told:
+                log.warning("%s: the coordinator at %s answers again", self.state.name,
+                            self.coordinator)  # fmt: skip
+                self._silence_told = False
+            return
+        if not self._silence_told:
+            self._silence_told = True
+            log.error(
+                "%s: the coordinator at %s has not answered for %.1fs (heartbeat timeout "
+                "%.3gs); serving on, and stopping unless it is back within %.3gs",
+                self.state.name,
+                self.coordinator,
+                quiet,
+                t.heartbeat_timeout,
+                t.connect,
+            )
+        if quiet > t.heartbeat_timeout + t.connect:
+            log.error(
+                "%s: the coordinator at %s has been gone for %.1fs: stopping",
+                self.state.name,
+                self.coordinator,
+                quiet,
+            )
+            self.stopping.set()
 
     def on_message(self, peer: str, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
         state = self.state

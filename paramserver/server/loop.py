@@ -151,6 +151,7 @@ class Server:
                     self.paths.trim()
                     trim_allocator()
                 self.cluster.poll(0)
+                self.cluster.watch_coordinator()
                 if len(deferred):
                     self.pulls.expire(time.monotonic())
                 self.paths.expire(time.monotonic())
@@ -184,6 +185,7 @@ class Server:
         kind = req.header["kind"]
         try:
             self.paths.fetch(req)  # a payload behind the header is read first of all
+            self.cluster.admit(req.header)  # a replaced process serves nothing (fencing)
             handler = self.handlers.get(kind)
             if handler is None:
                 raise Refusal("bad_request", f"a server does not take {kind!r} messages")

@@ -198,6 +198,7 @@ class CreateShardMsg(TypedDict):
 
     kind: Literal["create_shard"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     spec: dict[str, Any]
 
 
@@ -206,6 +207,7 @@ class PullMsg(TypedDict):
 
     kind: Literal["pull"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     clock: int
@@ -224,6 +226,7 @@ class PushMsg(TypedDict):
 
     kind: Literal["push"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     clock: int
@@ -242,6 +245,7 @@ class OpenBulkMsg(TypedDict):
 
     kind: Literal["open_bulk"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
 
 
@@ -250,6 +254,7 @@ class AttachMsg(TypedDict):
 
     kind: Literal["attach"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     path: str
@@ -261,6 +266,7 @@ class AttachSlotMsg(TypedDict):
 
     kind: Literal["attach_slot"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
     slot: int
     path: str
@@ -273,6 +279,7 @@ class ClockMsg(TypedDict):
 
     kind: Literal["clock"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
     clock: int
 
@@ -282,6 +289,7 @@ class SetLrMsg(TypedDict):
 
     kind: Literal["set_lr"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     lr: float
 
@@ -291,6 +299,7 @@ class StatsMsg(TypedDict):
 
     kind: Literal["stats"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
 class PingMsg(TypedDict):
@@ -298,6 +307,7 @@ class PingMsg(TypedDict):
 
     kind: Literal["ping"]
     id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
 class ReplyMsg(TypedDict):

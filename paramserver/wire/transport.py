@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -75,6 +76,9 @@ class _Peer:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
+        if name == "coordinator":  # the same identity after a reconnect, so that a restarted
+            # coordinator reaches this member at the identity its journal holds
+            self.socket.setsockopt(zmq.ROUTING_ID, b"m" + secrets.token_bytes(15))
         self.socket.connect(address)
         # request id -> what waits for the answer
         self.pending: dict[int, _Pending] = {}

@@ -1,0 +1,60 @@
+"""The coordinator's journal: records survive the process, a torn tail is ignored, and a
+membership taken back from it keeps incarnations and the view number."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from paramserver.config import Timeouts
+from paramserver.coordinator.journal import Journal
+from paramserver.coordinator.membership import ALIVE, DEAD, PENDING, Membership
+from paramserver.wire.messages import RegisterMsg
+
+T = Timeouts(heartbeat_interval=0.5, heartbeat_timeout=5.0)
+
+
+def register(rank: int) -> RegisterMsg:
+    return {
+        "kind": "register",
+        "id": 1,
+        "role": "server",
+        "address": f"tcp://h:{7000 + rank}",
+        "rank": rank,
+        "host": "h",
+        "pid": 100 + rank,
+    }
+
+
+def test_records_come_back_in_order_and_a_torn_tail_is_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    journal = Journal(path)
+    records = [{"t": "table", "spec": {"name": f"t{i}", "blob": b"\x00\x01"}} for i in range(3)]
+    for r in records:
+        journal.append(r)
+    journal.close()
+    with open(path, "ab") as f:  # a record cut short by a crash
+        f.write(b"\x82\xa1t")
+    again = Journal(path)
+    assert again.replay() == records
+    again.append({"t": "checkpoint", "latest": None})  # appending goes on after the tail
+    again.close()
+
+
+def test_a_membership_taken_back_keeps_incarnations_and_the_view_number() -> None:
+    members = Membership(2, 1, T)
+    s0, _ = members.register_server(b"id-0", register(0), 0.0)
+    s1, _ = members.register_server(b"id-1", register(1), 0.0)
+    members.mark_dead(s1, "test")
+    members.publish("test")
+    record = members.to_record()
+
+    back = Membership(2, 1, T)
+    back.load_record(record, now=50.0)
+    assert back.epoch == members.epoch
+    b0, b1 = back.servers
+    assert (b0.state, b0.token, b0.identity, b0.address) == (ALIVE, s0.token, b"id-0", s0.address)
+    assert b1.state == DEAD
+    assert back.workers[0].state == PENDING
+    # a live member gets the heartbeat timeout to beat again, from the restart on
+    assert b0.last_seen == 50.0 and back.expired(54.0) == []
+    assert [m.name for m, _ in back.expired(56.0)] == ["server[0]"]
