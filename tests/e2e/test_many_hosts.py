@@ -511,11 +511,6 @@ def test_a_server_host_cut_off_for_twice_the_heartbeat_timeout_then_back(
 
 
 # 10 CPU-seconds (4 processes)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #15 (lose nothing, item 5, fencing): a server declared dead keeps answering "
-    "as its rank when its host comes back; nothing tells it that it was replaced",
-)
 @pytest.mark.timeout(120)
 def test_a_replaced_server_that_comes_back_serves_nothing(
     bed: hosts.Bed, tmp_path: Path, roles: Callable[[int, int], Roles]
