@@ -185,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_token(r)
     _add_timeouts(r)
     r.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="the coordinator serves Prometheus metrics at http://127.0.0.1:PORT/metrics "
+        "(needs paramserver[ops])",
+    )
+    r.add_argument(
         "-m", dest="module", default=None, help="run a module (like python -m) instead of a file"
     )
     r.add_argument(
@@ -267,20 +274,27 @@ def _add_ops_commands(sub: Any) -> None:
 
 
 def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
+    from paramserver.errors import PSTimeoutError
     from paramserver.wire.transport import Endpoint, Security, new_context
 
     token = from_env().token
     ctx = new_context()
     ep = Endpoint(ctx, timeout, security=Security.from_token(token) if token else None)
+    started = time.monotonic()
     try:
         ep.connect("coordinator", address)
         fut = ep.request(
             "coordinator", {"kind": "status"}, what=f"status of the coordinator at {address}"
         )
-        deadline = time.monotonic() + timeout
-        while not fut.done() and time.monotonic() < deadline:
-            ep.poll(0.05)
-        status = fut.result(0.001)["status"]
+        try:
+            status = fut.result(timeout)["status"]
+        except PSTimeoutError:
+            waited = time.monotonic() - started
+            raise PSTimeoutError(
+                f"nothing answers at {address} (waited {waited:.3g}s for the coordinator's "
+                "status): is a coordinator running there, with the same token? "
+                "(--timeout sets the wait)"
+            ) from None
         assert isinstance(status, dict)
         return status
     finally:
@@ -441,6 +455,12 @@ def _command(args: argparse.Namespace) -> int:
         if args.backend == "ray":
             from paramserver.ray import run_job as run_ray_job
 
+            if args.metrics_port is not None:
+                raise ConfigError(
+                    "run: --metrics-port is for the local backend; with --backend ray, run "
+                    "`paramserver coordinator --metrics-port` or use Ray's own dashboard"
+                )
+
             return run_ray_job(
                 [*program, *args.args],
                 servers=args.servers,
@@ -458,6 +478,7 @@ def _command(args: argparse.Namespace) -> int:
             token=_token(args),
             restore=args.restore,
             checkpoints=_checkpoints(args),
+            metrics_port=args.metrics_port,
         )
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)
@@ -513,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paramserver {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # one line, no traceback (``run`` says it itself and returns 130 without raising)
+        print(f"paramserver {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
