@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from paramserver.client.dense import DenseTable
+from paramserver.client.group import DenseGroup
 from paramserver.client.session import Session, server_name
 from paramserver.client.sparse import SparseTable
 from paramserver.config import Timeouts, from_env, normalize_address, parse_consistency
@@ -184,6 +185,16 @@ class Client(Session):
         dense = DenseTable(self, self._create(spec))
         self._tables[name] = dense
         return dense
+
+    def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
+        """Pull and push these dense tables together: one request per server and step for all
+        the small ones (of one dtype and one consistency), instead of one per table.
+
+        Example:
+            group = client.dense_group([w, b])
+            w_values, b_values = group.pull(); group.push([gw, gb]).result()
+        """
+        return DenseGroup(self, tables)
 
     def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
         """Wait until every live worker has reached this barrier.

@@ -32,7 +32,9 @@ __all__ = [
     "ListTablesMsg",
     "OpenBulkMsg",
     "PingMsg",
+    "PullManyMsg",
     "PullMsg",
+    "PushManyMsg",
     "PushMsg",
     "RegisterMsg",
     "ReplyMsg",
@@ -234,6 +236,28 @@ class PushMsg(TypedDict):
     bulk: NotRequired[int]
 
 
+class PullManyMsg(TypedDict):
+    """``pull_many``."""
+
+    kind: Literal["pull_many"]
+    id: int
+    tables: list[str]
+    rank: int
+    clock: int
+    timeout: float
+
+
+class PushManyMsg(TypedDict):
+    """``push_many``."""
+
+    kind: Literal["push_many"]
+    id: int
+    tables: list[str]
+    rank: int
+    clock: int
+    seq: int
+
+
 class OpenBulkMsg(TypedDict):
     """``open_bulk``."""
 
@@ -346,6 +370,8 @@ MESSAGES: dict[str, type] = {
     "create_shard": CreateShardMsg,
     "pull": PullMsg,
     "push": PushMsg,
+    "pull_many": PullManyMsg,
+    "push_many": PushManyMsg,
     "open_bulk": OpenBulkMsg,
     "attach": AttachMsg,
     "attach_slot": AttachSlotMsg,
