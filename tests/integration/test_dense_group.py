@@ -150,3 +150,43 @@ def test_a_server_refuses_a_bad_group_and_changes_nothing(three: ps.LocalCluster
         ).result(10)  # fmt: skip
     for b, a in zip(before, group.pull(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_dense_parameters_send_one_request_per_server_and_step(three: ps.LocalCluster) -> None:
+    """A torch model's six tensors: spread over the servers, one pull and one push per server
+    and step (no per-table request reaches a server), and the weights of torch.optim.SGD."""
+    torch = pytest.importorskip("torch")
+    import paramserver.torch as pst
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8), torch.nn.Tanh(),
+            torch.nn.Linear(8, 1),
+        )  # fmt: skip
+
+    client = three.connect()
+    net = model()
+    opt = pst.DenseParameters(client, "m", net, optimizer=ps.optim.SGD(lr=0.1))
+    ref = model()
+    ref.load_state_dict(net.state_dict())  # the servers' initial values
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    servers = {t.spec.ranges[0][0] for t in opt.tables.values()}
+    assert len(servers) >= 2  # six small tables placed by size, not all on one server
+    assert len(opt.group.by_server) == len(servers) and not opt.group.alone
+    stats = client.stats()
+    before = sum(_latency_count(s, k) for s in stats for k in ("pull", "push"))
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        x = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32))
+        y = torch.from_numpy(rng.standard_normal((8, 1)).astype(np.float32))
+        for m, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+        client.clock()
+    opt.pull()
+    after = sum(_latency_count(s, k) for s in client.stats() for k in ("pull", "push"))
+    assert after == before
+    for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+        np.testing.assert_allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, err_msg=name)
