@@ -449,17 +449,16 @@ def _command(args: argparse.Namespace) -> int:
 
         if args.consistency is not None:
             parse_consistency(args.consistency)  # refuse a bad value before starting anything
+        if args.metrics_port is not None and args.backend == "ray":
+            raise ConfigError(
+                "run: --metrics-port is for the local backend; with --backend ray, run "
+                "`paramserver coordinator --metrics-port` or use Ray's own dashboard"
+            )
         if (args.module is None) == (args.script is None):
             raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
         program = ["-m", args.module] if args.module else [args.script]
         if args.backend == "ray":
             from paramserver.ray import run_job as run_ray_job
-
-            if args.metrics_port is not None:
-                raise ConfigError(
-                    "run: --metrics-port is for the local backend; with --backend ray, run "
-                    "`paramserver coordinator --metrics-port` or use Ray's own dashboard"
-                )
 
             return run_ray_job(
                 [*program, *args.args],

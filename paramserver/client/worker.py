@@ -186,16 +186,6 @@ class Client(Session):
         self._tables[name] = dense
         return dense
 
-    def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
-        """Pull and push these dense tables together: one request per server and step for all
-        the small ones (of one dtype and one consistency), instead of one per table.
-
-        Example:
-            group = client.dense_group([w, b])
-            w_values, b_values = group.pull(); group.push([gw, gb]).result()
-        """
-        return DenseGroup(self, tables)
-
     def barrier(self, name: str = "barrier", *, timeout: float | None = None) -> None:
         """Wait until every live worker has reached this barrier.
 
@@ -237,6 +227,16 @@ class Client(Session):
             what=f"checkpoint into {root} at clock {self.current_clock}",
         ).result(limit + 2.0)
         return str(reply["path"])
+
+    def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
+        """Pull and push these dense tables together: one request per server and step for all
+        the small ones (of one dtype and one consistency), instead of one per table.
+
+        Example:
+            group = client.dense_group([w, b])
+            w_values, b_values = group.pull(); group.push([gw, gb]).result()
+        """
+        return DenseGroup(self, tables)
 
     def stats(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Per-server statistics: rows and bytes per table, clocks.
