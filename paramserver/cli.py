@@ -291,9 +291,8 @@ def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
         except PSTimeoutError:
             waited = time.monotonic() - started
             raise PSTimeoutError(
-                f"nothing answers at {address} (waited {waited:.3g}s for the coordinator's "
-                "status): is a coordinator running there, with the same token? "
-                "(--timeout sets the wait)"
+                f"nothing answers at {address}: no status of the coordinator after "
+                f"{waited:.3g}s (--timeout); is a coordinator running there, with the same token?"
             ) from None
         assert isinstance(status, dict)
         return status

@@ -348,7 +348,7 @@ def test_status_of_a_dead_address_says_nothing_answers_there() -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     said = done.stderr.strip()
     assert said.startswith(f"paramserver status: nothing answers at tcp://{address}"), said
-    waited = re.search(r"waited ([0-9.]+)s", said)
+    waited = re.search(r"no status of the coordinator after ([0-9.]+)s", said)
     assert waited is not None and 1.5 <= float(waited.group(1)) <= elapsed, (said, elapsed)
     assert "Traceback" not in said
 
