@@ -190,3 +190,27 @@ def test_dense_parameters_send_one_request_per_server_and_step(three: ps.LocalCl
     assert after == before
     for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
         np.testing.assert_allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_group_pull_under_sync_waits_for_the_slow_worker() -> None:
+    """A pull_many at a clock the slowest worker has not finished is deferred, like one
+    table's pull, and answered with the step of both workers once it has."""
+    with ps.LocalCluster(servers=2, workers=2, timeouts=FAST, restart_servers=False) as c:
+        fast, slow = c.connect(rank=0), c.connect(rank=1)
+        mine = _tables(fast, "g", "sync")[:4]
+        theirs = _tables(slow, "g", "sync")[:4]
+        group_fast, group_slow = fast.dense_group(mine), slow.dense_group(theirs)
+        start = group_fast.pull()
+        np.testing.assert_array_equal(start[0], group_slow.pull()[0])
+        group_fast.push(_grads(start, 0)).result()
+        group_slow.push(_grads(start, 1)).result()
+        fast.clock()
+        waiting = group_fast.pull_async(timeout=30)
+        fast.endpoint.poll(0.3)
+        assert not waiting.done()  # deferred: worker[1] is still at clock 0
+        slow.clock()
+        got = waiting.result(30)
+        want = [t.pull() for t in mine]
+        for g, w, s in zip(got, want, start, strict=True):
+            np.testing.assert_array_equal(g, w)
+            assert not np.array_equal(g, s)  # the clock's step was applied
