@@ -8,9 +8,9 @@
 * ``sparse.py``  :class:`SparseTable`: pull and push of rows through key plans
 * ``keyplan.py`` key plans: dedup (``unique_inverse``), routing keys to servers, signatures
 * ``dense.py``   :class:`DenseTable`: one array in ranges, shared memory, the bulk channel
-* ``group.py``   ``DenseGroup``: small dense tables pulled and pushed with one request per server
 * ``kernels.py`` compiled worker kernels (a hash dedup, the sum of repeated keys' gradients),
                   imported on first use so that ``import paramserver`` loads no numba
+* ``group.py``   ``DenseGroup``: small dense tables pulled and pushed with one request per server
 
 Imports go one way: worker -> group -> dense; worker -> sparse, dense -> table, keyplan ->
 session; the session knows no table.

@@ -4,8 +4,8 @@ A model's dense parameters are many small tables (each layer's weight and bias).
 pushed one by one they cost one request per table and step; a :class:`DenseGroup` sends one
 ``pull_many`` and one ``push_many`` per server instead, the tables' values or gradients one
 after the other in one array (the server's side: ``server/many.py``). A table larger than
-:data:`GROUP_MAX_BYTES`, or cut over several servers, keeps its own requests (shared memory, the
-bulk channel), inside the same call.
+:data:`GROUP_MAX_BYTES`, cut over several servers, or with a value codec keeps its own requests
+(shared memory, the bulk channel, encoded values), inside the same call.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from paramserver.wire.transport import Future, Message, gather
 __all__ = ["GROUP_MAX_BYTES", "DenseGroup"]
 
 GROUP_MAX_BYTES = 1 << 18  # a larger table travels alone (shared memory, bulk channel)
+
+
+def _plain(t: DenseTable) -> bool:
+    """Whether ``t``'s values and gradients travel as they are (no value codec): a group sends
+    them so; a table with a codec keeps its own requests, encoded."""
+    push_codec = getattr(t.spec, "push_codec", None)  # specs without one push as they pull
+    return t.spec.codec == "none" and push_codec in (None, "none")
 
 
 class DenseGroup:
@@ -56,7 +63,7 @@ class DenseGroup:
         self.alone: list[int] = []
         for i, t in enumerate(tables):
             ranges = t.spec.ranges
-            if len(ranges) == 1 and t.spec.size * t.dtype.itemsize <= GROUP_MAX_BYTES:
+            if len(ranges) == 1 and t.spec.size * t.dtype.itemsize <= GROUP_MAX_BYTES and _plain(t):
                 self.by_server.setdefault((ranges[0][0], t.spec.dtype), []).append(i)
             else:
                 self.alone.append(i)
