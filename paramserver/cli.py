@@ -202,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_token(r)
     _add_timeouts(r)
     r.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="the coordinator serves Prometheus metrics at http://127.0.0.1:PORT/metrics "
+        "(needs paramserver[ops])",
+    )
+    r.add_argument(
         "-m", dest="module", default=None, help="run a module (like python -m) instead of a file"
     )
     r.add_argument(
@@ -332,20 +339,26 @@ def _add_ops_commands(sub: Any) -> None:
 
 
 def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
+    from paramserver.errors import PSTimeoutError
     from paramserver.wire.transport import Endpoint, Security, new_context
 
     token = from_env().token
     ctx = new_context()
     ep = Endpoint(ctx, timeout, security=Security.from_token(token) if token else None)
+    started = time.monotonic()
     try:
         ep.connect("coordinator", address)
         fut = ep.request(
             "coordinator", {"kind": "status"}, what=f"status of the coordinator at {address}"
         )
-        deadline = time.monotonic() + timeout
-        while not fut.done() and time.monotonic() < deadline:
-            ep.poll(0.05)
-        status = fut.result(0.001)["status"]
+        try:
+            status = fut.result(timeout)["status"]
+        except PSTimeoutError:
+            waited = time.monotonic() - started
+            raise PSTimeoutError(
+                f"nothing answers at {address}: no status of the coordinator after "
+                f"{waited:.3g}s (--timeout); is a coordinator running there, with the same token?"
+            ) from None
         assert isinstance(status, dict)
         return status
     finally:
@@ -489,6 +502,11 @@ def _command(args: argparse.Namespace) -> int:
 
         if args.consistency is not None:
             parse_consistency(args.consistency)  # refuse a bad value before starting anything
+        if args.metrics_port is not None and args.backend == "ray":
+            raise ConfigError(
+                "run: --metrics-port is for the local backend; with --backend ray, run "
+                "`paramserver coordinator --metrics-port` or use Ray's own dashboard"
+            )
         if (args.module is None) == (args.script is None):
             raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
         program = ["-m", args.module] if args.module else [args.script]
@@ -507,6 +525,7 @@ def _command(args: argparse.Namespace) -> int:
             token=_token(args),
             restore=args.restore,
             checkpoints=_checkpoints(args),
+            metrics_port=args.metrics_port,
         )
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)
@@ -562,6 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paramserver {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # one line, no traceback (``run`` says it itself and returns 130 without raising)
+        print(f"paramserver {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

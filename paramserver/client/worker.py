@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from paramserver.client.dense import DenseTable
+from paramserver.client.group import DenseGroup
 from paramserver.client.session import Session, server_name
 from paramserver.client.sparse import SparseTable
 from paramserver.config import Timeouts, from_env, normalize_address, parse_consistency
@@ -285,6 +286,16 @@ class Client(Session):
             what=f"checkpoint into {root} at clock {self.current_clock}",
         ).result(limit + 2.0)
         return str(reply["path"])
+
+    def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
+        """Pull and push these dense tables together: one request per server and step for all
+        the small ones (of one dtype and one consistency), instead of one per table.
+
+        Example:
+            group = client.dense_group([w, b])
+            w_values, b_values = group.pull(); group.push([gw, gb]).result()
+        """
+        return DenseGroup(self, tables)
 
     def stats(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Per-server statistics: rows and bytes per table, clocks.

@@ -2,9 +2,11 @@
 
 Creating a table is idempotent by name and spec: the same spec again gets the existing one
 back, a different spec under the same name is refused (``conflict``), naming the fields that
-differ and their existing values. A dense table gets its ranges here, cut over the server
-ranks. A cluster restored from a checkpoint starts with the checkpoint's tables, their dense
-ranges cut anew for this cluster's servers.
+differ and their existing values. A dense table gets its ranges here: a large one is cut over
+every server, a small one lives whole on the server that holds the fewest dense elements so far
+(lowest rank on a tie), so that a model's many small tables spread over the servers by size. A
+cluster restored from a checkpoint starts with the checkpoint's tables, their dense ranges cut
+anew, in the same way, for this cluster's servers.
 
 Plain state: the loop passes the specs in and sends the answers.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 from paramserver import checkpoint
 from paramserver.coordinator.refusal import Refusal
-from paramserver.partition import dense_ranges
+from paramserver.partition import DENSE_SPLIT_ELEMENTS, dense_ranges
 from paramserver.spec import TableSpec
 
 __all__ = ["TableRegistry"]
@@ -37,6 +39,20 @@ class TableRegistry:
     def __init__(self, server_ranks: Sequence[int]) -> None:
         self.server_ranks = list(server_ranks)
         self.tables: dict[str, TableSpec] = {}
+        # dense elements placed on each server so far: where the next small table goes
+        self.dense_load: dict[int, int] = dict.fromkeys(self.server_ranks, 0)
+
+    def _place(self, spec: TableSpec) -> TableSpec:
+        """``spec`` with its dense ranges: a large table cut over every server, a small one
+        whole on the least loaded server."""
+        if spec.size >= DENSE_SPLIT_ELEMENTS or not self.server_ranks:
+            ranges = dense_ranges(spec.name, spec.size, self.server_ranks)
+        else:
+            least = min(self.server_ranks, key=lambda r: (self.dense_load[r], r))
+            ranges = [(least, 0, spec.size)]
+        for s, a, b in ranges:
+            self.dense_load[s] += b - a
+        return spec.with_ranges(ranges)
 
     def specs(self) -> list[TableSpec]:
         return list(self.tables.values())
@@ -61,7 +77,7 @@ class TableRegistry:
                 )
             return old
         if spec.kind == "dense":
-            spec = spec.with_ranges(dense_ranges(spec.name, spec.size, self.server_ranks))
+            spec = self._place(spec)
         self.tables[spec.name] = spec
         log.info(
             "table %r created (%s, %s, %s)",
@@ -78,7 +94,7 @@ class TableRegistry:
         directory, manifest, specs = checkpoint.read_manifest(path)
         for spec in specs:
             if spec.kind == "dense":
-                spec = spec.with_ranges(dense_ranges(spec.name, spec.size, self.server_ranks))
+                spec = self._place(spec)
             self.tables[spec.name] = spec
         clock = int(manifest["clock"])
         log.info(

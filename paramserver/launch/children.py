@@ -6,6 +6,11 @@ takes them along, and they exit at once if their parent is already gone when the
 
 Linux sends that signal when the *thread* that started a child exits, not the process: start
 children from the main thread, or from a thread that outlives them.
+
+Children start with SIGINT ignored: Ctrl-C in a terminal signals the whole process group, and
+the launcher alone answers it, by stopping its children in order (SIGTERM, or the
+coordinator's shutdown). Otherwise every worker would print a ``KeyboardInterrupt`` traceback
+and every server stop by itself, looking like a crash to the launcher.
 """
 
 from __future__ import annotations
@@ -150,6 +155,8 @@ class Children:
         parent = os.getpid()
 
         def in_child() -> None:  # between fork and exec: no imports, no locks
+            # inherited through exec; Python then installs no KeyboardInterrupt handler
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             die_with_parent()
             if os.getppid() != parent:  # the launcher died before prctl took effect
                 os._exit(1)
@@ -161,7 +168,7 @@ class Children:
             stdout=subprocess.PIPE if piped else None,
             stderr=subprocess.STDOUT if piped else None,
             stdin=subprocess.DEVNULL,
-            preexec_fn=in_child if _prctl is not None else None,
+            preexec_fn=in_child,
         )
         self.procs.append((name, proc))
         if piped:

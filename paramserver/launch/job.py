@@ -73,6 +73,22 @@ def _watch(workers: Children, cluster: Children, out: IO[str]) -> int:
     return 0
 
 
+def _announce(cluster: LocalCluster, out: IO[str]) -> None:
+    """Say where the job can be watched from: the coordinator, and its metrics if served."""
+    address = cluster.address.removeprefix("tcp://")
+    say(
+        out,
+        f"[paramserver] coordinator at {address} ({cluster.num_servers} servers, "
+        f"{cluster.num_workers} workers); watch it with: "
+        f"paramserver status --coordinator {address} --watch",
+    )
+    if cluster.metrics_port is not None:
+        say(
+            out,
+            f"[paramserver] Prometheus metrics at http://127.0.0.1:{cluster.metrics_port}/metrics",
+        )
+
+
 def _check_program(script: Sequence[str]) -> None:
     if not script:
         raise ConfigError("no worker program given")
@@ -102,6 +118,7 @@ def run_job(
     checkpoint_every: float | None = None,
     checkpoint_every_clocks: int | None = None,
     checkpoint_keep: int | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """``paramserver run``: a cluster plus one process per worker running ``script``.
 
@@ -110,12 +127,17 @@ def run_job(
     settings are the same policy field by field (give one or the other).
 
     With a ``token`` (default: ``PS_TOKEN`` / ``PS_TOKEN_FILE``) every socket uses CURVE and the
-    workers get the token in their environment.
+    workers get the token in their environment. With ``metrics_port`` the coordinator serves
+    Prometheus metrics at ``http://127.0.0.1:metrics_port/metrics``.
+
+    Once the cluster is up it prints the coordinator's address (what ``paramserver status``
+    takes) and the metrics' URL, as ``[paramserver]`` lines.
 
     Returns 0 if every worker exited 0, else the first failed worker's exit code (128 + N for
     a worker killed by signal N); 130 on Ctrl-C, 128 + N on SIGTERM or SIGHUP. Every process
-    it started is stopped before it returns: the other workers at once when one fails, and
-    within about a second (then SIGTERM) when interrupted.
+    it started is stopped before it returns: the other workers at once (SIGTERM) when one fails
+    or the job is interrupted. Interrupted, it says so in one line; the children, which ignore
+    SIGINT, print nothing of it (no traceback per worker, no server "restarted").
 
     Example:
         code = run_job(["train.py", "--epochs", "2"], servers=2, workers=4)
@@ -129,7 +151,7 @@ def run_job(
     )
     cluster = LocalCluster(
         servers, workers, host=host, timeouts=timeouts, log_level=log_level, output=out,
-        token=token, restore=restore, checkpoints=policy,
+        token=token, restore=restore, checkpoints=policy, metrics_port=metrics_port,
     )  # fmt: skip
     workers_ = Children()
     code = 0
@@ -138,6 +160,7 @@ def run_job(
         try:
             try:
                 cluster.start()
+                _announce(cluster, out)
                 env = {**os.environ, **cluster.worker_env(), "PYTHONUNBUFFERED": "1"}
                 if consistency:
                     env["PS_CONSISTENCY"] = consistency
@@ -153,12 +176,15 @@ def run_job(
                 interrupted = True
                 signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
                 code = 128 + signum
-                say(out, f"[paramserver] {signal.Signals(signum).name}: stopping the job")
+                name = signal.Signals(signum).name
+                say(out, f"[paramserver] interrupted ({name}): stopping the job")
             finally:
-                # After Ctrl-C the workers may have had it too (a terminal signals the whole
-                # group): a moment to finish on their own, then SIGTERM. After a failure the
-                # others are likely blocked on the failed one: SIGTERM at once.
-                workers_.stop(grace=1.0 if interrupted else 0.0)
+                # The workers ignore SIGINT (children.py: the launcher alone answers Ctrl-C),
+                # and after a failure the others are likely blocked on the failed one: SIGTERM
+                # at once. The servers outlive them, and exit only when told: none restarted.
+                if interrupted:
+                    cluster.stop_restarting()
+                workers_.stop(grace=0.0)
                 cluster.close()
         except KeyboardInterrupt:  # interrupted again while cleaning up: no more grace
             workers_.kill()

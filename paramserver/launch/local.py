@@ -423,16 +423,25 @@ class LocalCluster:
         """Process id of each role, e.g. ``{"coordinator": 123, "server 0": 124}``."""
         return {name: p.pid for name, p in self.children.procs}
 
+    def stop_restarting(self) -> None:
+        """Restart no more servers: the cluster is being stopped (a server that exits now is
+        not a crash). ``close()`` does it too; a launcher calls it first when interrupted.
+
+        Example:
+            cluster.stop_restarting(); workers.stop(); cluster.close()
+        """
+        self._closing.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5.0)
+            self._monitor = None
+
     def close(self) -> None:
         """Stop every process this cluster started (and close the clients it handed out).
 
         Asks the coordinator to shut the cluster down, waits up to 2 s for the processes to
         exit, then SIGTERMs and finally SIGKILLs what is left. Safe to call more than once.
         """
-        self._closing.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=5.0)
-            self._monitor = None
+        self.stop_restarting()
         for c in self._clients:
             with contextlib.suppress(Exception):
                 c.close()
@@ -465,10 +474,7 @@ class LocalCluster:
 
     def kill(self) -> None:
         """SIGKILL every process this cluster started (no shutdown request, no grace)."""
-        self._closing.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=5.0)
-            self._monitor = None
+        self.stop_restarting()
         self.children.kill()
         self._drop_journal()
 

@@ -38,7 +38,7 @@ class _Stopped(BaseException):
 
 
 def _on_signals(stop: Callable[[], None], interruptible: Callable[[], bool]) -> None:
-    """SIGTERM and SIGINT stop the role: by raising :class:`_Stopped` while ``interruptible()``
+    """SIGTERM and SIGINT (unless ignored) stop the role: by raising :class:`_Stopped` while ``interruptible()``
     (starting up), otherwise through ``stop()`` and the loop's next turn."""
 
     def handler(signum: int, frame: Any) -> None:
@@ -48,7 +48,10 @@ def _on_signals(stop: Callable[[], None], interruptible: Callable[[], bool]) -> 
             raise _Stopped(signum)
 
     signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    # A launcher starts its roles with SIGINT ignored (it answers Ctrl-C by stopping them in
+    # order): keep it so, or a terminal's Ctrl-C would stop every server before its time.
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
 
 
 def serve_coordinator(

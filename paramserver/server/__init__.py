@@ -6,6 +6,8 @@ Files and their jobs:
   ``progress``, what a clock's advance makes due (sync updates, a checkpoint, deferred pulls).
 - ``pull.py``, ``push.py``, ``admin.py``: the request handlers, by job. A handler gets its
   header and a ``wire.paths.Request`` (arrays and a reply target), never the transport.
+- ``many.py``: ``pull_many`` / ``push_many``, many small dense tables in one request (a
+  worker's dense group); each table's push goes through ``push.py``.
 - ``state.py``: ``ServerState``, what the handlers share (tables, clocks, deferred pulls).
 - ``table.py``: ``Table``, one table on this server, and the checks a request to it passes.
 - ``keycache.py``: ``KeyCache``, the key lists workers sent with a signature.

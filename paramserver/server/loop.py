@@ -20,6 +20,7 @@ from paramserver.config import Timeouts
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.server.admin import Admin
 from paramserver.server.cluster import CoordinatorLink
+from paramserver.server.many import Many
 from paramserver.server.process import (
     TRIM_AFTER_BYTES,
     trim_allocator,
@@ -95,9 +96,12 @@ class Server:
         self.pulls = Pulls(self.state, self.progress)
         self.pushes = Pushes(self.state, self.paths, self.progress, self.cluster.poll)
         admin = Admin(self.state, self.paths, self.progress, self.cluster.poll)
+        many = Many(self.state, self.paths, self.pushes, self.progress)
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
             "push": self.pushes.on_push,
+            "pull_many": many.on_pull,
+            "push_many": many.on_push,
             "clock": admin.on_clock,
             "create_shard": admin.on_create_shard,
             "set_lr": admin.on_set_lr,

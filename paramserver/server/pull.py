@@ -63,6 +63,11 @@ class Pulls:
         state.deferred.add((h, req.reply, kept), mode, bound, h["clock"], now + wait, now)
 
     def answer(self, h: PullMsg, reply: Reply, t: Table, keys: np.ndarray | None) -> None:
+        if str(h["kind"]) == "pull_many":  # a deferred pull of a group of tables (many.py)
+            from paramserver.server.many import answer_pull_many
+
+            answer_pull_many(self.state, dict(h), reply)
+            return
         assert t.shard is not None
         staleness = staleness_of(h["clock"], self.state.clocks.min_clock)
         self.state.metrics.observe_staleness(t.spec.name, staleness)

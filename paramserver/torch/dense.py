@@ -96,6 +96,8 @@ class DenseParameters(torch.optim.Optimizer):
                 consistency=consistency,
                 codec=codec,  # values and gradients that cross a socket (wire.codec)
             )
+        # one request per server and step for the small tables (client/group.py)
+        self.group = client.dense_group(list(self.tables.values()))
         self._lr = server_opt.lr
         self._pending: list[Future[None]] = []
         self._stale = False
@@ -113,11 +115,11 @@ class DenseParameters(torch.optim.Optimizer):
             dense.pull()        # e.g. before evaluating or saving the module
         """
         self.wait(timeout)
-        futs = {n: t.pull_async(timeout=timeout) for n, t in self.tables.items()}
+        values = self.group.pull(timeout=timeout)
         with torch.no_grad():
-            for n, f in futs.items():
+            for n, v in zip(self.tables, values, strict=True):
                 p = self.params[n]
-                p.copy_(torch.from_numpy(f.result(timeout)).reshape(p.shape))
+                p.copy_(torch.from_numpy(v).reshape(p.shape))
         self._stale = False
 
     def push(self) -> None:
@@ -126,16 +128,17 @@ class DenseParameters(torch.optim.Optimizer):
         Example:
             loss.backward(); dense.push(); client.clock(); dense.pull()
         """
+        grads = []
         for n, t in self.tables.items():
             p = self.params[n]
             g = p.grad
-            arr = (
+            grads.append(
                 np.zeros(t.shape, t.dtype)
                 if g is None
                 else np.ascontiguousarray(g.detach().cpu().numpy().reshape(t.shape))
             )
-            self._pending.append(t.push(arr))
             p.grad = None
+        self._pending.append(self.group.push(grads))
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Send the gradients (as :meth:`push`); the module pulls the updated values before its

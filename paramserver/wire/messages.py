@@ -32,7 +32,9 @@ __all__ = [
     "ListTablesMsg",
     "OpenBulkMsg",
     "PingMsg",
+    "PullManyMsg",
     "PullMsg",
+    "PushManyMsg",
     "PushMsg",
     "RegisterMsg",
     "ReplyMsg",
@@ -240,6 +242,28 @@ class PushMsg(TypedDict):
     codec: NotRequired[str]
 
 
+class PullManyMsg(TypedDict):
+    """``pull_many``."""
+
+    kind: Literal["pull_many"]
+    id: int
+    tables: list[str]
+    rank: int
+    clock: int
+    timeout: float
+
+
+class PushManyMsg(TypedDict):
+    """``push_many``."""
+
+    kind: Literal["push_many"]
+    id: int
+    tables: list[str]
+    rank: int
+    clock: int
+    seq: int
+
+
 class OpenBulkMsg(TypedDict):
     """``open_bulk``."""
 
@@ -359,6 +383,8 @@ MESSAGES: dict[str, type] = {
     "create_shard": CreateShardMsg,
     "pull": PullMsg,
     "push": PushMsg,
+    "pull_many": PullManyMsg,
+    "push_many": PushManyMsg,
     "open_bulk": OpenBulkMsg,
     "attach": AttachMsg,
     "attach_slot": AttachSlotMsg,

@@ -104,6 +104,18 @@ def _opt(check: Check) -> Check:
 U63 = _int(0, (1 << 63) - 1)
 RANK = _int(0, 1 << 20)
 NAME = _str(128)
+MAX_GROUP = 1024  # tables in one pull_many / push_many
+
+
+def _names(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and 0 < len(v) <= MAX_GROUP
+        and all(NAME(n) for n in v)
+        and len(set(v)) == len(v)
+    )
+
+
 MAX_SHARDS = 1 << 24
 BULK = _int(1, MAX_MESSAGE_BYTES)
 ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
@@ -182,6 +194,20 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "reply_at": (U63, False),
         "bulk": (BULK, False),  # dense: this many gradient bytes follow on the bulk channel
         "codec": (CODEC, False),  # the gradient is encoded in this codec (wire.codec)
+    },
+    # many small dense tables of one server in one request (server/many.py): their values or
+    # gradients as one array, the tables one after the other
+    "pull_many": {
+        "tables": (_names, True),
+        "rank": (RANK, True),
+        "clock": (U63, True),
+        "timeout": (_is_timeout, True),
+    },
+    "push_many": {
+        "tables": (_names, True),
+        "rank": (RANK, True),
+        "clock": (U63, True),
+        "seq": (U63, True),
     },
     # a worker asks for a ticket to open a bulk channel (paramserver.wire.bulk); the reply has the
     # port and the ticket

@@ -250,7 +250,107 @@ def test_run_interrupted_stops_everything(
         watch.assert_gone(_pids_from_files(tmp_path))
     out = lines.rest(5.0)
     assert rc == code, "\n".join(out)
-    assert f"[paramserver] {signum.name}: stopping the job" in out
+    # one line says it; the children, which ignore SIGINT, say nothing of it: no traceback per
+    # worker, no server "exited ...; restarting it" while the job stops
+    assert f"[paramserver] interrupted ({signum.name}): stopping the job" in out
+    after = out[out.index(f"[paramserver] interrupted ({signum.name}): stopping the job") + 1 :]
+    assert after == [], "\n".join(out)
+    assert not [line for line in out if "Traceback" in line or "restarting" in line], out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_train_interrupted_says_so_in_one_line(tmp_path: Path, workers: int) -> None:
+    """Ctrl-C of a ready program: in process (one worker) or under the launcher (two)."""
+    with _watch() as watch:
+        proc = subprocess.Popen(
+            [*_paramserver(), "train", "logreg", "--data", "synthetic", "--examples", "20000",
+             "-w", str(workers), "--epochs", "1000", "--no-progress", "--out", str(tmp_path)],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            lines = _Lines(proc.stdout)  # type: ignore[arg-type]
+            lines.wait_for(lambda ls: any("logreg epoch 1:" in line for line in ls), 90)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+            rc = _wait(proc, 20)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        watch.assert_gone()
+    out = lines.rest(5.0)
+    assert rc == 130, "\n".join(out)
+    said = [line for line in out if "interrupted" in line]
+    assert said == (
+        ["paramserver train: interrupted"]
+        if workers == 1
+        else ["[paramserver] interrupted (SIGINT): stopping the job"]
+    ), out
+    assert not [line for line in out if "Traceback" in line or "restarting" in line], out
+    assert not [line for line in out if "KeyboardInterrupt" in line], out
+
+
+@pytest.mark.timeout(90)
+def test_run_says_where_to_watch_the_job(tmp_path: Path) -> None:
+    """The coordinator's address and the metrics' URL are printed; both answer while it runs."""
+    pytest.importorskip("prometheus_client")
+    port = _free_port()
+    with _watch() as watch:
+        proc = subprocess.Popen(
+            [*_paramserver(), "run", "-s", "2", "-w", "2", "--metrics-port", str(port),
+             *FAST_FLAGS, str(PROGRAMS / "sleeper.py"), str(tmp_path)],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            lines = _Lines(proc.stdout)  # type: ignore[arg-type]
+            lines.wait_for(lambda ls: sum(line.endswith("] ready") for line in ls) == 2, 40)
+            said = next(line for line in lines.lines if line.startswith("[paramserver] coord"))
+            address = re.search(r"--coordinator (\S+)", said)
+            assert address is not None, said
+            status = subprocess.run(
+                [*_paramserver(), "status", "--coordinator", address.group(1), "--json"],
+                env=_env(), capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            url = f"http://127.0.0.1:{port}/metrics"
+            assert f"[paramserver] Prometheus metrics at {url}" in lines.lines
+            import urllib.request
+
+            with urllib.request.urlopen(url, timeout=10) as r:
+                metrics = r.read().decode()
+            proc.send_signal(signal.SIGINT)
+            rc = _wait(proc, 20)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        watch.assert_gone(_pids_from_files(tmp_path))
+    assert rc == 130
+    assert status.returncode == 0, status.stderr
+    seen = json.loads(status.stdout)
+    assert seen["address"].removeprefix("tcp://") == address.group(1)
+    roles = sorted((n["role"], n["rank"], n["state"]) for n in seen["nodes"])
+    assert roles == [(r, k, "alive") for r in ("server", "worker") for k in (0, 1)], roles
+    assert 'ps_node_up{rank="1",role="worker"} 1.0' in metrics, metrics
+    assert 'ps_node_up{rank="1",role="server"} 1.0' in metrics, metrics
+
+
+@pytest.mark.timeout(30)
+def test_status_of_a_dead_address_says_nothing_answers_there() -> None:
+    address = f"127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    done = subprocess.run(
+        [*_paramserver(), "status", "--coordinator", address, "--timeout", "1.5"],
+        env=_env(), capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = done.stderr.strip()
+    assert said.startswith(f"paramserver status: nothing answers at tcp://{address}"), said
+    waited = re.search(r"no status of the coordinator after ([0-9.]+)s", said)
+    assert waited is not None and 1.5 <= float(waited.group(1)) <= elapsed, (said, elapsed)
+    assert "Traceback" not in said
 
 
 @pytest.mark.timeout(60)

@@ -84,3 +84,41 @@ def test_a_restored_cluster_starts_with_the_checkpoints_tables_cut_for_its_serve
     assert registry.tables["mlp"].ranges[-1][2] == BIG
     with pytest.raises(ConfigError, match="does not exist"):
         TableRegistry([0]).restore(str(tmp_path / "missing"))
+
+
+def test_small_dense_tables_spread_over_the_servers_by_size() -> None:
+    """A model's many small tables (a layer's weight and bias each) do not pile up on one
+    server: each goes to the server holding the fewest dense elements so far."""
+    registry = TableRegistry([0, 1, 2])
+    sizes = {"l1/w": 6000, "l1/b": 60, "l2/w": 3000, "l2/b": 50, "l3/w": 2000, "l3/b": 1}
+    for name, size in sizes.items():
+        registry.create(TableSpec(name, "dense", shape=(size,)).to_wire())
+    owner = {n: list(registry.tables[n].ranges) for n in sizes}
+    assert owner == {
+        "l1/w": [(0, 0, 6000)],
+        "l1/b": [(1, 0, 60)],
+        "l2/w": [(2, 0, 3000)],
+        "l2/b": [(1, 0, 50)],
+        "l3/w": [(1, 0, 2000)],
+        "l3/b": [(1, 0, 1)],
+    }
+    assert registry.dense_load == {0: 6000, 1: 2111, 2: 3000}
+    # a large table counts on every server, its share each
+    registry.create(TableSpec("big", "dense", shape=(BIG,)).to_wire())
+    registry.create(TableSpec("next", "dense", shape=(10,)).to_wire())
+    assert list(registry.tables["next"].ranges) == [(1, 0, 10)]
+    # the same spec again places nothing anew
+    registry.create(TableSpec("l1/b", "dense", shape=(60,)).to_wire())
+    assert list(registry.tables["l1/b"].ranges) == [(1, 0, 60)]
+
+
+def test_many_small_dense_tables_load_every_server_about_evenly() -> None:
+    registry = TableRegistry([0, 1, 2, 3])
+    for i in range(40):
+        registry.create(TableSpec(f"t{i}", "dense", shape=(100 + 37 * (i % 7),)).to_wire())
+    load = dict.fromkeys(range(4), 0)
+    for spec in registry.specs():
+        for s, a, b in spec.ranges:
+            load[s] += b - a
+    loads = sorted(load.values())
+    assert loads[-1] - loads[0] <= 100 + 37 * 6  # within one table of each other
