@@ -251,6 +251,7 @@ class PullManyMsg(TypedDict):
     rank: int
     clock: int
     timeout: float
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
 class PushManyMsg(TypedDict):
@@ -262,6 +263,7 @@ class PushManyMsg(TypedDict):
     rank: int
     clock: int
     seq: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
 class OpenBulkMsg(TypedDict):

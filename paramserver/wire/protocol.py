@@ -252,8 +252,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
 KINDS = frozenset(SCHEMA)
 # a worker's request to a server names the cluster view it was sent in: a server that has not
 # seen that view checks that it still holds its rank before it serves (server/cluster.py)
-for _kind in ("create_shard", "pull", "push", "open_bulk", "attach", "attach_slot", "clock",
-              "set_lr", "stats", "ping"):  # fmt: skip
+for _kind in ("create_shard", "pull", "push", "pull_many", "push_many", "open_bulk", "attach",
+              "attach_slot", "clock", "set_lr", "stats", "ping"):  # fmt: skip
     SCHEMA[_kind]["view"] = (U63, False)
 
 
