@@ -77,7 +77,7 @@ class Coordinator:
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts)
-        self.tables = TableRegistry([m.rank for m in self.members.servers])
+        self.tables = TableRegistry([m.rank for m in self.members.servers], limits)
         if restore is not None:  # read before binding: a bad checkpoint leaves no socket
             self.members.restore = self.tables.restore(restore)
             self.members.start_clock = self.members.restore["clock"]
@@ -172,6 +172,13 @@ class Coordinator:
             log.info("coordinator stopped")
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
+        try:
+            self._dispatch(identity, frames)
+        except Exception:  # a bug in an answer's path: logged at a bounded rate, never fatal
+            if self._rejections.count():
+                log.exception("coordinator: a message could not be handled")
+
+    def _dispatch(self, identity: bytes, frames: list[Any]) -> None:
         try:
             header, _ = protocol.decode(frames)
         except ProtocolError as exc:
@@ -361,12 +368,30 @@ class Coordinator:
     # ---- tables, barriers, leases ---------------------------------------------------------
 
     def _on_create_table(self, identity: bytes, h: CreateTableMsg) -> None:
-        self.router.reply(identity, h["id"], spec=self.tables.create(h["spec"]).to_wire())
+        spec = self.tables.create(h["spec"]).to_wire()
+        # the servers create a table only when the coordinator says so; sent before the
+        # answer, so that the worker's own create_shard finds it there
+        for m in self.members.servers:
+            if m.state == ALIVE and m.identity:
+                self.router.send(m.identity, {"kind": "create_shard", "id": 0, "spec": spec})
+        self.router.reply(identity, h["id"], spec=spec)
 
     def _on_list_tables(self, identity: bytes, h: ListTablesMsg) -> None:
         self.router.reply(identity, h["id"], tables=self.tables.to_wire())
 
+    def _check_sender(self, identity: bytes, rank: int) -> None:
+        """Refuse a message naming worker ``rank`` unless it comes from the connection that
+        registered that rank: no peer waits at a barrier or takes a lease in another's name."""
+        m = self.members.member("worker", rank)
+        if m is None or not m.identity or m.identity != identity:
+            raise Refusal(
+                "identity",
+                f"worker[{rank}] is not registered from this connection: a message naming "
+                "another worker's rank is refused and nothing changed",
+            )
+
     def _on_barrier(self, identity: bytes, h: BarrierMsg) -> None:
+        self._check_sender(identity, h["rank"])
         deadline = time.monotonic() + h["timeout"]
         self.barriers.arrive(h["name"], h["rank"], (identity, h["id"]), deadline)
         self._check_barriers()
@@ -377,9 +402,11 @@ class Coordinator:
                 self.router.reply(identity, rid)
 
     def _on_acquire_lease(self, identity: bytes, h: AcquireLeaseMsg) -> None:
+        self._check_sender(identity, h["rank"])
         self.router.reply(identity, h["id"], shard=self.leases.acquire(h))
 
     def _on_complete_lease(self, identity: bytes, h: CompleteLeaseMsg) -> None:
+        self._check_sender(identity, h["rank"])
         self.leases.complete(h)
         self.router.reply(identity, h["id"])
 
