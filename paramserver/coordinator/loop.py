@@ -51,6 +51,8 @@ __all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
+MAX_WAITING_SAVES = 16  # saves asked while a round runs, kept to start after it
+
 
 class Coordinator:
     """The coordinator's state and loop.
@@ -86,6 +88,7 @@ class Coordinator:
         self.leases = Leases(limits)
         self.barriers = Barriers(limits)
         self.board = StatusBoard(now)
+        self._saves: list[tuple[bytes, SaveMsg]] = []  # saves asked while a round ran
         self._rejections = protocol.Rejections()
         self._stop = threading.Event()
         self.ctx = new_context()
@@ -302,6 +305,17 @@ class Coordinator:
     # ---- checkpoints ----------------------------------------------------------------------
 
     def _on_save(self, identity: bytes, h: SaveMsg) -> None:
+        # a periodic round makes way for a worker's save (it would wait for clocks that the
+        # worker, waiting for its save, does not move); another worker's save is waited for
+        if self.rounds.rounds and not self.rounds.make_way():
+            if len(self._saves) >= MAX_WAITING_SAVES:
+                raise Refusal(
+                    "checkpoint",
+                    f"{len(self._saves)} checkpoints already wait for the one being written; "
+                    "try again when they are done",
+                )
+            self._saves.append((identity, h))
+            return
         rnd = self.rounds.start(
             Path(h["path"]),
             h["clock"],
@@ -313,6 +327,8 @@ class Coordinator:
         self._ask_to_write(rnd)
 
     def _periodic_checkpoint(self, now: float) -> None:
+        if self._saves:
+            return  # the saves that waited go first
         workers_alive = any(w.state == ALIVE for w in self.members.workers)
         rnd = self.rounds.start_periodic(now, self.members.servers, workers_alive)
         if rnd is not None:
@@ -337,11 +353,19 @@ class Coordinator:
             self._finish_round(rnd)
 
     def _on_error(self, identity: bytes, h: ErrorMsg) -> None:
-        rnd = self.rounds.refused(h["id"], h["code"], h["message"])
+        m = self.members.server_by_identity(identity)
+        if m is None:
+            return  # not a server's answer: no round hears it
+        rnd = self.rounds.refused(h["id"], h["code"], h["message"], m.rank)
         if rnd is not None:
-            self._fail_round(rnd, h["message"])
+            self._fail_round(rnd, "; ".join(rnd.errors) or h["message"])
+        else:
+            self._next_save()  # a periodic round dropped to retry: a waiting save goes first
 
     def _finish_round(self, rnd: Round) -> None:
+        if rnd.errors:  # every server answered, and some failed: say which, in their words
+            self._fail_round(rnd, "; ".join(rnd.errors))
+            return
         try:
             final = self.rounds.commit(
                 rnd,
@@ -354,6 +378,7 @@ class Coordinator:
             return
         if rnd.requester is not None:
             self.router.reply(rnd.requester[0], rnd.requester[1], path=str(final))
+        self._next_save()
 
     def _fail_round(self, rnd: Round, reason: str) -> None:
         self.rounds.fail(rnd, reason)
@@ -364,6 +389,16 @@ class Coordinator:
                 "checkpoint",
                 f"checkpoint at clock {rnd.clock} failed: {reason}",
             )
+        self._next_save()
+
+    def _next_save(self) -> None:
+        """Start the save that waited for the round just ended, if any."""
+        while self._saves and not self.rounds.rounds:
+            identity, h = self._saves.pop(0)
+            try:
+                self._on_save(identity, h)
+            except Refusal as exc:
+                self.router.error(identity, h["id"], exc.code, exc.message)
 
     # ---- tables, barriers, leases ---------------------------------------------------------
 

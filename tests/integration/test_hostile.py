@@ -3,13 +3,19 @@ takes down, stalls or corrupts a server or the coordinator."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import msgpack
 import numpy as np
 import pytest
 import zmq
 
 import paramserver as ps
-from paramserver.config import Limits
+from paramserver.config import CheckpointPolicy, Limits
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
 from paramserver.wire.transport import new_context
@@ -233,3 +239,56 @@ def test_a_push_refused_as_full_on_one_server_says_what_was_applied(
     )  # fmt: skip
     with pytest.raises(ps.errors.RemoteError, match=r"refused by server\[\d\] but applied on"):
         emb.push(keys, np.ones((61, 2), np.float32)).result(10)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB file system (tmpfs; needs the right to mount, as root in CI's container)."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_checkpoint_on_a_full_disk_names_every_server_that_failed(
+    cluster: ps.LocalCluster, tiny_disk: Path
+) -> None:
+    """main: "server[0]: 335976 requested and 87008 written", the other server's ENOSPC only
+    in its own log."""
+    client = cluster.connect()
+    emb = client.sparse_table("emb", dim=32)
+    emb.pull(np.arange(20_000, dtype=np.uint64))  # ~2.5 MiB a server: neither fits
+    with pytest.raises(ps.errors.RemoteError) as err:
+        client.save(tiny_disk / "ckpt", timeout=30)
+    text = str(err.value)
+    for server in ("server[0]", "server[1]"):
+        assert re.search(re.escape(server) + r": no space left on device writing /", text), text
+
+
+def test_a_save_during_a_periodic_round_is_written(tmp_path: Path) -> None:
+    """A periodic round waits for clocks the worker has not reached; the worker's save then
+    (main: refused, "a checkpoint is already being written") is written, and the periodic
+    rounds go on after it."""
+    policy = CheckpointPolicy(str(tmp_path / "periodic"), every_seconds=0.2, timeout=60)
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, checkpoints=policy) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("emb", dim=4)
+        keys = np.arange(100, dtype=np.uint64)
+        rows = emb.pull(keys).copy()
+        status = client.endpoint.request("coordinator", {"kind": "status"}, what="status")
+        status.result(10)  # a periodic round is due 0.2 s in, aimed two clocks ahead
+        time.sleep(0.5)  # not a threshold: the round only has to have started (it waits)
+        saved = client.save(tmp_path / "mine", timeout=30)
+        assert Path(saved).is_dir()
+        for _ in range(4):
+            client.clock()  # the periodic rounds can complete now
+        np.testing.assert_array_equal(emb.pull(keys), rows)
