@@ -3,8 +3,10 @@ takes down, stalls or corrupts a server or the coordinator."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import zmq
 import paramserver as ps
 from paramserver.config import CheckpointPolicy, Limits
 from paramserver.spec import TableSpec
-from paramserver.wire import protocol
+from paramserver.wire import bulk, protocol
 from paramserver.wire.transport import new_context
 from tests.procs import rss_mib
 from tests.timing import FAST
@@ -292,3 +294,45 @@ def test_a_save_during_a_periodic_round_is_written(tmp_path: Path) -> None:
         for _ in range(4):
             client.clock()  # the periodic rounds can complete now
         np.testing.assert_array_equal(emb.pull(keys), rows)
+
+
+def test_a_trickling_bulk_peer_is_dropped_and_the_others_are_served() -> None:
+    """A registered worker announces a 1 MiB push on the bulk channel and sends a byte every
+    0.3 s: its push is refused once it falls below the least rate, while it still trickles,
+    and the other worker's pull is answered (main: every byte reset the idle timeout, and the
+    pull waited for the trickle to end)."""
+    with ps.LocalCluster(servers=1, workers=2, timeouts=FAST) as cluster:
+        a, b = cluster.connect(), cluster.connect()
+        dense = a.dense_table("d", shape=(1 << 18,))  # 1 MiB of float32
+        before = dense.pull().copy()
+        server = b.view["servers"][0][1]
+        reply = b.endpoint.request(
+            "server[0]", {"kind": "open_bulk", "rank": b.rank}, what="a bulk ticket"
+        ).result(10)
+        host = server.split("//")[1].rsplit(":", 1)[0]
+        channel = bulk.Channel.open(host, reply["port"], reply["ticket"], idle=5.0, where="s")
+        trickling = threading.Event()
+        trickling.set()
+
+        def trickle() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(60):  # 18 s at most
+                    channel.sock.send(b"\x00")
+                    time.sleep(0.3)
+            trickling.clear()
+
+        push = b.endpoint.request(
+            "server[0]",
+            {"kind": "push", "table": "d", "rank": b.rank, "clock": 0, "seq": 1, "bulk": 1 << 20},
+            what="a trickling push",
+        )
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(ps.errors.RemoteError, match="least rate"):
+                push.result(30)
+            np.testing.assert_array_equal(dense.pull(timeout=30), before)
+            assert trickling.is_set()  # answered while the slow peer still trickles
+        finally:
+            channel.close()
+            thread.join(20)
