@@ -65,6 +65,7 @@ class CoordinatorLink:
         self.rejoined: dict[int, int] = {}  # the newest view's restarted workers and clocks
         # creates a table the coordinator ordered (the server's Admin.create)
         self.create: Callable[[dict[str, Any]], None] | None = None
+        self.early: list[dict[str, Any]] = []  # orders that came before this server's rank
         self.endpoint = Endpoint(
             ctx, request_timeout=timeouts.connect, on_message=self.on_message, security=security
         )
@@ -138,6 +139,9 @@ class CoordinatorLink:
                 state.tables[spec.name] = make_table(spec, state.rank)
         for t in state.tables.values():
             t.max_bytes = state.limits.table_bytes
+        early, self.early = self.early, []
+        for header in early:
+            self.on_message("coordinator", header, [])
         log.info("%s serving at %s", state.name, state.address)
 
     def on_message(self, peer: str, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
@@ -151,7 +155,9 @@ class CoordinatorLink:
     def handle(self, header: dict[str, Any]) -> None:
         state = self.state
         if header["kind"] == "create_shard":
-            if self.create is not None:
+            if state.rank < 0:  # came with the registration's answer: created once it is read
+                self.early.append(header)
+            elif self.create is not None:
                 self.create(header["spec"])
         elif header["kind"] == "view":
             self.apply_view(header["view"])
