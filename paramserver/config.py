@@ -103,6 +103,11 @@ class Limits:
     ``barriers``: the most barriers open at once, and ``peer_barriers`` the most one peer
     waits at; ``name_chars``: the longest data-set or barrier name.
 
+    A server's (and, for ``table_bytes``, the coordinator's too): ``request_keys``, the most
+    keys one pull or push of a sparse table may carry to one server; ``table_bytes``, the most bytes one table
+    may take on one server (values and optimizer state; a dense range larger than this is not
+    created, a sparse table refuses new rows past it as ``full``).
+
     Example:
         Limits(lease_parts=1 << 24)  # lease books of 16M parts in all (~150 MB)
     """
@@ -112,9 +117,19 @@ class Limits:
     barriers: int = 1024
     peer_barriers: int = 16
     name_chars: int = 256
+    request_keys: int = 1 << 22
+    table_bytes: int = 1 << 36
 
     def __post_init__(self) -> None:
-        for name in ("lease_parts", "datasets", "barriers", "peer_barriers", "name_chars"):
+        for name in (
+            "lease_parts",
+            "datasets",
+            "barriers",
+            "peer_barriers",
+            "name_chars",
+            "request_keys",
+            "table_bytes",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"limit {name} must be a positive integer, got {value!r}")

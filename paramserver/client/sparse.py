@@ -262,8 +262,56 @@ class SparseTable(TableHandle):
         def acked(_: list[Any]) -> None:
             plan.known.update(sent)
 
-        fut = gather(futs, f"push to table {self.name!r}", acked)
+        servers = [(s, len(part_keys)) for s, _, part_keys in plan.parts]
+        fut = gather_push(c.endpoint, futs, servers, f"push to table {self.name!r}", acked)
         if sig is None:
             return fut
         # a retry keeps the sequence number: a server that applied the first try skips it
         return self._retry_unknown(fut, plan, lambda: self._send_push(plan, None, header, values))
+
+
+def gather_push(
+    endpoint: Any,
+    futs: list[Future[Any]],
+    servers: list[tuple[int, int]],
+    what: str,
+    acked: Callable[[list[Any]], None],
+) -> Future[None]:
+    """One future for a push's requests to its servers (``servers``: rank and keys of each),
+    completed when every server has answered. A push refused by some servers (``full``: a
+    table at its max_rows there) is not taken back on the others: the error then says
+    exactly which servers applied their part and which refused it."""
+    if not futs:
+        return gather(futs, what, acked)
+    group: Future[None] = Future(endpoint, what)
+    left = [len(futs)]
+
+    def one_done(_: Future[Any]) -> None:
+        left[0] -= 1
+        if left[0]:
+            return
+        failed = [(s, f.exception(0)) for (s, _), f in zip(servers, futs, strict=True)]
+        refused = [(s, e) for s, e in failed if e is not None]
+        if not refused:
+            acked([f.result(0) for f in futs])
+            group.set_result(None)
+            return
+        applied = [
+            f"{server_name(s)} ({n} keys)"
+            for (s, n), (_, e) in zip(servers, failed, strict=True)
+            if e is None
+        ]
+        first = refused[0][1]
+        assert first is not None
+        if applied and isinstance(first, RemoteError):
+            names = ", ".join(server_name(s) for s, _ in refused)
+            first = RemoteError(
+                f"{first}; the push was refused by {names} but applied on "
+                f"{', '.join(applied)} (those rows changed, the refused ones did not)",
+                code=first.code,
+            )
+        group.set_exception(first)
+
+    for f in futs:
+        f.add_done_callback(one_done)
+    return group

@@ -54,6 +54,8 @@ __all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
+MAX_WAITING_SAVES = 16  # saves asked while a round runs, kept to start after it
+
 
 class Coordinator:
     """The coordinator's state and loop.
@@ -82,7 +84,7 @@ class Coordinator:
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts)
-        self.tables = TableRegistry([m.rank for m in self.members.servers])
+        self.tables = TableRegistry([m.rank for m in self.members.servers], limits)
         if restore is not None:  # read before binding: a bad checkpoint leaves no socket
             self.members.restore = self.tables.restore(restore)
             self.members.start_clock = self.members.restore["clock"]
@@ -99,6 +101,7 @@ class Coordinator:
         if self.journal is not None:
             self.members.supervised = True
             self._replay(self.journal.replay(), now)
+        self._saves: list[tuple[bytes, SaveMsg]] = []  # saves asked while a round ran
         self._rejections = protocol.Rejections()
         self._stop = threading.Event()
         self.ctx = new_context()
@@ -187,6 +190,13 @@ class Coordinator:
             log.info("coordinator stopped")
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
+        try:
+            self._dispatch(identity, frames)
+        except Exception:  # a bug in an answer's path: logged at a bounded rate, never fatal
+            if self._rejections.count():
+                log.exception("coordinator: a message could not be handled")
+
+    def _dispatch(self, identity: bytes, frames: list[Any]) -> None:
         try:
             header, _ = protocol.decode(frames)
         except ProtocolError as exc:
@@ -344,6 +354,17 @@ class Coordinator:
     # ---- checkpoints ----------------------------------------------------------------------
 
     def _on_save(self, identity: bytes, h: SaveMsg) -> None:
+        # a periodic round makes way for a worker's save (it would wait for clocks that the
+        # worker, waiting for its save, does not move); another worker's save is waited for
+        if self.rounds.rounds and not self.rounds.make_way():
+            if len(self._saves) >= MAX_WAITING_SAVES:
+                raise Refusal(
+                    "checkpoint",
+                    f"{len(self._saves)} checkpoints already wait for the one being written; "
+                    "try again when they are done",
+                )
+            self._saves.append((identity, h))
+            return
         rnd = self.rounds.start(
             Path(h["path"]),
             h["clock"],
@@ -355,6 +376,8 @@ class Coordinator:
         self._ask_to_write(rnd)
 
     def _periodic_checkpoint(self, now: float) -> None:
+        if self._saves:
+            return  # the saves that waited go first
         workers_alive = any(w.state == ALIVE for w in self.members.workers)
         rnd = self.rounds.start_periodic(now, self.members.servers, workers_alive)
         if rnd is not None:
@@ -379,11 +402,19 @@ class Coordinator:
             self._finish_round(rnd)
 
     def _on_error(self, identity: bytes, h: ErrorMsg) -> None:
-        rnd = self.rounds.refused(h["id"], h["code"], h["message"])
+        m = self.members.server_by_identity(identity)
+        if m is None:
+            return  # not a server's answer: no round hears it
+        rnd = self.rounds.refused(h["id"], h["code"], h["message"], m.rank)
         if rnd is not None:
-            self._fail_round(rnd, h["message"])
+            self._fail_round(rnd, "; ".join(rnd.errors) or h["message"])
+        else:
+            self._next_save()  # a periodic round dropped to retry: a waiting save goes first
 
     def _finish_round(self, rnd: Round) -> None:
+        if rnd.errors:  # every server answered, and some failed: say which, in their words
+            self._fail_round(rnd, "; ".join(rnd.errors))
+            return
         try:
             final = self.rounds.commit(
                 rnd,
@@ -397,6 +428,7 @@ class Coordinator:
         self._record({"t": "checkpoint", "latest": self.rounds.latest})
         if rnd.requester is not None:
             self.router.reply(rnd.requester[0], rnd.requester[1], path=str(final))
+        self._next_save()
 
     def _fail_round(self, rnd: Round, reason: str) -> None:
         self.rounds.fail(rnd, reason)
@@ -407,18 +439,45 @@ class Coordinator:
                 "checkpoint",
                 f"checkpoint at clock {rnd.clock} failed: {reason}",
             )
+        self._next_save()
+
+    def _next_save(self) -> None:
+        """Start the save that waited for the round just ended, if any."""
+        while self._saves and not self.rounds.rounds:
+            identity, h = self._saves.pop(0)
+            try:
+                self._on_save(identity, h)
+            except Refusal as exc:
+                self.router.error(identity, h["id"], exc.code, exc.message)
 
     # ---- tables, barriers, leases ---------------------------------------------------------
 
     def _on_create_table(self, identity: bytes, h: CreateTableMsg) -> None:
         spec = self.tables.create(h["spec"]).to_wire()
         self._record({"t": "table", "spec": spec})
+        # the servers create a table only when the coordinator says so; sent before the
+        # answer, so that the worker's own create_shard finds it there
+        for m in self.members.servers:
+            if m.state == ALIVE and m.identity:
+                self.router.send(m.identity, {"kind": "create_shard", "id": 0, "spec": spec})
         self.router.reply(identity, h["id"], spec=spec)
 
     def _on_list_tables(self, identity: bytes, h: ListTablesMsg) -> None:
         self.router.reply(identity, h["id"], tables=self.tables.to_wire())
 
+    def _check_sender(self, identity: bytes, rank: int) -> None:
+        """Refuse a message naming worker ``rank`` unless it comes from the connection that
+        registered that rank: no peer waits at a barrier or takes a lease in another's name."""
+        m = self.members.member("worker", rank)
+        if m is None or not m.identity or m.identity != identity:
+            raise Refusal(
+                "identity",
+                f"worker[{rank}] is not registered from this connection: a message naming "
+                "another worker's rank is refused and nothing changed",
+            )
+
     def _on_barrier(self, identity: bytes, h: BarrierMsg) -> None:
+        self._check_sender(identity, h["rank"])
         deadline = time.monotonic() + h["timeout"]
         self.barriers.arrive(h["name"], h["rank"], (identity, h["id"]), deadline)
         self._check_barriers()
@@ -429,11 +488,13 @@ class Coordinator:
                 self.router.reply(identity, rid)
 
     def _on_acquire_lease(self, identity: bytes, h: AcquireLeaseMsg) -> None:
+        self._check_sender(identity, h["rank"])
         shard = self.leases.acquire(h)
         self._record({"t": "lease", "op": "acquire", "h": dict(h)})
         self.router.reply(identity, h["id"], shard=shard)
 
     def _on_complete_lease(self, identity: bytes, h: CompleteLeaseMsg) -> None:
+        self._check_sender(identity, h["rank"])
         self.leases.complete(h)
         self._record({"t": "lease", "op": "complete", "h": dict(h)})
         self.router.reply(identity, h["id"])

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from paramserver import checkpoint
+from paramserver.config import Limits
 from paramserver.coordinator.refusal import Refusal
 from paramserver.partition import DENSE_SPLIT_ELEMENTS, dense_ranges
 from paramserver.spec import TableSpec
@@ -36,8 +37,9 @@ class TableRegistry:
         registry.create(ps_spec.to_wire())          # the same spec again: the same answer
     """
 
-    def __init__(self, server_ranks: Sequence[int]) -> None:
+    def __init__(self, server_ranks: Sequence[int], limits: Limits | None = None) -> None:
         self.server_ranks = list(server_ranks)
+        self.limits = limits or Limits()
         self.tables: dict[str, TableSpec] = {}
         # dense elements placed on each server so far: where the next small table goes
         self.dense_load: dict[int, int] = dict.fromkeys(self.server_ranks, 0)
@@ -78,6 +80,7 @@ class TableRegistry:
             return old
         if spec.kind == "dense":
             spec = self._place(spec)
+            self._check_bytes(spec)
         self.tables[spec.name] = spec
         log.info(
             "table %r created (%s, %s, %s)",
@@ -87,6 +90,20 @@ class TableRegistry:
             spec.consistency,
         )
         return spec
+
+    def _check_bytes(self, spec: TableSpec) -> None:
+        """Refuse a dense table whose range on some server passes ``Limits(table_bytes)``."""
+        opt, limit = spec.optimizer, self.limits.table_bytes
+        per_element = (1 + opt.n_slots) * spec.np_dtype.itemsize
+        for s, a, b in spec.ranges:
+            need = (b - a) * per_element + opt.n_scalars * spec.np_dtype.itemsize
+            if need > limit:
+                raise Refusal(
+                    "too_large",
+                    f"dense table {spec.name!r} would take {need} bytes on server[{s}], more "
+                    f"than Limits(table_bytes={limit}): nothing was created (use more servers, "
+                    "a smaller table, or start the cluster with a larger limit)",
+                )
 
     def restore(self, path: str) -> dict[str, Any]:
         """Take the tables of the checkpoint at ``path``: ``{"path", "clock"}`` of the

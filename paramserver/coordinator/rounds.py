@@ -20,7 +20,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class Round:
     waiting: set[int]
     deadline: float
     requester: tuple[bytes, int] | None = None  # (identity, request id); None: periodic
+    errors: list[str] = field(default_factory=list)  # the servers that failed, in their words
 
 
 class CheckpointRounds:
@@ -120,12 +121,20 @@ class CheckpointRounds:
         rnd.waiting.discard(rank)
         return rnd if not rnd.waiting else None
 
-    def refused(self, round_id: int, code: str, message: str) -> Round | None:
+    def refused(
+        self, round_id: int, code: str, message: str, rank: int | None = None
+    ) -> Round | None:
         """A server answered round ``round_id`` with error ``code``: the round to fail, or
-        None (no such round, or a periodic round that aimed too early, dropped to retry)."""
+        None (no such round, a periodic round that aimed too early, dropped to retry, or
+        other servers of ``rank``'s round still to answer: the round then fails naming every
+        server that failed, ``Round.errors``)."""
         rnd = self.rounds.get(round_id)
         if rnd is None:
             return None
+        if code != "too_late" and rank is not None:
+            rnd.errors.append(message)
+            rnd.waiting.discard(rank)
+            return rnd if not rnd.waiting else None
         if code == "too_late" and rnd.requester is None:
             # a periodic round aimed at a clock some server had already passed (heartbeats
             # report clocks late): drop it quietly and aim further ahead next time
@@ -185,6 +194,18 @@ class CheckpointRounds:
             for rnd in self.rounds.values()
             if now > rnd.deadline
         ]
+
+    def make_way(self) -> bool:
+        """A worker asks for a checkpoint while periodic rounds run: drop them (they come back
+        once the worker's is written) and say True; False if a worker's own round runs."""
+        if any(rnd.requester is not None for rnd in self.rounds.values()):
+            return False
+        for rnd in list(self.rounds.values()):
+            self.rounds.pop(rnd.round_id)
+            shutil.rmtree(rnd.partial, ignore_errors=True)
+            log.info("periodic checkpoint round %d makes way for a worker's", rnd.round_id)
+            self.next_periodic = 0.0
+        return True
 
     def start_periodic(
         self, now: float, servers: Sequence[Member], workers_alive: bool

@@ -8,9 +8,10 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from paramserver.server.state import ServerState
-from paramserver.server.table import make_table
+from paramserver.server.table import Table, check_table_bytes, make_table
 from paramserver.spec import TableSpec
 from paramserver.wire.messages import (
     AttachMsg,
@@ -54,21 +55,50 @@ class Admin:
         req.reply.ok()
 
     def on_create_shard(self, h: CreateShardMsg, req: Request) -> None:
+        """A worker's create_shard: the table is there once the coordinator ordered it
+        (``create``); a worker cannot create one itself (the loop gave the coordinator's
+        order a few seconds to come: ``Server.park``)."""
         spec = TableSpec.from_wire(h["spec"])
         old = self.state.tables.get(spec.name)
-        if old is not None:
-            diff = old.spec.conflicts(spec)
-            if diff or old.spec.ranges != spec.ranges:
-                raise Refusal(
-                    "conflict",
-                    f"table {spec.name!r} exists on {self.state.name} with a "
-                    f"different {', '.join(diff) or 'placement'}",
-                )
-            req.reply.ok()
-            return
-        self.state.tables[spec.name] = make_table(spec, self.state.rank)
-        log.info("%s: table %r created", self.state.name, spec.name)
+        if old is None:
+            why = self.state.refused_tables.get(spec.name)
+            raise Refusal(
+                "not_registered",
+                why
+                or f"table {spec.name!r} was not created through the coordinator: "
+                f"{self.state.name} creates a table only when the coordinator says so "
+                "(create it with client.sparse_table or client.dense_table)",
+            )
+        self.check_same(old, spec)
         req.reply.ok()
+
+    def check_same(self, old: Table, spec: TableSpec) -> None:
+        diff = old.spec.conflicts(spec)
+        if diff or old.spec.ranges != spec.ranges:
+            raise Refusal(
+                "conflict",
+                f"table {spec.name!r} exists on {self.state.name} with a "
+                f"different {', '.join(diff) or 'placement'}",
+            )
+
+    def create(self, wire: dict[str, Any]) -> None:
+        """The coordinator's order to create a table (idempotent; a refusal is kept, for the
+        worker's create_shard to report)."""
+        state = self.state
+        spec = TableSpec.from_wire(wire)
+        old = state.tables.get(spec.name)
+        if old is not None:
+            self.check_same(old, spec)
+            return
+        try:
+            check_table_bytes(spec, state.rank, state.limits.table_bytes, state.name)
+        except Refusal as exc:
+            state.refused_tables[spec.name] = exc.message
+            raise
+        table = make_table(spec, state.rank)
+        table.max_bytes = state.limits.table_bytes
+        state.tables[spec.name] = table
+        log.info("%s: table %r created", state.name, spec.name)
 
     def on_set_lr(self, h: SetLrMsg, req: Request) -> None:
         t = self.state.table(h["table"])
@@ -79,11 +109,12 @@ class Admin:
         req.reply.ok()
 
     def on_clock(self, h: ClockMsg, req: Request) -> None:
+        # one clock() moves a worker's clock by one: a clock message that names a later clock
+        # (a bug, or a replay) moves it by one all the same; its pulls and pushes carry the
+        # clock a restarted server must learn
         rank = h["rank"]
-        if rank >= len(self.state.clocks.clock):
-            raise Refusal("invalid", f"worker rank {rank} out of range")
-        self.state.clocks.advance(rank, h["clock"])
-        self.progress()
+        if self.state.clocks.advance(rank, min(h["clock"], self.state.clocks.clock[rank] + 1)):
+            self.progress()
         req.reply.ok()
 
     def on_stats(self, h: StatsMsg, req: Request) -> None:
@@ -138,6 +169,6 @@ class Admin:
     def on_attach_slot(self, h: AttachSlotMsg, req: Request) -> None:
         if req.arrays:
             raise Refusal("invalid", "attach_slot takes no arrays")
-        self.state.check_live(h["rank"], self.wait_view)
+        self.state.check_live(h["rank"])
         self.paths.attach_slot(h["rank"], h["slot"], h["path"], h["nonce"], h["size"])
         req.reply.ok()

@@ -81,6 +81,10 @@ class CoordinatorLink:
         self._confirmed = 0.0  # when the coordinator last confirmed that it does
         self._asked = 0.0  # when it was last asked to (at most once per heartbeat timeout)
         self._silence_told = False  # whether the coordinator's silence was logged
+        self.rejoined: dict[int, int] = {}  # the newest view's restarted workers and clocks
+        # creates a table the coordinator ordered (the server's Admin.create)
+        self.create: Callable[[dict[str, Any]], None] | None = None
+        self.early: list[dict[str, Any]] = []  # orders that came before this server's rank
         self.endpoint = Endpoint(
             ctx, request_timeout=timeouts.connect, on_message=self.on_message, security=security
         )
@@ -153,6 +157,11 @@ class CoordinatorLink:
             for wire in reply.get("tables") or []:
                 spec = TableSpec.from_wire(wire)
                 state.tables[spec.name] = make_table(spec, state.rank)
+        for t in state.tables.values():
+            t.max_bytes = state.limits.table_bytes
+        early, self.early = self.early, []
+        for header in early:
+            self.on_message("coordinator", header, [])
         log.info("%s serving at %s", state.name, state.address)
 
     # ---- fencing ----------------------------------------------------------------------------
@@ -260,8 +269,21 @@ class CoordinatorLink:
             self.stopping.set()
 
     def on_message(self, peer: str, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        """One message of the coordinator's; whatever it holds, the server goes on."""
+        try:
+            self.handle(header)
+        except Exception as exc:  # the loop that polls this link must never end on a message
+            log.error("%s: the coordinator's %s message failed: %s", self.state.name,
+                      header.get("kind"), str(exc)[:1000])  # fmt: skip
+
+    def handle(self, header: dict[str, Any]) -> None:
         state = self.state
-        if header["kind"] == "view":
+        if header["kind"] == "create_shard":
+            if state.rank < 0:  # came with the registration's answer: created once it is read
+                self.early.append(header)
+            elif self.create is not None:
+                self.create(header["spec"])
+        elif header["kind"] == "view":
             self.apply_view(header["view"])
         elif header["kind"] == "checkpoint":
             if state.clocks.reached > header["clock"]:
@@ -289,6 +311,7 @@ class CoordinatorLink:
             return
         state.view = number
         live = {int(r) for r, status in workers if status in ("pending", "alive")}
+        registered = {int(r) for r, status in workers if status == "alive"}
         rejoined = {int(r): int(c) for r, c in view.get("rejoined") or []}
         clocks = state.clocks
         for r in live - clocks.live:
@@ -297,6 +320,12 @@ class CoordinatorLink:
                 clocks.clock[r] = rejoined[r]
                 state.last_seq.pop(r, None)
         self.paths.workers_left(live, clocks.live - live)
+        # a rank that registered, left or came back (a new process: rejoined at another clock)
+        # is claimed again by its next connection
+        again = {r for r, c in rejoined.items() if self.rejoined.get(r) != c}
+        self.rejoined = rejoined
+        state.release((registered ^ state.registered) | again)
+        state.registered = registered
         if live != clocks.live:
             clocks.set_live(live)
             self.progress()

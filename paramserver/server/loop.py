@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from paramserver.config import Timeouts
+from paramserver.config import Limits, Timeouts
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.server.admin import Admin
 from paramserver.server.cluster import CoordinatorLink
@@ -41,6 +41,10 @@ __all__ = ["Server", "run_server", "tune_allocator", "warm_kernels"]
 
 log = logging.getLogger(__name__)
 
+VIEW_WAIT = 1.0  # seconds a message of a worker not yet live waits for the view that admits it
+TABLE_WAIT = 5.0  # seconds a worker's create_shard waits for the coordinator's order
+MAX_PARKED = 1024  # messages waiting so at once (more are refused at once)
+
 
 class Server:
     """A server: bind, register with the coordinator, serve until told to stop.
@@ -59,6 +63,7 @@ class Server:
         advertise: str | None = None,
         rank: int | None = None,
         security: Security | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.wanted_rank = rank
         self.timeouts = timeouts or Timeouts()
@@ -74,13 +79,16 @@ class Server:
             idle=self.timeouts.heartbeat_timeout,
             secret=None if security is None else security.server_secret,
         )
-        self.state = ServerState()
+        self.state = ServerState(limits)
         self.state.address = self.router.address
         if advertise or host in ("0.0.0.0", "*"):
             self.state.address = f"tcp://{advertise or pysocket.gethostname()}:{self.router.port}"
         self.address = self.state.address
         self._stop = threading.Event()
         self.rejections = protocol.Rejections()
+        # messages of workers not yet live, waiting for a view: (identity, frames, since)
+        self.parked: list[tuple[bytes, list[Any], float]] = []
+        self.parked_state = (0, 0, 0)  # the view, tables and tenth of a second last tried at
         self.snapshots = Snapshots(self.state)
         self.cluster = CoordinatorLink(
             self.ctx,
@@ -97,6 +105,7 @@ class Server:
         self.pushes = Pushes(self.state, self.paths, self.progress, self.cluster.poll)
         admin = Admin(self.state, self.paths, self.progress, self.cluster.poll)
         many = Many(self.state, self.paths, self.pushes, self.progress)
+        self.cluster.create = admin.create
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
             "push": self.pushes.on_push,
@@ -141,13 +150,15 @@ class Server:
                 soonest = deferred.next_deadline()
                 if soonest is not None:
                     wait_ms = max(0, min(wait_ms, int((soonest - time.monotonic()) * 1000) + 1))
+                if self.parked:  # the coordinator's views do not wake this poll
+                    wait_ms = min(wait_ms, 10)
                 if poller.poll(wait_ms):
                     for _ in range(256):
                         try:
                             identity, frames = self.router.recv_raw_nowait()
                         except BlockingIOError:
                             break
-                        self.handle(identity, frames)
+                        self.handle_safely(identity, frames)
                 elif self.paths.received >= TRIM_AFTER_BYTES:
                     # idle for a whole poll after large messages: hand the allocator's free
                     # memory back and the receive buffers too (12 MiB after pushes of 200k x 16
@@ -156,6 +167,7 @@ class Server:
                     trim_allocator()
                 self.cluster.poll(0)
                 self.cluster.watch_coordinator()
+                self.unpark()
                 if len(deferred):
                     self.pulls.expire(time.monotonic())
                 self.paths.expire(time.monotonic())
@@ -172,8 +184,9 @@ class Server:
 
     # ---- dispatch -------------------------------------------------------------------------
 
-    def handle(self, identity: bytes, frames: list[Any]) -> None:
-        """Decode one message, run its handler, and answer what the handler refused."""
+    def handle(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:
+        """Decode one message, run its handler, and answer what the handler refused
+        (``since``: when a message that waited for a view first came)."""
         try:
             req = self.paths.receive(identity, frames)
         except ProtocolError as exc:
@@ -187,9 +200,16 @@ class Server:
             self.router.error(identity, exc.request_id, exc.code, f"{self.state.name}: {exc}")
             return
         kind = req.header["kind"]
+        rank = req.header.get("rank")
         try:
+            if kind in ("pull", "push"):  # before anything else: the cheapest refusal
+                self.state.check_size(req.header, req.arrays)
+            if self.park(identity, frames, req.header, since):
+                return
             self.paths.fetch(req)  # a payload behind the header is read first of all
             self.cluster.admit(req.header)  # a replaced process serves nothing (fencing)
+            if rank is not None:  # every server request naming a rank is a worker's
+                self.state.claim(rank, identity)
             handler = self.handlers.get(kind)
             if handler is None:
                 raise Refusal("bad_request", f"a server does not take {kind!r} messages")
@@ -199,8 +219,60 @@ class Server:
         except (Refusal, ConfigError) as exc:
             req.reply.refuse(exc)
         except Exception as exc:  # a bug must not take the server down with it
-            log.exception("%s: %s request %d failed", self.state.name, kind, req.header["id"])
-            req.reply.error("internal", f"{type(exc).__name__}: {exc}")
+            if self.rejections.count():
+                log.exception("%s: %s request %d failed", self.state.name, kind, req.header["id"])
+            req.reply.error("internal", f"{type(exc).__name__}: {str(exc)[:1000]}")
+
+    def handle_safely(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:
+        """:meth:`handle`, and whatever escapes it (a bug in a reply's path) is logged, at a
+        bounded rate, and never ends the loop."""
+        try:
+            self.handle(identity, frames, since)
+        except Exception:
+            if self.rejections.count():
+                log.exception("%s: a message could not be handled", self.state.name)
+
+    def park(
+        self, identity: bytes, frames: list[Any], h: dict[str, Any], since: float | None
+    ) -> bool:
+        """Keep a request of a worker that has not registered yet for up to a second: a
+        (restarted) worker may be faster than the view that lets it in. The message waits
+        here, and the loop serves everyone else meanwhile (``unpark``); a push whose payload
+        follows on the bulk channel is not kept (the channel must be read now)."""
+        limit = self.may_wait(h)
+        now = time.monotonic()
+        first = now if since is None else since
+        if now - first >= limit or len(self.parked) >= MAX_PARKED:
+            return False  # refused (not registered, no such table)
+        self.parked.append((identity, frames, first))
+        return True
+
+    def may_wait(self, h: dict[str, Any]) -> float:
+        """How long a message may wait for the coordinator (0: not at all): a request of a
+        worker not registered yet (a view), a worker's create_shard of a table the coordinator has
+        not yet ordered here."""
+        kind, state = h["kind"], self.state
+        if "rank" in h and "bulk" not in h:
+            return VIEW_WAIT if h["rank"] not in state.registered else 0.0
+        if kind == "create_shard":
+            name = h["spec"].get("name")
+            if isinstance(name, str) and name not in state.tables:
+                return TABLE_WAIT if name not in state.refused_tables else 0.0
+        return 0.0
+
+    def unpark(self) -> None:
+        """Handle again the messages that waited for a view: a view came, or their second is
+        over (they are then refused as not live)."""
+        if not self.parked:
+            return
+        now = time.monotonic()
+        now_state = (self.state.view, len(self.state.tables), int(now * 10))
+        if now_state == self.parked_state:
+            return
+        self.parked_state = now_state
+        waiting, self.parked = self.parked, []
+        for identity, frames, since in waiting:
+            self.handle_safely(identity, frames, since)
 
     def progress(self) -> None:
         """The slowest live worker may have moved: apply the sync clocks it completed (taking

@@ -59,7 +59,7 @@ class Pushes:
         state = self.state
         t = state.table(h["table"])
         rank, seq = h["rank"], h["seq"]
-        state.check_live(rank, self.wait_view)
+        state.check_live(rank)
         if state.clocks.advance(rank, h["clock"]):  # see Pulls.on_pull
             self.progress()
         where = f"push to table {t.spec.name!r} from worker[{rank}]"

@@ -6,6 +6,9 @@ and loaded back when a server registers into a restored cluster (file format:
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,7 @@ class Snapshots:
             )
         except OSError as exc:
             log.error("%s: checkpoint at clock %d into %s failed: %s", state.name, clock, path, exc)
-            return protocol.error_header(rid, "io", f"{state.name}: {exc}")
+            return protocol.error_header(rid, "io", f"{state.name}: {io_error(exc, path)}")
         log.info(
             "%s: checkpoint at clock %d written to %s in %.2fs",
             state.name,
@@ -106,3 +109,21 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
         directory,
         manifest["clock"],
     )
+
+
+def io_error(exc: OSError, path: str) -> str:
+    """What went wrong writing a checkpoint, in words: "no space left on device writing PATH"
+    (numpy's short write, "N requested and M written", is a full disk too, mostly)."""
+    where = exc.filename or path
+    if exc.errno is not None:
+        return f"{os.strerror(exc.errno).lower()} writing {where}"
+    text = str(exc)
+    short = re.fullmatch(r"(\d+) requested and (\d+) written", text)
+    if short is not None:
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = 0
+        if free < int(short[1]) - int(short[2]):
+            return f"no space left on device writing {where} ({text})"
+    return f"{text} writing {where}"

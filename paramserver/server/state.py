@@ -4,11 +4,11 @@ pushes it applied and the pulls that wait. Plain state; the loop and the handler
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from paramserver.config import Limits
 from paramserver.metrics import ServerMetrics
 from paramserver.server.consistency import Clocks, DeferredPulls
 from paramserver.server.table import Table
@@ -31,7 +31,8 @@ class ServerState:
         state.fresh(rank=0, seq=4), state.fresh(rank=0, seq=4)   # True, False: a retry
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
         self.name = "server[?]"
         self.rank = -1
         self.address = ""
@@ -41,12 +42,32 @@ class ServerState:
         self.last_seq: dict[int, int] = {}  # worker rank -> sequence number of its last push
         self.deferred: DeferredPulls[Waiting] = DeferredPulls()
         self.metrics = ServerMetrics()  # latency and staleness, sent with stats
+        # worker rank -> the ZeroMQ identity that holds it here (see ``claim``)
+        self.owners: dict[int, bytes] = {}
+        self.registered: set[int] = set()  # the workers the newest view lists as alive
+        # tables the coordinator ordered that this server could not create: name -> why
+        self.refused_tables: dict[str, str] = {}
 
     def table(self, name: str) -> Table:
         t = self.tables.get(name)
         if t is None:
             raise Refusal("unknown_table", f"table {name!r} does not exist on {self.name}")
         return t
+
+    def check_size(self, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        """Refuse a pull or push of a sparse table carrying more keys than
+        ``Limits(request_keys)``: one such request would hold the loop (and everyone waiting
+        on it) for as long as its rows take, and their memory besides."""
+        t = self.tables.get(h["table"])
+        if t is None or t.spec.kind != "sparse" or not arrays:
+            return
+        n, limit = len(arrays[0]), self.limits.request_keys
+        if n > limit:
+            raise Refusal(
+                "too_large",
+                f"{h['kind']} of table {h['table']!r} carries {n} keys to {self.name}, more than "
+                f"Limits(request_keys={limit}): nothing changed (send the keys in batches)",
+            )
 
     def fresh(self, rank: int, seq: int) -> bool:
         """False for a retry of a push already applied; else remember ``seq``."""
@@ -55,13 +76,38 @@ class ServerState:
         self.last_seq[rank] = seq
         return True
 
-    def check_live(self, rank: int, wait: Callable[[float], None]) -> None:
-        """Refuse a request of a worker that is not a live member. A restarted worker may be
-        faster than the view that lets it back in: ``wait(seconds)`` (the coordinator's
-        messages) is given a second to bring that view."""
-        if rank not in self.clocks.live:
-            deadline = time.monotonic() + 1.0
-            while rank not in self.clocks.live and (left := deadline - time.monotonic()) > 0:
-                wait(left)
+    def claim(self, rank: int, identity: bytes) -> None:
+        """Refuse a request naming worker ``rank`` unless it comes from the connection that
+        holds that rank here: the first connection to name a rank that the views list as
+        registered holds it until the views say the rank left or came back (``release``);
+        any other is refused, so that no peer moves another worker's clock or pushes in its
+        name. A rank that has not registered is held by no one."""
+        if not 0 <= rank < len(self.clocks.clock):
+            raise Refusal(
+                "invalid",
+                f"worker rank {rank} out of range: the cluster has "
+                f"{len(self.clocks.clock)} workers",
+            )
+        if rank not in self.registered:
+            raise Refusal(
+                "not_live", f"worker[{rank}] is not a registered member in view {self.view}"
+            )
+        owner = self.owners.setdefault(rank, identity)
+        if owner != identity:
+            raise Refusal(
+                "identity",
+                f"worker[{rank}] is held by another connection on {self.name}: a message "
+                "naming another worker's rank is refused and nothing changed",
+            )
+
+    def release(self, ranks: set[int]) -> None:
+        """The views say ``ranks`` left or came back: their next connection may claim them."""
+        for r in ranks:
+            self.owners.pop(r, None)
+
+    def check_live(self, rank: int) -> None:
+        """Refuse a request of a worker that is not a live member (the loop first gives the
+        coordinator's next view a second to let a restarted worker back in, without waiting
+        for it: ``Server.park``)."""
         if rank not in self.clocks.live:
             raise Refusal("not_live", f"worker[{rank}] is not a live member in view {self.view}")

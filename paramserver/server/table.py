@@ -20,7 +20,7 @@ from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.spec import TableSpec
 from paramserver.wire.refusal import Refusal
 
-__all__ = ["Table", "make_table"]
+__all__ = ["Table", "check_table_bytes", "make_table", "row_bytes"]
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Table:
     skipped: int = 0  # gradient rows (sparse) or gradients (dense) skipped as non-finite
     version: int = 0  # dense: updates applied here (a worker's shared copy names one)
     keys: KeyCache = field(default_factory=KeyCache)  # sparse: cached key lists
+    max_bytes: int | None = None  # the most bytes this table may take here (Limits)
 
     def pull_keys(self, arrays: list[np.ndarray], server: str) -> np.ndarray | None:
         """The keys of a pull without a signature (None for a dense table)."""
@@ -112,9 +113,16 @@ class Table:
         return keep
 
     def check_room(self, keys: np.ndarray, server: str) -> None:
-        """Refuse (changing nothing) a request that would grow a sparse table past max_rows."""
-        cap = self.spec.max_rows
-        if cap is None or not isinstance(self.shard, SparseShard):
+        """Refuse (changing nothing) a request that would grow a sparse table past max_rows,
+        or past the bytes a table may take on a server (``Limits(table_bytes=...)``)."""
+        if not isinstance(self.shard, SparseShard):
+            return
+        cap, what = self.spec.max_rows, "max_rows"
+        if self.max_bytes is not None:
+            by_bytes = self.max_bytes // max(1, row_bytes(self.spec))
+            if cap is None or by_bytes < cap:
+                cap, what = by_bytes, f"Limits(table_bytes={self.max_bytes}) allows"
+        if cap is None:
             return
         have = self.shard.num_rows
         if have + len(keys) <= cap:
@@ -124,8 +132,30 @@ class Table:
             raise Refusal(
                 "full",
                 f"table {self.spec.name!r} is full on {server}: it holds {have} rows and "
-                f"max_rows is {cap}; a request for {new} new keys was refused and nothing "
+                f"{what} is {cap}; a request for {new} new keys was refused and nothing "
                 "changed (raise max_rows, add servers, or evict rows)",
+            )
+
+
+def row_bytes(spec: TableSpec) -> int:
+    """The bytes of one row of a table and its optimizer state (one element of a dense one)."""
+    opt = spec.optimizer
+    width = spec.dim if spec.kind == "sparse" else 1
+    return (width * (1 + opt.n_slots) + opt.n_scalars) * spec.np_dtype.itemsize
+
+
+def check_table_bytes(spec: TableSpec, rank: int, limit: int, where: str) -> None:
+    """Refuse a dense table whose range on server ``rank`` takes more than ``limit`` bytes."""
+    if spec.kind != "dense":
+        return
+    for s, a, b in spec.ranges:
+        need = (b - a) * row_bytes(spec)
+        if (rank < 0 or s == rank) and need > limit:
+            raise Refusal(
+                "too_large",
+                f"dense table {spec.name!r} would take {need} bytes on server[{s}] ({where}), "
+                f"more than Limits(table_bytes={limit}): nothing was created (use more "
+                "servers, a smaller table, or raise the limit)",
             )
 
 

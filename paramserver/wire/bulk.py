@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # Payloads below this stay in ZeroMQ frames: the copy out of libzmq's buffer costs little there.
 MIN_BYTES = 1 << 20
+MIN_RATE = 1 << 20  # bytes/s: a payload slower than this, past ``idle``, is dropped (hardening)
 _MAGIC = b"PSBULK01"
 _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
 _SEALED_MAGIC = b"PSBULKS1"
@@ -74,14 +75,27 @@ def recv_exactly(sock: socket.socket, buf: memoryview, idle: float, what: str) -
     """Fill ``buf`` from ``sock``; OSError if the peer closes, or sends nothing for ``idle``
     seconds (TimeoutError), naming ``what`` and how far it got."""
     got, n = 0, buf.nbytes
+    # a total deadline too: a peer sending a byte now and then would hold the reader forever
+    deadline = time.monotonic() + idle + n / MIN_RATE
     try:
-        sock.settimeout(idle)
         while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionError(
+                    f"{what}: {got} of {n} bytes received, slower than the least rate of "
+                    f"{MIN_RATE} bytes/s (after {idle:g}s of grace)"
+                )
+            sock.settimeout(min(idle, left))
             r = sock.recv_into(buf[got:], n - got)
             if not r:
                 raise ConnectionError(f"{what}: connection closed after {got} of {n} bytes")
             got += r
     except TimeoutError:
+        if time.monotonic() >= deadline:
+            raise ConnectionError(
+                f"{what}: {got} of {n} bytes received, slower than the least rate of "
+                f"{MIN_RATE} bytes/s (after {idle:g}s of grace)"
+            ) from None
         raise TimeoutError(
             f"{what}: {got} of {n} bytes received, then nothing for {idle:g}s"
         ) from None

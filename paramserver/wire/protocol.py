@@ -48,6 +48,10 @@ MAX_NDIM = 4
 # No header we send nests deeper than a server's stats (5 levels); a deeper one is refused
 # before any code walks it (repr, validation, a spec parser: all recursive).
 MAX_DEPTH = 16
+# the longest string or bytes, and the most entries of a list or map, in a header (msgpack
+# refuses more before it allocates them); msgpack's own nesting limit is 1024 levels, and
+# MAX_DEPTH then refuses a header deeper than 16
+MAX_HEADER_ITEMS = 1 << 16
 # arrays at least this large go into a message's shared slot (if it has one and they fit)
 SLOT_MIN_BYTES = 32 << 10
 SLOT_ALIGN = 64
@@ -376,7 +380,16 @@ def _decode_header(raw: Any) -> dict[str, Any]:
     if buf.nbytes > MAX_HEADER_BYTES:
         raise _fail(f"header of {buf.nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(buf, raw=False, strict_map_key=True)
+        header = msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER_ITEMS,
+            max_bin_len=MAX_HEADER_ITEMS,
+            max_array_len=MAX_HEADER_ITEMS,
+            max_map_len=MAX_HEADER_ITEMS,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise _fail(f"header is not valid msgpack ({type(exc).__name__})") from None
     if _too_deep(header, MAX_DEPTH):

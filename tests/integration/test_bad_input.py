@@ -12,7 +12,7 @@ import zmq
 import paramserver as ps
 from paramserver.errors import ConfigError, PSTimeoutError, RemoteError
 from paramserver.wire import protocol
-from paramserver.wire.transport import Endpoint, new_context
+from paramserver.wire.transport import new_context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,15 +59,10 @@ def test_non_finite_gradients_are_refused(table: ps.SparseTable, bad: float) -> 
     assert snapshot(table) == before
 
 
-def raw_request(address: str, header: dict, arrays=()):  # type: ignore[no-untyped-def]
-    ctx = new_context()
-    ep = Endpoint(ctx, request_timeout=5.0)
-    try:
-        ep.connect("server", address)
-        return ep.request("server", header, arrays, what="raw request").result(5.0)
-    finally:
-        ep.close()
-        ctx.term()
+def raw_request(client: ps.Client, header: dict, arrays=()):  # type: ignore[no-untyped-def]
+    """A request to server[0] past the client's checks, on the worker's own connection (a
+    server takes a message naming worker 0 only from the connection that holds that rank)."""
+    return client.endpoint.request("server[0]", header, arrays, what="raw request").result(5.0)
 
 
 def server_addresses(table: ps.SparseTable) -> list[str]:
@@ -82,7 +77,7 @@ def test_server_refuses_non_finite_push_even_from_a_bypassing_client(table: ps.S
     grads = np.full((len(mine), 4), np.nan, np.float32)
     header = {"kind": "push", "table": "emb", "rank": 0, "clock": 0, "seq": 2**62}
     with pytest.raises(RemoteError, match=r"push to table 'emb'.*NaN or Inf.*unchanged"):
-        raw_request(server_addresses(table)[0], header, [mine, grads])
+        raw_request(table.client, header, [mine, grads])
     assert snapshot(table) == before
 
 
@@ -96,7 +91,7 @@ def test_unknown_table_is_named(table: ps.SparseTable) -> None:
         "timeout": 5.0,
     }
     with pytest.raises(RemoteError, match=r"table 'nope' does not exist on server\[0\]"):
-        raw_request(server_addresses(table)[0], header, [np.arange(3, dtype=np.uint64)])
+        raw_request(table.client, header, [np.arange(3, dtype=np.uint64)])
 
 
 def test_wrong_shape_reaching_the_server_is_refused(table: ps.SparseTable) -> None:
@@ -104,10 +99,10 @@ def test_wrong_shape_reaching_the_server_is_refused(table: ps.SparseTable) -> No
     header = {"kind": "push", "table": "emb", "rank": 0, "clock": 0, "seq": 2**62}
     keys = np.arange(3, dtype=np.uint64)
     with pytest.raises(RemoteError, match=r"gradient must be \(3, 4\) float32, got \(3, 5\)"):
-        raw_request(server_addresses(table)[0], header, [keys, np.zeros((3, 5), np.float32)])
+        raw_request(table.client, header, [keys, np.zeros((3, 5), np.float32)])
     with pytest.raises(RemoteError, match="keys must be a 1-D uint64"):
         raw_request(
-            server_addresses(table)[0],
+            table.client,
             header,
             [keys.astype(np.float64), np.zeros((3, 4), np.float32)],
         )

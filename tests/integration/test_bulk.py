@@ -149,7 +149,9 @@ def test_garbage_and_wrong_tickets_are_refused(one_server: ps.LocalCluster) -> N
     w = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
     w.pull()
     server = client._ep.address_of("server[0]")
-    # tickets asked for by another ZeroMQ identity than the client's
+    # tickets asked for by another ZeroMQ identity than the client's: worker 1 registers,
+    # and the other identity is the first to name its rank on server[0], so it holds it
+    one_server.connect(transport="tcp")
     ctx = new_context()
     other = Endpoint(ctx, request_timeout=10)
     other.connect("server[0]", server)

@@ -15,7 +15,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.cli import _refuse_exposed
-from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError
+from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.wire.transport import Endpoint, Security, new_context
 from tests import procs
 from tests.timing import FAST
@@ -130,22 +130,26 @@ def push_through_proxy(cluster: ps.LocalCluster, security: Security | None) -> b
     client = cluster.connect()
     t = client.sparse_table("secret-table-name", dim=16, optimizer=ps.optim.SGD(lr=1.0))
     owner = int(client.ring.route(np.array([7], np.uint64))[0])
+    before = t.pull(np.array([7]))[0].copy()  # worker 0's connection now holds its rank there
     proxy = Recorder(client.view["servers"][owner][1])
     ctx = new_context()
     ep = Endpoint(ctx, request_timeout=5.0, security=security)
     try:
         ep.connect("server", proxy.address)
-        ep.request(
-            "server",
-            {"kind": "push", "table": "secret-table-name", "rank": 0, "clock": 0, "seq": 2**62},
-            [np.array([7], np.uint64), MARKER[None]],
-            what="push through the proxy",
-        ).result(5.0)
+        # it arrives, and the server answers in its own words: worker 0's rank is held by the
+        # worker's own connection, so this one's push is refused and changes nothing
+        with pytest.raises(RemoteError, match=r"worker\[0\] is held by another connection"):
+            ep.request(
+                "server",
+                {"kind": "push", "table": "secret-table-name", "rank": 0, "clock": 0, "seq": 1},
+                [np.array([7], np.uint64), MARKER[None]],
+                what="push through the proxy",
+            ).result(5.0)
     finally:
         ep.close()
         ctx.term()
         proxy.close()
-    np.testing.assert_array_equal(t.pull(np.array([7]))[0], -MARKER)  # it arrived and applied
+    np.testing.assert_array_equal(t.pull(np.array([7]))[0], before)
     with proxy.lock:
         return bytes(proxy.seen)
 
