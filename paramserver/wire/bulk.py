@@ -47,7 +47,14 @@ from paramserver.errors import (
     RemoteError,
 )
 from paramserver.wire import seal
-from paramserver.wire.streams import JOIN, READ_AHEAD, Reader, Writer, suppress_oserror
+from paramserver.wire.streams import (
+    JOIN,
+    MIN_RATE,
+    READ_AHEAD,
+    Reader,
+    Writer,
+    suppress_oserror,
+)
 
 __all__ = ["MIN_BYTES", "PRESEND_MAX", "Channel", "Listener", "can_seal", "open_channel", "presend"]
 
@@ -55,7 +62,6 @@ log = logging.getLogger(__name__)
 
 # Payloads below this stay in ZeroMQ frames: the copy out of libzmq's buffer costs little there.
 MIN_BYTES = 1 << 20
-MIN_RATE = 1 << 20  # bytes/s: a payload slower than this, past ``idle``, is dropped (hardening)
 _MAGIC = b"PSBULK01"
 _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
 _SEALED_MAGIC = b"PSBULKS1"

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 READ_AHEAD = 32 << 20  # bytes a connection reads before anyone asks for them, at most
 _CHUNK = 1 << 20  # read-ahead memory comes in pieces of this size
 _TICK = 0.2  # how often a waiting I/O thread looks whether it was closed
+# bytes/s: a payload slower than this, past its ``idle`` grace, is dropped; a peer that sends a
+# byte now and then would otherwise hold whoever waits for its payload without end
+MIN_RATE = 1 << 20
 JOIN = 2 * _TICK + 1.0  # how long closing waits for a connection's thread
 
 
@@ -104,22 +107,24 @@ class Reader(threading.Thread):
     def read_into(self, buf: memoryview, idle: float, what: str) -> None:
         """Fill ``buf`` with the next payload; ConnectionError if the connection broke or (with
         a seal) a record failed authentication, TimeoutError if nothing arrived for ``idle``
-        seconds (all name ``what`` and how far it got)."""
+        seconds, or the payload came slower than ``MIN_RATE`` after ``idle`` seconds of grace
+        (all name ``what`` and how far it got)."""
+        deadline = time.monotonic() + idle + buf.nbytes / MIN_RATE
         if self.seal is None:
-            self._read(buf, idle, what)
+            self._read(buf, idle, what, deadline)
             return
         n, pos = buf.nbytes, 0
         while pos < n:
             k = min(RECORD, n - pos)
             record = memoryview(self.seal.scratch)[: k + TAG]
-            self._read(record, idle, what)
+            self._read(record, idle, what, deadline)
             try:
                 self.seal.open(record, buf[pos : pos + k])
             except ConnectionError as exc:
                 raise ConnectionError(f"{what}: {exc}, at byte {pos} of {n}") from None
             pos += k
 
-    def _read(self, buf: memoryview, idle: float, what: str) -> None:
+    def _read(self, buf: memoryview, idle: float, what: str, deadline: float) -> None:
         n, pos = buf.nbytes, 0
         with self.cond:
             self.seen = max(self.seen, time.monotonic())
@@ -146,7 +151,14 @@ class Reader(threading.Thread):
                             )
                         if self.closed:
                             raise ConnectionError(f"{what}: connection closed")
-                        if time.monotonic() - self.seen > idle:
+                        now = time.monotonic()
+                        if now > deadline:
+                            raise ConnectionError(
+                                f"{what}: {pos + self.filled} of {n} bytes received, slower "
+                                f"than the least rate of {MIN_RATE} bytes/s (after {idle:g}s "
+                                "of grace)"
+                            )
+                        if now - self.seen > idle:
                             raise TimeoutError(
                                 f"{what}: {pos + self.filled} of {n} bytes received, then "
                                 f"nothing for {idle:g}s"
