@@ -105,6 +105,8 @@ class Session:
         # server rank -> (its ``replaced`` count when made, shared-memory slots with it)
         self._slot_pools: dict[int, tuple[int, SlotPool]] = {}
         self._clock = 0
+        # called by clock() before the clock goes out (a cached table flushes its gradients)
+        self.before_clock: list[Callable[[], object]] = []
         self._examples = 0  # reported by report(); sent with heartbeats (paramserver status)
         # Sequence numbers start from the wall clock so a restarted worker never reuses one.
         self._seq = time.time_ns()
@@ -395,6 +397,8 @@ class Session:
         for f in self._clock_futures:
             if f.done() and f.exception(0) is not None:
                 raise f.exception(0)  # type: ignore[misc]
+        for flush in self.before_clock:
+            flush()
         self._clock += 1
         self._clock_futures = [
             self.request_server(

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from paramserver.client.cache import CacheSpec, check_cache
 from paramserver.client.dense import DenseTable
 from paramserver.client.session import Session, server_name
 from paramserver.client.sparse import SparseTable
@@ -118,6 +119,7 @@ class Client(Session):
         nonfinite: str = "reject",
         max_rows: int | None = None,
         codec: str = "none",
+        cache: CacheSpec | None = None,
     ) -> SparseTable:
         """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
 
@@ -129,6 +131,9 @@ class Client(Session):
 
         ``codec`` ("none", "float16", "bfloat16" or "int8" with a per-row scale) is how pulled
         rows travel: fewer bytes, rounded values (see :mod:`paramserver.wire.codec`).
+        ``cache``: keep hot rows on this worker, read at most ``cache.staleness`` clocks stale,
+        gradients sent every ``cache.flush_every`` pushes and at ``clock()`` (see
+        :mod:`paramserver.client.cache`; ``emb.cache.stats()`` counts hits and staleness).
 
         Example:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
@@ -147,7 +152,8 @@ class Client(Session):
             max_rows=max_rows,
             codec=codec,
         )
-        table = SparseTable(self, self._create(spec))
+        check_cache(name, spec.mode[0], cache)
+        table = SparseTable(self, self._create(spec), cache)
         self._tables[name] = table
         return table
 
