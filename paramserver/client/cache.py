@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.errors import ConfigError
+from paramserver.wire.future import Future
 
 __all__ = ["CacheSpec", "RowCache", "check_cache"]
 
@@ -104,7 +105,11 @@ class RowCache:
         self._ver = np.full(n, EMPTY, np.int64)
         self._uses = np.zeros(n, np.uint16)
         self._vals = np.zeros((n, dim), dtype)
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._acc: tuple[np.ndarray, np.ndarray] | None = None  # kept keys and gradients
+        self._spare: tuple[np.ndarray, np.ndarray] | None = None  # the other pair, maybe sending
+        self._spare_busy: Future[None] | None = None
+        self._rows = 0  # rows kept in _acc
+        self._kept = 0  # pushes kept
         self._age = np.empty(0, np.int64)
         self._miss = np.empty(0, np.intp)
         self._counts: Counter[str] = Counter()
@@ -152,33 +157,52 @@ class RowCache:
         self._staleness[served_staleness] += len(pos)
 
     def add(self, keys: np.ndarray, grads: np.ndarray) -> bool:
-        """Keep a push's gradients (summed per key) for the next flush; True when a flush is
-        due (``flush_every`` pushes kept)."""
-        from paramserver.client.kernels import sum_rows
-        from paramserver.client.keyplan import unique_inverse
-
-        uniq, inverse = unique_inverse(keys)
-        summed = grads.copy() if len(uniq) == len(keys) else sum_rows(inverse, grads, len(uniq))
-        self._pending.append((uniq.copy(), summed))
+        """Keep a push's keys and gradients for the next flush (copied into buffers whose pages
+        stay mapped; the flush's push sums repeated keys, once); True when a flush is due
+        (``flush_every`` pushes kept)."""
+        n, m = self._rows, len(keys)
+        acc = self._acc
+        if acc is None or acc[0].shape[0] < n + m:
+            grown = (
+                np.empty(2 * (n + m), np.uint64),
+                np.empty((2 * (n + m), grads.shape[1]), grads.dtype),
+            )
+            if acc is not None and n:
+                grown[0][:n], grown[1][:n] = acc[0][:n], acc[1][:n]
+            acc = self._acc = grown
+        acc[0][n : n + m] = keys
+        acc[1][n : n + m] = grads
+        self._rows = n + m
+        self._kept += 1
         self._counts["pushes"] += 1
-        return len(self._pending) >= self.spec.flush_every
+        return self._kept >= self.spec.flush_every
 
     def take_pending(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The gradients kept since the last flush, as one key list (repeats allowed: the push
-        sums them) and its rows; None if there are none."""
-        if not self._pending:
+        """The keys and gradients kept since the last flush (repeats allowed: the push sums
+        them); None if there are none. They stay valid until :meth:`release` is given the
+        push that sends them and it is done."""
+        if self._acc is None or not self._rows:
             return None
-        keys = np.concatenate([k for k, _ in self._pending])
-        grads = np.concatenate([g for _, g in self._pending])
-        self._pending = []
+        keys, grads = self._acc[0][: self._rows], self._acc[1][: self._rows]
         self._counts["flushes"] += 1
-        self._counts["rows_flushed"] += len(keys)
+        self._counts["rows_flushed"] += self._rows
+        self._rows = self._kept = 0
         return keys, grads
+
+    def release(self, sending: Future[None]) -> None:
+        """The buffers just taken are read by ``sending``: kept for the next pushes if it is
+        done, else set aside while it is sent (the other pair, if free, takes the next)."""
+        if sending.done():
+            return
+        free = self._spare_busy is None or self._spare_busy.done()
+        reuse = self._spare if free else None
+        self._spare, self._spare_busy = self._acc, sending
+        self._acc = reuse
 
     @property
     def pending(self) -> int:
         """Pushes kept, not yet flushed."""
-        return len(self._pending)
+        return self._kept
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, evictions, pushes, flushes, rows flushed, and the staleness of every

@@ -70,6 +70,8 @@ class SparseTable(TableHandle):
         # the worker-side row cache (``cache=``, see paramserver.client.cache); None when off
         self.cache: RowCache | None = None
         self._flushes: list[Future[None]] = []
+        self._miss_buf: np.ndarray | None = None  # rows fetched for a cached pull's misses
+        self._miss_busy: Future[np.ndarray] = gather([], "no pull", lambda _: np.empty(0))
         self._moved = [0, 0]  # distinct rows sent for: pulls, pushes (see traffic())
         check_cache(self.name, spec.mode[0], cache)
         if cache is not None:
@@ -97,7 +99,12 @@ class SparseTable(TableHandle):
         return self._pull_servers(k, create, limit)
 
     def _pull_servers(
-        self, k: np.ndarray, create: bool, timeout: float, record: bool = True
+        self,
+        k: np.ndarray,
+        create: bool,
+        timeout: float,
+        record: bool = True,
+        dest: np.ndarray | None = None,
     ) -> Future[np.ndarray]:
         c = self.client
         limit = timeout
@@ -110,7 +117,10 @@ class SparseTable(TableHandle):
         codec = self.spec.codec
         # the user's array: every server's rows go straight into it, each to where its keys are
         # in the list (repeated keys expanded there), by compiled kernels
-        out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        if dest is None:
+            out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        else:
+            out, fresh = dest, False
         row_bytes = self.dim * self.dtype.itemsize
         # the request's callbacks reach the result through ``box``, emptied once it is done:
         # they live on in reference cycles until the garbage collector runs, and the pool
@@ -169,7 +179,7 @@ class SparseTable(TableHandle):
         if sig is None:
             return fut
         return self._retry_unknown(
-            fut, plan, lambda: self._pull_servers(k, create, timeout, record)
+            fut, plan, lambda: self._pull_servers(k, create, timeout, record, dest)
         )
 
     def _pull_cached(self, k: np.ndarray, limit: float) -> Future[np.ndarray]:
@@ -177,7 +187,9 @@ class SparseTable(TableHandle):
         cache = self.cache
         assert cache is not None
         flat = k.reshape(-1)
-        out, _ = self.results.take((len(flat), self.dim), self.dtype)
+        out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        if fresh:
+            prefault(out)
         clock = self.client.current_clock
         miss, served = cache.read(flat, clock, out)
         shape = (*k.shape, self.dim)
@@ -193,7 +205,17 @@ class SparseTable(TableHandle):
             self.record_staleness([served, s])
             return box.pop().reshape(shape)
 
-        return gather([self._pull_servers(flat[miss], True, limit, record=False)], what, place)
+        # the fetched rows land in a buffer of the table's, reused once copied out (pages
+        # mapped), unless a cached pull still in flight holds it
+        n = len(miss)
+        buf = self._miss_buf
+        if buf is None or buf.shape[0] < n or not self._miss_busy.done():
+            buf = self._miss_buf = np.empty(
+                (max(n, 0 if buf is None else len(buf)), self.dim), self.dtype
+            )
+        fetch = self._pull_servers(flat[miss], True, limit, False, buf[:n])
+        self._miss_busy = gather([fetch], what, place)
+        return self._miss_busy
 
     def _retry_unknown(self, fut: Future[Any], plan: KeyPlan, again: Any) -> Future[Any]:
         """A server that lost a key list (restarted, or evicted it) answers ``unknown_sig``:
@@ -270,9 +292,10 @@ class SparseTable(TableHandle):
                 raise err
         self._flushes = [f for f in self._flushes if not f.done()]
         pending = None if self.cache is None else self.cache.take_pending()
-        if pending is None:
+        if self.cache is None or pending is None:
             return gather([], f"flush of table {self.name!r}", lambda _: None)
         fut = self._push_flat(*pending)
+        self.cache.release(fut)
         self._flushes.append(fut)
         return fut
 
