@@ -6,10 +6,15 @@ crossed the boundary (262,144 to 524,288 rows at dim 64 with Adagrad: 134 MB cop
 pages faulted one by one, 345 ms instead of 22). Here the array is a view of an anonymous
 mapping reserved once with ``MAP_NORESERVE`` (address space only: no memory is committed,
 and the kernel fills pages with zeros as rows are first written), so growing is taking a
-longer view of the same memory: nothing is copied and no row moves. Huge pages are not asked
-for with ``madvise``: where transparent huge pages are on (``always``) the range gets them
-anyway, and ``MADV_HUGEPAGE`` would make each fault compact memory first under the default
-``defrag=madvise`` (measured: pulls that created rows went from about 50 ms to 100-150 ms).
+longer view of the same memory: nothing is copied and no row moves.
+
+Pages are mapped up to 32 MiB ahead of the rows appended, one ``madvise(MADV_POPULATE_WRITE)``
+call each time (:meth:`Arena.ready`), not one page fault per 4 KiB page while a request
+writes its new rows: in-process, 20,000 new rows x 64 per pull with Adagrad up to 2**19 rows
+took a median 11.6-15.6 ms against 33-37 ms faulting page by page and 11.8-20.7 ms for the
+copying arena, whose slowest pull took 1.6-2.2 s (here 65-95 ms; load average 17-20). Huge
+pages are not asked for: under the default ``defrag=madvise``, ``MADV_HUGEPAGE`` made faults
+compact memory first (medians up to 105 ms in the same comparison).
 
 Where no such reservation can be made (another OS, an address-space limit, more rows than
 were reserved), the arena falls back to doubling with a copy, as before.
@@ -38,6 +43,10 @@ RESERVE_BYTES = 1 << 36
 """Address space reserved per arena (64 GiB, of 128 TiB a process may map): rows past it
 fall back to growth by copy."""
 _MAP_NORESERVE = 0x4000  # Linux; Python's mmap module does not export it
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
+POPULATE = True
+POPULATE_BYTES = 1 << 25
+"""Pages mapped ahead at a time (32 MiB): a pull that creates rows maps them in one call."""
 
 
 def _reserve(nbytes: int) -> mmap.mmap | None:
@@ -64,6 +73,7 @@ class Arena:
         self.dtype = np.dtype(dtype)
         row_bytes = stride * self.dtype.itemsize
         self._region = _reserve(RESERVE_BYTES) if capacity * row_bytes <= RESERVE_BYTES else None
+        self._ready = 0  # rows whose pages are mapped
         if self._region is not None:
             whole = np.frombuffer(self._region, self.dtype, RESERVE_BYTES // self.dtype.itemsize)
             self._whole: npt.NDArray[Any] | None = whole[: (RESERVE_BYTES // row_bytes) * stride]
@@ -82,6 +92,23 @@ class Arena:
     def reserved(self) -> bool:
         """Whether growth is copy-free (an address range is reserved)."""
         return self._whole is not None
+
+    def ready(self, n: int) -> None:
+        """Have the pages of rows ``[0, n)`` mapped (``n`` at most :attr:`capacity`): in one
+        call per ``POPULATE_BYTES`` (``MADV_POPULATE_WRITE``, Linux 5.14) instead of one page
+        fault per page as rows are appended. Where the kernel lacks it, pages fault in one by
+        one as before."""
+        if self._region is None or n <= self._ready or not POPULATE:
+            return
+        row_bytes = self.stride * self.dtype.itemsize
+        lo = self._ready * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(max(n * row_bytes, lo + POPULATE_BYTES), self.capacity * row_bytes)
+        try:
+            self._region.madvise(_MADV_POPULATE_WRITE, lo, hi - lo)
+        except (OSError, ValueError):
+            self._ready = 1 << 62  # this kernel maps pages on fault only: stop asking
+            return
+        self._ready = hi // row_bytes
 
     def grow(self, need: int) -> None:
         """Make room for at least ``need`` rows (doubling), keeping rows ``[0, capacity)``."""

@@ -326,6 +326,7 @@ class SparseShard:
         pos = 0
         while True:
             max_rows = min(self._data.shape[0], _BUCKET_ROWS * self._index.shape[0])
+            self._arena.ready(min(self._n + keys.shape[0] - pos, max_rows))
             pos, self._n = k.lookup_or_insert(self._index, self._n, max_rows, keys, rows, pos)
             if pos == keys.shape[0]:
                 break
