@@ -12,6 +12,7 @@ same ids (a table of 2M rows), forward, backward with the same gradient, and
     python benchmarks/traffic.py                 # dims 16, 64, 128; 1 worker + 1 server
     python benchmarks/traffic.py -s 2            # 2 servers
     python benchmarks/traffic.py --quick         # dim 16, a few small steps (CI)
+    python benchmarks/traffic.py --server-only   # only the in-process shard cases
 
 Then two more groups. ``cache``: the same fresh steps, each ending in ``client.clock()``,
 without and with a worker-side cache (``ps.CacheSpec``: hot rows served at most 2 clocks
@@ -134,11 +135,11 @@ def cache_steps(
     return t, moved, (table.cache.stats() if table.cache else {})
 
 
-def server_cases(dim: int, new: int, grow_to: int) -> None:
+def server_cases(dim: int, new: int, grow_to: int, init: ps.init.Initializer) -> None:
     """A shard in this process: ``new`` rows created per request against as many looked up,
     and the slowest request while the arena grows (the median one beside it)."""
     rng = np.random.default_rng(5)
-    shard = SparseShard(dim, np.float32, ps.init.Normal(std=0.01), ps.optim.Adagrad(), seed=1)
+    shard = SparseShard(dim, np.float32, init, ps.optim.Adagrad(), seed=1)
     shard.pull(rng.integers(0, 2**63, 1000).astype(np.uint64))  # compile
     times: list[float] = []
     while shard.num_rows < grow_to + new:
@@ -154,7 +155,8 @@ def server_cases(dim: int, new: int, grow_to: int) -> None:
         existing[i] = time.perf_counter() - t0
     emit(
         "traffic",
-        f"server: {new} new rows x {dim} per pull (Normal init, Adagrad), in-process shard",
+        f"server: {new} new rows x {dim} per pull ({type(init).__name__} init, Adagrad), "
+        "in-process shard",
         new / create / 1e6,
         "M rows/s",
         baseline=new / min(existing) / 1e6,
@@ -162,7 +164,8 @@ def server_cases(dim: int, new: int, grow_to: int) -> None:
     )
     emit(
         "traffic",
-        f"server: slowest of {len(times)} such pulls while the arena grows past {grow_to} rows",
+        f"server: slowest of {len(times)} such pulls ({type(init).__name__}) while the arena "
+        f"grows past {grow_to} rows",
         max(times) * 1e3,
         "ms",
         higher_is_better=False,
@@ -174,7 +177,15 @@ def server_cases(dim: int, new: int, grow_to: int) -> None:
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("-s", "--servers", type=int, default=1)
+    p.add_argument(
+        "--server-only", action="store_true", help="only the in-process shard cases (no cluster)"
+    )
     args = p.parse_args()
+    inits = [ps.init.Normal(std=0.01), ps.init.Zeros()]
+    if args.server_only:
+        for init in inits:
+            server_cases(64, 20_000, 1 << 19, init)
+        return
     dims = [16] if args.quick else [16, 64, 128]
     lookups = 8_192 if args.quick else 65_536
     steps = args.repeat or (3 if args.quick else 15)
@@ -217,10 +228,11 @@ def main() -> None:
                 hit_rate=round(stats["hits"] / max(stats["hits"] + stats["misses"], 1), 3),
                 staleness=stats["staleness"],
             )
-    if args.quick:
-        server_cases(16, 2_000, 1 << 15)
-    else:
-        server_cases(64, 20_000, 1 << 19)
+    for init in inits:
+        if args.quick:
+            server_cases(16, 2_000, 1 << 15, init)
+        else:
+            server_cases(64, 20_000, 1 << 19, init)
 
 
 if __name__ == "__main__":
