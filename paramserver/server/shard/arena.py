@@ -10,11 +10,10 @@ longer view of the same memory: nothing is copied and no row moves.
 
 Pages are mapped up to 32 MiB ahead of the rows appended, one ``madvise(MADV_POPULATE_WRITE)``
 call each time (:meth:`Arena.ready`), not one page fault per 4 KiB page while a request
-writes its new rows: in-process, 20,000 new rows x 64 per pull with Adagrad up to 2**19 rows
-took a median 11.6-15.6 ms against 33-37 ms faulting page by page and 11.8-20.7 ms for the
-copying arena, whose slowest pull took 1.6-2.2 s (here 65-95 ms; load average 17-20). Huge
-pages are not asked for: under the default ``defrag=madvise``, ``MADV_HUGEPAGE`` made faults
-compact memory first (medians up to 105 ms in the same comparison).
+writes its new rows (on this machine a fault cost more than zeroing the page; `python
+benchmarks/traffic.py --server-only` shows the pulls that create rows). Huge pages are not
+asked for: under the default ``defrag=madvise``, ``MADV_HUGEPAGE`` makes faults compact
+memory first, and the pulls that created rows got slower with it, not faster.
 
 Where no such reservation can be made (another OS, an address-space limit, more rows than
 were reserved), the arena falls back to doubling with a copy, as before.
