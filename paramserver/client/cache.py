@@ -16,6 +16,8 @@ What a cached run gives up, and by how much:
 * a read misses the updates of the last ``N`` clocks at most (its own worker's included:
   the cached value is not updated locally, and local gradients reach the servers at most
   ``M`` pushes, or one clock, later);
+* gradients kept when the worker closes without a last ``clock()`` or ``flush()`` are not
+  sent;
 * gradients are summed before they reach the servers: under SGD the final weights are those
   of an uncached run with the same gradients (up to the order of float additions); under an
   optimizer with state (Adagrad, Adam, FTRL) ``M`` pushes of a key become one update of
