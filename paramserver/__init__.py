@@ -30,6 +30,7 @@ from types import ModuleType
 
 from paramserver import errors, init, launch, optim, ray
 from paramserver.client import Client, DenseTable, SparseTable, connect
+from paramserver.client.cache import CacheSpec
 from paramserver.config import Timeouts
 from paramserver.launch import LocalCluster
 from paramserver.wire.transport import Future
@@ -37,6 +38,7 @@ from paramserver.wire.transport import Future
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheSpec",
     "Client",
     "DenseTable",
     "Future",

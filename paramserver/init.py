@@ -132,7 +132,8 @@ class Constant(Initializer):
 
 @dataclass(frozen=True)
 class Normal(Initializer):
-    """Gaussian values with ``mean`` and standard deviation ``std`` (Box-Muller on hashed uniforms).
+    """Gaussian values with ``mean`` and standard deviation ``std`` (the inverse CDF of hashed
+    uniforms, by table; see ``paramserver/server/kernels/normal.py``).
 
     Example:
         >>> Normal(std=0.01).std

@@ -6,6 +6,9 @@
                   replacement, shared-memory slot pools, sequence numbers, the clock
 * ``table.py``   ``TableHandle``: what every table handle shares (staleness, lr, headers)
 * ``sparse.py``  :class:`SparseTable`: pull and push of rows through key plans
+* ``cache.py``   ``CacheSpec``, ``RowCache``: hot rows kept on the worker, read at most N
+                  clocks stale, gradients flushed every M pushes and at ``clock()``
+                  (kernels in ``cache_kernels.py``, imported on first use)
 * ``keyplan.py`` key plans: dedup (``unique_inverse``), routing keys to servers, signatures
 * ``dense.py``   :class:`DenseTable`: one array in ranges, shared memory, the bulk channel
 * ``feedback.py`` error feedback of encoded pushes: residual rows (a bounded compiled hash

@@ -134,6 +134,8 @@ class Session(CoordinatorWatch):
         # server rank -> (its ``replaced`` count when made, shared-memory slots with it)
         self._slot_pools: dict[int, tuple[int, SlotPool]] = {}
         self._clock = 0
+        # called by clock() before the clock goes out (a cached table flushes its gradients)
+        self.before_clock: list[Callable[[], object]] = []
         self._examples = 0  # reported by report(); sent with heartbeats (paramserver status)
         self._scalars: dict[str, float] = {}  # the newest of each report(name=value)
         self._traffic: dict[str, list[int]] = {}  # table -> [bytes sent, bytes received]
@@ -421,6 +423,8 @@ class Session(CoordinatorWatch):
         for f in self._clock_futures:
             if f.done() and f.exception(0) is not None:
                 raise f.exception(0)  # type: ignore[misc]
+        for flush in self.before_clock:
+            flush()
         self._clock += 1
         self._clock_futures = [
             self.request_server(

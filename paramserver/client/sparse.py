@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.arrays import as_keys
+from paramserver.client.cache import CacheSpec, RowCache, check_cache
 from paramserver.client.keyplan import KeyPlan, KeyPlanCache
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
@@ -60,12 +61,23 @@ class SparseTable(TableHandle):
         emb.push(keys, grads).result()
     """
 
-    def __init__(self, client: Session, spec: TableSpec) -> None:
+    def __init__(self, client: Session, spec: TableSpec, cache: CacheSpec | None = None) -> None:
         super().__init__(client, spec)
         self._plans = KeyPlanCache(client.ring, client.num_servers)
         self._sum_buf: np.ndarray | None = None  # a push's summed gradient (see _sum_buffer)
         self._sum_busy: Future[None] | None = None  # the push that sent it
         self._residuals: Any = None  # SparseFeedback of an encoded push (client.feedback)
+        self.served_staleness = 0  # the largest staleness the servers reported to the last pull
+        # the worker-side row cache (``cache=``, see paramserver.client.cache); None when off
+        self.cache: RowCache | None = None
+        self._flushes: list[Future[None]] = []
+        self._miss_buf: np.ndarray | None = None  # rows fetched for a cached pull's misses
+        self._miss_busy: Future[np.ndarray] = gather([], "no pull", lambda _: np.empty(0))
+        self._moved = [0, 0]  # distinct rows sent for: pulls, pushes (see traffic())
+        check_cache(self.name, spec.mode[0], cache)
+        if cache is not None:
+            self.cache = RowCache(cache, spec.dim, self.dtype)
+            client.before_clock.append(self.flush)
 
     @property
     def dim(self) -> int:
@@ -83,15 +95,33 @@ class SparseTable(TableHandle):
         c.check()
         limit = c.timeouts.request if timeout is None else timeout
         k = as_keys(keys, self.name)
+        if self.cache is not None and create:
+            return self._pull_cached(k, limit)
+        return self._pull_servers(k, create, limit)
+
+    def _pull_servers(
+        self,
+        k: np.ndarray,
+        create: bool,
+        timeout: float,
+        record: bool = True,
+        dest: np.ndarray | None = None,
+    ) -> Future[np.ndarray]:
+        c = self.client
+        limit = timeout
         flat = k.reshape(-1)
         plan, sig = self._plans.plan(flat, cacheable=create)
+        self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)
         futs: list[Future[None]] = []
         staleness: list[int] = []
         codec = self.spec.codec
         # the user's array: every server's rows go straight into it, each to where its keys are
         # in the list (repeated keys expanded there), by compiled kernels
-        out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        if dest is None:
+            out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        else:
+            out, fresh = dest, False
         row_bytes = self.dim * self.dtype.itemsize
         # the request's callbacks reach the result through ``box``, emptied once it is done:
         # they live on in reference cycles until the garbage collector runs, and the pool
@@ -141,15 +171,52 @@ class SparseTable(TableHandle):
 
         def combine(_: list[None]) -> np.ndarray:
             plan.known.update(sent)
-            self.record_staleness(staleness)
+            self.served_staleness = max(staleness, default=0)
+            if record:
+                self.record_staleness(staleness)
             return box.pop().reshape((*k.shape, self.dim))
 
         fut = gather(futs, f"pull of table {self.name!r}", combine)
         if sig is None:
             return fut
         return self._retry_unknown(
-            fut, plan, lambda: self.pull_async(k, create=create, timeout=timeout)
+            fut, plan, lambda: self._pull_servers(k, create, timeout, record, dest)
         )
+
+    def _pull_cached(self, k: np.ndarray, limit: float) -> Future[np.ndarray]:
+        # serve the rows cached fresh enough, fetch the others (see paramserver.client.cache)
+        cache = self.cache
+        assert cache is not None
+        flat = k.reshape(-1)
+        out, fresh = self.results.take((len(flat), self.dim), self.dtype)
+        if fresh:
+            prefault(out)
+        clock = self.client.current_clock
+        miss, served = cache.read(flat, clock, out)
+        shape = (*k.shape, self.dim)
+        what = f"pull of table {self.name!r}"
+        box = [out]
+        if len(miss) == 0:
+            self.record_staleness([served])
+            return gather([], what, lambda _: box.pop().reshape(shape))
+
+        def place(rows: list[np.ndarray]) -> np.ndarray:
+            s = self.served_staleness
+            cache.fill(flat, miss, rows[0].reshape(-1, self.dim), clock, s, box[0])
+            self.record_staleness([served, s])
+            return box.pop().reshape(shape)
+
+        # the fetched rows land in a buffer of the table's, reused once copied out (pages
+        # mapped), unless a cached pull still in flight holds it
+        n = len(miss)
+        buf = self._miss_buf
+        if buf is None or buf.shape[0] < n or not self._miss_busy.done():
+            buf = self._miss_buf = np.empty(
+                (max(n, 0 if buf is None else len(buf)), self.dim), self.dtype
+            )
+        fetch = self._pull_servers(flat[miss], True, limit, False, buf[:n])
+        self._miss_busy = gather([fetch], what, place)
+        return self._miss_busy
 
     def _retry_unknown(self, fut: Future[Any], plan: KeyPlan, again: Any) -> Future[Any]:
         """A server that lost a key list (restarted, or evicted it) answers ``unknown_sig``:
@@ -195,8 +262,48 @@ class SparseTable(TableHandle):
         k = as_keys(keys, self.name)
         flat = k.reshape(-1)
         g = self.check_grads(grads, (*k.shape, self.dim)).reshape(len(flat), self.dim)
+        if self.cache is not None:
+            if self.cache.add(flat, g):
+                return self.flush()
+            return gather([], f"push to table {self.name!r}", lambda _: None)
+        return self._push_flat(flat, g)
+
+    def traffic(self) -> dict[str, int]:
+        """Rows this handle asked the servers for and sent them (distinct keys per request),
+        and the bytes those are (a key and a row each way, before any codec).
+
+        Example:
+            emb.traffic()   # {'rows_pulled': 120000, 'rows_pushed': 80000, 'bytes': ...}
+        """
+        pulled, pushed = self._moved
+        per_row = 8 + self.dim * self.dtype.itemsize
+        return {"rows_pulled": pulled, "rows_pushed": pushed, "bytes": (pulled + pushed) * per_row}
+
+    def flush(self) -> Future[None]:
+        """Send the gradients the cache kept (one push, repeated keys summed); ``clock()``
+        calls it. Returns the push's future (done at once if nothing was kept).
+
+        Example:
+            emb.flush().result()
+        """
+        for f in self._flushes:
+            err = f.exception(0) if f.done() else None
+            if err is not None:
+                self._flushes = []
+                raise err
+        self._flushes = [f for f in self._flushes if not f.done()]
+        pending = None if self.cache is None else self.cache.take_pending()
+        if self.cache is None or pending is None:
+            return gather([], f"flush of table {self.name!r}", lambda _: None)
+        fut = self._push_flat(*pending)
+        self.cache.release(fut)
+        self._flushes.append(fut)
+        return fut
+
+    def _push_flat(self, flat: np.ndarray, g: np.ndarray) -> Future[None]:
         mode, _ = self.spec.mode
         plan, sig = self._plans.plan(flat, cacheable=mode != "sync")
+        self._moved[1] += len(plan.base)
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order
         else:

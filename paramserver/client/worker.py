@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from paramserver.client.cache import CacheSpec, check_cache
 from paramserver.client.dense import DenseTable
 from paramserver.client.group import DenseGroup
 from paramserver.client.session import Session, server_name
@@ -139,6 +140,7 @@ class Client(Session):
         max_rows: int | None = None,
         codec: str = "none",
         push_codec: str | None = None,
+        cache: CacheSpec | None = None,
     ) -> SparseTable:
         """Create (or open, if it exists with the same spec) a sparse table of rows of ``dim``.
 
@@ -153,6 +155,9 @@ class Client(Session):
         :mod:`paramserver.wire.codec`); what rounding takes off a gradient is added to the next
         push of the same key (error feedback). ``push_codec`` sets the pushes' codec apart
         ("none": exact gradients).
+        ``cache``: keep hot rows on this worker, read at most ``cache.staleness`` clocks stale,
+        gradients sent every ``cache.flush_every`` pushes and at ``clock()`` (see
+        :mod:`paramserver.client.cache`; ``emb.cache.stats()`` counts hits and staleness).
 
         Example:
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
@@ -172,7 +177,8 @@ class Client(Session):
             codec=codec,
             push_codec=push_codec,
         )
-        table = SparseTable(self, self._create(spec))
+        check_cache(name, spec.mode[0], cache)
+        table = SparseTable(self, self._create(spec), cache)
         self._tables[name] = table
         return table
 

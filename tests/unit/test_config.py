@@ -57,6 +57,7 @@ def test_heartbeat_timeout_must_exceed_interval() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(ps.__all__) == sorted(
         [
+            "CacheSpec",
             "Client",
             "DenseTable",
             "Future",

@@ -21,6 +21,7 @@ from paramserver.server.kernels.jit import (
     prefetch,
     prefetch_span,
 )
+from paramserver.server.kernels.normal import normal_from_bits
 
 __all__ = [
     "INIT_CONSTANT",
@@ -45,7 +46,6 @@ __all__ = [
 _GOLDEN = GOLDEN
 _S11 = np.uint64(11)
 _TWO_M53 = 2.0**-53
-_TWO_PI = 2.0 * np.pi
 
 INIT_ZEROS = 0
 INIT_CONSTANT = 1
@@ -70,8 +70,9 @@ def row_base(seed: np.uint64, key: np.uint64) -> np.uint64:
 def init_row(row: Array, dim: int, kind: int, p0: float, p1: float, base: np.uint64) -> None:
     """Write the initial weights ``row[:dim]`` of the row whose hashed base is ``base``.
 
-    Column j draws from counters ``2j+1`` (Uniform) or, for the pair of columns
-    ``2p, 2p+1``, counters ``4p+1, 4p+2`` (Box-Muller's two uniforms give two normals).
+    Column j draws from counter ``2j+1``: a uniform (Uniform), or a standard normal from the
+    same 53 bits (Normal, :func:`~paramserver.server.kernels.normal.normal_from_bits`), so a
+    value depends on (seed, key, column) only.
     """
     if kind == INIT_ZEROS:
         for j in range(dim):
@@ -85,15 +86,9 @@ def init_row(row: Array, dim: int, kind: int, p0: float, p1: float, base: np.uin
             h = mix64(base + np.uint64(2 * j + 1) * _GOLDEN)
             row[j] = p0 + width * (float(h >> _S11) * _TWO_M53)
     else:
-        for p in range((dim + 1) // 2):
-            h1 = mix64(base + np.uint64(4 * p + 1) * _GOLDEN)
-            h2 = mix64(base + np.uint64(4 * p + 2) * _GOLDEN)
-            u1 = (float(h1 >> _S11) + 1.0) * _TWO_M53  # (0, 1]: log is finite
-            theta = _TWO_PI * (float(h2 >> _S11) * _TWO_M53)
-            radius = p1 * np.sqrt(-2.0 * np.log(u1))
-            row[2 * p] = p0 + radius * np.cos(theta)
-            if 2 * p + 1 < dim:
-                row[2 * p + 1] = p0 + radius * np.sin(theta)
+        for j in range(dim):
+            h = mix64(base + np.uint64(2 * j + 1) * _GOLDEN)
+            row[j] = p0 + p1 * normal_from_bits(h >> _S11)
 
 
 @kernel

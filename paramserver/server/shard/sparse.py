@@ -32,6 +32,7 @@ from paramserver.errors import ConfigError
 from paramserver.init import Initializer
 from paramserver.optim import Optimizer
 from paramserver.server import kernels as k
+from paramserver.server.shard.arena import Arena
 from paramserver.server.shard.rule import (
     UpdateRule,
     check_dtype,
@@ -59,7 +60,7 @@ class SparseShard:
     """Rows of width ``dim`` keyed by uint64, created on first touch, updated by an optimizer.
 
     Storage: one growable arena of rows ``[w | optimizer state | per-row scalars]``
-    (doubling when full), an open-addressing hash index of 64-byte buckets of 5
+    (doubling when full, without copying: :class:`~paramserver.server.shard.arena.Arena`), an open-addressing hash index of 64-byte buckets of 5
     keys and their uint32 row ids (at most 4 rows a bucket on average, doubling by
     rehash) that is also the only record of the rows' keys, and a byte per row for
     duplicate detection. At most ``2**32 - 1`` rows. Initial rows depend only on
@@ -95,7 +96,8 @@ class SparseShard:
         self.seed = int(self._seed)
         capacity = check_int("capacity", capacity, 1)
         self.stride = self.dim * (1 + optimizer.n_slots) + optimizer.n_scalars
-        self._data = np.empty((capacity, self.stride), self.dtype)
+        self._arena = Arena(self.stride, self.dtype, capacity)
+        self._data = self._arena.rows
         self._mark = np.zeros(capacity, np.uint8)
         self._index = k.new_index(_pow2_at_least(-(-capacity // _BUCKET_ROWS)))
         self._n = 0
@@ -324,6 +326,7 @@ class SparseShard:
         pos = 0
         while True:
             max_rows = min(self._data.shape[0], _BUCKET_ROWS * self._index.shape[0])
+            self._arena.ready(min(self._n + keys.shape[0] - pos, max_rows))
             pos, self._n = k.lookup_or_insert(self._index, self._n, max_rows, keys, rows, pos)
             if pos == keys.shape[0]:
                 break
@@ -339,12 +342,10 @@ class SparseShard:
         """Double whichever of the arena and the index is full."""
         n = self._n
         if n >= self._data.shape[0]:
-            cap = 2 * self._data.shape[0]
-            data = np.empty((cap, self.stride), self.dtype)
-            data[:n] = self._data[:n]
-            self._data = data
+            self._arena.grow(n + 1)
+            self._data = self._arena.rows
             # fresh marks: zeros never equal a stamp, so the stamp count goes on
-            self._mark = np.zeros(cap, np.uint8)
+            self._mark = np.zeros(self._arena.capacity, np.uint8)
         if n >= _BUCKET_ROWS * self._index.shape[0]:
             index = k.new_index(2 * self._index.shape[0])
             k.rehash(index, self._index)
