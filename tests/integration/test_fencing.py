@@ -14,13 +14,13 @@ import subprocess
 import sys
 import threading
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 
 import paramserver as ps
 from paramserver.errors import NodeLostError, RemoteError
-from paramserver.partition import dense_ranges
 from paramserver.wire.transport import Endpoint, new_context
 from tests.integration.test_recovery import view_of
 from tests.timing import FAST, FAST_FLAGS, wait_until
@@ -28,11 +28,14 @@ from tests.timing import FAST, FAST_FLAGS, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-def on_server(rank: int, size: int = 64) -> str:
-    """A name for a small dense table that lives on server ``rank`` alone (of 2)."""
-    return next(
-        n for n in (f"w{i}" for i in range(100)) if dense_ranges(n, size, [0, 1])[0][0] == rank
-    )
+def dense_on(client: ps.Client, rank: int, **kw: Any) -> ps.DenseTable:
+    """A small dense table (64 floats) that lives on server ``rank`` alone: small tables go
+    whole to the least loaded server, so tables are made until one lands there."""
+    for i in range(8):
+        t = client.dense_table(f"w{rank}-{i}", shape=(64,), **kw)
+        if [s for s, _, _ in t.spec.ranges] == [rank]:
+            return t
+    raise AssertionError(f"no small dense table was placed on server {rank}")
 
 
 def server_entry(address: str, rank: int) -> list[object]:
@@ -67,10 +70,7 @@ def test_a_paused_server_is_killed_and_replaced_and_training_goes_on() -> None:
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
         client = cluster.connect(transport="tcp")
         sgd = ps.optim.SGD(lr=1.0)
-        w0, w1 = (
-            client.dense_table(on_server(r), shape=(64,), optimizer=sgd, consistency="sync")
-            for r in (0, 1)
-        )
+        w0, w1 = (dense_on(client, r, optimizer=sgd, consistency="sync") for r in (0, 1))
         old_pid = client.stats()[1]["pid"]
         try:
             for step in range(steps):
@@ -97,7 +97,7 @@ def test_a_paused_server_is_killed_and_replaced_and_training_goes_on() -> None:
 def test_a_replaced_server_that_resumes_serves_nothing_and_stops() -> None:
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, restart_servers=False) as cluster:
         client = cluster.connect(transport="tcp")
-        w = client.dense_table(on_server(1), shape=(64,), optimizer=ps.optim.SGD(lr=1.0))
+        w = dense_on(client, 1, optimizer=ps.optim.SGD(lr=1.0))
         w.push(np.ones(64, dtype=np.float32)).result()
         old_pid = client.stats()[1]["pid"]
         old_address = server_entry(cluster.address, 1)[1]
