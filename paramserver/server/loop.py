@@ -102,8 +102,8 @@ class Server:
             stop=self._stop,
         )
         self.pulls = Pulls(self.state, self.progress)
-        self.pushes = Pushes(self.state, self.paths, self.progress, self.cluster.poll)
-        admin = Admin(self.state, self.paths, self.progress, self.cluster.poll)
+        self.pushes = Pushes(self.state, self.paths, self.progress)
+        admin = Admin(self.state, self.paths, self.progress)
         many = Many(self.state, self.paths, self.pushes, self.progress)
         self.cluster.create = admin.create
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
