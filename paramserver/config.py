@@ -21,6 +21,8 @@ Environment variables:
 ``PS_TOKEN_FILE``          a file holding the cluster token (used when PS_TOKEN is unset)
 ``PS_DATA_DIR``            cache of downloaded data sets (default ``~/.cache/paramserver``)
 ``PS_TRANSPORT``           ``auto`` (shared memory with servers on this host, else TCP) or ``tcp``
+``PS_LIMIT_<FIELD>``       a field of :class:`Limits` for the servers and the coordinator started
+                           in this environment, e.g. ``PS_LIMIT_REQUEST_KEYS=1000000``
 =========================  ===================================================================
 """
 
@@ -42,6 +44,7 @@ __all__ = [
     "Timeouts",
     "WorkerEnv",
     "from_env",
+    "limits_from_env",
     "normalize_address",
     "parse_consistency",
     "read_token_file",
@@ -121,18 +124,39 @@ class Limits:
     table_bytes: int = 1 << 36
 
     def __post_init__(self) -> None:
-        for name in (
-            "lease_parts",
-            "datasets",
-            "barriers",
-            "peer_barriers",
-            "name_chars",
-            "request_keys",
-            "table_bytes",
-        ):
+        for name in LIMIT_FIELDS:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"limit {name} must be a positive integer, got {value!r}")
+
+
+LIMIT_FIELDS = (
+    "lease_parts",
+    "datasets",
+    "barriers",
+    "peer_barriers",
+    "name_chars",
+    "request_keys",
+    "table_bytes",
+)
+
+
+def limits_from_env(env: Mapping[str, str] | None = None) -> Limits:
+    """:class:`Limits` with every field set by a ``PS_LIMIT_<FIELD>`` variable taken from the
+    environment (the others at their defaults): how a launched server or coordinator gets the
+    limits its launcher was given.
+
+    Example:
+        limits_from_env({"PS_LIMIT_REQUEST_KEYS": "1000"}).request_keys  # 1000
+    """
+    env = os.environ if env is None else env
+    given = {name: _int(env, f"PS_LIMIT_{name.upper()}") for name in LIMIT_FIELDS}
+    return Limits(**{k: v for k, v in given.items() if v is not None})
+
+
+def limits_to_env(limits: Limits) -> dict[str, str]:
+    """The ``PS_LIMIT_*`` variables that give a child process ``limits``."""
+    return {f"PS_LIMIT_{name.upper()}": str(getattr(limits, name)) for name in LIMIT_FIELDS}
 
 
 @dataclass(frozen=True)

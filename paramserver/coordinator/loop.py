@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from paramserver.config import CheckpointPolicy, Limits, Timeouts
+from paramserver.config import CheckpointPolicy, Limits, Timeouts, limits_from_env
 from paramserver.coordinator.barriers import Barriers
 from paramserver.coordinator.collector import STATS_TIMEOUT, StatsCollector
 from paramserver.coordinator.completion import Completion
@@ -84,6 +84,8 @@ class Coordinator:
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts)
+        # not given: the PS_LIMIT_* variables its launcher set, else the defaults
+        limits = limits if limits is not None else limits_from_env()
         self.tables = TableRegistry([m.rank for m in self.members.servers], limits)
         if restore is not None:  # read before binding: a bad checkpoint leaves no socket
             self.members.restore = self.tables.restore(restore)

@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import IO, Any
 
-from paramserver.config import CheckpointPolicy, Timeouts, from_env
+from paramserver.config import CheckpointPolicy, Limits, Timeouts, from_env, limits_to_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 from paramserver.launch.children import Children, describe_exit, say
 from paramserver.launch.roles import checkpoint_flags, checkpoint_policy, timeout_flags
@@ -90,6 +90,7 @@ class LocalCluster:
         metrics_port: int | None = None,
         checkpoints: CheckpointPolicy | None = None,
         restart_coordinator: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
@@ -118,6 +119,8 @@ class LocalCluster:
         self._token = from_env().token if token is None else token
         self._security = Security.from_token(self._token) if self._token is not None else None
         self._env = {**os.environ, "PS_TOKEN": self._token} if self._token is not None else None
+        if limits is not None:  # the servers and the coordinator read them as PS_LIMIT_*
+            self._env = {**(self._env or os.environ), **limits_to_env(limits)}
         self._coordinator_flags = checkpoint_flags(policy)
         if metrics_port is not None:  # Prometheus metrics of the coordinator, on loopback
             self._coordinator_flags += ["--metrics-port", str(int(metrics_port))]

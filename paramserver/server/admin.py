@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from paramserver.server.state import ServerState
+from paramserver.server.state import Handlers
 from paramserver.server.table import Table, check_table_bytes, make_table
 from paramserver.spec import TableSpec
 from paramserver.wire.messages import (
@@ -23,7 +22,7 @@ from paramserver.wire.messages import (
     SetLrMsg,
     StatsMsg,
 )
-from paramserver.wire.paths import Paths, Request
+from paramserver.wire.paths import Request
 from paramserver.wire.refusal import Refusal
 
 __all__ = ["Admin"]
@@ -31,25 +30,13 @@ __all__ = ["Admin"]
 log = logging.getLogger(__name__)
 
 
-class Admin:
+class Admin(Handlers):
     """Handlers of the requests that are neither pulls nor pushes.
 
     Example:
-        admin = Admin(state, paths, progress=server.progress, wait_view=coord.poll)
+        admin = Admin(state, paths, progress=server.progress)
         admin.on_ping(header, request)
     """
-
-    def __init__(
-        self,
-        state: ServerState,
-        paths: Paths,
-        progress: Callable[[], None],
-        wait_view: Callable[[float], None],
-    ) -> None:
-        self.state = state
-        self.paths = paths
-        self.progress = progress
-        self.wait_view = wait_view
 
     def on_ping(self, h: PingMsg, req: Request) -> None:
         req.reply.ok()

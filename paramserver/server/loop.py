@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from paramserver.config import Limits, Timeouts
+from paramserver.config import Limits, Timeouts, limits_from_env
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.server.admin import Admin
 from paramserver.server.cluster import CoordinatorLink
@@ -79,7 +79,8 @@ class Server:
             idle=self.timeouts.heartbeat_timeout,
             secret=None if security is None else security.server_secret,
         )
-        self.state = ServerState(limits)
+        # not given: the PS_LIMIT_* variables its launcher set, else the defaults
+        self.state = ServerState(limits if limits is not None else limits_from_env())
         self.state.address = self.router.address
         if advertise or host in ("0.0.0.0", "*"):
             self.state.address = f"tcp://{advertise or pysocket.gethostname()}:{self.router.port}"
@@ -102,8 +103,8 @@ class Server:
             stop=self._stop,
         )
         self.pulls = Pulls(self.state, self.progress)
-        self.pushes = Pushes(self.state, self.paths, self.progress, self.cluster.poll)
-        admin = Admin(self.state, self.paths, self.progress, self.cluster.poll)
+        self.pushes = Pushes(self.state, self.paths, self.progress)
+        admin = Admin(self.state, self.paths, self.progress)
         many = Many(self.state, self.paths, self.pushes, self.progress)
         self.cluster.create = admin.create
         self.handlers: dict[str, Callable[[Any, Request], None]] = {

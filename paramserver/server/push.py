@@ -9,16 +9,14 @@ mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from paramserver.arrays import check_keys
 from paramserver.server.consistency import aggregate_dense, aggregate_sparse
 from paramserver.server.shard import SparseShard
-from paramserver.server.state import ServerState
+from paramserver.server.state import Handlers
 from paramserver.server.table import Table
 from paramserver.wire.codec import decode_pushed
 from paramserver.wire.messages import PushMsg
-from paramserver.wire.paths import Paths, Request
+from paramserver.wire.paths import Request
 from paramserver.wire.refusal import Refusal
 
 __all__ = ["Pushes"]
@@ -35,25 +33,13 @@ def decode_gradient(req: Request, t: Table, codec: str, where: str) -> None:
         raise Refusal("invalid", f"{where}: {exc}") from None
 
 
-class Pushes:
+class Pushes(Handlers):
     """The push handler and the sync tables' apply step.
 
     Example:
-        pushes = Pushes(state, paths, progress=server.progress, wait_view=coord.poll)
+        pushes = Pushes(state, paths, progress=server.progress)
         pushes.on_push(header, request)
     """
-
-    def __init__(
-        self,
-        state: ServerState,
-        paths: Paths,
-        progress: Callable[[], None],
-        wait_view: Callable[[float], None],
-    ) -> None:
-        self.state = state
-        self.paths = paths
-        self.progress = progress  # called when a request moved a worker's clock
-        self.wait_view = wait_view  # waits up to the given seconds for the coordinator's view
 
     def on_push(self, h: PushMsg, req: Request) -> None:
         state = self.state

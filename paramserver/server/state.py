@@ -4,6 +4,7 @@ pushes it applied and the pulls that wait. Plain state; the loop and the handler
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,10 @@ from paramserver.metrics import ServerMetrics
 from paramserver.server.consistency import Clocks, DeferredPulls
 from paramserver.server.table import Table
 from paramserver.wire.messages import PullMsg
-from paramserver.wire.paths import Reply
+from paramserver.wire.paths import Paths, Reply
 from paramserver.wire.refusal import Refusal
 
-__all__ = ["ServerState", "Waiting"]
+__all__ = ["Handlers", "ServerState", "Waiting"]
 
 # a deferred pull: (its header, where its answer goes, its keys: None for a dense table or a
 # key-list signature)
@@ -111,3 +112,13 @@ class ServerState:
         for it: ``Server.park``)."""
         if rank not in self.clocks.live:
             raise Refusal("not_live", f"worker[{rank}] is not a live member in view {self.view}")
+
+
+class Handlers:
+    """What a group of request handlers works with: the server's state, the paths its
+    replies take, and ``progress``, called when a request moved a worker's clock."""
+
+    def __init__(self, state: ServerState, paths: Paths, progress: Callable[[], None]) -> None:
+        self.state = state
+        self.paths = paths
+        self.progress = progress

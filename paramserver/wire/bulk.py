@@ -397,21 +397,22 @@ def can_seal() -> bool:
 def open_channel(endpoint: Any, name: str, rank: int, idle: float) -> bool:
     """Open the bulk channel of ``endpoint`` (a :class:`~paramserver.wire.transport.Endpoint`)
     to peer ``name`` unless it is open (or was refused); whether it is open. With the endpoint's
-    cluster token it is sealed (and not opened where :func:`can_seal` is false); without one,
-    this is ``endpoint.open_bulk``. ``idle``: how long a transfer may make no progress.
+    cluster token it is sealed (and not opened where :func:`can_seal` is false). ``idle``: how
+    long a transfer may make no progress.
 
     Example:
         if open_channel(client.endpoint, "server[0]", client.rank, 5.0): ...
     """
     security = endpoint.security
-    if security is None:
-        return bool(endpoint.open_bulk(name, rank, idle))
     peer = endpoint.peers.get(name)
-    if peer is None or peer.lost is not None or peer.bulk_off or not can_seal():
+    if peer is None or peer.lost is not None or peer.bulk_off:
+        return False
+    if security is not None and not can_seal():
         return False
     if peer.bulk is not None:
         return True
-    what = f"opening the sealed bulk channel to {name} at {peer.address}"
+    sealed = "sealed " if security is not None else ""
+    what = f"opening the {sealed}bulk channel to {name} at {peer.address}"
     try:
         reply = endpoint.request(name, {"kind": "open_bulk", "rank": rank}, what=what).result(idle)
         if not isinstance(reply.get("port"), int) or not isinstance(reply.get("ticket"), int):
@@ -419,7 +420,7 @@ def open_channel(endpoint: Any, name: str, rank: int, idle: float) -> bool:
         host = peer.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
         channel = Channel.open(
             host, reply["port"], reply["ticket"], idle=idle, where=name,
-            secret=security.server_secret,
+            secret=None if security is None else security.server_secret,
         )  # fmt: skip
     except (NodeLostError, PSTimeoutError):
         return False  # the peer itself is in trouble; its requests will say so

@@ -407,18 +407,23 @@ def _decode_header(raw: Any) -> dict[str, Any]:
         raise _fail(
             f"{kind}: field 'id' must be an integer in 0..2**63-1, got {_short(header.get('id'))}"
         )
+    # from here on the request can be answered: its error reply carries its id, so that the
+    # sender's request fails at once with the reason instead of waiting out its timeout
+    rid = int(header["id"])
     schema = SCHEMA[kind]
     for key, value in header.items():
         if key in ("v", "kind", "id", "arrays"):
             continue
         spec = schema.get(key)
         if spec is None:
-            raise _fail(f"{kind}: unexpected field {_short(key)}")
+            raise ProtocolError(f"{kind}: unexpected field {_short(key)}", request_id=rid)
         if not spec[0](value):
-            raise _fail(f"{kind}: field {key!r} has an invalid value {_short(value)}")
+            raise ProtocolError(
+                f"{kind}: field {key!r} has an invalid value {_short(value)}", request_id=rid
+            )
     for key, (_, required) in schema.items():
         if required and key not in header:
-            raise _fail(f"{kind}: missing field {key!r}")
+            raise ProtocolError(f"{kind}: missing field {key!r}", request_id=rid)
     return header
 
 

@@ -6,7 +6,7 @@ transport from. Knows nothing of tables.
   ``Future.result()`` polls all of the endpoint's sockets, so replies from every peer are
   dispatched while any one of them is awaited, and libzmq's own I/O threads move the bytes.
 * Large arrays may bypass ZeroMQ on a peer's bulk channel (:mod:`paramserver.wire.bulk`): see
-  :meth:`Endpoint.open_bulk` and ``request(..., bulk=True)``.
+  :func:`paramserver.wire.bulk.open_channel` and ``request(..., bulk=True)``.
 * :class:`Router` (``router.py``) is the bound side (coordinator, server): receive
   ``(identity, message)``, answer to an identity; with ZMTP liveness it reports link events.
 * :class:`Future` and :func:`gather` (``future.py``); :class:`Security` and the ZAP handler
@@ -145,36 +145,6 @@ class Endpoint:
         if peer is not None:
             peer.lost = reason
             self._fail_pending(peer, NodeLostError(reason))
-
-    def open_bulk(self, name: str, rank: int, idle: float) -> bool:
-        """Open the bulk channel to ``name`` unless it is open (or was refused); whether it is
-        open. ``idle``: how long a transfer may make no progress. Never with a cluster token:
-        the channel is not encrypted."""
-        peer = self.peers.get(name)
-        if peer is None or peer.lost is not None or peer.bulk_off or self.security is not None:
-            return False
-        if peer.bulk is not None:
-            return True
-        what = f"opening the bulk channel to {name} at {peer.address}"
-        try:
-            reply = self.request(name, {"kind": "open_bulk", "rank": rank}, what=what).result(idle)
-            if not isinstance(reply.get("port"), int) or not isinstance(reply.get("ticket"), int):
-                raise ProtocolError("no port and ticket in the reply")
-            host = peer.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
-            channel = bulk_channel.Channel.open(
-                host, reply["port"], reply["ticket"], idle=idle, where=name
-            )
-        except (NodeLostError, PSTimeoutError):
-            return False  # the peer itself is in trouble; its requests will say so
-        except (RemoteError, ProtocolError, OSError) as exc:
-            log.info("%s failed (%s); it gets ZeroMQ frames", what, exc)
-            peer.bulk_off = True
-            return False
-        if self.peers.get(name) is not peer:  # replaced while we waited
-            channel.close()
-            return False
-        peer.bulk = channel
-        return True
 
     def _fail_pending(self, peer: _Peer, error: BaseException) -> None:
         pending, peer.pending = peer.pending, {}

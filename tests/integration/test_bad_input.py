@@ -94,6 +94,24 @@ def test_unknown_table_is_named(table: ps.SparseTable) -> None:
         raw_request(table.client, header, [np.arange(3, dtype=np.uint64)])
 
 
+def test_a_header_outside_its_schema_is_answered_at_once_with_the_reason(
+    table: ps.SparseTable,
+) -> None:
+    # a readable header with an unknown or ill-typed field is refused to its sender by id:
+    # the request fails now, naming the field, instead of waiting out its timeout
+    before = snapshot(table)
+    keys = np.arange(8, dtype=np.uint64)
+    base = {"kind": "pull", "table": "emb", "rank": 0, "clock": 0, "create": True, "timeout": 5.0}
+    for header, field in [
+        ({**base, "colour": "red"}, "unexpected field 'colour'"),
+        ({**base, "timeout": "soon"}, "field 'timeout' has an invalid value"),
+        ({k: v for k, v in base.items() if k != "table"}, "missing field 'table'"),
+    ]:
+        with pytest.raises(RemoteError, match=field):  # not PSTimeoutError: it is answered
+            raw_request(table.client, header, [keys])
+    assert snapshot(table) == before
+
+
 def test_wrong_shape_reaching_the_server_is_refused(table: ps.SparseTable) -> None:
     before = snapshot(table)
     header = {"kind": "push", "table": "emb", "rank": 0, "clock": 0, "seq": 2**62}

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 import paramserver as ps
-from paramserver.config import CheckpointPolicy, Limits
+from paramserver.config import CheckpointPolicy, Limits, limits_from_env
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, protocol
 from paramserver.wire.transport import new_context
@@ -336,3 +336,23 @@ def test_a_trickling_bulk_peer_is_dropped_and_the_others_are_served() -> None:
         finally:
             channel.close()
             thread.join(20)
+
+
+def test_limits_set_for_a_cluster_reach_its_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LocalCluster(limits=) (the PS_LIMIT_* variables of its children) bounds what one request
+    may carry: a pull of more keys than request_keys is refused, naming the limit; one within
+    it is answered."""
+    with ps.LocalCluster(
+        servers=1, workers=1, timeouts=FAST, limits=Limits(request_keys=1000)
+    ) as cluster:
+        emb = cluster.connect().sparse_table("e", dim=2)
+        assert emb.pull(np.arange(1000)).shape == (1000, 2)
+        with pytest.raises(ps.errors.RemoteError, match="request_keys"):
+            emb.pull(np.arange(1001))
+        assert emb.client.stats()[0]["tables"]["e"]["rows"] == 1000
+    # and a server started by a launcher reads them from its environment
+    monkeypatch.setenv("PS_LIMIT_REQUEST_KEYS", "7")
+    assert limits_from_env().request_keys == 7
+    monkeypatch.setenv("PS_LIMIT_REQUEST_KEYS", "many")
+    with pytest.raises(ps.errors.ConfigError, match="PS_LIMIT_REQUEST_KEYS"):
+        limits_from_env()
