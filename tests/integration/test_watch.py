@@ -4,6 +4,7 @@ the whole job, and every metric the shipped Grafana dashboard queries is exporte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -110,21 +111,30 @@ def test_status_and_prometheus_show_the_whole_job(tmp_path: Path) -> None:
         assert "loss: mean 2  min 1  max 3  (2 workers)" in text, text
         assert "pull p50/p99" in text
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            exported = r.read().decode()
+        dashboard = json.loads(DASHBOARD.read_text())
+        queried = {
+            name
+            for p in dashboard["panels"]
+            for t in p["targets"]
+            for name in re.findall(r"\bps_[a-z_]+", t["expr"])
+        }
+        assert len(queried) > 15
+        seen = [""]
+
+        def scraped() -> bool:
+            # the exporter serves the coordinator's last snapshot (rebuilt each second when the
+            # servers are asked for stats): wait for one that has them
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                seen[0] = r.read().decode()
+            return not queried - metric_names(seen[0])
+
+        with contextlib.suppress(AssertionError):
+            wait_until(scraped, 20, "a metrics snapshot with every metric the dashboard queries")
+        exported = seen[0]
     assert 'ps_job_scalar{name="loss",stat="mean"} 2.0' in exported
     assert "ps_job_examples_total 150.0" in exported
     assert 'ps_table_traffic_bytes_per_second{direction="to_servers",table="emb"}' in exported
-    names = metric_names(exported)
-    dashboard = json.loads(DASHBOARD.read_text())
-    queried = {
-        name
-        for p in dashboard["panels"]
-        for t in p["targets"]
-        for name in re.findall(r"\bps_[a-z_]+", t["expr"])
-    }
-    assert len(queried) > 15
-    missing = sorted(queried - names)
+    missing = sorted(queried - metric_names(exported))
     assert not missing, f"the dashboard queries metrics the exporter lacks: {missing}"
 
 
