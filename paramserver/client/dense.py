@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.arrays import all_finite
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
@@ -381,3 +382,43 @@ class DenseTable(TableHandle):
         fut: Future[None] = gather(futs, f"push to table {self.name!r}", lambda _: None)
         self._last_push = fut
         return fut
+
+    def assign(self, values: Any, *, timeout: float | None = None) -> None:
+        """Write ``values`` (the table's shape and dtype) into the table and reset the
+        optimizer state to a new table's; wait until every server has applied its range.
+        ``values`` of shape ``(size, 1 + n_slots + n_scalars)`` (a checkpoint's rows: per
+        element the value, then its state) sets the state too. Applied after this worker's
+        earlier pushes, like an async push. Wrong shape or dtype, NaN or Inf: ConfigError,
+        and nothing is sent.
+
+        Example:
+            dense.assign(np.zeros(dense.shape, dense.dtype))
+        """
+        c = self.client
+        c.check()
+        limit = c.timeouts.request if timeout is None else timeout
+        v = values if isinstance(values, np.ndarray) else np.asarray(values)
+        opt = self.spec.optimizer
+        rows = (self.spec.size, 1 + opt.n_slots + opt.n_scalars)
+        if v.dtype != self.dtype or (v.shape != self.shape and v.shape != rows):
+            raise ConfigError(
+                f"table {self.name!r}: assign takes {self.dtype} values of shape {self.shape} "
+                f"(or {rows} with the optimizer state), got {v.dtype} of shape {v.shape}; "
+                "nothing was sent"
+            )
+        if not all_finite(v):
+            raise ConfigError(
+                f"table {self.name!r}: the values to assign contain NaN or Inf; nothing was sent"
+            )
+        flat = np.ascontiguousarray(v).reshape(-1) if v.shape != rows else np.ascontiguousarray(v)
+        self._wait_push()
+        futs = [
+            c.request_server(
+                s,
+                {"kind": "assign", "table": self.name, "rank": c.rank, "seq": c.next_seq()},
+                [flat[a:b]],
+                what=f"assign of table {self.name!r} [{a}:{b}] on {server_name(s)}",
+            )
+            for s, a, b in self.spec.ranges
+        ]
+        gather(futs, f"assign to table {self.name!r}", lambda _: None).result(limit)

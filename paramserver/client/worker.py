@@ -293,6 +293,45 @@ class Client(Session):
         ).result(limit + 2.0)
         return str(reply["path"])
 
+    def restore(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> int:
+        """Put every table of the running cluster that the checkpoint at ``path`` holds back
+        to it: rows and optimizer state as saved, rows created since gone (what a cluster
+        started with ``restore=path`` holds). Each server reads its own part of the files, so
+        ``path`` must be on storage every server can reach; a table the checkpoint does not
+        hold is left as it is. Every server first checks that it can (the checkpoint readable,
+        its tables of the same kind, dtype, width and optimizer): if one cannot, nothing
+        changes. Applied at once, after this worker's earlier pushes: meet the other workers
+        at a barrier first. Returns the number of tables restored.
+
+        Example:
+            best = client.save("ckpt/best"); ...; client.restore(best)
+        """
+        self.check()
+        limit = self.timeouts.request if timeout is None else timeout
+        root = os.path.abspath(os.fspath(path))
+        header = {"kind": "restore", "path": root, "rank": self.rank, "servers": self.num_servers}
+
+        def ask(check: bool) -> list[dict[str, Any]]:
+            futs = [
+                self.request_server(
+                    s,
+                    {**header, "check": check},
+                    what=f"restore of {server_name(s)} from {root}",
+                )
+                for s in range(self.num_servers)
+            ]
+            return [f.result(limit)["stats"] for f in futs]
+
+        ask(True)
+        for handle in self._tables.values():
+            if isinstance(handle, SparseTable):
+                handle.flush().result(limit)  # gradients a row cache kept go first
+        done = ask(False)
+        for handle in self._tables.values():
+            if isinstance(handle, SparseTable) and handle.cache is not None:
+                handle.cache.forget()
+        return max((int(d.get("tables", 0)) for d in done), default=0)
+
     def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
         """Pull and push these dense tables together: one request per server and step for all
         the small ones (of one dtype and one consistency), instead of one per table.

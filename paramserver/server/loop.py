@@ -19,6 +19,7 @@ from typing import Any
 from paramserver.config import Limits, Timeouts, limits_from_env
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.server.admin import Admin
+from paramserver.server.assign import Assigns
 from paramserver.server.cluster import CoordinatorLink
 from paramserver.server.many import Many
 from paramserver.server.process import (
@@ -106,6 +107,7 @@ class Server:
         self.pushes = Pushes(self.state, self.paths, self.progress)
         admin = Admin(self.state, self.paths, self.progress)
         many = Many(self.state, self.paths, self.pushes, self.progress)
+        assigns = Assigns(self.state, self.paths, self.progress)
         self.cluster.create = admin.create
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
@@ -120,6 +122,8 @@ class Server:
             "open_bulk": admin.on_open_bulk,
             "attach": admin.on_attach,
             "attach_slot": admin.on_attach_slot,
+            "assign": assigns.on_assign,
+            "restore": assigns.on_restore,
         }
 
     @property
@@ -203,7 +207,7 @@ class Server:
         kind = req.header["kind"]
         rank = req.header.get("rank")
         try:
-            if kind in ("pull", "push"):  # before anything else: the cheapest refusal
+            if kind in ("pull", "push", "assign"):  # before anything else: the cheapest refusal
                 self.state.check_size(req.header, req.arrays)
             if self.park(identity, frames, req.header, since):
                 return

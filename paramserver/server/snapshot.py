@@ -17,11 +17,11 @@ from paramserver import checkpoint
 from paramserver.partition import HashRing
 from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.state import ServerState
-from paramserver.server.table import make_table
+from paramserver.server.table import Table, make_table
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
 
-__all__ = ["Snapshots", "restore"]
+__all__ = ["Snapshots", "load_rows", "restore"]
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,8 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
     for wire in tables:
         spec = TableSpec.from_wire(wire)
         table = make_table(spec, state.rank)
-        if spec.name not in saved:  # created after the checkpoint: starts empty
-            pass
-        elif isinstance(table.shard, SparseShard):
-            keys, rows = checkpoint.load_sparse_rows(
-                directory, manifest, spec.name, ring, state.rank
-            )
-            if len(keys):
-                table.shard.load(keys, rows.astype(spec.np_dtype, copy=False))
-        elif isinstance(table.shard, DenseShard):
-            dense = checkpoint.load_dense_range(
-                directory, manifest, spec.name, table.start, table.stop
-            )
-            if dense is not None:
-                table.shard.load(dense.astype(spec.np_dtype, copy=False))
+        if spec.name in saved:  # else created after the checkpoint: starts empty
+            load_rows(table, directory, manifest, ring, state.rank)
         state.tables[spec.name] = table
     log.info(
         "%s: restored %d tables from %s at clock %d",
@@ -109,6 +97,22 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
         directory,
         manifest["clock"],
     )
+
+
+def load_rows(
+    table: Table, directory: Path, manifest: dict[str, Any], ring: HashRing, rank: int
+) -> None:
+    """Put into ``table``'s (new) shard the rows that the checkpoint holds for server ``rank``:
+    the sparse rows whose keys ``ring`` gives it, the elements of its dense range."""
+    spec = table.spec
+    if isinstance(table.shard, SparseShard):
+        keys, rows = checkpoint.load_sparse_rows(directory, manifest, spec.name, ring, rank)
+        if len(keys):
+            table.shard.load(keys, rows.astype(spec.np_dtype, copy=False))
+    elif isinstance(table.shard, DenseShard):
+        dense = checkpoint.load_dense_range(directory, manifest, spec.name, table.start, table.stop)
+        if dense is not None:
+            table.shard.load(dense.astype(spec.np_dtype, copy=False))
 
 
 def io_error(exc: OSError, path: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 __all__ = [
     "MESSAGES",
     "AcquireLeaseMsg",
+    "AssignMsg",
     "AttachMsg",
     "AttachSlotMsg",
     "BarrierMsg",
@@ -38,6 +39,7 @@ __all__ = [
     "PushMsg",
     "RegisterMsg",
     "ReplyMsg",
+    "RestoreMsg",
     "Role",
     "SaveMsg",
     "SetLrMsg",
@@ -242,6 +244,29 @@ class PushMsg(TypedDict):
     codec: NotRequired[str]
 
 
+class AssignMsg(TypedDict):
+    """``assign``."""
+
+    kind: Literal["assign"]
+    id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
+    table: str
+    rank: int
+    seq: int
+
+
+class RestoreMsg(TypedDict):
+    """``restore``."""
+
+    kind: Literal["restore"]
+    id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
+    path: str
+    rank: int
+    servers: int
+    check: NotRequired[bool]
+
+
 class PullManyMsg(TypedDict):
     """``pull_many``."""
 
@@ -385,6 +410,8 @@ MESSAGES: dict[str, type] = {
     "create_shard": CreateShardMsg,
     "pull": PullMsg,
     "push": PushMsg,
+    "assign": AssignMsg,
+    "restore": RestoreMsg,
     "pull_many": PullManyMsg,
     "push_many": PushManyMsg,
     "open_bulk": OpenBulkMsg,

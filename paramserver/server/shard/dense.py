@@ -165,6 +165,28 @@ class DenseShard:
         rows[:, planes:] = self._data[0, planes * self.size :]
         return {"rows": rows}
 
+    def assign(self, values: npt.NDArray[Any]) -> None:
+        """Set the weights to ``values`` ``(size,)`` and reset the optimizer state (Adam's
+        step included) to a new shard's; or, ``(size, 1 + n_slots + n_scalars)``, set weights
+        and state as :meth:`export` gives them (:meth:`load`).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import Momentum
+            >>> shard = DenseShard(2, "float32", Zeros(), Momentum(lr=1.0), seed=0)
+            >>> shard.push(np.ones(2, np.float32))
+            >>> shard.assign(np.array([5.0, 6.0], np.float32))
+            >>> shard.export()["rows"].tolist()
+            [[5.0, 0.0], [6.0, 0.0]]
+        """
+        if isinstance(values, np.ndarray) and values.ndim == 2:
+            self.load(values)
+            return
+        values = check_values("values", values, (self.size,), self.dtype)
+        row = self._data[0]
+        row[: self.size] = values
+        k.init_state(row, self.size, *self._rule.state)
+
     def load(self, rows: npt.NDArray[Any]) -> None:
         """Inverse of :meth:`export`. The per-element scalars (Adam's step) must agree.
 

@@ -298,6 +298,35 @@ class SparseShard:
         ids = self._find_or_create(keys, initialize=False)
         k.scatter_rows(self._data, ids, rows)
 
+    def assign(self, keys: npt.NDArray[np.uint64], values: npt.NDArray[Any]) -> None:
+        """Set the rows of ``keys`` (creating missing ones): ``values`` ``(len(keys), dim)``
+        sets the weights and resets the optimizer state to a new row's; ``(len(keys), stride)``
+        sets whole rows, state included (as :meth:`export` gives them). A repeated key keeps
+        its last row. Nothing is checked for NaN or inf here (the caller decides).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import Adagrad
+            >>> shard = SparseShard(2, "float32", Zeros(), Adagrad(initial_accumulator=0.1), seed=0)
+            >>> shard.push(np.array([4], np.uint64), np.ones((1, 2), np.float32))
+            >>> shard.assign(np.array([4, 9], np.uint64), np.full((2, 2), 3.0, np.float32))
+            >>> shard.export()["rows"].tolist()
+            [[3.0, 3.0, 0.10000000149011612, 0.10000000149011612], [3.0, 3.0, 0.10000000149011612, 0.10000000149011612]]
+        """
+        keys = check_keys(keys, "shard")
+        n = keys.shape[0]
+        whole = (
+            isinstance(values, np.ndarray) and values.ndim == 2 and values.shape[1] == self.stride
+        )
+        if whole:
+            self.load(keys, values)
+            return
+        values = check_values("values", values, (n, self.dim), self.dtype)
+        if n == 0:
+            return
+        ids = self._find_or_create(keys, initialize=False)
+        k.assign_rows(self._data, ids, values, *self._rule.state)
+
     # ------------------------------------------------------------------ storage
 
     def _next_stamp(self) -> int:
