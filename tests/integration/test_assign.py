@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import paramserver as ps
+from paramserver.client import sparse
 from paramserver.errors import ConfigError, RemoteError
 
 pytestmark = pytest.mark.timeout(120)
@@ -21,8 +22,10 @@ EPS = ps.optim.Adagrad().eps
 
 
 def test_sparse_assign_sets_rows_after_earlier_pushes_and_resets_their_state(
-    cluster: ps.LocalCluster,
+    cluster: ps.LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # requests of 16 rows: a repeated key's rows travel in different requests, in order
+    monkeypatch.setattr(sparse, "ASSIGN_ROWS", 16)
     client = cluster.connect()
     emb = client.sparse_table("emb", dim=3, optimizer=ps.optim.Adagrad(lr=0.1))
     rng = np.random.default_rng(0)
