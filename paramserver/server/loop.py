@@ -9,11 +9,13 @@ Heartbeats run on their own thread and socket. The server never dies of a bad re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket as pysocket
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from paramserver.config import Limits, Timeouts, limits_from_env
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 VIEW_WAIT = 1.0  # seconds a message of a worker not yet live waits for the view that admits it
 TABLE_WAIT = 5.0  # seconds a worker's create_shard waits for the coordinator's order
 MAX_PARKED = 1024  # messages waiting so at once (more are refused at once)
+MAX_BEHIND = 1024  # messages of one worker waiting behind its push whose payload is coming
 
 
 class Server:
@@ -91,6 +94,8 @@ class Server:
         # messages of workers not yet live, waiting for a view: (identity, frames, since)
         self.parked: list[tuple[bytes, list[Any], float]] = []
         self.parked_state = (0, 0, 0)  # the view, tables and tenth of a second last tried at
+        # messages of a worker behind its push whose bulk payload is on its way, in order
+        self.behind: dict[bytes, deque[tuple[list[Any], float | None]]] = {}
         self.snapshots = Snapshots(self.state)
         self.cluster = CoordinatorLink(
             self.ctx,
@@ -170,6 +175,8 @@ class Server:
                     # float32); the next burst allocates them once again
                     self.paths.trim()
                     trim_allocator()
+                if self.paths.waiting:  # pushes whose payload came in, or is given up
+                    self.resume()
                 self.cluster.poll(0)
                 self.cluster.watch_coordinator()
                 self.unpark()
@@ -191,7 +198,11 @@ class Server:
 
     def handle(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:
         """Decode one message, run its handler, and answer what the handler refused
-        (``since``: when a message that waited for a view first came)."""
+        (``since``: when a message that waited for a view first came). A message of a worker
+        whose push's payload is still on the bulk channel waits behind that push."""
+        if identity in self.paths.waiting:
+            self.hold(identity, frames, since)
+            return
         try:
             req = self.paths.receive(identity, frames)
         except ProtocolError as exc:
@@ -204,29 +215,85 @@ class Server:
                 )
             self.router.error(identity, exc.request_id, exc.code, f"{self.state.name}: {exc}")
             return
+        ready = False
+        with self.answering(req):
+            if req.header["kind"] in ("pull", "push", "assign"):  # first: the cheapest refusal
+                self.state.check_size(req.header, req.arrays)
+            # a payload behind the header is taken first of all; one still on its way is
+            # waited for aside (resume), never here
+            ready = not self.park(identity, frames, req.header, since) and self.paths.fetch(req)
+        if ready:
+            self.dispatch(req)
+
+    def dispatch(self, req: Request) -> None:
+        """Run a decoded request's handler (its bulk payload, if any, is in)."""
         kind = req.header["kind"]
         rank = req.header.get("rank")
-        try:
-            if kind in ("pull", "push", "assign"):  # before anything else: the cheapest refusal
-                self.state.check_size(req.header, req.arrays)
-            if self.park(identity, frames, req.header, since):
-                return
-            self.paths.fetch(req)  # a payload behind the header is read first of all
+        with self.answering(req):
             self.cluster.admit(req.header)  # a replaced process serves nothing (fencing)
             if rank is not None:  # every server request naming a rank is a worker's
-                self.state.claim(rank, identity)
+                self.state.claim(rank, req.identity)
             handler = self.handlers.get(kind)
             if handler is None:
                 raise Refusal("bad_request", f"a server does not take {kind!r} messages")
             started = time.perf_counter()
             handler(req.header, req)
             self.state.metrics.observe_request(kind, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def answering(self, req: Request) -> Iterator[None]:
+        """Answer what the block refuses, and any bug in it with an ``internal`` error."""
+        try:
+            yield
         except (Refusal, ConfigError) as exc:
             req.reply.refuse(exc)
         except Exception as exc:  # a bug must not take the server down with it
             if self.rejections.count():
-                log.exception("%s: %s request %d failed", self.state.name, kind, req.header["id"])
+                log.exception(
+                    "%s: %s request %d failed",
+                    self.state.name,
+                    req.header["kind"],
+                    req.header["id"],
+                )
             req.reply.error("internal", f"{type(exc).__name__}: {str(exc)[:1000]}")
+
+    def hold(self, identity: bytes, frames: list[Any], since: float | None) -> None:
+        """Keep a message behind its sender's push whose payload is still on its way: a
+        worker's requests are handled in the order it sent them (a pull sees its own push)."""
+        queue = self.behind.setdefault(identity, deque())
+        if len(queue) < MAX_BEHIND:
+            queue.append((frames, since))
+            return
+        try:
+            req = self.paths.receive(identity, frames)
+        except ProtocolError:
+            return  # malformed: it would have been refused without an answer it can use
+        req.reply.error(
+            "busy",
+            f"{self.state.name}: {MAX_BEHIND} requests of this worker already wait behind its "
+            "push whose payload is still on the bulk channel; this one was not handled and "
+            "changed nothing (wait for replies before sending more)",
+        )
+
+    def resume(self) -> None:
+        """Handle the pushes whose payload came in (refuse those given up: too slow, silent,
+        or their connection broke), then what their senders sent behind them, in order."""
+        for req, refusal in self.paths.arrived():
+            try:
+                if refusal is None:
+                    self.dispatch(req)
+                else:
+                    req.reply.refuse(refusal)
+            except Exception:  # a bug in a reply's path: logged, never the loop's end
+                if self.rejections.count():
+                    log.exception("%s: a push could not be answered", self.state.name)
+            self.paths.settled(req)
+            queue = self.behind.get(req.identity, deque())
+            while queue and req.identity not in self.paths.waiting:
+                frames, since = queue.popleft()
+                self.handle_safely(req.identity, frames, since)
+            if not queue:
+                self.behind.pop(req.identity, None)
 
     def handle_safely(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:
         """:meth:`handle`, and whatever escapes it (a bug in a reply's path) is logged, at a
@@ -243,7 +310,7 @@ class Server:
         """Keep a request of a worker that has not registered yet for up to a second: a
         (restarted) worker may be faster than the view that lets it in. The message waits
         here, and the loop serves everyone else meanwhile (``unpark``); a push whose payload
-        follows on the bulk channel is not kept (the channel must be read now)."""
+        follows on the bulk channel is not kept (its payload would fill the channel's memory)."""
         limit = self.may_wait(h)
         now = time.monotonic()
         first = now if since is None else since
