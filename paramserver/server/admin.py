@@ -125,6 +125,9 @@ class Admin(Handlers):
                 "tables": tables,
                 "clocks": list(state.clocks.clock),
                 "deferred": len(state.deferred),
+                # pushes whose bulk payload is on its way, and their senders' requests behind
+                "bulk_waiting": len(self.paths.waiting),
+                "bulk_behind": sum(len(q) for q in self.paths.behind.values()),
                 "metrics": state.metrics.to_wire(),
             }
         )

@@ -94,8 +94,6 @@ class Server:
         # messages of workers not yet live, waiting for a view: (identity, frames, since)
         self.parked: list[tuple[bytes, list[Any], float]] = []
         self.parked_state = (0, 0, 0)  # the view, tables and tenth of a second last tried at
-        # messages of a worker behind its push whose bulk payload is on its way, in order
-        self.behind: dict[bytes, deque[tuple[list[Any], float | None]]] = {}
         self.snapshots = Snapshots(self.state)
         self.cluster = CoordinatorLink(
             self.ctx,
@@ -260,7 +258,7 @@ class Server:
     def hold(self, identity: bytes, frames: list[Any], since: float | None) -> None:
         """Keep a message behind its sender's push whose payload is still on its way: a
         worker's requests are handled in the order it sent them (a pull sees its own push)."""
-        queue = self.behind.setdefault(identity, deque())
+        queue = self.paths.behind.setdefault(identity, deque())
         if len(queue) < MAX_BEHIND:
             queue.append((frames, since))
             return
@@ -288,12 +286,12 @@ class Server:
                 if self.rejections.count():
                     log.exception("%s: a push could not be answered", self.state.name)
             self.paths.settled(req)
-            queue = self.behind.get(req.identity, deque())
+            queue = self.paths.behind.get(req.identity, deque())
             while queue and req.identity not in self.paths.waiting:
                 frames, since = queue.popleft()
                 self.handle_safely(req.identity, frames, since)
             if not queue:
-                self.behind.pop(req.identity, None)
+                self.paths.behind.pop(req.identity, None)
 
     def handle_safely(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:
         """:meth:`handle`, and whatever escapes it (a bug in a reply's path) is logged, at a

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -109,6 +110,8 @@ class Paths:
         # pushes whose bulk payload is still on its way, by sender (one each: the loop keeps
         # a sender's later requests behind it), and the buffers such payloads may reuse
         self.waiting: dict[bytes, Request] = {}
+        # the messages (frames, and when they first came) such a sender sent since, in order
+        self.behind: dict[bytes, deque[tuple[list[Any], float | None]]] = {}
         self.spare: list[np.ndarray] = []
 
     @classmethod
@@ -313,6 +316,7 @@ class Paths:
 
     def close(self) -> None:
         self.waiting.clear()
+        self.behind.clear()
         for link in self.links.values():
             link.close()
         for seg in self.slots.values():
