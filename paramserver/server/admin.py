@@ -127,7 +127,7 @@ class Admin(Handlers):
                 "deferred": len(state.deferred),
                 # pushes whose bulk payload is on its way, and their senders' requests behind
                 "bulk_waiting": len(self.paths.waiting),
-                "bulk_behind": sum(len(q) for q in self.paths.behind.values()),
+                "bulk_behind": sum(len(b.messages) for b in self.paths.behind.values()),
                 "metrics": state.metrics.to_wire(),
             }
         )

@@ -14,7 +14,6 @@ import logging
 import socket as pysocket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,7 +34,7 @@ from paramserver.server.push import Pushes
 from paramserver.server.snapshot import Snapshots
 from paramserver.server.state import ServerState
 from paramserver.wire import protocol
-from paramserver.wire.paths import Paths, Request
+from paramserver.wire.paths import Behind, Paths, Request
 from paramserver.wire.poller import Poller
 from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Router, Security, new_context
@@ -47,7 +46,10 @@ log = logging.getLogger(__name__)
 VIEW_WAIT = 1.0  # seconds a message of a worker not yet live waits for the view that admits it
 TABLE_WAIT = 5.0  # seconds a worker's create_shard waits for the coordinator's order
 MAX_PARKED = 1024  # messages waiting so at once (more are refused at once)
-MAX_BEHIND = 1024  # messages of one worker waiting behind its push whose payload is coming
+# messages of one worker waiting behind its push whose bulk payload is on its way, and their
+# bytes (one message always may)
+MAX_BEHIND = 1024
+MAX_BEHIND_BYTES = 1 << 30
 
 
 class Server:
@@ -258,9 +260,11 @@ class Server:
     def hold(self, identity: bytes, frames: list[Any], since: float | None) -> None:
         """Keep a message behind its sender's push whose payload is still on its way: a
         worker's requests are handled in the order it sent them (a pull sees its own push)."""
-        queue = self.paths.behind.setdefault(identity, deque())
-        if len(queue) < MAX_BEHIND:
-            queue.append((frames, since))
+        behind = self.paths.behind.setdefault(identity, Behind())
+        size = sum(memoryview(f).nbytes for f in frames)
+        many = len(behind.messages) >= MAX_BEHIND
+        if not behind.messages or not (many or behind.nbytes + size > MAX_BEHIND_BYTES):
+            behind.add(frames, since)
             return
         try:
             req = self.paths.receive(identity, frames)
@@ -268,9 +272,10 @@ class Server:
             return  # malformed: it would have been refused without an answer it can use
         req.reply.error(
             "busy",
-            f"{self.state.name}: {MAX_BEHIND} requests of this worker already wait behind its "
-            "push whose payload is still on the bulk channel; this one was not handled and "
-            "changed nothing (wait for replies before sending more)",
+            f"{self.state.name}: {len(behind.messages)} requests of this worker "
+            f"({behind.nbytes} bytes) already wait behind its push whose payload is still on "
+            f"the bulk channel (at most {MAX_BEHIND} and {MAX_BEHIND_BYTES} bytes): this one "
+            "was not handled and changed nothing (wait for replies before sending more)",
         )
 
     def resume(self) -> None:
@@ -286,11 +291,11 @@ class Server:
                 if self.rejections.count():
                     log.exception("%s: a push could not be answered", self.state.name)
             self.paths.settled(req)
-            queue = self.paths.behind.get(req.identity, deque())
-            while queue and req.identity not in self.paths.waiting:
-                frames, since = queue.popleft()
+            behind = self.paths.behind.get(req.identity)
+            while behind and behind.messages and req.identity not in self.paths.waiting:
+                frames, since = behind.next()
                 self.handle_safely(req.identity, frames, since)
-            if not queue:
+            if behind and not behind.messages:
                 self.paths.behind.pop(req.identity, None)
 
     def handle_safely(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:

@@ -35,7 +35,7 @@ from paramserver.wire.refusal import Refusal
 from paramserver.wire.streams import MIN_RATE
 from paramserver.wire.transport import Router
 
-__all__ = ["DenseLink", "DenseValues", "Paths", "Reply", "Request", "SharedRange"]
+__all__ = ["Behind", "DenseLink", "DenseValues", "Paths", "Reply", "Request", "SharedRange"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,25 @@ class DenseLink:
         self.shared.clear()
 
 
+@dataclass
+class Behind:
+    """The messages one sender sent after its push whose bulk payload is still on its way:
+    (frames, when first seen (None: now), bytes), in order, and their bytes together."""
+
+    messages: deque[tuple[list[Any], float | None, int]] = field(default_factory=deque)
+    nbytes: int = 0
+
+    def add(self, frames: list[Any], since: float | None) -> None:
+        size = sum(memoryview(f).nbytes for f in frames)
+        self.messages.append((frames, since, size))
+        self.nbytes += size
+
+    def next(self) -> tuple[list[Any], float | None]:
+        frames, since, size = self.messages.popleft()
+        self.nbytes -= size
+        return frames, since
+
+
 class Paths:
     """A server's side of the paths (see the module docstring).
 
@@ -111,7 +130,7 @@ class Paths:
         # a sender's later requests behind it), and the buffers such payloads may reuse
         self.waiting: dict[bytes, Request] = {}
         # the messages (frames, and when they first came) such a sender sent since, in order
-        self.behind: dict[bytes, deque[tuple[list[Any], float | None]]] = {}
+        self.behind: dict[bytes, Behind] = {}
         self.spare: list[np.ndarray] = []
 
     @classmethod
@@ -191,6 +210,7 @@ class Paths:
                     f"{self.name} (a payload has heartbeat_timeout seconds of grace, then must "
                     f"come at {MIN_RATE} bytes/s or more)",
                 )
+                req.arrays = []  # its buffer is not reused (:meth:`settled`)
             out.append((req, refusal))
         return out
 

@@ -16,6 +16,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.errors import RemoteError
+from paramserver.server.loop import MAX_BEHIND
 from paramserver.wire import seal
 from paramserver.wire.streams import Reader
 from tests.timing import FAST, wait_until
@@ -182,7 +183,9 @@ def test_a_trickling_push_holds_up_no_other_worker() -> None:
     """While a ticketed worker trickles the payload of a 1 MiB push, another worker's pulls
     and pushes (sparse, dense in frames, dense on its own bulk channel) are all answered, with
     NumPy's values, and the slow push is still unfinished (main: the server's loop waited in
-    the slow payload's receive, and every other worker with it)."""
+    the slow payload's receive, and every other worker with it). The slow worker's own
+    requests wait behind its push (past MAX_BEHIND they are refused as ``busy``), and are
+    answered once the push is refused."""
     with ps.LocalCluster(servers=1, workers=2, timeouts=SLOW_PEER) as cluster:
         a, b = cluster.connect(transport="tcp"), cluster.connect(transport="zmq")
         sgd = ps.optim.SGD(lr=1.0)
@@ -213,13 +216,27 @@ def test_a_trickling_push_holds_up_no_other_worker() -> None:
             assert not _answered(b, push)  # all of that while the slow push is unfinished
             assert trickle.is_alive() and trickle.broken is None
             assert _bulk_stats(a) == (1, 0)
+            # the slow worker's own requests wait behind its push, up to MAX_BEHIND of them
+            pings = [
+                b.endpoint.request("server[0]", {"kind": "ping"}, what=f"ping {i}")
+                for i in range(MAX_BEHIND + 2)
+            ]
+            for late in pings[-2:]:
+                with pytest.raises(RemoteError, match="wait behind its push") as busy:
+                    late.result(30)
+                assert busy.value.code == "busy"
+            assert _bulk_stats(a) == (1, MAX_BEHIND)
+            assert not any(_answered(b, f) for f in pings[:-2])
         finally:
             trickle.stop()
             sock.close()
-        # its connection closed mid-payload: refused, the table unchanged
+        # its connection closed mid-payload: refused, the table unchanged; then the requests
+        # behind it are answered
         with pytest.raises(RemoteError, match="closed") as err:
             push.result(30)
         assert err.value.code == "bulk"
+        for ping in pings[:-2]:
+            ping.result(30)
         assert d.pull().tobytes() == before
         assert _bulk_stats(a) == (0, 0)
 
