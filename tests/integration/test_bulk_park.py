@@ -309,3 +309,43 @@ def test_requests_behind_a_waiting_push_keep_their_worker_s_order() -> None:
             sock.close()
         assert _bulk_stats(a) == (0, 0)
         np.testing.assert_array_equal(d.pull(), 2.0 - g1 - g2)
+
+
+class SpoilRecord(seal.Seal):
+    """A real sealing of records, one of which (number ``spoilt``) has a bit flipped."""
+
+    spoilt = -1
+
+    def seal(self, plain: memoryview, out: bytearray) -> memoryview:
+        record = super().seal(plain, out)
+        if self.count == self.spoilt:
+            record[100] ^= 0x01
+        return record
+
+
+def test_a_sealed_payload_that_came_after_its_header_is_opened_or_refused() -> None:
+    """With a cluster token, a 24 MiB push (above PRESEND_MAX, so its payload follows its
+    header and is read while the push waits aside) is applied as NumPy says; one with a
+    record spoilt on the way is refused as it is opened, the table unchanged, and the next
+    push goes through on a new channel."""
+    pytest.importorskip("cryptography")
+    n = 6 << 20  # float32: 24 MiB
+    with ps.LocalCluster(servers=1, workers=1, timeouts=FAST, token="x" * 32) as cluster:
+        client = cluster.connect(transport="tcp")
+        w = client.dense_table(
+            "w", shape=(n,), init=ps.init.Constant(2.0), optimizer=ps.optim.SGD(lr=1.0)
+        )
+        w.push(np.ones(n, np.float32)).result(30)
+        np.testing.assert_array_equal(w.pull(), np.full(n, 1.0, np.float32))
+        channel = client.endpoint.peers["server[0]"].bulk
+        assert channel is not None and channel.sealed
+        sealing = channel.writer.seal
+        assert sealing is not None
+        SpoilRecord.spoilt = sealing.count + 5  # the fifth record of the next push
+        sealing.__class__ = SpoilRecord
+        with pytest.raises(RemoteError, match="failed authentication") as err:
+            w.push(np.ones(n, np.float32)).result(30)
+        assert err.value.code == "bulk"
+        np.testing.assert_array_equal(w.pull(), np.full(n, 1.0, np.float32))
+        w.push(np.full(n, 0.5, np.float32)).result(30)
+        np.testing.assert_array_equal(w.pull(), np.full(n, 0.5, np.float32))
