@@ -317,10 +317,6 @@ class Listener:
         self._pending[identity] = _Pending(c, buf, raw, what, deadline)
         c.reader.begin(raw, self._wake)
 
-    def waiting(self) -> bool:
-        """Whether a payload :meth:`begin` started is not over yet."""
-        return bool(self._pending)
-
     def done(self, now: float) -> list[tuple[bytes, str | None]]:
         """The payloads :meth:`begin` started that are over: (identity, None) once all in
         ``buf``, or (identity, why) once the connection broke, went silent for ``idle``, or
