@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from paramserver import checkpoint
-from paramserver.partition import HashRing
+from paramserver.partition import HashRing, holds
 from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.state import ServerState
 from paramserver.server.table import make_table
@@ -47,7 +47,7 @@ class Snapshots:
     def due(self, reached: int) -> int | None:
         """The clock of the pending checkpoint if the tables reached it (every live worker
         did; with none live, one did), else None."""
-        if self.pending is not None and self.pending[2] <= reached:
+        if self.pending is not None and (self.state.rebuilding or self.pending[2] <= reached):
             return self.pending[2]
         return None
 
@@ -62,7 +62,12 @@ class Snapshots:
             index = checkpoint.write_server_shards(
                 Path(path),
                 state.rank,
-                {n: (t.spec, t.shard, t.start, t.stop) for n, t in state.tables.items()},
+                # a rebuilding server holds none of its ranges: the live copies write them
+                {
+                    n: (t.spec, t.shard, t.start, t.stop)
+                    for n, t in state.tables.items()
+                    if not state.rebuilding
+                },
             )
         except OSError as exc:
             log.error("%s: checkpoint at clock %d into %s failed: %s", state.name, clock, path, exc)
@@ -82,17 +87,18 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
     """Create ``tables`` (wire specs) on this server with the rows the checkpoint at ``path``
     holds for it (a table created after the checkpoint starts empty)."""
     directory, manifest, _ = checkpoint.read_manifest(path)
-    ring = HashRing.build(list(range(int(view["num_servers"]))))
+    n = int(view["num_servers"])
+    ring = HashRing.build(list(range(n)))
+    # with replication this server holds the keys of the ranks it is a copy of, too
+    owners = [r for r in range(n) if holds(state.rank, r, n, state.replication)]
     saved = {t["name"] for t in manifest["tables"]}
     for wire in tables:
         spec = TableSpec.from_wire(wire)
-        table = make_table(spec, state.rank)
+        table = make_table(spec, state.rank, n, state.replication)
         if spec.name not in saved:  # created after the checkpoint: starts empty
             pass
         elif isinstance(table.shard, SparseShard):
-            keys, rows = checkpoint.load_sparse_rows(
-                directory, manifest, spec.name, ring, state.rank
-            )
+            keys, rows = checkpoint.load_sparse_rows(directory, manifest, spec.name, ring, owners)
             if len(keys):
                 table.shard.load(keys, rows.astype(spec.np_dtype, copy=False))
         elif isinstance(table.shard, DenseShard):
