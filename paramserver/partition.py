@@ -138,7 +138,9 @@ def holds(server: int, owner: int, num_servers: int, replication: int) -> bool:
     Example:
         holds(0, 2, 3, 2)   # True: server 0 is the second replica of server 2
     """
-    return (server - owner) % max(num_servers, 1) < min(max(replication, 1), num_servers)
+    if replication <= 1 or num_servers <= 1:
+        return server == owner
+    return (server - owner) % num_servers < min(replication, num_servers)
 
 
 def check_replication(replication: object, num_servers: int) -> int:
