@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,11 @@ def _server_pid(cluster: ps.LocalCluster, rank: int) -> int:
 
 
 def _train_sync(
-    replication: int, kill: tuple[int, int] | None, seed: int, transport: str
+    replication: int,
+    kill: tuple[int, int] | None,
+    seed: int,
+    transport: str,
+    save: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Two workers in lockstep (one process, one client each), sync tables whose gradients
     depend on the values pulled: any lost or doubled update changes the end result."""
@@ -80,7 +85,14 @@ def _train_sync(
                 c.clock()
         emb, w, b = tables[0]
         out = {"emb": emb.pull(np.arange(KEYS, dtype=np.uint64)), "w": w.pull(), "b": b.pull()}
+        if save is not None:
+            clients[0].save(save)
         if kill is not None:
+            stats = clients[0].stats()
+            assert stats[kill[1]]["tables"] == {}  # not asked: reached by no one
+            assert all(
+                stats[r]["tables"]["emb"]["rows"] > 0 for r in range(SERVERS) if r != kill[1]
+            )
             # the replacement holds nothing yet: the view lists it as rebuilding, not alive
             servers = {r: st for r, _, st in view_of(cluster.address)["servers"]}  # type: ignore[attr-defined]
             assert servers[kill[1]] in ("rebuilding", "dead"), servers
@@ -165,3 +177,30 @@ def test_a_replication_larger_than_the_servers_is_refused(
     )
     assert code == 2
     assert "replication=3 needs at least 3 servers" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_a_replicated_cluster_restores_each_key_once(tmp_path: Path) -> None:
+    """Every key is in the checkpoint twice (two copies wrote it): a cluster restored from it,
+    with or without replication, has the values of the run that wrote it."""
+    seed = 11
+    trained = _train_sync(2, None, seed, "tcp", save=tmp_path / "ckpt")
+    for replication in (1, 2):
+        with ps.LocalCluster(
+            servers=SERVERS,
+            workers=1,
+            timeouts=FAST,
+            restore=tmp_path / "ckpt",
+            replication=replication,
+        ) as cluster:
+            client = cluster.connect(transport="tcp")
+            emb = client.sparse_table(
+                "emb", dim=8, optimizer=ps.optim.SGD(lr=0.1), consistency="sync",
+                init=ps.init.Normal(0.0, 0.1),
+            )  # fmt: skip
+            w = client.dense_table("w", shape=(3000,), optimizer=ps.optim.SGD(lr=0.1),
+                                   consistency="sync")  # fmt: skip
+            rows = emb.pull(np.arange(KEYS, dtype=np.uint64))
+            np.testing.assert_array_equal(
+                rows, trained["emb"], err_msg=f"replication {replication}"
+            )
+            np.testing.assert_array_equal(w.pull(), trained["w"])
