@@ -65,13 +65,19 @@ def _train_sync(
                 c.dense_table("w", shape=(3000,), optimizer=ps.optim.SGD(lr=0.1),
                               consistency="sync"),
                 c.dense_table("b", shape=(7,), optimizer=ps.optim.SGD(lr=0.1), consistency="sync"),
+                # small tables in one request per server (pull_many, push_many)
+                c.dense_group([
+                    c.dense_table(n, shape=(m,), optimizer=ps.optim.SGD(lr=0.1),
+                                  consistency="sync")
+                    for n, m in (("g1", 5), ("g2", 3))
+                ]),
             )
             for c in clients
         ]  # fmt: skip
         for step in range(STEPS):
             if kill is not None and step == kill[0]:
                 os.kill(_server_pid(cluster, kill[1]), signal.SIGKILL)
-            for r, (emb, w, b) in enumerate(tables):
+            for r, (emb, w, b, group) in enumerate(tables):
                 keys = batches[step][r]
                 rows = emb.pull(keys)
                 wv, bv = w.pull(), b.pull()
@@ -79,12 +85,15 @@ def _train_sync(
                 f1 = emb.push(keys, grads)
                 f2 = w.push((wv * np.float32(0.3) + np.float32(step)).astype(np.float32))
                 f3 = b.push((bv - np.float32(1.0)).astype(np.float32))
-                for f in (f1, f2, f3):
+                g1, g2 = group.pull()
+                f4 = group.push([g1 * np.float32(0.5) + np.float32(r), g2 - np.float32(2.0)])
+                for f in (f1, f2, f3, f4):
                     f.result()
             for c in clients:
                 c.clock()
-        emb, w, b = tables[0]
+        emb, w, b, group = tables[0]
         out = {"emb": emb.pull(np.arange(KEYS, dtype=np.uint64)), "w": w.pull(), "b": b.pull()}
+        out["g1"], out["g2"] = group.pull()
         if save is not None:
             clients[0].save(save)
         if kill is not None:
