@@ -135,14 +135,7 @@ def _add_token(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_replication(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--replication",
-        type=int,
-        default=1,
-        help="copies of every key range and dense table, on that many servers: a server's "
-        "death then loses no acknowledged push (default 1: no copies; at most --servers)",
-    )
+_REPLICATION = "copies of every key range and dense table (default 1; at most --servers)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--bind", default="127.0.0.1:7070", help="HOST:PORT to listen on (port 0: any)")
     c.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
     c.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
-    _add_replication(c)
+    c.add_argument("--replication", type=int, default=1, help=_REPLICATION)
     c.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
     _add_token(c)
     _add_checkpoint_args(c)
@@ -206,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start a local cluster and run a script once per worker")
     r.add_argument("-s", "--servers", type=int, default=2, help="number of servers (default 2)")
     r.add_argument("-w", "--workers", type=int, default=1, help="number of workers (default 1)")
-    _add_replication(r)
+    r.add_argument("--replication", type=int, default=1, help=_REPLICATION)
     r.add_argument(
         "--consistency", default=None, help="default consistency of tables: sync, ssp:N, async"
     )
