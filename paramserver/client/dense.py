@@ -63,7 +63,10 @@ class DenseTable(TableHandle):
         if self._shm_tried:
             return self._seg
         c = self.client
-        if c.transport != "auto":
+        # with replication, async/ssp copies each write their own values into the worker's
+        # copy as they apply a push (the mirror), and copies differ in the order they apply
+        # pushes: such a table goes over TCP, read from one copy
+        if c.transport != "auto" or (c.replication > 1 and self.spec.mode[0] != "sync"):
             self._shm_tried = True
             return None
         seg = shm.create(self.spec.size * self.dtype.itemsize)

@@ -175,7 +175,7 @@ def test_async_acknowledged_pushes_survive_a_server_kill() -> None:
 
 
 def test_a_replication_larger_than_the_servers_is_refused(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match="replication=3 needs at least 3 servers"):
         ps.LocalCluster(servers=2, workers=1, replication=3)
@@ -185,6 +185,10 @@ def test_a_replication_larger_than_the_servers_is_refused(
         ["coordinator", "--bind", "127.0.0.1:0", "-s", "2", "-w", "1", "--replication", "3"]
     )
     assert code == 2
+    assert "replication=3 needs at least 3 servers" in capsys.readouterr().err
+    program = tmp_path / "train.py"
+    program.write_text("raise SystemExit('never started')\n")
+    assert main(["run", "-s", "2", "--replication", "3", str(program)]) == 2
     assert "replication=3 needs at least 3 servers" in capsys.readouterr().err
 
 
