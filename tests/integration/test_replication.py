@@ -217,3 +217,35 @@ def test_a_checkpoint_of_a_replicated_cluster_restores_each_key_once(tmp_path: P
                 rows, trained["emb"], err_msg=f"replication {replication}"
             )
             np.testing.assert_array_equal(w.pull(), trained["w"])
+
+
+def test_a_pull_waiting_on_a_killed_primary_is_answered_by_the_copy() -> None:
+    """Sync: worker 0's pull waits at the primary for worker 1's clock; the primary is killed;
+    the pull moves to the copy and gets the mean that includes worker 1's push of that clock."""
+    from paramserver.partition import HashRing
+
+    candidates = np.arange(2000, dtype=np.uint64)
+    keys = candidates[HashRing.build(list(range(SERVERS))).route(candidates) == 1][:50]
+    with ps.LocalCluster(servers=SERVERS, workers=2, timeouts=FAST, replication=2) as cluster:
+        a, b = (cluster.connect(rank=r, transport="tcp") for r in range(2))
+        ta, tb = (
+            c.sparse_table("emb", dim=4, optimizer=ps.optim.SGD(lr=1.0), consistency="sync",
+                           init=ps.init.Zeros())
+            for c in (a, b)
+        )  # fmt: skip
+        ones = np.ones((len(keys), 4), np.float32)
+        ta.push(keys, ones).result()
+        tb.push(keys, 2 * ones).result()
+        a.clock()
+        b.clock()
+        np.testing.assert_array_equal(ta.pull(keys), -1.5 * ones)  # mean of 1 and 2
+        a.clock()
+        waiting = ta.pull_async(keys)  # clock 2: waits at server[1] for worker 1
+        a.endpoint.poll(0.2)
+        assert not waiting.done()
+        os.kill(_server_pid(cluster, 1), signal.SIGKILL)
+        tb.push(keys, 4 * ones).result()  # acknowledged by the copy alone once 1 is dead
+        b.clock()
+        # clock 1 holds worker 1's push only: the mean over 2 live workers is 2
+        np.testing.assert_array_equal(waiting.result(30), -3.5 * ones)
+        np.testing.assert_array_equal(tb.pull(keys), -3.5 * ones)
