@@ -135,6 +135,9 @@ def _add_token(p: argparse.ArgumentParser) -> None:
     )
 
 
+_REPLICATION = "copies of every key range and dense table (default 1; at most --servers)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="paramserver", description="A parameter server for ML training."
@@ -148,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--bind", default="127.0.0.1:7070", help="HOST:PORT to listen on (port 0: any)")
     c.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
     c.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
+    c.add_argument("--replication", type=int, default=1, help=_REPLICATION)
     c.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
     _add_token(c)
     _add_checkpoint_args(c)
@@ -195,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start a local cluster and run a script once per worker")
     r.add_argument("-s", "--servers", type=int, default=2, help="number of servers (default 2)")
     r.add_argument("-w", "--workers", type=int, default=1, help="number of workers (default 1)")
+    r.add_argument("--replication", type=int, default=1, help=_REPLICATION)
     r.add_argument(
         "--consistency", default=None, help="default consistency of tables: sync, ssp:N, async"
     )
@@ -469,6 +474,7 @@ def _command(args: argparse.Namespace) -> int:
             ready_fd=args.ready_fd,
             listen_fd=args.listen_fd,
             journal=args.journal,
+            replication=args.replication,
             parent_pid=args.parent_pid,
             restore=args.restore,
             checkpoints=_checkpoints(args),
@@ -511,6 +517,8 @@ def _command(args: argparse.Namespace) -> int:
             raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
         program = ["-m", args.module] if args.module else [args.script]
         if args.backend == "ray":
+            if args.replication != 1:
+                raise ConfigError("run: --replication applies to --backend local only")
             return _run_ray(args, program)
         given = [f"--{r}-{w}" for r, w in _RAY_RESOURCES if getattr(args, f"{r}_{w}") is not None]
         if given:
@@ -526,6 +534,7 @@ def _command(args: argparse.Namespace) -> int:
             restore=args.restore,
             checkpoints=_checkpoints(args),
             metrics_port=args.metrics_port,
+            replication=args.replication,
         )
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)

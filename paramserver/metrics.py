@@ -489,7 +489,7 @@ def serve_prometheus(
                 counts[(n["role"], n["state"])] = counts.get((n["role"], n["state"]), 0) + 1
                 if n.get("last_heartbeat") is not None:
                     hb.add_metric([n["role"], str(n["rank"])], n["last_heartbeat"])
-            for state in ("pending", "alive", "dead", "left"):
+            for state in ("pending", "alive", "rebuilding", "dead", "left"):
                 for role in ("server", "worker"):
                     nodes.add_metric([role, state], float(counts.get((role, state), 0)))
             dead = GaugeMetricFamily("ps_dead_nodes", "nodes declared dead")

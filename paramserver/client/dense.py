@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.arrays import all_finite
+from paramserver.client.replicas import live_copies
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
@@ -63,7 +64,10 @@ class DenseTable(TableHandle):
         if self._shm_tried:
             return self._seg
         c = self.client
-        if c.transport != "auto":
+        # with replication, async/ssp copies each write their own values into the worker's
+        # copy as they apply a push (the mirror), and copies differ in the order they apply
+        # pushes: such a table goes over TCP, read from one copy
+        if c.transport != "auto" or (c.replication > 1 and self.spec.mode[0] != "sync"):
             self._shm_tried = True
             return None
         seg = shm.create(self.spec.size * self.dtype.itemsize)
@@ -71,6 +75,12 @@ class DenseTable(TableHandle):
             self._shm_tried = True
             return None
         ok = True
+        # every copy of a range reads pushes from the segment, and any may answer a pull
+        holders = sorted(
+            {r for s, _, _ in self.spec.ranges for r in live_copies(c, s)}
+            if c.replication > 1
+            else {s for s, _, _ in self.spec.ranges}
+        )
         try:
             futs = [
                 c.endpoint.request(
@@ -84,7 +94,7 @@ class DenseTable(TableHandle):
                     },
                     what=f"attaching shared memory for table {self.name!r} on {server_name(s)}",
                 )
-                for s, _, _ in self.spec.ranges
+                for s in holders
             ]
             for f in futs:
                 try:
@@ -117,7 +127,8 @@ class DenseTable(TableHandle):
         first use; without it, ZeroMQ frames)."""
         c = self.client
         return (
-            (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
+            c.replication == 1  # (its raw bytes go to one named server, not to every copy)
+            and (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
             and c.transport != "zmq"
             and bulk.open_channel(c.endpoint, server_name(s), c.rank, c.timeouts.heartbeat_timeout)
         )

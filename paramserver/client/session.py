@@ -22,6 +22,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from paramserver.client.replicas import request_copies, settle
 from paramserver.client.watch import CoordinatorWatch
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
@@ -41,6 +42,9 @@ from paramserver.wire.transport import (
 __all__ = ["Session", "clock_hint", "server_name"]
 
 log = logging.getLogger(__name__)
+
+# a request waiting for a lost server (see Session.request_one)
+Resend = tuple[float, object, Callable[[], None], Callable[[], None], Callable[[], None] | None]
 
 
 def server_name(rank: int) -> str:
@@ -122,14 +126,16 @@ class Session(CoordinatorWatch):
             self._ctx, self.timeouts.request, on_message=self._on_message, security=self._security
         )
         self._ep.expire = self._expire_resends
-        # server rank -> requests waiting for that server to come back: (deadline, lost peer,
-        # resend, give up)
         # server rank -> how many times a new process took it over (shared memory is not shared
         # with a replacement: dense tables reach it over TCP)
         self.replaced: Counter[int] = Counter()
-        self._resends: dict[
-            int, list[tuple[float, object, Callable[[], None], Callable[[], None]]]
-        ] = {}
+        # server rank -> requests waiting for that server to come back: (deadline, lost peer,
+        # resend, give up, fail over: with replication, what to do once the server is dead)
+        self._resends: dict[int, list[Resend]] = {}
+        # copies of every range (view "replication", see client/replicas.py) and each
+        # server's state in the newest view
+        self.replication = 1
+        self.server_states: dict[int, str] = {}
         self._ep.connect("coordinator", coordinator)
         # server rank -> (its ``replaced`` count when made, shared-memory slots with it)
         self._slot_pools: dict[int, tuple[int, SlotPool]] = {}
@@ -183,6 +189,7 @@ class Session(CoordinatorWatch):
         self.num_servers: int = int(view["num_servers"])
         self._clock = int(view.get("start_clock") or 0)
         self._supervised = bool(view.get("supervised"))
+        self.replication = int(view.get("replication") or 1)
         self._apply_view(view)
         # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
         # on a loaded machine.
@@ -225,6 +232,7 @@ class Session(CoordinatorWatch):
             return
         self._epoch = epoch
         self.view = view
+        self.server_states = {int(r): str(st) for r, _, st in view.get("servers", [])}
         for rank, address, state in view.get("servers", []):
             name = server_name(rank)
             if state == "alive" and address:
@@ -232,11 +240,12 @@ class Session(CoordinatorWatch):
                 if old is not None and (old.address != address or old.lost is not None):
                     self.replaced[rank] += 1
                 self._ep.connect(name, address)
-            elif state in ("dead", "left"):
+            elif state in ("dead", "left", "rebuilding"):
                 self._ep.mark_lost(
                     name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
                 )
         if self._resends:
+            self._fail_over()
             self._resend_to_replaced()
 
     # ---- requests to servers that may be replaced -----------------------------------------
@@ -254,6 +263,37 @@ class Session(CoordinatorWatch):
         reply_bytes: int | None = None,
         bulk: bool = False,
     ) -> Future[Any]:
+        """A request about what server ``s`` owns. Without replication: :meth:`request_one`
+        to ``s``. With it, reads go to the first live copy and fail over to the next, writes to
+        every live copy (see :mod:`paramserver.client.replicas`)."""
+        if self.replication > 1:
+            return request_copies(
+                self, s, header, arrays, what=what, parse=parse, sink=sink, again=again,
+                reply_bytes=reply_bytes, bulk=bulk,
+            )  # fmt: skip
+        return self.request_one(
+            s, header, arrays, what=what, parse=parse, sink=sink, again=again,
+            reply_bytes=reply_bytes, bulk=bulk,
+        )  # fmt: skip
+
+    def server_alive(self, s: int) -> bool:
+        """Whether the newest view lists server ``s`` as alive (it serves its ranges)."""
+        return self.server_states.get(s) in ("alive", "pending")
+
+    def request_one(
+        self,
+        s: int,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        *,
+        what: str,
+        parse: Callable[[Message], Any] | None = None,
+        sink: np.ndarray | None = None,
+        again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
+        reply_bytes: int | None = None,
+        bulk: bool = False,
+        on_dead: Callable[[], Future[Any]] | None = None,
+    ) -> Future[Any]:
         """A request to server ``s`` that survives its replacement: if the server is lost, wait
         (up to the request timeout) for a view in which a new server holds rank ``s``, then send
         the same request again (a push keeps its sequence number); ``again`` gives the header,
@@ -262,7 +302,11 @@ class Session(CoordinatorWatch):
         With ``reply_bytes`` (at most what the reply's arrays take), the request may travel in
         a shared-memory slot when the server is on this host (see :mod:`paramserver.wire.slots`):
         ``parse`` must then be given and must not keep the reply's arrays (the slot is reused
-        once it returns)."""
+        once it returns).
+
+        With ``on_dead`` (replication), a lost server's request is not kept for a replacement
+        once a view declares the server dead or rebuilding: the request completes as the
+        future ``on_dead()`` gives (the next copy's answer)."""
         name = server_name(s)
         outer: Future[Any] = Future(self._ep, what)
         if "table" in header and header["kind"] in ("pull", "push"):
@@ -313,11 +357,23 @@ class Session(CoordinatorWatch):
                             NodeLostError(f"{err} (no replacement for {name} within {wait:.3g}s)")
                         )
 
-                    self._resends.setdefault(s, []).append((deadline, peer, resend, give_up))
+                    self._resends.setdefault(s, []).append(
+                        (deadline, peer, resend, give_up, fail_over)
+                    )
+                    if on_dead is not None and not self.server_alive(s):
+                        self._fail_over()
                 else:
                     outer.set_exception(clock_hint(err, header))
 
             fut.add_done_callback(done)
+
+        fail_over: Callable[[], None] | None = None
+        if on_dead is not None:
+            dead = on_dead
+
+            def fail_over() -> None:
+                nxt = dead()
+                nxt.add_done_callback(lambda f: settle(outer, f))
 
         def resend() -> None:
             nonlocal header, arrays, parse
@@ -358,8 +414,24 @@ class Session(CoordinatorWatch):
             log.info(
                 "worker[%d]: resending %d requests to %s", self.rank, len(ready), server_name(s)
             )
-            for _, _, again, _ in ready:
+            for _, _, again, _, _ in ready:
                 again()
+
+    def _fail_over(self) -> None:
+        """With replication: the requests lost with a server the view declares dead or
+        rebuilding go to the next copy at once (no waiting for a replacement)."""
+        for s, waiting in list(self._resends.items()):
+            if self.server_alive(s):
+                continue
+            moving = [w for w in waiting if w[4] is not None]
+            if not moving:
+                continue
+            self._resends[s] = [w for w in waiting if w[4] is None]
+            if not self._resends[s]:
+                del self._resends[s]
+            for w in moving:
+                assert w[4] is not None
+                w[4]()
 
     def _expire_resends(self) -> float | None:
         """Fail the resends whose deadline passed; the next deadline, if any."""

@@ -12,6 +12,7 @@ import numpy as np
 from paramserver.arrays import all_finite, as_keys
 from paramserver.client.cache import CacheSpec, RowCache, check_cache
 from paramserver.client.keyplan import KeyPlan, KeyPlanCache
+from paramserver.client.replicas import settle
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
@@ -41,15 +42,6 @@ def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> Non
     positions, rows, bounds = plan.placement()
     a, b = bounds[p], bounds[p + 1]
     place_rows(part, rows[a:b], positions[a:b], out)
-
-
-def _settle(outer: Future[Any], done: Future[Any]) -> None:
-    """Complete ``outer`` as ``done`` (already done) completed."""
-    err = done.exception(0)
-    if err is not None:
-        outer.set_exception(err)
-    else:
-        outer.set_result(done.result(0))
 
 
 class SparseTable(TableHandle):
@@ -113,7 +105,8 @@ class SparseTable(TableHandle):
         c = self.client
         limit = timeout
         flat = k.reshape(-1)
-        plan, sig = self._plans.plan(flat, cacheable=create)
+        # no key-list signatures with replication: a read may move to another copy
+        plan, sig = self._plans.plan(flat, cacheable=create and c.replication == 1)
         self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)
         futs: list[Future[None]] = []
@@ -232,7 +225,7 @@ class SparseTable(TableHandle):
                 self._plans.forget(plan)
                 plan.sig = None
                 retry = again()
-                retry.add_done_callback(lambda r: _settle(outer, r))
+                retry.add_done_callback(lambda r: settle(outer, r))
             elif err is not None:
                 outer.set_exception(err)
             else:
@@ -356,7 +349,9 @@ class SparseTable(TableHandle):
 
     def _push_flat(self, flat: np.ndarray, g: np.ndarray) -> Future[None]:
         mode, _ = self.spec.mode
-        plan, sig = self._plans.plan(flat, cacheable=mode != "sync")
+        plan, sig = self._plans.plan(
+            flat, cacheable=mode != "sync" and self.client.replication == 1
+        )
         self._moved[1] += len(plan.base)
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order

@@ -349,13 +349,23 @@ class Client(Session):
             for s in client.stats(): print(s["rank"], s["tables"])
         """
         self.check()
-        futs = [
-            self.endpoint.request(
+        # with replication, a dead or rebuilding server is reached by no one: its state only
+        down: dict[int, dict[str, Any]] = {
+            s: {"rank": s, "state": self.server_states.get(s), "tables": {}}
+            for s in range(self.num_servers)
+            if self.replication > 1 and not self.server_alive(s)
+        }
+        futs = {
+            s: self.endpoint.request(
                 server_name(s), {"kind": "stats"}, what=f"stats of {server_name(s)}"
             )
             for s in range(self.num_servers)
+            if s not in down
+        }
+        return [
+            down[s] if s in down else futs[s].result(timeout)["stats"]
+            for s in range(self.num_servers)
         ]
-        return [f.result(timeout)["stats"] for f in futs]
 
     def training(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The whole job's training numbers as the coordinator has them from every worker's

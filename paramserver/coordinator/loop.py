@@ -81,12 +81,15 @@ class Coordinator:
         limits: Limits | None = None,
         exit_when_done: float | None = None,
         journal: str | None = None,
+        replication: int = 1,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
-        self.members = Membership(num_servers, num_workers, self.timeouts)
+        self.members = Membership(num_servers, num_workers, self.timeouts, replication=replication)
         # not given: the PS_LIMIT_* variables its launcher set, else the defaults
         limits = limits if limits is not None else limits_from_env()
-        self.tables = TableRegistry([m.rank for m in self.members.servers], limits)
+        self.tables = TableRegistry(
+            [m.rank for m in self.members.servers], limits, replication=replication
+        )
         if restore is not None:  # read before binding: a bad checkpoint leaves no socket
             self.members.restore = self.tables.restore(restore)
             self.members.start_clock = self.members.restore["clock"]

@@ -34,6 +34,7 @@ from typing import Any
 from paramserver.config import Timeouts
 from paramserver.coordinator.refusal import Refusal
 from paramserver.errors import ConfigError
+from paramserver.partition import check_replication
 from paramserver.wire.messages import HeartbeatMsg, LeaveMsg, RegisterMsg
 
 __all__ = ["ALIVE", "DEAD", "LEFT", "PENDING", "Member", "Membership"]
@@ -41,6 +42,9 @@ __all__ = ["ALIVE", "DEAD", "LEFT", "PENDING", "Member", "Membership"]
 log = logging.getLogger(__name__)
 
 PENDING, ALIVE, DEAD, LEFT = "pending", "alive", "dead", "left"
+# with replication: a server that took over a dead rank holds none of its ranges yet; views
+# list it so, and workers neither read from it nor write to it (docs/fault-tolerance.md)
+REBUILDING = "rebuilding"
 
 
 @dataclass
@@ -62,6 +66,12 @@ class Member:
     examples: int = 0  # a worker's reported examples, from its heartbeats
     # a worker's training scalars and bytes per table, from its heartbeats (StatusBoard reads it)
     metrics: dict[str, Any] | None = None
+    rebuilding: bool = False  # a server replacing a dead one under replication (REBUILDING)
+
+    @property
+    def shown(self) -> str:
+        """Its state as views list it (REBUILDING for a server not yet holding its ranges)."""
+        return REBUILDING if self.rebuilding and self.state == ALIVE else self.state
 
     @property
     def name(self) -> str:
@@ -99,9 +109,12 @@ class Membership:
         *,
         hostname: str | None = None,
         process_gone: Callable[[int], bool] = _process_gone,
+        replication: int = 1,
     ) -> None:
         if num_servers < 1:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
+        check_replication(replication, num_servers)
+        self.replication = replication
         if num_workers < 1:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts
@@ -135,9 +148,11 @@ class Membership:
         """The cluster view as it goes on the wire: epoch, servers and workers with states."""
         view: dict[str, Any] = {
             "epoch": self.epoch,
-            "servers": [[m.rank, m.address, m.state] for m in self.servers],
+            "servers": [[m.rank, m.address, m.shown] for m in self.servers],
             "workers": [[m.rank, m.state] for m in self.workers],
         }
+        if self.replication > 1:
+            view["replication"] = self.replication
         if self.rejoined:
             # a restarted worker comes back at this clock: the servers set its clock to it
             view["rejoined"] = [[r, c] for r, c in sorted(self.rejoined.items())]
@@ -168,7 +183,7 @@ class Membership:
             "t": "view",
             "epoch": self.epoch,
             "members": [
-                [m.role, m.rank, m.state, m.address, m.host, m.pid, m.token, m.identity]
+                [m.role, m.rank, m.shown, m.address, m.host, m.pid, m.token, m.identity]
                 for m in self.members
             ],
         }
@@ -182,6 +197,9 @@ class Membership:
             if m is None:
                 continue
             m.state, m.address, m.host, m.pid = state, address, host, pid
+            m.rebuilding = state == REBUILDING
+            if m.rebuilding:
+                m.state = ALIVE
             m.token, m.identity = token, identity
             m.last_seen, m.link, m.link_up = now, -1, False
 
@@ -238,6 +256,9 @@ class Membership:
             m = free[0]
         replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h, now)
+        # with replicas, a replacement must not serve the checkpoint's stale rows: it holds
+        # nothing until its ranges are copied to it from a live replica
+        m.rebuilding = self.replication > 1 and (replacing or m.rebuilding)
         return m, replacing
 
     def wait(self, identity: bytes, h: RegisterMsg, now: float) -> None:

@@ -156,7 +156,7 @@ class StatusBoard:
         node: dict[str, Any] = {
             "role": m.role,
             "rank": m.rank,
-            "state": m.state,
+            "state": m.shown,  # "rebuilding" for a replacement under replication
             "address": m.address,
             "host": m.host,
             "pid": m.pid,

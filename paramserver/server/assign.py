@@ -15,7 +15,7 @@ import logging
 from paramserver import checkpoint
 from paramserver.arrays import all_finite, check_keys
 from paramserver.errors import ConfigError
-from paramserver.partition import HashRing
+from paramserver.partition import HashRing, holds
 from paramserver.server.keycache import KeyCache
 from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.snapshot import load_rows
@@ -124,12 +124,15 @@ class Assigns(Handlers):
         if h.get("check"):
             req.reply.ok(stats={"tables": len(mine), "kept": kept})
             return
-        ring = HashRing.build(list(range(h["servers"])))
+        servers = int(h["servers"])
+        ring = HashRing.build(list(range(servers)))
+        # with replication this server holds the keys of the ranks it is a copy of, too
+        owners = [r for r in range(servers) if holds(state.rank, r, servers, state.replication)]
         fresh: dict[str, Table] = {}
         try:
             for n, t in mine.items():
-                fresh[n] = make_table(t.spec, state.rank)
-                load_rows(fresh[n], directory, manifest, ring, state.rank)
+                fresh[n] = make_table(t.spec, state.rank, servers, state.replication)
+                load_rows(fresh[n], directory, manifest, ring, owners)
         except (ConfigError, OSError, ValueError) as exc:
             raise Refusal("invalid", f"restore from {directory}: {exc}") from None
         rows = 0

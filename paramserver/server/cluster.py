@@ -132,6 +132,10 @@ class CoordinatorLink:
         restore = view.get("restore")
         start = int(restore["clock"]) if isinstance(restore, dict) else 0
         state.clocks = Clocks(int(view["num_workers"]), start=start)
+        state.num_servers = int(view["num_servers"])
+        state.replication = int(view.get("replication") or 1)
+        mine = next((s for s in view.get("servers", []) if s[0] == state.rank), None)
+        state.rebuilding = mine is not None and mine[2] == "rebuilding"
         self.apply_view(view)
         # Beat before loading a checkpoint, which can take longer than the heartbeat timeout.
         incarnation = int(view["token"])  # the wire still calls it token
@@ -151,12 +155,16 @@ class CoordinatorLink:
             name=f"heartbeat-{state.name}",
         )
         self.heartbeat.start()
-        if isinstance(restore, dict):
+        if state.rebuilding:  # a checkpoint's rows are stale: it holds nothing until rebuilt
+            log.info("%s: rebuilding: not serving until its ranges are copied", state.name)
+        if isinstance(restore, dict) and not state.rebuilding:
             snapshot.restore(state, str(restore["path"]), view, reply.get("tables") or [])
         else:  # a replacement with no checkpoint to load: the tables, empty
             for wire in reply.get("tables") or []:
                 spec = TableSpec.from_wire(wire)
-                state.tables[spec.name] = make_table(spec, state.rank)
+                state.tables[spec.name] = make_table(
+                    spec, state.rank, state.num_servers, state.replication
+                )
         for t in state.tables.values():
             t.max_bytes = state.limits.table_bytes
         early, self.early = self.early, []
@@ -224,7 +232,7 @@ class CoordinatorLink:
             return
         self._confirmed = time.monotonic()
         mine = next((s for s in view.get("servers", []) if s[0] == state.rank), None)
-        if mine is None or mine[1] != state.address or mine[2] != "alive":
+        if mine is None or mine[1] != state.address or mine[2] not in ("alive", "rebuilding"):
             self._fence(
                 f"view {view.get('epoch')} gives rank {state.rank} to "
                 + (f"{mine[1]} ({mine[2]})" if mine is not None else "nobody")

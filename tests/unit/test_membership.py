@@ -226,3 +226,23 @@ def test_views_go_to_live_members_and_number_up() -> None:
     members.mark_dead(members.servers[0], "test")
     assert members.current_clock() == 40  # no live server: where the cluster started
     assert Membership(1, 1, T).servers[0].state == PENDING
+
+
+def test_with_replication_a_replacement_server_rebuilds_and_the_view_says_so() -> None:
+    members = Membership(3, 1, T, replication=2)
+    for r in range(3):
+        members.register_server(b"s%d" % r, server_msg(r, pid=100 + r), 0.0)
+    view = members.view()
+    assert view["replication"] == 2
+    assert [s[2] for s in view["servers"]] == [ALIVE] * 3
+    members.mark_dead(members.servers[1], "killed")
+    m, replacing = members.register_server(b"new", server_msg(1, pid=200), 1.0)
+    assert replacing and m.state == ALIVE
+    assert [s[2] for s in members.view()["servers"]] == [ALIVE, "rebuilding", ALIVE]
+    # a restarted coordinator reads it back from its journal
+    again = Membership(3, 1, T, replication=2)
+    again.load_record(members.to_record(), 2.0)
+    assert again.servers[1].rebuilding and again.servers[1].state == ALIVE
+    assert "replication" not in Membership(3, 1, T).view()  # without replication: as before
+    with pytest.raises(ConfigError, match="replication=4 needs at least 4 servers"):
+        Membership(3, 1, T, replication=4)
