@@ -18,7 +18,16 @@ from numba import types
 from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic as _intrinsic
 
-__all__ = ["AHEAD", "Array", "Scalar", "kernel", "prefetch", "prefetch2", "prefetch_span"]
+__all__ = [
+    "AHEAD",
+    "Array",
+    "Scalar",
+    "kernel",
+    "prefetch",
+    "prefetch2",
+    "prefetch_span",
+    "row_ahead",
+]
 
 Array = npt.NDArray[Any]
 Scalar = np.floating[Any]
@@ -82,3 +91,15 @@ def prefetch_span(data: Array, r: int, width: int) -> None:
     for off in range(0, width, step):
         prefetch2(data, r, off)
     prefetch2(data, r, width - 1)
+
+
+@numba.njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def row_ahead(data: Array, rows: Array, i: int) -> Array:
+    """Row ``rows[i]`` of ``data``, after prefetching the row :data:`AHEAD` keys later: the
+    head of every loop over rows. Inlined into the kernel in numba's IR, so the kernel compiles
+    to the same code as with these lines written in it."""
+    n = rows.shape[0]
+    if i + AHEAD < n:
+        prefetch_span(data, rows[i + AHEAD], data.shape[1])
+    row: Array = data[rows[i]]
+    return row

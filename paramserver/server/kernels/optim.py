@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paramserver.server.kernels.jit import AHEAD, Array, Scalar, kernel, prefetch_span
+from paramserver.server.kernels.jit import Array, Scalar, kernel, row_ahead
 
 __all__ = ["adagrad_rows", "adam_rows", "ftrl_rows", "momentum_rows", "sgd_copy", "sgd_rows"]
 
@@ -20,12 +20,8 @@ __all__ = ["adagrad_rows", "adam_rows", "ftrl_rows", "momentum_rows", "sgd_copy"
 def sgd_rows(data: Array, rows: Array, grads: Array, lr: Scalar) -> None:
     """SGD: ``w -= lr*g``."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        w = data[rows[i], :dim]
+    for i in range(rows.shape[0]):
+        w = row_ahead(data, rows, i)[:dim]
         g = grads[i]
         for j in range(dim):
             w[j] = w[j] - lr * g[j]
@@ -37,12 +33,8 @@ def momentum_rows(
 ) -> None:
     """Momentum (PyTorch): ``v = mu*v + g``; ``w -= lr*(g + mu*v if nesterov else v)``."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
+    for i in range(rows.shape[0]):
+        row = row_ahead(data, rows, i)
         w = row[:dim]
         vel = row[dim : 2 * dim]
         g = grads[i]
@@ -62,12 +54,8 @@ def momentum_rows(
 def adagrad_rows(data: Array, rows: Array, grads: Array, lr: Scalar, eps: Scalar) -> None:
     """Adagrad: ``acc += g*g``; ``w -= lr*g/(sqrt(acc)+eps)``."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
+    for i in range(rows.shape[0]):
+        row = row_ahead(data, rows, i)
         w = row[:dim]
         acc = row[dim : 2 * dim]
         g = grads[i]
@@ -90,14 +78,10 @@ def adam_rows(
 ) -> None:
     """Lazy Adam: the step count ``t`` is the row's last element, counted per row."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
     c1 = one - b1
     c2 = one - b2
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
+    for i in range(rows.shape[0]):
+        row = row_ahead(data, rows, i)
         t = row[3 * dim] + one
         row[3 * dim] = t
         bc1 = one - b1**t
@@ -127,12 +111,8 @@ def ftrl_rows(
 ) -> None:
     """FTRL-Proximal (McMahan 2013) with state 0 = z and state 1 = n; w is recomputed."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
+    for i in range(rows.shape[0]):
+        row = row_ahead(data, rows, i)
         w = row[:dim]
         zs = row[dim : 2 * dim]
         ns = row[2 * dim : 3 * dim]
