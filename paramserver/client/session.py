@@ -27,6 +27,7 @@ from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.metrics import MAX_SCALARS, check_scalar
 from paramserver.partition import HashRing
+from paramserver.wire.messages import INCARNATION, VIEW_NUMBER
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
 from paramserver.wire.transport import (
@@ -143,7 +144,7 @@ class Session(CoordinatorWatch):
         self._seq = time.time_ns()
         self._clock_futures: list[Future[Any]] = []
         self._closed = False
-        self._epoch = 0
+        self._view_number = 0
         self.view: dict[str, Any] = {}
         self._heartbeat: Pulse | None = None
         self._expelled = None  # why the coordinator refused our heartbeat
@@ -186,7 +187,7 @@ class Session(CoordinatorWatch):
         self._apply_view(view)
         # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
         # on a loaded machine.
-        self._token = int(view["token"])
+        self._incarnation = int(view[INCARNATION])
         self._heartbeat = Pulse(
             self._ctx,
             self.coordinator,
@@ -220,10 +221,10 @@ class Session(CoordinatorWatch):
             self._apply_view(header["view"])
 
     def _apply_view(self, view: dict[str, Any]) -> None:
-        epoch = view.get("epoch", 0)
-        if not isinstance(epoch, int) or epoch <= self._epoch:
+        number = view.get(VIEW_NUMBER, 0)
+        if not isinstance(number, int) or number <= self._view_number:
             return
-        self._epoch = epoch
+        self._view_number = number
         self.view = view
         for rank, address, state in view.get("servers", []):
             name = server_name(rank)
@@ -234,7 +235,8 @@ class Session(CoordinatorWatch):
                 self._ep.connect(name, address)
             elif state in ("dead", "left"):
                 self._ep.mark_lost(
-                    name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
+                    name,
+                    f"{name} at {address} was declared dead by the coordinator (view {number})",
                 )
         if self._resends:
             self._resend_to_replaced()
@@ -274,7 +276,7 @@ class Session(CoordinatorWatch):
         def attempt(use_slot: bool = True) -> None:
             peer = self._ep.peers.get(name)
             # the view it is sent in: a server that was replaced since refuses it (fencing)
-            sent = {**header, "view": self._epoch}
+            sent = {**header, "view": self._view_number}
             got = None
             if use_slot and reply_bytes is not None:
                 pool = self._slot_pool(s)
@@ -502,7 +504,12 @@ class Session(CoordinatorWatch):
             if self._heartbeat is not None:
                 self._ep.request(
                     "coordinator",
-                    {"kind": "leave", "role": "worker", "rank": self.rank, "token": self._token},
+                    {
+                        "kind": "leave",
+                        "role": "worker",
+                        "rank": self.rank,
+                        INCARNATION: self._incarnation,
+                    },
                     what="leave",
                 ).result(leave_timeout)
         except Exception as exc:  # leaving is best effort; the heartbeat timeout covers the rest

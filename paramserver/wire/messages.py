@@ -11,10 +11,12 @@ Example:
 """
 
 # No "from __future__ import annotations" here: TypedDict reads NotRequired at class creation.
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
 __all__ = [
+    "INCARNATION",
     "MESSAGES",
+    "VIEW_NUMBER",
     "AcquireLeaseMsg",
     "AttachMsg",
     "AttachSlotMsg",
@@ -48,6 +50,14 @@ __all__ = [
     "ViewMsg",
 ]
 
+# Two fields keep their first names on the wire (renaming them would break the wire format; a
+# protocol version bump may): a view's number travels as "epoch" (in a view, and in the
+# coordinator's journal), and a member's incarnation (which registration of a rank a message
+# comes from) as "token" (in a member's first view, heartbeats and leave). The code calls them
+# view number and incarnation, and reads and writes the two fields through these names only.
+VIEW_NUMBER: Final = "epoch"
+INCARNATION: Final = "token"
+
 Role = Literal["server", "worker"]
 
 
@@ -77,7 +87,7 @@ class HeartbeatMsg(TypedDict):
     id: int
     role: Role
     rank: int
-    token: int
+    token: int  # the incarnation: read it as h[INCARNATION]
     clock: NotRequired[int | None]
     examples: NotRequired[int | None]
     metrics: NotRequired[dict[str, Any] | None]
@@ -132,7 +142,7 @@ class LeaveMsg(TypedDict):
     id: int
     role: Role
     rank: int
-    token: int
+    token: int  # the incarnation: read it as h[INCARNATION]
 
 
 class ShutdownMsg(TypedDict):

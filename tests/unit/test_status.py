@@ -35,7 +35,7 @@ def status(board: StatusBoard, now: float) -> dict[str, Any]:
     return board.status(
         now=now,
         address="tcp://h:1",
-        epoch=4,
+        view_number=4,
         servers=servers,
         workers=workers,
         tables=SPECS,
