@@ -22,6 +22,7 @@ __all__ = [
     "AHEAD",
     "Array",
     "Scalar",
+    "inline",
     "kernel",
     "prefetch",
     "prefetch2",
@@ -46,6 +47,15 @@ def kernel(fn: _F) -> _F:
         numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=False, error_model="numpy")(
             fn
         ),
+    )
+
+
+def inline(fn: _F) -> _F:
+    """A piece of kernels, inlined into each in numba's IR: the kernel compiles to the same code
+    as with its lines written in it."""
+    return cast(
+        _F,
+        numba.njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")(fn),
     )
 
 
@@ -93,11 +103,10 @@ def prefetch_span(data: Array, r: int, width: int) -> None:
     prefetch2(data, r, width - 1)
 
 
-@numba.njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@inline
 def row_ahead(data: Array, rows: Array, i: int) -> Array:
     """Row ``rows[i]`` of ``data``, after prefetching the row :data:`AHEAD` keys later: the
-    head of every loop over rows. Inlined into the kernel in numba's IR, so the kernel compiles
-    to the same code as with these lines written in it."""
+    head of every loop over rows."""
     n = rows.shape[0]
     if i + AHEAD < n:
         prefetch_span(data, rows[i + AHEAD], data.shape[1])
