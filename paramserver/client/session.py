@@ -155,6 +155,11 @@ class Session(CoordinatorWatch):
             self._ep.close()
             self._ctx.term()
             raise
+        self._opened()
+
+    def _opened(self) -> None:
+        """Called once registered, at the end of ``__init__``: where a subclass sets up its own
+        state (it takes the same arguments)."""
 
     # ---- membership -----------------------------------------------------------------------
 

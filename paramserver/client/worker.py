@@ -74,18 +74,7 @@ class Client(Session):
             client.clock()
     """
 
-    def __init__(
-        self,
-        coordinator: str,
-        *,
-        rank: int | None = None,
-        timeouts: Timeouts | None = None,
-        token: str | None = None,
-        transport: str | None = None,
-    ) -> None:
-        super().__init__(
-            coordinator, rank=rank, timeouts=timeouts, token=token, transport=transport
-        )
+    def _opened(self) -> None:
         self._barriers: Counter[str] = Counter()
         self._tables: dict[str, SparseTable | DenseTable] = {}
         # A program that ends without close() would hold the other workers (barriers, sync
