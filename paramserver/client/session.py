@@ -12,9 +12,7 @@ and :class:`~paramserver.client.worker.Client` builds on it.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket as pysocket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,7 +25,7 @@ from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.metrics import MAX_SCALARS, check_scalar
 from paramserver.partition import HashRing
-from paramserver.wire.messages import INCARNATION, VIEW_NUMBER
+from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
 from paramserver.wire.transport import (
@@ -167,13 +165,7 @@ class Session(CoordinatorWatch):
         what = f"worker registering with the coordinator at {self.coordinator}"
         fut = self._ep.request(
             "coordinator",
-            {
-                "kind": "register",
-                "role": "worker",
-                "rank": rank,
-                "host": pysocket.gethostname()[:256],
-                "pid": os.getpid(),
-            },
+            register_header("worker", rank),
             what=what,
         )
         # Asked at once and answered at once by a live coordinator, so that a registration that

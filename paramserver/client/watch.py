@@ -9,15 +9,13 @@ holds the sockets and the view; see docs/fault-tolerance.md.
 from __future__ import annotations
 
 import logging
-import os
-import socket as pysocket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from paramserver.config import Timeouts
 from paramserver.errors import NodeLostError, PSTimeoutError, RemoteError
-from paramserver.wire.messages import INCARNATION
+from paramserver.wire.messages import INCARNATION, register_header
 from paramserver.wire.transport import Endpoint, Future, Pulse
 
 __all__ = ["CoordinatorWatch"]
@@ -58,13 +56,7 @@ class CoordinatorWatch:
         cluster's current clock, as a restarted worker would."""
         fut = self._ep.request(
             "coordinator",
-            {
-                "kind": "register",
-                "role": "worker",
-                "rank": self.rank,
-                "host": pysocket.gethostname()[:256],
-                "pid": os.getpid(),
-            },
+            register_header("worker", self.rank),
             what=f"worker[{self.rank}] rejoining the coordinator at {self.coordinator}",
         )
         try:

@@ -18,8 +18,6 @@ silent for ``heartbeat_timeout + connect`` seconds (a restarted coordinator come
 from __future__ import annotations
 
 import logging
-import os
-import socket as pysocket
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from paramserver.server.state import ServerState
 from paramserver.server.table import make_table
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
-from paramserver.wire.messages import INCARNATION, VIEW_NUMBER
+from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.paths import Paths
 from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Endpoint, Pulse, Security
@@ -106,14 +104,7 @@ class CoordinatorLink:
         while True:
             fut = self.endpoint.request(
                 "coordinator",
-                {
-                    "kind": "register",
-                    "role": "server",
-                    "address": state.address,
-                    "host": pysocket.gethostname()[:256],
-                    "pid": os.getpid(),
-                    "rank": wanted_rank,
-                },
+                register_header("server", wanted_rank, state.address),
                 what=f"server at {state.address} registering with the coordinator at "
                 f"{self.coordinator}",
             )

@@ -3,7 +3,9 @@ declares which message it reads, and ``mypy --strict`` checks every field it tou
 
 :func:`paramserver.wire.protocol.decode` validates a header against the schema first, so a
 header handed to a handler has exactly these fields, with these types. A unit test holds the
-two in step (tests/unit/test_messages.py).
+two in step (tests/unit/test_messages.py). Beside them: the names of the two fields the wire
+still calls by old names (:data:`VIEW_NUMBER`, :data:`INCARNATION`), and the ``register``
+request every node sends (:func:`register_header`).
 
 Example:
     def on_pull(h: PullMsg) -> None:
@@ -11,6 +13,8 @@ Example:
 """
 
 # No "from __future__ import annotations" here: TypedDict reads NotRequired at class creation.
+import os
+import socket
 from typing import Any, Final, Literal, NotRequired, TypedDict
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "StatusMsg",
     "StopMsg",
     "ViewMsg",
+    "register_header",
 ]
 
 # Two fields keep their first names on the wire (renaming them would break the wire format; a
@@ -78,6 +83,25 @@ class RegisterMsg(TypedDict):
     rank: NotRequired[int | None]
     host: NotRequired[str | None]
     pid: NotRequired[int | None]
+
+
+def register_header(role: Role, rank: int | None, address: str | None = None) -> dict[str, Any]:
+    """This process's ``register`` request: its host name and pid let the coordinator tell a
+    replacement from a live member whose rank it asks for.
+
+    Example:
+        endpoint.request("coordinator", register_header("worker", None), what="registering")
+    """
+    header: dict[str, Any] = {
+        "kind": "register",
+        "role": role,
+        "rank": rank,
+        "host": socket.gethostname()[:256],
+        "pid": os.getpid(),
+    }
+    if address is not None:
+        header["address"] = address
+    return header
 
 
 class HeartbeatMsg(TypedDict):
