@@ -251,9 +251,12 @@ class _Cluster:
         token: str | None = None,
         restore: str | None = None,
         checkpoints: CheckpointPolicy | None = None,
-        server_resources: Resources = Resources(),
-        worker_resources: Resources = Resources(),
+        server_resources: Resources | None = None,
+        worker_resources: Resources | None = None,
     ) -> None:
+        restore, checkpoints = _local_path(restore), _absolute(checkpoints)
+        server_resources = server_resources or Resources()
+        worker_resources = worker_resources or Resources()
         ray = self.ray = _ray()
         # the cluster token travels to the actors as an argument (Ray's own security covers it)
         self.token = token if token is not None else from_env().token
@@ -399,10 +402,9 @@ def launch(
     """
     t = timeouts or Timeouts()
     cluster = _Cluster(
-        servers, workers, host, insecure, t, metrics_port, start_timeout,
-        token=token, restore=_local_path(restore), checkpoints=_absolute(checkpoints),
-        server_resources=server_resources or Resources(),
-        worker_resources=worker_resources or Resources(),
+        servers, workers, host, insecure, t, metrics_port, start_timeout, token=token,
+        restore=restore, checkpoints=checkpoints, server_resources=server_resources,
+        worker_resources=worker_resources,
     )  # fmt: skip
     ray = cluster.ray
     try:
@@ -463,10 +465,9 @@ def run_job(
         os.path.abspath(p) if i == 0 and os.path.isfile(p) else p for i, p in enumerate(program)
     ]
     cluster = _Cluster(
-        servers, workers, host, insecure, t, metrics_port, 120.0,
-        token=token, restore=_local_path(restore), checkpoints=_absolute(checkpoints),
-        server_resources=server_resources or Resources(),
-        worker_resources=worker_resources or Resources(),
+        servers, workers, host, insecure, t, metrics_port, 120.0, token=token,
+        restore=restore, checkpoints=checkpoints, server_resources=server_resources,
+        worker_resources=worker_resources,
     )  # fmt: skip
     ray = cluster.ray
     try:
