@@ -127,6 +127,12 @@ def _checkpoints(args: argparse.Namespace) -> CheckpointPolicy | None:
     )
 
 
+def _add_coordinator(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
+    )
+
+
 def _add_token(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token-file",
@@ -179,9 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_timeouts(c)
 
     s = sub.add_parser("server", help="run one server of a cluster")
-    s.add_argument(
-        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
-    )
+    _add_coordinator(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port to listen on (default: any)")
     s.add_argument("--advertise", default=None, help="host name others reach this server by")
@@ -328,9 +332,7 @@ def _add_ops_commands(sub: Any) -> None:
     from paramserver.k8s import add_manifest_arguments  # no package import beyond errors
 
     st = sub.add_parser("status", help="show a running cluster: nodes, tables, clocks, traffic")
-    st.add_argument(
-        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
-    )
+    _add_coordinator(st)
     st.add_argument("--json", action="store_true", help="print the status as one JSON object")
     st.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")

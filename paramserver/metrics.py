@@ -267,7 +267,7 @@ def format_status(status: dict[str, Any]) -> str:
         print(format_status(coordinator.status()))
     """
     lines = [
-        f"cluster at {status.get('address', '?')}  view {status.get('epoch', '?')}  "
+        f"cluster at {status.get('address', '?')}  view {status.get('view', '?')}  "
         f"up {status.get('uptime', 0.0):.0f}s"
     ]
     ck = status.get("checkpoint") or {}

@@ -12,9 +12,7 @@ and :class:`~paramserver.client.worker.Client` builds on it.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket as pysocket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,6 +26,7 @@ from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.metrics import MAX_SCALARS, check_scalar
 from paramserver.partition import HashRing
+from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
 from paramserver.wire.transport import (
@@ -149,7 +148,7 @@ class Session(CoordinatorWatch):
         self._seq = time.time_ns()
         self._clock_futures: list[Future[Any]] = []
         self._closed = False
-        self._epoch = 0
+        self._view_number = 0
         self.view: dict[str, Any] = {}
         self._heartbeat: Pulse | None = None
         self._expelled = None  # why the coordinator refused our heartbeat
@@ -160,6 +159,11 @@ class Session(CoordinatorWatch):
             self._ep.close()
             self._ctx.term()
             raise
+        self._opened()
+
+    def _opened(self) -> None:
+        """Called once registered, at the end of ``__init__``: where a subclass sets up its own
+        state (it takes the same arguments)."""
 
     # ---- membership -----------------------------------------------------------------------
 
@@ -167,13 +171,7 @@ class Session(CoordinatorWatch):
         what = f"worker registering with the coordinator at {self.coordinator}"
         fut = self._ep.request(
             "coordinator",
-            {
-                "kind": "register",
-                "role": "worker",
-                "rank": rank,
-                "host": pysocket.gethostname()[:256],
-                "pid": os.getpid(),
-            },
+            register_header("worker", rank),
             what=what,
         )
         # Asked at once and answered at once by a live coordinator, so that a registration that
@@ -193,7 +191,7 @@ class Session(CoordinatorWatch):
         self._apply_view(view)
         # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
         # on a loaded machine.
-        self._token = int(view["token"])
+        self._incarnation = int(view[INCARNATION])
         self._heartbeat = Pulse(
             self._ctx,
             self.coordinator,
@@ -227,10 +225,10 @@ class Session(CoordinatorWatch):
             self._apply_view(header["view"])
 
     def _apply_view(self, view: dict[str, Any]) -> None:
-        epoch = view.get("epoch", 0)
-        if not isinstance(epoch, int) or epoch <= self._epoch:
+        number = view.get(VIEW_NUMBER, 0)
+        if not isinstance(number, int) or number <= self._view_number:
             return
-        self._epoch = epoch
+        self._view_number = number
         self.view = view
         self.server_states = {int(r): str(st) for r, _, st in view.get("servers", [])}
         for rank, address, state in view.get("servers", []):
@@ -242,7 +240,8 @@ class Session(CoordinatorWatch):
                 self._ep.connect(name, address)
             elif state in ("dead", "left", "rebuilding"):
                 self._ep.mark_lost(
-                    name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
+                    name,
+                    f"{name} at {address} was declared dead by the coordinator (view {number})",
                 )
         if self._resends:
             self._fail_over()
@@ -318,7 +317,7 @@ class Session(CoordinatorWatch):
         def attempt(use_slot: bool = True) -> None:
             peer = self._ep.peers.get(name)
             # the view it is sent in: a server that was replaced since refuses it (fencing)
-            sent = {**header, "view": self._epoch}
+            sent = {**header, "view": self._view_number}
             got = None
             if use_slot and reply_bytes is not None:
                 pool = self._slot_pool(s)
@@ -574,7 +573,12 @@ class Session(CoordinatorWatch):
             if self._heartbeat is not None:
                 self._ep.request(
                     "coordinator",
-                    {"kind": "leave", "role": "worker", "rank": self.rank, "token": self._token},
+                    {
+                        "kind": "leave",
+                        "role": "worker",
+                        "rank": self.rank,
+                        INCARNATION: self._incarnation,
+                    },
                     what="leave",
                 ).result(leave_timeout)
         except Exception as exc:  # leaving is best effort; the heartbeat timeout covers the rest

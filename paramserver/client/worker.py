@@ -74,18 +74,7 @@ class Client(Session):
             client.clock()
     """
 
-    def __init__(
-        self,
-        coordinator: str,
-        *,
-        rank: int | None = None,
-        timeouts: Timeouts | None = None,
-        token: str | None = None,
-        transport: str | None = None,
-    ) -> None:
-        super().__init__(
-            coordinator, rank=rank, timeouts=timeouts, token=token, transport=transport
-        )
+    def _opened(self) -> None:
         self._barriers: Counter[str] = Counter()
         self._tables: dict[str, SparseTable | DenseTable] = {}
         # A program that ends without close() would hold the other workers (barriers, sync
@@ -163,20 +152,11 @@ class Client(Session):
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
                                       optimizer=ps.optim.Adagrad(lr=0.05), consistency="async")
         """
-        spec = TableSpec(
-            name=name,
-            kind="sparse",
-            dim=dim,
-            dtype=dtype,
-            init=init or Zeros(),
-            optimizer=optimizer or SGD(),
-            consistency=_consistency(consistency),
-            seed=seed,
-            nonfinite=nonfinite,
-            max_rows=max_rows,
-            codec=codec,
+        spec = _spec(
+            name, "sparse", init, optimizer, consistency,
+            dim=dim, dtype=dtype, seed=seed, nonfinite=nonfinite, max_rows=max_rows, codec=codec,
             push_codec=push_codec,
-        )
+        )  # fmt: skip
         check_cache(name, spec.mode[0], cache)
         table = SparseTable(self, self._create(spec), cache)
         self._tables[name] = table
@@ -206,19 +186,11 @@ class Client(Session):
                                    consistency="sync")
         """
         shp = (shape,) if isinstance(shape, int) else tuple(shape)
-        spec = TableSpec(
-            name=name,
-            kind="dense",
-            shape=shp,
-            dtype=dtype,
-            init=init or Zeros(),
-            optimizer=optimizer or SGD(),
-            consistency=_consistency(consistency),
-            seed=seed,
-            nonfinite=nonfinite,
-            codec=codec,
+        spec = _spec(
+            name, "dense", init, optimizer, consistency,
+            shape=shp, dtype=dtype, seed=seed, nonfinite=nonfinite, codec=codec,
             push_codec=push_codec,
-        )
+        )  # fmt: skip
         dense = DenseTable(self, self._create(spec))
         self._tables[name] = dense
         return dense
@@ -457,6 +429,26 @@ def _close_at_exit(ref: weakref.ref[Client], pid: int) -> None:
     if client is not None and os.getpid() == pid:
         # a coordinator already gone (its cluster closed first) must not hold the exit
         client.close(leave_timeout=2.0 if client.coordinator_answers() else 0.05)
+
+
+def _spec(
+    name: str,
+    kind: str,
+    init: Initializer | None,
+    optimizer: Optimizer | None,
+    consistency: str | None,
+    **fields: Any,
+) -> TableSpec:
+    """The spec a table handle asks for: the defaults of every kind filled in (zeros, SGD, the
+    ``PS_CONSISTENCY`` mode)."""
+    return TableSpec(
+        name=name,
+        kind=kind,
+        init=init or Zeros(),
+        optimizer=optimizer or SGD(),
+        consistency=_consistency(consistency),
+        **fields,
+    )
 
 
 def _consistency(value: str | None) -> str:

@@ -32,6 +32,7 @@ from paramserver.errors import ConfigError, ProtocolError
 from paramserver.metrics import serve_prometheus
 from paramserver.wire import protocol
 from paramserver.wire.messages import (
+    VIEW_NUMBER,
     AcquireLeaseMsg,
     BarrierMsg,
     CompleteLeaseMsg,
@@ -272,7 +273,7 @@ class Coordinator:
         if views:
             log.warning(
                 "coordinator restarted: view %d, %d tables, from %d journal records",
-                self.members.epoch,
+                self.members.view_number,
                 len(self.tables.specs()),
                 len(records),
             )
@@ -342,7 +343,9 @@ class Coordinator:
         m = self.members.heartbeat(h, time.monotonic(), self.router.last_fd)
         if h.get("examples") is not None:
             self.board.record_examples(m.rank, m.last_seen, m.examples)
-        self.router.reply(identity, h["id"], view={"epoch": self.members.epoch, "boot": self.boot})
+        self.router.reply(
+            identity, h["id"], view={VIEW_NUMBER: self.members.view_number, "boot": self.boot}
+        )
 
     def _on_leave(self, identity: bytes, h: LeaveMsg) -> None:
         m = self.members.leave(h)
@@ -528,7 +531,7 @@ class Coordinator:
         return self.board.status(
             now=time.monotonic(),
             address=self.address,
-            epoch=self.members.epoch,
+            view_number=self.members.view_number,
             servers=self.members.servers,
             workers=self.members.workers,
             tables=self.tables.specs(),

@@ -15,10 +15,11 @@ heartbeat, the connections libzmq dropped, the time) and sends what it decides. 
   whose own Python code holds the GIL still answers pings from its I/O thread and stays.
   A server that asks for the rank of a live one whose process is surely gone (same host, pid
   not running, two heartbeats missed) replaces it at once.
-* Every registration gets a fresh incarnation number (``token`` on the wire); a heartbeat or
-  a leave with another one is refused, so a member declared dead cannot come back unnoticed.
+* Every registration gets a fresh incarnation number; a heartbeat or a leave with another one
+  is refused, so a member declared dead cannot come back unnoticed.
 
-The view number is ``epoch`` here and on the wire.
+The wire names the view number ``epoch`` and the incarnation ``token``
+(:data:`~paramserver.wire.messages.VIEW_NUMBER`, :data:`~paramserver.wire.messages.INCARNATION`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ from paramserver.config import Timeouts
 from paramserver.coordinator.refusal import Refusal
 from paramserver.errors import ConfigError
 from paramserver.partition import check_replication
-from paramserver.wire.messages import HeartbeatMsg, LeaveMsg, RegisterMsg
+from paramserver.wire.messages import (
+    INCARNATION,
+    VIEW_NUMBER,
+    HeartbeatMsg,
+    LeaveMsg,
+    RegisterMsg,
+)
 
 __all__ = ["ALIVE", "DEAD", "LEFT", "PENDING", "Member", "Membership"]
 
@@ -55,7 +62,7 @@ class Member:
     address: str = ""
     host: str = ""
     pid: int = 0
-    token: int = 0  # its incarnation: fresh at every registration
+    incarnation: int = 0  # fresh at every registration
     identity: bytes = b""
     last_seen: float = 0.0
     # the connection its heartbeats come on, and whether libzmq still holds it (ZMTP pings
@@ -118,7 +125,7 @@ class Membership:
         if num_workers < 1:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts
-        self.epoch = 1
+        self.view_number = 1
         self.servers = [Member("server", r) for r in range(num_servers)]
         self.workers = [Member("worker", r) for r in range(num_workers)]
         self.waiting: list[tuple[bytes, RegisterMsg, float]] = []
@@ -145,9 +152,9 @@ class Membership:
     # ---- views ----------------------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
-        """The cluster view as it goes on the wire: epoch, servers and workers with states."""
+        """The cluster view as it goes on the wire: its number, servers and workers with states."""
         view: dict[str, Any] = {
-            "epoch": self.epoch,
+            VIEW_NUMBER: self.view_number,
             "servers": [[m.rank, m.address, m.shown] for m in self.servers],
             "workers": [[m.rank, m.state] for m in self.workers],
         }
@@ -160,8 +167,8 @@ class Membership:
 
     def publish(self, reason: str) -> tuple[dict[str, Any], list[bytes]]:
         """Move to the next view number: the new view and the live members to send it to."""
-        self.epoch += 1
-        log.info("view %d: %s", self.epoch, reason)
+        self.view_number += 1
+        log.info("view %d: %s", self.view_number, reason)
         return self.view(), [m.identity for m in self.members if m.state == ALIVE and m.identity]
 
     def view_for(self, m: Member) -> dict[str, Any]:
@@ -172,7 +179,7 @@ class Membership:
         return {
             **extra,
             **self.view(),
-            "token": m.token,
+            INCARNATION: m.incarnation,
             "num_servers": len(self.servers),
             "num_workers": len(self.workers),
         }
@@ -181,9 +188,9 @@ class Membership:
         """The journal's record of this membership (see coordinator/journal.py)."""
         return {
             "t": "view",
-            "epoch": self.epoch,
+            VIEW_NUMBER: self.view_number,
             "members": [
-                [m.role, m.rank, m.shown, m.address, m.host, m.pid, m.token, m.identity]
+                [m.role, m.rank, m.shown, m.address, m.host, m.pid, m.incarnation, m.identity]
                 for m in self.members
             ],
         }
@@ -191,8 +198,8 @@ class Membership:
     def load_record(self, record: dict[str, Any], now: float) -> None:
         """Take a journal's membership back (a restarted coordinator): the live members keep
         their incarnations and have the heartbeat timeout to beat again."""
-        self.epoch = int(record["epoch"])
-        for role, rank, state, address, host, pid, token, identity in record["members"]:
+        self.view_number = int(record[VIEW_NUMBER])
+        for role, rank, state, address, host, pid, incarnation, identity in record["members"]:
             m = self.member(role, rank)
             if m is None:
                 continue
@@ -200,7 +207,7 @@ class Membership:
             m.rebuilding = state == REBUILDING
             if m.rebuilding:
                 m.state = ALIVE
-            m.token, m.identity = token, identity
+            m.incarnation, m.identity = incarnation, identity
             m.last_seen, m.link, m.link_up = now, -1, False
 
     def current_clock(self) -> int:
@@ -214,7 +221,7 @@ class Membership:
         m.state, m.identity = ALIVE, identity
         m.address = h.get("address") or ""
         m.host, m.pid = h.get("host") or "", h.get("pid") or 0
-        m.token = secrets.randbits(62) + 1
+        m.incarnation = secrets.randbits(62) + 1
         m.last_seen = now
         m.link, m.link_up = -1, False  # known from its first heartbeat on
 
@@ -311,7 +318,7 @@ class Membership:
         """Take a heartbeat that came on connection ``link`` (-1: unknown): the member it
         keeps alive. Refused (``expelled``) unless it is a live member's current incarnation."""
         m = self.member(h["role"], h["rank"])
-        if m is None or m.state != ALIVE or m.token != h["token"]:
+        if m is None or m.state != ALIVE or m.incarnation != h[INCARNATION]:
             raise Refusal(
                 "expelled",
                 f"{h['role']}[{h['rank']}] is not a live member of this cluster "
@@ -338,7 +345,7 @@ class Membership:
     def leave(self, h: LeaveMsg) -> Member | None:
         """A member leaving on purpose: the member, or None if ``h`` names no live incarnation."""
         m = self.member(h["role"], h["rank"])
-        if m is None or m.state != ALIVE or m.token != h["token"]:
+        if m is None or m.state != ALIVE or m.incarnation != h[INCARNATION]:
             return None
         m.state = LEFT
         return m

@@ -40,9 +40,12 @@ __all__ = [
     "BestModel",
     "Feed",
     "JobStats",
+    "Main",
     "Report",
     "Trainer",
     "add_common_args",
+    "entry",
+    "finish",
     "fit",
     "plot_curves",
     "progress",
@@ -458,3 +461,36 @@ def run(
     return ps.launch.run_job(
         ["-m", module, *rest, "--worker"], servers=args.servers, workers=args.workers
     )
+
+
+class Main(Protocol):
+    """A program's ``main``: its command line (``sys.argv[1:]`` when None) to an exit code."""
+
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
+def finish(report: Report, lead: bool) -> int:
+    """The end of a model's ``train``: the lead worker writes the report and says where."""
+    if lead:
+        js, png = report.save()
+        print(f"{report.model}: wrote {js} and {png}", flush=True)
+    return 0
+
+
+def entry(
+    module: str,
+    parser: Callable[[], argparse.ArgumentParser],
+    train: Callable[[ps.Client, argparse.Namespace], int],
+) -> Main:
+    """A model module's ``main(argv)``: :func:`run` with the module's parser and ``train``.
+
+    Example:
+        main = entry("paramserver.models.mlp", parser, train)
+    """
+
+    def main(argv: list[str] | None = None) -> int:
+        return run(module, parser(), train, argv)
+
+    name = module.rsplit(".", 1)[-1]
+    main.__doc__ = f"``paramserver train {name} ...`` and ``python -m {module} ...``."
+    return main

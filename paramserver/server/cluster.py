@@ -18,8 +18,6 @@ silent for ``heartbeat_timeout + connect`` seconds (a restarted coordinator come
 from __future__ import annotations
 
 import logging
-import os
-import socket as pysocket
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from paramserver.server.state import ServerState
 from paramserver.server.table import make_table
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
+from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.paths import Paths
 from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Endpoint, Pulse, Security
@@ -105,14 +104,7 @@ class CoordinatorLink:
         while True:
             fut = self.endpoint.request(
                 "coordinator",
-                {
-                    "kind": "register",
-                    "role": "server",
-                    "address": state.address,
-                    "host": pysocket.gethostname()[:256],
-                    "pid": os.getpid(),
-                    "rank": wanted_rank,
-                },
+                register_header("server", wanted_rank, state.address),
                 what=f"server at {state.address} registering with the coordinator at "
                 f"{self.coordinator}",
             )
@@ -138,7 +130,7 @@ class CoordinatorLink:
         state.rebuilding = mine is not None and mine[2] == "rebuilding"
         self.apply_view(view)
         # Beat before loading a checkpoint, which can take longer than the heartbeat timeout.
-        incarnation = int(view["token"])  # the wire still calls it token
+        incarnation = int(view[INCARNATION])
         self.heartbeat = Pulse(
             self.ctx,
             self.coordinator,
@@ -146,7 +138,7 @@ class CoordinatorLink:
                 "kind": "heartbeat",
                 "role": "server",
                 "rank": state.rank,
-                "token": incarnation,
+                INCARNATION: incarnation,
                 "clock": state.clocks.reached,  # with no live worker: the furthest trained
             },
             self.timeouts.heartbeat_interval,
@@ -234,7 +226,7 @@ class CoordinatorLink:
         mine = next((s for s in view.get("servers", []) if s[0] == state.rank), None)
         if mine is None or mine[1] != state.address or mine[2] not in ("alive", "rebuilding"):
             self._fence(
-                f"view {view.get('epoch')} gives rank {state.rank} to "
+                f"view {view.get(VIEW_NUMBER)} gives rank {state.rank} to "
                 + (f"{mine[1]} ({mine[2]})" if mine is not None else "nobody")
             )
         else:
@@ -313,7 +305,7 @@ class CoordinatorLink:
     def apply_view(self, view: dict[str, Any]) -> None:
         """Take a newer view's live workers (and the clocks of rejoined ones)."""
         state = self.state
-        number = view.get("epoch")
+        number = view.get(VIEW_NUMBER)
         workers = view.get("workers")
         if not isinstance(number, int) or not isinstance(workers, list) or number <= state.view:
             return

@@ -50,9 +50,14 @@ def test_a_membership_taken_back_keeps_incarnations_and_the_view_number() -> Non
 
     back = Membership(2, 1, T)
     back.load_record(record, now=50.0)
-    assert back.epoch == members.epoch
+    assert back.view_number == members.view_number
     b0, b1 = back.servers
-    assert (b0.state, b0.token, b0.identity, b0.address) == (ALIVE, s0.token, b"id-0", s0.address)
+    assert (b0.state, b0.incarnation, b0.identity, b0.address) == (
+        ALIVE,
+        s0.incarnation,
+        b"id-0",
+        s0.address,
+    )
     assert b1.state == DEAD
     assert back.workers[0].state == PENDING
     # a live member gets the heartbeat timeout to beat again, from the restart on
