@@ -36,14 +36,14 @@ def _run_on_hosts(r: Roles, mode: str, seed: int, pause_at: int, victim: hosts.H
     """The program on the bed, replication 2; ``victim`` taken away when rank 0 has paused at
     clock ``pause_at``; the workers must finish, the live servers and the coordinator stop on
     SIGTERM."""
-    bed = r.bed
-    r.start("coordinator", bed[0], f"{r.lines['coordinator']} --replication 2")
+    machines = r.bed
+    r.start("coordinator", machines[0], f"{r.lines['coordinator']} --replication 2")
     servers = [f"server{i}" for i in range(len(SERVER_HOSTS))]
     workers = [f"worker{i}" for i in range(len(WORKER_HOSTS))]
     for name, h in zip(servers, SERVER_HOSTS, strict=True):
-        r.start(name, bed[h], r.lines["server"])
+        r.start(name, machines[h], r.lines["server"])
     for name, h in zip(workers, WORKER_HOSTS, strict=True):
-        r.start(name, bed[h], f"{r.lines['worker']} {mode} {seed} {pause_at}")
+        r.start(name, machines[h], f"{r.lines['worker']} {mode} {seed} {pause_at}")
     paused = rf"^PAUSED {pause_at}$"
 
     def rank0_paused() -> bool:
@@ -57,8 +57,11 @@ def _run_on_hosts(r: Roles, mode: str, seed: int, pause_at: int, victim: hosts.H
     (r.folder / "resume").touch()
     for name in workers:
         r.finish(name, 120)
+    # the job completed without the victim's rank: declared dead, started again by no one
+    dead = rf"server\[(\d)\] \(tcp://{victim.name}:\d+\) declared dead"
+    assert re.search(dead, r.log("coordinator")), r.log("coordinator")
     for name, h in zip(servers, SERVER_HOSTS, strict=True):
-        if bed[h] is not victim:
+        if machines[h] is not victim:
             r.stop(name)
     r.stop("coordinator")
 
