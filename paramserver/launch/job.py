@@ -153,6 +153,7 @@ def run_job(
         servers, workers, host=host, timeouts=timeouts, log_level=log_level, output=out,
         token=token, restore=restore, checkpoints=policy, metrics_port=metrics_port,
     )  # fmt: skip
+    cluster.warm_worker = False  # the workers are processes of their own
     workers_ = Children()
     code = 0
     interrupted = False
