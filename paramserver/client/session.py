@@ -21,6 +21,7 @@ from typing import Any, Self
 import numpy as np
 
 from paramserver.client.replicas import request_copies, settle
+from paramserver.client.warm import start_warming
 from paramserver.client.watch import CoordinatorWatch
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
@@ -116,6 +117,7 @@ class Session(CoordinatorWatch):
         token: str | None = None,
         transport: str | None = None,
     ) -> None:
+        start_warming()  # numba and the first request's kernels load while this registers
         self.coordinator = coordinator
         self.timeouts = timeouts or Timeouts()
         self._security = Security.from_token(token) if token is not None else None

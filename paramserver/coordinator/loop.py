@@ -83,6 +83,7 @@ class Coordinator:
         exit_when_done: float | None = None,
         journal: str | None = None,
         replication: int = 1,
+        journal_sync: bool = True,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts, replication=replication)
@@ -103,7 +104,7 @@ class Coordinator:
         self.completion = None if exit_when_done is None else Completion(self, exit_when_done)
         # this process's number: a member that sees it change knows the coordinator restarted
         self.boot = secrets.randbits(62) + 1
-        self.journal = Journal(journal) if journal is not None else None
+        self.journal = Journal(journal, sync=journal_sync) if journal is not None else None
         if self.journal is not None:
             self.members.supervised = True
             self._replay(self.journal.replay(), now)

@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from typing import IO, Any
 
+from paramserver.client.warm import start_warming
 from paramserver.config import CheckpointPolicy, Limits, Timeouts, from_env, limits_to_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 from paramserver.launch.children import Children, describe_exit, say
@@ -165,11 +166,19 @@ class LocalCluster:
             str(os.getpid()),
         ]
 
+    # Load the worker's compiled kernels on a background thread while the servers start: a
+    # cluster started here is mostly connected to from here (connect()), whose first pull then
+    # finds them loaded (paramserver.client.warm). run_job, whose workers are processes of
+    # their own, turns it off.
+    warm_worker = True
+
     def start(self) -> LocalCluster:
         """Start the coordinator and servers and wait until every server has registered."""
         if self._started:
             return self
         self._started = True
+        if self.warm_worker:
+            start_warming()
         try:
             # The coordinator's socket is bound and listening here, before any process starts,
             # and handed to it: the servers start at the same time as the coordinator (their

@@ -103,6 +103,9 @@ def serve_coordinator(
         extra["exit_when_done"] = exit_when_done
     if journal is not None:  # restarted with the same journal, it carries on the job
         extra["journal"] = journal
+        # one that dies with its launcher (a LocalCluster's) is restarted by it after its
+        # process died, never after the machine went down: the page cache keeps its records
+        extra["journal_sync"] = parent_pid is None
     if replication != 1:
         extra["replication"] = replication
     host, _, port = bind.rpartition(":")

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.arrays import all_finite
 from paramserver.init import Zeros
 from paramserver.optim import SGD
-from paramserver.server.shard import SparseShard
+from paramserver.server.shard import DenseShard, SparseShard
 
 __all__ = ["TRIM_AFTER_BYTES", "trim_allocator", "tune_allocator", "warm_kernels"]
 
@@ -68,6 +69,11 @@ def warm_kernels() -> None:
     background thread of a server process, started before it registers: the loads overlap the
     registration and the worker's table creation instead of delaying the first pull.
 
+    First those of a sparse float32 table, then those of small dense tables (the initializer
+    and an SGD push, float32 and float64, and the finite check of their gradients): the
+    training programs keep their job-wide figures in one (``models.program.JobStats``), whose
+    first creation and push otherwise waited for these loads (30-80 ms in every run).
+
     numba's first kernel load checks for BLAS by importing ``scipy.linalg`` when SciPy is
     installed (0.3-0.7 s and ~15 MiB of a server's memory here); no kernel uses BLAS, so SciPy
     is hidden from that check. Only call this in a server process: the check's answer stays.
@@ -83,6 +89,12 @@ def warm_kernels() -> None:
         keys = np.arange(2, dtype=np.uint64)
         shard.pull(keys)
         shard.push(keys, np.zeros((2, 1), np.float32))
+        for dtype in (np.float32, np.float64):
+            grad = np.zeros(2, dtype)
+            all_finite(grad)
+            dense = DenseShard(2, np.dtype(dtype), Zeros(), SGD(), 0)
+            dense.push(grad)
+            dense.push(grad, out=np.empty(2, dtype))
     except Exception:  # only an optimization: the real request compiles what it needs
         log.debug("warming the kernels failed", exc_info=True)
     finally:

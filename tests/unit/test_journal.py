@@ -3,6 +3,10 @@ membership taken back from it keeps incarnations and the view number."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from paramserver.config import Timeouts
@@ -63,3 +67,23 @@ def test_a_membership_taken_back_keeps_incarnations_and_the_view_number() -> Non
     # a live member gets the heartbeat timeout to beat again, from the restart on
     assert b0.last_seen == 50.0 and back.expired(54.0) == []
     assert [m.name for m, _ in back.expired(56.0)] == ["server[0]"]
+
+
+def test_records_written_without_fsync_survive_a_killed_process(tmp_path: Path) -> None:
+    """A LocalCluster's coordinator journals without fsync (it is restarted after its process
+    died, never after the machine went down): its records must be there once it was killed."""
+    path = tmp_path / "j"
+    code = (
+        "import os, signal\n"
+        "from paramserver.coordinator.journal import Journal\n"
+        f"j = Journal({str(path)!r}, sync=False)\n"
+        "for i in range(5):\n"
+        "    j.append({'t': 'lease', 'op': 'acquire', 'h': {'i': i}})\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL
+    got = Journal(path).replay()
+    assert got == [{"t": "lease", "op": "acquire", "h": {"i": i}} for i in range(5)]
