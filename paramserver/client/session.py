@@ -145,6 +145,12 @@ class Session(CoordinatorWatch):
         self._closed = False
         self._epoch = 0
         self.view: dict[str, Any] = {}
+        # the servers of the hash ring this worker routes by; a move's new ring, taken at the
+        # next clock() (see server/transfer.py); bumped at every change (tables re-plan)
+        self.ring_servers: list[int] = []
+        self._next_ring: list[int] | None = None
+        self._moves_seen: set[int] = set()
+        self.ring_version = 0
         self._heartbeat: Pulse | None = None
         self._expelled = None  # why the coordinator refused our heartbeat
         self._init_watch()
@@ -197,7 +203,9 @@ class Session(CoordinatorWatch):
             name=f"heartbeat-worker[{self.rank}]",
         )
         self._heartbeat.start()
-        self.ring = HashRing.build(list(range(self.num_servers)))
+        if not self.ring_servers:
+            self.ring_servers = list(range(self.num_servers))
+        self.ring = HashRing.build(self.ring_servers)
         log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
 
     def _why_no_registration(self, what: str, probe: Future[dict[str, Any]]) -> str:
@@ -236,8 +244,34 @@ class Session(CoordinatorWatch):
                 self._ep.mark_lost(
                     name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
                 )
+        self._take_ring(view)
         if self._resends:
             self._resend_to_replaced()
+
+    def _take_ring(self, view: dict[str, Any]) -> None:
+        """A view's ring: a move's new ring is taken at the next clock() (its clock message
+        tells the servers that this worker switched); a ring changed otherwise, at once."""
+        ring, move = view.get("ring"), view.get("move")
+        if isinstance(move, dict) and move.get("id") not in self._moves_seen:
+            self._moves_seen.add(move["id"])
+            if not self.ring_servers:  # registering: the old ring until the first clock()
+                self.ring_servers = [int(r) for r in move["from"]]
+            self._next_ring = [int(r) for r in move["to"]]
+        elif isinstance(ring, list) and move is None and ring != self.ring_servers:
+            self._next_ring = None
+            self._set_ring([int(r) for r in ring])
+
+    def _set_ring(self, ring: list[int]) -> None:
+        self.ring_servers = ring
+        if hasattr(self, "ring"):  # registered: else built once the heartbeat runs
+            self.ring = HashRing.build(ring)
+            self.ring_version += 1
+            log.info("worker[%d] routes by the ring of servers %s", self.rank, ring)
+
+    @property
+    def servers(self) -> list[int]:
+        """The ranks of the servers this worker talks to: the ring's, and a move's new ones."""
+        return sorted({*self.ring_servers, *(self._next_ring or [])})
 
     # ---- requests to servers that may be replaced -----------------------------------------
 
@@ -426,13 +460,17 @@ class Session(CoordinatorWatch):
         for flush in self.before_clock:
             flush()
         self._clock += 1
+        targets = self.servers  # both rings: every source of a move learns this one switched
+        if self._next_ring is not None:
+            self._set_ring(self._next_ring)
+            self._next_ring = None
         self._clock_futures = [
             self.request_server(
                 s,
                 {"kind": "clock", "rank": self.rank, "clock": self._clock},
                 what=f"clock {self._clock} of worker[{self.rank}] to {server_name(s)}",
             )
-            for s in range(self.num_servers)
+            for s in targets
         ]
         self._ep.poll(0)
         return self._clock

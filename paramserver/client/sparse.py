@@ -63,7 +63,8 @@ class SparseTable(TableHandle):
 
     def __init__(self, client: Session, spec: TableSpec, cache: CacheSpec | None = None) -> None:
         super().__init__(client, spec)
-        self._plans = KeyPlanCache(client.ring, client.num_servers)
+        self._plans = KeyPlanCache(client.ring, max(client.ring_servers) + 1)
+        self._ring_version = client.ring_version
         self._sum_buf: np.ndarray | None = None  # a push's summed gradient (see _sum_buffer)
         self._sum_busy: Future[None] | None = None  # the push that sent it
         self._residuals: Any = None  # SparseFeedback of an encoded push (client.feedback)
@@ -78,6 +79,14 @@ class SparseTable(TableHandle):
         if cache is not None:
             self.cache = RowCache(cache, spec.dim, self.dtype)
             client.before_clock.append(self.flush)
+
+    def plans(self) -> KeyPlanCache:
+        """The key plans, made afresh when the worker's ring changed (servers joined or left)."""
+        c = self.client
+        if self._ring_version != c.ring_version:
+            self._plans = KeyPlanCache(c.ring, max(c.ring_servers) + 1)
+            self._ring_version = c.ring_version
+        return self._plans
 
     @property
     def dim(self) -> int:
@@ -110,7 +119,7 @@ class SparseTable(TableHandle):
         c = self.client
         limit = timeout
         flat = k.reshape(-1)
-        plan, sig = self._plans.plan(flat, cacheable=create)
+        plan, sig = self.plans().plan(flat, cacheable=create)
         self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)
         futs: list[Future[None]] = []
@@ -302,7 +311,7 @@ class SparseTable(TableHandle):
 
     def _push_flat(self, flat: np.ndarray, g: np.ndarray) -> Future[None]:
         mode, _ = self.spec.mode
-        plan, sig = self._plans.plan(flat, cacheable=mode != "sync")
+        plan, sig = self.plans().plan(flat, cacheable=mode != "sync")
         self._moved[1] += len(plan.base)
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order

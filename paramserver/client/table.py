@@ -104,7 +104,7 @@ class TableHandle:
                 {"kind": "set_lr", "table": self.name, "lr": float(lr)},
                 what=f"set_lr of table {self.name!r} on {server_name(s)}",
             )
-            for s in range(self.client.num_servers)
+            for s in self.client.servers
         ]
         for f in futs:
             f.result(timeout)

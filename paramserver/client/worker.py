@@ -120,7 +120,7 @@ class Client(Session):
                 {"kind": "create_shard", "spec": final.to_wire()},
                 what=f"creating table {spec.name!r} on {server_name(s)}",
             )
-            for s in range(self.num_servers)
+            for s in self.servers
         ]
         for f in futs:
             f.result(self.timeouts.request)
@@ -314,7 +314,7 @@ class Client(Session):
             self.endpoint.request(
                 server_name(s), {"kind": "stats"}, what=f"stats of {server_name(s)}"
             )
-            for s in range(self.num_servers)
+            for s in self.servers
         ]
         return [f.result(timeout)["stats"] for f in futs]
 

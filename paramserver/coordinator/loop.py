@@ -27,6 +27,7 @@ from paramserver.coordinator.membership import ALIVE, Member, Membership
 from paramserver.coordinator.refusal import Refusal
 from paramserver.coordinator.registry import TableRegistry
 from paramserver.coordinator.rounds import CheckpointRounds, Round
+from paramserver.coordinator.scaling import Scaling
 from paramserver.coordinator.status import StatusBoard
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.metrics import serve_prometheus
@@ -97,6 +98,7 @@ class Coordinator:
         self.board = StatusBoard(now)
         # with exit_when_done (a dead worker's restart grace, s): end the job once it is done
         self.completion = None if exit_when_done is None else Completion(self, exit_when_done)
+        self.scaling = Scaling(self)  # servers joining and draining while training
         # this process's number: a member that sees it change knows the coordinator restarted
         self.boot = secrets.randbits(62) + 1
         self.journal = Journal(journal) if journal is not None else None
@@ -152,6 +154,8 @@ class Coordinator:
             "status": self._on_status,
             "shutdown": self._on_shutdown,
             "ping": self._on_ping,
+            "drain": self.scaling.on_drain,
+            "move_done": self.scaling.on_move_done,
         }
 
     # ---- the loop -------------------------------------------------------------------------
@@ -274,6 +278,10 @@ class Coordinator:
                 len(records),
             )
 
+    def publish(self, reason: str) -> None:
+        """Send every live member the next view (``reason`` is logged)."""
+        self._publish(reason)
+
     def _publish(self, reason: str) -> None:
         view, identities = self.members.publish(reason)
         self._record(self.members.to_record())
@@ -313,13 +321,15 @@ class Coordinator:
             if self.rounds.latest is not None:
                 view["restore"] = self.rounds.latest
             tables = self.tables.to_wire()
-        elif self.members.restore:
-            tables = self.tables.to_wire()
+        elif self.members.restore or m.rank not in self.members.ring:
+            tables = self.tables.to_wire()  # a joining server: every table, empty
         self.router.reply(identity, h["id"], rank=m.rank, view=view, tables=tables)
         self._publish(
             f"{m.name} {'replaced' if replacing else 'registered'} at {m.address}"
             + (f" (restoring {view['restore']['path']})" if replacing and "restore" in view else "")
         )
+        if m.rank not in self.members.ring:
+            self.scaling.join(m.rank)
         self._admit_workers()
 
     def _admit_workers(self) -> None:

@@ -117,6 +117,9 @@ class Membership:
         # with a journal, the coordinator is restarted when it dies: members wait for it
         self.supervised = False
         self._process_gone = process_gone
+        # the server ranks on the hash ring, and the move under way (coordinator/scaling.py)
+        self.ring: list[int] = list(range(num_servers))
+        self.move: dict[str, Any] | None = None
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -137,7 +140,10 @@ class Membership:
             "epoch": self.epoch,
             "servers": [[m.rank, m.address, m.state] for m in self.servers],
             "workers": [[m.rank, m.state] for m in self.workers],
+            "ring": list(self.ring),
         }
+        if self.move is not None:
+            view["move"] = dict(self.move)
         if self.rejoined:
             # a restarted worker comes back at this clock: the servers set its clock to it
             view["rejoined"] = [[r, c] for r, c in sorted(self.rejoined.items())]
@@ -167,6 +173,8 @@ class Membership:
         return {
             "t": "view",
             "epoch": self.epoch,
+            "ring": list(self.ring),
+            "move": self.move,
             "members": [
                 [m.role, m.rank, m.state, m.address, m.host, m.pid, m.token, m.identity]
                 for m in self.members
@@ -177,7 +185,11 @@ class Membership:
         """Take a journal's membership back (a restarted coordinator): the live members keep
         their incarnations and have the heartbeat timeout to beat again."""
         self.epoch = int(record["epoch"])
+        self.ring = list(record.get("ring") or self.ring)
+        self.move = record.get("move")
         for role, rank, state, address, host, pid, token, identity in record["members"]:
+            while role == "server" and rank >= len(self.servers):  # a server that joined
+                self.servers.append(Member("server", len(self.servers)))
             m = self.member(role, rank)
             if m is None:
                 continue
@@ -230,11 +242,17 @@ class Membership:
                 )
             m = self.servers[want]
         else:
+            # a rank drained off the ring is not handed out again: a newcomer joins instead
             free = [s for s in self.servers if s.state in (PENDING, DEAD, LEFT)]
+            free = [s for s in free if s.rank in self.ring]
             if not free:
-                raise Refusal(
-                    "full", f"all {len(self.servers)} server ranks are taken by live servers"
-                )
+                if all(w.state == PENDING for w in self.workers):
+                    raise Refusal(
+                        "full", f"all {len(self.servers)} server ranks are taken by live servers"
+                    )
+                # a running job (workers came): the newcomer joins the ring (coordinator/scaling.py)
+                self.servers.append(Member("server", len(self.servers)))
+                free = [self.servers[-1]]
             m = free[0]
         replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h, now)

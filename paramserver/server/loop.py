@@ -31,6 +31,7 @@ from paramserver.server.pull import Pulls
 from paramserver.server.push import Pushes
 from paramserver.server.snapshot import Snapshots
 from paramserver.server.state import ServerState
+from paramserver.server.transfer import Transfers
 from paramserver.wire import protocol
 from paramserver.wire.paths import Paths, Request
 from paramserver.wire.poller import Poller
@@ -107,12 +108,18 @@ class Server:
         admin = Admin(self.state, self.paths, self.progress)
         many = Many(self.state, self.paths, self.pushes, self.progress)
         self.cluster.create = admin.create
+        self.transfers = Transfers(
+            self.state, self.ctx, security, self.progress, self.cluster.send, self.timeouts.request
+        )
+        self.cluster.on_view = self.transfers.on_view
+        self.admin = admin
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
             "push": self.pushes.on_push,
             "pull_many": many.on_pull,
             "push_many": many.on_push,
-            "clock": admin.on_clock,
+            "clock": self.on_clock,
+            "transfer": self.transfers.on_transfer,
             "create_shard": admin.on_create_shard,
             "set_lr": admin.on_set_lr,
             "stats": admin.on_stats,
@@ -167,6 +174,7 @@ class Server:
                     self.paths.trim()
                     trim_allocator()
                 self.cluster.poll(0)
+                self.transfers.tick()
                 self.cluster.watch_coordinator()
                 self.unpark()
                 if len(deferred):
@@ -178,6 +186,7 @@ class Server:
     def close(self) -> None:
         self.cluster.stop_heartbeat()
         self.paths.close()
+        self.transfers.close()
         self.cluster.close()
         self.router.close()
         self.ctx.term()
@@ -211,6 +220,8 @@ class Server:
             self.cluster.admit(req.header)  # a replaced process serves nothing (fencing)
             if rank is not None:  # every server request naming a rank is a worker's
                 self.state.claim(rank, identity)
+            if self.transfers.holds(req.header, req.arrays) and self.hold(identity, frames, since):
+                return
             handler = self.handlers.get(kind)
             if handler is None:
                 raise Refusal("bad_request", f"a server does not take {kind!r} messages")
@@ -247,6 +258,24 @@ class Server:
             return False  # refused (not registered, no such table)
         self.parked.append((identity, frames, first))
         return True
+
+    def hold(self, identity: bytes, frames: list[Any], since: float | None) -> bool:
+        """Keep a request for keys this server is receiving until the move's end came (the
+        loop handles it again then: ``unpark``); refused once it waited the request timeout."""
+        now = time.monotonic()
+        first = now if since is None else since
+        if now - first >= self.timeouts.request or len(self.parked) >= MAX_PARKED:
+            raise Refusal(
+                "moving",
+                f"{self.state.name}: the keys of this request are still moving here after "
+                f"{now - first:.3g}s (a source of the move did not finish); nothing changed",
+            )
+        self.parked.append((identity, frames, first))
+        return True
+
+    def on_clock(self, h: Any, req: Request) -> None:
+        self.transfers.on_clock(h["rank"], h.get("view"))
+        self.admin.on_clock(h, req)
 
     def may_wait(self, h: dict[str, Any]) -> float:
         """How long a message may wait for the coordinator (0: not at all): a request of a

@@ -21,6 +21,9 @@ __all__ = [
     "BarrierMsg",
     "CheckpointMsg",
     "ClockMsg",
+    "DrainMsg",
+    "MoveDoneMsg",
+    "TransferMsg",
     "CompleteLeaseMsg",
     "CreateShardMsg",
     "CreateTableMsg",
@@ -300,6 +303,38 @@ class AttachSlotMsg(TypedDict):
     size: int
 
 
+class TransferMsg(TypedDict):
+    """``transfer``: rows of moving ranges from one server to another (server/transfer.py)."""
+
+    kind: Literal["transfer"]
+    id: int
+    move: int
+    source: int
+    phase: Literal["copy", "final", "end"]
+    table: NotRequired[str | None]
+    sync: NotRequired[list[list[int]] | None]  # final: [clock, worker rank, rows] per run
+    clocks: NotRequired[list[int] | None]  # end: the source's clock of every worker
+    seqs: NotRequired[list[list[int]] | None]  # end: [worker rank, last push seq]
+
+
+class MoveDoneMsg(TypedDict):
+    """``move_done``: a source's ranges of a move reached their destinations."""
+
+    kind: Literal["move_done"]
+    id: int
+    move: int
+    source: int
+    stats: NotRequired[dict[str, Any] | None]
+
+
+class DrainMsg(TypedDict):
+    """``drain``: move a server's ranges to the others, then stop it."""
+
+    kind: Literal["drain"]
+    id: int
+    rank: int
+
+
 class ClockMsg(TypedDict):
     """``clock``."""
 
@@ -391,6 +426,9 @@ MESSAGES: dict[str, type] = {
     "attach": AttachMsg,
     "attach_slot": AttachSlotMsg,
     "clock": ClockMsg,
+    "transfer": TransferMsg,
+    "move_done": MoveDoneMsg,
+    "drain": DrainMsg,
     "set_lr": SetLrMsg,
     "stats": StatsMsg,
     "ping": PingMsg,

@@ -232,6 +232,22 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "size": (_int(1, MAX_MESSAGE_BYTES), True),
     },
     "clock": {"rank": (RANK, True), "clock": (U63, True)},
+    # ranges moving between servers (server/transfer.py): a source's rows to a destination
+    # (phase copy, then final with the buffered sync pushes as [clock, rank, rows] runs), and
+    # its end (the clocks and push sequence numbers it saw)
+    "transfer": {
+        "move": (U63, True),
+        "source": (RANK, True),
+        "phase": (lambda v: v in ("copy", "final", "end"), True),
+        "table": (_opt(NAME), False),
+        "sync": (_opt(lambda v: isinstance(v, list)), False),
+        "clocks": (_opt(lambda v: isinstance(v, list)), False),
+        "seqs": (_opt(lambda v: isinstance(v, list)), False),
+    },
+    # a source tells the coordinator its ranges of move ``move`` reached their destinations
+    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (_opt(_is_map), False)},
+    # drain a server: its ranges move to the others, then it stops (paramserver drain)
+    "drain": {"rank": (RANK, True)},
     "set_lr": {"table": (NAME, True), "lr": (_is_number, True)},
     "stats": {},
     "ping": {},
