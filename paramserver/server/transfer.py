@@ -11,10 +11,9 @@ A to B on one connection (so they arrive in order):
    since the copy (compared bit for bit, so -0.0 and NaN count as changes) and those created
    since, plus A's buffered sync pushes of those keys ``[clock, worker, rows]`` in arrival
    order, taken out of A's buffer (B aggregates them exactly as A would have).
-3. ``end``: A's clock of every worker (B keeps the larger of its own and A's) and A's last push
-   sequence number per worker (a replica rebuilt from A takes them; a move does not need them,
-   since every push reaches exactly one of A and B and a later push to B has a larger number
-   than B has seen).
+3. ``end``: A's clock of every worker and A's last push sequence number per worker (a replica
+   rebuilt from A takes them; a move does not: B's clocks move with the workers' own requests,
+   which reach B from their switch on, and every push reaches exactly one of A and B).
 
 When is "every live worker switched"? A worker that sees a view with a ``move`` routes by the
 new ring from its next ``clock()`` on, and that clock message (sent to the servers of both
@@ -224,6 +223,7 @@ class Transfers:
                 self.endpoint.request(
                     f"server[{dest}]",
                     {"kind": "transfer", "move": out.move, "source": state.rank, "phase": "end",
+                     "view": out.view,
                      "clocks": list(state.clocks.clock), "seqs": seqs},
                     what=f"end of move {out.move} from {state.name} to server[{dest}]",
                 )
@@ -262,8 +262,11 @@ class Transfers:
             owner[out.old.route(keys) != self.state.rank] = -1
         for dest in out.dests:
             sel = owner == dest
+            # with the view of the move: a destination that has not seen it yet asks the
+            # coordinator before it takes the rows (server/cluster.py, admit)
             header: dict[str, Any] = {"kind": "transfer", "move": out.move, "phase": phase,
-                                      "source": self.state.rank, "table": t.spec.name}  # fmt: skip
+                                      "source": self.state.rank, "table": t.spec.name,
+                                      "view": out.view}  # fmt: skip
             arrays = [np.ascontiguousarray(keys[sel]), np.ascontiguousarray(rows[sel])]
             runs = (sync or {}).get(dest, [])
             if runs:
@@ -304,13 +307,12 @@ class Transfers:
         if inc is None or inc.move != h["move"] or h["source"] not in inc.sources:
             raise Refusal(
                 "invalid",
-                f"{state.name} expects no transfer of move {h['move']} from "
-                f"server[{h['source']}]",
+                f"{state.name} expects no transfer of move {h['move']} from server[{h['source']}]",
             )
         if h["phase"] == "end":
-            clocks = h.get("clocks") or []
-            for r, c in enumerate(clocks[: len(state.clocks.clock)]):
-                state.clocks.advance(r, int(c))
+            # the source's clocks are not taken: a worker's clock here moves only with its own
+            # requests, in their order (a held push must not find its clock already applied);
+            # every worker's switching clock message comes here before the last source ends
             inc.sources.discard(h["source"])
             if not inc.sources:
                 log.info("%s: move %d received", state.name, inc.move)

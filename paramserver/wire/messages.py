@@ -21,18 +21,17 @@ __all__ = [
     "BarrierMsg",
     "CheckpointMsg",
     "ClockMsg",
-    "DrainMsg",
-    "MoveDoneMsg",
-    "TransferMsg",
     "CompleteLeaseMsg",
     "CreateShardMsg",
     "CreateTableMsg",
+    "DrainMsg",
     "ErrorMsg",
     "GetViewMsg",
     "Header",
     "HeartbeatMsg",
     "LeaveMsg",
     "ListTablesMsg",
+    "MoveDoneMsg",
     "OpenBulkMsg",
     "PingMsg",
     "PullManyMsg",
@@ -48,6 +47,7 @@ __all__ = [
     "StatsMsg",
     "StatusMsg",
     "StopMsg",
+    "TransferMsg",
     "ViewMsg",
 ]
 
@@ -315,6 +315,7 @@ class TransferMsg(TypedDict):
     sync: NotRequired[list[list[int]] | None]  # final: [clock, worker rank, rows] per run
     clocks: NotRequired[list[int] | None]  # end: the source's clock of every worker
     seqs: NotRequired[list[list[int]] | None]  # end: [worker rank, last push seq]
+    view: NotRequired[int]  # the view that announced the move
 
 
 class MoveDoneMsg(TypedDict):

@@ -243,6 +243,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "sync": (_opt(lambda v: isinstance(v, list)), False),
         "clocks": (_opt(lambda v: isinstance(v, list)), False),
         "seqs": (_opt(lambda v: isinstance(v, list)), False),
+        "view": (U63, False),  # the view that announced the move: a server behind asks for it
     },
     # a source tells the coordinator its ranges of move ``move`` reached their destinations
     "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (_opt(_is_map), False)},

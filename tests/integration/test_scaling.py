@@ -15,13 +15,28 @@ import numpy as np
 import pytest
 
 import paramserver as ps
+from paramserver.wire.transport import Endpoint, new_context
 from tests.timing import FAST
 
 pytestmark = pytest.mark.timeout(240)
 
 STEPS, WORKERS, DIM = 12, 2, 4
-LOG = "info"
+LOG = "warning"
 KEYS = np.arange(1, 400, dtype=np.uint64)
+
+
+def view_of(address: str) -> dict[str, Any]:
+    ctx = new_context()
+    ep = Endpoint(ctx, request_timeout=5.0)
+    try:
+        ep.connect("coordinator", address)
+        view: dict[str, Any] = ep.request("coordinator", {"kind": "get_view"}, what="view").result(
+            5
+        )["view"]
+        return view
+    finally:
+        ep.close()
+        ctx.term()
 
 
 def train(
@@ -29,7 +44,7 @@ def train(
     optimizer: Any,
     grads: Callable[[int, int, np.ndarray], np.ndarray],
     events: dict[int, Callable[[ps.LocalCluster], None]],
-) -> tuple[np.ndarray, np.ndarray, list[Exception]]:
+) -> tuple[np.ndarray, np.ndarray, list[Exception], dict[str, Any]]:
     """Train WORKERS threads for STEPS clocks; worker 0 runs ``events[clock]`` after that
     clock. Returns the final sparse rows of KEYS, the dense values, the errors raised."""
     errors: list[Exception] = []
@@ -59,7 +74,7 @@ def train(
                         asked.put(clock)
                         answered.get(timeout=60)
                 c.barrier("end", timeout=60)
-            except Exception as exc:  # noqa: BLE001 - reported by the test
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(w,)) for w in range(WORKERS)]
@@ -75,7 +90,7 @@ def train(
         emb = reader.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
                                   init=ps.init.Normal(std=0.1), seed=3)  # fmt: skip
         dense = reader.dense_table("bias", 8, optimizer=optimizer, consistency=consistency)
-        return emb.pull(KEYS, create=False), dense.pull(), errors
+        return emb.pull(KEYS, create=False), dense.pull(), errors, view_of(cluster.address)
 
 
 def sync_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
@@ -89,9 +104,11 @@ def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit() ->
         4: lambda cl: added.append(cl.add_server()),
         8: lambda cl: cl.remove_server(1),
     }
-    rows, dense, errors = train("sync", opt, sync_grads, events)
+    rows, dense, errors, view = train("sync", opt, sync_grads, events)
     assert errors == [] and added == [2]
-    ref_rows, ref_dense, ref_errors = train("sync", opt, sync_grads, {})
+    assert view["ring"] == [0, 2] and "move" not in view
+    assert [st for r, _, st in view["servers"]] == ["alive", "left", "alive"]
+    ref_rows, ref_dense, ref_errors, _ = train("sync", opt, sync_grads, {})
     assert ref_errors == []
     assert rows.tobytes() == ref_rows.tobytes()
     assert dense.tobytes() == ref_dense.tobytes()
