@@ -148,8 +148,10 @@ class Session(CoordinatorWatch):
         # the servers of the hash ring this worker routes by; a move's new ring, taken at the
         # next clock() (see server/transfer.py); bumped at every change (tables re-plan)
         self.ring_servers: list[int] = []
-        self._next_ring: list[int] | None = None
+        self._move_from: list[int] = []  # the old ring while a move goes on
         self._moves_seen: set[int] = set()
+        self._next_ring: tuple[int, list[int]] | None = None  # a move's id and new ring
+        self.idle = False  # between steps (at a barrier): a move is switched to at once
         self.ring_version = 0
         self._heartbeat: Pulse | None = None
         self._expelled = None  # why the coordinator refused our heartbeat
@@ -249,17 +251,42 @@ class Session(CoordinatorWatch):
             self._resend_to_replaced()
 
     def _take_ring(self, view: dict[str, Any]) -> None:
-        """A view's ring: a move's new ring is taken at the next clock() (its clock message
-        tells the servers that this worker switched); a ring changed otherwise, at once."""
+        """A view's ring. A move's new ring is taken at the next ``clock()`` (or ``barrier()``),
+        so that all of one clock's requests of this worker go by one ring; the servers of
+        both rings are told then (``switched``, after the requests routed by the old ring: a
+        source of the move sends its last rows once every live worker said so)."""
         ring, move = view.get("ring"), view.get("move")
         if isinstance(move, dict) and move.get("id") not in self._moves_seen:
             self._moves_seen.add(move["id"])
+            self._move_from = [int(r) for r in move["from"]]
             if not self.ring_servers:  # registering: the old ring until the first clock()
-                self.ring_servers = [int(r) for r in move["from"]]
-            self._next_ring = [int(r) for r in move["to"]]
-        elif isinstance(ring, list) and move is None and ring != self.ring_servers:
-            self._next_ring = None
-            self._set_ring([int(r) for r in ring])
+                self.ring_servers = list(self._move_from)
+            self._next_ring = (int(move["id"]), [int(r) for r in move["to"]])
+            if self.idle:  # waiting at a barrier: between steps
+                self.switch_ring()
+        elif isinstance(ring, list) and move is None:
+            self._move_from = []
+            if ring != self.ring_servers:
+                self._next_ring = None
+                self._set_ring([int(r) for r in ring])
+
+    def switch_ring(self) -> None:
+        """Route by a move's new ring from now on, and tell the servers of both rings (called
+        at a step's end: ``clock()``, ``barrier()``); nothing if no move waits."""
+        if self._next_ring is None:
+            return
+        move, ring = self._next_ring
+        self._next_ring = None
+        targets = self.servers
+        self._set_ring(ring)
+        for s in targets:
+            self._clock_futures.append(
+                self.request_server(
+                    s,
+                    {"kind": "switched", "rank": self.rank, "move": move, "clock": self._clock},
+                    what=f"worker[{self.rank}] switching to the ring of move {move}",
+                )
+            )
 
     def _set_ring(self, ring: list[int]) -> None:
         self.ring_servers = ring
@@ -270,8 +297,9 @@ class Session(CoordinatorWatch):
 
     @property
     def servers(self) -> list[int]:
-        """The ranks of the servers this worker talks to: the ring's, and a move's new ones."""
-        return sorted({*self.ring_servers, *(self._next_ring or [])})
+        """The ranks of the servers this worker talks to: the ring's, and while a move goes
+        on, its sources (a drained server still answers the pulls sent to it)."""
+        return sorted({*self.ring_servers, *self._move_from})
 
     # ---- requests to servers that may be replaced -----------------------------------------
 
@@ -459,18 +487,16 @@ class Session(CoordinatorWatch):
                 raise f.exception(0)  # type: ignore[misc]
         for flush in self.before_clock:
             flush()
+        self.switch_ring()
+        switching = [f for f in self._clock_futures if not f.done()]
         self._clock += 1
-        targets = self.servers  # both rings: every source of a move learns this one switched
-        if self._next_ring is not None:
-            self._set_ring(self._next_ring)
-            self._next_ring = None
-        self._clock_futures = [
+        self._clock_futures = switching + [
             self.request_server(
                 s,
                 {"kind": "clock", "rank": self.rank, "clock": self._clock},
                 what=f"clock {self._clock} of worker[{self.rank}] to {server_name(s)}",
             )
-            for s in targets
+            for s in self.servers
         ]
         self._ep.poll(0)
         return self._clock

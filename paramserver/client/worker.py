@@ -270,7 +270,13 @@ class Client(Session):
         def ask() -> Any:  # again, if the coordinator restarted meanwhile
             return self.endpoint.request("coordinator", header, what=what)
 
-        self.wait_coordinator(ask(), limit + 2.0, again=ask)
+        # a step's end: a move announced before or while it waits is switched to at once
+        self.switch_ring()
+        self.idle = True
+        try:
+            self.wait_coordinator(ask(), limit + 2.0, again=ask)
+        finally:
+            self.idle = False
 
     def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> str:
         """Write a consistent checkpoint of every table at this worker's clock boundary.

@@ -112,13 +112,13 @@ class Server:
             self.state, self.ctx, security, self.progress, self.cluster.send, self.timeouts.request
         )
         self.cluster.on_view = self.transfers.on_view
-        self.admin = admin
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
             "push": self.pushes.on_push,
             "pull_many": many.on_pull,
             "push_many": many.on_push,
-            "clock": self.on_clock,
+            "clock": admin.on_clock,
+            "switched": self.on_switched,
             "transfer": self.transfers.on_transfer,
             "create_shard": admin.on_create_shard,
             "set_lr": admin.on_set_lr,
@@ -273,9 +273,12 @@ class Server:
         self.parked.append((identity, frames, first))
         return True
 
-    def on_clock(self, h: Any, req: Request) -> None:
-        self.transfers.on_clock(h["rank"], h.get("view"))
-        self.admin.on_clock(h, req)
+    def on_switched(self, h: Any, req: Request) -> None:
+        """A worker routes by a move's new ring from now on (server/transfer.py)."""
+        if self.state.clocks.advance(h["rank"], h["clock"]):
+            self.progress()
+        self.transfers.on_switched(h["rank"], h["move"])
+        req.reply.ok()
 
     def may_wait(self, h: dict[str, Any]) -> float:
         """How long a message may wait for the coordinator (0: not at all): a request of a

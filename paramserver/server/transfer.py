@@ -9,8 +9,9 @@ A to B on one connection (so they arrive in order):
    owner on R' is B (:meth:`Transfers.start`). A keeps serving them.
 2. ``final`` (per table), once every live worker has switched to R' at A: the rows that changed
    since the copy (compared bit for bit, so -0.0 and NaN count as changes) and those created
-   since, plus A's buffered sync pushes of those keys ``[clock, worker, rows]`` in arrival
-   order, taken out of A's buffer (B aggregates them exactly as A would have).
+   since, plus copies of A's buffered sync pushes of those keys ``[clock, worker, rows]`` in
+   arrival order (B aggregates them exactly as A would have; A applies them too, for the pulls
+   sent by the old ring that still wait on A).
 3. ``end``: A's clock of every worker and A's last push sequence number per worker (a replica
    rebuilt from A takes them; a move does not: B's clocks move with the workers' own requests,
    which reach B from their switch on, and every push reaches exactly one of A and B).
@@ -137,6 +138,7 @@ class Transfers:
         self.out: Outgoing | None = None
         self.incoming: Incoming | None = None
         self.seen: set[int] = set()  # moves started here
+        self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
         self.ring: list[int] = []  # the servers of the ring this server serves under
 
     # ---- views ----------------------------------------------------------------------------
@@ -166,6 +168,7 @@ class Transfers:
         dests = [r for r in new if r != me]
         out = Outgoing(move, view, HashRing.build(new), HashRing.build(old), dests)
         out.started = time.monotonic()
+        out.switched = self.early.pop(move, set())
         self.out = out
         for name, t in self.state.tables.items():
             if not isinstance(t.shard, SparseShard):
@@ -175,11 +178,13 @@ class Transfers:
             self._send_rows(out, t, rows["keys"], rows["rows"], "copy", None)
         log.info("%s: move %d: copy sent to %s", self.state.name, move, out.dests)
 
-    def on_clock(self, rank: int, view: Any) -> None:
-        """A worker's clock message: sent in the move's view or later, it has switched."""
+    def on_switched(self, rank: int, move: int) -> None:
+        """A worker's ``switched``: it routes by the new ring from now on."""
         out = self.out
-        if out is not None and isinstance(view, int) and view >= out.view:
+        if out is not None and move == out.move:
             out.switched.add(rank)
+        elif move not in self.seen:  # before this server saw the view: kept for the move
+            self.early.setdefault(move, set()).add(rank)
 
     # ---- the loop's turn ------------------------------------------------------------------
 
@@ -230,22 +235,20 @@ class Transfers:
             )  # fmt: skip
 
     def _take_sync(self, out: Outgoing, t: Table) -> dict[int, list[tuple[int, int, Any, Any]]]:
-        """Take the buffered sync pushes of moving keys out of ``t``'s buffer: per
-        destination, ``(clock, worker, keys, grads)`` runs in arrival order."""
+        """The buffered sync pushes of moving keys in ``t``'s buffer: per destination,
+        ``(clock, worker, keys, grads)`` runs in arrival order. They stay in the buffer here
+        too: a pull sent by the old ring may still wait here for their clock, and must see
+        them applied (these rows are not this server's any more, so nothing reads them after)."""
         moved: dict[int, list[tuple[int, int, Any, Any]]] = {}
         if t.sync is None:
             return moved
         me = self.state.rank
         for clock, items in t.sync.pending.items():
-            kept = []
             for rank, keys, grads in items:  # one per push, not per key
                 owner = moving_keys(keys, out.ring, me)
-                stay = owner < 0
-                for dest in np.unique(owner[~stay]).tolist():
+                for dest in np.unique(owner[owner >= 0]).tolist():
                     sel = owner == dest
                     moved.setdefault(int(dest), []).append((clock, rank, keys[sel], grads[sel]))
-                kept.append((rank, keys[stay], grads[stay]))
-            t.sync.pending[clock] = kept
         return moved
 
     def _send_rows(

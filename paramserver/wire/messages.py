@@ -47,6 +47,7 @@ __all__ = [
     "StatsMsg",
     "StatusMsg",
     "StopMsg",
+    "SwitchedMsg",
     "TransferMsg",
     "ViewMsg",
 ]
@@ -318,6 +319,17 @@ class TransferMsg(TypedDict):
     view: NotRequired[int]  # the view that announced the move
 
 
+class SwitchedMsg(TypedDict):
+    """``switched``: a worker routes by a move's new ring from now on."""
+
+    kind: Literal["switched"]
+    id: int
+    view: NotRequired[int]
+    rank: int
+    move: int
+    clock: int
+
+
 class MoveDoneMsg(TypedDict):
     """``move_done``: a source's ranges of a move reached their destinations."""
 
@@ -429,6 +441,7 @@ MESSAGES: dict[str, type] = {
     "clock": ClockMsg,
     "transfer": TransferMsg,
     "move_done": MoveDoneMsg,
+    "switched": SwitchedMsg,
     "drain": DrainMsg,
     "set_lr": SetLrMsg,
     "stats": StatsMsg,

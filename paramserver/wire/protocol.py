@@ -245,6 +245,9 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "seqs": (_opt(lambda v: isinstance(v, list)), False),
         "view": (U63, False),  # the view that announced the move: a server behind asks for it
     },
+    # a worker routes by a move's new ring from now on (sent to the servers of both rings, in
+    # order after its requests routed by the old one), at clock ``clock``
+    "switched": {"rank": (RANK, True), "move": (U63, True), "clock": (U63, True)},
     # a source tells the coordinator its ranges of move ``move`` reached their destinations
     "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (_opt(_is_map), False)},
     # drain a server: its ranges move to the others, then it stops (paramserver drain)
@@ -274,7 +277,7 @@ KINDS = frozenset(SCHEMA)
 # a worker's request to a server names the cluster view it was sent in: a server that has not
 # seen that view checks that it still holds its rank before it serves (server/cluster.py)
 for _kind in ("create_shard", "pull", "push", "pull_many", "push_many", "open_bulk", "attach",
-              "attach_slot", "clock", "set_lr", "stats", "ping"):  # fmt: skip
+              "attach_slot", "clock", "set_lr", "stats", "ping", "switched"):  # fmt: skip
     SCHEMA[_kind]["view"] = (U63, False)
 
 

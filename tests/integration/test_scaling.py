@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(240)
 STEPS, WORKERS, DIM = 12, 2, 4
 LOG = "warning"
 KEYS = np.arange(1, 400, dtype=np.uint64)
+INIT = {"sync": ps.init.Normal(std=0.1), "async": ps.init.Zeros()}
 
 
 def view_of(address: str) -> dict[str, Any]:
@@ -57,14 +58,17 @@ def train(
             try:
                 c = clients[w]
                 emb = c.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
-                                     init=ps.init.Normal(std=0.1), seed=3)  # fmt: skip
+                                     init=INIT[consistency], seed=3)  # fmt: skip
                 dense = c.dense_table("bias", 8, optimizer=optimizer,
                                       consistency=consistency)  # fmt: skip
                 rng = np.random.default_rng(100 + c.rank)
+                pushed: list[Any] = []
                 for step in range(STEPS):
                     keys = rng.choice(KEYS, size=64)
                     rows = emb.pull(keys)
-                    emb.push(keys, grads(c.rank, step, rows)).result(60)
+                    pushed.append(emb.push(keys, grads(c.rank, step, rows)))
+                    if consistency == "sync":
+                        pushed.pop().result(60)
                     d = dense.pull()
                     dense.push(np.full(8, 0.5, np.float32) + d * 0).result(60)
                     clock = c.clock()
@@ -73,6 +77,8 @@ def train(
                         # SIGTERM (PR_SET_PDEATHSIG is per thread)
                         asked.put(clock)
                         answered.get(timeout=60)
+                for f in pushed:
+                    f.result(60)
                 c.barrier("end", timeout=60)
             except Exception as exc:
                 errors.append(exc)
@@ -81,14 +87,14 @@ def train(
         for t in threads:
             t.start()
         for _ in events:
-            clock = asked.get(timeout=120)
+            clock = asked.get(timeout=120 if not errors else 0.1)
             events[clock](cluster)
             answered.put(clock)
         for t in threads:
             t.join(180)
         reader = clients[0]
         emb = reader.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
-                                  init=ps.init.Normal(std=0.1), seed=3)  # fmt: skip
+                                  init=INIT[consistency], seed=3)  # fmt: skip
         dense = reader.dense_table("bias", 8, optimizer=optimizer, consistency=consistency)
         return emb.pull(KEYS, create=False), dense.pull(), errors, view_of(cluster.address)
 
@@ -112,3 +118,25 @@ def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit() ->
     assert ref_errors == []
     assert rows.tobytes() == ref_rows.tobytes()
     assert dense.tobytes() == ref_dense.tobytes()
+
+
+def ones_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
+    return np.ones_like(rows)
+
+
+def test_pushes_during_moves_in_async_training_count_once() -> None:
+    # SGD lr=1 on all-ones gradients from zero rows: each row ends at minus the times its key
+    # was pushed, as NumPy counts them from the same random draws
+    opt = ps.optim.SGD(lr=1.0)
+    events = {3: lambda cl: cl.add_server(), 7: lambda cl: cl.remove_server(1)}
+    rows, dense, errors, view = train("async", opt, ones_grads, events)
+    assert errors == []
+    assert view["ring"] == [0, 2] and "move" not in view
+    counts = np.zeros(int(KEYS.max()) + 1)
+    for w in range(WORKERS):
+        rng = np.random.default_rng(100 + w)
+        for _ in range(STEPS):
+            counts += np.bincount(rng.choice(KEYS, size=64), minlength=len(counts))
+    want = -np.repeat(counts[KEYS.astype(np.int64)][:, None], DIM, axis=1)
+    np.testing.assert_array_equal(rows, want.astype(np.float32))
+    np.testing.assert_array_equal(dense, np.full(8, -0.5 * STEPS * WORKERS, np.float32))
