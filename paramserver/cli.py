@@ -5,6 +5,7 @@
 ``paramserver coordinator --bind H:P``   the coordinator of a multi-host cluster
 ``paramserver server --coordinator H:P`` one server of a multi-host cluster
 ``paramserver status --coordinator H:P`` nodes, tables, clocks, traffic, staleness (``--watch``)
+``paramserver drain 2 --coordinator H:P`` move server 2's keys to the others, then stop it
 ``paramserver k8s manifest -s 4 -w 16``  Kubernetes manifests for a cluster
 
 Flags map one-to-one onto the fields of :class:`paramserver.config.Timeouts`; a flag overrides the
@@ -321,6 +322,7 @@ def _add_metrics_args(c: argparse.ArgumentParser) -> None:
 
 def _add_ops_commands(sub: Any) -> None:
     from paramserver.k8s import add_manifest_arguments  # no package import beyond errors
+    from paramserver.launch.drain import add_drain_arguments
 
     st = sub.add_parser("status", help="show a running cluster: nodes, tables, clocks, traffic")
     st.add_argument(
@@ -332,6 +334,7 @@ def _add_ops_commands(sub: Any) -> None:
     st.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
 
+    add_drain_arguments(sub.add_parser("drain", help="move a server's keys away, then stop it"))
     k = sub.add_parser("k8s", help="Kubernetes manifests")
     ksub = k.add_subparsers(dest="k8s_command", required=True)
     m = ksub.add_parser("manifest", help="write a claim, Services and the roles' Jobs (YAML)")
@@ -392,6 +395,10 @@ def _status(args: argparse.Namespace) -> int:
 def _ops_command(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args)
+    if args.command == "drain":
+        from paramserver.launch.drain import drain_command
+
+        return drain_command(args)
     from paramserver.k8s import manifest_from_arguments
 
     text = manifest_from_arguments(args)
@@ -411,7 +418,13 @@ def _setup_logging(level: str, role: str) -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    quiet = args.command in ("demo", "train", "status", "k8s")  # their own output says what happens
+    quiet = args.command in (
+        "demo",
+        "train",
+        "status",
+        "k8s",
+        "drain",
+    )  # their own output says what happens
     level = str(args.log_level or ("WARNING" if quiet else from_env().log_level)).upper()
     if not isinstance(logging.getLevelName(level), int):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
@@ -454,7 +467,7 @@ def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if args.command in ("status", "k8s"):
+    if args.command in ("status", "k8s", "drain"):
         return _ops_command(args)
     if args.command == "coordinator":
         from paramserver.launch import serve_coordinator

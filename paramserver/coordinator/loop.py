@@ -532,7 +532,7 @@ class Coordinator:
         Example:
             print(paramserver.metrics.format_status(coord.status()))
         """
-        return self.board.status(
+        status = self.board.status(
             now=time.monotonic(),
             address=self.address,
             epoch=self.members.epoch,
@@ -541,6 +541,8 @@ class Coordinator:
             tables=self.tables.specs(),
             last_checkpoint=self.rounds.last_written,
         )
+        status["moves"] = list(self.scaling.moves)  # servers joined and drained: time, bytes
+        return status
 
     def _on_status(self, identity: bytes, h: StatusMsg) -> None:
         self.router.reply(identity, h["id"], status=self.status())

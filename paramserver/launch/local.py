@@ -434,16 +434,15 @@ class LocalCluster:
         Example:
             cluster.remove_server(1)
         """
-        self._ask({"kind": "drain", "rank": int(rank)})
-        self._servers.pop(int(rank), None)  # its exit is no crash: not restarted
-        deadline = time.monotonic() + timeout
-        while wait:
-            view = self._ask({"kind": "get_view"})["view"]
-            if any(r == rank and st == "left" for r, _, st in view["servers"]):
-                return
-            if time.monotonic() > deadline:
-                raise PSTimeoutError(f"server[{rank}] did not leave within {timeout}s")
-            time.sleep(0.05)
+        from paramserver.launch.drain import drain_server
+
+        proc = self._servers.pop(int(rank), None)  # its exit is no crash: not restarted
+        try:
+            drain_server(self.address, int(rank), token=self._token, timeout=timeout, wait=wait)
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                self._servers[int(rank)] = proc
+            raise
 
     def connect(self, *, rank: int | None = None, transport: str | None = None) -> Any:
         """Join this cluster as a worker from the current process; returns a Client

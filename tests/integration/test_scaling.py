@@ -6,7 +6,10 @@ The reference is an undisturbed run with the same seed and data: in sync mode th
 
 from __future__ import annotations
 
+import os
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -140,3 +143,46 @@ def test_pushes_during_moves_in_async_training_count_once() -> None:
     want = -np.repeat(counts[KEYS.astype(np.int64)][:, None], DIM, axis=1)
     np.testing.assert_array_equal(rows, want.astype(np.float32))
     np.testing.assert_array_equal(dense, np.full(8, -0.5 * STEPS * WORKERS, np.float32))
+
+
+def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_removes_it() -> None:
+    # one worker, sync SGD lr=1 on all-ones gradients of the same keys every step: each row
+    # ends at minus the number of steps, wherever the rows moved meanwhile
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("emb", dim=2, optimizer=ps.optim.SGD(lr=1.0),
+                                  init=ps.init.Zeros(), consistency="sync")  # fmt: skip
+        cli = [sys.executable, "-m", "paramserver.cli"]
+        joiner = subprocess.Popen(
+            [*cli, "server", "--coordinator", cluster.address, "--host", "127.0.0.1"], env=env
+        )
+        drain: subprocess.Popen[bytes] | None = None
+        try:
+            steps = 0
+            for _ in range(400):
+                emb.push(KEYS, np.ones((len(KEYS), 2), np.float32)).result(30)
+                client.clock()
+                steps += 1
+                view = view_of(cluster.address)
+                if drain is None and view["ring"] == [0, 1, 2]:
+                    drain = subprocess.Popen(
+                        [*cli, "drain", "2", "--coordinator", cluster.address, "--timeout", "60"],
+                        env=env,
+                        stdout=subprocess.PIPE,
+                    )
+                if drain is not None and drain.poll() is not None:
+                    break
+            assert drain is not None and drain.wait(30) == 0
+            assert (
+                drain.stdout is not None
+                and b"server[2] drained: ring [0, 1]" in drain.stdout.read()
+            )
+            assert joiner.wait(30) == 0  # told to stop once its keys left
+            rows = emb.pull(KEYS)
+            np.testing.assert_array_equal(rows, np.full((len(KEYS), 2), -steps, np.float32))
+        finally:
+            for p in (joiner, drain):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
