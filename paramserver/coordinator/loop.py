@@ -21,7 +21,7 @@ from paramserver.config import CheckpointPolicy, Limits, Timeouts, limits_from_e
 from paramserver.coordinator.barriers import Barriers
 from paramserver.coordinator.collector import STATS_TIMEOUT, StatsCollector
 from paramserver.coordinator.completion import Completion
-from paramserver.coordinator.journal import Journal
+from paramserver.coordinator.journal import COMPACT_BYTES, Journal
 from paramserver.coordinator.leases import Leases
 from paramserver.coordinator.membership import ALIVE, Member, Membership
 from paramserver.coordinator.refusal import Refusal
@@ -82,6 +82,7 @@ class Coordinator:
         limits: Limits | None = None,
         exit_when_done: float | None = None,
         journal: str | None = None,
+        journal_bytes: int = COMPACT_BYTES,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts)
@@ -101,7 +102,7 @@ class Coordinator:
         self.scaling = Scaling(self)  # servers joining and draining while training
         # this process's number: a member that sees it change knows the coordinator restarted
         self.boot = secrets.randbits(62) + 1
-        self.journal = Journal(journal) if journal is not None else None
+        self.journal = Journal(journal, journal_bytes) if journal is not None else None
         if self.journal is not None:
             self.members.supervised = True
             self._replay(self.journal.replay(), now)
@@ -252,6 +253,19 @@ class Coordinator:
     def _record(self, record: dict[str, Any]) -> None:
         if self.journal is not None:
             self.journal.append(record)
+            if self.journal.needs_compaction():
+                self.compact_journal()
+
+    def compact_journal(self) -> None:
+        """Rewrite the journal as the current state (see journal.py); nothing without one."""
+        if self.journal is None:
+            return
+        self.journal.compact([
+            self.members.to_record(),
+            *({"t": "table", "spec": spec.to_wire()} for spec in self.tables.specs()),
+            {"t": "checkpoint", "latest": self.rounds.latest},
+            self.leases.to_record(),
+        ])  # fmt: skip
 
     def _replay(self, records: list[dict[str, Any]], now: float) -> None:
         """Take back what a previous coordinator process journaled (see journal.py)."""
@@ -264,6 +278,8 @@ class Coordinator:
                 self.tables.create(rec["spec"])
             elif rec["t"] == "checkpoint":
                 self.rounds.latest = rec["latest"]
+            elif rec["t"] == "leases":
+                self.leases.load_record(rec)
             elif rec["op"] == "acquire":
                 self.leases.acquire(rec["h"])
             elif rec["op"] == "complete":
