@@ -82,7 +82,8 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
     """Create ``tables`` (wire specs) on this server with the rows the checkpoint at ``path``
     holds for it (a table created after the checkpoint starts empty)."""
     directory, manifest, _ = checkpoint.read_manifest(path)
-    ring = HashRing.build(list(range(int(view["num_servers"]))))
+    # the ring now (servers join and leave: coordinator/scaling.py), not the one that wrote it
+    ring = HashRing.build(list(view.get("ring") or range(int(view["num_servers"]))))
     saved = {t["name"] for t in manifest["tables"]}
     for wire in tables:
         spec = TableSpec.from_wire(wire)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.partition import HashRing
+from paramserver.server.keycache import KeyCache
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import ServerState
 from paramserver.server.table import Table
@@ -140,6 +141,8 @@ class Transfers:
         self.seen: set[int] = set()  # moves started here
         self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
         self.ring: list[int] = []  # the servers of the ring this server serves under
+        # after a move out: the ring whose keys this server keeps, once no old pull waits
+        self.prune: HashRing | None = None
 
     # ---- views ----------------------------------------------------------------------------
 
@@ -152,6 +155,9 @@ class Transfers:
         if not isinstance(move, dict) or int(move["id"]) in self.seen:
             return
         self.seen.add(int(move["id"]))
+        if self.prune is not None:  # before any row of this move arrives or leaves
+            self.drop_moved(self.prune)
+            self.prune = None
         old, new = [int(r) for r in move["from"]], [int(r) for r in move["to"]]
         me = self.state.rank
         for rank, address, status in view.get("servers", []):
@@ -208,6 +214,37 @@ class Transfers:
             log.info("%s: move %d done in %.3fs (%d rows, %d bytes)",
                      self.state.name, out.move, took, out.rows, out.bytes)  # fmt: skip
             self.out = None
+            self.prune = out.ring
+        if self.prune is not None and self.out is None and not self.state.deferred.waiting:
+            self.drop_moved(self.prune)
+            self.prune = None
+
+    def drop_moved(self, ring: HashRing) -> None:
+        """Keep only the rows ``ring`` gives this server (the moved ones are stale here: a
+        checkpoint must not hold them twice), in a new shard; cached key lists resolved to the
+        old one are forgotten (a worker then sends its keys again)."""
+        me = self.state.rank
+        for t in self.state.tables.values():
+            shard = t.shard
+            if not isinstance(shard, SparseShard):
+                continue
+            rows = shard.export()
+            keep = moving_keys(rows["keys"], ring, me) < 0
+            if keep.all():
+                continue
+            fresh = SparseShard(shard.dim, shard.dtype, shard.init, shard.optimizer, shard.seed,
+                                capacity=max(1024, int(keep.sum())))  # fmt: skip
+            fresh.load(rows["keys"][keep], rows["rows"][keep])
+            t.shard, t.keys = fresh, KeyCache()
+            if t.sync is not None:  # the moved keys' pushes went with them
+                for clock, items in t.sync.pending.items():
+                    kept = []
+                    for rank, keys, grads in items:  # one per push
+                        stay = moving_keys(keys, ring, me) < 0
+                        kept.append((rank, keys[stay], grads[stay]))
+                    t.sync.pending[clock] = kept
+            log.info("%s: table %r: %d moved rows dropped", self.state.name, t.spec.name,
+                     int((~keep).sum()))  # fmt: skip
 
     def finish(self, out: Outgoing) -> None:
         """Phase 2: the rows changed since the copy, the buffered sync pushes, the end."""
