@@ -308,6 +308,9 @@ class Membership:
         """Take a heartbeat that came on connection ``link`` (-1: unknown): the member it
         keeps alive. Refused (``expelled``) unless it is a live member's current incarnation."""
         m = self.member(h["role"], h["rank"])
+        if m is not None and m.role == "server" and m.state == LEFT and m.token == h["token"]:
+            # drained (coordinator/scaling.py): it was told to stop, and is not fenced
+            raise Refusal("left", f"{m.name} was drained and left the cluster")
         if m is None or m.state != ALIVE or m.token != h["token"]:
             raise Refusal(
                 "expelled",
