@@ -107,7 +107,13 @@ class Scaling:
         if m is None or move is None or move["id"] != h["move"]:
             return
         self.sources.discard(m.rank)
-        self._stats.append(h.get("stats") or {})
+        stats = h.get("stats") or {}
+        if stats.get(
+            "errors"
+        ):  # rows that did not arrive: said loudly, the view switches all the same
+            log.error("move %d: %s could not send all its rows: %s", move["id"], m.name,
+                      "; ".join(str(e) for e in stats["errors"])[:2000])  # fmt: skip
+        self._stats.append(stats)
         if self.sources:
             return
         took = time.monotonic() - self.started
