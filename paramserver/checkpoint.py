@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -213,9 +214,17 @@ def _load(path: Path, mmap: bool = False) -> np.ndarray:
 
 
 def load_sparse_rows(
-    directory: Path, manifest: dict[str, Any], name: str, ring: HashRing, rank: int
+    directory: Path,
+    manifest: dict[str, Any],
+    name: str,
+    ring: HashRing,
+    rank: int | Sequence[int],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and full rows of sparse table ``name`` that server ``rank`` owns under ``ring``."""
+    """Keys and full rows of sparse table ``name`` that server ``rank`` owns under ``ring``
+    (or any of the ranks ``rank`` lists: a replica holds the keys of several). A key that
+    several servers wrote (copies of one range, with replication) is taken once, from the
+    first server that wrote it: the copies are equal at a checkpoint's clock in sync mode."""
+    wanted = np.asarray([rank] if isinstance(rank, int) else list(rank), dtype=np.int32)
     keys_out, rows_out = [], []
     for idx in _indexes(directory, manifest["num_servers"]):
         entry = idx["tables"].get(name)
@@ -223,7 +232,7 @@ def load_sparse_rows(
             continue
         base = directory / f"server-{idx['rank']}"
         keys = _load(base / entry["keys"])
-        mine = ring.route(keys) == rank
+        mine = np.isin(ring.route(keys), wanted)
         if mine.any():
             rows = _load(base / entry["rows"], mmap=True)
             if rows.shape[0] != keys.shape[0]:
@@ -235,7 +244,13 @@ def load_sparse_rows(
             rows_out.append(np.asarray(rows[mine]))
     if not keys_out:
         return np.empty(0, np.uint64), np.empty((0, 0))
-    return np.concatenate(keys_out), np.concatenate(rows_out)
+    keys, rows = np.concatenate(keys_out), np.concatenate(rows_out)
+    if len(keys_out) > 1:  # copies of one key from several servers (replication)
+        _, first = np.unique(keys, return_index=True)
+        if len(first) < len(keys):
+            first.sort()
+            keys, rows = keys[first], rows[first]
+    return keys, rows
 
 
 def load_dense_range(

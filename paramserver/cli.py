@@ -128,12 +128,21 @@ def _checkpoints(args: argparse.Namespace) -> CheckpointPolicy | None:
     )
 
 
+def _add_coordinator(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
+    )
+
+
 def _add_token(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token-file",
         default=None,
         help="file holding the cluster token (or set PS_TOKEN): every socket then uses CURVE",
     )
+
+
+_REPLICATION = "copies of every key range and dense table (default 1; at most --servers)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--bind", default="127.0.0.1:7070", help="HOST:PORT to listen on (port 0: any)")
     c.add_argument("-s", "--servers", type=int, required=True, help="number of servers")
     c.add_argument("-w", "--workers", type=int, required=True, help="number of workers")
+    c.add_argument("--replication", type=int, default=1, help=_REPLICATION)
     c.add_argument("--insecure", action="store_true", help="allow binding beyond loopback")
     _add_token(c)
     _add_checkpoint_args(c)
@@ -176,9 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_timeouts(c)
 
     s = sub.add_parser("server", help="run one server of a cluster")
-    s.add_argument(
-        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
-    )
+    _add_coordinator(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port to listen on (default: any)")
     s.add_argument("--advertise", default=None, help="host name others reach this server by")
@@ -196,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start a local cluster and run a script once per worker")
     r.add_argument("-s", "--servers", type=int, default=2, help="number of servers (default 2)")
     r.add_argument("-w", "--workers", type=int, default=1, help="number of workers (default 1)")
+    r.add_argument("--replication", type=int, default=1, help=_REPLICATION)
     r.add_argument(
         "--consistency", default=None, help="default consistency of tables: sync, ssp:N, async"
     )
@@ -325,9 +334,7 @@ def _add_ops_commands(sub: Any) -> None:
     from paramserver.launch.drain import add_drain_arguments
 
     st = sub.add_parser("status", help="show a running cluster: nodes, tables, clocks, traffic")
-    st.add_argument(
-        "--coordinator", default=None, help="HOST:PORT of the coordinator (or PS_COORDINATOR)"
-    )
+    _add_coordinator(st)
     st.add_argument("--json", action="store_true", help="print the status as one JSON object")
     st.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -482,6 +489,7 @@ def _command(args: argparse.Namespace) -> int:
             ready_fd=args.ready_fd,
             listen_fd=args.listen_fd,
             journal=args.journal,
+            replication=args.replication,
             parent_pid=args.parent_pid,
             restore=args.restore,
             checkpoints=_checkpoints(args),
@@ -524,6 +532,8 @@ def _command(args: argparse.Namespace) -> int:
             raise ConfigError("run: give a worker program file or -m MODULE (one of them)")
         program = ["-m", args.module] if args.module else [args.script]
         if args.backend == "ray":
+            if args.replication != 1:
+                raise ConfigError("run: --replication applies to --backend local only")
             return _run_ray(args, program)
         given = [f"--{r}-{w}" for r, w in _RAY_RESOURCES if getattr(args, f"{r}_{w}") is not None]
         if given:
@@ -539,6 +549,7 @@ def _command(args: argparse.Namespace) -> int:
             restore=args.restore,
             checkpoints=_checkpoints(args),
             metrics_port=args.metrics_port,
+            replication=args.replication,
         )
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)

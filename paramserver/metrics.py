@@ -267,7 +267,7 @@ def format_status(status: dict[str, Any]) -> str:
         print(format_status(coordinator.status()))
     """
     lines = [
-        f"cluster at {status.get('address', '?')}  view {status.get('epoch', '?')}  "
+        f"cluster at {status.get('address', '?')}  view {status.get('view', '?')}  "
         f"up {status.get('uptime', 0.0):.0f}s"
     ]
     ck = status.get("checkpoint") or {}
@@ -489,7 +489,7 @@ def serve_prometheus(
                 counts[(n["role"], n["state"])] = counts.get((n["role"], n["state"]), 0) + 1
                 if n.get("last_heartbeat") is not None:
                     hb.add_metric([n["role"], str(n["rank"])], n["last_heartbeat"])
-            for state in ("pending", "alive", "dead", "left"):
+            for state in ("pending", "alive", "rebuilding", "dead", "left"):
                 for role in ("server", "worker"):
                     nodes.add_metric([role, state], float(counts.get((role, state), 0)))
             dead = GaugeMetricFamily("ps_dead_nodes", "nodes declared dead")

@@ -13,11 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from paramserver.errors import ConfigError
+
 __all__ = [
     "DENSE_SPLIT_ELEMENTS",
     "HashRing",
+    "check_replication",
     "dense_ranges",
     "hash_keys",
+    "holds",
+    "replicas_of",
     "split_by_owner",
 ]
 
@@ -114,3 +119,42 @@ def dense_ranges(
         return [(servers[_name_hash(name) % len(servers)], 0, size)]
     cuts = [size * i // len(servers) for i in range(len(servers) + 1)]
     return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(servers)]
+
+
+def replicas_of(rank: int, num_servers: int, replication: int) -> list[int]:
+    """The servers that hold what server ``rank`` owns (its ring keys, its dense ranges) with
+    ``replication`` copies: ``rank`` itself (the primary) and the next ``replication - 1``
+    ranks, wrapping around.
+
+    Example:
+        replicas_of(2, 3, 2)   # [2, 0]
+    """
+    return [(rank + i) % num_servers for i in range(min(max(replication, 1), num_servers))]
+
+
+def holds(server: int, owner: int, num_servers: int, replication: int) -> bool:
+    """Whether ``server`` holds a copy of what ``owner`` owns (see :func:`replicas_of`).
+
+    Example:
+        holds(0, 2, 3, 2)   # True: server 0 is the second replica of server 2
+    """
+    if replication <= 1 or num_servers <= 1:
+        return server == owner
+    return (server - owner) % num_servers < min(replication, num_servers)
+
+
+def check_replication(replication: object, num_servers: int) -> int:
+    """``replication`` if it is a number of copies this cluster can hold, else ConfigError.
+
+    Example:
+        check_replication(2, 3)   # 2
+    """
+    if not isinstance(replication, int) or isinstance(replication, bool) or replication < 1:
+        raise ConfigError(f"replication must be an integer >= 1, got {replication!r}")
+    if replication > num_servers:
+        raise ConfigError(
+            f"replication={replication} needs at least {replication} servers, the cluster has "
+            f"{num_servers}: every key range lives on {replication} distinct servers (start "
+            f"more servers, or lower the replication)"
+        )
+    return replication

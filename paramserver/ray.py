@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from paramserver.config import CheckpointPolicy, Timeouts, from_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
@@ -34,7 +34,31 @@ from paramserver.errors import ConfigError, PSError, PSTimeoutError
 __all__ = ["Resources", "launch", "parse_memory", "run_job"]
 
 
-class _CoordinatorRole:
+class _Node(Protocol):
+    address: str
+
+    def serve(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class _NodeRole:
+    """A coordinator or a server serving on a thread of a Ray actor."""
+
+    def _serve(self, node: _Node, name: str) -> None:
+        self.node = node
+        self.thread = threading.Thread(target=node.serve, name=name, daemon=True)
+        self.thread.start()
+
+    def address(self) -> str:
+        return self.node.address
+
+    def stop(self) -> None:
+        self.node.stop()
+        self.thread.join(timeout=10)
+
+
+class _CoordinatorRole(_NodeRole):
     def __init__(
         self,
         servers: int,
@@ -48,7 +72,7 @@ class _CoordinatorRole:
     ) -> None:
         from paramserver.coordinator import Coordinator
 
-        self.coord = Coordinator(
+        coord = Coordinator(
             servers,
             workers,
             host,
@@ -60,18 +84,10 @@ class _CoordinatorRole:
             metrics_host="127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0",
             security=_security(token),
         )
-        self.thread = threading.Thread(target=self.coord.serve, name="coordinator", daemon=True)
-        self.thread.start()
-
-    def address(self) -> str:
-        return self.coord.address
-
-    def stop(self) -> None:
-        self.coord.stop()
-        self.thread.join(timeout=10)
+        self._serve(coord, "coordinator")
 
 
-class _ServerRole:
+class _ServerRole(_NodeRole):
     def __init__(
         self,
         coordinator: str,
@@ -84,7 +100,7 @@ class _ServerRole:
         from paramserver.server.loop import Server
 
         # With its rank, an actor that Ray restarts takes the dead server's place (and shards)
-        self.server = Server(
+        server = Server(
             coordinator,
             host,
             0,
@@ -93,15 +109,7 @@ class _ServerRole:
             security=_security(token),
             rank=rank,
         )
-        self.thread = threading.Thread(target=self.server.serve, name="server", daemon=True)
-        self.thread.start()
-
-    def address(self) -> str:
-        return self.server.address
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(timeout=10)
+        self._serve(server, "server")
 
 
 class _WorkerRole:
@@ -243,9 +251,12 @@ class _Cluster:
         token: str | None = None,
         restore: str | None = None,
         checkpoints: CheckpointPolicy | None = None,
-        server_resources: Resources = Resources(),
-        worker_resources: Resources = Resources(),
+        server_resources: Resources | None = None,
+        worker_resources: Resources | None = None,
     ) -> None:
+        restore, checkpoints = _local_path(restore), _absolute(checkpoints)
+        server_resources = server_resources or Resources()
+        worker_resources = worker_resources or Resources()
         ray = self.ray = _ray()
         # the cluster token travels to the actors as an argument (Ray's own security covers it)
         self.token = token if token is not None else from_env().token
@@ -391,10 +402,9 @@ def launch(
     """
     t = timeouts or Timeouts()
     cluster = _Cluster(
-        servers, workers, host, insecure, t, metrics_port, start_timeout,
-        token=token, restore=_local_path(restore), checkpoints=_absolute(checkpoints),
-        server_resources=server_resources or Resources(),
-        worker_resources=worker_resources or Resources(),
+        servers, workers, host, insecure, t, metrics_port, start_timeout, token=token,
+        restore=restore, checkpoints=checkpoints, server_resources=server_resources,
+        worker_resources=worker_resources,
     )  # fmt: skip
     ray = cluster.ray
     try:
@@ -455,10 +465,9 @@ def run_job(
         os.path.abspath(p) if i == 0 and os.path.isfile(p) else p for i, p in enumerate(program)
     ]
     cluster = _Cluster(
-        servers, workers, host, insecure, t, metrics_port, 120.0,
-        token=token, restore=_local_path(restore), checkpoints=_absolute(checkpoints),
-        server_resources=server_resources or Resources(),
-        worker_resources=worker_resources or Resources(),
+        servers, workers, host, insecure, t, metrics_port, 120.0, token=token,
+        restore=restore, checkpoints=checkpoints, server_resources=server_resources,
+        worker_resources=worker_resources,
     )  # fmt: skip
     ray = cluster.ray
     try:

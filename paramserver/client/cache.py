@@ -201,6 +201,17 @@ class RowCache:
         self._spare, self._spare_busy = self._acc, sending
         self._acc = reuse
 
+    def forget(self) -> None:
+        """Drop every cached row (the table's rows were written over: ``assign``, ``restore``);
+        the gradients kept for the next flush stay.
+
+        Example:
+            emb.cache.forget()
+        """
+        from paramserver.client.cache_kernels import EMPTY
+
+        self._ver.fill(EMPTY)
+
     @property
     def pending(self) -> int:
         """Pushes kept, not yet flushed."""

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.arrays import all_finite
+from paramserver.client.replicas import live_copies
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
@@ -62,7 +64,10 @@ class DenseTable(TableHandle):
         if self._shm_tried:
             return self._seg
         c = self.client
-        if c.transport != "auto":
+        # with replication, async/ssp copies each write their own values into the worker's
+        # copy as they apply a push (the mirror), and copies differ in the order they apply
+        # pushes: such a table goes over TCP, read from one copy
+        if c.transport != "auto" or (c.replication > 1 and self.spec.mode[0] != "sync"):
             self._shm_tried = True
             return None
         seg = shm.create(self.spec.size * self.dtype.itemsize)
@@ -70,6 +75,12 @@ class DenseTable(TableHandle):
             self._shm_tried = True
             return None
         ok = True
+        # every copy of a range reads pushes from the segment, and any may answer a pull
+        holders = sorted(
+            {r for s, _, _ in self.spec.ranges for r in live_copies(c, s)}
+            if c.replication > 1
+            else {s for s, _, _ in self.spec.ranges}
+        )
         try:
             futs = [
                 c.endpoint.request(
@@ -83,7 +94,7 @@ class DenseTable(TableHandle):
                     },
                     what=f"attaching shared memory for table {self.name!r} on {server_name(s)}",
                 )
-                for s, _, _ in self.spec.ranges
+                for s in holders
             ]
             for f in futs:
                 try:
@@ -116,7 +127,8 @@ class DenseTable(TableHandle):
         first use; without it, ZeroMQ frames)."""
         c = self.client
         return (
-            (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
+            c.replication == 1  # (its raw bytes go to one named server, not to every copy)
+            and (b - a) * self.dtype.itemsize >= bulk.MIN_BYTES
             and c.transport != "zmq"
             and bulk.open_channel(c.endpoint, server_name(s), c.rank, c.timeouts.heartbeat_timeout)
         )
@@ -381,3 +393,43 @@ class DenseTable(TableHandle):
         fut: Future[None] = gather(futs, f"push to table {self.name!r}", lambda _: None)
         self._last_push = fut
         return fut
+
+    def assign(self, values: Any, *, timeout: float | None = None) -> None:
+        """Write ``values`` (the table's shape and dtype) into the table and reset the
+        optimizer state to a new table's; wait until every server has applied its range.
+        ``values`` of shape ``(size, 1 + n_slots + n_scalars)`` (a checkpoint's rows: per
+        element the value, then its state) sets the state too. Applied after this worker's
+        earlier pushes, like an async push. Wrong shape or dtype, NaN or Inf: ConfigError,
+        and nothing is sent.
+
+        Example:
+            dense.assign(np.zeros(dense.shape, dense.dtype))
+        """
+        c = self.client
+        c.check()
+        limit = c.timeouts.request if timeout is None else timeout
+        v = values if isinstance(values, np.ndarray) else np.asarray(values)
+        opt = self.spec.optimizer
+        rows = (self.spec.size, 1 + opt.n_slots + opt.n_scalars)
+        if v.dtype != self.dtype or (v.shape != self.shape and v.shape != rows):
+            raise ConfigError(
+                f"table {self.name!r}: assign takes {self.dtype} values of shape {self.shape} "
+                f"(or {rows} with the optimizer state), got {v.dtype} of shape {v.shape}; "
+                "nothing was sent"
+            )
+        if not all_finite(v):
+            raise ConfigError(
+                f"table {self.name!r}: the values to assign contain NaN or Inf; nothing was sent"
+            )
+        flat = np.ascontiguousarray(v).reshape(-1) if v.shape != rows else np.ascontiguousarray(v)
+        self._wait_push()
+        futs = [
+            c.request_server(
+                s,
+                {"kind": "assign", "table": self.name, "rank": c.rank, "seq": c.next_seq()},
+                [flat[a:b]],
+                what=f"assign of table {self.name!r} [{a}:{b}] on {server_name(s)}",
+            )
+            for s, a, b in self.spec.ranges
+        ]
+        gather(futs, f"assign to table {self.name!r}", lambda _: None).result(limit)

@@ -79,13 +79,7 @@ class DenseGroup:
         futs: list[Future[Any]] = []
         for (s, _), idx in self.by_server.items():
             group = [self.tables[i] for i in idx]
-            header = {
-                "kind": "pull_many",
-                "tables": [t.name for t in group],
-                "rank": c.rank,
-                "clock": c.current_clock,
-                "timeout": limit,
-            }
+            header = self._header("pull_many", group, timeout=limit)
             futs.append(
                 c.request_server(
                     s,
@@ -107,6 +101,17 @@ class DenseGroup:
             return [a for a in out if a is not None]
 
         return gather(futs, f"pull of dense group ({self.tables[0].name!r}, ...)", combine)
+
+    def _header(self, kind: str, group: list[DenseTable], **fields: Any) -> dict[str, Any]:
+        """A request to one server about the tables of ``group``, at this worker's clock."""
+        c = self.client
+        return {
+            "kind": kind,
+            "tables": [t.name for t in group],
+            "rank": c.rank,
+            "clock": c.current_clock,
+            **fields,
+        }
 
     def _split(self, group: list[DenseTable]) -> Any:
         total = sum(t.spec.size for t in group)
@@ -160,13 +165,7 @@ class DenseGroup:
             seq = c.next_seq()
             for _ in idx[1:]:  # the server applies table j with sequence number seq + j
                 c.next_seq()
-            header = {
-                "kind": "push_many",
-                "tables": [t.name for t in group],
-                "rank": c.rank,
-                "clock": c.current_clock,
-                "seq": seq,
-            }
+            header = self._header("push_many", group, seq=seq)
             futs.append(
                 c.request_server(
                     s,

@@ -12,9 +12,7 @@ and :class:`~paramserver.client.worker.Client` builds on it.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket as pysocket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,11 +20,13 @@ from typing import Any, Self
 
 import numpy as np
 
+from paramserver.client.replicas import request_copies, settle
 from paramserver.client.watch import CoordinatorWatch
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.metrics import MAX_SCALARS, check_scalar
 from paramserver.partition import HashRing
+from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
 from paramserver.wire.transport import (
@@ -41,6 +41,9 @@ from paramserver.wire.transport import (
 __all__ = ["Session", "clock_hint", "server_name"]
 
 log = logging.getLogger(__name__)
+
+# a request waiting for a lost server (see Session.request_one)
+Resend = tuple[float, object, Callable[[], None], Callable[[], None], Callable[[], None] | None]
 
 
 def server_name(rank: int) -> str:
@@ -122,14 +125,16 @@ class Session(CoordinatorWatch):
             self._ctx, self.timeouts.request, on_message=self._on_message, security=self._security
         )
         self._ep.expire = self._expire_resends
-        # server rank -> requests waiting for that server to come back: (deadline, lost peer,
-        # resend, give up)
         # server rank -> how many times a new process took it over (shared memory is not shared
         # with a replacement: dense tables reach it over TCP)
         self.replaced: Counter[int] = Counter()
-        self._resends: dict[
-            int, list[tuple[float, object, Callable[[], None], Callable[[], None]]]
-        ] = {}
+        # server rank -> requests waiting for that server to come back: (deadline, lost peer,
+        # resend, give up, fail over: with replication, what to do once the server is dead)
+        self._resends: dict[int, list[Resend]] = {}
+        # copies of every range (view "replication", see client/replicas.py) and each
+        # server's state in the newest view
+        self.replication = 1
+        self.server_states: dict[int, str] = {}
         self._ep.connect("coordinator", coordinator)
         # server rank -> (its ``replaced`` count when made, shared-memory slots with it)
         self._slot_pools: dict[int, tuple[int, SlotPool]] = {}
@@ -143,7 +148,7 @@ class Session(CoordinatorWatch):
         self._seq = time.time_ns()
         self._clock_futures: list[Future[Any]] = []
         self._closed = False
-        self._epoch = 0
+        self._view_number = 0
         self.view: dict[str, Any] = {}
         # the servers of the hash ring this worker routes by; a move's new ring, taken at the
         # next clock() (see server/transfer.py); bumped at every change (tables re-plan)
@@ -162,6 +167,11 @@ class Session(CoordinatorWatch):
             self._ep.close()
             self._ctx.term()
             raise
+        self._opened()
+
+    def _opened(self) -> None:
+        """Called once registered, at the end of ``__init__``: where a subclass sets up its own
+        state (it takes the same arguments)."""
 
     # ---- membership -----------------------------------------------------------------------
 
@@ -169,13 +179,7 @@ class Session(CoordinatorWatch):
         what = f"worker registering with the coordinator at {self.coordinator}"
         fut = self._ep.request(
             "coordinator",
-            {
-                "kind": "register",
-                "role": "worker",
-                "rank": rank,
-                "host": pysocket.gethostname()[:256],
-                "pid": os.getpid(),
-            },
+            register_header("worker", rank),
             what=what,
         )
         # Asked at once and answered at once by a live coordinator, so that a registration that
@@ -191,10 +195,11 @@ class Session(CoordinatorWatch):
         self.num_servers: int = int(view["num_servers"])
         self._clock = int(view.get("start_clock") or 0)
         self._supervised = bool(view.get("supervised"))
+        self.replication = int(view.get("replication") or 1)
         self._apply_view(view)
         # Beat first: building the ring can compile kernels, longer than a heartbeat timeout
         # on a loaded machine.
-        self._token = int(view["token"])
+        self._incarnation = int(view[INCARNATION])
         self._heartbeat = Pulse(
             self._ctx,
             self.coordinator,
@@ -230,11 +235,12 @@ class Session(CoordinatorWatch):
             self._apply_view(header["view"])
 
     def _apply_view(self, view: dict[str, Any]) -> None:
-        epoch = view.get("epoch", 0)
-        if not isinstance(epoch, int) or epoch <= self._epoch:
+        number = view.get(VIEW_NUMBER, 0)
+        if not isinstance(number, int) or number <= self._view_number:
             return
-        self._epoch = epoch
+        self._view_number = number
         self.view = view
+        self.server_states = {int(r): str(st) for r, _, st in view.get("servers", [])}
         for rank, address, state in view.get("servers", []):
             name = server_name(rank)
             if state == "alive" and address:
@@ -242,12 +248,14 @@ class Session(CoordinatorWatch):
                 if old is not None and (old.address != address or old.lost is not None):
                     self.replaced[rank] += 1
                 self._ep.connect(name, address)
-            elif state in ("dead", "left"):
+            elif state in ("dead", "left", "rebuilding"):
                 self._ep.mark_lost(
-                    name, f"{name} at {address} was declared dead by the coordinator (view {epoch})"
+                    name,
+                    f"{name} at {address} was declared dead by the coordinator (view {number})",
                 )
         self._take_ring(view)
         if self._resends:
+            self._fail_over()
             self._resend_to_replaced()
 
     def _take_ring(self, view: dict[str, Any]) -> None:
@@ -316,6 +324,37 @@ class Session(CoordinatorWatch):
         reply_bytes: int | None = None,
         bulk: bool = False,
     ) -> Future[Any]:
+        """A request about what server ``s`` owns. Without replication: :meth:`request_one`
+        to ``s``. With it, reads go to the first live copy and fail over to the next, writes to
+        every live copy (see :mod:`paramserver.client.replicas`)."""
+        if self.replication > 1:
+            return request_copies(
+                self, s, header, arrays, what=what, parse=parse, sink=sink, again=again,
+                reply_bytes=reply_bytes, bulk=bulk,
+            )  # fmt: skip
+        return self.request_one(
+            s, header, arrays, what=what, parse=parse, sink=sink, again=again,
+            reply_bytes=reply_bytes, bulk=bulk,
+        )  # fmt: skip
+
+    def server_alive(self, s: int) -> bool:
+        """Whether the newest view lists server ``s`` as alive (it serves its ranges)."""
+        return self.server_states.get(s) in ("alive", "pending")
+
+    def request_one(
+        self,
+        s: int,
+        header: dict[str, Any],
+        arrays: Sequence[np.ndarray] = (),
+        *,
+        what: str,
+        parse: Callable[[Message], Any] | None = None,
+        sink: np.ndarray | None = None,
+        again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
+        reply_bytes: int | None = None,
+        bulk: bool = False,
+        on_dead: Callable[[], Future[Any]] | None = None,
+    ) -> Future[Any]:
         """A request to server ``s`` that survives its replacement: if the server is lost, wait
         (up to the request timeout) for a view in which a new server holds rank ``s``, then send
         the same request again (a push keeps its sequence number); ``again`` gives the header,
@@ -324,7 +363,11 @@ class Session(CoordinatorWatch):
         With ``reply_bytes`` (at most what the reply's arrays take), the request may travel in
         a shared-memory slot when the server is on this host (see :mod:`paramserver.wire.slots`):
         ``parse`` must then be given and must not keep the reply's arrays (the slot is reused
-        once it returns)."""
+        once it returns).
+
+        With ``on_dead`` (replication), a lost server's request is not kept for a replacement
+        once a view declares the server dead or rebuilding: the request completes as the
+        future ``on_dead()`` gives (the next copy's answer)."""
         name = server_name(s)
         outer: Future[Any] = Future(self._ep, what)
         if "table" in header and header["kind"] in ("pull", "push"):
@@ -336,7 +379,7 @@ class Session(CoordinatorWatch):
         def attempt(use_slot: bool = True) -> None:
             peer = self._ep.peers.get(name)
             # the view it is sent in: a server that was replaced since refuses it (fencing)
-            sent = {**header, "view": self._epoch}
+            sent = {**header, "view": self._view_number}
             got = None
             if use_slot and reply_bytes is not None:
                 pool = self._slot_pool(s)
@@ -375,11 +418,23 @@ class Session(CoordinatorWatch):
                             NodeLostError(f"{err} (no replacement for {name} within {wait:.3g}s)")
                         )
 
-                    self._resends.setdefault(s, []).append((deadline, peer, resend, give_up))
+                    self._resends.setdefault(s, []).append(
+                        (deadline, peer, resend, give_up, fail_over)
+                    )
+                    if on_dead is not None and not self.server_alive(s):
+                        self._fail_over()
                 else:
                     outer.set_exception(clock_hint(err, header))
 
             fut.add_done_callback(done)
+
+        fail_over: Callable[[], None] | None = None
+        if on_dead is not None:
+            dead = on_dead
+
+            def fail_over() -> None:
+                nxt = dead()
+                nxt.add_done_callback(lambda f: settle(outer, f))
 
         def resend() -> None:
             nonlocal header, arrays, parse
@@ -420,8 +475,24 @@ class Session(CoordinatorWatch):
             log.info(
                 "worker[%d]: resending %d requests to %s", self.rank, len(ready), server_name(s)
             )
-            for _, _, again, _ in ready:
+            for _, _, again, _, _ in ready:
                 again()
+
+    def _fail_over(self) -> None:
+        """With replication: the requests lost with a server the view declares dead or
+        rebuilding go to the next copy at once (no waiting for a replacement)."""
+        for s, waiting in list(self._resends.items()):
+            if self.server_alive(s):
+                continue
+            moving = [w for w in waiting if w[4] is not None]
+            if not moving:
+                continue
+            self._resends[s] = [w for w in waiting if w[4] is None]
+            if not self._resends[s]:
+                del self._resends[s]
+            for w in moving:
+                assert w[4] is not None
+                w[4]()
 
     def _expire_resends(self) -> float | None:
         """Fail the resends whose deadline passed; the next deadline, if any."""
@@ -566,7 +637,12 @@ class Session(CoordinatorWatch):
             if self._heartbeat is not None:
                 self._ep.request(
                     "coordinator",
-                    {"kind": "leave", "role": "worker", "rank": self.rank, "token": self._token},
+                    {
+                        "kind": "leave",
+                        "role": "worker",
+                        "rank": self.rank,
+                        INCARNATION: self._incarnation,
+                    },
                     what="leave",
                 ).result(leave_timeout)
         except Exception as exc:  # leaving is best effort; the heartbeat timeout covers the rest

@@ -9,12 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.arrays import as_keys
+from paramserver.arrays import all_finite, as_keys
 from paramserver.client.cache import CacheSpec, RowCache, check_cache
 from paramserver.client.keyplan import KeyPlan, KeyPlanCache
+from paramserver.client.replicas import settle
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
+from paramserver.partition import split_by_owner
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
 from paramserver.wire.transport import Future, Message, gather
@@ -22,6 +24,8 @@ from paramserver.wire.transport import Future, Message, gather
 __all__ = ["SparseTable"]
 
 log = logging.getLogger(__name__)
+
+ASSIGN_ROWS = 1 << 18  # rows per assign request (servers refuse more than Limits.request_keys)
 
 
 def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> None:
@@ -38,15 +42,6 @@ def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> Non
     positions, rows, bounds = plan.placement()
     a, b = bounds[p], bounds[p + 1]
     place_rows(part, rows[a:b], positions[a:b], out)
-
-
-def _settle(outer: Future[Any], done: Future[Any]) -> None:
-    """Complete ``outer`` as ``done`` (already done) completed."""
-    err = done.exception(0)
-    if err is not None:
-        outer.set_exception(err)
-    else:
-        outer.set_result(done.result(0))
 
 
 class SparseTable(TableHandle):
@@ -119,7 +114,8 @@ class SparseTable(TableHandle):
         c = self.client
         limit = timeout
         flat = k.reshape(-1)
-        plan, sig = self.plans().plan(flat, cacheable=create)
+        # no key-list signatures with replication: a read may move to another copy
+        plan, sig = self.plans().plan(flat, cacheable=create and c.replication == 1)
         self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)
         futs: list[Future[None]] = []
@@ -238,7 +234,7 @@ class SparseTable(TableHandle):
                 self._plans.forget(plan)
                 plan.sig = None
                 retry = again()
-                retry.add_done_callback(lambda r: _settle(outer, r))
+                retry.add_done_callback(lambda r: settle(outer, r))
             elif err is not None:
                 outer.set_exception(err)
             else:
@@ -277,6 +273,58 @@ class SparseTable(TableHandle):
             return gather([], f"push to table {self.name!r}", lambda _: None)
         return self._push_flat(flat, g)
 
+    def assign(self, keys: Any, rows: Any, *, timeout: float | None = None) -> None:
+        """Write ``rows`` into the table as the rows of ``keys`` (creating missing ones), and
+        wait until every server has applied them. ``rows`` ``(len(keys), dim)`` in the table's
+        dtype sets the weights and resets each row's optimizer state to a new row's; rows as
+        wide as a checkpoint's (``dim * (1 + n_slots) + n_scalars``) set the state too. A
+        repeated key keeps its last row. Applied after this worker's earlier pushes, like an
+        async push (under ``sync``: at once, not at the clock's end). Wrong shape or dtype, NaN
+        or Inf: ConfigError, and nothing is sent.
+
+        Example:
+            emb.assign(np.array([7, 42], np.uint64), np.zeros((2, emb.dim), np.float32))
+        """
+        c = self.client
+        c.check()
+        limit = c.timeouts.request if timeout is None else timeout
+        k = as_keys(keys, self.name).reshape(-1)
+        opt = self.spec.optimizer
+        widths = (self.dim, self.dim * (1 + opt.n_slots) + opt.n_scalars)
+        r = rows if isinstance(rows, np.ndarray) else np.asarray(rows)
+        if r.dtype != self.dtype or r.ndim != 2 or r.shape[0] != len(k) or r.shape[1] not in widths:
+            raise ConfigError(
+                f"table {self.name!r}: assign takes {self.dtype} rows of shape "
+                f"({len(k)}, {widths[0]}) (or ({len(k)}, {widths[1]}) with the optimizer "
+                f"state), got {r.dtype} of shape {r.shape}; nothing was sent"
+            )
+        if not all_finite(r):
+            raise ConfigError(
+                f"table {self.name!r}: the rows to assign contain NaN or Inf; nothing was sent"
+            )
+        self.flush().result(limit)  # gradients kept by the row cache go first
+        r = np.ascontiguousarray(r)
+        n = max(c.ring_servers) + 1  # ranks on the ring (servers join and leave)
+        order, bounds = split_by_owner(c.ring.route(k), n)
+        futs: list[Future[Any]] = []
+        head = {"kind": "assign", "table": self.name, "rank": c.rank}
+        for s in range(n):
+            mine = order[bounds[s] : bounds[s + 1]]  # in the list's order: the last row wins
+            for a in range(0, len(mine), ASSIGN_ROWS):
+                part = mine[a : a + ASSIGN_ROWS]
+                futs.append(
+                    c.request_server(
+                        s,
+                        {**head, "seq": c.next_seq()},
+                        [k[part], r[part]],
+                        what=f"assign of {len(part)} rows of table {self.name!r} on "
+                        f"{server_name(s)}",
+                    )
+                )
+        gather(futs, f"assign to table {self.name!r}", lambda _: None).result(limit)
+        if self.cache is not None:
+            self.cache.forget()
+
     def traffic(self) -> dict[str, int]:
         """Rows this handle asked the servers for and sent them (distinct keys per request),
         and the bytes those are (a key and a row each way, before any codec).
@@ -311,7 +359,9 @@ class SparseTable(TableHandle):
 
     def _push_flat(self, flat: np.ndarray, g: np.ndarray) -> Future[None]:
         mode, _ = self.spec.mode
-        plan, sig = self.plans().plan(flat, cacheable=mode != "sync")
+        plan, sig = self.plans().plan(
+            flat, cacheable=mode != "sync" and self.client.replication == 1
+        )
         self._moved[1] += len(plan.base)
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order

@@ -105,6 +105,8 @@ class TableHandle:
                 what=f"set_lr of table {self.name!r} on {server_name(s)}",
             )
             for s in self.client.servers
+            # with replication a dead or rebuilding server is not asked (nor reachable)
+            if self.client.replication == 1 or self.client.server_alive(s)
         ]
         for f in futs:
             f.result(timeout)

@@ -9,14 +9,13 @@ holds the sockets and the view; see docs/fault-tolerance.md.
 from __future__ import annotations
 
 import logging
-import os
-import socket as pysocket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from paramserver.config import Timeouts
 from paramserver.errors import NodeLostError, PSTimeoutError, RemoteError
+from paramserver.wire.messages import INCARNATION, register_header
 from paramserver.wire.transport import Endpoint, Future, Pulse
 
 __all__ = ["CoordinatorWatch"]
@@ -36,7 +35,7 @@ class CoordinatorWatch:
     timeouts: Timeouts
     _ep: Endpoint
     _heartbeat: Pulse | None
-    _token: int
+    _incarnation: int
     _expelled: str | None
     _clock: int
     _clock_futures: list[Future[Any]]
@@ -47,7 +46,7 @@ class CoordinatorWatch:
         self._supervised = False  # the coordinator is restarted when it dies (it journals)
         self._coordinator_boot: int | None = None  # its process's number, from heartbeats
         self._beats = 0  # heartbeats built so far, and the incarnation each one carried
-        self._beat_tokens: dict[int, int] = {}
+        self._beat_incarnations: dict[int, int] = {}
         self._coordinator_seen = 0.0  # when it last answered a probe (see _check_coordinator)
         self._probed = 0.0  # when it was last probed
 
@@ -57,13 +56,7 @@ class CoordinatorWatch:
         cluster's current clock, as a restarted worker would."""
         fut = self._ep.request(
             "coordinator",
-            {
-                "kind": "register",
-                "role": "worker",
-                "rank": self.rank,
-                "host": pysocket.gethostname()[:256],
-                "pid": os.getpid(),
-            },
+            register_header("worker", self.rank),
             what=f"worker[{self.rank}] rejoining the coordinator at {self.coordinator}",
         )
         try:
@@ -74,7 +67,7 @@ class CoordinatorWatch:
                 f"rejoin: {exc}"
             ) from None
         view = reply["view"]
-        self._token = int(view["token"])  # beats carry it from now on
+        self._incarnation = int(view[INCARNATION])  # beats carry it from now on
         self._expelled = None
         self._clock = int(view.get("start_clock") or self._clock)
         self._clock_futures = []
@@ -129,7 +122,7 @@ class CoordinatorWatch:
                     "kind": "heartbeat",
                     "role": "worker",
                     "rank": self.rank,
-                    "token": self._token,
+                    INCARNATION: self._incarnation,
                     "clock": self._clock,
                 },
                 what="heartbeat",
@@ -174,13 +167,13 @@ class CoordinatorWatch:
         """This worker's heartbeat (on the heartbeat thread): who it is, its clock, its count."""
         # the Pulse numbers its beats 1, 2, ...: remember which incarnation each one spoke for
         self._beats += 1
-        self._beat_tokens[self._beats] = self._token
-        self._beat_tokens.pop(self._beats - 64, None)
+        self._beat_incarnations[self._beats] = self._incarnation
+        self._beat_incarnations.pop(self._beats - 64, None)
         return {
             "kind": "heartbeat",
             "role": "worker",
             "rank": self.rank,
-            "token": self._token,
+            INCARNATION: self._incarnation,
             "clock": self._clock,
             "examples": self._examples,
         }
@@ -188,7 +181,10 @@ class CoordinatorWatch:
     def _beat_answered(self, header: dict[str, Any]) -> None:
         """The coordinator refuses a heartbeat of a member it declared dead: expelled (unless
         that beat spoke for an incarnation before the current one)."""
-        if header["kind"] == "error" and self._beat_tokens.get(header["id"]) == self._token:
+        if (
+            header["kind"] == "error"
+            and self._beat_incarnations.get(header["id"]) == self._incarnation
+        ):
             self._expelled = header["message"]
         elif isinstance(header.get("view"), dict):
             self._coordinator_boot = header["view"].get("boot")

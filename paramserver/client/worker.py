@@ -74,18 +74,7 @@ class Client(Session):
             client.clock()
     """
 
-    def __init__(
-        self,
-        coordinator: str,
-        *,
-        rank: int | None = None,
-        timeouts: Timeouts | None = None,
-        token: str | None = None,
-        transport: str | None = None,
-    ) -> None:
-        super().__init__(
-            coordinator, rank=rank, timeouts=timeouts, token=token, transport=transport
-        )
+    def _opened(self) -> None:
         self._barriers: Counter[str] = Counter()
         self._tables: dict[str, SparseTable | DenseTable] = {}
         # A program that ends without close() would hold the other workers (barriers, sync
@@ -163,20 +152,11 @@ class Client(Session):
             emb = client.sparse_table("emb", dim=16, init=ps.init.Normal(std=0.01),
                                       optimizer=ps.optim.Adagrad(lr=0.05), consistency="async")
         """
-        spec = TableSpec(
-            name=name,
-            kind="sparse",
-            dim=dim,
-            dtype=dtype,
-            init=init or Zeros(),
-            optimizer=optimizer or SGD(),
-            consistency=_consistency(consistency),
-            seed=seed,
-            nonfinite=nonfinite,
-            max_rows=max_rows,
-            codec=codec,
+        spec = _spec(
+            name, "sparse", init, optimizer, consistency,
+            dim=dim, dtype=dtype, seed=seed, nonfinite=nonfinite, max_rows=max_rows, codec=codec,
             push_codec=push_codec,
-        )
+        )  # fmt: skip
         check_cache(name, spec.mode[0], cache)
         table = SparseTable(self, self._create(spec), cache)
         self._tables[name] = table
@@ -206,19 +186,11 @@ class Client(Session):
                                    consistency="sync")
         """
         shp = (shape,) if isinstance(shape, int) else tuple(shape)
-        spec = TableSpec(
-            name=name,
-            kind="dense",
-            shape=shp,
-            dtype=dtype,
-            init=init or Zeros(),
-            optimizer=optimizer or SGD(),
-            consistency=_consistency(consistency),
-            seed=seed,
-            nonfinite=nonfinite,
-            codec=codec,
+        spec = _spec(
+            name, "dense", init, optimizer, consistency,
+            shape=shp, dtype=dtype, seed=seed, nonfinite=nonfinite, codec=codec,
             push_codec=push_codec,
-        )
+        )  # fmt: skip
         dense = DenseTable(self, self._create(spec))
         self._tables[name] = dense
         return dense
@@ -299,6 +271,45 @@ class Client(Session):
         ).result(limit + 2.0)
         return str(reply["path"])
 
+    def restore(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> int:
+        """Put every table of the running cluster that the checkpoint at ``path`` holds back
+        to it: rows and optimizer state as saved, rows created since gone (what a cluster
+        started with ``restore=path`` holds). Each server reads its own part of the files, so
+        ``path`` must be on storage every server can reach; a table the checkpoint does not
+        hold is left as it is. Every server first checks that it can (the checkpoint readable,
+        its tables of the same kind, dtype, width and optimizer): if one cannot, nothing
+        changes. Applied at once, after this worker's earlier pushes: meet the other workers
+        at a barrier first. Returns the number of tables restored.
+
+        Example:
+            best = client.save("ckpt/best"); ...; client.restore(best)
+        """
+        self.check()
+        limit = self.timeouts.request if timeout is None else timeout
+        root = os.path.abspath(os.fspath(path))
+        header = {"kind": "restore", "path": root, "rank": self.rank, "servers": self.num_servers}
+
+        def ask(check: bool) -> list[dict[str, Any]]:
+            futs = [
+                self.request_server(
+                    s,
+                    {**header, "check": check},
+                    what=f"restore of {server_name(s)} from {root}",
+                )
+                for s in range(self.num_servers)
+            ]
+            return [f.result(limit)["stats"] for f in futs]
+
+        ask(True)
+        for handle in self._tables.values():
+            if isinstance(handle, SparseTable):
+                handle.flush().result(limit)  # gradients a row cache kept go first
+        done = ask(False)
+        for handle in self._tables.values():
+            if isinstance(handle, SparseTable) and handle.cache is not None:
+                handle.cache.forget()
+        return max((int(d.get("tables", 0)) for d in done), default=0)
+
     def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
         """Pull and push these dense tables together: one request per server and step for all
         the small ones (of one dtype and one consistency), instead of one per table.
@@ -316,13 +327,20 @@ class Client(Session):
             for s in client.stats(): print(s["rank"], s["tables"])
         """
         self.check()
-        futs = [
-            self.endpoint.request(
+        # with replication, a dead or rebuilding server is reached by no one: its state only
+        down: dict[int, dict[str, Any]] = {
+            s: {"rank": s, "state": self.server_states.get(s), "tables": {}}
+            for s in self.servers
+            if self.replication > 1 and not self.server_alive(s)
+        }
+        futs = {
+            s: self.endpoint.request(
                 server_name(s), {"kind": "stats"}, what=f"stats of {server_name(s)}"
             )
             for s in self.servers
-        ]
-        return [f.result(timeout)["stats"] for f in futs]
+            if s not in down
+        }
+        return [down[s] if s in down else futs[s].result(timeout)["stats"] for s in self.servers]
 
     def training(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The whole job's training numbers as the coordinator has them from every worker's
@@ -414,6 +432,26 @@ def _close_at_exit(ref: weakref.ref[Client], pid: int) -> None:
     if client is not None and os.getpid() == pid:
         # a coordinator already gone (its cluster closed first) must not hold the exit
         client.close(leave_timeout=2.0 if client.coordinator_answers() else 0.05)
+
+
+def _spec(
+    name: str,
+    kind: str,
+    init: Initializer | None,
+    optimizer: Optimizer | None,
+    consistency: str | None,
+    **fields: Any,
+) -> TableSpec:
+    """The spec a table handle asks for: the defaults of every kind filled in (zeros, SGD, the
+    ``PS_CONSISTENCY`` mode)."""
+    return TableSpec(
+        name=name,
+        kind=kind,
+        init=init or Zeros(),
+        optimizer=optimizer or SGD(),
+        consistency=_consistency(consistency),
+        **fields,
+    )
 
 
 def _consistency(value: str | None) -> str:

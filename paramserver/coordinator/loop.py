@@ -33,6 +33,7 @@ from paramserver.errors import ConfigError, ProtocolError
 from paramserver.metrics import serve_prometheus
 from paramserver.wire import protocol
 from paramserver.wire.messages import (
+    VIEW_NUMBER,
     AcquireLeaseMsg,
     BarrierMsg,
     CompleteLeaseMsg,
@@ -82,13 +83,16 @@ class Coordinator:
         limits: Limits | None = None,
         exit_when_done: float | None = None,
         journal: str | None = None,
+        replication: int = 1,
         journal_bytes: int = COMPACT_BYTES,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
-        self.members = Membership(num_servers, num_workers, self.timeouts)
+        self.members = Membership(num_servers, num_workers, self.timeouts, replication=replication)
         # not given: the PS_LIMIT_* variables its launcher set, else the defaults
         limits = limits if limits is not None else limits_from_env()
-        self.tables = TableRegistry([m.rank for m in self.members.servers], limits)
+        self.tables = TableRegistry(
+            [m.rank for m in self.members.servers], limits, replication=replication
+        )
         if restore is not None:  # read before binding: a bad checkpoint leaves no socket
             self.members.restore = self.tables.restore(restore)
             self.members.start_clock = self.members.restore["clock"]
@@ -289,7 +293,7 @@ class Coordinator:
         if views:
             log.warning(
                 "coordinator restarted: view %d, %d tables, from %d journal records",
-                self.members.epoch,
+                self.members.view_number,
                 len(self.tables.specs()),
                 len(records),
             )
@@ -365,7 +369,9 @@ class Coordinator:
         m = self.members.heartbeat(h, time.monotonic(), self.router.last_fd)
         if h.get("examples") is not None:
             self.board.record_examples(m.rank, m.last_seen, m.examples)
-        self.router.reply(identity, h["id"], view={"epoch": self.members.epoch, "boot": self.boot})
+        self.router.reply(
+            identity, h["id"], view={VIEW_NUMBER: self.members.view_number, "boot": self.boot}
+        )
 
     def _on_leave(self, identity: bytes, h: LeaveMsg) -> None:
         m = self.members.leave(h)
@@ -551,7 +557,7 @@ class Coordinator:
         status = self.board.status(
             now=time.monotonic(),
             address=self.address,
-            epoch=self.members.epoch,
+            view_number=self.members.view_number,
             servers=self.members.servers,
             workers=self.members.workers,
             tables=self.tables.specs(),

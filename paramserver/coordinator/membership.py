@@ -15,10 +15,11 @@ heartbeat, the connections libzmq dropped, the time) and sends what it decides. 
   whose own Python code holds the GIL still answers pings from its I/O thread and stays.
   A server that asks for the rank of a live one whose process is surely gone (same host, pid
   not running, two heartbeats missed) replaces it at once.
-* Every registration gets a fresh incarnation number (``token`` on the wire); a heartbeat or
-  a leave with another one is refused, so a member declared dead cannot come back unnoticed.
+* Every registration gets a fresh incarnation number; a heartbeat or a leave with another one
+  is refused, so a member declared dead cannot come back unnoticed.
 
-The view number is ``epoch`` here and on the wire.
+The wire names the view number ``epoch`` and the incarnation ``token``
+(:data:`~paramserver.wire.messages.VIEW_NUMBER`, :data:`~paramserver.wire.messages.INCARNATION`).
 """
 
 from __future__ import annotations
@@ -34,13 +35,23 @@ from typing import Any
 from paramserver.config import Timeouts
 from paramserver.coordinator.refusal import Refusal
 from paramserver.errors import ConfigError
-from paramserver.wire.messages import HeartbeatMsg, LeaveMsg, RegisterMsg
+from paramserver.partition import check_replication
+from paramserver.wire.messages import (
+    INCARNATION,
+    VIEW_NUMBER,
+    HeartbeatMsg,
+    LeaveMsg,
+    RegisterMsg,
+)
 
 __all__ = ["ALIVE", "DEAD", "LEFT", "PENDING", "Member", "Membership"]
 
 log = logging.getLogger(__name__)
 
 PENDING, ALIVE, DEAD, LEFT = "pending", "alive", "dead", "left"
+# with replication: a server that took over a dead rank holds none of its ranges yet; views
+# list it so, and workers neither read from it nor write to it (docs/fault-tolerance.md)
+REBUILDING = "rebuilding"
 
 
 @dataclass
@@ -51,7 +62,7 @@ class Member:
     address: str = ""
     host: str = ""
     pid: int = 0
-    token: int = 0  # its incarnation: fresh at every registration
+    incarnation: int = 0  # fresh at every registration
     identity: bytes = b""
     last_seen: float = 0.0
     # the connection its heartbeats come on, and whether libzmq still holds it (ZMTP pings
@@ -62,6 +73,12 @@ class Member:
     examples: int = 0  # a worker's reported examples, from its heartbeats
     # a worker's training scalars and bytes per table, from its heartbeats (StatusBoard reads it)
     metrics: dict[str, Any] | None = None
+    rebuilding: bool = False  # a server replacing a dead one under replication (REBUILDING)
+
+    @property
+    def shown(self) -> str:
+        """Its state as views list it (REBUILDING for a server not yet holding its ranges)."""
+        return REBUILDING if self.rebuilding and self.state == ALIVE else self.state
 
     @property
     def name(self) -> str:
@@ -99,13 +116,16 @@ class Membership:
         *,
         hostname: str | None = None,
         process_gone: Callable[[int], bool] = _process_gone,
+        replication: int = 1,
     ) -> None:
         if num_servers < 1:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
+        check_replication(replication, num_servers)
+        self.replication = replication
         if num_workers < 1:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts
-        self.epoch = 1
+        self.view_number = 1
         self.servers = [Member("server", r) for r in range(num_servers)]
         self.workers = [Member("worker", r) for r in range(num_workers)]
         self.waiting: list[tuple[bytes, RegisterMsg, float]] = []
@@ -135,15 +155,17 @@ class Membership:
     # ---- views ----------------------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
-        """The cluster view as it goes on the wire: epoch, servers and workers with states."""
+        """The cluster view as it goes on the wire: its number, servers and workers with states."""
         view: dict[str, Any] = {
-            "epoch": self.epoch,
-            "servers": [[m.rank, m.address, m.state] for m in self.servers],
+            VIEW_NUMBER: self.view_number,
+            "servers": [[m.rank, m.address, m.shown] for m in self.servers],
             "workers": [[m.rank, m.state] for m in self.workers],
             "ring": list(self.ring),
         }
         if self.move is not None:
             view["move"] = dict(self.move)
+        if self.replication > 1:
+            view["replication"] = self.replication
         if self.rejoined:
             # a restarted worker comes back at this clock: the servers set its clock to it
             view["rejoined"] = [[r, c] for r, c in sorted(self.rejoined.items())]
@@ -151,8 +173,8 @@ class Membership:
 
     def publish(self, reason: str) -> tuple[dict[str, Any], list[bytes]]:
         """Move to the next view number: the new view and the live members to send it to."""
-        self.epoch += 1
-        log.info("view %d: %s", self.epoch, reason)
+        self.view_number += 1
+        log.info("view %d: %s", self.view_number, reason)
         return self.view(), [m.identity for m in self.members if m.state == ALIVE and m.identity]
 
     def view_for(self, m: Member) -> dict[str, Any]:
@@ -163,7 +185,7 @@ class Membership:
         return {
             **extra,
             **self.view(),
-            "token": m.token,
+            INCARNATION: m.incarnation,
             "num_servers": len(self.servers),
             "num_workers": len(self.workers),
         }
@@ -172,11 +194,11 @@ class Membership:
         """The journal's record of this membership (see coordinator/journal.py)."""
         return {
             "t": "view",
-            "epoch": self.epoch,
+            VIEW_NUMBER: self.view_number,
             "ring": list(self.ring),
             "move": self.move,
             "members": [
-                [m.role, m.rank, m.state, m.address, m.host, m.pid, m.token, m.identity]
+                [m.role, m.rank, m.shown, m.address, m.host, m.pid, m.incarnation, m.identity]
                 for m in self.members
             ],
         }
@@ -184,17 +206,20 @@ class Membership:
     def load_record(self, record: dict[str, Any], now: float) -> None:
         """Take a journal's membership back (a restarted coordinator): the live members keep
         their incarnations and have the heartbeat timeout to beat again."""
-        self.epoch = int(record["epoch"])
+        self.view_number = int(record[VIEW_NUMBER])
         self.ring = list(record.get("ring") or self.ring)
         self.move = record.get("move")
-        for role, rank, state, address, host, pid, token, identity in record["members"]:
+        for role, rank, state, address, host, pid, incarnation, identity in record["members"]:
             while role == "server" and rank >= len(self.servers):  # a server that joined
                 self.servers.append(Member("server", len(self.servers)))
             m = self.member(role, rank)
             if m is None:
                 continue
             m.state, m.address, m.host, m.pid = state, address, host, pid
-            m.token, m.identity = token, identity
+            m.rebuilding = state == REBUILDING
+            if m.rebuilding:
+                m.state = ALIVE
+            m.incarnation, m.identity = incarnation, identity
             m.last_seen, m.link, m.link_up = now, -1, False
 
     def current_clock(self) -> int:
@@ -208,7 +233,7 @@ class Membership:
         m.state, m.identity = ALIVE, identity
         m.address = h.get("address") or ""
         m.host, m.pid = h.get("host") or "", h.get("pid") or 0
-        m.token = secrets.randbits(62) + 1
+        m.incarnation = secrets.randbits(62) + 1
         m.last_seen = now
         m.link, m.link_up = -1, False  # known from its first heartbeat on
 
@@ -246,16 +271,22 @@ class Membership:
             free = [s for s in self.servers if s.state in (PENDING, DEAD, LEFT)]
             free = [s for s in free if s.rank in self.ring]
             if not free:
-                if all(w.state == PENDING for w in self.workers):
+                if all(w.state == PENDING for w in self.workers) or self.replication > 1:
                     raise Refusal(
-                        "full", f"all {len(self.servers)} server ranks are taken by live servers"
-                    )
+                        "full",
+                        f"all {len(self.servers)} server ranks are taken by live servers"
+                        + (" (servers join a running job only without replication)"
+                           if self.replication > 1 else ""),
+                    )  # fmt: skip
                 # a running job (workers came): the newcomer joins the ring (coordinator/scaling.py)
                 self.servers.append(Member("server", len(self.servers)))
                 free = [self.servers[-1]]
             m = free[0]
         replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h, now)
+        # with replicas, a replacement must not serve the checkpoint's stale rows: it holds
+        # nothing until its ranges are copied to it from a live replica
+        m.rebuilding = self.replication > 1 and (replacing or m.rebuilding)
         return m, replacing
 
     def wait(self, identity: bytes, h: RegisterMsg, now: float) -> None:
@@ -308,10 +339,11 @@ class Membership:
         """Take a heartbeat that came on connection ``link`` (-1: unknown): the member it
         keeps alive. Refused (``expelled``) unless it is a live member's current incarnation."""
         m = self.member(h["role"], h["rank"])
-        if m is not None and m.role == "server" and m.state == LEFT and m.token == h["token"]:
+        drained = m is not None and m.role == "server" and m.state == LEFT
+        if drained and m is not None and m.incarnation == h[INCARNATION]:
             # drained (coordinator/scaling.py): it was told to stop, and is not fenced
             raise Refusal("left", f"{m.name} was drained and left the cluster")
-        if m is None or m.state != ALIVE or m.token != h["token"]:
+        if m is None or m.state != ALIVE or m.incarnation != h[INCARNATION]:
             raise Refusal(
                 "expelled",
                 f"{h['role']}[{h['rank']}] is not a live member of this cluster "
@@ -338,7 +370,7 @@ class Membership:
     def leave(self, h: LeaveMsg) -> Member | None:
         """A member leaving on purpose: the member, or None if ``h`` names no live incarnation."""
         m = self.member(h["role"], h["rank"])
-        if m is None or m.state != ALIVE or m.token != h["token"]:
+        if m is None or m.state != ALIVE or m.incarnation != h[INCARNATION]:
             return None
         m.state = LEFT
         return m

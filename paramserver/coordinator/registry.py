@@ -4,7 +4,7 @@ Creating a table is idempotent by name and spec: the same spec again gets the ex
 back, a different spec under the same name is refused (``conflict``), naming the fields that
 differ and their existing values. A dense table gets its ranges here: a large one is cut over
 every server, a small one lives whole on the server that holds the fewest dense elements so far
-(lowest rank on a tie), so that a model's many small tables spread over the servers by size. A
+(lowest rank on a tie; with replication every table lives whole, on that server and its replicas), so that a model's many small tables spread over the servers by size. A
 cluster restored from a checkpoint starts with the checkpoint's tables, their dense ranges cut
 anew, in the same way, for this cluster's servers.
 
@@ -20,7 +20,7 @@ from typing import Any
 from paramserver import checkpoint
 from paramserver.config import Limits
 from paramserver.coordinator.refusal import Refusal
-from paramserver.partition import DENSE_SPLIT_ELEMENTS, dense_ranges
+from paramserver.partition import DENSE_SPLIT_ELEMENTS, dense_ranges, replicas_of
 from paramserver.spec import TableSpec
 
 __all__ = ["TableRegistry"]
@@ -37,8 +37,13 @@ class TableRegistry:
         registry.create(ps_spec.to_wire())          # the same spec again: the same answer
     """
 
-    def __init__(self, server_ranks: Sequence[int], limits: Limits | None = None) -> None:
+    def __init__(
+        self, server_ranks: Sequence[int], limits: Limits | None = None, replication: int = 1
+    ) -> None:
         self.server_ranks = list(server_ranks)
+        # copies of every range: a replicated dense table lives whole on its server and the
+        # next replication - 1 ranks (partition.replicas_of), not cut
+        self.replication = replication
         self.limits = limits or Limits()
         self.tables: dict[str, TableSpec] = {}
         # dense elements placed on each server so far: where the next small table goes
@@ -47,13 +52,15 @@ class TableRegistry:
     def _place(self, spec: TableSpec) -> TableSpec:
         """``spec`` with its dense ranges: a large table cut over every server, a small one
         whole on the least loaded server."""
-        if spec.size >= DENSE_SPLIT_ELEMENTS or not self.server_ranks:
+        if (spec.size >= DENSE_SPLIT_ELEMENTS and self.replication == 1) or not self.server_ranks:
             ranges = dense_ranges(spec.name, spec.size, self.server_ranks)
         else:
             least = min(self.server_ranks, key=lambda r: (self.dense_load[r], r))
             ranges = [(least, 0, spec.size)]
+        n = len(self.server_ranks)
         for s, a, b in ranges:
-            self.dense_load[s] += b - a
+            for r in replicas_of(s, n, self.replication):
+                self.dense_load[r] += b - a
         return spec.with_ranges(ranges)
 
     def specs(self) -> list[TableSpec]:

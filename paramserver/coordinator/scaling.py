@@ -59,6 +59,10 @@ class Scaling:
         """``drain``: check, queue, answer at once (the view says when it is done)."""
         members, rank = self.coord.members, h["rank"]
         ring = members.ring
+        if members.replication > 1:
+            raise Refusal(
+                "invalid", "servers are drained only without replication (nothing changed)"
+            )
         if rank not in ring or ("drain", rank) in self.queue:
             raise Refusal(
                 "invalid",
@@ -88,7 +92,7 @@ class Scaling:
         kind, rank = self.queue.pop(0)
         old = list(members.ring)
         new = sorted({*old, rank}) if kind == "join" else [r for r in old if r != rank]
-        members.move = {"id": self.next_id, "from": old, "to": new, "view": members.epoch + 1,
+        members.move = {"id": self.next_id, "from": old, "to": new, "view": members.view_number + 1,
                         "kind": kind, "rank": rank}  # fmt: skip
         self.next_id += 1
         self.sources = {r for r in old if members.servers[r].state == ALIVE}

@@ -110,7 +110,7 @@ class StatusBoard:
     Example:
         board = StatusBoard(now=0.0)
         board.record_stats(0, {"tables": {"emb": {"rows": 5, "pulls": 10}}}, now=1.0)
-        board.status(now=2.0, address="tcp://h:1", epoch=3, servers=servers, workers=workers,
+        board.status(now=2.0, address="tcp://h:1", view_number=3, servers=servers, workers=workers,
                      tables=specs, last_checkpoint=None)["tables"][0]["servers"][0]["rows"]  # 5
     """
 
@@ -156,7 +156,7 @@ class StatusBoard:
         node: dict[str, Any] = {
             "role": m.role,
             "rank": m.rank,
-            "state": m.state,
+            "state": m.shown,  # "rebuilding" for a replacement under replication
             "address": m.address,
             "host": m.host,
             "pid": m.pid,
@@ -301,7 +301,7 @@ class StatusBoard:
         *,
         now: float,
         address: str,
-        epoch: int,
+        view_number: int,
         servers: Sequence[Member],
         workers: Sequence[Member],
         tables: Iterable[TableSpec],
@@ -317,7 +317,8 @@ class StatusBoard:
             ck = {"path": last_checkpoint[1], "age": time.time() - last_checkpoint[0]}
         return {
             "address": address,
-            "epoch": epoch,
+            "view": view_number,
+            "epoch": view_number,  # its old name, kept for scripts that read it
             "time": time.time(),
             "uptime": now - self.started,
             "nodes": nodes,

@@ -119,6 +119,7 @@ def run_job(
     checkpoint_every_clocks: int | None = None,
     checkpoint_keep: int | None = None,
     metrics_port: int | None = None,
+    replication: int = 1,
 ) -> int:
     """``paramserver run``: a cluster plus one process per worker running ``script``.
 
@@ -128,7 +129,8 @@ def run_job(
 
     With a ``token`` (default: ``PS_TOKEN`` / ``PS_TOKEN_FILE``) every socket uses CURVE and the
     workers get the token in their environment. With ``metrics_port`` the coordinator serves
-    Prometheus metrics at ``http://127.0.0.1:metrics_port/metrics``.
+    Prometheus metrics at ``http://127.0.0.1:metrics_port/metrics``. With ``replication`` k,
+    every key range lives on k servers (see :class:`LocalCluster`).
 
     Once the cluster is up it prints the coordinator's address (what ``paramserver status``
     takes) and the metrics' URL, as ``[paramserver]`` lines.
@@ -152,6 +154,7 @@ def run_job(
     cluster = LocalCluster(
         servers, workers, host=host, timeouts=timeouts, log_level=log_level, output=out,
         token=token, restore=restore, checkpoints=policy, metrics_port=metrics_port,
+        replication=replication,
     )  # fmt: skip
     workers_ = Children()
     code = 0

@@ -24,6 +24,7 @@ from paramserver.config import CheckpointPolicy, Limits, Timeouts, from_env, lim
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 from paramserver.launch.children import Children, describe_exit, say
 from paramserver.launch.roles import checkpoint_flags, checkpoint_policy, timeout_flags
+from paramserver.partition import check_replication
 from paramserver.wire.sockets import listen_for_handover
 from paramserver.wire.transport import Endpoint, Future, Security, new_context
 
@@ -61,7 +62,10 @@ class LocalCluster:
     and a coordinator process that dies is started again on the same address with that
     journal: servers and workers carry on (see docs/fault-tolerance.md).
     ``metrics_port`` makes the coordinator serve Prometheus metrics at
-    ``http://127.0.0.1:metrics_port/metrics``.
+    ``http://127.0.0.1:metrics_port/metrics``. With ``replication`` k (default 1, at most
+    ``servers``) every key range and dense table lives on k servers and a push is acknowledged
+    once every live copy holds it: a server's death loses nothing, and reads move to the next
+    copy at once; a restarted rank then holds nothing ("rebuilding") and serves no one.
 
     Example:
         with ps.LocalCluster(servers=2, workers=1) as cluster:
@@ -91,9 +95,12 @@ class LocalCluster:
         checkpoints: CheckpointPolicy | None = None,
         restart_coordinator: bool = True,
         limits: Limits | None = None,
+        replication: int = 1,
     ) -> None:
         if not isinstance(servers, int) or servers < 1:
             raise ConfigError(f"servers must be a positive integer, got {servers!r}")
+        # refused here, before any process starts (the coordinator checks it again)
+        self.replication = check_replication(replication, servers)
         if not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers must be a positive integer, got {workers!r}")
         self.num_servers = servers
@@ -122,6 +129,8 @@ class LocalCluster:
         if limits is not None:  # the servers and the coordinator read them as PS_LIMIT_*
             self._env = {**(self._env or os.environ), **limits_to_env(limits)}
         self._coordinator_flags = checkpoint_flags(policy)
+        if replication != 1:
+            self._coordinator_flags += ["--replication", str(replication)]
         if metrics_port is not None:  # Prometheus metrics of the coordinator, on loopback
             self._coordinator_flags += ["--metrics-port", str(int(metrics_port))]
         self.metrics_port = metrics_port

@@ -69,6 +69,7 @@ def serve_coordinator(
     listen_fd: int | None = None,
     exit_when_done: float | None = None,
     journal: str | None = None,
+    replication: int = 1,
 ) -> None:
     """Run a coordinator bound at ``host:port`` (port 0: any free port) until stopped; with
     ``restore``, the cluster resumes from that checkpoint; with ``checkpoints``, it writes
@@ -102,6 +103,8 @@ def serve_coordinator(
         extra["exit_when_done"] = exit_when_done
     if journal is not None:  # restarted with the same journal, it carries on the job
         extra["journal"] = journal
+    if replication != 1:
+        extra["replication"] = replication
     host, _, port = bind.rpartition(":")
     coord: Coordinator | None = None
 

@@ -30,7 +30,15 @@ from paramserver.models.ctr import (
     predict_blocks,
     test_blocks,
 )
-from paramserver.models.program import ArrayFeed, Report, Stopping, add_common_args, fit, run
+from paramserver.models.program import (
+    ArrayFeed,
+    Report,
+    Stopping,
+    add_common_args,
+    entry,
+    finish,
+    fit,
+)
 
 __all__ = ["DeepFM", "DeepFMTrainer", "main", "parser", "train", "train_on", "train_worker"]
 
@@ -199,15 +207,10 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
         lr_sparse=args.lr_sparse, lr_dense=args.lr_dense, consistency=args.consistency,
         patience=args.patience, report=report, show=not args.no_progress,
     )  # fmt: skip
-    if lead:
-        js, png = report.save()
-        print(f"deepfm: wrote {js} and {png}", flush=True)
-    return 0
+    return finish(report, lead)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``paramserver train deepfm ...`` and ``python -m paramserver.models.deepfm ...``."""
-    return run("paramserver.models.deepfm", parser(), train, argv)
+main = entry("paramserver.models.deepfm", parser, train)
 
 
 if __name__ == "__main__":

@@ -99,12 +99,14 @@ def main(servers: int = 2, workers: int = 2, epochs: int = 3, out: Path | None =
         code = _run_model(model, common, servers, workers)
         if code:
             return code
-    runs = {}
+    runs, final = {}, {}
     for model in ("logreg", "deepfm"):
-        runs[model] = json.loads((out / f"{model}.json").read_text())["history"]
+        summary = json.loads((out / f"{model}.json").read_text())
+        runs[model] = summary["history"]
+        # the model the run kept: the best epoch's when it keeps that one (DeepFM)
+        final[model] = summary.get("final", runs[model][-1])["test_auc"]
     png = plot_curves(runs, out / "demo.png", title=f"{what}: test AUC vs epoch "
                       f"(scikit-learn baseline {base['test_auc']:.4f})")  # fmt: skip
-    final = {m: h[-1]["test_auc"] for m, h in runs.items()}
     (out / "demo.json").write_text(
         json.dumps(
             {

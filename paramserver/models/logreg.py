@@ -34,7 +34,7 @@ from paramserver.models.ctr import (
     predict_blocks,
     test_blocks,
 )
-from paramserver.models.program import ArrayFeed, Report, add_common_args, fit, run
+from paramserver.models.program import ArrayFeed, Report, add_common_args, entry, finish, fit
 
 __all__ = ["LogregTrainer", "evaluate", "main", "parser", "train", "train_on", "train_worker"]
 
@@ -225,14 +225,10 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
     )  # fmt: skip
     if lead:
         report.info["staleness"] = {str(k): v for k, v in out["staleness"].items()}
-        js, png = report.save()
-        print(f"logreg: wrote {js} and {png}", flush=True)
-    return 0
+    return finish(report, lead)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``paramserver train logreg ...`` and ``python -m paramserver.models.logreg ...``."""
-    return run("paramserver.models.logreg", parser(), train, argv)
+main = entry("paramserver.models.logreg", parser, train)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import paramserver as ps
-from paramserver.models.program import ArrayFeed, Report, add_common_args, fit, run
+from paramserver.models.program import ArrayFeed, Report, add_common_args, entry, finish, fit
 
 __all__ = ["main", "parser", "train", "train_worker"]
 
@@ -228,15 +228,10 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
         consistency=args.consistency, reference=args.reference and client.num_workers == 1,
         report=report, show=not args.no_progress, codec=args.codec,
     )  # fmt: skip
-    if lead:
-        js, png = report.save()
-        print(f"mlp: wrote {js} and {png}", flush=True)
-    return 0
+    return finish(report, lead)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``paramserver train mlp ...`` and ``python -m paramserver.models.mlp ...``."""
-    return run("paramserver.models.mlp", parser(), train, argv)
+main = entry("paramserver.models.mlp", parser, train)
 
 
 if __name__ == "__main__":

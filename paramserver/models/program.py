@@ -14,8 +14,11 @@ cluster as one worker.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,13 +33,19 @@ from paramserver.data.shards import ArrayShards
 from paramserver.errors import PSError
 from paramserver.models.report import Report, plot_curves, progress
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ArrayFeed",
+    "BestModel",
     "Feed",
     "JobStats",
+    "Main",
     "Report",
     "Trainer",
     "add_common_args",
+    "entry",
+    "finish",
     "fit",
     "plot_curves",
     "progress",
@@ -133,7 +142,7 @@ class JobStats:
         stats.publish(1, loss=41.5, examples=100, parts=2, steps=1)  # then a barrier
     """
 
-    FIGURES = ("loss", "examples", "parts", "steps", "malformed")
+    FIGURES = ("loss", "examples", "parts", "steps", "malformed", "clock")
 
     def __init__(self, client: Any, name: str, epochs: int) -> None:
         self.client = client
@@ -178,18 +187,90 @@ def _lookahead(batches: Iterator[Any]) -> Iterator[tuple[Any, Any | None]]:
 
 @dataclass
 class Stopping:
-    """Stop when ``monitor`` (higher is better) has not improved for ``patience`` epochs."""
+    """Stop when ``monitor`` (higher is better) has not improved for ``patience`` epochs.
+
+    With a ``monitor`` and ``keep_best``, the model left in the cluster at the end is the best
+    epoch's: :class:`BestModel` saves a checkpoint whenever the monitor improves and puts it
+    back (``client.restore``) when training ends on a worse epoch. ``directory``: where that
+    checkpoint is kept, on storage every server reaches (default: a temporary directory on the
+    lead worker's host, removed at the end).
+    """
 
     monitor: str = ""
     patience: int = 0
     best: float = -math.inf
     best_epoch: int = 0
+    keep_best: bool = True
+    directory: str | None = None
 
     def update(self, epoch: int, metrics: dict[str, Any]) -> bool:
         value = metrics.get(self.monitor)
         if value is not None and value > self.best:
             self.best, self.best_epoch = float(value), epoch
         return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    @property
+    def keeps(self) -> bool:
+        """Whether the best epoch's model is kept (see :class:`BestModel`)."""
+        return bool(self.monitor) and self.keep_best
+
+
+class BestModel:
+    """The best epoch's model, kept as a checkpoint of every table by the lead worker and put
+    back into the running cluster at the end (``client.restore``).
+
+    A checkpoint is taken at the lead's clock once every worker reached it: every worker first
+    clocks up to the job's highest clock (:meth:`catch_up`; under async the workers' shares
+    differ), so that none waits at a barrier for a clock that another would never reach.
+
+    Example:
+        best = BestModel(client, stopping); ...; best.save(epoch); ...; best.restore(last)
+    """
+
+    def __init__(self, client: Any, stopping: Stopping) -> None:
+        self.client = client
+        self.stopping = stopping
+        self.path: str | None = None  # the checkpoint of the best epoch so far
+        self.why_not = ""  # why no checkpoint could be kept
+        self._made: str | None = None  # the temporary directory made here
+
+    def catch_up(self, stats: JobStats, epoch: int) -> None:
+        """Clock up to the highest clock any worker published for ``epoch``."""
+        top = int(stats.collect(epoch)["clock"].max())
+        for _ in range(top - self.client.current_clock):
+            self.client.clock()
+
+    def save(self, epoch: int) -> None:
+        """The lead, after ``epoch`` improved the monitor: checkpoint every table."""
+        if self.why_not:
+            return
+        root = self.stopping.directory
+        if root is None:
+            root = self._made = self._made or tempfile.mkdtemp(prefix="paramserver-best-")
+        try:
+            path = self.client.save(root)
+        except (PSError, OSError) as exc:
+            self.why_not = f"the checkpoint of epoch {epoch} failed: {exc}"
+            log.warning("the best epoch's model cannot be kept: %s", self.why_not)
+            return
+        if self.path is not None and self.path != path:
+            shutil.rmtree(self.path, ignore_errors=True)  # the previous best
+        self.path = path
+
+    def restore(self, last: int) -> str:
+        """The lead, training over at epoch ``last``: the best epoch's model back into the
+        cluster if it was an earlier one; returns a note for the report ("" if none)."""
+        best = self.stopping.best_epoch
+        if not best or best == last:
+            return ""
+        if self.path is None:
+            return f"the model of epoch {last} is kept, not the best one ({self.why_not})"
+        self.client.restore(self.path)
+        return f"the model of epoch {best}, the best {self.stopping.monitor}, is kept"
+
+    def close(self) -> None:
+        if self._made is not None:
+            shutil.rmtree(self._made, ignore_errors=True)
 
 
 def fit(
@@ -208,9 +289,26 @@ def fit(
     lead = client.rank == 0
     stats = JobStats(client, name, epochs)
     stop_rule = stopping or Stopping()
+    keeper = BestModel(client, stop_rule) if stop_rule.keeps else None
+    try:
+        history = _epochs(client, feed, trainer, name, epochs, consistency, report, show,
+                          stats, stop_rule, keeper)  # fmt: skip
+    finally:
+        if keeper is not None and lead:
+            keeper.close()
+    return history
+
+
+def _epochs(
+    client: Any, feed: Feed, trainer: Trainer, name: str, epochs: int, consistency: str,
+    report: Report | None, show: bool, stats: JobStats, stop_rule: Stopping,
+    keeper: BestModel | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    lead = client.rank == 0
     client.barrier(f"{name}/start")  # every worker present before the first lease goes out
     history: list[dict[str, Any]] = []
     skipped = 0
+    epoch = 0
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         loss, examples, parts, steps = 0.0, 0, 0, 0
@@ -232,8 +330,11 @@ def fit(
             client.clock()  # a short share under sync: the others wait for these clocks
         trainer.flush()
         bad, skipped = feed.malformed() - skipped, feed.malformed()
-        stats.publish(epoch, loss=loss, examples=examples, parts=parts, steps=steps, malformed=bad)
+        stats.publish(epoch, loss=loss, examples=examples, parts=parts, steps=steps,
+                      malformed=bad, clock=client.current_clock)  # fmt: skip
         client.barrier(f"{name}/epoch")
+        if keeper is not None:
+            keeper.catch_up(stats, epoch)
         stop = False
         if lead:
             job = stats.collect(epoch)
@@ -243,6 +344,8 @@ def fit(
                 **metrics,
             }
             stop = stop_rule.update(epoch, rec) and epoch < epochs
+            if keeper is not None and stop_rule.best_epoch == epoch:
+                keeper.save(epoch)
             rec["examples_by_worker"] = [int(v) for v in job["examples"]]
             rec["parts_by_worker"] = [int(v) for v in job["parts"]]
             if job["malformed"].sum():
@@ -252,8 +355,9 @@ def fit(
                 report.epoch(epoch, seconds=time.perf_counter() - t0, **rec)
             if stop_rule.patience:
                 stats.decide(epoch, stop)
+        if stop_rule.patience or keeper is not None:
+            client.barrier(f"{name}/decided")  # nobody trains on while the lead saves
         if stop_rule.patience:
-            client.barrier(f"{name}/decided")
             stop = stats.stopped(epoch)
         if stop:
             if lead and report is not None:
@@ -262,9 +366,17 @@ def fit(
                     f"{stop_rule.patience} epoch(s) since epoch {stop_rule.best_epoch}"
                 )
             break
+    if lead and keeper is not None:
+        note = keeper.restore(epoch)
+        if note and report is not None:
+            report.note(note)
     if lead and report is not None and stop_rule.monitor and stop_rule.best_epoch:
         report.info["best_epoch"] = stop_rule.best_epoch
         report.info[f"best_{stop_rule.monitor}"] = stop_rule.best
+        kept = stop_rule.best_epoch if keeper is not None and keeper.path else epoch
+        report.info["kept_epoch"] = kept
+        report.info["final"] = {k: v for k, v in history[kept - 1].items()
+                                if not k.endswith("_by_worker")}  # fmt: skip
     client.barrier(f"{name}/done")
     return history
 
@@ -349,3 +461,36 @@ def run(
     return ps.launch.run_job(
         ["-m", module, *rest, "--worker"], servers=args.servers, workers=args.workers
     )
+
+
+class Main(Protocol):
+    """A program's ``main``: its command line (``sys.argv[1:]`` when None) to an exit code."""
+
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
+def finish(report: Report, lead: bool) -> int:
+    """The end of a model's ``train``: the lead worker writes the report and says where."""
+    if lead:
+        js, png = report.save()
+        print(f"{report.model}: wrote {js} and {png}", flush=True)
+    return 0
+
+
+def entry(
+    module: str,
+    parser: Callable[[], argparse.ArgumentParser],
+    train: Callable[[ps.Client, argparse.Namespace], int],
+) -> Main:
+    """A model module's ``main(argv)``: :func:`run` with the module's parser and ``train``.
+
+    Example:
+        main = entry("paramserver.models.mlp", parser, train)
+    """
+
+    def main(argv: list[str] | None = None) -> int:
+        return run(module, parser(), train, argv)
+
+    name = module.rsplit(".", 1)[-1]
+    main.__doc__ = f"``paramserver train {name} ...`` and ``python -m {module} ...``."
+    return main

@@ -26,7 +26,7 @@ import numpy as np
 
 import paramserver as ps
 from paramserver.data.evaluate import spearman
-from paramserver.models.program import ArrayFeed, Report, add_common_args, fit, run
+from paramserver.models.program import ArrayFeed, Report, add_common_args, entry, finish, fit
 
 __all__ = ["Vocabulary", "evaluate", "main", "parser", "read_corpus", "train", "train_worker"]
 
@@ -336,14 +336,10 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
                   f"{ref['analogy_accuracy']:.4f} (coverage {ref['analogy_coverage']:.3f}), "
                   f"WordSim353 rho {ref['wordsim_spearman']:.4f}; paramserver: "
                   f"{mine['analogy_accuracy']:.4f}, rho {mine['wordsim_spearman']:.4f}", flush=True)  # fmt: skip
-        js, png = report.save()
-        print(f"word2vec: wrote {js} and {png}", flush=True)
-    return 0
+    return finish(report, lead)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``paramserver train word2vec ...`` and ``python -m paramserver.models.word2vec ...``."""
-    return run("paramserver.models.word2vec", parser(), train, argv)
+main = entry("paramserver.models.word2vec", parser, train)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class Admin(Handlers):
         except Refusal as exc:
             state.refused_tables[spec.name] = exc.message
             raise
-        table = make_table(spec, state.rank)
+        table = make_table(spec, state.rank, state.num_servers, state.replication)
         table.max_bytes = state.limits.table_bytes
         state.tables[spec.name] = table
         log.info("%s: table %r created", state.name, spec.name)
@@ -125,6 +125,9 @@ class Admin(Handlers):
                 "tables": tables,
                 "clocks": list(state.clocks.clock),
                 "deferred": len(state.deferred),
+                # pushes whose bulk payload is on its way, and their senders' requests behind
+                "bulk_waiting": len(self.paths.waiting),
+                "bulk_behind": sum(len(b.messages) for b in self.paths.behind.values()),
                 "metrics": state.metrics.to_wire(),
             }
         )

@@ -18,8 +18,6 @@ silent for ``heartbeat_timeout + connect`` seconds (a restarted coordinator come
 from __future__ import annotations
 
 import logging
-import os
-import socket as pysocket
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from paramserver.server.state import ServerState
 from paramserver.server.table import make_table
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
+from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.paths import Paths
 from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Endpoint, Pulse, Security
@@ -107,14 +106,7 @@ class CoordinatorLink:
         while True:
             fut = self.endpoint.request(
                 "coordinator",
-                {
-                    "kind": "register",
-                    "role": "server",
-                    "address": state.address,
-                    "host": pysocket.gethostname()[:256],
-                    "pid": os.getpid(),
-                    "rank": wanted_rank,
-                },
+                register_header("server", wanted_rank, state.address),
                 what=f"server at {state.address} registering with the coordinator at "
                 f"{self.coordinator}",
             )
@@ -134,9 +126,13 @@ class CoordinatorLink:
         restore = view.get("restore")
         start = int(restore["clock"]) if isinstance(restore, dict) else 0
         state.clocks = Clocks(int(view["num_workers"]), start=start)
+        state.num_servers = int(view["num_servers"])
+        state.replication = int(view.get("replication") or 1)
+        mine = next((s for s in view.get("servers", []) if s[0] == state.rank), None)
+        state.rebuilding = mine is not None and mine[2] == "rebuilding"
         self.apply_view(view)
         # Beat before loading a checkpoint, which can take longer than the heartbeat timeout.
-        incarnation = int(view["token"])  # the wire still calls it token
+        incarnation = int(view[INCARNATION])
         self.heartbeat = Pulse(
             self.ctx,
             self.coordinator,
@@ -144,7 +140,7 @@ class CoordinatorLink:
                 "kind": "heartbeat",
                 "role": "server",
                 "rank": state.rank,
-                "token": incarnation,
+                INCARNATION: incarnation,
                 "clock": state.clocks.reached,  # with no live worker: the furthest trained
             },
             self.timeouts.heartbeat_interval,
@@ -153,12 +149,16 @@ class CoordinatorLink:
             name=f"heartbeat-{state.name}",
         )
         self.heartbeat.start()
-        if isinstance(restore, dict):
+        if state.rebuilding:  # a checkpoint's rows are stale: it holds nothing until rebuilt
+            log.info("%s: rebuilding: not serving until its ranges are copied", state.name)
+        if isinstance(restore, dict) and not state.rebuilding:
             snapshot.restore(state, str(restore["path"]), view, reply.get("tables") or [])
         else:  # a replacement with no checkpoint to load: the tables, empty
             for wire in reply.get("tables") or []:
                 spec = TableSpec.from_wire(wire)
-                state.tables[spec.name] = make_table(spec, state.rank)
+                state.tables[spec.name] = make_table(
+                    spec, state.rank, state.num_servers, state.replication
+                )
         for t in state.tables.values():
             t.max_bytes = state.limits.table_bytes
         early, self.early = self.early, []
@@ -226,9 +226,9 @@ class CoordinatorLink:
             return
         self._confirmed = time.monotonic()
         mine = next((s for s in view.get("servers", []) if s[0] == state.rank), None)
-        if mine is None or mine[1] != state.address or mine[2] != "alive":
+        if mine is None or mine[1] != state.address or mine[2] not in ("alive", "rebuilding"):
             self._fence(
-                f"view {view.get('epoch')} gives rank {state.rank} to "
+                f"view {view.get(VIEW_NUMBER)} gives rank {state.rank} to "
                 + (f"{mine[1]} ({mine[2]})" if mine is not None else "nobody")
             )
         else:
@@ -310,7 +310,7 @@ class CoordinatorLink:
     def apply_view(self, view: dict[str, Any]) -> None:
         """Take a newer view's live workers (and the clocks of rejoined ones)."""
         state = self.state
-        number = view.get("epoch")
+        number = view.get(VIEW_NUMBER)
         workers = view.get("workers")
         if not isinstance(number, int) or not isinstance(workers, list) or number <= state.view:
             return

@@ -9,16 +9,18 @@ Heartbeats run on their own thread and socket. The server never dies of a bad re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket as pysocket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from paramserver.config import Limits, Timeouts, limits_from_env
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.server.admin import Admin
+from paramserver.server.assign import Assigns
 from paramserver.server.cluster import CoordinatorLink
 from paramserver.server.many import Many
 from paramserver.server.process import (
@@ -33,7 +35,7 @@ from paramserver.server.snapshot import Snapshots
 from paramserver.server.state import ServerState
 from paramserver.server.transfer import Transfers
 from paramserver.wire import protocol
-from paramserver.wire.paths import Paths, Request
+from paramserver.wire.paths import Behind, Paths, Request
 from paramserver.wire.poller import Poller
 from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Router, Security, new_context
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 VIEW_WAIT = 1.0  # seconds a message of a worker not yet live waits for the view that admits it
 TABLE_WAIT = 5.0  # seconds a worker's create_shard waits for the coordinator's order
 MAX_PARKED = 1024  # messages waiting so at once (more are refused at once)
+# messages of one worker waiting behind its push whose bulk payload is on its way, and their
+# bytes (one message always may)
+MAX_BEHIND = 1024
+MAX_BEHIND_BYTES = 1 << 30
 
 
 class Server:
@@ -107,6 +113,7 @@ class Server:
         self.pushes = Pushes(self.state, self.paths, self.progress)
         admin = Admin(self.state, self.paths, self.progress)
         many = Many(self.state, self.paths, self.pushes, self.progress)
+        assigns = Assigns(self.state, self.paths, self.progress)
         self.cluster.create = admin.create
         self.transfers = Transfers(
             self.state, self.ctx, security, self.progress, self.cluster.send, self.timeouts.request
@@ -127,6 +134,8 @@ class Server:
             "open_bulk": admin.on_open_bulk,
             "attach": admin.on_attach,
             "attach_slot": admin.on_attach_slot,
+            "assign": assigns.on_assign,
+            "restore": assigns.on_restore,
         }
 
     @property
@@ -173,6 +182,8 @@ class Server:
                     # float32); the next burst allocates them once again
                     self.paths.trim()
                     trim_allocator()
+                if self.paths.waiting:  # pushes whose payload came in, or is given up
+                    self.resume()
                 self.cluster.poll(0)
                 self.transfers.tick()
                 self.cluster.watch_coordinator()
@@ -196,7 +207,11 @@ class Server:
 
     def handle(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:
         """Decode one message, run its handler, and answer what the handler refused
-        (``since``: when a message that waited for a view first came)."""
+        (``since``: when a message that waited for a view first came). A message of a worker
+        whose push's payload is still on the bulk channel waits behind that push."""
+        if identity in self.paths.waiting:
+            self.hold(identity, frames, since)
+            return
         try:
             req = self.paths.receive(identity, frames)
         except ProtocolError as exc:
@@ -209,31 +224,107 @@ class Server:
                 )
             self.router.error(identity, exc.request_id, exc.code, f"{self.state.name}: {exc}")
             return
+        ready = False
+        with self.answering(req):
+            if req.header["kind"] in ("pull", "push", "assign"):  # first: the cheapest refusal
+                self.state.check_size(req.header, req.arrays)
+            # a payload behind the header is taken first of all; one still on its way is
+            # waited for aside (resume), never here
+            ready = not self.park(identity, frames, req.header, since) and self.paths.fetch(req)
+        if ready and not self.held_for_move(identity, frames, since, req):
+            self.dispatch(req)
+
+    def held_for_move(
+        self, identity: bytes, frames: list[Any], since: float | None, req: Request
+    ) -> bool:
+        """Whether a request for keys this server is receiving was kept (or refused) until
+        the move's end (server/transfer.py); a request in a newer view applies that view first
+        (it may announce the move)."""
+        wanted = req.header.get("view")
+        newer = isinstance(wanted, int) and wanted > self.state.view
+        if self.transfers.incoming is None and not newer:
+            return False
+        done = True
+        with self.answering(req):
+            self.cluster.admit(req.header)  # fencing, and the view of the move
+            if self.transfers.holds(req.header, req.arrays):
+                self.hold_for_move(identity, frames, since)
+            else:
+                done = False
+        return done
+
+    def dispatch(self, req: Request) -> None:
+        """Run a decoded request's handler (its bulk payload, if any, is in)."""
         kind = req.header["kind"]
         rank = req.header.get("rank")
-        try:
-            if kind in ("pull", "push"):  # before anything else: the cheapest refusal
-                self.state.check_size(req.header, req.arrays)
-            if self.park(identity, frames, req.header, since):
-                return
-            self.paths.fetch(req)  # a payload behind the header is read first of all
+        with self.answering(req):
             self.cluster.admit(req.header)  # a replaced process serves nothing (fencing)
             if rank is not None:  # every server request naming a rank is a worker's
-                self.state.claim(rank, identity)
-            if self.transfers.holds(req.header, req.arrays) and self.hold(identity, frames, since):
-                return
+                self.state.claim(rank, req.identity)
             handler = self.handlers.get(kind)
             if handler is None:
                 raise Refusal("bad_request", f"a server does not take {kind!r} messages")
             started = time.perf_counter()
             handler(req.header, req)
             self.state.metrics.observe_request(kind, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def answering(self, req: Request) -> Iterator[None]:
+        """Answer what the block refuses, and any bug in it with an ``internal`` error."""
+        try:
+            yield
         except (Refusal, ConfigError) as exc:
             req.reply.refuse(exc)
         except Exception as exc:  # a bug must not take the server down with it
             if self.rejections.count():
-                log.exception("%s: %s request %d failed", self.state.name, kind, req.header["id"])
+                log.exception(
+                    "%s: %s request %d failed",
+                    self.state.name,
+                    req.header["kind"],
+                    req.header["id"],
+                )
             req.reply.error("internal", f"{type(exc).__name__}: {str(exc)[:1000]}")
+
+    def hold(self, identity: bytes, frames: list[Any], since: float | None) -> None:
+        """Keep a message behind its sender's push whose payload is still on its way: a
+        worker's requests are handled in the order it sent them (a pull sees its own push)."""
+        behind = self.paths.behind.setdefault(identity, Behind())
+        size = sum(memoryview(f).nbytes for f in frames)
+        many = len(behind.messages) >= MAX_BEHIND
+        if not behind.messages or not (many or behind.nbytes + size > MAX_BEHIND_BYTES):
+            behind.add(frames, since)
+            return
+        try:
+            req = self.paths.receive(identity, frames)
+        except ProtocolError:
+            return  # malformed: it would have been refused without an answer it can use
+        req.reply.error(
+            "busy",
+            f"{self.state.name}: {len(behind.messages)} requests of this worker "
+            f"({behind.nbytes} bytes) already wait behind its push whose payload is still on "
+            f"the bulk channel (at most {MAX_BEHIND} and {MAX_BEHIND_BYTES} bytes): this one "
+            "was not handled and changed nothing (wait for replies before sending more)",
+        )
+
+    def resume(self) -> None:
+        """Handle the pushes whose payload came in (refuse those given up: too slow, silent,
+        or their connection broke), then what their senders sent behind them, in order."""
+        for req, refusal in self.paths.arrived():
+            try:
+                if refusal is None:
+                    self.dispatch(req)
+                else:
+                    req.reply.refuse(refusal)
+            except Exception:  # a bug in a reply's path: logged, never the loop's end
+                if self.rejections.count():
+                    log.exception("%s: a push could not be answered", self.state.name)
+            self.paths.settled(req)
+            behind = self.paths.behind.get(req.identity)
+            while behind and behind.messages and req.identity not in self.paths.waiting:
+                frames, since = behind.next()
+                self.handle_safely(req.identity, frames, since)
+            if behind and not behind.messages:
+                self.paths.behind.pop(req.identity, None)
 
     def handle_safely(self, identity: bytes, frames: list[Any], since: float | None = None) -> None:
         """:meth:`handle`, and whatever escapes it (a bug in a reply's path) is logged, at a
@@ -250,7 +341,7 @@ class Server:
         """Keep a request of a worker that has not registered yet for up to a second: a
         (restarted) worker may be faster than the view that lets it in. The message waits
         here, and the loop serves everyone else meanwhile (``unpark``); a push whose payload
-        follows on the bulk channel is not kept (the channel must be read now)."""
+        follows on the bulk channel is not kept (its payload would fill the channel's memory)."""
         limit = self.may_wait(h)
         now = time.monotonic()
         first = now if since is None else since
@@ -259,7 +350,7 @@ class Server:
         self.parked.append((identity, frames, first))
         return True
 
-    def hold(self, identity: bytes, frames: list[Any], since: float | None) -> bool:
+    def hold_for_move(self, identity: bytes, frames: list[Any], since: float | None) -> None:
         """Keep a request for keys this server is receiving until the move's end came (the
         loop handles it again then: ``unpark``); refused once it waited the request timeout."""
         now = time.monotonic()
@@ -271,7 +362,6 @@ class Server:
                 f"{now - first:.3g}s (a source of the move did not finish); nothing changed",
             )
         self.parked.append((identity, frames, first))
-        return True
 
     def on_switched(self, h: Any, req: Request) -> None:
         """A worker routes by a move's new ring from now on (server/transfer.py)."""

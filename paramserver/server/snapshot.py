@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from paramserver import checkpoint
-from paramserver.partition import HashRing
+from paramserver.partition import HashRing, holds
 from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.state import ServerState
-from paramserver.server.table import make_table
+from paramserver.server.table import Table, make_table
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
 
-__all__ = ["Snapshots", "restore"]
+__all__ = ["Snapshots", "load_rows", "restore"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Snapshots:
     def due(self, reached: int) -> int | None:
         """The clock of the pending checkpoint if the tables reached it (every live worker
         did; with none live, one did), else None."""
-        if self.pending is not None and self.pending[2] <= reached:
+        if self.pending is not None and (self.state.rebuilding or self.pending[2] <= reached):
             return self.pending[2]
         return None
 
@@ -62,7 +62,12 @@ class Snapshots:
             index = checkpoint.write_server_shards(
                 Path(path),
                 state.rank,
-                {n: (t.spec, t.shard, t.start, t.stop) for n, t in state.tables.items()},
+                # a rebuilding server holds none of its ranges: the live copies write them
+                {
+                    n: (t.spec, t.shard, t.start, t.stop)
+                    for n, t in state.tables.items()
+                    if not state.rebuilding
+                },
             )
         except OSError as exc:
             log.error("%s: checkpoint at clock %d into %s failed: %s", state.name, clock, path, exc)
@@ -82,26 +87,17 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
     """Create ``tables`` (wire specs) on this server with the rows the checkpoint at ``path``
     holds for it (a table created after the checkpoint starts empty)."""
     directory, manifest, _ = checkpoint.read_manifest(path)
+    n = int(view["num_servers"])
     # the ring now (servers join and leave: coordinator/scaling.py), not the one that wrote it
-    ring = HashRing.build(list(view.get("ring") or range(int(view["num_servers"]))))
+    ring = HashRing.build(list(view.get("ring") or range(n)))
+    # with replication this server holds the keys of the ranks it is a copy of, too
+    owners = [r for r in range(n) if holds(state.rank, r, n, state.replication)]
     saved = {t["name"] for t in manifest["tables"]}
     for wire in tables:
         spec = TableSpec.from_wire(wire)
-        table = make_table(spec, state.rank)
-        if spec.name not in saved:  # created after the checkpoint: starts empty
-            pass
-        elif isinstance(table.shard, SparseShard):
-            keys, rows = checkpoint.load_sparse_rows(
-                directory, manifest, spec.name, ring, state.rank
-            )
-            if len(keys):
-                table.shard.load(keys, rows.astype(spec.np_dtype, copy=False))
-        elif isinstance(table.shard, DenseShard):
-            dense = checkpoint.load_dense_range(
-                directory, manifest, spec.name, table.start, table.stop
-            )
-            if dense is not None:
-                table.shard.load(dense.astype(spec.np_dtype, copy=False))
+        table = make_table(spec, state.rank, n, state.replication)
+        if spec.name in saved:  # else created after the checkpoint: starts empty
+            load_rows(table, directory, manifest, ring, owners)
         state.tables[spec.name] = table
     log.info(
         "%s: restored %d tables from %s at clock %d",
@@ -110,6 +106,23 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
         directory,
         manifest["clock"],
     )
+
+
+def load_rows(
+    table: Table, directory: Path, manifest: dict[str, Any], ring: HashRing, owners: list[int]
+) -> None:
+    """Put into ``table``'s (new) shard the rows that the checkpoint holds for it: the sparse
+    rows whose keys ``ring`` gives one of ``owners`` (the server's rank, and with replication
+    the ranks it is a copy of), the elements of its dense range."""
+    spec = table.spec
+    if isinstance(table.shard, SparseShard):
+        keys, rows = checkpoint.load_sparse_rows(directory, manifest, spec.name, ring, owners)
+        if len(keys):
+            table.shard.load(keys, rows.astype(spec.np_dtype, copy=False))
+    elif isinstance(table.shard, DenseShard):
+        dense = checkpoint.load_dense_range(directory, manifest, spec.name, table.start, table.stop)
+        if dense is not None:
+            table.shard.load(dense.astype(spec.np_dtype, copy=False))
 
 
 def io_error(exc: OSError, path: str) -> str:

@@ -38,6 +38,13 @@ class ServerState:
         self.rank = -1
         self.address = ""
         self.view = 0  # the number of the newest cluster view applied
+        self.num_servers = 1
+        # copies of every range (partition.replicas_of): this server also holds the ranges of
+        # the replication - 1 ranks before it
+        self.replication = 1
+        # took over a dead rank under replication: holds none of its ranges yet, so no worker
+        # reads or writes here and its checkpoints hold nothing
+        self.rebuilding = False
         self.tables: dict[str, Table] = {}
         self.clocks = Clocks(0)
         self.last_seq: dict[int, int] = {}  # worker rank -> sequence number of its last push

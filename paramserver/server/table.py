@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.arrays import all_finite, check_keys
+from paramserver.partition import holds
 from paramserver.server.consistency import SyncBuffer
 from paramserver.server.keycache import KeyCache
 from paramserver.server.shard import DenseShard, SparseShard
@@ -159,8 +160,9 @@ def check_table_bytes(spec: TableSpec, rank: int, limit: int, where: str) -> Non
             )
 
 
-def make_table(spec: TableSpec, rank: int) -> Table:
-    """An empty table for ``spec`` on server ``rank`` (a dense one holds its range only)."""
+def make_table(spec: TableSpec, rank: int, num_servers: int = 1, replication: int = 1) -> Table:
+    """An empty table for ``spec`` on server ``rank`` (a dense one holds its range only: the
+    range it owns, or with ``replication`` the range of a rank it is a copy of)."""
     assert spec.seed is not None
     mode, _ = spec.mode
     table: Table
@@ -169,7 +171,11 @@ def make_table(spec: TableSpec, rank: int) -> Table:
             spec, SparseShard(spec.dim, spec.np_dtype, spec.init, spec.optimizer, spec.seed)
         )
     else:
-        mine = [(s, a, b) for s, a, b in spec.ranges if s == rank]
+        mine = [
+            (s, a, b)
+            for s, a, b in spec.ranges
+            if s == rank or holds(rank, s, num_servers, replication)
+        ]
         if mine:
             _, a, b = mine[0]
             shard = DenseShard(b - a, spec.np_dtype, spec.init, spec.optimizer, spec.seed, offset=a)

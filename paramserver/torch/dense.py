@@ -4,6 +4,7 @@ servers, driven like a torch optimizer (``zero_grad()``, ``backward()``, ``step(
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from paramserver.checkpoint import load_dense_range, read_manifest
 from paramserver.client import Client
 from paramserver.client.dense import DenseTable
 from paramserver.errors import ConfigError
@@ -169,3 +171,52 @@ class DenseParameters(torch.optim.Optimizer):
         pending, self._pending = self._pending, []
         for f in pending:
             f.result(timeout)
+
+    def assign(self, timeout: float | None = None) -> None:
+        """Write the module's current parameter values into the tables, the servers'
+        optimizer state started afresh: e.g. after ``module.load_state_dict(...)``, so that
+        the servers hold what the module holds. Waits until every server has applied them.
+
+        Example:
+            model.load_state_dict(torch.load("head.pt")); dense.assign()
+        """
+        self.wait(timeout)
+        with torch.no_grad():
+            values = [
+                np.ascontiguousarray(self.params[n].detach().cpu().numpy().reshape(t.shape))
+                for n, t in self.tables.items()
+            ]
+        for t, v in zip(self.tables.values(), values, strict=True):
+            t.assign(v, timeout=timeout)
+        self._stale = False
+
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], *, timeout: float | None = None
+    ) -> None:
+        """Put the values a checkpoint holds for these tables (``{name}/{parameter}``, written
+        by :meth:`Client.save`) into the module and the running tables (as :meth:`assign`:
+        a fresh optimizer state). Every table is read first: a missing or different one is a
+        ConfigError, and nothing changes.
+
+        Example:
+            dense.load_checkpoint("ckpt/")
+        """
+        directory, manifest, specs = read_manifest(path)
+        saved = {s.name: s for s in specs}
+        values = []
+        for n, t in self.tables.items():
+            spec = saved.get(t.name)
+            if spec is None or spec.kind != "dense" or spec.shape != t.shape:
+                have = "none" if spec is None else f"{spec.kind} of shape {spec.shape}"
+                raise ConfigError(
+                    f"checkpoint {directory}: no dense table {t.name!r} of shape {t.shape} "
+                    f"(it has {have}); nothing changed"
+                )
+            rows = load_dense_range(directory, manifest, t.name, 0, spec.size)
+            assert rows is not None  # size >= 1
+            values.append((n, rows[:, 0].reshape(t.shape)))
+        with torch.no_grad():
+            for n, v in values:
+                p = self.params[n]
+                p.copy_(torch.from_numpy(np.ascontiguousarray(v)).reshape(p.shape).to(p.dtype))
+        self.assign(timeout)

@@ -226,6 +226,54 @@ class _ServerEmbedding(nn.Module):
         self.wait(timeout)
         return read_embeddings(self.client.save(path, timeout=timeout), self.table.name)
 
+    def load(
+        self, ids: torch.Tensor | np.ndarray, weights: torch.Tensor | np.ndarray, *,
+        timeout: float | None = None,
+    ) -> None:  # fmt: skip
+        """Write ``weights`` ``(len(ids), dim)`` into the running table as the rows of ``ids``
+        (1-D, as the forward takes them: uint64 keys, or an int64 tensor of their bits),
+        creating missing rows; their optimizer state starts afresh. Waits until the servers
+        have applied them, after this worker's earlier pushes. Any other shape or dtype, NaN or
+        Inf: ConfigError, and the table is unchanged.
+
+        Example:
+            emb.load(torch.tensor([3, 9]), torch.zeros(2, emb.dim))
+        """
+        self.wait(timeout)
+        arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        name = self.table.name
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise ConfigError(
+                f"embedding {name!r}: load takes a 1-D array of integer ids, got {arr.dtype} of "
+                f"shape {arr.shape}"
+            )
+        keys = as_keys(arr, name, int64_bits=True)
+        w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else weights
+        if not isinstance(w, np.ndarray) or w.dtype.kind != "f":
+            raise ConfigError(
+                f"embedding {name!r}: load takes float weights, got "
+                f"{getattr(w, 'dtype', type(w).__name__)}"
+            )
+        self.table.assign(keys, w.astype(self.table.dtype, copy=False), timeout=timeout)
+
+    def load_checkpoint(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> int:
+        """Write this table's rows from a checkpoint (:meth:`export`, :meth:`Client.save`) into
+        the running cluster, whatever it holds now (other rows are kept); returns how many. The
+        weights only (:func:`read_embeddings`), with a fresh optimizer state: to resume training
+        with the saved state, ``client.restore(path)`` puts every table back instead.
+
+        Example:
+            n = emb.load_checkpoint("ckpt/")     # a serving cluster gets the trained rows
+        """
+        keys, weights = read_embeddings(path, self.table.name)
+        if weights.shape[1] != self.dim:
+            raise ConfigError(
+                f"embedding {self.table.name!r}: the checkpoint's rows are {weights.shape[1]} "
+                f"wide, this table's {self.dim}"
+            )
+        self.load(keys, weights, timeout=timeout)
+        return len(keys)
+
 
 class Embedding(_ServerEmbedding):
     """Like ``torch.nn.Embedding``, over unbounded 64-bit ids: rows live in a sparse table on

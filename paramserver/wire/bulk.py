@@ -9,9 +9,11 @@ two nodes. Both ends consume payloads in the order of their headers (ZeroMQ and 
 FIFO), so a connection needs no framing of its own.
 
 * :class:`Listener` (server): accepts connections, binds each to the worker that presents a
-  one-time ticket (given to it over ZeroMQ), reads push payloads (blocking, with a timeout:
-  the worker is sending them right behind their header) and queues pull payloads, which the
-  connection's own thread writes while the server's event loop goes on.
+  one-time ticket (given to it over ZeroMQ), hands over push payloads without ever blocking
+  the server's event loop (one read ahead whole is taken at once; the rest of one still on
+  its way is read by the connection's thread, which wakes the loop when it is in; one that
+  misses its deadline is given up and its connection closed) and queues pull payloads,
+  which the connection's own thread writes while the server's event loop goes on.
 * :class:`Channel` (worker): one connection to one server.
 
 Every connection is read ahead by a thread of its own and written by another
@@ -36,7 +38,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from paramserver.errors import (
@@ -197,6 +199,19 @@ class _Conn:
     rank: int
     reader: Reader
     writer: Writer  # writes the replies' payloads while the event loop goes on
+    closed: bool = field(default=False)
+
+
+@dataclass
+class _Pending:
+    """A push payload still on its way: the connection's reader fills ``raw`` (``buf``
+    itself, or the sealed records to open into it) while the event loop serves others."""
+
+    conn: _Conn
+    buf: memoryview
+    raw: memoryview
+    what: str
+    deadline: float  # all of it by then: ``idle`` of grace, then at least MIN_RATE
 
 
 class Listener:
@@ -232,6 +247,11 @@ class Listener:
         self._hello: dict[int, tuple[socket.socket, bytearray, float]] = {}  # fd -> handshake
         self._by_fd: dict[int, _Conn] = {}
         self._by_identity: dict[bytes, _Conn] = {}
+        self._pending: dict[bytes, _Pending] = {}  # by the worker's identity: one at a time
+        # a reader thread whose payload is in writes a byte here: the event loop polls it
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
 
     def ticket(self, identity: bytes, rank: int) -> int:
         """A one-time ticket for the worker at ZeroMQ ``identity``."""
@@ -246,11 +266,15 @@ class Listener:
 
     def fds(self) -> tuple[list[int], list[int]]:
         """(fds to watch for reading, fds to watch for writing)."""
-        return [self.sock.fileno(), *self._hello], []
+        return [self.sock.fileno(), self._wake_r.fileno(), *self._hello], []
 
     def handle(self, fd: int, readable: bool, writable: bool) -> None:
         if fd == self.sock.fileno():
             self._accept()
+        elif fd == self._wake_r.fileno():
+            with suppress_oserror():  # BlockingIOError: drained
+                while self._wake_r.recv(4096):
+                    pass
         elif fd in self._hello and readable:
             self._greet(fd)
 
@@ -269,18 +293,62 @@ class Listener:
         for c in [c for c in self._by_fd.values() if c.rank == rank]:
             self._drop(c, None)
 
-    def recv(self, identity: bytes, buf: memoryview, what: str) -> None:
-        """Read a payload of ``buf.nbytes`` from the worker at ``identity`` into ``buf``,
-        blocking until it is there: the worker sends it right behind its header. On OSError
-        the connection is closed (its byte stream is no longer in step with the headers)."""
-        c = self._by_identity.get(identity)
-        if c is None:
-            raise ConnectionError(f"{what}: no bulk connection from this worker")
+    def take(self, identity: bytes, buf: memoryview, what: str) -> bool:
+        """Fill ``buf`` with the next payload of the worker at ``identity`` if all of it is
+        here already (read ahead); False if not (then :meth:`begin`). On OSError the
+        connection is closed (its byte stream is no longer in step with the headers)."""
+        c = self._conn(identity, what)
         try:
-            c.reader.read_into(buf, self.idle, what)
+            return c.reader.take(buf, what)
         except BaseException as exc:  # out of step with the headers now, whatever happened
             self._drop(c, str(exc))
             raise
+
+    def begin(self, identity: bytes, buf: memoryview, what: str) -> None:
+        """Have the connection's thread read the next payload of the worker at ``identity``
+        into ``buf``, and return at once: :meth:`done` says when it is in (or given up)."""
+        c = self._conn(identity, what)
+        if identity in self._pending:
+            raise ConnectionError(f"{what}: an earlier payload of this worker is still coming")
+        n = buf.nbytes
+        wire = c.reader.wire_size(n)
+        raw = buf if wire == n else memoryview(bytearray(wire))
+        deadline = time.monotonic() + self.idle + wire / MIN_RATE
+        self._pending[identity] = _Pending(c, buf, raw, what, deadline)
+        c.reader.begin(raw, self._wake)
+
+    def done(self, now: float) -> list[tuple[bytes, str | None]]:
+        """The payloads :meth:`begin` started that are over: (identity, None) once all in
+        ``buf``, or (identity, why) once the connection broke, went silent for ``idle``, or
+        fell behind the least rate: their connection is closed then (out of step)."""
+        over: list[tuple[bytes, str | None]] = []
+        for identity, p in list(self._pending.items()):
+            reader, wire = p.conn.reader, p.raw.nbytes
+            got, full, why = reader.progress()
+            if full:  # all in, even if the connection broke after it
+                why = None
+                if p.raw is not p.buf:
+                    try:
+                        reader.unseal(p.raw, p.buf, p.what)
+                    except ConnectionError as exc:
+                        why = str(exc)
+            elif why is not None:
+                why = f"{p.what}: {why} after {got} of {wire} bytes"
+            elif now > p.deadline:
+                why = (
+                    f"{p.what}: {got} of {wire} bytes received, slower than the least rate of "
+                    f"{MIN_RATE} bytes/s (after {self.idle:g}s of grace)"
+                )
+            elif now - reader.seen > self.idle:
+                why = f"{p.what}: {got} of {wire} bytes received, then nothing for {self.idle:g}s"
+            else:
+                continue
+            del self._pending[identity]
+            reader.end()
+            if why is not None:
+                self._drop(p.conn, why)
+            over.append((identity, why))
+        return over
 
     def send(self, identity: bytes, data: memoryview, owner: object) -> bool:
         """Queue ``data`` (a view of ``owner``'s memory) for the worker at ``identity`` and
@@ -308,9 +376,23 @@ class Listener:
         for sock, _, _ in self._hello.values():
             sock.close()
         self._hello.clear()
+        self._pending.clear()
         self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     # ---- internals ------------------------------------------------------------------------
+
+    def _conn(self, identity: bytes, what: str) -> _Conn:
+        c = self._by_identity.get(identity)
+        if c is None:
+            raise ConnectionError(f"{what}: no bulk connection from this worker")
+        return c
+
+    def _wake(self) -> None:
+        """Called by a reader thread: wake the event loop (a byte already waiting does)."""
+        with suppress_oserror():
+            self._wake_w.send(b"\0")
 
     def _accept(self) -> None:
         for _ in range(16):
@@ -373,6 +455,9 @@ class Listener:
         log.debug("%s: bulk connection of worker[%d] open", self.name, rank)
 
     def _drop(self, c: _Conn, reason: str | None) -> None:
+        if c.closed:
+            return
+        c.closed = True
         if reason is not None:
             log.warning("%s: bulk connection of worker[%d] closed: %s", self.name, c.rank, reason)
         self._by_fd.pop(c.sock.fileno(), None)

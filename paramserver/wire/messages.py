@@ -3,7 +3,9 @@ declares which message it reads, and ``mypy --strict`` checks every field it tou
 
 :func:`paramserver.wire.protocol.decode` validates a header against the schema first, so a
 header handed to a handler has exactly these fields, with these types. A unit test holds the
-two in step (tests/unit/test_messages.py).
+two in step (tests/unit/test_messages.py). Beside them: the names of the two fields the wire
+still calls by old names (:data:`VIEW_NUMBER`, :data:`INCARNATION`), and the ``register``
+request every node sends (:func:`register_header`).
 
 Example:
     def on_pull(h: PullMsg) -> None:
@@ -11,11 +13,16 @@ Example:
 """
 
 # No "from __future__ import annotations" here: TypedDict reads NotRequired at class creation.
-from typing import Any, Literal, NotRequired, TypedDict
+import os
+import socket
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
 __all__ = [
+    "INCARNATION",
     "MESSAGES",
+    "VIEW_NUMBER",
     "AcquireLeaseMsg",
+    "AssignMsg",
     "AttachMsg",
     "AttachSlotMsg",
     "BarrierMsg",
@@ -40,6 +47,7 @@ __all__ = [
     "PushMsg",
     "RegisterMsg",
     "ReplyMsg",
+    "RestoreMsg",
     "Role",
     "SaveMsg",
     "SetLrMsg",
@@ -50,7 +58,16 @@ __all__ = [
     "SwitchedMsg",
     "TransferMsg",
     "ViewMsg",
+    "register_header",
 ]
+
+# Two fields keep their first names on the wire (renaming them would break the wire format; a
+# protocol version bump may): a view's number travels as "epoch" (in a view, and in the
+# coordinator's journal), and a member's incarnation (which registration of a rank a message
+# comes from) as "token" (in a member's first view, heartbeats and leave). The code calls them
+# view number and incarnation, and reads and writes the two fields through these names only.
+VIEW_NUMBER: Final = "epoch"
+INCARNATION: Final = "token"
 
 Role = Literal["server", "worker"]
 
@@ -74,6 +91,25 @@ class RegisterMsg(TypedDict):
     pid: NotRequired[int | None]
 
 
+def register_header(role: Role, rank: int | None, address: str | None = None) -> dict[str, Any]:
+    """This process's ``register`` request: its host name and pid let the coordinator tell a
+    replacement from a live member whose rank it asks for.
+
+    Example:
+        endpoint.request("coordinator", register_header("worker", None), what="registering")
+    """
+    header: dict[str, Any] = {
+        "kind": "register",
+        "role": role,
+        "rank": rank,
+        "host": socket.gethostname()[:256],
+        "pid": os.getpid(),
+    }
+    if address is not None:
+        header["address"] = address
+    return header
+
+
 class HeartbeatMsg(TypedDict):
     """``heartbeat``."""
 
@@ -81,7 +117,7 @@ class HeartbeatMsg(TypedDict):
     id: int
     role: Role
     rank: int
-    token: int
+    token: int  # the incarnation: read it as h[INCARNATION]
     clock: NotRequired[int | None]
     examples: NotRequired[int | None]
     metrics: NotRequired[dict[str, Any] | None]
@@ -136,7 +172,7 @@ class LeaveMsg(TypedDict):
     id: int
     role: Role
     rank: int
-    token: int
+    token: int  # the incarnation: read it as h[INCARNATION]
 
 
 class ShutdownMsg(TypedDict):
@@ -244,6 +280,29 @@ class PushMsg(TypedDict):
     reply_at: NotRequired[int]
     bulk: NotRequired[int]
     codec: NotRequired[str]
+
+
+class AssignMsg(TypedDict):
+    """``assign``."""
+
+    kind: Literal["assign"]
+    id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
+    table: str
+    rank: int
+    seq: int
+
+
+class RestoreMsg(TypedDict):
+    """``restore``."""
+
+    kind: Literal["restore"]
+    id: int
+    view: NotRequired[int]  # the cluster view it was sent in (fencing)
+    path: str
+    rank: int
+    servers: int
+    check: NotRequired[bool]
 
 
 class PullManyMsg(TypedDict):
@@ -433,6 +492,8 @@ MESSAGES: dict[str, type] = {
     "create_shard": CreateShardMsg,
     "pull": PullMsg,
     "push": PushMsg,
+    "assign": AssignMsg,
+    "restore": RestoreMsg,
     "pull_many": PullManyMsg,
     "push_many": PushManyMsg,
     "open_bulk": OpenBulkMsg,

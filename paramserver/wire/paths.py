@@ -21,6 +21,8 @@ the reused receive buffers, the bulk listener.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,11 +32,14 @@ import numpy as np
 from paramserver.errors import ConfigError
 from paramserver.wire import bulk, protocol, shm
 from paramserver.wire.refusal import Refusal
+from paramserver.wire.streams import MIN_RATE
 from paramserver.wire.transport import Router
 
-__all__ = ["DenseLink", "DenseValues", "Paths", "Reply", "Request", "SharedRange"]
+__all__ = ["Behind", "DenseLink", "DenseValues", "Paths", "Reply", "Request", "SharedRange"]
 
 log = logging.getLogger(__name__)
+
+_SPARE = 2  # buffers of payloads that waited, kept for the next ones
 
 
 class DenseValues(Protocol):
@@ -78,14 +83,35 @@ class DenseLink:
         self.shared.clear()
 
 
+@dataclass
+class Behind:
+    """The messages one sender sent after its push whose bulk payload is still on its way:
+    (frames, when first seen (None: now), bytes), in order, and their bytes together."""
+
+    messages: deque[tuple[list[Any], float | None, int]] = field(default_factory=deque)
+    nbytes: int = 0
+
+    def add(self, frames: list[Any], since: float | None) -> None:
+        size = sum(memoryview(f).nbytes for f in frames)
+        self.messages.append((frames, since, size))
+        self.nbytes += size
+
+    def next(self) -> tuple[list[Any], float | None]:
+        frames, since, size = self.messages.popleft()
+        self.nbytes -= size
+        return frames, since
+
+
 class Paths:
     """A server's side of the paths (see the module docstring).
 
     Example:
         paths = Paths(router, listener)
         req = paths.receive(identity, frames)      # ProtocolError if malformed
-        paths.fetch(req)                           # a bulk payload behind the header
-        req.reply.ok()
+        if paths.fetch(req):                       # a bulk payload behind the header is here
+            req.reply.ok()
+        for req, refusal in paths.arrived():       # later: the payloads that were not
+            ...
     """
 
     def __init__(self, router: Router, channel: bulk.Listener | None, no_channel: str = "") -> None:
@@ -100,6 +126,12 @@ class Paths:
         # message); an array decoded into one is only valid while its request is handled
         self.scratch: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
         self.received = 0  # bytes received since the last trim
+        # pushes whose bulk payload is still on its way, by sender (one each: the loop keeps
+        # a sender's later requests behind it), and the buffers such payloads may reuse
+        self.waiting: dict[bytes, Request] = {}
+        # the messages (frames, and when they first came) such a sender sent since, in order
+        self.behind: dict[bytes, Behind] = {}
+        self.spare: list[np.ndarray] = []
 
     @classmethod
     def bind(cls, router: Router, host: str, *, idle: float, secret: bytes | None) -> Paths:
@@ -132,22 +164,71 @@ class Paths:
             self.received += sum(a.nbytes for a in arrays)
         return Request(self, identity, header, arrays)
 
-    def fetch(self, req: Request) -> None:
-        """Read the payload that follows a push's header on the bulk channel, if it announces
-        one: first of all, whatever the handler then decides, so the channel stays in step."""
+    def fetch(self, req: Request) -> bool:
+        """Take the payload that follows a push's header on the bulk channel, if it announces
+        one: first of all, whatever the handler then decides, so the channel stays in step.
+        True: the request may be handled now (no payload, or all of it was here already).
+        False: the payload is still on its way; the request waits here, the loop serves
+        everyone else, and :meth:`arrived` hands it back. Never blocks."""
         h = req.header
         if h["kind"] != "push" or "bulk" not in h:
-            return
+            return True
         what = f"{self.name}: push to table {h['table']!r} from worker[{h['rank']}]"
-        buf = self.alloc(0, h["bulk"])[: h["bulk"]]
+        n = h["bulk"]
         try:
             if self.channel is None:
                 raise ConnectionError(f"{what}: {self.name} has no bulk channel")
-            self.channel.recv(req.identity, buf.data, what)
+            if not self.channel.connected(req.identity):
+                raise ConnectionError(f"{what}: no bulk connection from this worker")
+            buf = self.alloc(0, n)[:n]
+            here = self.channel.take(req.identity, buf.data, what)
+            if not here:  # memory of its own: other requests use the scratch meanwhile
+                buf = self.spare_buffer(n)
+                self.channel.begin(req.identity, buf.data, what)
+                self.waiting[req.identity] = req
         except OSError as exc:
             raise Refusal("bulk", f"{exc}; the table is unchanged") from None
         req.arrays = [buf]
         req.raw = True
+        return here
+
+    def arrived(self) -> list[tuple[Request, Refusal | None]]:
+        """The pushes :meth:`fetch` left waiting whose payload is over: (request, None) to
+        handle now, or (request, the refusal to send: the payload was given up, its bulk
+        connection closed). Hand each back with :meth:`settled` once handled."""
+        if not self.waiting or self.channel is None:
+            return []
+        out: list[tuple[Request, Refusal | None]] = []
+        for identity, why in self.channel.done(time.monotonic()):
+            req = self.waiting.pop(identity)
+            refusal = None
+            if why is not None:
+                refusal = Refusal(
+                    "bulk",
+                    f"{why}; the table is unchanged and the bulk connection closed: push again "
+                    f"(the worker opens a new one), and if this recurs, look at its link to "
+                    f"{self.name} (a payload has heartbeat_timeout seconds of grace, then must "
+                    f"come at {MIN_RATE} bytes/s or more)",
+                )
+                req.arrays = []  # its buffer is not reused (:meth:`settled`)
+            out.append((req, refusal))
+        return out
+
+    def settled(self, req: Request) -> None:
+        """A request :meth:`arrived` handed back was handled: its buffer may serve again."""
+        if req.arrays and len(self.spare) < _SPARE:
+            buf = req.arrays[0]
+            self.spare.append(buf if buf.base is None else buf.base)
+        req.arrays = []
+
+    def spare_buffer(self, nbytes: int) -> np.ndarray:
+        """A buffer of ``nbytes`` for a payload that waits: a spare one (its pages are
+        mapped already) or a new one."""
+        fits = [i for i, b in enumerate(self.spare) if b.nbytes >= nbytes]
+        if not fits:
+            return np.empty(nbytes, np.uint8)
+        best = min(fits, key=lambda i: self.spare[i].nbytes)
+        return self.spare.pop(best)[:nbytes]
 
     def alloc(self, i: int, nbytes: int) -> np.ndarray:
         if i >= len(self.scratch):
@@ -249,10 +330,13 @@ class Paths:
         """Give back the receive buffers and the slots' pages (mapped again on next use)."""
         self.received = 0
         self.scratch = [np.empty(0, np.uint8) for _ in self.scratch]
+        self.spare = []
         for seg in self.slots.values():
             seg.drop_pages()
 
     def close(self) -> None:
+        self.waiting.clear()
+        self.behind.clear()
         for link in self.links.values():
             link.close()
         for seg in self.slots.values():

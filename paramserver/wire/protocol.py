@@ -199,6 +199,18 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "bulk": (BULK, False),  # dense: this many gradient bytes follow on the bulk channel
         "codec": (CODEC, False),  # the gradient is encoded in this codec (wire.codec)
     },
+    # rows written into a running table (server/assign.py): arrays [keys, rows] (sparse) or
+    # [values] (dense); rows of the table's width set weights and reset the optimizer state,
+    # rows as wide as a checkpoint's set the state too
+    "assign": {"table": (NAME, True), "rank": (RANK, True), "seq": (U63, True)},
+    # every table of this server back to a checkpoint (its part under a ring of ``servers``);
+    # check: only say whether it could
+    "restore": {
+        "path": (_str(4096), True),
+        "rank": (RANK, True),
+        "servers": (_int(1, 1 << 16), True),
+        "check": (_is_bool, False),
+    },
     # many small dense tables of one server in one request (server/many.py): their values or
     # gradients as one array, the tables one after the other
     "pull_many": {
@@ -277,7 +289,8 @@ KINDS = frozenset(SCHEMA)
 # a worker's request to a server names the cluster view it was sent in: a server that has not
 # seen that view checks that it still holds its rank before it serves (server/cluster.py)
 for _kind in ("create_shard", "pull", "push", "pull_many", "push_many", "open_bulk", "attach",
-              "attach_slot", "clock", "set_lr", "stats", "ping", "switched"):  # fmt: skip
+              "attach_slot", "clock", "set_lr", "stats", "ping", "assign", "restore",
+              "switched"):  # fmt: skip
     SCHEMA[_kind]["view"] = (U63, False)
 
 

@@ -1,5 +1,8 @@
 """The two threads of a bulk connection: one reads it ahead, one writes the payloads queued
 for it, so that several connections' transfers go on at once and no caller waits on a link.
+A server's event loop never waits on a reader either: it takes a payload that was read ahead
+whole (:meth:`Reader.take`), or hands the reader the buffer to fill (:meth:`Reader.begin`) and
+is woken once it is full.
 With a :class:`~paramserver.wire.seal.Seal` they read and write sealed records instead of raw
 bytes (the cluster token's encrypted fast path).
 
@@ -7,7 +10,9 @@ Example:
     reader, writer = Reader(sock, "server[0]"), Writer(sock, "server[0]", idle=5.0)
     reader.start(); writer.start()
     writer.send(memoryview(grad).cast("B"), "push of 'w'")
-    reader.read_into(memoryview(out).cast("B"), 5.0, "pull of 'w'")
+    reader.read_into(memoryview(out).cast("B"), 5.0, "pull of 'w'")   # a worker: blocking
+    if not reader.take(buf, "push of 'w'"):                          # a server: never blocking
+        reader.begin(buf, wake)      # wake() once buf is full or the connection broke
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from paramserver.wire.seal import RECORD, TAG, Seal
@@ -59,11 +65,13 @@ class Reader(threading.Thread):
         self.error: str | None = None
         self.closed = False
         self.seen = time.monotonic()  # when bytes last arrived
+        self.begun = 0  # bytes of the payload :meth:`begin` started that came from read-ahead
+        self.wake: Callable[[], None] | None = None  # called once a begun payload is in
 
     def run(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and self.target is None and self.staged >= READ_AHEAD:
+                while not self.closed and self._full() and self.staged >= READ_AHEAD:
                     self.cond.wait(_TICK)
                 if self.closed or self.error is not None:
                     return
@@ -94,6 +102,7 @@ class Reader(threading.Thread):
                 with self.cond:
                     self.error = str(exc) or type(exc).__name__
                     self.cond.notify_all()
+                    self._wake()
                 return
             with self.cond:
                 self.seen = time.monotonic()
@@ -102,7 +111,110 @@ class Reader(threading.Thread):
                 else:
                     tail[2] += n
                     self.staged += n
+                    if not self._full():  # read just before the target was set: it is its
+                        assert self.target is not None
+                        self.filled = self._take(self.target, self.filled)
+                if self._full() and self.target is not None:
+                    self._wake()
                 self.cond.notify_all()
+
+    def _full(self) -> bool:
+        """Whether no one waits for bytes (no target, or a full one not taken back yet)."""
+        return self.target is None or self.filled >= self.target.nbytes
+
+    def _wake(self) -> None:
+        wake, self.wake = self.wake, None
+        if wake is not None:
+            wake()
+
+    def _take(self, buf: memoryview, pos: int) -> int:
+        """Copy staged bytes into ``buf`` from ``pos`` on (as many as there are and fit); the
+        new position. Call with ``cond`` held."""
+        n = buf.nbytes
+        while self.staged and pos < n:
+            c = self.chunks[0]
+            k = min(c[2] - c[1], n - pos)
+            buf[pos : pos + k] = memoryview(c[0])[c[1] : c[1] + k]
+            c[1] += k
+            pos += k
+            self.staged -= k
+            # the reader thread appends to the last piece while it has room
+            if c[1] == c[2] and (c[2] == len(c[0]) or len(self.chunks) > 1):
+                self.chunks.popleft()
+        return pos
+
+    # ---- a server's loop: never waits ---------------------------------------------------------
+
+    def wire_size(self, n: int) -> int:
+        """The bytes a payload of ``n`` takes on the connection (sealed: a tag per record)."""
+        return n if self.seal is None else n + -(-n // RECORD) * TAG
+
+    def take(self, buf: memoryview, what: str) -> bool:
+        """Fill ``buf`` with the next payload if all of it was read ahead already (the common
+        case on a fast link); False, and nothing taken, if not. ConnectionError if a sealed
+        record fails authentication."""
+        with self.cond:
+            if not self._full() or self.staged < self.wire_size(buf.nbytes):
+                return False
+            if self.seal is None:
+                self._take(buf, 0)
+            else:
+                self._unseal(buf, what, lambda record: self._take(record, 0))
+            return True
+
+    def begin(self, raw: memoryview, wake: Callable[[], None]) -> None:
+        """Start reading the next ``raw.nbytes`` bytes of the connection (sealed records as
+        they are: :meth:`unseal` once in) into ``raw`` without waiting: what was read ahead is
+        copied now, the thread reads the rest straight in and calls ``wake()`` (from its own
+        thread) once ``raw`` is full or the connection broke. :meth:`progress` says how far it
+        got; :meth:`end` once it is over."""
+        with self.cond:
+            self.seen = max(self.seen, time.monotonic())
+            self.begun = self._take(raw, 0)
+            self.target, self.filled, self.wake = raw[self.begun :], 0, wake
+            self.cond.notify_all()
+
+    def progress(self) -> tuple[int, bool, str | None]:
+        """Of the payload :meth:`begin` started: (bytes in, whether all are, why the connection
+        broke (None: it did not)); and ``seen`` says when bytes last came."""
+        with self.cond:
+            got = self.begun + self.filled
+            full = self.target is not None and self.filled >= self.target.nbytes
+            why = self.error or ("connection closed" if self.closed else None)
+            return got, full, why
+
+    def end(self) -> None:
+        """The payload :meth:`begin` started is over (read, or given up)."""
+        with self.cond:
+            self.target, self.filled, self.begun, self.wake = None, 0, 0, None
+            self.cond.notify_all()
+
+    def unseal(self, raw: memoryview, buf: memoryview, what: str) -> None:
+        """Open the sealed records ``raw`` (a payload :meth:`begin` read) into ``buf``;
+        ConnectionError if one fails authentication."""
+        at = [0]
+
+        def fill(record: memoryview) -> None:
+            record[:] = raw[at[0] : at[0] + record.nbytes]
+            at[0] += record.nbytes
+
+        self._unseal(buf, what, fill)
+
+    def _unseal(self, buf: memoryview, what: str, fill: Callable[[memoryview], object]) -> None:
+        """Fill ``buf`` record by record: ``fill`` gives each sealed record's bytes."""
+        assert self.seal is not None
+        n, pos = buf.nbytes, 0
+        while pos < n:
+            k = min(RECORD, n - pos)
+            record = memoryview(self.seal.scratch)[: k + TAG]
+            fill(record)
+            try:
+                self.seal.open(record, buf[pos : pos + k])
+            except ConnectionError as exc:
+                raise ConnectionError(f"{what}: {exc}, at byte {pos} of {n}") from None
+            pos += k
+
+    # ---- a worker: waits, with a deadline -----------------------------------------------------
 
     def read_into(self, buf: memoryview, idle: float, what: str) -> None:
         """Fill ``buf`` with the next payload; ConnectionError if the connection broke or (with
@@ -112,17 +224,8 @@ class Reader(threading.Thread):
         deadline = time.monotonic() + idle + buf.nbytes / MIN_RATE
         if self.seal is None:
             self._read(buf, idle, what, deadline)
-            return
-        n, pos = buf.nbytes, 0
-        while pos < n:
-            k = min(RECORD, n - pos)
-            record = memoryview(self.seal.scratch)[: k + TAG]
-            self._read(record, idle, what, deadline)
-            try:
-                self.seal.open(record, buf[pos : pos + k])
-            except ConnectionError as exc:
-                raise ConnectionError(f"{what}: {exc}, at byte {pos} of {n}") from None
-            pos += k
+        else:
+            self._unseal(buf, what, lambda record: self._read(record, idle, what, deadline))
 
     def _read(self, buf: memoryview, idle: float, what: str, deadline: float) -> None:
         n, pos = buf.nbytes, 0
@@ -130,16 +233,7 @@ class Reader(threading.Thread):
             self.seen = max(self.seen, time.monotonic())
             try:
                 while pos < n:
-                    while self.staged and pos < n:
-                        c = self.chunks[0]
-                        k = min(c[2] - c[1], n - pos)
-                        buf[pos : pos + k] = memoryview(c[0])[c[1] : c[1] + k]
-                        c[1] += k
-                        pos += k
-                        self.staged -= k
-                        # the reader thread appends to the last piece while it has room
-                        if c[1] == c[2] and (c[2] == len(c[0]) or len(self.chunks) > 1):
-                            self.chunks.popleft()
+                    pos = self._take(buf, pos)
                     if pos == n:
                         break
                     self.target, self.filled = buf[pos:], 0

@@ -21,7 +21,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, TypedDict, TypeVar, Unpack, overload
 
 import numpy as np
 import zmq
@@ -61,6 +61,16 @@ class _Pending:
     sink: np.ndarray | None  # where a multi-frame reply array is assembled
     region: np.ndarray | None = None  # the request's shared slot: where reply arrays may lie
     release: Callable[[], None] | None = None  # called once the answer was parsed
+
+
+class SendOptions(TypedDict, total=False):
+    """How :meth:`Endpoint.request` sends and receives beyond frames (see its docstring)."""
+
+    sink: np.ndarray | None
+    region: np.ndarray | None
+    start: int
+    release: Callable[[], None] | None
+    bulk: bool
 
 
 class _Peer:
@@ -164,11 +174,7 @@ class Endpoint:
         *,
         what: str,
         parse: None = None,
-        sink: np.ndarray | None = None,
-        region: np.ndarray | None = None,
-        start: int = 0,
-        release: Callable[[], None] | None = None,
-        bulk: bool = False,
+        **options: Unpack[SendOptions],
     ) -> Future[dict[str, Any]]: ...
 
     @overload
@@ -180,11 +186,7 @@ class Endpoint:
         *,
         what: str,
         parse: Callable[[Message], T],
-        sink: np.ndarray | None = None,
-        region: np.ndarray | None = None,
-        start: int = 0,
-        release: Callable[[], None] | None = None,
-        bulk: bool = False,
+        **options: Unpack[SendOptions],
     ) -> Future[T]: ...
 
     def request(
@@ -195,11 +197,7 @@ class Endpoint:
         *,
         what: str,
         parse: Callable[[Message], Any] | None = None,
-        sink: np.ndarray | None = None,
-        region: np.ndarray | None = None,
-        start: int = 0,
-        release: Callable[[], None] | None = None,
-        bulk: bool = False,
+        **options: Unpack[SendOptions],
     ) -> Future[Any]:
         """Send a request to peer ``name``; the future gets ``parse((header, arrays))``, or the
         reply header when there is no ``parse``. A reply's first array, when it comes in several
@@ -212,6 +210,9 @@ class Endpoint:
         peer, a single large array goes over it (the header says ``bulk: nbytes``), and a
         request without arrays says that its reply may come over it (``bulk: True``; such a
         reply's array is uint8 and its header keeps ``bulk``)."""
+        sink, region = options.get("sink"), options.get("region")
+        start, release = options.get("start", 0), options.get("release")
+        bulk = options.get("bulk", False)
         peer = self.peers.get(name)
         fut: Future[Any] = Future(self, what)
         unsent: BaseException | None = None

@@ -244,3 +244,6 @@ def test_deepfm_defaults_do_not_overfit_and_a_falling_auc_stops_it(tmp_path: Pat
     assert summary["best_epoch"] == 1
     assert summary["best_test_auc"] == hist[0]["test_auc"]
     assert any("stopped early" in n for n in summary["notes"])
+    # the model left (and reported as final) is epoch 1's, not the last one's
+    assert summary["kept_epoch"] == 1
+    assert summary["final"]["test_auc"] == hist[0]["test_auc"]

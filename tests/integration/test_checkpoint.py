@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,6 +87,23 @@ def final_state(cluster: ps.LocalCluster) -> tuple[np.ndarray, np.ndarray]:
     return emb.pull(np.arange(VOCAB), create=False), dense.pull()
 
 
+def periodic_cluster(root: Path, servers: int, **policy: Any) -> ps.LocalCluster:
+    """One worker and ``servers`` servers writing periodic checkpoints under ``root``
+    (``policy``: checkpoint_every, checkpoint_every_clocks, checkpoint_keep)."""
+    return ps.LocalCluster(servers=servers, workers=1, timeouts=CKPT, checkpoint_dir=root, **policy)
+
+
+def check_minus_clock(ckpt: Path, trained: int | None = None) -> None:
+    """Check that checkpoint ``ckpt`` is labelled with a clock reached (at most ``trained``) and
+    that its 4-element dense table holds -clock (SGD lr 1, one worker pushing ones: the weights
+    at clock c are exactly -c)."""
+    _, manifest, _ = checkpoint.read_manifest(ckpt)
+    if trained is not None:
+        assert manifest["clock"] <= trained, f"{ckpt.name} says clock {manifest['clock']}"
+    rows = np.load(next(ckpt.glob("server-*/t0.rows.npy")))
+    np.testing.assert_array_equal(rows[:, 0], np.full(4, -manifest["clock"], np.float32))
+
+
 def server_clocks(address: str) -> list[int]:
     """The servers' clocks as the coordinator knows them (from their heartbeats)."""
     ctx = new_context()
@@ -120,14 +138,7 @@ def test_restore_onto_more_servers_continues_sync_training_bitwise(tmp_path: Pat
 
 def test_periodic_checkpoints_keep_the_last_k(tmp_path: Path) -> None:
     root = tmp_path / "periodic"
-    with ps.LocalCluster(
-        servers=2,
-        workers=1,
-        timeouts=CKPT,
-        checkpoint_dir=root,
-        checkpoint_every=0.3,
-        checkpoint_keep=2,
-    ) as cluster:
+    with periodic_cluster(root, servers=2, checkpoint_every=0.3, checkpoint_keep=2) as cluster:
         client = cluster.connect()
         t = client.sparse_table("t", dim=2, optimizer=ps.optim.SGD(lr=1.0))
         seen: set[str] = set()
@@ -217,13 +228,8 @@ def test_periodic_checkpoints_every_n_clocks_land_on_clock_boundaries(tmp_path: 
     # heartbeats report clocks late, so a round may aim at a clock a server has passed; such a
     # round is retried further ahead, never written at mixed clocks
     root = tmp_path / "by-clock"
-    with ps.LocalCluster(
-        servers=2,
-        workers=1,
-        timeouts=CKPT,
-        checkpoint_dir=root,
-        checkpoint_every_clocks=5,
-        checkpoint_keep=10,
+    with periodic_cluster(
+        root, servers=2, checkpoint_every_clocks=5, checkpoint_keep=10
     ) as cluster:
         client = cluster.connect()
         t = client.dense_table("d", shape=(4,), optimizer=ps.optim.SGD(lr=1.0), consistency="sync")
@@ -241,10 +247,7 @@ def test_periodic_checkpoints_every_n_clocks_land_on_clock_boundaries(tmp_path: 
     kept = sorted(root.glob("ckpt-*"))
     assert len(kept) >= 2
     for ckpt in kept:
-        _, manifest, _ = checkpoint.read_manifest(ckpt)
-        rows = np.load(next(ckpt.glob("server-*/t0.rows.npy")))
-        # with SGD lr 1 and one worker pushing ones, the weights at clock c are exactly -c
-        np.testing.assert_array_equal(rows[:, 0], np.full(4, -manifest["clock"], np.float32))
+        check_minus_clock(ckpt)
 
 
 @pytest.mark.parametrize("trial", range(3))
@@ -257,14 +260,8 @@ def test_a_round_after_the_last_worker_left_is_not_labelled_with_an_untrained_cl
     # resumed at a clock nobody reached. Whether a round is in flight at the leave is timing,
     # hence a few trials.
     root = tmp_path / "left"
-    with ps.LocalCluster(
-        servers=1,
-        workers=1,
-        timeouts=CKPT,
-        checkpoint_dir=root,
-        checkpoint_every=0.5,
-        checkpoint_every_clocks=2,
-        checkpoint_keep=50,
+    with periodic_cluster(
+        root, servers=1, checkpoint_every=0.5, checkpoint_every_clocks=2, checkpoint_keep=50
     ) as cluster:
         client = cluster.connect()
         t = client.dense_table("d", shape=(4,), optimizer=ps.optim.SGD(lr=1.0), consistency="sync")
@@ -277,7 +274,4 @@ def test_a_round_after_the_last_worker_left_is_not_labelled_with_an_untrained_cl
         # nothing announces "no round was written": give the periodic rounds a few periods
         time.sleep(1.5)
     for ckpt in sorted(root.glob("ckpt-*")):
-        _, manifest, _ = checkpoint.read_manifest(ckpt)
-        assert manifest["clock"] <= trained, f"{ckpt.name} says clock {manifest['clock']}"
-        rows = np.load(next(ckpt.glob("server-*/t0.rows.npy")))
-        np.testing.assert_array_equal(rows[:, 0], np.full(4, -manifest["clock"], np.float32))
+        check_minus_clock(ckpt, trained)

@@ -10,6 +10,7 @@ import zmq
 
 import paramserver as ps
 from paramserver.wire import protocol
+from tests.tables import filled_tables
 
 pytestmark = pytest.mark.timeout(180)
 MESSAGES = 10_000
@@ -112,13 +113,7 @@ def mutate(rng: np.random.Generator, frames: list[bytes]) -> list[bytes]:
 def test_a_server_survives_ten_thousand_bad_messages() -> None:
     with ps.LocalCluster(servers=1, workers=1) as cluster:
         client = cluster.connect()
-        emb = client.sparse_table(
-            "emb", dim=8, init=ps.init.Normal(std=1.0), optimizer=ps.optim.Adagrad(lr=0.1)
-        )
-        dense = client.dense_table("dense", shape=(1000,), optimizer=ps.optim.Adam(lr=0.1))
-        keys = np.arange(40, dtype=np.uint64)
-        emb.push(keys, np.ones((40, 8), np.float32)).result()
-        dense.push(np.ones(1000, np.float32)).result()
+        emb, dense, keys = filled_tables(client)
         before = (
             emb.pull(keys, create=False).tobytes(),
             dense.pull().tobytes(),

@@ -25,6 +25,7 @@ from paramserver.wire import protocol
 from paramserver.wire.messages import MESSAGES
 from paramserver.wire.transport import new_context
 from tests.procs import rss_mib
+from tests.tables import filled_tables
 
 pytestmark = pytest.mark.timeout(180)
 BUDGET_S = 45.0  # of hostile messages, server and coordinator together (~1,300 sent)
@@ -186,13 +187,7 @@ def fuzz(target: Hostile, kinds: list[str], seconds: float, between: Any, exampl
 def test_schema_aware_hostile_messages_change_nothing() -> None:
     with ps.LocalCluster(servers=2, workers=1) as cluster:
         client = cluster.connect()
-        emb = client.sparse_table(
-            "emb", dim=8, init=ps.init.Normal(std=1.0), optimizer=ps.optim.Adagrad(lr=0.1)
-        )
-        dense = client.dense_table("dense", shape=(1000,), optimizer=ps.optim.Adam(lr=0.1))
-        keys = np.arange(40, dtype=np.uint64)
-        emb.push(keys, np.ones((40, 8), np.float32)).result()
-        dense.push(np.ones(1000, np.float32)).result()
+        emb, dense, keys = filled_tables(client)
         client.clock()
 
         def snapshot() -> tuple[Any, ...]:

@@ -11,6 +11,7 @@ import pytest
 import paramserver as ps
 from paramserver.data import SyntheticCriteo
 from paramserver.data.fetch import RegistryUnreachable, fetch
+from tests.timing import FAST
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -69,3 +70,30 @@ def test_mlp_on_servers_matches_the_one_process_mlp() -> None:
     last = out["curve"][-1]
     assert last["test_accuracy"] > 0.85  # 8x8 digits, 6 epochs
     assert abs(last["test_accuracy"] - last["reference_accuracy"]) <= 0.01
+
+
+def test_deepfm_keeps_the_best_epochs_model_when_the_auc_falls(tmp_path: Path) -> None:
+    """Rates that overfit after one epoch: training stops after epoch 2, and the model left
+    in the cluster is epoch 1's: evaluated afresh, it gives epoch 1's test AUC exactly."""
+    pytest.importorskip("torch")
+    from paramserver.models import deepfm
+    from paramserver.models.ctr import test_blocks
+    from paramserver.models.program import Report
+
+    train, test = SyntheticCriteo(examples=20000).make()
+    rates = {"lr_sparse": 0.05, "lr_dense": 1e-3}
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        report = Report("deepfm", tmp_path, show=False)
+        curve = deepfm.train_worker(client, train, test, epochs=3, patience=1, show=False,
+                                    report=report, **rates)["curve"]  # fmt: skip
+        aucs = [m["test_auc"] for m in curve]
+        assert len(aucs) == 2 and aucs[1] < aucs[0], aucs
+        fresh = deepfm.DeepFMTrainer(
+            client, test_blocks(test), fields=train.fields, dense_inputs=int(train.dense.shape[1]),
+            dim=8, hidden=(64, 32), consistency="async", **rates,
+        )  # fmt: skip
+        assert fresh.evaluate()["test_auc"] == aucs[0]
+    assert report.info["kept_epoch"] == 1
+    assert report.info["final"]["test_auc"] == aucs[0]
+    assert any("model of epoch 1" in n for n in report.notes), report.notes

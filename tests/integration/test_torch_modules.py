@@ -344,3 +344,77 @@ def test_save_restore_and_export(tmp_path: Path) -> None:
         np.testing.assert_allclose(emb.table.pull(keys, create=False), after_rows, rtol=1e-6)
         for k, v in head.state_dict().items():
             np.testing.assert_allclose(v, after_head[k], rtol=1e-6, atol=1e-7)
+
+
+def test_exported_model_loads_into_a_running_cluster(tmp_path: Path) -> None:
+    """export(), then load_checkpoint() into another running cluster: the rows are the
+    exported weights, the model's eval output is the first cluster's and a torch.nn.Embedding
+    holding the exported weights gives it too; load() takes tensors as the forward does."""
+    rng = np.random.default_rng(5)
+    ids = [torch.from_numpy(rng.integers(0, 40, size=(8, 3))) for _ in range(3)]
+    ys = [torch.from_numpy(rng.random((8, 1)).astype(np.float32)) for _ in range(3)]
+    test_ids = ids[0][:5]  # ids the training touched
+
+    def build(client: Any) -> tuple[Any, Any, Any]:
+        torch.manual_seed(1)
+        emb = pst.Embedding(client, "emb", DIM, optimizer=ps.optim.Adagrad(lr=0.3),
+                            init=ps.init.Normal(std=0.1))  # fmt: skip
+        head = torch.nn.Linear(3 * DIM, 1)
+        return emb, head, pst.DenseParameters(client, "head", head, optimizer=ps.optim.Adam())
+
+    def predict(emb: Any, head: Any) -> Any:
+        emb.eval()
+        with torch.no_grad():
+            return head(emb(test_ids).reshape(len(test_ids), -1))
+
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb, head, opt = build(client)
+        for x, y in zip(ids, ys, strict=True):
+            opt.zero_grad()
+            logit = head(emb(x).reshape(len(x), -1))
+            torch.nn.functional.binary_cross_entropy_with_logits(logit, y).backward()
+            opt.step()
+            client.clock()
+        keys, weights = emb.export(tmp_path / "ckpt")
+        opt.pull()
+        trained = predict(emb, head)
+        head_state = {k: v.clone() for k, v in head.state_dict().items()}
+    with ps.LocalCluster(servers=3, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb, head, opt = build(client)
+        assert not torch.equal(predict(emb, head), trained)
+        assert emb.load_checkpoint(tmp_path / "ckpt") == len(keys)
+        opt.load_checkpoint(tmp_path / "ckpt")
+        np.testing.assert_array_equal(emb.table.pull(keys, create=False), weights)
+        for k, v in head.state_dict().items():
+            np.testing.assert_array_equal(v, head_state[k])
+        np.testing.assert_array_equal(predict(emb, head), trained)
+        ref = torch.nn.Embedding(40, DIM)
+        with torch.no_grad():
+            ref.weight[torch.from_numpy(keys.astype(np.int64))] = torch.from_numpy(weights)
+            np.testing.assert_allclose(
+                head(ref(test_ids).reshape(len(test_ids), -1)), trained, rtol=1e-6
+            )
+        # tensors, and int64 ids that are the bits of uint64 keys
+        big = torch.tensor([-5, 7])  # -5: key 2**64 - 5
+        vecs = torch.arange(2 * DIM, dtype=torch.float32).reshape(2, DIM)
+        emb.load(big, vecs)
+        np.testing.assert_array_equal(
+            emb.table.pull(np.array([2**64 - 5, 7], np.uint64), create=False), vecs.numpy()
+        )
+        with pytest.raises(ConfigError, match="1-D array of integer ids"):
+            emb.load(big.reshape(1, 2), vecs)
+        with pytest.raises(ConfigError, match="float weights"):
+            emb.load(big, vecs.long())
+        with pytest.raises(ConfigError, match="no dense table 'other/weight'"):
+            pst.DenseParameters(client, "other", torch.nn.Linear(2, 1)).load_checkpoint(
+                tmp_path / "ckpt"
+            )
+        # the module's own values, written into the tables
+        with torch.no_grad():
+            head.weight.fill_(0.25)
+        opt.assign()
+        head.weight.data.zero_()
+        opt.pull()
+        assert torch.equal(head.weight, torch.full_like(head.weight, 0.25))

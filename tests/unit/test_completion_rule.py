@@ -28,7 +28,7 @@ def cluster(workers: int) -> Membership:
 def leave(members: Membership, rank: int) -> None:
     msg: LeaveMsg = {
         "kind": "leave", "id": 3, "role": "worker", "rank": rank,
-        "token": members.workers[rank].token,
+        "token": members.workers[rank].incarnation,
     }  # fmt: skip
     assert members.leave(msg) is not None
 

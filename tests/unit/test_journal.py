@@ -53,9 +53,14 @@ def test_a_membership_taken_back_keeps_incarnations_and_the_view_number() -> Non
 
     back = Membership(2, 1, T)
     back.load_record(record, now=50.0)
-    assert back.epoch == members.epoch
+    assert back.view_number == members.view_number
     b0, b1 = back.servers
-    assert (b0.state, b0.token, b0.identity, b0.address) == (ALIVE, s0.token, b"id-0", s0.address)
+    assert (b0.state, b0.incarnation, b0.identity, b0.address) == (
+        ALIVE,
+        s0.incarnation,
+        b"id-0",
+        s0.address,
+    )
     assert b1.state == DEAD
     assert back.workers[0].state == PENDING
     # a live member gets the heartbeat timeout to beat again, from the restart on
@@ -64,10 +69,12 @@ def test_a_membership_taken_back_keeps_incarnations_and_the_view_number() -> Non
 
 
 def _state(c: Coordinator) -> tuple[Any, ...]:
-    members = [(m.role, m.rank, m.state, m.address, m.token, m.identity) for m in c.members.members]
+    members = [
+        (m.role, m.rank, m.state, m.address, m.incarnation, m.identity) for m in c.members.members
+    ]
     books = {k: (b.next, b.returned, b.holder.tolist(), b.finished.tolist())
              for k, b in c.leases.books.items()}  # fmt: skip
-    return (c.members.epoch, members, c.members.ring, [s.to_wire() for s in c.tables.specs()],
+    return (c.members.view_number, members, c.members.ring, [s.to_wire() for s in c.tables.specs()],
             c.rounds.latest, books)  # fmt: skip
 
 

@@ -35,7 +35,7 @@ def beat(m: Member, clock: int | None = None, examples: int | None = None) -> He
         "id": 3,
         "role": "server" if m.role == "server" else "worker",
         "rank": m.rank,
-        "token": m.token,
+        "token": m.incarnation,
         "clock": clock,
         "examples": examples,
     }
@@ -103,7 +103,9 @@ def test_workers_get_pending_ranks_in_order_and_asked_ranks_are_checked() -> Non
     members.register_server(b"s", server_msg(), 0.0)
     first, view, rejoin = members.admit_worker(b"w", worker_msg(), 0.0)
     assert (first.rank, rejoin) == (0, False)
-    assert view["token"] == first.token and view["num_workers"] == 3 and view["start_clock"] == 0
+    assert (
+        view["token"] == first.incarnation and view["num_workers"] == 3 and view["start_clock"] == 0
+    )
     assert members.admit_worker(b"w", worker_msg(rank=2), 0.0)[0].rank == 2
     with pytest.raises(Refusal, match="already taken by a live worker") as taken:
         members.admit_worker(b"w", worker_msg(rank=2), 0.0)
@@ -161,7 +163,7 @@ def test_a_member_that_never_beat_is_dead_after_the_timeout() -> None:
 def test_heartbeats_of_another_incarnation_or_a_dead_member_are_refused() -> None:
     members = cluster(servers=1, workers=1)
     w = members.workers[0]
-    stale = {**beat(w), "token": w.token + 1}
+    stale = {**beat(w), "token": w.incarnation + 1}
     with pytest.raises(Refusal, match=r"worker\[0\] is not a live member") as e:
         members.heartbeat(stale, 1.0, 3)  # type: ignore[arg-type]
     assert e.value.code == "expelled" and w.last_seen == 0.0
@@ -172,9 +174,9 @@ def test_heartbeats_of_another_incarnation_or_a_dead_member_are_refused() -> Non
     members.mark_dead(w, "test")
     with pytest.raises(Refusal, match="declared dead or never registered"):
         members.heartbeat(beat(w), 3.0, 3)
-    old_token = w.token
+    old_incarnation = w.incarnation
     members.admit_worker(b"again", worker_msg(rank=0), 4.0)
-    assert w.token != old_token  # a fresh incarnation
+    assert w.incarnation != old_incarnation  # a fresh incarnation
 
 
 def test_leaving_takes_the_current_incarnation_only() -> None:
@@ -184,9 +186,10 @@ def test_leaving_takes_the_current_incarnation_only() -> None:
         members.leave({"kind": "leave", "id": 1, "role": "worker", "rank": 0, "token": 1}) is None
     )
     assert w.state == ALIVE
-    token = w.token
+    incarnation = w.incarnation
     assert (
-        members.leave({"kind": "leave", "id": 1, "role": "worker", "rank": 0, "token": token}) is w
+        members.leave({"kind": "leave", "id": 1, "role": "worker", "rank": 0, "token": incarnation})
+        is w
     )
     assert w.state == LEFT and members.expected_at_barriers() == []
 
@@ -212,9 +215,9 @@ def test_a_server_whose_process_is_gone_is_superseded_at_once() -> None:
 def test_views_go_to_live_members_and_number_up() -> None:
     members = cluster(servers=2, workers=1)
     members.mark_dead(members.servers[1], "test")
-    epoch = members.epoch
+    number = members.view_number
     view, to = members.publish("test")
-    assert view["epoch"] == members.epoch == epoch + 1
+    assert view["epoch"] == members.view_number == number + 1
     assert view["servers"][1] == [1, "tcp://h:7000", DEAD]
     assert view["workers"] == [[0, ALIVE]]
     assert to == [b"s", b"w"]  # server[0] and worker[0], not the dead server[1]
@@ -226,3 +229,23 @@ def test_views_go_to_live_members_and_number_up() -> None:
     members.mark_dead(members.servers[0], "test")
     assert members.current_clock() == 40  # no live server: where the cluster started
     assert Membership(1, 1, T).servers[0].state == PENDING
+
+
+def test_with_replication_a_replacement_server_rebuilds_and_the_view_says_so() -> None:
+    members = Membership(3, 1, T, replication=2)
+    for r in range(3):
+        members.register_server(b"s%d" % r, server_msg(r, pid=100 + r), 0.0)
+    view = members.view()
+    assert view["replication"] == 2
+    assert [s[2] for s in view["servers"]] == [ALIVE] * 3
+    members.mark_dead(members.servers[1], "killed")
+    m, replacing = members.register_server(b"new", server_msg(1, pid=200), 1.0)
+    assert replacing and m.state == ALIVE
+    assert [s[2] for s in members.view()["servers"]] == [ALIVE, "rebuilding", ALIVE]
+    # a restarted coordinator reads it back from its journal
+    again = Membership(3, 1, T, replication=2)
+    again.load_record(members.to_record(), 2.0)
+    assert again.servers[1].rebuilding and again.servers[1].state == ALIVE
+    assert "replication" not in Membership(3, 1, T).view()  # without replication: as before
+    with pytest.raises(ConfigError, match="replication=4 needs at least 4 servers"):
+        Membership(3, 1, T, replication=4)

@@ -5,10 +5,20 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paramserver.partition import HashRing, dense_ranges, hash_keys, split_by_owner
+from paramserver.errors import ConfigError
+from paramserver.partition import (
+    HashRing,
+    check_replication,
+    dense_ranges,
+    hash_keys,
+    holds,
+    replicas_of,
+    split_by_owner,
+)
 
 
 def test_keys_spread_evenly_over_servers() -> None:
@@ -57,3 +67,22 @@ def test_dense_ranges_tile_the_table(size: int, servers: int) -> None:
         assert [r[0] for r in ranges] == list(range(servers))
     else:
         assert len(ranges) == 1
+
+
+def test_replicas_are_a_rank_and_the_next_ones_wrapping_around() -> None:
+    assert replicas_of(1, 3, 1) == [1]
+    assert replicas_of(2, 3, 2) == [2, 0]
+    assert replicas_of(0, 3, 3) == [0, 1, 2]
+    for n, k in itertools.product(range(1, 5), range(1, 5)):
+        if k > n:
+            continue
+        for owner in range(n):
+            assert {s for s in range(n) if holds(s, owner, n, k)} == set(replicas_of(owner, n, k))
+        # every server holds k owners' ranges: the copies spread evenly
+        assert all(sum(holds(s, o, n, k) for o in range(n)) == k for s in range(n))
+    assert check_replication(2, 3) == 2
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ConfigError, match="replication must be an integer"):
+            check_replication(bad, 3)
+    with pytest.raises(ConfigError, match="replication=4 needs at least 4 servers"):
+        check_replication(4, 3)

@@ -122,3 +122,12 @@ def test_many_small_dense_tables_load_every_server_about_evenly() -> None:
             load[s] += b - a
     loads = sorted(load.values())
     assert loads[-1] - loads[0] <= 100 + 37 * 6  # within one table of each other
+
+
+def test_with_replication_a_large_dense_table_lives_whole_and_counts_on_every_copy() -> None:
+    registry = TableRegistry([0, 1, 2], replication=2)
+    big = registry.create(TableSpec("big", "dense", shape=(1 << 19,)).to_wire())
+    assert big.ranges == ((0, 0, 1 << 19),)  # not cut: on server 0 and its copy, server 1
+    assert registry.dense_load == {0: 1 << 19, 1: 1 << 19, 2: 0}
+    small = registry.create(TableSpec("small", "dense", shape=(10,)).to_wire())
+    assert small.ranges == ((2, 0, 10),)  # the least loaded server

@@ -191,3 +191,11 @@ def test_a_worker_that_is_not_live_is_refused() -> None:
     assert err.value.code == "not_live"
     with pytest.raises(Refusal, match="table 'x' does not exist on server"):
         state.table("x")
+
+
+def test_with_replication_a_dense_table_lives_on_its_server_and_the_next() -> None:
+    spec = TableSpec("w", "dense", shape=(10,)).with_ranges([(2, 0, 10)])
+    # 3 servers, 2 copies: server 2 and server 0 (wrapping around) hold it, server 1 does not
+    for rank, holds in ((2, True), (0, True), (1, False)):
+        table = make_table(spec, rank, num_servers=3, replication=2)
+        assert (table.shard is not None) == holds, rank

@@ -35,7 +35,7 @@ def status(board: StatusBoard, now: float) -> dict[str, Any]:
     return board.status(
         now=now,
         address="tcp://h:1",
-        epoch=4,
+        view_number=4,
         servers=servers,
         workers=workers,
         tables=SPECS,
@@ -54,6 +54,7 @@ def test_rates_counts_and_staleness_add_up_over_the_servers() -> None:
     board.record_examples(0, 4.0, 300)
     st = status(board, now=5.0)
     assert st["epoch"] == 4 and st["uptime"] == 5.0
+    assert st["view"] == 4  # the view number's name; "epoch" stays as its alias for scripts
     [emb, mlp] = st["tables"]
     assert [s["rank"] for s in emb["servers"]] == [0, 1] and mlp["servers"] == []
     assert emb["servers"][0]["pulls_per_s"] == 50.0  # 100 pulls in 2 s

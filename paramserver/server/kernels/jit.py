@@ -18,7 +18,17 @@ from numba import types
 from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic as _intrinsic
 
-__all__ = ["AHEAD", "Array", "Scalar", "kernel", "prefetch", "prefetch2", "prefetch_span"]
+__all__ = [
+    "AHEAD",
+    "Array",
+    "Scalar",
+    "inline",
+    "kernel",
+    "prefetch",
+    "prefetch2",
+    "prefetch_span",
+    "row_ahead",
+]
 
 Array = npt.NDArray[Any]
 Scalar = np.floating[Any]
@@ -37,6 +47,15 @@ def kernel(fn: _F) -> _F:
         numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=False, error_model="numpy")(
             fn
         ),
+    )
+
+
+def inline(fn: _F) -> _F:
+    """A piece of kernels, inlined into each in numba's IR: the kernel compiles to the same code
+    as with its lines written in it."""
+    return cast(
+        _F,
+        numba.njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")(fn),
     )
 
 
@@ -82,3 +101,14 @@ def prefetch_span(data: Array, r: int, width: int) -> None:
     for off in range(0, width, step):
         prefetch2(data, r, off)
     prefetch2(data, r, width - 1)
+
+
+@inline
+def row_ahead(data: Array, rows: Array, i: int) -> Array:
+    """Row ``rows[i]`` of ``data``, after prefetching the row :data:`AHEAD` keys later: the
+    head of every loop over rows."""
+    n = rows.shape[0]
+    if i + AHEAD < n:
+        prefetch_span(data, rows[i + AHEAD], data.shape[1])
+    row: Array = data[rows[i]]
+    return row

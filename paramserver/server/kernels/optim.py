@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from paramserver.server.kernels.jit import AHEAD, Array, Scalar, kernel, prefetch_span
+from paramserver.server.kernels.jit import Array, Scalar, inline, kernel, row_ahead
 
 __all__ = ["adagrad_rows", "adam_rows", "ftrl_rows", "momentum_rows", "sgd_copy", "sgd_rows"]
+
+
+@inline
+def row_views(
+    data: Array, rows: Array, grads: Array, i: int
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Row ``rows[i]`` (the row ahead prefetched), its weights, state 0 and state 1 (views), and
+    its gradient ``grads[i]``: the head of every optimizer's loop."""
+    row = row_ahead(data, rows, i)
+    dim = grads.shape[1]
+    return row, row[:dim], row[dim : 2 * dim], row[2 * dim : 3 * dim], grads[i]
 
 
 @kernel
 def sgd_rows(data: Array, rows: Array, grads: Array, lr: Scalar) -> None:
     """SGD: ``w -= lr*g``."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        w = data[rows[i], :dim]
-        g = grads[i]
+    for i in range(rows.shape[0]):
+        _row, w, _s0, _s1, g = row_views(data, rows, grads, i)
         for j in range(dim):
             w[j] = w[j] - lr * g[j]
 
@@ -37,15 +43,8 @@ def momentum_rows(
 ) -> None:
     """Momentum (PyTorch): ``v = mu*v + g``; ``w -= lr*(g + mu*v if nesterov else v)``."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
-        w = row[:dim]
-        vel = row[dim : 2 * dim]
-        g = grads[i]
+    for i in range(rows.shape[0]):
+        _row, w, vel, _s1, g = row_views(data, rows, grads, i)
         if nesterov:
             for j in range(dim):
                 v = mu * vel[j] + g[j]
@@ -62,15 +61,8 @@ def momentum_rows(
 def adagrad_rows(data: Array, rows: Array, grads: Array, lr: Scalar, eps: Scalar) -> None:
     """Adagrad: ``acc += g*g``; ``w -= lr*g/(sqrt(acc)+eps)``."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
-        w = row[:dim]
-        acc = row[dim : 2 * dim]
-        g = grads[i]
+    for i in range(rows.shape[0]):
+        _row, w, acc, _s1, g = row_views(data, rows, grads, i)
         for j in range(dim):
             a = acc[j] + g[j] * g[j]
             acc[j] = a
@@ -90,22 +82,14 @@ def adam_rows(
 ) -> None:
     """Lazy Adam: the step count ``t`` is the row's last element, counted per row."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
     c1 = one - b1
     c2 = one - b2
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
+    for i in range(rows.shape[0]):
+        row, w, mom, vel, g = row_views(data, rows, grads, i)
         t = row[3 * dim] + one
         row[3 * dim] = t
         bc1 = one - b1**t
         bc2 = one - b2**t
-        w = row[:dim]
-        mom = row[dim : 2 * dim]
-        vel = row[2 * dim : 3 * dim]
-        g = grads[i]
         for j in range(dim):
             m = b1 * mom[j] + c1 * g[j]
             v = b2 * vel[j] + c2 * g[j] * g[j]
@@ -127,16 +111,8 @@ def ftrl_rows(
 ) -> None:
     """FTRL-Proximal (McMahan 2013) with state 0 = z and state 1 = n; w is recomputed."""
     dim = grads.shape[1]
-    n = rows.shape[0]
-    stride = data.shape[1]
-    for i in range(n):
-        if i + AHEAD < n:
-            prefetch_span(data, rows[i + AHEAD], stride)
-        row = data[rows[i]]
-        w = row[:dim]
-        zs = row[dim : 2 * dim]
-        ns = row[2 * dim : 3 * dim]
-        g = grads[i]
+    for i in range(rows.shape[0]):
+        _row, w, zs, ns, g = row_views(data, rows, grads, i)
         for j in range(dim):
             gj = g[j]
             n_old = ns[j]

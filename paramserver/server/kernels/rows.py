@@ -31,6 +31,7 @@ __all__ = [
     "STATE_FILL",
     "STATE_FTRL",
     "STATE_ZEROS",
+    "assign_rows",
     "gather",
     "gather_or_init",
     "has_duplicates",
@@ -206,6 +207,21 @@ def scatter_rows(data: Array, rows: Array, src: Array) -> None:
         r = rows[i]
         for j in range(width):
             data[r, j] = src[i, j]
+
+
+@kernel
+def assign_rows(
+    data: Array, rows: Array, src: Array, state: int, a: Scalar, b: Scalar, c: Scalar, d: Scalar
+) -> None:
+    """``data[rows[i], :dim] = src[i]`` (``dim = src.shape[1]``) in order, each row's optimizer
+    state then reset as :func:`init_state` writes it for a new row (a repeated row keeps the
+    last)."""
+    dim = src.shape[1]
+    for i in range(rows.shape[0]):
+        row = data[rows[i]]
+        for j in range(dim):
+            row[j] = src[i, j]
+        init_state(row, dim, state, a, b, c, d)
 
 
 @kernel

@@ -17,20 +17,17 @@ from paramserver.optim import SGD, Optimizer
 from paramserver.parallel import halves
 from paramserver.server import kernels as k
 from paramserver.server.shard.rule import (
-    UpdateRule,
-    check_dtype,
+    Shard,
     check_int,
     check_out,
-    check_seed,
     check_values,
     init_args,
-    replace_rule,
 )
 
 __all__ = ["DenseShard"]
 
 
-class DenseShard:
+class DenseShard(Shard):
     """Elements ``[offset, offset+size)`` of a flat dense table, with optimizer state.
 
     Held as a single row ``[w | state | scalars]`` so the sparse optimizer kernels
@@ -58,13 +55,7 @@ class DenseShard:
     ) -> None:
         self.size = check_int("size", size, 1)
         self.offset = check_int("offset", offset, 0, 2**63 - self.size)
-        self.dtype = check_dtype(dtype)
-        if not isinstance(init, Initializer):
-            raise ConfigError(f"init: expected an Initializer, got {init!r}")
-        self.init = init
-        self._rule = UpdateRule(optimizer, self.dtype)
-        self._seed = check_seed(seed)
-        self.seed = int(self._seed)
+        super().__init__(dtype, init, optimizer, seed)
         self._width = 1 + optimizer.n_slots + optimizer.n_scalars  # per element, as exported
         stride = self.size * (1 + optimizer.n_slots) + optimizer.n_scalars
         self._data = np.empty((1, stride), self.dtype)
@@ -73,11 +64,6 @@ class DenseShard:
         k.init_dense(
             self._data[0], self.size, self.offset, self._seed, kind, p0, p1, *self._rule.state
         )
-
-    @property
-    def optimizer(self) -> Optimizer:
-        """The optimizer currently applied by :meth:`push`."""
-        return self._rule.opt
 
     @property
     def num_rows(self) -> int:
@@ -138,17 +124,6 @@ class DenseShard:
         if out is not None:
             np.copyto(out, self._data[0, : self.size])
 
-    def set_optimizer(self, optimizer: Optimizer) -> None:
-        """Replace the hyperparameters (same optimizer kind only; the state is kept).
-
-        Example:
-            >>> from paramserver.init import Zeros
-            >>> from paramserver.optim import Adam
-            >>> shard = DenseShard(2, "float32", Zeros(), Adam(), seed=0)
-            >>> shard.set_optimizer(Adam(lr=1e-4))
-        """
-        self._rule = replace_rule(self._rule, optimizer, self.dtype)
-
     def export(self) -> dict[str, npt.NDArray[Any]]:
         """``{"rows": (size, 1 + n_slots + n_scalars)}``: per element ``[w, state..., scalars...]``,
         the same layout as a sparse row of dim 1, so ranges can be re-cut on restore.
@@ -164,6 +139,28 @@ class DenseShard:
         rows[:, :planes] = self._data[0, : planes * self.size].reshape(planes, self.size).T
         rows[:, planes:] = self._data[0, planes * self.size :]
         return {"rows": rows}
+
+    def assign(self, values: npt.NDArray[Any]) -> None:
+        """Set the weights to ``values`` ``(size,)`` and reset the optimizer state (Adam's
+        step included) to a new shard's; or, ``(size, 1 + n_slots + n_scalars)``, set weights
+        and state as :meth:`export` gives them (:meth:`load`).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import Momentum
+            >>> shard = DenseShard(2, "float32", Zeros(), Momentum(lr=1.0), seed=0)
+            >>> shard.push(np.ones(2, np.float32))
+            >>> shard.assign(np.array([5.0, 6.0], np.float32))
+            >>> shard.export()["rows"].tolist()
+            [[5.0, 0.0], [6.0, 0.0]]
+        """
+        if isinstance(values, np.ndarray) and values.ndim == 2:
+            self.load(values)
+            return
+        values = check_values("values", values, (self.size,), self.dtype)
+        row = self._data[0]
+        row[: self.size] = values
+        k.init_state(row, self.size, *self._rule.state)
 
     def load(self, rows: npt.NDArray[Any]) -> None:
         """Inverse of :meth:`export`. The per-element scalars (Adam's step) must agree.

@@ -1,5 +1,6 @@
-"""What both shards share: the optimizer and the initializer as the kernels take them
-(:class:`UpdateRule`, :func:`init_args`), and the checks of their arguments (each raises
+"""What both shards share: their common base (:class:`Shard`: dtype, initializer, seed, the
+optimizer), the optimizer and the initializer as the kernels take them (:class:`UpdateRule`,
+:func:`init_args`), and the checks of their arguments (each raises
 :class:`~paramserver.errors.ConfigError` before anything changes).
 """
 
@@ -16,6 +17,7 @@ from paramserver.optim import FTRL, SGD, Adagrad, Adam, Momentum, Optimizer
 from paramserver.server import kernels as k
 
 __all__ = [
+    "Shard",
     "UpdateRule",
     "check_dtype",
     "check_int",
@@ -147,3 +149,37 @@ def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.
             f"out: expected a writeable C-contiguous {dtype} array of shape {shape}, got {got}"
         )
     return out
+
+
+class Shard:
+    """What a sparse and a dense shard both hold beside their storage, checked once: the
+    table dtype, the initializer, the seed and the optimizer (as an :class:`UpdateRule`)."""
+
+    def __init__(
+        self, dtype: npt.DTypeLike, init: Initializer, optimizer: Optimizer, seed: int
+    ) -> None:
+        self.dtype = check_dtype(dtype)
+        if not isinstance(init, Initializer):
+            raise ConfigError(f"init: expected an Initializer, got {init!r}")
+        self.init = init
+        self._rule = UpdateRule(optimizer, self.dtype)
+        self._seed = check_seed(seed)
+        self.seed = int(self._seed)
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The optimizer currently applied by ``push``."""
+        return self._rule.opt
+
+    def set_optimizer(self, optimizer: Optimizer) -> None:
+        """Replace the hyperparameters (same optimizer kind only; the state is kept).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = Shard("float32", Zeros(), SGD(lr=0.5), seed=0)
+            >>> shard.set_optimizer(shard.optimizer.with_lr(0.1))
+            >>> shard.optimizer.lr
+            0.1
+        """
+        self._rule = replace_rule(self._rule, optimizer, self.dtype)

@@ -34,14 +34,11 @@ from paramserver.optim import Optimizer
 from paramserver.server import kernels as k
 from paramserver.server.shard.arena import Arena
 from paramserver.server.shard.rule import (
-    UpdateRule,
-    check_dtype,
+    Shard,
     check_int,
     check_out,
-    check_seed,
     check_values,
     init_args,
-    replace_rule,
 )
 
 __all__ = ["SparseShard"]
@@ -56,7 +53,7 @@ _BUCKET_ROWS = 4
 rarely reads past its own bucket (one cache line)."""
 
 
-class SparseShard:
+class SparseShard(Shard):
     """Rows of width ``dim`` keyed by uint64, created on first touch, updated by an optimizer.
 
     Storage: one growable arena of rows ``[w | optimizer state | per-row scalars]``
@@ -86,14 +83,8 @@ class SparseShard:
         capacity: int = 1024,
     ) -> None:
         self.dim = check_int("dim", dim, 1)
-        self.dtype = check_dtype(dtype)
-        if not isinstance(init, Initializer):
-            raise ConfigError(f"init: expected an Initializer, got {init!r}")
-        self.init = init
+        super().__init__(dtype, init, optimizer, seed)
         self._init_args = init_args(init)
-        self._rule = UpdateRule(optimizer, self.dtype)
-        self._seed = check_seed(seed)
-        self.seed = int(self._seed)
         capacity = check_int("capacity", capacity, 1)
         self.stride = self.dim * (1 + optimizer.n_slots) + optimizer.n_scalars
         self._arena = Arena(self.stride, self.dtype, capacity)
@@ -104,11 +95,6 @@ class SparseShard:
         self._stamp = 0
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def optimizer(self) -> Optimizer:
-        """The optimizer currently applied by :meth:`push`."""
-        return self._rule.opt
 
     @property
     def num_rows(self) -> int:
@@ -233,19 +219,6 @@ class SparseShard:
             rows, grads = k.sum_duplicates(rows, grads)
         self._rule.apply(self._data, rows, grads)
 
-    def set_optimizer(self, optimizer: Optimizer) -> None:
-        """Replace the hyperparameters (same optimizer kind only; the state is kept).
-
-        Example:
-            >>> from paramserver.init import Zeros
-            >>> from paramserver.optim import SGD
-            >>> shard = SparseShard(1, "float32", Zeros(), SGD(lr=0.5), seed=0)
-            >>> shard.set_optimizer(shard.optimizer.with_lr(0.1))
-            >>> shard.optimizer.lr
-            0.1
-        """
-        self._rule = replace_rule(self._rule, optimizer, self.dtype)
-
     def contains(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
         """Which of ``keys`` have a stored row.
 
@@ -297,6 +270,35 @@ class SparseShard:
             return
         ids = self._find_or_create(keys, initialize=False)
         k.scatter_rows(self._data, ids, rows)
+
+    def assign(self, keys: npt.NDArray[np.uint64], values: npt.NDArray[Any]) -> None:
+        """Set the rows of ``keys`` (creating missing ones): ``values`` ``(len(keys), dim)``
+        sets the weights and resets the optimizer state to a new row's; ``(len(keys), stride)``
+        sets whole rows, state included (as :meth:`export` gives them). A repeated key keeps
+        its last row. Nothing is checked for NaN or inf here (the caller decides).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import Adagrad
+            >>> shard = SparseShard(2, "float32", Zeros(), Adagrad(initial_accumulator=0.1), seed=0)
+            >>> shard.push(np.array([4], np.uint64), np.ones((1, 2), np.float32))
+            >>> shard.assign(np.array([4, 9], np.uint64), np.full((2, 2), 3.0, np.float32))
+            >>> shard.export()["rows"].tolist()
+            [[3.0, 3.0, 0.10000000149011612, 0.10000000149011612], [3.0, 3.0, 0.10000000149011612, 0.10000000149011612]]
+        """
+        keys = check_keys(keys, "shard")
+        n = keys.shape[0]
+        whole = (
+            isinstance(values, np.ndarray) and values.ndim == 2 and values.shape[1] == self.stride
+        )
+        if whole:
+            self.load(keys, values)
+            return
+        values = check_values("values", values, (n, self.dim), self.dtype)
+        if n == 0:
+            return
+        ids = self._find_or_create(keys, initialize=False)
+        k.assign_rows(self._data, ids, values, *self._rule.state)
 
     # ------------------------------------------------------------------ storage
 

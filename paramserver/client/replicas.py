@@ -1,0 +1,143 @@
+"""Replication on the worker's side: where a request about server ``s``'s ranges goes when
+every range lives on ``k`` servers (``s`` and the next ``k - 1`` ranks,
+:func:`paramserver.partition.replicas_of`).
+
+* A read (``pull``, ``pull_many``) goes to the first live copy (the primary). Lost with it, it
+  goes to the next live copy as soon as a view declares that server dead or rebuilding, without
+  waiting for a replacement.
+* A write (``push``, ``push_many``) goes to every live copy and completes once all of them
+  answered, so an acknowledged push is held by every live copy. A copy lost meanwhile and then
+  declared dead no longer counts: the push completes with the others. A push gets one sequence
+  number per owner (not one per call), so that a server holding several owners' ranges sees
+  each part as a push of its own, in increasing order.
+* Anything else (``clock``, ``create_shard``) is about the server itself: sent to ``s`` if it
+  is alive, done at once if not (a dead or rebuilding server needs no clock).
+
+:class:`~paramserver.client.session.Session` calls :func:`request_copies` from
+``request_server`` when the view says ``replication`` > 1; without replication nothing here runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from paramserver.errors import NodeLostError
+from paramserver.partition import replicas_of
+from paramserver.wire.transport import Future, Message, gather
+
+if TYPE_CHECKING:
+    from paramserver.client.session import Session
+
+__all__ = ["READS", "WRITES", "live_copies", "request_copies", "settle"]
+
+READS = frozenset({"pull", "pull_many"})
+WRITES = frozenset({"push", "push_many"})
+
+
+def settle(outer: Future[Any], done: Future[Any]) -> None:
+    """Complete ``outer`` as ``done`` (already done) completed."""
+    err = done.exception(0)
+    if err is not None:
+        outer.set_exception(err)
+    else:
+        outer.set_result(done.result(0))
+
+
+def live_copies(session: Session, s: int) -> list[int]:
+    """The servers holding server ``s``'s ranges that the newest view lists as alive, primary
+    first.
+
+    Example:
+        live_copies(session, 2)   # [2, 0] with 3 servers and replication 2, both alive
+    """
+    copies = replicas_of(s, session.num_servers, session.replication)
+    return [r for r in copies if session.server_alive(r)]
+
+
+def _done(session: Session, what: str) -> Future[Any]:
+    return gather([], what, lambda _: None)
+
+
+def _lost(session: Session, s: int, what: str) -> Future[Any]:
+    copies = replicas_of(s, session.num_servers, session.replication)
+    fut: Future[Any] = Future(session.endpoint, what)
+    fut.set_exception(
+        NodeLostError(
+            f"{what}: no live copy of server[{s}]'s ranges (servers {copies} are dead or "
+            f"rebuilding in view {session.view.get('epoch')}); more servers died than "
+            f"replication={session.replication} covers"
+        )
+    )
+    return fut
+
+
+def request_copies(
+    session: Session,
+    s: int,
+    header: dict[str, Any],
+    arrays: Sequence[np.ndarray] = (),
+    *,
+    what: str,
+    parse: Callable[[Message], Any] | None = None,
+    sink: np.ndarray | None = None,
+    again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
+    reply_bytes: int | None = None,
+    bulk: bool = False,
+) -> Future[Any]:
+    """A request about server ``s``'s ranges under replication (see the module docstring);
+    the arguments are :meth:`Session.request_one`'s."""
+    kw: dict[str, Any] = {
+        "parse": parse, "sink": sink, "again": again, "reply_bytes": reply_bytes, "bulk": bulk
+    }  # fmt: skip
+    kind = header["kind"]
+    if kind in READS:
+        return _read(session, s, header, arrays, what, kw, ())
+    if kind in WRITES:
+        copies = live_copies(session, s)
+        if not copies:
+            return _lost(session, s, what)
+        if kind == "push":  # one sequence number per owner: see the module docstring
+            header = {**header, "seq": session.next_seq()}
+        futs = [
+            session.request_one(
+                r,
+                header,
+                arrays,
+                what=what if r == s else f"{what} (copy on server[{r}])",
+                on_dead=lambda: _done(session, what),
+                **kw,
+            )
+            for r in copies
+        ]
+        return gather(futs, what, lambda results: results[0])
+    if not session.server_alive(s):
+        return _done(session, what)
+    return session.request_one(
+        s, header, arrays, what=what, on_dead=lambda: _done(session, what), **kw
+    )
+
+
+def _read(
+    session: Session,
+    s: int,
+    header: dict[str, Any],
+    arrays: Sequence[np.ndarray],
+    what: str,
+    kw: dict[str, Any],
+    tried: tuple[int, ...],
+) -> Future[Any]:
+    copies = [r for r in live_copies(session, s) if r not in tried]
+    if not copies:
+        return _lost(session, s, what)
+    target = copies[0]
+    return session.request_one(
+        target,
+        header,
+        arrays,
+        what=what if target == s else f"{what} (served by server[{target}])",
+        on_dead=lambda: _read(session, s, header, arrays, what, kw, (*tried, target)),
+        **kw,
+    )
