@@ -5,7 +5,6 @@
 ``paramserver coordinator --bind H:P``   the coordinator of a multi-host cluster
 ``paramserver server --coordinator H:P`` one server of a multi-host cluster
 ``paramserver status --coordinator H:P`` nodes, tables, clocks, traffic, staleness (``--watch``)
-``paramserver drain 2 --coordinator H:P`` move server 2's keys to the others, then stop it
 ``paramserver k8s manifest -s 4 -w 16``  Kubernetes manifests for a cluster
 
 Flags map one-to-one onto the fields of :class:`paramserver.config.Timeouts`; a flag overrides the
@@ -284,7 +283,6 @@ def _ray_resources(args: argparse.Namespace, role: str) -> Any:
 
 
 def _run_ray(args: argparse.Namespace, program: list[str]) -> int:
-    from paramserver.config import CheckpointPolicy
     from paramserver.ray import run_job as run_ray_job
 
     checkpoints = None
@@ -402,10 +400,6 @@ def _status(args: argparse.Namespace) -> int:
 def _ops_command(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args)
-    if args.command == "drain":
-        from paramserver.launch.drain import drain_command
-
-        return drain_command(args)
     from paramserver.k8s import manifest_from_arguments
 
     text = manifest_from_arguments(args)
@@ -425,13 +419,8 @@ def _setup_logging(level: str, role: str) -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    quiet = args.command in (
-        "demo",
-        "train",
-        "status",
-        "k8s",
-        "drain",
-    )  # their own output says what happens
+    # their own output says what happens
+    quiet = args.command in ("demo", "train", "status", "k8s", "drain")
     level = str(args.log_level or ("WARNING" if quiet else from_env().log_level)).upper()
     if not isinstance(logging.getLevelName(level), int):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
@@ -446,9 +435,6 @@ def _bind(value: str) -> str:
 
 
 def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
-    import json
-    import time
-
     from paramserver.checkpoint import describe
 
     info = describe(path)
@@ -474,8 +460,10 @@ def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if args.command in ("status", "k8s", "drain"):
+    if args.command in ("status", "k8s"):
         return _ops_command(args)
+    if args.command == "drain":  # launch/drain.py set it
+        return int(args.run(args))
     if args.command == "coordinator":
         from paramserver.launch import serve_coordinator
 
@@ -554,8 +542,6 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)
     if args.command == "demo":
-        from pathlib import Path
-
         from paramserver.models.demo import main as demo
 
         return demo(args.servers, args.workers, args.epochs, Path(args.out))

@@ -21,11 +21,11 @@ from typing import Any, Self
 import numpy as np
 
 from paramserver.client.replicas import request_copies, settle
+from paramserver.client.ring import RingRouting
 from paramserver.client.watch import CoordinatorWatch
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.metrics import MAX_SCALARS, check_scalar
-from paramserver.partition import HashRing
 from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
@@ -96,7 +96,7 @@ class _Endpoint(Endpoint):
             self.expire()
 
 
-class Session(CoordinatorWatch):
+class Session(CoordinatorWatch, RingRouting):
     """A worker's membership of the cluster and its requests to servers: registration, view
     changes, resends to a replaced server, shared-memory slot pools, sequence numbers and the
     clock. :class:`~paramserver.client.worker.Client` adds tables, barriers, leases and
@@ -150,14 +150,6 @@ class Session(CoordinatorWatch):
         self._closed = False
         self._view_number = 0
         self.view: dict[str, Any] = {}
-        # the servers of the hash ring this worker routes by; a move's new ring, taken at the
-        # next clock() (see server/transfer.py); bumped at every change (tables re-plan)
-        self.ring_servers: list[int] = []
-        self._move_from: list[int] = []  # the old ring while a move goes on
-        self._moves_seen: set[int] = set()
-        self._next_ring: tuple[int, list[int]] | None = None  # a move's id and new ring
-        self.idle = False  # between steps (at a barrier): a move is switched to at once
-        self.ring_version = 0
         self._heartbeat: Pulse | None = None
         self._expelled = None  # why the coordinator refused our heartbeat
         self._init_watch()
@@ -210,9 +202,7 @@ class Session(CoordinatorWatch):
             name=f"heartbeat-worker[{self.rank}]",
         )
         self._heartbeat.start()
-        if not self.ring_servers:
-            self.ring_servers = list(range(self.num_servers))
-        self.ring = HashRing.build(self.ring_servers)
+        self.build_ring(self.num_servers)
         log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
 
     def _why_no_registration(self, what: str, probe: Future[dict[str, Any]]) -> str:
@@ -253,61 +243,10 @@ class Session(CoordinatorWatch):
                     name,
                     f"{name} at {address} was declared dead by the coordinator (view {number})",
                 )
-        self._take_ring(view)
+        self.take_ring(view)
         if self._resends:
             self._fail_over()
             self._resend_to_replaced()
-
-    def _take_ring(self, view: dict[str, Any]) -> None:
-        """A view's ring. A move's new ring is taken at the next ``clock()`` (or ``barrier()``),
-        so that all of one clock's requests of this worker go by one ring; the servers of
-        both rings are told then (``switched``, after the requests routed by the old ring: a
-        source of the move sends its last rows once every live worker said so)."""
-        ring, move = view.get("ring"), view.get("move")
-        if isinstance(move, dict) and move.get("id") not in self._moves_seen:
-            self._moves_seen.add(move["id"])
-            self._move_from = [int(r) for r in move["from"]]
-            if not self.ring_servers:  # registering: the old ring until the first clock()
-                self.ring_servers = list(self._move_from)
-            self._next_ring = (int(move["id"]), [int(r) for r in move["to"]])
-            if self.idle:  # waiting at a barrier: between steps
-                self.switch_ring()
-        elif isinstance(ring, list) and move is None:
-            self._move_from = []
-            if ring != self.ring_servers:
-                self._next_ring = None
-                self._set_ring([int(r) for r in ring])
-
-    def switch_ring(self) -> None:
-        """Route by a move's new ring from now on, and tell the servers of both rings (called
-        at a step's end: ``clock()``, ``barrier()``); nothing if no move waits."""
-        if self._next_ring is None:
-            return
-        move, ring = self._next_ring
-        self._next_ring = None
-        targets = self.servers
-        self._set_ring(ring)
-        for s in targets:
-            self._clock_futures.append(
-                self.request_server(
-                    s,
-                    {"kind": "switched", "rank": self.rank, "move": move, "clock": self._clock},
-                    what=f"worker[{self.rank}] switching to the ring of move {move}",
-                )
-            )
-
-    def _set_ring(self, ring: list[int]) -> None:
-        self.ring_servers = ring
-        if hasattr(self, "ring"):  # registered: else built once the heartbeat runs
-            self.ring = HashRing.build(ring)
-            self.ring_version += 1
-            log.info("worker[%d] routes by the ring of servers %s", self.rank, ring)
-
-    @property
-    def servers(self) -> list[int]:
-        """The ranks of the servers this worker talks to: the ring's, and while a move goes
-        on, its sources (a drained server still answers the pulls sent to it)."""
-        return sorted({*self.ring_servers, *self._move_from})
 
     # ---- requests to servers that may be replaced -----------------------------------------
 
@@ -558,17 +497,7 @@ class Session(CoordinatorWatch):
                 raise f.exception(0)  # type: ignore[misc]
         for flush in self.before_clock:
             flush()
-        self.switch_ring()
-        switching = [f for f in self._clock_futures if not f.done()]
-        self._clock += 1
-        self._clock_futures = switching + [
-            self.request_server(
-                s,
-                {"kind": "clock", "rank": self.rank, "clock": self._clock},
-                what=f"clock {self._clock} of worker[{self.rank}] to {server_name(s)}",
-            )
-            for s in self.servers
-        ]
+        self.end_step()  # a move's ring switched to, the new clock sent (client/ring.py)
         self._ep.poll(0)
         return self._clock
 

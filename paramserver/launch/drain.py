@@ -23,6 +23,7 @@ def add_drain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", default=None, help="HOST:PORT (or PS_COORDINATOR)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait until it left")
     p.add_argument("--no-wait", action="store_true", help="return once the drain is accepted")
+    p.set_defaults(run=drain_command)
 
 
 def drain_command(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Ranges moving between servers while training goes on: the server's side of a move.
 
-The primitive (general: a join, a drain, and a replica rebuilt from a live one all use it):
+The primitive (general: a join and a drain use it, a replica rebuilt from a live one could):
 *copy the keys of sparse table T that ring R' gives to server B, from server A to B, while A
 serves on; then the delta; then switch the view.* In messages, all ``transfer`` requests from
 A to B on one connection (so they arrive in order):
@@ -12,23 +12,30 @@ A to B on one connection (so they arrive in order):
    since, plus copies of A's buffered sync pushes of those keys ``[clock, worker, rows]`` in
    arrival order (B aggregates them exactly as A would have; A applies them too, for the pulls
    sent by the old ring that still wait on A).
-3. ``end``: A's clock of every worker and A's last push sequence number per worker (a replica
-   rebuilt from A takes them; a move does not: B's clocks move with the workers' own requests,
-   which reach B from their switch on, and every push reaches exactly one of A and B).
+3. ``end``: nothing more of this move comes from A. B's clocks need nothing from A: they
+   move with each worker's own requests, which reach B from its switch on; sequence numbers
+   neither (every push reaches exactly one of A and B, and a push to B after the switch has a
+   larger number than any B has seen from that worker).
 
 When is "every live worker switched"? A worker that sees a view with a ``move`` routes by the
-new ring from its next ``clock()`` on, and that clock message (sent to the servers of both
-rings) carries the view number of the move or later. Its requests to A before that message
-were sent before it on the same connection, so once A has that clock message from every live
-worker, nothing more will reach A for the moving keys: the ``final`` step needs no pause on A.
-B, in turn, holds (parks) any request for a key it is receiving until every source's ``end``
-came: it answers no pull and applies no push of those keys before their rows are whole. In
-sync mode the result is bitwise the one of an undisturbed run: the same rows, and every
-clock's pushes of a key aggregated in one place in (worker rank, arrival) order.
+new ring from the end of its step (its next ``clock()``, or at once while it waits at a
+barrier) and says so: ``switched`` to the servers of both rings, on the connections its earlier
+requests took, so after them. Once A has it from every live worker, nothing more will reach A
+for the moving keys: the ``final`` step needs no pause on A. B, in turn, holds (parks) any
+request for a key it is receiving, and every later request of that worker (they stay in
+order), until every source's ``end`` came: it answers no pull and applies no push of those keys
+before their rows are whole. In sync mode the result is bitwise the one of an undisturbed run:
+the same rows, and every clock's pushes of a key aggregated in one place in (worker rank,
+arrival) order. After the move A drops the rows that left (``drop_moved``), once no pull sent
+by the old ring waits on A, so that a checkpoint holds every key once.
 
 A source that has sent ``end`` to every destination tells the coordinator (``move_done``),
 which switches the view once every source did (coordinator/scaling.py). Dense tables do not
 move (a joining server holds no dense range; a server holding one cannot be drained yet).
+
+For another use of the same steps (a replica rebuilt from a live one): :meth:`Transfers.start`
+with the old and the new placement as rings, the workers' ``switched`` (or any other proof
+that nothing more comes by the old placement) before :meth:`Transfers.finish`.
 """
 
 from __future__ import annotations
@@ -259,14 +266,12 @@ class Transfers:
             self._send_rows(out, t, rows["keys"][changed], rows["rows"][changed], "final",
                             self._take_sync(out, t))  # fmt: skip
         state = self.state
-        seqs = [[r, s] for r, s in sorted(state.last_seq.items())]
         for dest in out.dests:
             out.ends.append(
                 self.endpoint.request(
                     f"server[{dest}]",
                     {"kind": "transfer", "move": out.move, "source": state.rank, "phase": "end",
-                     "view": out.view,
-                     "clocks": list(state.clocks.clock), "seqs": seqs},
+                     "view": out.view},
                     what=f"end of move {out.move} from {state.name} to server[{dest}]",
                 )
             )  # fmt: skip

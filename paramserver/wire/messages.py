@@ -373,8 +373,6 @@ class TransferMsg(TypedDict):
     phase: Literal["copy", "final", "end"]
     table: NotRequired[str | None]
     sync: NotRequired[list[list[int]] | None]  # final: [clock, worker rank, rows] per run
-    clocks: NotRequired[list[int] | None]  # end: the source's clock of every worker
-    seqs: NotRequired[list[list[int]] | None]  # end: [worker rank, last push seq]
     view: NotRequired[int]  # the view that announced the move
 
 

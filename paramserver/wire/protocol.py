@@ -244,26 +244,6 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "size": (_int(1, MAX_MESSAGE_BYTES), True),
     },
     "clock": {"rank": (RANK, True), "clock": (U63, True)},
-    # ranges moving between servers (server/transfer.py): a source's rows to a destination
-    # (phase copy, then final with the buffered sync pushes as [clock, rank, rows] runs), and
-    # its end (the clocks and push sequence numbers it saw)
-    "transfer": {
-        "move": (U63, True),
-        "source": (RANK, True),
-        "phase": (lambda v: v in ("copy", "final", "end"), True),
-        "table": (_opt(NAME), False),
-        "sync": (_opt(lambda v: isinstance(v, list)), False),
-        "clocks": (_opt(lambda v: isinstance(v, list)), False),
-        "seqs": (_opt(lambda v: isinstance(v, list)), False),
-        "view": (U63, False),  # the view that announced the move: a server behind asks for it
-    },
-    # a worker routes by a move's new ring from now on (sent to the servers of both rings, in
-    # order after its requests routed by the old one), at clock ``clock``
-    "switched": {"rank": (RANK, True), "move": (U63, True), "clock": (U63, True)},
-    # a source tells the coordinator its ranges of move ``move`` reached their destinations
-    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (_opt(_is_map), False)},
-    # drain a server: its ranges move to the others, then it stops (paramserver drain)
-    "drain": {"rank": (RANK, True)},
     "set_lr": {"table": (NAME, True), "lr": (_is_number, True)},
     "stats": {},
     "ping": {},
@@ -285,12 +265,20 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     },
     "error": {"code": (_str(64), True), "message": (_str(4096), True)},
 }
+SCHEMA.update({  # servers joining and leaving: server/transfer.py, coordinator/scaling.py
+    "transfer": {"move": (U63, True), "source": (RANK, True), "table": (_opt(NAME), False),
+                 "phase": (lambda v: v in ("copy", "final", "end"), True), "view": (U63, False),
+                 "sync": (_opt(lambda v: isinstance(v, list)), False)},  # [clock, rank, rows]
+    "switched": {"rank": (RANK, True), "move": (U63, True), "clock": (U63, True),
+                 "view": (U63, False)},
+    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (_opt(_is_map), False)},
+    "drain": {"rank": (RANK, True)},
+})  # fmt: skip
 KINDS = frozenset(SCHEMA)
 # a worker's request to a server names the cluster view it was sent in: a server that has not
 # seen that view checks that it still holds its rank before it serves (server/cluster.py)
 for _kind in ("create_shard", "pull", "push", "pull_many", "push_many", "open_bulk", "attach",
-              "attach_slot", "clock", "set_lr", "stats", "ping", "assign", "restore",
-              "switched"):  # fmt: skip
+              "attach_slot", "clock", "set_lr", "stats", "ping", "assign", "restore"):  # fmt: skip
     SCHEMA[_kind]["view"] = (U63, False)
 
 
