@@ -283,7 +283,6 @@ def _ray_resources(args: argparse.Namespace, role: str) -> Any:
 
 
 def _run_ray(args: argparse.Namespace, program: list[str]) -> int:
-    from paramserver.config import CheckpointPolicy
     from paramserver.ray import run_job as run_ray_job
 
     checkpoints = None
@@ -330,6 +329,7 @@ def _add_metrics_args(c: argparse.ArgumentParser) -> None:
 
 def _add_ops_commands(sub: Any) -> None:
     from paramserver.k8s import add_manifest_arguments  # no package import beyond errors
+    from paramserver.launch.drain import add_drain_arguments
 
     st = sub.add_parser("status", help="show a running cluster: nodes, tables, clocks, traffic")
     _add_coordinator(st)
@@ -339,6 +339,7 @@ def _add_ops_commands(sub: Any) -> None:
     st.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
 
+    add_drain_arguments(sub.add_parser("drain", help="move a server's keys away, then stop it"))
     k = sub.add_parser("k8s", help="Kubernetes manifests")
     ksub = k.add_subparsers(dest="k8s_command", required=True)
     m = ksub.add_parser("manifest", help="write a claim, Services and the roles' Jobs (YAML)")
@@ -418,7 +419,8 @@ def _setup_logging(level: str, role: str) -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    quiet = args.command in ("demo", "train", "status", "k8s")  # their own output says what happens
+    # their own output says what happens
+    quiet = args.command in ("demo", "train", "status", "k8s", "drain")
     level = str(args.log_level or ("WARNING" if quiet else from_env().log_level)).upper()
     if not isinstance(logging.getLevelName(level), int):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
@@ -433,9 +435,6 @@ def _bind(value: str) -> str:
 
 
 def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
-    import json
-    import time
-
     from paramserver.checkpoint import describe
 
     info = describe(path)
@@ -463,6 +462,8 @@ def _inspect_checkpoint(path: str, *, as_json: bool) -> int:
 def _command(args: argparse.Namespace) -> int:
     if args.command in ("status", "k8s"):
         return _ops_command(args)
+    if args.command == "drain":  # launch/drain.py set it
+        return int(args.run(args))
     if args.command == "coordinator":
         from paramserver.launch import serve_coordinator
 
@@ -541,8 +542,6 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path, as_json=args.json)
     if args.command == "demo":
-        from pathlib import Path
-
         from paramserver.models.demo import main as demo
 
         return demo(args.servers, args.workers, args.epochs, Path(args.out))

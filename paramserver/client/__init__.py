@@ -4,6 +4,8 @@
                   data leases (a :class:`Session` with tables)
 * ``session.py`` ``Session``: registration, view changes, requests that survive a server's
                   replacement, shared-memory slot pools, sequence numbers, the clock
+* ``ring.py``    ``RingRouting``: the ring a worker routes sparse keys by, switched at a step's
+                  end when servers join or leave (a part of the session)
 * ``replicas.py`` with replication: reads to the first live copy (then the next), writes to
                   every live copy
 * ``table.py``   ``TableHandle``: what every table handle shares (staleness, lr, headers)
@@ -21,7 +23,7 @@
 * ``group.py``   ``DenseGroup``: small dense tables pulled and pushed with one request per server
 
 Imports go one way: worker -> group -> dense; worker -> sparse, dense -> table, keyplan ->
-session -> replicas; the session knows no table.
+session -> replicas, ring; the session knows no table.
 """
 
 from paramserver.client.dense import DenseTable

@@ -5,7 +5,7 @@ every range lives on ``k`` servers (``s`` and the next ``k - 1`` ranks,
 * A read (``pull``, ``pull_many``) goes to the first live copy (the primary). Lost with it, it
   goes to the next live copy as soon as a view declares that server dead or rebuilding, without
   waiting for a replacement.
-* A write (``push``, ``push_many``) goes to every live copy and completes once all of them
+* A write (``push``, ``push_many``, ``assign``) goes to every live copy and completes once all of them
   answered, so an acknowledged push is held by every live copy. A copy lost meanwhile and then
   declared dead no longer counts: the push completes with the others. A push gets one sequence
   number per owner (not one per call), so that a server holding several owners' ranges sees
@@ -26,6 +26,7 @@ import numpy as np
 
 from paramserver.errors import NodeLostError
 from paramserver.partition import replicas_of
+from paramserver.wire.messages import VIEW_NUMBER
 from paramserver.wire.transport import Future, Message, gather
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["READS", "WRITES", "live_copies", "request_copies", "settle"]
 
 READS = frozenset({"pull", "pull_many"})
-WRITES = frozenset({"push", "push_many"})
+WRITES = frozenset({"push", "push_many", "assign"})
 
 
 def settle(outer: Future[Any], done: Future[Any]) -> None:
@@ -67,7 +68,7 @@ def _lost(session: Session, s: int, what: str) -> Future[Any]:
     fut.set_exception(
         NodeLostError(
             f"{what}: no live copy of server[{s}]'s ranges (servers {copies} are dead or "
-            f"rebuilding in view {session.view.get('epoch')}); more servers died than "
+            f"rebuilding in view {session.view.get(VIEW_NUMBER)}); more servers died than "
             f"replication={session.replication} covers"
         )
     )
@@ -99,7 +100,7 @@ def request_copies(
         copies = live_copies(session, s)
         if not copies:
             return _lost(session, s, what)
-        if kind == "push":  # one sequence number per owner: see the module docstring
+        if kind in ("push", "assign"):  # one sequence number per owner: see the module docstring
             header = {**header, "seq": session.next_seq()}
         futs = [
             session.request_one(

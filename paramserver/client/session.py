@@ -21,12 +21,12 @@ from typing import Any, Self
 import numpy as np
 
 from paramserver.client.replicas import request_copies, settle
+from paramserver.client.ring import RingRouting
 from paramserver.client.warm import start_warming
 from paramserver.client.watch import CoordinatorWatch
 from paramserver.config import Timeouts, from_env, parse_transport
 from paramserver.errors import ConfigError, NodeLostError, PSTimeoutError, RemoteError
 from paramserver.metrics import MAX_SCALARS, check_scalar
-from paramserver.partition import HashRing
 from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.slots import SlotPool
@@ -97,7 +97,7 @@ class _Endpoint(Endpoint):
             self.expire()
 
 
-class Session(CoordinatorWatch):
+class Session(CoordinatorWatch, RingRouting):
     """A worker's membership of the cluster and its requests to servers: registration, view
     changes, resends to a replaced server, shared-memory slot pools, sequence numbers and the
     clock. :class:`~paramserver.client.worker.Client` adds tables, barriers, leases and
@@ -204,7 +204,7 @@ class Session(CoordinatorWatch):
             name=f"heartbeat-worker[{self.rank}]",
         )
         self._heartbeat.start()
-        self.ring = HashRing.build(list(range(self.num_servers)))
+        self.build_ring(self.num_servers)
         log.info("worker[%d] joined the cluster at %s", self.rank, self.coordinator)
 
     def _why_no_registration(self, what: str, probe: Future[dict[str, Any]]) -> str:
@@ -245,6 +245,7 @@ class Session(CoordinatorWatch):
                     name,
                     f"{name} at {address} was declared dead by the coordinator (view {number})",
                 )
+        self.take_ring(view)
         if self._resends:
             self._fail_over()
             self._resend_to_replaced()
@@ -498,15 +499,7 @@ class Session(CoordinatorWatch):
                 raise f.exception(0)  # type: ignore[misc]
         for flush in self.before_clock:
             flush()
-        self._clock += 1
-        self._clock_futures = [
-            self.request_server(
-                s,
-                {"kind": "clock", "rank": self.rank, "clock": self._clock},
-                what=f"clock {self._clock} of worker[{self.rank}] to {server_name(s)}",
-            )
-            for s in range(self.num_servers)
-        ]
+        self.end_step()  # a move's ring switched to, the new clock sent (client/ring.py)
         self._ep.poll(0)
         return self._clock
 

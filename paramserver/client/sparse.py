@@ -58,7 +58,8 @@ class SparseTable(TableHandle):
 
     def __init__(self, client: Session, spec: TableSpec, cache: CacheSpec | None = None) -> None:
         super().__init__(client, spec)
-        self._plans = KeyPlanCache(client.ring, client.num_servers)
+        self._plans = KeyPlanCache(client.ring, max(client.ring_servers) + 1)
+        self._ring_version = client.ring_version
         self._sum_buf: np.ndarray | None = None  # a push's summed gradient (see _sum_buffer)
         self._sum_busy: Future[None] | None = None  # the push that sent it
         self._residuals: Any = None  # SparseFeedback of an encoded push (client.feedback)
@@ -73,6 +74,14 @@ class SparseTable(TableHandle):
         if cache is not None:
             self.cache = RowCache(cache, spec.dim, self.dtype)
             client.before_clock.append(self.flush)
+
+    def plans(self) -> KeyPlanCache:
+        """The key plans, made afresh when the worker's ring changed (servers joined or left)."""
+        c = self.client
+        if self._ring_version != c.ring_version:
+            self._plans = KeyPlanCache(c.ring, max(c.ring_servers) + 1)
+            self._ring_version = c.ring_version
+        return self._plans
 
     @property
     def dim(self) -> int:
@@ -106,7 +115,7 @@ class SparseTable(TableHandle):
         limit = timeout
         flat = k.reshape(-1)
         # no key-list signatures with replication: a read may move to another copy
-        plan, sig = self._plans.plan(flat, cacheable=create and c.replication == 1)
+        plan, sig = self.plans().plan(flat, cacheable=create and c.replication == 1)
         self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)
         futs: list[Future[None]] = []
@@ -295,10 +304,11 @@ class SparseTable(TableHandle):
             )
         self.flush().result(limit)  # gradients kept by the row cache go first
         r = np.ascontiguousarray(r)
-        order, bounds = split_by_owner(c.ring.route(k), c.num_servers)
+        n = max(c.ring_servers) + 1  # ranks on the ring (servers join and leave)
+        order, bounds = split_by_owner(c.ring.route(k), n)
         futs: list[Future[Any]] = []
         head = {"kind": "assign", "table": self.name, "rank": c.rank}
-        for s in range(c.num_servers):
+        for s in range(n):
             mine = order[bounds[s] : bounds[s + 1]]  # in the list's order: the last row wins
             for a in range(0, len(mine), ASSIGN_ROWS):
                 part = mine[a : a + ASSIGN_ROWS]
@@ -349,7 +359,7 @@ class SparseTable(TableHandle):
 
     def _push_flat(self, flat: np.ndarray, g: np.ndarray) -> Future[None]:
         mode, _ = self.spec.mode
-        plan, sig = self._plans.plan(
+        plan, sig = self.plans().plan(
             flat, cacheable=mode != "sync" and self.client.replication == 1
         )
         self._moved[1] += len(plan.base)

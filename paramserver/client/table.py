@@ -104,7 +104,7 @@ class TableHandle:
                 {"kind": "set_lr", "table": self.name, "lr": float(lr)},
                 what=f"set_lr of table {self.name!r} on {server_name(s)}",
             )
-            for s in range(self.client.num_servers)
+            for s in self.client.servers
             # with replication a dead or rebuilding server is not asked (nor reachable)
             if self.client.replication == 1 or self.client.server_alive(s)
         ]

@@ -109,7 +109,7 @@ class Client(Session):
                 {"kind": "create_shard", "spec": final.to_wire()},
                 what=f"creating table {spec.name!r} on {server_name(s)}",
             )
-            for s in range(self.num_servers)
+            for s in self.servers
         ]
         for f in futs:
             f.result(self.timeouts.request)
@@ -242,7 +242,13 @@ class Client(Session):
         def ask() -> Any:  # again, if the coordinator restarted meanwhile
             return self.endpoint.request("coordinator", header, what=what)
 
-        self.wait_coordinator(ask(), limit + 2.0, again=ask)
+        # a step's end: a move announced before or while it waits is switched to at once
+        self.switch_ring()
+        self.idle = True
+        try:
+            self.wait_coordinator(ask(), limit + 2.0, again=ask)
+        finally:
+            self.idle = False
 
     def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> str:
         """Write a consistent checkpoint of every table at this worker's clock boundary.
@@ -281,7 +287,13 @@ class Client(Session):
         self.check()
         limit = self.timeouts.request if timeout is None else timeout
         root = os.path.abspath(os.fspath(path))
-        header = {"kind": "restore", "path": root, "rank": self.rank, "servers": self.num_servers}
+        header = {
+            "kind": "restore",
+            "path": root,
+            "rank": self.rank,
+            "servers": self.num_servers,
+            "ring": list(self.ring_servers),
+        }
 
         def ask(check: bool) -> list[dict[str, Any]]:
             futs = [
@@ -290,7 +302,7 @@ class Client(Session):
                     {**header, "check": check},
                     what=f"restore of {server_name(s)} from {root}",
                 )
-                for s in range(self.num_servers)
+                for s in self.servers
             ]
             return [f.result(limit)["stats"] for f in futs]
 
@@ -324,20 +336,17 @@ class Client(Session):
         # with replication, a dead or rebuilding server is reached by no one: its state only
         down: dict[int, dict[str, Any]] = {
             s: {"rank": s, "state": self.server_states.get(s), "tables": {}}
-            for s in range(self.num_servers)
+            for s in self.servers
             if self.replication > 1 and not self.server_alive(s)
         }
         futs = {
             s: self.endpoint.request(
                 server_name(s), {"kind": "stats"}, what=f"stats of {server_name(s)}"
             )
-            for s in range(self.num_servers)
+            for s in self.servers
             if s not in down
         }
-        return [
-            down[s] if s in down else futs[s].result(timeout)["stats"]
-            for s in range(self.num_servers)
-        ]
+        return [down[s] if s in down else futs[s].result(timeout)["stats"] for s in self.servers]
 
     def training(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The whole job's training numbers as the coordinator has them from every worker's

@@ -13,6 +13,11 @@ request that made them; a restarted coordinator replays them (see
 What it leaves out is rebuilt: the servers' clocks come with their next heartbeats, and a
 barrier or a checkpoint round in progress is asked again by whoever waits for it.
 A record cut short by the crash (the file's tail) is ignored.
+
+Compaction: once the file passes ``compact_bytes``, the coordinator rewrites it as the records
+of its current state (the view, the tables, the newest checkpoint, the lease books), written to
+a new file, fsynced, and renamed over the old one (the directory fsynced too): a crash leaves
+either the old journal or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["Journal"]
+__all__ = ["COMPACT_BYTES", "Journal"]
+
+COMPACT_BYTES = 8 << 20  # a journal past this size is rewritten as the current state
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +45,11 @@ class Journal:
         journal.append({"t": "table", "spec": spec.to_wire()})
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, sync: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], compact_bytes: int = COMPACT_BYTES, *, sync: bool = True
+    ) -> None:
         self.path = Path(path)
+        self.compact_bytes = compact_bytes
         # False: written through to the page cache only, which outlives the process (what a
         # coordinator that dies with its launcher, a LocalCluster's, is restarted after), not
         # the machine; an fsync took 0.3-30 ms of the coordinator's loop per record
@@ -67,6 +77,31 @@ class Journal:
         self._file.flush()
         if self.sync:
             os.fsync(self._file.fileno())
+
+    def needs_compaction(self) -> bool:
+        """Whether the file passed ``compact_bytes`` (see :meth:`compact`)."""
+        return self._file.tell() > self.compact_bytes
+
+    def compact(self, records: list[dict[str, Any]]) -> None:
+        """Replace the journal by ``records`` (the current state) atomically: a new file,
+        fsynced, renamed over the old one, the directory fsynced."""
+        tmp = self.path.with_name(self.path.name + ".compact")
+        with open(tmp, "wb") as f:
+            for record in records:
+                f.write(msgpack.packb(record, use_bin_type=True))
+            f.flush()
+            os.fsync(f.fileno())
+        before = self._file.tell()
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._file.close()
+        self._file = open(self.path, "ab")  # noqa: SIM115 (held open for the coordinator's life)
+        log.info("journal %s compacted: %d bytes -> %d (%d records)", self.path, before,
+                 self._file.tell(), len(records))  # fmt: skip
 
     def close(self) -> None:
         self._file.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +82,27 @@ class Leases:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.books: dict[tuple[str, int], LeaseBook] = {}
+
+    def to_record(self) -> dict[str, Any]:
+        """The journal's record of every book (a compacted journal; see journal.py)."""
+        return {
+            "t": "leases",
+            "books": [
+                [name, epoch, b.parts, b.next, list(b.returned), b.holder.tolist(),
+                 b.finished.tolist()]
+                for (name, epoch), b in self.books.items()
+            ],
+        }  # fmt: skip
+
+    def load_record(self, record: dict[str, Any]) -> None:
+        """Take the books of :meth:`to_record` back (the order is the seed's again)."""
+        self.books = {}
+        for name, epoch, parts, nxt, returned, holder, finished in record["books"]:
+            book = LeaseBook(int(parts), f"{name}/{epoch}")
+            book.next, book.returned = int(nxt), [int(p) for p in returned]
+            book.holder[:] = holder
+            book.finished[:] = finished
+            self.books[(name, int(epoch))] = book
 
     def _check_new(self, dataset: str, parts: int) -> None:
         lim = self.limits

@@ -21,12 +21,13 @@ from paramserver.config import CheckpointPolicy, Limits, Timeouts, limits_from_e
 from paramserver.coordinator.barriers import Barriers
 from paramserver.coordinator.collector import STATS_TIMEOUT, StatsCollector
 from paramserver.coordinator.completion import Completion
-from paramserver.coordinator.journal import Journal
+from paramserver.coordinator.journal import COMPACT_BYTES, Journal
 from paramserver.coordinator.leases import Leases
 from paramserver.coordinator.membership import ALIVE, Member, Membership
 from paramserver.coordinator.refusal import Refusal
 from paramserver.coordinator.registry import TableRegistry
 from paramserver.coordinator.rounds import CheckpointRounds, Round
+from paramserver.coordinator.scaling import Scaling
 from paramserver.coordinator.status import StatusBoard
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.metrics import serve_prometheus
@@ -84,6 +85,7 @@ class Coordinator:
         journal: str | None = None,
         replication: int = 1,
         journal_sync: bool = True,
+        journal_bytes: int = COMPACT_BYTES,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.members = Membership(num_servers, num_workers, self.timeouts, replication=replication)
@@ -102,9 +104,12 @@ class Coordinator:
         self.board = StatusBoard(now)
         # with exit_when_done (a dead worker's restart grace, s): end the job once it is done
         self.completion = None if exit_when_done is None else Completion(self, exit_when_done)
+        self.scaling = Scaling(self)  # servers joining and draining while training
         # this process's number: a member that sees it change knows the coordinator restarted
         self.boot = secrets.randbits(62) + 1
-        self.journal = Journal(journal, sync=journal_sync) if journal is not None else None
+        self.journal = (
+            Journal(journal, journal_bytes, sync=journal_sync) if journal is not None else None
+        )
         if self.journal is not None:
             self.members.supervised = True
             self._replay(self.journal.replay(), now)
@@ -157,6 +162,8 @@ class Coordinator:
             "status": self._on_status,
             "shutdown": self._on_shutdown,
             "ping": self._on_ping,
+            "drain": self.scaling.on_drain,
+            "move_done": self.scaling.on_move_done,
         }
 
     # ---- the loop -------------------------------------------------------------------------
@@ -253,6 +260,19 @@ class Coordinator:
     def _record(self, record: dict[str, Any]) -> None:
         if self.journal is not None:
             self.journal.append(record)
+            if self.journal.needs_compaction():
+                self.compact_journal()
+
+    def compact_journal(self) -> None:
+        """Rewrite the journal as the current state (see journal.py); nothing without one."""
+        if self.journal is None:
+            return
+        self.journal.compact([
+            self.members.to_record(),
+            *({"t": "table", "spec": spec.to_wire()} for spec in self.tables.specs()),
+            {"t": "checkpoint", "latest": self.rounds.latest},
+            self.leases.to_record(),
+        ])  # fmt: skip
 
     def _replay(self, records: list[dict[str, Any]], now: float) -> None:
         """Take back what a previous coordinator process journaled (see journal.py)."""
@@ -265,6 +285,8 @@ class Coordinator:
                 self.tables.create(rec["spec"])
             elif rec["t"] == "checkpoint":
                 self.rounds.latest = rec["latest"]
+            elif rec["t"] == "leases":
+                self.leases.load_record(rec)
             elif rec["op"] == "acquire":
                 self.leases.acquire(rec["h"])
             elif rec["op"] == "complete":
@@ -278,6 +300,10 @@ class Coordinator:
                 len(self.tables.specs()),
                 len(records),
             )
+
+    def publish(self, reason: str) -> None:
+        """Send every live member the next view (``reason`` is logged)."""
+        self._publish(reason)
 
     def _publish(self, reason: str) -> None:
         view, identities = self.members.publish(reason)
@@ -318,13 +344,15 @@ class Coordinator:
             if self.rounds.latest is not None:
                 view["restore"] = self.rounds.latest
             tables = self.tables.to_wire()
-        elif self.members.restore:
-            tables = self.tables.to_wire()
+        elif self.members.restore or m.rank not in self.members.ring:
+            tables = self.tables.to_wire()  # a joining server: every table, empty
         self.router.reply(identity, h["id"], rank=m.rank, view=view, tables=tables)
         self._publish(
             f"{m.name} {'replaced' if replacing else 'registered'} at {m.address}"
             + (f" (restoring {view['restore']['path']})" if replacing and "restore" in view else "")
         )
+        if m.rank not in self.members.ring:
+            self.scaling.join(m.rank)
         self._admit_workers()
 
     def _admit_workers(self) -> None:
@@ -529,7 +557,7 @@ class Coordinator:
         Example:
             print(paramserver.metrics.format_status(coord.status()))
         """
-        return self.board.status(
+        status = self.board.status(
             now=time.monotonic(),
             address=self.address,
             view_number=self.members.view_number,
@@ -538,6 +566,8 @@ class Coordinator:
             tables=self.tables.specs(),
             last_checkpoint=self.rounds.last_written,
         )
+        status["moves"] = list(self.scaling.moves)  # servers joined and drained: time, bytes
+        return status
 
     def _on_status(self, identity: bytes, h: StatusMsg) -> None:
         self.router.reply(identity, h["id"], status=self.status())

@@ -137,6 +137,9 @@ class Membership:
         # with a journal, the coordinator is restarted when it dies: members wait for it
         self.supervised = False
         self._process_gone = process_gone
+        # the server ranks on the hash ring, and the move under way (coordinator/scaling.py)
+        self.ring: list[int] = list(range(num_servers))
+        self.move: dict[str, Any] | None = None
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -157,7 +160,10 @@ class Membership:
             VIEW_NUMBER: self.view_number,
             "servers": [[m.rank, m.address, m.shown] for m in self.servers],
             "workers": [[m.rank, m.state] for m in self.workers],
+            "ring": list(self.ring),
         }
+        if self.move is not None:
+            view["move"] = dict(self.move)
         if self.replication > 1:
             view["replication"] = self.replication
         if self.rejoined:
@@ -189,6 +195,8 @@ class Membership:
         return {
             "t": "view",
             VIEW_NUMBER: self.view_number,
+            "ring": list(self.ring),
+            "move": self.move,
             "members": [
                 [m.role, m.rank, m.shown, m.address, m.host, m.pid, m.incarnation, m.identity]
                 for m in self.members
@@ -199,7 +207,11 @@ class Membership:
         """Take a journal's membership back (a restarted coordinator): the live members keep
         their incarnations and have the heartbeat timeout to beat again."""
         self.view_number = int(record[VIEW_NUMBER])
+        self.ring = list(record.get("ring") or self.ring)
+        self.move = record.get("move")
         for role, rank, state, address, host, pid, incarnation, identity in record["members"]:
+            while role == "server" and rank >= len(self.servers):  # a server that joined
+                self.servers.append(Member("server", len(self.servers)))
             m = self.member(role, rank)
             if m is None:
                 continue
@@ -255,11 +267,20 @@ class Membership:
                 )
             m = self.servers[want]
         else:
+            # a rank drained off the ring is not handed out again: a newcomer joins instead
             free = [s for s in self.servers if s.state in (PENDING, DEAD, LEFT)]
+            free = [s for s in free if s.rank in self.ring]
             if not free:
-                raise Refusal(
-                    "full", f"all {len(self.servers)} server ranks are taken by live servers"
-                )
+                if all(w.state == PENDING for w in self.workers) or self.replication > 1:
+                    raise Refusal(
+                        "full",
+                        f"all {len(self.servers)} server ranks are taken by live servers"
+                        + (" (servers join a running job only without replication)"
+                           if self.replication > 1 else ""),
+                    )  # fmt: skip
+                # a running job (workers came): the newcomer joins the ring (coordinator/scaling.py)
+                self.servers.append(Member("server", len(self.servers)))
+                free = [self.servers[-1]]
             m = free[0]
         replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h, now)
@@ -318,6 +339,10 @@ class Membership:
         """Take a heartbeat that came on connection ``link`` (-1: unknown): the member it
         keeps alive. Refused (``expelled``) unless it is a live member's current incarnation."""
         m = self.member(h["role"], h["rank"])
+        drained = m is not None and m.role == "server" and m.state == LEFT
+        if drained and m is not None and m.incarnation == h[INCARNATION]:
+            # drained (coordinator/scaling.py): it was told to stop, and is not fenced
+            raise Refusal("left", f"{m.name} was drained and left the cluster")
         if m is None or m.state != ALIVE or m.incarnation != h[INCARNATION]:
             raise Refusal(
                 "expelled",

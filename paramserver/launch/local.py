@@ -401,6 +401,67 @@ class LocalCluster:
             ep.close()
             ctx.term()
 
+    def _ask(self, header: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """One request to the coordinator on a connection of its own (RemoteError: refused)."""
+        ctx = new_context()
+        ep = Endpoint(ctx, request_timeout=timeout, security=self._security)
+        try:
+            ep.connect("coordinator", self.address)
+            return ep.request("coordinator", header, what=f"{header['kind']} to the "
+                              f"coordinator at {self.address}").result(timeout)  # fmt: skip
+        finally:
+            ep.close()
+            ctx.term()
+
+    def add_server(self, *, timeout: float | None = None) -> int:
+        """Start one more server; it joins the running job's hash ring and its share of the
+        sparse keys moves to it while training goes on (the workers switch at their next
+        ``clock()``; see docs/fault-tolerance.md). Returns its rank once it registered. Call
+        it from a thread that lives as long as the cluster (the main thread): a child gets
+        SIGTERM when the thread that started it ends.
+
+        Example:
+            rank = cluster.add_server()      # e.g. 2 in a cluster started with servers=2
+        """
+        limit = self.start_timeout if timeout is None else timeout
+        proc = self.children.start(
+            f"server (joining, {len(self._servers)})",
+            self._role_cmd("server", "--coordinator", self.address, "--host", self.host),
+            prefix_output=self.output,
+            env=self._env,
+        )
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise PSError(f"the joining server exited with code {proc.returncode}")
+            nodes = self._ask({"kind": "status"})["status"]["nodes"]
+            mine = [n for n in nodes if n["role"] == "server" and n.get("pid") == proc.pid]
+            if mine and mine[0]["state"] == "alive":
+                self._servers[int(mine[0]["rank"])] = proc
+                return int(mine[0]["rank"])
+            time.sleep(0.05)
+        raise PSTimeoutError(f"a joining server (pid {proc.pid}) did not register within {limit}s")
+
+    def remove_server(self, rank: int, *, wait: bool = False, timeout: float = 60.0) -> None:
+        """Drain server ``rank``: its keys move to the others while training goes on (the
+        workers switch at their next ``clock()``), then it stops. RemoteError if the
+        coordinator refuses (not on the ring, the last server, holds a dense range). With
+        ``wait``, return once it left (do not wait from the only thread that trains: the move
+        needs its ``clock()``).
+
+        Example:
+            cluster.remove_server(1)
+        """
+        from paramserver.launch.drain import drain_server
+
+        proc = self._servers.pop(int(rank), None)  # its exit is no crash: not restarted
+        try:
+            drain_server(self.address, int(rank), token=self._token, timeout=timeout, wait=wait)
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                self._servers[int(rank)] = proc
+            raise
+
     def connect(self, *, rank: int | None = None, transport: str | None = None) -> Any:
         """Join this cluster as a worker from the current process; returns a Client
         (``transport="tcp"`` keeps values off shared memory, see :func:`paramserver.connect`).

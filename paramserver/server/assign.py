@@ -125,7 +125,7 @@ class Assigns(Handlers):
             req.reply.ok(stats={"tables": len(mine), "kept": kept})
             return
         servers = int(h["servers"])
-        ring = HashRing.build(list(range(servers)))
+        ring = HashRing.build(list(h.get("ring") or range(servers)))
         # with replication this server holds the keys of the ranks it is a copy of, too
         owners = [r for r in range(servers) if holds(state.rank, r, servers, state.replication)]
         fresh: dict[str, Table] = {}

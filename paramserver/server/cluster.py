@@ -84,6 +84,8 @@ class CoordinatorLink:
         # creates a table the coordinator ordered (the server's Admin.create)
         self.create: Callable[[dict[str, Any]], None] | None = None
         self.early: list[dict[str, Any]] = []  # orders that came before this server's rank
+        # told every newer view (ranges moving between servers: server/transfer.py)
+        self.on_view: Callable[[dict[str, Any]], None] | None = None
         self.endpoint = Endpoint(
             ctx, request_timeout=timeouts.connect, on_message=self.on_message, security=security
         )
@@ -284,7 +286,10 @@ class CoordinatorLink:
             elif self.create is not None:
                 self.create(header["spec"])
         elif header["kind"] == "view":
-            self.apply_view(header["view"])
+            if state.rank < 0:  # came with the registration's answer: applied once it is read
+                self.early.append(header)
+            else:
+                self.apply_view(header["view"])
         elif header["kind"] == "checkpoint":
             if state.clocks.reached > header["clock"]:
                 # already past the boundary: a snapshot now would not be at that clock, and the
@@ -310,6 +315,8 @@ class CoordinatorLink:
         if not isinstance(number, int) or not isinstance(workers, list) or number <= state.view:
             return
         state.view = number
+        if self.on_view is not None:
+            self.on_view(view)
         live = {int(r) for r, status in workers if status in ("pending", "alive")}
         registered = {int(r) for r, status in workers if status == "alive"}
         rejoined = {int(r): int(c) for r, c in view.get("rejoined") or []}

@@ -33,6 +33,7 @@ from paramserver.server.pull import Pulls
 from paramserver.server.push import Pushes
 from paramserver.server.snapshot import Snapshots
 from paramserver.server.state import ServerState
+from paramserver.server.transfer import Transfers
 from paramserver.wire import protocol
 from paramserver.wire.paths import Behind, Paths, Request
 from paramserver.wire.poller import Poller
@@ -114,12 +115,18 @@ class Server:
         many = Many(self.state, self.paths, self.pushes, self.progress)
         assigns = Assigns(self.state, self.paths, self.progress)
         self.cluster.create = admin.create
+        self.transfers = Transfers(
+            self.state, self.ctx, security, self.progress, self.cluster.send, self.timeouts.request
+        )
+        self.cluster.on_view = self.transfers.on_view
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
             "push": self.pushes.on_push,
             "pull_many": many.on_pull,
             "push_many": many.on_push,
             "clock": admin.on_clock,
+            "switched": self.on_switched,
+            "transfer": self.transfers.on_transfer,
             "create_shard": admin.on_create_shard,
             "set_lr": admin.on_set_lr,
             "stats": admin.on_stats,
@@ -178,6 +185,7 @@ class Server:
                 if self.paths.waiting:  # pushes whose payload came in, or is given up
                     self.resume()
                 self.cluster.poll(0)
+                self.transfers.tick()
                 self.cluster.watch_coordinator()
                 self.unpark()
                 if len(deferred):
@@ -189,6 +197,7 @@ class Server:
     def close(self) -> None:
         self.cluster.stop_heartbeat()
         self.paths.close()
+        self.transfers.close()
         self.cluster.close()
         self.router.close()
         self.ctx.term()
@@ -222,8 +231,27 @@ class Server:
             # a payload behind the header is taken first of all; one still on its way is
             # waited for aside (resume), never here
             ready = not self.park(identity, frames, req.header, since) and self.paths.fetch(req)
-        if ready:
+        if ready and not self.held_for_move(identity, frames, since, req):
             self.dispatch(req)
+
+    def held_for_move(
+        self, identity: bytes, frames: list[Any], since: float | None, req: Request
+    ) -> bool:
+        """Whether a request for keys this server is receiving was kept (or refused) until
+        the move's end (server/transfer.py); a request in a newer view applies that view first
+        (it may announce the move)."""
+        wanted = req.header.get("view")
+        newer = isinstance(wanted, int) and wanted > self.state.view
+        if self.transfers.incoming is None and not newer:
+            return False
+        done = True
+        with self.answering(req):
+            self.cluster.admit(req.header)  # fencing, and the view of the move
+            if self.transfers.holds(req.header, req.arrays):
+                self.hold_for_move(identity, frames, since)
+            else:
+                done = False
+        return done
 
     def dispatch(self, req: Request) -> None:
         """Run a decoded request's handler (its bulk payload, if any, is in)."""
@@ -321,6 +349,26 @@ class Server:
             return False  # refused (not registered, no such table)
         self.parked.append((identity, frames, first))
         return True
+
+    def hold_for_move(self, identity: bytes, frames: list[Any], since: float | None) -> None:
+        """Keep a request for keys this server is receiving until the move's end came (the
+        loop handles it again then: ``unpark``); refused once it waited the request timeout."""
+        now = time.monotonic()
+        first = now if since is None else since
+        if now - first >= self.timeouts.request or len(self.parked) >= MAX_PARKED:
+            raise Refusal(
+                "moving",
+                f"{self.state.name}: the keys of this request are still moving here after "
+                f"{now - first:.3g}s (a source of the move did not finish); nothing changed",
+            )
+        self.parked.append((identity, frames, first))
+
+    def on_switched(self, h: Any, req: Request) -> None:
+        """A worker routes by a move's new ring from now on (server/transfer.py)."""
+        if self.state.clocks.advance(h["rank"], h["clock"]):
+            self.progress()
+        self.transfers.on_switched(h["rank"], h["move"])
+        req.reply.ok()
 
     def may_wait(self, h: dict[str, Any]) -> float:
         """How long a message may wait for the coordinator (0: not at all): a request of a

@@ -88,7 +88,8 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
     holds for it (a table created after the checkpoint starts empty)."""
     directory, manifest, _ = checkpoint.read_manifest(path)
     n = int(view["num_servers"])
-    ring = HashRing.build(list(range(n)))
+    # the ring now (servers join and leave: coordinator/scaling.py), not the one that wrote it
+    ring = HashRing.build(list(view.get("ring") or range(n)))
     # with replication this server holds the keys of the ranks it is a copy of, too
     owners = [r for r in range(n) if holds(state.rank, r, n, state.replication)]
     saved = {t["name"] for t in manifest["tables"]}

@@ -31,12 +31,14 @@ __all__ = [
     "CompleteLeaseMsg",
     "CreateShardMsg",
     "CreateTableMsg",
+    "DrainMsg",
     "ErrorMsg",
     "GetViewMsg",
     "Header",
     "HeartbeatMsg",
     "LeaveMsg",
     "ListTablesMsg",
+    "MoveDoneMsg",
     "OpenBulkMsg",
     "PingMsg",
     "PullManyMsg",
@@ -53,6 +55,8 @@ __all__ = [
     "StatsMsg",
     "StatusMsg",
     "StopMsg",
+    "SwitchedMsg",
+    "TransferMsg",
     "ViewMsg",
     "register_header",
 ]
@@ -298,6 +302,7 @@ class RestoreMsg(TypedDict):
     path: str
     rank: int
     servers: int
+    ring: NotRequired[list[int]]  # the server ranks keys are hashed over (servers join, leave)
     check: NotRequired[bool]
 
 
@@ -357,6 +362,48 @@ class AttachSlotMsg(TypedDict):
     path: str
     nonce: int
     size: int
+
+
+class TransferMsg(TypedDict):
+    """``transfer``: rows of moving ranges from one server to another (server/transfer.py)."""
+
+    kind: Literal["transfer"]
+    id: int
+    move: int
+    source: int
+    phase: Literal["copy", "final", "end"]
+    table: NotRequired[str | None]
+    sync: NotRequired[list[list[int]] | None]  # final: [clock, worker rank, rows] per run
+    view: NotRequired[int]  # the view that announced the move
+
+
+class SwitchedMsg(TypedDict):
+    """``switched``: a worker routes by a move's new ring from now on."""
+
+    kind: Literal["switched"]
+    id: int
+    view: NotRequired[int]
+    rank: int
+    move: int
+    clock: int
+
+
+class MoveDoneMsg(TypedDict):
+    """``move_done``: a source's ranges of a move reached their destinations."""
+
+    kind: Literal["move_done"]
+    id: int
+    move: int
+    source: int
+    stats: NotRequired[dict[str, Any] | None]
+
+
+class DrainMsg(TypedDict):
+    """``drain``: move a server's ranges to the others, then stop it."""
+
+    kind: Literal["drain"]
+    id: int
+    rank: int
 
 
 class ClockMsg(TypedDict):
@@ -452,6 +499,10 @@ MESSAGES: dict[str, type] = {
     "attach": AttachMsg,
     "attach_slot": AttachSlotMsg,
     "clock": ClockMsg,
+    "transfer": TransferMsg,
+    "move_done": MoveDoneMsg,
+    "switched": SwitchedMsg,
+    "drain": DrainMsg,
     "set_lr": SetLrMsg,
     "stats": StatsMsg,
     "ping": PingMsg,

@@ -120,6 +120,14 @@ def _names(v: Any) -> bool:
     )
 
 
+def _ranks(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and 0 < len(v) <= 1 << 16
+        and all(isinstance(r, int) and not isinstance(r, bool) and RANK(r) for r in v)
+    )
+
+
 MAX_SHARDS = 1 << 24
 BULK = _int(1, MAX_MESSAGE_BYTES)
 ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
@@ -203,12 +211,13 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     # [values] (dense); rows of the table's width set weights and reset the optimizer state,
     # rows as wide as a checkpoint's set the state too
     "assign": {"table": (NAME, True), "rank": (RANK, True), "seq": (U63, True)},
-    # every table of this server back to a checkpoint (its part under a ring of ``servers``);
-    # check: only say whether it could
+    # every table of this server back to a checkpoint (its part under the ring of the server
+    # ranks ``ring``, else of ``servers``); check: only say whether it could
     "restore": {
         "path": (_str(4096), True),
         "rank": (RANK, True),
         "servers": (_int(1, 1 << 16), True),
+        "ring": (_ranks, False),
         "check": (_is_bool, False),
     },
     # many small dense tables of one server in one request (server/many.py): their values or
@@ -265,6 +274,15 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     },
     "error": {"code": (_str(64), True), "message": (_str(4096), True)},
 }
+SCHEMA.update({  # servers joining and leaving: server/transfer.py, coordinator/scaling.py
+    "transfer": {"move": (U63, True), "source": (RANK, True), "table": (_opt(NAME), False),
+                 "phase": (lambda v: v in ("copy", "final", "end"), True), "view": (U63, False),
+                 "sync": (_opt(lambda v: isinstance(v, list)), False)},  # [clock, rank, rows]
+    "switched": {"rank": (RANK, True), "move": (U63, True), "clock": (U63, True),
+                 "view": (U63, False)},
+    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (_opt(_is_map), False)},
+    "drain": {"rank": (RANK, True)},
+})  # fmt: skip
 KINDS = frozenset(SCHEMA)
 # a worker's request to a server names the cluster view it was sent in: a server that has not
 # seen that view checks that it still holds its rank before it serves (server/cluster.py)

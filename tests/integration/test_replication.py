@@ -249,3 +249,39 @@ def test_a_pull_waiting_on_a_killed_primary_is_answered_by_the_copy() -> None:
         # clock 1 holds worker 1's push only: the mean over 2 live workers is 2
         np.testing.assert_array_equal(waiting.result(30), -3.5 * ones)
         np.testing.assert_array_equal(tb.pull(keys), -3.5 * ones)
+
+
+def test_assign_and_restore_reach_every_copy(tmp_path: Path) -> None:
+    """Rows written into a running table (``assign``) and a restore from a checkpoint land on
+    every copy: after the primary of the keys is SIGKILLed, the copy serves exactly them."""
+    keys = np.arange(200, dtype=np.uint64)
+    with ps.LocalCluster(servers=3, workers=1, timeouts=FAST, replication=2) as cluster:
+        c = cluster.connect(rank=0)
+        emb = c.sparse_table("emb", dim=4, optimizer=ps.optim.SGD(lr=1.0))
+        w = c.dense_table("w", shape=(50,), optimizer=ps.optim.SGD(lr=1.0))
+        emb.push(keys, np.ones((len(keys), 4), np.float32)).result()
+        w.push(np.ones(50, np.float32)).result()
+        saved_rows, saved_w = emb.pull(keys), w.pull()
+        path = c.save(tmp_path / "ckpt")
+        emb.push(keys, np.ones((len(keys), 4), np.float32)).result()
+        w.push(np.ones(50, np.float32)).result()
+        assert c.restore(path) == 2
+        np.testing.assert_array_equal(emb.pull(keys), saved_rows)
+        np.testing.assert_array_equal(w.pull(), saved_w)
+        rows = np.arange(len(keys) * 4, dtype=np.float32).reshape(len(keys), 4)
+        emb.assign(keys, rows)
+        w.assign(np.full(50, 7.0, np.float32))
+        # every server is some key's primary: kill one, its keys are read from their copy
+        victim = 1
+        os.kill(_server_pid(cluster, victim), signal.SIGKILL)
+        wait_until(
+            lambda: (
+                {r: st for r, _, st in view_of(cluster.address)["servers"]}[victim]  # type: ignore[attr-defined]
+                != "alive"
+            ),
+            30.0,
+            "server[1] declared dead",
+        )
+        np.testing.assert_array_equal(emb.pull(keys), rows)
+        np.testing.assert_array_equal(w.pull(), np.full(50, 7.0, np.float32))
+        c.close()

@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from paramserver.config import Timeouts
 from paramserver.coordinator.journal import Journal
+from paramserver.coordinator.loop import Coordinator
 from paramserver.coordinator.membership import ALIVE, DEAD, PENDING, Membership
+from paramserver.spec import TableSpec
 from paramserver.wire.messages import RegisterMsg
 
 T = Timeouts(heartbeat_interval=0.5, heartbeat_timeout=5.0)
@@ -87,3 +90,60 @@ def test_records_written_without_fsync_survive_a_killed_process(tmp_path: Path) 
     assert done.returncode == -signal.SIGKILL
     got = Journal(path).replay()
     assert got == [{"t": "lease", "op": "acquire", "h": {"i": i}} for i in range(5)]
+
+
+def _state(c: Coordinator) -> tuple[Any, ...]:
+    members = [
+        (m.role, m.rank, m.state, m.address, m.incarnation, m.identity) for m in c.members.members
+    ]
+    books = {k: (b.next, b.returned, b.holder.tolist(), b.finished.tolist())
+             for k, b in c.leases.books.items()}  # fmt: skip
+    return (c.members.view_number, members, c.members.ring, [s.to_wire() for s in c.tables.specs()],
+            c.rounds.latest, books)  # fmt: skip
+
+
+def _close(c: Coordinator) -> None:
+    c.router.close()
+    c.collector.close()
+    c.ctx.term()
+    assert c.journal is not None
+    c.journal.close()
+
+
+def _drive(c: Coordinator) -> None:
+    """The same history on any coordinator: servers, a table, lease books over five epochs."""
+    assert c.journal is not None
+    c.members.register_server(b"id-0", register(0), 0.0)
+    c.members.register_server(b"id-1", register(1), 0.0)
+    c.publish("servers registered")
+    spec = c.tables.create(TableSpec(name="emb", kind="sparse", dim=4, seed=1).to_wire()).to_wire()
+    c.journal.append({"t": "table", "spec": spec})
+    for i in range(40):
+        h: Any = {"kind": "acquire_lease", "id": i, "dataset": "d", "epoch": 1 + i // 8,
+                  "shards": 8, "rank": i % 2}  # fmt: skip
+        c.leases.acquire(h)
+        c.journal.append({"t": "lease", "op": "acquire", "h": h})
+        if i % 3 == 0:
+            c.publish(f"step {i}")  # through the coordinator: compacts past its size
+
+
+def test_a_compacted_journal_replays_to_the_state_of_the_full_one(tmp_path: Path) -> None:
+    small = Coordinator(2, 2, journal=str(tmp_path / "small"), journal_bytes=1500)
+    full = Coordinator(2, 2, journal=str(tmp_path / "full"))  # never compacted: the reference
+    for c in (small, full):
+        _drive(c)
+    sizes = ((tmp_path / "small").stat().st_size, (tmp_path / "full").stat().st_size)
+    assert sizes[0] < sizes[1] and sizes[0] < 1500 + 1000
+    want = _state(small)
+    _close(small)
+    _close(full)
+    again = Coordinator(2, 2, journal=str(tmp_path / "small"))
+    reference = Coordinator(2, 2, journal=str(tmp_path / "full"))
+    try:
+        assert _state(again) == want
+        # the same history, replayed uncompacted: the same books, tables and view number
+        assert _state(again)[0] == _state(reference)[0]
+        assert _state(again)[2:] == _state(reference)[2:]
+    finally:
+        _close(again)
+        _close(reference)

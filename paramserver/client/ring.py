@@ -1,0 +1,114 @@
+"""The ring a worker routes sparse keys by, and its switch when servers join or leave.
+
+:class:`RingRouting` is a part of :class:`~paramserver.client.session.Session`. The view names
+the ring (``ring``: the server ranks keys are hashed over) and, while servers join or leave, a
+``move`` (the old ring, the new one). A worker takes a move's new ring at the end of a step
+(its next ``clock()``, or at once while it waits at a barrier), so that all of one clock's
+requests go by one ring, and says so: ``switched`` to the servers of both rings, on the
+connections its earlier requests took, so after them (server/transfer.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from paramserver.partition import HashRing
+from paramserver.wire.transport import Future
+
+__all__ = ["RingRouting"]
+
+log = logging.getLogger(__name__)
+
+
+class RingRouting:
+    """The ring a worker routes by (see the module docstring).
+
+    Example:
+        session.switch_ring()      # at a step's end: a move's new ring, if one waits
+        session.servers            # the server ranks to send clocks and table orders to
+    """
+
+    rank: int
+    _clock: int
+    _clock_futures: list[Future[Any]]
+    ring: HashRing
+    # the state below is replaced, never changed in place: class defaults are safe
+    ring_version = 0  # bumped at every change of the ring: the tables re-plan their keys
+    ring_servers: list[int] = []  # noqa: RUF012
+    move_from: list[int] = []  # noqa: RUF012  (the old ring while a move goes on)
+    moves_seen: frozenset[int] = frozenset()
+    next_ring: tuple[int, list[int]] | None = None  # a move's id and new ring
+    idle = False  # between steps (at a barrier): a move is switched to at once
+
+    def request_server(self, s: int, header: dict[str, Any], *, what: str) -> Future[Any]:
+        raise NotImplementedError  # the session's
+
+    def build_ring(self, num_servers: int) -> None:
+        """The ring at registration: the view's, else every server's."""
+        self.ring_servers = self.ring_servers or list(range(num_servers))
+        self.ring = HashRing.build(self.ring_servers)
+
+    def end_step(self) -> None:
+        """A step's end: switch to a move's ring if one waits, then send the next clock to
+        every server of both rings."""
+        self.switch_ring()
+        switching = [f for f in self._clock_futures if not f.done()]
+        self._clock += 1
+        self._clock_futures = switching + [
+            self.request_server(
+                s,
+                {"kind": "clock", "rank": self.rank, "clock": self._clock},
+                what=f"clock {self._clock} of worker[{self.rank}] to server[{s}]",
+            )
+            for s in self.servers
+        ]
+
+    def take_ring(self, view: dict[str, Any]) -> None:
+        """A view's ring: a move's new ring waits for the step's end; another ring is taken
+        at once (the move is over, or this worker was not live during it)."""
+        ring, move = view.get("ring"), view.get("move")
+        if isinstance(move, dict) and move.get("id") not in self.moves_seen:
+            self.moves_seen = self.moves_seen | {move["id"]}
+            self.move_from = [int(r) for r in move["from"]]
+            if not self.ring_servers:  # registering: the old ring until the first clock()
+                self.ring_servers = list(self.move_from)
+            self.next_ring = (int(move["id"]), [int(r) for r in move["to"]])
+            if self.idle:
+                self.switch_ring()
+        elif isinstance(ring, list) and move is None:
+            self.move_from = []
+            if ring != self.ring_servers:
+                self.next_ring = None
+                self.set_ring([int(r) for r in ring])
+
+    def switch_ring(self) -> None:
+        """Route by a move's new ring from now on, and tell the servers of both rings (at a
+        step's end: ``clock()``, ``barrier()``); nothing if no move waits."""
+        if self.next_ring is None:
+            return
+        move, ring = self.next_ring
+        self.next_ring = None
+        targets = self.servers
+        self.set_ring(ring)
+        for s in targets:
+            self._clock_futures.append(
+                self.request_server(
+                    s,
+                    {"kind": "switched", "rank": self.rank, "move": move, "clock": self._clock},
+                    what=f"worker[{self.rank}] switching to the ring of move {move}",
+                )
+            )
+
+    def set_ring(self, ring: list[int]) -> None:
+        self.ring_servers = ring
+        if hasattr(self, "ring"):  # registered: else built once the heartbeat runs
+            self.ring = HashRing.build(ring)
+            self.ring_version += 1
+            log.info("worker[%d] routes by the ring of servers %s", self.rank, ring)
+
+    @property
+    def servers(self) -> list[int]:
+        """The ranks of the servers this worker talks to: the ring's, and while a move goes
+        on, its sources (a drained server still answers the pulls sent to it)."""
+        return sorted({*self.ring_servers, *self.move_from})

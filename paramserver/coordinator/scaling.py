@@ -1,0 +1,143 @@
+"""Servers added and removed while training: the coordinator's side of a move.
+
+A server that registers with a running job when no rank is free joins (``Membership`` gives it
+a new rank, off the ring); ``drain`` asks that a server leave. Either becomes a *move*, one at a
+time (the others wait in a queue, in order):
+
+1. The view announces it: ``move = {id, from: ring, to: new ring, view: its number}``. The
+   servers copy the rows that change owner while they serve (server/transfer.py); each worker
+   routes by the new ring from its next ``clock()`` on.
+2. Every source of the old ring reports ``move_done`` once its rows, the delta and its buffered
+   sync pushes reached their destinations.
+3. The view switches: ``ring`` is the new one, no ``move``. A drained server is then ``left``
+   and told to stop.
+
+Sparse tables move; dense ranges do not: a joining server holds none, and a server holding one
+cannot be drained (refused, naming the tables). The registry places new dense tables on the
+ring's servers only. Plain state plus the coordinator's publish and send.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from paramserver.coordinator.membership import ALIVE, LEFT
+from paramserver.coordinator.refusal import Refusal
+from paramserver.wire.messages import DrainMsg, MoveDoneMsg
+
+__all__ = ["Scaling"]
+
+log = logging.getLogger(__name__)
+
+
+class Scaling:
+    """Joins and drains of one coordinator (see the module docstring).
+
+    Example:
+        coord.scaling = Scaling(coord)
+        coord.scaling.join(2)        # a server registered with rank 2 off the ring
+    """
+
+    def __init__(self, coord: Any) -> None:
+        self.coord = coord  # the Coordinator: its members, tables, router and publish
+        self.queue: list[tuple[str, int]] = []
+        self.sources: set[int] = set()
+        self.next_id = 1
+        self.started = 0.0
+        # per finished move: what it was, how long it took, the rows and bytes its sources sent
+        self.moves: list[dict[str, Any]] = []
+        self._stats: list[dict[str, Any]] = []
+
+    def join(self, rank: int) -> None:
+        """Server ``rank`` registered off the ring: move its share of the keys to it."""
+        self.queue.append(("join", rank))
+        self.start()
+
+    def on_drain(self, identity: bytes, h: DrainMsg) -> None:
+        """``drain``: check, queue, answer at once (the view says when it is done)."""
+        members, rank = self.coord.members, h["rank"]
+        ring = members.ring
+        if members.replication > 1:
+            raise Refusal(
+                "invalid", "servers are drained only without replication (nothing changed)"
+            )
+        if rank not in ring or ("drain", rank) in self.queue:
+            raise Refusal(
+                "invalid",
+                f"server[{rank}] is not on the hash ring (ring: {ring}) or already draining",
+            )
+        moving = members.move is not None and members.move["rank"] == rank
+        if len(ring) - sum(k == "drain" for k, _ in self.queue) <= 1 or moving:
+            raise Refusal("invalid", f"server[{rank}] cannot be drained: it would leave no server")
+        dense = [
+            s.name for s in self.coord.tables.specs() if any(r == rank for r, _, _ in s.ranges)
+        ]
+        if dense:
+            raise Refusal(
+                "invalid",
+                f"server[{rank}] holds ranges of dense tables {dense}: moving dense ranges is "
+                "not supported yet, so it cannot be drained (nothing changed)",
+            )
+        self.queue.append(("drain", rank))
+        self.coord.router.reply(identity, h["id"])
+        self.start()
+
+    def start(self) -> None:
+        """Announce the next queued move, unless one is under way."""
+        members = self.coord.members
+        if members.move is not None or not self.queue:
+            return
+        kind, rank = self.queue.pop(0)
+        old = list(members.ring)
+        new = sorted({*old, rank}) if kind == "join" else [r for r in old if r != rank]
+        members.move = {"id": self.next_id, "from": old, "to": new, "view": members.view_number + 1,
+                        "kind": kind, "rank": rank}  # fmt: skip
+        self.next_id += 1
+        self.sources = {r for r in old if members.servers[r].state == ALIVE}
+        self.started = time.monotonic()
+        self._stats = []
+        if kind == "drain":  # no new dense table goes there
+            self.coord.tables.server_ranks = [r for r in self.coord.tables.server_ranks
+                                              if r != rank]  # fmt: skip
+        self.coord.publish(f"move {members.move['id']}: {kind} server[{rank}], ring {old} -> {new}")
+
+    def on_move_done(self, identity: bytes, h: MoveDoneMsg) -> None:
+        """A source's ``move_done``: once every source's came, switch the view."""
+        members = self.coord.members
+        m = members.server_by_identity(identity)
+        move = members.move
+        if m is None or move is None or move["id"] != h["move"]:
+            return
+        self.sources.discard(m.rank)
+        stats = h.get("stats") or {}
+        if stats.get(
+            "errors"
+        ):  # rows that did not arrive: said loudly, the view switches all the same
+            log.error("move %d: %s could not send all its rows: %s", move["id"], m.name,
+                      "; ".join(str(e) for e in stats["errors"])[:2000])  # fmt: skip
+        self._stats.append(stats)
+        if self.sources:
+            return
+        took = time.monotonic() - self.started
+        record = {"move": move["id"], "kind": move["kind"], "rank": move["rank"],
+                  "seconds": took, "rows": sum(int(s.get("rows", 0)) for s in self._stats),
+                  "bytes": sum(int(s.get("bytes", 0)) for s in self._stats)}  # fmt: skip
+        self.moves.append(record)
+        members.ring = list(move["to"])
+        members.move = None
+        tables = self.coord.tables
+        if move["kind"] == "join":
+            tables.server_ranks = sorted({*tables.server_ranks, move["rank"]})
+            tables.dense_load.setdefault(move["rank"], 0)
+        gone = members.servers[move["rank"]] if move["kind"] == "drain" else None
+        if gone is not None:
+            gone.state = LEFT
+        self.coord.publish(
+            f"move {move['id']} done in {took:.3f}s ({record['rows']} rows, {record['bytes']} "
+            f"bytes): ring {members.ring}"
+        )
+        if gone is not None and gone.identity:
+            self.coord.router.send(gone.identity, {"kind": "stop", "id": 0})
+        self.start()

@@ -1,0 +1,384 @@
+"""Ranges moving between servers while training goes on: the server's side of a move.
+
+The primitive (general: a join and a drain use it, a replica rebuilt from a live one could):
+*copy the keys of sparse table T that ring R' gives to server B, from server A to B, while A
+serves on; then the delta; then switch the view.* In messages, all ``transfer`` requests from
+A to B on one connection (so they arrive in order):
+
+1. ``copy`` (per table): the rows ``[w | optimizer state | scalars]`` of every key A holds whose
+   owner on R' is B (:meth:`Transfers.start`). A keeps serving them.
+2. ``final`` (per table), once every live worker has switched to R' at A: the rows that changed
+   since the copy (compared bit for bit, so -0.0 and NaN count as changes) and those created
+   since, plus copies of A's buffered sync pushes of those keys ``[clock, worker, rows]`` in
+   arrival order (B aggregates them exactly as A would have; A applies them too, for the pulls
+   sent by the old ring that still wait on A).
+3. ``end``: nothing more of this move comes from A. B's clocks need nothing from A: they
+   move with each worker's own requests, which reach B from its switch on; sequence numbers
+   neither (every push reaches exactly one of A and B, and a push to B after the switch has a
+   larger number than any B has seen from that worker).
+
+When is "every live worker switched"? A worker that sees a view with a ``move`` routes by the
+new ring from the end of its step (its next ``clock()``, or at once while it waits at a
+barrier) and says so: ``switched`` to the servers of both rings, on the connections its earlier
+requests took, so after them. Once A has it from every live worker, nothing more will reach A
+for the moving keys: the ``final`` step needs no pause on A. B, in turn, holds (parks) any
+request for a key it is receiving, and every later request of that worker (they stay in
+order), until every source's ``end`` came: it answers no pull and applies no push of those keys
+before their rows are whole. In sync mode the result is bitwise the one of an undisturbed run:
+the same rows, and every clock's pushes of a key aggregated in one place in (worker rank,
+arrival) order. After the move A drops the rows that left (``drop_moved``), once no pull sent
+by the old ring waits on A, so that a checkpoint holds every key once.
+
+A source that has sent ``end`` to every destination tells the coordinator (``move_done``),
+which switches the view once every source did (coordinator/scaling.py). Dense tables do not
+move (a joining server holds no dense range; a server holding one cannot be drained yet).
+
+For another use of the same steps (a replica rebuilt from a live one): :meth:`Transfers.start`
+with the old and the new placement as rings, the workers' ``switched`` (or any other proof
+that nothing more comes by the old placement) before :meth:`Transfers.finish`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramserver.partition import HashRing
+from paramserver.server.keycache import KeyCache
+from paramserver.server.shard import SparseShard
+from paramserver.server.state import ServerState
+from paramserver.server.table import Table
+from paramserver.wire.messages import TransferMsg
+from paramserver.wire.paths import Request
+from paramserver.wire.refusal import Refusal
+from paramserver.wire.transport import Endpoint, Future, Security
+
+__all__ = ["Transfers", "changed_rows", "moving_keys"]
+
+log = logging.getLogger(__name__)
+
+
+def moving_keys(keys: np.ndarray, ring: HashRing, me: int) -> np.ndarray:
+    """Owner on ``ring`` of each key, or -1 where it is ``me`` (the keys that stay).
+
+    Example:
+        moving_keys(np.arange(4, dtype=np.uint64), HashRing.build([0, 1]), 0)
+    """
+    if len(keys) == 0:
+        return np.empty(0, np.int32)
+    owners = ring.route(keys).astype(np.int32)
+    owners[owners == me] = -1
+    return owners
+
+
+def changed_rows(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Which rows of ``new`` differ from ``old`` bit for bit (``new`` may have more rows: those
+    are new). Comparing bit patterns, a change from 0.0 to -0.0 or to NaN counts.
+
+    Example:
+        changed_rows(np.zeros((2, 1), np.float32), np.array([[0.0], [-0.0], [1.0]], np.float32))
+    """
+    width = new.dtype.itemsize
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
+    out = np.ones(len(new), bool)
+    n = len(old)
+    if n:
+        out[:n] = (old.view(uint) != new[:n].view(uint)).any(axis=1)
+    return out
+
+
+@dataclass
+class Outgoing:
+    """A move as its source sees it."""
+
+    move: int
+    view: int  # the view number that announced it: a clock message at or past it = switched
+    ring: HashRing  # the new ring
+    old: HashRing  # the ring before: rows of keys it does not give to this server are stale
+    dests: list[int]  # the other servers of the new ring
+    base: dict[str, np.ndarray] = field(default_factory=dict)  # rows exported at the copy
+    switched: set[int] = field(default_factory=set)
+    finished: bool = False
+    ends: list[Future[Any]] = field(default_factory=list)
+    started: float = 0.0
+    bytes: int = 0
+    rows: int = 0
+
+
+@dataclass
+class Incoming:
+    """A move as a destination sees it."""
+
+    move: int
+    old: HashRing  # the ring before: keys it gives to another server are being received
+    sources: set[int]
+    # workers with a request held: their later requests wait too, so that they are handled
+    # in the order they came (a clock message must not overtake the push held before it)
+    held: set[int] = field(default_factory=set)
+
+
+class Transfers:
+    """A server's moves, as source and destination (see the module docstring).
+
+    Example:
+        transfers = Transfers(state, ctx, security, progress, tell_coordinator, timeout=30.0)
+        transfers.on_view(view)           # a view with a ``move`` starts it
+    """
+
+    def __init__(
+        self,
+        state: ServerState,
+        ctx: Any,
+        security: Security | None,
+        progress: Callable[[], None],
+        tell: Callable[[dict[str, Any]], None],
+        timeout: float,
+    ) -> None:
+        self.state = state
+        self.progress = progress
+        self.tell = tell  # a message to the coordinator
+        self.endpoint = Endpoint(ctx, request_timeout=timeout, security=security)
+        self.out: Outgoing | None = None
+        self.incoming: Incoming | None = None
+        self.seen: set[int] = set()  # moves started here
+        self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
+        self.ring: list[int] = []  # the servers of the ring this server serves under
+        # after a move out: the ring whose keys this server keeps, once no old pull waits
+        self.prune: HashRing | None = None
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def on_view(self, view: dict[str, Any]) -> None:
+        """Start the move a view announces (once), as source and as destination."""
+        ring = view.get("ring")
+        if isinstance(ring, list) and self.incoming is None:
+            self.ring = [int(r) for r in ring]
+        move = view.get("move")
+        if not isinstance(move, dict) or int(move["id"]) in self.seen:
+            return
+        self.seen.add(int(move["id"]))
+        if self.prune is not None:  # before any row of this move arrives or leaves
+            self.drop_moved(self.prune)
+            self.prune = None
+        old, new = [int(r) for r in move["from"]], [int(r) for r in move["to"]]
+        me = self.state.rank
+        for rank, address, status in view.get("servers", []):
+            if rank != me and rank in new and status == "alive" and address:
+                self.endpoint.connect(f"server[{rank}]", address)
+        if me in new and set(old) - {me}:
+            self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me})
+        if me in old:
+            self.start(int(move["id"]), int(move["view"]), old, new)
+
+    def start(self, move: int, view: int, old: list[int], new: list[int]) -> None:
+        """Phase 1: send every destination the rows it gets, while serving on."""
+        me = self.state.rank
+        dests = [r for r in new if r != me]
+        out = Outgoing(move, view, HashRing.build(new), HashRing.build(old), dests)
+        out.started = time.monotonic()
+        out.switched = self.early.pop(move, set())
+        self.out = out
+        for name, t in self.state.tables.items():
+            if not isinstance(t.shard, SparseShard):
+                continue
+            rows = t.shard.export()
+            out.base[name] = rows["rows"]
+            self._send_rows(out, t, rows["keys"], rows["rows"], "copy", None)
+        log.info("%s: move %d: copy sent to %s", self.state.name, move, out.dests)
+
+    def on_switched(self, rank: int, move: int) -> None:
+        """A worker's ``switched``: it routes by the new ring from now on."""
+        out = self.out
+        if out is not None and move == out.move:
+            out.switched.add(rank)
+        elif move not in self.seen:  # before this server saw the view: kept for the move
+            self.early.setdefault(move, set()).add(rank)
+
+    # ---- the loop's turn ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Send the final step once every live worker switched; report the end once every
+        destination has it."""
+        self.endpoint.poll(0)
+        out = self.out
+        if out is None:
+            return
+        if not out.finished and self.state.clocks.live <= out.switched:
+            self.finish(out)
+        if out.finished and all(f.done() for f in out.ends):
+            errors = [str(f.exception(0)) for f in out.ends if f.exception(0) is not None]
+            if errors:
+                log.error("%s: move %d failed: %s", self.state.name, out.move, errors[0])
+            took = time.monotonic() - out.started
+            stats = {"seconds": took, "bytes": out.bytes, "rows": out.rows, "errors": errors}
+            self.tell({"kind": "move_done", "id": 0, "move": out.move,
+                       "source": self.state.rank, "stats": stats})  # fmt: skip
+            log.info("%s: move %d done in %.3fs (%d rows, %d bytes)",
+                     self.state.name, out.move, took, out.rows, out.bytes)  # fmt: skip
+            self.out = None
+            self.prune = out.ring
+        if self.prune is not None and self.out is None and not self.state.deferred.waiting:
+            self.drop_moved(self.prune)
+            self.prune = None
+
+    def drop_moved(self, ring: HashRing) -> None:
+        """Keep only the rows ``ring`` gives this server (the moved ones are stale here: a
+        checkpoint must not hold them twice), in a new shard; cached key lists resolved to the
+        old one are forgotten (a worker then sends its keys again)."""
+        me = self.state.rank
+        for t in self.state.tables.values():
+            shard = t.shard
+            if not isinstance(shard, SparseShard):
+                continue
+            rows = shard.export()
+            keep = moving_keys(rows["keys"], ring, me) < 0
+            if keep.all():
+                continue
+            fresh = SparseShard(shard.dim, shard.dtype, shard.init, shard.optimizer, shard.seed,
+                                capacity=max(1024, int(keep.sum())))  # fmt: skip
+            fresh.load(rows["keys"][keep], rows["rows"][keep])
+            t.shard, t.keys = fresh, KeyCache()
+            if t.sync is not None:  # the moved keys' pushes went with them
+                for clock, items in t.sync.pending.items():
+                    kept = []
+                    for rank, keys, grads in items:  # one per push
+                        stay = moving_keys(keys, ring, me) < 0
+                        kept.append((rank, keys[stay], grads[stay]))
+                    t.sync.pending[clock] = kept
+            log.info("%s: table %r: %d moved rows dropped", self.state.name, t.spec.name,
+                     int((~keep).sum()))  # fmt: skip
+
+    def finish(self, out: Outgoing) -> None:
+        """Phase 2: the rows changed since the copy, the buffered sync pushes, the end."""
+        out.finished = True
+        self.progress()  # apply what the clocks completed first
+        for name, t in self.state.tables.items():
+            if not isinstance(t.shard, SparseShard):
+                continue
+            rows = t.shard.export()
+            base = out.base.get(name, rows["rows"][:0])
+            changed = changed_rows(base, rows["rows"])
+            self._send_rows(out, t, rows["keys"][changed], rows["rows"][changed], "final",
+                            self._take_sync(out, t))  # fmt: skip
+        state = self.state
+        for dest in out.dests:
+            out.ends.append(
+                self.endpoint.request(
+                    f"server[{dest}]",
+                    {"kind": "transfer", "move": out.move, "source": state.rank, "phase": "end",
+                     "view": out.view},
+                    what=f"end of move {out.move} from {state.name} to server[{dest}]",
+                )
+            )  # fmt: skip
+
+    def _take_sync(self, out: Outgoing, t: Table) -> dict[int, list[tuple[int, int, Any, Any]]]:
+        """The buffered sync pushes of moving keys in ``t``'s buffer: per destination,
+        ``(clock, worker, keys, grads)`` runs in arrival order. They stay in the buffer here
+        too: a pull sent by the old ring may still wait here for their clock, and must see
+        them applied (these rows are not this server's any more, so nothing reads them after)."""
+        moved: dict[int, list[tuple[int, int, Any, Any]]] = {}
+        if t.sync is None:
+            return moved
+        me = self.state.rank
+        for clock, items in t.sync.pending.items():
+            for rank, keys, grads in items:  # one per push, not per key
+                owner = moving_keys(keys, out.ring, me)
+                for dest in np.unique(owner[owner >= 0]).tolist():
+                    sel = owner == dest
+                    moved.setdefault(int(dest), []).append((clock, rank, keys[sel], grads[sel]))
+        return moved
+
+    def _send_rows(
+        self,
+        out: Outgoing,
+        t: Table,
+        keys: np.ndarray,
+        rows: np.ndarray,
+        phase: str,
+        sync: dict[int, list[tuple[int, int, Any, Any]]] | None,
+    ) -> None:
+        owner = moving_keys(keys, out.ring, self.state.rank)
+        if len(keys):  # rows left behind by an earlier move are not this server's to send
+            owner[out.old.route(keys) != self.state.rank] = -1
+        for dest in out.dests:
+            sel = owner == dest
+            # with the view of the move: a destination that has not seen it yet asks the
+            # coordinator before it takes the rows (server/cluster.py, admit)
+            header: dict[str, Any] = {"kind": "transfer", "move": out.move, "phase": phase,
+                                      "source": self.state.rank, "table": t.spec.name,
+                                      "view": out.view}  # fmt: skip
+            arrays = [np.ascontiguousarray(keys[sel]), np.ascontiguousarray(rows[sel])]
+            runs = (sync or {}).get(dest, [])
+            if runs:
+                header["sync"] = [[c, r, len(k)] for c, r, k, _ in runs]
+                arrays += [np.concatenate([k for _, _, k, _ in runs]),
+                           np.concatenate([g for _, _, _, g in runs])]  # fmt: skip
+            out.rows += len(arrays[0])
+            out.bytes += sum(a.nbytes for a in arrays)
+            # answered in order on one connection: only the end's answer is waited for
+            self.endpoint.request(
+                f"server[{dest}]", header, arrays, what=f"{phase} of table {t.spec.name!r}"
+            )
+
+    # ---- the destination ------------------------------------------------------------------
+
+    def holds(self, h: dict[str, Any], arrays: list[np.ndarray]) -> bool:
+        """Whether a request must wait for the move's end: a pull or push of a sparse table
+        naming a key this server is receiving, and every later request of its worker."""
+        inc = self.incoming
+        if inc is None:
+            return False
+        if h.get("rank") in inc.held:
+            return True
+        if h["kind"] not in ("pull", "push"):
+            return False
+        t = self.state.tables.get(h.get("table", ""))
+        if t is None or not isinstance(t.shard, SparseShard):
+            return False
+        if not arrays:
+            return False  # a signature resolved before the move: keys this server held
+        if (moving_keys(arrays[0], inc.old, self.state.rank) >= 0).any():
+            inc.held.add(h["rank"])
+            return True
+        return False
+
+    def on_transfer(self, h: TransferMsg, req: Request) -> None:
+        inc, state = self.incoming, self.state
+        if inc is None or inc.move != h["move"] or h["source"] not in inc.sources:
+            raise Refusal(
+                "invalid",
+                f"{state.name} expects no transfer of move {h['move']} from server[{h['source']}]",
+            )
+        if h["phase"] == "end":
+            # the source's clocks are not taken: a worker's clock here moves only with its own
+            # requests, in their order (a held push must not find its clock already applied);
+            # every worker's switching clock message comes here before the last source ends
+            inc.sources.discard(h["source"])
+            if not inc.sources:
+                log.info("%s: move %d received", state.name, inc.move)
+                self.incoming = None
+            self.progress()
+            req.reply.ok()
+            return
+        t = state.table(h.get("table") or "")
+        if not isinstance(t.shard, SparseShard) or len(req.arrays) not in (2, 4):
+            raise Refusal("invalid", f"transfer of table {t.spec.name!r}: not a sparse table here")
+        keys, rows = req.arrays[0], req.arrays[1]
+        t.shard.load(keys, rows)
+        runs = h.get("sync") or []
+        if runs and t.sync is not None:
+            skeys, sgrads = req.arrays[2], req.arrays[3]
+            at = 0
+            for clock, rank, n in runs:  # one per buffered push
+                t.sync.add(int(clock), (int(rank), skeys[at : at + n].copy(),
+                                        sgrads[at : at + n].copy()))  # fmt: skip
+                at += n
+        req.reply.ok()
+
+    def close(self) -> None:
+        self.endpoint.close()

@@ -1,0 +1,225 @@
+"""Servers added and removed while training: real processes, ranges moved between them.
+
+The reference is an undisturbed run with the same seed and data: in sync mode the final rows
+(read by pulls) are bitwise the same; in async mode every push counts exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import paramserver as ps
+from paramserver.wire.transport import Endpoint, new_context
+from tests.timing import FAST
+
+pytestmark = pytest.mark.timeout(240)
+
+STEPS, WORKERS, DIM = 12, 2, 4
+LOG = "warning"
+KEYS = np.arange(1, 400, dtype=np.uint64)
+INIT = {"sync": ps.init.Normal(std=0.1), "async": ps.init.Zeros()}
+
+
+def view_of(address: str) -> dict[str, Any]:
+    ctx = new_context()
+    ep = Endpoint(ctx, request_timeout=5.0)
+    try:
+        ep.connect("coordinator", address)
+        view: dict[str, Any] = ep.request("coordinator", {"kind": "get_view"}, what="view").result(
+            5
+        )["view"]
+        return view
+    finally:
+        ep.close()
+        ctx.term()
+
+
+def train(
+    consistency: str,
+    optimizer: Any,
+    grads: Callable[[int, int, np.ndarray], np.ndarray],
+    events: dict[int, Callable[[ps.LocalCluster], None]],
+) -> tuple[np.ndarray, np.ndarray, list[Exception], dict[str, Any]]:
+    """Train WORKERS threads for STEPS clocks; worker 0 runs ``events[clock]`` after that
+    clock. Returns the final sparse rows of KEYS, the dense values, the errors raised."""
+    errors: list[Exception] = []
+    asked: queue.Queue[int] = queue.Queue()
+    answered: queue.Queue[int] = queue.Queue()
+    with ps.LocalCluster(servers=2, workers=WORKERS, timeouts=FAST, log_level=LOG) as cluster:
+        clients = [cluster.connect() for _ in range(WORKERS)]
+
+        def work(w: int) -> None:
+            try:
+                c = clients[w]
+                emb = c.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
+                                     init=INIT[consistency], seed=3)  # fmt: skip
+                dense = c.dense_table("bias", 8, optimizer=optimizer,
+                                      consistency=consistency)  # fmt: skip
+                rng = np.random.default_rng(100 + c.rank)
+                pushed: list[Any] = []
+                for step in range(STEPS):
+                    keys = rng.choice(KEYS, size=64)
+                    rows = emb.pull(keys)
+                    pushed.append(emb.push(keys, grads(c.rank, step, rows)))
+                    if consistency == "sync":
+                        pushed.pop().result(60)
+                    d = dense.pull()
+                    dense.push(np.full(8, 0.5, np.float32) + d * 0).result(60)
+                    clock = c.clock()
+                    if c.rank == 0 and clock in events:
+                        # run by the main thread: a child started by a thread that ends gets
+                        # SIGTERM (PR_SET_PDEATHSIG is per thread)
+                        asked.put(clock)
+                        answered.get(timeout=60)
+                for f in pushed:
+                    f.result(60)
+                c.barrier("end", timeout=60)
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(WORKERS)]
+        for t in threads:
+            t.start()
+        for _ in events:
+            clock = asked.get(timeout=120 if not errors else 0.1)
+            events[clock](cluster)
+            answered.put(clock)
+        for t in threads:
+            t.join(180)
+        reader = clients[0]
+        emb = reader.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
+                                  init=INIT[consistency], seed=3)  # fmt: skip
+        dense = reader.dense_table("bias", 8, optimizer=optimizer, consistency=consistency)
+        return emb.pull(KEYS, create=False), dense.pull(), errors, view_of(cluster.address)
+
+
+def sync_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
+    return (rows * 0.5 + 0.01 * (rank + 1) * (step + 1)).astype(np.float32)
+
+
+def drain_one(cluster: ps.LocalCluster) -> None:
+    # server[0] holds the dense table: refused, nothing changes; server[1] can go
+    with pytest.raises(ps.errors.RemoteError, match=r"server\[0\] holds ranges of dense tables"):
+        cluster.remove_server(0)
+    cluster.remove_server(1)
+
+
+def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit() -> None:
+    opt = ps.optim.Adagrad(lr=0.1)
+    added: list[int] = []
+    events = {
+        4: lambda cl: added.append(cl.add_server()),
+        8: drain_one,
+    }
+    rows, dense, errors, view = train("sync", opt, sync_grads, events)
+    assert errors == [] and added == [2]
+    assert view["ring"] == [0, 2] and "move" not in view
+    assert [st for r, _, st in view["servers"]] == ["alive", "left", "alive"]
+    ref_rows, ref_dense, ref_errors, _ = train("sync", opt, sync_grads, {})
+    assert ref_errors == []
+    assert rows.tobytes() == ref_rows.tobytes()
+    assert dense.tobytes() == ref_dense.tobytes()
+
+
+def ones_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
+    return np.ones_like(rows)
+
+
+def test_pushes_during_moves_in_async_training_count_once() -> None:
+    # SGD lr=1 on all-ones gradients from zero rows: each row ends at minus the times its key
+    # was pushed, as NumPy counts them from the same random draws
+    opt = ps.optim.SGD(lr=1.0)
+    events = {3: lambda cl: cl.add_server(), 7: lambda cl: cl.remove_server(1)}
+    rows, dense, errors, view = train("async", opt, ones_grads, events)
+    assert errors == []
+    assert view["ring"] == [0, 2] and "move" not in view
+    counts = np.zeros(int(KEYS.max()) + 1)
+    for w in range(WORKERS):
+        rng = np.random.default_rng(100 + w)
+        for _ in range(STEPS):
+            counts += np.bincount(rng.choice(KEYS, size=64), minlength=len(counts))
+    want = -np.repeat(counts[KEYS.astype(np.int64)][:, None], DIM, axis=1)
+    np.testing.assert_array_equal(rows, want.astype(np.float32))
+    np.testing.assert_array_equal(dense, np.full(8, -0.5 * STEPS * WORKERS, np.float32))
+
+
+def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_removes_it() -> None:
+    # one worker, sync SGD lr=1 on all-ones gradients of the same keys every step: each row
+    # ends at minus the number of steps, wherever the rows moved meanwhile
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("emb", dim=2, optimizer=ps.optim.SGD(lr=1.0),
+                                  init=ps.init.Zeros(), consistency="sync")  # fmt: skip
+        cli = [sys.executable, "-m", "paramserver.cli"]
+        joiner = subprocess.Popen(
+            [*cli, "server", "--coordinator", cluster.address, "--host", "127.0.0.1"], env=env
+        )
+        drain: subprocess.Popen[bytes] | None = None
+        try:
+            steps = 0
+            for _ in range(400):
+                emb.push(KEYS, np.ones((len(KEYS), 2), np.float32)).result(30)
+                client.clock()
+                steps += 1
+                view = view_of(cluster.address)
+                if drain is None and view["ring"] == [0, 1, 2]:
+                    drain = subprocess.Popen(
+                        [*cli, "drain", "2", "--coordinator", cluster.address, "--timeout", "60"],
+                        env=env,
+                        stdout=subprocess.PIPE,
+                    )
+                if drain is not None and drain.poll() is not None:
+                    break
+            assert drain is not None and drain.wait(30) == 0
+            assert (
+                drain.stdout is not None
+                and b"server[2] drained: ring [0, 1]" in drain.stdout.read()
+            )
+            assert joiner.wait(30) == 0  # told to stop once its keys left
+            rows = emb.pull(KEYS)
+            np.testing.assert_array_equal(rows, np.full((len(KEYS), 2), -steps, np.float32))
+        finally:
+            for p in (joiner, drain):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def test_a_checkpoint_after_a_join_holds_each_key_once_and_restores_on_fewer_servers(
+    tmp_path: Path,
+) -> None:
+    # the source keeps no stale copy of the rows that left: restored on a cluster of another
+    # size (another ring), every row is the one pulled before the save
+    opt = ps.optim.Adagrad(lr=0.1)
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("emb", dim=DIM, optimizer=opt, init=ps.init.Zeros())
+        emb.push(KEYS, np.ones((len(KEYS), DIM), np.float32)).result(30)
+        client.clock()
+        cluster.add_server()
+        for _ in range(200):  # the move completes once this worker ended a step
+            emb.push(KEYS, np.full((len(KEYS), DIM), 0.5, np.float32)).result(30)
+            client.clock()
+            if view_of(cluster.address)["ring"] == [0, 1, 2]:
+                break
+        emb.push(KEYS, np.full((len(KEYS), DIM), 0.25, np.float32)).result(30)
+        client.clock()
+        want = emb.pull(KEYS, create=False)
+        stats = {s["rank"]: s["tables"]["emb"]["rows"] for s in client.stats()}
+        path = client.save(tmp_path / "ckpt")
+    assert sum(stats.values()) == len(KEYS) and stats[2] > 0  # each key on one server only
+    with ps.LocalCluster(servers=1, workers=1, timeouts=FAST, restore=path) as cluster:
+        client = cluster.connect()
+        emb = client.sparse_table("emb", dim=DIM, optimizer=opt, init=ps.init.Zeros())
+        assert emb.pull(KEYS, create=False).tobytes() == want.tobytes()

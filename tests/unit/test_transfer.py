@@ -1,0 +1,67 @@
+"""The pure parts of a move: which keys leave a server, which rows changed since the copy,
+and a shard rebuilt without the rows that left (checked against NumPy and the ring)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paramserver.coordinator.membership import ALIVE, Membership
+from paramserver.init import Normal
+from paramserver.optim import Adagrad
+from paramserver.partition import HashRing
+from paramserver.server.shard import SparseShard
+from paramserver.server.transfer import changed_rows, moving_keys
+from tests.unit.test_membership import T, server_msg
+
+
+def test_moving_keys_names_the_new_owner_of_exactly_the_keys_that_leave() -> None:
+    keys = np.arange(10_000, dtype=np.uint64)
+    old, new = HashRing.build([0, 1]), HashRing.build([0, 1, 2])
+    for me in (0, 1):
+        mine = old.route(keys) == me
+        owner = moving_keys(keys[mine], new, me)
+        want = new.route(keys[mine]).astype(np.int32)
+        want[want == me] = -1
+        np.testing.assert_array_equal(owner, want)
+        # consistent hashing: what leaves goes to the newcomer only
+        assert set(owner[owner >= 0].tolist()) == {2}
+    assert len(moving_keys(keys[:0], new, 0)) == 0
+
+
+def test_changed_rows_compares_bits_and_counts_new_rows() -> None:
+    old = np.array([[0.0, 1.0], [2.0, np.nan], [3.0, 4.0]], np.float32)
+    new = np.array([[-0.0, 1.0], [2.0, np.nan], [3.0, 4.5], [7.0, 7.0]], np.float32)
+    # -0.0 == 0.0 for NumPy, but not for a copy that must be bitwise the same; the same NaN
+    # bits are no change
+    np.testing.assert_array_equal(changed_rows(old, new), [True, False, True, True])
+    np.testing.assert_array_equal(changed_rows(old[:0], new), [True] * 4)
+
+
+def test_a_delta_over_a_copy_rebuilds_the_source_rows_bit_for_bit() -> None:
+    src = SparseShard(4, "float32", Normal(std=0.1), Adagrad(lr=0.1), seed=5)
+    rng = np.random.default_rng(0)
+    src.push(rng.integers(0, 500, 300).astype(np.uint64), rng.normal(size=(300, 4)).astype("f4"))
+    copy = src.export()
+    src.push(rng.integers(0, 800, 300).astype(np.uint64), rng.normal(size=(300, 4)).astype("f4"))
+    now = src.export()
+    delta = changed_rows(copy["rows"], now["rows"])
+    dst = SparseShard(4, "float32", Normal(std=0.1), Adagrad(lr=0.1), seed=5)
+    dst.load(copy["keys"], copy["rows"])
+    dst.load(now["keys"][delta], now["rows"][delta])
+    assert delta.sum() < len(delta)  # some rows did not change: the delta is smaller
+    back = dst.export()
+    order = np.argsort(back["keys"])
+    want = np.argsort(now["keys"])
+    assert back["rows"][order].tobytes() == now["rows"][want].tobytes()
+
+
+def test_a_server_registering_with_a_running_job_joins_off_the_ring() -> None:
+    members = Membership(2, 1, T)
+    for r in (0, 1):
+        members.register_server(f"s{r}".encode(), server_msg(rank=r), 0.0)
+    members.wait(b"w", {"kind": "register", "id": 2, "role": "worker"}, 0.0)
+    [(identity, h, _)] = members.admissible()
+    members.admit_worker(identity, h, 0.0)
+    m, replacing = members.register_server(b"s2", server_msg(), 0.0)
+    assert (m.rank, m.state, replacing) == (2, ALIVE, False)
+    assert members.ring == [0, 1] and members.view()["ring"] == [0, 1]
