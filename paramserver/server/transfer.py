@@ -24,7 +24,12 @@ requests took, so after them. Once A has it from every live worker, nothing more
 for the moving keys: the ``final`` step needs no pause on A. B, in turn, holds (parks) any
 request for a key it is receiving, and every later request of that worker (they stay in
 order), until every source's ``end`` came: it answers no pull and applies no push of those keys
-before their rows are whole. In sync mode the result is bitwise the one of an undisturbed run:
+before their rows are whole. The switches lie within one clock of each other: once a source has
+a worker's ``switched``, it sends the move's view to every live worker that has not switched
+(:meth:`Transfers.tell_late`), before any answer that waited on the switched worker's later
+clocks, so a worker whose view from the coordinator is late has it before its step ends (a pull
+at an old owner never needs a push already sent to a new one). In sync mode the result is
+bitwise the one of an undisturbed run:
 the same rows, and every clock's pushes of a key aggregated in one place in (worker rank,
 arrival) order. After the move A drops the rows that left (``drop_moved``), once no pull sent
 by the old ring waits on A, so that a checkpoint holds every key once.
@@ -108,6 +113,8 @@ class Outgoing:
     started: float = 0.0
     bytes: int = 0
     rows: int = 0
+    announce: dict[str, Any] = field(default_factory=dict)  # the view that announced it
+    told: set[int] = field(default_factory=set)  # workers sent that view by this server
 
 
 @dataclass
@@ -150,6 +157,8 @@ class Transfers:
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
+        # sends worker ``rank`` a view, after every answer already sent to it (set by the loop)
+        self.notify: Callable[[int, dict[str, Any]], None] | None = None
 
     # ---- views ----------------------------------------------------------------------------
 
@@ -174,6 +183,9 @@ class Transfers:
             self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me})
         if me in old:
             self.start(int(move["id"]), int(move["view"]), old, new)
+            if self.out is not None and self.out.move == int(move["id"]):
+                self.out.announce = view
+                self.tell_late()
 
     def start(self, move: int, view: int, old: list[int], new: list[int]) -> None:
         """Phase 1: send every destination the rows it gets, while serving on."""
@@ -196,8 +208,23 @@ class Transfers:
         out = self.out
         if out is not None and move == out.move:
             out.switched.add(rank)
+            self.tell_late()
         elif move not in self.seen:  # before this server saw the view: kept for the move
             self.early.setdefault(move, set()).add(rank)
+
+    def tell_late(self) -> None:
+        """Once some worker switched, send the move's view to every live worker that has not:
+        before this server answers any request that waited for the switched worker's later
+        clocks (they come after its ``switched``, on one connection), and on the connection
+        of those answers, so that a worker whose view from the coordinator is late switches at
+        the end of the step in which the first worker's new ring began, not later: every
+        worker's switch lies within one clock of every other's."""
+        out = self.out
+        if out is None or not out.switched or not out.announce or self.notify is None:
+            return
+        for rank in sorted(self.state.clocks.live - out.switched - out.told):
+            out.told.add(rank)
+            self.notify(rank, out.announce)
 
     # ---- the loop's turn ------------------------------------------------------------------
 
