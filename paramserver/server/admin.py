@@ -61,7 +61,8 @@ class Admin(Handlers):
 
     def check_same(self, old: Table, spec: TableSpec) -> None:
         diff = old.spec.conflicts(spec)
-        if diff or old.spec.ranges != spec.ranges:
+        # (a dense table moving: either side of the move is this table)
+        if diff or spec.ranges not in (old.spec.ranges, old.other_ranges):
             raise Refusal(
                 "conflict",
                 f"table {spec.name!r} exists on {self.state.name} with a "
