@@ -136,6 +136,23 @@ def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit() ->
     assert dense.tobytes() == ref_dense.tobytes()
 
 
+def test_a_server_holding_part_of_a_cut_dense_table_is_not_drained() -> None:
+    # a table of 2^18 elements is cut over both servers: parts of it do not move, so the drain
+    # is refused, names the table, and changes nothing (the values are still served as pushed)
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, log_level=LOG) as cluster:
+        client = cluster.connect()
+        big = client.dense_table("big", 1 << 18, optimizer=ps.optim.SGD(lr=1.0),
+                                 init=ps.init.Zeros())  # fmt: skip
+        big.push(np.ones(1 << 18, np.float32)).result(30)
+        with pytest.raises(
+            ps.errors.RemoteError, match=r"server\[0\] holds a part of dense tables \['big'\]"
+        ):
+            cluster.remove_server(0)
+        view = view_of(cluster.address)
+        assert view["ring"] == [0, 1] and "move" not in view
+        np.testing.assert_array_equal(big.pull(), np.full(1 << 18, -1.0, np.float32))
+
+
 def ones_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
     return np.ones_like(rows)
 
