@@ -62,7 +62,8 @@ class Admin(Handlers):
     def check_same(self, old: Table, spec: TableSpec) -> None:
         diff = old.spec.conflicts(spec)
         # (a dense table moving: either side of the move is this table)
-        if diff or spec.ranges not in (old.spec.ranges, old.other_ranges):
+        moving = bool(old.other_ranges) and spec.ranges == old.other_ranges
+        if diff or (spec.ranges != old.spec.ranges and not moving):
             raise Refusal(
                 "conflict",
                 f"table {spec.name!r} exists on {self.state.name} with a "
