@@ -248,6 +248,12 @@ class Transfers:
         if out is not None and move == out.move:
             out.switched.add(rank)
             self.tell_late()
+            if not out.finished and self.state.clocks.live <= out.switched:
+                # now, not at the loop's next turn: the clock message behind this one (read in
+                # the same batch) may complete a clock, and its buffered pushes of the moving
+                # keys must go with the final step, not be applied here without the pushes
+                # the switched workers sent to the new owner
+                self.finish(out)
         elif move not in self.seen:  # before this server saw the view: kept for the move
             self.early.setdefault(move, set()).add(rank)
 

@@ -90,8 +90,11 @@ def test_a_source_sends_the_moves_view_to_the_workers_not_switched_once_one_did(
         transfers.on_view(view)
         assert told == [(0, 7), (1, 7)]
         transfers.on_switched(0, 1)
+        assert transfers.out is not None and not transfers.out.finished
         transfers.on_switched(1, 1)
         assert told == [(0, 7), (1, 7)]  # once each
+        # the last switched: the final step at once, before the clock message behind it
+        assert transfers.out.finished
         state.clocks.set_live({0, 1})  # a move with no worker switched tells no one
         transfers.out, transfers.seen = None, set()
         told.clear()
