@@ -83,9 +83,9 @@ class Scaling:
         if cut:
             raise Refusal(
                 "invalid",
-                f"server[{rank}] holds a part of dense tables {cut}, which are cut over "
-                "several servers: moving parts of a cut table is not supported yet, so it "
-                "cannot be drained (nothing changed)",
+                f"server[{rank}] holds a part of dense tables {cut}, which are (or would be) "
+                "cut over several servers: moving parts of a cut table is not supported yet, "
+                "so it cannot be drained (nothing changed)",
             )
         self.queue.append(("drain", rank))
         self.coord.router.reply(identity, h["id"])
