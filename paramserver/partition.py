@@ -19,6 +19,7 @@ __all__ = [
     "DENSE_SPLIT_ELEMENTS",
     "HashRing",
     "check_replication",
+    "dense_pieces",
     "dense_ranges",
     "hash_keys",
     "holds",
@@ -119,6 +120,28 @@ def dense_ranges(
         return [(servers[_name_hash(name) % len(servers)], 0, size)]
     cuts = [size * i // len(servers) for i in range(len(servers) + 1)]
     return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(servers)]
+
+
+def dense_pieces(
+    old: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...],
+    new: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...],
+) -> list[tuple[int, int, int, int]]:
+    """The parts of a dense table that change server when its ranges go from ``old`` to
+    ``new`` (both tiling the same table): ``(source, dest, start, stop)``, in element order,
+    one per overlap of an old and a new range with different servers. A loop over ranges
+    (a handful per table), not over elements.
+
+    Example:
+        dense_pieces([(0, 0, 10), (1, 10, 20)], [(0, 0, 7), (1, 7, 14), (2, 14, 20)])
+        # [(0, 1, 7, 10), (1, 2, 14, 20)]
+    """
+    pieces: list[tuple[int, int, int, int]] = []
+    for src, a, b in sorted(old, key=lambda r: r[1]):
+        for dst, c, d in sorted(new, key=lambda r: r[1]):
+            lo, hi = max(a, c), min(b, d)
+            if lo < hi and src != dst:
+                pieces.append((src, dst, lo, hi))
+    return pieces
 
 
 def replicas_of(rank: int, num_servers: int, replication: int) -> list[int]:

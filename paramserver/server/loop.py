@@ -119,6 +119,7 @@ class Server:
             self.state, self.ctx, security, self.progress, self.cluster.send, self.timeouts.request
         )
         self.cluster.on_view = self.transfers.on_view
+        self.transfers.notify = self.tell_worker
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
             "push": self.pushes.on_push,
@@ -362,6 +363,13 @@ class Server:
                 f"{now - first:.3g}s (a source of the move did not finish); nothing changed",
             )
         self.parked.append((identity, frames, first))
+
+    def tell_worker(self, rank: int, view: dict[str, Any]) -> None:
+        """Send worker ``rank`` a view, on the connection its requests came by (none yet: it
+        has sent this server nothing, so nothing it waits for here can be early)."""
+        identity = self.state.owners.get(rank)
+        if identity is not None:
+            self.router.send(identity, {"kind": "view", "id": 0, "view": view})
 
     def on_switched(self, h: Any, req: Request) -> None:
         """A worker routes by a move's new ring from now on (server/transfer.py)."""
