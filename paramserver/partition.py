@@ -17,6 +17,7 @@ from paramserver.errors import ConfigError
 
 __all__ = [
     "DENSE_SPLIT_ELEMENTS",
+    "SMALL_KEYS",
     "HashRing",
     "check_replication",
     "dense_pieces",
@@ -35,14 +36,30 @@ DEFAULT_VNODES = 64
 _ROUTE_SALT = np.uint64(0x5F3759DF2545F491)
 
 
+# Key lists up to this long are hashed, deduplicated, routed and placed by NumPy in a worker
+# (as fast there): its pulls of short lists (a first pull, a check, a lookup) load no numba,
+# whose import and kernel loads cost 0.3-0.6 s of CPU, most of a LocalCluster's start on two
+# cores (a push still checks and sums its gradient with compiled kernels).
+SMALL_KEYS = 1024
+# splitmix64's constants (paramserver.mix, which imports numba; a unit test holds them equal)
+_GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
+_M1 = np.uint64(0xBF58_476D_1CE4_E5B9)
+_M2 = np.uint64(0x94D0_49BB_1331_11EB)
+
+
 def hash_keys(keys: np.ndarray, salt: np.uint64 = _ROUTE_SALT) -> np.ndarray:
     """splitmix64 of ``keys ^ salt`` (:func:`paramserver.mix.splitmix64`); uint64 in and out.
 
     Example:
         hash_keys(np.arange(3, dtype=np.uint64))
     """
-    # imported here: loading numba (1-2 s) is for those that route keys (workers), not for the
-    # coordinator, which only cuts dense ranges
+    if np.size(keys) <= SMALL_KEYS:  # in NumPy: a short list need not load numba
+        z = (np.asarray(keys, dtype=np.uint64) ^ np.uint64(salt)) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return np.asarray(z ^ (z >> np.uint64(31)), dtype=np.uint64)
+    # imported here: loading numba (0.3-0.6 s of CPU) is for those that route long key lists
+    # (workers), not for the coordinator, which only cuts dense ranges
     from paramserver.mix import splitmix64
 
     return splitmix64(keys, salt)
