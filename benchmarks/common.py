@@ -40,6 +40,10 @@ def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def _sig(x: float) -> float:
+    return float(f"{x:.5g}")
+
+
 def emit(
     bench: str,
     case: str,
@@ -51,9 +55,11 @@ def emit(
     higher_is_better: bool = True,
     **extra: Any,
 ) -> dict[str, Any]:
-    rec: dict[str, Any] = {"bench": bench, "case": case, "value": round(value, 4), "unit": unit}
+    # five significant digits, not four decimals: a value of 0.0123 s keeps its precision, so
+    # the ratio printed is the ratio of the figures printed (to 1e-4)
+    rec: dict[str, Any] = {"bench": bench, "case": case, "value": _sig(value), "unit": unit}
     if baseline is not None:
-        rec["baseline"] = round(baseline, 4)
+        rec["baseline"] = _sig(baseline)
         rec["ratio"] = round(value / baseline, 4) if baseline else None
     if target is not None:
         rec["target"] = target
