@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from paramserver.errors import NodeLostError
+from paramserver.errors import NodeLostError, RemoteError
 from paramserver.partition import replicas_of
 from paramserver.wire.messages import VIEW_NUMBER
 from paramserver.wire.transport import Future, Message, gather
@@ -120,9 +120,8 @@ def request_copies(
         return gather(futs, what, lambda results: results[0])
     if not session.server_alive(s) and s not in session.writing_to:
         return _done(session, what)
-    return session.request_one(
-        s, header, arrays, what=what, on_dead=lambda: _done(session, what), **kw
-    )
+    return _request_copy(session, s, header, arrays, kw, what=what,
+                         on_dead=lambda: _done(session, what))  # fmt: skip
 
 
 def _for_copy(
@@ -175,4 +174,18 @@ def _request_copy(
     on_dead: Callable[[], Future[Any]],
 ) -> Future[Any]:
     header, arrays, kw = _for_copy(session, r, header, arrays, kw)
-    return session.request_one(r, header, arrays, what=what, on_dead=on_dead, **kw)
+    fut = session.request_one(r, header, arrays, what=what, on_dead=on_dead, **kw)
+    if r not in session.writing_to:
+        return fut
+    # a copy being rebuilt again (its source died) turns down what the new copy holds anyway
+    outer: Future[Any] = Future(session.endpoint, what)
+
+    def done(f: Future[Any]) -> None:
+        err = f.exception(0)
+        if isinstance(err, RemoteError) and err.code == "rebuilding":
+            outer.set_result(None)
+        else:
+            settle(outer, f)
+
+    fut.add_done_callback(done)
+    return outer

@@ -61,6 +61,7 @@ class RingRouting:
         """A step's end: switch to a move's ring if one waits, then send the next clock to
         every server of both rings."""
         self.switch_ring()
+        self.switch_rebuild()
         switching = [f for f in self._clock_futures if not f.done()]
         self._clock += 1
         self._clock_futures = switching + [
@@ -104,9 +105,10 @@ class RingRouting:
         rid, target = int(rb["id"]), int(rb["rank"])
         self.rebuilds_seen = self.rebuilds_seen | {rid}
         address = states.get(target, ("", ""))[1]
+        # switched to at the step's end only (not at a barrier): the final is taken once the
+        # clock after the switch completes, which the clock messages sent with it complete
+        # (a target being rebuilt again turns this worker's writes down until then)
         self.next_rebuild = (rid, target, [int(s) for s, _ in rb["sources"]], address)
-        if self.idle:
-            self.switch_rebuild()
 
     def writes_to(self, s: int, address: str) -> bool:
         """Whether this worker writes to rebuilding server ``s`` at ``address``."""
@@ -137,9 +139,7 @@ class RingRouting:
 
     def switch_ring(self) -> None:
         """Route by a move's new ring from now on, and tell the servers of both rings (at a
-        step's end: ``clock()``, ``barrier()``); nothing if no move waits. A rebuild's
-        writes start here too."""
-        self.switch_rebuild()
+        step's end: ``clock()``, ``barrier()``); nothing if no move waits."""
         if self.next_ring is None:
             return
         move, ring = self.next_ring

@@ -86,6 +86,7 @@ class Receiving:
     ring: HashRing
     clock: int = 0  # T, from the finals
     seqs: dict[int, dict[int, int]] = field(default_factory=dict)  # owner -> worker -> seq
+    switched: set[int] = field(default_factory=set)  # workers writing here for this rebuild
 
 
 class Rebuilds:
@@ -262,10 +263,21 @@ class Rebuilds:
         that a worker's requests are handled in the order it sent them."""
         if "rank" not in h:
             return False
-        if self.incoming is not None:
-            self.held.add(h["rank"])
+        inc, rank = self.incoming, h["rank"]
+        if inc is not None:
+            if h["kind"] == "switched" and h.get("purpose") == PURPOSE and h["move"] == inc.id:
+                inc.switched.add(rank)
+            if rank not in inc.switched:
+                # sent for a rebuild that started over (a source died): the new one's final
+                # holds it, and the worker must not wait on it (its switch waits for the step)
+                raise Refusal(
+                    "rebuilding",
+                    f"{self.state.name} is rebuilt again (rebuild {inc.id}); worker[{rank}] has "
+                    "not switched to it yet: this request is in the copy's rows, nothing changed",
+                )
+            self.held.add(rank)
             return True
-        return since is None and h["rank"] in self.held
+        return since is None and rank in self.held
 
     def unparked(self) -> None:
         """The loop handled every held request again: none waits for the rebuild any more."""

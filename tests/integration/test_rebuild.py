@@ -35,33 +35,49 @@ def _state(cluster: ps.LocalCluster, rank: int) -> tuple[str, str]:
     return next((str(st), str(a)) for r, a, st in view["servers"] if r == rank)
 
 
+def _replaced(cluster: ps.LocalCluster, rank: int, old: str) -> bool:
+    """Whether a new process holds ``rank`` (rebuilding, or already rebuilt)."""
+    state, address = _state(cluster, rank)
+    return address != old and state in ("rebuilding", "alive")
+
+
 class Killer:
     """Kills server X at ``at``; once X's replacement is rebuilt (the view lists it alive at a
-    new address), kills Y (the other copy of X's ranges) at the start of the next step."""
+    new address), kills Y (the other copy of X's ranges) at the start of the next step. With
+    ``source``, Y is killed as soon as X's replacement registered, before the workers' next
+    step: the rebuild must start over from the remaining copies (replication 3)."""
 
-    def __init__(self, cluster: ps.LocalCluster, at: int, x: int) -> None:
+    def __init__(self, cluster: ps.LocalCluster, at: int, x: int, source: bool = False) -> None:
         self.cluster, self.at, self.x, self.y = cluster, at, x, (x + 1) % SERVERS
-        self.address = ""
+        self.old = {r: "" for r in range(SERVERS)}
         self.phase = "before"
+        self.source = source
+
+    def kill(self, rank: int) -> None:
+        self.old[rank] = _state(self.cluster, rank)[1]
+        os.kill(self.cluster.pids[f"server {rank}"], signal.SIGKILL)
 
     def step(self, step: int) -> None:
-        c, x = self.cluster, self.x
+        c, x, y = self.cluster, self.x, self.y
         if self.phase == "before" and step == self.at:
-            self.address = _state(c, x)[1]
-            os.kill(c.pids[f"server {x}"], signal.SIGKILL)
+            self.kill(x)
             self.phase = "killed"
         elif self.phase == "killed":
             # the replacement registers (rebuilding): the workers then write to it from the
             # end of this step and the copy finishes once the next clock completes
-            wait_until(lambda: _state(c, x)[0] == "rebuilding", 60, f"server[{x}] replaced")
-            self.phase = "rebuilding"
+            wait_until(lambda: _replaced(c, x, self.old[x]), 60, f"server[{x}] replaced")
+            if self.source:
+                print(f"server[{y}] killed while server[{x}] is {_state(c, x)[0]}")
+                self.kill(y)
+                self.phase = "second"
+            else:
+                self.phase = "rebuilding"
         elif self.phase == "rebuilding":
-            st, address = _state(c, x)
-            if st == "alive" and address != self.address:
-                os.kill(c.pids[f"server {self.y}"], signal.SIGKILL)
+            if _state(c, x)[0] == "alive":
+                self.kill(y)
                 self.phase = "second"
         elif self.phase == "second":
-            wait_until(lambda: _state(c, self.y)[0] == "rebuilding", 60, "second replacement")
+            wait_until(lambda: _replaced(c, y, self.old[y]), 60, f"server[{y}] replaced")
             self.phase = "done"
 
 
@@ -72,12 +88,14 @@ def _batches(seed: int) -> list[list[np.ndarray]]:
     ]
 
 
-def _train_sync(replication: int, kill: tuple[int, int] | None, seed: int) -> dict[str, Any]:
+def _train_sync(
+    replication: int, kill: tuple[int, int] | None, seed: int, source: bool = False
+) -> dict[str, Any]:
     batches = _batches(seed)
     with ps.LocalCluster(
         servers=SERVERS, workers=WORKERS, timeouts=FAST, replication=replication
     ) as cluster:
-        killer = None if kill is None else Killer(cluster, *kill)
+        killer = None if kill is None else Killer(cluster, *kill, source=source)
         clients = [cluster.connect(rank=r) for r in range(WORKERS)]
         tables = [
             (
@@ -126,6 +144,21 @@ def test_sync_a_rebuilt_copy_survives_the_death_of_the_other_copy() -> None:
     for name in reference:
         assert reference[name].dtype == killed[name].dtype
         np.testing.assert_array_equal(killed[name], reference[name], err_msg=name)
+        assert reference[name].tobytes() == killed[name].tobytes(), name  # bitwise
+
+
+def test_sync_a_rebuild_whose_source_dies_starts_over_from_another_copy() -> None:
+    """Replication 3 on 3 servers: X's replacement is rebuilt from the first live copy of
+    each range; that source is killed before the copy can finish, and the rebuild starts over
+    from the copy left (the coordinator's restart), then the source's replacement is rebuilt."""
+    seed = random.randrange(1 << 30)
+    rnd = random.Random(seed)
+    kill = (rnd.randrange(1, STEPS - 9), rnd.randrange(SERVERS))
+    print(f"seed {seed}: server[{kill[1]}] SIGKILLed at clock {kill[0]}, then a source")
+    reference = _train_sync(1, None, seed)
+    killed = _train_sync(3, kill, seed, source=True)
+    print("rebuilds:", killed.pop("rebuilds"))
+    for name in reference:
         assert reference[name].tobytes() == killed[name].tobytes(), name  # bitwise
 
 
