@@ -33,9 +33,7 @@ A source that has sent ``end`` to every destination tells the coordinator (``mov
 which switches the view once every source did (coordinator/scaling.py). Dense tables do not
 move (a joining server holds no dense range; a server holding one cannot be drained yet).
 
-For another use of the same steps (a replica rebuilt from a live one): :meth:`Transfers.start`
-with the old and the new placement as rings, the workers' ``switched`` (or any other proof
-that nothing more comes by the old placement) before :meth:`Transfers.finish`.
+The same steps rebuild a replica from live copies (``purpose: "rebuild"``): server/rebuild.py.
 """
 
 from __future__ import annotations
