@@ -251,9 +251,13 @@ class Server:
         done = True
         with self.answering(req):
             self.cluster.admit(req.header)  # fencing, and the view of the move
-            if self.rebuilds.holds(req.header, since) or self.transfers.holds(
-                req.header, req.arrays
-            ):
+            if self.rebuilds.holds(req.header, since):
+                self.hold_for_move(identity, frames, since)
+                if since is None and req.header["kind"] in EARLY:
+                    # held whole here until the rebuild's end, and read by no one before: the
+                    # worker goes on (a second answer, after, is dropped as late)
+                    req.reply.ok()
+            elif self.transfers.holds(req.header, req.arrays):
                 self.hold_for_move(identity, frames, since)
             else:
                 done = False
@@ -433,6 +437,10 @@ class Server:
             self.rebuilds.finish()
         self.pushes.apply_sync(low)
         self.pulls.release()
+
+
+# requests a server being rebuilt answers as soon as it holds them (server/rebuild.py)
+EARLY = frozenset({"push", "push_many", "clock", "switched"})
 
 
 def run_server(

@@ -163,47 +163,59 @@ def test_sync_a_rebuild_whose_source_dies_starts_over_from_another_copy() -> Non
 
 
 def test_async_a_rebuilt_copy_holds_every_acknowledged_push_once() -> None:
+    """Worker 0 ends a step (clock) every step, worker 1 every fourth: worker 0 writes to the
+    replacement for several steps before worker 1 switches, so the sources' final rows already
+    hold pushes the replacement also received (and must not apply twice)."""
     seed = random.randrange(1 << 30)
     rng = np.random.default_rng(seed)
-    steps = 40
+    steps = 48
     x = int(rng.integers(SERVERS))
     print(f"seed {seed}: server[{x}] SIGKILLed, then its other copy")
-    with ps.LocalCluster(servers=SERVERS, workers=1, timeouts=FAST, replication=2) as cluster:
+    with ps.LocalCluster(servers=SERVERS, workers=2, timeouts=FAST, replication=2) as cluster:
         killer = Killer(cluster, int(rng.integers(2, 10)), x)
-        client = cluster.connect()
-        emb = client.sparse_table(
-            "emb", dim=4, optimizer=ps.optim.SGD(lr=1.0), consistency="async",
-            init=ps.init.Zeros(),
-        )  # fmt: skip
-        dense = client.dense_table(
-            "d", shape=(500,), optimizer=ps.optim.SGD(lr=1.0), consistency="async"
-        )
+        clients = [cluster.connect(rank=r) for r in range(2)]
+        tables = [
+            (
+                c.sparse_table("emb", dim=4, optimizer=ps.optim.SGD(lr=1.0),
+                               consistency="async", init=ps.init.Zeros()),
+                c.dense_table("d", shape=(500,), optimizer=ps.optim.SGD(lr=1.0),
+                              consistency="async"),
+            )
+            for c in clients
+        ]  # fmt: skip
         counts = np.zeros(KEYS, np.int64)
         dense_acks = 0
-        pending: list[Any] = []
-        for step in range(steps):
-            killer.step(step)
-            keys = rng.choice(KEYS, size=200, replace=False).astype(np.uint64)
-            ones = np.ones((len(keys), 4), np.float32)
-            # two pushes in flight at once, acknowledged later: the kills and the switch to
-            # the rebuilt copy find some unanswered
-            pending.append((keys, emb.push(keys, ones), dense.push(np.ones(500, np.float32))))
-            if len(pending) > 2:
-                k, f1, f2 = pending.pop(0)
-                f1.result()
+        pending: list[list[Any]] = [[], []]
+
+        def settle(r: int, keep: int) -> None:
+            nonlocal dense_acks
+            while len(pending[r]) > keep:
+                k, f1, f2 = pending[r].pop(0)
+                f1.result()  # raises if not every copy it went to acknowledged it
                 counts[k.astype(np.int64)] += 1
                 f2.result()
                 dense_acks += 1
-            client.clock()
-        for k, f1, f2 in pending:
-            f1.result()
-            counts[k.astype(np.int64)] += 1
-            f2.result()
-            dense_acks += 1
+
+        for step in range(steps):
+            killer.step(step)
+            for r, (emb, dense) in enumerate(tables):
+                keys = rng.choice(KEYS, size=200, replace=False).astype(np.uint64)
+                ones = np.ones((len(keys), 4), np.float32)
+                # two pushes in flight at once, acknowledged later: the kills and the switch
+                # to the rebuilt copy find some unanswered
+                pending[r].append(
+                    (keys, emb.push(keys, ones), dense.push(np.ones(500, np.float32)))
+                )
+                settle(r, 2)
+                if r == 0 or step % 4 == 3:
+                    clients[r].clock()
+        settle(0, 0)
+        settle(1, 0)
         assert killer.phase == "done", f"the rebuild did not finish in time: {killer.phase}"
+        emb, dense = tables[0]
         rows = emb.pull(np.arange(KEYS, dtype=np.uint64))
         np.testing.assert_array_equal(
             rows, -np.repeat(counts[:, None], 4, axis=1).astype(np.float32)
         )
         np.testing.assert_array_equal(dense.pull(), np.full(500, -dense_acks, np.float32))
-        assert dense_acks == steps
+        assert dense_acks == 2 * steps
