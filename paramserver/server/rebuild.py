@@ -18,12 +18,17 @@ from A to B:
    A sends whole, and ``clock: T``. Every source takes the same T (the same workers' switched).
    Async and ssp tables also get A's last applied sequence number of each worker (``seqs``).
 4. ``end``. B holds (parks) every worker request from the view of the rebuild until the end of
-   every source came; then it sets every worker's clock to at least T, drops the pushes of
+   every source came, answering pushes and clocks at once (server/loop.py ``EARLY``: nobody
+   reads B before, and no worker must wait for another's switch); then it sets every worker's clock to at least T, drops the pushes of
    sync clocks < T (A's rows hold them: ``ServerState.sync_floor``), applies only the async
    pushes whose sequence number is above what its owner's source had applied
    (``ServerState.rebuilt_seqs``), and handles its held requests in order. The source tells
    the coordinator (``move_done`` with ``purpose: "rebuild"``), which lists B ``alive`` once
    every source did.
+
+A rebuild started over (its source died: a new id, new sources) finds workers writing to B
+already: B turns down (code ``rebuilding``, which the worker takes as done) what a worker sends
+before its ``switched`` for the new id (the new final holds it), so that no step waits on B.
 
 Sync result: B's rows at T are A's; every push of a clock >= T reaches B and is aggregated as
 on A, so B is bitwise a copy. Async result: a worker's pushes reach A and B in the order it
