@@ -8,7 +8,9 @@ ranges is killed too. Without the rebuild, X's ranges would then have no copy le
 * sync: the final weights (sparse and dense) are bitwise equal to an uninterrupted run without
   replication on the same data;
 * async, SGD lr 1 of all-ones gradients: every value is minus the number of acknowledged
-  pushes that held it (nothing lost, nothing applied twice on the rebuilt copy).
+  pushes that held it (nothing lost, nothing applied twice on the rebuilt copy);
+* a source killed mid-rebuild (replication 3: the rebuild starts over from the copy left), and
+  the replacement itself killed mid-rebuild (its own replacement is rebuilt): bitwise equal.
 """
 
 from __future__ import annotations
@@ -47,11 +49,14 @@ class Killer:
     ``source``, Y is killed as soon as X's replacement registered, before the workers' next
     step: the rebuild must start over from the remaining copies (replication 3)."""
 
-    def __init__(self, cluster: ps.LocalCluster, at: int, x: int, source: bool = False) -> None:
+    def __init__(
+        self, cluster: ps.LocalCluster, at: int, x: int, source: bool = False, target: int = 0
+    ) -> None:
         self.cluster, self.at, self.x, self.y = cluster, at, x, (x + 1) % SERVERS
         self.old = {r: "" for r in range(SERVERS)}
         self.phase = "before"
         self.source = source
+        self.target = target  # times X's replacement is killed again while being rebuilt
 
     def kill(self, rank: int) -> None:
         self.old[rank] = _state(self.cluster, rank)[1]
@@ -66,7 +71,11 @@ class Killer:
             # the replacement registers (rebuilding): the workers then write to it from the
             # end of this step and the copy finishes once the next clock completes
             wait_until(lambda: _replaced(c, x, self.old[x]), 60, f"server[{x}] replaced")
-            if self.source:
+            if self.target and _state(c, x)[0] == "rebuilding":
+                print(f"server[{x}]'s replacement killed while rebuilding")
+                self.target -= 1
+                self.kill(x)  # its own replacement is rebuilt in turn
+            elif self.source:
                 print(f"server[{y}] killed while server[{x}] is {_state(c, x)[0]}")
                 self.kill(y)
                 self.phase = "second"
@@ -89,13 +98,17 @@ def _batches(seed: int) -> list[list[np.ndarray]]:
 
 
 def _train_sync(
-    replication: int, kill: tuple[int, int] | None, seed: int, source: bool = False
+    replication: int,
+    kill: tuple[int, int] | None,
+    seed: int,
+    source: bool = False,
+    target: int = 0,
 ) -> dict[str, Any]:
     batches = _batches(seed)
     with ps.LocalCluster(
         servers=SERVERS, workers=WORKERS, timeouts=FAST, replication=replication
     ) as cluster:
-        killer = None if kill is None else Killer(cluster, *kill, source=source)
+        killer = None if kill is None else Killer(cluster, *kill, source=source, target=target)
         clients = [cluster.connect(rank=r) for r in range(WORKERS)]
         tables = [
             (
@@ -157,6 +170,20 @@ def test_sync_a_rebuild_whose_source_dies_starts_over_from_another_copy() -> Non
     print(f"seed {seed}: server[{kill[1]}] SIGKILLed at clock {kill[0]}, then a source")
     reference = _train_sync(1, None, seed)
     killed = _train_sync(3, kill, seed, source=True)
+    print("rebuilds:", killed.pop("rebuilds"))
+    for name in reference:
+        assert reference[name].tobytes() == killed[name].tobytes(), name  # bitwise
+
+
+def test_sync_a_rebuilding_server_killed_is_rebuilt_again() -> None:
+    """X's replacement is killed while it is being rebuilt: its rebuild ends, the next
+    replacement is rebuilt, then the other copy of X's ranges dies; bitwise equal still."""
+    seed = random.randrange(1 << 30)
+    rnd = random.Random(seed)
+    kill = (rnd.randrange(1, STEPS - 10), rnd.randrange(SERVERS))
+    print(f"seed {seed}: server[{kill[1]}] SIGKILLed at clock {kill[0]}, then its replacement")
+    reference = _train_sync(1, None, seed)
+    killed = _train_sync(2, kill, seed, target=1)
     print("rebuilds:", killed.pop("rebuilds"))
     for name in reference:
         assert reference[name].tobytes() == killed[name].tobytes(), name  # bitwise
