@@ -252,7 +252,11 @@ class Server:
         with self.answering(req):
             self.cluster.admit(req.header)  # fencing, and the view of the move
             if self.rebuilds.holds(req.header, since):
-                self.hold_for_move(identity, frames, since)
+                try:
+                    self.hold_for_move(identity, frames, since)
+                except Refusal:
+                    self.rebuilds.dropped()  # this rebuild can no longer be whole
+                    raise
                 if since is None and req.header["kind"] in EARLY:
                     # held whole here until the rebuild's end, and read by no one before: the
                     # worker goes on (a second answer, after, is dropped as late)

@@ -92,6 +92,7 @@ class Receiving:
     clock: int = 0  # T, from the finals
     seqs: dict[int, dict[int, int]] = field(default_factory=dict)  # owner -> worker -> seq
     switched: set[int] = field(default_factory=set)  # workers writing here for this rebuild
+    lost: bool = False  # a held request was given up (it waited the request timeout)
 
 
 class Rebuilds:
@@ -284,6 +285,12 @@ class Rebuilds:
             return True
         return since is None and rank in self.held
 
+    def dropped(self) -> None:
+        """A held request was turned down after the request timeout: this rebuild misses it,
+        so its end is refused and the coordinator starts it over."""
+        if self.incoming is not None:
+            self.incoming.lost = True
+
     def unparked(self) -> None:
         """The loop handled every held request again: none waits for the rebuild any more."""
         if self.incoming is None:
@@ -296,6 +303,12 @@ class Rebuilds:
             raise Refusal(
                 "invalid",
                 f"{state.name} expects no rebuild {h['move']} from server[{source}]",
+            )
+        if h["phase"] == "end" and inc.lost:
+            raise Refusal(
+                "moving",
+                f"{state.name}: requests held for rebuild {inc.id} waited past the request "
+                "timeout and were dropped: the rebuild is not whole and must start over",
             )
         if h["phase"] == "end":
             inc.clock = max(inc.clock, int(h.get("clock") or 0))
