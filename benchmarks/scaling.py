@@ -1,10 +1,12 @@
 """Adding and removing servers while training: what a move of key ranges costs.
 
-A sparse table of ROWS rows x 16 float32 (Adagrad, sync) on 2 servers, one worker training on
-random batches; a third server joins, then leaves again (``LocalCluster.add_server`` and
-``remove_server``). Per move: its time (announced to switched, as the coordinator measured),
-the rows and bytes the servers sent each other, and how long training paused: the longest step
-during the move against the median step without one (the baseline, same run).
+A sparse table of ROWS rows x 16 float32 (Adagrad, sync) on 2 servers and a dense table of
+DENSE float32 (whole on server[0]), one worker training on random batches and the whole dense
+table; a third server joins, then server[0] is drained (``LocalCluster.add_server`` and
+``remove_server``): its keys and the dense table move. Per move: its time (announced to
+switched, as the coordinator measured), the rows and bytes the servers sent each other (of
+them, the dense table's), and how long training paused: the longest step during the move
+against the median step without one (the baseline, same run).
 
     python benchmarks/scaling.py                 # 1,000,000 rows
     python benchmarks/scaling.py --quick         # 20,000 rows
@@ -21,14 +23,19 @@ from common import emit, parser
 
 import paramserver as ps
 
+DENSE = 200_000  # elements: under partition.DENSE_SPLIT_ELEMENTS, so held whole
+
 
 def steps(emb: Any, client: Any, rng: np.random.Generator, rows: int, n: int) -> list[float]:
     took = []
+    dense = client.dense_table("mlp", DENSE, optimizer=ps.optim.Adagrad(lr=0.1),
+                               consistency="sync")  # fmt: skip
     for _ in range(n):
         t0 = time.perf_counter()
         keys = rng.integers(0, rows, 4096).astype(np.uint64)
         g = emb.pull(keys) * np.float32(0.01)
         emb.push(keys, g).result(60)
+        dense.push(dense.pull() * np.float32(0.01)).result(60)
         client.clock()
         took.append(time.perf_counter() - t0)
     return took
@@ -66,12 +73,14 @@ def main() -> None:
         cluster.add_server()
         during = {"join": moving(cluster, client, emb, rng, rows, 1)}
         steps(emb, client, rng, rows, 5)
-        cluster.remove_server(2)
+        cluster.remove_server(0)
         during["drain"] = moving(cluster, client, emb, rng, rows, 2)
         for move, took in zip(moves(client), during.values(), strict=True):
             case = f"{move['kind']} server[{move['rank']}], {rows} rows x 16"
             emit("scaling", f"{case}: move", move["seconds"], "s", rows=move["rows"],
-                 mib=round(move["bytes"] / 2**20, 2))  # fmt: skip
+                 mib=round(move["bytes"] / 2**20, 2),
+                 dense_mib=round(move.get("dense_bytes", 0) / 2**20, 2),
+                 dense_tables=move.get("dense_tables", []))  # fmt: skip
             emit("scaling", f"{case}: longest step", max(took), "s", baseline=base,
                  higher_is_better=False, steps_during=len(took))  # fmt: skip
 

@@ -17,8 +17,10 @@ from paramserver.errors import ConfigError
 
 __all__ = [
     "DENSE_SPLIT_ELEMENTS",
+    "SMALL_KEYS",
     "HashRing",
     "check_replication",
+    "dense_pieces",
     "dense_ranges",
     "hash_keys",
     "holds",
@@ -34,14 +36,30 @@ DEFAULT_VNODES = 64
 _ROUTE_SALT = np.uint64(0x5F3759DF2545F491)
 
 
+# Key lists up to this long are hashed, deduplicated, routed and placed by NumPy in a worker
+# (as fast there): its pulls of short lists (a first pull, a check, a lookup) load no numba,
+# whose import and kernel loads cost 0.3-0.6 s of CPU, most of a LocalCluster's start on two
+# cores (a push still checks and sums its gradient with compiled kernels).
+SMALL_KEYS = 1024
+# splitmix64's constants (paramserver.mix, which imports numba; a unit test holds them equal)
+_GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
+_M1 = np.uint64(0xBF58_476D_1CE4_E5B9)
+_M2 = np.uint64(0x94D0_49BB_1331_11EB)
+
+
 def hash_keys(keys: np.ndarray, salt: np.uint64 = _ROUTE_SALT) -> np.ndarray:
     """splitmix64 of ``keys ^ salt`` (:func:`paramserver.mix.splitmix64`); uint64 in and out.
 
     Example:
         hash_keys(np.arange(3, dtype=np.uint64))
     """
-    # imported here: loading numba (1-2 s) is for those that route keys (workers), not for the
-    # coordinator, which only cuts dense ranges
+    if np.size(keys) <= SMALL_KEYS:  # in NumPy: a short list need not load numba
+        z = (np.asarray(keys, dtype=np.uint64) ^ np.uint64(salt)) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return np.asarray(z ^ (z >> np.uint64(31)), dtype=np.uint64)
+    # imported here: loading numba (0.3-0.6 s of CPU) is for those that route long key lists
+    # (workers), not for the coordinator, which only cuts dense ranges
     from paramserver.mix import splitmix64
 
     return splitmix64(keys, salt)
@@ -119,6 +137,28 @@ def dense_ranges(
         return [(servers[_name_hash(name) % len(servers)], 0, size)]
     cuts = [size * i // len(servers) for i in range(len(servers) + 1)]
     return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(servers)]
+
+
+def dense_pieces(
+    old: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...],
+    new: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...],
+) -> list[tuple[int, int, int, int]]:
+    """The parts of a dense table that change server when its ranges go from ``old`` to
+    ``new`` (both tiling the same table): ``(source, dest, start, stop)``, in element order,
+    one per overlap of an old and a new range with different servers. A loop over ranges
+    (a handful per table), not over elements.
+
+    Example:
+        dense_pieces([(0, 0, 10), (1, 10, 20)], [(0, 0, 7), (1, 7, 14), (2, 14, 20)])
+        # [(0, 1, 7, 10), (1, 2, 14, 20)]
+    """
+    pieces: list[tuple[int, int, int, int]] = []
+    for src, a, b in sorted(old, key=lambda r: r[1]):
+        for dst, c, d in sorted(new, key=lambda r: r[1]):
+            lo, hi = max(a, c), min(b, d)
+            if lo < hi and src != dst:
+                pieces.append((src, dst, lo, hi))
+    return pieces
 
 
 def replicas_of(rank: int, num_servers: int, replication: int) -> list[int]:

@@ -19,7 +19,7 @@
                   map) and elements, imported by a table whose pushes have a codec
 * ``kernels.py`` compiled worker kernels (a hash dedup, the sum of repeated keys' gradients),
                   imported on first use so that ``import paramserver`` loads no numba
-* ``warm.py``    those kernels loaded ahead on a daemon thread (``connect``, ``LocalCluster.start``)
+* ``warm.py``    those kernels loaded ahead on a daemon thread (``connect``)
 * ``group.py``   ``DenseGroup``: small dense tables pulled and pushed with one request per server
 
 Imports go one way: worker -> group -> dense; worker -> sparse, dense -> table, keyplan ->

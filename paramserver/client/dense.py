@@ -114,6 +114,12 @@ class DenseTable(TableHandle):
             seg.close()
         return self._seg
 
+    def move_to(self, ranges: list[tuple[int, int, int]]) -> None:
+        """Route by ``ranges`` from now on (a drain moved the table: client/ring.py); the
+        shared memory is attached to the new servers on next use."""
+        self.spec = self.spec.with_ranges(ranges)
+        self._seg, self._shm_tried = None, False  # (in-flight pulls keep the old one alive)
+
     def _wait_push(self) -> None:
         # its error, if any, belongs to whoever holds that push's future
         if self._last_push is not None:

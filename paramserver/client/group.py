@@ -61,7 +61,16 @@ class DenseGroup:
         # alone. One request per server and dtype: float32 and float64 are not one array.
         self.by_server: dict[tuple[int, str], list[int]] = {}
         self.alone: list[int] = []
-        for i, t in enumerate(tables):
+        self.placed: list[Any] = []  # the tables' ranges the plan above is for
+        self._place()
+
+    def _place(self) -> None:
+        """Group the tables by server, again if a table moved (a drain: client/ring.py)."""
+        now = [t.spec.ranges for t in self.tables]
+        if now == self.placed:
+            return
+        self.placed, self.by_server, self.alone = now, {}, []
+        for i, t in enumerate(self.tables):
             ranges = t.spec.ranges
             if len(ranges) == 1 and t.spec.size * t.dtype.itemsize <= GROUP_MAX_BYTES and _plain(t):
                 self.by_server.setdefault((ranges[0][0], t.spec.dtype), []).append(i)
@@ -76,6 +85,7 @@ class DenseGroup:
         c = self.client
         c.check()
         limit = c.timeouts.request if timeout is None else timeout
+        self._place()
         futs: list[Future[Any]] = []
         for (s, _), idx in self.by_server.items():
             group = [self.tables[i] for i in idx]
@@ -158,6 +168,7 @@ class DenseGroup:
                 f"push of dense group: {len(grads)} gradients for {len(self.tables)} tables"
             )
         checked = [t.check_grads(g, t.shape) for t, g in zip(self.tables, grads, strict=True)]
+        self._place()
         futs: list[Future[Any]] = []
         for (s, _), idx in self.by_server.items():
             group = [self.tables[i] for i in idx]

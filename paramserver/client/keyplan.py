@@ -15,7 +15,7 @@ from dataclasses import field as dc_field
 
 import numpy as np
 
-from paramserver.partition import HashRing, split_by_owner
+from paramserver.partition import SMALL_KEYS, HashRing, split_by_owner
 
 __all__ = [
     "KEY_CACHE_LISTS",
@@ -52,8 +52,6 @@ class KeyPlan:
         ``bounds[p]:bounds[p+1]``, key ``positions[t]`` of the list is row ``rows[t]`` of that
         part's reply (see :func:`paramserver.client.kernels.group_by_part`)."""
         if self.spread is None:
-            from paramserver.client.kernels import group_by_part
-
             n = len(self.base)
             part_of = np.empty(n, np.intp)
             row_in_part = np.empty(n, np.intp)
@@ -62,7 +60,17 @@ class KeyPlan:
                 part_of[where] = p
                 row_in_part[where] = np.arange(len(part_keys))
             inverse = np.arange(n) if self.inverse is None else self.inverse
-            self.spread = group_by_part(inverse, part_of, row_in_part, len(self.parts))
+            nparts = len(self.parts)
+            if len(inverse) <= SMALL_KEYS:  # NumPy: a short list need not load numba
+                owner = part_of[inverse]
+                positions = np.argsort(owner, kind="stable").astype(np.intp)
+                bounds = np.zeros(nparts + 1, np.intp)
+                np.cumsum(np.bincount(owner, minlength=nparts), out=bounds[1:])
+                self.spread = positions, row_in_part[inverse[positions]], bounds
+            else:
+                from paramserver.client.kernels import group_by_part
+
+                self.spread = group_by_part(inverse, part_of, row_in_part, nparts)
         return self.spread
 
 
@@ -77,6 +85,12 @@ def unique_inverse(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         >>> uniq.tolist(), uniq[inv].tolist()
         ([5, 3], [5, 3, 5])
     """
+    if len(flat) <= SMALL_KEYS:  # NumPy: a short list need not load numba
+        uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # in order of first appearance
+        rank = np.empty(len(order), np.intp)
+        rank[order] = np.arange(len(order))
+        return uniq[order], rank[inverse.reshape(-1)]
     from paramserver.client.kernels import dedup  # numba: loaded on first use
 
     return dedup(flat)

@@ -40,6 +40,8 @@ class RingRouting:
     move_from: list[int] = []  # noqa: RUF012  (the old ring while a move goes on)
     moves_seen: frozenset[int] = frozenset()
     next_ring: tuple[int, list[int]] | None = None  # a move's id and new ring
+    next_dense: dict[str, Any] = {}  # noqa: RUF012  (a move's dense tables: their new ranges)
+    dense_moved: dict[str, list[tuple[int, int, int]]] = {}  # noqa: RUF012  (switched to)
     idle = False  # between steps (at a barrier): a move is switched to at once
     # a rebuild (server/rebuild.py): a server being rebuilt is written to (not read) from the
     # end of a step on; the rebuilds seen, the next one's (id, rank, sources, address)
@@ -84,6 +86,7 @@ class RingRouting:
             if not self.ring_servers:  # registering: the old ring until the first clock()
                 self.ring_servers = list(self.move_from)
             self.next_ring = (int(move["id"]), [int(r) for r in move["to"]])
+            self.next_dense = dict(move.get("dense") or {})
             if self.idle:
                 self.switch_ring()
         elif isinstance(ring, list) and move is None:
@@ -146,6 +149,10 @@ class RingRouting:
         self.next_ring = None
         targets = self.servers
         self.set_ring(ring)
+        dense, self.next_dense = self.next_dense, {}
+        if dense:
+            self.move_dense({n: [(int(s), int(a), int(b)) for s, a, b in r]
+                             for n, r in dense.items()})  # fmt: skip
         for s in targets:
             self._clock_futures.append(
                 self.request_server(
@@ -154,6 +161,9 @@ class RingRouting:
                     what=f"worker[{self.rank}] switching to the ring of move {move}",
                 )
             )
+
+    def move_dense(self, ranges: dict[str, list[tuple[int, int, int]]]) -> None:
+        """Dense tables' new ranges, from this worker's switch on (the client's handles)."""
 
     def set_ring(self, ring: list[int]) -> None:
         self.ring_servers = ring

@@ -16,7 +16,7 @@ from paramserver.client.replicas import settle
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
-from paramserver.partition import split_by_owner
+from paramserver.partition import SMALL_KEYS, split_by_owner
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
 from paramserver.wire.transport import Future, Message, gather
@@ -31,16 +31,24 @@ ASSIGN_ROWS = 1 << 18  # rows per assign request (servers refuse more than Limit
 def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> None:
     """Put the rows of the reply to part ``p`` of ``plan`` where the list wants them in ``out``
     (repeated keys get their row copied to each of their positions)."""
-    from paramserver.client.kernels import expand_rows, place_rows  # numba: on first use
-
+    small = len(out) <= SMALL_KEYS  # NumPy: a short list need not load numba
     if len(plan.parts) == 1 and plan.parts[0][1] is None:
         if plan.inverse is None:
             out[...] = part
+        elif small:
+            np.take(part, plan.inverse, axis=0, out=out)
         else:
+            from paramserver.client.kernels import expand_rows  # numba: on first use
+
             expand_rows(part, plan.inverse, out)
         return
     positions, rows, bounds = plan.placement()
     a, b = bounds[p], bounds[p + 1]
+    if small:
+        out[positions[a:b]] = part[rows[a:b]]
+        return
+    from paramserver.client.kernels import place_rows  # numba: on first use
+
     place_rows(part, rows[a:b], positions[a:b], out)
 
 

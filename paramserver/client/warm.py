@@ -3,9 +3,8 @@
 A worker's first pull and push need numba (its import checks for BLAS by importing SciPy's
 ``linalg``) and about eight kernels from numba's cache: 0.3-0.5 s on an idle machine, which
 a worker otherwise spends inside its first pull, after connecting. :func:`start_warming` loads
-them on a daemon thread instead, while the process waits for something else: the
-registration (``connect``), or the servers of a :class:`~paramserver.launch.LocalCluster`
-this process starts and will most likely connect to. A kernel the thread has not loaded yet
+them on a daemon thread instead, from ``connect`` on (its registration, the tables' creation).
+(A pull of a short key list needs none: :data:`paramserver.partition.SMALL_KEYS`.) A kernel the thread has not loaded yet
 is loaded by whoever calls it first (numba serializes the loads), so nothing waits longer
 than it did.
 
@@ -20,7 +19,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["start_warming", "warm_kernels"]
+__all__ = ["hold_warming", "start_warming", "warm_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,10 @@ def warm_kernels() -> None:
     """
     from paramserver.arrays import all_finite
     from paramserver.client import kernels as k
-    from paramserver.partition import HashRing
+    from paramserver.mix import splitmix64
 
     try:
-        HashRing.build([0])
+        splitmix64(np.zeros(2, np.uint64), np.uint64(0))  # routing a long key list
         keys = np.arange(2, dtype=np.uint64)
         _, inverse = k.dedup(keys)
         inverse = np.ascontiguousarray(inverse, dtype=np.int64)
@@ -64,3 +63,17 @@ def start_warming() -> None:
         return
     _started.set()
     threading.Thread(target=warm_kernels, name="warm-worker-kernels", daemon=True).start()
+
+
+def hold_warming() -> None:
+    """Keep this process from loading the kernels ahead (:func:`start_warming` does nothing
+    from now on; they load on first use). For a worker that shares its cores with the servers
+    it connects to (:meth:`~paramserver.launch.LocalCluster.connect`): there the thread held
+    the GIL through the first requests and took the CPU the servers answer them with (a first
+    pull of 8 keys took 0.5-1.0 s instead of 0.3-0.5 s on two busy cores), and a short pull
+    needs no kernels at all (:data:`paramserver.partition.SMALL_KEYS`).
+
+    Example:
+        hold_warming()
+    """
+    _started.set()

@@ -192,6 +192,8 @@ class Client(Session):
             push_codec=push_codec,
         )  # fmt: skip
         dense = DenseTable(self, self._create(spec))
+        if name in self.dense_moved:
+            dense.move_to(self.dense_moved[name])
         self._tables[name] = dense
         return dense
 
@@ -219,6 +221,8 @@ class Client(Session):
             )
         final = self._create(spec)  # idempotent: the same spec opens it on every server
         handle = SparseTable(self, final) if final.kind == "sparse" else DenseTable(self, final)
+        if isinstance(handle, DenseTable) and name in self.dense_moved:
+            handle.move_to(self.dense_moved[name])
         self._tables[name] = handle
         return handle
 
@@ -315,6 +319,15 @@ class Client(Session):
             if isinstance(handle, SparseTable) and handle.cache is not None:
                 handle.cache.forget()
         return max((int(d.get("tables", 0)) for d in done), default=0)
+
+    def move_dense(self, ranges: dict[str, list[tuple[int, int, int]]]) -> None:
+        """A drain moved these dense tables: their handles route by the new ranges (and so
+        does a handle made later, whose spec the coordinator may give before the move ends)."""
+        self.dense_moved = {**self.dense_moved, **ranges}
+        for name, r in ranges.items():
+            handle = self._tables.get(name)
+            if isinstance(handle, DenseTable):
+                handle.move_to(r)
 
     def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
         """Pull and push these dense tables together: one request per server and step for all

@@ -15,15 +15,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from paramserver import checkpoint
 from paramserver.config import Limits
 from paramserver.coordinator.refusal import Refusal
-from paramserver.partition import DENSE_SPLIT_ELEMENTS, dense_ranges, replicas_of
+from paramserver.partition import DENSE_SPLIT_ELEMENTS, dense_pieces, dense_ranges, replicas_of
 from paramserver.spec import TableSpec
 
-__all__ = ["TableRegistry"]
+__all__ = ["DensePlan", "TableRegistry"]
+
+
+@dataclass
+class DensePlan:
+    """The dense tables' placement for another set of servers (:meth:`TableRegistry.replan`):
+    the specs whose ranges change, the parts that change server
+    (``(source, dest, start, stop)`` per table, :func:`~paramserver.partition.dense_pieces`),
+    and the dense elements on each server after."""
+
+    ranks: list[int]
+    specs: dict[str, TableSpec] = field(default_factory=dict)
+    pieces: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)
+    load: dict[int, int] = field(default_factory=dict)
+
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +77,58 @@ class TableRegistry:
             for r in replicas_of(s, n, self.replication):
                 self.dense_load[r] += b - a
         return spec.with_ranges(ranges)
+
+    def replan(self, ranks: Sequence[int]) -> DensePlan:
+        """Where the dense tables go if the servers become ``ranks`` (a join adds one, a drain
+        takes one away); nothing changes here until :meth:`adopt`. A large table is cut anew
+        over ``ranks`` (as :meth:`create` would cut it); a small one stays whole where it is,
+        unless its server leaves: then it goes to the least loaded of ``ranks`` (lowest rank on
+        a tie), tables in creation order. ValueError without servers or with replication;
+        Refusal (``too_large``) if a range would pass ``Limits(table_bytes)``.
+
+        Example:
+            plan = registry.replan([0, 2])    # server[1] drained
+            plan.pieces["bias"]               # [(1, 0, 0, 8)]: server[1]'s part goes to server[0]
+            registry.adopt(plan)
+        """
+        new = sorted({int(r) for r in ranks})
+        if not new:
+            raise ValueError("replan: no servers to place the dense tables on")
+        if self.replication > 1:
+            raise ValueError("replan: dense ranges do not move with replication (they are "
+                             "placed by rank, on every copy)")  # fmt: skip
+        plan = DensePlan(new, load=dict.fromkeys(new, 0))
+        dense = [s for s in self.tables.values() if s.kind == "dense"]
+        placed: dict[str, list[tuple[int, int, int]]] = {}
+        for spec in dense:  # the tables that stay or are re-cut first: they fix the load
+            whole = len(spec.ranges) == 1 and spec.size < DENSE_SPLIT_ELEMENTS
+            if not whole:
+                placed[spec.name] = dense_ranges(spec.name, spec.size, new)
+            elif spec.ranges[0][0] in plan.load:
+                placed[spec.name] = [tuple(spec.ranges[0])]  # type: ignore[list-item]
+            else:
+                continue
+            for s, a, b in placed[spec.name]:
+                plan.load[s] += b - a
+        for spec in dense:  # the small tables whose server leaves
+            if spec.name not in placed:
+                least = min(new, key=lambda r: (plan.load[r], r))
+                placed[spec.name] = [(least, 0, spec.size)]
+                plan.load[least] += spec.size
+        for spec in dense:
+            ranges = placed[spec.name]
+            if [tuple(r) for r in spec.ranges] != ranges:
+                moved = spec.with_ranges(ranges)
+                self._check_bytes(moved)
+                plan.specs[spec.name] = moved
+                plan.pieces[spec.name] = dense_pieces(spec.ranges, ranges)
+        return plan
+
+    def adopt(self, plan: DensePlan) -> None:
+        """Take ``plan``'s placement: its servers, the tables' new ranges, the load."""
+        self.server_ranks = list(plan.ranks)
+        self.tables.update(plan.specs)
+        self.dense_load = dict(plan.load)
 
     def specs(self) -> list[TableSpec]:
         return list(self.tables.values())

@@ -12,7 +12,10 @@ time (the others wait in a queue, in order):
 3. The view switches: ``ring`` is the new one, no ``move``. A drained server is then ``left``
    and told to stop.
 
-Sparse tables move; dense ranges do not: a joining server holds none, and a server holding one
+Sparse tables move. Dense tables move whole on a drain: the leaving server's tables go to the
+least loaded others (``TableRegistry.replan``; the move's ``dense``: ``{name: new ranges}``), and
+the registry takes the new placement when the move is done. A joining server gets no dense
+range (new tables may go there), and a server holding a part of a table cut over several servers
 cannot be drained (refused, naming the tables). The registry places new dense tables on the
 ring's servers only. Plain state plus the coordinator's publish and send.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 from paramserver.coordinator.membership import ALIVE, LEFT
 from paramserver.coordinator.refusal import Refusal
+from paramserver.coordinator.registry import DensePlan
 from paramserver.wire.messages import DrainMsg, MoveDoneMsg
 
 __all__ = ["Scaling"]
@@ -49,6 +53,7 @@ class Scaling:
         # per finished move: what it was, how long it took, the rows and bytes its sources sent
         self.moves: list[dict[str, Any]] = []
         self._stats: list[dict[str, Any]] = []
+        self.plan: DensePlan | None = None  # the dense tables' placement after the move
 
     def join(self, rank: int) -> None:
         """Server ``rank`` registered off the ring: move its share of the keys to it."""
@@ -71,14 +76,16 @@ class Scaling:
         moving = members.move is not None and members.move["rank"] == rank
         if len(ring) - sum(k == "drain" for k, _ in self.queue) <= 1 or moving:
             raise Refusal("invalid", f"server[{rank}] cannot be drained: it would leave no server")
-        dense = [
-            s.name for s in self.coord.tables.specs() if any(r == rank for r, _, _ in s.ranges)
-        ]
-        if dense:
+        tables = self.coord.tables
+        plan = tables.replan([r for r in tables.server_ranks if r != rank])
+        cut = [n for n, spec in plan.specs.items()
+               if len(spec.ranges) != 1 or len(tables.tables[n].ranges) != 1]  # fmt: skip
+        if cut:
             raise Refusal(
                 "invalid",
-                f"server[{rank}] holds ranges of dense tables {dense}: moving dense ranges is "
-                "not supported yet, so it cannot be drained (nothing changed)",
+                f"server[{rank}] holds a part of dense tables {cut}, which are (or would be) "
+                "cut over several servers: moving parts of a cut table is not supported yet, "
+                "so it cannot be drained (nothing changed)",
             )
         self.queue.append(("drain", rank))
         self.coord.router.reply(identity, h["id"])
@@ -98,9 +105,14 @@ class Scaling:
         self.sources = {r for r in old if members.servers[r].state == ALIVE}
         self.started = time.monotonic()
         self._stats = []
-        if kind == "drain":  # no new dense table goes there
-            self.coord.tables.server_ranks = [r for r in self.coord.tables.server_ranks
-                                              if r != rank]  # fmt: skip
+        self.plan = None
+        if kind == "drain":  # its dense tables go whole to the others; no new one goes there
+            tables = self.coord.tables
+            self.plan = tables.replan([r for r in tables.server_ranks if r != rank])
+            if self.plan.specs:
+                members.move["dense"] = {n: [list(r) for r in spec.ranges]
+                                         for n, spec in self.plan.specs.items()}  # fmt: skip
+            tables.server_ranks = [r for r in tables.server_ranks if r != rank]
         self.coord.publish(f"move {members.move['id']}: {kind} server[{rank}], ring {old} -> {new}")
 
     def on_move_done(self, identity: bytes, h: MoveDoneMsg) -> None:
@@ -123,11 +135,16 @@ class Scaling:
         took = time.monotonic() - self.started
         record = {"move": move["id"], "kind": move["kind"], "rank": move["rank"],
                   "seconds": took, "rows": sum(int(s.get("rows", 0)) for s in self._stats),
-                  "bytes": sum(int(s.get("bytes", 0)) for s in self._stats)}  # fmt: skip
+                  "bytes": sum(int(s.get("bytes", 0)) for s in self._stats),
+                  "dense_bytes": sum(int(s.get("dense_bytes", 0)) for s in self._stats),
+                  "dense_tables": sorted(move.get("dense") or {})}  # fmt: skip
         self.moves.append(record)
         members.ring = list(move["to"])
         members.move = None
         tables = self.coord.tables
+        if self.plan is not None:
+            tables.adopt(self.plan)
+            self.plan = None
         if move["kind"] == "join":
             tables.server_ranks = sorted({*tables.server_ranks, move["rank"]})
             tables.dense_load.setdefault(move["rank"], 0)

@@ -42,7 +42,8 @@ def drain_server(
 ) -> dict[str, Any]:
     """Drain server ``rank`` of the cluster at ``address``; with ``wait``, return once the view
     says it left (PSTimeoutError after ``timeout`` seconds). Returns the last view seen.
-    RemoteError if the coordinator refuses (not on the ring, the last server, dense ranges).
+    RemoteError if the coordinator refuses (not on the ring, the last server, a part of a cut
+    dense table).
 
     Example:
         drain_server("tcp://10.0.0.1:7000", 2, token=None)

@@ -156,7 +156,6 @@ def run_job(
         token=token, restore=restore, checkpoints=policy, metrics_port=metrics_port,
         replication=replication,
     )  # fmt: skip
-    cluster.warm_worker = False  # the workers are processes of their own
     workers_ = Children()
     code = 0
     interrupted = False

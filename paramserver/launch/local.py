@@ -20,7 +20,6 @@ import time
 from dataclasses import replace
 from typing import IO, Any
 
-from paramserver.client.warm import start_warming
 from paramserver.config import CheckpointPolicy, Limits, Timeouts, from_env, limits_to_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 from paramserver.launch.children import Children, describe_exit, say
@@ -166,19 +165,14 @@ class LocalCluster:
             str(os.getpid()),
         ]
 
-    # Load the worker's compiled kernels on a background thread while the servers start: a
-    # cluster started here is mostly connected to from here (connect()), whose first pull then
-    # finds them loaded (paramserver.client.warm). run_job, whose workers are processes of
-    # their own, turns it off.
-    warm_worker = True
-
     def start(self) -> LocalCluster:
         """Start the coordinator and servers and wait until every server has registered."""
         if self._started:
             return self
         self._started = True
-        if self.warm_worker:
-            start_warming()
+        # No worker kernels loaded ahead here, nor in connect() (client/warm.py hold_warming):
+        # on two cores, a thread loading numba beside the servers' start and first answers
+        # delayed them by more than it saved.
         try:
             # The coordinator's socket is bound and listening here, before any process starts,
             # and handed to it: the servers start at the same time as the coordinator (their
@@ -445,7 +439,8 @@ class LocalCluster:
     def remove_server(self, rank: int, *, wait: bool = False, timeout: float = 60.0) -> None:
         """Drain server ``rank``: its keys move to the others while training goes on (the
         workers switch at their next ``clock()``), then it stops. RemoteError if the
-        coordinator refuses (not on the ring, the last server, holds a dense range). With
+        coordinator refuses (not on the ring, the last server, holds a part of a dense table
+        cut over several servers; its whole dense tables move). With
         ``wait``, return once it left (do not wait from the only thread that trains: the move
         needs its ``clock()``).
 
@@ -470,9 +465,11 @@ class LocalCluster:
             client = cluster.connect()
         """
         from paramserver.client import Client
+        from paramserver.client.warm import hold_warming
 
         if not self._started:
             self.start()
+        hold_warming()  # the servers here answer its first requests on the same cores
         client = Client(
             self.address, rank=rank, timeouts=self.timeouts, transport=transport, token=self._token
         )

@@ -122,6 +122,7 @@ class Server:
         self.rebuilds = Rebuilds(self.state, self.transfers.endpoint, self.progress,
                                  self.pushes.apply_sync, self.cluster.send)  # fmt: skip
         self.cluster.on_view = self.on_view
+        self.transfers.notify = self.tell_worker
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
             "push": self.pushes.on_push,
@@ -376,6 +377,13 @@ class Server:
                 f"{now - first:.3g}s (a source of the move did not finish); nothing changed",
             )
         self.parked.append((identity, frames, first))
+
+    def tell_worker(self, rank: int, view: dict[str, Any]) -> None:
+        """Send worker ``rank`` a view, on the connection its requests came by (none yet: it
+        has sent this server nothing, so nothing it waits for here can be early)."""
+        identity = self.state.owners.get(rank)
+        if identity is not None:
+            self.router.send(identity, {"kind": "view", "id": 0, "view": view})
 
     def on_switched(self, h: Any, req: Request) -> None:
         """A worker routes by a move's new ring from now on (server/transfer.py)."""

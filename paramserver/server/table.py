@@ -39,6 +39,9 @@ class Table:
     version: int = 0  # dense: updates applied here (a worker's shared copy names one)
     keys: KeyCache = field(default_factory=KeyCache)  # sparse: cached key lists
     max_bytes: int | None = None  # the most bytes this table may take here (Limits)
+    # dense: the placement on the other side of a move (before or after it), which a worker
+    # that switched earlier or later than this server's view may still name
+    other_ranges: tuple[tuple[int, int, int], ...] = ()
 
     def pull_keys(self, arrays: list[np.ndarray], server: str) -> np.ndarray | None:
         """The keys of a pull without a signature (None for a dense table)."""

@@ -24,14 +24,23 @@ requests took, so after them. Once A has it from every live worker, nothing more
 for the moving keys: the ``final`` step needs no pause on A. B, in turn, holds (parks) any
 request for a key it is receiving, and every later request of that worker (they stay in
 order), until every source's ``end`` came: it answers no pull and applies no push of those keys
-before their rows are whole. In sync mode the result is bitwise the one of an undisturbed run:
+before their rows are whole. The switches lie within one clock of each other: once a source has
+a worker's ``switched``, it sends the move's view to every live worker that has not switched
+(:meth:`Transfers.tell_late`), before any answer that waited on the switched worker's later
+clocks, so a worker whose view from the coordinator is late has it before its step ends (a pull
+at an old owner never needs a push already sent to a new one). In sync mode the result is
+bitwise the one of an undisturbed run:
 the same rows, and every clock's pushes of a key aggregated in one place in (worker rank,
 arrival) order. After the move A drops the rows that left (``drop_moved``), once no pull sent
 by the old ring waits on A, so that a checkpoint holds every key once.
 
 A source that has sent ``end`` to every destination tells the coordinator (``move_done``),
-which switches the view once every source did (coordinator/scaling.py). Dense tables do not
-move (a joining server holds no dense range; a server holding one cannot be drained yet).
+which switches the view once every source did (coordinator/scaling.py). Dense tables
+move whole on a drain (:meth:`Transfers.start_dense`): the move's ``dense`` names each table's
+new ranges; the destination makes its shard at once and holds requests naming it, the source
+sends its rows and a copy of its buffered sync pushes with the final step (no copy step: a
+whole table is small), and drops it after. A joining server gets no dense range, and parts of
+a table cut over several servers do not move (such a drain is refused by the coordinator).
 
 The same steps rebuild a replica from live copies (``purpose: "rebuild"``): server/rebuild.py.
 """
@@ -48,9 +57,9 @@ import numpy as np
 
 from paramserver.partition import HashRing
 from paramserver.server.keycache import KeyCache
-from paramserver.server.shard import SparseShard
+from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.state import ServerState
-from paramserver.server.table import Table
+from paramserver.server.table import Table, make_table
 from paramserver.wire.messages import TransferMsg
 from paramserver.wire.paths import Request
 from paramserver.wire.refusal import Refusal
@@ -106,6 +115,10 @@ class Outgoing:
     started: float = 0.0
     bytes: int = 0
     rows: int = 0
+    announce: dict[str, Any] = field(default_factory=dict)  # the view that announced it
+    told: set[int] = field(default_factory=set)  # workers sent that view by this server
+    dense: dict[str, int] = field(default_factory=dict)  # dense tables leaving: their dest
+    dense_bytes: int = 0  # of ``bytes``: the dense tables' rows and buffered pushes
 
 
 @dataclass
@@ -118,6 +131,7 @@ class Incoming:
     # workers with a request held: their later requests wait too, so that they are handled
     # in the order they came (a clock message must not overtake the push held before it)
     held: set[int] = field(default_factory=set)
+    dense: set[str] = field(default_factory=set)  # dense tables coming whole to this server
 
 
 class Transfers:
@@ -148,6 +162,10 @@ class Transfers:
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
+        # dense tables that left this server: their spec after, dropped with the moved rows
+        self.gone_dense: dict[str, Any] = {}
+        # sends worker ``rank`` a view, after every answer already sent to it (set by the loop)
+        self.notify: Callable[[int, dict[str, Any]], None] | None = None
 
     # ---- views ----------------------------------------------------------------------------
 
@@ -172,6 +190,39 @@ class Transfers:
             self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me})
         if me in old:
             self.start(int(move["id"]), int(move["view"]), old, new)
+            if self.out is not None and self.out.move == int(move["id"]):
+                self.out.announce = view
+        dense = move.get("dense")
+        if isinstance(dense, dict) and dense:
+            self.start_dense(dense)
+        if me in old:
+            self.tell_late()
+
+    def start_dense(self, dense: dict[str, Any]) -> None:
+        """A move's dense tables (``{name: new ranges}``; each moves whole, from the one server
+        that holds it to another): a destination makes the table's shard now (its rows come
+        with the final step, and it holds requests for it until the end); a source sends it
+        whole in the final step; any other server takes the new ranges."""
+        me, state = self.state.rank, self.state
+        for name, raw in dense.items():
+            t = state.tables.get(name)
+            if t is None or t.spec.kind != "dense":
+                continue
+            spec = t.spec.with_ranges([(int(r), int(a), int(b)) for r, a, b in raw])
+            gets = any(r == me for r, _, _ in spec.ranges)
+            if gets and t.shard is None:
+                fresh = make_table(spec, me, state.num_servers, state.replication)
+                fresh.max_bytes, fresh.other_ranges = t.max_bytes, t.spec.ranges
+                state.tables[name] = fresh
+                if self.incoming is not None:
+                    self.incoming.dense.add(name)
+            elif t.shard is not None and not gets:
+                if self.out is not None:
+                    self.out.dense[name] = spec.ranges[0][0]
+                self.gone_dense[name] = spec
+                t.other_ranges = spec.ranges
+            elif t.shard is None:
+                t.spec, t.other_ranges = spec, t.spec.ranges
 
     def start(self, move: int, view: int, old: list[int], new: list[int]) -> None:
         """Phase 1: send every destination the rows it gets, while serving on."""
@@ -194,8 +245,29 @@ class Transfers:
         out = self.out
         if out is not None and move == out.move:
             out.switched.add(rank)
+            self.tell_late()
+            if not out.finished and self.state.clocks.live <= out.switched:
+                # now, not at the loop's next turn: the clock message behind this one (read in
+                # the same batch) may complete a clock, and its buffered pushes of the moving
+                # keys must go with the final step, not be applied here without the pushes
+                # the switched workers sent to the new owner
+                self.finish(out)
         elif move not in self.seen:  # before this server saw the view: kept for the move
             self.early.setdefault(move, set()).add(rank)
+
+    def tell_late(self) -> None:
+        """Once some worker switched, send the move's view to every live worker that has not:
+        before this server answers any request that waited for the switched worker's later
+        clocks (they come after its ``switched``, on one connection), and on the connection
+        of those answers, so that a worker whose view from the coordinator is late switches at
+        the end of the step in which the first worker's new ring began, not later: every
+        worker's switch lies within one clock of every other's."""
+        out = self.out
+        if out is None or not out.switched or not out.announce or self.notify is None:
+            return
+        for rank in sorted(self.state.clocks.live - out.switched - out.told):
+            out.told.add(rank)
+            self.notify(rank, out.announce)
 
     # ---- the loop's turn ------------------------------------------------------------------
 
@@ -213,7 +285,8 @@ class Transfers:
             if errors:
                 log.error("%s: move %d failed: %s", self.state.name, out.move, errors[0])
             took = time.monotonic() - out.started
-            stats = {"seconds": took, "bytes": out.bytes, "rows": out.rows, "errors": errors}
+            stats = {"seconds": took, "bytes": out.bytes, "rows": out.rows, "errors": errors,
+                     "dense_bytes": out.dense_bytes}  # fmt: skip
             self.tell({"kind": "move_done", "id": 0, "move": out.move,
                        "source": self.state.rank, "stats": stats})  # fmt: skip
             log.info("%s: move %d done in %.3fs (%d rows, %d bytes)",
@@ -229,6 +302,10 @@ class Transfers:
         checkpoint must not hold them twice), in a new shard; cached key lists resolved to the
         old one are forgotten (a worker then sends its keys again)."""
         me = self.state.rank
+        for name, spec in self.gone_dense.items():  # a dense table that left: no shard here
+            old = self.state.tables[name]
+            self.state.tables[name] = Table(spec, None, other_ranges=old.spec.ranges)
+        self.gone_dense = {}
         for t in self.state.tables.values():
             shard = t.shard
             if not isinstance(shard, SparseShard):
@@ -263,6 +340,8 @@ class Transfers:
             changed = changed_rows(base, rows["rows"])
             self._send_rows(out, t, rows["keys"][changed], rows["rows"][changed], "final",
                             self._take_sync(out, t))  # fmt: skip
+        for name, dest in out.dense.items():
+            self._send_dense(out, self.state.tables[name], dest)
         state = self.state
         for dest in out.dests:
             out.ends.append(
@@ -290,6 +369,26 @@ class Transfers:
                     sel = owner == dest
                     moved.setdefault(int(dest), []).append((clock, rank, keys[sel], grads[sel]))
         return moved
+
+    def _send_dense(self, out: Outgoing, t: Table, dest: int) -> None:
+        """A dense table leaving whole: its rows and a copy of its buffered sync pushes (they
+        stay here too, for the pulls sent by the old placement that still wait here)."""
+        assert isinstance(t.shard, DenseShard)
+        header: dict[str, Any] = {"kind": "transfer", "move": out.move, "phase": "final",
+                                  "source": self.state.rank, "table": t.spec.name,
+                                  "view": out.view}  # fmt: skip
+        arrays = [t.shard.export()["rows"]]
+        runs = [(c, r, g) for c, items in (t.sync.pending.items() if t.sync else [])
+                for r, g in items]  # fmt: skip
+        if runs:
+            header["sync"] = [[c, r, len(g)] for c, r, g in runs]
+            arrays.append(np.concatenate([g for _, _, g in runs]))
+        out.rows += len(arrays[0])
+        out.bytes += sum(a.nbytes for a in arrays)
+        out.dense_bytes += sum(a.nbytes for a in arrays)
+        self.endpoint.request(
+            f"server[{dest}]", header, arrays, what=f"final of dense table {t.spec.name!r}"
+        )
 
     def _send_rows(
         self,
@@ -333,6 +432,11 @@ class Transfers:
             return False
         if h.get("rank") in inc.held:
             return True
+        if inc.dense and h["kind"] in ("pull", "push", "pull_many", "push_many"):
+            names = h.get("tables") or [] if h["kind"].endswith("_many") else [h.get("table")]
+            if any(n in inc.dense for n in names):
+                inc.held.add(h["rank"])
+                return True
         if h["kind"] not in ("pull", "push"):
             return False
         t = self.state.tables.get(h.get("table", ""))
@@ -364,6 +468,9 @@ class Transfers:
             req.reply.ok()
             return
         t = state.table(h.get("table") or "")
+        if t.spec.name in inc.dense and isinstance(t.shard, DenseShard):
+            self._receive_dense(t, h, req)
+            return
         if not isinstance(t.shard, SparseShard) or len(req.arrays) not in (2, 4):
             raise Refusal("invalid", f"transfer of table {t.spec.name!r}: not a sparse table here")
         keys, rows = req.arrays[0], req.arrays[1]
@@ -375,6 +482,20 @@ class Transfers:
             for clock, rank, n in runs:  # one per buffered push
                 t.sync.add(int(clock), (int(rank), skeys[at : at + n].copy(),
                                         sgrads[at : at + n].copy()))  # fmt: skip
+                at += n
+        req.reply.ok()
+
+    def _receive_dense(self, t: Table, h: TransferMsg, req: Request) -> None:
+        """A dense table that came whole: its rows, then its buffered sync pushes."""
+        assert isinstance(t.shard, DenseShard)
+        if len(req.arrays) not in (1, 2):
+            raise Refusal("invalid", f"transfer of dense table {t.spec.name!r}: 1 or 2 arrays")
+        t.shard.load(req.arrays[0])
+        runs = h.get("sync") or []
+        if runs and t.sync is not None:
+            grads, at = req.arrays[1], 0
+            for clock, rank, n in runs:  # one per buffered push
+                t.sync.add(int(clock), (int(rank), grads[at : at + n].copy()))
                 at += n
         req.reply.ok()
 

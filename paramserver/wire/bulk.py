@@ -181,6 +181,16 @@ class Channel:
     def recv_into(self, buf: memoryview, what: str) -> None:
         self.reader.read_into(buf, self.idle, f"{what} from {self.where}")
 
+    def expect(self, buf: memoryview) -> bool:
+        """Have the next payload read straight into ``buf`` as it comes (see
+        :meth:`Reader.expect`); whether it took. Then :meth:`settle`."""
+        return self.reader.expect(buf)
+
+    def settle(self, n: int, what: str) -> None:
+        """Wait for the first ``n`` bytes of the buffer :meth:`expect` gave, and take it back
+        (``n`` = 0: no payload came)."""
+        self.reader.settle(n, self.idle, f"{what} from {self.where}")
+
     def close(self) -> None:
         self.writer.close()
         self.reader.close()

@@ -26,6 +26,22 @@ import msgpack
 import numpy as np
 
 from paramserver.errors import ProtocolError
+from paramserver.wire.checks import (
+    NAME,
+    RANK,
+    U63,
+    Check,
+    int_in,
+    is_bool,
+    is_map,
+    is_number,
+    is_status,
+    is_timeout,
+    optional,
+    rank_list,
+    str_up_to,
+    table_names,
+)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -63,73 +79,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
     for name in ("uint64", "int64", "float64", "float32", "float16", "uint16", "int8", "uint8")
 }
 
-Check = Callable[[Any], bool]
-
-
-def _int(lo: int, hi: int) -> Check:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
-def _str(max_len: int) -> Check:
-    return lambda v: isinstance(v, str) and 0 < len(v) <= max_len
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_map(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
-
-
-def _is_timeout(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_status(v: Any) -> bool:
-    """A coordinator's status map: its sections have the types paramserver.metrics reads."""
-    return (
-        _is_map(v)
-        and all(isinstance(v.get(k), list) for k in ("nodes", "tables", "servers"))
-        and all(_is_map(n) for k in ("nodes", "tables", "servers") for n in v[k])
-        and _is_map(v.get("staleness"))
-        and _is_map(v.get("buckets"))
-    )
-
-
-def _opt(check: Check) -> Check:
-    return lambda v: v is None or check(v)
-
-
-U63 = _int(0, (1 << 63) - 1)
-RANK = _int(0, 1 << 20)
-NAME = _str(128)
-MAX_GROUP = 1024  # tables in one pull_many / push_many
-
-
-def _names(v: Any) -> bool:
-    return (
-        isinstance(v, list)
-        and 0 < len(v) <= MAX_GROUP
-        and all(NAME(n) for n in v)
-        and len(set(v)) == len(v)
-    )
-
-
-def _ranks(v: Any) -> bool:
-    return (
-        isinstance(v, list)
-        and 0 < len(v) <= 1 << 16
-        and all(isinstance(r, int) and not isinstance(r, bool) and RANK(r) for r in v)
-    )
-
-
 MAX_SHARDS = 1 << 24
-BULK = _int(1, MAX_MESSAGE_BYTES)
+BULK = int_in(1, MAX_MESSAGE_BYTES)
 ROLE: Check = lambda v: v in ("server", "worker")  # noqa: E731
 CODEC: Check = lambda v: v in ("float16", "bfloat16", "int8")  # noqa: E731  (wire.codec)
 
@@ -140,25 +91,25 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     # coordinator requests
     "register": {
         "role": (ROLE, True),
-        "address": (_opt(_str(256)), False),
-        "rank": (_opt(RANK), False),
-        "host": (_opt(_str(256)), False),
-        "pid": (_opt(U63), False),
+        "address": (optional(str_up_to(256)), False),
+        "rank": (optional(RANK), False),
+        "host": (optional(str_up_to(256)), False),
+        "pid": (optional(U63), False),
     },
     "heartbeat": {
         "role": (ROLE, True),
         "rank": (RANK, True),
         "token": (U63, True),
-        "clock": (_opt(U63), False),
-        "examples": (_opt(U63), False),  # a worker's examples so far (client.report)
+        "clock": (optional(U63), False),
+        "examples": (optional(U63), False),  # a worker's examples so far (client.report)
         # a worker's training scalars and bytes per table (client.report; paramserver status)
-        "metrics": (_opt(_is_map), False),
+        "metrics": (optional(is_map), False),
     },
     "get_view": {},
-    "create_table": {"spec": (_is_map, True)},
+    "create_table": {"spec": (is_map, True)},
     "list_tables": {},
-    "barrier": {"name": (NAME, True), "rank": (RANK, True), "timeout": (_is_timeout, True)},
-    "save": {"path": (_str(4096), True), "clock": (U63, True), "timeout": (_is_timeout, True)},
+    "barrier": {"name": (NAME, True), "rank": (RANK, True), "timeout": (is_timeout, True)},
+    "save": {"path": (str_up_to(4096), True), "clock": (U63, True), "timeout": (is_timeout, True)},
     "leave": {"role": (ROLE, True), "rank": (RANK, True), "token": (U63, True)},
     "shutdown": {},
     "status": {},  # the cluster's status (paramserver status); answered with reply.status
@@ -166,32 +117,32 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     "acquire_lease": {
         "dataset": (NAME, True),
         "epoch": (U63, True),
-        "shards": (_int(1, MAX_SHARDS), True),
+        "shards": (int_in(1, MAX_SHARDS), True),
         "rank": (RANK, True),
     },
     "complete_lease": {
         "dataset": (NAME, True),
         "epoch": (U63, True),
-        "shard": (_int(0, MAX_SHARDS - 1), True),
+        "shard": (int_in(0, MAX_SHARDS - 1), True),
         "rank": (RANK, True),
     },
     # coordinator -> node
-    "view": {"view": (_is_map, True)},
+    "view": {"view": (is_map, True)},
     "stop": {},
-    "checkpoint": {"path": (_str(4096), True), "clock": (U63, True)},
+    "checkpoint": {"path": (str_up_to(4096), True), "clock": (U63, True)},
     # server requests
-    "create_shard": {"spec": (_is_map, True)},
+    "create_shard": {"spec": (is_map, True)},
     "pull": {
         "table": (NAME, True),
         "rank": (RANK, True),
         "clock": (U63, True),
-        "create": (_is_bool, True),
-        "timeout": (_is_timeout, True),
-        "shm": (_is_bool, False),  # dense: answer into the attached shared-memory segment
+        "create": (is_bool, True),
+        "timeout": (is_timeout, True),
+        "shm": (is_bool, False),  # dense: answer into the attached shared-memory segment
         "sig": (U63, False),  # sparse: key-list signature (key caching)
-        "slot": (_int(0, MAX_SLOTS - 1), False),  # same host: arrays lie in this slot
+        "slot": (int_in(0, MAX_SLOTS - 1), False),  # same host: arrays lie in this slot
         "reply_at": (U63, False),  # where in the slot the reply's arrays may go
-        "bulk": (_is_bool, False),  # dense: the values may come on the bulk channel
+        "bulk": (is_bool, False),  # dense: the values may come on the bulk channel
         "codec": (CODEC, False),  # dense: encode the values in this codec (wire.codec)
     },
     "push": {
@@ -199,10 +150,10 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "rank": (RANK, True),
         "clock": (U63, True),
         "seq": (U63, True),
-        "shm": (_is_bool, False),  # dense: the gradient is in the attached segment
-        "checked": (_is_bool, False),  # dense, shm: the worker found every value finite
+        "shm": (is_bool, False),  # dense: the gradient is in the attached segment
+        "checked": (is_bool, False),  # dense, shm: the worker found every value finite
         "sig": (U63, False),  # sparse: key-list signature (key caching)
-        "slot": (_int(0, MAX_SLOTS - 1), False),
+        "slot": (int_in(0, MAX_SLOTS - 1), False),
         "reply_at": (U63, False),
         "bulk": (BULK, False),  # dense: this many gradient bytes follow on the bulk channel
         "codec": (CODEC, False),  # the gradient is encoded in this codec (wire.codec)
@@ -214,22 +165,22 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     # every table of this server back to a checkpoint (its part under the ring of the server
     # ranks ``ring``, else of ``servers``); check: only say whether it could
     "restore": {
-        "path": (_str(4096), True),
+        "path": (str_up_to(4096), True),
         "rank": (RANK, True),
-        "servers": (_int(1, 1 << 16), True),
-        "ring": (_ranks, False),
-        "check": (_is_bool, False),
+        "servers": (int_in(1, 1 << 16), True),
+        "ring": (rank_list, False),
+        "check": (is_bool, False),
     },
     # many small dense tables of one server in one request (server/many.py): their values or
     # gradients as one array, the tables one after the other
     "pull_many": {
-        "tables": (_names, True),
+        "tables": (table_names, True),
         "rank": (RANK, True),
         "clock": (U63, True),
-        "timeout": (_is_timeout, True),
+        "timeout": (is_timeout, True),
     },
     "push_many": {
-        "tables": (_names, True),
+        "tables": (table_names, True),
         "rank": (RANK, True),
         "clock": (U63, True),
         "seq": (U63, True),
@@ -241,50 +192,50 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     "attach": {
         "table": (NAME, True),
         "rank": (RANK, True),
-        "path": (_str(256), True),
+        "path": (str_up_to(256), True),
         "nonce": (U63, True),
     },
     # a worker offers a shared-memory slot for the arrays of its requests (same host)
     "attach_slot": {
         "rank": (RANK, True),
-        "slot": (_int(0, MAX_SLOTS - 1), True),
-        "path": (_str(256), True),
+        "slot": (int_in(0, MAX_SLOTS - 1), True),
+        "path": (str_up_to(256), True),
         "nonce": (U63, True),
-        "size": (_int(1, MAX_MESSAGE_BYTES), True),
+        "size": (int_in(1, MAX_MESSAGE_BYTES), True),
     },
     "clock": {"rank": (RANK, True), "clock": (U63, True)},
-    "set_lr": {"table": (NAME, True), "lr": (_is_number, True)},
+    "set_lr": {"table": (NAME, True), "lr": (is_number, True)},
     "stats": {},
     "ping": {},
     # replies
     "reply": {
-        "staleness": (_opt(U63), False),
-        "rank": (_opt(RANK), False),
-        "view": (_opt(_is_map), False),
-        "spec": (_opt(_is_map), False),
-        "tables": (_opt(lambda v: isinstance(v, list)), False),
-        "stats": (_opt(_is_map), False),
-        "status": (_opt(_is_status), False),
-        "path": (_opt(_str(4096)), False),
-        "shard": (_opt(_int(-1, MAX_SHARDS - 1)), False),
-        "shm": (_is_bool, False),
+        "staleness": (optional(U63), False),
+        "rank": (optional(RANK), False),
+        "view": (optional(is_map), False),
+        "spec": (optional(is_map), False),
+        "tables": (optional(lambda v: isinstance(v, list)), False),
+        "stats": (optional(is_map), False),
+        "status": (optional(is_status), False),
+        "path": (optional(str_up_to(4096)), False),
+        "shard": (optional(int_in(-1, MAX_SHARDS - 1)), False),
+        "shm": (is_bool, False),
         "bulk": (BULK, False),  # a pull's values follow on the bulk channel
-        "port": (_int(1, 65535), False),
+        "port": (int_in(1, 65535), False),
         "ticket": (U63, False),
     },
-    "error": {"code": (_str(64), True), "message": (_str(4096), True)},
+    "error": {"code": (str_up_to(64), True), "message": (str_up_to(4096), True)},
 }
 _PURPOSE = frozenset({"move", "rebuild"}).__contains__  # a rebuild: server/rebuild.py
 SCHEMA.update({  # servers joining and leaving: server/transfer.py, coordinator/scaling.py
-    "transfer": {"move": (U63, True), "source": (RANK, True), "table": (_opt(NAME), False),
+    "transfer": {"move": (U63, True), "source": (RANK, True), "table": (optional(NAME), False),
                  "phase": (lambda v: v in ("copy", "final", "end"), True), "view": (U63, False),
-                 "sync": (_opt(lambda v: isinstance(v, list)), False),  # [clock, rank, rows]
+                 "sync": (optional(lambda v: isinstance(v, list)), False),  # [clock, rank, rows]
                  "purpose": (_PURPOSE, False), "clock": (U63, False),  # [worker, seq] pairs:
                  "seqs": (lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p)
                           == 2 and RANK(p[0]) and U63(p[1]) for p in v), False)},
     "switched": {"rank": (RANK, True), "move": (U63, True), "clock": (U63, True),
                  "view": (U63, False), "purpose": (_PURPOSE, False)},
-    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (_opt(_is_map), False),
+    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (optional(is_map), False),
                   "purpose": (_PURPOSE, False)},
     "drain": {"rank": (RANK, True)},
 })  # fmt: skip

@@ -71,6 +71,9 @@ class Reader(threading.Thread):
         self.seen = time.monotonic()  # when bytes last arrived
         self.begun = 0  # bytes of the payload :meth:`begin` started that came from read-ahead
         self.wake: Callable[[], None] | None = None  # called once a begun payload is in
+        # held while a recv writes into ``target``: whoever takes a target back that the thread
+        # may be filling (:meth:`settle`) takes it first, so no byte lands after it let go
+        self.reading = threading.Lock()
 
     def run(self) -> None:
         while True:
@@ -90,43 +93,57 @@ class Reader(threading.Thread):
                         piece = self.spare.pop() if self.spare else bytearray(_CHUNK)
                         self.chunks.append([piece, 0, 0])
                     tail = self.chunks[-1]
-                    view = memoryview(tail[0])[tail[2] :]
             if not poll_ready(self.sock, select.POLLIN, _TICK):
                 continue
-            try:
-                if direct:
-                    assert target is not None
-                    n = self.sock.recv_into(target[off:])
-                else:
-                    n = self.sock.recv_into(view)
-                if not n:
-                    raise ConnectionError("connection closed by the peer")
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                with self.cond:
-                    self.error = str(exc) or type(exc).__name__
-                    self.cond.notify_all()
-                    self._wake()
+            if direct:
+                with self.reading:  # the target may have been taken back while it polled
+                    with self.cond:
+                        if self.target is not target or self.filled != off:
+                            continue
+                    if not self._recv(target, off, None):
+                        return
+            elif not self._recv(None, 0, tail):
                 return
+
+    def _recv(self, target: memoryview | None, off: int, tail: list[Any] | None) -> bool:
+        """Read what the socket holds into ``target[off:]``, or else the staging piece
+        ``tail``; False once the connection broke (the error is kept, waiters woken)."""
+        direct = target is not None
+        try:
+            if target is not None:
+                n = self.sock.recv_into(target[off:])
+            else:
+                assert tail is not None
+                n = self.sock.recv_into(memoryview(tail[0])[tail[2] :])
+            if not n:
+                raise ConnectionError("connection closed by the peer")
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as exc:
             with self.cond:
-                self.seen = time.monotonic()
-                if direct:
-                    assert target is not None
-                    self.filled += n
-                else:
-                    tail[2] += n
-                    self.staged += n
-                    if not self._full():  # read just before the target was set: it is its
-                        assert self.target is not None
-                        self.filled = self._take(self.target, self.filled)
-                # a reader waiting on its buffer is woken once it is full, not by every piece
-                # (each wake-up took the GIL from this thread; its timeouts tick anyway)
-                if self._full() and self.target is not None:
-                    self._wake()
-                    self.cond.notify_all()
-                elif not direct:
-                    self.cond.notify_all()
+                self.error = str(exc) or type(exc).__name__
+                self.cond.notify_all()
+                self._wake()
+            return False
+        with self.cond:
+            self.seen = time.monotonic()
+            if direct:
+                self.filled += n
+            else:
+                assert tail is not None
+                tail[2] += n
+                self.staged += n
+                if not self._full():  # read just before the target was set: it is its
+                    assert self.target is not None
+                    self.filled = self._take(self.target, self.filled)
+            # a reader waiting on its buffer is woken once it is full, not by every piece
+            # (each wake-up took the GIL from this thread; its timeouts tick anyway)
+            if self._full() and self.target is not None:
+                self._wake()
+                self.cond.notify_all()
+            elif not direct:
+                self.cond.notify_all()
+        return True
 
     def _full(self) -> bool:
         """Whether no one waits for bytes (no target, or a full one not taken back yet)."""
@@ -151,7 +168,7 @@ class Reader(threading.Thread):
             # the reader thread appends to the last piece while it has room
             if c[1] == c[2] and (c[2] == len(c[0]) or len(self.chunks) > 1):
                 self.chunks.popleft()
-                if len(self.spare) < _SPARE:
+                if len(self.spare) < _SPARE and len(c[0]) == _CHUNK:
                     self.spare.append(c[0])
         return pos
 
@@ -251,29 +268,67 @@ class Reader(threading.Thread):
                     self.target, self.filled = buf[pos:], 0
                     self.cond.notify_all()
                     while self.filled < n - pos and not self.staged:
-                        if self.error is not None:
-                            raise ConnectionError(
-                                f"{what}: {self.error} after {pos + self.filled} of {n} bytes"
-                            )
-                        if self.closed:
-                            raise ConnectionError(f"{what}: connection closed")
-                        now = time.monotonic()
-                        if now > deadline:
-                            raise ConnectionError(
-                                f"{what}: {pos + self.filled} of {n} bytes received, slower "
-                                f"than the least rate of {MIN_RATE} bytes/s (after {idle:g}s "
-                                "of grace)"
-                            )
-                        if now - self.seen > idle:
-                            raise TimeoutError(
-                                f"{what}: {pos + self.filled} of {n} bytes received, then "
-                                f"nothing for {idle:g}s"
-                            )
-                        self.cond.wait(min(_TICK, idle))
+                        self._wait(pos + self.filled, n, idle, what, deadline)
                     pos += self.filled
                     self.target, self.filled = None, 0
             finally:
                 self.target = None
+
+    def _wait(self, got: int, n: int, idle: float, what: str, deadline: float) -> None:
+        """Wait on ``cond`` (held) for more bytes of a payload of ``n`` that has ``got``;
+        ConnectionError or TimeoutError as :meth:`read_into` says."""
+        if self.error is not None:
+            raise ConnectionError(f"{what}: {self.error} after {got} of {n} bytes")
+        if self.closed:
+            raise ConnectionError(f"{what}: connection closed")
+        now = time.monotonic()
+        if now > deadline:
+            raise ConnectionError(
+                f"{what}: {got} of {n} bytes received, slower than the least rate of "
+                f"{MIN_RATE} bytes/s (after {idle:g}s of grace)"
+            )
+        if now - self.seen > idle:
+            raise TimeoutError(f"{what}: {got} of {n} bytes received, then nothing for {idle:g}s")
+        self.cond.wait(min(_TICK, idle))
+
+    # ---- a worker whose request's answer comes on this connection -----------------------------
+
+    def expect(self, buf: memoryview) -> bool:
+        """Have the thread read the next payload straight into ``buf`` as it comes, before its
+        header is there (a pull's reply: its payload is sent ahead of the header, and was
+        otherwise read ahead and copied once more). Only when nothing else is staged or
+        expected, and without a seal; whether it took. Then :meth:`settle` once the header
+        says how long the payload is (or that none comes)."""
+        with self.cond:
+            if self.target is not None or self.staged or self.seal is not None:
+                return False
+            self.seen = max(self.seen, time.monotonic())
+            self.target, self.filled = buf, 0
+            self.cond.notify_all()
+            return True
+
+    def settle(self, n: int, idle: float, what: str) -> None:
+        """End what :meth:`expect` started: wait until the first ``n`` bytes (at most the
+        buffer's size) are in the buffer, then take the buffer back; bytes beyond them belong
+        to later payloads and are staged again. ``n`` = 0: no payload came (an error answer,
+        a request given up). ConnectionError or TimeoutError as :meth:`read_into` says; the
+        buffer is taken back in any case."""
+        try:
+            with self.cond:
+                target = self.target
+                assert target is not None and n <= target.nbytes
+                deadline = time.monotonic() + idle + n / MIN_RATE
+                self.seen = max(self.seen, time.monotonic())
+                while self.filled < n:
+                    self._wait(self.filled, n, idle, what, deadline)
+        finally:
+            with self.reading, self.cond:  # the thread is not filling it now
+                if self.target is not None and self.filled > n:
+                    extra = bytearray(self.target[n : self.filled])
+                    self.chunks.appendleft([extra, 0, len(extra)])
+                    self.staged += len(extra)
+                self.target, self.filled = None, 0
+                self.cond.notify_all()
 
     def close(self) -> None:
         with self.cond:

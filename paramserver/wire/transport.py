@@ -95,11 +95,29 @@ class _Peer:
         self.lost: str | None = None
         self.bulk: bulk_channel.Channel | None = None
         self.bulk_off = False  # refused or unreachable: this peer gets ZeroMQ frames only
+        # ids of requests whose answer may carry a bulk payload, until an answer comes (one
+        # given up stays: its payload may still come), and the one whose sink the channel
+        # fills as its payload arrives (Channel.expect), if any
+        self.bulk_asked: set[int] = set()
+        self.expecting: tuple[int, np.ndarray] | None = None  # (request id, its sink)
 
     def close_bulk(self) -> None:
+        self.bulk_asked.clear()
+        self.expecting = None
         if self.bulk is not None:
             self.bulk.close()
             self.bulk = None
+
+    def settle(self, request_id: int, n: int, what: str) -> bool:
+        """Settle the payload of ``n`` bytes (0: none) expected for ``request_id``, if it is the
+        one expected; whether it was (then its first ``n`` bytes are in the request's sink).
+        OSError as :meth:`Channel.settle` says."""
+        self.bulk_asked.discard(request_id)
+        if self.expecting is None or self.expecting[0] != request_id or self.bulk is None:
+            return False
+        self.expecting = None
+        self.bulk.settle(n, what)
+        return True
 
 
 class Endpoint:
@@ -227,6 +245,11 @@ class Endpoint:
             if bulk and peer.bulk is not None:
                 if not arrays:
                     header["bulk"] = True
+                    # the payload is sent ahead of its header: into the sink as it comes,
+                    # unless an earlier one is due first
+                    if not peer.bulk_asked and sink is not None and peer.bulk.expect(sink.data):
+                        peer.expecting = (request_id, sink)
+                    peer.bulk_asked.add(request_id)
                 elif len(arrays) == 1 and arrays[0].nbytes >= bulk_channel.MIN_BYTES:
                     payload = np.ascontiguousarray(arrays[0]).reshape(-1).view(np.uint8)
                     header["bulk"], arrays = payload.nbytes, ()
@@ -235,9 +258,11 @@ class Endpoint:
                 send_frames(peer.socket, protocol.encode(header, arrays, region, start))
             except zmq.Again:
                 peer.pending.pop(request_id, None)
+                self._unexpect(peer, request_id, what)
                 unsent = NodeLostError(f"{what}: {self._unreachable(peer)}")
             except BaseException:
                 peer.pending.pop(request_id, None)
+                self._unexpect(peer, request_id, what)
                 if release is not None:
                     release()
                 raise
@@ -255,6 +280,13 @@ class Endpoint:
             release()
         fut.set_exception(unsent)
         return fut
+
+    def _unexpect(self, peer: _Peer, request_id: int, what: str) -> None:
+        """No payload comes for ``request_id`` (not sent, or answered without one)."""
+        try:
+            peer.settle(request_id, 0, what)
+        except OSError:
+            peer.close_bulk()
 
     def _unreachable(self, peer: _Peer) -> str:
         return (
@@ -324,6 +356,8 @@ class Endpoint:
                 return
         elif header["kind"] == "error" and header["code"] == "bulk":
             peer.close_bulk()  # the server closed its end
+        elif header["kind"] in ("reply", "error"):
+            self._unexpect(peer, header["id"], "an answer without a payload")
         if header["kind"] not in ("reply", "error"):
             if self.on_message is not None:
                 self.on_message(peer.name, header, arrays)
@@ -356,6 +390,17 @@ class Endpoint:
             raise ProtocolError(f"{what}: {peer.name} answered on a bulk channel that is closed")
         n = header["bulk"]
         sink = waiting.sink if waiting is not None else None
+        if peer.expecting is not None and peer.expecting[0] == header["id"]:
+            sink = peer.expecting[1]  # it went there as it came
+            got = min(n, sink.nbytes)
+            peer.settle(header["id"], got, what)
+            if got == n:
+                return sink[:n]
+            buf = np.empty(n, np.uint8)  # longer than the sink: its head is there
+            buf[:got] = sink[:got]
+            peer.bulk.recv_into(buf.data[got:], what)
+            return buf
+        peer.bulk_asked.discard(header["id"])
         buf = sink[:n] if sink is not None and sink.nbytes >= n else np.empty(n, np.uint8)
         peer.bulk.recv_into(buf.data, what)
         return buf

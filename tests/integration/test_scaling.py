@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(240)
 STEPS, WORKERS, DIM = 12, 2, 4
 LOG = "warning"
 KEYS = np.arange(1, 400, dtype=np.uint64)
+GROUP = [("g1", 20), ("g2", 4)]  # a dense group: one table stays, one moves on a drain of 0
 INIT = {"sync": ps.init.Normal(std=0.1), "async": ps.init.Zeros()}
 
 
@@ -51,7 +52,9 @@ def train(
     events: dict[int, Callable[[ps.LocalCluster], None]],
 ) -> tuple[np.ndarray, np.ndarray, list[Exception], dict[str, Any]]:
     """Train WORKERS threads for STEPS clocks; worker 0 runs ``events[clock]`` after that
-    clock. Returns the final sparse rows of KEYS, the dense values, the errors raised."""
+    clock. Returns the final sparse rows of KEYS, the dense values (``bias``, then the group's
+    ``g1`` and ``g2``), the errors raised. Placed by size: bias and g2 on server[0], g1 on
+    server[1]."""
     errors: list[Exception] = []
     asked: queue.Queue[int] = queue.Queue()
     answered: queue.Queue[int] = queue.Queue()
@@ -65,6 +68,9 @@ def train(
                                      init=INIT[consistency], seed=3)  # fmt: skip
                 dense = c.dense_table("bias", 8, optimizer=optimizer,
                                       consistency=consistency)  # fmt: skip
+                group = c.dense_group([c.dense_table(n, size, optimizer=optimizer,
+                                                     consistency=consistency)
+                                       for n, size in GROUP])  # fmt: skip
                 rng = np.random.default_rng(100 + c.rank)
                 pushed: list[Any] = []
                 for step in range(STEPS):
@@ -74,7 +80,9 @@ def train(
                     if consistency == "sync":
                         pushed.pop().result(60)
                     d = dense.pull()
-                    dense.push(np.full(8, 0.5, np.float32) + d * 0).result(60)
+                    dense.push(grads(c.rank, step, d)).result(60)
+                    values = group.pull()
+                    group.push([grads(c.rank, step, v) for v in values]).result(60)
                     clock = c.clock()
                     if c.rank == 0 and clock in events:
                         # run by the main thread: a child started by a thread that ends gets
@@ -99,36 +107,50 @@ def train(
         reader = clients[0]
         emb = reader.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
                                   init=INIT[consistency], seed=3)  # fmt: skip
-        dense = reader.dense_table("bias", 8, optimizer=optimizer, consistency=consistency)
-        return emb.pull(KEYS, create=False), dense.pull(), errors, view_of(cluster.address)
+        dense = [reader.dense_table(n, size, optimizer=optimizer, consistency=consistency)
+                 for n, size in [("bias", 8), *GROUP]]  # fmt: skip
+        values = np.concatenate([d.pull() for d in dense])
+        return emb.pull(KEYS, create=False), values, errors, view_of(cluster.address)
 
 
 def sync_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
     return (rows * 0.5 + 0.01 * (rank + 1) * (step + 1)).astype(np.float32)
 
 
-def drain_one(cluster: ps.LocalCluster) -> None:
-    # server[0] holds the dense table: refused, nothing changes; server[1] can go
-    with pytest.raises(ps.errors.RemoteError, match=r"server\[0\] holds ranges of dense tables"):
-        cluster.remove_server(0)
-    cluster.remove_server(1)
-
-
 def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit() -> None:
+    # the drained server[0] holds the dense tables bias and g2 (of the group): they move whole
+    # to the least loaded others
     opt = ps.optim.Adagrad(lr=0.1)
     added: list[int] = []
     events = {
         4: lambda cl: added.append(cl.add_server()),
-        8: drain_one,
+        8: lambda cl: cl.remove_server(0),
     }
     rows, dense, errors, view = train("sync", opt, sync_grads, events)
     assert errors == [] and added == [2]
-    assert view["ring"] == [0, 2] and "move" not in view
-    assert [st for r, _, st in view["servers"]] == ["alive", "left", "alive"]
+    assert view["ring"] == [1, 2] and "move" not in view
+    assert [st for r, _, st in view["servers"]] == ["left", "alive", "alive"]
     ref_rows, ref_dense, ref_errors, _ = train("sync", opt, sync_grads, {})
     assert ref_errors == []
     assert rows.tobytes() == ref_rows.tobytes()
     assert dense.tobytes() == ref_dense.tobytes()
+
+
+def test_a_server_holding_part_of_a_cut_dense_table_is_not_drained() -> None:
+    # a table of 2^18 elements is cut over both servers: parts of it do not move, so the drain
+    # is refused, names the table, and changes nothing (the values are still served as pushed)
+    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, log_level=LOG) as cluster:
+        client = cluster.connect()
+        big = client.dense_table("big", 1 << 18, optimizer=ps.optim.SGD(lr=1.0),
+                                 init=ps.init.Zeros())  # fmt: skip
+        big.push(np.ones(1 << 18, np.float32)).result(30)
+        with pytest.raises(
+            ps.errors.RemoteError, match=r"server\[0\] holds a part of dense tables \['big'\]"
+        ):
+            cluster.remove_server(0)
+        view = view_of(cluster.address)
+        assert view["ring"] == [0, 1] and "move" not in view
+        np.testing.assert_array_equal(big.pull(), np.full(1 << 18, -1.0, np.float32))
 
 
 def ones_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
@@ -139,10 +161,10 @@ def test_pushes_during_moves_in_async_training_count_once() -> None:
     # SGD lr=1 on all-ones gradients from zero rows: each row ends at minus the times its key
     # was pushed, as NumPy counts them from the same random draws
     opt = ps.optim.SGD(lr=1.0)
-    events = {3: lambda cl: cl.add_server(), 7: lambda cl: cl.remove_server(1)}
+    events = {3: lambda cl: cl.add_server(), 7: lambda cl: cl.remove_server(0)}
     rows, dense, errors, view = train("async", opt, ones_grads, events)
     assert errors == []
-    assert view["ring"] == [0, 2] and "move" not in view
+    assert view["ring"] == [1, 2] and "move" not in view
     counts = np.zeros(int(KEYS.max()) + 1)
     for w in range(WORKERS):
         rng = np.random.default_rng(100 + w)
@@ -150,7 +172,7 @@ def test_pushes_during_moves_in_async_training_count_once() -> None:
             counts += np.bincount(rng.choice(KEYS, size=64), minlength=len(counts))
     want = -np.repeat(counts[KEYS.astype(np.int64)][:, None], DIM, axis=1)
     np.testing.assert_array_equal(rows, want.astype(np.float32))
-    np.testing.assert_array_equal(dense, np.full(8, -0.5 * STEPS * WORKERS, np.float32))
+    np.testing.assert_array_equal(dense, np.full(32, -STEPS * WORKERS, np.float32))
 
 
 def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_removes_it() -> None:

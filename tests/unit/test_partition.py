@@ -13,6 +13,7 @@ from paramserver.errors import ConfigError
 from paramserver.partition import (
     HashRing,
     check_replication,
+    dense_pieces,
     dense_ranges,
     hash_keys,
     holds,
@@ -67,6 +68,30 @@ def test_dense_ranges_tile_the_table(size: int, servers: int) -> None:
         assert [r[0] for r in ranges] == list(range(servers))
     else:
         assert len(ranges) == 1
+
+
+def owner_of_each_element(ranges: list[tuple[int, int, int]], size: int) -> np.ndarray:
+    owner = np.full(size, -1)
+    for s, a, b in ranges:
+        owner[a:b] = s
+    return owner
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 5000), st.lists(st.integers(0, 6), min_size=1, max_size=5, unique=True),
+       st.lists(st.integers(0, 6), min_size=1, max_size=5, unique=True))  # fmt: skip
+def test_dense_pieces_are_exactly_the_elements_that_change_server(
+    size: int, old_servers: list[int], new_servers: list[int]
+) -> None:
+    old = dense_ranges("t", size, old_servers, split_at=100)
+    new = dense_ranges("t", size, new_servers, split_at=100)
+    before, after = owner_of_each_element(old, size), owner_of_each_element(new, size)
+    covered = np.zeros(size, int)
+    for src, dst, a, b in dense_pieces(old, new):
+        assert src != dst and a < b
+        assert (before[a:b] == src).all() and (after[a:b] == dst).all()
+        covered[a:b] += 1
+    np.testing.assert_array_equal(covered, (before != after).astype(int))
 
 
 def test_replicas_are_a_rank_and_the_next_ones_wrapping_around() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from paramserver.checkpoint import commit_checkpoint
+from paramserver.config import Limits
 from paramserver.coordinator.refusal import Refusal
 from paramserver.coordinator.registry import TableRegistry
 from paramserver.errors import ConfigError
@@ -131,3 +132,49 @@ def test_with_replication_a_large_dense_table_lives_whole_and_counts_on_every_co
     assert registry.dense_load == {0: 1 << 19, 1: 1 << 19, 2: 0}
     small = registry.create(TableSpec("small", "dense", shape=(10,)).to_wire())
     assert small.ranges == ((2, 0, 10),)  # the least loaded server
+
+
+def test_a_join_recuts_large_dense_tables_and_leaves_small_ones_where_they_are() -> None:
+    registry = TableRegistry([0, 1])
+    big = registry.create(TableSpec("big", "dense", shape=(BIG,)).to_wire())
+    small = registry.create(TableSpec("small", "dense", shape=(10,)).to_wire())
+    registry.create(TableSpec("emb", "sparse", dim=4).to_wire())
+    plan = registry.replan([0, 1, 2])
+    assert registry.tables["big"] is big and registry.server_ranks == [0, 1]  # nothing yet
+    assert list(plan.specs) == ["big"]
+    third = BIG // 3
+    assert list(plan.specs["big"].ranges) == [(0, 0, third), (1, third, 2 * third),
+                                              (2, 2 * third, BIG)]  # fmt: skip
+    assert plan.pieces["big"] == [(0, 1, third, BIG // 2), (1, 2, 2 * third, BIG)]
+    registry.adopt(plan)
+    assert registry.tables["small"] is small and registry.server_ranks == [0, 1, 2]
+    assert registry.dense_load == {0: third + 10, 1: third, 2: BIG - 2 * third}
+    # a new small table goes to the least loaded server of the new set
+    assert list(registry.create(TableSpec("s2", "dense", shape=(5,)).to_wire()).ranges) == [
+        (1, 0, 5)
+    ]
+
+
+def test_a_drain_sends_the_leaving_servers_small_tables_to_the_least_loaded_others() -> None:
+    registry = TableRegistry([0, 1, 2])
+    for name, size in [("a", 100), ("b", 30), ("c", 20), ("d", 5)]:
+        registry.create(TableSpec(name, "dense", shape=(size,)).to_wire())
+    # a on 0, b on 1, c on 2, d on 2 (least loaded: 20 < 30)
+    assert [registry.tables[n].ranges[0][0] for n in "abcd"] == [0, 1, 2, 2]
+    plan = registry.replan([0, 1])
+    assert {n: list(s.ranges) for n, s in plan.specs.items()} == {
+        "c": [(1, 0, 20)],  # 1 holds 30 < 100
+        "d": [(1, 0, 5)],  # 1 holds 50 < 100
+    }
+    assert plan.pieces == {"c": [(2, 1, 0, 20)], "d": [(2, 1, 0, 5)]}
+    assert plan.load == {0: 100, 1: 55}
+
+
+def test_a_replan_that_would_overfill_a_server_is_refused_and_changes_nothing() -> None:
+    registry = TableRegistry([0, 1], limits=Limits(table_bytes=BIG * 3))  # SGD: 4 bytes each
+    big = registry.create(TableSpec("big", "dense", shape=(BIG,), optimizer=SGD()).to_wire())
+    with pytest.raises(Refusal, match=r"dense table 'big' would take \d+ bytes on server\[0\]"):
+        registry.replan([0])
+    assert registry.tables["big"] is big and registry.server_ranks == [0, 1]
+    with pytest.raises(ValueError, match="no servers"):
+        registry.replan([])

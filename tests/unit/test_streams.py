@@ -89,3 +89,62 @@ def test_a_released_payload_still_goes_out_as_it_was_when_queued() -> None:
             assert np.array_equal(got, p)
     finally:
         close(a, b, reader, writer)
+
+
+def test_an_expected_payload_lands_in_its_buffer_and_what_follows_it_comes_next() -> None:
+    a, b, reader, writer = pair()
+    try:
+        # the buffer is larger than the payload (its header names fewer bytes): the bytes read
+        # into it beyond the payload belong to the next one and come back in order
+        first, second, third = payloads([(3 << 20) // 2 + 5, 700_000, 33])
+        sink = np.zeros(first.nbytes + 300_000, np.uint8)
+        assert reader.expect(memoryview(sink))
+        assert not reader.expect(memoryview(np.empty(10, np.uint8)))  # one at a time
+        for p in (first, second, third):
+            writer.send(memoryview(p), "payload")
+        writer.flush(10.0, "payloads")
+        reader.settle(first.nbytes, 10.0, "first")
+        assert np.array_equal(sink[: first.nbytes], first)
+        for p in (second, third):
+            got = np.empty_like(p)
+            reader.read_into(memoryview(got), 10.0, "payload")
+            assert np.array_equal(got, p)
+        # an answer without a payload: whatever reached the buffer is the next payload's
+        sink[:] = 0
+        assert reader.expect(memoryview(sink))
+        (fourth,) = payloads([200_001])
+        writer.send(memoryview(fourth), "payload")
+        writer.flush(10.0, "payload")
+        reader.settle(0, 10.0, "no payload")
+        got = np.empty_like(fourth)
+        reader.read_into(memoryview(got), 10.0, "payload")
+        assert np.array_equal(got, fourth)
+        # bytes read ahead come first: nothing is expected over them
+        writer.send(memoryview(fourth), "payload")
+        writer.flush(10.0, "payload")
+        with reader.cond:
+            assert reader.cond.wait_for(lambda: reader.staged == fourth.nbytes, 10.0)
+        assert not reader.expect(memoryview(sink))
+        got[:] = 0
+        assert reader.take(memoryview(got), "payload")
+        assert np.array_equal(got, fourth)
+    finally:
+        close(a, b, reader, writer)
+
+
+def test_settle_names_the_payload_when_the_connection_breaks() -> None:
+    a, b, reader, writer = pair()
+    try:
+        sink = np.zeros(1000, np.uint8)
+        assert reader.expect(memoryview(sink))
+        a.sendall(b"x" * 10)
+        a.shutdown(socket.SHUT_RDWR)
+        try:
+            reader.settle(1000, 10.0, "pull of 'w'")
+        except ConnectionError as exc:
+            assert "pull of 'w'" in str(exc) and "of 1000 bytes" in str(exc)
+        else:
+            raise AssertionError("settle returned without the payload")
+        assert reader.target is None  # the buffer was taken back
+    finally:
+        close(a, b, reader, writer)

@@ -9,8 +9,11 @@ from paramserver.coordinator.membership import ALIVE, Membership
 from paramserver.init import Normal
 from paramserver.optim import Adagrad
 from paramserver.partition import HashRing
+from paramserver.server.consistency import Clocks
 from paramserver.server.shard import SparseShard
-from paramserver.server.transfer import changed_rows, moving_keys
+from paramserver.server.state import ServerState
+from paramserver.server.transfer import Transfers, changed_rows, moving_keys
+from paramserver.wire.transport import new_context
 from tests.unit.test_membership import T, server_msg
 
 
@@ -65,3 +68,40 @@ def test_a_server_registering_with_a_running_job_joins_off_the_ring() -> None:
     m, replacing = members.register_server(b"s2", server_msg(), 0.0)
     assert (m.rank, m.state, replacing) == (2, ALIVE, False)
     assert members.ring == [0, 1] and members.view()["ring"] == [0, 1]
+
+
+def test_a_source_sends_the_moves_view_to_the_workers_not_switched_once_one_did() -> None:
+    # the bound on the switches: a worker whose view from the coordinator is late gets it from
+    # the source with the first answer that waited on the switched worker's later clocks
+    state = ServerState()
+    state.rank, state.name = 0, "server[0]"
+    state.clocks = Clocks(3)
+    ctx = new_context()
+    transfers = Transfers(state, ctx, None, lambda: None, lambda m: None, timeout=5.0)
+    told: list[tuple[int, int]] = []
+    transfers.notify = lambda rank, view: told.append((rank, view["number"]))
+    view = {"number": 7, "ring": [0, 1],
+            "servers": [[0, "tcp://127.0.0.1:1", "alive"], [1, "tcp://127.0.0.1:2", "alive"],
+                        [2, "tcp://127.0.0.1:3", "alive"]],
+            "move": {"id": 1, "from": [0, 1], "to": [0, 1, 2], "view": 7}}  # fmt: skip
+    try:
+        transfers.on_switched(2, 1)  # before this server saw the view: told once it does
+        assert told == []
+        transfers.on_view(view)
+        assert told == [(0, 7), (1, 7)]
+        transfers.on_switched(0, 1)
+        assert transfers.out is not None and not transfers.out.finished
+        transfers.on_switched(1, 1)
+        assert told == [(0, 7), (1, 7)]  # once each
+        # the last switched: the final step at once, before the clock message behind it
+        assert transfers.out.finished
+        state.clocks.set_live({0, 1})  # a move with no worker switched tells no one
+        transfers.out, transfers.seen = None, set()
+        told.clear()
+        transfers.on_view({**view, "move": {**view["move"], "id": 2}})
+        assert told == []
+        transfers.on_switched(1, 2)
+        assert told == [(0, 7)]
+    finally:
+        transfers.close()
+        ctx.term()
