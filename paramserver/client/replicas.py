@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from paramserver.errors import NodeLostError
+from paramserver.errors import NodeLostError, RemoteError
 from paramserver.partition import replicas_of
 from paramserver.wire.messages import VIEW_NUMBER
 from paramserver.wire.transport import Future, Message, gather
@@ -100,25 +100,47 @@ def request_copies(
         copies = live_copies(session, s)
         if not copies:
             return _lost(session, s, what)
+        # a copy being rebuilt is written to as well (server/rebuild.py), never read
+        copies += [r for r in replicas_of(s, session.num_servers, session.replication)
+                   if r in session.writing_to and r not in copies]  # fmt: skip
         if kind in ("push", "assign"):  # one sequence number per owner: see the module docstring
             header = {**header, "seq": session.next_seq()}
         futs = [
-            session.request_one(
+            _request_copy(
+                session,
                 r,
                 header,
                 arrays,
+                kw,
                 what=what if r == s else f"{what} (copy on server[{r}])",
                 on_dead=lambda: _done(session, what),
-                **kw,
             )
             for r in copies
         ]
         return gather(futs, what, lambda results: results[0])
-    if not session.server_alive(s):
+    if not session.server_alive(s) and s not in session.writing_to:
         return _done(session, what)
-    return session.request_one(
-        s, header, arrays, what=what, on_dead=lambda: _done(session, what), **kw
-    )
+    return _request_copy(session, s, header, arrays, kw, what=what,
+                         on_dead=lambda: _done(session, what))  # fmt: skip
+
+
+def _for_copy(
+    session: Session,
+    r: int,
+    header: dict[str, Any],
+    arrays: Sequence[np.ndarray],
+    kw: dict[str, Any],
+) -> tuple[dict[str, Any], Sequence[np.ndarray], dict[str, Any]]:
+    """The request for copy ``r``: a copy that was replaced (being rebuilt, or rebuilt) may
+    share no memory with this worker, so it gets the request as a resend would send it."""
+    if r in session.writing_to:  # it holds requests until rebuilt: a slot would not be known
+        kw = {**kw, "reply_bytes": None}
+    again = kw.get("again")
+    if again is None or not (r in session.writing_to or session.replaced[r]):
+        return header, arrays, kw
+    resend, resend_arrays, parse = again()
+    seq = {k: header[k] for k in ("seq",) if k in header}
+    return {**resend, **seq}, resend_arrays, {**kw, "parse": parse}
 
 
 def _read(
@@ -134,11 +156,36 @@ def _read(
     if not copies:
         return _lost(session, s, what)
     target = copies[0]
-    return session.request_one(
-        target,
-        header,
-        arrays,
+    return _request_copy(
+        session, target, header, arrays, kw,
         what=what if target == s else f"{what} (served by server[{target}])",
         on_dead=lambda: _read(session, s, header, arrays, what, kw, (*tried, target)),
-        **kw,
-    )
+    )  # fmt: skip
+
+
+def _request_copy(
+    session: Session,
+    r: int,
+    header: dict[str, Any],
+    arrays: Sequence[np.ndarray],
+    kw: dict[str, Any],
+    *,
+    what: str,
+    on_dead: Callable[[], Future[Any]],
+) -> Future[Any]:
+    header, arrays, kw = _for_copy(session, r, header, arrays, kw)
+    fut = session.request_one(r, header, arrays, what=what, on_dead=on_dead, **kw)
+    if r not in session.writing_to:
+        return fut
+    # a copy being rebuilt again (its source died) turns down what the new copy holds anyway
+    outer: Future[Any] = Future(session.endpoint, what)
+
+    def done(f: Future[Any]) -> None:
+        err = f.exception(0)
+        if isinstance(err, RemoteError) and err.code == "rebuilding":
+            outer.set_result(None)
+        else:
+            settle(outer, f)
+
+    fut.add_done_callback(done)
+    return outer

@@ -11,10 +11,11 @@ connections its earlier requests took, so after them (server/transfer.py).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 from paramserver.partition import HashRing
-from paramserver.wire.transport import Future
+from paramserver.wire.transport import Endpoint, Future
 
 __all__ = ["RingRouting"]
 
@@ -42,6 +43,13 @@ class RingRouting:
     next_dense: dict[str, Any] = {}  # noqa: RUF012  (a move's dense tables: their new ranges)
     dense_moved: dict[str, list[tuple[int, int, int]]] = {}  # noqa: RUF012  (switched to)
     idle = False  # between steps (at a barrier): a move is switched to at once
+    # a rebuild (server/rebuild.py): a server being rebuilt is written to (not read) from the
+    # end of a step on; the rebuilds seen, the next one's (id, rank, sources, address)
+    writing_to: frozenset[int] = frozenset()
+    rebuilds_seen: frozenset[int] = frozenset()
+    next_rebuild: tuple[int, int, list[int], str] | None = None
+    _ep: Endpoint
+    replaced: Counter[int]
 
     def request_server(self, s: int, header: dict[str, Any], *, what: str) -> Future[Any]:
         raise NotImplementedError  # the session's
@@ -55,6 +63,7 @@ class RingRouting:
         """A step's end: switch to a move's ring if one waits, then send the next clock to
         every server of both rings."""
         self.switch_ring()
+        self.switch_rebuild()
         switching = [f for f in self._clock_futures if not f.done()]
         self._clock += 1
         self._clock_futures = switching + [
@@ -68,7 +77,8 @@ class RingRouting:
 
     def take_ring(self, view: dict[str, Any]) -> None:
         """A view's ring: a move's new ring waits for the step's end; another ring is taken
-        at once (the move is over, or this worker was not live during it)."""
+        at once (the move is over, or this worker was not live during it). And its rebuild."""
+        self.take_rebuild(view)
         ring, move = view.get("ring"), view.get("move")
         if isinstance(move, dict) and move.get("id") not in self.moves_seen:
             self.moves_seen = self.moves_seen | {move["id"]}
@@ -84,6 +94,51 @@ class RingRouting:
             if ring != self.ring_servers:
                 self.next_ring = None
                 self.set_ring([int(r) for r in ring])
+
+    def take_rebuild(self, view: dict[str, Any]) -> None:
+        """A view's rebuild: writes to its server start at the step's end; a server rebuilt
+        (alive) or dead is no longer written to as a rebuilding copy."""
+        states = {int(r): (str(st), str(a)) for r, a, st in view.get("servers", [])}
+        self.writing_to = frozenset(
+            r for r in self.writing_to if states.get(r, ("", ""))[0] == "rebuilding"
+        )
+        rb = view.get("rebuild")
+        if not isinstance(rb, dict) or int(rb["id"]) in self.rebuilds_seen:
+            return
+        rid, target = int(rb["id"]), int(rb["rank"])
+        self.rebuilds_seen = self.rebuilds_seen | {rid}
+        address = states.get(target, ("", ""))[1]
+        # switched to at the step's end only (not at a barrier): the final is taken once the
+        # clock after the switch completes, which the clock messages sent with it complete
+        # (a target being rebuilt again turns this worker's writes down until then)
+        self.next_rebuild = (rid, target, [int(s) for s, _ in rb["sources"]], address)
+
+    def writes_to(self, s: int, address: str) -> bool:
+        """Whether this worker writes to rebuilding server ``s`` at ``address``."""
+        return s in self.writing_to and self._ep.address_of(f"server[{s}]") == address
+
+    def switch_rebuild(self) -> None:
+        """Write to the server being rebuilt from now on, and tell it and the sources."""
+        if self.next_rebuild is None:
+            return
+        rid, target, sources, address = self.next_rebuild
+        self.next_rebuild = None
+        if not address:
+            return
+        old = self._ep.peers.get(f"server[{target}]")
+        if old is not None and (old.address != address or old.lost is not None):
+            self.replaced[target] += 1  # a new process: no shared memory of the old one
+        self._ep.connect(f"server[{target}]", address)
+        self.writing_to = self.writing_to | {target}
+        log.info("worker[%d] writes to server[%d] (rebuild %d)", self.rank, target, rid)
+        header = {"kind": "switched", "rank": self.rank, "move": rid, "clock": self._clock,
+                  "purpose": "rebuild"}  # fmt: skip
+        for s in sorted({*sources, target}):
+            self._clock_futures.append(
+                self.request_server(
+                    s, header, what=f"worker[{self.rank}] writing to rebuilt server[{target}]"
+                )
+            )
 
     def switch_ring(self) -> None:
         """Route by a move's new ring from now on, and tell the servers of both rings (at a

@@ -240,7 +240,7 @@ class Session(CoordinatorWatch, RingRouting):
                 if old is not None and (old.address != address or old.lost is not None):
                     self.replaced[rank] += 1
                 self._ep.connect(name, address)
-            elif state in ("dead", "left", "rebuilding"):
+            elif state in ("dead", "left", "rebuilding") and not self.writes_to(rank, address):
                 self._ep.mark_lost(
                     name,
                     f"{name} at {address} was declared dead by the coordinator (view {number})",

@@ -24,6 +24,7 @@ from paramserver.coordinator.completion import Completion
 from paramserver.coordinator.journal import COMPACT_BYTES, Journal
 from paramserver.coordinator.leases import Leases
 from paramserver.coordinator.membership import ALIVE, Member, Membership
+from paramserver.coordinator.rebuild import Rebuilds
 from paramserver.coordinator.refusal import Refusal
 from paramserver.coordinator.registry import TableRegistry
 from paramserver.coordinator.rounds import CheckpointRounds, Round
@@ -43,6 +44,7 @@ from paramserver.wire.messages import (
     HeartbeatMsg,
     LeaveMsg,
     ListTablesMsg,
+    MoveDoneMsg,
     PingMsg,
     RegisterMsg,
     ReplyMsg,
@@ -105,6 +107,7 @@ class Coordinator:
         # with exit_when_done (a dead worker's restart grace, s): end the job once it is done
         self.completion = None if exit_when_done is None else Completion(self, exit_when_done)
         self.scaling = Scaling(self)  # servers joining and draining while training
+        self.rebuilds = Rebuilds(self)  # replicas rebuilt from live copies
         # this process's number: a member that sees it change knows the coordinator restarted
         self.boot = secrets.randbits(62) + 1
         self.journal = (
@@ -163,7 +166,7 @@ class Coordinator:
             "shutdown": self._on_shutdown,
             "ping": self._on_ping,
             "drain": self.scaling.on_drain,
-            "move_done": self.scaling.on_move_done,
+            "move_done": self._on_move_done,
         }
 
     # ---- the loop -------------------------------------------------------------------------
@@ -313,6 +316,7 @@ class Coordinator:
 
     def _declare_dead(self, m: Member, why: str) -> None:
         self.members.mark_dead(m, why)
+        self.rebuilds.on_dead(m)
         if m.role == "worker":
             self.leases.requeue(m.rank, m.name)
             self._record({"t": "lease", "op": "requeue", "rank": m.rank, "name": m.name})
@@ -353,7 +357,15 @@ class Coordinator:
         )
         if m.rank not in self.members.ring:
             self.scaling.join(m.rank)
+        elif m.rebuilding:
+            self.rebuilds.start(m.rank)
         self._admit_workers()
+
+    def _on_move_done(self, identity: bytes, h: MoveDoneMsg) -> None:
+        if h.get("purpose") == "rebuild":
+            self.rebuilds.on_done(identity, h)
+        else:
+            self.scaling.on_move_done(identity, h)
 
     def _admit_workers(self) -> None:
         for identity, h, _ in self.members.admissible():
@@ -566,6 +578,7 @@ class Coordinator:
             tables=self.tables.specs(),
             last_checkpoint=self.rounds.last_written,
         )
+        status["rebuilds"] = list(self.rebuilds.done)
         status["moves"] = list(self.scaling.moves)  # servers joined and drained: time, bytes
         return status
 

@@ -140,6 +140,7 @@ class Membership:
         # the server ranks on the hash ring, and the move under way (coordinator/scaling.py)
         self.ring: list[int] = list(range(num_servers))
         self.move: dict[str, Any] | None = None
+        self.rebuild: dict[str, Any] | None = None  # the rebuild under way (coordinator/rebuild.py)
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -164,6 +165,8 @@ class Membership:
         }
         if self.move is not None:
             view["move"] = dict(self.move)
+        if self.rebuild is not None:
+            view["rebuild"] = dict(self.rebuild)
         if self.replication > 1:
             view["replication"] = self.replication
         if self.rejoined:

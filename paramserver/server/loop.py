@@ -31,6 +31,7 @@ from paramserver.server.process import (
 )
 from paramserver.server.pull import Pulls
 from paramserver.server.push import Pushes
+from paramserver.server.rebuild import Rebuilds
 from paramserver.server.snapshot import Snapshots
 from paramserver.server.state import ServerState
 from paramserver.server.transfer import Transfers
@@ -118,7 +119,9 @@ class Server:
         self.transfers = Transfers(
             self.state, self.ctx, security, self.progress, self.cluster.send, self.timeouts.request
         )
-        self.cluster.on_view = self.transfers.on_view
+        self.rebuilds = Rebuilds(self.state, self.transfers.endpoint, self.progress,
+                                 self.pushes.apply_sync, self.cluster.send)  # fmt: skip
+        self.cluster.on_view = self.on_view
         self.transfers.notify = self.tell_worker
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
             "pull": self.pulls.on_pull,
@@ -127,7 +130,7 @@ class Server:
             "push_many": many.on_push,
             "clock": admin.on_clock,
             "switched": self.on_switched,
-            "transfer": self.transfers.on_transfer,
+            "transfer": self.on_transfer,
             "create_shard": admin.on_create_shard,
             "set_lr": admin.on_set_lr,
             "stats": admin.on_stats,
@@ -187,6 +190,7 @@ class Server:
                     self.resume()
                 self.cluster.poll(0)
                 self.transfers.tick()
+                self.rebuilds.tick()
                 self.cluster.watch_coordinator()
                 self.unpark()
                 if len(deferred):
@@ -243,12 +247,22 @@ class Server:
         (it may announce the move)."""
         wanted = req.header.get("view")
         newer = isinstance(wanted, int) and wanted > self.state.view
-        if self.transfers.incoming is None and not newer:
+        if self.transfers.incoming is None and not self.rebuilds.busy and not newer:
             return False
         done = True
         with self.answering(req):
             self.cluster.admit(req.header)  # fencing, and the view of the move
-            if self.transfers.holds(req.header, req.arrays):
+            if self.rebuilds.holds(req.header, since):
+                try:
+                    self.hold_for_move(identity, frames, since)
+                except Refusal:
+                    self.rebuilds.dropped()  # this rebuild can no longer be whole
+                    raise
+                if since is None and req.header["kind"] in EARLY:
+                    # held whole here until the rebuild's end, and read by no one before: the
+                    # worker goes on (a second answer, after, is dropped as late)
+                    req.reply.ok()
+            elif self.transfers.holds(req.header, req.arrays):
                 self.hold_for_move(identity, frames, since)
             else:
                 done = False
@@ -373,10 +387,24 @@ class Server:
 
     def on_switched(self, h: Any, req: Request) -> None:
         """A worker routes by a move's new ring from now on (server/transfer.py)."""
+        if h.get("purpose") == "rebuild":  # first: the clock step may take the final
+            self.rebuilds.on_switched(h["rank"], h["move"], h["clock"])
         if self.state.clocks.advance(h["rank"], h["clock"]):
             self.progress()
-        self.transfers.on_switched(h["rank"], h["move"])
+        if h.get("purpose") != "rebuild":
+            self.transfers.on_switched(h["rank"], h["move"])
         req.reply.ok()
+
+    def on_view(self, view: dict[str, Any]) -> None:
+        self.transfers.on_view(view)
+        self.rebuilds.on_view(view)
+
+    def on_transfer(self, h: Any, req: Request) -> None:
+        """Rows of a move (server/transfer.py) or of a rebuild (server/rebuild.py)."""
+        if h.get("purpose") == "rebuild":
+            self.rebuilds.on_transfer(h, req)
+        else:
+            self.transfers.on_transfer(h, req)
 
     def may_wait(self, h: dict[str, Any]) -> float:
         """How long a message may wait for the coordinator (0: not at all): a request of a
@@ -404,6 +432,7 @@ class Server:
         waiting, self.parked = self.parked, []
         for identity, frames, since in waiting:
             self.handle_safely(identity, frames, since)
+        self.rebuilds.unparked()
 
     def progress(self) -> None:
         """The slowest live worker may have moved: apply the sync clocks it completed (taking
@@ -414,8 +443,16 @@ class Server:
         if due is not None:
             self.pushes.apply_sync(due)
             self.cluster.send(self.snapshots.write())
+        rebuild = self.rebuilds.due(low)
+        if rebuild is not None:  # a rebuild's final: the state at exactly that clock
+            self.pushes.apply_sync(rebuild)
+            self.rebuilds.finish()
         self.pushes.apply_sync(low)
         self.pulls.release()
+
+
+# requests a server being rebuilt answers as soon as it holds them (server/rebuild.py)
+EARLY = frozenset({"push", "push_many", "clock", "switched"})
 
 
 def run_server(

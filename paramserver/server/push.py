@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from paramserver.arrays import check_keys
 from paramserver.server.consistency import aggregate_dense, aggregate_sparse
+from paramserver.server.rebuild import already_applied
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import Handlers
 from paramserver.server.table import Table
@@ -91,11 +92,14 @@ class Pushes(Handlers):
             keys, grads = keys[keep], grads[keep]
         if keys is not None:
             t.check_room(keys, state.name)
-        if not state.fresh(rank, seq):
-            req.reply.ok()  # a retry of a push already applied
+        if not state.fresh(rank, seq) or already_applied(state, t, rank, seq, keys):
+            req.reply.ok()  # a retry of a push already applied, or in a rebuild's rows
             return
         t.pushes += 1
         if t.sync is not None:
+            if h["clock"] < state.sync_floor:  # in the rows a rebuild copied (server/rebuild.py)
+                req.reply.ok()
+                return
             if h["clock"] < state.clocks.clock[rank]:
                 raise Refusal("invalid", f"{where}: clock {h['clock']} is already finished")
             # kept until the clock completes: copied out of reused or shared buffers

@@ -46,6 +46,11 @@ class ServerState:
         # reads or writes here and its checkpoints hold nothing
         self.rebuilding = False
         self.tables: dict[str, Table] = {}
+        # after a rebuild (server/rebuild.py): sync pushes of clocks below this are in the
+        # rows the sources sent; async ones are if their sequence number is at most the one
+        # their owner's source had applied (ring, owner -> worker -> seq)
+        self.sync_floor = 0
+        self.rebuilt_seqs: tuple[Any, dict[int, dict[int, int]]] | None = None
         self.clocks = Clocks(0)
         self.last_seq: dict[int, int] = {}  # worker rank -> sequence number of its last push
         self.deferred: DeferredPulls[Waiting] = DeferredPulls()

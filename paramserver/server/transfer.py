@@ -42,9 +42,7 @@ sends its rows and a copy of its buffered sync pushes with the final step (no co
 whole table is small), and drops it after. A joining server gets no dense range, and parts of
 a table cut over several servers do not move (such a drain is refused by the coordinator).
 
-For another use of the same steps (a replica rebuilt from a live one): :meth:`Transfers.start`
-with the old and the new placement as rings, the workers' ``switched`` (or any other proof
-that nothing more comes by the old placement) before :meth:`Transfers.finish`.
+The same steps rebuild a replica from live copies (``purpose: "rebuild"``): server/rebuild.py.
 """
 
 from __future__ import annotations

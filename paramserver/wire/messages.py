@@ -375,6 +375,11 @@ class TransferMsg(TypedDict):
     table: NotRequired[str | None]
     sync: NotRequired[list[list[int]] | None]  # final: [clock, worker rank, rows] per run
     view: NotRequired[int]  # the view that announced the move
+    # "rebuild": a replica rebuilt from a live copy (server/rebuild.py), ``move`` its id; its
+    # end carries the clock T of the final and the source's last sequence number per worker
+    purpose: NotRequired[Literal["move", "rebuild"]]
+    clock: NotRequired[int]
+    seqs: NotRequired[list[list[int]]]
 
 
 class SwitchedMsg(TypedDict):
@@ -386,6 +391,7 @@ class SwitchedMsg(TypedDict):
     rank: int
     move: int
     clock: int
+    purpose: NotRequired[Literal["move", "rebuild"]]  # "rebuild": writes to a rebuilt copy
 
 
 class MoveDoneMsg(TypedDict):
@@ -396,6 +402,7 @@ class MoveDoneMsg(TypedDict):
     move: int
     source: int
     stats: NotRequired[dict[str, Any] | None]
+    purpose: NotRequired[Literal["move", "rebuild"]]  # "rebuild": ``move`` is a rebuild's id
 
 
 class DrainMsg(TypedDict):

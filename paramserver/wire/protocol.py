@@ -225,13 +225,18 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     },
     "error": {"code": (str_up_to(64), True), "message": (str_up_to(4096), True)},
 }
+_PURPOSE = frozenset({"move", "rebuild"}).__contains__  # a rebuild: server/rebuild.py
 SCHEMA.update({  # servers joining and leaving: server/transfer.py, coordinator/scaling.py
     "transfer": {"move": (U63, True), "source": (RANK, True), "table": (optional(NAME), False),
                  "phase": (lambda v: v in ("copy", "final", "end"), True), "view": (U63, False),
-                 "sync": (optional(lambda v: isinstance(v, list)), False)},  # [clock, rank, rows]
+                 "sync": (optional(lambda v: isinstance(v, list)), False),  # [clock, rank, rows]
+                 "purpose": (_PURPOSE, False), "clock": (U63, False),  # [worker, seq] pairs:
+                 "seqs": (lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p)
+                          == 2 and RANK(p[0]) and U63(p[1]) for p in v), False)},
     "switched": {"rank": (RANK, True), "move": (U63, True), "clock": (U63, True),
-                 "view": (U63, False)},
-    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (optional(is_map), False)},
+                 "view": (U63, False), "purpose": (_PURPOSE, False)},
+    "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (optional(is_map), False),
+                  "purpose": (_PURPOSE, False)},
     "drain": {"rank": (RANK, True)},
 })  # fmt: skip
 KINDS = frozenset(SCHEMA)
