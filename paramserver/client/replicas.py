@@ -20,17 +20,17 @@ every range lives on ``k`` servers (``s`` and the next ``k - 1`` ranks,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import numpy as np
 
 from paramserver.errors import NodeLostError, RemoteError
 from paramserver.partition import replicas_of
 from paramserver.wire.messages import VIEW_NUMBER
-from paramserver.wire.transport import Future, Message, gather
+from paramserver.wire.transport import Future, gather
 
 if TYPE_CHECKING:
-    from paramserver.client.session import Session
+    from paramserver.client.session import RequestOptions, Session
 
 __all__ = ["READS", "WRITES", "live_copies", "request_copies", "settle"]
 
@@ -82,17 +82,10 @@ def request_copies(
     arrays: Sequence[np.ndarray] = (),
     *,
     what: str,
-    parse: Callable[[Message], Any] | None = None,
-    sink: np.ndarray | None = None,
-    again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
-    reply_bytes: int | None = None,
-    bulk: bool = False,
+    **kw: Unpack[RequestOptions],
 ) -> Future[Any]:
     """A request about server ``s``'s ranges under replication (see the module docstring);
     the arguments are :meth:`Session.request_one`'s."""
-    kw: dict[str, Any] = {
-        "parse": parse, "sink": sink, "again": again, "reply_bytes": reply_bytes, "bulk": bulk
-    }  # fmt: skip
     kind = header["kind"]
     if kind in READS:
         return _read(session, s, header, arrays, what, kw, ())
@@ -129,18 +122,21 @@ def _for_copy(
     r: int,
     header: dict[str, Any],
     arrays: Sequence[np.ndarray],
-    kw: dict[str, Any],
-) -> tuple[dict[str, Any], Sequence[np.ndarray], dict[str, Any]]:
+    kw: RequestOptions,
+) -> tuple[dict[str, Any], Sequence[np.ndarray], RequestOptions]:
     """The request for copy ``r``: a copy that was replaced (being rebuilt, or rebuilt) may
     share no memory with this worker, so it gets the request as a resend would send it."""
     if r in session.writing_to:  # it holds requests until rebuilt: a slot would not be known
-        kw = {**kw, "reply_bytes": None}
+        kw = kw.copy()
+        kw["reply_bytes"] = None
     again = kw.get("again")
     if again is None or not (r in session.writing_to or session.replaced[r]):
         return header, arrays, kw
     resend, resend_arrays, parse = again()
     seq = {k: header[k] for k in ("seq",) if k in header}
-    return {**resend, **seq}, resend_arrays, {**kw, "parse": parse}
+    kw = kw.copy()
+    kw["parse"] = parse
+    return {**resend, **seq}, resend_arrays, kw
 
 
 def _read(
@@ -149,7 +145,7 @@ def _read(
     header: dict[str, Any],
     arrays: Sequence[np.ndarray],
     what: str,
-    kw: dict[str, Any],
+    kw: RequestOptions,
     tried: tuple[int, ...],
 ) -> Future[Any]:
     copies = [r for r in live_copies(session, s) if r not in tried]
@@ -168,7 +164,7 @@ def _request_copy(
     r: int,
     header: dict[str, Any],
     arrays: Sequence[np.ndarray],
-    kw: dict[str, Any],
+    kw: RequestOptions,
     *,
     what: str,
     on_dead: Callable[[], Future[Any]],

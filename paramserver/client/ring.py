@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paramserver.partition import HashRing
 from paramserver.wire.transport import Endpoint, Future
@@ -51,8 +51,9 @@ class RingRouting:
     _ep: Endpoint
     replaced: Counter[int]
 
-    def request_server(self, s: int, header: dict[str, Any], *, what: str) -> Future[Any]:
-        raise NotImplementedError  # the session's
+    if TYPE_CHECKING:  # what this mixin uses of the session it is part of (client/session.py)
+
+        def request_server(self, s: int, header: dict[str, Any], *, what: str) -> Future[Any]: ...
 
     def build_ring(self, num_servers: int) -> None:
         """The ring at registration: the view's, else every server's."""

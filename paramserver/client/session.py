@@ -16,7 +16,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import Any, Self, TypedDict, Unpack
 
 import numpy as np
 
@@ -39,12 +39,22 @@ from paramserver.wire.transport import (
     new_context,
 )
 
-__all__ = ["Session", "clock_hint", "server_name"]
+__all__ = ["RequestOptions", "Session", "clock_hint", "server_name"]
 
 log = logging.getLogger(__name__)
 
 # a request waiting for a lost server (see Session.request_one)
 Resend = tuple[float, object, Callable[[], None], Callable[[], None], Callable[[], None] | None]
+
+
+class RequestOptions(TypedDict, total=False):
+    """How a request to a server travels and is answered (see :meth:`Session.request_one`)."""
+
+    parse: Callable[[Message], Any] | None
+    sink: np.ndarray | None
+    again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None
+    reply_bytes: int | None
+    bulk: bool
 
 
 def server_name(rank: int) -> str:
@@ -259,24 +269,14 @@ class Session(CoordinatorWatch, RingRouting):
         arrays: Sequence[np.ndarray] = (),
         *,
         what: str,
-        parse: Callable[[Message], Any] | None = None,
-        sink: np.ndarray | None = None,
-        again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
-        reply_bytes: int | None = None,
-        bulk: bool = False,
+        **options: Unpack[RequestOptions],
     ) -> Future[Any]:
         """A request about what server ``s`` owns. Without replication: :meth:`request_one`
         to ``s``. With it, reads go to the first live copy and fail over to the next, writes to
         every live copy (see :mod:`paramserver.client.replicas`)."""
         if self.replication > 1:
-            return request_copies(
-                self, s, header, arrays, what=what, parse=parse, sink=sink, again=again,
-                reply_bytes=reply_bytes, bulk=bulk,
-            )  # fmt: skip
-        return self.request_one(
-            s, header, arrays, what=what, parse=parse, sink=sink, again=again,
-            reply_bytes=reply_bytes, bulk=bulk,
-        )  # fmt: skip
+            return request_copies(self, s, header, arrays, what=what, **options)
+        return self.request_one(s, header, arrays, what=what, **options)
 
     def server_alive(self, s: int) -> bool:
         """Whether the newest view lists server ``s`` as alive (it serves its ranges)."""
@@ -289,12 +289,8 @@ class Session(CoordinatorWatch, RingRouting):
         arrays: Sequence[np.ndarray] = (),
         *,
         what: str,
-        parse: Callable[[Message], Any] | None = None,
-        sink: np.ndarray | None = None,
-        again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None = None,
-        reply_bytes: int | None = None,
-        bulk: bool = False,
         on_dead: Callable[[], Future[Any]] | None = None,
+        **options: Unpack[RequestOptions],
     ) -> Future[Any]:
         """A request to server ``s`` that survives its replacement: if the server is lost, wait
         (up to the request timeout) for a view in which a new server holds rank ``s``, then send
@@ -309,6 +305,8 @@ class Session(CoordinatorWatch, RingRouting):
         With ``on_dead`` (replication), a lost server's request is not kept for a replacement
         once a view declares the server dead or rebuilding: the request completes as the
         future ``on_dead()`` gives (the next copy's answer)."""
+        parse, sink, again = options.get("parse"), options.get("sink"), options.get("again")
+        reply_bytes, bulk = options.get("reply_bytes"), options.get("bulk", False)
         name = server_name(s)
         outer: Future[Any] = Future(self._ep, what)
         if "table" in header and header["kind"] in ("pull", "push"):
