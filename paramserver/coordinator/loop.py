@@ -138,6 +138,7 @@ class Coordinator:
         # the newest status, rebuilt by the loop and replaced whole: the Prometheus exporter's
         # thread reads it without a lock
         self.snapshot: dict[str, Any] | None = None
+        self._snapshot_view = -1  # the view number the snapshot was built at
         self._stop_metrics: Callable[[], None] | None = None
         if metrics_port is not None:
             try:
@@ -194,7 +195,11 @@ class Coordinator:
                         self._handle(identity, frames)
                     self.members.links_dropped(self.router.dropped())
                 self._check_deadlines(time.monotonic())
-                if self.collector.poll(time.monotonic(), self.members.servers):
+                # the exporter's status: anew every collector round, and at once when the
+                # membership changed (a node joined, died or left)
+                polled = self.collector.poll(time.monotonic(), self.members.servers)
+                if polled or self.members.view_number != self._snapshot_view:
+                    self._snapshot_view = self.members.view_number
                     self.snapshot = self.status()
         finally:
             if self._stop_metrics is not None:

@@ -317,8 +317,16 @@ def test_run_says_where_to_watch_the_job(tmp_path: Path) -> None:
             assert f"[paramserver] Prometheus metrics at {url}" in lines.lines
             import urllib.request
 
-            with urllib.request.urlopen(url, timeout=10) as r:
-                metrics = r.read().decode()
+            # the exporter serves the coordinator's newest status, rebuilt every second and on
+            # each membership change: a read may come just before the last worker's join
+            deadline = time.monotonic() + 15
+            while True:
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    metrics = r.read().decode()
+                up = 'ps_node_up{rank="1",role="worker"} 1.0' in metrics
+                if up or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             proc.send_signal(signal.SIGINT)
             rc = _wait(proc, 20)
         finally:
