@@ -275,9 +275,9 @@ class Host:
         self.rate = None if rate is None else parse_rate(rate)
         self.delay = None if delay is None else parse_delay(delay)
         if self.state == "up":
-            self._applyshape()
+            self._apply_shape()
 
-    def _applyshape(self) -> None:
+    def _apply_shape(self) -> None:
         shape("eth0", self.netns, self.rate, self.delay)  # what it sends
         shape(self.veth, None, self.rate, self.delay, self.cut_from)  # what it receives
 
@@ -287,7 +287,7 @@ class Host:
         packets again: ``sender``'s messages arrive late (the kernel may lack netem's delay)."""
         self.cut_from = [a for a in self.cut_from if a != sender.address] + [sender.address] * cut
         if self.state == "up":
-            self._applyshape()
+            self._apply_shape()
 
     def cut(self, how: str = "drop") -> None:
         """Cut this host off: ``drop`` (a partition: its link stays up, every packet in or out
@@ -326,7 +326,7 @@ class Host:
                   "tmpfs /dev/shm"])  # fmt: skip
         execute(["ip", "link", "set", self.veth, "up"])
         execute(["ip", "-n", self.netns, "link", "set", "eth0", "up"])
-        self._applyshape()
+        self._apply_shape()
         self.state = "up"
 
 
