@@ -176,7 +176,7 @@ def test_a_worker_that_hears_of_a_join_from_the_sources_only_switches_within_one
     or the move would not end (and a sync pull could miss a push)."""
     join_at = random.Random(SEED + 2).randrange(2, STEPS - 3)
     # nothing dies here; the late worker must not give the silent coordinator up meanwhile
-    r, _ = _train(roles, reference, str(join_at), PS_HEARTBEAT_TIMEOUT="30")
+    r, _ = _train(roles, reference, str(join_at), PS_HEARTBEAT_TIMEOUT="60")
     lead = wait_paused(r, WORKERS, join_at)
     late = bed[3 + 1 - WORKERS.index(lead)]
     late.cut_path(bed[0])  # what the coordinator's host sends the late worker's host vanishes
