@@ -137,7 +137,9 @@ def test_a_server_joining_at_one_clock_and_another_drained_at_a_later_one_change
     r.start("joiner", bed[JOINER], r.lines["server"])  # against the running job: rank 2
     r.wait_line("coordinator", r"move \d+: join server\[2\], ring \[0, 1\] -> \[0, 1, 2\]", 60)
     resume(r)
-    wait_paused(r, WORKERS, drain_at)  # the join is over by now: both workers switched
+    wait_paused(r, WORKERS, drain_at)
+    # the join is over (both workers switched at their steps' ends since) before the drain
+    r.wait_line("coordinator", r"move \d+ done .*: ring \[0, 1, 2\]$", 30)
     drain = bed[OPERATOR].popen(
         ["paramserver", "drain", "0", "--coordinator", f"{bed[0].name}:7070", "--timeout", "60"],
         cwd=r.folder, env={**r.env, "PS_TOKEN_FILE": "token"}, stdout=subprocess.PIPE,
