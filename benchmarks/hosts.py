@@ -93,11 +93,10 @@ print("RESULT", json.dumps({"bytes": nbytes * done, "seconds": took}), flush=Tru
 """
 
 
-def _sched(pids: list[int]) -> tuple[float, float]:
-    """Seconds the threads of ``pids`` ran so far, and seconds they were ready to run but
-    waited for a core (the kernel's schedstat): the second says when the machine's cores,
-    not the link, held the cluster up."""
-    ran = waited = 0
+def _sched(pids: list[int]) -> dict[str, tuple[int, int]]:
+    """Per thread of ``pids``: nanoseconds it ran so far, and nanoseconds it was ready to run
+    but waited for a core (the kernel's schedstat)."""
+    out = {}
     for pid in pids:
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
@@ -108,8 +107,18 @@ def _sched(pids: list[int]) -> tuple[float, float]:
                 fields = Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()
             except OSError:
                 continue
-            ran, waited = ran + int(fields[0]), waited + int(fields[1])
-    return ran / 1e9, waited / 1e9
+            out[task] = (int(fields[0]), int(fields[1]))
+    return out
+
+
+def _cores(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], seconds: float
+) -> tuple[float, float]:
+    """Cores' worth of the threads' running, and of their waiting for a core, in between (a
+    thread that ended in between is left out: its counters went with it)."""
+    ran = sum(r - before.get(t, (0, 0))[0] for t, (r, _) in after.items())
+    waited = sum(w - before.get(t, (0, 0))[1] for t, (_, w) in after.items())
+    return ran / 1e9 / seconds, waited / 1e9 / seconds
 
 
 def _tbf(host: hosts.Host) -> tuple[dict[str, int], dict[str, int]]:
@@ -179,8 +188,7 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
         cpu0 = _sched(pids)
         _marks(workers, "DONE")
         t1, after = _sample(links)
-        cpu1 = _sched(pids)
-        cpu, wait = ((b - a) / (t1 - t0) for a, b in zip(cpu0, cpu1, strict=True))
+        cpu, wait = _cores(cpu0, _sched(pids), t1 - t0)
         outs = []
         for p in workers:  # (read, not communicate: it would miss what _marks buffered)
             assert p.stdout is not None
