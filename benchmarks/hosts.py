@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -91,6 +92,9 @@ with ps.connect(transport=transport) as client:
     client.barrier("b/end", timeout=120)
 print("RESULT", json.dumps({"bytes": nbytes * done, "seconds": took}), flush=True)
 """
+
+
+CASE_TIMEOUT = 600.0  # seconds a case's workers may take, start-up included
 
 
 def _sched(pids: list[int]) -> dict[str, tuple[int, int]]:
@@ -166,6 +170,8 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
                            str(w), *secure], cwd=folder, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
     workers: list[subprocess.Popen[str]] = []
+    timer: threading.Timer | None = None
+    overdue = threading.Event()
     try:
         for i in range(s):
             procs.append(bed[1 + i].popen(
@@ -182,6 +188,15 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
                     stdout=subprocess.PIPE, stderr=err))  # fmt: skip
         pids = [p.pid for p in procs + workers]
         links = [bed[1 + i] for i in range(s + w)]  # every server's and worker's link
+
+        # the reads below wait for the workers' lines: a worker that hangs is killed (EOF)
+        def overrun() -> None:
+            overdue.set()
+            for p in workers:
+                p.kill()
+
+        timer = threading.Timer(CASE_TIMEOUT, overrun)
+        timer.start()
         # the time and the bytes between the workers' first and last timed step
         _marks(workers, "GO")
         t0, before = _sample(links)
@@ -193,8 +208,12 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
         for p in workers:  # (read, not communicate: it would miss what _marks buffered)
             assert p.stdout is not None
             outs.append(p.stdout.read())
-            p.wait(600)
+            p.wait(10)
+        if overdue.is_set():
+            raise RuntimeError(f"{case}: the workers ran past {CASE_TIMEOUT}s and were killed")
     finally:
+        if timer is not None:
+            timer.cancel()
         for p in procs + workers:
             p.kill()
             p.wait(10)
