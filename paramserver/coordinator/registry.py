@@ -128,7 +128,17 @@ class TableRegistry:
         """Take ``plan``'s placement: its servers, the tables' new ranges, the load."""
         self.server_ranks = list(plan.ranks)
         self.tables.update(plan.specs)
-        self.dense_load = dict(plan.load)
+        self.count_load()
+
+    def count_load(self) -> None:
+        """The dense elements on each server, counted from the tables' ranges."""
+        n = len(self.server_ranks)
+        load = dict.fromkeys(self.server_ranks, 0)
+        for spec in self.tables.values():
+            for s, a, b in spec.ranges if spec.kind == "dense" else ():
+                for r in replicas_of(s, n, self.replication) if s in load else ():
+                    load[r] = load.get(r, 0) + b - a
+        self.dense_load = load
 
     def specs(self) -> list[TableSpec]:
         return list(self.tables.values())

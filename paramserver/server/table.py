@@ -42,6 +42,9 @@ class Table:
     # dense: the placement on the other side of a move (before or after it), which a worker
     # that switched earlier or later than this server's view may still name
     other_ranges: tuple[tuple[int, int, int], ...] = ()
+    # dense: a move brings elements of this table's range here (server/recut.py); its
+    # buffered sync pushes wait until they all came
+    receiving: bool = False
 
     def pull_keys(self, arrays: list[np.ndarray], server: str) -> np.ndarray | None:
         """The keys of a pull without a signature (None for a dense table)."""
