@@ -28,7 +28,9 @@ STEPS, WORKERS, DIM = 12, 2, 4
 LOG = "warning"
 KEYS = np.arange(1, 400, dtype=np.uint64)
 GROUP = [("g1", 20), ("g2", 4)]  # a dense group: one table stays, one moves on a drain of 0
-BIG = 1 << 18  # partition.DENSE_SPLIT_ELEMENTS: cut over every server, and cut anew by a move
+# past partition.DENSE_SPLIT_ELEMENTS: cut over every server, and cut anew by a move; its
+# ranges on 3 servers are 1 MiB each (bulk.MIN_BYTES), so over TCP they take the bulk channel
+BIG = 3 << 18
 DENSE = [("bias", 8), *GROUP, ("big", BIG)]
 INIT = {"sync": ps.init.Normal(std=0.1), "async": ps.init.Zeros()}
 
@@ -77,7 +79,8 @@ def train(
     asked: queue.Queue[int] = queue.Queue()
     answered: queue.Queue[int] = queue.Queue()
     with ps.LocalCluster(servers=2, workers=WORKERS, timeouts=FAST, log_level=LOG) as cluster:
-        clients = [cluster.connect() for _ in range(WORKERS)]
+        # worker 1 over TCP: its dense values take the bulk channel, worker 0's shared memory
+        clients = [cluster.connect(transport="tcp" if w else None) for w in range(WORKERS)]
 
         def work(w: int) -> None:
             try:
@@ -171,7 +174,7 @@ def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit(opt:
 
 
 def test_a_server_holding_part_of_a_cut_dense_table_is_drained() -> None:
-    # a table of 2^18 elements cut over both servers (a drain of such a server was refused
+    # a table of 3 x 2^18 elements cut over both servers (a drain of such a server was refused
     # before dense ranges were re-cut): the drain moves server[0]'s half to server[1], which
     # then holds the whole table with every value as pushed
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, log_level=LOG) as cluster:
