@@ -43,6 +43,9 @@ __all__ = ["RequestOptions", "Session", "clock_hint", "server_name"]
 
 log = logging.getLogger(__name__)
 
+# requests a drained ("left") server need not answer: they change nothing that it holds
+MOOT_WHEN_LEFT = frozenset({"clock", "switched", "create_shard"})
+
 # a request waiting for a lost server (see Session.request_one)
 Resend = tuple[float, object, Callable[[], None], Callable[[], None], Callable[[], None] | None]
 
@@ -350,6 +353,14 @@ class Session(CoordinatorWatch, RingRouting):
                     # the server does not know the slot (it was restarted): start afresh
                     self._drop_slots(s)
                     attempt(use_slot=False)
+                elif (
+                    isinstance(err, NodeLostError)
+                    and header["kind"] in MOOT_WHEN_LEFT
+                    and self.server_states.get(s) == "left"
+                ):
+                    # a drained server holds nothing: a clock or table order it did not answer
+                    # before it stopped is moot (no rank is reused, nothing will replace it)
+                    outer.set_result({"kind": "ok"})
                 elif isinstance(err, NodeLostError) and not self._closed:
 
                     def give_up() -> None:
