@@ -130,6 +130,15 @@ class TableRegistry:
         self.tables.update(plan.specs)
         self.count_load()
 
+    def moved(self, dense: dict[str, Any]) -> None:
+        """The dense tables' ranges after a move: ``{name: [[server, start, stop], ...]}`` as
+        the move's view carries them (the placement a :meth:`replan` gave)."""
+        for name, ranges in dense.items():
+            spec = self.tables.get(name)
+            if spec is not None and spec.kind == "dense":
+                self.tables[name] = spec.with_ranges([(int(s), int(a), int(b))
+                                                      for s, a, b in ranges])  # fmt: skip
+
     def count_load(self) -> None:
         """The dense elements on each server, counted from the tables' ranges."""
         n = len(self.server_ranks)

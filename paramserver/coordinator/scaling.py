@@ -53,7 +53,6 @@ class Scaling:
         # per finished move: what it was, how long it took, the rows and bytes its sources sent
         self.moves: list[dict[str, Any]] = []
         self._stats: list[dict[str, Any]] = []
-        self.plan: DensePlan | None = None  # the dense tables' placement after the move
 
     def join(self, rank: int) -> None:
         """Server ``rank`` registered off the ring: move its share of the keys to it."""
@@ -97,17 +96,17 @@ class Scaling:
         self.sources = {r for r in old if members.servers[r].state == ALIVE}
         self.started = time.monotonic()
         self._stats = []
-        self.plan = None
         tables = self.coord.tables
         ranks = sorted({*tables.server_ranks, rank}) if kind == "join" else [
             r for r in tables.server_ranks if r != rank]  # fmt: skip
+        plan: DensePlan | None = None
         try:  # the dense ranges on the new set: large tables cut anew, small ones whole
-            self.plan = tables.replan(ranks)
+            plan = tables.replan(ranks)
         except Refusal as exc:  # a drain checked this when asked: tables created since
             log.error("move %d: dense tables stay where they are: %s", members.move["id"], exc)
-        if self.plan is not None and self.plan.specs:
+        if plan is not None and plan.specs:  # (the view, and so the journal, carries them)
             members.move["dense"] = {n: [list(r) for r in spec.ranges]
-                                     for n, spec in self.plan.specs.items()}  # fmt: skip
+                                     for n, spec in plan.specs.items()}  # fmt: skip
         if kind == "drain":  # no new table goes to the leaving server
             tables.server_ranks = [r for r in tables.server_ranks if r != rank]
         self.coord.publish(f"move {members.move['id']}: {kind} server[{rank}], ring {old} -> {new}")
@@ -139,13 +138,13 @@ class Scaling:
         members.ring = list(move["to"])
         members.move = None
         tables = self.coord.tables
-        if self.plan is not None:
-            tables.adopt(self.plan)
-            self.plan = None
+        # the placement the move announced (its ``dense``, in the view: nothing else to keep)
+        tables.moved(move.get("dense") or {})
         if move["kind"] == "join":
             tables.server_ranks = sorted({*tables.server_ranks, move["rank"]})
-            tables.dense_load.setdefault(move["rank"], 0)
-        tables.count_load()  # (tables created during the move are not in the plan)
+        else:
+            tables.server_ranks = [r for r in tables.server_ranks if r != move["rank"]]
+        tables.count_load()  # (tables created during the move are not in the move's dense)
         gone = members.servers[move["rank"]] if move["kind"] == "drain" else None
         if gone is not None:
             gone.state = LEFT
