@@ -20,7 +20,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.wire.transport import Endpoint, new_context
-from tests.timing import FAST
+from tests.timing import FAST, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -47,6 +47,12 @@ def view_of(address: str) -> dict[str, Any]:
     finally:
         ep.close()
         ctx.term()
+
+
+def joining(address: str) -> int | None:
+    """The rank of the server joining in the move under way, if one is."""
+    move = view_of(address).get("move")
+    return int(move["rank"]) if move and move["kind"] == "join" else None
 
 
 def moves_of(address: str) -> list[dict[str, Any]]:
@@ -234,6 +240,10 @@ def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_remo
         )
         drain: subprocess.Popen[bytes] | None = None
         try:
+            # the move waits for this worker's clocks: first the new process must register
+            # (its start is not bounded by the steps below)
+            wait_until(lambda: joining(cluster.address) == 2, 120,
+                       "the server started by the command line to register")  # fmt: skip
             steps = 0
             for _ in range(400):
                 emb.push(KEYS, np.ones((len(KEYS), 2), np.float32)).result(30)
