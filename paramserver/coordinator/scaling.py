@@ -102,7 +102,13 @@ class Scaling:
         plan: DensePlan | None = None
         try:  # the dense ranges on the new set: large tables cut anew, small ones whole
             plan = tables.replan(ranks)
-        except Refusal as exc:  # a drain checked this when asked: tables created since
+        except (Refusal, ValueError) as exc:  # a drain checked this when asked: tables created
+            # since (ValueError: with replication, where moves are refused before this)
+            if kind == "drain":  # its dense ranges would have nowhere to go
+                log.error("drain of server[%d] not started: %s", rank, exc)
+                members.move = None
+                self.start()
+                return
             log.error("move %d: dense tables stay where they are: %s", members.move["id"], exc)
         if plan is not None and plan.specs:  # (the view, and so the journal, carries them)
             members.move["dense"] = {n: [list(r) for r in spec.ranges]
