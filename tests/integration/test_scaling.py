@@ -276,23 +276,29 @@ def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_remo
 def test_a_checkpoint_after_a_join_holds_each_key_once_and_restores_on_fewer_servers(
     tmp_path: Path,
 ) -> None:
-    # the source keeps no stale copy of the rows that left: restored on a cluster of another
-    # size (another ring), every row is the one pulled before the save
+    # the source keeps no stale copy of the rows that left, nor of its old dense range:
+    # restored on a cluster of another size (another ring), every row and dense element is
+    # the one pulled before the save
     opt = ps.optim.Adagrad(lr=0.1)
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=DIM, optimizer=opt, init=ps.init.Zeros())
+        big = client.dense_table("big", BIG, optimizer=opt, init=ps.init.Normal(std=0.1))
         emb.push(KEYS, np.ones((len(KEYS), DIM), np.float32)).result(30)
         client.clock()
         cluster.add_server()
         for _ in range(200):  # the move completes once this worker ended a step
             emb.push(KEYS, np.full((len(KEYS), DIM), 0.5, np.float32)).result(30)
+            big.push(np.full(BIG, 0.5, np.float32)).result(30)
             client.clock()
             if view_of(cluster.address)["ring"] == [0, 1, 2]:
                 break
         emb.push(KEYS, np.full((len(KEYS), DIM), 0.25, np.float32)).result(30)
+        big.push(np.linspace(-1, 1, BIG, dtype=np.float32)).result(30)
         client.clock()
         want = emb.pull(KEYS, create=False)
+        want_big = big.pull()
+        assert len(big.spec.ranges) == 3
         stats = {s["rank"]: s["tables"]["emb"]["rows"] for s in client.stats()}
         path = client.save(tmp_path / "ckpt")
     assert sum(stats.values()) == len(KEYS) and stats[2] > 0  # each key on one server only
@@ -300,3 +306,5 @@ def test_a_checkpoint_after_a_join_holds_each_key_once_and_restores_on_fewer_ser
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=DIM, optimizer=opt, init=ps.init.Zeros())
         assert emb.pull(KEYS, create=False).tobytes() == want.tobytes()
+        big = client.dense_table("big", BIG, optimizer=opt, init=ps.init.Normal(std=0.1))
+        assert big.pull().tobytes() == want_big.tobytes()
