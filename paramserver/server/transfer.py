@@ -157,6 +157,7 @@ class Transfers:
         self.out: Outgoing | None = None
         self.incoming: Incoming | None = None
         self.seen: set[int] = set()  # moves started here
+        self.received = 0  # moves whose every source's end came here
         self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
@@ -469,6 +470,7 @@ class Transfers:
             log.info("%s: move %d received", self.state.name, inc.move)
             self.dense.received()
             self.incoming = None
+            self.received += 1
         self.progress()
 
     def close(self) -> None:
