@@ -43,9 +43,6 @@ __all__ = ["RequestOptions", "Session", "clock_hint", "server_name"]
 
 log = logging.getLogger(__name__)
 
-# requests a drained ("left") server need not answer: they change nothing that it holds
-MOOT_WHEN_LEFT = frozenset({"clock", "switched", "create_shard"})
-
 # a request waiting for a lost server (see Session.request_one)
 Resend = tuple[float, object, Callable[[], None], Callable[[], None], Callable[[], None] | None]
 
@@ -353,13 +350,7 @@ class Session(CoordinatorWatch, RingRouting):
                     # the server does not know the slot (it was restarted): start afresh
                     self._drop_slots(s)
                     attempt(use_slot=False)
-                elif (
-                    isinstance(err, NodeLostError)
-                    and header["kind"] in MOOT_WHEN_LEFT
-                    and self.server_states.get(s) == "left"
-                ):
-                    # a drained server holds nothing: a clock or table order it did not answer
-                    # before it stopped is moot (no rank is reused, nothing will replace it)
+                elif isinstance(err, NodeLostError) and self.moot_when_left(s, header["kind"]):
                     outer.set_result({"kind": "ok"})
                 elif isinstance(err, NodeLostError) and not self._closed:
 
