@@ -228,12 +228,16 @@ def test_pushes_during_moves_in_async_training_count_once() -> None:
 
 def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_removes_it() -> None:
     # one worker, sync SGD lr=1 on all-ones gradients of the same keys every step: each row
-    # ends at minus the number of steps, wherever the rows moved meanwhile
+    # ends at minus the number of steps, wherever the rows moved meanwhile; so does every
+    # element of a dense table cut over the servers (the joining one gets a third of it, which
+    # goes back to the others when it is drained)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=2, optimizer=ps.optim.SGD(lr=1.0),
                                   init=ps.init.Zeros(), consistency="sync")  # fmt: skip
+        big = client.dense_table("big", BIG, optimizer=ps.optim.SGD(lr=1.0),
+                                 init=ps.init.Zeros(), consistency="sync")  # fmt: skip
         cli = [sys.executable, "-m", "paramserver.cli"]
         joiner = subprocess.Popen(
             [*cli, "server", "--coordinator", cluster.address, "--host", "127.0.0.1"], env=env
@@ -247,10 +251,12 @@ def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_remo
             steps = 0
             for _ in range(400):
                 emb.push(KEYS, np.ones((len(KEYS), 2), np.float32)).result(30)
+                big.push(np.ones(BIG, np.float32)).result(30)
                 client.clock()
                 steps += 1
                 view = view_of(cluster.address)
                 if drain is None and view["ring"] == [0, 1, 2]:
+                    assert big.spec.ranges[2][0] == 2  # the newcomer holds the last third
                     drain = subprocess.Popen(
                         [*cli, "drain", "2", "--coordinator", cluster.address, "--timeout", "60"],
                         env=env,
@@ -266,6 +272,8 @@ def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_remo
             assert joiner.wait(30) == 0  # told to stop once its keys left
             rows = emb.pull(KEYS)
             np.testing.assert_array_equal(rows, np.full((len(KEYS), 2), -steps, np.float32))
+            assert [s for s, _, _ in big.spec.ranges] == [0, 1]
+            np.testing.assert_array_equal(big.pull(), np.full(BIG, -steps, np.float32))
         finally:
             for p in (joiner, drain):
                 if p is not None and p.poll() is None:
