@@ -446,8 +446,8 @@ class LocalCluster:
     def remove_server(self, rank: int, *, wait: bool = False, timeout: float = 60.0) -> None:
         """Drain server ``rank``: its keys move to the others while training goes on (the
         workers switch at their next ``clock()``), then it stops. RemoteError if the
-        coordinator refuses (not on the ring, the last server, holds a part of a dense table
-        cut over several servers; its whole dense tables move). With
+        coordinator refuses (not on the ring, the last server, with replication; its dense
+        ranges move: a cut table is cut anew over the servers left). With
         ``wait``, return once it left (do not wait from the only thread that trains: the move
         needs its ``clock()``).
 

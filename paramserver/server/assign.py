@@ -57,7 +57,7 @@ class Assigns(Handlers):
 
     def on_assign(self, h: AssignMsg, req: Request) -> None:
         state = self.state
-        t = state.table(h["table"])
+        t = state.table(h["table"], h["rank"])
         rank = h["rank"]
         state.check_live(rank)
         where = f"assign to table {t.spec.name!r} from worker[{rank}]"

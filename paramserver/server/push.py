@@ -43,7 +43,7 @@ class Pushes(Handlers):
 
     def on_push(self, h: PushMsg, req: Request) -> None:
         state = self.state
-        t = state.table(h["table"])
+        t = state.table(h["table"], h["rank"])
         rank, seq = h["rank"], h["seq"]
         state.check_live(rank)
         if state.clocks.advance(rank, h["clock"]):  # see Pulls.on_pull
@@ -119,8 +119,9 @@ class Pushes(Handlers):
         """Apply the buffered sync pushes of every clock < ``below``: the mean over the live
         workers (``consistency.aggregate_sparse``, ``aggregate_dense``)."""
         live = self.state.clocks.live
-        for t in self.state.tables.values():
-            if t.sync is None or t.shard is None:
+        # (a dense table being re-cut: both placements, the old one for the pulls it holds)
+        for t in [*self.state.tables.values(), *self.state.recut.values()]:
+            if t.sync is None or t.shard is None or t.receiving:
                 continue
             for _, items in t.sync.take_completed(below):
                 items = [it for it in items if it[0] in live]
@@ -131,5 +132,5 @@ class Pushes(Handlers):
                     t.shard.push(keys, mean)
                 else:
                     self.paths.changing(t.spec.name)
-                    t.shard.push(aggregate_dense(items, len(live)))
+                    t.shard.push(aggregate_dense(items, len(live), t.stop - t.start))
                 t.version += 1

@@ -42,6 +42,9 @@ class Table:
     # dense: the placement on the other side of a move (before or after it), which a worker
     # that switched earlier or later than this server's view may still name
     other_ranges: tuple[tuple[int, int, int], ...] = ()
+    # dense: a move brings elements of this table's range here (server/recut.py); its
+    # buffered sync pushes wait until they all came
+    receiving: bool = False
 
     def held(self, server: str) -> SparseShard | DenseShard:
         """The shard, or a refusal if this server holds no range of the (dense) table."""

@@ -35,12 +35,12 @@ arrival) order. After the move A drops the rows that left (``drop_moved``), once
 by the old ring waits on A, so that a checkpoint holds every key once.
 
 A source that has sent ``end`` to every destination tells the coordinator (``move_done``),
-which switches the view once every source did (coordinator/scaling.py). Dense tables
-move whole on a drain (:meth:`Transfers.start_dense`): the move's ``dense`` names each table's
-new ranges; the destination makes its shard at once and holds requests naming it, the source
-sends its rows and a copy of its buffered sync pushes with the final step (no copy step: a
-whole table is small), and drops it after. A joining server gets no dense range, and parts of
-a table cut over several servers do not move (such a drain is refused by the coordinator).
+which switches the view once every source did (coordinator/scaling.py). Dense tables move by
+the same steps, element ranges instead of keys (server/recut.py): the move's ``dense`` names
+each table's new ranges (a large table cut anew over the new servers, a small one whole
+elsewhere when its server leaves); a destination holds the requests naming such a table from
+the workers that switched until the move's end, and a server holding a range before and after
+serves the workers that have not switched from its old range meanwhile.
 
 The same steps rebuild a replica from live copies (``purpose: "rebuild"``): server/rebuild.py.
 """
@@ -57,9 +57,10 @@ import numpy as np
 
 from paramserver.partition import HashRing
 from paramserver.server.keycache import KeyCache
-from paramserver.server.shard import DenseShard, SparseShard
+from paramserver.server.recut import DenseMoves
+from paramserver.server.shard import SparseShard
 from paramserver.server.state import ServerState
-from paramserver.server.table import Table, make_table
+from paramserver.server.table import Table
 from paramserver.wire.messages import TransferMsg
 from paramserver.wire.paths import Request
 from paramserver.wire.refusal import Refusal
@@ -117,7 +118,6 @@ class Outgoing:
     rows: int = 0
     announce: dict[str, Any] = field(default_factory=dict)  # the view that announced it
     told: set[int] = field(default_factory=set)  # workers sent that view by this server
-    dense: dict[str, int] = field(default_factory=dict)  # dense tables leaving: their dest
     dense_bytes: int = 0  # of ``bytes``: the dense tables' rows and buffered pushes
 
 
@@ -131,7 +131,6 @@ class Incoming:
     # workers with a request held: their later requests wait too, so that they are handled
     # in the order they came (a clock message must not overtake the push held before it)
     held: set[int] = field(default_factory=set)
-    dense: set[str] = field(default_factory=set)  # dense tables coming whole to this server
 
 
 class Transfers:
@@ -158,12 +157,12 @@ class Transfers:
         self.out: Outgoing | None = None
         self.incoming: Incoming | None = None
         self.seen: set[int] = set()  # moves started here
+        self.received = 0  # moves whose every source's end came here
         self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
-        # dense tables that left this server: their spec after, dropped with the moved rows
-        self.gone_dense: dict[str, Any] = {}
+        self.dense = DenseMoves(state)  # the dense tables a move re-cuts
         # sends worker ``rank`` a view, after every answer already sent to it (set by the loop)
         self.notify: Callable[[int, dict[str, Any]], None] | None = None
 
@@ -188,41 +187,23 @@ class Transfers:
                 self.endpoint.connect(f"server[{rank}]", address)
         if me in new and set(old) - {me}:
             self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me})
+        self.state.switched = None  # (a source: the workers switched here, below)
         if me in old:
             self.start(int(move["id"]), int(move["view"]), old, new)
             if self.out is not None and self.out.move == int(move["id"]):
                 self.out.announce = view
+                self.state.switched = self.out.switched
         dense = move.get("dense")
         if isinstance(dense, dict) and dense:
-            self.start_dense(dense)
+            out = self.out if me in old else None
+            self.dense.start(dense, self.sender(out) if out is not None else None)
+        if self.dense.receiving:  # its own old range is one of the sources it waits for
+            if self.incoming is None:
+                self.incoming = Incoming(int(move["id"]), HashRing.build(old), set())
+            if self.dense.has_local():
+                self.incoming.sources.add(me)
         if me in old:
             self.tell_late()
-
-    def start_dense(self, dense: dict[str, Any]) -> None:
-        """A move's dense tables (``{name: new ranges}``; each moves whole, from the one server
-        that holds it to another): a destination makes the table's shard now (its rows come
-        with the final step, and it holds requests for it until the end); a source sends it
-        whole in the final step; any other server takes the new ranges."""
-        me, state = self.state.rank, self.state
-        for name, raw in dense.items():
-            t = state.tables.get(name)
-            if t is None or t.spec.kind != "dense":
-                continue
-            spec = t.spec.with_ranges([(int(r), int(a), int(b)) for r, a, b in raw])
-            gets = any(r == me for r, _, _ in spec.ranges)
-            if gets and t.shard is None:
-                fresh = make_table(spec, me, state.num_servers, state.replication)
-                fresh.max_bytes, fresh.other_ranges = t.max_bytes, t.spec.ranges
-                state.tables[name] = fresh
-                if self.incoming is not None:
-                    self.incoming.dense.add(name)
-            elif t.shard is not None and not gets:
-                if self.out is not None:
-                    self.out.dense[name] = spec.ranges[0][0]
-                self.gone_dense[name] = spec
-                t.other_ranges = spec.ranges
-            elif t.shard is None:
-                t.spec, t.other_ranges = spec, t.spec.ranges
 
     def start(self, move: int, view: int, old: list[int], new: list[int]) -> None:
         """Phase 1: send every destination the rows it gets, while serving on."""
@@ -302,10 +283,7 @@ class Transfers:
         checkpoint must not hold them twice), in a new shard; cached key lists resolved to the
         old one are forgotten (a worker then sends its keys again)."""
         me = self.state.rank
-        for name, spec in self.gone_dense.items():  # a dense table that left: no shard here
-            old = self.state.tables[name]
-            self.state.tables[name] = Table(spec, None, other_ranges=old.spec.ranges)
-        self.gone_dense = {}
+        self.dense.settle()  # dense tables: the new ranges' tables replace the old ones
         for t in self.state.tables.values():
             shard = t.shard
             if not isinstance(shard, SparseShard):
@@ -340,9 +318,10 @@ class Transfers:
             changed = changed_rows(base, rows["rows"])
             self._send_rows(out, t, rows["keys"][changed], rows["rows"][changed], "final",
                             self._take_sync(out, t))  # fmt: skip
-        for name, dest in out.dense.items():
-            self._send_dense(out, self.state.tables[name], dest)
+        self.dense.finish(self.sender(out))
         state = self.state
+        if self.incoming is not None and state.rank in self.incoming.sources:
+            self.ended(state.rank)  # the part of its new ranges it held: taken just now
         for dest in out.dests:
             out.ends.append(
                 self.endpoint.request(
@@ -370,25 +349,23 @@ class Transfers:
                     moved.setdefault(int(dest), []).append((clock, rank, keys[sel], grads[sel]))
         return moved
 
-    def _send_dense(self, out: Outgoing, t: Table, dest: int) -> None:
-        """A dense table leaving whole: its rows and a copy of its buffered sync pushes (they
-        stay here too, for the pulls sent by the old placement that still wait here)."""
-        assert isinstance(t.shard, DenseShard)
-        header: dict[str, Any] = {"kind": "transfer", "move": out.move, "phase": "final",
-                                  "source": self.state.rank, "table": t.spec.name,
-                                  "view": out.view}  # fmt: skip
-        arrays = [t.shard.export()["rows"]]
-        runs = [(c, r, g) for c, items in (t.sync.pending.items() if t.sync else [])
-                for r, g in items]  # fmt: skip
-        if runs:
-            header["sync"] = [[c, r, len(g)] for c, r, g in runs]
-            arrays.append(np.concatenate([g for _, _, g in runs]))
-        out.rows += len(arrays[0])
-        out.bytes += sum(a.nbytes for a in arrays)
-        out.dense_bytes += sum(a.nbytes for a in arrays)
-        self.endpoint.request(
-            f"server[{dest}]", header, arrays, what=f"final of dense table {t.spec.name!r}"
-        )
+    def sender(self, out: Outgoing) -> Any:
+        """How :class:`DenseMoves` sends a destination a part of a dense table in move ``out``
+        (on the connection of the keys' rows, so in order with them and the end)."""
+        me = self.state.rank
+
+        def send(dest: int, table: str, phase: str, extra: dict[str, Any],
+                 arrays: list[np.ndarray]) -> None:  # fmt: skip
+            header = {"kind": "transfer", "move": out.move, "phase": phase, "source": me,
+                      "table": table, "view": out.view, **extra}  # fmt: skip
+            nbytes = sum(a.nbytes for a in arrays)
+            out.rows += len(arrays[1])
+            out.bytes += nbytes
+            out.dense_bytes += nbytes
+            what = f"{phase} of dense table {table!r} to server[{dest}]"
+            self.endpoint.request(f"server[{dest}]", header, arrays, what=what)
+
+        return send
 
     def _send_rows(
         self,
@@ -432,9 +409,10 @@ class Transfers:
             return False
         if h.get("rank") in inc.held:
             return True
-        if inc.dense and h["kind"] in ("pull", "push", "pull_many", "push_many"):
+        if self.dense.receiving and h["kind"] in ("pull", "push", "pull_many", "push_many",
+                                                  "assign"):  # fmt: skip
             names = h.get("tables") or [] if h["kind"].endswith("_many") else [h.get("table")]
-            if any(n in inc.dense for n in names):
+            if any(isinstance(n, str) and self.dense.moving(n, h["rank"]) for n in names):
                 inc.held.add(h["rank"])
                 return True
         if h["kind"] not in ("pull", "push"):
@@ -460,17 +438,14 @@ class Transfers:
             # the source's clocks are not taken: a worker's clock here moves only with its own
             # requests, in their order (a held push must not find its clock already applied);
             # every worker's switching clock message comes here before the last source ends
-            inc.sources.discard(h["source"])
-            if not inc.sources:
-                log.info("%s: move %d received", state.name, inc.move)
-                self.incoming = None
-            self.progress()
+            self.ended(h["source"])
+            req.reply.ok()
+            return
+        if h.get("table") in self.dense.receiving:
+            self.dense.receive(dict(h), req.arrays)
             req.reply.ok()
             return
         t = state.table(h.get("table") or "")
-        if t.spec.name in inc.dense and isinstance(t.shard, DenseShard):
-            self._receive_dense(t, h, req)
-            return
         if not isinstance(t.shard, SparseShard) or len(req.arrays) not in (2, 4):
             raise Refusal("invalid", f"transfer of table {t.spec.name!r}: not a sparse table here")
         keys, rows = req.arrays[0], req.arrays[1]
@@ -485,19 +460,18 @@ class Transfers:
                 at += n
         req.reply.ok()
 
-    def _receive_dense(self, t: Table, h: TransferMsg, req: Request) -> None:
-        """A dense table that came whole: its rows, then its buffered sync pushes."""
-        assert isinstance(t.shard, DenseShard)
-        if len(req.arrays) not in (1, 2):
-            raise Refusal("invalid", f"transfer of dense table {t.spec.name!r}: 1 or 2 arrays")
-        t.shard.load(req.arrays[0])
-        runs = h.get("sync") or []
-        if runs and t.sync is not None:
-            grads, at = req.arrays[1], 0
-            for clock, rank, n in runs:  # one per buffered push
-                t.sync.add(int(clock), (int(rank), grads[at : at + n].copy()))
-                at += n
-        req.reply.ok()
+    def ended(self, source: int) -> None:
+        """Nothing more of this move comes from ``source`` (itself: the part of its new dense
+        ranges it held); once from none, the held requests go on."""
+        inc = self.incoming
+        assert inc is not None
+        inc.sources.discard(source)
+        if not inc.sources:
+            log.info("%s: move %d received", self.state.name, inc.move)
+            self.dense.received()
+            self.incoming = None
+            self.received += 1
+        self.progress()
 
     def close(self) -> None:
         self.endpoint.close()
