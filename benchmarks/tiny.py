@@ -14,6 +14,7 @@ import numpy as np
 from common import emit, median_time, parser
 
 import paramserver as ps
+from paramserver.config import Limits
 
 
 def main() -> None:
@@ -24,7 +25,10 @@ def main() -> None:
     keys = rng.choice(np.iinfo(np.int64).max, size=n, replace=False).astype(np.uint64)
     vals = rng.integers(1, 4, size=(n, 1)).astype(np.float32)
     neg = -vals
-    with ps.LocalCluster(servers=1, workers=1) as cluster:
+    # one request carries every key, as ps-lite's benchmark sends them (the default limit refuses
+    # more than 4M keys a request: a guard against a peer's oversized request)
+    limits = Limits(request_keys=max(n, Limits().request_keys))
+    with ps.LocalCluster(servers=1, workers=1, limits=limits) as cluster:
         client = cluster.connect()
         table = client.sparse_table("tiny", dim=1, optimizer=ps.optim.SGD(lr=1.0))
         pushes = [0]

@@ -314,6 +314,10 @@ class Session(CoordinatorWatch, RingRouting):
         # a pull carries its own timeout: the wait for a replacement is bounded by it too
         wait = float(header.get("timeout") or self.timeouts.request)
         deadline = time.monotonic() + wait
+        # attempt and resend call each other through this list, emptied by the outcome: a cycle
+        # of closures would hold the request's arrays and sink (a pull's result, which the
+        # table's pool reuses once nobody holds it) until the garbage collector ran
+        again_: list[Callable[..., None]] = []
 
         def attempt(use_slot: bool = True) -> None:
             peer = self._ep.peers.get(name)
@@ -349,7 +353,7 @@ class Session(CoordinatorWatch, RingRouting):
                 elif isinstance(err, RemoteError) and err.code == "no_slot" and got is not None:
                     # the server does not know the slot (it was restarted): start afresh
                     self._drop_slots(s)
-                    attempt(use_slot=False)
+                    again_[0](use_slot=False)
                 elif isinstance(err, NodeLostError) and self.moot_when_left(s, header["kind"]):
                     outer.set_result({"kind": "ok"})
                 elif isinstance(err, NodeLostError) and not self._closed:
@@ -360,7 +364,7 @@ class Session(CoordinatorWatch, RingRouting):
                         )
 
                     self._resends.setdefault(s, []).append(
-                        (deadline, peer, resend, give_up, fail_over)
+                        (deadline, peer, again_[1], give_up, fail_over)
                     )
                     if on_dead is not None and not self.server_alive(s):
                         self._fail_over()
@@ -383,6 +387,8 @@ class Session(CoordinatorWatch, RingRouting):
                 header, arrays, parse = again()
             attempt()
 
+        again_ += [attempt, resend]
+        outer.add_done_callback(lambda _: again_.clear())
         attempt()
         return outer
 

@@ -74,36 +74,37 @@ class Reader(threading.Thread):
         # held while a recv writes into ``target``: whoever takes a target back that the thread
         # may be filling (:meth:`settle`) takes it first, so no byte lands after it let go
         self.reading = threading.Lock()
+        self.claimed = False  # a caller reads into ``target`` itself (settle)
 
     def run(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and self._full() and self.staged >= READ_AHEAD:
+                # (while a caller reads the socket itself, see settle, the thread stays out)
+                while not self.closed and (
+                    self.claimed or (self._full() and self.staged >= READ_AHEAD)
+                ):
                     self.cond.wait(_TICK)
                 if self.closed or self.error is not None:
                     return
-                # straight into the waiting reader's buffer while it has room (a full one has
-                # not been taken back yet: what comes now belongs to the next payload)
-                direct = (
-                    self.target is not None and not self.staged and self.filled < self.target.nbytes
-                )
-                target, off = self.target, self.filled
-                if not direct:
-                    if not self.chunks or self.chunks[-1][2] == len(self.chunks[-1][0]):
-                        piece = self.spare.pop() if self.spare else bytearray(_CHUNK)
-                        self.chunks.append([piece, 0, 0])
-                    tail = self.chunks[-1]
             if not poll_ready(self.sock, select.POLLIN, _TICK):
                 continue
-            if direct:
-                with self.reading:  # the target may have been taken back while it polled
-                    with self.cond:
-                        if self.target is not target or self.filled != off:
-                            continue
-                    if not self._recv(target, off, None):
-                        return
-            elif not self._recv(None, 0, tail):
-                return
+            # where the bytes go is decided once they are here: a buffer given while the thread
+            # polled (a pull's sink: expect) takes them, not staging and a copy out of it
+            with self.reading:  # a target is taken back (settle) only between two reads
+                with self.cond:
+                    # straight into the waiting reader's buffer while it has room (a full one
+                    # has not been taken back yet: what comes now belongs to the next payload)
+                    target, off, tail = self.target, self.filled, None
+                    if target is None or self.staged or off >= target.nbytes:
+                        target = None
+                        if not self.chunks or self.chunks[-1][2] == len(self.chunks[-1][0]):
+                            piece = self.spare.pop() if self.spare else bytearray(_CHUNK)
+                            self.chunks.append([piece, 0, 0])
+                        tail = self.chunks[-1]
+                if not self._recv(target, off, tail):
+                    return
+            # (no reference kept while polling: the buffer's owner may reuse it once nobody holds it)
+            target = tail = None
 
     def _recv(self, target: memoryview | None, off: int, tail: list[Any] | None) -> bool:
         """Read what the socket holds into ``target[off:]``, or else the staging piece
@@ -277,6 +278,12 @@ class Reader(threading.Thread):
     def _wait(self, got: int, n: int, idle: float, what: str, deadline: float) -> None:
         """Wait on ``cond`` (held) for more bytes of a payload of ``n`` that has ``got``;
         ConnectionError or TimeoutError as :meth:`read_into` says."""
+        self._wait_check(got, n, idle, what, deadline)
+        self.cond.wait(min(_TICK, idle))
+
+    def _wait_check(self, got: int, n: int, idle: float, what: str, deadline: float) -> None:
+        """ConnectionError or TimeoutError if a payload of ``n`` that has ``got`` can wait no
+        longer (see :meth:`read_into`). Call with ``cond`` held."""
         if self.error is not None:
             raise ConnectionError(f"{what}: {self.error} after {got} of {n} bytes")
         if self.closed:
@@ -289,7 +296,6 @@ class Reader(threading.Thread):
             )
         if now - self.seen > idle:
             raise TimeoutError(f"{what}: {got} of {n} bytes received, then nothing for {idle:g}s")
-        self.cond.wait(min(_TICK, idle))
 
     # ---- a worker whose request's answer comes on this connection -----------------------------
 
@@ -312,23 +318,59 @@ class Reader(threading.Thread):
         buffer's size) are in the buffer, then take the buffer back; bytes beyond them belong
         to later payloads and are staged again. ``n`` = 0: no payload came (an error answer,
         a request given up). ConnectionError or TimeoutError as :meth:`read_into` says; the
-        buffer is taken back in any case."""
-        try:
+        buffer is taken back in any case.
+
+        The caller reads what is still missing itself: it waits anyway, and a hand-over to the
+        thread (woken, then waking the caller) costs two scheduler wake-ups a payload, which
+        on a busy machine take longer than the read."""
+        with self.reading:  # the thread reads no more into the buffer meanwhile
+            try:
+                with self.cond:
+                    target = self.target
+                    assert target is not None and n <= target.nbytes
+                    self.claimed = True
+                    self.seen = max(self.seen, time.monotonic())
+                    got = self.filled
+                if got < n:
+                    deadline = time.monotonic() + idle + n / MIN_RATE
+                    self._recv_exactly(target[:n], got, idle, what, deadline)
+                    with self.cond:
+                        self.filled = n
+            finally:
+                with self.cond:
+                    if self.target is not None and self.filled > n:
+                        extra = bytearray(self.target[n : self.filled])
+                        self.chunks.appendleft([extra, 0, len(extra)])
+                        self.staged += len(extra)
+                    self.target, self.filled, self.claimed = None, 0, False
+                    self.cond.notify_all()
+
+    def _recv_exactly(
+        self, buf: memoryview, got: int, idle: float, what: str, deadline: float
+    ) -> None:
+        """Read ``buf[got:]`` from the socket in the caller's thread (``reading`` held, so the
+        thread reads nothing meanwhile); ConnectionError or TimeoutError as :meth:`_wait`
+        says (a broken connection is kept as the reader's error)."""
+        n = buf.nbytes
+        while got < n:
             with self.cond:
-                target = self.target
-                assert target is not None and n <= target.nbytes
-                deadline = time.monotonic() + idle + n / MIN_RATE
-                self.seen = max(self.seen, time.monotonic())
-                while self.filled < n:
-                    self._wait(self.filled, n, idle, what, deadline)
-        finally:
-            with self.reading, self.cond:  # the thread is not filling it now
-                if self.target is not None and self.filled > n:
-                    extra = bytearray(self.target[n : self.filled])
-                    self.chunks.appendleft([extra, 0, len(extra)])
-                    self.staged += len(extra)
-                self.target, self.filled = None, 0
-                self.cond.notify_all()
+                self._wait_check(got, n, idle, what, deadline)
+            try:
+                r = self.sock.recv_into(buf[got:], n - got)
+            except (BlockingIOError, InterruptedError):
+                poll_ready(self.sock, select.POLLIN, min(_TICK, idle))
+                continue
+            except OSError as exc:
+                r, error = 0, str(exc) or type(exc).__name__
+            else:
+                error = "connection closed by the peer"
+            with self.cond:
+                if not r:
+                    self.error = error
+                    self.cond.notify_all()
+                    raise ConnectionError(f"{what}: {error} after {got} of {n} bytes")
+                self.seen = time.monotonic()
+            got += r
 
     def close(self) -> None:
         with self.cond:

@@ -3,6 +3,7 @@ results as plain NumPy, fall back safely, and leave nothing behind."""
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -436,3 +437,31 @@ def test_held_results_never_change_while_later_pulls_reuse_memory(
             rows[:] = np.nan  # the caller's to scribble on
     for got, want in kept:
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_a_dropped_result_is_reused_without_the_garbage_collector(
+    cluster: ps.LocalCluster, transport: str
+) -> None:
+    """Nothing of a finished request holds its result: once the caller drops a pull's result,
+    the next pull of the same size gets that memory back (already mapped) at once, not after a
+    garbage collection, sparse and dense; the values are NumPy's."""
+    client = cluster.connect(transport=transport)
+    emb = client.sparse_table("dropped", dim=16, init=ps.init.Constant(0.5))
+    dense = client.dense_table("dropped_w", shape=(N,), init=ps.init.Constant(0.25))
+    keys = np.arange(40_000, dtype=np.uint64)  # 2.5 MB of rows: from the pool
+    emb.pull(keys)  # the tables made on every server, so that no reply differs from the next
+    dense.pull()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for pull, want in ((lambda: emb.pull(keys), 0.5), (dense.pull, 0.25)):
+            first = pull()
+            at = first.ctypes.data
+            del first
+            again = pull()
+            assert again.ctypes.data == at, "the dropped result's memory was not reused"
+            np.testing.assert_array_equal(again, np.full_like(again, want))
+    finally:
+        if enabled:
+            gc.enable()
