@@ -91,9 +91,11 @@ class RingRouting:
             if self.idle:
                 self.switch_ring()
         elif isinstance(ring, list) and move is None:
+            # the move is over: done, or abandoned (a server of it died) before this worker
+            # switched, whose ring is then the old one again
             self.move_from = []
+            self.next_ring, self.next_dense = None, {}
             if ring != self.ring_servers:
-                self.next_ring = None
                 self.set_ring([int(r) for r in ring])
 
     def take_rebuild(self, view: dict[str, Any]) -> None:

@@ -165,6 +165,21 @@ class TableRegistry:
         )
         return spec
 
+    def load(self, wire: dict[str, Any]) -> TableSpec:
+        """Take a journaled table back as it was placed (its dense ranges kept: a move may
+        have placed it anew); the dense load follows."""
+        spec = TableSpec.from_wire(wire)
+        old = self.tables.get(spec.name)
+        self.tables[spec.name] = spec
+        n = len(self.server_ranks)
+        for table, sign in ((old, -1), (spec, 1)):
+            if table is None or table.kind != "dense":
+                continue
+            for s, a, b in table.ranges:
+                for r in replicas_of(s, n, self.replication):
+                    self.dense_load[r] = self.dense_load.get(r, 0) + sign * (b - a)
+        return spec
+
     def _check_bytes(self, spec: TableSpec) -> None:
         """Refuse a dense table whose range on some server passes ``Limits(table_bytes)``."""
         opt, limit = spec.optimizer, self.limits.table_bytes
