@@ -42,6 +42,11 @@ sends its rows and a copy of its buffered sync pushes with the final step (no co
 whole table is small), and drops it after. A joining server gets no dense range, and parts of
 a table cut over several servers do not move (such a drain is refused by the coordinator).
 
+A move the coordinator abandons (a server of it died: coordinator/scaling.py) comes as a view
+with the old ring and without that move (:meth:`Transfers.abandon`): a source keeps its rows and
+sends nothing more, a destination drops what it received and serves its held requests as any
+others; so a finished source drops the moved rows only once a view switched to the new ring.
+
 The same steps rebuild a replica from live copies (``purpose: "rebuild"``): server/rebuild.py.
 """
 
