@@ -147,3 +147,80 @@ def test_a_compacted_journal_replays_to_the_state_of_the_full_one(tmp_path: Path
     finally:
         _close(again)
         _close(reference)
+
+
+def _done(c: Coordinator, identity: bytes, move: int, purpose: str = "move") -> None:
+    h: Any = {"kind": "move_done", "id": 0, "move": move, "source": 0, "stats": {},
+              "purpose": purpose}  # fmt: skip
+    c._on_move_done(identity, h)
+
+
+def test_a_move_under_way_comes_back_with_the_sources_that_did_not_report(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "journal")
+    c = Coordinator(3, 1, journal=path)
+    for r in range(3):
+        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
+    c.publish("servers registered")
+    c.scaling.queue.append(("drain", 2))
+    c.scaling.start()  # move 1: ring [0, 1, 2] -> [0, 1]
+    _done(c, b"id-0", 1)
+    _done(c, b"id-0", 1)  # sent again after a restart: counted once
+    assert c.scaling.sources == {1, 2}
+    _close(c)
+    again = Coordinator(3, 1, journal=path)
+    try:
+        assert again.members.move is not None and again.members.move["id"] == 1
+        assert again.scaling.sources == {1, 2} and again.scaling.next_id == 2
+        _done(again, b"id-1", 1)
+        _done(again, b"id-2", 1)
+        assert again.members.ring == [0, 1] and again.members.move is None
+        assert again.members.servers[2].state == "left"
+        assert again.tables.server_ranks == [0, 1]
+        again.scaling.queue.append(("drain", 1))
+        again.scaling.start()  # a new id: servers ignore one they have seen
+        assert again.members.move is not None and again.members.move["id"] == 2
+    finally:
+        _close(again)
+
+
+def test_a_rebuild_under_way_comes_back_and_a_dead_source_of_a_move_abandons_it(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "journal")
+    c = Coordinator(3, 1, journal=path, replication=2)
+    for r in range(3):
+        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
+    c.publish("servers registered")
+    c._declare_dead(c.members.servers[1], "killed")
+    m, _ = c.members.register_server(b"id-1b", register(1), 0.0)
+    assert m.rebuilding
+    c.rebuilds.start(1)  # server[1] holds its own ranges and server[0]'s
+    rb = c.members.rebuild
+    assert rb is not None and sorted(s for s, _ in rb["sources"]) == [0, 2]
+    _done(c, b"id-0", rb["id"], "rebuild")
+    _close(c)
+    again = Coordinator(3, 1, journal=path, replication=2)
+    try:
+        assert again.members.rebuild == rb and again.rebuilds.sources == {2}
+        _done(again, b"id-2", rb["id"], "rebuild")
+        assert again.members.rebuild is None and not again.members.servers[1].rebuilding
+        assert [d["rank"] for d in again.rebuilds.done] == [1]
+    finally:
+        _close(again)
+    # without replication: a source of a join dies, the join is abandoned and queued again
+    c = Coordinator(2, 1, journal=str(tmp_path / "j2"))
+    for r in range(2):
+        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
+    c.members.servers.append(type(c.members.servers[0])("server", 2))
+    c.members.register_server(b"id-2", register(2), 0.0)
+    c.scaling.join(2)
+    assert c.members.move is not None and c.members.move["to"] == [0, 1, 2]
+    c._declare_dead(c.members.servers[0], "killed")
+    assert c.members.move is None and c.members.ring == [0, 1]
+    assert c.scaling.queue == [("join", 2)] and "server[0] died" in c.scaling.moves[0]["abandoned"]
+    c.members.register_server(b"id-0b", register(0), 0.0)
+    c.scaling.start()  # every server it needs is alive again
+    assert c.members.move is not None and c.members.move["id"] == 2
+    _close(c)
