@@ -171,6 +171,9 @@ class Transfers:
         self.prune_to: tuple[int, list[int]] = (0, [])
         # dense tables that left this server: their spec after, dropped with the moved rows
         self.gone_dense: dict[str, Any] = {}
+        # the dense tables the move under way places anew: their spec before, and whether
+        # this server held them (put back if the move is abandoned)
+        self.dense_before: dict[str, tuple[Any, bool]] = {}
         # sends worker ``rank`` a view, after every answer already sent to it (set by the loop)
         self.notify: Callable[[int, dict[str, Any]], None] | None = None
 
@@ -189,6 +192,7 @@ class Transfers:
         if not isinstance(move, dict) or int(move["id"]) in self.seen:
             return
         self.seen.add(int(move["id"]))
+        self.dense_before = {}  # an earlier move's placement is not this one's to put back
         if self.prune is not None:  # before any row of this move arrives or leaves
             self.drop_moved(self.prune)
             self.prune = None
@@ -220,11 +224,19 @@ class Transfers:
             log.warning("%s: move %d abandoned by the coordinator: keeping its rows",
                         self.state.name, out.move)  # fmt: skip
             self.out = None
-            self.gone_dense = {}
         if inc is not None and inc.move != live:
             log.warning("%s: move %d abandoned by the coordinator: dropping the rows received",
                         self.state.name, inc.move)  # fmt: skip
             self.incoming = None
+        if (out is not None and self.out is None) or (inc is not None and self.incoming is None):
+            self.gone_dense = {}
+            for name, (spec, held) in self.dense_before.items():  # the placement before
+                t = self.state.tables[name]
+                if not held and t.shard is not None:
+                    self.state.tables[name] = Table(spec, None, max_bytes=t.max_bytes)
+                else:
+                    t.spec, t.other_ranges = spec, ()
+            self.dense_before = {}
             self.drop_moved(HashRing.build([int(r) for r in ring]))
         moved, to = self.prune_to
         if self.prune is not None and moved != live and to != sorted(int(r) for r in ring):
@@ -242,6 +254,7 @@ class Transfers:
             t = state.tables.get(name)
             if t is None or t.spec.kind != "dense":
                 continue
+            self.dense_before[name] = (t.spec, t.shard is not None)
             spec = t.spec.with_ranges([(int(r), int(a), int(b)) for r, a, b in raw])
             gets = any(r == me for r, _, _ in spec.ranges)
             if gets and t.shard is None:

@@ -155,11 +155,14 @@ def test_a_coordinator_killed_during_a_rebuild_resumes_it(monkeypatch: pytest.Mo
 STEPS, KEYS = 12, np.arange(1, 300, dtype=np.uint64)
 
 
-def train_one(event: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[Any]]:
+def train_one(
+    event: Any = None, ring: tuple[int, ...] = (0, 1, 2)
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[Any]]:
     """One worker, sync Adagrad on a sparse and a dense table, 2 servers; ``event(cluster,
     client)`` runs after clock 3 (the worker waits for it, so it switches to no move before;
     the event returns once a move is under way again, which the worker's next steps end).
-    Returns the rows, the dense values, the final view, and the moves in the status."""
+    Returns the rows, the dense values, the final view (once its ring is ``ring``), and the
+    moves in the status."""
     rng = np.random.default_rng(5)
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
         c = cluster.connect()
@@ -173,7 +176,7 @@ def train_one(event: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
             if c.clock() == 3 and event is not None:
                 event(cluster, c)
         if event is not None:  # the queued join ends once the worker's steps switched it
-            settled([0, 1, 2])(cluster)
+            settled(list(ring))(cluster)
         status = c.endpoint.request("coordinator", {"kind": "status"}, what="status").result(10)
         rows = emb.pull(KEYS, create=False)
         return rows, bias.pull(), view_of(cluster.address), status["status"]["moves"]
@@ -184,13 +187,17 @@ def abandoned(client: Any) -> list[Any]:
     return [m for m in ask.result(10)["status"]["moves"] if m.get("abandoned")]
 
 
-def join_then_kill(process: str) -> Any:
-    """An event of :func:`train_one`: a server joins, and once its move is under way the
-    server process ``process`` (a name of ``LocalCluster.pids``) is killed; it returns once
-    the coordinator abandoned the move and started it again (the replacement is there)."""
+def join_then_kill(process: str, drain: bool = False) -> Any:
+    """An event of :func:`train_one`: a server joins (or with ``drain``, server[0] is drained),
+    and once its move is under way the server process ``process`` (a name of
+    ``LocalCluster.pids``) is killed; it returns once the coordinator abandoned the move and
+    started it again (the replacement is there)."""
 
     def event(cluster: ps.LocalCluster, client: Any) -> None:
-        assert cluster.add_server() == 2
+        if drain:
+            cluster.remove_server(0)
+        else:
+            assert cluster.add_server() == 2
         wait_until(lambda: moving(cluster), 30, "the join's move in the view")
         os.kill(cluster.pids[process], signal.SIGKILL)
         wait_until(lambda: abandoned(client), 60, "the move abandoned")
@@ -218,3 +225,14 @@ def test_a_source_killed_during_a_move_abandons_it_and_the_join_is_done_again() 
     assert view["ring"] == [0, 1, 2] and "move" not in view
     assert "server[0] died" in moves[0]["abandoned"] and "abandoned" not in moves[-1]
     assert [st for _, _, st in view["servers"]] == ["alive", "alive", "alive"]
+
+
+def test_a_drained_server_killed_during_its_drain_is_restarted_and_drained_again() -> None:
+    # server[0] holds the dense table: the drain moves it whole, and the abandoned drain puts
+    # it back; LocalCluster restarts the killed server (it did not stop on its own)
+    _, _, view, moves = train_one(join_then_kill("server 0", drain=True), ring=(1,))
+    print("moves:", moves)
+    assert view["ring"] == [1] and "move" not in view
+    assert "server[0] died" in moves[0]["abandoned"] and "abandoned" not in moves[-1]
+    assert moves[-1]["dense_tables"] == ["bias"]
+    assert [st for _, _, st in view["servers"]] == ["left", "alive"]
