@@ -76,7 +76,7 @@ class Scaling:
         move = self.coord.members.move
         return {"next_move": self.next_id, "queue": [[k, r] for k, r in self.queue],
                 "move": None if move is None else move["id"], "sources": sorted(self.sources),
-                "moves": self.moves, "server_ranks": list(self.coord.tables.server_ranks)}  # fmt: skip
+                "moves": self.moves}  # fmt: skip
 
     def load_record(self, rec: dict[str, Any]) -> None:
         """Take back a journaled ``scaling`` record (the view record came before it)."""
@@ -84,14 +84,18 @@ class Scaling:
         self.queue = [(str(k), int(r)) for k, r in rec.get("queue") or []]
         self.moves = list(rec.get("moves") or [])
         self._journaled = (rec.get("move"), {int(r) for r in rec.get("sources") or []})
-        if rec.get("server_ranks") is not None:
-            self.coord.tables.server_ranks = [int(r) for r in rec["server_ranks"]]
 
     def resumed(self) -> None:
         """After the journal's replay: the move under way goes on from where it was (the
         sources that had not reported), and a server off the ring that no move names joins."""
-        members = self.coord.members
+        members, tables = self.coord.members, self.coord.tables
         move = members.move
+        # the servers new dense tables go to: the ring's, less a server being drained
+        drained = move["rank"] if move is not None and move["kind"] == "drain" else -1
+        if members.replication == 1:
+            tables.server_ranks = [r for r in members.ring if r != drained]
+            for r in tables.server_ranks:
+                tables.dense_load.setdefault(r, 0)
         if move is not None:
             self.next_id = max(self.next_id, int(move["id"]) + 1)
             rid, left = self._journaled
@@ -99,8 +103,7 @@ class Scaling:
             self.sources = {r for r in self.sources if members.servers[r].state == ALIVE}
             self.started = time.monotonic()
             if move["kind"] == "drain":
-                tables = self.coord.tables
-                self.plan = tables.replan([r for r in tables.server_ranks if r != move["rank"]])
+                self.plan = tables.replan(tables.server_ranks)
             log.warning("move %d (%s server[%d]) resumed: waiting for %s", move["id"],
                         move["kind"], move["rank"],
                         [f"server[{r}]" for r in sorted(self.sources)])  # fmt: skip

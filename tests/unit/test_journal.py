@@ -224,3 +224,31 @@ def test_a_rebuild_under_way_comes_back_and_a_dead_source_of_a_move_abandons_it(
     c.scaling.start()  # every server it needs is alive again
     assert c.members.move is not None and c.members.move["id"] == 2
     _close(c)
+
+
+def test_a_dense_table_placed_by_a_drain_and_one_made_after_a_join_come_back_where_they_are(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "journal")
+    c = Coordinator(2, 1, journal=path)
+    for r in range(2):
+        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
+    c.publish("servers registered")
+    dense = TableSpec(name="bias", kind="dense", dim=1, shape=(8,)).to_wire()
+    c._record({"t": "table", "spec": c.tables.create(dense).to_wire()})
+    assert c.tables.tables["bias"].ranges[0][0] == 0
+    c.scaling.queue.append(("drain", 0))
+    c.scaling.start()
+    _done(c, b"id-0", 1)
+    _done(c, b"id-1", 1)  # bias moved whole to server[1]
+    assert [tuple(r) for r in c.tables.tables["bias"].ranges] == [(1, 0, 8)]
+    want = [s.to_wire() for s in c.tables.specs()]
+    _close(c)
+    again = Coordinator(2, 1, journal=path)
+    try:
+        assert [s.to_wire() for s in again.tables.specs()] == want
+        assert again.tables.server_ranks == [1] and again.scaling.next_id == 2
+        made = again.tables.create(TableSpec(name="w", kind="dense", dim=1, shape=(4,)).to_wire())
+        assert made.ranges[0][0] == 1  # not on the drained server
+    finally:
+        _close(again)
