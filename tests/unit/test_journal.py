@@ -149,6 +149,15 @@ def test_a_compacted_journal_replays_to_the_state_of_the_full_one(tmp_path: Path
         _close(reference)
 
 
+def _servers(path: str, n: int, replication: int = 1) -> Coordinator:
+    """A journaled coordinator whose ``n`` servers registered (identities ``id-0``, ...)."""
+    c = Coordinator(n, 1, journal=path, replication=replication)
+    for r in range(n):
+        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
+    c.publish("servers registered")
+    return c
+
+
 def _done(c: Coordinator, identity: bytes, move: int, purpose: str = "move") -> None:
     h: Any = {"kind": "move_done", "id": 0, "move": move, "source": 0, "stats": {},
               "purpose": purpose}  # fmt: skip
@@ -159,10 +168,7 @@ def test_a_move_under_way_comes_back_with_the_sources_that_did_not_report(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "journal")
-    c = Coordinator(3, 1, journal=path)
-    for r in range(3):
-        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
-    c.publish("servers registered")
+    c = _servers(path, 3)
     c.scaling.queue.append(("drain", 2))
     c.scaling.start()  # move 1: ring [0, 1, 2] -> [0, 1]
     _done(c, b"id-0", 1)
@@ -189,10 +195,7 @@ def test_a_rebuild_under_way_comes_back_and_a_dead_source_of_a_move_abandons_it(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "journal")
-    c = Coordinator(3, 1, journal=path, replication=2)
-    for r in range(3):
-        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
-    c.publish("servers registered")
+    c = _servers(path, 3, replication=2)
     c._declare_dead(c.members.servers[1], "killed")
     m, _ = c.members.register_server(b"id-1b", register(1), 0.0)
     assert m.rebuilding
@@ -230,10 +233,7 @@ def test_a_dense_table_placed_by_a_drain_and_one_made_after_a_join_come_back_whe
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "journal")
-    c = Coordinator(2, 1, journal=path)
-    for r in range(2):
-        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
-    c.publish("servers registered")
+    c = _servers(path, 2)
     dense = TableSpec(name="bias", kind="dense", dim=1, shape=(8,)).to_wire()
     c._record({"t": "table", "spec": c.tables.create(dense).to_wire()})
     assert c.tables.tables["bias"].ranges[0][0] == 0
