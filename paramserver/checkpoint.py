@@ -40,6 +40,7 @@ __all__ = [
     "commit_checkpoint",
     "describe",
     "find_checkpoint",
+    "fsync_dir",
     "load_dense_range",
     "load_sparse_rows",
     "read_manifest",
@@ -60,7 +61,8 @@ class ExportableShard(Protocol):
         ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a file created or renamed there)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -117,7 +119,7 @@ def write_server_shards(
         entry["nbytes"] = int(data["rows"].nbytes + (data["keys"].nbytes if "keys" in data else 0))
         index["tables"][name] = entry
     _write_json(out / "index.json", index)
-    _fsync_dir(out)
+    fsync_dir(out)
     return index
 
 
@@ -143,7 +145,7 @@ def commit_checkpoint(
         "tables": [t.to_wire() for t in tables],
     }
     _write_json(partial / "manifest.json", manifest)
-    _fsync_dir(partial)
+    fsync_dir(partial)
     final = root / f"ckpt-{clock:08d}-{round_id}"
     if final.exists():
         shutil.rmtree(final)
@@ -151,7 +153,7 @@ def commit_checkpoint(
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(final.name + "\n")
     os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep is not None:
         done = sorted(p for p in root.glob("ckpt-*") if p.is_dir() and p != final)
         for old in done[: max(0, len(done) - (keep - 1))]:

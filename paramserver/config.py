@@ -43,6 +43,7 @@ __all__ = [
     "Limits",
     "Timeouts",
     "WorkerEnv",
+    "cluster_to_env",
     "from_env",
     "limits_from_env",
     "normalize_address",
@@ -351,3 +352,28 @@ def from_env(env: Mapping[str, str] | None = None) -> WorkerEnv:
         data_dir=env.get("PS_DATA_DIR") or str(Path.home() / ".cache" / "paramserver"),
         transport=parse_transport(env.get("PS_TRANSPORT") or "auto", "PS_TRANSPORT"),
     )
+
+
+def cluster_to_env(
+    coordinator: str, num_workers: int, num_servers: int, timeouts: Timeouts, token: str | None
+) -> dict[str, str]:
+    """The ``PS_*`` variables that tell a worker process of a cluster (read back by
+    :func:`from_env`): the coordinator's address, the cluster's size, the timeouts, and the
+    token if the cluster has one.
+
+    Example:
+        cluster_to_env("tcp://10.0.0.1:7000", 4, 2, Timeouts(), None)["PS_NUM_WORKERS"]  # "4"
+    """
+    t = timeouts
+    env = {
+        "PS_COORDINATOR": coordinator,
+        "PS_NUM_WORKERS": str(num_workers),
+        "PS_NUM_SERVERS": str(num_servers),
+        "PS_HEARTBEAT_INTERVAL": repr(t.heartbeat_interval),
+        "PS_HEARTBEAT_TIMEOUT": repr(t.heartbeat_timeout),
+        "PS_REQUEST_TIMEOUT": repr(t.request),
+        "PS_CONNECT_TIMEOUT": repr(t.connect),
+    }
+    if token is not None:
+        env["PS_TOKEN"] = token
+    return env

@@ -30,7 +30,7 @@ __all__ = ["Constant", "Initializer", "Normal", "Uniform", "Zeros"]
 _T = TypeVar("_T")
 
 
-def _decode_spec(registry: Mapping[str, type[_T]], spec: Mapping[str, Any], what: str) -> _T:
+def decode_spec(registry: Mapping[str, type[_T]], spec: Mapping[str, Any], what: str) -> _T:
     """Build the dataclass named by ``spec["kind"]`` from the other entries of ``spec``.
 
     Shared by :mod:`paramserver.optim`. Numbers may arrive as int or float (msgpack
@@ -99,7 +99,7 @@ class Initializer:
             >>> Initializer.from_spec({"kind": "zeros"})
             Zeros()
         """
-        return _decode_spec(_REGISTRY, spec, "initializer")
+        return decode_spec(_REGISTRY, spec, "initializer")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ __all__ = [
     "ServerMetrics",
     "check_scalar",
     "format_status",
+    "process_gone",
     "process_usage",
     "quantile",
     "serve_prometheus",
@@ -160,6 +161,22 @@ def process_usage() -> dict[str, float]:
 
         rss = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     return {"rss_bytes": rss, "cpu_seconds": t.user + t.system}
+
+
+def process_gone(pid: int) -> bool:
+    """Whether surely no process ``pid`` runs on this host (False when it cannot be told,
+    e.g. one of another user).
+
+    Example:
+        process_gone(os.getpid())   # False
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class ServerMetrics:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from paramserver.errors import ConfigError
-from paramserver.init import _decode_spec
+from paramserver.init import decode_spec
 
 __all__ = ["FTRL", "SGD", "Adagrad", "Adam", "Momentum", "Optimizer"]
 
@@ -102,7 +102,7 @@ class Optimizer(abc.ABC):
             >>> Optimizer.from_spec({"kind": "adam", "lr": 1e-3}).lr
             0.001
         """
-        return _decode_spec(_REGISTRY, spec, "optimizer")
+        return decode_spec(_REGISTRY, spec, "optimizer")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from paramserver.config import CheckpointPolicy, Timeouts, from_env
+from paramserver.config import CheckpointPolicy, Timeouts, cluster_to_env, from_env
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 
 __all__ = ["Resources", "launch", "parse_memory", "run_job"]
@@ -471,20 +471,10 @@ def run_job(
     )  # fmt: skip
     ray = cluster.ray
     try:
-        env = {
-            "PS_COORDINATOR": cluster.address,
-            "PS_NUM_WORKERS": str(workers),
-            "PS_NUM_SERVERS": str(servers),
-            "PS_HEARTBEAT_INTERVAL": repr(t.heartbeat_interval),
-            "PS_HEARTBEAT_TIMEOUT": repr(t.heartbeat_timeout),
-            "PS_REQUEST_TIMEOUT": repr(t.request),
-            "PS_CONNECT_TIMEOUT": repr(t.connect),
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = cluster_to_env(cluster.address, workers, servers, t, cluster.token)
+        env["PYTHONUNBUFFERED"] = "1"
         if consistency is not None:
             env["PS_CONSISTENCY"] = consistency
-        if cluster.token is not None:
-            env["PS_TOKEN"] = cluster.token
         actors = cluster.add_workers(workers)
         refs = [
             a.run_program.remote(

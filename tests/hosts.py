@@ -5,7 +5,10 @@ Each host of a bed has its own network namespace (one veth on the bed's bridge, 
 interface, so there is no way out and no NAT), its own mount namespace (a private tmpfs on
 ``/dev/shm``, so shared memory is not shared between hosts, and an ``/etc/hosts`` naming every
 host of the bed) and its own UTS namespace (its hostname: ``h0``, ``h1``, ...). Its link is
-shaped in both directions with ``tc tbf`` (and, where the kernel has netem, delayed).
+shaped in both directions with ``tc tbf`` (and, where the kernel has netem, delayed; the tc
+commands are in tests/links.py).
+One direction of one path can be cut alone (``bed[4].cut_path(bed[0])``: what h0 sends to h4
+vanishes), so that one host's messages reach another late.
 Processes started in a host are tracked by pid; anything living in a host's namespaces is
 found by its namespace inodes, so a grandchild is not missed either.
 
@@ -45,37 +48,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from tests.links import COMMAND_TIMEOUT, BedError, execute, parse_delay, parse_rate, shape
+
 PREFIX = "psh"
 STATE_ROOT = Path("/run/paramserver-hosts")
 NETNS_DIR = Path("/run/netns")
 SUBNET = "10.251.0"  # host i is SUBNET.(i + 1); exists only inside the bed's namespaces
 MANUAL_RUN = "man00"  # the bed of scripts/hosts.sh, kept until `down`
-COMMAND_TIMEOUT = 10.0
 _RUN_CHARS = string.ascii_lowercase + string.digits
 _RUN = re.compile(rf"^{PREFIX}([a-z0-9]{{5}})(?:h\d+|v\d+|br)$")
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)\s*$", re.IGNORECASE)
-_DELAY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)\s*$", re.IGNORECASE)
 
 Stream = int | IO[Any] | None
-
-
-class BedError(RuntimeError):
-    """The bed could not do what it was asked (the message says what and how to fix it)."""
-
-
-def _cmd(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        res = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise BedError(f"`{' '.join(argv)}` did not finish within {COMMAND_TIMEOUT}s") from None
-    except FileNotFoundError:
-        raise BedError(f"`{argv[0]}` is not installed (iproute2 / util-linux)") from None
-    if check and res.returncode != 0:
-        raise BedError(f"`{' '.join(argv)}` failed (exit {res.returncode}): {res.stderr.strip()}")
-    return res
 
 
 @functools.cache
@@ -105,27 +88,6 @@ def unavailable() -> str | None:
     if res.returncode != 0:
         return f"emulated hosts cannot be made here (namespaces, veth, bridge, tbf): {res.stderr}"
     return None
-
-
-def parse_rate(rate: str | int) -> int:
-    """Bits per second of a tc-style rate (``"1gbit"``, ``"500mbit"``) or of an int."""
-    if isinstance(rate, int) and not isinstance(rate, bool) and rate > 0:
-        return rate
-    m = _RATE.match(rate) if isinstance(rate, str) else None
-    if m is None or float(m[1]) <= 0:
-        raise BedError(f"rate must be like '100mbit', '1gbit' or bits/s > 0, got {rate!r}")
-    unit = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}[m[2].lower()]
-    return round(float(m[1]) * unit)
-
-
-def parse_delay(delay: str | float) -> float:
-    """Seconds of a tc-style delay (``"2ms"``) or of a float."""
-    if isinstance(delay, int | float) and not isinstance(delay, bool) and delay >= 0:
-        return float(delay)
-    m = _DELAY.match(delay) if isinstance(delay, str) else None
-    if m is None:
-        raise BedError(f"delay must be like '2ms', '500us' or seconds >= 0, got {delay!r}")
-    return float(m[1]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m[2].lower()]
 
 
 def _start_time(pid: int) -> int | None:
@@ -190,32 +152,11 @@ def _locked() -> Iterator[None]:
         try:
             if str(STATE_ROOT) not in _mounted():
                 # namespace files can only be bound on a mount that is not shared
-                _cmd(["mount", "--bind", str(STATE_ROOT), str(STATE_ROOT)])
-                _cmd(["mount", "--make-private", str(STATE_ROOT)])
+                execute(["mount", "--bind", str(STATE_ROOT), str(STATE_ROOT)])
+                execute(["mount", "--make-private", str(STATE_ROOT)])
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _shape(dev: str, netns: str | None, rate: int | None, delay: float | None) -> None:
-    """Shape the egress of ``dev``: tbf at ``rate`` bits/s, then netem ``delay`` seconds."""
-    tc = ["tc", *(["-n", netns] if netns else [])]
-    _cmd([*tc, "qdisc", "del", "dev", dev, "root"], check=False)  # none there is fine
-    parent = ["root"]
-    if rate is not None:
-        # a burst of 2 ms of traffic, at least 128 KiB (a 64 KiB TSO packet must fit whole)
-        burst = max(rate // 8 // 500, 128 * 1024)
-        _cmd([*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
-              "rate", f"{rate}bit", "burst", str(burst), "latency", "20ms"])  # fmt: skip
-        parent = ["parent", "1:1"]
-    if delay:
-        res = _cmd([*tc, "qdisc", "add", "dev", dev, *parent, "handle", "10:", "netem",
-                    "delay", f"{round(delay * 1e6)}us"], check=False)  # fmt: skip
-        if res.returncode != 0:
-            raise BedError(
-                f"cannot delay the link of {dev}: {res.stderr.strip()} (this kernel may lack "
-                "the netem qdisc, CONFIG_NET_SCH_NETEM); leave delay unset here"
-            )
 
 
 class Host:
@@ -237,6 +178,7 @@ class Host:
         self.rate: int | None = None
         self.delay: float | None = None
         self.state = "up"  # up, cut, killed
+        self.cut_from: list[str] = []  # the addresses whose packets to it vanish (cut_path)
         self.procs: list[subprocess.Popen[Any]] = []
 
     def __repr__(self) -> str:
@@ -336,8 +278,16 @@ class Host:
             self._apply_shape()
 
     def _apply_shape(self) -> None:
-        _shape("eth0", self.netns, self.rate, self.delay)  # what it sends
-        _shape(self.veth, None, self.rate, self.delay)  # what it receives
+        shape("eth0", self.netns, self.rate, self.delay)  # what it sends
+        shape(self.veth, None, self.rate, self.delay, self.cut_from)  # what it receives
+
+    def cut_path(self, sender: Host, cut: bool = True) -> None:
+        """Make what ``sender`` sends to this host vanish (``cut=False``: arrive again), and only
+        that: every other path and direction stays as it is. Once mended, TCP sends the lost
+        packets again: ``sender``'s messages arrive late (the kernel may lack netem's delay)."""
+        self.cut_from = [a for a in self.cut_from if a != sender.address] + [sender.address] * cut
+        if self.state == "up":
+            self._apply_shape()
 
     def cut(self, how: str = "drop") -> None:
         """Cut this host off: ``drop`` (a partition: its link stays up, every packet in or out
@@ -345,9 +295,9 @@ class Host:
         if how == "drop":
             for dev, ns in (("eth0", self.netns), (self.veth, None)):
                 tc = ["tc", *(["-n", ns] if ns else [])]
-                _cmd([*tc, "qdisc", "replace", "dev", dev, "root", "blackhole"])
+                execute([*tc, "qdisc", "replace", "dev", dev, "root", "blackhole"])
         elif how == "down":
-            _cmd(["ip", "-n", self.netns, "link", "set", "eth0", "down"])
+            execute(["ip", "-n", self.netns, "link", "set", "eth0", "down"])
         else:
             raise BedError(f"cut(how=...) must be 'drop' or 'down', got {how!r}")
         self.state = "cut"
@@ -363,23 +313,19 @@ class Host:
 
     def kill(self) -> None:
         """Take the whole host away: SIGKILL every process in it, then its link down."""
-        self._kill_tracked()
-        _kill_all(self.files, self.name)
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(COMMAND_TIMEOUT)
-        _cmd(["ip", "-n", self.netns, "link", "set", "eth0", "down"])
-        _cmd(["ip", "link", "set", self.veth, "down"])
+        self.stop()
+        execute(["ip", "-n", self.netns, "link", "set", "eth0", "down"])
+        execute(["ip", "link", "set", self.veth, "down"])
         self.state = "killed"
 
     def reconnect(self) -> None:
         """Undo :meth:`cut`, or bring a killed host back as after a reboot (an empty /dev/shm)."""
         if self.state == "killed":
-            _cmd(["nsenter", f"--mount={self.mnt}", "--", "sh", "-c",
+            execute(["nsenter", f"--mount={self.mnt}", "--", "sh", "-c",
                   f"umount /dev/shm && mount -t tmpfs -o size={self.shm_size},mode=1777 "
                   "tmpfs /dev/shm"])  # fmt: skip
-        _cmd(["ip", "link", "set", self.veth, "up"])
-        _cmd(["ip", "-n", self.netns, "link", "set", "eth0", "up"])
+        execute(["ip", "link", "set", self.veth, "up"])
+        execute(["ip", "-n", self.netns, "link", "set", "eth0", "up"])
         self._apply_shape()
         self.state = "up"
 
@@ -426,16 +372,16 @@ class Bed:
     def create(self, rate: str | int | None, delay: str | float | None) -> None:
         names = "".join(f"{h.address} {h.name}\n" for h in self.hosts)
         (self.dir / "hosts").write_text(f"127.0.0.1 localhost\n::1 localhost\n{names}")
-        _cmd(["ip", "link", "add", self.bridge, "type", "bridge"])
-        _cmd(["ip", "link", "set", self.bridge, "up"])
+        execute(["ip", "link", "add", self.bridge, "type", "bridge"])
+        execute(["ip", "link", "set", self.bridge, "up"])
         for h in self.hosts:
-            _cmd(["ip", "netns", "add", h.netns])
-            _cmd(["ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0",
+            execute(["ip", "netns", "add", h.netns])
+            execute(["ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0",
                   "netns", h.netns])  # fmt: skip
-            _cmd(["ip", "link", "set", h.veth, "master", self.bridge, "up"])
-            _cmd(["ip", "-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0"])
-            _cmd(["ip", "-n", h.netns, "link", "set", "eth0", "up"])
-            _cmd(["ip", "-n", h.netns, "link", "set", "lo", "up"])
+            execute(["ip", "link", "set", h.veth, "master", self.bridge, "up"])
+            execute(["ip", "-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0"])
+            execute(["ip", "-n", h.netns, "link", "set", "eth0", "up"])
+            execute(["ip", "-n", h.netns, "link", "set", "lo", "up"])
             h.mnt.touch()
             h.uts.touch()
             # inside: a private /dev/shm, the bed's /etc/hosts, its hostname; and other
@@ -445,7 +391,7 @@ class Bed:
                 f"mount --bind {self.dir / 'hosts'} /etc/hosts && hostname {h.name} && "
                 f"{{ umount -l {NETNS_DIR} 2>/dev/null; umount -l {STATE_ROOT}; true; }}"
             )
-            _cmd(["unshare", f"--mount={h.mnt}", f"--uts={h.uts}", "--propagation", "private",
+            execute(["unshare", f"--mount={h.mnt}", f"--uts={h.uts}", "--propagation", "private",
                   "sh", "-c", setup])  # fmt: skip
             h.shape(rate, delay)
 
@@ -481,15 +427,15 @@ def _remove(folder: Path, state: Mapping[str, Any]) -> None:
     files = [NETNS_DIR / h["netns"] for h in hosts] + bound
     _kill_all(files, f"bed {folder.name}")
     for h in hosts:
-        _cmd(["ip", "link", "del", h["veth"]], check=False)  # takes the host's end along
-    _cmd(["ip", "link", "del", state.get("bridge", "")], check=False)
+        execute(["ip", "link", "del", h["veth"]], check=False)  # takes the host's end along
+    execute(["ip", "link", "del", state.get("bridge", "")], check=False)
     for h in hosts:
         if (NETNS_DIR / h["netns"]).exists():
-            _cmd(["ip", "netns", "del", h["netns"]])
+            execute(["ip", "netns", "del", h["netns"]])
     mounted = _mounted()
     for f in bound:
         if str(f) in mounted:
-            _cmd(["umount", str(f)])
+            execute(["umount", str(f)])
     shutil.rmtree(folder, ignore_errors=True)
     left = [str(f) for f in files if f.exists()] + [d for d in _links() if d[3:8] == folder.name]
     if left:
@@ -497,7 +443,7 @@ def _remove(folder: Path, state: Mapping[str, Any]) -> None:
 
 
 def _links() -> list[str]:
-    out = _cmd(["ip", "-o", "link", "show"]).stdout
+    out = execute(["ip", "-o", "link", "show"]).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
     return [n for n in names if _RUN.match(n)]
 
@@ -529,12 +475,12 @@ def sweep(*, manual: bool = False) -> list[str]:
             m = _RUN.match(name)
             if m and m[1] not in claimed:
                 _kill_all([NETNS_DIR / name], name)
-                _cmd(["ip", "netns", "del", name])
+                execute(["ip", "netns", "del", name])
                 removed.append(m[1])
         for name in _links():
             m = _RUN.match(name)
             if m and m[1] not in claimed:
-                _cmd(["ip", "link", "del", name], check=False)
+                execute(["ip", "link", "del", name], check=False)
                 removed.append(m[1])
     return sorted(set(removed))
 

@@ -115,8 +115,8 @@ class DenseTable(TableHandle):
         return self._seg
 
     def move_to(self, ranges: list[tuple[int, int, int]]) -> None:
-        """Route by ``ranges`` from now on (a drain moved the table: client/ring.py); the
-        shared memory is attached to the new servers on next use."""
+        """Route by ``ranges`` from now on (a join or a drain placed the table anew:
+        client/ring.py); the shared memory is attached to the new servers on next use."""
         self.spec = self.spec.with_ranges(ranges)
         self._seg, self._shm_tried = None, False  # (in-flight pulls keep the old one alive)
 

@@ -65,7 +65,8 @@ class DenseGroup:
         self._place()
 
     def _place(self) -> None:
-        """Group the tables by server, again if a table moved (a drain: client/ring.py)."""
+        """Group the tables by server, again if a table moved (a join or a drain:
+        client/ring.py)."""
         now = [t.spec.ranges for t in self.tables]
         if now == self.placed:
             return

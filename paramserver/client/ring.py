@@ -53,6 +53,7 @@ class RingRouting:
     next_rebuild: tuple[int, int, list[int], str] | None = None
     _ep: Endpoint
     replaced: Counter[int]
+    server_states: dict[int, str]
 
     if TYPE_CHECKING:  # what this mixin uses of the session it is part of (client/session.py)
 
@@ -186,6 +187,13 @@ class RingRouting:
             self.ring = HashRing.build(ring)
             self.ring_version += 1
             log.info("worker[%d] routes by the ring of servers %s", self.rank, ring)
+
+    def moot_when_left(self, s: int, kind: str) -> bool:
+        """Whether a request of ``kind`` that server ``s`` did not answer needs no answer: the
+        view says ``s`` was drained (it holds nothing, and its rank is never reused), and a
+        clock, a ``switched`` or a table order changes nothing it holds (one sent just before
+        the view that says so may have found it stopped)."""
+        return kind in ("clock", "switched", "create_shard") and self.server_states.get(s) == "left"
 
     @property
     def servers(self) -> list[int]:

@@ -350,6 +350,8 @@ class Session(CoordinatorWatch, RingRouting):
                     # the server does not know the slot (it was restarted): start afresh
                     self._drop_slots(s)
                     attempt(use_slot=False)
+                elif isinstance(err, NodeLostError) and self.moot_when_left(s, header["kind"]):
+                    outer.set_result({"kind": "ok"})
                 elif isinstance(err, NodeLostError) and not self._closed:
 
                     def give_up() -> None:

@@ -156,14 +156,7 @@ class SparseTable(TableHandle):
 
         sent: list[int] = []
         for p, (s, _, part_keys) in enumerate(plan.parts):
-            h = header
-            arrays = [part_keys]
-            if sig is not None:
-                h = {**header, "sig": sig}
-                if s in plan.known:
-                    arrays = []
-                else:
-                    sent.append(s)
+            h, arrays = signed_part(header, sig, plan, s, sent, part_keys, [])
             futs.append(
                 c.request_server(
                     s,
@@ -414,14 +407,7 @@ class SparseTable(TableHandle):
         sent: list[int] = []
         for s, idx, part_keys in plan.parts:
             part = values if idx is None else [v[idx] for v in values]
-            h = header
-            arrays = [part_keys, *part]
-            if sig is not None:
-                h = {**header, "sig": sig}
-                if s in plan.known:
-                    arrays = part
-                else:
-                    sent.append(s)
+            h, arrays = signed_part(header, sig, plan, s, sent, part_keys, part)
             futs.append(
                 c.request_server(
                     s,
@@ -442,6 +428,30 @@ class SparseTable(TableHandle):
             return fut
         # a retry keeps the sequence number: a server that applied the first try skips it
         return self._retry_unknown(fut, plan, lambda: self._send_push(plan, None, header, values))
+
+
+def signed_part(
+    header: dict[str, Any],
+    sig: int | None,
+    plan: KeyPlan,
+    s: int,
+    sent: list[int],
+    keys: np.ndarray,
+    rest: list[np.ndarray],
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The header and arrays of server ``s``'s part of a request (its ``keys``, then ``rest``).
+    With a key-list signature ``sig``, a server that knows the list gets the signature without
+    the keys; another gets both and is added to ``sent`` (it knows the list once it answered).
+
+    Example:
+        h, arrays = signed_part(header, sig, plan, s, sent, part_keys, [grads])
+    """
+    if sig is None:
+        return header, [keys, *rest]
+    if s in plan.known:
+        return {**header, "sig": sig}, list(rest)
+    sent.append(s)
+    return {**header, "sig": sig}, [keys, *rest]
 
 
 def gather_push(

@@ -129,17 +129,9 @@ class CoordinatorWatch:
         """One heartbeat from this thread: whether the coordinator answered (rejoining if it
         answered that this worker was dropped)."""
         try:
-            self._ep.request(
-                "coordinator",
-                {
-                    "kind": "heartbeat",
-                    "role": "worker",
-                    "rank": self.rank,
-                    INCARNATION: self._incarnation,
-                    "clock": self._clock,
-                },
-                what="heartbeat",
-            ).result(2 * self.timeouts.heartbeat_interval)
+            self._ep.request("coordinator", self._beat_fields(), what="heartbeat").result(
+                2 * self.timeouts.heartbeat_interval
+            )
         except RemoteError as exc:
             if exc.code != "expelled":
                 raise
@@ -182,13 +174,16 @@ class CoordinatorWatch:
         self._beats += 1
         self._beat_incarnations[self._beats] = self._incarnation
         self._beat_incarnations.pop(self._beats - 64, None)
+        return {**self._beat_fields(), "examples": self._examples}
+
+    def _beat_fields(self) -> dict[str, Any]:
+        """Who this worker is and its clock (a probe of the coordinator sends only these)."""
         return {
             "kind": "heartbeat",
             "role": "worker",
             "rank": self.rank,
             INCARNATION: self._incarnation,
             "clock": self._clock,
-            "examples": self._examples,
         }
 
     def _beat_answered(self, header: dict[str, Any]) -> None:

@@ -321,8 +321,9 @@ class Client(Session):
         return max((int(d.get("tables", 0)) for d in done), default=0)
 
     def move_dense(self, ranges: dict[str, list[tuple[int, int, int]]]) -> None:
-        """A drain moved these dense tables: their handles route by the new ranges (and so
-        does a handle made later, whose spec the coordinator may give before the move ends)."""
+        """A move (a join or a drain) placed these dense tables anew: their handles route by
+        the new ranges (and so does a handle made later, whose spec the coordinator may give
+        before the move ends)."""
         self.dense_moved = {**self.dense_moved, **ranges}
         for name, r in ranges.items():
             handle = self._tables.get(name)

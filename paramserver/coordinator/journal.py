@@ -33,6 +33,8 @@ from typing import Any
 
 import msgpack
 
+from paramserver.checkpoint import fsync_dir
+
 __all__ = ["COMPACT_BYTES", "Journal", "replay", "scaling_record", "state_records"]
 
 COMPACT_BYTES = 8 << 20  # a journal past this size is rewritten as the current state
@@ -97,11 +99,7 @@ class Journal:
             os.fsync(f.fileno())
         before = self._file.tell()
         os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.path.parent)
         self._file.close()
         self._file = open(self.path, "ab")  # noqa: SIM115 (held open for the coordinator's life)
         log.info("journal %s compacted: %d bytes -> %d (%d records)", self.path, before,

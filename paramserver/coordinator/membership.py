@@ -25,7 +25,6 @@ The wire names the view number ``epoch`` and the incarnation ``token``
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Any
 from paramserver.config import Timeouts
 from paramserver.coordinator.refusal import Refusal
 from paramserver.errors import ConfigError
+from paramserver.metrics import process_gone
 from paramserver.partition import check_replication
 from paramserver.wire.messages import (
     INCARNATION,
@@ -85,17 +85,6 @@ class Member:
         return f"{self.role}[{self.rank}]"
 
 
-def _process_gone(pid: int) -> bool:
-    """Whether surely no process ``pid`` runs on this host (False when it cannot be told)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 class Membership:
     """The members of one cluster and its view.
 
@@ -115,7 +104,7 @@ class Membership:
         timeouts: Timeouts,
         *,
         hostname: str | None = None,
-        process_gone: Callable[[int], bool] = _process_gone,
+        process_gone: Callable[[int], bool] = process_gone,
         replication: int = 1,
     ) -> None:
         if num_servers < 1:

@@ -128,7 +128,26 @@ class TableRegistry:
         """Take ``plan``'s placement: its servers, the tables' new ranges, the load."""
         self.server_ranks = list(plan.ranks)
         self.tables.update(plan.specs)
-        self.dense_load = dict(plan.load)
+        self.count_load()
+
+    def moved(self, dense: dict[str, Any]) -> None:
+        """The dense tables' ranges after a move: ``{name: [[server, start, stop], ...]}`` as
+        the move's view carries them (the placement a :meth:`replan` gave)."""
+        for name, ranges in dense.items():
+            spec = self.tables.get(name)
+            if spec is not None and spec.kind == "dense":
+                self.tables[name] = spec.with_ranges([(int(s), int(a), int(b))
+                                                      for s, a, b in ranges])  # fmt: skip
+
+    def count_load(self) -> None:
+        """The dense elements on each server, counted from the tables' ranges."""
+        n = len(self.server_ranks)
+        load = dict.fromkeys(self.server_ranks, 0)
+        for spec in self.tables.values():
+            for s, a, b in spec.ranges if spec.kind == "dense" else ():
+                for r in replicas_of(s, n, self.replication) if s in load else ():
+                    load[r] = load.get(r, 0) + b - a
+        self.dense_load = load
 
     def specs(self) -> list[TableSpec]:
         return list(self.tables.values())
@@ -169,15 +188,8 @@ class TableRegistry:
         """Take a journaled table back as it was placed (its dense ranges kept: a move may
         have placed it anew); the dense load follows."""
         spec = TableSpec.from_wire(wire)
-        old = self.tables.get(spec.name)
         self.tables[spec.name] = spec
-        n = len(self.server_ranks)
-        for table, sign in ((old, -1), (spec, 1)):
-            if table is None or table.kind != "dense":
-                continue
-            for s, a, b in table.ranges:
-                for r in replicas_of(s, n, self.replication):
-                    self.dense_load[r] = self.dense_load.get(r, 0) + sign * (b - a)
+        self.count_load()
         return spec
 
     def _check_bytes(self, spec: TableSpec) -> None:

@@ -12,12 +12,13 @@ time (the others wait in a queue, in order):
 3. The view switches: ``ring`` is the new one, no ``move``. A drained server is then ``left``
    and told to stop.
 
-Restarted mid-move (a journal, coordinator/journal.py): the move is in the journaled view, and
-the ``scaling`` record holds the sources still to report, the queue and the next id
-(:meth:`Scaling.to_record`, :meth:`Scaling.load_record`). Sources and workers go on without the
-coordinator (the copy, the switches, the delta and the end are between them); a source
-sends its ``move_done`` again when it sees the coordinator's process change (server/cluster.py),
-so a report lost in the crash comes back, and the restarted coordinator switches the view.
+Restarted mid-move (a journal, coordinator/journal.py): the move is in the journaled view (its
+``dense`` too), and the ``scaling`` record holds the sources still to report, the queue and the
+next id (:meth:`Scaling.to_record`, :meth:`Scaling.load_record`). Sources and workers go on
+without the coordinator (the copy, the switches, the delta and the end are between them); a
+source sends its ``move_done`` again when it sees the coordinator's process change
+(server/cluster.py), so a report lost in the crash comes back, and the restarted coordinator
+switches the view.
 
 A server of the move that dies meanwhile (a source, or a destination: a joining server or a
 server receiving a drained one's keys) abandons it (:meth:`Scaling.on_dead`): the view goes back
@@ -26,12 +27,12 @@ keys), workers route by the old ring again, the abandoned move is listed in the 
 same join or drain is queued again: it starts once every server it needs is alive (a dead
 rank's replacement registered; a joining server's replacement registers off the ring).
 
-Sparse tables move. Dense tables move whole on a drain: the leaving server's tables go to the
-least loaded others (``TableRegistry.replan``; the move's ``dense``: ``{name: new ranges}``), and
-the registry takes the new placement when the move is done. A joining server gets no dense
-range (new tables may go there), and a server holding a part of a table cut over several servers
-cannot be drained (refused, naming the tables). The registry places new dense tables on the
-ring's servers only. Plain state plus the coordinator's publish and send.
+Sparse tables move, and so do dense ranges (``TableRegistry.replan``; the move's ``dense``:
+``{name: new ranges}``): a large table, cut over several servers, is cut anew over the new set
+on a join and on a drain (as a table created now would be cut); a small one stays whole where it
+is unless its server leaves, then goes to the least loaded other. The registry takes the new
+placement when the move is done, and places new dense tables on the ring's servers only (a
+joining server once its move is done). Plain state plus the coordinator's publish and send.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ class Scaling:
         # per finished move: what it was, how long it took, the rows and bytes its sources sent
         self.moves: list[dict[str, Any]] = []
         self._stats: list[dict[str, Any]] = []
-        self.plan: DensePlan | None = None  # the dense tables' placement after the move
         # from the journal: the move under way then, and its sources that had not reported
         self._journaled: tuple[int | None, set[int]] = (None, set())
 
@@ -94,16 +94,13 @@ class Scaling:
         drained = move["rank"] if move is not None and move["kind"] == "drain" else -1
         if members.replication == 1:
             tables.server_ranks = [r for r in members.ring if r != drained]
-            for r in tables.server_ranks:
-                tables.dense_load.setdefault(r, 0)
+            tables.count_load()
         if move is not None:
             self.next_id = max(self.next_id, int(move["id"]) + 1)
             rid, left = self._journaled
             self.sources = left if rid == move["id"] else set(move["from"])
             self.sources = {r for r in self.sources if members.servers[r].state == ALIVE}
             self.started = time.monotonic()
-            if move["kind"] == "drain":
-                self.plan = tables.replan(tables.server_ranks)
             log.warning("move %d (%s server[%d]) resumed: waiting for %s", move["id"],
                         move["kind"], move["rank"],
                         [f"server[{r}]" for r in sorted(self.sources)])  # fmt: skip
@@ -119,11 +116,10 @@ class Scaling:
         self.coord.journal_scaling()
         self.start()
 
-    def _ready(self, kind: str, rank: int) -> bool:
-        """Whether every server a queued move needs is alive (else it waits)."""
+    def _ready(self, rank: int) -> bool:
+        """Whether every server a queued move of ``rank`` needs is alive (else it waits)."""
         members = self.coord.members
-        need = {*members.ring, rank}
-        return all(members.servers[r].state == ALIVE for r in need)
+        return all(members.servers[r].state == ALIVE for r in {*members.ring, rank})
 
     def on_dead(self, m: Member) -> None:
         """A server died (the caller publishes next): a move it takes part in is abandoned
@@ -144,7 +140,7 @@ class Scaling:
         tables = self.coord.tables
         if move["kind"] == "drain":  # its dense tables stay where they are
             tables.server_ranks = sorted({*tables.server_ranks, move["rank"]})
-        self.plan = None
+            tables.count_load()
         self.sources = set()
         again = (move["kind"], move["rank"])
         if again not in self.queue and not (move["kind"] == "join" and m.rank == move["rank"]):
@@ -168,16 +164,8 @@ class Scaling:
         if len(ring) - sum(k == "drain" for k, _ in self.queue) <= 1 or moving:
             raise Refusal("invalid", f"server[{rank}] cannot be drained: it would leave no server")
         tables = self.coord.tables
-        plan = tables.replan([r for r in tables.server_ranks if r != rank])
-        cut = [n for n, spec in plan.specs.items()
-               if len(spec.ranges) != 1 or len(tables.tables[n].ranges) != 1]  # fmt: skip
-        if cut:
-            raise Refusal(
-                "invalid",
-                f"server[{rank}] holds a part of dense tables {cut}, which are (or would be) "
-                "cut over several servers: moving parts of a cut table is not supported yet, "
-                "so it cannot be drained (nothing changed)",
-            )
+        # refused here (too_large: a range would pass Limits(table_bytes)), not once announced
+        tables.replan([r for r in tables.server_ranks if r != rank])
         self.queue.append(("drain", rank))
         self.coord.journal_scaling()
         self.coord.router.reply(identity, h["id"])
@@ -188,7 +176,7 @@ class Scaling:
         members = self.coord.members
         if members.move is not None:
             return
-        ready = [i for i, (k, r) in enumerate(self.queue) if self._ready(k, r)]
+        ready = [i for i, (_, r) in enumerate(self.queue) if self._ready(r)]
         if not ready:
             return
         kind, rank = self.queue.pop(ready[0])
@@ -200,13 +188,24 @@ class Scaling:
         self.sources = {r for r in old if members.servers[r].state == ALIVE}
         self.started = time.monotonic()
         self._stats = []
-        self.plan = None
-        if kind == "drain":  # its dense tables go whole to the others; no new one goes there
-            tables = self.coord.tables
-            self.plan = tables.replan([r for r in tables.server_ranks if r != rank])
-            if self.plan.specs:
-                members.move["dense"] = {n: [list(r) for r in spec.ranges]
-                                         for n, spec in self.plan.specs.items()}  # fmt: skip
+        tables = self.coord.tables
+        ranks = sorted({*tables.server_ranks, rank}) if kind == "join" else [
+            r for r in tables.server_ranks if r != rank]  # fmt: skip
+        plan: DensePlan | None = None
+        try:  # the dense ranges on the new set: large tables cut anew, small ones whole
+            plan = tables.replan(ranks)
+        except (Refusal, ValueError) as exc:  # a drain checked this when asked: tables created
+            # since (ValueError: with replication, where moves are refused before this)
+            if kind == "drain":  # its dense ranges would have nowhere to go
+                log.error("drain of server[%d] not started: %s", rank, exc)
+                members.move = None
+                self.start()
+                return
+            log.error("move %d: dense tables stay where they are: %s", members.move["id"], exc)
+        if plan is not None and plan.specs:  # (the view, and so the journal, carries them)
+            members.move["dense"] = {n: [list(r) for r in spec.ranges]
+                                     for n, spec in plan.specs.items()}  # fmt: skip
+        if kind == "drain":  # no new table goes to the leaving server
             tables.server_ranks = [r for r in tables.server_ranks if r != rank]
         self.coord.publish(f"move {members.move['id']}: {kind} server[{rank}], ring {old} -> {new}")
         self.coord.journal_scaling()
@@ -241,12 +240,13 @@ class Scaling:
         members.ring = list(move["to"])
         members.move = None
         tables = self.coord.tables
-        if self.plan is not None:
-            tables.adopt(self.plan)
-            self.plan = None
+        # the placement the move announced (its ``dense``, in the view: nothing else to keep)
+        tables.moved(move.get("dense") or {})
         if move["kind"] == "join":
             tables.server_ranks = sorted({*tables.server_ranks, move["rank"]})
-            tables.dense_load.setdefault(move["rank"], 0)
+        else:
+            tables.server_ranks = [r for r in tables.server_ranks if r != move["rank"]]
+        tables.count_load()  # (tables created during the move are not in the move's dense)
         gone = members.servers[move["rank"]] if move["kind"] == "drain" else None
         if gone is not None:
             gone.state = LEFT

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from paramserver.data.hashing import bucketize_log, hash_field, hash_strings
-from paramserver.data.lines import BadLines, keep_lines, line_blocks, split_fields
+from paramserver.data.lines import BadLines, good_lines, keep_lines, line_blocks
 from paramserver.errors import ConfigError
 from paramserver.mix import splitmix64
 
@@ -117,17 +117,8 @@ def read_criteo(
     for first, block in line_blocks(
         path, block_bytes=block_bytes, start=start, stop=stop, first_line=first_line
     ):
-        starts, ends, counts = split_fields(block, _TAB)
-        numbers = first + np.arange(len(starts))
-        blank = counts == 0
-        wrong = ~blank & (counts != ncol)
-        if wrong.any():
-            bad.add(
-                path,
-                numbers[wrong],
-                [f"expected {ncol} tab-separated fields, found {c}" for c in counts[wrong]],
-            )
-        keep = ~blank & ~wrong
+        kind = "tab-separated "
+        starts, ends, numbers, keep = good_lines(block, first, _TAB, ncol, bad, path, kind)
         if not keep.any():
             continue
         good = keep_lines(block, starts, ends, keep)

@@ -18,7 +18,7 @@ import numpy as np
 
 from paramserver.data.ctr import CTRBatch
 from paramserver.data.hashing import hash_field, hash_strings
-from paramserver.data.lines import BadLines, keep_lines, line_blocks, open_data, split_fields
+from paramserver.data.lines import BadLines, good_lines, keep_lines, line_blocks, open_data
 from paramserver.errors import ConfigError, DataError
 
 __all__ = ["SparseBatch", "bucketize_signed_log", "read_libsvm", "read_table", "read_text"]
@@ -252,17 +252,7 @@ def read_table(
         if skip_header:  # a compressed file cannot seek past its header
             block = block[block.index(b"\n") + 1 :]
             skip_header = False
-        starts, ends, counts = split_fields(block, sep_byte[0])
-        numbers = first + np.arange(len(starts))
-        blank = counts == 0
-        wrong = ~blank & (counts != len(names))
-        if wrong.any():
-            bad.add(
-                p,
-                numbers[wrong],
-                [f"expected {len(names)} fields, found {c}" for c in counts[wrong]],
-            )
-        keep = ~blank & ~wrong
+        starts, ends, numbers, keep = good_lines(block, first, sep_byte[0], len(names), bad, p)
         if not keep.any():
             continue
         lines = numbers[keep]

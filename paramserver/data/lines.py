@@ -24,7 +24,7 @@ import numpy as np
 
 from paramserver.errors import ConfigError, DataError
 
-__all__ = ["BadLines", "line_blocks", "line_index", "open_data", "split_fields"]
+__all__ = ["BadLines", "good_lines", "line_blocks", "line_index", "open_data", "split_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,32 @@ def split_fields(
     counts = np.bincount(np.searchsorted(ends, seps), minlength=len(ends))[: len(ends)] + 1
     counts[ends == starts] = 0
     return starts, ends, counts
+
+
+def good_lines(
+    block: bytes, first: int, sep: int, fields: int, bad: BadLines, path: str | Path, kind: str = ""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The lines of ``block`` (its first is line number ``first``) that hold ``fields``
+    ``sep``-separated fields: blank lines are passed over, the others told to ``bad`` as
+    ``path:line`` ("expected N {kind}fields, found M").
+
+    Returns ``(line_starts, line_ends, line_numbers, keep)`` of every line, ``keep`` the mask
+    of the good ones.
+
+    Example:
+        starts, ends, numbers, keep = good_lines(block, 1, ord("\t"), 40, bad, "day_0")
+    """
+    starts, ends, counts = split_fields(block, sep)
+    numbers = first + np.arange(len(starts))
+    blank = counts == 0
+    wrong = ~blank & (counts != fields)
+    if wrong.any():
+        bad.add(
+            path,
+            numbers[wrong],
+            [f"expected {fields} {kind}fields, found {c}" for c in counts[wrong]],
+        )
+    return starts, ends, numbers, ~blank & ~wrong
 
 
 def keep_lines(block: bytes, starts: np.ndarray, ends: np.ndarray, keep: np.ndarray) -> bytes:

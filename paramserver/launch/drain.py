@@ -42,8 +42,8 @@ def drain_server(
 ) -> dict[str, Any]:
     """Drain server ``rank`` of the cluster at ``address``; with ``wait``, return once the view
     says it left (PSTimeoutError after ``timeout`` seconds). Returns the last view seen.
-    RemoteError if the coordinator refuses (not on the ring, the last server, a part of a cut
-    dense table).
+    RemoteError if the coordinator refuses (not on the ring, the last server, with
+    replication, or a dense range that would pass ``Limits(table_bytes)`` on the servers left).
 
     Example:
         drain_server("tcp://10.0.0.1:7000", 2, token=None)

@@ -20,7 +20,14 @@ import time
 from dataclasses import replace
 from typing import IO, Any
 
-from paramserver.config import CheckpointPolicy, Limits, Timeouts, from_env, limits_to_env
+from paramserver.config import (
+    CheckpointPolicy,
+    Limits,
+    Timeouts,
+    cluster_to_env,
+    from_env,
+    limits_to_env,
+)
 from paramserver.errors import ConfigError, PSError, PSTimeoutError
 from paramserver.launch.children import Children, describe_exit, say
 from paramserver.launch.roles import checkpoint_flags, checkpoint_policy, timeout_flags
@@ -458,9 +465,10 @@ class LocalCluster:
     def remove_server(self, rank: int, *, wait: bool = False, timeout: float = 60.0) -> None:
         """Drain server ``rank``: its keys move to the others while training goes on (the
         workers switch at their next ``clock()``), then it stops. RemoteError if the
-        coordinator refuses (not on the ring, the last server, holds a part of a dense table
-        cut over several servers; its whole dense tables move). If it dies before it left, it is
-        started again and drained again (the coordinator abandons the move and queues it). With
+        coordinator refuses (not on the ring, the last server, with replication; its dense
+        ranges move: a cut table is cut anew over the servers left). If it dies before it left,
+        it is started again and drained again (the coordinator abandons the move and queues
+        it). With
         ``wait``, return once it left (do not wait from the only thread that trains: the move
         needs its ``clock()``).
 
@@ -505,19 +513,9 @@ class LocalCluster:
         Example:
             subprocess.run([sys.executable, "train.py"], env={**os.environ, **cluster.worker_env()})
         """
-        t = self.timeouts
-        env = {
-            "PS_COORDINATOR": self.address,
-            "PS_NUM_WORKERS": str(self.num_workers),
-            "PS_NUM_SERVERS": str(self.num_servers),
-            "PS_HEARTBEAT_INTERVAL": repr(t.heartbeat_interval),
-            "PS_HEARTBEAT_TIMEOUT": repr(t.heartbeat_timeout),
-            "PS_REQUEST_TIMEOUT": repr(t.request),
-            "PS_CONNECT_TIMEOUT": repr(t.connect),
-        }
-        if self._token is not None:
-            env["PS_TOKEN"] = self._token
-        return env
+        return cluster_to_env(
+            self.address, self.num_workers, self.num_servers, self.timeouts, self._token
+        )
 
     @property
     def pids(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ __all__ = [
     "CTRData",
     "FileFeed",
     "add_ctr_args",
+    "array_data",
     "ctr_data",
     "load_ctr",
     "open_ctr_run",
@@ -111,7 +112,19 @@ def ctr_data(args: argparse.Namespace, workers: int, name: str, shard_rows: int 
             src.test_rows, fields, dense,
         )  # fmt: skip
     train, test, what = load_ctr(args)
-    feed = ArrayFeed(f"{name}/train", train, rows=shard_rows, batch=args.batch)
+    return array_data(name, train, test, what, rows=shard_rows, batch=args.batch)
+
+
+def array_data(
+    name: str, train: CTRBatch, test: CTRBatch, what: str = "", *, rows: int, batch: int
+) -> CTRData:
+    """The data of in-memory ``train`` and ``test`` sets: ``train`` leased in parts of ``rows``
+    examples (named ``NAME/train``), fed in batches of ``batch``.
+
+    Example:
+        data = array_data("logreg", train, test, rows=8192, batch=512)
+    """
+    feed = ArrayFeed(f"{name}/train", train, rows=rows, batch=batch)
     return CTRData(feed, test_blocks(test), what, len(train), len(test), train.fields,
                    int(train.dense.shape[1]), train)  # fmt: skip
 

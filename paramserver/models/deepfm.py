@@ -26,18 +26,17 @@ from paramserver.data.evaluate import auc, logloss
 from paramserver.models.ctr import (
     CTRData,
     add_ctr_args,
+    array_data,
     open_ctr_run,
     predict_blocks,
-    test_blocks,
 )
 from paramserver.models.program import (
-    ArrayFeed,
     Report,
     Stopping,
-    add_common_args,
     entry,
     finish,
     fit,
+    program_parser,
 )
 
 __all__ = ["DeepFM", "DeepFMTrainer", "main", "parser", "train", "train_on", "train_worker"]
@@ -156,10 +155,7 @@ def train_worker(
     show: bool = True,
 ) -> dict[str, Any]:
     """Train on leased shards; rank 0 evaluates after every epoch."""
-    data = CTRData(
-        ArrayFeed("deepfm/train", train, rows=shard_rows, batch=batch), test_blocks(test), "",
-        len(train), len(test), train.fields, int(train.dense.shape[1]), train,
-    )  # fmt: skip
+    data = array_data("deepfm", train, test, rows=shard_rows, batch=batch)
     return train_on(
         client, data, epochs=epochs, dim=dim, hidden=hidden, lr_sparse=lr_sparse,
         lr_dense=lr_dense, consistency=consistency, patience=patience, report=report, show=show,
@@ -182,12 +178,7 @@ def train_on(
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="paramserver train deepfm",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_args(p)
+    p = program_parser("deepfm", __doc__)
     add_ctr_args(p)
     p.add_argument("--dim", type=int, default=8, help="embedding width")
     p.add_argument("--lr-sparse", type=float, default=LR_SPARSE,

@@ -30,11 +30,12 @@ from paramserver.data.hashing import hash_field
 from paramserver.models.ctr import (
     CTRData,
     add_ctr_args,
+    array_data,
     open_ctr_run,
     predict_blocks,
     test_blocks,
 )
-from paramserver.models.program import ArrayFeed, Report, add_common_args, entry, finish, fit
+from paramserver.models.program import Report, entry, finish, fit, program_parser
 
 __all__ = ["LogregTrainer", "evaluate", "main", "parser", "train", "train_on", "train_worker"]
 
@@ -155,10 +156,7 @@ def train_worker(
 ) -> dict[str, Any]:
     """Train on the leased shards of ``train``; rank 0 evaluates on ``test`` (after every epoch,
     and every ``eval_every`` steps if set). Returns the curve and the staleness histogram."""
-    data = CTRData(
-        ArrayFeed("logreg/train", train, rows=shard_rows, batch=batch), test_blocks(test), "",
-        len(train), len(test), train.fields, int(train.dense.shape[1]), train,
-    )  # fmt: skip
+    data = array_data("logreg", train, test, rows=shard_rows, batch=batch)
     return train_on(
         client, data, epochs=epochs, consistency=consistency, alpha=alpha, beta=beta, l1=l1,
         l2=l2, slow_rank=slow_rank, slow_factor=slow_factor, eval_every=eval_every,
@@ -181,12 +179,7 @@ def train_on(
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="paramserver train logreg",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_args(p)
+    p = program_parser("logreg", __doc__)
     add_ctr_args(p)
     p.add_argument("--alpha", type=float, default=0.2, help="FTRL learning rate alpha")
     p.add_argument("--beta", type=float, default=1.0, help="FTRL beta")

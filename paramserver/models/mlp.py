@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import paramserver as ps
-from paramserver.models.program import ArrayFeed, Report, add_common_args, entry, finish, fit
+from paramserver.models.program import ArrayFeed, Report, entry, finish, fit, program_parser
 
 __all__ = ["main", "parser", "train", "train_worker"]
 
@@ -197,9 +197,7 @@ class _Trainer:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paramserver train mlp", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_common_args(p)
+    p = program_parser("mlp", __doc__)
     p.set_defaults(epochs=10)
     p.add_argument("--data", default="mnist", help="mnist (5,000 MNIST digits, fetched), "
                    "digits (scikit-learn's 8x8 digits) or your own csv:PATH, parquet:PATH, "

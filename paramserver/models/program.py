@@ -48,6 +48,7 @@ __all__ = [
     "finish",
     "fit",
     "plot_curves",
+    "program_parser",
     "progress",
     "run",
 ]
@@ -388,6 +389,22 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("paramserver-out"), help="JSON and PNG folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def program_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of ``paramserver train NAME``, described by the program's docstring, with the
+    flags every program takes (:func:`add_common_args`).
+
+    Example:
+        p = program_parser("logreg", __doc__)
+    """
+    p = argparse.ArgumentParser(
+        prog=f"paramserver train {name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(p)
+    return p
 
 
 def add_file_args(p: argparse.ArgumentParser) -> None:

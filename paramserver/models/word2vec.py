@@ -26,7 +26,7 @@ import numpy as np
 
 import paramserver as ps
 from paramserver.data.evaluate import spearman
-from paramserver.models.program import ArrayFeed, Report, add_common_args, entry, finish, fit
+from paramserver.models.program import ArrayFeed, Report, entry, finish, fit, program_parser
 
 __all__ = ["Vocabulary", "evaluate", "main", "parser", "read_corpus", "train", "train_worker"]
 
@@ -289,9 +289,7 @@ def _evaluation_sets(corpus: str) -> tuple[Any, Any] | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paramserver train word2vec", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_common_args(p)
+    p = program_parser("word2vec", __doc__)
     p.add_argument(
         "--corpus",
         default="lee+wiki",

@@ -15,6 +15,8 @@ Files and their jobs:
   pulls that wait (``DeferredPulls``), sync aggregation.
 - ``cluster.py``: the link to the coordinator: registration, views, checkpoint and stop orders.
 - ``snapshot.py``: checkpoints written at a clock boundary, and loaded back.
+- ``transfer.py``, ``recut.py``, ``rebuild.py``: ranges moving between servers (a join's or a
+  drain's keys, its dense ranges cut anew; a copy rebuilt from live ones).
 - ``process.py``: process set-up: malloc arenas and trimming, kernels warmed.
 - ``shard/``: ``SparseShard`` and ``DenseShard``, a table's storage; pure (no sockets, no I/O).
 - ``kernels/``: compiled numba kernels: hash index, rows (init, gather, repeats), optimizers.

@@ -92,9 +92,11 @@ class Admin(Handlers):
     def on_set_lr(self, h: SetLrMsg, req: Request) -> None:
         t = self.state.table(h["table"])
         opt = t.spec.optimizer.with_lr(float(h["lr"]))
-        if t.shard is not None:
-            t.shard.set_optimizer(opt)
-        t.spec = replace(t.spec, optimizer=opt)
+        new = self.state.recut.get(t.spec.name)  # a table being re-cut: both placements
+        for one in [t] if new is None else [t, new]:
+            if one.shard is not None:
+                one.shard.set_optimizer(opt)
+            one.spec = replace(one.spec, optimizer=opt)
         req.reply.ok()
 
     def on_clock(self, h: ClockMsg, req: Request) -> None:
@@ -139,7 +141,7 @@ class Admin(Handlers):
         req.reply.ok(port=port, ticket=ticket)
 
     def on_attach(self, h: AttachMsg, req: Request) -> None:
-        t = self.state.table(h["table"])
+        t = self.state.table(h["table"], h["rank"])
         if t.spec.kind != "dense" or t.shard is None:
             raise Refusal(
                 "invalid",

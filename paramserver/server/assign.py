@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 
 from paramserver import checkpoint
-from paramserver.arrays import all_finite, check_keys
+from paramserver.arrays import all_finite
 from paramserver.errors import ConfigError
 from paramserver.partition import HashRing, holds
 from paramserver.server.keycache import KeyCache
 from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.snapshot import load_rows
 from paramserver.server.state import Handlers
-from paramserver.server.table import Table, make_table
+from paramserver.server.table import Table, keys_and_values, make_table
 from paramserver.spec import TableSpec
 from paramserver.wire.messages import AssignMsg, RestoreMsg
 from paramserver.wire.paths import Request
@@ -57,21 +57,17 @@ class Assigns(Handlers):
 
     def on_assign(self, h: AssignMsg, req: Request) -> None:
         state = self.state
-        t = state.table(h["table"])
+        t = state.table(h["table"], h["rank"])
         rank = h["rank"]
         state.check_live(rank)
         where = f"assign to table {t.spec.name!r} from worker[{rank}]"
-        if t.shard is None:
-            raise Refusal("invalid", f"{state.name} holds no range of dense table {t.spec.name!r}")
+        shard = t.held(state.name)
         arrays = req.keyed_arrays(where)
         dtype, opt = t.spec.np_dtype, t.spec.optimizer
         keys = None
-        if isinstance(t.shard, SparseShard):
-            if len(arrays) != 2:
-                raise Refusal("invalid", f"{where}: needs a key array and a row array")
-            keys, values = arrays
-            check_keys(keys, where)
-            n, widths = len(keys), (t.shard.dim, t.shard.stride)
+        if isinstance(shard, SparseShard):
+            keys, values = keys_and_values(arrays, where, "row")
+            n, widths = len(keys), (shard.dim, shard.stride)
             shapes: list[tuple[int, ...]] = [(n, w) for w in widths]
         else:
             if len(arrays) != 1:
@@ -92,12 +88,12 @@ class Assigns(Handlers):
         if not state.fresh(rank, h["seq"]):
             req.reply.ok()  # a resend of an assign already applied
             return
-        if isinstance(t.shard, SparseShard):
+        if isinstance(shard, SparseShard):
             assert keys is not None
-            t.shard.assign(keys, values)
+            shard.assign(keys, values)
         else:
             self.paths.changing(t.spec.name)
-            t.shard.assign(values)
+            shard.assign(values)
             t.version += 1
         req.reply.ok()
 

@@ -8,7 +8,12 @@ heartbeat timeout) and replaced must neither serve nor change a table when it co
 * a request that carries a newer view number than this server has seen, or any request while
   the coordinator has not answered a heartbeat for the heartbeat timeout, is admitted only
   once the coordinator confirmed that this process still holds its rank (one ``get_view``);
-  a server that no longer holds it refuses the request (``fenced``) and stops.
+  a server that no longer holds it refuses the request (``fenced``) and stops. If the
+  coordinator cannot be asked, a worker's request (it names the view it routes by, in which
+  this address holds the rank) is served, and a request that names no view is refused
+  (``unconfirmed``);
+* a heartbeat answer counts from when its beat was sent (``wire/heartbeat.py``): answers held
+  up by a cut link say nothing about the time since.
 
 A restarted coordinator (its process number, ``boot``, changes in the heartbeats' answers)
 may have lost what was sent to it before it died, and the views it sent before this server's
@@ -246,6 +251,16 @@ class CoordinatorLink:
                 quiet and time.monotonic() - self._asked > self.timeouts.heartbeat_timeout
             ):
                 self._confirm(self.timeouts.heartbeat_interval)
+            if "view" not in header and self.silence() > self.timeouts.heartbeat_timeout:
+                # a peer that names no view cannot vouch that this process still holds its
+                # rank (a worker's request names the view it routes by: its rank's address in
+                # that view is this one), and the coordinator has not confirmed it lately
+                raise Refusal(
+                    "unconfirmed",
+                    f"{self.state.name} at {self.state.address} has not heard from the "
+                    f"coordinator for {self.silence():.1f}s and cannot confirm that it still "
+                    "holds its rank; ask again once the coordinator is back",
+                )
         if self.fenced is not None:
             raise Refusal(
                 "fenced",

@@ -159,8 +159,13 @@ def aggregate_sparse(
     return ukeys, total / grads.dtype.type(num_live)
 
 
-def aggregate_dense(pushes: list[tuple[int, np.ndarray]], num_live: int) -> np.ndarray:
-    """Sync aggregation of dense pushes ``[(rank, grad), ...]`` in arrival order."""
+def aggregate_dense(pushes: list[Any], num_live: int, size: int | None = None) -> np.ndarray:
+    """Sync aggregation of dense pushes ``[(rank, grad), ...]`` in arrival order. A push may
+    be a part ``(rank, grad, start)`` of a range of ``size`` elements (a move brought it from
+    the old owner of ``[start, start + len(grad))``): each element then sums the pushes that
+    hold it as a whole push would, bit for bit; an element no push holds gets 0."""
+    if size is not None and any(len(p) == 3 for p in pushes):
+        return _aggregate_parts(pushes, num_live, size)
     by_rank: dict[int, np.ndarray] = {}
     for rank, grad in pushes:
         if rank in by_rank:
@@ -173,6 +178,33 @@ def aggregate_dense(pushes: list[tuple[int, np.ndarray]], num_live: int) -> np.n
         total += by_rank[r]
     mean: np.ndarray = total / total.dtype.type(num_live)
     return mean
+
+
+def _aggregate_parts(pushes: list[Any], num_live: int, size: int) -> np.ndarray:
+    """:func:`aggregate_dense` with parts: per element the first push of a rank is taken as it
+    is and the next ones added (as ``grad.copy()`` then ``+=``), then the ranks in order, so
+    that a part sums exactly like the whole push it was cut from."""
+    by_rank: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for p in pushes:
+        rank, grad, start = p[0], p[1], (p[2] if len(p) == 3 else 0)
+        if rank not in by_rank:
+            by_rank[rank] = (np.zeros(size, grad.dtype), np.zeros(size, bool))
+        total, have = by_rank[rank]
+        _take(total[start : start + len(grad)], have[start : start + len(grad)], grad)
+    first = next(iter(by_rank.values()))[0]
+    total, have = np.zeros(size, first.dtype), np.zeros(size, bool)
+    for r in sorted(by_rank):
+        _take(total, have, by_rank[r][0], by_rank[r][1])
+    mean: np.ndarray = total / total.dtype.type(num_live)
+    return mean
+
+
+def _take(total: np.ndarray, have: np.ndarray, add: np.ndarray, where: Any = True) -> None:
+    """``total = add`` where nothing was taken yet, else ``total += add`` (where ``where``)."""
+    new = ~have & where
+    np.copyto(total, add, where=new)
+    np.add(total, add, out=total, where=have & where)
+    have |= new
 
 
 @dataclass

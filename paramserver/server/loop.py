@@ -97,7 +97,8 @@ class Server:
         self.rejections = protocol.Rejections()
         # messages of workers not yet live, waiting for a view: (identity, frames, since)
         self.parked: list[tuple[bytes, list[Any], float]] = []
-        self.parked_state = (0, 0, 0)  # the view, tables and tenth of a second last tried at
+        # the view, tables, moves received and tenth of a second last tried at
+        self.parked_state = (0, 0, 0, 0)
         self.snapshots = Snapshots(self.state)
         self.cluster = CoordinatorLink(
             self.ctx,
@@ -431,7 +432,13 @@ class Server:
         if not self.parked:
             return
         now = time.monotonic()
-        now_state = (self.state.view, len(self.state.tables), int(now * 10))
+        # (a move received: the requests held for it go on at once, not at the next tenth)
+        now_state = (
+            self.state.view,
+            len(self.state.tables),
+            self.transfers.received,
+            int(now * 10),
+        )
         if now_state == self.parked_state:
             return
         self.parked_state = now_state

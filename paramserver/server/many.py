@@ -35,7 +35,7 @@ __all__ = ["Many", "answer_pull_many"]
 
 def _tables(state: ServerState, h: dict[str, Any]) -> list[Table]:
     """The tables of ``h``: each here, dense, whole on this server; one dtype, one consistency."""
-    tables = [state.table(name) for name in h["tables"]]
+    tables = [state.table(name, h.get("rank")) for name in h["tables"]]
     first = tables[0].spec
     for t in tables:
         if t.spec.kind != "dense" or t.shard is None or t.start != 0 or t.stop != t.spec.size:
@@ -108,7 +108,9 @@ class Many:
         wait = max(0.0, h["timeout"] * 0.95 - 0.05)
         # the deferred pulls know a pull by its table: the group's first names it
         kept = cast(PullMsg, {**h, "table": h["tables"][0]})
-        state.deferred.add((kept, req.reply, None), mode, bound, h["clock"], now + wait, now)
+        state.deferred.add(
+            (kept, req.reply, None, tables[0]), mode, bound, h["clock"], now + wait, now
+        )
 
     def on_push(self, h: dict[str, Any], req: Request) -> None:
         tables = _tables(self.state, h)

@@ -40,7 +40,7 @@ class Pulls:
 
     def on_pull(self, h: PullMsg, req: Request) -> None:
         state = self.state
-        t = state.table(h["table"])
+        t = state.table(h["table"], h["rank"])
         # a request at clock c means its worker finished every clock before c; a server that
         # restarted after the worker's clock messages learns it this way
         if state.clocks.advance(h["rank"], h["clock"]):
@@ -58,7 +58,7 @@ class Pulls:
         now = time.monotonic()
         wait = max(0.0, h["timeout"] * 0.95 - 0.05)
         kept = None if keys is None else keys.copy()  # keys may live in a reused buffer
-        state.deferred.add((h, req.reply, kept), mode, bound, h["clock"], now + wait, now)
+        state.deferred.add((h, req.reply, kept, t), mode, bound, h["clock"], now + wait, now)
 
     def answer(self, h: PullMsg, reply: Reply, t: Table, keys: np.ndarray | None) -> None:
         if str(h["kind"]) == "pull_many":  # a deferred pull of a group of tables (many.py)
@@ -101,9 +101,9 @@ class Pulls:
 
     def release(self) -> None:
         """Answer the deferred pulls that the clocks now allow, in the order they came."""
-        for h, reply, keys in self.state.deferred.release(self.state.clocks.min_clock):
+        for h, reply, keys, t in self.state.deferred.release(self.state.clocks.min_clock):
             try:
-                self.answer(h, reply, self.state.tables[h["table"]], keys)  # never dropped
+                self.answer(h, reply, t, keys)  # never dropped
             except (Refusal, ConfigError) as exc:  # e.g. its key list left the cache
                 reply.refuse(exc)
 
@@ -111,7 +111,7 @@ class Pulls:
         """Refuse the deferred pulls whose worker is about to give up, naming who is slow."""
         state = self.state
         for d in state.deferred.expire(now):
-            h, reply, _ = d.item
+            h, reply, _, _ = d.item
             slow = ", ".join(f"worker[{r}] at clock {c}" for r, c in state.clocks.slowest())
             table = state.tables.get(h["table"])
             mode = table.spec.consistency if table is not None else "?"

@@ -9,12 +9,11 @@ mean.
 
 from __future__ import annotations
 
-from paramserver.arrays import check_keys
 from paramserver.server.consistency import aggregate_dense, aggregate_sparse
 from paramserver.server.rebuild import already_applied
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import Handlers
-from paramserver.server.table import Table
+from paramserver.server.table import Table, keys_and_values
 from paramserver.wire.codec import decode_pushed
 from paramserver.wire.messages import PushMsg
 from paramserver.wire.paths import Request
@@ -44,15 +43,14 @@ class Pushes(Handlers):
 
     def on_push(self, h: PushMsg, req: Request) -> None:
         state = self.state
-        t = state.table(h["table"])
+        t = state.table(h["table"], h["rank"])
         rank, seq = h["rank"], h["seq"]
         state.check_live(rank)
         if state.clocks.advance(rank, h["clock"]):  # see Pulls.on_pull
             self.progress()
         where = f"push to table {t.spec.name!r} from worker[{rank}]"
         dtype = t.spec.np_dtype
-        if t.shard is None:
-            raise Refusal("invalid", f"{state.name} holds no range of dense table {t.spec.name!r}")
+        shard = t.held(state.name)
         if "codec" in h:  # an encoded gradient: decoded before any check or the optimizer
             decode_gradient(req, t, h["codec"], where)
         arrays = req.keyed_arrays(where) if t.spec.kind != "dense" else req.arrays
@@ -66,15 +64,12 @@ class Pushes(Handlers):
                 ids, grads = ids[keep], grads[keep]
             if state.fresh(rank, seq):  # else a retry of a push already applied
                 t.pushes += 1
-                assert isinstance(t.shard, SparseShard)
-                t.shard.push_rows(ids, grads, dup)
+                assert isinstance(shard, SparseShard)
+                shard.push_rows(ids, grads, dup)
             req.reply.ok()
             return
-        if isinstance(t.shard, SparseShard):
-            if len(arrays) != 2:
-                raise Refusal("invalid", f"{where}: needs a key array and a gradient array")
-            keys, grads = arrays
-            check_keys(keys, where)
+        if isinstance(shard, SparseShard):
+            keys, grads = keys_and_values(arrays, where, "gradient")
             want: tuple[int, ...] = (len(keys), t.spec.dim)
         else:
             keys, grads = None, req.dense_array(where, dtype)
@@ -107,14 +102,14 @@ class Pushes(Handlers):
             if keys is not None:
                 keys = keys.copy()
             t.sync.add(h["clock"], (rank, keys, grads) if keys is not None else (rank, grads))
-        elif isinstance(t.shard, SparseShard):
+        elif isinstance(shard, SparseShard):
             assert keys is not None
-            t.shard.push(keys, grads)
+            shard.push(keys, grads)
         else:
             self.paths.changing(t.spec.name)
             # a worker that reads its own copy of the values gets it refreshed in the same pass
             mirror = req.reply.mirror()
-            t.shard.push(grads, out=mirror)
+            shard.push(grads, out=mirror)
             t.version += 1
             if mirror is not None:
                 req.reply.mirrored(t.version)
@@ -124,8 +119,9 @@ class Pushes(Handlers):
         """Apply the buffered sync pushes of every clock < ``below``: the mean over the live
         workers (``consistency.aggregate_sparse``, ``aggregate_dense``)."""
         live = self.state.clocks.live
-        for t in self.state.tables.values():
-            if t.sync is None or t.shard is None:
+        # (a dense table being re-cut: both placements, the old one for the pulls it holds)
+        for t in [*self.state.tables.values(), *self.state.recut.values()]:
+            if t.sync is None or t.shard is None or t.receiving:
                 continue
             for _, items in t.sync.take_completed(below):
                 items = [it for it in items if it[0] in live]
@@ -136,5 +132,5 @@ class Pushes(Handlers):
                     t.shard.push(keys, mean)
                 else:
                     self.paths.changing(t.spec.name)
-                    t.shard.push(aggregate_dense(items, len(live)))
+                    t.shard.push(aggregate_dense(items, len(live), t.stop - t.start))
                 t.version += 1

@@ -20,8 +20,8 @@ from paramserver.wire.refusal import Refusal
 __all__ = ["Handlers", "ServerState", "Waiting"]
 
 # a deferred pull: (its header, where its answer goes, its keys: None for a dense table or a
-# key-list signature)
-Waiting = tuple[PullMsg, Reply, np.ndarray | None]
+# key-list signature, the table it was sent to: a dense table re-cut meanwhile keeps both)
+Waiting = tuple[PullMsg, Reply, np.ndarray | None, Table]
 
 
 class ServerState:
@@ -60,12 +60,26 @@ class ServerState:
         self.registered: set[int] = set()  # the workers the newest view lists as alive
         # tables the coordinator ordered that this server could not create: name -> why
         self.refused_tables: dict[str, str] = {}
+        # dense tables a move re-cuts while this server holds a range of them before and after
+        # (server/transfer.py): the table of the new ranges, which the requests of the workers
+        # in ``switched`` take (the others still name the old ones: ``tables``); None: all
+        self.recut: dict[str, Table] = {}
+        self.switched: set[int] | None = None
 
-    def table(self, name: str) -> Table:
+    def table(self, name: str, rank: int | None = None) -> Table:
+        """Table ``name`` as worker ``rank`` sees it (a dense table being re-cut: the ranges
+        of the ring it routes by)."""
+        new = self.recut.get(name)
+        if new is not None and rank is not None and self.takes_new(rank):
+            return new
         t = self.tables.get(name)
         if t is None:
             raise Refusal("unknown_table", f"table {name!r} does not exist on {self.name}")
         return t
+
+    def takes_new(self, rank: int) -> bool:
+        """Whether worker ``rank`` names the new ranges of the tables being re-cut here."""
+        return self.switched is None or rank in self.switched
 
     def check_size(self, h: dict[str, Any], arrays: list[np.ndarray]) -> None:
         """Refuse a pull or push of a sparse table carrying more keys than

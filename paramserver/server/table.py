@@ -21,7 +21,7 @@ from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.spec import TableSpec
 from paramserver.wire.refusal import Refusal
 
-__all__ = ["Table", "check_table_bytes", "make_table", "row_bytes"]
+__all__ = ["Table", "check_table_bytes", "keys_and_values", "make_table", "row_bytes"]
 
 
 @dataclass
@@ -42,6 +42,15 @@ class Table:
     # dense: the placement on the other side of a move (before or after it), which a worker
     # that switched earlier or later than this server's view may still name
     other_ranges: tuple[tuple[int, int, int], ...] = ()
+    # dense: a move brings elements of this table's range here (server/recut.py); its
+    # buffered sync pushes wait until they all came
+    receiving: bool = False
+
+    def held(self, server: str) -> SparseShard | DenseShard:
+        """The shard, or a refusal if this server holds no range of the (dense) table."""
+        if self.shard is None:
+            raise Refusal("invalid", f"{server} holds no range of dense table {self.spec.name!r}")
+        return self.shard
 
     def pull_keys(self, arrays: list[np.ndarray], server: str) -> np.ndarray | None:
         """The keys of a pull without a signature (None for a dense table)."""
@@ -49,8 +58,7 @@ class Table:
         if self.spec.kind == "dense":
             if arrays:
                 raise Refusal("invalid", f"pull of dense table {name!r} takes no key array")
-            if self.shard is None:
-                raise Refusal("invalid", f"{server} holds no range of dense table {name!r}")
+            self.held(server)
             return None
         if len(arrays) != 1:
             raise Refusal("invalid", f"pull of sparse table {name!r} needs exactly one key array")
@@ -146,6 +154,18 @@ def row_bytes(spec: TableSpec) -> int:
     opt = spec.optimizer
     width = spec.dim if spec.kind == "sparse" else 1
     return (width * (1 + opt.n_slots) + opt.n_scalars) * spec.np_dtype.itemsize
+
+
+def keys_and_values(
+    arrays: list[np.ndarray], where: str, values: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two arrays of a write to a sparse table (keys checked, then ``values``: "row",
+    "gradient"), or a refusal naming ``where``."""
+    if len(arrays) != 2:
+        raise Refusal("invalid", f"{where}: needs a key array and a {values} array")
+    keys, vals = arrays
+    check_keys(keys, where)
+    return keys, vals
 
 
 def check_table_bytes(spec: TableSpec, rank: int, limit: int, where: str) -> None:

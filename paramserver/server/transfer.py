@@ -35,17 +35,18 @@ arrival) order. After the move A drops the rows that left (``drop_moved``), once
 by the old ring waits on A, so that a checkpoint holds every key once.
 
 A source that has sent ``end`` to every destination tells the coordinator (``move_done``),
-which switches the view once every source did (coordinator/scaling.py). Dense tables
-move whole on a drain (:meth:`Transfers.start_dense`): the move's ``dense`` names each table's
-new ranges; the destination makes its shard at once and holds requests naming it, the source
-sends its rows and a copy of its buffered sync pushes with the final step (no copy step: a
-whole table is small), and drops it after. A joining server gets no dense range, and parts of
-a table cut over several servers do not move (such a drain is refused by the coordinator).
+which switches the view once every source did (coordinator/scaling.py). Dense tables move by
+the same steps, element ranges instead of keys (server/recut.py): the move's ``dense`` names
+each table's new ranges (a large table cut anew over the new servers, a small one whole
+elsewhere when its server leaves); a destination holds the requests naming such a table from
+the workers that switched until the move's end, and a server holding a range before and after
+serves the workers that have not switched from its old range meanwhile.
 
 A move the coordinator abandons (a server of it died: coordinator/scaling.py) comes as a view
 with the old ring and without that move (:meth:`Transfers.abandon`): a source keeps its rows and
 sends nothing more, a destination drops what it received and serves its held requests as any
-others; so a finished source drops the moved rows only once a view switched to the new ring.
+others, dense tables go back to their old ranges (``DenseMoves.abandon``); so a finished source
+drops the moved rows only once a view switched to the new ring.
 
 The same steps rebuild a replica from live copies (``purpose: "rebuild"``): server/rebuild.py.
 """
@@ -62,9 +63,10 @@ import numpy as np
 
 from paramserver.partition import HashRing
 from paramserver.server.keycache import KeyCache
-from paramserver.server.shard import DenseShard, SparseShard
+from paramserver.server.recut import DenseMoves
+from paramserver.server.shard import SparseShard
 from paramserver.server.state import ServerState
-from paramserver.server.table import Table, make_table
+from paramserver.server.table import Table
 from paramserver.wire.messages import TransferMsg
 from paramserver.wire.paths import Request
 from paramserver.wire.refusal import Refusal
@@ -122,7 +124,6 @@ class Outgoing:
     rows: int = 0
     announce: dict[str, Any] = field(default_factory=dict)  # the view that announced it
     told: set[int] = field(default_factory=set)  # workers sent that view by this server
-    dense: dict[str, int] = field(default_factory=dict)  # dense tables leaving: their dest
     dense_bytes: int = 0  # of ``bytes``: the dense tables' rows and buffered pushes
 
 
@@ -136,7 +137,6 @@ class Incoming:
     # workers with a request held: their later requests wait too, so that they are handled
     # in the order they came (a clock message must not overtake the push held before it)
     held: set[int] = field(default_factory=set)
-    dense: set[str] = field(default_factory=set)  # dense tables coming whole to this server
 
 
 class Transfers:
@@ -163,17 +163,14 @@ class Transfers:
         self.out: Outgoing | None = None
         self.incoming: Incoming | None = None
         self.seen: set[int] = set()  # moves started here
+        self.received = 0  # moves whose every source's end came here
         self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
         # the move of ``prune`` and its servers: dropped once a view switched to them
         self.prune_to: tuple[int, list[int]] = (0, [])
-        # dense tables that left this server: their spec after, dropped with the moved rows
-        self.gone_dense: dict[str, Any] = {}
-        # the dense tables the move under way places anew: their spec before, and whether
-        # this server held them (put back if the move is abandoned)
-        self.dense_before: dict[str, tuple[Any, bool]] = {}
+        self.dense = DenseMoves(state)  # the dense tables a move re-cuts
         # sends worker ``rank`` a view, after every answer already sent to it (set by the loop)
         self.notify: Callable[[int, dict[str, Any]], None] | None = None
 
@@ -192,7 +189,6 @@ class Transfers:
         if not isinstance(move, dict) or int(move["id"]) in self.seen:
             return
         self.seen.add(int(move["id"]))
-        self.dense_before = {}  # an earlier move's placement is not this one's to put back
         if self.prune is not None:  # before any row of this move arrives or leaves
             self.drop_moved(self.prune)
             self.prune = None
@@ -203,13 +199,21 @@ class Transfers:
                 self.endpoint.connect(f"server[{rank}]", address)
         if me in new and set(old) - {me}:
             self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me})
+        self.state.switched = None  # (a source: the workers switched here, below)
         if me in old:
             self.start(int(move["id"]), int(move["view"]), old, new)
             if self.out is not None and self.out.move == int(move["id"]):
                 self.out.announce = view
+                self.state.switched = self.out.switched
         dense = move.get("dense")
         if isinstance(dense, dict) and dense:
-            self.start_dense(dense)
+            out = self.out if me in old else None
+            self.dense.start(dense, self.sender(out) if out is not None else None)
+        if self.dense.receiving:  # its own old range is one of the sources it waits for
+            if self.incoming is None:
+                self.incoming = Incoming(int(move["id"]), HashRing.build(old), set())
+            if self.dense.has_local():
+                self.incoming.sources.add(me)
         if me in old:
             self.tell_late()
 
@@ -217,8 +221,9 @@ class Transfers:
         """A view whose move (``live``: its id, or None) is not the one under way here: the
         coordinator abandoned that move (a server of it died). A source keeps every row and
         sends nothing more; a destination drops the rows it received (``ring``, the old one,
-        does not give it those keys) and handles the requests it held as any other; the rows a
-        finished source would drop stay (the view did not switch to the new ring)."""
+        does not give it those keys) and handles the requests it held as any other; dense
+        tables go back to their old ranges; the rows a finished source would drop stay (the
+        view did not switch to the new ring)."""
         out, inc = self.out, self.incoming
         if out is not None and out.move != live:
             log.warning("%s: move %d abandoned by the coordinator: keeping its rows",
@@ -229,47 +234,15 @@ class Transfers:
                         self.state.name, inc.move)  # fmt: skip
             self.incoming = None
         if (out is not None and self.out is None) or (inc is not None and self.incoming is None):
-            self.gone_dense = {}
-            for name, (spec, held) in self.dense_before.items():  # the placement before
-                t = self.state.tables[name]
-                if not held and t.shard is not None:
-                    self.state.tables[name] = Table(spec, None, max_bytes=t.max_bytes)
-                else:
-                    t.spec, t.other_ranges = spec, ()
-            self.dense_before = {}
+            self.dense.abandon()
+            self.state.switched = None
             self.drop_moved(HashRing.build([int(r) for r in ring]))
         moved, to = self.prune_to
         if self.prune is not None and moved != live and to != sorted(int(r) for r in ring):
             log.warning("%s: move %d abandoned after its end here: keeping its rows",
                         self.state.name, moved)  # fmt: skip
             self.prune = None
-
-    def start_dense(self, dense: dict[str, Any]) -> None:
-        """A move's dense tables (``{name: new ranges}``; each moves whole, from the one server
-        that holds it to another): a destination makes the table's shard now (its rows come
-        with the final step, and it holds requests for it until the end); a source sends it
-        whole in the final step; any other server takes the new ranges."""
-        me, state = self.state.rank, self.state
-        for name, raw in dense.items():
-            t = state.tables.get(name)
-            if t is None or t.spec.kind != "dense":
-                continue
-            self.dense_before[name] = (t.spec, t.shard is not None)
-            spec = t.spec.with_ranges([(int(r), int(a), int(b)) for r, a, b in raw])
-            gets = any(r == me for r, _, _ in spec.ranges)
-            if gets and t.shard is None:
-                fresh = make_table(spec, me, state.num_servers, state.replication)
-                fresh.max_bytes, fresh.other_ranges = t.max_bytes, t.spec.ranges
-                state.tables[name] = fresh
-                if self.incoming is not None:
-                    self.incoming.dense.add(name)
-            elif t.shard is not None and not gets:
-                if self.out is not None:
-                    self.out.dense[name] = spec.ranges[0][0]
-                self.gone_dense[name] = spec
-                t.other_ranges = spec.ranges
-            elif t.shard is None:
-                t.spec, t.other_ranges = spec, t.spec.ranges
+            self.dense.abandon()
 
     def start(self, move: int, view: int, old: list[int], new: list[int]) -> None:
         """Phase 1: send every destination the rows it gets, while serving on."""
@@ -356,10 +329,7 @@ class Transfers:
         checkpoint must not hold them twice), in a new shard; cached key lists resolved to the
         old one are forgotten (a worker then sends its keys again)."""
         me = self.state.rank
-        for name, spec in self.gone_dense.items():  # a dense table that left: no shard here
-            old = self.state.tables[name]
-            self.state.tables[name] = Table(spec, None, other_ranges=old.spec.ranges)
-        self.gone_dense = {}
+        self.dense.settle()  # dense tables: the new ranges' tables replace the old ones
         for t in self.state.tables.values():
             shard = t.shard
             if not isinstance(shard, SparseShard):
@@ -394,9 +364,10 @@ class Transfers:
             changed = changed_rows(base, rows["rows"])
             self._send_rows(out, t, rows["keys"][changed], rows["rows"][changed], "final",
                             self._take_sync(out, t))  # fmt: skip
-        for name, dest in out.dense.items():
-            self._send_dense(out, self.state.tables[name], dest)
+        self.dense.finish(self.sender(out))
         state = self.state
+        if self.incoming is not None and state.rank in self.incoming.sources:
+            self.ended(state.rank)  # the part of its new ranges it held: taken just now
         for dest in out.dests:
             out.ends.append(
                 self.endpoint.request(
@@ -424,25 +395,23 @@ class Transfers:
                     moved.setdefault(int(dest), []).append((clock, rank, keys[sel], grads[sel]))
         return moved
 
-    def _send_dense(self, out: Outgoing, t: Table, dest: int) -> None:
-        """A dense table leaving whole: its rows and a copy of its buffered sync pushes (they
-        stay here too, for the pulls sent by the old placement that still wait here)."""
-        assert isinstance(t.shard, DenseShard)
-        header: dict[str, Any] = {"kind": "transfer", "move": out.move, "phase": "final",
-                                  "source": self.state.rank, "table": t.spec.name,
-                                  "view": out.view}  # fmt: skip
-        arrays = [t.shard.export()["rows"]]
-        runs = [(c, r, g) for c, items in (t.sync.pending.items() if t.sync else [])
-                for r, g in items]  # fmt: skip
-        if runs:
-            header["sync"] = [[c, r, len(g)] for c, r, g in runs]
-            arrays.append(np.concatenate([g for _, _, g in runs]))
-        out.rows += len(arrays[0])
-        out.bytes += sum(a.nbytes for a in arrays)
-        out.dense_bytes += sum(a.nbytes for a in arrays)
-        self.endpoint.request(
-            f"server[{dest}]", header, arrays, what=f"final of dense table {t.spec.name!r}"
-        )
+    def sender(self, out: Outgoing) -> Any:
+        """How :class:`DenseMoves` sends a destination a part of a dense table in move ``out``
+        (on the connection of the keys' rows, so in order with them and the end)."""
+        me = self.state.rank
+
+        def send(dest: int, table: str, phase: str, extra: dict[str, Any],
+                 arrays: list[np.ndarray]) -> None:  # fmt: skip
+            header = {"kind": "transfer", "move": out.move, "phase": phase, "source": me,
+                      "table": table, "view": out.view, **extra}  # fmt: skip
+            nbytes = sum(a.nbytes for a in arrays)
+            out.rows += len(arrays[1])
+            out.bytes += nbytes
+            out.dense_bytes += nbytes
+            what = f"{phase} of dense table {table!r} to server[{dest}]"
+            self.endpoint.request(f"server[{dest}]", header, arrays, what=what)
+
+        return send
 
     def _send_rows(
         self,
@@ -486,9 +455,10 @@ class Transfers:
             return False
         if h.get("rank") in inc.held:
             return True
-        if inc.dense and h["kind"] in ("pull", "push", "pull_many", "push_many"):
+        if self.dense.receiving and h["kind"] in ("pull", "push", "pull_many", "push_many",
+                                                  "assign"):  # fmt: skip
             names = h.get("tables") or [] if h["kind"].endswith("_many") else [h.get("table")]
-            if any(n in inc.dense for n in names):
+            if any(isinstance(n, str) and self.dense.moving(n, h["rank"]) for n in names):
                 inc.held.add(h["rank"])
                 return True
         if h["kind"] not in ("pull", "push"):
@@ -514,17 +484,14 @@ class Transfers:
             # the source's clocks are not taken: a worker's clock here moves only with its own
             # requests, in their order (a held push must not find its clock already applied);
             # every worker's switching clock message comes here before the last source ends
-            inc.sources.discard(h["source"])
-            if not inc.sources:
-                log.info("%s: move %d received", state.name, inc.move)
-                self.incoming = None
-            self.progress()
+            self.ended(h["source"])
+            req.reply.ok()
+            return
+        if h.get("table") in self.dense.receiving:
+            self.dense.receive(dict(h), req.arrays)
             req.reply.ok()
             return
         t = state.table(h.get("table") or "")
-        if t.spec.name in inc.dense and isinstance(t.shard, DenseShard):
-            self._receive_dense(t, h, req)
-            return
         if not isinstance(t.shard, SparseShard) or len(req.arrays) not in (2, 4):
             raise Refusal("invalid", f"transfer of table {t.spec.name!r}: not a sparse table here")
         keys, rows = req.arrays[0], req.arrays[1]
@@ -539,19 +506,18 @@ class Transfers:
                 at += n
         req.reply.ok()
 
-    def _receive_dense(self, t: Table, h: TransferMsg, req: Request) -> None:
-        """A dense table that came whole: its rows, then its buffered sync pushes."""
-        assert isinstance(t.shard, DenseShard)
-        if len(req.arrays) not in (1, 2):
-            raise Refusal("invalid", f"transfer of dense table {t.spec.name!r}: 1 or 2 arrays")
-        t.shard.load(req.arrays[0])
-        runs = h.get("sync") or []
-        if runs and t.sync is not None:
-            grads, at = req.arrays[1], 0
-            for clock, rank, n in runs:  # one per buffered push
-                t.sync.add(int(clock), (int(rank), grads[at : at + n].copy()))
-                at += n
-        req.reply.ok()
+    def ended(self, source: int) -> None:
+        """Nothing more of this move comes from ``source`` (itself: the part of its new dense
+        ranges it held); once from none, the held requests go on."""
+        inc = self.incoming
+        assert inc is not None
+        inc.sources.discard(source)
+        if not inc.sources:
+            log.info("%s: move %d received", self.state.name, inc.move)
+            self.dense.received()
+            self.incoming = None
+            self.received += 1
+        self.progress()
 
     def close(self) -> None:
         self.endpoint.close()

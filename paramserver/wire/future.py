@@ -70,6 +70,11 @@ class Future(Generic[T]):
         for fn in callbacks:
             fn(self)
 
+    @property
+    def error(self) -> BaseException | None:
+        """The error it ended with, without waiting (None while pending or on success)."""
+        return self._error
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._wait(timeout)
         return self._error

@@ -31,13 +31,19 @@ from paramserver.wire.sockets import recv_frames, send_frames
 
 __all__ = ["MissedViews", "Pulse"]
 
+SENT_KEPT = 4096  # beats whose send time is remembered (minutes of beats at any interval used)
+
 log = logging.getLogger(__name__)
 
 
 class Pulse(threading.Thread):
     """Sends ``beat()`` (a header; its ``id`` is added) to ``coordinator`` every ``interval``
     seconds on a socket of its own, and calls ``on_answer(header)`` with every answer, from
-    this thread. :attr:`last_answer` is when the last one came (``time.monotonic()``).
+    this thread. :attr:`last_answer` is when the newest beat that has been answered was sent
+    (``time.monotonic()``): an answer that was held up (a link cut, then back: TCP resends what
+    the coordinator said before it declared this member dead) says only that the coordinator
+    held this member alive when that beat went out, so it must not count as fresh news. An
+    answer to no beat of this thread's recent ones (another id) refreshes nothing.
 
     A beat that cannot go out at once is skipped, never queued: the next one says the same.
 
@@ -65,6 +71,7 @@ class Pulse(threading.Thread):
         self.on_answer = on_answer
         self.security = security
         self.last_answer = time.monotonic()
+        self._sent: dict[int, float] = {}  # beat id -> when it went out (the newest SENT_KEPT)
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -83,6 +90,8 @@ class Pulse(threading.Thread):
                 n += 1
                 with contextlib.suppress(zmq.Again):
                     send_frames(sock, protocol.encode({**self.beat(), "id": n}))
+                    self._sent[n] = time.monotonic()
+                    self._sent.pop(n - SENT_KEPT, None)
                 deadline = time.monotonic() + self.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
                     # short slices, so that stop() is noticed within ~50 ms
@@ -99,7 +108,10 @@ class Pulse(threading.Thread):
             header, _ = protocol.decode(frames)
         except ProtocolError:
             return
-        self.last_answer = time.monotonic()
+        rid = header.get("id")
+        sent = self._sent.pop(rid, None) if isinstance(rid, int) else None
+        if sent is not None:
+            self.last_answer = max(self.last_answer, sent)
         if self.on_answer is not None:
             self.on_answer(header)
 

@@ -79,11 +79,22 @@ class Header(TypedDict):
     id: int
 
 
-class RegisterMsg(TypedDict):
+class _Request(TypedDict):
+    """The request id every message kind below carries (0: not a request)."""
+
+    id: int
+
+
+class _Fenced(_Request):
+    """A request to a server: the cluster view it was sent in (fencing)."""
+
+    view: NotRequired[int]
+
+
+class RegisterMsg(_Request):
     """``register``."""
 
     kind: Literal["register"]
-    id: int
     role: Role
     address: NotRequired[str | None]
     rank: NotRequired[int | None]
@@ -110,11 +121,10 @@ def register_header(role: Role, rank: int | None, address: str | None = None) ->
     return header
 
 
-class HeartbeatMsg(TypedDict):
+class HeartbeatMsg(_Request):
     """``heartbeat``."""
 
     kind: Literal["heartbeat"]
-    id: int
     role: Role
     rank: int
     token: int  # the incarnation: read it as h[INCARNATION]
@@ -123,133 +133,116 @@ class HeartbeatMsg(TypedDict):
     metrics: NotRequired[dict[str, Any] | None]
 
 
-class GetViewMsg(TypedDict):
+class GetViewMsg(_Request):
     """``get_view``."""
 
     kind: Literal["get_view"]
-    id: int
 
 
-class CreateTableMsg(TypedDict):
+class CreateTableMsg(_Request):
     """``create_table``."""
 
     kind: Literal["create_table"]
-    id: int
     spec: dict[str, Any]
 
 
-class ListTablesMsg(TypedDict):
+class ListTablesMsg(_Request):
     """``list_tables``."""
 
     kind: Literal["list_tables"]
-    id: int
 
 
-class BarrierMsg(TypedDict):
+class BarrierMsg(_Request):
     """``barrier``."""
 
     kind: Literal["barrier"]
-    id: int
     name: str
     rank: int
     timeout: float
 
 
-class SaveMsg(TypedDict):
+class SaveMsg(_Request):
     """``save``."""
 
     kind: Literal["save"]
-    id: int
     path: str
     clock: int
     timeout: float
 
 
-class LeaveMsg(TypedDict):
+class LeaveMsg(_Request):
     """``leave``."""
 
     kind: Literal["leave"]
-    id: int
     role: Role
     rank: int
     token: int  # the incarnation: read it as h[INCARNATION]
 
 
-class ShutdownMsg(TypedDict):
+class ShutdownMsg(_Request):
     """``shutdown``."""
 
     kind: Literal["shutdown"]
-    id: int
 
 
-class StatusMsg(TypedDict):
+class StatusMsg(_Request):
     """``status``."""
 
     kind: Literal["status"]
-    id: int
 
 
-class AcquireLeaseMsg(TypedDict):
+class AcquireLeaseMsg(_Request):
     """``acquire_lease``."""
 
     kind: Literal["acquire_lease"]
-    id: int
     dataset: str
     epoch: int
     shards: int
     rank: int
 
 
-class CompleteLeaseMsg(TypedDict):
+class CompleteLeaseMsg(_Request):
     """``complete_lease``."""
 
     kind: Literal["complete_lease"]
-    id: int
     dataset: str
     epoch: int
     shard: int
     rank: int
 
 
-class ViewMsg(TypedDict):
+class ViewMsg(_Request):
     """``view``."""
 
     kind: Literal["view"]
-    id: int
     view: dict[str, Any]
 
 
-class StopMsg(TypedDict):
+class StopMsg(_Request):
     """``stop``."""
 
     kind: Literal["stop"]
-    id: int
 
 
-class CheckpointMsg(TypedDict):
+class CheckpointMsg(_Request):
     """``checkpoint``."""
 
     kind: Literal["checkpoint"]
-    id: int
     path: str
     clock: int
 
 
-class CreateShardMsg(TypedDict):
+class CreateShardMsg(_Fenced):
     """``create_shard``."""
 
     kind: Literal["create_shard"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     spec: dict[str, Any]
 
 
-class PullMsg(TypedDict):
+class PullMsg(_Fenced):
     """``pull``."""
 
     kind: Literal["pull"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     clock: int
@@ -263,12 +256,10 @@ class PullMsg(TypedDict):
     codec: NotRequired[str]
 
 
-class PushMsg(TypedDict):
+class PushMsg(_Fenced):
     """``push``."""
 
     kind: Literal["push"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     clock: int
@@ -282,23 +273,19 @@ class PushMsg(TypedDict):
     codec: NotRequired[str]
 
 
-class AssignMsg(TypedDict):
+class AssignMsg(_Fenced):
     """``assign``."""
 
     kind: Literal["assign"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     seq: int
 
 
-class RestoreMsg(TypedDict):
+class RestoreMsg(_Fenced):
     """``restore``."""
 
     kind: Literal["restore"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     path: str
     rank: int
     servers: int
@@ -306,57 +293,47 @@ class RestoreMsg(TypedDict):
     check: NotRequired[bool]
 
 
-class PullManyMsg(TypedDict):
+class PullManyMsg(_Fenced):
     """``pull_many``."""
 
     kind: Literal["pull_many"]
-    id: int
     tables: list[str]
     rank: int
     clock: int
     timeout: float
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
-class PushManyMsg(TypedDict):
+class PushManyMsg(_Fenced):
     """``push_many``."""
 
     kind: Literal["push_many"]
-    id: int
     tables: list[str]
     rank: int
     clock: int
     seq: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
-class OpenBulkMsg(TypedDict):
+class OpenBulkMsg(_Fenced):
     """``open_bulk``."""
 
     kind: Literal["open_bulk"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
 
 
-class AttachMsg(TypedDict):
+class AttachMsg(_Fenced):
     """``attach``."""
 
     kind: Literal["attach"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     rank: int
     path: str
     nonce: int
 
 
-class AttachSlotMsg(TypedDict):
+class AttachSlotMsg(_Fenced):
     """``attach_slot``."""
 
     kind: Literal["attach_slot"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
     slot: int
     path: str
@@ -364,11 +341,10 @@ class AttachSlotMsg(TypedDict):
     size: int
 
 
-class TransferMsg(TypedDict):
+class TransferMsg(_Request):
     """``transfer``: rows of moving ranges from one server to another (server/transfer.py)."""
 
     kind: Literal["transfer"]
-    id: int
     move: int
     source: int
     phase: Literal["copy", "final", "end"]
@@ -382,11 +358,10 @@ class TransferMsg(TypedDict):
     seqs: NotRequired[list[list[int]]]
 
 
-class SwitchedMsg(TypedDict):
+class SwitchedMsg(_Request):
     """``switched``: a worker routes by a move's new ring from now on."""
 
     kind: Literal["switched"]
-    id: int
     view: NotRequired[int]
     rank: int
     move: int
@@ -394,66 +369,55 @@ class SwitchedMsg(TypedDict):
     purpose: NotRequired[Literal["move", "rebuild"]]  # "rebuild": writes to a rebuilt copy
 
 
-class MoveDoneMsg(TypedDict):
+class MoveDoneMsg(_Request):
     """``move_done``: a source's ranges of a move reached their destinations."""
 
     kind: Literal["move_done"]
-    id: int
     move: int
     source: int
     stats: NotRequired[dict[str, Any] | None]
     purpose: NotRequired[Literal["move", "rebuild"]]  # "rebuild": ``move`` is a rebuild's id
 
 
-class DrainMsg(TypedDict):
+class DrainMsg(_Request):
     """``drain``: move a server's ranges to the others, then stop it."""
 
     kind: Literal["drain"]
-    id: int
     rank: int
 
 
-class ClockMsg(TypedDict):
+class ClockMsg(_Fenced):
     """``clock``."""
 
     kind: Literal["clock"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     rank: int
     clock: int
 
 
-class SetLrMsg(TypedDict):
+class SetLrMsg(_Fenced):
     """``set_lr``."""
 
     kind: Literal["set_lr"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
     table: str
     lr: float
 
 
-class StatsMsg(TypedDict):
+class StatsMsg(_Fenced):
     """``stats``."""
 
     kind: Literal["stats"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
-class PingMsg(TypedDict):
+class PingMsg(_Fenced):
     """``ping``."""
 
     kind: Literal["ping"]
-    id: int
-    view: NotRequired[int]  # the cluster view it was sent in (fencing)
 
 
-class ReplyMsg(TypedDict):
+class ReplyMsg(_Request):
     """``reply``."""
 
     kind: Literal["reply"]
-    id: int
     staleness: NotRequired[int | None]
     rank: NotRequired[int | None]
     view: NotRequired[dict[str, Any] | None]
@@ -469,11 +433,10 @@ class ReplyMsg(TypedDict):
     ticket: NotRequired[int]
 
 
-class ErrorMsg(TypedDict):
+class ErrorMsg(_Request):
     """``error``."""
 
     kind: Literal["error"]
-    id: int
     code: str
     message: str
 

@@ -445,9 +445,9 @@ class Reply:
                 return
         # into a reused reply buffer once libzmq has finished sending its last contents
         # (a fresh 64 MiB array per pull costs as much in page faults as the transfer)
-        buf = link.buf
-        if buf is None or not (link.tracker is None or link.tracker.done):
-            w = values.weights
+        buf, w = link.buf, values.weights
+        # (a new buffer too when the range changed: a move re-cut the table)
+        if buf is None or buf.shape != w.shape or not (link.tracker is None or link.tracker.done):
             buf = np.empty(w.shape, w.dtype)
         rows = values.pull(out=buf)
         link.tracker = self.paths.router.reply(self.identity, h["id"], [rows], track=True, **fields)

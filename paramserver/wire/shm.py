@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from paramserver.metrics import process_gone
+
 __all__ = ["Segment", "attach", "cleanup_stale", "create", "layout"]
 
 SHM_DIR = "/dev/shm"
@@ -78,23 +80,13 @@ class Segment:
             self.mm.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale() -> int:
     """Unlink segments left by processes that no longer exist; returns how many."""
     removed = 0
     with contextlib.suppress(OSError):
         for name in os.listdir(SHM_DIR):
             m = _NAME.match(name)
-            if m and not _alive(int(m.group(1))):
+            if m and process_gone(int(m.group(1))):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(SHM_DIR, name))
                     removed += 1

@@ -118,7 +118,7 @@ class SlotPool:
         def attached(f: Future[dict[str, Any]]) -> None:
             seg.unlink()  # mapped by the server (or refused): no name left behind
             self.attaching.pop(slot_id, None)
-            err = f._error
+            err = f.error
             if self.closed or err is not None:
                 seg.close()
                 if err is not None and not self.closed:

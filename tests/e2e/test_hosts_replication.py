@@ -32,6 +32,66 @@ STEPS, KEYS, DIM, DENSE = 12, 600, 8, 3000  # the program's
 SERVER_HOSTS, WORKER_HOSTS = (1, 2, 3), (4, 5)
 
 
+def wait_paused(r: Roles, workers: list[str], clock: int) -> str:
+    """Wait until rank 0 printed ``PAUSED clock`` (failing if any worker exited); its role."""
+    paused = rf"^PAUSED {clock}$"
+    found: list[str] = []
+
+    def rank0_paused() -> bool:
+        for name in workers:
+            if r.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited {r.procs[name].returncode}:\n{r.log(name)}")
+        found[:] = [n for n in workers if re.search(paused, r.log(n), re.MULTILINE)]
+        return bool(found)
+
+    wait_until(rank0_paused, 120, f"rank 0 to pause at clock {clock}", every=0.05)
+    return found[0]
+
+
+def resume(r: Roles) -> None:
+    """Let rank 0 go on from its pause."""
+    (r.folder / "resume").touch()
+
+
+def start_reference(
+    folder: Path, env: dict[str, str], seed: int, servers: int
+) -> subprocess.Popen[bytes]:
+    """The program in ``folder`` under ``paramserver run`` on loopback (two workers, sync, seed,
+    never paused, replication 1): the uninterrupted run a disturbed one must equal bitwise."""
+    folder.mkdir(exist_ok=True)
+    (folder / "train.py").write_bytes(PROGRAM.read_bytes())
+    with open(folder / "run.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "paramserver", "run", "-s", str(servers), "-w", "2",
+             "train.py", "sync", str(seed), "-1"],
+            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+
+def finish_reference(proc: subprocess.Popen[bytes], folder: Path) -> None:
+    """Wait for the reference run (killed after 120 s); it must exit 0."""
+    try:
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert rc == 0, (folder / "run.log").read_text()
+
+
+def assert_bitwise(reference: Path, spread: Path) -> None:
+    """Every worker's final rows and dense values in ``spread`` are those of ``reference``, bit
+    for bit."""
+    for rank in range(len(WORKER_HOSTS)):
+        want, got = _final(reference, rank), _final(spread, rank)
+        assert sorted(got) == sorted(want) == ["emb", "w"], (got, want)
+        for name in want:
+            assert got[name].dtype == want[name].dtype == np.float32, name
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} of {rank}")
+            assert got[name].tobytes() == want[name].tobytes(), name  # bitwise
+    assert _final(spread, 0)["emb"].shape == (KEYS, DIM)
+
+
 def _run_on_hosts(r: Roles, mode: str, seed: int, pause_at: int, victim: hosts.Host) -> None:
     """The program on the bed, replication 2; ``victim`` taken away when rank 0 has paused at
     clock ``pause_at``; the workers must finish, the live servers and the coordinator stop on
@@ -44,17 +104,9 @@ def _run_on_hosts(r: Roles, mode: str, seed: int, pause_at: int, victim: hosts.H
         r.start(name, machines[h], r.lines["server"])
     for name, h in zip(workers, WORKER_HOSTS, strict=True):
         r.start(name, machines[h], f"{r.lines['worker']} {mode} {seed} {pause_at}")
-    paused = rf"^PAUSED {pause_at}$"
-
-    def rank0_paused() -> bool:
-        for name in workers:
-            if r.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited {r.procs[name].returncode}:\n{r.log(name)}")
-        return any(re.search(paused, r.log(name), re.MULTILINE) for name in workers)
-
-    wait_until(rank0_paused, 120, f"rank 0 to pause at clock {pause_at}", every=0.05)
+    wait_paused(r, workers, pause_at)
     victim.kill()  # every process in it SIGKILLed, then its link down
-    (r.folder / "resume").touch()
+    resume(r)
     for name in workers:
         r.finish(name, 120)
     # the job completed without the victim's rank: declared dead, started again by no one
@@ -83,34 +135,15 @@ def test_sync_training_through_a_server_host_taken_away_is_bitwise_equal(
     pause_at, victim = rnd.randrange(2, STEPS - 1), bed[rnd.choice(SERVER_HOSTS)]
     print(f"seed {seed}: {victim.name} taken away at clock {pause_at}")
     reference, spread = tmp_path / "reference", tmp_path  # the bed's roles run in tmp_path
-    reference.mkdir()
-    for folder in (reference, spread):
-        (folder / "train.py").write_bytes(PROGRAM.read_bytes())
+    (spread / "train.py").write_bytes(PROGRAM.read_bytes())
     r = roles(len(SERVER_HOSTS), len(WORKER_HOSTS))
     # the reference runs meanwhile: an uninterrupted loopback cluster without replication
-    with open(reference / "run.log", "w") as log:
-        ref = subprocess.Popen(
-            [sys.executable, "-m", "paramserver", "run", "-s", "3", "-w", "2", "train.py",
-             "sync", str(seed), "-1"],
-            cwd=reference, env=r.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            _run_on_hosts(r, "sync", seed, pause_at, victim)
-            rc = ref.wait(120)
-        finally:
-            if ref.poll() is None:
-                ref.kill()
-                ref.wait(10)
-    assert rc == 0, (reference / "run.log").read_text()
-    for rank in range(len(WORKER_HOSTS)):
-        want, got = _final(reference, rank), _final(spread, rank)
-        assert sorted(got) == sorted(want) == ["emb", "w"], (got, want)
-        for name in want:
-            assert got[name].dtype == want[name].dtype == np.float32, name
-            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} of {rank}")
-            assert got[name].tobytes() == want[name].tobytes(), name  # bitwise
-    assert _final(spread, 0)["emb"].shape == (KEYS, DIM)
+    ref = start_reference(reference, r.env, seed, len(SERVER_HOSTS))
+    try:
+        _run_on_hosts(r, "sync", seed, pause_at, victim)
+    finally:
+        finish_reference(ref, reference)
+    assert_bitwise(reference, spread)
 
 
 # 6 processes on the bed: about 10 s on 2 loaded cores

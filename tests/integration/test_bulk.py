@@ -19,7 +19,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.errors import RemoteError
-from paramserver.wire import seal
+from paramserver.wire import bulk, seal
 from paramserver.wire.transport import Endpoint, new_context
 from tests import procs
 from tests.timing import FAST, wait_until
@@ -119,6 +119,28 @@ def test_bad_gradients_are_refused_and_change_nothing(one_server: ps.LocalCluste
     s.push(bad).result()
     np.testing.assert_array_equal(s.pull(), np.full(n, 2.0, np.float32))
     assert client.stats()[0]["tables"]["s"]["skipped_nonfinite"] == 1
+
+
+def _congestion(sock: socket.socket) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"), reason="Linux only")
+def test_bulk_connections_use_cubic_where_the_kernel_has_it(one_server: ps.LocalCluster) -> None:
+    # what the kernel offers, read from it: cubic where built in, else the machine's default
+    proc = Path("/proc/sys/net/ipv4")
+    offered = (proc / "tcp_available_congestion_control").read_text().split()
+    want = "cubic" if "cubic" in offered else (proc / "tcp_congestion_control").read_text().strip()
+    client = one_server.connect(transport="tcp")
+    w = client.dense_table("w", shape=(1 << 20,))
+    w.push(np.ones(1 << 20, np.float32)).result()
+    channel = client._ep.peers["server[0]"].bulk
+    assert channel is not None and _congestion(channel.sock) == want
+    listener = bulk.Listener("127.0.0.1", idle=5.0)  # a server's: its connections inherit it
+    try:
+        assert _congestion(listener.sock) == want
+    finally:
+        listener.close()
 
 
 def test_a_pull_keeps_the_values_it_was_answered_with(one_server: ps.LocalCluster) -> None:

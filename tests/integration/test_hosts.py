@@ -1,6 +1,6 @@
 """The emulated-hosts bed itself (tests/hosts.py): hosts reach each other and nothing else,
-each has its own /dev/shm and name, links hold their rate, a host can be cut off, killed and
-brought back, and nothing of a bed outlives it, not even when its owner was SIGKILLed.
+each has its own /dev/shm and name, links hold their rate, a host can be cut off (or one path to
+it), killed and brought back, and nothing of a bed outlives it, not even when its owner was SIGKILLed.
 
 Connectivity is checked with Python sockets run inside the hosts (there is no ``ping`` here)."""
 
@@ -137,6 +137,18 @@ def test_a_cut_off_host_cannot_be_reached_and_comes_back(emulated_hosts: Make, h
     bed[1].reconnect()
     assert connect(bed[0], "h1") == "h1 10.251.0.1 ping 4"
     assert bed[1].rate is None and len(bed[1].pids()) == 1  # the server lived on
+
+
+def test_a_cut_path_loses_only_what_one_host_sends_to_another(emulated_hosts: Make) -> None:
+    bed = emulated_hosts(3, rate="1gbit")
+    serve(bed[1])
+    serve(bed[2])
+    bed[1].cut_path(bed[0])
+    assert connect(bed[0], "h1", tries=0) == "timeout"  # h0's SYN vanishes on its way to h1
+    assert connect(bed[2], "h1") == "h1 10.251.0.3 ping 4"  # every other path is as it was
+    assert connect(bed[0], "h2") == "h2 10.251.0.1 ping 4"
+    bed[1].cut_path(bed[0], cut=False)
+    assert connect(bed[0], "h1") == "h1 10.251.0.1 ping 4"
 
 
 def test_a_killed_host_loses_every_process_and_comes_back_empty(emulated_hosts: Make) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 import paramserver as ps
 from paramserver.wire.transport import Endpoint, new_context
-from tests.timing import FAST
+from tests.timing import FAST, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,6 +28,10 @@ STEPS, WORKERS, DIM = 12, 2, 4
 LOG = "warning"
 KEYS = np.arange(1, 400, dtype=np.uint64)
 GROUP = [("g1", 20), ("g2", 4)]  # a dense group: one table stays, one moves on a drain of 0
+# past partition.DENSE_SPLIT_ELEMENTS: cut over every server, and cut anew by a move; its
+# ranges on 3 servers are 1 MiB each (bulk.MIN_BYTES), so over TCP they take the bulk channel
+BIG = 3 << 18
+DENSE = [("bias", 8), *GROUP, ("big", BIG)]
 INIT = {"sync": ps.init.Normal(std=0.1), "async": ps.init.Zeros()}
 
 
@@ -45,6 +49,27 @@ def view_of(address: str) -> dict[str, Any]:
         ctx.term()
 
 
+def joining(address: str) -> int | None:
+    """The rank of the server joining in the move under way, if one is."""
+    move = view_of(address).get("move")
+    return int(move["rank"]) if move and move["kind"] == "join" else None
+
+
+def moves_of(address: str) -> list[dict[str, Any]]:
+    """The moves the coordinator finished (kind, rank, rows, bytes, dense tables moved)."""
+    ctx = new_context()
+    ep = Endpoint(ctx, request_timeout=5.0)
+    try:
+        ep.connect("coordinator", address)
+        done: list[dict[str, Any]] = ep.request(
+            "coordinator", {"kind": "status"}, what="status"
+        ).result(5)["status"]["moves"]
+        return done
+    finally:
+        ep.close()
+        ctx.term()
+
+
 def train(
     consistency: str,
     optimizer: Any,
@@ -53,13 +78,15 @@ def train(
 ) -> tuple[np.ndarray, np.ndarray, list[Exception], dict[str, Any]]:
     """Train WORKERS threads for STEPS clocks; worker 0 runs ``events[clock]`` after that
     clock. Returns the final sparse rows of KEYS, the dense values (``bias``, then the group's
-    ``g1`` and ``g2``), the errors raised. Placed by size: bias and g2 on server[0], g1 on
-    server[1]."""
+    ``g1`` and ``g2``, then ``big``), the errors raised. Placed by size: bias and g2 on
+    server[0], g1 on server[1], big cut in two halves (a join cuts it in three, a drain back
+    in two over the servers left)."""
     errors: list[Exception] = []
     asked: queue.Queue[int] = queue.Queue()
     answered: queue.Queue[int] = queue.Queue()
     with ps.LocalCluster(servers=2, workers=WORKERS, timeouts=FAST, log_level=LOG) as cluster:
-        clients = [cluster.connect() for _ in range(WORKERS)]
+        # worker 1 over TCP: its dense values take the bulk channel, worker 0's shared memory
+        clients = [cluster.connect(transport="tcp" if w else None) for w in range(WORKERS)]
 
         def work(w: int) -> None:
             try:
@@ -68,6 +95,8 @@ def train(
                                      init=INIT[consistency], seed=3)  # fmt: skip
                 dense = c.dense_table("bias", 8, optimizer=optimizer,
                                       consistency=consistency)  # fmt: skip
+                big = c.dense_table("big", BIG, optimizer=optimizer, consistency=consistency,
+                                    init=INIT[consistency])  # fmt: skip
                 group = c.dense_group([c.dense_table(n, size, optimizer=optimizer,
                                                      consistency=consistency)
                                        for n, size in GROUP])  # fmt: skip
@@ -81,6 +110,8 @@ def train(
                         pushed.pop().result(60)
                     d = dense.pull()
                     dense.push(grads(c.rank, step, d)).result(60)
+                    b = big.pull()
+                    big.push(grads(c.rank, step, b)).result(60)
                     values = group.pull()
                     group.push([grads(c.rank, step, v) for v in values]).result(60)
                     clock = c.clock()
@@ -107,20 +138,27 @@ def train(
         reader = clients[0]
         emb = reader.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
                                   init=INIT[consistency], seed=3)  # fmt: skip
-        dense = [reader.dense_table(n, size, optimizer=optimizer, consistency=consistency)
-                 for n, size in [("bias", 8), *GROUP]]  # fmt: skip
+        dense = [reader.dense_table(n, size, optimizer=optimizer, consistency=consistency,
+                                    **({"init": INIT[consistency]} if n == "big" else {}))
+                 for n, size in DENSE]  # fmt: skip
         values = np.concatenate([d.pull() for d in dense])
-        return emb.pull(KEYS, create=False), values, errors, view_of(cluster.address)
+        view = view_of(cluster.address)
+        view["moves"] = moves_of(cluster.address)
+        view["big"] = dense[-1].spec.ranges
+        return emb.pull(KEYS, create=False), values, errors, view
 
 
 def sync_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
     return (rows * 0.5 + 0.01 * (rank + 1) * (step + 1)).astype(np.float32)
 
 
-def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit() -> None:
+@pytest.mark.parametrize("opt", [ps.optim.Adagrad(lr=0.1), ps.optim.Adam(lr=0.01)],
+                         ids=["adagrad", "adam"])  # fmt: skip
+def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit(opt: Any) -> None:
     # the drained server[0] holds the dense tables bias and g2 (of the group): they move whole
-    # to the least loaded others
-    opt = ps.optim.Adagrad(lr=0.1)
+    # to the least loaded others; big is cut anew over 3 servers on the join and over the 2
+    # left on the drain, its parts moving while both workers train (Adam: its step, a scalar
+    # of every part, moves too, and a part applied twice or with a zero gradient would show)
     added: list[int] = []
     events = {
         4: lambda cl: added.append(cl.add_server()),
@@ -130,27 +168,39 @@ def test_a_server_added_and_another_drained_in_sync_training_changes_no_bit() ->
     assert errors == [] and added == [2]
     assert view["ring"] == [1, 2] and "move" not in view
     assert [st for r, _, st in view["servers"]] == ["left", "alive", "alive"]
+    assert [(m["kind"], "big" in m["dense_tables"]) for m in view["moves"]] == [
+        ("join", True),
+        ("drain", True),
+    ]
+    assert view["big"] == ((1, 0, BIG // 2), (2, BIG // 2, BIG))
     ref_rows, ref_dense, ref_errors, _ = train("sync", opt, sync_grads, {})
     assert ref_errors == []
     assert rows.tobytes() == ref_rows.tobytes()
     assert dense.tobytes() == ref_dense.tobytes()
 
 
-def test_a_server_holding_part_of_a_cut_dense_table_is_not_drained() -> None:
-    # a table of 2^18 elements is cut over both servers: parts of it do not move, so the drain
-    # is refused, names the table, and changes nothing (the values are still served as pushed)
+def test_a_server_holding_part_of_a_cut_dense_table_is_drained() -> None:
+    # a table of 3 x 2^18 elements cut over both servers (a drain of such a server was refused
+    # before dense ranges were re-cut): the drain moves server[0]'s half to server[1], which
+    # then holds the whole table with every value as pushed
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, log_level=LOG) as cluster:
         client = cluster.connect()
-        big = client.dense_table("big", 1 << 18, optimizer=ps.optim.SGD(lr=1.0),
+        big = client.dense_table("big", BIG, optimizer=ps.optim.SGD(lr=1.0),
                                  init=ps.init.Zeros())  # fmt: skip
-        big.push(np.ones(1 << 18, np.float32)).result(30)
-        with pytest.raises(
-            ps.errors.RemoteError, match=r"server\[0\] holds a part of dense tables \['big'\]"
-        ):
-            cluster.remove_server(0)
-        view = view_of(cluster.address)
-        assert view["ring"] == [0, 1] and "move" not in view
-        np.testing.assert_array_equal(big.pull(), np.full(1 << 18, -1.0, np.float32))
+        want = np.arange(BIG, dtype=np.float32)
+        big.push(-want).result(30)
+        assert big.spec.ranges == ((0, 0, BIG // 2), (1, BIG // 2, BIG))
+        cluster.remove_server(0)
+        for _ in range(200):  # the move completes once this worker ended a step
+            client.clock()
+            view = view_of(cluster.address)
+            if view["ring"] == [1]:
+                break
+        assert view["ring"] == [1] and "move" not in view
+        assert big.spec.ranges == ((1, 0, BIG),)
+        np.testing.assert_array_equal(big.pull(), want)
+        big.push(np.ones(BIG, np.float32)).result(30)
+        np.testing.assert_array_equal(big.pull(), want - 1)
 
 
 def ones_grads(rank: int, step: int, rows: np.ndarray) -> np.ndarray:
@@ -172,30 +222,41 @@ def test_pushes_during_moves_in_async_training_count_once() -> None:
             counts += np.bincount(rng.choice(KEYS, size=64), minlength=len(counts))
     want = -np.repeat(counts[KEYS.astype(np.int64)][:, None], DIM, axis=1)
     np.testing.assert_array_equal(rows, want.astype(np.float32))
-    np.testing.assert_array_equal(dense, np.full(32, -STEPS * WORKERS, np.float32))
+    size = sum(n for _, n in DENSE)
+    np.testing.assert_array_equal(dense, np.full(size, -STEPS * WORKERS, np.float32))
 
 
 def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_removes_it() -> None:
     # one worker, sync SGD lr=1 on all-ones gradients of the same keys every step: each row
-    # ends at minus the number of steps, wherever the rows moved meanwhile
+    # ends at minus the number of steps, wherever the rows moved meanwhile; so does every
+    # element of a dense table cut over the servers (the joining one gets a third of it, which
+    # goes back to the others when it is drained)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=2, optimizer=ps.optim.SGD(lr=1.0),
                                   init=ps.init.Zeros(), consistency="sync")  # fmt: skip
+        big = client.dense_table("big", BIG, optimizer=ps.optim.SGD(lr=1.0),
+                                 init=ps.init.Zeros(), consistency="sync")  # fmt: skip
         cli = [sys.executable, "-m", "paramserver.cli"]
         joiner = subprocess.Popen(
             [*cli, "server", "--coordinator", cluster.address, "--host", "127.0.0.1"], env=env
         )
         drain: subprocess.Popen[bytes] | None = None
         try:
+            # the move waits for this worker's clocks: first the new process must register
+            # (its start is not bounded by the steps below)
+            wait_until(lambda: joining(cluster.address) == 2, 120,
+                       "the server started by the command line to register")  # fmt: skip
             steps = 0
             for _ in range(400):
                 emb.push(KEYS, np.ones((len(KEYS), 2), np.float32)).result(30)
+                big.push(np.ones(BIG, np.float32)).result(30)
                 client.clock()
                 steps += 1
                 view = view_of(cluster.address)
                 if drain is None and view["ring"] == [0, 1, 2]:
+                    assert big.spec.ranges[2][0] == 2  # the newcomer holds the last third
                     drain = subprocess.Popen(
                         [*cli, "drain", "2", "--coordinator", cluster.address, "--timeout", "60"],
                         env=env,
@@ -211,6 +272,8 @@ def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_remo
             assert joiner.wait(30) == 0  # told to stop once its keys left
             rows = emb.pull(KEYS)
             np.testing.assert_array_equal(rows, np.full((len(KEYS), 2), -steps, np.float32))
+            assert [s for s, _, _ in big.spec.ranges] == [0, 1]
+            np.testing.assert_array_equal(big.pull(), np.full(BIG, -steps, np.float32))
         finally:
             for p in (joiner, drain):
                 if p is not None and p.poll() is None:
@@ -221,23 +284,29 @@ def test_a_server_started_against_a_running_job_joins_and_paramserver_drain_remo
 def test_a_checkpoint_after_a_join_holds_each_key_once_and_restores_on_fewer_servers(
     tmp_path: Path,
 ) -> None:
-    # the source keeps no stale copy of the rows that left: restored on a cluster of another
-    # size (another ring), every row is the one pulled before the save
+    # the source keeps no stale copy of the rows that left, nor of its old dense range:
+    # restored on a cluster of another size (another ring), every row and dense element is
+    # the one pulled before the save
     opt = ps.optim.Adagrad(lr=0.1)
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=DIM, optimizer=opt, init=ps.init.Zeros())
+        big = client.dense_table("big", BIG, optimizer=opt, init=ps.init.Normal(std=0.1))
         emb.push(KEYS, np.ones((len(KEYS), DIM), np.float32)).result(30)
         client.clock()
         cluster.add_server()
         for _ in range(200):  # the move completes once this worker ended a step
             emb.push(KEYS, np.full((len(KEYS), DIM), 0.5, np.float32)).result(30)
+            big.push(np.full(BIG, 0.5, np.float32)).result(30)
             client.clock()
             if view_of(cluster.address)["ring"] == [0, 1, 2]:
                 break
         emb.push(KEYS, np.full((len(KEYS), DIM), 0.25, np.float32)).result(30)
+        big.push(np.linspace(-1, 1, BIG, dtype=np.float32)).result(30)
         client.clock()
         want = emb.pull(KEYS, create=False)
+        want_big = big.pull()
+        assert len(big.spec.ranges) == 3
         stats = {s["rank"]: s["tables"]["emb"]["rows"] for s in client.stats()}
         path = client.save(tmp_path / "ckpt")
     assert sum(stats.values()) == len(KEYS) and stats[2] > 0  # each key on one server only
@@ -245,3 +314,5 @@ def test_a_checkpoint_after_a_join_holds_each_key_once_and_restores_on_fewer_ser
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=DIM, optimizer=opt, init=ps.init.Zeros())
         assert emb.pull(KEYS, create=False).tobytes() == want.tobytes()
+        big = client.dense_table("big", BIG, optimizer=opt, init=ps.init.Normal(std=0.1))
+        assert big.pull().tobytes() == want_big.tobytes()

@@ -1,5 +1,5 @@
 """The transport's pieces on real sockets, without a cluster: a pulse beats what its owner
-builds and hands answers back; a socket bound and listening in one place is taken over by a
+builds and hands answers back, and counts only answers to recent beats as news; a socket bound and listening in one place is taken over by a
 ROUTER built later, and a peer that connected in between is answered."""
 
 from __future__ import annotations
@@ -51,6 +51,44 @@ def test_a_pulse_sends_its_owners_beat_and_hands_every_answer_back() -> None:
         router.close()
         ctx.term()
     assert not pulse.is_alive()
+
+
+def test_a_held_up_answer_to_an_old_beat_is_not_fresh_news() -> None:
+    """A member cut off and reconnected gets the coordinator's answers to beats sent before
+    the cut (TCP resends them). Such an answer must not make the coordinator look recently
+    heard from: a server fenced by silence would otherwise serve again on a stale 'ok'."""
+    ctx = new_context()
+    router = Router(ctx, "127.0.0.1")
+    answered = threading.Event()
+    beat = {"kind": "heartbeat", "role": "worker", "rank": 0, "token": 1, "clock": 0}
+    pulse = Pulse(ctx, router.address, lambda: beat, 0.02,
+                  on_answer=lambda h: answered.set())  # fmt: skip
+    pulse.start()
+    try:
+        identity, frames = router.recv_raw()
+        first, _ = protocol.decode(frames)
+        sent_first = time.monotonic()  # the first beat went out before this
+        for _ in range(20):  # beats go on unanswered (a cut link), ~0.4 s of them
+            router.recv_raw()
+        held_until = time.monotonic()
+        router.reply(identity, first["id"])  # the old beat's answer, come late
+        assert answered.wait(10), "the late answer did not reach the pulse"
+        assert pulse.last_answer <= sent_first < held_until - 0.3
+        answered.clear()
+        _, frames = router.recv_raw()
+        newest, _ = protocol.decode(frames)
+        router.reply(identity, newest["id"])  # an answer to a beat just sent: fresh
+        assert answered.wait(10), "the answer to the newest beat did not reach the pulse"
+        assert pulse.last_answer >= held_until
+        answered.clear()
+        router.reply(identity, 0)  # an answer to no beat of the pulse's
+        assert answered.wait(10)
+        assert pulse.last_answer < time.monotonic()
+    finally:
+        pulse.stop()
+        pulse.join(5)
+        router.close()
+        ctx.term()
 
 
 def test_a_handed_over_socket_answers_a_peer_that_connected_before_the_router_existed() -> None:

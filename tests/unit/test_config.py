@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import paramserver as ps
-from paramserver.config import from_env, normalize_address, parse_consistency
+from paramserver.config import cluster_to_env, from_env, normalize_address, parse_consistency
 from paramserver.errors import ConfigError
 
 
@@ -22,6 +22,16 @@ def test_env_is_parsed_in_one_place() -> None:
     assert (env.rank, env.num_workers) == (3, 4)
     assert env.timeouts.heartbeat_timeout == 7.5
     assert from_env({}).coordinator is None
+
+
+def test_a_clusters_env_reads_back_as_its_settings() -> None:
+    t = ps.Timeouts(heartbeat_interval=0.1, heartbeat_timeout=0.7, request=3.25, connect=9.0)
+    env = from_env(cluster_to_env("tcp://10.0.0.1:7000", 4, 2, t, "secret"))
+    assert env.coordinator == "tcp://10.0.0.1:7000"
+    assert (env.num_workers, env.num_servers, env.rank) == (4, 2, None)
+    assert env.timeouts == t
+    assert env.token == "secret"
+    assert "PS_TOKEN" not in cluster_to_env("tcp://10.0.0.1:7000", 4, 2, t, None)
 
 
 @pytest.mark.parametrize(

@@ -124,9 +124,10 @@ class DenseShard(Shard):
         if out is not None:
             np.copyto(out, self._data[0, : self.size])
 
-    def export(self) -> dict[str, npt.NDArray[Any]]:
-        """``{"rows": (size, 1 + n_slots + n_scalars)}``: per element ``[w, state..., scalars...]``,
-        the same layout as a sparse row of dim 1, so ranges can be re-cut on restore.
+    def export(self, start: int = 0, stop: int | None = None) -> dict[str, npt.NDArray[Any]]:
+        """``{"rows": (n, 1 + n_slots + n_scalars)}``: per element ``[w, state..., scalars...]``,
+        the same layout as a sparse row of dim 1, so ranges can be re-cut on restore or moved
+        (elements ``[start, stop)`` of this shard, all by default).
 
         Example:
             >>> from paramserver.init import Zeros
@@ -134,11 +135,37 @@ class DenseShard(Shard):
             >>> DenseShard(3, "float32", Zeros(), Momentum(), seed=0).export()["rows"].shape
             (3, 2)
         """
+        stop = self.size if stop is None else stop
+        if not 0 <= start <= stop <= self.size:
+            raise ConfigError(f"export: [{start}, {stop}) is not within the {self.size} elements")
         planes = 1 + self._rule.opt.n_slots
-        rows = np.empty((self.size, self._width), self.dtype)
-        rows[:, :planes] = self._data[0, : planes * self.size].reshape(planes, self.size).T
+        rows = np.empty((stop - start, self._width), self.dtype)
+        data = self._data[0, : planes * self.size].reshape(planes, self.size)
+        rows[:, :planes] = data[:, start:stop].T
         rows[:, planes:] = self._data[0, planes * self.size :]
         return {"rows": rows}
+
+    def load_at(self, at: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:
+        """Set elements ``at`` (positions in this shard) to ``rows`` as :meth:`export` gives
+        them, optimizer state and scalars included (a part of a dense table moving here).
+
+        Example:
+            >>> from paramserver.init import Zeros
+            >>> from paramserver.optim import SGD
+            >>> shard = DenseShard(4, "float32", Zeros(), SGD(), seed=0)
+            >>> shard.load_at(np.array([1, 3]), np.array([[5.0], [6.0]], np.float32))
+            >>> shard.pull().tolist()
+            [0.0, 5.0, 0.0, 6.0]
+        """
+        at = np.asarray(at, np.int64)
+        rows = check_values("rows", rows, (len(at), self._width), self.dtype)
+        if len(at) and (at.min() < 0 or at.max() >= self.size):
+            raise ConfigError(f"load_at: positions must lie within the {self.size} elements")
+        planes = 1 + self._rule.opt.n_slots
+        data = self._data[0, : planes * self.size].reshape(planes, self.size)
+        data[:, at] = rows[:, :planes].T
+        if len(at) and rows.shape[1] > planes:
+            self._data[0, planes * self.size :] = rows[0, planes:]
 
     def assign(self, values: npt.NDArray[Any]) -> None:
         """Set the weights to ``values`` ``(size,)`` and reset the optimizer state (Adam's

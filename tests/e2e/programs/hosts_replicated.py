@@ -1,22 +1,26 @@
-"""train.py of test_hosts_replication: two workers train a sparse and a dense table while a
-server host is taken away. Joins as README.md's "Many hosts" section tells (PS_COORDINATOR,
-PS_TOKEN_FILE); the same program runs under ``paramserver run`` on loopback for the reference.
+"""train.py of test_hosts_replication and test_hosts_membership: two workers train a sparse and
+a dense table while a server host is taken away, the coordinator is killed, servers join or
+leave. Joins as README.md's "Many hosts" section tells (PS_COORDINATOR, PS_TOKEN_FILE); the same
+program runs under ``paramserver run`` on loopback for the reference.
 
-    python train.py sync|async SEED PAUSE_AT
+    python train.py sync|async SEED PAUSE_AT[,PAUSE_AT...]
 
-Each worker prints ``CLOCK c`` after each clock; rank 0, after clock PAUSE_AT (-1: never),
-prints ``PAUSED c`` and waits for the file ``resume`` in its folder, so that the test takes a
-host away at that clock while the other worker goes on (its requests to the dead server in
+Each worker prints ``CLOCK c`` after each clock, and logs (stderr) when it routes by another
+ring of servers (``worker[r] routes by the ring of servers [...]``, in the step that ends with
+the next ``CLOCK``); rank 0, after each clock PAUSE_AT (-1: never), prints ``PAUSED c`` and
+waits for the file ``resume`` in its folder (then removes it), so that the test takes a host
+away, or kills or adds a role, at that clock while the other worker goes on (its requests in
 flight).
 
 * ``sync``: the gradients depend on the values pulled (a lost or doubled update changes the end
-  result); after the last clock each worker writes every row and the dense table it pulls to
-  ``final{rank}.npz``.
+  result); after the last clock each worker meets the other at a barrier (the coordinator's)
+  and writes every row and the dense table it pulls to ``final{rank}.npz``.
 * ``async``: SGD with lr 1 of all-ones gradients, two pushes in flight at a time; each worker
   counts the acknowledged pushes of each key (and of the dense table), meets the other at a
   barrier and writes ``final{rank}.npz`` with its counts and the values it pulls then.
 """
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -26,20 +30,21 @@ import numpy as np
 
 import paramserver as ps
 
-MODE, SEED, PAUSE_AT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+MODE, SEED, PAUSES = sys.argv[1], int(sys.argv[2]), {int(c) for c in sys.argv[3].split(",")}
 WORKERS, STEPS, KEYS, DIM, DENSE = 2, 12, 600, 8, 3000
 assert MODE in ("sync", "async"), MODE
 
 
 def pause(client: ps.Client, clock: int) -> None:
     print("CLOCK", clock, flush=True)
-    if client.rank == 0 and clock == PAUSE_AT:
+    if client.rank == 0 and clock in PAUSES:
         print("PAUSED", clock, flush=True)
         deadline = time.monotonic() + 60
         while not Path("resume").exists():
             if time.monotonic() > deadline:
                 raise SystemExit("no ./resume file 60 s after the pause: the test is gone")
             time.sleep(0.01)
+        Path("resume").unlink()
 
 
 def train_sync(client: ps.Client) -> dict[str, np.ndarray]:
@@ -62,6 +67,7 @@ def train_sync(client: ps.Client) -> dict[str, np.ndarray]:
         f2.result()
         client.clock()
         pause(client, step + 1)
+    client.barrier("rep/end", timeout=60)
     # a pull after the last clock waits for every worker's last clock
     return {"emb": emb.pull(np.arange(KEYS, dtype=np.uint64)), "w": w.pull()}
 
@@ -102,6 +108,8 @@ def train_async(client: ps.Client) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
+logging.basicConfig(format="%(message)s")
+logging.getLogger("paramserver.client.ring").setLevel(logging.INFO)
 with ps.connect() as client:
     final = train_sync(client) if MODE == "sync" else train_async(client)
     np.savez(f"final{client.rank}.npz", **final)
