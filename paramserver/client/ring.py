@@ -42,6 +42,9 @@ class RingRouting:
     next_ring: tuple[int, list[int]] | None = None  # a move's id and new ring
     next_dense: dict[str, Any] = {}  # noqa: RUF012  (a move's dense tables: their new ranges)
     dense_moved: dict[str, list[tuple[int, int, int]]] = {}  # noqa: RUF012  (switched to)
+    # the ranges a move's dense tables had before this worker switched: put back if the
+    # coordinator abandons that move (a server of it died)
+    dense_undo: dict[str, list[tuple[int, int, int]]] = {}  # noqa: RUF012
     idle = False  # between steps (at a barrier): a move is switched to at once
     # a rebuild (server/rebuild.py): a server being rebuilt is written to (not read) from the
     # end of a step on; the rebuilds seen, the next one's (id, rank, sources, address)
@@ -92,9 +95,14 @@ class RingRouting:
             if self.idle:
                 self.switch_ring()
         elif isinstance(ring, list) and move is None:
+            # the move is over: done, or abandoned (a server of it died), whose ring is the old
+            # one again, and its dense tables where they were
             self.move_from = []
+            self.next_ring, self.next_dense = None, {}
+            undo, self.dense_undo = self.dense_undo, {}
             if ring != self.ring_servers:
-                self.next_ring = None
+                if undo:
+                    self.move_dense(undo)
                 self.set_ring([int(r) for r in ring])
 
     def take_rebuild(self, view: dict[str, Any]) -> None:
@@ -152,7 +160,9 @@ class RingRouting:
         targets = self.servers
         self.set_ring(ring)
         dense, self.next_dense = self.next_dense, {}
+        self.dense_undo = {}
         if dense:
+            self.dense_undo = {n: r for n in dense if (r := self.dense_ranges(n)) is not None}
             self.move_dense({n: [(int(s), int(a), int(b)) for s, a, b in r]
                              for n, r in dense.items()})  # fmt: skip
         for s in targets:
@@ -166,6 +176,10 @@ class RingRouting:
 
     def move_dense(self, ranges: dict[str, list[tuple[int, int, int]]]) -> None:
         """Dense tables' new ranges, from this worker's switch on (the client's handles)."""
+
+    def dense_ranges(self, name: str) -> list[tuple[int, int, int]] | None:
+        """The ranges dense table ``name`` is routed by now (None: no handle of it here)."""
+        return self.dense_moved.get(name)
 
     def set_ring(self, ring: list[int]) -> None:
         self.ring_servers = ring

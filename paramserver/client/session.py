@@ -479,6 +479,7 @@ class Session(CoordinatorWatch, RingRouting):
         if self._expelled:
             self._rejoin(self._expelled)
         self._check_coordinator()
+        self._catch_up_view()
 
     def next_seq(self) -> int:
         """A new push sequence number (a resent push keeps its own: servers skip repeats)."""

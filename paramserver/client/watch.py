@@ -15,6 +15,7 @@ from typing import Any
 
 from paramserver.config import Timeouts
 from paramserver.errors import NodeLostError, PSTimeoutError, RemoteError
+from paramserver.wire.heartbeat import MissedViews
 from paramserver.wire.messages import INCARNATION, register_header
 from paramserver.wire.transport import Endpoint, Future, Pulse
 
@@ -41,6 +42,7 @@ class CoordinatorWatch:
     _clock_futures: list[Future[Any]]
     _examples: int
     _apply_view: Callable[[dict[str, Any]], None]
+    _view_number: int
 
     def _init_watch(self) -> None:
         self._supervised = False  # the coordinator is restarted when it dies (it journals)
@@ -49,6 +51,17 @@ class CoordinatorWatch:
         self._beat_incarnations: dict[int, int] = {}
         self._coordinator_seen = 0.0  # when it last answered a probe (see _check_coordinator)
         self._probed = 0.0  # when it was last probed
+        # a view sent while this worker's connection to a restarted coordinator was not back
+        self._missed = MissedViews()
+
+    def _catch_up_view(self) -> None:
+        """Ask for a view the coordinator has and this worker missed; take it once answered."""
+        self._missed.catch_up(self._view_number, self._ask_view, self._apply_view)
+
+    def _ask_view(self) -> Future[Any]:
+        return self._ep.request(
+            "coordinator", {"kind": "get_view"}, what="view from the coordinator"
+        )
 
     def _rejoin(self, why: str) -> None:
         """Register again under this worker's rank after the coordinator dropped it while it
@@ -183,3 +196,4 @@ class CoordinatorWatch:
             self._expelled = header["message"]
         elif isinstance(header.get("view"), dict):
             self._coordinator_boot = header["view"].get("boot")
+            self._missed.heard(header["view"])

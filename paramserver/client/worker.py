@@ -330,6 +330,13 @@ class Client(Session):
             if isinstance(handle, DenseTable):
                 handle.move_to(r)
 
+    def dense_ranges(self, name: str) -> list[tuple[int, int, int]] | None:
+        """The ranges dense table ``name``'s handle routes by now (None: no handle here)."""
+        handle = self._tables.get(name)
+        if isinstance(handle, DenseTable):
+            return [(int(s), int(a), int(b)) for s, a, b in handle.spec.ranges]
+        return self.dense_moved.get(name)
+
     def dense_group(self, tables: list[DenseTable]) -> DenseGroup:
         """Pull and push these dense tables together: one request per server and step for all
         the small ones (of one dtype and one consistency), instead of one per table.

@@ -8,7 +8,11 @@ request that made them; a restarted coordinator replays them (see
   its connection) and the view number, written whenever a new view is published;
 * ``table``: a created table's spec;
 * ``lease``: an acquired or completed part, or a dead worker's parts given back;
-* ``checkpoint``: the newest checkpoint written (path and clock).
+* ``checkpoint``: the newest checkpoint written (path and clock);
+* ``scaling``: where the moves and rebuilds stand (the sources still to report, the queues,
+  the next ids, the finished ones; coordinator/scaling.py and rebuild.py), written at each of
+  their steps; the move or rebuild itself is in the ``view`` record. A ``table`` record is
+  written again for a dense table a move placed anew (the last one of a name counts).
 
 What it leaves out is rebuilt: the servers' clocks come with their next heartbeats, and a
 barrier or a checkpoint round in progress is asked again by whoever waits for it.
@@ -31,7 +35,7 @@ import msgpack
 
 from paramserver.checkpoint import fsync_dir
 
-__all__ = ["COMPACT_BYTES", "Journal"]
+__all__ = ["COMPACT_BYTES", "Journal", "replay", "scaling_record", "state_records"]
 
 COMPACT_BYTES = 8 << 20  # a journal past this size is rewritten as the current state
 
@@ -103,3 +107,51 @@ class Journal:
 
     def close(self) -> None:
         self._file.close()
+
+
+def scaling_record(coord: Any) -> dict[str, Any]:
+    """The ``scaling`` record of coordinator ``coord``: its moves and rebuilds."""
+    return {"t": "scaling", **coord.scaling.to_record(), **coord.rebuilds.to_record()}
+
+
+def state_records(coord: Any) -> list[dict[str, Any]]:
+    """Coordinator ``coord``'s current state as journal records (what compaction writes)."""
+    return [
+        coord.members.to_record(),
+        *({"t": "table", "spec": spec.to_wire()} for spec in coord.tables.specs()),
+        {"t": "checkpoint", "latest": coord.rounds.latest},
+        coord.leases.to_record(),
+        scaling_record(coord),
+    ]
+
+
+def replay(coord: Any, records: list[dict[str, Any]], now: float) -> int | None:
+    """Take back into coordinator ``coord`` what a previous coordinator process journaled.
+    Returns the rank whose rebuild the restarted coordinator announces first, if any."""
+    views = 0
+    for rec in records:
+        if rec["t"] == "view":
+            coord.members.load_record(rec, now)
+            views += 1
+        elif rec["t"] == "table":
+            coord.tables.load(rec["spec"])  # where it was placed, moves included
+        elif rec["t"] == "scaling":
+            coord.scaling.load_record(rec)
+            coord.rebuilds.load_record(rec)
+        elif rec["t"] == "checkpoint":
+            coord.rounds.latest = rec["latest"]
+        elif rec["t"] == "leases":
+            coord.leases.load_record(rec)
+        elif rec["op"] == "acquire":
+            coord.leases.acquire(rec["h"])
+        elif rec["op"] == "complete":
+            coord.leases.complete(rec["h"])
+        else:
+            coord.leases.requeue(rec["rank"], rec["name"])
+    if not views:
+        return None
+    coord.scaling.resumed()
+    log.warning("coordinator restarted: view %d, %d tables, from %d journal records",
+                coord.members.view_number, len(coord.tables.specs()), len(records))  # fmt: skip
+    rank: int | None = coord.rebuilds.resumed()
+    return rank

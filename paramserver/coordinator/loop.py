@@ -21,7 +21,13 @@ from paramserver.config import CheckpointPolicy, Limits, Timeouts, limits_from_e
 from paramserver.coordinator.barriers import Barriers
 from paramserver.coordinator.collector import STATS_TIMEOUT, StatsCollector
 from paramserver.coordinator.completion import Completion
-from paramserver.coordinator.journal import COMPACT_BYTES, Journal
+from paramserver.coordinator.journal import (
+    COMPACT_BYTES,
+    Journal,
+    replay,
+    scaling_record,
+    state_records,
+)
 from paramserver.coordinator.leases import Leases
 from paramserver.coordinator.membership import ALIVE, Member, Membership
 from paramserver.coordinator.rebuild import Rebuilds
@@ -113,9 +119,10 @@ class Coordinator:
         self.journal = (
             Journal(journal, journal_bytes, sync=journal_sync) if journal is not None else None
         )
+        self._rebuild_next: int | None = None  # a rebuild the journal left to announce
         if self.journal is not None:
             self.members.supervised = True
-            self._replay(self.journal.replay(), now)
+            self._rebuild_next = replay(self, self.journal.replay(), now)
         self._saves: list[tuple[bytes, SaveMsg]] = []  # saves asked while a round ran
         self._rejections = protocol.Rejections()
         self._stop = threading.Event()
@@ -184,6 +191,7 @@ class Coordinator:
             len(self.members.workers),
         )
         poller = self.router.poller()
+        self._resume()
         try:
             while not self._stop.is_set():
                 if poller.poll(100):
@@ -273,41 +281,26 @@ class Coordinator:
 
     def compact_journal(self) -> None:
         """Rewrite the journal as the current state (see journal.py); nothing without one."""
-        if self.journal is None:
-            return
-        self.journal.compact([
-            self.members.to_record(),
-            *({"t": "table", "spec": spec.to_wire()} for spec in self.tables.specs()),
-            {"t": "checkpoint", "latest": self.rounds.latest},
-            self.leases.to_record(),
-        ])  # fmt: skip
+        if self.journal is not None:
+            self.journal.compact(state_records(self))
 
-    def _replay(self, records: list[dict[str, Any]], now: float) -> None:
-        """Take back what a previous coordinator process journaled (see journal.py)."""
-        views = 0
-        for rec in records:
-            if rec["t"] == "view":
-                self.members.load_record(rec, now)
-                views += 1
-            elif rec["t"] == "table":
-                self.tables.create(rec["spec"])
-            elif rec["t"] == "checkpoint":
-                self.rounds.latest = rec["latest"]
-            elif rec["t"] == "leases":
-                self.leases.load_record(rec)
-            elif rec["op"] == "acquire":
-                self.leases.acquire(rec["h"])
-            elif rec["op"] == "complete":
-                self.leases.complete(rec["h"])
-            else:
-                self.leases.requeue(rec["rank"], rec["name"])
-        if views:
-            log.warning(
-                "coordinator restarted: view %d, %d tables, from %d journal records",
-                self.members.view_number,
-                len(self.tables.specs()),
-                len(records),
-            )
+    def journal_scaling(self) -> None:
+        """Journal where the moves and rebuilds stand (a restart resumes them)."""
+        self._record(scaling_record(self))
+
+    def journal_moved(self, names: list[str]) -> None:
+        """Journal the dense tables a move placed anew (replayed with their ranges)."""
+        for name in names:
+            self._record({"t": "table", "spec": self.tables.tables[name].to_wire()})
+
+    def _resume(self) -> None:
+        """A restarted coordinator's first turn: announce the next queued move or rebuild
+        that the journal left waiting (members that miss the view ask for it: they see its
+        number in their heartbeats' answers)."""
+        self.scaling.start()
+        if self._rebuild_next is not None:
+            self.rebuilds.start(self._rebuild_next)
+            self._rebuild_next = None
 
     def publish(self, reason: str) -> None:
         """Send every live member the next view (``reason`` is logged)."""
@@ -322,6 +315,7 @@ class Coordinator:
     def _declare_dead(self, m: Member, why: str) -> None:
         self.members.mark_dead(m, why)
         self.rebuilds.on_dead(m)
+        self.scaling.on_dead(m)
         if m.role == "worker":
             self.leases.requeue(m.rank, m.name)
             self._record({"t": "lease", "op": "requeue", "rank": m.rank, "name": m.name})
@@ -330,6 +324,7 @@ class Coordinator:
                 self._fail_round(rnd, f"{m.name} died before it wrote its shards")
         self._publish(f"{m.name} declared dead")
         self._check_barriers()
+        self.scaling.start()  # an abandoned move queued again, if it can start
 
     def _on_register(self, identity: bytes, h: RegisterMsg) -> None:
         if h["role"] == "server":
@@ -364,6 +359,7 @@ class Coordinator:
             self.scaling.join(m.rank)
         elif m.rebuilding:
             self.rebuilds.start(m.rank)
+        self.scaling.start()  # a move that waited for this rank's replacement
         self._admit_workers()
 
     def _on_move_done(self, identity: bytes, h: MoveDoneMsg) -> None:

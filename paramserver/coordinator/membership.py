@@ -189,6 +189,7 @@ class Membership:
             VIEW_NUMBER: self.view_number,
             "ring": list(self.ring),
             "move": self.move,
+            "rebuild": self.rebuild,
             "members": [
                 [m.role, m.rank, m.shown, m.address, m.host, m.pid, m.incarnation, m.identity]
                 for m in self.members
@@ -201,6 +202,7 @@ class Membership:
         self.view_number = int(record[VIEW_NUMBER])
         self.ring = list(record.get("ring") or self.ring)
         self.move = record.get("move")
+        self.rebuild = record.get("rebuild")
         for role, rank, state, address, host, pid, incarnation, identity in record["members"]:
             while role == "server" and rank >= len(self.servers):  # a server that joined
                 self.servers.append(Member("server", len(self.servers)))

@@ -12,6 +12,12 @@ Deaths meanwhile: a source that dies restarts the rebuild from the next live cop
 the rank's half-received rows are overwritten by the new copy); the rank itself dying ends it
 (its own replacement registers ``rebuilding`` and is rebuilt in turn). An owner with no live
 copy left cannot be rebuilt: the rank stays ``rebuilding`` and an error is logged.
+
+Restarted mid-rebuild (a journal): the rebuild is in the journaled view and the ``scaling``
+record holds the sources still to report (:meth:`Rebuilds.to_record`); it goes on where it
+was, the sources sending their ``move_done`` again once they see the coordinator's process
+change (server/cluster.py). A rank journaled ``rebuilding`` with no rebuild announced yet is
+rebuilt once the restarted coordinator runs (:meth:`Rebuilds.resumed`).
 """
 
 from __future__ import annotations
@@ -46,6 +52,41 @@ class Rebuilds:
         # per finished rebuild: its rank, how long it took, the rows and bytes its sources sent
         self.done: list[dict[str, Any]] = []
         self._stats: list[dict[str, Any]] = []
+        # from the journal: the rebuild under way then, and its sources that had not reported
+        self._journaled: tuple[int | None, set[int]] = (None, set())
+
+    def to_record(self) -> dict[str, Any]:
+        """What a restarted coordinator needs of the rebuilds (in the ``scaling`` record)."""
+        rb = self.coord.members.rebuild
+        return {"next_rebuild": self.next_id, "rebuild_queue": list(self.queue),
+                "rebuild": None if rb is None else rb["id"],
+                "rebuild_sources": sorted(self.sources), "rebuilds": self.done}  # fmt: skip
+
+    def load_record(self, rec: dict[str, Any]) -> None:
+        """Take back a journaled record of :meth:`to_record` (the view record came first)."""
+        self.next_id = int(rec.get("next_rebuild") or self.next_id)
+        self.queue = [int(r) for r in rec.get("rebuild_queue") or []]
+        self.done = list(rec.get("rebuilds") or [])
+        self._journaled = (rec.get("rebuild"), {int(r) for r in rec.get("rebuild_sources") or []})
+
+    def resumed(self) -> int | None:
+        """After the journal's replay: the rebuild under way goes on (its sources that had not
+        reported); a rank left ``rebuilding`` with none announced is queued. The rank to start
+        a rebuild of now, if none is under way."""
+        members = self.coord.members
+        rb = members.rebuild
+        if rb is not None:
+            self.next_id = max(self.next_id, int(rb["id"]) + 1)
+            rid, left = self._journaled
+            self.sources = left if rid == rb["id"] else {int(s) for s, _ in rb["sources"]}
+            self.started = time.monotonic()
+            log.warning("rebuild %d of server[%d] resumed: waiting for %s", rb["id"], rb["rank"],
+                        [f"server[{r}]" for r in sorted(self.sources)])  # fmt: skip
+        for m in members.servers:
+            busy = rb is not None and m.rank == rb["rank"]
+            if m.rebuilding and m.state == ALIVE and not busy and m.rank not in self.queue:
+                self.queue.append(m.rank)
+        return self.queue[0] if rb is None and self.queue else None
 
     def start(self, rank: int, publish: bool = True) -> None:
         """Queue a rebuild of server ``rank``; announce the next one unless one is under way."""
@@ -71,6 +112,7 @@ class Rebuilds:
             if publish:
                 self.coord.publish(f"rebuild {members.rebuild['id']}: server[{r}] from "
                                    f"{sorted(plan)}")  # fmt: skip
+            self.coord.journal_scaling()
             return
 
     def _plan(self, rank: int) -> dict[int, list[int]] | None:
@@ -110,6 +152,7 @@ class Rebuilds:
             self.queue.insert(0, int(rb["rank"]))
         if self.queue:
             self.start(self.queue[0], publish=False)
+        self.coord.journal_scaling()
 
     def on_done(self, identity: bytes, h: MoveDoneMsg) -> None:
         """A source's ``move_done`` of a rebuild: once every source's came, the rank is alive."""
@@ -125,9 +168,12 @@ class Rebuilds:
             members.rebuild = None
             self.start(int(rb["rank"]))
             return
+        if m.rank not in self.sources:
+            return  # sent again after a restart of this coordinator: counted already
         self.sources.discard(m.rank)
         self._stats.append(stats)
         if self.sources:
+            self.coord.journal_scaling()
             return
         took = time.monotonic() - self.started
         record = {"rebuild": rb["id"], "rank": rb["rank"], "seconds": took,
@@ -142,3 +188,4 @@ class Rebuilds:
         )
         if self.queue:
             self.start(self.queue[0])
+        self.coord.journal_scaling()

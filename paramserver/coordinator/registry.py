@@ -184,6 +184,14 @@ class TableRegistry:
         )
         return spec
 
+    def load(self, wire: dict[str, Any]) -> TableSpec:
+        """Take a journaled table back as it was placed (its dense ranges kept: a move may
+        have placed it anew); the dense load follows."""
+        spec = TableSpec.from_wire(wire)
+        self.tables[spec.name] = spec
+        self.count_load()
+        return spec
+
     def _check_bytes(self, spec: TableSpec) -> None:
         """Refuse a dense table whose range on some server passes ``Limits(table_bytes)``."""
         opt, limit = spec.optimizer, self.limits.table_bytes

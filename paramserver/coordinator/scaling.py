@@ -12,6 +12,21 @@ time (the others wait in a queue, in order):
 3. The view switches: ``ring`` is the new one, no ``move``. A drained server is then ``left``
    and told to stop.
 
+Restarted mid-move (a journal, coordinator/journal.py): the move is in the journaled view (its
+``dense`` too), and the ``scaling`` record holds the sources still to report, the queue and the
+next id (:meth:`Scaling.to_record`, :meth:`Scaling.load_record`). Sources and workers go on
+without the coordinator (the copy, the switches, the delta and the end are between them); a
+source sends its ``move_done`` again when it sees the coordinator's process change
+(server/cluster.py), so a report lost in the crash comes back, and the restarted coordinator
+switches the view.
+
+A server of the move that dies meanwhile (a source, or a destination: a joining server or a
+server receiving a drained one's keys) abandons it (:meth:`Scaling.on_dead`): the view goes back
+to the old ring without a ``move``, the servers drop what they had copied (sources keep their
+keys), workers route by the old ring again, the abandoned move is listed in the status, and the
+same join or drain is queued again: it starts once every server it needs is alive (a dead
+rank's replacement registered; a joining server's replacement registers off the ring).
+
 Sparse tables move, and so do dense ranges (``TableRegistry.replan``; the move's ``dense``:
 ``{name: new ranges}``): a large table, cut over several servers, is cut anew over the new set
 on a join and on a drain (as a table created now would be cut); a small one stays whole where it
@@ -26,7 +41,7 @@ import logging
 import time
 from typing import Any
 
-from paramserver.coordinator.membership import ALIVE, LEFT
+from paramserver.coordinator.membership import ALIVE, LEFT, Member
 from paramserver.coordinator.refusal import Refusal
 from paramserver.coordinator.registry import DensePlan
 from paramserver.wire.messages import DrainMsg, MoveDoneMsg
@@ -53,11 +68,84 @@ class Scaling:
         # per finished move: what it was, how long it took, the rows and bytes its sources sent
         self.moves: list[dict[str, Any]] = []
         self._stats: list[dict[str, Any]] = []
+        # from the journal: the move under way then, and its sources that had not reported
+        self._journaled: tuple[int | None, set[int]] = (None, set())
+
+    def to_record(self) -> dict[str, Any]:
+        """What a restarted coordinator needs of the moves (journaled as ``scaling``)."""
+        move = self.coord.members.move
+        return {"next_move": self.next_id, "queue": [[k, r] for k, r in self.queue],
+                "move": None if move is None else move["id"], "sources": sorted(self.sources),
+                "moves": self.moves}  # fmt: skip
+
+    def load_record(self, rec: dict[str, Any]) -> None:
+        """Take back a journaled ``scaling`` record (the view record came before it)."""
+        self.next_id = int(rec.get("next_move") or self.next_id)
+        self.queue = [(str(k), int(r)) for k, r in rec.get("queue") or []]
+        self.moves = list(rec.get("moves") or [])
+        self._journaled = (rec.get("move"), {int(r) for r in rec.get("sources") or []})
+
+    def resumed(self) -> None:
+        """After the journal's replay: the move under way goes on from where it was (the
+        sources that had not reported), and a server off the ring that no move names joins."""
+        members, tables = self.coord.members, self.coord.tables
+        move = members.move
+        # the servers new dense tables go to: the ring's, less a server being drained
+        drained = move["rank"] if move is not None and move["kind"] == "drain" else -1
+        if members.replication == 1:
+            tables.server_ranks = [r for r in members.ring if r != drained]
+            tables.count_load()
+        if move is not None:
+            self.next_id = max(self.next_id, int(move["id"]) + 1)
+            rid, left = self._journaled
+            self.sources = left if rid == move["id"] else set(move["from"])
+            self.sources = {r for r in self.sources if members.servers[r].state == ALIVE}
+            self.started = time.monotonic()
+            log.warning("move %d (%s server[%d]) resumed: waiting for %s", move["id"],
+                        move["kind"], move["rank"],
+                        [f"server[{r}]" for r in sorted(self.sources)])  # fmt: skip
+        named = {r for _, r in self.queue} | ({move["rank"]} if move else set())
+        for m in members.servers:
+            if m.state == ALIVE and m.rank not in members.ring and m.rank not in named:
+                self.queue.append(("join", m.rank))
 
     def join(self, rank: int) -> None:
         """Server ``rank`` registered off the ring: move its share of the keys to it."""
-        self.queue.append(("join", rank))
+        if ("join", rank) not in self.queue:
+            self.queue.append(("join", rank))
+        self.coord.journal_scaling()
         self.start()
+
+    def _ready(self, rank: int) -> bool:
+        """Whether every server a queued move of ``rank`` needs is alive (else it waits)."""
+        members = self.coord.members
+        return all(members.servers[r].state == ALIVE for r in {*members.ring, rank})
+
+    def on_dead(self, m: Member) -> None:
+        """A server died (the caller publishes next): a move it takes part in is abandoned
+        and queued again (see the module docstring)."""
+        members = self.coord.members
+        move = members.move
+        if m.role != "server" or move is None or m.rank not in {*move["from"], *move["to"]}:
+            return
+        why = f"{m.name} died during it"
+        log.error("move %d (%s server[%d]) abandoned: %s; the ring stays %s, and the %s is "
+                  "queued again", move["id"], move["kind"], move["rank"], why, move["from"],
+                  move["kind"])  # fmt: skip
+        self.moves.append({"move": move["id"], "kind": move["kind"], "rank": move["rank"],
+                           "abandoned": why,
+                           "seconds": time.monotonic() - self.started})  # fmt: skip
+        members.move = None
+        members.ring = list(move["from"])
+        tables = self.coord.tables
+        if move["kind"] == "drain":  # its dense tables stay where they are
+            tables.server_ranks = sorted({*tables.server_ranks, move["rank"]})
+            tables.count_load()
+        self.sources = set()
+        again = (move["kind"], move["rank"])
+        if again not in self.queue and not (move["kind"] == "join" and m.rank == move["rank"]):
+            self.queue.insert(0, again)  # a dead joining server's replacement joins anew
+        self.coord.journal_scaling()
 
     def on_drain(self, identity: bytes, h: DrainMsg) -> None:
         """``drain``: check, queue, answer at once (the view says when it is done)."""
@@ -79,15 +167,19 @@ class Scaling:
         # refused here (too_large: a range would pass Limits(table_bytes)), not once announced
         tables.replan([r for r in tables.server_ranks if r != rank])
         self.queue.append(("drain", rank))
+        self.coord.journal_scaling()
         self.coord.router.reply(identity, h["id"])
         self.start()
 
     def start(self) -> None:
         """Announce the next queued move, unless one is under way."""
         members = self.coord.members
-        if members.move is not None or not self.queue:
+        if members.move is not None:
             return
-        kind, rank = self.queue.pop(0)
+        ready = [i for i, (_, r) in enumerate(self.queue) if self._ready(r)]
+        if not ready:
+            return
+        kind, rank = self.queue.pop(ready[0])
         old = list(members.ring)
         new = sorted({*old, rank}) if kind == "join" else [r for r in old if r != rank]
         members.move = {"id": self.next_id, "from": old, "to": new, "view": members.view_number + 1,
@@ -116,6 +208,7 @@ class Scaling:
         if kind == "drain":  # no new table goes to the leaving server
             tables.server_ranks = [r for r in tables.server_ranks if r != rank]
         self.coord.publish(f"move {members.move['id']}: {kind} server[{rank}], ring {old} -> {new}")
+        self.coord.journal_scaling()
 
     def on_move_done(self, identity: bytes, h: MoveDoneMsg) -> None:
         """A source's ``move_done``: once every source's came, switch the view."""
@@ -124,6 +217,8 @@ class Scaling:
         move = members.move
         if m is None or move is None or move["id"] != h["move"]:
             return
+        if m.rank not in self.sources:
+            return  # sent again after a restart of this coordinator: counted already
         self.sources.discard(m.rank)
         stats = h.get("stats") or {}
         if stats.get(
@@ -133,6 +228,7 @@ class Scaling:
                       "; ".join(str(e) for e in stats["errors"])[:2000])  # fmt: skip
         self._stats.append(stats)
         if self.sources:
+            self.coord.journal_scaling()
             return
         took = time.monotonic() - self.started
         record = {"move": move["id"], "kind": move["kind"], "rank": move["rank"],
@@ -158,6 +254,8 @@ class Scaling:
             f"move {move['id']} done in {took:.3f}s ({record['rows']} rows, {record['bytes']} "
             f"bytes): ring {members.ring}"
         )
+        self.coord.journal_moved(sorted(move.get("dense") or {}))
         if gone is not None and gone.identity:
             self.coord.router.send(gone.identity, {"kind": "stop", "id": 0})
         self.start()
+        self.coord.journal_scaling()

@@ -148,6 +148,9 @@ class LocalCluster:
         self._started = False
         self.restart_servers = restart_servers
         self._servers: dict[int, subprocess.Popen[bytes]] = {}
+        # servers being drained: one that stops (exit 0) is gone; one that crashes is started
+        # again, and the coordinator does its drain again once it is back
+        self._draining: dict[int, subprocess.Popen[bytes]] = {}
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
         self.restarts: list[tuple[int, float]] = []  # (server rank, time.monotonic() of restart)
@@ -295,9 +298,25 @@ class LocalCluster:
                         )
                     self._start_server(rank)
                     self.restarts.append((rank, time.monotonic()))
+                self._restart_crashed_drains()
         finally:
             ep.close()
             ctx.term()
+
+    def _restart_crashed_drains(self) -> None:
+        """A server being drained that died (not stopped once drained, exit 0) is started
+        again: its keys come back as for any server's death, and its drain is done again."""
+        for rank, proc in list(self._draining.items()):
+            if proc.poll() is None or self._closing.is_set():
+                continue
+            del self._draining[rank]
+            if proc.returncode == 0:
+                continue
+            log.warning("server[%d] (pid %d), being drained, exited with %s; starting it again",
+                        rank, proc.pid, describe_exit(proc.returncode))  # fmt: skip
+            self._start_server(rank)
+            self._draining[rank] = self._servers.pop(rank)
+            self.restarts.append((rank, time.monotonic()))
 
     def _restart_dead_coordinator(self) -> None:
         """Start the coordinator again, on its address and with its journal, if it died (not
@@ -447,7 +466,9 @@ class LocalCluster:
         """Drain server ``rank``: its keys move to the others while training goes on (the
         workers switch at their next ``clock()``), then it stops. RemoteError if the
         coordinator refuses (not on the ring, the last server, with replication; its dense
-        ranges move: a cut table is cut anew over the servers left). With
+        ranges move: a cut table is cut anew over the servers left). If it dies before it left,
+        it is started again and drained again (the coordinator abandons the move and queues
+        it). With
         ``wait``, return once it left (do not wait from the only thread that trains: the move
         needs its ``clock()``).
 
@@ -456,13 +477,15 @@ class LocalCluster:
         """
         from paramserver.launch.drain import drain_server
 
-        proc = self._servers.pop(int(rank), None)  # its exit is no crash: not restarted
+        proc = self._servers.pop(int(rank), None)  # its exit once drained is no crash
         try:
             drain_server(self.address, int(rank), token=self._token, timeout=timeout, wait=wait)
         except BaseException:
             if proc is not None and proc.poll() is None:
                 self._servers[int(rank)] = proc
             raise
+        if proc is not None:
+            self._draining[int(rank)] = proc
 
     def connect(self, *, rank: int | None = None, transport: str | None = None) -> Any:
         """Join this cluster as a worker from the current process; returns a Client

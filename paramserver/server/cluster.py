@@ -15,6 +15,12 @@ heartbeat timeout) and replaced must neither serve nor change a table when it co
 * a heartbeat answer counts from when its beat was sent (``wire/heartbeat.py``): answers held
   up by a cut link say nothing about the time since.
 
+A restarted coordinator (its process number, ``boot``, changes in the heartbeats' answers)
+may have lost what was sent to it before it died, and the views it sent before this server's
+connection came back: the server sends its reports of moves and rebuilds (``move_done``) again
+(:meth:`CoordinatorLink.report`; the coordinator counts each source once), and a server whose
+heartbeat answer names a newer view than its own asks for it (``get_view``).
+
 A coordinator that does not answer for the heartbeat timeout is logged (it is named with its
 address); requests go on being served while it is away, and the server stops once it has been
 silent for ``heartbeat_timeout + connect`` seconds (a restarted coordinator comes back sooner).
@@ -39,6 +45,7 @@ from paramserver.server.state import ServerState
 from paramserver.server.table import make_table
 from paramserver.spec import TableSpec
 from paramserver.wire import protocol
+from paramserver.wire.heartbeat import MissedViews
 from paramserver.wire.messages import INCARNATION, VIEW_NUMBER, register_header
 from paramserver.wire.paths import Paths
 from paramserver.wire.refusal import Refusal
@@ -95,6 +102,12 @@ class CoordinatorLink:
             ctx, request_timeout=timeouts.connect, on_message=self.on_message, security=security
         )
         self.endpoint.connect("coordinator", coordinator)
+        # the coordinator's process and view number, from the heartbeats' answers (set on the
+        # heartbeat thread), the boot last acted on, the view asked for, the reports sent
+        self._boot: int | None = None
+        self._boot_seen: int | None = None
+        self.missed = MissedViews()
+        self.reports: list[dict[str, Any]] = []
 
     def poll(self, timeout: float) -> None:
         """Handle the coordinator's messages that arrive within ``timeout`` seconds."""
@@ -102,6 +115,31 @@ class CoordinatorLink:
 
     def send(self, header: dict[str, Any]) -> None:
         self.endpoint.send("coordinator", header)
+
+    def report(self, header: dict[str, Any]) -> None:
+        """Send a ``move_done``, and again whenever the coordinator restarts (the newest few:
+        a coordinator counts a source's report of a move once, and ignores an old move's)."""
+        self.reports = [*self.reports[-3:], header]
+        self.send(header)
+
+    def catch_up(self) -> None:
+        """On the loop's turn: a restarted coordinator gets the reports again; a view this
+        server missed (its number came in a heartbeat's answer) is asked for."""
+        boot = self._boot
+        if boot is not None and boot != self._boot_seen:
+            if self._boot_seen is not None and self.reports:
+                log.warning("%s: the coordinator restarted; sending its %d move reports again",
+                            self.state.name, len(self.reports))  # fmt: skip
+                for header in self.reports:
+                    self.send(header)
+            self._boot_seen = boot
+        if self.state.rank >= 0:
+            self.missed.catch_up(self.state.view, self._ask_view, self.apply_view)
+
+    def _ask_view(self) -> Any:
+        return self.endpoint.request(
+            "coordinator", {"kind": "get_view"}, what="view from the coordinator"
+        )
 
     def register(self, wanted_rank: int | None) -> None:
         """Register with the coordinator, learn this server's rank and the view, start the
@@ -177,6 +215,9 @@ class CoordinatorLink:
         """On the heartbeat thread: a refused heartbeat means this incarnation was expelled."""
         if header["kind"] == "error" and header.get("code") == "expelled":
             self._fence(f"the coordinator refused its heartbeat: {header.get('message')}")
+        elif isinstance(header.get("view"), dict):
+            self.missed.heard(header["view"])
+            self._boot = header["view"].get("boot")
 
     def _fence(self, why: str) -> None:
         if self.fenced is None:

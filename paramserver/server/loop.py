@@ -118,10 +118,15 @@ class Server:
         assigns = Assigns(self.state, self.paths, self.progress)
         self.cluster.create = admin.create
         self.transfers = Transfers(
-            self.state, self.ctx, security, self.progress, self.cluster.send, self.timeouts.request
+            self.state,
+            self.ctx,
+            security,
+            self.progress,
+            self.cluster.report,
+            self.timeouts.request,
         )
         self.rebuilds = Rebuilds(self.state, self.transfers.endpoint, self.progress,
-                                 self.pushes.apply_sync, self.cluster.send)  # fmt: skip
+                                 self.pushes.apply_sync, self.cluster.report)  # fmt: skip
         self.cluster.on_view = self.on_view
         self.transfers.notify = self.tell_worker
         self.handlers: dict[str, Callable[[Any, Request], None]] = {
@@ -193,6 +198,7 @@ class Server:
                 self.transfers.tick()
                 self.rebuilds.tick()
                 self.cluster.watch_coordinator()
+                self.cluster.catch_up()
                 self.unpark()
                 if len(deferred):
                     self.pulls.expire(time.monotonic())

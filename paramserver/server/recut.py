@@ -253,6 +253,20 @@ class DenseMoves:
         state.recut = {}
         self.tables = {}
 
+    def abandon(self) -> None:
+        """The move was abandoned (coordinator/scaling.py): every table back as it was before
+        it (its old ranges, the old table), the tables of the new ranges dropped."""
+        state = self.state
+        for name, r in self.tables.items():
+            t = r.old
+            if t.shard is None and r.new is None:  # only its spec had changed here
+                t.spec = t.spec.with_ranges(list(t.other_ranges))
+            t.other_ranges = ()
+            state.tables[name] = t
+        state.recut = {}
+        self.tables = {}
+        self.receiving = set()
+
     def moving(self, name: str, rank: int) -> bool:
         """Whether a request of worker ``rank`` naming table ``name`` names elements still
         coming here (it waits for the move's end)."""

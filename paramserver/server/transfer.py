@@ -42,6 +42,12 @@ elsewhere when its server leaves); a destination holds the requests naming such 
 the workers that switched until the move's end, and a server holding a range before and after
 serves the workers that have not switched from its old range meanwhile.
 
+A move the coordinator abandons (a server of it died: coordinator/scaling.py) comes as a view
+with the old ring and without that move (:meth:`Transfers.abandon`): a source keeps its rows and
+sends nothing more, a destination drops what it received and serves its held requests as any
+others, dense tables go back to their old ranges (``DenseMoves.abandon``); so a finished source
+drops the moved rows only once a view switched to the new ring.
+
 The same steps rebuild a replica from live copies (``purpose: "rebuild"``): server/rebuild.py.
 """
 
@@ -162,6 +168,8 @@ class Transfers:
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
+        # the move of ``prune`` and its servers: dropped once a view switched to them
+        self.prune_to: tuple[int, list[int]] = (0, [])
         self.dense = DenseMoves(state)  # the dense tables a move re-cuts
         # sends worker ``rank`` a view, after every answer already sent to it (set by the loop)
         self.notify: Callable[[int, dict[str, Any]], None] | None = None
@@ -169,11 +177,15 @@ class Transfers:
     # ---- views ----------------------------------------------------------------------------
 
     def on_view(self, view: dict[str, Any]) -> None:
-        """Start the move a view announces (once), as source and as destination."""
+        """Start the move a view announces (once), as source and as destination; give up one
+        the view no longer has before it ended here (abandoned: a server of it died)."""
         ring = view.get("ring")
+        move = view.get("move")
+        if isinstance(ring, list):
+            self.abandon(int(move["id"]) if isinstance(move, dict) else None, ring)
         if isinstance(ring, list) and self.incoming is None:
             self.ring = [int(r) for r in ring]
-        move = view.get("move")
+            self.drop_switched()
         if not isinstance(move, dict) or int(move["id"]) in self.seen:
             return
         self.seen.add(int(move["id"]))
@@ -204,6 +216,33 @@ class Transfers:
                 self.incoming.sources.add(me)
         if me in old:
             self.tell_late()
+
+    def abandon(self, live: int | None, ring: list[int]) -> None:
+        """A view whose move (``live``: its id, or None) is not the one under way here: the
+        coordinator abandoned that move (a server of it died). A source keeps every row and
+        sends nothing more; a destination drops the rows it received (``ring``, the old one,
+        does not give it those keys) and handles the requests it held as any other; dense
+        tables go back to their old ranges; the rows a finished source would drop stay (the
+        view did not switch to the new ring)."""
+        out, inc = self.out, self.incoming
+        if out is not None and out.move != live:
+            log.warning("%s: move %d abandoned by the coordinator: keeping its rows",
+                        self.state.name, out.move)  # fmt: skip
+            self.out = None
+        if inc is not None and inc.move != live:
+            log.warning("%s: move %d abandoned by the coordinator: dropping the rows received",
+                        self.state.name, inc.move)  # fmt: skip
+            self.incoming = None
+        if (out is not None and self.out is None) or (inc is not None and self.incoming is None):
+            self.dense.abandon()
+            self.state.switched = None
+            self.drop_moved(HashRing.build([int(r) for r in ring]))
+        moved, to = self.prune_to
+        if self.prune is not None and moved != live and to != sorted(int(r) for r in ring):
+            log.warning("%s: move %d abandoned after its end here: keeping its rows",
+                        self.state.name, moved)  # fmt: skip
+            self.prune = None
+            self.dense.abandon()
 
     def start(self, move: int, view: int, old: list[int], new: list[int]) -> None:
         """Phase 1: send every destination the rows it gets, while serving on."""
@@ -256,6 +295,7 @@ class Transfers:
         """Send the final step once every live worker switched; report the end once every
         destination has it."""
         self.endpoint.poll(0)
+        self.drop_switched()
         out = self.out
         if out is None:
             return
@@ -274,7 +314,13 @@ class Transfers:
                      self.state.name, out.move, took, out.rows, out.bytes)  # fmt: skip
             self.out = None
             self.prune = out.ring
-        if self.prune is not None and self.out is None and not self.state.deferred.waiting:
+            self.prune_to = (out.move, sorted(out.ring.servers))
+
+    def drop_switched(self) -> None:
+        """Drop the rows a finished move took away, once the view switched to its ring (not
+        abandoned) and no pull sent by the old ring waits here."""
+        if (self.prune is not None and self.out is None and not self.state.deferred.waiting
+                and sorted(self.ring) == self.prune_to[1]):  # fmt: skip
             self.drop_moved(self.prune)
             self.prune = None
 

@@ -25,10 +25,11 @@ import zmq
 
 from paramserver.errors import ProtocolError
 from paramserver.wire import protocol
+from paramserver.wire.messages import VIEW_NUMBER
 from paramserver.wire.security import Security
 from paramserver.wire.sockets import recv_frames, send_frames
 
-__all__ = ["Pulse"]
+__all__ = ["MissedViews", "Pulse"]
 
 SENT_KEPT = 4096  # beats whose send time is remembered (minutes of beats at any interval used)
 
@@ -113,3 +114,39 @@ class Pulse(threading.Thread):
             self.last_answer = max(self.last_answer, sent)
         if self.on_answer is not None:
             self.on_answer(header)
+
+
+class MissedViews:
+    """The views a member missed: a coordinator restarted from its journal sends views before
+    the member's connection to it is back, and those are lost. Every heartbeat's answer names
+    the coordinator's view number (:meth:`heard`, on the heartbeat thread); the owner's own
+    thread asks for the view once its own is older (:meth:`catch_up`).
+
+    Example:
+        missed.heard(answer["view"])                       # Pulse's on_answer
+        missed.catch_up(my_view_number, ask_get_view, apply_view)   # on the owner's turn
+    """
+
+    def __init__(self) -> None:
+        self.newest = 0  # the coordinator's view number in the newest heartbeat answer
+        self.asked: Any = None  # the get_view in flight (a transport Future)
+
+    def heard(self, view: dict[str, Any]) -> None:
+        number = view.get(VIEW_NUMBER)
+        if isinstance(number, int):
+            self.newest = number
+
+    def catch_up(
+        self, have: int, ask: Callable[[], Any], take: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Ask (``ask()``: a future of a ``get_view`` answer) when view ``have`` is older than
+        the coordinator's; hand the answer's view to ``take`` once it came."""
+        asked = self.asked
+        if asked is not None:
+            if not asked.done():
+                return
+            self.asked = None
+            if asked.exception(0) is None:
+                take(asked.result(0)["view"])
+        elif self.newest > have:
+            self.asked = ask()

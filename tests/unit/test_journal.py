@@ -147,3 +147,108 @@ def test_a_compacted_journal_replays_to_the_state_of_the_full_one(tmp_path: Path
     finally:
         _close(again)
         _close(reference)
+
+
+def _servers(path: str, n: int, replication: int = 1) -> Coordinator:
+    """A journaled coordinator whose ``n`` servers registered (identities ``id-0``, ...)."""
+    c = Coordinator(n, 1, journal=path, replication=replication)
+    for r in range(n):
+        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
+    c.publish("servers registered")
+    return c
+
+
+def _done(c: Coordinator, identity: bytes, move: int, purpose: str = "move") -> None:
+    h: Any = {"kind": "move_done", "id": 0, "move": move, "source": 0, "stats": {},
+              "purpose": purpose}  # fmt: skip
+    c._on_move_done(identity, h)
+
+
+def test_a_move_under_way_comes_back_with_the_sources_that_did_not_report(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "journal")
+    c = _servers(path, 3)
+    c.scaling.queue.append(("drain", 2))
+    c.scaling.start()  # move 1: ring [0, 1, 2] -> [0, 1]
+    _done(c, b"id-0", 1)
+    _done(c, b"id-0", 1)  # sent again after a restart: counted once
+    assert c.scaling.sources == {1, 2}
+    _close(c)
+    again = Coordinator(3, 1, journal=path)
+    try:
+        assert again.members.move is not None and again.members.move["id"] == 1
+        assert again.scaling.sources == {1, 2} and again.scaling.next_id == 2
+        _done(again, b"id-1", 1)
+        _done(again, b"id-2", 1)
+        assert again.members.ring == [0, 1] and again.members.move is None
+        assert again.members.servers[2].state == "left"
+        assert again.tables.server_ranks == [0, 1]
+        again.scaling.queue.append(("drain", 1))
+        again.scaling.start()  # a new id: servers ignore one they have seen
+        assert again.members.move is not None and again.members.move["id"] == 2
+    finally:
+        _close(again)
+
+
+def test_a_rebuild_under_way_comes_back_and_a_dead_source_of_a_move_abandons_it(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "journal")
+    c = _servers(path, 3, replication=2)
+    c._declare_dead(c.members.servers[1], "killed")
+    m, _ = c.members.register_server(b"id-1b", register(1), 0.0)
+    assert m.rebuilding
+    c.rebuilds.start(1)  # server[1] holds its own ranges and server[0]'s
+    rb = c.members.rebuild
+    assert rb is not None and sorted(s for s, _ in rb["sources"]) == [0, 2]
+    _done(c, b"id-0", rb["id"], "rebuild")
+    _close(c)
+    again = Coordinator(3, 1, journal=path, replication=2)
+    try:
+        assert again.members.rebuild == rb and again.rebuilds.sources == {2}
+        _done(again, b"id-2", rb["id"], "rebuild")
+        assert again.members.rebuild is None and not again.members.servers[1].rebuilding
+        assert [d["rank"] for d in again.rebuilds.done] == [1]
+    finally:
+        _close(again)
+    # without replication: a source of a join dies, the join is abandoned and queued again
+    c = Coordinator(2, 1, journal=str(tmp_path / "j2"))
+    for r in range(2):
+        c.members.register_server(f"id-{r}".encode(), register(r), 0.0)
+    c.members.servers.append(type(c.members.servers[0])("server", 2))
+    c.members.register_server(b"id-2", register(2), 0.0)
+    c.scaling.join(2)
+    assert c.members.move is not None and c.members.move["to"] == [0, 1, 2]
+    c._declare_dead(c.members.servers[0], "killed")
+    assert c.members.move is None and c.members.ring == [0, 1]
+    assert c.scaling.queue == [("join", 2)] and "server[0] died" in c.scaling.moves[0]["abandoned"]
+    c.members.register_server(b"id-0b", register(0), 0.0)
+    c.scaling.start()  # every server it needs is alive again
+    assert c.members.move is not None and c.members.move["id"] == 2
+    _close(c)
+
+
+def test_a_dense_table_placed_by_a_drain_and_one_made_after_a_join_come_back_where_they_are(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "journal")
+    c = _servers(path, 2)
+    dense = TableSpec(name="bias", kind="dense", dim=1, shape=(8,)).to_wire()
+    c._record({"t": "table", "spec": c.tables.create(dense).to_wire()})
+    assert c.tables.tables["bias"].ranges[0][0] == 0
+    c.scaling.queue.append(("drain", 0))
+    c.scaling.start()
+    _done(c, b"id-0", 1)
+    _done(c, b"id-1", 1)  # bias moved whole to server[1]
+    assert [tuple(r) for r in c.tables.tables["bias"].ranges] == [(1, 0, 8)]
+    want = [s.to_wire() for s in c.tables.specs()]
+    _close(c)
+    again = Coordinator(2, 1, journal=path)
+    try:
+        assert [s.to_wire() for s in again.tables.specs()] == want
+        assert again.tables.server_ranks == [1] and again.scaling.next_id == 2
+        made = again.tables.create(TableSpec(name="w", kind="dense", dim=1, shape=(4,)).to_wire())
+        assert made.ranges[0][0] == 1  # not on the drained server
+    finally:
+        _close(again)
