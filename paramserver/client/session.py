@@ -6,8 +6,7 @@ server and drives those sockets from the calling thread: every call returns (or 
 :class:`~paramserver.wire.transport.Future`, and requests to different servers are all sent before
 any answer is awaited, so they proceed in parallel. It knows no table: the table handles
 (:mod:`paramserver.client.sparse`, :mod:`paramserver.client.dense`) call its public methods,
-and :class:`~paramserver.client.worker.Client` builds on it.
-"""
+and :class:`~paramserver.client.worker.Client` builds on it."""
 
 from __future__ import annotations
 
