@@ -29,8 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
     program and CLI command). Where PYTHONDONTWRITEBYTECODE is set, as on the machines this
     suite runs on, none of them keeps the bytecode it compiled, and each compiled the package's
     sources again at start: 0.15 CPU-s more per coordinator, 0.17 per server, 0.36 per worker
-    of a ready program (``import paramserver.models.logreg``). compileall writes it whatever
-    that variable says; a file compiled before and unchanged since costs one stat.
+    of a ready program (``import paramserver.models.logreg``; user+sys of ``python -c "import
+    paramserver.server.loop"`` and the like, best of 5). compileall writes it whatever that
+    variable says; a file compiled before and unchanged since costs one stat.
     """
     for folder in ("paramserver", "tests", "benchmarks"):
         compileall.compile_dir(ROOT / folder, quiet=1)
