@@ -76,9 +76,9 @@ _TICKETS = 1024  # outstanding tickets kept per server (oldest dropped)
 # A server's connection leaves up to this many bytes in the socket before its reader thread
 # reads them ahead (Reader's ``hold``): a push's payload below it, sent before its header,
 # waits there, and the event loop reads it straight into its buffer once the header came
-# (no thread woken, no copy out of read-ahead memory). What a worker's send costs changes
-# too: with the thread reading while it sends, a 1 MiB send took 0.33-0.6 ms on loopback, with
-# nobody reading 0.1 ms. A larger payload is read ahead as it comes, as before.
+# (no thread woken, no copy out of read-ahead memory, no thread reading while the worker
+# sends: the 1 MiB push over TCP back to the old tree's time, docs/performance.md). A larger
+# payload is read ahead as it comes, as before.
 HOLD = 4 << 20
 # The congestion control of bulk connections, whatever the machine's default. A step's
 # transfers start together and end together, several flows on a link: when one ends, BBR (a
