@@ -73,6 +73,13 @@ _ACK = b"\x01"
 # ahead into memory of the connection's own, so the header finds it there.
 PRESEND_MAX = READ_AHEAD // 2
 _TICKETS = 1024  # outstanding tickets kept per server (oldest dropped)
+# A server's connection leaves up to this many bytes in the socket before its reader thread
+# reads them ahead (Reader's ``hold``): a push's payload below it, sent before its header,
+# waits there, and the event loop reads it straight into its buffer once the header came
+# (no thread woken, no copy out of read-ahead memory, no thread reading while the worker
+# sends: the 1 MiB push over TCP back to the old tree's time, docs/performance.md). A larger
+# payload is read ahead as it comes, as before.
+HOLD = 4 << 20
 # The congestion control of bulk connections, whatever the machine's default. A step's
 # transfers start together and end together, several flows on a link: when one ends, BBR (a
 # common default) takes many round trips to probe for the room it left (its pacing follows a
@@ -472,7 +479,7 @@ class Listener:
         opened = None if key is None else seal.Seal(key, seal.WORKER_TO_SERVER)
         sealing = None if key is None else seal.Seal(key, seal.SERVER_TO_WORKER)
         c = _Conn(
-            sock, identity, rank, Reader(sock, where, opened),
+            sock, identity, rank, Reader(sock, where, opened, hold=HOLD),
             Writer(sock, where, self.idle, sealing),
         )  # fmt: skip
         c.reader.start()

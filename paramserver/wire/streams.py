@@ -1,8 +1,9 @@
 """The two threads of a bulk connection: one reads it ahead, one writes the payloads queued
 for it, so that several connections' transfers go on at once and no caller waits on a link.
-A server's event loop never waits on a reader either: it takes a payload that was read ahead
-whole (:meth:`Reader.take`), or hands the reader the buffer to fill (:meth:`Reader.begin`) and
-is woken once it is full.
+A server's event loop never waits on a reader either: it takes a payload that is all there
+(:meth:`Reader.take`: read ahead, or left in the socket below the reader's ``hold`` and read by
+the loop itself), or hands the reader the buffer to fill (:meth:`Reader.begin`) and is woken
+once it is full.
 With a :class:`~paramserver.wire.seal.Seal` they read and write sealed records instead of raw
 bytes (the cluster token's encrypted fast path).
 
@@ -17,9 +18,12 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import select
 import socket
+import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -54,10 +58,18 @@ class Reader(threading.Thread):
     bytes), or, while :meth:`read_into` waits and nothing is staged, straight into the
     destination. The socket must be non-blocking."""
 
-    def __init__(self, sock: socket.socket, name: str, seal: Seal | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, name: str, seal: Seal | None = None, hold: int = 0
+    ) -> None:
+        """``hold``: bytes the socket keeps to itself before the thread reads them ahead
+        (SO_RCVLOWAT; 0: it reads every byte as it comes). A payload below it that came before
+        its header stays in the socket, and :meth:`take` reads it straight into its buffer:
+        no wake-up of this thread, no copy out of read-ahead memory."""
         super().__init__(name=f"bulk reader {name}", daemon=True)
         self.sock = sock
         self.seal = seal  # records to open, or None: raw bytes
+        self.hold = hold if seal is None else 0  # (sealed records are opened from staging)
+        self._lowat(self.hold)
         self.cond = threading.Condition()
         self.chunks: deque[list[Any]] = deque()  # [bytearray, start, end]: staged bytes
         # pieces read out, kept for the next payloads: a fresh one is zeroed and faulted in
@@ -146,6 +158,20 @@ class Reader(threading.Thread):
                 self.cond.notify_all()
         return True
 
+    def _lowat(self, n: int) -> None:
+        """Wake the thread's poll only once ``n`` bytes wait in the socket (0: leave it)."""
+        if n:
+            with suppress_oserror():  # not on this system: every byte is read ahead
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+
+    def _queued(self) -> int:
+        """Bytes that wait in the socket, not read yet (0 if the system does not say)."""
+        try:
+            got = fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, bytes(4))
+        except OSError:
+            return 0
+        return int.from_bytes(got, sys.byteorder)
+
     def _full(self) -> bool:
         """Whether no one waits for bytes (no target, or a full one not taken back yet)."""
         return self.target is None or self.filled >= self.target.nbytes
@@ -184,13 +210,44 @@ class Reader(threading.Thread):
         case on a fast link); False, and nothing taken, if not. ConnectionError if a sealed
         record fails authentication."""
         with self.cond:
-            if not self._full() or self.staged < self.wire_size(buf.nbytes):
+            if not self._full():
                 return False
-            if self.seal is None:
-                self._take(buf, 0)
-            else:
-                self._unseal(buf, what, lambda record: self._take(record, 0))
-            return True
+            if self.staged >= self.wire_size(buf.nbytes):
+                if self.seal is None:
+                    self._take(buf, 0)
+                else:
+                    self._unseal(buf, what, lambda record: self._take(record, 0))
+                return True
+            if not self.hold or self.staged + self._queued() < buf.nbytes:
+                return False
+        # the rest waits in the socket (held there, see ``hold``): read here, straight in
+        with self.reading:  # the thread reads nothing meanwhile
+            with self.cond:
+                pos = self._take(buf, 0)
+            self._recv_here(buf, pos, what)
+        return True
+
+    def _recv_here(self, buf: memoryview, pos: int, what: str) -> None:
+        """Read ``buf[pos:]``, which waits in the socket already, in the caller's thread
+        (``reading`` held); ConnectionError if the connection broke (the bytes taken so far
+        put it out of step: its owner closes it)."""
+        n = buf.nbytes
+        while pos < n:
+            try:
+                r = self.sock.recv_into(buf[pos:], n - pos)
+            except (BlockingIOError, InterruptedError):
+                if poll_ready(self.sock, select.POLLIN, _TICK):
+                    continue
+                raise ConnectionError(
+                    f"{what}: {pos} of {n} bytes read, the rest said to be there did not come"
+                ) from None
+            except OSError as exc:
+                raise ConnectionError(f"{what}: {exc} after {pos} of {n} bytes") from None
+            if not r:
+                raise ConnectionError(f"{what}: connection closed after {pos} of {n} bytes")
+            pos += r
+        with self.cond:
+            self.seen = time.monotonic()
 
     def begin(self, raw: memoryview, wake: Callable[[], None]) -> None:
         """Start reading the next ``raw.nbytes`` bytes of the connection (sealed records as
@@ -198,6 +255,7 @@ class Reader(threading.Thread):
         copied now, the thread reads the rest straight in and calls ``wake()`` (from its own
         thread) once ``raw`` is full or the connection broke. :meth:`progress` says how far it
         got; :meth:`end` once it is over."""
+        self._lowat(1)  # the thread reads the rest as it comes (setting it wakes its poll)
         with self.cond:
             self.seen = max(self.seen, time.monotonic())
             self.begun = self._take(raw, 0)
@@ -215,6 +273,7 @@ class Reader(threading.Thread):
 
     def end(self) -> None:
         """The payload :meth:`begin` started is over (read, or given up)."""
+        self._lowat(self.hold)
         with self.cond:
             self.target, self.filled, self.begun, self.wake = None, 0, 0, None
             self.cond.notify_all()
