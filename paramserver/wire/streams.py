@@ -220,34 +220,15 @@ class Reader(threading.Thread):
                 return True
             if not self.hold or self.staged + self._queued() < buf.nbytes:
                 return False
-        # the rest waits in the socket (held there, see ``hold``): read here, straight in
+        # the rest waits in the socket (held there, see ``hold``): read here, straight in; it
+        # is there already, so a pause of one tick means the connection broke (its owner
+        # closes it: the bytes taken so far put it out of step)
         with self.reading:  # the thread reads nothing meanwhile
             with self.cond:
                 pos = self._take(buf, 0)
-            self._recv_here(buf, pos, what)
+                self.seen = now = time.monotonic()
+            self._recv_exactly(buf, pos, _TICK, what, now + _TICK + buf.nbytes / MIN_RATE)
         return True
-
-    def _recv_here(self, buf: memoryview, pos: int, what: str) -> None:
-        """Read ``buf[pos:]``, which waits in the socket already, in the caller's thread
-        (``reading`` held); ConnectionError if the connection broke (the bytes taken so far
-        put it out of step: its owner closes it)."""
-        n = buf.nbytes
-        while pos < n:
-            try:
-                r = self.sock.recv_into(buf[pos:], n - pos)
-            except (BlockingIOError, InterruptedError):
-                if poll_ready(self.sock, select.POLLIN, _TICK):
-                    continue
-                raise ConnectionError(
-                    f"{what}: {pos} of {n} bytes read, the rest said to be there did not come"
-                ) from None
-            except OSError as exc:
-                raise ConnectionError(f"{what}: {exc} after {pos} of {n} bytes") from None
-            if not r:
-                raise ConnectionError(f"{what}: connection closed after {pos} of {n} bytes")
-            pos += r
-        with self.cond:
-            self.seen = time.monotonic()
 
     def begin(self, raw: memoryview, wake: Callable[[], None]) -> None:
         """Start reading the next ``raw.nbytes`` bytes of the connection (sealed records as
