@@ -250,107 +250,96 @@ def manifest_objects(
 
     mount = [{"name": "checkpoints", "mountPath": CHECKPOINTS}]
     volume = [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}]
-    coordinator_pod = {
-        "metadata": {"labels": labels("coordinator")},
-        "spec": {
-            "restartPolicy": "OnFailure",
-            "containers": [
-                {
-                    "name": "coordinator",
-                    "image": image,
-                    "command": ["paramserver", "coordinator"],
-                    "args": [
-                        "--bind",
-                        f"0.0.0.0:{port}",
-                        "-s",
-                        str(servers),
-                        "-w",
-                        str(workers),
-                        "--metrics-port",
-                        str(metrics_port),
-                        "--metrics-host",
-                        "0.0.0.0",
-                        "--checkpoint-dir",
-                        CHECKPOINTS,
-                        "--checkpoint-every",
-                        f"{checkpoint_every:g}",
-                        "--exit-when-done",
-                        "--restart-grace",
-                        f"{restart_grace:g}",
-                        *insecure,
-                    ],
-                    "env": common,
-                    "ports": [
-                        {"name": "coordinator", "containerPort": port},
-                        {"name": "metrics", "containerPort": metrics_port},
-                    ],
-                    "resources": res["coordinator"].to_k8s(),
-                    "volumeMounts": mount,
-                    **_probes(port),
-                }
+
+    def pod(
+        role: str, restart: str, container: dict[str, Any], serves: int | None = None, **spec: Any
+    ) -> dict[str, Any]:
+        """The pod template of ``role``: one container of the image, named for the role; one
+        that ``serves`` on a port has the checkpoint volume and probes of that port."""
+        box = {"name": role, "image": image, **container, "resources": res[role].to_k8s()}
+        if serves is not None:
+            box |= {"volumeMounts": mount, **_probes(serves)}
+            spec = {**spec, "containers": [box], "volumes": volume}
+        else:
+            spec = {**spec, "containers": [box]}
+        return {"metadata": {"labels": labels(role)}, "spec": {"restartPolicy": restart, **spec}}
+
+    coordinator_pod = pod(
+        "coordinator",
+        "OnFailure",
+        {
+            "command": ["paramserver", "coordinator"],
+            "args": [
+                "--bind",
+                f"0.0.0.0:{port}",
+                "-s",
+                str(servers),
+                "-w",
+                str(workers),
+                "--metrics-port",
+                str(metrics_port),
+                "--metrics-host",
+                "0.0.0.0",
+                "--checkpoint-dir",
+                CHECKPOINTS,
+                "--checkpoint-every",
+                f"{checkpoint_every:g}",
+                "--exit-when-done",
+                "--restart-grace",
+                f"{restart_grace:g}",
+                *insecure,
             ],
-            "volumes": volume,
+            "env": common,
+            "ports": [
+                {"name": "coordinator", "containerPort": port},
+                {"name": "metrics", "containerPort": metrics_port},
+            ],
         },
-    }
+        serves=port,
+    )
     index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    server_pod = {
-        "metadata": {"labels": labels("server")},
-        "spec": {
-            "restartPolicy": "OnFailure",
-            "subdomain": srv,  # with the headless Service: NAME-server-3.NAME-server resolves
-            "containers": [
-                {
-                    "name": "server",
-                    "image": image,
-                    "command": ["paramserver", "server"],
-                    "args": [
-                        "--coordinator",
-                        address,
-                        "--host",
-                        "0.0.0.0",
-                        "--port",
-                        str(server_port),
-                        "--advertise",
-                        f"{srv}-$(JOB_COMPLETION_INDEX).{srv}",
-                        "--rank",
-                        "$(JOB_COMPLETION_INDEX)",
-                        *insecure,
-                    ],
-                    "env": [
-                        # set by the Job controller too; named here so that $(...) expands it
-                        {
-                            "name": "JOB_COMPLETION_INDEX",
-                            "valueFrom": {"fieldRef": {"fieldPath": index}},
-                        },
-                        *common,
-                    ],
-                    "ports": [{"name": "data", "containerPort": server_port}],
-                    "resources": res["server"].to_k8s(),
-                    "volumeMounts": mount,
-                    **_probes(server_port),
-                }
+    server_pod = pod(
+        "server",
+        "OnFailure",
+        {
+            "command": ["paramserver", "server"],
+            "args": [
+                "--coordinator",
+                address,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(server_port),
+                "--advertise",
+                f"{srv}-$(JOB_COMPLETION_INDEX).{srv}",
+                "--rank",
+                "$(JOB_COMPLETION_INDEX)",
+                *insecure,
             ],
-            "volumes": volume,
-        },
-    }
-    worker_pod = {
-        "metadata": {"labels": labels("worker")},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [
+            "env": [
+                # set by the Job controller too; named here so that $(...) expands it
                 {
-                    "name": "worker",
-                    "image": image,
-                    "command": list(command or []),
-                    "env": [
-                        {"name": "PS_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}},
-                        *common,
-                    ],
-                    "resources": res["worker"].to_k8s(),
-                }
+                    "name": "JOB_COMPLETION_INDEX",
+                    "valueFrom": {"fieldRef": {"fieldPath": index}},
+                },
+                *common,
+            ],
+            "ports": [{"name": "data", "containerPort": server_port}],
+        },
+        serves=server_port,
+        subdomain=srv,  # with the headless Service: NAME-server-3.NAME-server resolves
+    )
+    worker_pod = pod(
+        "worker",
+        "Never",
+        {
+            "command": list(command or []),
+            "env": [
+                {"name": "PS_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}},
+                *common,
             ],
         },
-    }
+    )
     objects: list[dict[str, Any]] = []
     if checkpoint_claim is None:
         pvc_spec: dict[str, Any] = {
