@@ -35,7 +35,14 @@ from paramserver.models.ctr import (
     predict_blocks,
     test_blocks,
 )
-from paramserver.models.program import Report, entry, finish, fit, program_parser
+from paramserver.models.program import (
+    PushesInFlight,
+    Report,
+    entry,
+    finish,
+    fit,
+    program_parser,
+)
 
 __all__ = ["LogregTrainer", "evaluate", "main", "parser", "train", "train_on", "train_worker"]
 
@@ -67,7 +74,7 @@ def evaluate(table: ps.SparseTable, test: CTRBatch, train_keys: np.ndarray) -> d
     }
 
 
-class LogregTrainer:
+class LogregTrainer(PushesInFlight):
     """The model's own part of a step: pull the weights of a batch's keys (the next batch's
     prefetched under async), push the logistic loss gradient per key."""
 
@@ -119,11 +126,6 @@ class LogregTrainer:
         if self.client.rank == 0 and self.eval_every and self.steps % self.eval_every == 0:
             self.evaluate()
         return loss, len(batch)
-
-    def flush(self) -> None:
-        for f in self.pending:
-            f.result()
-        self.pending = []
 
     def evaluate(self) -> dict[str, float]:
         y, p = predict_blocks(self.test, lambda b: predict(self.table, b.keys))

@@ -41,6 +41,7 @@ __all__ = [
     "Feed",
     "JobStats",
     "Main",
+    "PushesInFlight",
     "Report",
     "Trainer",
     "add_common_args",
@@ -69,6 +70,25 @@ class Trainer(Protocol):
     def evaluate(self) -> dict[str, float]:
         """Test metrics (rank 0, after every epoch)."""
         ...
+
+
+class PushesInFlight:
+    """A trainer's pushes not yet waited for (``pending``); ``flush`` waits for them all, as
+    :class:`Trainer` asks at the end of an epoch.
+
+    Example:
+        class MyTrainer(PushesInFlight):
+            def step(self, batch, nxt):
+                self.pending = [self.table.push(batch.keys, grads)]
+                ...
+    """
+
+    pending: list[Any]
+
+    def flush(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending = []
 
 
 class Feed(Protocol):

@@ -26,7 +26,15 @@ import numpy as np
 
 import paramserver as ps
 from paramserver.data.evaluate import spearman
-from paramserver.models.program import ArrayFeed, Report, entry, finish, fit, program_parser
+from paramserver.models.program import (
+    ArrayFeed,
+    PushesInFlight,
+    Report,
+    entry,
+    finish,
+    fit,
+    program_parser,
+)
 
 __all__ = ["Vocabulary", "evaluate", "main", "parser", "read_corpus", "train", "train_worker"]
 
@@ -158,7 +166,7 @@ def train_worker(
     return {"curve": trainer.curve, "vocabulary": len(vocab), "tokens": len(ids)}
 
 
-class _Trainer:
+class _Trainer(PushesInFlight):
     """Skip-gram steps: pull the centers' input vectors and the contexts' and negatives' output
     vectors, push the negative-sampling gradients; the rate decays linearly."""
 
@@ -206,11 +214,6 @@ class _Trainer:
             self.emb_in.set_lr(rate)
             self.emb_out.set_lr(rate)
         return loss, len(c)
-
-    def flush(self) -> None:
-        for f in self.pending:
-            f.result()
-        self.pending = []
 
     def evaluate(self) -> dict[str, float]:
         m: dict[str, float] = {}
