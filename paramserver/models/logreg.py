@@ -35,14 +35,7 @@ from paramserver.models.ctr import (
     predict_blocks,
     test_blocks,
 )
-from paramserver.models.program import (
-    PushesInFlight,
-    Report,
-    entry,
-    finish,
-    fit,
-    program_parser,
-)
+from paramserver.models.program import PushesInFlight, Report, entry, finish, fit, program_parser
 
 __all__ = ["LogregTrainer", "evaluate", "main", "parser", "train", "train_on", "train_worker"]
 
