@@ -28,11 +28,12 @@ pytestmark = pytest.mark.timeout(120)
 STEPS, DIM, IDLE = 8, 4, 4  # worker[1] sends nothing in step IDLE, only clock()
 KEYS = np.arange(1, 300, dtype=np.uint64)
 OPT = ps.optim.Adagrad(lr=0.1)
+GROUP = [("g1", 20), ("g2", 4)]  # a dense group
 
 
 def train(move: str | None, first: str) -> tuple[np.ndarray, np.ndarray, list[Exception]]:
-    """Two workers, sync, every step pulls ``first`` (``emb`` or ``bias``) then the other
-    table, then pushes both. worker[1] only calls ``clock()`` in step IDLE and then waits in
+    """Two workers, sync, every step pulls ``first`` (``emb``, ``bias`` or ``group``) then the
+    others, then pushes them all. worker[1] only calls ``clock()`` in step IDLE and then waits in
     its next pull at clock IDLE + 1; worker[0], at the end of step IDLE - 1, has the main thread
     start ``move`` (``join``: a server added; ``drain``: server[0] drained), waits until its
     view announces it and ends the step (switching to the new ring)."""
@@ -49,6 +50,8 @@ def train(move: str | None, first: str) -> tuple[np.ndarray, np.ndarray, list[Ex
                 emb = c.sparse_table("emb", dim=DIM, optimizer=OPT, consistency="sync",
                                      init=ps.init.Normal(std=0.1), seed=3)  # fmt: skip
                 bias = c.dense_table("bias", 8, optimizer=OPT, consistency="sync")
+                group = c.dense_group([c.dense_table(n, size, optimizer=OPT, consistency="sync")
+                                       for n, size in GROUP])  # fmt: skip
                 rng = np.random.default_rng(100 + c.rank)
                 for step in range(STEPS):
                     if c.rank == 1 and step == IDLE:
@@ -56,12 +59,15 @@ def train(move: str | None, first: str) -> tuple[np.ndarray, np.ndarray, list[Ex
                         ahead.set()
                         continue
                     keys = rng.choice(KEYS, size=96)
-                    if first == "emb":
-                        rows, b = emb.pull(keys), bias.pull()
-                    else:
-                        b, rows = bias.pull(), emb.pull(keys)
-                    emb.push(keys, rows * 0.5 + 0.01 * (c.rank + 1) * (step + 1)).result(60)
-                    bias.push(b * 0.5 + 0.02 * (c.rank + 1)).result(60)
+                    pulls = {
+                        "emb": lambda k=keys: emb.pull(k),
+                        "bias": bias.pull,
+                        "group": group.pull,
+                    }
+                    got = {n: pulls[n]() for n in sorted(pulls, key=lambda n: n != first)}
+                    emb.push(keys, got["emb"] * 0.5 + 0.01 * (c.rank + 1) * (step + 1)).result(60)
+                    bias.push(got["bias"] * 0.5 + 0.02 * (c.rank + 1)).result(60)
+                    group.push([v * 0.5 - 0.03 * (c.rank + 1) for v in got["group"]]).result(60)
                     if c.rank == 0 and step == IDLE - 1 and move is not None:
                         assert ahead.wait(60)
                         # worker[1] waits in its pull at clock IDLE + 1 at a server
@@ -91,13 +97,14 @@ def train(move: str | None, first: str) -> tuple[np.ndarray, np.ndarray, list[Ex
         reader = clients[0]
         emb = reader.sparse_table("emb", dim=DIM, optimizer=OPT, consistency="sync",
                                   init=ps.init.Normal(std=0.1), seed=3)  # fmt: skip
-        bias = reader.dense_table("bias", 8, optimizer=OPT, consistency="sync")
+        dense = [reader.dense_table(n, size, optimizer=OPT, consistency="sync")
+                 for n, size in [("bias", 8), *GROUP]]  # fmt: skip
         if move is not None and not errors:
             wait_until(lambda: reader.endpoint.poll(0) or "move" not in reader.view, 60,
                        "the move to end")  # fmt: skip
             want = [0, 1, 2] if move == "join" else [1]
             assert reader.view["ring"] == want
-        return emb.pull(KEYS, create=False), bias.pull(), errors
+        return emb.pull(KEYS, create=False), np.concatenate([d.pull() for d in dense]), errors
 
 
 @functools.cache
@@ -106,15 +113,17 @@ def reference() -> tuple[np.ndarray, np.ndarray, list[Exception]]:
     return train(None, "emb")
 
 
-@pytest.mark.parametrize(("move", "first"), [("join", "emb"), ("drain", "bias")])
+@pytest.mark.parametrize(
+    ("move", "first"), [("join", "emb"), ("drain", "bias"), ("drain", "group")]
+)
 def test_a_move_announced_while_a_worker_is_a_clock_ahead_neither_stalls_nor_changes_a_bit(
     move: str, first: str
 ) -> None:
     # join: the waiting pull is of the sparse table, whose keys move to the new server;
-    # drain: of the dense table on server[0], which moves whole to server[1]
-    rows, bias, errors = train(move, first)
+    # drain: of a dense table or a dense group's tables on server[0], which move to server[1]
+    rows, dense, errors = train(move, first)
     assert errors == []
-    ref_rows, ref_bias, ref_errors = reference()
+    ref_rows, ref_dense, ref_errors = reference()
     assert ref_errors == []
     assert rows.tobytes() == ref_rows.tobytes()
-    assert bias.tobytes() == ref_bias.tobytes()
+    assert dense.tobytes() == ref_dense.tobytes()
