@@ -284,7 +284,7 @@ class Server:
             self.cluster.admit(req.header)  # a replaced process serves nothing (fencing)
             if rank is not None:  # every server request naming a rank is a worker's
                 self.state.claim(rank, req.identity)
-            if kind in PULLS:  # one that ran ahead of a move is asked again by the new ring
+            if kind in PULLS and self.transfers.out is not None:  # ran ahead of a move?
                 refuse_ahead(self.transfers.out, self.state, req.header, self.transfers.notify)
             handler = self.handlers.get(kind)
             if handler is None:
