@@ -25,7 +25,7 @@ from tests.timing import FAST, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-STEPS, DIM, IDLE = 8, 4, 4  # worker[1] sends nothing in step IDLE, only clock()
+STEPS, DIM, IDLE = 6, 4, 3  # worker[1] sends nothing in step IDLE, only clock()
 KEYS = np.arange(1, 300, dtype=np.uint64)
 OPT = ps.optim.Adagrad(lr=0.1)
 GROUP = [("g1", 20), ("g2", 4)]  # a dense group
