@@ -303,7 +303,10 @@ class DenseTable(TableHandle):
                 res.flags.writeable = False
             return res
 
-        return gather(futs, f"pull of table {self.name!r}", combine)
+        def again() -> Future[np.ndarray]:  # sent back by a source it ran ahead of (a move)
+            return self.pull_async(timeout=timeout, out=out, copy=copy)
+
+        return gather(futs, f"pull of table {self.name!r}", combine, c.rerouting(futs, again))
 
     def pull(
         self,

@@ -111,7 +111,11 @@ class DenseGroup:
                 out[i] = a
             return [a for a in out if a is not None]
 
-        return gather(futs, f"pull of dense group ({self.tables[0].name!r}, ...)", combine)
+        what = f"pull of dense group ({self.tables[0].name!r}, ...)"
+        # sent back by a source it ran ahead of (a move): asked again by the new ranges
+        return gather(
+            futs, what, combine, c.rerouting(futs, lambda: self.pull_async(timeout=limit))
+        )
 
     def _header(self, kind: str, group: list[DenseTable], **fields: Any) -> dict[str, Any]:
         """A request to one server about the tables of ``group``, at this worker's clock."""

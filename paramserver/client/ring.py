@@ -5,17 +5,25 @@ the ring (``ring``: the server ranks keys are hashed over) and, while servers jo
 ``move`` (the old ring, the new one). A worker takes a move's new ring at the end of a step
 (its next ``clock()``, or at once while it waits at a barrier), so that all of one clock's
 requests go by one ring, and says so: ``switched`` to the servers of both rings, on the
-connections its earlier requests took, so after them (server/transfer.py).
+connections its earlier requests took, so after them (server/transfer.py). A pull that ran
+ahead of the move (after a step with no request) a source sends back (code ``moved``,
+server/ahead.py): the worker then switches at once and asks again by the new ring
+(:meth:`RingRouting.rerouting`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from paramserver.client.replicas import settle
+from paramserver.errors import RemoteError
 from paramserver.partition import HashRing
 from paramserver.wire.transport import Endpoint, Future
+
+T = TypeVar("T")
 
 __all__ = ["RingRouting"]
 
@@ -67,7 +75,7 @@ class RingRouting:
     def end_step(self) -> None:
         """A step's end: switch to a move's ring if one waits, then send the next clock to
         every server of both rings."""
-        self.switch_ring()
+        self.switch_ring(since=self._clock + 1)
         self.switch_rebuild()
         switching = [f for f in self._clock_futures if not f.done()]
         self._clock += 1
@@ -150,9 +158,11 @@ class RingRouting:
                 )
             )
 
-    def switch_ring(self) -> None:
+    def switch_ring(self, since: int | None = None) -> None:
         """Route by a move's new ring from now on, and tell the servers of both rings (at a
-        step's end: ``clock()``, ``barrier()``); nothing if no move waits."""
+        step's end: ``clock()``, ``barrier()``; or in a pull a source sent back, see
+        :meth:`rerouting`); nothing if no move waits. ``since``: the clock of this worker's
+        first request by the new ring (the current one unless at a step's end)."""
         if self.next_ring is None:
             return
         move, ring = self.next_ring
@@ -165,14 +175,43 @@ class RingRouting:
             self.dense_undo = {n: r for n in dense if (r := self.dense_ranges(n)) is not None}
             self.move_dense({n: [(int(s), int(a), int(b)) for s, a, b in r]
                              for n, r in dense.items()})  # fmt: skip
+        header = {"kind": "switched", "rank": self.rank, "move": move, "clock": self._clock,
+                  "since": self._clock if since is None else since}  # fmt: skip
         for s in targets:
             self._clock_futures.append(
                 self.request_server(
                     s,
-                    {"kind": "switched", "rank": self.rank, "move": move, "clock": self._clock},
+                    header,
                     what=f"worker[{self.rank}] switching to the ring of move {move}",
                 )
             )
+
+    def rerouting(
+        self, parts: list[Future[Any]], again: Callable[[], Future[T]]
+    ) -> Callable[[BaseException, Future[T]], bool]:
+        """``gather``'s ``redo`` for a pull made of the requests ``parts`` that a source may
+        send back because it ran ahead of a move (code ``moved``: server/ahead.py): switch to
+        the move's new ring at once (its view came before the refusal, on the same connection),
+        then, once every part is done (none still writes into the result), ask again by the new
+        ring (``again``: the same pull, planned anew). Without a new ring to take (no view of
+        the move came), the refusal is the pull's error.
+
+        Example:
+            gather(futs, what, combine, redo=session.rerouting(futs, pull_again))
+        """
+        planned = self.ring_version  # the ring the parts were sent by
+
+        def redo(err: BaseException, group: Future[T]) -> bool:
+            if not (isinstance(err, RemoteError) and err.code == "moved"):
+                return False
+            self.switch_ring()
+            if self.ring_version == planned:
+                return False
+            log.info("worker[%d]: %s: switched now", self.rank, err.reason)
+            _after(parts, lambda: _ask(group, again))
+            return True
+
+        return redo
 
     def move_dense(self, ranges: dict[str, list[tuple[int, int, int]]]) -> None:
         """Dense tables' new ranges, from this worker's switch on (the client's handles)."""
@@ -200,3 +239,30 @@ class RingRouting:
         """The ranks of the servers this worker talks to: the ring's, and while a move goes
         on, its sources (a drained server still answers the pulls sent to it)."""
         return sorted({*self.ring_servers, *self.move_from})
+
+
+def _after(parts: list[Future[Any]], then: Callable[[], None]) -> None:
+    """Call ``then`` once every one of ``parts`` is done."""
+    left = [p for p in parts if not p.done()]
+    if not left:
+        then()
+        return
+    count = [len(left)]
+
+    def one_done(_: Future[Any]) -> None:
+        count[0] -= 1
+        if count[0] == 0:
+            then()
+
+    for p in left:
+        p.add_done_callback(one_done)
+
+
+def _ask(outer: Future[T], again: Callable[[], Future[T]]) -> None:
+    """Complete ``outer`` as the pull ``again()`` starts does."""
+    try:
+        nxt = again()
+    except Exception as exc:  # e.g. the session closed meanwhile
+        outer.set_exception(exc)
+        return
+    nxt.add_done_callback(lambda f: settle(outer, f))

@@ -182,12 +182,15 @@ class SparseTable(TableHandle):
                 self.record_staleness(staleness)
             return box.pop().reshape((*k.shape, self.dim))
 
-        fut = gather(futs, f"pull of table {self.name!r}", combine)
+        def again() -> Future[np.ndarray]:
+            return self._pull_servers(k, create, timeout, record, dest)
+
+        # sent back by a source it ran ahead of (a move): asked again by the new ring
+        redo = c.rerouting(futs, again)
+        fut = gather(futs, f"pull of table {self.name!r}", combine, redo)
         if sig is None:
             return fut
-        return self._retry_unknown(
-            fut, plan, lambda: self._pull_servers(k, create, timeout, record, dest)
-        )
+        return self._retry_unknown(fut, plan, again)
 
     def _pull_cached(self, k: np.ndarray, limit: float) -> Future[np.ndarray]:
         # serve the rows cached fresh enough, fetch the others (see paramserver.client.cache)

@@ -20,6 +20,7 @@ from typing import Any
 from paramserver.config import Limits, Timeouts, limits_from_env
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.server.admin import Admin
+from paramserver.server.ahead import PULLS, refuse_ahead
 from paramserver.server.assign import Assigns
 from paramserver.server.cluster import CoordinatorLink
 from paramserver.server.many import Many
@@ -283,6 +284,8 @@ class Server:
             self.cluster.admit(req.header)  # a replaced process serves nothing (fencing)
             if rank is not None:  # every server request naming a rank is a worker's
                 self.state.claim(rank, req.identity)
+            if kind in PULLS and self.transfers.out is not None:  # ran ahead of a move?
+                refuse_ahead(self.transfers.out, self.state, req.header, self.transfers.notify)
             handler = self.handlers.get(kind)
             if handler is None:
                 raise Refusal("bad_request", f"a server does not take {kind!r} messages")
@@ -399,7 +402,8 @@ class Server:
         if self.state.clocks.advance(h["rank"], h["clock"]):
             self.progress()
         if h.get("purpose") != "rebuild":
-            self.transfers.on_switched(h["rank"], h["move"])
+            # since: the first clock it reads by the new ring (older workers: the next one)
+            self.transfers.on_switched(h["rank"], h["move"], h.get("since", h["clock"] + 1))
         req.reply.ok()
 
     def on_view(self, view: dict[str, Any]) -> None:

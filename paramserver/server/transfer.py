@@ -28,7 +28,8 @@ before their rows are whole. The switches lie within one clock of each other: on
 a worker's ``switched``, it sends the move's view to every live worker that has not switched
 (:meth:`Transfers.tell_late`), before any answer that waited on the switched worker's later
 clocks, so a worker whose view from the coordinator is late has it before its step ends (a pull
-at an old owner never needs a push already sent to a new one). In sync mode the result is
+at an old owner never needs a push already sent to a new one; a worker further ahead, after a
+step with no request, has such a pull sent back: server/ahead.py). In sync mode the result is
 bitwise the one of an undisturbed run:
 the same rows, and every clock's pushes of a key aggregated in one place in (worker rank,
 arrival) order. After the move A drops the rows that left (``drop_moved``), once no pull sent
@@ -62,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.partition import HashRing
+from paramserver.server.ahead import send_back
 from paramserver.server.keycache import KeyCache
 from paramserver.server.recut import DenseMoves
 from paramserver.server.shard import SparseShard
@@ -117,6 +119,7 @@ class Outgoing:
     dests: list[int]  # the other servers of the new ring
     base: dict[str, np.ndarray] = field(default_factory=dict)  # rows exported at the copy
     switched: set[int] = field(default_factory=set)
+    first: dict[int, int] = field(default_factory=dict)  # worker -> its first new-ring clock
     finished: bool = False
     ends: list[Future[Any]] = field(default_factory=list)
     started: float = 0.0
@@ -164,7 +167,8 @@ class Transfers:
         self.incoming: Incoming | None = None
         self.seen: set[int] = set()  # moves started here
         self.received = 0  # moves whose every source's end came here
-        self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
+        # workers switched to a move not yet seen here (worker -> its first new-ring clock)
+        self.early: dict[int, dict[int, int | None]] = {}
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
@@ -216,6 +220,7 @@ class Transfers:
                 self.incoming.sources.add(me)
         if me in old:
             self.tell_late()
+            send_back(self.out, self.state, self.notify)  # early switches: server/ahead.py
 
     def abandon(self, live: int | None, ring: list[int]) -> None:
         """A view whose move (``live``: its id, or None) is not the one under way here: the
@@ -250,7 +255,9 @@ class Transfers:
         dests = [r for r in new if r != me]
         out = Outgoing(move, view, HashRing.build(new), HashRing.build(old), dests)
         out.started = time.monotonic()
-        out.switched = self.early.pop(move, set())
+        early = self.early.pop(move, {})
+        out.switched = set(early)
+        out.first = {r: c for r, c in early.items() if c is not None}
         self.out = out
         for name, t in self.state.tables.items():
             if not isinstance(t.shard, SparseShard):
@@ -260,12 +267,15 @@ class Transfers:
             self._send_rows(out, t, rows["keys"], rows["rows"], "copy", None)
         log.info("%s: move %d: copy sent to %s", self.state.name, move, out.dests)
 
-    def on_switched(self, rank: int, move: int) -> None:
-        """A worker's ``switched``: it routes by the new ring from now on."""
+    def on_switched(self, rank: int, move: int, since: int | None = None) -> None:
+        """A worker's ``switched``: it routes by the new ring (from clock ``since`` on)."""
         out = self.out
         if out is not None and move == out.move:
             out.switched.add(rank)
+            if since is not None:
+                out.first.setdefault(rank, since)
             self.tell_late()
+            send_back(out, self.state, self.notify)  # pulls that ran ahead (server/ahead.py)
             if not out.finished and self.state.clocks.live <= out.switched:
                 # now, not at the loop's next turn: the clock message behind this one (read in
                 # the same batch) may complete a clock, and its buffered pushes of the moving
@@ -273,7 +283,7 @@ class Transfers:
                 # the switched workers sent to the new owner
                 self.finish(out)
         elif move not in self.seen:  # before this server saw the view: kept for the move
-            self.early.setdefault(move, set()).add(rank)
+            self.early.setdefault(move, {}).setdefault(rank, since)
 
     def tell_late(self) -> None:
         """Once some worker switched, send the move's view to every live worker that has not:

@@ -101,11 +101,16 @@ class Future(Generic[T]):
 
 
 def gather(
-    futures: Sequence[Future[Any]], what: str, combine: Callable[[list[Any]], T]
+    futures: Sequence[Future[Any]],
+    what: str,
+    combine: Callable[[list[Any]], T],
+    redo: Callable[[BaseException, Future[T]], bool] | None = None,
 ) -> Future[T]:
     """One future completed when all of ``futures`` are, with ``combine`` of their results.
 
-    The first failure fails the group.
+    The first failure fails the group, unless ``redo`` (given the error and the group) says
+    it completes the group itself (e.g. by asking again): the others' results are then not
+    combined.
     """
     endpoint = futures[0]._endpoint if futures else None
     group: Future[T] = Future(endpoint, what)
@@ -115,9 +120,12 @@ def gather(
     left = [len(futures)]
 
     def one_done(f: Future[Any]) -> None:
-        if group.done():
+        if group.done() or left[0] < 0:
             return
         if f._error is not None:
+            if redo is not None and redo(f._error, group):
+                left[0] = -1  # taken over
+                return
             group.set_exception(f._error)
             return
         left[0] -= 1

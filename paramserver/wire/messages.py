@@ -367,6 +367,7 @@ class SwitchedMsg(_Request):
     move: int
     clock: int
     purpose: NotRequired[Literal["move", "rebuild"]]  # "rebuild": writes to a rebuilt copy
+    since: NotRequired[int]  # a move: the first clock it reads by the new ring
 
 
 class MoveDoneMsg(_Request):

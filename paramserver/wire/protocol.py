@@ -234,7 +234,7 @@ SCHEMA.update({  # servers joining and leaving: server/transfer.py, coordinator/
                  "seqs": (lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p)
                           == 2 and RANK(p[0]) and U63(p[1]) for p in v), False)},
     "switched": {"rank": (RANK, True), "move": (U63, True), "clock": (U63, True),
-                 "view": (U63, False), "purpose": (_PURPOSE, False)},
+                 "view": (U63, False), "purpose": (_PURPOSE, False), "since": (U63, False)},
     "move_done": {"move": (U63, True), "source": (RANK, True), "stats": (optional(is_map), False),
                   "purpose": (_PURPOSE, False)},
     "drain": {"rank": (RANK, True)},

@@ -4,15 +4,20 @@ and a shard rebuilt without the rows that left (checked against NumPy and the ri
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from paramserver.coordinator.membership import ALIVE, Membership
 from paramserver.init import Normal
 from paramserver.optim import Adagrad
 from paramserver.partition import HashRing
+from paramserver.server.ahead import ran_ahead, refuse_ahead
 from paramserver.server.consistency import Clocks
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import ServerState
+from paramserver.server.table import make_table
 from paramserver.server.transfer import Transfers, changed_rows, moving_keys
+from paramserver.spec import TableSpec
+from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import new_context
 from tests.unit.test_membership import T, server_msg
 
@@ -102,6 +107,46 @@ def test_a_source_sends_the_moves_view_to_the_workers_not_switched_once_one_did(
         assert told == []
         transfers.on_switched(1, 2)
         assert told == [(0, 7)]
+    finally:
+        transfers.close()
+        ctx.term()
+
+
+def test_a_source_sends_back_only_the_pulls_that_ran_ahead_of_a_switched_worker() -> None:
+    # worker[0] switched at a step's end and reads by the new ring from clock 5: a sync pull
+    # of worker[1] (not switched) at clock 6 needs worker[0]'s pushes of clock 5, which went
+    # to the new owner; one at clock 5 does not; ssp:1 allows one clock more, async any
+    state = ServerState()
+    state.rank, state.name = 0, "server[0]"
+    state.clocks = Clocks(2)
+    for name, consistency in (("emb", "sync"), ("ssp", "ssp:1"), ("fast", "async")):
+        spec = TableSpec(name=name, kind="sparse", dim=2, seed=1, consistency=consistency)
+        state.tables[name] = make_table(spec, 0)
+    ctx = new_context()
+    transfers = Transfers(state, ctx, None, lambda: None, lambda m: None, timeout=5.0)
+    told: list[int] = []
+    transfers.notify = lambda rank, view: told.append(rank)
+    view = {"number": 7, "ring": [0, 1], "servers": [[0, "tcp://127.0.0.1:1", "alive"],
+            [1, "tcp://127.0.0.1:2", "alive"], [2, "tcp://127.0.0.1:3", "alive"]],
+            "move": {"id": 1, "from": [0, 1], "to": [0, 1, 2], "view": 7}}  # fmt: skip
+
+    def pull(table: str, rank: int, clock: int) -> dict[str, object]:
+        return {"kind": "pull", "table": table, "rank": rank, "clock": clock}
+
+    try:
+        transfers.on_view(view)
+        assert ran_ahead(transfers.out, state, pull("emb", 1, 9)) is None  # nobody switched
+        transfers.on_switched(0, 1, since=5)
+        assert ran_ahead(transfers.out, state, pull("emb", 1, 5)) is None
+        why = ran_ahead(transfers.out, state, pull("emb", 1, 6))
+        assert why is not None and "worker[0]" in why and "clock 5" in why
+        assert ran_ahead(transfers.out, state, pull("ssp", 1, 6)) is None
+        assert ran_ahead(transfers.out, state, pull("ssp", 1, 7)) is not None
+        assert ran_ahead(transfers.out, state, pull("fast", 1, 60)) is None
+        assert ran_ahead(transfers.out, state, pull("emb", 0, 60)) is None  # switched itself
+        with pytest.raises(Refusal) as err:
+            refuse_ahead(transfers.out, state, pull("emb", 1, 6), transfers.notify)
+        assert err.value.code == "moved" and told == [1, 1]  # the view first (tell_late too)
     finally:
         transfers.close()
         ctx.term()
