@@ -294,7 +294,8 @@ def seal_cost(mib: int = 64) -> dict[str, Any]:
     key = seal.ticket_key(b"k" * 32, 1)
     src = np.ones(mib << 20, np.uint8)
     dst = np.empty_like(src)
-    out, sealed_buf = memoryview(dst), bytearray(seal.RECORD + seal.TAG)
+    head = getattr(seal, "HEAD", 0)  # (a record's length field, since 2026-12-07)
+    out, sealed_buf = memoryview(dst), bytearray(head + seal.RECORD + seal.TAG)
     np.copyto(dst, src)  # the destination's pages are touched before anything is timed
     t0 = time.perf_counter()
     np.copyto(dst, src)
@@ -310,6 +311,54 @@ def seal_cost(mib: int = 64) -> dict[str, Any]:
         "value": round(src.nbytes / sealed / 1e6), "unit": "MB/s",
         "baseline": round(src.nbytes / copy / 1e6), "ratio": round(copy / sealed, 3),
     }  # fmt: skip
+
+
+def stream_cost(mib: int = 256, payload_mib: int = 8) -> list[dict[str, Any]]:
+    """CPU seconds per GB through a bulk connection's two threads (streams.Writer and Reader,
+    over a socketpair in one process), raw and sealed: everything the channel's ends do for a
+    payload (sealing, reading, opening, copies), not just the cipher."""
+    import socket
+
+    import numpy as np
+
+    from paramserver.wire import seal, streams
+
+    rows = []
+    for sealed in (False, True) if seal.available() else (False,):
+        key = seal.ticket_key(b"k" * 32, 1)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+
+        reader = streams.Reader(ours, "bench", seal.Seal(key, 0) if sealed else None)
+        writer = streams.Writer(theirs, "bench", 30.0, seal.Seal(key, 0) if sealed else None)
+        reader.start()
+        writer.start()
+        src = np.ones(payload_mib << 20, np.uint8)
+        dst = np.empty_like(src)
+        try:
+            for _ in range(2):  # warm: pieces of read-ahead memory, pages of dst
+                writer.send(memoryview(src), "warm")
+                reader.read_into(memoryview(dst), 30.0, "warm")
+            n = mib // payload_mib
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                writer.send(memoryview(src), "bench")
+                reader.read_into(memoryview(dst), 30.0, "bench")
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            writer.close()
+            reader.close()
+            writer.join(5)
+            reader.join(5)
+            ours.close()
+            theirs.close()
+        gb = n * src.nbytes / 1e9
+        rows.append({
+            "bench": "hosts", "case": f"bulk stream over a socketpair, {'sealed' if sealed else 'raw'}",
+            "value": round(cpu / gb, 3), "unit": "CPU s/GB", "MB/s": round(gb * 1e3 / wall),
+        })  # fmt: skip
+    return rows
 
 
 def main() -> int:
@@ -329,6 +378,8 @@ def main() -> int:
     if args.server_rate is not None:
         hosts.parse_rate(args.server_rate)
     print(json.dumps(seal_cost(8 if args.quick else 64)), flush=True)
+    for row in stream_cost(32 if args.quick else 256):
+        print(json.dumps(row), flush=True)
     reason = hosts.unavailable()
     if reason is not None:
         print(json.dumps({"bench": "hosts", "case": "skipped", "value": 0, "unit": "-",
