@@ -14,7 +14,8 @@ where they are the limit). ``tbf_drops`` are packets the shaper dropped (its que
 ``training`` runs the ready FTRL logistic regression (sync, one epoch of synthetic CTR data)
 and reports examples/s. ``cpu_wait`` is the cores' worth of the cluster's threads that were
 ready to run but waited for a core (the kernel's schedstat): where it is high, the machine's
-cores, not the link, were the limit (``cpu_bound``).
+cores, not the link, were the limit (``cpu_bound``); ``cpu_s_per_gb`` the cluster's CPU seconds
+per GB its workers moved (both ways together).
 
     sudo PYTHONPATH=. .venv/bin/python benchmarks/hosts.py   # 100mbit, 500mbit, 1gbit, 10gbit
     sudo PYTHONPATH=. .venv/bin/python benchmarks/hosts.py --quick    # one small case
@@ -250,6 +251,8 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
     out["value"], out["unit"] = out["link_fraction"], "fraction of the busiest link"
     # cores the cluster used, and cores' worth of its threads ready to run but not running
     out["cpu_cores"], out["cpu_wait"] = round(cpu, 2), round(wait, 2)
+    if "MB_per_s_each_way" in out:  # the cluster's CPU time per GB moved (both ways together)
+        out["cpu_s_per_gb"] = round(cpu / max(2e-3 * out["MB_per_s_each_way"], 1e-9), 2)
     out["cpu_bound"] = cpu > 1.6 or wait > 0.5
     return out
 

@@ -460,21 +460,24 @@ class Reader(threading.Thread):
     def _settle_sealed(self, n: int, idle: float, what: str) -> None:
         """:meth:`settle` on a sealed connection: wait for the thread to open the records of
         ``n`` bytes into the buffer."""
-        with self.cond:
-            target = self.target
-            assert target is not None and n <= target.nbytes
-            self.seen = max(self.seen, time.monotonic())
-            deadline = time.monotonic() + idle + wire_size(n) / MIN_RATE
-            self.want = n
-            try:
+        try:
+            with self.cond:
+                target = self.target
+                assert target is not None and n <= target.nbytes
+                self.seen = max(self.seen, time.monotonic())
+                deadline = time.monotonic() + idle + wire_size(n) / MIN_RATE
+                self.want = n
                 while self.filled < n:
                     if self.staged:  # (a record that did not fit the buffer's room)
                         self.filled = self._take(target, self.filled)
                     else:
                         self._wait(self.filled, n, idle, what, deadline)
-            finally:
-                if self.filled > n:
-                    extra = bytearray(target[n : self.filled])
+        finally:
+            # the buffer is taken back between two records (the next payload's may be going
+            # into its room beyond ``n`` now): what is there beyond ``n`` is staged again
+            with self.reading, self.cond:
+                if self.target is not None and self.filled > n:
+                    extra = bytearray(self.target[n : self.filled])
                     self.chunks.appendleft([extra, 0, len(extra)])
                     self.staged += len(extra)
                 self.target, self.filled, self.want = None, 0, 0
