@@ -67,6 +67,7 @@ class Reader(threading.Thread):
         # the sealed record being read (length, ciphertext, tag), and how much of it is in
         self.record = memoryview(bytearray(HEAD + RECORD + TAG) if seal is not None else b"")
         self.have = self.length = 0
+        self.lowat = 0  # what SO_RCVLOWAT is set to now (sealed: the rest of the record)
         # bytes still read and dropped after a record failed authentication (the error is kept
         # for the payload's reader): the sender's flush ends, and its header comes and is
         # refused, as when records were opened only once all were in
@@ -101,6 +102,8 @@ class Reader(threading.Thread):
                     self.cond.wait(_TICK)
                 if self.closed or (self.error is not None and not self.drain):
                     return
+            if self.seal is not None:
+                self._lowat_record()
             if not poll_ready(self.sock, select.POLLIN, _TICK):
                 continue
             if self.seal is not None:
@@ -255,6 +258,20 @@ class Reader(threading.Thread):
                 self.cond.notify_all()
         return True
 
+    def _lowat_record(self) -> None:
+        """Sealed: wake the thread's poll only once the rest of the record being read is in
+        the socket (the kernel caps it at half its buffer; a closed or broken connection wakes
+        it anyway): one wake-up a record, not one for every few segments that arrive."""
+        if self.drain:
+            rest = 1
+        elif self.have < HEAD:
+            rest = HEAD - self.have
+        else:
+            rest = HEAD + self.length + TAG - self.have
+        if rest != self.lowat:
+            self.lowat = rest
+            self._lowat(rest)
+
     def _lowat(self, n: int) -> None:
         """Wake the thread's poll only once ``n`` bytes wait in the socket (0: leave it)."""
         if n:
@@ -330,7 +347,8 @@ class Reader(threading.Thread):
         the thread reads the rest straight in and calls ``wake()`` (from its own thread) once
         ``buf`` is full or the connection broke. :meth:`progress` says how far it got;
         :meth:`end` once it is over."""
-        self._lowat(1)  # the thread reads the rest as it comes (setting it wakes its poll)
+        if self.seal is None:  # (sealed: the thread sets it, a record at a time)
+            self._lowat(1)  # the thread reads the rest as it comes (setting it wakes its poll)
         with self.cond:
             self.seen = max(self.seen, time.monotonic())
             self.begun = self._take(buf, 0)
