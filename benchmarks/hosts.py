@@ -14,7 +14,8 @@ where they are the limit). ``tbf_drops`` are packets the shaper dropped (its que
 ``training`` runs the ready FTRL logistic regression (sync, one epoch of synthetic CTR data)
 and reports examples/s. ``cpu_wait`` is the cores' worth of the cluster's threads that were
 ready to run but waited for a core (the kernel's schedstat): where it is high, the machine's
-cores, not the link, were the limit (``cpu_bound``).
+cores, not the link, were the limit (``cpu_bound``); ``cpu_s_per_gb`` the cluster's CPU seconds
+per GB its workers moved (both ways together).
 
     sudo PYTHONPATH=. .venv/bin/python benchmarks/hosts.py   # 100mbit, 500mbit, 1gbit, 10gbit
     sudo PYTHONPATH=. .venv/bin/python benchmarks/hosts.py --quick    # one small case
@@ -250,6 +251,8 @@ def run_case(bed: hosts.Bed, folder: Path, case: dict[str, Any]) -> dict[str, An
     out["value"], out["unit"] = out["link_fraction"], "fraction of the busiest link"
     # cores the cluster used, and cores' worth of its threads ready to run but not running
     out["cpu_cores"], out["cpu_wait"] = round(cpu, 2), round(wait, 2)
+    if "MB_per_s_each_way" in out:  # the cluster's CPU time per GB moved (both ways together)
+        out["cpu_s_per_gb"] = round(cpu / max(2e-3 * out["MB_per_s_each_way"], 1e-9), 2)
     out["cpu_bound"] = cpu > 1.6 or wait > 0.5
     return out
 
@@ -294,7 +297,8 @@ def seal_cost(mib: int = 64) -> dict[str, Any]:
     key = seal.ticket_key(b"k" * 32, 1)
     src = np.ones(mib << 20, np.uint8)
     dst = np.empty_like(src)
-    out, sealed_buf = memoryview(dst), bytearray(seal.RECORD + seal.TAG)
+    head = getattr(seal, "HEAD", 0)  # (a record's length field, since 2026-12-07)
+    out, sealed_buf = memoryview(dst), bytearray(head + seal.RECORD + seal.TAG)
     np.copyto(dst, src)  # the destination's pages are touched before anything is timed
     t0 = time.perf_counter()
     np.copyto(dst, src)
@@ -310,6 +314,54 @@ def seal_cost(mib: int = 64) -> dict[str, Any]:
         "value": round(src.nbytes / sealed / 1e6), "unit": "MB/s",
         "baseline": round(src.nbytes / copy / 1e6), "ratio": round(copy / sealed, 3),
     }  # fmt: skip
+
+
+def stream_cost(mib: int = 256, payload_mib: int = 8) -> list[dict[str, Any]]:
+    """CPU seconds per GB through a bulk connection's two threads (streams.Writer and Reader,
+    over a socketpair in one process), raw and sealed: everything the channel's ends do for a
+    payload (sealing, reading, opening, copies), not just the cipher."""
+    import socket
+
+    import numpy as np
+
+    from paramserver.wire import seal, streams
+
+    rows = []
+    for sealed in (False, True) if seal.available() else (False,):
+        key = seal.ticket_key(b"k" * 32, 1)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+
+        reader = streams.Reader(ours, "bench", seal.Seal(key, 0) if sealed else None)
+        writer = streams.Writer(theirs, "bench", 30.0, seal.Seal(key, 0) if sealed else None)
+        reader.start()
+        writer.start()
+        src = np.ones(payload_mib << 20, np.uint8)
+        dst = np.empty_like(src)
+        try:
+            for _ in range(2):  # warm: pieces of read-ahead memory, pages of dst
+                writer.send(memoryview(src), "warm")
+                reader.read_into(memoryview(dst), 30.0, "warm")
+            n = mib // payload_mib
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                writer.send(memoryview(src), "bench")
+                reader.read_into(memoryview(dst), 30.0, "bench")
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            writer.close()
+            reader.close()
+            writer.join(5)
+            reader.join(5)
+            ours.close()
+            theirs.close()
+        gb = n * src.nbytes / 1e9
+        rows.append({
+            "bench": "hosts", "case": f"bulk stream over a socketpair, {'sealed' if sealed else 'raw'}",
+            "value": round(cpu / gb, 3), "unit": "CPU s/GB", "MB/s": round(gb * 1e3 / wall),
+        })  # fmt: skip
+    return rows
 
 
 def main() -> int:
@@ -329,6 +381,8 @@ def main() -> int:
     if args.server_rate is not None:
         hosts.parse_rate(args.server_rate)
     print(json.dumps(seal_cost(8 if args.quick else 64)), flush=True)
+    for row in stream_cost(32 if args.quick else 256):
+        print(json.dumps(row), flush=True)
     reason = hosts.unavailable()
     if reason is not None:
         print(json.dumps({"bench": "hosts", "case": "skipped", "value": 0, "unit": "-",

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 MIN_BYTES = 1 << 20
 _MAGIC = b"PSBULK01"
 _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
-_SEALED_MAGIC = b"PSBULKS1"
+_SEALED_MAGIC = b"PSBULKS2"  # (S1: records without a length, opened once all were in)
 _SEALED_HELLO = len(_SEALED_MAGIC) + 8 + seal.TAG  # and the proof of the key
 _ACK = b"\x01"
 # A payload up to this size may go before its header (:func:`presend`): the server reads it
@@ -237,12 +237,11 @@ class _Conn:
 
 @dataclass
 class _Pending:
-    """A push payload still on its way: the connection's reader fills ``raw`` (``buf``
-    itself, or the sealed records to open into it) while the event loop serves others."""
+    """A push payload still on its way: the connection's reader fills ``buf`` (sealed: opens
+    the records into it as they come) while the event loop serves others."""
 
     conn: _Conn
     buf: memoryview
-    raw: memoryview
     what: str
     deadline: float  # all of it by then: ``idle`` of grace, then at least MIN_RATE
 
@@ -344,12 +343,9 @@ class Listener:
         c = self._conn(identity, what)
         if identity in self._pending:
             raise ConnectionError(f"{what}: an earlier payload of this worker is still coming")
-        n = buf.nbytes
-        wire = c.reader.wire_size(n)
-        raw = buf if wire == n else memoryview(bytearray(wire))
-        deadline = time.monotonic() + self.idle + wire / MIN_RATE
-        self._pending[identity] = _Pending(c, buf, raw, what, deadline)
-        c.reader.begin(raw, self._wake)
+        deadline = time.monotonic() + self.idle + c.reader.wire_size(buf.nbytes) / MIN_RATE
+        self._pending[identity] = _Pending(c, buf, what, deadline)
+        c.reader.begin(buf, self._wake)
 
     def done(self, now: float) -> list[tuple[bytes, str | None]]:
         """The payloads :meth:`begin` started that are over: (identity, None) once all in
@@ -357,24 +353,19 @@ class Listener:
         fell behind the least rate: their connection is closed then (out of step)."""
         over: list[tuple[bytes, str | None]] = []
         for identity, p in list(self._pending.items()):
-            reader, wire = p.conn.reader, p.raw.nbytes
+            reader, n = p.conn.reader, p.buf.nbytes
             got, full, why = reader.progress()
-            if full:  # all in, even if the connection broke after it
+            if full:  # all in (sealed: opened), even if the connection broke after it
                 why = None
-                if p.raw is not p.buf:
-                    try:
-                        reader.unseal(p.raw, p.buf, p.what)
-                    except ConnectionError as exc:
-                        why = str(exc)
             elif why is not None:
-                why = f"{p.what}: {why} after {got} of {wire} bytes"
+                why = f"{p.what}: {why} after {got} of {n} bytes"
             elif now > p.deadline:
                 why = (
-                    f"{p.what}: {got} of {wire} bytes received, slower than the least rate of "
+                    f"{p.what}: {got} of {n} bytes received, slower than the least rate of "
                     f"{MIN_RATE} bytes/s (after {self.idle:g}s of grace)"
                 )
             elif now - reader.seen > self.idle:
-                why = f"{p.what}: {got} of {wire} bytes received, then nothing for {self.idle:g}s"
+                why = f"{p.what}: {got} of {n} bytes received, then nothing for {self.idle:g}s"
             else:
                 continue
             del self._pending[identity]

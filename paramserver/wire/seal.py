@@ -9,13 +9,15 @@ a connection numbers its records, and a record's nonce is its direction and its 
 record tampered with, replayed, dropped or moved fails authentication, and the payload it
 belongs to is refused whole (the connection is closed: it is out of step).
 
-A payload of n bytes travels as ceil(n / RECORD) records, each its ciphertext and a 16-byte
-tag; both ends know n from the header, so records need no length field.
+A payload of n bytes travels as ceil(n / RECORD) records, each a 4-byte length (little-endian,
+authenticated as the record's associated data), its ciphertext and a 16-byte tag: the length
+lets the receiving connection's reader thread open each record as it arrives, before the
+header saying which payload it belongs to is there (a record never spans two payloads).
 
 Example:
     key = ticket_key(secret, ticket)
     out, back = Seal(key, WORKER_TO_SERVER), Seal(key, WORKER_TO_SERVER)
-    back.open(out.seal(memoryview(b"x" * 10), bytearray(26)), memoryview(bytearray(10)))
+    back.open(out.seal(memoryview(b"x" * 10), bytearray(30)), memoryview(bytearray(10)))
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hmac
 from typing import Any
 
 __all__ = [
+    "HEAD",
     "RECORD",
     "SERVER_TO_WORKER",
     "TAG",
@@ -33,12 +36,15 @@ __all__ = [
     "Seal",
     "available",
     "hello_tag",
+    "record_length",
     "ticket_key",
     "verify_hello",
+    "wire_size",
 ]
 
 RECORD = 256 << 10  # plaintext bytes per record
 TAG = 16
+HEAD = 4  # a record's length field
 WORKER_TO_SERVER, SERVER_TO_WORKER = 0, 1
 
 
@@ -60,6 +66,24 @@ def ticket_key(secret: bytes, ticket: int) -> bytes:
     ).digest()
 
 
+def wire_size(n: int) -> int:
+    """The bytes a payload of ``n`` takes on the connection, sealed (a length and a tag per
+    record)."""
+    return n + -(-n // RECORD) * (HEAD + TAG)
+
+
+def record_length(head: memoryview, number: int) -> int:
+    """The plaintext bytes of the record whose length field is ``head``; ConnectionError if no
+    record can be that long (the stream is out of step, or not sealed by a peer)."""
+    n = int.from_bytes(head, "little")
+    if not 0 < n <= RECORD:
+        raise ConnectionError(
+            f"record {number} claims {n} bytes (1 to {RECORD} are possible): the stream is out "
+            "of step, or not sealed by a node with the token"
+        )
+    return n
+
+
 def hello_tag(key: bytes) -> bytes:
     """What a worker shows in its hello to prove it derived the connection's key."""
     return hashlib.blake2b(b"hello", key=key, digest_size=TAG, person=b"ps-bulk-hi").digest()
@@ -78,27 +102,30 @@ class Seal:
         self.aead: Any = AESGCM(key)
         self.prefix = bytes([direction, 0, 0, 0])
         self.count = 0
-        self.scratch = bytearray(RECORD + TAG)  # one record, sealed
 
     def _nonce(self) -> bytes:
         nonce = self.prefix + self.count.to_bytes(8, "little")
         self.count += 1
         return nonce
 
-    def seal(self, plain: memoryview, out: bytearray) -> memoryview:
-        """The next record: ``plain`` (at most RECORD bytes) sealed into ``out``."""
-        view = memoryview(out)[: plain.nbytes + TAG]
-        self.aead.encrypt_into(self._nonce(), plain, None, view)
+    def seal(self, plain: memoryview, out: bytearray | memoryview) -> memoryview:
+        """The next record: ``plain`` (1 to RECORD bytes) sealed into ``out`` (its length,
+        ciphertext and tag: HEAD + plain.nbytes + TAG bytes)."""
+        view = memoryview(out)[: HEAD + plain.nbytes + TAG]
+        head = plain.nbytes.to_bytes(HEAD, "little")
+        view[:HEAD] = head
+        self.aead.encrypt_into(self._nonce(), plain, head, view[HEAD:])
         return view
 
-    def open(self, sealed: memoryview, out: memoryview) -> None:
-        """Check the next record and write its plaintext into ``out``; ConnectionError if it
-        fails authentication."""
+    def open(self, record: memoryview, out: memoryview) -> None:
+        """Check the next ``record`` (length, ciphertext, tag) and write its plaintext into
+        ``out`` (``record.nbytes - HEAD - TAG`` bytes; nothing there is to be used unless this
+        returns); ConnectionError if it fails authentication."""
         from cryptography.exceptions import InvalidTag
 
         number = self.count
         try:
-            self.aead.decrypt_into(self._nonce(), sealed, None, out)
+            self.aead.decrypt_into(self._nonce(), record[HEAD:], bytes(record[:HEAD]), out)
         except InvalidTag:
             raise ConnectionError(
                 f"record {number} failed authentication (tampered with, replayed, dropped or "

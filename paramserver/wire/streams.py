@@ -5,7 +5,10 @@ A server's event loop never waits on a reader either: it takes a payload that is
 the loop itself), or hands the reader the buffer to fill (:meth:`Reader.begin`) and is woken
 once it is full.
 With a :class:`~paramserver.wire.seal.Seal` they read and write sealed records instead of raw
-bytes (the cluster token's encrypted fast path).
+bytes (the cluster token's encrypted fast path): the reader thread opens each record as it
+arrives (straight into the waiting buffer, or into read-ahead memory), so what callers take is
+plaintext that passed authentication, and the last record's open is all that lies between a
+payload's last byte and its use.
 
 Example:
     reader, writer = Reader(sock, "server[0]"), Writer(sock, "server[0]", idle=5.0)
@@ -19,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import fcntl
-import logging
 import select
 import socket
 import sys
@@ -30,27 +32,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from paramserver.wire.seal import RECORD, TAG, Seal
+from paramserver.wire.seal import HEAD, RECORD, TAG, Seal, record_length, wire_size
+from paramserver.wire.writer import TICK as _TICK
+from paramserver.wire.writer import Writer, poll_ready, suppress_oserror
 
 __all__ = ["JOIN", "READ_AHEAD", "Reader", "Writer", "poll_ready", "suppress_oserror"]
 
-log = logging.getLogger(__name__)
 
 READ_AHEAD = 32 << 20  # bytes a connection reads before anyone asks for them, at most
 _CHUNK = 1 << 20  # read-ahead memory comes in pieces of this size
 _SPARE = 4  # pieces a connection keeps for reuse once read out
-_TICK = 0.2  # how often a waiting I/O thread looks whether it was closed
 # bytes/s: a payload slower than this, past its ``idle`` grace, is dropped; a peer that sends a
 # byte now and then would otherwise hold whoever waits for its payload without end
 MIN_RATE = 1 << 20
 JOIN = 2 * _TICK + 1.0  # how long closing waits for a connection's thread
-
-
-def poll_ready(sock: socket.socket, event: int, seconds: float) -> bool:
-    """Whether ``sock`` became ready for ``event`` (POLLIN, POLLOUT) within ``seconds``."""
-    p = select.poll()
-    p.register(sock.fileno(), event | select.POLLERR | select.POLLHUP)
-    return bool(p.poll(seconds * 1000))
 
 
 class Reader(threading.Thread):
@@ -68,7 +63,15 @@ class Reader(threading.Thread):
         super().__init__(name=f"bulk reader {name}", daemon=True)
         self.sock = sock
         self.seal = seal  # records to open, or None: raw bytes
-        self.hold = hold if seal is None else 0  # (sealed records are opened from staging)
+        self.hold = hold if seal is None else 0  # (sealed records are opened by the thread)
+        # the sealed record being read (length, ciphertext, tag), and how much of it is in
+        self.record = memoryview(bytearray(HEAD + RECORD + TAG) if seal is not None else b"")
+        self.have = self.length = 0
+        self.lowat = 0  # what SO_RCVLOWAT is set to now (sealed: the rest of the record)
+        # bytes still read and dropped after a record failed authentication (the error is kept
+        # for the payload's reader): the sender's flush ends, and its header comes and is
+        # refused, as when records were opened only once all were in
+        self.drain = 0
         self._lowat(self.hold)
         self.cond = threading.Condition()
         self.chunks: deque[list[Any]] = deque()  # [bytearray, start, end]: staged bytes
@@ -87,6 +90,7 @@ class Reader(threading.Thread):
         # may be filling (:meth:`settle`) takes it first, so no byte lands after it let go
         self.reading = threading.Lock()
         self.claimed = False  # a caller reads into ``target`` itself (settle)
+        self.want = 0  # bytes of ``target`` a caller waits for, if fewer than all (settle, sealed)
 
     def run(self) -> None:
         while True:
@@ -96,9 +100,16 @@ class Reader(threading.Thread):
                     self.claimed or (self._full() and self.staged >= READ_AHEAD)
                 ):
                     self.cond.wait(_TICK)
-                if self.closed or self.error is not None:
+                if self.closed or (self.error is not None and not self.drain):
                     return
+            if self.seal is not None:
+                self._lowat_record()
             if not poll_ready(self.sock, select.POLLIN, _TICK):
+                continue
+            if self.seal is not None:
+                with self.reading:
+                    if not self._recv_sealed():
+                        return
                 continue
             # where the bytes go is decided once they are here: a buffer given while the thread
             # polled (a pull's sink: expect) takes them, not staging and a copy out of it
@@ -124,20 +135,14 @@ class Reader(threading.Thread):
         direct = target is not None
         try:
             if target is not None:
-                n = self.sock.recv_into(target[off:])
+                n = self._recv_some(target[off:])
             else:
                 assert tail is not None
-                n = self.sock.recv_into(memoryview(tail[0])[tail[2] :])
-            if not n:
-                raise ConnectionError("connection closed by the peer")
-        except (BlockingIOError, InterruptedError):
-            return True
+                n = self._recv_some(memoryview(tail[0])[tail[2] :])
         except OSError as exc:
-            with self.cond:
-                self.error = str(exc) or type(exc).__name__
-                self.cond.notify_all()
-                self._wake()
-            return False
+            return self._broke(str(exc) or type(exc).__name__)
+        if not n:
+            return True
         with self.cond:
             self.seen = time.monotonic()
             if direct:
@@ -157,6 +162,115 @@ class Reader(threading.Thread):
             elif not direct:
                 self.cond.notify_all()
         return True
+
+    def _recv_some(self, buf: memoryview) -> int:
+        """What the socket holds, read into ``buf``: how many bytes (0: none there now);
+        OSError (ConnectionError once the peer closed it) if the connection broke."""
+        try:
+            n = self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        if not n:
+            raise ConnectionError("connection closed by the peer")
+        return n
+
+    def _broke(self, why: str) -> bool:
+        """Keep why the connection broke and wake whoever waits; False (the thread ends)."""
+        with self.cond:
+            self.error = why
+            self.cond.notify_all()
+            self._wake()
+        return False
+
+    def _recv_sealed(self) -> bool:
+        """Read what the socket holds of the current sealed record; once all of it is in, open
+        it (authenticated, or the connection is broken) straight into the waiting reader's
+        buffer if it fits there, else into read-ahead memory. False once the connection broke.
+        Only plaintext that passed authentication is ever counted as filled or staged."""
+        assert self.seal is not None
+        rec = self.record
+        if self.drain:
+            try:
+                n = self.sock.recv_into(rec, min(self.drain, rec.nbytes))
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                n = 0
+            self.drain = self.drain - n if n else 0
+            return self.drain > 0
+        while True:  # the length, then (without another poll) the rest of the record
+            need = HEAD if self.have < HEAD else HEAD + self.length + TAG
+            try:
+                n = self._recv_some(rec[self.have : need])
+            except OSError as exc:
+                return self._broke(str(exc) or type(exc).__name__)
+            if not n:
+                return True
+            self.have += n
+            if self.have != HEAD:
+                break
+            try:
+                self.length = record_length(rec[:HEAD], self.seal.count)
+            except ConnectionError as exc:
+                return self._broke(str(exc))
+        with self.cond:
+            self.seen = time.monotonic()
+            if self.have < need:
+                return True
+            k = self.length
+            target, off = self.target, self.filled
+            if target is not None and not self.staged and off + k <= target.nbytes:
+                dest, tail = target[off : off + k], None
+            else:
+                target = None
+                if not self.chunks or len(self.chunks[-1][0]) - self.chunks[-1][2] < k:
+                    piece = self.spare.pop() if self.spare else bytearray(_CHUNK)
+                    self.chunks.append([piece, 0, 0])
+                tail = self.chunks[-1]
+                dest = memoryview(tail[0])[tail[2] : tail[2] + k]
+        # (outside the lock: the open lets go of the GIL, and the caller may take staged bytes)
+        try:
+            self.seal.open(rec[: self.have], dest)
+        except ConnectionError as exc:
+            self.drain = READ_AHEAD
+            self._broke(str(exc))
+            return True
+        self.have = 0
+        with self.cond:
+            if target is not None:
+                if self.target is not target:  # given up while it arrived: out of step
+                    self.error = "a payload was given up while it arrived"
+                    self.cond.notify_all()
+                    self._wake()
+                    return False
+                self.filled += k
+            else:
+                assert tail is not None
+                tail[2] += k
+                self.staged += k
+                if not self._full():  # the target was set while the record was opened
+                    assert self.target is not None
+                    self.filled = self._take(self.target, self.filled)
+            if self.target is not None and self.filled >= (self.want or self.target.nbytes):
+                self._wake()
+                self.cond.notify_all()
+            elif target is None:
+                self.cond.notify_all()
+        return True
+
+    def _lowat_record(self) -> None:
+        """Sealed: wake the thread's poll only once the rest of the record being read is in
+        the socket (the kernel caps it at half its buffer; a closed or broken connection wakes
+        it anyway): one wake-up a record, not one for every few segments that arrive."""
+        if self.drain:
+            rest = 1
+        elif self.have < HEAD:
+            rest = HEAD - self.have
+        else:
+            rest = HEAD + self.length + TAG - self.have
+        if rest != self.lowat:
+            self.lowat = rest
+            self._lowat(rest)
 
     def _lowat(self, n: int) -> None:
         """Wake the thread's poll only once ``n`` bytes wait in the socket (0: leave it)."""
@@ -202,21 +316,18 @@ class Reader(threading.Thread):
     # ---- a server's loop: never waits ---------------------------------------------------------
 
     def wire_size(self, n: int) -> int:
-        """The bytes a payload of ``n`` takes on the connection (sealed: a tag per record)."""
-        return n if self.seal is None else n + -(-n // RECORD) * TAG
+        """The bytes a payload of ``n`` takes on the connection (sealed: a length and a tag
+        per record)."""
+        return n if self.seal is None else wire_size(n)
 
     def take(self, buf: memoryview, what: str) -> bool:
         """Fill ``buf`` with the next payload if all of it was read ahead already (the common
-        case on a fast link); False, and nothing taken, if not. ConnectionError if a sealed
-        record fails authentication."""
+        case on a fast link; sealed: opened already); False, and nothing taken, if not."""
         with self.cond:
             if not self._full():
                 return False
-            if self.staged >= self.wire_size(buf.nbytes):
-                if self.seal is None:
-                    self._take(buf, 0)
-                else:
-                    self._unseal(buf, what, lambda record: self._take(record, 0))
+            if self.staged >= buf.nbytes:
+                self._take(buf, 0)
                 return True
             if not self.hold or self.staged + self._queued() < buf.nbytes:
                 return False
@@ -230,17 +341,20 @@ class Reader(threading.Thread):
             self._recv_exactly(buf, pos, _TICK, what, now + _TICK + buf.nbytes / MIN_RATE)
         return True
 
-    def begin(self, raw: memoryview, wake: Callable[[], None]) -> None:
-        """Start reading the next ``raw.nbytes`` bytes of the connection (sealed records as
-        they are: :meth:`unseal` once in) into ``raw`` without waiting: what was read ahead is
-        copied now, the thread reads the rest straight in and calls ``wake()`` (from its own
-        thread) once ``raw`` is full or the connection broke. :meth:`progress` says how far it
-        got; :meth:`end` once it is over."""
-        self._lowat(1)  # the thread reads the rest as it comes (setting it wakes its poll)
+    def begin(self, buf: memoryview, wake: Callable[[], None]) -> None:
+        """Start reading the next payload (``buf.nbytes`` bytes; sealed: opened record by
+        record as they come) into ``buf`` without waiting: what was read ahead is copied now,
+        the thread reads the rest straight in and calls ``wake()`` (from its own thread) once
+        ``buf`` is full or the connection broke. :meth:`progress` says how far it got;
+        :meth:`end` once it is over."""
+        if self.seal is None:  # (sealed: the thread sets it, a record at a time)
+            self._lowat(1)  # the thread reads the rest as it comes (setting it wakes its poll)
         with self.cond:
             self.seen = max(self.seen, time.monotonic())
-            self.begun = self._take(raw, 0)
-            self.target, self.filled, self.wake = raw[self.begun :], 0, wake
+            self.begun = self._take(buf, 0)
+            self.target, self.filled, self.wake = buf[self.begun :], 0, wake
+            if self.error is not None or self.filled >= self.target.nbytes:
+                self._wake()  # broke before (a record failed), or all in already
             self.cond.notify_all()
 
     def progress(self) -> tuple[int, bool, str | None]:
@@ -259,31 +373,6 @@ class Reader(threading.Thread):
             self.target, self.filled, self.begun, self.wake = None, 0, 0, None
             self.cond.notify_all()
 
-    def unseal(self, raw: memoryview, buf: memoryview, what: str) -> None:
-        """Open the sealed records ``raw`` (a payload :meth:`begin` read) into ``buf``;
-        ConnectionError if one fails authentication."""
-        at = [0]
-
-        def fill(record: memoryview) -> None:
-            record[:] = raw[at[0] : at[0] + record.nbytes]
-            at[0] += record.nbytes
-
-        self._unseal(buf, what, fill)
-
-    def _unseal(self, buf: memoryview, what: str, fill: Callable[[memoryview], object]) -> None:
-        """Fill ``buf`` record by record: ``fill`` gives each sealed record's bytes."""
-        assert self.seal is not None
-        n, pos = buf.nbytes, 0
-        while pos < n:
-            k = min(RECORD, n - pos)
-            record = memoryview(self.seal.scratch)[: k + TAG]
-            fill(record)
-            try:
-                self.seal.open(record, buf[pos : pos + k])
-            except ConnectionError as exc:
-                raise ConnectionError(f"{what}: {exc}, at byte {pos} of {n}") from None
-            pos += k
-
     # ---- a worker: waits, with a deadline -----------------------------------------------------
 
     def read_into(self, buf: memoryview, idle: float, what: str) -> None:
@@ -291,11 +380,8 @@ class Reader(threading.Thread):
         a seal) a record failed authentication, TimeoutError if nothing arrived for ``idle``
         seconds, or the payload came slower than ``MIN_RATE`` after ``idle`` seconds of grace
         (all name ``what`` and how far it got)."""
-        deadline = time.monotonic() + idle + buf.nbytes / MIN_RATE
-        if self.seal is None:
-            self._read(buf, idle, what, deadline)
-        else:
-            self._unseal(buf, what, lambda record: self._read(record, idle, what, deadline))
+        deadline = time.monotonic() + idle + self.wire_size(buf.nbytes) / MIN_RATE
+        self._read(buf, idle, what, deadline)
 
     def _read(self, buf: memoryview, idle: float, what: str, deadline: float) -> None:
         n, pos = buf.nbytes, 0
@@ -342,11 +428,11 @@ class Reader(threading.Thread):
     def expect(self, buf: memoryview) -> bool:
         """Have the thread read the next payload straight into ``buf`` as it comes, before its
         header is there (a pull's reply: its payload is sent ahead of the header, and was
-        otherwise read ahead and copied once more). Only when nothing else is staged or
-        expected, and without a seal; whether it took. Then :meth:`settle` once the header
-        says how long the payload is (or that none comes)."""
+        otherwise read ahead and copied once more; sealed: opened into it). Only when nothing
+        else is staged or expected; whether it took. Then :meth:`settle` once the header says
+        how long the payload is (or that none comes)."""
         with self.cond:
-            if self.target is not None or self.staged or self.seal is not None:
+            if self.target is not None or self.staged:
                 return False
             self.seen = max(self.seen, time.monotonic())
             self.target, self.filled = buf, 0
@@ -362,7 +448,11 @@ class Reader(threading.Thread):
 
         The caller reads what is still missing itself: it waits anyway, and a hand-over to the
         thread (woken, then waking the caller) costs two scheduler wake-ups a payload, which
-        on a busy machine take longer than the read."""
+        on a busy machine take longer than the read. Sealed records are opened by the thread
+        only (it alone knows where a record begins): the caller waits for them."""
+        if self.seal is not None:
+            self._settle_sealed(n, idle, what)
+            return
         with self.reading:  # the thread reads no more into the buffer meanwhile
             try:
                 with self.cond:
@@ -384,6 +474,32 @@ class Reader(threading.Thread):
                         self.staged += len(extra)
                     self.target, self.filled, self.claimed = None, 0, False
                     self.cond.notify_all()
+
+    def _settle_sealed(self, n: int, idle: float, what: str) -> None:
+        """:meth:`settle` on a sealed connection: wait for the thread to open the records of
+        ``n`` bytes into the buffer."""
+        try:
+            with self.cond:
+                target = self.target
+                assert target is not None and n <= target.nbytes
+                self.seen = max(self.seen, time.monotonic())
+                deadline = time.monotonic() + idle + wire_size(n) / MIN_RATE
+                self.want = n
+                while self.filled < n:
+                    if self.staged:  # (a record that did not fit the buffer's room)
+                        self.filled = self._take(target, self.filled)
+                    else:
+                        self._wait(self.filled, n, idle, what, deadline)
+        finally:
+            # the buffer is taken back between two records (the next payload's may be going
+            # into its room beyond ``n`` now): what is there beyond ``n`` is staged again
+            with self.reading, self.cond:
+                if self.target is not None and self.filled > n:
+                    extra = bytearray(self.target[n : self.filled])
+                    self.chunks.appendleft([extra, 0, len(extra)])
+                    self.staged += len(extra)
+                self.target, self.filled, self.want = None, 0, 0
+                self.cond.notify_all()
 
     def _recv_exactly(
         self, buf: memoryview, got: int, idle: float, what: str, deadline: float
@@ -419,141 +535,3 @@ class Reader(threading.Thread):
             self.spare.clear()
             self.staged = 0
             self.cond.notify_all()
-
-
-class Writer(threading.Thread):
-    """Sends the payloads queued by :meth:`send` in order, so that the caller (a worker's sends
-    to other servers, a server's event loop) need not wait for the link. The socket must be
-    non-blocking."""
-
-    def __init__(
-        self, sock: socket.socket, name: str, idle: float, seal: Seal | None = None
-    ) -> None:
-        super().__init__(name=f"bulk writer {name}", daemon=True)
-        self.sock, self.idle, self.where = sock, idle, name
-        self.seal = seal  # records to seal, or None: raw bytes
-        self.sealed = bytearray(RECORD + TAG) if seal is not None else bytearray()
-        self.cond = threading.Condition()
-        self.sending = threading.Lock()  # held while a send reads a payload's memory
-        self.queue: deque[list[Any]] = deque()  # [bytes left, owner, what]
-        self.error: str | None = None
-        self.closed = False
-        self.progress = time.monotonic()  # when bytes last went out
-
-    def send(self, data: memoryview, what: str, owner: object = None) -> None:
-        data = data.cast("B") if data.format != "B" else data
-        with self.sending, self.cond:  # the order release() takes them in
-            if self.error is not None:
-                raise ConnectionError(f"{what}: {self.error}")
-            if self.closed:
-                raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
-            if not self.queue and self.seal is None:
-                # nothing ahead of it: what the socket takes now goes out from this thread
-                # (a 1 MiB push mostly whole), without waking the writer thread and waiting for
-                # it (the hop halved push+pull of 1 MiB over TCP); the rest is queued
-                with suppress_oserror():  # a broken link: the writer thread finds and says it
-                    n = self.sock.send(data)
-                    data = data[n:]
-                    self.progress = time.monotonic()
-                if not data.nbytes:
-                    return
-            self.queue.append([data, owner, what])
-            self.cond.notify_all()
-
-    def flush(self, idle: float, what: str) -> None:
-        """Wait until everything queued is written; ConnectionError if the connection broke,
-        TimeoutError if nothing went out for ``idle`` seconds."""
-        with self.cond:
-            self.progress = max(self.progress, time.monotonic())
-            while self.queue:
-                if self.error is not None:
-                    raise ConnectionError(f"{what}: {self.error}")
-                if self.closed:
-                    raise ConnectionError(f"{what}: the bulk channel to {self.where} is closed")
-                if time.monotonic() - self.progress > idle:
-                    raise TimeoutError(f"{what}: {self.where} took nothing for {idle:g}s")
-                self.cond.wait(min(_TICK, idle))
-            if self.error is not None:
-                raise ConnectionError(f"{what}: {self.error}")
-
-    def release(self, owner: object) -> None:
-        """Copy the unsent part of every payload viewing ``owner``'s memory."""
-        with self.sending, self.cond:
-            for item in self.queue:
-                if item[1] is owner:
-                    item[0], item[1] = memoryview(bytes(item[0])), None
-
-    def run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue and not self.closed:
-                    self.cond.wait(_TICK)
-                if self.closed:
-                    return
-            try:
-                self._send_head()
-            except OSError as exc:
-                with self.cond:
-                    self.error = str(exc)
-                    self.queue.clear()
-                    self.cond.notify_all()
-                    if self.closed:  # closed by its owner: nothing went wrong
-                        return
-                log.warning("%s; bulk channel to %s closed", exc, self.where)
-                # the peer sees the connection end: it refuses the payload it was reading
-                with suppress_oserror():
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                return
-
-    def _send_head(self) -> None:
-        """Send the payload at the head of the queue (raw, or record by record, sealed)."""
-        last = time.monotonic()
-        out = memoryview(b"")  # a sealed record still to send
-        while True:
-            with self.cond:
-                if self.closed:
-                    raise ConnectionError(f"the bulk channel to {self.where} was closed")
-                item = self.queue[0]
-                if not item[0].nbytes and not out.nbytes:
-                    self.queue.popleft()
-                    self.cond.notify_all()
-                    return
-            if self.seal is not None and not out.nbytes:
-                with self.sending:  # the payload's memory is read here only
-                    plain = item[0][:RECORD]
-                    out = self.seal.seal(plain, self.sealed)
-                    item[0] = item[0][plain.nbytes :]
-            if not poll_ready(self.sock, select.POLLOUT, _TICK):
-                if time.monotonic() - last > self.idle:
-                    raise TimeoutError(
-                        f"{item[2]}: {self.where} took nothing for {self.idle:g}s "
-                        f"({item[0].nbytes + out.nbytes} bytes left)"
-                    )
-                continue
-            with self.sending:
-                view = out if self.seal is not None else item[0]  # release() may copy item[0]
-                try:
-                    n = self.sock.send(view)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    raise ConnectionError(f"{item[2]}: {exc}") from None
-                if self.seal is not None:
-                    out = out[n:]
-                else:
-                    item[0] = view[n:]
-            last = self.progress = time.monotonic()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.queue.clear()
-            self.cond.notify_all()
-
-
-class suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, OSError)

@@ -371,7 +371,7 @@ def test_a_sealed_hello_without_the_key_is_refused() -> None:
         host = server.removeprefix("tcp://").rsplit(":", 1)[0]
         wrong = seal.hello_tag(seal.ticket_key(b"not the cluster secret" * 2, ticket))
         probes = {
-            "wrong key": b"PSBULKS1" + ticket.to_bytes(8, "little") + wrong,
+            "wrong key": bulk._SEALED_MAGIC + ticket.to_bytes(8, "little") + wrong,
             "plain hello": b"PSBULK01" + ticket.to_bytes(8, "little"),
         }
         for what, hello in probes.items():
