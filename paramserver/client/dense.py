@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.arrays import all_finite
+from paramserver.arrays import all_finite, copy_finite
 from paramserver.client.replicas import live_copies
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import SharedResults, TableHandle, prefault
@@ -372,14 +372,20 @@ class DenseTable(TableHandle):
         """
         c = self.client
         c.check()
-        g = self.check_grads(grad, self.shape).reshape(-1)
         seg = self._lane()
-        header = self.push_header()
+        reject = self.spec.nonfinite == "reject"
+        # into shared memory, the copy checks the values in the same pass (copy_finite)
+        g = self.check_grads(grad, self.shape, scan=seg is None).reshape(-1)
         if seg is not None:
             mine = seg.grad.view(self.dtype)[: self.spec.size]
             if g.ctypes.data != mine.ctypes.data:
                 self._wait_push()  # the server may still be reading the previous gradient
-                np.copyto(mine, g)
+                if not copy_finite(g, mine) and reject:
+                    self.refuse_nonfinite()  # (nothing sent: the table is unchanged)
+            elif reject and not all_finite(g):
+                self.refuse_nonfinite()
+        header = self.push_header()
+        if seg is not None:
             header["shm"] = True
             # check_grads found every value finite: the servers need not scan it again
             header["checked"] = self.spec.nonfinite == "reject"

@@ -163,7 +163,9 @@ class TableHandle:
             f.result(timeout)
         self.spec = replace(self.spec, optimizer=opt)
 
-    def check_grads(self, grads: Any, shape: tuple[int, ...]) -> np.ndarray:
+    def check_grads(self, grads: Any, shape: tuple[int, ...], scan: bool = True) -> np.ndarray:
+        """The gradient as a C-contiguous array, its dtype, shape and (``scan``: else the
+        caller's to check, see :meth:`refuse_nonfinite`) values checked."""
         g = np.asarray(grads)
         if g.dtype != self.dtype:
             raise ConfigError(
@@ -172,13 +174,16 @@ class TableHandle:
         if g.shape != shape:
             raise ConfigError(f"table {self.name!r}: gradient shape must be {shape}, got {g.shape}")
         # with nonfinite="skip" the servers drop the rows holding NaN or Inf themselves
-        if self.spec.nonfinite == "reject" and not all_finite(g):
-            raise ConfigError(
-                f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
-                "the table is unchanged (create the table with nonfinite='skip' to drop such "
-                "rows instead)"
-            )
+        if scan and self.spec.nonfinite == "reject" and not all_finite(g):
+            self.refuse_nonfinite()
         return np.ascontiguousarray(g)
+
+    def refuse_nonfinite(self) -> None:
+        raise ConfigError(
+            f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
+            "the table is unchanged (create the table with nonfinite='skip' to drop such "
+            "rows instead)"
+        )
 
     def push_header(self) -> dict[str, Any]:
         c = self.client

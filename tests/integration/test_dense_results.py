@@ -180,3 +180,37 @@ def test_results_held_across_a_replaced_server() -> None:
         np.testing.assert_array_equal(first, np.zeros(N, np.float32))
         np.testing.assert_array_equal(second, third + 1.0)
     assert _our_segments() == []
+
+
+def test_a_plain_push_with_nan_is_refused_in_the_copy_and_changes_nothing(
+    cluster: ps.LocalCluster,
+) -> None:
+    client = cluster.connect()
+    w = client.dense_table(
+        "w", shape=(N,), init=ps.init.Constant(2.0), optimizer=ps.optim.SGD(lr=1.0)
+    )
+    assert w.shared_memory
+    for bad in (np.nan, np.inf, -np.inf):
+        g = np.ones(N, np.float32)
+        g[N // 3] = bad  # in the first half: the helper thread's part of the copy
+        with pytest.raises(ps.errors.ConfigError, match="NaN or Inf"):
+            w.push(g)
+        g[N // 3] = 1.0
+        g[-1] = bad
+        with pytest.raises(ps.errors.ConfigError, match="NaN or Inf"):
+            w.push(g)
+    np.testing.assert_array_equal(w.pull(), np.full(N, 2.0, np.float32))
+    w.push(np.ones(N, np.float32)).result()
+    np.testing.assert_array_equal(w.pull(), np.full(N, 1.0, np.float32))
+    skip = client.dense_table(
+        "s", shape=(N,), init=ps.init.Constant(2.0), nonfinite="skip",
+        optimizer=ps.optim.SGD(lr=1.0),
+    )  # fmt: skip
+    g = np.ones(N, np.float32)
+    g[5] = np.nan
+    skip.push(g).result()  # the server whose range holds the NaN skips its part whole
+    want = np.full(N, 1.0, np.float32)
+    for _, lo, hi in skip.spec.ranges:
+        if lo <= 5 < hi:
+            want[lo:hi] = 2.0
+    np.testing.assert_array_equal(skip.pull(), want)
