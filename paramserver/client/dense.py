@@ -348,10 +348,14 @@ class DenseTable(TableHandle):
         out: np.ndarray | None = None,
         copy: bool = True,
     ) -> np.ndarray:
-        """Return the whole array: a fresh, writable copy; or written into ``out`` (reused, no
-        allocation); or, with ``copy=False``, a read-only view of this worker's receive buffer
-        (on the same host the shared reply buffer: no copy at all), valid until this worker's
-        next push or pull of the table.
+        """Return the whole array: a writable array the caller owns; or written into ``out``
+        (reused, no allocation); or, with ``copy=False``, a read-only view of this worker's
+        receive buffer, valid until this worker's next push or pull of the table over TCP.
+
+        On the same host both come without a copy: the array is a reply region of the table's
+        shared segment, which nothing writes again while the caller (or a view of it, or a
+        tensor made from it) holds it; a caller who holds more results than there are regions
+        gets copies.
 
         Example:
             w = dense.pull()
