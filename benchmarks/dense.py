@@ -16,6 +16,7 @@ and a NumPy memcpy. Throughput counts both directions: 2 x table bytes per push+
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import subprocess
@@ -189,6 +190,44 @@ def ps_apart(nbytes: int, repeat: int, plain: bool, transport: str) -> tuple[flo
         return statistics.median(pushes), statistics.median(pulls)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ps_cpu(nbytes: int, repeat: int) -> list[tuple[str, float, float]]:
+    """(case, worker CPU seconds per step, server CPU seconds per step) on one host, plain
+    arrays and the best case alternated twice: steadier than wall time on a loaded machine."""
+    n = nbytes // 4
+    out: list[tuple[str, float, float]] = []
+    with ps.LocalCluster(servers=1, workers=1) as cluster:
+        client = cluster.connect()
+        table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
+        grad = np.full(n, 1e-6, np.float32)
+        table.push_buffer()[:] = grad
+        server = int(client.stats()[0]["pid"])
+
+        def plain() -> None:
+            table.push(grad).result()
+            table.pull()
+
+        def fast() -> None:
+            table.push(table.push_buffer()).result()
+            table.pull(copy=False)
+
+        for case, step in (("plain arrays", plain), ("best case", fast)) * 2:
+            for _ in range(3):
+                step()
+            w0, s0 = time.process_time(), _cpu_seconds(server)
+            for _ in range(repeat):
+                step()
+            w1, s1 = time.process_time(), _cpu_seconds(server)
+            out.append((case, (w1 - w0) / repeat, (s1 - s0) / repeat))
+    return out
+
+
 def memcpy(nbytes: int, repeat: int) -> float:
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
@@ -218,6 +257,9 @@ def main() -> None:
             t_push, t_pull = ps_apart(nbytes, repeat, plain, "auto")
             emit("dense", f"{label}, same host {mib} MiB: push (median)", t_push * 1e3, "ms")
             emit("dense", f"{label}, same host {mib} MiB: pull (median)", t_pull * 1e3, "ms")
+        for case, worker, server in ps_cpu(nbytes, max(repeat, 20)):
+            emit("dense", f"{case}, same host {mib} MiB: worker CPU per step", worker * 1e3, "ms")
+            emit("dense", f"{case}, same host {mib} MiB: server CPU per step", server * 1e3, "ms")
         return
     if args.tcp:
         for plain, label in ((True, "plain arrays"), (False, "best case")):
