@@ -391,7 +391,8 @@ class DenseTable(TableHandle):
         header = self.push_header()
         if seg is not None:
             header["shm"] = True
-            # check_grads found every value finite: the servers need not scan it again
+            # every value was found finite (in the copy, or by a scan of push_buffer()): the
+            # servers need not scan it again
             header["checked"] = self.spec.nonfinite == "reject"
             # the servers write the new values into a free reply region in the same pass (the
             # next pull names it and finds them there); none where every region is held
