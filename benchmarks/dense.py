@@ -11,10 +11,12 @@ and a NumPy memcpy. Throughput counts both directions: 2 x table bytes per push+
     python benchmarks/dense.py            # 64 MiB, 9 repetitions
     python benchmarks/dense.py --quick    # 1 MiB
     python benchmarks/dense.py --quick --tcp --repeat 401   # 1 MiB over TCP only, push and pull apart
+    python benchmarks/dense.py --shm      # 64 MiB same host only (and memcpy), push and pull apart
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import subprocess
@@ -162,13 +164,13 @@ def ps_dense(nbytes: int, repeat: int, transport: str) -> tuple[float, float]:
         return t_fast, t_plain
 
 
-def ps_tcp_apart(nbytes: int, repeat: int, plain: bool) -> tuple[float, float]:
-    """(median seconds of a push, of a pull) over TCP, timed apart in one loop: plain arrays
+def ps_apart(nbytes: int, repeat: int, plain: bool, transport: str) -> tuple[float, float]:
+    """(median seconds of a push, of a pull), timed apart in one loop: plain arrays
     (``push(array)``, ``pull()`` returning a new array), or the best case (``push_buffer()``,
     ``pull(copy=False)``)."""
     n = nbytes // 4
     with ps.LocalCluster(servers=1, workers=1) as cluster:
-        client = cluster.connect(transport="tcp")
+        client = cluster.connect(transport=transport)
         table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
         grad = np.full(n, 1e-6, np.float32)
         table.push_buffer()[:] = 1e-6
@@ -188,6 +190,44 @@ def ps_tcp_apart(nbytes: int, repeat: int, plain: bool) -> tuple[float, float]:
         return statistics.median(pushes), statistics.median(pulls)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ps_cpu(nbytes: int, repeat: int) -> list[tuple[str, float, float]]:
+    """(case, worker CPU seconds per step, server CPU seconds per step) on one host, plain
+    arrays and the best case alternated twice: steadier than wall time on a loaded machine."""
+    n = nbytes // 4
+    out: list[tuple[str, float, float]] = []
+    with ps.LocalCluster(servers=1, workers=1) as cluster:
+        client = cluster.connect()
+        table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
+        grad = np.full(n, 1e-6, np.float32)
+        table.push_buffer()[:] = grad
+        server = int(client.stats()[0]["pid"])
+
+        def plain() -> None:
+            table.push(grad).result()
+            table.pull()
+
+        def fast() -> None:
+            table.push(table.push_buffer()).result()
+            table.pull(copy=False)
+
+        for case, step in (("plain arrays", plain), ("best case", fast)) * 2:
+            for _ in range(3):
+                step()
+            w0, s0 = time.process_time(), _cpu_seconds(server)
+            for _ in range(repeat):
+                step()
+            w1, s1 = time.process_time(), _cpu_seconds(server)
+            out.append((case, (w1 - w0) / repeat, (s1 - s0) / repeat))
+    return out
+
+
 def memcpy(nbytes: int, repeat: int) -> float:
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
@@ -199,14 +239,31 @@ def main() -> None:
     p.add_argument(
         "--tcp", action="store_true", help="only over TCP (bulk channel), push and pull apart"
     )
+    p.add_argument(
+        "--shm", action="store_true", help="only on one host (shared memory), push and pull apart"
+    )
     args = p.parse_args()
     nbytes = (1 << 20) if args.quick else (64 << 20)
     repeat = args.repeat or (3 if args.quick else 9)
     gb = 2 * nbytes / 1e9  # both directions
     mib = nbytes >> 20
+    if args.shm:
+        t_mem = memcpy(nbytes, repeat)
+        emit("dense", f"numpy memcpy {mib} MiB", nbytes / 1e9 / t_mem, "GB/s")
+        t_shm, t_shm_plain = ps_dense(nbytes, repeat, "auto")
+        emit("dense", f"push+pull {mib} MiB, same host, plain arrays", gb / t_shm_plain, "GB/s")
+        emit("dense", f"best case: push+pull {mib} MiB, same host", gb / t_shm, "GB/s")
+        for plain, label in ((True, "plain arrays"), (False, "best case")):
+            t_push, t_pull = ps_apart(nbytes, repeat, plain, "auto")
+            emit("dense", f"{label}, same host {mib} MiB: push (median)", t_push * 1e3, "ms")
+            emit("dense", f"{label}, same host {mib} MiB: pull (median)", t_pull * 1e3, "ms")
+        for case, worker, server in ps_cpu(nbytes, max(repeat, 20)):
+            emit("dense", f"{case}, same host {mib} MiB: worker CPU per step", worker * 1e3, "ms")
+            emit("dense", f"{case}, same host {mib} MiB: server CPU per step", server * 1e3, "ms")
+        return
     if args.tcp:
         for plain, label in ((True, "plain arrays"), (False, "best case")):
-            t_push, t_pull = ps_tcp_apart(nbytes, repeat, plain)
+            t_push, t_pull = ps_apart(nbytes, repeat, plain, "tcp")
             emit("dense", f"{label} over TCP {mib} MiB: push (median)", t_push * 1e3, "ms")
             emit("dense", f"{label} over TCP {mib} MiB: pull (median)", t_pull * 1e3, "ms")
         t_tcp, t_tcp_plain = ps_dense(nbytes, repeat, "tcp")

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from paramserver.errors import ConfigError
 from paramserver.parallel import halves
 
-__all__ = ["all_finite", "as_keys", "check_keys", "count_nonfinite"]
+__all__ = ["all_finite", "as_keys", "check_keys", "copy_finite", "count_nonfinite"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -93,6 +93,42 @@ def _count_kernel() -> Any:
         return c
 
     return count
+
+
+@functools.cache
+def _copy_count_kernel() -> Any:
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def copy_count(src: npt.NDArray[Any], dst: npt.NDArray[Any], exponent: Any) -> int:
+        c = 0
+        for i in range(src.shape[0]):
+            b = src[i]
+            dst[i] = b
+            if b & exponent == exponent:
+                c += 1
+        return c
+
+    return copy_count
+
+
+def copy_finite(src: npt.NDArray[Any], dst: npt.NDArray[Any]) -> bool:
+    """Copy ``src`` into ``dst`` (same dtype and length, 1-D, C-contiguous) and say whether
+    every value was finite: one pass where :func:`all_finite` then a copy make two (a plain
+    dense push into shared memory). ``dst`` is written either way.
+
+    Example:
+        >>> dst = np.empty(2, np.float32)
+        >>> copy_finite(np.array([1.0, np.nan], np.float32), dst)
+        False
+    """
+    if src.dtype not in _FLOATS:
+        np.copyto(dst, src)
+        return all_finite(src)
+    uint = np.uint32 if src.dtype == np.float32 else np.uint64
+    mask = np.uint32(0x7F80_0000) if src.dtype == np.float32 else np.uint64(0x7FF0_0000_0000_0000)
+    kernel = _copy_count_kernel()
+    return sum(int(c) for c in halves(kernel, [src.view(uint), dst.view(uint)], mask)) == 0
 
 
 def all_finite(a: npt.NDArray[Any]) -> bool:

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.arrays import all_finite
+from paramserver.arrays import all_finite, copy_finite
 from paramserver.client.replicas import live_copies
 from paramserver.client.session import Session, server_name
-from paramserver.client.table import TableHandle, prefault
+from paramserver.client.table import SharedResults, TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, shm
@@ -27,6 +27,10 @@ from paramserver.wire.transport import (
 __all__ = ["DenseTable"]
 
 log = logging.getLogger(__name__)
+
+# reply regions of a table's shared segment: a loop that holds one result while it pulls the
+# next, the region a push refreshes for that pull, and one kept back for copies
+REPLY_REGIONS = 3
 
 
 class DenseTable(TableHandle):
@@ -42,6 +46,7 @@ class DenseTable(TableHandle):
     def __init__(self, client: Session, spec: TableSpec) -> None:
         super().__init__(client, spec)
         self._seg: shm.Segment | None = None
+        self._regions: SharedResults | None = None  # the segment's reply regions
         self._shm_tried = False
         self._lane_servers: Counter[int] = Counter()  # client.replaced when the lane was made
         self._last_push: Future[None] | None = None
@@ -70,7 +75,13 @@ class DenseTable(TableHandle):
         if c.transport != "auto" or (c.replication > 1 and self.spec.mode[0] != "sync"):
             self._shm_tried = True
             return None
-        seg = shm.create(self.spec.size * self.dtype.itemsize)
+        nbytes = self.spec.size * self.dtype.itemsize
+        # fewer reply regions where /dev/shm has no room for more (every pull then copies)
+        replies = REPLY_REGIONS
+        seg = shm.create(nbytes, regions=1 + replies)
+        if seg is None:
+            replies = 1
+            seg = shm.create(nbytes, regions=2)
         if seg is None:
             self._shm_tried = True
             return None
@@ -91,6 +102,7 @@ class DenseTable(TableHandle):
                         "rank": c.rank,
                         "path": seg.path,
                         "nonce": seg.nonce,
+                        "replies": replies,
                     },
                     what=f"attaching shared memory for table {self.name!r} on {server_name(s)}",
                 )
@@ -109,6 +121,9 @@ class DenseTable(TableHandle):
         self._shm_tried = True
         if ok:
             self._seg = seg
+            self._regions = SharedResults(
+                [seg.typed(1 + i, self.dtype, self.spec.size) for i in range(replies)]
+            )
             self._lane_servers = Counter(c.replaced)
         else:
             seg.close()
@@ -118,7 +133,8 @@ class DenseTable(TableHandle):
         """Route by ``ranges`` from now on (a join or a drain placed the table anew:
         client/ring.py); the shared memory is attached to the new servers on next use."""
         self.spec = self.spec.with_ranges(ranges)
-        self._seg, self._shm_tried = None, False  # (in-flight pulls keep the old one alive)
+        # (in-flight pulls and the results handed out keep the old one alive)
+        self._seg, self._regions, self._shm_tried = None, None, False
 
     def _wait_push(self) -> None:
         # its error, if any, belongs to whoever holds that push's future
@@ -183,9 +199,25 @@ class DenseTable(TableHandle):
                 f"of shape {self.shape}"
             )
         seg = self._lane()
-        header = self.pull_header(True, limit)
+        regions = self._regions
+        named = None
         if seg is not None:
-            header["shm"] = True
+            assert regions is not None
+            named = regions.name(out is None and copy, always_dirty=c.replication > 1)
+            if named is None:  # every region is held (by results, by pulls in flight): TCP
+                seg = None
+        header = self.pull_header(True, limit)
+        # the region the servers write (held by this request until it is answered) and whether
+        # it is the result itself (see SharedResults)
+        target: np.ndarray | None = None
+        lent = False
+        if seg is not None:
+            assert named is not None and regions is not None
+            r, dirty, lent = named
+            header.update(shm=True, region=r)
+            if dirty:
+                header["dirty"] = True
+            target = regions.arrays[r]
         # values that cross the network come encoded if the table has a codec
         codec = self.spec.codec if seg is None and self.spec.codec != "none" else None
         if codec is not None:
@@ -207,10 +239,10 @@ class DenseTable(TableHandle):
             # a replacement server has no shared memory: its rows go where the others wrote
             def parse(msg: Message) -> None:
                 staleness.append(int(msg[0].get("staleness") or 0))
-                assert seg is not None
+                assert target is not None
                 if len(msg[1]) != 1 or msg[1][0].shape != (b - a,):
                     raise ConfigError(f"table {self.name!r}: server answered a wrong shape")
-                seg.reply.view(self.dtype)[a:b] = msg[1][0]
+                target[a:b] = msg[1][0]
 
             return parse
 
@@ -225,7 +257,7 @@ class DenseTable(TableHandle):
 
             return parse
 
-        tcp_header = {k: v for k, v in header.items() if k != "shm"}
+        tcp_header = {k: v for k, v in header.items() if k not in ("shm", "region", "dirty")}
 
         ranges = self.spec.ranges
         # over TCP, replies are assembled straight into the result (no second copy)
@@ -234,7 +266,7 @@ class DenseTable(TableHandle):
         # them (see ResultPool), else fresh memory mapped while the servers work
         result: np.ndarray | None = None
         fresh = False
-        if out is None and copy:
+        if out is None and copy and not lent:
             result, fresh = self.results.take(self.shape, self.dtype)
             if fresh and seg is None:  # TCP replies land in it as they come: map it first
                 prefault(result)
@@ -279,10 +311,14 @@ class DenseTable(TableHandle):
         def combine(results: list[np.ndarray | None]) -> np.ndarray:
             self.record_staleness(staleness)
             if seg is not None:
-                view = seg.reply.view(self.dtype)[: self.spec.size].reshape(self.shape)
+                assert target is not None and regions is not None
+                view = target.reshape(self.shape)
                 if out is not None:
                     np.copyto(out, view)
                     return out
+                if lent:  # the region itself: nothing writes it while anyone holds it
+                    regions.handed += 1
+                    return view
                 if copy:
                     assert result is not None
                     np.copyto(result, view)
@@ -315,10 +351,14 @@ class DenseTable(TableHandle):
         out: np.ndarray | None = None,
         copy: bool = True,
     ) -> np.ndarray:
-        """Return the whole array: a fresh, writable copy; or written into ``out`` (reused, no
-        allocation); or, with ``copy=False``, a read-only view of this worker's receive buffer
-        (on the same host the shared reply buffer: no copy at all), valid until this worker's
-        next push or pull of the table.
+        """Return the whole array: a writable array the caller owns; or written into ``out``
+        (reused, no allocation); or, with ``copy=False``, a read-only view of this worker's
+        receive buffer, valid until this worker's next push or pull of the table over TCP.
+
+        On the same host both come without a copy: the array is a reply region of the table's
+        shared segment, which nothing writes again while the caller (or a view of it, or a
+        tensor made from it) holds it; a caller who holds more results than there are regions
+        gets copies.
 
         Example:
             w = dense.pull()
@@ -339,17 +379,32 @@ class DenseTable(TableHandle):
         """
         c = self.client
         c.check()
-        g = self.check_grads(grad, self.shape).reshape(-1)
         seg = self._lane()
-        header = self.push_header()
+        reject = self.spec.nonfinite == "reject"
+        # into shared memory, the copy checks the values in the same pass (copy_finite)
+        g = self.check_grads(grad, self.shape, scan=seg is None).reshape(-1)
         if seg is not None:
             mine = seg.grad.view(self.dtype)[: self.spec.size]
             if g.ctypes.data != mine.ctypes.data:
                 self._wait_push()  # the server may still be reading the previous gradient
-                np.copyto(mine, g)
+                if not copy_finite(g, mine) and reject:
+                    self.refuse_nonfinite()  # (nothing sent: the table is unchanged)
+            elif reject and not all_finite(g):
+                self.refuse_nonfinite()
+        header = self.push_header()
+        if seg is not None:
             header["shm"] = True
-            # check_grads found every value finite: the servers need not scan it again
+            # every value was found finite (in the copy, or by a scan of push_buffer()): the
+            # servers need not scan it again
             header["checked"] = self.spec.nonfinite == "reject"
+            # the servers write the new values into a free reply region in the same pass (the
+            # next pull names it and finds them there); none where every region is held
+            assert self._regions is not None
+            named = self._regions.name(False, always_dirty=c.replication > 1)
+            if named is not None:
+                header["region"] = named[0]
+                if named[1]:
+                    header["dirty"] = True
             arrays: list[list[np.ndarray]] = [[] for _ in self.spec.ranges]
         elif self.spec.push_codec not in (None, "none"):  # rounded, the residual kept
             codec = self.spec.push_codec
@@ -366,7 +421,9 @@ class DenseTable(TableHandle):
             arrays = [[g[a:b]] for _, a, b in self.spec.ranges]
         if seg is not None:
             # a replacement server has no shared memory: it gets its part of the gradient by TCP
-            tcp_header = {k: v for k, v in header.items() if k not in ("shm", "checked")}
+            tcp_header = {
+                k: v for k, v in header.items() if k not in ("shm", "checked", "region", "dirty")
+            }
             grad = seg.grad.view(self.dtype)
             tcp = {s: (tcp_header, [grad[a:b]], None) for s, a, b in self.spec.ranges}
             for i, (s, _, _) in enumerate(self.spec.ranges):

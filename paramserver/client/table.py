@@ -18,7 +18,7 @@ from paramserver.client.session import Session, server_name
 from paramserver.errors import ConfigError
 from paramserver.spec import TableSpec
 
-__all__ = ["PAGE", "ResultPool", "TableHandle", "prefault"]
+__all__ = ["PAGE", "ResultPool", "SharedResults", "TableHandle", "prefault"]
 
 PAGE = 4096  # bytes of a memory page (a huge page is a multiple of it)
 POOL_MIN_BYTES = 1 << 20  # smaller results: the allocator reuses freed memory by itself
@@ -69,6 +69,57 @@ class ResultPool:
         return buf.view(dtype).reshape(shape), True
 
 
+class SharedResults:
+    """A dense table's reply regions in its shared segment, handed out as pull results.
+
+    The servers write a pull's values into the region its request names, and a plain
+    ``pull()`` returns that region itself: no copy on the worker. A region is free when nothing
+    holds it: the reference count of its array counts every result made of it (and the views
+    of those, the tensors made from them) and every request in flight that names it, so a
+    region is never written while anyone can see it. One free region is always kept back: with
+    a single one free, the values land there and are copied into a result of the table's
+    ``ResultPool`` (a caller who holds every result gets copies, not more memory). A push names
+    a free region too: the servers write the new values there in the same pass (the mirror),
+    and the next pull, naming that region, finds them there.
+
+    Example:
+        regions = SharedResults([seg.typed(1 + i, dtype, n) for i in range(3)])
+        r, dirty, lent = regions.name(lend=True)   # None when no region is free
+    """
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+        # handed out writable since the servers last heard of the region: its contents may
+        # differ from what they wrote there, whatever version they think it holds
+        self.lent = [False] * len(arrays)
+        self.last = 0  # the region the latest request named: the servers' values may be there
+        self.handed = 0  # pulls answered with a region itself (no copy)
+
+    def free(self) -> list[int]:
+        """The regions nothing holds, the one named last first."""
+        # 2: the list's reference and getrefcount's argument
+        out = [i for i in range(len(self.arrays)) if sys.getrefcount(self.arrays[i]) == 2]
+        if self.last in out:
+            out.remove(self.last)
+            out.insert(0, self.last)
+        return out
+
+    def name(self, lend: bool, always_dirty: bool = False) -> tuple[int, bool, bool] | None:
+        """A free region for a request: (index, whether to tell the servers it was written
+        since, whether the result may be that region itself: ``lend`` and another region stays
+        free); None if none is free. ``always_dirty``: the servers that write it may not have
+        heard of earlier changes (copies under replication)."""
+        free = self.free()
+        if not free:
+            return None
+        r = free[0]
+        lent = lend and len(free) > 1
+        dirty = self.lent[r] or always_dirty
+        self.lent[r] = lent
+        self.last = r
+        return r, dirty, lent
+
+
 class TableHandle:
     """What every table handle shares: its spec, staleness record, learning rate, and the
     headers and gradient checks of its requests."""
@@ -112,7 +163,9 @@ class TableHandle:
             f.result(timeout)
         self.spec = replace(self.spec, optimizer=opt)
 
-    def check_grads(self, grads: Any, shape: tuple[int, ...]) -> np.ndarray:
+    def check_grads(self, grads: Any, shape: tuple[int, ...], scan: bool = True) -> np.ndarray:
+        """The gradient as a C-contiguous array, its dtype, shape and (``scan``: else the
+        caller's to check, see :meth:`refuse_nonfinite`) values checked."""
         g = np.asarray(grads)
         if g.dtype != self.dtype:
             raise ConfigError(
@@ -121,13 +174,16 @@ class TableHandle:
         if g.shape != shape:
             raise ConfigError(f"table {self.name!r}: gradient shape must be {shape}, got {g.shape}")
         # with nonfinite="skip" the servers drop the rows holding NaN or Inf themselves
-        if self.spec.nonfinite == "reject" and not all_finite(g):
-            raise ConfigError(
-                f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
-                "the table is unchanged (create the table with nonfinite='skip' to drop such "
-                "rows instead)"
-            )
+        if scan and self.spec.nonfinite == "reject" and not all_finite(g):
+            self.refuse_nonfinite()
         return np.ascontiguousarray(g)
+
+    def refuse_nonfinite(self) -> None:
+        raise ConfigError(
+            f"table {self.name!r}: gradient contains NaN or Inf; push refused, "
+            "the table is unchanged (create the table with nonfinite='skip' to drop such "
+            "rows instead)"
+        )
 
     def push_header(self) -> dict[str, Any]:
         c = self.client

@@ -28,12 +28,13 @@ _started = threading.Event()
 
 def warm_kernels() -> None:
     """Load the kernels of a worker's first sparse pull and push of float32 rows (one server
-    and several), of the hash ring, and of the finite check of float32 and float64 gradients.
+    and several), of the hash ring, and of the finite check of float32 and float64 gradients
+    (and of the copy that checks them, a dense push into shared memory).
 
     Example:
         warm_kernels()
     """
-    from paramserver.arrays import all_finite
+    from paramserver.arrays import all_finite, copy_finite
     from paramserver.client import kernels as k
     from paramserver.mix import splitmix64
 
@@ -49,6 +50,8 @@ def warm_kernels() -> None:
         k.place_rows(rows, at, pos, np.empty_like(rows))
         all_finite(rows)
         all_finite(np.zeros(2, np.float64))
+        for dtype in (np.float32, np.float64):
+            copy_finite(np.zeros(2, dtype), np.empty(2, dtype))
     except Exception:  # only an optimization: the real request loads what it needs
         log.debug("warming the worker's kernels failed", exc_info=True)
 

@@ -157,6 +157,7 @@ class Admin(Handlers):
             t.spec.np_dtype,
             t.spec.size,
             range(t.start, t.stop),
+            h.get("replies", 1),
         )
         req.reply.ok()
 

@@ -249,6 +249,8 @@ class PullMsg(_Fenced):
     create: bool
     timeout: float
     shm: NotRequired[bool]
+    region: NotRequired[int]
+    dirty: NotRequired[bool]
     sig: NotRequired[int]
     slot: NotRequired[int]
     reply_at: NotRequired[int]
@@ -266,6 +268,8 @@ class PushMsg(_Fenced):
     seq: int
     shm: NotRequired[bool]
     checked: NotRequired[bool]
+    region: NotRequired[int]
+    dirty: NotRequired[bool]
     sig: NotRequired[int]
     slot: NotRequired[int]
     reply_at: NotRequired[int]
@@ -328,6 +332,7 @@ class AttachMsg(_Fenced):
     rank: int
     path: str
     nonce: int
+    replies: NotRequired[int]
 
 
 class AttachSlotMsg(_Fenced):

@@ -58,13 +58,25 @@ class DenseValues(Protocol):
 @dataclass
 class SharedRange:
     """A worker's shared segment of one dense table, seen at this server's range: ``grad``
-    where its pushes' gradients lie, ``values`` where its pulls' answers go, and the version of
-    the values that region holds (None: not written yet)."""
+    where its pushes' gradients lie, ``replies`` where its pulls' answers go (the worker hands
+    them out as results and names one per request), and the version of the values each reply
+    region holds (None: not written yet, or the worker let it be written since)."""
 
     segment: shm.Segment
     grad: np.ndarray
-    values: np.ndarray
-    version: int | None = None
+    replies: list[np.ndarray]
+    versions: list[int | None]
+
+    def region(self, h: dict[str, Any], where: str) -> int:
+        """The reply region a request names (0 if none)."""
+        r = int(h.get("region", 0))
+        if r >= len(self.replies):
+            raise Refusal(
+                "invalid",
+                f"{where}: reply region {r}, but worker[{h['rank']}]'s segment of table "
+                f"{h['table']!r} has {len(self.replies)}",
+            )
+        return r
 
 
 @dataclass
@@ -160,6 +172,8 @@ class Paths:
         """Decode one message (ProtocolError if malformed; its arrays may lie in a slot)."""
         self.received += sum(memoryview(f).nbytes for f in frames)
         header, arrays = protocol.decode(frames, self.alloc, self.slot_region)
+        if header.get("dirty"):
+            self.forget(header)
         if "slot" in header:  # bytes that came in a shared slot count as received too
             self.received += sum(a.nbytes for a in arrays)
         return Request(self, identity, header, arrays)
@@ -268,18 +282,33 @@ class Paths:
         dtype: np.dtype[Any],
         size: int,
         span: range,
+        replies: int = 1,
     ) -> None:
-        """Map a worker's shared segment of dense table ``table`` (two regions of ``size``
-        elements of ``dtype``); this server reads and writes its ``span`` of them."""
-        seg = self.map(path, nonce, size * dtype.itemsize, regions=2)
+        """Map a worker's shared segment of dense table ``table`` (the gradient and ``replies``
+        reply regions, each ``size`` elements of ``dtype``); this server reads and writes its
+        ``span`` of them."""
+        seg = self.map(path, nonce, size * dtype.itemsize, regions=1 + replies)
         link = self.link(table)
         old = link.shared.pop(rank, None)
         if old is not None:
             old.segment.close()
         lo, hi = span.start, span.stop
         link.shared[rank] = SharedRange(
-            seg, seg.grad.view(dtype)[lo:hi], seg.reply.view(dtype)[lo:hi]
+            seg,
+            seg.grad.view(dtype)[lo:hi],
+            [r.view(dtype)[lo:hi] for r in seg.replies],
+            [None] * replies,
         )
+
+    def forget(self, h: dict[str, Any]) -> None:
+        """The worker let the reply region a request names be written (it was a result): what
+        this server last wrote there is gone, whatever the request then becomes (a sync push
+        writes nothing there, a refused one neither)."""
+        found = self.links.get(h.get("table", ""))
+        shared = None if found is None else found.shared.get(h.get("rank", -1))
+        r = h.get("region", 0)
+        if shared is not None and r < len(shared.versions):
+            shared.versions[r] = None
 
     def map(self, path: str, nonce: int, nbytes: int, regions: int) -> shm.Segment:
         try:
@@ -430,9 +459,10 @@ class Reply:
         h = self.header
         if h.get("shm"):
             shared = self.paths.shared(h["table"], h["rank"])
-            if shared.version != version:  # else the worker's region is current
-                values.pull(out=shared.values)
-                shared.version = version
+            r = shared.region(h, f"pull of table {h['table']!r}")
+            if shared.versions[r] != version:  # else the worker's region is current
+                values.pull(out=shared.replies[r])
+                shared.versions[r] = version
             self.ok(shm=True, **fields)
             return
         link = self.paths.link(h["table"])
@@ -454,12 +484,17 @@ class Reply:
         link.buf = buf
 
     def mirror(self) -> np.ndarray | None:
-        """The worker's own copy of a dense range, when it reads the values in shared memory:
-        an update may write the new values there in the same pass (then call
-        :meth:`mirrored`). None otherwise."""
+        """The worker's own copy of a dense range, when it reads the values in shared memory
+        (the reply region a push names): an update may write the new values there in the same
+        pass (then call :meth:`mirrored`). None otherwise."""
         h = self.header
-        return self.paths.shared(h["table"], h["rank"]).values if h.get("shm") else None
+        if not h.get("shm") or "region" not in h:  # (every region held by the worker)
+            return None
+        shared = self.paths.shared(h["table"], h["rank"])
+        return shared.replies[shared.region(h, f"push to table {h['table']!r}")]
 
     def mirrored(self, version: int) -> None:
         """The worker's copy (:meth:`mirror`) now holds the values at ``version``."""
-        self.paths.shared(self.header["table"], self.header["rank"]).version = version
+        h = self.header
+        shared = self.paths.shared(h["table"], h["rank"])
+        shared.versions[shared.region(h, "")] = version

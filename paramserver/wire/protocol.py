@@ -72,6 +72,7 @@ MAX_HEADER_ITEMS = 1 << 16
 SLOT_MIN_BYTES = 32 << 10
 SLOT_ALIGN = 64
 MAX_SLOTS = 16  # slots per worker and server
+MAX_REPLIES = 8  # reply regions of a dense table's shared segment
 
 # Wire dtypes, always little-endian. bfloat16 travels as uint16 bit patterns.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -139,6 +140,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "create": (is_bool, True),
         "timeout": (is_timeout, True),
         "shm": (is_bool, False),  # dense: answer into the attached shared-memory segment
+        "region": (int_in(0, MAX_REPLIES - 1), False),  # shm: into this reply region
+        "dirty": (is_bool, False),  # shm: the worker let that region be written since
         "sig": (U63, False),  # sparse: key-list signature (key caching)
         "slot": (int_in(0, MAX_SLOTS - 1), False),  # same host: arrays lie in this slot
         "reply_at": (U63, False),  # where in the slot the reply's arrays may go
@@ -152,6 +155,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "seq": (U63, True),
         "shm": (is_bool, False),  # dense: the gradient is in the attached segment
         "checked": (is_bool, False),  # dense, shm: the worker found every value finite
+        "region": (int_in(0, MAX_REPLIES - 1), False),  # shm: new values go there too
+        "dirty": (is_bool, False),  # shm: the worker let that region be written since
         "sig": (U63, False),  # sparse: key-list signature (key caching)
         "slot": (int_in(0, MAX_SLOTS - 1), False),
         "reply_at": (U63, False),
@@ -194,6 +199,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "rank": (RANK, True),
         "path": (str_up_to(256), True),
         "nonce": (U63, True),
+        "replies": (int_in(1, MAX_REPLIES), False),  # reply regions after the gradient's
     },
     # a worker offers a shared-memory slot for the arrays of its requests (same host)
     "attach_slot": {

@@ -9,8 +9,9 @@ process dies later, even by SIGKILL. A process killed in the short window betwee
 unlink leaves a file named ``paramserver-<pid>-...``; the next :func:`create` removes every
 such file whose process is gone.
 
-Layout: page 0 holds the nonce; then ``regions`` regions (two for a dense table: the gradient
-and the reply; one for a worker's message slot), each ``nbytes`` rounded up to whole pages.
+Layout: page 0 holds the nonce; then ``regions`` regions (for a dense table the gradient, then
+one or more reply regions that a worker may hand out as pull results; one for a worker's message
+slot), each ``nbytes`` rounded up to whole pages.
 Nothing here imports zmq, and nothing is pickled.
 """
 
@@ -22,6 +23,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +50,7 @@ def layout(nbytes: int, regions: int = 2) -> tuple[list[int], int]:
 @dataclass
 class Segment:
     """A mapped segment: ``regions`` are uint8 views of its regions; a dense table's segment
-    has two, ``grad`` and ``reply``."""
+    has ``grad`` and then its ``replies``."""
 
     path: str
     nonce: int
@@ -60,8 +62,15 @@ class Segment:
         return self.regions[0]
 
     @property
-    def reply(self) -> np.ndarray:
-        return self.regions[-1]
+    def replies(self) -> list[np.ndarray]:
+        return self.regions[1:]
+
+    def typed(self, i: int, dtype: np.dtype[Any], count: int) -> np.ndarray:
+        """Region ``i`` as ``count`` elements of ``dtype``, an array of its own: views made of
+        it hold it (not the whole mapping), so its reference count tells whether anything still
+        does."""
+        offsets, _ = layout(self.regions[0].nbytes, len(self.regions))
+        return np.frombuffer(self.mm, dtype, count=count, offset=offsets[i])
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):

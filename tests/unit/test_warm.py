@@ -47,14 +47,14 @@ print("ok")
 
 CLIENT = """
 import numpy as np
-from paramserver.arrays import _count_kernel, all_finite
+from paramserver.arrays import _copy_count_kernel, _count_kernel, all_finite, copy_finite
 from paramserver.client import kernels as k
 from paramserver.client.warm import warm_kernels
 from paramserver.mix import _splitmix64
 from paramserver.partition import HashRing
 
 def loaded():
-    found = [_count_kernel(), _splitmix64]
+    found = [_count_kernel(), _copy_count_kernel(), _splitmix64]
     found += [v for v in vars(k).values() if hasattr(v, "signatures")]
     return {d.py_func.__qualname__: len(d.signatures) for d in found}
 
@@ -75,6 +75,8 @@ k.place_rows(reply, rows, pos, out)
 k.expand_rows(reply, inverse, out)
 grads = np.ones((len(inverse), 8), np.float32)
 assert all_finite(grads) and all_finite(grads.astype(np.float64))
+for dtype in (np.float32, np.float64):  # a plain dense push into shared memory
+    assert copy_finite(np.ones(300, dtype), np.empty(300, dtype))
 k.sum_rows_into(inverse, grads, np.empty((len(uniq), 8), np.float32))
 after = loaded()
 assert after == before, f"compiled after warming: {before} -> {after}"
