@@ -102,6 +102,7 @@ class SparseShard(Shard):
         self._index = k.new_index(_pow2_at_least(-(-capacity // _BUCKET_ROWS)))
         self._n = 0
         self._stamp = 0
+        self._recent_keys = 0  # keys of the latest request that may create rows (prepare)
 
     # ------------------------------------------------------------------ properties
 
@@ -326,22 +327,28 @@ class SparseShard(Shard):
 
     def prepare(self) -> None:
         """Room for the next requests' new rows, made between requests (a server calls it
-        once its reply went out, while the worker works on the rows): the hash index doubled
-        once it is 3/4 full (a rehash of every key: 20-30 ms at 2**19 rows, a stall inside
-        the request that filled it), the arena's view doubled once it is 3/4 full where that
-        copies nothing, and its next pages mapped (:meth:`Arena.ready`). A request that
-        creates rows then rarely waits for any of these; it still does what is missing.
+        once its reply went out, while the worker works on the rows): room for a third more
+        rows and for twice the keys of the latest request. The hash index is doubled (a
+        rehash of every key: 20-30 ms at 2**19 rows, a stall inside the request that filled
+        it), the arena's view made longer where that copies nothing, and its next pages mapped
+        (:meth:`Arena.ready`). A request that creates rows then rarely waits for any of these;
+        it still does what is missing.
 
         Example:
             shard.pull(keys); reply(...); shard.prepare()
         """
-        n = self._n
-        if 4 * n >= 3 * _BUCKET_ROWS * self._index.shape[0]:
-            self._grow_index()
-        if self._arena.reserved and 4 * n >= 3 * self.capacity:
-            self._grow_arena(2 * self.capacity)
+        n, recent = self._n, self._recent_keys
+        need = n + max(n // 3, 2 * recent)
+        buckets = self._index.shape[0]
+        if _BUCKET_ROWS * buckets < need:
+            while _BUCKET_ROWS * buckets < need:
+                buckets *= 2
+            self._grow_index(buckets)
+        if self._arena.reserved and self.capacity < need:
+            self._grow_arena(need)
         row_bytes = self.stride * self.dtype.itemsize
-        self._arena.ready(min(n + POPULATE_BYTES // 2 // row_bytes, self.capacity))
+        ahead = max(recent, POPULATE_BYTES // 2 // row_bytes)
+        self._arena.ready(min(n + ahead, self.capacity))
 
     def _next_stamp(self) -> int:
         """A stamp for :func:`~paramserver.server.kernels.has_duplicates`: 1..255, the marks
@@ -366,6 +373,7 @@ class SparseShard(Shard):
                 )
         rows = np.empty(keys.shape[0], np.int64)
         n0 = self._n
+        self._recent_keys = keys.shape[0]
         if keys.nbytes >= SPLIT_KEYS_BYTES and two_cores():
             # read-only lookups in two halves at once; then the missing keys inserted in one
             # pass, in list order, so new rows get the ids a single pass gives them
@@ -419,7 +427,7 @@ class SparseShard(Shard):
         # fresh marks: zeros never equal a stamp, so the stamp count goes on
         self._mark = np.zeros(self._arena.capacity, np.uint8)
 
-    def _grow_index(self) -> None:
-        index = k.new_index(2 * self._index.shape[0])
+    def _grow_index(self, buckets: int = 0) -> None:
+        index = k.new_index(buckets or 2 * self._index.shape[0])
         k.rehash(index, self._index)
         self._index = index
