@@ -330,9 +330,9 @@ class SparseShard(Shard):
         once its reply went out, while the worker works on the rows): room for a third more
         rows and for twice the keys of the latest request. The hash index is doubled (a
         rehash of every key: 20-30 ms at 2**19 rows, a stall inside the request that filled
-        it), the arena's view made longer where that copies nothing, and its next pages mapped
-        (:meth:`Arena.ready`). A request that creates rows then rarely waits for any of these;
-        it still does what is missing.
+        it), the arena's view made longer where that copies nothing, and its next pages
+        mapped by a background thread (:meth:`Arena.ready_soon`). A request that creates rows
+        then rarely waits for any of these; it still does what is missing.
 
         Example:
             shard.pull(keys); reply(...); shard.prepare()
@@ -348,7 +348,7 @@ class SparseShard(Shard):
             self._grow_arena(need)
         row_bytes = self.stride * self.dtype.itemsize
         ahead = max(recent, POPULATE_BYTES // 2 // row_bytes)
-        self._arena.ready(min(n + ahead, self.capacity))
+        self._arena.ready_soon(min(n + ahead, self.capacity))
 
     def _next_stamp(self) -> int:
         """A stamp for :func:`~paramserver.server.kernels.has_duplicates`: 1..255, the marks
