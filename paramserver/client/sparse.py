@@ -125,7 +125,12 @@ class SparseTable(TableHandle):
         limit = timeout
         flat = k.reshape(-1)
         # no key-list signatures with replication: a read may move to another copy
-        plan, sig = self.plans().plan(flat, cacheable=create and c.replication == 1)
+        cacheable = create and c.replication == 1
+        plans = self.plans()
+        # a long fresh list to one server goes before its dedup, which runs while the server
+        # works (the push of the same batch reuses it); a list seen lately reuses its plan
+        early = None if plans.known(flat, cacheable) else plans.sent_as_is(flat)
+        plan, sig = plans.plan(flat, cacheable) if early is None else (early, None)
         self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)
         futs: list[Future[None]] = []
@@ -174,6 +179,8 @@ class SparseTable(TableHandle):
         if fresh:
             prefault(out)
         del out
+        if early is not None:
+            plans.plan(flat, cacheable)
         if len(plan.parts) > 1:
             plan.placement()  # where each server's rows go, also while they work
 
