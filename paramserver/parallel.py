@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["SPLIT_BYTES", "halves"]
+__all__ = ["SPLIT_BYTES", "both", "halves", "two_cores"]
 
 SPLIT_BYTES = 8 << 20
 
@@ -32,17 +32,42 @@ def _helper() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="paramserver-half")
 
 
-def halves(fn: Callable[..., T], arrays: Sequence[np.ndarray], *args: Any) -> list[T]:
+def halves(
+    fn: Callable[..., T], arrays: Sequence[np.ndarray], *args: Any, split_at: int = SPLIT_BYTES
+) -> list[T]:
     """``fn(*arrays, *args)`` as one call (small arrays, one core) or as two calls on the
-    first and second halves of every array (same length, 1-D), the first in a helper thread.
-    Returns the results in order."""
+    first and second halves of every array (same length along the first axis), the first in a
+    helper thread. ``split_at``: the size of ``arrays[0]`` in bytes from which it splits (a
+    pass that waits on memory at random places, a gather, pays off from less). Returns the
+    results in order."""
     n = len(arrays[0])
-    if arrays[0].nbytes < SPLIT_BYTES or (os.cpu_count() or 1) < 2:
+    if arrays[0].nbytes < split_at or not two_cores():
         return [fn(*arrays, *args)]
     h = n // 2
-    first = _helper().submit(fn, *(a[:h] for a in arrays), *args)
+    return both(
+        lambda: fn(*(a[:h] for a in arrays), *args), lambda: fn(*(a[h:] for a in arrays), *args)
+    )
+
+
+def both(first: Callable[[], T], second: Callable[[], T]) -> list[T]:
+    """``[first(), second()]``, ``first`` in the helper thread while ``second`` runs in this
+    one (both should release the GIL: numba ``nogil`` kernels).
+
+    Example:
+        both(lambda: kernel(a, 0, h), lambda: kernel(a, h, n))
+    """
+    done = _helper().submit(first)
     try:
-        second = fn(*(a[h:] for a in arrays), *args)
+        other = second()
     finally:
-        done = first.result()
-    return [done, second]
+        one = done.result()
+    return [one, other]
+
+
+@functools.cache
+def two_cores() -> bool:
+    """Whether this process may run on two cores or more (its CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) >= 2

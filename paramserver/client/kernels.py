@@ -5,9 +5,11 @@ rows between a server's reply, the distinct keys' rows and the batch's rows.
 
 Every kernel writes into arrays its caller gives, so that a table can reuse its buffers from
 step to step (fresh memory is mapped page by page on first write, which costs more than the
-copy). The kernels run on the calling thread: threads (numba's ``parallel=True``) made these
-copies slower, not faster, on the 2-core machine the benchmarks run on, where the server and
-other work hold the other core (16 ms instead of 1.4 ms to expand 65,536 rows of 64).
+copy). Large sums and copies run as two halves, one on a helper thread
+(:func:`paramserver.parallel.halves`: a worker summing or placing rows has no request at the
+server, so the other core is free); numba's ``parallel=True`` made them slower instead, on the
+2-core machine the benchmarks run on (16 ms instead of 1.4 ms to expand 65,536 rows of 64:
+its thread pool spins up per call and holds both cores).
 
 Imported on first use by the tables, so that ``import paramserver`` does not load numba.
 
@@ -29,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from paramserver.mix import mix64
+from paramserver.parallel import both, halves, two_cores
 
 __all__ = [
     "dedup",
@@ -40,6 +43,9 @@ __all__ = [
 ]
 
 _Arr = npt.NDArray[Any]
+
+SPLIT_BYTES = 1 << 21
+"""Bytes of rows written from which a sum or a copy of rows runs as two halves."""
 
 
 @numba.njit(cache=True, nogil=True)
@@ -104,13 +110,15 @@ def dedup(keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64], npt.NDA
 
 
 @numba.njit(cache=True, nogil=True)
-def _sum_rows(inverse: Any, grads: Any, out: Any) -> None:
-    out[:] = 0
+def _sum_rows(inverse: Any, grads: Any, out: Any, lo: int, hi: int) -> None:
+    # rows lo..hi-1 of out only: two calls on two threads share the work without sharing a row
+    out[lo:hi] = 0
     dim = grads.shape[1]
     for i in range(inverse.shape[0]):
         row = inverse[i]
-        for j in range(dim):
-            out[row, j] += grads[i, j]
+        if lo <= row < hi:
+            for j in range(dim):
+                out[row, j] += grads[i, j]
 
 
 def sum_rows_into(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> _Arr:
@@ -121,7 +129,13 @@ def sum_rows_into(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> _Arr
     Example:
         sum_rows_into(inverse, grads, np.empty((len(uniq), grads.shape[1]), grads.dtype))
     """
-    _sum_rows(np.ascontiguousarray(inverse, dtype=np.intp), grads, out)
+    inv = np.ascontiguousarray(inverse, dtype=np.intp)
+    n = out.shape[0]
+    if out.nbytes < SPLIT_BYTES or not two_cores():
+        _sum_rows(inv, grads, out, 0, n)
+    else:
+        h = n // 2
+        both(lambda: _sum_rows(inv, grads, out, 0, h), lambda: _sum_rows(inv, grads, out, h, n))
     return out
 
 
@@ -152,7 +166,7 @@ def expand_rows(src: _Arr, inverse: npt.NDArray[np.intp], out: _Arr) -> _Arr:
     Example:
         expand_rows(uniq_rows, inverse, np.empty((len(inverse), dim), uniq_rows.dtype))
     """
-    _expand(src, inverse, out)
+    halves(lambda o, inv: _expand(src, inv, o), [out, inverse], split_at=SPLIT_BYTES)
     return out
 
 
@@ -175,7 +189,11 @@ def place_rows(
     Example:
         place_rows(part, rows_in_part, batch_positions, result)
     """
-    _place(src, rows, positions, out)
+    halves(
+        lambda r, p: _place(src, r, p, out),
+        [rows, positions],
+        split_at=SPLIT_BYTES * rows.itemsize // max(1, out[:1].nbytes),
+    )
     return out
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from paramserver.partition import SMALL_KEYS, HashRing, split_by_owner
 
 __all__ = [
+    "AS_IS_KEYS",
     "KEY_CACHE_LISTS",
     "RECENT_LISTS",
     "KeyPlan",
@@ -28,6 +29,8 @@ __all__ = [
 
 KEY_CACHE_LISTS = 8  # key lists a worker caches per table (servers keep more: server/keycache)
 RECENT_LISTS = 2  # latest key lists whose dedup a worker reuses without caching them
+AS_IS_KEYS = 1 << 15  # a list this long that looks distinct is sent before its dedup
+SAMPLE_KEYS = 1024  # keys of a list checked for repeats before sending it as it is
 
 # (server, positions in ``base`` | None for all of it, the keys it gets)
 Parts = list[tuple[int, np.ndarray | None, np.ndarray]]
@@ -160,6 +163,36 @@ class KeyPlanCache:
         a signature all the same."""
         plan = self.find(flat, cacheable)
         return plan, plan.sig if cacheable else None
+
+    def known(self, flat: np.ndarray, cacheable: bool) -> KeyPlan | None:
+        """The plan :meth:`find` would reuse for ``flat`` (cached or recent), else None; no
+        counting, nothing made."""
+        fp = fingerprint(flat)
+        if cacheable:
+            plan = self._plans.get(fp)
+            if plan is not None and np.array_equal(plan.keys, flat):
+                return plan
+        return next(
+            (r[1] for r in self._recent if r[0] == fp and np.array_equal(r[1].keys, flat)), None
+        )
+
+    def sent_as_is(self, flat: np.ndarray) -> KeyPlan | None:
+        """A plan that sends ``flat`` as it is to the one server, for a long list that looks
+        distinct (no key repeats among :data:`SAMPLE_KEYS` spread over it): the server then
+        answers every key in list order, also a repeat the sample missed, and the list's own
+        plan (:meth:`find`) can be made while it works. None with more than one server.
+
+        Example:
+            plan = cache.sent_as_is(np.arange(100_000, dtype=np.uint64))
+        """
+        n = len(flat)
+        if self.num_servers != 1 or n < AS_IS_KEYS:
+            return None
+        sample = flat[:: n // SAMPLE_KEYS]
+        if len(np.unique(sample)) != len(sample):
+            return None
+        keys = flat.copy()  # the caller may reuse its array for the next batch
+        return KeyPlan(keys, keys, None, [(0, None, keys)])
 
     def find(self, flat: np.ndarray, cacheable: bool) -> KeyPlan:
         """The plan of ``flat``: reused when the list was sent lately, made otherwise."""

@@ -16,6 +16,7 @@ from paramserver.client.replicas import settle
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
+from paramserver.parallel import halves
 from paramserver.partition import SMALL_KEYS, split_by_owner
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
@@ -26,6 +27,7 @@ __all__ = ["SparseTable"]
 log = logging.getLogger(__name__)
 
 ASSIGN_ROWS = 1 << 18  # rows per assign request (servers refuse more than Limits.request_keys)
+COPY_SPLIT_BYTES = 1 << 21  # a reply copied into the result from this size on in two halves
 
 
 def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> None:
@@ -33,8 +35,8 @@ def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> Non
     (repeated keys get their row copied to each of their positions)."""
     small = len(out) <= SMALL_KEYS  # NumPy: a short list need not load numba
     if len(plan.parts) == 1 and plan.parts[0][1] is None:
-        if plan.inverse is None:
-            out[...] = part
+        if plan.inverse is None:  # NumPy's copy releases the GIL: halves on two cores
+            halves(np.copyto, [out, part], split_at=COPY_SPLIT_BYTES)
         elif small:
             np.take(part, plan.inverse, axis=0, out=out)
         else:
@@ -123,7 +125,12 @@ class SparseTable(TableHandle):
         limit = timeout
         flat = k.reshape(-1)
         # no key-list signatures with replication: a read may move to another copy
-        plan, sig = self.plans().plan(flat, cacheable=create and c.replication == 1)
+        cacheable = create and c.replication == 1
+        plans = self.plans()
+        # a long fresh list to one server goes before its dedup, which runs while the server
+        # works (the push of the same batch reuses it); a list seen lately reuses its plan
+        early = None if plans.known(flat, cacheable) else plans.sent_as_is(flat)
+        plan, sig = plans.plan(flat, cacheable) if early is None else (early, None)
         self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)
         futs: list[Future[None]] = []
@@ -172,6 +179,8 @@ class SparseTable(TableHandle):
         if fresh:
             prefault(out)
         del out
+        if early is not None:
+            plans.plan(flat, cacheable)
         if len(plan.parts) > 1:
             plan.placement()  # where each server's rows go, also while they work
 

@@ -89,6 +89,8 @@ def warm_kernels() -> None:
         keys = np.arange(2, dtype=np.uint64)
         shard.pull(keys)
         shard.push(keys, np.zeros((2, 1), np.float32))
+        shard.contains(keys)  # the lookup of large requests' halves (SparseShard._find_or_create)
+        shard.prepare()
         for dtype in (np.float32, np.float64):
             grad = np.zeros(2, dtype)
             all_finite(grad)

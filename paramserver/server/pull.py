@@ -98,6 +98,7 @@ class Pulls:
             from paramserver.server.codec_kernels import encode_rows_fast
 
             reply.send(encode_rows_fast(rows, codec), staleness=staleness)
+        t.shard.prepare()  # room for the next new rows, while the worker reads these
 
     def release(self) -> None:
         """Answer the deferred pulls that the clocks now allow, in the order they came."""

@@ -105,6 +105,9 @@ class Pushes(Handlers):
         elif isinstance(shard, SparseShard):
             assert keys is not None
             shard.push(keys, grads)
+            req.reply.ok()
+            shard.prepare()  # room for the next new rows, made after the answer
+            return
         else:
             self.paths.changing(t.spec.name)
             # a worker that reads its own copy of the values gets it refreshed in the same pass

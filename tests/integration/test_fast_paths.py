@@ -465,3 +465,36 @@ def test_a_dropped_result_is_reused_without_the_garbage_collector(
     finally:
         if enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_a_long_list_sent_before_its_dedup_matches_numpy(transport: str) -> None:
+    """One server: a long list that looks distinct goes before its dedup (which the push then
+    reuses), a repeat the sample of its keys missed included; rows and updates match NumPy."""
+    from paramserver.client.keyplan import AS_IS_KEYS, SAMPLE_KEYS
+
+    with ps.LocalCluster(servers=1, workers=1, timeouts=FAST) as c:
+        client = c.connect(transport=transport)
+        emb = client.sparse_table("early", dim=4, init=ps.init.Constant(0.5))
+        rng = np.random.default_rng(8)
+        n = AS_IS_KEYS + 7_000
+        keys = rng.choice(2**62, size=n, replace=False).astype(np.uint64)
+        step = n // SAMPLE_KEYS
+        keys[step + 1] = keys[n - 2]  # a repeat between the sampled positions
+        ref: dict[int, np.ndarray] = {}
+        for _ in range(2):
+            rows = emb.pull(keys)
+            want = np.stack([ref.get(k, np.full(4, 0.5, np.float32)) for k in keys.tolist()])
+            np.testing.assert_array_equal(rows, want)
+            grads = rng.standard_normal((n, 4)).astype(np.float32)
+            emb.push(keys, grads).result()
+            summed: dict[int, np.ndarray] = {}
+            for k, g in zip(keys.tolist(), grads, strict=True):
+                summed[k] = summed[k] + g if k in summed else g.copy()
+            for k, g in summed.items():
+                ref[k] = ref.get(k, np.full(4, 0.5, np.float32)) - np.float32(0.01) * g
+            keys = rng.permutation(keys)  # a fresh order: a list not seen before
+        moved = emb.traffic()
+        # the pulls sent every key (the repeat too); the pushes the distinct keys only
+        assert moved["rows_pulled"] == 2 * n and moved["rows_pushed"] == 2 * (n - 1)
+        assert sum(s["tables"]["early"]["rows"] for s in client.stats()) == n - 1

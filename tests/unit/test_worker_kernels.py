@@ -83,3 +83,25 @@ def test_group_by_part_then_place_rows_rebuilds_the_list_from_every_part() -> No
         assert np.all(np.diff(positions[a:b]) > 0)  # batch order inside a part
         place_rows(table[idx[p]], rows[a:b], positions[a:b], out)
     assert out.tobytes() == table[inverse].tobytes()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_halves_on_two_threads_give_the_one_pass_results(
+    split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from paramserver.client import kernels
+
+    monkeypatch.setattr(kernels, "SPLIT_BYTES", 1 if split else 1 << 62)
+    rng = np.random.default_rng(11)
+    keys = rng.zipf(1.2, size=20_001).astype(np.uint64)
+    uniq, inverse = dedup(keys)
+    grads = rng.standard_normal((len(keys), 9)).astype(np.float32)
+    want = np.zeros((len(uniq), 9), np.float32)
+    np.add.at(want, inverse, grads)  # the reference: in batch order
+    got = sum_rows_into(inverse, grads, np.full((len(uniq), 9), np.nan, np.float32))
+    assert got.tobytes() == want.tobytes()
+    np.testing.assert_array_equal(expand_rows(want, inverse, np.empty_like(grads)), want[inverse])
+    positions = rng.permutation(len(keys)).astype(np.intp)
+    out = np.zeros_like(grads)
+    place_rows(want, inverse, positions, out)
+    np.testing.assert_array_equal(out[positions], want[inverse])

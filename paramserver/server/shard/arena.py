@@ -29,8 +29,11 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -59,6 +62,26 @@ def _reserve(nbytes: int) -> mmap.mmap | None:
     return region
 
 
+@functools.cache
+def _populator() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="paramserver-populate")
+
+
+@functools.cache
+def _libc_madvise() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)  # a foreign call: the GIL is released in it
+    fn = libc.madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _populate(address: int, nbytes: int) -> None:
+    # mmap.madvise holds the GIL for the whole call; a failure (an older kernel) only means
+    # that pages fault in one by one
+    _libc_madvise()(address, nbytes, _MADV_POPULATE_WRITE)
+
+
 class Arena:
     """A growable ``(capacity, stride)`` array of rows; :attr:`rows` is the array to index.
 
@@ -72,11 +95,13 @@ class Arena:
         self.dtype = np.dtype(dtype)
         row_bytes = stride * self.dtype.itemsize
         self._region = _reserve(RESERVE_BYTES) if capacity * row_bytes <= RESERVE_BYTES else None
-        self._ready = 0  # rows whose pages are mapped
+        self._ready = 0  # rows whose pages are mapped, or asked to be (ready_soon)
+        self._address = 0
         if self._region is not None:
             whole = np.frombuffer(self._region, self.dtype, RESERVE_BYTES // self.dtype.itemsize)
             self._whole: npt.NDArray[Any] | None = whole[: (RESERVE_BYTES // row_bytes) * stride]
             self._whole = self._whole.reshape(-1, stride)
+            self._address = int(whole.ctypes.data)
             self.rows = self._whole[:capacity]
         else:
             self._whole = None
@@ -108,6 +133,19 @@ class Arena:
             self._ready = 1 << 62  # this kernel maps pages on fault only: stop asking
             return
         self._ready = hi // row_bytes
+
+    def ready_soon(self, n: int) -> None:
+        """:meth:`ready`, the pages mapped by a background thread (the kernel zeroes each:
+        8 ms for 32 MiB here) while the caller goes on; not waited for. A row written before
+        its page is mapped faults it in as without this, so nothing depends on when it ends."""
+        if self._region is None or n <= self._ready or not POPULATE:
+            return
+        row_bytes = self.stride * self.dtype.itemsize
+        lo = self._ready * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(max(n * row_bytes, lo + POPULATE_BYTES), self.capacity * row_bytes)
+        self._ready = hi // row_bytes
+        start = self._address + lo
+        _populator().submit(_populate, start, hi - lo)
 
     def grow(self, need: int) -> None:
         """Make room for at least ``need`` rows (doubling), keeping rows ``[0, capacity)``."""

@@ -31,8 +31,9 @@ from paramserver.arrays import check_keys
 from paramserver.errors import ConfigError
 from paramserver.init import Initializer
 from paramserver.optim import Optimizer
+from paramserver.parallel import halves, two_cores
 from paramserver.server import kernels as k
-from paramserver.server.shard.arena import Arena
+from paramserver.server.shard.arena import POPULATE_BYTES, Arena
 from paramserver.server.shard.rule import (
     Shard,
     check_int,
@@ -47,6 +48,14 @@ __all__ = ["SparseShard"]
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
+
+SPLIT_ROWS_BYTES = 1 << 20
+"""Bytes of rows from which a gather, the initialization of new rows or an update runs as two
+halves on two threads (:func:`paramserver.parallel.halves`): rows at random places wait on
+memory, and a worker waiting for the reply leaves the other core free."""
+
+SPLIT_KEYS_BYTES = 1 << 17
+"""Bytes of keys (16,384) from which their lookups run as two halves on two threads."""
 
 _BUCKET_ROWS = 4
 """Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
@@ -93,6 +102,7 @@ class SparseShard(Shard):
         self._index = k.new_index(_pow2_at_least(-(-capacity // _BUCKET_ROWS)))
         self._n = 0
         self._stamp = 0
+        self._recent_keys = 0  # keys of the latest request that may create rows (prepare)
 
     # ------------------------------------------------------------------ properties
 
@@ -135,14 +145,27 @@ class SparseShard(Shard):
         keys = check_keys(keys, "shard")
         res = check_out(out, (keys.shape[0], self.dim), self.dtype)
         if create:
-            rows = self._find_or_create(keys)
-            k.gather(self._data, rows, res)
+            self._gather(self._find_or_create(keys), res)
         else:
             rows = np.empty(keys.shape[0], np.int64)
             k.lookup(self._index, keys, rows)
             kind, p0, p1 = self._init_args
-            k.gather_or_init(self._data, rows, keys, res, self._seed, kind, p0, p1)
+            data, seed = self._data, self._seed
+            halves(
+                lambda o, r, ks: k.gather_or_init(data, r, ks, o, seed, kind, p0, p1),
+                [res, rows, keys],
+                split_at=SPLIT_ROWS_BYTES,
+            )
         return res
+
+    def _gather(self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any]) -> None:
+        data = self._data
+        halves(lambda o, r: k.gather(data, r, o), [out, rows], split_at=SPLIT_ROWS_BYTES)
+
+    def _update(self, rows: npt.NDArray[np.int64], grads: npt.NDArray[Any]) -> None:
+        # rows distinct (repeated keys summed first): the halves touch different rows
+        data, rule = self._data, self._rule
+        halves(lambda g, r: rule.apply(data, r, g), [grads, rows], split_at=SPLIT_ROWS_BYTES)
 
     def push(self, keys: npt.NDArray[np.uint64], grads: npt.NDArray[Any]) -> None:
         """Apply gradients ``grads`` ``(len(keys), dim)``: duplicates summed in order, then
@@ -165,7 +188,7 @@ class SparseShard(Shard):
         rows = self._find_or_create(keys)
         if k.has_duplicates(rows, self._mark, self._next_stamp()):
             rows, grads = k.sum_duplicates(rows, grads)
-        self._rule.apply(self._data, rows, grads)
+        self._update(rows, grads)
 
     def resolve(self, keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], bool]:
         """Row ids of ``keys`` (rows created as a pull would), and whether any repeats: what a
@@ -197,7 +220,7 @@ class SparseShard(Shard):
             [[2.0]]
         """
         res = check_out(out, (rows.shape[0], self.dim), self.dtype)
-        k.gather(self._data, rows, res)
+        self._gather(rows, res)
         return res
 
     def push_rows(
@@ -217,7 +240,7 @@ class SparseShard(Shard):
         grads = check_values("grads", grads, (rows.shape[0], self.dim), self.dtype)
         if duplicates:
             rows, grads = k.sum_duplicates(rows, grads)
-        self._rule.apply(self._data, rows, grads)
+        self._update(rows, grads)
 
     def contains(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
         """Which of ``keys`` have a stored row.
@@ -302,6 +325,31 @@ class SparseShard(Shard):
 
     # ------------------------------------------------------------------ storage
 
+    def prepare(self) -> None:
+        """Room for the next requests' new rows, made between requests (a server calls it
+        once its reply went out, while the worker works on the rows): room for a third more
+        rows and for twice the keys of the latest request. The hash index is doubled (a
+        rehash of every key: 20-30 ms at 2**19 rows, a stall inside the request that filled
+        it), the arena's view made longer where that copies nothing, and its next pages
+        mapped by a background thread (:meth:`Arena.ready_soon`). A request that creates rows
+        then rarely waits for any of these; it still does what is missing.
+
+        Example:
+            shard.pull(keys); reply(...); shard.prepare()
+        """
+        n, recent = self._n, self._recent_keys
+        need = n + max(n // 3, 2 * recent)
+        buckets = self._index.shape[0]
+        if _BUCKET_ROWS * buckets < need:
+            while _BUCKET_ROWS * buckets < need:
+                buckets *= 2
+            self._grow_index(buckets)
+        if self._arena.reserved and self.capacity < need:
+            self._grow_arena(need)
+        row_bytes = self.stride * self.dtype.itemsize
+        ahead = max(recent, POPULATE_BYTES // 2 // row_bytes)
+        self._arena.ready_soon(min(n + ahead, self.capacity))
+
     def _next_stamp(self) -> int:
         """A stamp for :func:`~paramserver.server.kernels.has_duplicates`: 1..255, the marks
         cleared when it wraps (one memset of a byte a row every 255 calls)."""
@@ -325,30 +373,61 @@ class SparseShard(Shard):
                 )
         rows = np.empty(keys.shape[0], np.int64)
         n0 = self._n
+        self._recent_keys = keys.shape[0]
+        if keys.nbytes >= SPLIT_KEYS_BYTES and two_cores():
+            # read-only lookups in two halves at once; then the missing keys inserted in one
+            # pass, in list order, so new rows get the ids a single pass gives them
+            index = self._index
+            missing = halves(lambda ks, r: k.lookup(index, ks, r), [keys, rows], split_at=0)
+            if sum(missing) == 0:
+                return rows
+            where = np.flatnonzero(rows < 0)
+            sub = self._insert(keys[where])
+            rows[where] = sub
+        else:
+            self._insert(keys, rows)
+        if initialize and self._n > n0:
+            kind, p0, p1 = self._init_args
+            data, dim, seed, state = self._data, self.dim, self._seed, self._rule.state
+            # a repeated new key may be initialized by both halves: to the same values
+            halves(
+                lambda ks, r: k.init_rows(data, ks, r, n0, dim, seed, kind, p0, p1, *state),
+                [keys, rows],
+                split_at=0 if (self._n - n0) * data.strides[0] >= SPLIT_ROWS_BYTES else 1 << 62,
+            )
+        return rows
+
+    def _insert(
+        self, keys: npt.NDArray[np.uint64], rows: npt.NDArray[np.int64] | None = None
+    ) -> npt.NDArray[np.int64]:
+        """Row ids of ``keys`` (into ``rows`` if given), appending rows for the missing ones
+        (not initialized), the arena and the index grown as they fill."""
+        if rows is None:
+            rows = np.empty(keys.shape[0], np.int64)
         pos = 0
         while True:
             max_rows = min(self._data.shape[0], _BUCKET_ROWS * self._index.shape[0])
             self._arena.ready(min(self._n + keys.shape[0] - pos, max_rows))
             pos, self._n = k.lookup_or_insert(self._index, self._n, max_rows, keys, rows, pos)
             if pos == keys.shape[0]:
-                break
+                return rows
             self._grow()
-        if initialize and self._n > n0:
-            kind, p0, p1 = self._init_args
-            k.init_rows(
-                self._data, keys, rows, n0, self.dim, self._seed, kind, p0, p1, *self._rule.state
-            )
-        return rows
 
     def _grow(self) -> None:
         """Double whichever of the arena and the index is full."""
         n = self._n
         if n >= self._data.shape[0]:
-            self._arena.grow(n + 1)
-            self._data = self._arena.rows
-            # fresh marks: zeros never equal a stamp, so the stamp count goes on
-            self._mark = np.zeros(self._arena.capacity, np.uint8)
+            self._grow_arena(n + 1)
         if n >= _BUCKET_ROWS * self._index.shape[0]:
-            index = k.new_index(2 * self._index.shape[0])
-            k.rehash(index, self._index)
-            self._index = index
+            self._grow_index()
+
+    def _grow_arena(self, need: int) -> None:
+        self._arena.grow(need)
+        self._data = self._arena.rows
+        # fresh marks: zeros never equal a stamp, so the stamp count goes on
+        self._mark = np.zeros(self._arena.capacity, np.uint8)
+
+    def _grow_index(self, buckets: int = 0) -> None:
+        index = k.new_index(buckets or 2 * self._index.shape[0])
+        k.rehash(index, self._index)
+        self._index = index

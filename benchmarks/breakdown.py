@@ -1,0 +1,145 @@
+"""Where the time of a sparse step goes, per process: CPU time per step of the worker and of the
+server, and (``--profile``) a cProfile by thread CPU time of each, heaviest first.
+
+Two workloads, as ``sparse.py`` and ``traffic.py`` run them, 1 worker + 1 server:
+
+    python benchmarks/breakdown.py sparse              # 100k fresh distinct keys x 16, 1M rows
+    python benchmarks/breakdown.py traffic --dim 64    # fresh Zipf batches, pull + push, Adagrad
+    python benchmarks/breakdown.py traffic --profile   # and both processes' profiles
+
+CPU time is what to compare on a loaded machine (wall time there is mostly waiting for a core);
+the server's profile covers the timed steps only (SIGUSR2 starts it, SIGUSR1 writes it).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import pstats
+import runpy
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+AS_SERVER = "--as-server"
+
+
+def serve_profiled() -> None:
+    """This script as the server: the server's command line, under a profile switched by
+    signals."""
+    prof = cProfile.Profile(time.thread_time)
+    out = os.environ["PS_BENCH_PROFILE"]
+    signal.signal(signal.SIGUSR2, lambda *_: prof.enable())
+    signal.signal(signal.SIGUSR1, lambda *_: (prof.disable(), prof.dump_stats(out)))
+    sys.argv = ["paramserver.cli", *sys.argv[2:]]
+    runpy.run_module("paramserver.cli", run_name="__main__", alter_sys=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    from common import emit, parser
+
+    import paramserver as ps
+    from paramserver.launch import local
+
+    p = parser(__doc__ or "")
+    p.add_argument("workload", choices=["sparse", "traffic"])
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="print both processes' profiles")
+    args = p.parse_args()
+    out = os.path.join(tempfile.mkdtemp(prefix="ps-profile-"), "server.prof")
+
+    class Cluster(local.LocalCluster):
+        def _role_cmd(self, *role: str) -> list[str]:
+            cmd = super()._role_cmd(*role)
+            if role[0] == "server" and args.profile:
+                os.environ["PS_BENCH_PROFILE"] = out
+                return [cmd[0], os.path.abspath(__file__), AS_SERVER, *cmd[3:]]
+            return cmd
+
+    rng = np.random.default_rng(0)
+    with Cluster(servers=1, workers=1) as cluster:
+        client = cluster.connect()
+        server = cluster.pids["server 0"]
+        if args.workload == "sparse":
+            rows, n = (50_000, 5_000) if args.quick else (1_000_000, 100_000)
+            steps = args.repeat or 30
+            every = rng.choice(np.iinfo(np.int64).max, size=rows, replace=False).astype(np.uint64)
+            table = client.sparse_table(
+                "t", dim=16, init=ps.init.Normal(std=0.01), optimizer=ps.optim.SGD(lr=0.01)
+            )
+            for i in range(0, rows, 100_000):
+                table.pull(every[i : i + 100_000])
+            sets = [rng.choice(every, size=n, replace=False) for _ in range(steps + 10)]
+
+            def step(i: int) -> Any:
+                return table.pull(sets[i])
+
+        else:
+            n = 8_192 if args.quick else 65_536
+            steps = args.repeat or 20
+            table = client.sparse_table(
+                "t", dim=args.dim, init=ps.init.Normal(std=0.01),
+                optimizer=ps.optim.Adagrad(lr=0.05),
+            )  # fmt: skip
+            grad = rng.normal(0, 1e-3, (n, args.dim)).astype(np.float32)
+            zipf = np.random.default_rng(7)
+            sets = [
+                ((zipf.zipf(1.1, size=n) - 1) % 2_000_000).astype(np.uint64)
+                for _ in range(steps + 5)
+            ]
+
+            def step(i: int) -> Any:
+                table.pull(sets[i])
+                return table.push(sets[i], grad).result()
+
+        warm = len(sets) - steps
+        for i in range(warm):
+            step(i)
+        prof = cProfile.Profile(time.thread_time) if args.profile else None
+        if args.profile:
+            os.kill(server, signal.SIGUSR2)
+            time.sleep(0.2)
+            assert prof is not None
+            prof.enable()
+        w0, s0, times = time.process_time(), cpu_seconds(server), []
+        for i in range(warm, len(sets)):
+            t0 = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - t0)
+        w1, s1 = time.process_time(), cpu_seconds(server)
+        if prof is not None:
+            prof.disable()
+            os.kill(server, signal.SIGUSR1)
+            time.sleep(1.0)
+        dim = 16 if args.workload == "sparse" else args.dim
+        what = f"{args.workload} x {dim}, 1 worker + 1 server"
+        load = round(os.getloadavg()[0], 1)
+        emit("breakdown", f"{what}: wall per step (median)", statistics.median(times) * 1e3,
+             "ms", higher_is_better=False, load=load)  # fmt: skip
+        emit("breakdown", f"{what}: worker CPU per step", (w1 - w0) / steps * 1e3, "ms",
+             higher_is_better=False, load=load)  # fmt: skip
+        emit("breakdown", f"{what}: server CPU per step", (s1 - s0) / steps * 1e3, "ms",
+             higher_is_better=False, load=load)  # fmt: skip
+        if prof is not None:
+            print("# server, thread CPU time:")
+            pstats.Stats(out).sort_stats("tottime").print_stats(15)
+            print("# worker, thread CPU time:")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == AS_SERVER:
+        serve_profiled()
+    else:
+        main()

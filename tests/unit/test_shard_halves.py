@@ -1,0 +1,61 @@
+"""SparseShard's large requests as two halves on two threads, and its room made ahead of need
+between requests (prepare): the same rows, states and row ids as one pass, bit for bit (every
+row written by one half only, or to the same values)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import paramserver as ps
+from paramserver import parallel
+from paramserver.server.shard import SparseShard
+from paramserver.server.shard import sparse as sparse_shard
+
+
+def _run(split: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
+    monkeypatch.setattr(sparse_shard, "SPLIT_ROWS_BYTES", 1 if split else 1 << 62)
+    monkeypatch.setattr(sparse_shard, "SPLIT_KEYS_BYTES", 1 if split else 1 << 62)
+    rng = np.random.default_rng(3)
+    shard = SparseShard(16, "float32", ps.init.Normal(std=0.1), ps.optim.Adagrad(lr=0.1), seed=9)
+    out: dict[str, np.ndarray] = {}
+    for step in range(3):
+        # repeats inside a request, new keys and known ones
+        keys = rng.integers(0, 30_000, 40_000).astype(np.uint64)
+        out[f"pull{step}"] = shard.pull(keys)
+        out[f"peek{step}"] = shard.pull(keys + np.uint64(10**6), create=False)
+        shard.push(keys, rng.standard_normal((len(keys), 16)).astype(np.float32))
+    out.update(shard.export())
+    return out
+
+
+def test_halves_give_what_one_pass_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not parallel.two_cores():
+        pytest.skip("one core: requests are never split")
+    one = _run(False, monkeypatch)
+    two = _run(True, monkeypatch)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert one[name].tobytes() == two[name].tobytes(), name
+
+
+def test_prepare_grows_ahead_and_changes_no_row() -> None:
+    rng = np.random.default_rng(4)
+    a = SparseShard(8, "float32", ps.init.Normal(std=0.1), ps.optim.Adagrad(lr=0.1), seed=2)
+    b = SparseShard(8, "float32", ps.init.Normal(std=0.1), ps.optim.Adagrad(lr=0.1), seed=2)
+    for _ in range(12):
+        keys = rng.integers(0, 1 << 40, 3_000).astype(np.uint64)
+        grads = rng.standard_normal((len(keys), 8)).astype(np.float32)
+        np.testing.assert_array_equal(a.pull(keys), b.pull(keys))
+        a.push(keys, grads)
+        b.push(keys, grads)
+        index, capacity = len(a._index), a.capacity
+        a.prepare()
+        # room made for the next request's keys (twice them) and a third more rows
+        need = a.num_rows + max(a.num_rows // 3, 2 * len(keys))
+        assert 4 * len(a._index) >= need and a.capacity >= need
+        assert len(a._index) >= index and a.capacity >= capacity
+    ea, eb = a.export(), b.export()
+    assert ea["keys"].tobytes() == eb["keys"].tobytes()
+    assert ea["rows"].tobytes() == eb["rows"].tobytes()
+    np.testing.assert_array_equal(a.contains(ea["keys"]), np.ones(a.num_rows, bool))
