@@ -146,7 +146,6 @@ def train_worker(
     report: Report | None = None,
     show: bool = True,
     seed: int = 0,
-    prefetch: bool = False,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Train on leased shards of the token stream; rank 0 evaluates after each epoch."""
@@ -163,7 +162,7 @@ def train_worker(
     total_pairs = max(1.0, epochs * kept * (window + 1) / max(client.num_workers, 1))
     trainer = _Trainer(client, vocab, dim=dim, negative=negative, lr=lr, total_pairs=total_pairs,
                        consistency=consistency, evaluation=evaluation, rng=rng,
-                       prefetch=prefetch, threads=threads)  # fmt: skip
+                       threads=threads)  # fmt: skip
 
     def split(part: _Tokens) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         centers, contexts = pairs(part.ids, vocab.counts, window, sample, rng)
@@ -187,7 +186,7 @@ class _Trainer:
     def __init__(
         self, client: ps.Client, vocab: Vocabulary, *, dim: int, negative: int, lr: float,
         total_pairs: float, consistency: str, evaluation: tuple[Any, Any] | None,
-        rng: np.random.Generator, prefetch: bool = False, threads: int = 1,
+        rng: np.random.Generator, threads: int = 1,
     ) -> None:  # fmt: skip
         self.emb_in = client.sparse_table(
             "w2v/in", dim=dim, init=ps.init.Uniform(-0.5 / dim, 0.5 / dim),
@@ -206,30 +205,19 @@ class _Trainer:
         self.pairs = 0
         self.evaluation, self.rng = evaluation, rng
         self.steps = 0
-        self.prefetch = prefetch
         # the kernel's threads (word2vec's and gensim's Hogwild threads); none for one
         self.pool = ThreadPoolExecutor(threads, "w2v-kernel") if threads > 1 else None
         self.threads = threads
-        self.ahead: tuple[Any, ...] | None = None
         self.pending: list[ps.Future[None]] = []
         self.curve: list[dict[str, float]] = []
 
-    def _start(self, batch: tuple[np.ndarray, np.ndarray]) -> tuple[Any, ...]:
-        """Draw the batch's negatives, find its distinct words and start pulling their rows."""
+    def step(self, batch: tuple[np.ndarray, np.ndarray], nxt: Any) -> tuple[float, int]:
         c, x = batch
         neg = self.sgns.negatives(self.rng.random((len(c), self.negative)), self.prob, self.alias)
         uc, ic = self.centers.find(c)
         uo, io = self.outs.find(np.concatenate([x[:, None], neg], axis=1))
-        return batch, uc, ic, uo, io, self.emb_in.pull_async(uc), self.emb_out.pull_async(uo)
-
-    def step(self, batch: tuple[np.ndarray, np.ndarray], nxt: Any) -> tuple[float, int]:
-        ahead, self.ahead = self.ahead, None
-        _, uc, ic, uo, io, fut_v, fut_u = (
-            ahead if ahead is not None and ahead[0] is batch else self._start(batch)
-        )
-        u, v = fut_u.result(), fut_v.result()
-        if nxt is not None and self.prefetch:
-            self.ahead = self._start(nxt)  # its rows come while this batch computes
+        fut_v = self.emb_in.pull_async(uc)
+        u, v = self.emb_out.pull(uo), fut_v.result()
         self.flush()  # the previous step's changes are sent: their buffers are free again
         rate = self.lr * max(1e-4, 1 - self.pairs / self.total_pairs)  # word2vec's linear decay
         v0, u0 = v.copy(), u.copy()
