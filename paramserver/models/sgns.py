@@ -144,6 +144,7 @@ class Distinct:
 # reassociation lets the dot products and row updates run in SIMD lanes; no flag that assumes
 # finite values, so that a diverging run yields NaN, which the push refuses by name
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
+MAX_SCORE = 6.0  # word2vec's MAX_EXP: scores beyond it train nothing
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
@@ -171,6 +172,8 @@ def _train(v: Any, u: Any, ic: Any, io: Any, alpha: float) -> float:
             else:  # a negative sample: label 0
                 g = -sig * a32
                 like *= 1 - sig + 1e-7
+            if s <= -MAX_SCORE or s >= MAX_SCORE:
+                continue  # no step where the sigmoid is flat, as in word2vec's and gensim's code
             for d in range(dim):
                 work[d] += g * ub[d]
                 ub[d] += g * va[d]

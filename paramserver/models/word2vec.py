@@ -4,9 +4,10 @@ The corpus (the Lee news corpus and a Wikipedia excerpt shipped with gensim's te
 your own text file or folder: ``--corpus PATH``) is read once, words seen fewer than ``--min-count`` times are dropped, frequent words are
 subsampled, and (center, context) pairs are made with word2vec's shrinking window, all with
 array operations. Each step pulls the centers' input vectors and the contexts' and negative
-samples' output vectors (each distinct word once), computes the negative-sampling gradients,
-summed per word, in one compiled pass (:mod:`paramserver.models.sgns`) and pushes them; the
-servers run SGD with a linearly decaying rate.
+samples' output vectors (each distinct word once), runs word2vec's SGD over its pairs one
+after another on those rows in compiled code (:mod:`paramserver.models.sgns`, ``--threads``
+threads without locks, as gensim's), at a rate decaying linearly over the run, and pushes each
+row's change (the tables' SGD at rate 1 adds it). Workers' changes add up on the servers.
 
 Evaluation: accuracy on the Google analogy questions whose four words are all in the vocabulary
 (3CosAdd, the three question words excluded), with that coverage, and the Spearman correlation
@@ -189,7 +190,7 @@ class _Trainer:
         rng: np.random.Generator, threads: int = 1,
     ) -> None:  # fmt: skip
         self.emb_in = client.sparse_table(
-            "w2v/in", dim=dim, init=ps.init.Uniform(-0.5 / dim, 0.5 / dim),
+            "w2v/in", dim=dim, init=ps.init.Uniform(-1.0 / dim, 1.0 / dim),  # as gensim
             optimizer=ps.optim.SGD(lr=1.0), consistency=consistency,
         )  # fmt: skip
         self.emb_out = client.sparse_table(
