@@ -5,8 +5,9 @@ same settings; throughput and quality printed as ratios (paramserver / peer).
   (``benchmarks/traffic.py``'s step) against one PyTorch process, ``nn.Embedding(sparse=True)``
   + ``torch.optim.Adagrad``, on the same batches;
 - word2vec: ``paramserver.models.word2vec`` against gensim's ``Word2Vec`` (skip-gram, same
-  tokens, dim, window, negatives, min-count, sample, rate, epochs); quality: Google analogy
-  accuracy and WordSim353 Spearman correlation, evaluated by the same function;
+  tokens, dim, window, negatives, min-count, sample, rate, epochs; 2 threads each: gensim's
+  workers, the worker's kernel threads); quality: Google analogy accuracy and WordSim353
+  Spearman correlation, evaluated by the same function (``--w2v-epochs 5``: the issue's run);
 - FTRL logistic regression: ``paramserver.models.logreg`` against Vowpal Wabbit
   (``--ftrl``, same alpha, beta, l1, l2), one pass over the same synthetic Criteo-format data;
   examples/s and test AUC;
@@ -40,6 +41,7 @@ from paramserver.data.evaluate import auc
 
 PEERS = ("torch", "word2vec", "vw", "deepfm")
 BATCH = 512
+THREADS = 2  # word2vec: gensim's worker threads and paramserver's kernel threads (2 cores)
 ALPHA, BETA, L1, L2 = 0.2, 1.0, 0.1, 1.0  # logreg.train_worker's defaults
 
 
@@ -99,7 +101,7 @@ def word2vec_case(args: argparse.Namespace) -> None:
         out = w2v.train_worker(
             client, words, epochs=settings.epochs, dim=settings.dim, window=settings.window,
             negative=settings.negative, min_count=settings.min_count, sample=settings.sample,
-            lr=settings.lr, evaluation=evaluation, show=False,
+            lr=settings.lr, evaluation=evaluation, show=False, threads=THREADS,
         )  # fmt: skip
         t_ours = time.perf_counter() - t0  # the per-epoch evaluation included, as for gensim
     mine = out["curve"][-1]
@@ -110,7 +112,9 @@ def word2vec_case(args: argparse.Namespace) -> None:
         tokens / t_ours,
         "tokens/s",
         baseline=tokens / t_gensim,
-        peer="gensim Word2Vec (workers=2), same tokens and settings",
+        peer=f"gensim Word2Vec (workers={THREADS}), same tokens and settings",
+        threads=THREADS,
+        batch=w2v.BATCH,
         seconds=round(t_ours, 2),
         peer_seconds=round(t_gensim, 2),
         analogy=round(mine["analogy_accuracy"], 4),
