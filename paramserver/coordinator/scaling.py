@@ -92,9 +92,8 @@ class Scaling:
         move = members.move
         # the servers new dense tables go to: the ring's, less a server being drained
         drained = move["rank"] if move is not None and move["kind"] == "drain" else -1
-        if members.replication == 1:
-            tables.server_ranks = [r for r in members.ring if r != drained]
-            tables.count_load()
+        tables.server_ranks = [r for r in members.ring if r != drained]
+        tables.count_load()
         if move is not None:
             self.next_id = max(self.next_id, int(move["id"]) + 1)
             rid, left = self._journaled
@@ -117,9 +116,24 @@ class Scaling:
         self.start()
 
     def _ready(self, rank: int) -> bool:
-        """Whether every server a queued move of ``rank`` needs is alive (else it waits)."""
+        """Whether every server a queued move of ``rank`` needs is alive and holds its
+        copies (else it waits: a replica being rebuilt is not a source)."""
         members = self.coord.members
-        return all(members.servers[r].state == ALIVE for r in {*members.ring, rank})
+        return all(members.servers[r].state == ALIVE and not members.servers[r].rebuilding
+                   for r in {*members.ring, rank})  # fmt: skip
+
+    def unmovable(self) -> str:
+        """Why no move may start now, or "": with replication a move carries the rows of
+        sync sparse tables only (a dense table's copies, and the async or ssp pushes that a
+        copy applied before a worker's switch, are not moved yet)."""
+        if self.coord.members.replication <= 1:
+            return ""
+        for spec in self.coord.tables.specs():
+            if spec.kind != "sparse" or spec.mode[0] != "sync":
+                return (f"with replication={self.coord.members.replication} servers join and "
+                        f"leave only while every table is sparse and sync (table "
+                        f"{spec.name!r} is {spec.kind}, {spec.mode[0]})")  # fmt: skip
+        return ""
 
     def on_dead(self, m: Member) -> None:
         """A server died (the caller publishes next): a move it takes part in is abandoned
@@ -151,9 +165,15 @@ class Scaling:
         """``drain``: check, queue, answer at once (the view says when it is done)."""
         members, rank = self.coord.members, h["rank"]
         ring = members.ring
-        if members.replication > 1:
+        why = self.unmovable()
+        if why:
+            raise Refusal("invalid", f"server[{rank}] cannot be drained: {why} (nothing changed)")
+        if members.replication > 1 and len(ring) - 1 < members.replication:
             raise Refusal(
-                "invalid", "servers are drained only without replication (nothing changed)"
+                "invalid",
+                f"server[{rank}] cannot be drained: replication={members.replication} needs "
+                f"{members.replication} servers and the ring {ring} would keep "
+                f"{len(ring) - 1} (add a server first; nothing changed)",
             )
         if rank not in ring or ("drain", rank) in self.queue:
             raise Refusal(
@@ -178,6 +198,12 @@ class Scaling:
             return
         ready = [i for i, (_, r) in enumerate(self.queue) if self._ready(r)]
         if not ready:
+            return
+        why = self.unmovable()
+        if why:  # tables created since the join or drain was asked
+            kind, rank = self.queue.pop(ready[0])
+            log.error("%s of server[%d] not started: %s", kind, rank, why)
+            self.coord.journal_scaling()
             return
         kind, rank = self.queue.pop(ready[0])
         old = list(members.ring)

@@ -39,8 +39,10 @@ class ServerState:
         self.address = ""
         self.view = 0  # the number of the newest cluster view applied
         self.num_servers = 1
+        # the hash ring's servers in the newest view (servers join and leave)
+        self.ring: list[int] = []
         # copies of every range (partition.replicas_of): this server also holds the ranges of
-        # the replication - 1 ranks before it
+        # the replication - 1 servers before it on the ring
         self.replication = 1
         # took over a dead rank under replication: holds none of its ranges yet, so no worker
         # reads or writes here and its checkpoints hold nothing
@@ -95,6 +97,11 @@ class ServerState:
                 f"{h['kind']} of table {h['table']!r} carries {n} keys to {self.name}, more than "
                 f"Limits(request_keys={limit}): nothing changed (send the keys in batches)",
             )
+
+    @property
+    def members(self) -> list[int]:
+        """The ring's servers that copies are placed along (``partition.replicas_of``)."""
+        return self.ring or list(range(self.num_servers))
 
     def fresh(self, rank: int, seq: int) -> bool:
         """False for a retry of a push already applied; else remember ``seq``."""

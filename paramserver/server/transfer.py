@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.partition import HashRing
+from paramserver.partition import HashRing, held_keys
 from paramserver.server.keycache import KeyCache
 from paramserver.server.recut import DenseMoves
 from paramserver.server.shard import SparseShard
@@ -125,6 +125,10 @@ class Outgoing:
     announce: dict[str, Any] = field(default_factory=dict)  # the view that announced it
     told: set[int] = field(default_factory=set)  # workers sent that view by this server
     dense_bytes: int = 0  # of ``bytes``: the dense tables' rows and buffered pushes
+    # per switched worker, its buffered sync pushes here when its ``switched`` came, per
+    # (table, clock): with replication this server may hold a moving key on the new ring too,
+    # and the pushes sent after the switch reach its new copies from the worker itself
+    before: dict[int, dict[tuple[str, int], int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,6 +169,8 @@ class Transfers:
         self.seen: set[int] = set()  # moves started here
         self.received = 0  # moves whose every source's end came here
         self.early: dict[int, set[int]] = {}  # workers switched to a move not yet seen here
+        # their buffered sync pushes then (Outgoing.before), per move
+        self.early_before: dict[int, dict[int, dict[tuple[str, int], int]]] = {}
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
@@ -251,6 +257,7 @@ class Transfers:
         out = Outgoing(move, view, HashRing.build(new), HashRing.build(old), dests)
         out.started = time.monotonic()
         out.switched = self.early.pop(move, set())
+        out.before = self.early_before.pop(move, {})
         self.out = out
         for name, t in self.state.tables.items():
             if not isinstance(t.shard, SparseShard):
@@ -264,6 +271,8 @@ class Transfers:
         """A worker's ``switched``: it routes by the new ring from now on."""
         out = self.out
         if out is not None and move == out.move:
+            if rank not in out.switched:
+                out.before[rank] = self._buffered(rank)
             out.switched.add(rank)
             self.tell_late()
             if not out.finished and self.state.clocks.live <= out.switched:
@@ -274,6 +283,17 @@ class Transfers:
                 self.finish(out)
         elif move not in self.seen:  # before this server saw the view: kept for the move
             self.early.setdefault(move, set()).add(rank)
+            self.early_before.setdefault(move, {}).setdefault(rank, self._buffered(rank))
+
+    def _buffered(self, rank: int) -> dict[tuple[str, int], int]:
+        """How many buffered sync pushes of worker ``rank`` each (table, clock) holds now."""
+        counts: dict[tuple[str, int], int] = {}
+        for name, t in self.state.tables.items():
+            for clock, items in (t.sync.pending if t.sync is not None else {}).items():
+                n = sum(1 for item in items if item[0] == rank)
+                if n:
+                    counts[name, clock] = n
+        return counts
 
     def tell_late(self) -> None:
         """Once some worker switched, send the move's view to every live worker that has not:
@@ -328,14 +348,14 @@ class Transfers:
         """Keep only the rows ``ring`` gives this server (the moved ones are stale here: a
         checkpoint must not hold them twice), in a new shard; cached key lists resolved to the
         old one are forgotten (a worker then sends its keys again)."""
-        me = self.state.rank
+        me, k = self.state.rank, self.state.replication
         self.dense.settle()  # dense tables: the new ranges' tables replace the old ones
         for t in self.state.tables.values():
             shard = t.shard
             if not isinstance(shard, SparseShard):
                 continue
             rows = shard.export()
-            keep = moving_keys(rows["keys"], ring, me) < 0
+            keep = held_keys(rows["keys"], ring, me, k)
             if keep.all():
                 continue
             fresh = SparseShard(shard.dim, shard.dtype, shard.init, shard.optimizer, shard.seed,
@@ -346,7 +366,7 @@ class Transfers:
                 for clock, items in t.sync.pending.items():
                     kept = []
                     for rank, keys, grads in items:  # one per push
-                        stay = moving_keys(keys, ring, me) < 0
+                        stay = held_keys(keys, ring, me, k)
                         kept.append((rank, keys[stay], grads[stay]))
                     t.sync.pending[clock] = kept
             log.info("%s: table %r: %d moved rows dropped", self.state.name, t.spec.name,
@@ -386,14 +406,30 @@ class Transfers:
         moved: dict[int, list[tuple[int, int, Any, Any]]] = {}
         if t.sync is None:
             return moved
-        me = self.state.rank
+        name = t.spec.name
         for clock, items in t.sync.pending.items():
+            seen: dict[int, int] = {}
             for rank, keys, grads in items:  # one per push, not per key
-                owner = moving_keys(keys, out.ring, me)
-                for dest in np.unique(owner[owner >= 0]).tolist():
-                    sel = owner == dest
-                    moved.setdefault(int(dest), []).append((clock, rank, keys[sel], grads[sel]))
+                seen[rank] = seen.get(rank, 0) + 1
+                if rank in out.before and seen[rank] > out.before[rank].get((name, clock), 0):
+                    continue  # sent after its switch: its new copies have it from the worker
+                for dest in out.dests:
+                    sel = self.gets(out, keys, dest)
+                    if sel.any():
+                        moved.setdefault(dest, []).append((clock, rank, keys[sel], grads[sel]))
         return moved
+
+    def gets(self, out: Outgoing, keys: np.ndarray, dest: int) -> np.ndarray:
+        """Which of ``keys`` this server sends ``dest`` in move ``out`` (bool per key): those
+        it owns on the old ring (their primary: with replication, one copy sends) that ``dest``
+        holds on the new ring and did not on the old one. Rows left behind by an earlier move
+        are not this server's to send."""
+        k, me = self.state.replication, self.state.rank
+        if len(keys) == 0:
+            return np.zeros(0, bool)
+        sel = out.old.route(keys) == me
+        sel &= held_keys(keys, out.ring, dest, k) & ~held_keys(keys, out.old, dest, k)
+        return np.asarray(sel, bool)
 
     def sender(self, out: Outgoing) -> Any:
         """How :class:`DenseMoves` sends a destination a part of a dense table in move ``out``
@@ -422,11 +458,8 @@ class Transfers:
         phase: str,
         sync: dict[int, list[tuple[int, int, Any, Any]]] | None,
     ) -> None:
-        owner = moving_keys(keys, out.ring, self.state.rank)
-        if len(keys):  # rows left behind by an earlier move are not this server's to send
-            owner[out.old.route(keys) != self.state.rank] = -1
         for dest in out.dests:
-            sel = owner == dest
+            sel = self.gets(out, keys, dest)
             # with the view of the move: a destination that has not seen it yet asks the
             # coordinator before it takes the rows (server/cluster.py, admit)
             header: dict[str, Any] = {"kind": "transfer", "move": out.move, "phase": phase,
@@ -468,7 +501,7 @@ class Transfers:
             return False
         if not arrays:
             return False  # a signature resolved before the move: keys this server held
-        if (moving_keys(arrays[0], inc.old, self.state.rank) >= 0).any():
+        if not held_keys(arrays[0], inc.old, self.state.rank, self.state.replication).all():
             inc.held.add(h["rank"])
             return True
         return False
