@@ -124,15 +124,14 @@ class Scaling:
 
     def unmovable(self) -> str:
         """Why no move may start now, or "": with replication a move carries the rows of
-        sync sparse tables only (a dense table's copies, and the async or ssp pushes that a
-        copy applied before a worker's switch, are not moved yet)."""
+        sparse tables only (a dense table's copies are not moved yet)."""
         if self.coord.members.replication <= 1:
             return ""
         for spec in self.coord.tables.specs():
-            if spec.kind != "sparse" or spec.mode[0] != "sync":
+            if spec.kind != "sparse":
                 return (f"with replication={self.coord.members.replication} servers join and "
-                        f"leave only while every table is sparse and sync (table "
-                        f"{spec.name!r} is {spec.kind}, {spec.mode[0]})")  # fmt: skip
+                        f"leave only while every table is sparse (table {spec.name!r} is "
+                        f"dense: its copies do not move yet)")  # fmt: skip
         return ""
 
     def on_dead(self, m: Member) -> None:

@@ -53,6 +53,9 @@ class ServerState:
         # their owner's source had applied (ring, owner -> worker -> seq)
         self.sync_floor = 0
         self.rebuilt_seqs: tuple[Any, dict[int, dict[int, int]]] | None = None
+        # with replication, after a move received here: the async pushes already in the rows
+        # it received (server/transfer.py, Moved)
+        self.moved: Any = None
         self.clocks = Clocks(0)
         self.last_seq: dict[int, int] = {}  # worker rank -> sequence number of its last push
         self.deferred: DeferredPulls[Waiting] = DeferredPulls()

@@ -72,7 +72,7 @@ from paramserver.wire.paths import Request
 from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Endpoint, Future, Security
 
-__all__ = ["Transfers", "changed_rows", "moving_keys"]
+__all__ = ["Moved", "Transfers", "changed_rows", "moving_keys", "not_applied"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,40 @@ class Incoming:
     # workers with a request held: their later requests wait too, so that they are handled
     # in the order they came (a clock message must not overtake the push held before it)
     held: set[int] = field(default_factory=set)
+    ring: HashRing | None = None  # the new ring (with replication: see ``Moved``)
+    seqs: dict[int, dict[int, int]] = field(default_factory=dict)  # source -> its last_seq
+
+
+@dataclass
+class Moved:
+    """With replication, after a move received here: a key's old primary may hold it on the
+    new ring too, and then it applied the async pushes of the workers that switched before its
+    final (the rows it sent hold them); those are the pushes of a sequence number up to its
+    ``last_seq`` of that worker then, which this server skips for the keys it received."""
+
+    old: HashRing
+    new: HashRing
+    replication: int
+    seqs: dict[int, dict[int, int]]  # source -> worker -> the last sequence number applied
+
+
+def not_applied(state: ServerState, rank: int, seq: int, keys: np.ndarray) -> np.ndarray | None:
+    """Which of an async push's ``keys`` to apply here (None: all): not those received in the
+    last move whose source holds them on the new ring too and had applied push ``seq`` of
+    worker ``rank`` before it sent their rows (see :class:`Moved`)."""
+    moved = state.moved
+    if not isinstance(moved, Moved) or len(keys) == 0:
+        return None
+    me, k = state.rank, moved.replication
+    received = ~held_keys(keys, moved.old, me, k)
+    if not received.any():
+        return None
+    source = moved.old.route(keys)
+    done = np.zeros(len(keys), bool)
+    for s in np.unique(source[received]).tolist():
+        if seq <= moved.seqs.get(int(s), {}).get(rank, -1):
+            done |= received & (source == s) & held_keys(keys, moved.new, int(s), k)
+    return None if not done.any() else ~done
 
 
 class Transfers:
@@ -204,7 +238,9 @@ class Transfers:
             if rank != me and rank in new and status == "alive" and address:
                 self.endpoint.connect(f"server[{rank}]", address)
         if me in new and set(old) - {me}:
-            self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me})
+            self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me},
+                                     ring=HashRing.build(new))  # fmt: skip
+            self.state.moved = None
         self.state.switched = None  # (a source: the workers switched here, below)
         if me in old:
             self.start(int(move["id"]), int(move["view"]), old, new)
@@ -386,6 +422,8 @@ class Transfers:
                             self._take_sync(out, t))  # fmt: skip
         self.dense.finish(self.sender(out))
         state = self.state
+        # the last push of each worker in the rows just sent (async: see ``Moved``)
+        seqs = [[w, s] for w, s in sorted(state.last_seq.items())]
         if self.incoming is not None and state.rank in self.incoming.sources:
             self.ended(state.rank)  # the part of its new ranges it held: taken just now
         for dest in out.dests:
@@ -393,7 +431,7 @@ class Transfers:
                 self.endpoint.request(
                     f"server[{dest}]",
                     {"kind": "transfer", "move": out.move, "source": state.rank, "phase": "end",
-                     "view": out.view},
+                     "view": out.view, "seqs": seqs},
                     what=f"end of move {out.move} from {state.name} to server[{dest}]",
                 )
             )  # fmt: skip
@@ -517,6 +555,7 @@ class Transfers:
             # the source's clocks are not taken: a worker's clock here moves only with its own
             # requests, in their order (a held push must not find its clock already applied);
             # every worker's switching clock message comes here before the last source ends
+            inc.seqs[h["source"]] = {int(w): int(s) for w, s in h.get("seqs") or []}
             self.ended(h["source"])
             req.reply.ok()
             return
@@ -547,6 +586,8 @@ class Transfers:
         inc.sources.discard(source)
         if not inc.sources:
             log.info("%s: move %d received", self.state.name, inc.move)
+            if self.state.replication > 1 and inc.ring is not None:
+                self.state.moved = Moved(inc.old, inc.ring, self.state.replication, inc.seqs)
             self.dense.received()
             self.incoming = None
             self.received += 1
