@@ -186,4 +186,5 @@ class Rebuilds:
         )
         if self.queue:
             self.start(self.queue[0])
+        self.coord.scaling.start()  # a join or drain that waited for this copy
         self.coord.journal_scaling()

@@ -33,6 +33,11 @@ on a join and on a drain (as a table created now would be cut); a small one stay
 is unless its server leaves, then goes to the least loaded other. The registry takes the new
 placement when the move is done, and places new dense tables on the ring's servers only (a
 joining server once its move is done). Plain state plus the coordinator's publish and send.
+
+With replication the copies of every owner follow the ring's members (``partition.replicas_of``)
+and the servers move each key to its new copies (server/transfer.py); a move waits while a copy
+is being rebuilt, and is refused while a dense table exists (``unmovable``: their copies do not
+move yet).
 """
 
 from __future__ import annotations
