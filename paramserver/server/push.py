@@ -10,11 +10,11 @@ mean.
 from __future__ import annotations
 
 from paramserver.server.consistency import aggregate_dense, aggregate_sparse
+from paramserver.server.copies import not_applied
 from paramserver.server.rebuild import already_applied
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import Handlers
 from paramserver.server.table import Table, keys_and_values
-from paramserver.server.transfer import not_applied
 from paramserver.wire.codec import decode_pushed
 from paramserver.wire.messages import PushMsg
 from paramserver.wire.paths import Request

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.partition import HashRing, held_keys
+from paramserver.server.copies import Moved
 from paramserver.server.keycache import KeyCache
 from paramserver.server.recut import DenseMoves
 from paramserver.server.shard import SparseShard
@@ -72,7 +73,7 @@ from paramserver.wire.paths import Request
 from paramserver.wire.refusal import Refusal
 from paramserver.wire.transport import Endpoint, Future, Security
 
-__all__ = ["Moved", "Transfers", "changed_rows", "moving_keys", "not_applied"]
+__all__ = ["Transfers", "changed_rows", "moving_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -143,38 +144,6 @@ class Incoming:
     held: set[int] = field(default_factory=set)
     ring: HashRing | None = None  # the new ring (with replication: see ``Moved``)
     seqs: dict[int, dict[int, int]] = field(default_factory=dict)  # source -> its last_seq
-
-
-@dataclass
-class Moved:
-    """With replication, after a move received here: a key's old primary may hold it on the
-    new ring too, and then it applied the async pushes of the workers that switched before its
-    final (the rows it sent hold them); those are the pushes of a sequence number up to its
-    ``last_seq`` of that worker then, which this server skips for the keys it received."""
-
-    old: HashRing
-    new: HashRing
-    replication: int
-    seqs: dict[int, dict[int, int]]  # source -> worker -> the last sequence number applied
-
-
-def not_applied(state: ServerState, rank: int, seq: int, keys: np.ndarray) -> np.ndarray | None:
-    """Which of an async push's ``keys`` to apply here (None: all): not those received in the
-    last move whose source holds them on the new ring too and had applied push ``seq`` of
-    worker ``rank`` before it sent their rows (see :class:`Moved`)."""
-    moved = state.moved
-    if not isinstance(moved, Moved) or len(keys) == 0:
-        return None
-    me, k = state.rank, moved.replication
-    received = ~held_keys(keys, moved.old, me, k)
-    if not received.any():
-        return None
-    source = moved.old.route(keys)
-    done = np.zeros(len(keys), bool)
-    for s in np.unique(source[received]).tolist():
-        if seq <= moved.seqs.get(int(s), {}).get(rank, -1):
-            done |= received & (source == s) & held_keys(keys, moved.new, int(s), k)
-    return None if not done.any() else ~done
 
 
 class Transfers:

@@ -163,7 +163,7 @@ def test_pushes_during_moves_with_replication_in_async_training_count_once(
     # stops between two steps (it switches rings late) and worker 0 pushes on by the new ring
     # (no pulls): a key's old primary that holds it on the new ring too applies worker 0's
     # pushes before its final, and the new copy, which holds them till the move's end, must
-    # not apply them again (transfer.not_applied; without it keys count some pushes twice)
+    # not apply them again (server/copies.py; without it keys count some pushes twice)
     errors: list[Exception] = []
     steps = [0] * WORKERS
     goal = [STEPS]  # every worker ends at this step (a save waits for all clocks)
