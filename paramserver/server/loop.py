@@ -252,6 +252,12 @@ class Server:
         """Whether a request for keys this server is receiving was kept (or refused) until
         the move's end (server/transfer.py); a request in a newer view applies that view first
         (it may announce the move)."""
+        if since is None and self.parked and any(i == identity for i, _, _ in self.parked):
+            # behind a request of its sender held for a move that just ended (its end came
+            # earlier in this batch): handled after it, in the order sent, not before (a push
+            # applied before an earlier one would make that one look like a retry)
+            self.parked.append((identity, frames, time.monotonic()))
+            return True
         wanted = req.header.get("view")
         newer = isinstance(wanted, int) and wanted > self.state.view
         if self.transfers.incoming is None and not self.rebuilds.busy and not newer:
