@@ -13,6 +13,8 @@ one (the baseline, same run).
     python benchmarks/scaling.py                 # 1,000,000 rows, a 4,194,304-element table
     python benchmarks/scaling.py --quick         # 20,000 rows, 262,144 elements
     python benchmarks/scaling.py --big 0         # without the large dense table
+    python benchmarks/scaling.py --replication 2 # every key on 2 servers (no dense tables:
+                                                 # their copies do not move yet)
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ BIG = 1 << 22  # elements of the large dense table (--big): cut over the servers
 def steps(emb: Any, client: Any, rng: np.random.Generator, rows: int, n: int,
           big: int) -> list[float]:  # fmt: skip
     took = []
+    small = DENSE if big >= 0 else 0  # big < 0: no dense tables at all (replication)
     dense = [client.dense_table(name, size, optimizer=ps.optim.Adagrad(lr=0.1),
                                 consistency="sync")
-             for name, size in (("mlp", DENSE), ("big", big)) if size]  # fmt: skip
+             for name, size in (("mlp", small), ("big", big)) if size > 0]  # fmt: skip
     for _ in range(n):
         t0 = time.perf_counter()
         keys = rng.integers(0, rows, 4096).astype(np.uint64)
@@ -70,10 +73,13 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--rows", type=int, default=0)
     p.add_argument("--big", type=int, default=-1, help="elements of the large dense table")
+    p.add_argument("--replication", type=int, default=1, help="copies of every key range")
     args = p.parse_args()
     rows = args.rows or (20_000 if args.quick else 1_000_000)
     big = args.big if args.big >= 0 else (1 << 18 if args.quick else BIG)
-    with ps.LocalCluster(servers=2, workers=1) as cluster:
+    if args.replication > 1:
+        big = -1  # no dense table: with replication only sparse tables move (for now)
+    with ps.LocalCluster(servers=2, workers=1, replication=args.replication) as cluster:
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=16, optimizer=ps.optim.Adagrad(lr=0.1),
                                   consistency="sync")  # fmt: skip
@@ -87,7 +93,10 @@ def main() -> None:
         cluster.remove_server(0)
         during["drain"] = moving(client, emb, rng, rows, 2, big)
         for move, took in zip(moves(client), during.values(), strict=True):
-            case = f"{move['kind']} server[{move['rank']}], {rows} rows x 16, dense {big}"
+            case = (
+                f"{move['kind']} server[{move['rank']}], {rows} rows x 16, dense {max(big, 0)}"
+                + (f", replication {args.replication}" if args.replication > 1 else "")
+            )
             emit("scaling", f"{case}: move", move["seconds"], "s", rows=move["rows"],
                  mib=round(move["bytes"] / 2**20, 2),
                  dense_mib=round(move.get("dense_bytes", 0) / 2**20, 2),

@@ -133,9 +133,12 @@ def commit_checkpoint(
     num_servers: int,
     num_workers: int,
     keep: int | None = None,
+    servers: list[int] | None = None,
 ) -> Path:
-    """Write the manifest into ``partial``, rename it into place, point LATEST at it."""
-    manifest = {
+    """Write the manifest into ``partial``, rename it into place, point LATEST at it.
+    ``servers``: the ranks that wrote (a server drained off the ring writes nothing), if not
+    every rank below ``num_servers``."""
+    manifest: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "clock": clock,
         "round": round_id,
@@ -144,6 +147,8 @@ def commit_checkpoint(
         "num_workers": num_workers,
         "tables": [t.to_wire() for t in tables],
     }
+    if servers is not None and servers != list(range(num_servers)):
+        manifest["servers"] = sorted(servers)
     _write_json(partial / "manifest.json", manifest)
     fsync_dir(partial)
     final = root / f"ckpt-{clock:08d}-{round_id}"
@@ -196,9 +201,9 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], l
     return directory, manifest, specs
 
 
-def _indexes(directory: Path, num_servers: int) -> list[dict[str, Any]]:
+def _indexes(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for r in range(num_servers):
+    for r in manifest.get("servers") or range(int(manifest["num_servers"])):
         f = directory / f"server-{r}" / "index.json"
         try:
             out.append(json.loads(f.read_text()))
@@ -228,7 +233,7 @@ def load_sparse_rows(
     first server that wrote it: the copies are equal at a checkpoint's clock in sync mode."""
     wanted = np.asarray([rank] if isinstance(rank, int) else list(rank), dtype=np.int32)
     keys_out, rows_out = [], []
-    for idx in _indexes(directory, manifest["num_servers"]):
+    for idx in _indexes(directory, manifest):
         entry = idx["tables"].get(name)
         if entry is None:
             continue
@@ -263,7 +268,7 @@ def load_dense_range(
     parts: list[np.ndarray] = []
     covered = start
     pieces = []
-    for idx in _indexes(directory, manifest["num_servers"]):
+    for idx in _indexes(directory, manifest):
         entry = idx["tables"].get(name)
         if entry is not None:
             pieces.append(
@@ -292,7 +297,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         describe("ckpt/")["tables"]["emb"]["rows"]
     """
     directory, manifest, specs = read_manifest(path)
-    indexes = _indexes(directory, manifest["num_servers"])
+    indexes = _indexes(directory, manifest)
     tables: dict[str, Any] = {}
     for spec in specs:
         entries = [idx["tables"][spec.name] for idx in indexes if spec.name in idx["tables"]]

@@ -9,6 +9,7 @@ a hash of its name; a larger one is cut into contiguous ranges, one per server.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,9 @@ __all__ = [
     "dense_pieces",
     "dense_ranges",
     "hash_keys",
+    "held_keys",
     "holds",
+    "owners_held",
     "replicas_of",
     "split_by_owner",
 ]
@@ -161,26 +164,68 @@ def dense_pieces(
     return pieces
 
 
-def replicas_of(rank: int, num_servers: int, replication: int) -> list[int]:
+def _members(servers: int | Sequence[int]) -> list[int]:
+    """The ring's server ranks, sorted: ``range(servers)`` for a count (a fixed server set)."""
+    if isinstance(servers, int):
+        return list(range(servers))
+    return sorted({int(s) for s in servers})
+
+
+def replicas_of(rank: int, servers: int | Sequence[int], replication: int) -> list[int]:
     """The servers that hold what server ``rank`` owns (its ring keys, its dense ranges) with
     ``replication`` copies: ``rank`` itself (the primary) and the next ``replication - 1``
-    ranks, wrapping around.
+    servers of the sorted ring list ``servers`` after it, wrapping around (a count ``n`` means
+    ranks ``0..n-1``: then the next ranks). Placed along the ring's members, not by rank
+    arithmetic, so that a join or a drain changes the copies of the few owners next to the
+    server that came or went (coordinator/scaling.py). A ``rank`` off the list (a server
+    joining or leaving) is placed where it would sort.
 
     Example:
-        replicas_of(2, 3, 2)   # [2, 0]
+        replicas_of(2, 3, 2)           # [2, 0]
+        replicas_of(3, [0, 1, 3], 2)   # [3, 0]
     """
-    return [(rank + i) % num_servers for i in range(min(max(replication, 1), num_servers))]
+    members = _members(servers)
+    k = min(max(replication, 1), max(len(members), 1))
+    after = [s for s in members if s > rank] + [s for s in members if s < rank]
+    return [rank, *after[: k - 1]]
 
 
-def holds(server: int, owner: int, num_servers: int, replication: int) -> bool:
+def holds(server: int, owner: int, servers: int | Sequence[int], replication: int) -> bool:
     """Whether ``server`` holds a copy of what ``owner`` owns (see :func:`replicas_of`).
 
     Example:
         holds(0, 2, 3, 2)   # True: server 0 is the second replica of server 2
     """
-    if replication <= 1 or num_servers <= 1:
+    if replication <= 1:
         return server == owner
-    return (server - owner) % num_servers < min(replication, num_servers)
+    return server in replicas_of(owner, servers, replication)
+
+
+def owners_held(server: int, servers: int | Sequence[int], replication: int) -> list[int]:
+    """The owners on the ring ``servers`` whose ranges ``server`` holds a copy of (itself
+    first if it is on the ring).
+
+    Example:
+        owners_held(0, [0, 1, 2], 2)   # [0, 2]
+    """
+    members = _members(servers)
+    held = [o for o in members if o != server and holds(server, o, members, replication)]
+    return ([server] if server in members else []) + held
+
+
+def held_keys(keys: np.ndarray, ring: HashRing, server: int, replication: int) -> np.ndarray:
+    """Which of ``keys`` ``server`` holds a copy of on ``ring`` (bool per key): their owner is
+    one of :func:`owners_held`. Without replication: the keys ``ring`` gives ``server``.
+
+    Example:
+        held_keys(np.arange(4, dtype=np.uint64), HashRing.build([0, 1]), 0, 2)   # all True
+    """
+    if len(keys) == 0:
+        return np.zeros(0, bool)
+    owners = ring.route(keys)
+    if replication <= 1:
+        return np.asarray(owners == server)
+    return np.isin(owners, np.asarray(owners_held(server, ring.servers, replication), np.int32))
 
 
 def check_replication(replication: object, num_servers: int) -> int:

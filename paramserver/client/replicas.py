@@ -1,6 +1,7 @@
 """Replication on the worker's side: where a request about server ``s``'s ranges goes when
-every range lives on ``k`` servers (``s`` and the next ``k - 1`` ranks,
-:func:`paramserver.partition.replicas_of`).
+every range lives on ``k`` servers (``s`` and the next ``k - 1`` servers of the ring this worker
+routes by, :func:`paramserver.partition.replicas_of`: a move's new ring from the worker's switch
+on).
 
 * A read (``pull``, ``pull_many``) goes to the first live copy (the primary). Lost with it, it
   goes to the next live copy as soon as a view declares that server dead or rebuilding, without
@@ -32,7 +33,7 @@ from paramserver.wire.transport import Future, gather
 if TYPE_CHECKING:
     from paramserver.client.session import RequestOptions, Session
 
-__all__ = ["READS", "WRITES", "live_copies", "request_copies", "settle"]
+__all__ = ["READS", "WRITES", "copies_of", "live_copies", "request_copies", "settle"]
 
 READS = frozenset({"pull", "pull_many"})
 WRITES = frozenset({"push", "push_many", "assign"})
@@ -54,8 +55,12 @@ def live_copies(session: Session, s: int) -> list[int]:
     Example:
         live_copies(session, 2)   # [2, 0] with 3 servers and replication 2, both alive
     """
-    copies = replicas_of(s, session.num_servers, session.replication)
-    return [r for r in copies if session.server_alive(r)]
+    return [r for r in copies_of(session, s) if session.server_alive(r)]
+
+
+def copies_of(session: Session, s: int) -> list[int]:
+    """Every server holding server ``s``'s ranges on the ring this worker routes by now."""
+    return replicas_of(s, session.ring_servers or session.num_servers, session.replication)
 
 
 def _done(session: Session, what: str) -> Future[Any]:
@@ -63,7 +68,7 @@ def _done(session: Session, what: str) -> Future[Any]:
 
 
 def _lost(session: Session, s: int, what: str) -> Future[Any]:
-    copies = replicas_of(s, session.num_servers, session.replication)
+    copies = copies_of(session, s)
     fut: Future[Any] = Future(session.endpoint, what)
     fut.set_exception(
         NodeLostError(
@@ -94,7 +99,7 @@ def request_copies(
         if not copies:
             return _lost(session, s, what)
         # a copy being rebuilt is written to as well (server/rebuild.py), never read
-        copies += [r for r in replicas_of(s, session.num_servers, session.replication)
+        copies += [r for r in copies_of(session, s)
                    if r in session.writing_to and r not in copies]  # fmt: skip
         if kind in ("push", "assign"):  # one sequence number per owner: see the module docstring
             header = {**header, "seq": session.next_seq()}

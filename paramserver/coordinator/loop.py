@@ -338,6 +338,7 @@ class Coordinator:
         old = self.members.superseded(h, now)
         if old is not None:
             self._declare_dead(old, "its process is gone and a replacement is here")
+        self.members.unmovable = self.scaling.unmovable()
         m, replacing = self.members.register_server(identity, h, now)
         view = self.members.view_for(m)
         tables = None
@@ -420,7 +421,7 @@ class Coordinator:
             h["clock"],
             h["timeout"],
             (identity, h["id"]),
-            self.members.servers,
+            self.members.writers(),
             time.monotonic(),
         )
         self._ask_to_write(rnd)
@@ -429,7 +430,7 @@ class Coordinator:
         if self._saves:
             return  # the saves that waited go first
         workers_alive = any(w.state == ALIVE for w in self.members.workers)
-        rnd = self.rounds.start_periodic(now, self.members.servers, workers_alive)
+        rnd = self.rounds.start_periodic(now, self.members.writers(), workers_alive)
         if rnd is not None:
             self._ask_to_write(rnd)
 
@@ -471,6 +472,7 @@ class Coordinator:
                 tables=self.tables.specs(),
                 num_servers=len(self.members.servers),
                 num_workers=len(self.members.workers),
+                servers=[m.rank for m in self.members.writers()],
             )
         except OSError as exc:
             self._fail_round(rnd, f"writing the manifest failed: {exc}")

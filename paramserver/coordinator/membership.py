@@ -111,6 +111,8 @@ class Membership:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
         check_replication(replication, num_servers)
         self.replication = replication
+        # why a server cannot join now (coordinator/scaling.py, Scaling.unmovable), or ""
+        self.unmovable = ""
         if num_workers < 1:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts
@@ -138,6 +140,10 @@ class Membership:
     def member(self, role: str, rank: int) -> Member | None:
         members = self.servers if role == "server" else self.workers
         return members[rank] if rank < len(members) else None
+
+    def writers(self) -> list[Member]:
+        """The servers a checkpoint needs: all but those drained off the ring (``left``)."""
+        return [m for m in self.servers if m.state != LEFT]
 
     def server_by_identity(self, identity: bytes) -> Member | None:
         return next((m for m in self.servers if m.identity == identity and m.state == ALIVE), None)
@@ -265,12 +271,11 @@ class Membership:
             free = [s for s in self.servers if s.state in (PENDING, DEAD, LEFT)]
             free = [s for s in free if s.rank in self.ring]
             if not free:
-                if all(w.state == PENDING for w in self.workers) or self.replication > 1:
+                if all(w.state == PENDING for w in self.workers) or self.unmovable:
                     raise Refusal(
                         "full",
                         f"all {len(self.servers)} server ranks are taken by live servers"
-                        + (" (servers join a running job only without replication)"
-                           if self.replication > 1 else ""),
+                        + (f" (no server joins: {self.unmovable})" if self.unmovable else ""),
                     )  # fmt: skip
                 # a running job (workers came): the newcomer joins the ring (coordinator/scaling.py)
                 self.servers.append(Member("server", len(self.servers)))

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from paramserver.coordinator.membership import ALIVE, Member
-from paramserver.partition import holds, replicas_of
+from paramserver.partition import owners_held, replicas_of
 from paramserver.wire.messages import MoveDoneMsg
 
 __all__ = ["Rebuilds"]
@@ -118,12 +118,10 @@ class Rebuilds:
     def _plan(self, rank: int) -> dict[int, list[int]] | None:
         """Per source, the owners it sends; None (logged) if an owner has no live copy."""
         members = self.coord.members
-        n, k = len(members.servers), members.replication
+        ring, k = members.ring, members.replication
         plan: dict[int, list[int]] = {}
-        for owner in range(n):
-            if not holds(rank, owner, n, k):
-                continue
-            live = [s for s in replicas_of(owner, n, k) if s != rank and self._serves(s)]
+        for owner in owners_held(rank, ring, k):
+            live = [s for s in replicas_of(owner, ring, k) if s != rank and self._serves(s)]
             if not live:
                 log.error("server[%d] cannot be rebuilt: no live copy of server[%d]'s ranges "
                           "is left (it stays rebuilding)", rank, owner)  # fmt: skip
@@ -188,4 +186,5 @@ class Rebuilds:
         )
         if self.queue:
             self.start(self.queue[0])
+        self.coord.scaling.start()  # a join or drain that waited for this copy
         self.coord.journal_scaling()

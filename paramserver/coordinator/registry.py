@@ -72,9 +72,8 @@ class TableRegistry:
         else:
             least = min(self.server_ranks, key=lambda r: (self.dense_load[r], r))
             ranges = [(least, 0, spec.size)]
-        n = len(self.server_ranks)
         for s, a, b in ranges:
-            for r in replicas_of(s, n, self.replication):
+            for r in replicas_of(s, self.server_ranks, self.replication):
                 self.dense_load[r] += b - a
         return spec.with_ranges(ranges)
 
@@ -83,7 +82,7 @@ class TableRegistry:
         takes one away); nothing changes here until :meth:`adopt`. A large table is cut anew
         over ``ranks`` (as :meth:`create` would cut it); a small one stays whole where it is,
         unless its server leaves: then it goes to the least loaded of ``ranks`` (lowest rank on
-        a tie), tables in creation order. ValueError without servers or with replication;
+        a tie), tables in creation order. ValueError without servers or with replication and a dense table;
         Refusal (``too_large``) if a range would pass ``Limits(table_bytes)``.
 
         Example:
@@ -94,11 +93,11 @@ class TableRegistry:
         new = sorted({int(r) for r in ranks})
         if not new:
             raise ValueError("replan: no servers to place the dense tables on")
-        if self.replication > 1:
-            raise ValueError("replan: dense ranges do not move with replication (they are "
-                             "placed by rank, on every copy)")  # fmt: skip
-        plan = DensePlan(new, load=dict.fromkeys(new, 0))
         dense = [s for s in self.tables.values() if s.kind == "dense"]
+        if self.replication > 1 and dense:
+            raise ValueError("replan: dense ranges do not move with replication yet (each "
+                             "lives whole on its server and the next on the ring)")  # fmt: skip
+        plan = DensePlan(new, load=dict.fromkeys(new, 0))
         placed: dict[str, list[tuple[int, int, int]]] = {}
         for spec in dense:  # the tables that stay or are re-cut first: they fix the load
             whole = len(spec.ranges) == 1 and spec.size < DENSE_SPLIT_ELEMENTS
@@ -141,11 +140,10 @@ class TableRegistry:
 
     def count_load(self) -> None:
         """The dense elements on each server, counted from the tables' ranges."""
-        n = len(self.server_ranks)
         load = dict.fromkeys(self.server_ranks, 0)
         for spec in self.tables.values():
             for s, a, b in spec.ranges if spec.kind == "dense" else ():
-                for r in replicas_of(s, n, self.replication) if s in load else ():
+                for r in replicas_of(s, self.server_ranks, self.replication) if s in load else ():
                     load[r] = load.get(r, 0) + b - a
         self.dense_load = load
 

@@ -152,7 +152,13 @@ class CheckpointRounds:
         return rnd
 
     def commit(
-        self, rnd: Round, *, tables: list[TableSpec], num_servers: int, num_workers: int
+        self,
+        rnd: Round,
+        *,
+        tables: list[TableSpec],
+        num_servers: int,
+        num_workers: int,
+        servers: list[int] | None = None,
     ) -> Path:
         """Write the manifest of a round every server answered and move it into place: the
         checkpoint's directory. OSError if that fails (the caller fails the round)."""
@@ -166,6 +172,7 @@ class CheckpointRounds:
             num_servers=num_servers,
             num_workers=num_workers,
             keep=self.policy.keep if self.policy else None,
+            servers=servers,
         )
         log.info("checkpoint at clock %d written: %s", rnd.clock, final)
         self.latest = {"path": str(final), "clock": rnd.clock}

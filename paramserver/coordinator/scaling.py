@@ -33,6 +33,11 @@ on a join and on a drain (as a table created now would be cut); a small one stay
 is unless its server leaves, then goes to the least loaded other. The registry takes the new
 placement when the move is done, and places new dense tables on the ring's servers only (a
 joining server once its move is done). Plain state plus the coordinator's publish and send.
+
+With replication the copies of every owner follow the ring's members (``partition.replicas_of``)
+and the servers move each key to its new copies (server/transfer.py); a move waits while a copy
+is being rebuilt, and is refused while a dense table exists (``unmovable``: their copies do not
+move yet).
 """
 
 from __future__ import annotations
@@ -92,9 +97,8 @@ class Scaling:
         move = members.move
         # the servers new dense tables go to: the ring's, less a server being drained
         drained = move["rank"] if move is not None and move["kind"] == "drain" else -1
-        if members.replication == 1:
-            tables.server_ranks = [r for r in members.ring if r != drained]
-            tables.count_load()
+        tables.server_ranks = [r for r in members.ring if r != drained]
+        tables.count_load()
         if move is not None:
             self.next_id = max(self.next_id, int(move["id"]) + 1)
             rid, left = self._journaled
@@ -117,9 +121,23 @@ class Scaling:
         self.start()
 
     def _ready(self, rank: int) -> bool:
-        """Whether every server a queued move of ``rank`` needs is alive (else it waits)."""
+        """Whether every server a queued move of ``rank`` needs is alive and holds its
+        copies (else it waits: a replica being rebuilt is not a source)."""
         members = self.coord.members
-        return all(members.servers[r].state == ALIVE for r in {*members.ring, rank})
+        return all(members.servers[r].state == ALIVE and not members.servers[r].rebuilding
+                   for r in {*members.ring, rank})  # fmt: skip
+
+    def unmovable(self) -> str:
+        """Why no move may start now, or "": with replication a move carries the rows of
+        sparse tables only (a dense table's copies are not moved yet)."""
+        if self.coord.members.replication <= 1:
+            return ""
+        for spec in self.coord.tables.specs():
+            if spec.kind != "sparse":
+                return (f"with replication={self.coord.members.replication} servers join and "
+                        f"leave only while every table is sparse (table {spec.name!r} is "
+                        f"dense: its copies do not move yet)")  # fmt: skip
+        return ""
 
     def on_dead(self, m: Member) -> None:
         """A server died (the caller publishes next): a move it takes part in is abandoned
@@ -151,9 +169,15 @@ class Scaling:
         """``drain``: check, queue, answer at once (the view says when it is done)."""
         members, rank = self.coord.members, h["rank"]
         ring = members.ring
-        if members.replication > 1:
+        why = self.unmovable()
+        if why:
+            raise Refusal("invalid", f"server[{rank}] cannot be drained: {why} (nothing changed)")
+        if members.replication > 1 and len(ring) - 1 < members.replication:
             raise Refusal(
-                "invalid", "servers are drained only without replication (nothing changed)"
+                "invalid",
+                f"server[{rank}] cannot be drained: replication={members.replication} needs "
+                f"{members.replication} servers and the ring {ring} would keep "
+                f"{len(ring) - 1} (add a server first; nothing changed)",
             )
         if rank not in ring or ("drain", rank) in self.queue:
             raise Refusal(
@@ -178,6 +202,12 @@ class Scaling:
             return
         ready = [i for i, (_, r) in enumerate(self.queue) if self._ready(r)]
         if not ready:
+            return
+        why = self.unmovable()
+        if why:  # tables created since the join or drain was asked
+            kind, rank = self.queue.pop(ready[0])
+            log.error("%s of server[%d] not started: %s", kind, rank, why)
+            self.coord.journal_scaling()
             return
         kind, rank = self.queue.pop(ready[0])
         old = list(members.ring)

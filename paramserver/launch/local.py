@@ -465,8 +465,9 @@ class LocalCluster:
     def remove_server(self, rank: int, *, wait: bool = False, timeout: float = 60.0) -> None:
         """Drain server ``rank``: its keys move to the others while training goes on (the
         workers switch at their next ``clock()``), then it stops. RemoteError if the
-        coordinator refuses (not on the ring, the last server, with replication; its dense
-        ranges move: a cut table is cut anew over the servers left). If it dies before it left,
+        coordinator refuses (not on the ring, the last server, with replication fewer servers
+        than copies or a dense table; its dense ranges move: a cut table is cut anew over the
+        servers left). If it dies before it left,
         it is started again and drained again (the coordinator abandons the move and queues
         it). With
         ``wait``, return once it left (do not wait from the only thread that trains: the move

@@ -84,7 +84,7 @@ class Admin(Handlers):
         except Refusal as exc:
             state.refused_tables[spec.name] = exc.message
             raise
-        table = make_table(spec, state.rank, state.num_servers, state.replication)
+        table = make_table(spec, state.rank, state.members, state.replication)
         table.max_bytes = state.limits.table_bytes
         state.tables[spec.name] = table
         log.info("%s: table %r created", state.name, spec.name)

@@ -15,7 +15,7 @@ import logging
 from paramserver import checkpoint
 from paramserver.arrays import all_finite
 from paramserver.errors import ConfigError
-from paramserver.partition import HashRing, holds
+from paramserver.partition import HashRing, owners_held
 from paramserver.server.keycache import KeyCache
 from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.snapshot import load_rows
@@ -121,13 +121,14 @@ class Assigns(Handlers):
             req.reply.ok(stats={"tables": len(mine), "kept": kept})
             return
         servers = int(h["servers"])
-        ring = HashRing.build(list(h.get("ring") or range(servers)))
-        # with replication this server holds the keys of the ranks it is a copy of, too
-        owners = [r for r in range(servers) if holds(state.rank, r, servers, state.replication)]
+        members = sorted(int(r) for r in h.get("ring") or range(servers))
+        ring = HashRing.build(members)
+        # with replication this server holds the keys of the servers it is a copy of, too
+        owners = owners_held(state.rank, members, state.replication)
         fresh: dict[str, Table] = {}
         try:
             for n, t in mine.items():
-                fresh[n] = make_table(t.spec, state.rank, servers, state.replication)
+                fresh[n] = make_table(t.spec, state.rank, members, state.replication)
                 load_rows(fresh[n], directory, manifest, ring, owners)
         except (ConfigError, OSError, ValueError) as exc:
             raise Refusal("invalid", f"restore from {directory}: {exc}") from None

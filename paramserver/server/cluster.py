@@ -200,7 +200,7 @@ class CoordinatorLink:
             for wire in reply.get("tables") or []:
                 spec = TableSpec.from_wire(wire)
                 state.tables[spec.name] = make_table(
-                    spec, state.rank, state.num_servers, state.replication
+                    spec, state.rank, state.members, state.replication
                 )
         for t in state.tables.values():
             t.max_bytes = state.limits.table_bytes
@@ -371,6 +371,9 @@ class CoordinatorLink:
         if not isinstance(number, int) or not isinstance(workers, list) or number <= state.view:
             return
         state.view = number
+        ring = view.get("ring")
+        if isinstance(ring, list) and ring:
+            state.ring = sorted(int(r) for r in ring)
         if self.on_view is not None:
             self.on_view(view)
         live = {int(r) for r, status in workers if status in ("pending", "alive")}

@@ -98,6 +98,9 @@ class Server:
         self.rejections = protocol.Rejections()
         # messages of workers not yet live, waiting for a view: (identity, frames, since)
         self.parked: list[tuple[bytes, list[Any], float]] = []
+        # the connections with a request parked for a move (``held_for_move``): their later
+        # requests wait behind it until it is handled again
+        self.move_held: set[bytes] = set()
         # the view, tables, moves received and tenth of a second last tried at
         self.parked_state = (0, 0, 0, 0)
         self.snapshots = Snapshots(self.state)
@@ -253,6 +256,12 @@ class Server:
         """Whether a request for keys this server is receiving was kept (or refused) until
         the move's end (server/transfer.py); a request in a newer view applies that view first
         (it may announce the move)."""
+        if since is None and identity in self.move_held and len(self.parked) < MAX_PARKED:
+            # behind a request of its sender held for a move that just ended (its end came
+            # earlier in this batch): handled after it, in the order sent, not before (a push
+            # applied before an earlier one would make that one look like a retry)
+            self.parked.append((identity, frames, time.monotonic()))
+            return True
         wanted = req.header.get("view")
         newer = isinstance(wanted, int) and wanted > self.state.view
         if self.transfers.incoming is None and not self.rebuilds.busy and not newer:
@@ -272,6 +281,7 @@ class Server:
                     req.reply.ok()
             elif self.transfers.holds(req.header, req.arrays):
                 self.hold_for_move(identity, frames, since)
+                self.move_held.add(identity)
             else:
                 done = False
         return done
@@ -447,6 +457,7 @@ class Server:
             return
         self.parked_state = now_state
         waiting, self.parked = self.parked, []
+        self.move_held = set()  # (a request held again puts its sender back)
         for identity, frames, since in waiting:
             self.handle_safely(identity, frames, since)
         self.rebuilds.unparked()

@@ -10,6 +10,7 @@ mean.
 from __future__ import annotations
 
 from paramserver.server.consistency import aggregate_dense, aggregate_sparse
+from paramserver.server.copies import not_applied
 from paramserver.server.rebuild import already_applied
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import Handlers
@@ -90,6 +91,10 @@ class Pushes(Handlers):
         if not state.fresh(rank, seq) or already_applied(state, t, rank, seq, keys):
             req.reply.ok()  # a retry of a push already applied, or in a rebuild's rows
             return
+        if t.sync is None and keys is not None and state.moved is not None:
+            fresh = not_applied(state, rank, seq, keys)  # in the rows a move brought here
+            if fresh is not None:
+                keys, grads = keys[fresh], grads[fresh]
         t.pushes += 1
         if t.sync is not None:
             if h["clock"] < state.sync_floor:  # in the rows a rebuild copied (server/rebuild.py)

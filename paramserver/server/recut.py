@@ -134,7 +134,7 @@ class DenseMoves:
             new: Table | None = None
             local = None
             if mine_new:
-                new = make_table(spec, me, state.num_servers, state.replication)
+                new = make_table(spec, me, state.members, state.replication)
                 new.max_bytes, new.other_ranges, new.receiving = t.max_bytes, old, True
                 new.version = t.version + 1
                 self.receiving.add(name)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from paramserver import checkpoint
-from paramserver.partition import HashRing, holds
+from paramserver.partition import HashRing, owners_held
 from paramserver.server.shard import DenseShard, SparseShard
 from paramserver.server.state import ServerState
 from paramserver.server.table import Table, make_table
@@ -89,13 +89,14 @@ def restore(state: ServerState, path: str, view: dict[str, Any], tables: list[An
     directory, manifest, _ = checkpoint.read_manifest(path)
     n = int(view["num_servers"])
     # the ring now (servers join and leave: coordinator/scaling.py), not the one that wrote it
-    ring = HashRing.build(list(view.get("ring") or range(n)))
-    # with replication this server holds the keys of the ranks it is a copy of, too
-    owners = [r for r in range(n) if holds(state.rank, r, n, state.replication)]
+    members = sorted(int(r) for r in view.get("ring") or range(n))
+    ring = HashRing.build(members)
+    # with replication this server holds the keys of the servers it is a copy of, too
+    owners = owners_held(state.rank, members, state.replication)
     saved = {t["name"] for t in manifest["tables"]}
     for wire in tables:
         spec = TableSpec.from_wire(wire)
-        table = make_table(spec, state.rank, n, state.replication)
+        table = make_table(spec, state.rank, members, state.replication)
         if spec.name in saved:  # else created after the checkpoint: starts empty
             load_rows(table, directory, manifest, ring, owners)
         state.tables[spec.name] = table

@@ -39,8 +39,10 @@ class ServerState:
         self.address = ""
         self.view = 0  # the number of the newest cluster view applied
         self.num_servers = 1
+        # the hash ring's servers in the newest view (servers join and leave)
+        self.ring: list[int] = []
         # copies of every range (partition.replicas_of): this server also holds the ranges of
-        # the replication - 1 ranks before it
+        # the replication - 1 servers before it on the ring
         self.replication = 1
         # took over a dead rank under replication: holds none of its ranges yet, so no worker
         # reads or writes here and its checkpoints hold nothing
@@ -51,6 +53,9 @@ class ServerState:
         # their owner's source had applied (ring, owner -> worker -> seq)
         self.sync_floor = 0
         self.rebuilt_seqs: tuple[Any, dict[int, dict[int, int]]] | None = None
+        # with replication, after a move received here: the async pushes already in the rows
+        # it received (server/transfer.py, Moved)
+        self.moved: Any = None
         self.clocks = Clocks(0)
         self.last_seq: dict[int, int] = {}  # worker rank -> sequence number of its last push
         self.deferred: DeferredPulls[Waiting] = DeferredPulls()
@@ -95,6 +100,11 @@ class ServerState:
                 f"{h['kind']} of table {h['table']!r} carries {n} keys to {self.name}, more than "
                 f"Limits(request_keys={limit}): nothing changed (send the keys in batches)",
             )
+
+    @property
+    def members(self) -> list[int]:
+        """The ring's servers that copies are placed along (``partition.replicas_of``)."""
+        return self.ring or list(range(self.num_servers))
 
     def fresh(self, rank: int, seq: int) -> bool:
         """False for a retry of a push already applied; else remember ``seq``."""

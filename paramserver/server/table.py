@@ -8,6 +8,7 @@ reply) and changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,7 +184,9 @@ def check_table_bytes(spec: TableSpec, rank: int, limit: int, where: str) -> Non
             )
 
 
-def make_table(spec: TableSpec, rank: int, num_servers: int = 1, replication: int = 1) -> Table:
+def make_table(
+    spec: TableSpec, rank: int, servers: int | Sequence[int] = 1, replication: int = 1
+) -> Table:
     """An empty table for ``spec`` on server ``rank`` (a dense one holds its range only: the
     range it owns, or with ``replication`` the range of a rank it is a copy of)."""
     assert spec.seed is not None
@@ -197,7 +200,7 @@ def make_table(spec: TableSpec, rank: int, num_servers: int = 1, replication: in
         mine = [
             (s, a, b)
             for s, a, b in spec.ranges
-            if s == rank or holds(rank, s, num_servers, replication)
+            if s == rank or holds(rank, s, servers, replication)
         ]
         if mine:
             _, a, b = mine[0]

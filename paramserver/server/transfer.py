@@ -62,8 +62,9 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.partition import HashRing
+from paramserver.partition import HashRing, held_keys
 from paramserver.server.ahead import send_back
+from paramserver.server.copies import Moved
 from paramserver.server.keycache import KeyCache
 from paramserver.server.recut import DenseMoves
 from paramserver.server.shard import SparseShard
@@ -128,6 +129,10 @@ class Outgoing:
     announce: dict[str, Any] = field(default_factory=dict)  # the view that announced it
     told: set[int] = field(default_factory=set)  # workers sent that view by this server
     dense_bytes: int = 0  # of ``bytes``: the dense tables' rows and buffered pushes
+    # per switched worker, its buffered sync pushes here when its ``switched`` came, per
+    # (table, clock): with replication this server may hold a moving key on the new ring too,
+    # and the pushes sent after the switch reach its new copies from the worker itself
+    before: dict[int, dict[tuple[str, int], int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +145,8 @@ class Incoming:
     # workers with a request held: their later requests wait too, so that they are handled
     # in the order they came (a clock message must not overtake the push held before it)
     held: set[int] = field(default_factory=set)
+    ring: HashRing | None = None  # the new ring (with replication: see ``Moved``)
+    seqs: dict[int, dict[int, int]] = field(default_factory=dict)  # source -> its last_seq
 
 
 class Transfers:
@@ -169,6 +176,8 @@ class Transfers:
         self.received = 0  # moves whose every source's end came here
         # workers switched to a move not yet seen here (worker -> its first new-ring clock)
         self.early: dict[int, dict[int, int | None]] = {}
+        # their buffered sync pushes then (Outgoing.before), per move
+        self.early_before: dict[int, dict[int, dict[tuple[str, int], int]]] = {}
         self.ring: list[int] = []  # the servers of the ring this server serves under
         # after a move out: the ring whose keys this server keeps, once no old pull waits
         self.prune: HashRing | None = None
@@ -202,7 +211,9 @@ class Transfers:
             if rank != me and rank in new and status == "alive" and address:
                 self.endpoint.connect(f"server[{rank}]", address)
         if me in new and set(old) - {me}:
-            self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me})
+            self.incoming = Incoming(int(move["id"]), HashRing.build(old), set(old) - {me},
+                                     ring=HashRing.build(new))  # fmt: skip
+            self.state.moved = None
         self.state.switched = None  # (a source: the workers switched here, below)
         if me in old:
             self.start(int(move["id"]), int(move["view"]), old, new)
@@ -258,6 +269,7 @@ class Transfers:
         early = self.early.pop(move, {})
         out.switched = set(early)
         out.first = {r: c for r, c in early.items() if c is not None}
+        out.before = self.early_before.pop(move, {})
         self.out = out
         for name, t in self.state.tables.items():
             if not isinstance(t.shard, SparseShard):
@@ -271,6 +283,8 @@ class Transfers:
         """A worker's ``switched``: it routes by the new ring (from clock ``since`` on)."""
         out = self.out
         if out is not None and move == out.move:
+            if rank not in out.switched:
+                out.before[rank] = self._buffered(rank)
             out.switched.add(rank)
             if since is not None:
                 out.first.setdefault(rank, since)
@@ -284,6 +298,17 @@ class Transfers:
                 self.finish(out)
         elif move not in self.seen:  # before this server saw the view: kept for the move
             self.early.setdefault(move, {}).setdefault(rank, since)
+            self.early_before.setdefault(move, {}).setdefault(rank, self._buffered(rank))
+
+    def _buffered(self, rank: int) -> dict[tuple[str, int], int]:
+        """How many buffered sync pushes of worker ``rank`` each (table, clock) holds now."""
+        counts: dict[tuple[str, int], int] = {}
+        for name, t in self.state.tables.items():
+            for clock, items in (t.sync.pending if t.sync is not None else {}).items():
+                n = sum(1 for item in items if item[0] == rank)
+                if n:
+                    counts[name, clock] = n
+        return counts
 
     def tell_late(self) -> None:
         """Once some worker switched, send the move's view to every live worker that has not:
@@ -338,14 +363,14 @@ class Transfers:
         """Keep only the rows ``ring`` gives this server (the moved ones are stale here: a
         checkpoint must not hold them twice), in a new shard; cached key lists resolved to the
         old one are forgotten (a worker then sends its keys again)."""
-        me = self.state.rank
+        me, k = self.state.rank, self.state.replication
         self.dense.settle()  # dense tables: the new ranges' tables replace the old ones
         for t in self.state.tables.values():
             shard = t.shard
             if not isinstance(shard, SparseShard):
                 continue
             rows = shard.export()
-            keep = moving_keys(rows["keys"], ring, me) < 0
+            keep = held_keys(rows["keys"], ring, me, k)
             if keep.all():
                 continue
             fresh = SparseShard(shard.dim, shard.dtype, shard.init, shard.optimizer, shard.seed,
@@ -356,7 +381,7 @@ class Transfers:
                 for clock, items in t.sync.pending.items():
                     kept = []
                     for rank, keys, grads in items:  # one per push
-                        stay = moving_keys(keys, ring, me) < 0
+                        stay = held_keys(keys, ring, me, k)
                         kept.append((rank, keys[stay], grads[stay]))
                     t.sync.pending[clock] = kept
             log.info("%s: table %r: %d moved rows dropped", self.state.name, t.spec.name,
@@ -376,6 +401,8 @@ class Transfers:
                             self._take_sync(out, t))  # fmt: skip
         self.dense.finish(self.sender(out))
         state = self.state
+        # the last push of each worker in the rows just sent (async: see ``Moved``)
+        seqs = [[w, s] for w, s in sorted(state.last_seq.items())]
         if self.incoming is not None and state.rank in self.incoming.sources:
             self.ended(state.rank)  # the part of its new ranges it held: taken just now
         for dest in out.dests:
@@ -383,7 +410,7 @@ class Transfers:
                 self.endpoint.request(
                     f"server[{dest}]",
                     {"kind": "transfer", "move": out.move, "source": state.rank, "phase": "end",
-                     "view": out.view},
+                     "view": out.view, "seqs": seqs},
                     what=f"end of move {out.move} from {state.name} to server[{dest}]",
                 )
             )  # fmt: skip
@@ -396,14 +423,30 @@ class Transfers:
         moved: dict[int, list[tuple[int, int, Any, Any]]] = {}
         if t.sync is None:
             return moved
-        me = self.state.rank
+        name = t.spec.name
         for clock, items in t.sync.pending.items():
+            seen: dict[int, int] = {}
             for rank, keys, grads in items:  # one per push, not per key
-                owner = moving_keys(keys, out.ring, me)
-                for dest in np.unique(owner[owner >= 0]).tolist():
-                    sel = owner == dest
-                    moved.setdefault(int(dest), []).append((clock, rank, keys[sel], grads[sel]))
+                seen[rank] = seen.get(rank, 0) + 1
+                if rank in out.before and seen[rank] > out.before[rank].get((name, clock), 0):
+                    continue  # sent after its switch: its new copies have it from the worker
+                for dest in out.dests:
+                    sel = self.gets(out, keys, dest)
+                    if sel.any():
+                        moved.setdefault(dest, []).append((clock, rank, keys[sel], grads[sel]))
         return moved
+
+    def gets(self, out: Outgoing, keys: np.ndarray, dest: int) -> np.ndarray:
+        """Which of ``keys`` this server sends ``dest`` in move ``out`` (bool per key): those
+        it owns on the old ring (their primary: with replication, one copy sends) that ``dest``
+        holds on the new ring and did not on the old one. Rows left behind by an earlier move
+        are not this server's to send."""
+        k, me = self.state.replication, self.state.rank
+        if len(keys) == 0:
+            return np.zeros(0, bool)
+        sel = out.old.route(keys) == me
+        sel &= held_keys(keys, out.ring, dest, k) & ~held_keys(keys, out.old, dest, k)
+        return np.asarray(sel, bool)
 
     def sender(self, out: Outgoing) -> Any:
         """How :class:`DenseMoves` sends a destination a part of a dense table in move ``out``
@@ -432,11 +475,8 @@ class Transfers:
         phase: str,
         sync: dict[int, list[tuple[int, int, Any, Any]]] | None,
     ) -> None:
-        owner = moving_keys(keys, out.ring, self.state.rank)
-        if len(keys):  # rows left behind by an earlier move are not this server's to send
-            owner[out.old.route(keys) != self.state.rank] = -1
         for dest in out.dests:
-            sel = owner == dest
+            sel = self.gets(out, keys, dest)
             # with the view of the move: a destination that has not seen it yet asks the
             # coordinator before it takes the rows (server/cluster.py, admit)
             header: dict[str, Any] = {"kind": "transfer", "move": out.move, "phase": phase,
@@ -478,7 +518,7 @@ class Transfers:
             return False
         if not arrays:
             return False  # a signature resolved before the move: keys this server held
-        if (moving_keys(arrays[0], inc.old, self.state.rank) >= 0).any():
+        if not held_keys(arrays[0], inc.old, self.state.rank, self.state.replication).all():
             inc.held.add(h["rank"])
             return True
         return False
@@ -494,6 +534,7 @@ class Transfers:
             # the source's clocks are not taken: a worker's clock here moves only with its own
             # requests, in their order (a held push must not find its clock already applied);
             # every worker's switching clock message comes here before the last source ends
+            inc.seqs[h["source"]] = {int(w): int(s) for w, s in h.get("seqs") or []}
             self.ended(h["source"])
             req.reply.ok()
             return
@@ -524,6 +565,8 @@ class Transfers:
         inc.sources.discard(source)
         if not inc.sources:
             log.info("%s: move %d received", self.state.name, inc.move)
+            if self.state.replication > 1 and inc.ring is not None:
+                self.state.moved = Moved(inc.old, inc.ring, self.state.replication, inc.seqs)
             self.dense.received()
             self.incoming = None
             self.received += 1

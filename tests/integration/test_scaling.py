@@ -70,6 +70,28 @@ def moves_of(address: str) -> list[dict[str, Any]]:
         ctx.term()
 
 
+def run_workers(
+    cluster: ps.LocalCluster,
+    work: Callable[[int], None],
+    events: dict[int, Callable[[ps.LocalCluster], None]],
+    talk: tuple[queue.Queue[int], queue.Queue[int]],
+    errors: list[Exception],
+) -> None:
+    """Run ``work(w)`` for every worker on a thread; from this (the main) thread, run
+    ``events[clock]`` when a worker puts ``clock`` in ``talk[0]``, then answer in ``talk[1]``
+    (a child started by a thread that ends gets SIGTERM: PR_SET_PDEATHSIG is per thread)."""
+    asked, answered = talk
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for _ in events:
+        clock = asked.get(timeout=120 if not errors else 0.1)
+        events[clock](cluster)
+        answered.put(clock)
+    for t in threads:
+        t.join(180)
+
+
 def train(
     consistency: str,
     optimizer: Any,
@@ -126,15 +148,7 @@ def train(
             except Exception as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(WORKERS)]
-        for t in threads:
-            t.start()
-        for _ in events:
-            clock = asked.get(timeout=120 if not errors else 0.1)
-            events[clock](cluster)
-            answered.put(clock)
-        for t in threads:
-            t.join(180)
+        run_workers(cluster, work, events, (asked, answered), errors)
         reader = clients[0]
         emb = reader.sparse_table("emb", dim=DIM, optimizer=optimizer, consistency=consistency,
                                   init=INIT[consistency], seed=3)  # fmt: skip

@@ -16,7 +16,9 @@ from paramserver.partition import (
     dense_pieces,
     dense_ranges,
     hash_keys,
+    held_keys,
     holds,
+    owners_held,
     replicas_of,
     split_by_owner,
 )
@@ -111,3 +113,42 @@ def test_replicas_are_a_rank_and_the_next_ones_wrapping_around() -> None:
             check_replication(bad, 3)
     with pytest.raises(ConfigError, match="replication=4 needs at least 4 servers"):
         check_replication(4, 3)
+
+
+def test_replicas_follow_the_ring_members_so_a_join_or_drain_changes_few_owners() -> None:
+    # a fixed set given as a list is the same placement as its count (checkpoints agree)
+    for n, k in itertools.product(range(1, 6), range(1, 4)):
+        for owner in range(n):
+            assert replicas_of(owner, list(range(n)), k) == replicas_of(owner, n, k)
+    assert replicas_of(3, [0, 1, 3], 2) == [3, 0]
+    assert replicas_of(1, [0, 2, 3], 2) == [1, 2]  # off the ring: placed where it sorts
+    assert owners_held(0, [0, 1, 2], 2) == [0, 2]
+    assert owners_held(3, [0, 1, 2], 2) == []
+    # a join of 5 into 0..4, k = 2: only owner 4's copies change (4's second copy is 5, not 0)
+    old, new = [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]
+    changed = [o for o in old if replicas_of(o, old, 2) != replicas_of(o, new, 2)]
+    assert changed == [4]
+    # a drain of 2 from 0..4: owner 1's second copy becomes 3
+    drained = [0, 1, 3, 4]
+    assert [o for o in drained if replicas_of(o, old, 2) != replicas_of(o, drained, 2)] == [1]
+    # every server of a ring holds k owners' ranges, each owner k distinct servers
+    for ring in ([0, 2, 5], [1, 2, 3, 7], [4]):
+        for k in range(1, len(ring) + 1):
+            for o in ring:
+                assert len(set(replicas_of(o, ring, k))) == k
+            assert all(len(owners_held(s, ring, k)) == k for s in ring)
+
+
+def test_held_keys_are_the_keys_of_the_owners_a_server_copies() -> None:
+    keys = np.arange(5000, dtype=np.uint64)
+    ring = HashRing.build([0, 2, 5])
+    owners = ring.route(keys)
+    for k in (1, 2, 3):
+        count = np.zeros(len(keys), int)
+        for s in (0, 2, 5):
+            mask = held_keys(keys, ring, s, k)
+            want = np.array([s in replicas_of(int(o), [0, 2, 5], k) for o in owners])
+            np.testing.assert_array_equal(mask, want)
+            count += mask
+        assert (count == k).all()  # every key on exactly k servers
+    assert held_keys(keys[:0], ring, 0, 2).shape == (0,)

@@ -197,5 +197,10 @@ def test_with_replication_a_dense_table_lives_on_its_server_and_the_next() -> No
     spec = TableSpec("w", "dense", shape=(10,)).with_ranges([(2, 0, 10)])
     # 3 servers, 2 copies: server 2 and server 0 (wrapping around) hold it, server 1 does not
     for rank, holds in ((2, True), (0, True), (1, False)):
-        table = make_table(spec, rank, num_servers=3, replication=2)
+        table = make_table(spec, rank, servers=3, replication=2)
+        assert (table.shard is not None) == holds, rank
+    # on the ring [0, 2, 5] (servers joined and left): server 5's copy is on 5 and then 0
+    spec = spec.with_ranges([(5, 0, 10)])
+    for rank, holds in ((5, True), (0, True), (2, False)):
+        table = make_table(spec, rank, servers=[0, 2, 5], replication=2)
         assert (table.shard is not None) == holds, rank
