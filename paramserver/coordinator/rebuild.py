@@ -23,10 +23,10 @@ rebuilt once the restarted coordinator runs (:meth:`Rebuilds.resumed`).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from paramserver.coordinator.membership import ALIVE, Member
+from paramserver.coordinator.sourced import Sourced
 from paramserver.partition import owners_held, replicas_of
 from paramserver.wire.messages import MoveDoneMsg
 
@@ -35,7 +35,7 @@ __all__ = ["Rebuilds"]
 log = logging.getLogger(__name__)
 
 
-class Rebuilds:
+class Rebuilds(Sourced):
     """The rebuilds of one coordinator (see the module docstring).
 
     Example:
@@ -44,16 +44,11 @@ class Rebuilds:
     """
 
     def __init__(self, coord: Any) -> None:
+        super().__init__()
         self.coord = coord  # the Coordinator: its members and publish
         self.queue: list[int] = []
-        self.sources: set[int] = set()
-        self.next_id = 1
-        self.started = 0.0
         # per finished rebuild: its rank, how long it took, the rows and bytes its sources sent
         self.done: list[dict[str, Any]] = []
-        self._stats: list[dict[str, Any]] = []
-        # from the journal: the rebuild under way then, and its sources that had not reported
-        self._journaled: tuple[int | None, set[int]] = (None, set())
 
     def to_record(self) -> dict[str, Any]:
         """What a restarted coordinator needs of the rebuilds (in the ``scaling`` record)."""
@@ -67,7 +62,7 @@ class Rebuilds:
         self.next_id = int(rec.get("next_rebuild") or self.next_id)
         self.queue = [int(r) for r in rec.get("rebuild_queue") or []]
         self.done = list(rec.get("rebuilds") or [])
-        self._journaled = (rec.get("rebuild"), {int(r) for r in rec.get("rebuild_sources") or []})
+        self.journaled(rec.get("rebuild"), rec.get("rebuild_sources") or [])
 
     def resumed(self) -> int | None:
         """After the journal's replay: the rebuild under way goes on (its sources that had not
@@ -76,10 +71,7 @@ class Rebuilds:
         members = self.coord.members
         rb = members.rebuild
         if rb is not None:
-            self.next_id = max(self.next_id, int(rb["id"]) + 1)
-            rid, left = self._journaled
-            self.sources = left if rid == rb["id"] else {int(s) for s, _ in rb["sources"]}
-            self.started = time.monotonic()
+            self.resume(int(rb["id"]), (int(s) for s, _ in rb["sources"]))
             log.warning("rebuild %d of server[%d] resumed: waiting for %s", rb["id"], rb["rank"],
                         [f"server[{r}]" for r in sorted(self.sources)])  # fmt: skip
         for m in members.servers:
@@ -103,12 +95,9 @@ class Rebuilds:
             plan = self._plan(r)
             if plan is None:
                 continue
-            members.rebuild = {"id": self.next_id, "rank": r, "view": members.view_number + 1,
+            members.rebuild = {"id": self.begin(plan), "rank": r,
+                               "view": members.view_number + 1,
                                "sources": [[s, o] for s, o in sorted(plan.items())]}  # fmt: skip
-            self.next_id += 1
-            self.sources = set(plan)
-            self.started = time.monotonic()
-            self._stats = []
             if publish:
                 self.coord.publish(f"rebuild {members.rebuild['id']}: server[{r}] from "
                                    f"{sorted(plan)}")  # fmt: skip
@@ -166,17 +155,15 @@ class Rebuilds:
             members.rebuild = None
             self.start(int(rb["rank"]))
             return
-        if m.rank not in self.sources:
+        all_in = self.reported(m.rank, stats)
+        if all_in is None:
             return  # sent again after a restart of this coordinator: counted already
-        self.sources.discard(m.rank)
-        self._stats.append(stats)
-        if self.sources:
+        if not all_in:
             self.coord.journal_scaling()
             return
-        took = time.monotonic() - self.started
+        took = self.seconds()
         record = {"rebuild": rb["id"], "rank": rb["rank"], "seconds": took,
-                  "rows": sum(int(s.get("rows", 0)) for s in self._stats),
-                  "bytes": sum(int(s.get("bytes", 0)) for s in self._stats)}  # fmt: skip
+                  **self.totals("rows", "bytes")}  # fmt: skip
         self.done.append(record)
         members.rebuild = None
         members.servers[rb["rank"]].rebuilding = False

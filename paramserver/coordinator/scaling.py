@@ -43,12 +43,12 @@ move yet).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from paramserver.coordinator.membership import ALIVE, LEFT, Member
 from paramserver.coordinator.refusal import Refusal
 from paramserver.coordinator.registry import DensePlan
+from paramserver.coordinator.sourced import Sourced
 from paramserver.wire.messages import DrainMsg, MoveDoneMsg
 
 __all__ = ["Scaling"]
@@ -56,7 +56,7 @@ __all__ = ["Scaling"]
 log = logging.getLogger(__name__)
 
 
-class Scaling:
+class Scaling(Sourced):
     """Joins and drains of one coordinator (see the module docstring).
 
     Example:
@@ -65,16 +65,11 @@ class Scaling:
     """
 
     def __init__(self, coord: Any) -> None:
+        super().__init__()
         self.coord = coord  # the Coordinator: its members, tables, router and publish
         self.queue: list[tuple[str, int]] = []
-        self.sources: set[int] = set()
-        self.next_id = 1
-        self.started = 0.0
         # per finished move: what it was, how long it took, the rows and bytes its sources sent
         self.moves: list[dict[str, Any]] = []
-        self._stats: list[dict[str, Any]] = []
-        # from the journal: the move under way then, and its sources that had not reported
-        self._journaled: tuple[int | None, set[int]] = (None, set())
 
     def to_record(self) -> dict[str, Any]:
         """What a restarted coordinator needs of the moves (journaled as ``scaling``)."""
@@ -88,7 +83,7 @@ class Scaling:
         self.next_id = int(rec.get("next_move") or self.next_id)
         self.queue = [(str(k), int(r)) for k, r in rec.get("queue") or []]
         self.moves = list(rec.get("moves") or [])
-        self._journaled = (rec.get("move"), {int(r) for r in rec.get("sources") or []})
+        self.journaled(rec.get("move"), rec.get("sources") or [])
 
     def resumed(self) -> None:
         """After the journal's replay: the move under way goes on from where it was (the
@@ -100,11 +95,8 @@ class Scaling:
         tables.server_ranks = [r for r in members.ring if r != drained]
         tables.count_load()
         if move is not None:
-            self.next_id = max(self.next_id, int(move["id"]) + 1)
-            rid, left = self._journaled
-            self.sources = left if rid == move["id"] else set(move["from"])
+            self.resume(int(move["id"]), move["from"])
             self.sources = {r for r in self.sources if members.servers[r].state == ALIVE}
-            self.started = time.monotonic()
             log.warning("move %d (%s server[%d]) resumed: waiting for %s", move["id"],
                         move["kind"], move["rank"],
                         [f"server[{r}]" for r in sorted(self.sources)])  # fmt: skip
@@ -152,7 +144,7 @@ class Scaling:
                   move["kind"])  # fmt: skip
         self.moves.append({"move": move["id"], "kind": move["kind"], "rank": move["rank"],
                            "abandoned": why,
-                           "seconds": time.monotonic() - self.started})  # fmt: skip
+                           "seconds": self.seconds()})  # fmt: skip
         members.move = None
         members.ring = list(move["from"])
         tables = self.coord.tables
@@ -212,12 +204,9 @@ class Scaling:
         kind, rank = self.queue.pop(ready[0])
         old = list(members.ring)
         new = sorted({*old, rank}) if kind == "join" else [r for r in old if r != rank]
-        members.move = {"id": self.next_id, "from": old, "to": new, "view": members.view_number + 1,
+        rid = self.begin(r for r in old if members.servers[r].state == ALIVE)
+        members.move = {"id": rid, "from": old, "to": new, "view": members.view_number + 1,
                         "kind": kind, "rank": rank}  # fmt: skip
-        self.next_id += 1
-        self.sources = {r for r in old if members.servers[r].state == ALIVE}
-        self.started = time.monotonic()
-        self._stats = []
         tables = self.coord.tables
         ranks = sorted({*tables.server_ranks, rank}) if kind == "join" else [
             r for r in tables.server_ranks if r != rank]  # fmt: skip
@@ -247,24 +236,20 @@ class Scaling:
         move = members.move
         if m is None or move is None or move["id"] != h["move"]:
             return
-        if m.rank not in self.sources:
-            return  # sent again after a restart of this coordinator: counted already
-        self.sources.discard(m.rank)
         stats = h.get("stats") or {}
-        if stats.get(
-            "errors"
-        ):  # rows that did not arrive: said loudly, the view switches all the same
+        all_in = self.reported(m.rank, stats)
+        if all_in is None:
+            return  # sent again after a restart of this coordinator: counted already
+        if stats.get("errors"):  # rows that did not arrive: said loudly, the view switches all
+            # the same
             log.error("move %d: %s could not send all its rows: %s", move["id"], m.name,
                       "; ".join(str(e) for e in stats["errors"])[:2000])  # fmt: skip
-        self._stats.append(stats)
-        if self.sources:
+        if not all_in:
             self.coord.journal_scaling()
             return
-        took = time.monotonic() - self.started
+        took = self.seconds()
         record = {"move": move["id"], "kind": move["kind"], "rank": move["rank"],
-                  "seconds": took, "rows": sum(int(s.get("rows", 0)) for s in self._stats),
-                  "bytes": sum(int(s.get("bytes", 0)) for s in self._stats),
-                  "dense_bytes": sum(int(s.get("dense_bytes", 0)) for s in self._stats),
+                  "seconds": took, **self.totals("rows", "bytes", "dense_bytes"),
                   "dense_tables": sorted(move.get("dense") or {})}  # fmt: skip
         self.moves.append(record)
         members.ring = list(move["to"])
