@@ -102,6 +102,22 @@ def _congestion(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, CONGESTION)
 
 
+def _connect(host: str, port: int, idle: float) -> socket.socket:
+    """Connect, CONGESTION set first (set after, BBR's pacing stays on: docs/performance.md)."""
+    err: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(idle)
+            _tune(sock)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            err = exc
+    raise err if err is not None else OSError(f"no address for {host}:{port}")
+
+
 def recv_exactly(sock: socket.socket, buf: memoryview, idle: float, what: str) -> None:
     """Fill ``buf`` from ``sock``; OSError if the peer closes, or sends nothing for ``idle``
     seconds (TimeoutError), naming ``what`` and how far it got."""
@@ -173,9 +189,8 @@ class Channel:
         """Connect, present ``ticket`` and wait for the server's acknowledgement. With the
         cluster ``secret`` (a token is set), payloads travel sealed."""
         key = None if secret is None else seal.ticket_key(secret, ticket)
-        sock = socket.create_connection((host, port), timeout=idle)
+        sock = _connect(host, port, idle)
         try:
-            _tune(sock)
             if key is None:
                 sock.sendall(_MAGIC + ticket.to_bytes(8, "little"))
             else:
