@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -69,23 +70,18 @@ _HELLO = len(_MAGIC) + 8  # magic, then the ticket as a little-endian u64
 _SEALED_MAGIC = b"PSBULKS2"  # (S1: records without a length, opened once all were in)
 _SEALED_HELLO = len(_SEALED_MAGIC) + 8 + seal.TAG  # and the proof of the key
 _ACK = b"\x01"
-# A payload up to this size may go before its header (:func:`presend`): the server reads it
-# ahead into memory of the connection's own, so the header finds it there.
+# A payload up to this size may go before its header (:func:`presend`), found there by it.
 PRESEND_MAX = READ_AHEAD // 2
 _TICKETS = 1024  # outstanding tickets kept per server (oldest dropped)
 # A server's connection leaves up to this many bytes in the socket before its reader thread
-# reads them ahead (Reader's ``hold``): a push's payload below it, sent before its header,
-# waits there, and the event loop reads it straight into its buffer once the header came
-# (no thread woken, no copy out of read-ahead memory, no thread reading while the worker
-# sends: the 1 MiB push over TCP back to the old tree's time, docs/performance.md). A larger
-# payload is read ahead as it comes, as before.
+# reads them ahead (Reader's ``hold``): a push's payload below it, sent before its header, is
+# read by the event loop straight into its buffer once the header came (no thread woken).
 HOLD = 4 << 20
 # The congestion control of bulk connections, whatever the machine's default. A step's
-# transfers start together and end together, several flows on a link: when one ends, BBR (a
-# common default) takes many round trips to probe for the room it left (its pacing follows a
-# bandwidth estimate it raises by a quarter every 8 round trips), so on a shared link the flows
-# left run below its rate; CUBIC's window fills it at once. On emulated 500 Mbit hosts, 2
-# server x 2 worker hosts: 0.79 -> 0.90 of the links (docs/performance.md, "Between hosts").
+# transfers start and end together, several flows on a link: when one ends, BBR (a common
+# default) takes many round trips to probe for the room it left, so the flows left run below
+# the link's rate; CUBIC's window fills it at once. On emulated 500 Mbit hosts, 2 server x 2
+# worker hosts: 0.79 -> 0.90 of the links (docs/performance.md, "Between hosts").
 CONGESTION = b"cubic"
 
 
@@ -100,6 +96,26 @@ def _congestion(sock: socket.socket) -> None:
     if hasattr(socket, "TCP_CONGESTION"):  # Linux
         with suppress_oserror():  # not in this kernel, or not allowed
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, CONGESTION)
+
+
+def _connect(host: str, port: int, idle: float) -> socket.socket:
+    """Connect, CONGESTION set first (after, BBR's pacing stays on); paced only to another host
+    (on one host, a paced 1 MiB send costs 3x the CPU: docs/performance.md)."""
+    err: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(idle)
+            _tune(sock)
+            sock.connect(addr)
+            if hasattr(socket, "TCP_CONGESTION") and sock.getsockname()[0] != addr[0]:
+                with suppress_oserror():  # SO_MAX_PACING_RATE (47), any rate below ~0: paced
+                    sock.setsockopt(socket.SOL_SOCKET, 47, (1 << 62).to_bytes(8, sys.byteorder))
+            return sock
+        except OSError as exc:
+            sock.close()
+            err = exc
+    raise err if err is not None else OSError(f"no address for {host}:{port}")
 
 
 def recv_exactly(sock: socket.socket, buf: memoryview, idle: float, what: str) -> None:
@@ -173,9 +189,8 @@ class Channel:
         """Connect, present ``ticket`` and wait for the server's acknowledgement. With the
         cluster ``secret`` (a token is set), payloads travel sealed."""
         key = None if secret is None else seal.ticket_key(secret, ticket)
-        sock = socket.create_connection((host, port), timeout=idle)
+        sock = _connect(host, port, idle)
         try:
-            _tune(sock)
             if key is None:
                 sock.sendall(_MAGIC + ticket.to_bytes(8, "little"))
             else:
