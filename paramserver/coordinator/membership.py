@@ -111,8 +111,6 @@ class Membership:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
         check_replication(replication, num_servers)
         self.replication = replication
-        # why a server cannot join now (coordinator/scaling.py, Scaling.unmovable), or ""
-        self.unmovable = ""
         if num_workers < 1:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts
@@ -271,12 +269,10 @@ class Membership:
             free = [s for s in self.servers if s.state in (PENDING, DEAD, LEFT)]
             free = [s for s in free if s.rank in self.ring]
             if not free:
-                if all(w.state == PENDING for w in self.workers) or self.unmovable:
+                if all(w.state == PENDING for w in self.workers):
                     raise Refusal(
-                        "full",
-                        f"all {len(self.servers)} server ranks are taken by live servers"
-                        + (f" (no server joins: {self.unmovable})" if self.unmovable else ""),
-                    )  # fmt: skip
+                        "full", f"all {len(self.servers)} server ranks are taken by live servers"
+                    )
                 # a running job (workers came): the newcomer joins the ring (coordinator/scaling.py)
                 self.servers.append(Member("server", len(self.servers)))
                 free = [self.servers[-1]]
