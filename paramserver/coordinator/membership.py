@@ -280,8 +280,9 @@ class Membership:
         replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h, now)
         # with replicas, a replacement must not serve the checkpoint's stale rows: it holds
-        # nothing until its ranges are copied to it from a live replica
-        m.rebuilding = self.replication > 1 and (replacing or m.rebuilding)
+        # nothing until its ranges are copied to it from a live replica (a rank off the ring,
+        # a joining server's replacement, holds no range: it joins anew, coordinator/scaling.py)
+        m.rebuilding = self.replication > 1 and m.rank in self.ring and (replacing or m.rebuilding)
         return m, replacing
 
     def wait(self, identity: bytes, h: RegisterMsg, now: float) -> None:

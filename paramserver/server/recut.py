@@ -24,6 +24,13 @@ new table at once. Every table of new ranges is ``receiving`` until every source
 requests naming it wait (server/transfer.py ``holds``) and its buffered sync pushes are not
 applied. After the move, once no pull sent by the old placement waits, the new table replaces
 the old one; a server left without a range keeps the spec only.
+
+With replication (a table lives whole on its owner and the next k - 1 servers of the ring) a
+server holds what an owner holds: the pieces are ``partition.dense_copies`` (the old primary
+sends to every new holder that lacked the elements); a server holding the same elements before
+and after keeps its one table, which every worker's requests take (``Recut.keep``); the final
+forwards only the buffered sync pushes that came before each worker's ``switched``
+(``sync_parts``' ``before``: later ones reach the new holders from the worker itself).
 """
 
 from __future__ import annotations
