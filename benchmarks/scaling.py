@@ -13,8 +13,9 @@ one (the baseline, same run).
     python benchmarks/scaling.py                 # 1,000,000 rows, a 4,194,304-element table
     python benchmarks/scaling.py --quick         # 20,000 rows, 262,144 elements
     python benchmarks/scaling.py --big 0         # without the large dense table
-    python benchmarks/scaling.py --replication 2 # every key on 2 servers (no dense tables:
-                                                 # their copies do not move yet)
+    python benchmarks/scaling.py --replication 2 # every key and dense table on 2 servers
+                                                 # (dense tables whole, not cut: on 0 and 1,
+                                                 # the drain of 0 copies them to 2)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ BIG = 1 << 22  # elements of the large dense table (--big): cut over the servers
 def steps(emb: Any, client: Any, rng: np.random.Generator, rows: int, n: int,
           big: int) -> list[float]:  # fmt: skip
     took = []
-    small = DENSE if big >= 0 else 0  # big < 0: no dense tables at all (replication)
+    small = DENSE if big >= 0 else 0  # big < 0: no dense tables at all
     dense = [client.dense_table(name, size, optimizer=ps.optim.Adagrad(lr=0.1),
                                 consistency="sync")
              for name, size in (("mlp", small), ("big", big)) if size > 0]  # fmt: skip
@@ -77,8 +78,6 @@ def main() -> None:
     args = p.parse_args()
     rows = args.rows or (20_000 if args.quick else 1_000_000)
     big = args.big if args.big >= 0 else (1 << 18 if args.quick else BIG)
-    if args.replication > 1:
-        big = -1  # no dense table: with replication only sparse tables move (for now)
     with ps.LocalCluster(servers=2, workers=1, replication=args.replication) as cluster:
         client = cluster.connect()
         emb = client.sparse_table("emb", dim=16, optimizer=ps.optim.Adagrad(lr=0.1),

@@ -21,6 +21,7 @@ __all__ = [
     "SMALL_KEYS",
     "HashRing",
     "check_replication",
+    "dense_copies",
     "dense_pieces",
     "dense_ranges",
     "hash_keys",
@@ -161,6 +162,31 @@ def dense_pieces(
             lo, hi = max(a, c), min(b, d)
             if lo < hi and src != dst:
                 pieces.append((src, dst, lo, hi))
+    return pieces
+
+
+def dense_copies(
+    old: Sequence[tuple[int, int, int]],
+    new: Sequence[tuple[int, int, int]],
+    rings: tuple[Sequence[int], Sequence[int]],
+    replication: int,
+) -> list[tuple[int, int, int, int]]:
+    """:func:`dense_pieces` with ``replication`` copies of every range, the rings ``(old ring,
+    new ring)`` placing them (:func:`replicas_of`): ``(source, dest, start, stop)`` for every
+    holder ``dest`` of a new range that did not hold those elements before, ``source`` their
+    old primary (one copy sends). Without replication: :func:`dense_pieces`.
+
+    Example:
+        dense_copies([(2, 0, 8)], [(2, 0, 8)], ([0, 1, 2], [0, 1, 2, 3]), 2)   # [(2, 3, 0, 8)]
+    """
+    pieces: list[tuple[int, int, int, int]] = []
+    for src, a, b in sorted(old, key=lambda r: r[1]):
+        had = replicas_of(src, rings[0], replication)
+        for dst, c, d in sorted(new, key=lambda r: r[1]):
+            lo, hi = max(a, c), min(b, d)
+            if lo < hi:
+                pieces += [(src, r, lo, hi) for r in replicas_of(dst, rings[1], replication)
+                           if r not in had]  # fmt: skip
     return pieces
 
 

@@ -338,7 +338,6 @@ class Coordinator:
         old = self.members.superseded(h, now)
         if old is not None:
             self._declare_dead(old, "its process is gone and a replacement is here")
-        self.members.unmovable = self.scaling.unmovable()
         m, replacing = self.members.register_server(identity, h, now)
         view = self.members.view_for(m)
         tables = None

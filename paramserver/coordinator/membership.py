@@ -111,8 +111,6 @@ class Membership:
             raise ConfigError(f"a cluster needs at least 1 server, got {num_servers}")
         check_replication(replication, num_servers)
         self.replication = replication
-        # why a server cannot join now (coordinator/scaling.py, Scaling.unmovable), or ""
-        self.unmovable = ""
         if num_workers < 1:
             raise ConfigError(f"a cluster needs at least 1 worker, got {num_workers}")
         self.timeouts = timeouts
@@ -271,12 +269,10 @@ class Membership:
             free = [s for s in self.servers if s.state in (PENDING, DEAD, LEFT)]
             free = [s for s in free if s.rank in self.ring]
             if not free:
-                if all(w.state == PENDING for w in self.workers) or self.unmovable:
+                if all(w.state == PENDING for w in self.workers):
                     raise Refusal(
-                        "full",
-                        f"all {len(self.servers)} server ranks are taken by live servers"
-                        + (f" (no server joins: {self.unmovable})" if self.unmovable else ""),
-                    )  # fmt: skip
+                        "full", f"all {len(self.servers)} server ranks are taken by live servers"
+                    )
                 # a running job (workers came): the newcomer joins the ring (coordinator/scaling.py)
                 self.servers.append(Member("server", len(self.servers)))
                 free = [self.servers[-1]]
@@ -284,8 +280,9 @@ class Membership:
         replacing = m.state in (DEAD, LEFT)
         self._activate(m, identity, h, now)
         # with replicas, a replacement must not serve the checkpoint's stale rows: it holds
-        # nothing until its ranges are copied to it from a live replica
-        m.rebuilding = self.replication > 1 and (replacing or m.rebuilding)
+        # nothing until its ranges are copied to it from a live replica (a rank off the ring,
+        # a joining server's replacement, holds no range: it joins anew, coordinator/scaling.py)
+        m.rebuilding = self.replication > 1 and m.rank in self.ring and (replacing or m.rebuilding)
         return m, replacing
 
     def wait(self, identity: bytes, h: RegisterMsg, now: float) -> None:

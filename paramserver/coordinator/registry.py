@@ -82,8 +82,9 @@ class TableRegistry:
         takes one away); nothing changes here until :meth:`adopt`. A large table is cut anew
         over ``ranks`` (as :meth:`create` would cut it); a small one stays whole where it is,
         unless its server leaves: then it goes to the least loaded of ``ranks`` (lowest rank on
-        a tie), tables in creation order. ValueError without servers or with replication and a dense table;
-        Refusal (``too_large``) if a range would pass ``Limits(table_bytes)``.
+        a tie), tables in creation order; with replication every table stays whole
+        (:meth:`_replan_copies`). ValueError without servers; Refusal (``too_large``) if a
+        range would pass ``Limits(table_bytes)``.
 
         Example:
             plan = registry.replan([0, 2])    # server[1] drained
@@ -94,9 +95,8 @@ class TableRegistry:
         if not new:
             raise ValueError("replan: no servers to place the dense tables on")
         dense = [s for s in self.tables.values() if s.kind == "dense"]
-        if self.replication > 1 and dense:
-            raise ValueError("replan: dense ranges do not move with replication yet (each "
-                             "lives whole on its server and the next on the ring)")  # fmt: skip
+        if self.replication > 1:
+            return self._replan_copies(new, dense)
         plan = DensePlan(new, load=dict.fromkeys(new, 0))
         placed: dict[str, list[tuple[int, int, int]]] = {}
         for spec in dense:  # the tables that stay or are re-cut first: they fix the load
@@ -117,6 +117,31 @@ class TableRegistry:
         for spec in dense:
             ranges = placed[spec.name]
             if [tuple(r) for r in spec.ranges] != ranges:
+                moved = spec.with_ranges(ranges)
+                self._check_bytes(moved)
+                plan.specs[spec.name] = moved
+                plan.pieces[spec.name] = dense_pieces(spec.ranges, ranges)
+        return plan
+
+    def _replan_copies(self, new: list[int], dense: list[TableSpec]) -> DensePlan:
+        """:meth:`replan` with replication: every table stays whole (as placed); its owner
+        stays unless it leaves, then the first of its copies that stays owns it (it holds
+        the values already). A table is in the plan if its holders change (its owner's copies
+        along the new ring differ), even where its ranges do not."""
+        old, k = self.server_ranks, self.replication
+        plan = DensePlan(new, load=dict.fromkeys(new, 0))
+        for spec in dense:
+            ranges: list[tuple[int, int, int]] = []
+            for s, a, b in spec.ranges:
+                if s not in new:
+                    stay = [r for r in replicas_of(s, old, k) if r in new]
+                    s = stay[0] if stay else min(new, key=lambda r: (plan.load[r], r))
+                ranges.append((s, a, b))
+                for r in replicas_of(s, new, k):
+                    plan.load[r] += b - a
+            before = [(tuple(r), replicas_of(r[0], old, k)) for r in spec.ranges]
+            after = [(r, replicas_of(r[0], new, k)) for r in ranges]
+            if before != after:
                 moved = spec.with_ranges(ranges)
                 self._check_bytes(moved)
                 plan.specs[spec.name] = moved

@@ -36,8 +36,10 @@ joining server once its move is done). Plain state plus the coordinator's publis
 
 With replication the copies of every owner follow the ring's members (``partition.replicas_of``)
 and the servers move each key to its new copies (server/transfer.py); a move waits while a copy
-is being rebuilt, and is refused while a dense table exists (``unmovable``: their copies do not
-move yet).
+is being rebuilt. Dense tables live whole with replication and stay whole: the move's ``dense``
+names every table whose holders change (its owner's copies along the new ring; a leaving
+owner's table goes to its first copy that stays), and its old primary copies it to each new
+holder (server/recut.py).
 """
 
 from __future__ import annotations
@@ -119,18 +121,6 @@ class Scaling(Sourced):
         return all(members.servers[r].state == ALIVE and not members.servers[r].rebuilding
                    for r in {*members.ring, rank})  # fmt: skip
 
-    def unmovable(self) -> str:
-        """Why no move may start now, or "": with replication a move carries the rows of
-        sparse tables only (a dense table's copies are not moved yet)."""
-        if self.coord.members.replication <= 1:
-            return ""
-        for spec in self.coord.tables.specs():
-            if spec.kind != "sparse":
-                return (f"with replication={self.coord.members.replication} servers join and "
-                        f"leave only while every table is sparse (table {spec.name!r} is "
-                        f"dense: its copies do not move yet)")  # fmt: skip
-        return ""
-
     def on_dead(self, m: Member) -> None:
         """A server died (the caller publishes next): a move it takes part in is abandoned
         and queued again (see the module docstring)."""
@@ -161,9 +151,6 @@ class Scaling(Sourced):
         """``drain``: check, queue, answer at once (the view says when it is done)."""
         members, rank = self.coord.members, h["rank"]
         ring = members.ring
-        why = self.unmovable()
-        if why:
-            raise Refusal("invalid", f"server[{rank}] cannot be drained: {why} (nothing changed)")
         if members.replication > 1 and len(ring) - 1 < members.replication:
             raise Refusal(
                 "invalid",
@@ -195,12 +182,6 @@ class Scaling(Sourced):
         ready = [i for i, (_, r) in enumerate(self.queue) if self._ready(r)]
         if not ready:
             return
-        why = self.unmovable()
-        if why:  # tables created since the join or drain was asked
-            kind, rank = self.queue.pop(ready[0])
-            log.error("%s of server[%d] not started: %s", kind, rank, why)
-            self.coord.journal_scaling()
-            return
         kind, rank = self.queue.pop(ready[0])
         old = list(members.ring)
         new = sorted({*old, rank}) if kind == "join" else [r for r in old if r != rank]
@@ -214,7 +195,7 @@ class Scaling(Sourced):
         try:  # the dense ranges on the new set: large tables cut anew, small ones whole
             plan = tables.replan(ranks)
         except (Refusal, ValueError) as exc:  # a drain checked this when asked: tables created
-            # since (ValueError: with replication, where moves are refused before this)
+            # since
             if kind == "drain":  # its dense ranges would have nowhere to go
                 log.error("drain of server[%d] not started: %s", rank, exc)
                 members.move = None

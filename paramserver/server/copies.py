@@ -5,18 +5,20 @@ ring's members); then it applies the async pushes of the workers that switched f
 rows it sends in its final hold them, while the new copy holds the same pushes until the
 move's end (server/transfer.py). The source's ``end`` carries its last sequence number of each
 worker; the new copy skips, per key it received from such a source, the pushes at or below it.
+A dense table received whole from its old primary that holds it on the new ring too: the same,
+for the whole table (``Moved.dense``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from paramserver.partition import HashRing, held_keys
 from paramserver.server.state import ServerState
 
-__all__ = ["Moved", "not_applied"]
+__all__ = ["Moved", "dense_applied", "not_applied"]
 
 
 @dataclass
@@ -30,6 +32,17 @@ class Moved:
     new: HashRing
     replication: int
     seqs: dict[int, dict[int, int]]  # source -> worker -> the last sequence number applied
+    # dense tables received from a source that holds them on the new ring too: name -> source
+    dense: dict[str, int] = field(default_factory=dict)
+
+
+def dense_applied(state: ServerState, name: str, rank: int, seq: int) -> bool:
+    """Whether async push ``seq`` of worker ``rank`` to dense table ``name`` is in the values
+    the last move brought here (its source applied it before its final: see :class:`Moved`)."""
+    moved = state.moved
+    if not isinstance(moved, Moved) or name not in moved.dense:
+        return False
+    return seq <= moved.seqs.get(moved.dense[name], {}).get(rank, -1)
 
 
 def not_applied(state: ServerState, rank: int, seq: int, keys: np.ndarray) -> np.ndarray | None:

@@ -10,7 +10,7 @@ mean.
 from __future__ import annotations
 
 from paramserver.server.consistency import aggregate_dense, aggregate_sparse
-from paramserver.server.copies import not_applied
+from paramserver.server.copies import dense_applied, not_applied
 from paramserver.server.rebuild import already_applied
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import Handlers
@@ -95,6 +95,9 @@ class Pushes(Handlers):
             fresh = not_applied(state, rank, seq, keys)  # in the rows a move brought here
             if fresh is not None:
                 keys, grads = keys[fresh], grads[fresh]
+        elif t.sync is None and dense_applied(state, t.spec.name, rank, seq):
+            req.reply.ok()  # in the values a move brought here
+            return
         t.pushes += 1
         if t.sync is not None:
             if h["clock"] < state.sync_floor:  # in the rows a rebuild copied (server/rebuild.py)

@@ -24,6 +24,13 @@ new table at once. Every table of new ranges is ``receiving`` until every source
 requests naming it wait (server/transfer.py ``holds``) and its buffered sync pushes are not
 applied. After the move, once no pull sent by the old placement waits, the new table replaces
 the old one; a server left without a range keeps the spec only.
+
+With replication (a table lives whole on its owner and the next k - 1 servers of the ring) a
+server holds what an owner holds: the pieces are ``partition.dense_copies`` (the old primary
+sends to every new holder that lacked the elements); a server holding the same elements before
+and after keeps its one table, which every worker's requests take (``Recut.keep``); the final
+forwards only the buffered sync pushes that came before each worker's ``switched``
+(``sync_parts``' ``before``: later ones reach the new holders from the worker itself).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.partition import dense_pieces
+from paramserver.partition import dense_copies, holds
 from paramserver.server.shard import DenseShard
 from paramserver.server.state import ServerState
 from paramserver.server.table import Table, make_table
@@ -48,6 +55,8 @@ log = logging.getLogger(__name__)
 
 # sends (dest, table, phase, extra header fields, arrays) as a ``transfer`` of the move
 Send = Callable[[int, str, str, dict[str, Any], list[np.ndarray]], None]
+# per switched worker, its buffered sync pushes per (table, clock) at its switch
+Before = dict[int, dict[tuple[str, int], int]]
 
 
 def element_runs(changed: np.ndarray, offset: int = 0) -> np.ndarray:
@@ -76,15 +85,25 @@ def run_positions(runs: np.ndarray) -> np.ndarray:
     return at
 
 
-def sync_parts(t: Table, lo: int, hi: int) -> list[tuple[int, int, int, np.ndarray]]:
+def sync_parts(
+    t: Table, lo: int, hi: int, before: Before | None = None
+) -> list[tuple[int, int, int, np.ndarray]]:
     """The buffered sync pushes of ``t`` over its elements ``[lo, hi)`` (positions in the
-    table): ``(clock, worker, first element, values)`` in clock then arrival order."""
+    table): ``(clock, worker, first element, values)`` in clock then arrival order; not those
+    a worker sent after its switch (``before``: per switched worker, its buffered pushes per
+    (table, clock) then; with replication this server may hold the table after the move too,
+    and the worker sent those to the new holders itself)."""
     parts: list[tuple[int, int, int, np.ndarray]] = []
     if t.sync is None:
         return parts
+    name = t.spec.name
     for clock in sorted(t.sync.pending):
+        seen: dict[int, int] = {}
         for item in t.sync.pending[clock]:
             rank, grad = item[0], item[1]
+            seen[rank] = seen.get(rank, 0) + 1
+            if before and rank in before and seen[rank] > before[rank].get((name, clock), 0):
+                continue
             start = t.start + (item[2] if len(item) == 3 else 0)
             a, b = max(lo, start), min(hi, start + len(grad))
             if a < b:
@@ -102,6 +121,9 @@ class Recut:
     out: list[tuple[int, int, int]]  # (dest, lo, hi): the pieces this server sends
     local: tuple[int, int] | None  # the part of its new range this server held already
     base: list[np.ndarray] = field(default_factory=list)  # per piece: the rows of the copy
+    # holds the same elements before and after (with replication: a copy that stays): the
+    # old table serves everyone and keeps taking every push, only its spec changes
+    keep: bool = False
 
 
 class DenseMoves:
@@ -117,24 +139,35 @@ class DenseMoves:
         self.state = state
         self.tables: dict[str, Recut] = {}
         self.receiving: set[str] = set()  # the tables of new ranges whose elements come here
+        self.rings: tuple[list[int], list[int]] = ([], [])  # the move's old and new ring
 
-    def start(self, dense: dict[str, Any], send: Send | None) -> None:
-        """A move's ``dense`` (``{name: new ranges}``): make the tables of the new ranges here,
-        and send each destination its pieces (``send`` None: this server sends none)."""
-        state, me = self.state, self.state.rank
+    def start(
+        self, dense: dict[str, Any], send: Send | None, rings: tuple[list[int], list[int]]
+    ) -> None:
+        """A move's ``dense`` (``{name: new ranges}``) from ring ``rings[0]`` to ``rings[1]``
+        (where the copies of a range go, with replication): make the tables of the new ranges
+        here, and send each destination its pieces (``send`` None: this server sends none)."""
+        state, me, k = self.state, self.state.rank, self.state.replication
         self.settle()
+        self.rings = rings
         for name, raw in dense.items():
             t = state.tables.get(name)
             if t is None or t.spec.kind != "dense":
                 continue
             spec = t.spec.with_ranges([(int(r), int(a), int(b)) for r, a, b in raw])
             old, ranges = t.spec.ranges, spec.ranges
-            mine_old = [(a, b) for s, a, b in old if s == me]
-            mine_new = [(a, b) for s, a, b in ranges if s == me]
+            mine_old = [(a, b) for s, a, b in old if holds(me, s, rings[0], k)]
+            mine_new = [(a, b) for s, a, b in ranges if holds(me, s, rings[1], k)]
+            pieces = dense_copies(old, ranges, rings, k)
+            out = [(d, lo, hi) for s, d, lo, hi in pieces if s == me]
             new: Table | None = None
             local = None
+            if mine_old and mine_old == mine_new:
+                t.other_ranges = ranges
+                self._send_copies(Recut(t, None, spec, out, None, keep=True), send)
+                continue
             if mine_new:
-                new = make_table(spec, me, state.members, state.replication)
+                new = make_table(spec, me, rings[1], k)
                 new.max_bytes, new.other_ranges, new.receiving = t.max_bytes, old, True
                 new.version = t.version + 1
                 self.receiving.add(name)
@@ -148,25 +181,44 @@ class DenseMoves:
                 t.other_ranges = ranges
             elif new is None:  # neither: only the spec changes here
                 t.spec, t.other_ranges = spec, old
-            out = [(d, lo, hi) for s, d, lo, hi in dense_pieces(old, ranges) if s == me]
-            recut = Recut(t, new, spec, out, local)
-            self.tables[name] = recut
-            if send is None or not out:
+            self._send_copies(Recut(t, new, spec, out, local), send)
+
+    def _send_copies(self, recut: Recut, send: Send | None) -> None:
+        """Keep ``recut``; send each destination its pieces' rows (the copy step)."""
+        t = recut.old
+        self.tables[t.spec.name] = recut
+        if send is None or not recut.out:
+            return
+        assert isinstance(t.shard, DenseShard)
+        for dest, lo, hi in recut.out:
+            rows = t.shard.export(lo - t.start, hi - t.start)["rows"]
+            recut.base.append(rows)
+            send(dest, t.spec.name, "copy", {}, [np.array([[lo, hi]], np.int64), rows])
+
+    def kept_by(self) -> dict[str, int]:
+        """The tables received here whole from one source that holds them after the move too
+        (with replication: it applied the async pushes of the workers that switched first
+        before its final; server/copies.py): ``{name: source}``."""
+        out: dict[str, int] = {}
+        k = self.state.replication
+        for name in self.receiving:
+            r = self.tables.get(name)
+            if r is None or len(r.old.spec.ranges) != 1 or len(r.spec.ranges) != 1:
                 continue
-            assert isinstance(t.shard, DenseShard)
-            for dest, lo, hi in out:
-                rows = t.shard.export(lo - t.start, hi - t.start)["rows"]
-                recut.base.append(rows)
-                send(dest, name, "copy", {}, [np.array([[lo, hi]], np.int64), rows])
+            src, owner = r.old.spec.ranges[0][0], r.spec.ranges[0][0]
+            if holds(src, owner, self.rings[1], k):
+                out[name] = src
+        return out
 
     def has_local(self) -> bool:
         """Whether this server takes a part of a new range from its own old range (at the
         final step): it is then one of the sources it waits for."""
         return any(r.local is not None for r in self.tables.values())
 
-    def finish(self, send: Send) -> None:
+    def finish(self, send: Send, before: Before | None = None) -> None:
         """The final step of this server's pieces: changed elements and buffered pushes to
-        each destination, and the part it keeps into its table of the new ranges."""
+        each destination (not those sent after a worker's switch, ``before``: see
+        :func:`sync_parts`), and the part it keeps into its table of the new ranges."""
         for name, r in self.tables.items():
             t = r.old
             if not isinstance(t.shard, DenseShard):
@@ -176,7 +228,7 @@ class DenseMoves:
                 changed = (base.view(_uint(base)) != rows.view(_uint(rows))).any(axis=1)
                 arrays = [element_runs(changed, lo), np.ascontiguousarray(rows[changed])]
                 extra: dict[str, Any] = {}
-                parts = sync_parts(t, lo, hi)
+                parts = sync_parts(t, lo, hi, before)
                 if parts:
                     extra["sync"] = [[c, w, len(g)] for c, w, _, g in parts]
                     arrays += [np.array([a for _, _, a, _ in parts], np.int64),
@@ -246,7 +298,9 @@ class DenseMoves:
         ranges replaces the old one; a server left without a range keeps the spec only."""
         state = self.state
         for name, r in self.tables.items():
-            if r.new is not None:
+            if r.keep:
+                r.old.spec, r.old.other_ranges = r.spec, ()
+            elif r.new is not None:
                 state.tables[name] = r.new
             elif r.old.shard is not None:
                 state.tables[name] = Table(r.spec, None, other_ranges=r.old.spec.ranges)

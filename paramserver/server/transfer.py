@@ -223,7 +223,7 @@ class Transfers:
         dense = move.get("dense")
         if isinstance(dense, dict) and dense:
             out = self.out if me in old else None
-            self.dense.start(dense, self.sender(out) if out is not None else None)
+            self.dense.start(dense, self.sender(out) if out is not None else None, (old, new))
         if self.dense.receiving:  # its own old range is one of the sources it waits for
             if self.incoming is None:
                 self.incoming = Incoming(int(move["id"]), HashRing.build(old), set())
@@ -399,7 +399,7 @@ class Transfers:
             changed = changed_rows(base, rows["rows"])
             self._send_rows(out, t, rows["keys"][changed], rows["rows"][changed], "final",
                             self._take_sync(out, t))  # fmt: skip
-        self.dense.finish(self.sender(out))
+        self.dense.finish(self.sender(out), out.before)
         state = self.state
         # the last push of each worker in the rows just sent (async: see ``Moved``)
         seqs = [[w, s] for w, s in sorted(state.last_seq.items())]
@@ -566,7 +566,8 @@ class Transfers:
         if not inc.sources:
             log.info("%s: move %d received", self.state.name, inc.move)
             if self.state.replication > 1 and inc.ring is not None:
-                self.state.moved = Moved(inc.old, inc.ring, self.state.replication, inc.seqs)
+                self.state.moved = Moved(inc.old, inc.ring, self.state.replication, inc.seqs,
+                                         self.dense.kept_by())  # fmt: skip
             self.dense.received()
             self.incoming = None
             self.received += 1

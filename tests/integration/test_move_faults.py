@@ -156,18 +156,23 @@ STEPS, KEYS = 12, np.arange(1, 300, dtype=np.uint64)
 
 
 def train_one(
-    event: Any = None, ring: tuple[int, ...] = (0, 1, 2)
+    event: Any = None, ring: tuple[int, ...] = (0, 1, 2), servers: int = 2, replication: int = 1
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[Any]]:
-    """One worker, sync Adagrad on a sparse and a dense table, 2 servers; ``event(cluster,
+    """One worker, sync Adagrad on a sparse and a dense table, ``servers`` servers (with
+    ``replication`` > 1 an unused dense table ``pad`` first, so that ``bias`` lands on
+    server[2] and its copy on 0: a join of server[3] moves that copy); ``event(cluster,
     client)`` runs after clock 3 (the worker waits for it, so it switches to no move before;
     the event returns once a move is under way again, which the worker's next steps end).
     Returns the rows, the dense values, the final view (once its ring is ``ring``), and the
     moves in the status."""
     rng = np.random.default_rng(5)
-    with ps.LocalCluster(servers=2, workers=1, timeouts=FAST) as cluster:
+    with ps.LocalCluster(servers=servers, workers=1, timeouts=FAST,
+                         replication=replication) as cluster:  # fmt: skip
         c = cluster.connect()
         emb = c.sparse_table("emb", dim=4, optimizer=ADAGRAD, consistency="sync",
                              init=ps.init.Normal(std=0.1), seed=3)  # fmt: skip
+        if replication > 1:
+            c.dense_table("pad", 8, optimizer=ADAGRAD, consistency="sync")
         bias = c.dense_table("bias", 8, optimizer=ADAGRAD, consistency="sync")
         for step in range(STEPS):
             keys = rng.choice(KEYS, size=64)
@@ -187,7 +192,7 @@ def abandoned(client: Any) -> list[Any]:
     return [m for m in ask.result(10)["status"]["moves"] if m.get("abandoned")]
 
 
-def join_then_kill(process: str, drain: bool = False) -> Any:
+def join_then_kill(process: str, drain: bool = False, rank: int = 2) -> Any:
     """An event of :func:`train_one`: a server joins (or with ``drain``, server[0] is drained),
     and once its move is under way the server process ``process`` (a name of
     ``LocalCluster.pids``) is killed; it returns once the coordinator abandoned the move and
@@ -197,7 +202,7 @@ def join_then_kill(process: str, drain: bool = False) -> Any:
         if drain:
             cluster.remove_server(0)
         else:
-            assert cluster.add_server() == 2
+            assert cluster.add_server() == rank
         wait_until(lambda: moving(cluster), 30, "the join's move in the view")
         os.kill(cluster.pids[process], signal.SIGKILL)
         wait_until(lambda: abandoned(client), 60, "the move abandoned")
@@ -212,6 +217,21 @@ def test_a_joining_server_killed_during_its_move_abandons_it_and_its_replacement
     print("moves:", moves)
     assert view["ring"] == [0, 1, 2] and "move" not in view
     assert "server[2] died" in moves[0]["abandoned"] and "abandoned" not in moves[-1]
+    assert rows.tobytes() == ref_rows.tobytes()
+    assert bias.tobytes() == ref_bias.tobytes()
+
+
+def test_with_replication_a_joining_server_killed_while_a_dense_copy_moves_to_it() -> None:
+    # replication 2 on 3 servers: bias on server[2] and its copy on 0; the join of server[3]
+    # copies it from 2 to 3 (0 drops its copy after), and 3 is killed during that move: the
+    # move is abandoned (0 keeps its copy), the replacement joins, and no bit changes
+    ref_rows, ref_bias, _, _ = train_one(servers=3, replication=2)
+    rows, bias, view, moves = train_one(join_then_kill("server (joining, 3)", rank=3),
+                                        ring=(0, 1, 2, 3), servers=3, replication=2)  # fmt: skip
+    print("moves:", moves)
+    assert view["ring"] == [0, 1, 2, 3] and "move" not in view
+    assert "server[3] died" in moves[0]["abandoned"] and "abandoned" not in moves[-1]
+    assert moves[-1]["dense_tables"] == ["bias"]
     assert rows.tobytes() == ref_rows.tobytes()
     assert bias.tobytes() == ref_bias.tobytes()
 

@@ -97,16 +97,21 @@ def train(
     optimizer: Any,
     grads: Callable[[int, int, np.ndarray], np.ndarray],
     events: dict[int, Callable[[ps.LocalCluster], None]],
+    servers: int = 2,
+    replication: int = 1,
+    save: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[Exception], dict[str, Any]]:
-    """Train WORKERS threads for STEPS clocks; worker 0 runs ``events[clock]`` after that
-    clock. Returns the final sparse rows of KEYS, the dense values (``bias``, then the group's
+    """Train WORKERS threads for STEPS clocks on ``servers`` servers (``replication``
+    copies; a checkpoint written to ``save`` at the end, if given); worker 0 runs
+    ``events[clock]`` after that clock. Returns the final sparse rows of KEYS, the dense values (``bias``, then the group's
     ``g1`` and ``g2``, then ``big``), the errors raised. Placed by size: bias and g2 on
     server[0], g1 on server[1], big cut in two halves (a join cuts it in three, a drain back
     in two over the servers left)."""
     errors: list[Exception] = []
     asked: queue.Queue[int] = queue.Queue()
     answered: queue.Queue[int] = queue.Queue()
-    with ps.LocalCluster(servers=2, workers=WORKERS, timeouts=FAST, log_level=LOG) as cluster:
+    with ps.LocalCluster(servers=servers, workers=WORKERS, timeouts=FAST, log_level=LOG,
+                         replication=replication) as cluster:  # fmt: skip
         # worker 1 over TCP: its dense values take the bulk channel, worker 0's shared memory
         clients = [cluster.connect(transport="tcp" if w else None) for w in range(WORKERS)]
 
@@ -159,6 +164,8 @@ def train(
         view = view_of(cluster.address)
         view["moves"] = moves_of(cluster.address)
         view["big"] = dense[-1].spec.ranges
+        if save is not None:
+            reader.save(save)
         return emb.pull(KEYS, create=False), values, errors, view
 
 
@@ -229,6 +236,12 @@ def test_pushes_during_moves_in_async_training_count_once() -> None:
     rows, dense, errors, view = train("async", opt, ones_grads, events)
     assert errors == []
     assert view["ring"] == [1, 2] and "move" not in view
+    check_counts(rows, dense)
+
+
+def check_counts(rows: np.ndarray, dense: np.ndarray) -> None:
+    """``rows`` of KEYS and ``dense`` values of an async SGD lr=1 run of all-ones gradients
+    from zeros are minus the times each was pushed (the sparse keys as NumPy draws them)."""
     counts = np.zeros(int(KEYS.max()) + 1)
     for w in range(WORKERS):
         rng = np.random.default_rng(100 + w)

@@ -21,7 +21,14 @@ import pytest
 import paramserver as ps
 from paramserver.errors import RemoteError
 from paramserver.partition import HashRing, replicas_of
-from tests.integration.test_scaling import run_workers, view_of
+from tests.integration.test_scaling import (
+    check_counts,
+    ones_grads,
+    run_workers,
+    sync_grads,
+    view_of,
+)
+from tests.integration.test_scaling import train as scaling_train
 from tests.timing import FAST, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -144,12 +151,13 @@ def check_copies(path: Path, ring: list[int]) -> dict[int, dict[int, bytes]]:
 
 
 @pytest.mark.parametrize(
-    ("late", "replication"),
-    [(False, 2), (True, 2), (True, 1)],
-    ids=["together", "one-switches-late", "one-switches-late-without-copies"],
-)
+    ("late", "replication", "servers"),
+    [(False, 2, 2), (True, 2, 2), (True, 1, 2), (True, 2, 3)],
+    ids=["together", "one-switches-late", "one-switches-late-without-copies",
+         "one-switches-late-3-servers"],
+)  # fmt: skip
 def test_pushes_during_moves_with_replication_in_async_training_count_once(
-    late: bool, replication: int, tmp_path: Path
+    late: bool, replication: int, servers: int, tmp_path: Path
 ) -> None:
     # SGD lr=1 on all-ones gradients from zero rows: each row ends at minus the times its key
     # was pushed, as NumPy counts them from the same random draws; pushes are not waited for
@@ -158,7 +166,11 @@ def test_pushes_during_moves_with_replication_in_async_training_count_once(
     # (no pulls): a key's old primary that holds it on the new ring too applies worker 0's
     # pushes before its final, and the new copy, which holds them till the move's end, must
     # not apply them again (server/copies.py; without it keys count some pushes twice), nor take a held push for a
-    # retry (server/loop.py: requests behind a held one stay behind it after the move's end)
+    # retry (server/loop.py: requests behind a held one stay behind it after the move's end).
+    # With 3 servers two dense tables take the same pushes: ``d2`` lives on 2 and 0, and the
+    # join of 3 gives its copy to 3 while 2 keeps it (2 applies worker 0's pushes before its
+    # final, 3 must not again: server/copies.py ``dense_applied``); ``d0`` (on 0 and 1) goes
+    # to 1 and 2 on the drain of 0
     errors: list[Exception] = []
     steps = [0] * WORKERS
     goal = [STEPS]  # every worker ends at this step (a save waits for all clocks)
@@ -167,15 +179,20 @@ def test_pushes_during_moves_with_replication_in_async_training_count_once(
     gate.set()
     new_ring_pushes = [0]  # worker 0's pushes routed by a move's new ring
     with ps.LocalCluster(
-        servers=2, workers=WORKERS, timeouts=FAST, log_level=LOG, replication=replication
+        servers=servers, workers=WORKERS, timeouts=FAST, log_level=LOG, replication=replication
     ) as cluster:
         clients = [cluster.connect(transport="tcp" if w else None) for w in range(WORKERS)]
+
+        def dense(c: Any) -> list[Any]:
+            return [c.dense_table(n, 8, optimizer=ps.optim.SGD(lr=1.0), consistency="async",
+                                  init=ps.init.Zeros()) for n in ("d0", "d2")]  # fmt: skip
 
         def work(w: int) -> None:
             try:
                 c = clients[w]
                 emb = c.sparse_table("emb", dim=DIM, optimizer=ps.optim.SGD(lr=1.0),
                                      consistency="async", init=ps.init.Zeros())  # fmt: skip
+                ds = dense(c) if servers == 3 else []
                 rng = np.random.default_rng(100 + w)  # (counted by w below)
                 pushed: list[Any] = []
                 while not done.is_set() or steps[w] < goal[0]:
@@ -187,6 +204,7 @@ def test_pushes_during_moves_with_replication_in_async_training_count_once(
                     if w == 1 or not late:
                         emb.pull(keys)
                     pushed.append(emb.push(keys, np.ones((64, DIM), np.float32)))
+                    pushed += [d.push(np.ones(8, np.float32)) for d in ds]
                     if late and w == 0 and c.ring_servers != view_of(cluster.address)["ring"]:
                         new_ring_pushes[0] += 1  # (the view switches once the move is done)
                     waiting = []
@@ -210,8 +228,9 @@ def test_pushes_during_moves_with_replication_in_async_training_count_once(
             t.start()
         try:
             wait_until(lambda: min(steps) >= 3 or errors, 60, "3 steps of every worker")
-            for event, ring in ((cluster.add_server, [0, 1, 2]),
-                                (lambda: cluster.remove_server(0), [1, 2])):  # fmt: skip
+            for event, ring in ((cluster.add_server, list(range(servers + 1))),
+                                (lambda: cluster.remove_server(0),
+                                 list(range(1, servers + 1)))):  # fmt: skip
                 if late:
                     gate.clear()
                     wait_until(lambda: at_gate.is_set() or errors, 60, "worker 1 to stop")
@@ -233,7 +252,8 @@ def test_pushes_during_moves_with_replication_in_async_training_count_once(
                 t.join(180)
         assert errors == []
         view = view_of(cluster.address)
-        assert view["ring"] == [1, 2] and "move" not in view
+        assert view["ring"] == list(range(1, servers + 1)) and "move" not in view
+        got_dense = np.concatenate([d.pull() for d in dense(clients[0])]) if servers == 3 else None
         rows = clients[0].sparse_table("emb", dim=DIM, optimizer=ps.optim.SGD(lr=1.0),
                                        consistency="async", init=ps.init.Zeros())  # fmt: skip
         got = rows.pull(KEYS, create=False)
@@ -246,17 +266,85 @@ def test_pushes_during_moves_with_replication_in_async_training_count_once(
     want = -np.repeat(counts[KEYS.astype(np.int64)][:, None], DIM, axis=1)
     np.testing.assert_array_equal(got, want.astype(np.float32))
     if replication == 2:
-        check_copies(tmp_path / "moved", [1, 2])
+        check_copies(tmp_path / "moved", list(range(1, servers + 1)))
+    if got_dense is not None:
+        np.testing.assert_array_equal(got_dense, np.full(16, -sum(steps), np.float32))
+        held = dense_held(tmp_path / "moved")
+        for name in ("d0", "d2"):  # two copies, bitwise equal
+            assert len(held[name]) == 2 and len(set(held[name].values())) == 1, name
 
 
-def test_a_move_with_replication_and_a_dense_table_is_refused_and_changes_nothing() -> None:
+def test_a_drain_leaving_fewer_servers_than_copies_is_refused_and_changes_nothing() -> None:
+    # (dense tables move with replication: what stays refused is a ring shorter than the copies)
     with ps.LocalCluster(servers=2, workers=1, timeouts=FAST, log_level=LOG,
                          replication=2) as cluster:  # fmt: skip
         client = cluster.connect()
         w = client.dense_table("w", 8, optimizer=ps.optim.SGD(lr=1.0), consistency="sync")
         w.push(np.ones(8, np.float32)).result(30)
         client.clock()
-        with pytest.raises(RemoteError, match="table 'w' is dense"):
+        with pytest.raises(RemoteError, match=r"replication=2 needs 2 servers and the ring"):
             cluster.remove_server(0)
         assert view_of(cluster.address)["ring"] == [0, 1]
         np.testing.assert_array_equal(w.pull(), -np.ones(8, np.float32))
+
+
+def dense_held(path: Path) -> dict[str, dict[int, bytes]]:
+    """Per dense table, per server, the rows (values, optimizer state, scalars) it wrote in
+    the checkpoint at ``path``."""
+    directory = Path(path)
+    if (directory / "LATEST").exists():
+        directory = directory / (directory / "LATEST").read_text().strip()
+    out: dict[str, dict[int, bytes]] = {}
+    for index in sorted(directory.glob("server-*/index.json")):
+        idx = json.loads(index.read_text())
+        for name, entry in idx["tables"].items():
+            if "keys" not in entry and entry["count"]:
+                rows = np.load(index.parent / entry["rows"])
+                out.setdefault(name, {})[int(idx["rank"])] = rows.tobytes()
+    return out
+
+
+def test_dense_tables_move_their_copies_on_a_join_and_a_drain_and_change_no_bit(
+    tmp_path: Path,
+) -> None:
+    # 3 servers, replication=2, every dense table whole on its owner and the next server:
+    # bias on 0 (and 1), big on 2 (and 0), the group's g1 and g2 on 1 (and 2). The join of
+    # server 3 at clock 4 moves big's copy from 0 to 3 (its primary 2 sends it while serving);
+    # the drain of 0 at clock 8 gives bias to its copy on 1, and its second copy goes to 2
+    # (0 sends it). Adam: its step, a scalar of every copy, moves too
+    opt = ps.optim.Adam(lr=0.01)
+    added: list[int] = []
+    events = {4: lambda cl: added.append(cl.add_server()), 8: lambda cl: cl.remove_server(0)}
+    rows, dense, errors, view = scaling_train("sync", opt, sync_grads, events, servers=3,
+                                              replication=2, save=tmp_path / "moved")  # fmt: skip
+    assert errors == [] and added == [3]
+    assert view["ring"] == [1, 2, 3] and "move" not in view
+    assert [(m["kind"], m["dense_tables"]) for m in view["moves"]] == [
+        ("join", ["big"]),
+        ("drain", ["bias"]),
+    ]
+    ref_rows, ref_dense, ref_errors, _ = scaling_train("sync", opt, sync_grads, {}, servers=3,
+                                                       replication=2, save=tmp_path / "ref")  # fmt: skip
+    assert ref_errors == []
+    assert rows.tobytes() == ref_rows.tobytes()
+    assert dense.tobytes() == ref_dense.tobytes()
+    held, ref_held = dense_held(tmp_path / "moved"), dense_held(tmp_path / "ref")
+    owners = {"bias": 1, "big": 2, "g1": 1, "g2": 1}
+    assert sorted(held) == sorted(owners)
+    for name, owner in owners.items():
+        # on the two servers the final ring names, bitwise equal, and equal to the undisturbed
+        # run's copies (values, optimizer state and scalars)
+        assert sorted(held[name]) == sorted(replicas_of(owner, [1, 2, 3], 2)), name
+        assert len({*held[name].values(), *ref_held[name].values()}) == 1, name
+
+
+def test_pushes_to_dense_copies_during_moves_in_async_training_count_once() -> None:
+    # SGD lr=1 on all-ones gradients: every dense element ends at minus the pushes, sparse
+    # rows as NumPy counts them
+    opt = ps.optim.SGD(lr=1.0)
+    events = {3: lambda cl: cl.add_server(), 7: lambda cl: cl.remove_server(0)}
+    rows, dense, errors, view = scaling_train("async", opt, ones_grads, events, servers=3,
+                                              replication=2)  # fmt: skip
+    assert errors == []
+    assert view["ring"] == [1, 2, 3] and "move" not in view
+    check_counts(rows, dense)

@@ -13,6 +13,7 @@ from paramserver.errors import ConfigError
 from paramserver.partition import (
     HashRing,
     check_replication,
+    dense_copies,
     dense_pieces,
     dense_ranges,
     hash_keys,
@@ -152,3 +153,18 @@ def test_held_keys_are_the_keys_of_the_owners_a_server_copies() -> None:
             count += mask
         assert (count == k).all()  # every key on exactly k servers
     assert held_keys(keys[:0], ring, 0, 2).shape == (0,)
+
+
+@pytest.mark.parametrize(("old_ring", "new_ring"), [([0, 1, 2], [0, 1, 2, 3]), ([0, 1, 2], [1, 2]),
+                                                    ([0, 2], [0, 1, 2])])  # fmt: skip
+def test_dense_copies_reach_every_new_holder_once_from_the_old_primary(
+    old_ring: list[int], new_ring: list[int]
+) -> None:
+    for owner in old_ring:
+        new_owner = owner if owner in new_ring else replicas_of(owner, old_ring, 2)[1]
+        pieces = dense_copies([(owner, 0, 8)], [(new_owner, 0, 8)], (old_ring, new_ring), 2)
+        had, has = replicas_of(owner, old_ring, 2), replicas_of(new_owner, new_ring, 2)
+        assert pieces == [(owner, r, 0, 8) for r in has if r not in had]
+    # without copies: dense_pieces
+    old, new = [(0, 0, 10), (1, 10, 20)], [(0, 0, 7), (1, 7, 14), (2, 14, 20)]
+    assert dense_copies(old, new, ([0, 1], [0, 1, 2]), 1) == dense_pieces(old, new)

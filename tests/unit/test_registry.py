@@ -178,3 +178,24 @@ def test_a_replan_that_would_overfill_a_server_is_refused_and_changes_nothing() 
     assert registry.tables["big"] is big and registry.server_ranks == [0, 1]
     with pytest.raises(ValueError, match="no servers"):
         registry.replan([])
+
+
+def test_with_replication_a_move_keeps_dense_tables_whole_and_names_those_whose_copies_move() -> (
+    None
+):
+    registry = TableRegistry([0, 1, 2], replication=2)
+    big = registry.create(TableSpec("big", "dense", shape=(1 << 19,)).to_wire())  # on 0 and 1
+    small = registry.create(TableSpec("small", "dense", shape=(10,)).to_wire())  # on 2 and 0
+    # a join of 3: server 2's copies go to 2 and 3 (not 0); server 0's stay on 0 and 1
+    plan = registry.replan([0, 1, 2, 3])
+    assert list(plan.specs) == ["small"] and plan.specs["small"].ranges == small.ranges
+    assert plan.pieces == {"small": []}  # the owner stays: only its copies move
+    assert plan.load == {0: 1 << 19, 1: 1 << 19, 2: 10, 3: 10}
+    # a drain of 0: big's owner leaves, its copy on 1 owns it (held on 1 and 2 after)
+    plan = registry.replan([1, 2])
+    assert {n: list(s.ranges) for n, s in plan.specs.items()} == {
+        "big": [(1, 0, 1 << 19)],
+        "small": [(2, 0, 10)],  # owner 2 stays; its copy goes from 0 to 1
+    }
+    assert plan.pieces == {"big": [(0, 1, 0, 1 << 19)], "small": []}
+    assert registry.tables["big"] is big  # nothing changes until adopt

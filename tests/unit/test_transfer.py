@@ -12,6 +12,7 @@ from paramserver.optim import Adagrad
 from paramserver.partition import HashRing
 from paramserver.server.ahead import ran_ahead, refuse_ahead
 from paramserver.server.consistency import Clocks
+from paramserver.server.recut import DenseMoves
 from paramserver.server.shard import SparseShard
 from paramserver.server.state import ServerState
 from paramserver.server.table import make_table
@@ -150,3 +151,35 @@ def test_a_source_sends_back_only_the_pulls_that_ran_ahead_of_a_switched_worker(
     finally:
         transfers.close()
         ctx.term()
+
+
+def test_a_dense_primary_that_keeps_its_table_forwards_only_pushes_sent_before_a_switch() -> None:
+    # server[2] owns "d" on ring [0, 1, 2] (copy on 0); server[3] joins: the copies go to 2
+    # and 3. 2 keeps its table and sends 3 the copy, then the final with the buffered sync
+    # pushes that came before each worker's switch: worker[0] switched with none buffered, so
+    # its later push of clock 5 (which 3 gets from the worker itself) is not forwarded
+    state = ServerState()
+    state.rank, state.name, state.replication = 2, "server[2]", 2
+    spec = TableSpec(name="d", kind="dense", shape=(8,), seed=1, consistency="sync")
+    spec = spec.with_ranges([(2, 0, 8)])
+    t = make_table(spec, 2, [0, 1, 2], 2)
+    state.tables["d"] = t
+    sent: list[tuple[int, str, dict[str, object], list[np.ndarray]]] = []
+
+    def send(dest: int, table: str, phase: str, extra: dict[str, object],
+             arrays: list[np.ndarray]) -> None:  # fmt: skip
+        sent.append((dest, phase, extra, arrays))
+
+    moves = DenseMoves(state)
+    moves.start({"d": [[2, 0, 8]]}, send, ([0, 1, 2], [0, 1, 2, 3]))
+    assert state.tables["d"] is t and not moves.receiving  # kept, not re-made
+    assert [(d, p) for d, p, _, _ in sent] == [(3, "copy")]
+    assert t.sync is not None
+    t.sync.add(5, (1, np.full(8, 1.0, np.float32)))  # worker[1], not switched
+    t.sync.add(5, (0, np.full(8, 2.0, np.float32)))  # worker[0], after its switch
+    moves.finish(send, {0: {}})
+    dest, phase, extra, arrays = sent[-1]
+    assert (dest, phase, extra["sync"]) == (3, "final", [[5, 1, 8]])
+    np.testing.assert_array_equal(arrays[3], np.full(8, 1.0, np.float32))
+    moves.settle()
+    assert state.tables["d"] is t and t.spec.ranges == ((2, 0, 8),) and t.other_ranges == ()
