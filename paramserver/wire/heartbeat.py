@@ -110,10 +110,12 @@ class Pulse(threading.Thread):
             return
         rid = header.get("id")
         sent = self._sent.pop(rid, None) if isinstance(rid, int) else None
-        if sent is not None:
-            self.last_answer = max(self.last_answer, sent)
+        # what the answer says first, then that it came: the owner's thread that sees a fresh
+        # answer must also see what it said (a refused beat: expelled, rejoin before a request)
         if self.on_answer is not None:
             self.on_answer(header)
+        if sent is not None:
+            self.last_answer = max(self.last_answer, sent)
 
 
 class MissedViews:
