@@ -33,7 +33,7 @@ from paramserver.init import Initializer
 from paramserver.optim import Optimizer
 from paramserver.parallel import halves, two_cores
 from paramserver.server import kernels as k
-from paramserver.server.shard.arena import POPULATE_BYTES, Arena
+from paramserver.server.shard.arena import Arena
 from paramserver.server.shard.rule import (
     Shard,
     check_int,
@@ -56,6 +56,9 @@ memory, and a worker waiting for the reply leaves the other core free."""
 
 SPLIT_KEYS_BYTES = 1 << 17
 """Bytes of keys (16,384) from which their lookups run as two halves on two threads."""
+
+_AHEAD_MIN_BYTES = 1 << 20
+"""Bytes of rows whose pages :meth:`SparseShard.prepare` has mapped ahead at least."""
 
 _BUCKET_ROWS = 4
 """Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
@@ -331,7 +334,8 @@ class SparseShard(Shard):
         rows and for twice the keys of the latest request. The hash index is doubled (a
         rehash of every key: 20-30 ms at 2**19 rows, a stall inside the request that filled
         it), the arena's view made longer where that copies nothing, and its next pages
-        mapped by a background thread (:meth:`Arena.ready_soon`). A request that creates rows
+        mapped by a background thread (:meth:`Arena.ready_soon`): the latest request's keys,
+        at most a quarter of the rows stored. A request that creates rows
         then rarely waits for any of these; it still does what is missing.
 
         Example:
@@ -346,8 +350,10 @@ class SparseShard(Shard):
             self._grow_index(buckets)
         if self._arena.reserved and self.capacity < need:
             self._grow_arena(need)
+        # pages mapped ahead are resident memory whether rows come or not: at most a quarter
+        # of the rows stored (and 1 MiB), so a server at rest holds about what its rows need
         row_bytes = self.stride * self.dtype.itemsize
-        ahead = max(recent, POPULATE_BYTES // 2 // row_bytes)
+        ahead = max(min(recent, n // 4), _AHEAD_MIN_BYTES // row_bytes)
         self._arena.ready_soon(min(n + ahead, self.capacity))
 
     def _next_stamp(self) -> int:
