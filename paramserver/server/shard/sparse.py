@@ -331,18 +331,20 @@ class SparseShard(Shard):
     def prepare(self) -> None:
         """Room for the next requests' new rows, made between requests (a server calls it
         once its reply went out, while the worker works on the rows): room for a third more
-        rows and for twice the keys of the latest request. The hash index is doubled (a
-        rehash of every key: 20-30 ms at 2**19 rows, a stall inside the request that filled
-        it), the arena's view made longer where that copies nothing, and its next pages
-        mapped by a background thread (:meth:`Arena.ready_soon`): the latest request's keys,
-        at most a quarter of the rows stored. A request that creates rows
-        then rarely waits for any of these; it still does what is missing.
+        rows and for twice the keys of the latest request (at most twice the rows stored).
+        The hash index is doubled (a rehash of every key: 20-30 ms at 2**19 rows, a stall
+        inside the request that filled it), the arena's view made longer where that copies
+        nothing, and its next pages mapped by a background thread (:meth:`Arena.ready_soon`):
+        the latest request's keys, at most a quarter of the rows stored. A request that
+        creates rows then rarely waits for any of these; it still does what is missing.
 
         Example:
             shard.pull(keys); reply(...); shard.prepare()
         """
         n, recent = self._n, self._recent_keys
-        need = n + max(n // 3, 2 * recent)
+        # twice the latest keys, but not past twice the rows stored: the index is resident
+        # memory (its rehash touches every page), and a next request that size still fits
+        need = n + max(n // 3, min(2 * recent, n))
         buckets = self._index.shape[0]
         if _BUCKET_ROWS * buckets < need:
             while _BUCKET_ROWS * buckets < need:
