@@ -51,8 +51,10 @@ def test_prepare_grows_ahead_and_changes_no_row() -> None:
         b.push(keys, grads)
         index, capacity = len(a._index), a.capacity
         a.prepare()
-        # room made for the next request's keys (twice them) and a third more rows
-        need = a.num_rows + max(a.num_rows // 3, 2 * len(keys))
+        # room made for the next request's keys (twice them, at most twice the rows stored:
+        # memory) and a third more rows; a next request of as many new keys always fits
+        need = a.num_rows + max(a.num_rows // 3, min(2 * len(keys), a.num_rows))
+        assert need >= a.num_rows + len(keys)
         assert 4 * len(a._index) >= need and a.capacity >= need
         assert len(a._index) >= index and a.capacity >= capacity
     ea, eb = a.export(), b.export()

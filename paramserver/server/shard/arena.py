@@ -136,13 +136,15 @@ class Arena:
 
     def ready_soon(self, n: int) -> None:
         """:meth:`ready`, the pages mapped by a background thread (the kernel zeroes each:
-        8 ms for 32 MiB here) while the caller goes on; not waited for. A row written before
-        its page is mapped faults it in as without this, so nothing depends on when it ends."""
+        8 ms for 32 MiB here) while the caller goes on; not waited for. Only the pages of rows
+        ``[0, n)``: unlike :meth:`ready`, not ``POPULATE_BYTES`` at least, which a server at rest
+        would hold unused. A row written before its page is mapped faults it in as without
+        this, so nothing depends on when it ends."""
         if self._region is None or n <= self._ready or not POPULATE:
             return
         row_bytes = self.stride * self.dtype.itemsize
         lo = self._ready * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = min(max(n * row_bytes, lo + POPULATE_BYTES), self.capacity * row_bytes)
+        hi = min(-(-n * row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE, self.capacity * row_bytes)
         self._ready = hi // row_bytes
         start = self._address + lo
         _populator().submit(_populate, start, hi - lo)

@@ -33,7 +33,7 @@ from paramserver.init import Initializer
 from paramserver.optim import Optimizer
 from paramserver.parallel import halves, two_cores
 from paramserver.server import kernels as k
-from paramserver.server.shard.arena import POPULATE_BYTES, Arena
+from paramserver.server.shard.arena import Arena
 from paramserver.server.shard.rule import (
     Shard,
     check_int,
@@ -56,6 +56,9 @@ memory, and a worker waiting for the reply leaves the other core free."""
 
 SPLIT_KEYS_BYTES = 1 << 17
 """Bytes of keys (16,384) from which their lookups run as two halves on two threads."""
+
+_AHEAD_MIN_BYTES = 1 << 20
+"""Bytes of rows whose pages :meth:`SparseShard.prepare` has mapped ahead at least."""
 
 _BUCKET_ROWS = 4
 """Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
@@ -328,17 +331,20 @@ class SparseShard(Shard):
     def prepare(self) -> None:
         """Room for the next requests' new rows, made between requests (a server calls it
         once its reply went out, while the worker works on the rows): room for a third more
-        rows and for twice the keys of the latest request. The hash index is doubled (a
-        rehash of every key: 20-30 ms at 2**19 rows, a stall inside the request that filled
-        it), the arena's view made longer where that copies nothing, and its next pages
-        mapped by a background thread (:meth:`Arena.ready_soon`). A request that creates rows
-        then rarely waits for any of these; it still does what is missing.
+        rows and for twice the keys of the latest request (at most twice the rows stored).
+        The hash index is doubled (a rehash of every key: 20-30 ms at 2**19 rows, a stall
+        inside the request that filled it), the arena's view made longer where that copies
+        nothing, and its next pages mapped by a background thread (:meth:`Arena.ready_soon`):
+        the latest request's keys, at most a quarter of the rows stored. A request that
+        creates rows then rarely waits for any of these; it still does what is missing.
 
         Example:
             shard.pull(keys); reply(...); shard.prepare()
         """
         n, recent = self._n, self._recent_keys
-        need = n + max(n // 3, 2 * recent)
+        # twice the latest keys, but not past twice the rows stored: the index is resident
+        # memory (its rehash touches every page), and a next request that size still fits
+        need = n + max(n // 3, min(2 * recent, n))
         buckets = self._index.shape[0]
         if _BUCKET_ROWS * buckets < need:
             while _BUCKET_ROWS * buckets < need:
@@ -346,8 +352,10 @@ class SparseShard(Shard):
             self._grow_index(buckets)
         if self._arena.reserved and self.capacity < need:
             self._grow_arena(need)
+        # pages mapped ahead are resident memory whether rows come or not: at most a quarter
+        # of the rows stored (and 1 MiB), so a server at rest holds about what its rows need
         row_bytes = self.stride * self.dtype.itemsize
-        ahead = max(recent, POPULATE_BYTES // 2 // row_bytes)
+        ahead = max(min(recent, n // 4), _AHEAD_MIN_BYTES // row_bytes)
         self._arena.ready_soon(min(n + ahead, self.capacity))
 
     def _next_stamp(self) -> int:
