@@ -96,7 +96,7 @@ def sync_parts(
     parts: list[tuple[int, int, int, np.ndarray]] = []
     if t.sync is None:
         return parts
-    name = t.spec.name
+    name = t.spec.name if before else ""  # (only a move with switched workers names it)
     for clock in sorted(t.sync.pending):
         seen: dict[int, int] = {}
         for item in t.sync.pending[clock]:
