@@ -2,12 +2,14 @@
 
 On a loaded machine wall times move by 2x between runs; what each thread and process spends
 on the CPU per operation moves far less, and says where a tree spends more than another. Per
-push(push_buffer()) + pull(copy=False) of a 1 MiB table (``--mib`` sets it): the worker's
+plain push(array) + pull() of a 1 MiB table (``--mib`` sets it; ``--best-case`` times
+push(push_buffer()) + pull(copy=False) instead): the worker's
 threads (from /proc/self/task), the child processes (server, coordinator) from /proc, and with
 ``--profile`` the worker's main thread under cProfile, timed by its own CPU clock.
 
     python benchmarks/dense_cpu.py --repeat 2000               # per-thread and per-process CPU
     python benchmarks/dense_cpu.py --repeat 1000 --profile     # and where the main thread's goes
+    python benchmarks/dense_cpu.py --best-case                 # the zero-copy API beside it
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pstats
 import threading
 import time
 
+import numpy as np
 from common import emit, parser
 
 import paramserver as ps
@@ -50,6 +53,7 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--mib", type=int, default=1, help="table size in MiB")
     p.add_argument("--profile", action="store_true", help="cProfile the worker's main thread")
+    p.add_argument("--best-case", action="store_true", help="push_buffer() + pull(copy=False)")
     args = p.parse_args()
     repeat = args.repeat or (50 if args.quick else 2000)
     n = (args.mib << 20) // 4
@@ -57,10 +61,15 @@ def main() -> None:
         client = cluster.connect(transport="tcp")
         table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
         table.push_buffer()[:] = 1e-6
+        grad = np.full(n, 1e-6, np.float32)
 
         def op() -> None:
-            table.push(table.push_buffer()).result()
-            table.pull(copy=False)
+            if args.best_case:
+                table.push(table.push_buffer()).result()
+                table.pull(copy=False)
+            else:  # what a training step does: a gradient of its own, a result it keeps
+                table.push(grad).result()
+                table.pull()
 
         for _ in range(50):
             op()
@@ -80,7 +89,8 @@ def main() -> None:
         t1 = {t: _cpu(f"/proc/self/task/{t}/stat") for t in tasks}
         k1 = {k: _cpu(f"/proc/{k}/stat") for k in kids}
         names = {str(t.native_id): t.name for t in threading.enumerate()}
-        label = f"{args.mib} MiB push+pull over TCP"
+        api = "best case, push_buffer() + pull(copy=False)" if args.best_case else "plain arrays"
+        label = f"{args.mib} MiB push+pull over TCP, {api}"
         emit("dense_cpu", f"{label}: wall (mean)", wall / repeat * 1e6, "us")
         for t in tasks:
             name = names.get(t) or _comm(t)
