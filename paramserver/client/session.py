@@ -54,6 +54,7 @@ class RequestOptions(TypedDict, total=False):
     again: Callable[[], tuple[dict[str, Any], Sequence[np.ndarray], Any]] | None
     reply_bytes: int | None
     bulk: bool
+    lend: bool
 
 
 def server_name(rank: int) -> str:
@@ -297,9 +298,8 @@ class Session(CoordinatorWatch, RingRouting):
         arrays and parse of a resend when it must differ (no shared memory with a new server).
 
         With ``reply_bytes`` (at most what the reply's arrays take), the request may travel in
-        a shared-memory slot when the server is on this host (see :mod:`paramserver.wire.slots`):
-        ``parse`` must then be given and must not keep the reply's arrays (the slot is reused
-        once it returns).
+        a shared-memory slot when the server is on this host (:mod:`paramserver.wire.slots`):
+        ``parse`` must then be given and keeps no reply array unless ``lend`` lets it.
 
         With ``on_dead`` (replication), a lost server's request is not kept for a replacement
         once a view declares the server dead or rebuilding: the request completes as the
@@ -340,7 +340,7 @@ class Session(CoordinatorWatch, RingRouting):
                     {**sent, "slot": slot, "reply_at": at},
                     arrays,
                     what=what,
-                    parse=parse,
+                    parse=pool.lending(slot, parse) if options.get("lend") and parse else parse,
                     region=region,
                     release=lambda: pool.release(slot),
                 )

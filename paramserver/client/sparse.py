@@ -136,8 +136,11 @@ class SparseTable(TableHandle):
         futs: list[Future[None]] = []
         staleness: list[int] = []
         codec = self.spec.codec
-        # the user's array: every server's rows go straight into it, each to where its keys are
-        # in the list (repeated keys expanded there), by compiled kernels
+        # one server's rows of distinct keys in list order are the result as they are: where
+        # the server gathered them in a shared slot, handed out (wire/slots.py), if it may be
+        lend = dest is None and codec == "none" and plan.inverse is None and len(plan.parts) == 1
+        # else the user's array: every server's rows go straight into it, each to where its keys
+        # are in the list (repeated keys expanded there), by compiled kernels
         if dest is None:
             out, fresh = self.results.take((len(flat), self.dim), self.dtype)
         else:
@@ -157,6 +160,9 @@ class SparseTable(TableHandle):
                     raise ConfigError(f"table {self.name!r}: {exc}") from None
                 if part.shape != (n, self.dim):
                     raise ConfigError(f"table {self.name!r}: server answered {part.shape} rows")
+                if msg[0].get("lent"):  # the slot's rows are the result (nobody else's)
+                    box[0] = part
+                    return
                 place_reply(plan, p, part, box[0])
 
             return parse
@@ -173,6 +179,7 @@ class SparseTable(TableHandle):
                     f"{server_name(s)} ({c.endpoint.address_of(server_name(s))})",
                     parse=into(p, len(part_keys)),
                     reply_bytes=len(part_keys) * row_bytes,
+                    lend=lend,
                 )
             )
         # fresh memory is mapped on first write: have that happen while the servers work

@@ -8,9 +8,14 @@ that the server maps once (``attach_slot``, checked by a nonce like the dense se
 the server reads them there and writes its reply's arrays after them (a pull gathers its rows
 straight into the slot); only the headers travel over ZeroMQ.
 
-A slot belongs to one request at a time, from its send until its answer was parsed. Slots are
-attached asynchronously: a request that finds none free goes as frames, as it does to a server
-on another host (which refuses the first attach; the worker then never asks it again).
+A slot belongs to one request at a time, from its send until its answer was parsed, and then
+to whoever holds the reply's arrays: a pull whose reply is its result (distinct keys, one
+server) hands out the rows where the server gathered them (:meth:`SlotPool.lendable`). The
+reference count of a slot's region array counts every such result and every view of it, so a
+slot is named by a request again only once nothing holds it: the server never writes memory a
+result still shows. Slots are attached asynchronously: a request that finds none free goes as
+frames, as it does to a server on another host (which refuses the first attach; the worker
+then never asks it again).
 
 Example:
     pool = SlotPool(endpoint, "server[0]", rank=0)
@@ -20,13 +25,15 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from paramserver.wire import shm
-from paramserver.wire.transport import Endpoint, Future
+from paramserver.wire.transport import Endpoint, Future, Message
 
 __all__ = ["SlotPool"]
 
@@ -41,11 +48,15 @@ SLOTS_PER_SERVER = 4  # requests in flight to one server that can use a slot
 class _Slot:
     id: int
     seg: shm.Segment
-    busy: bool = False
+    # the slot's memory as an array of its own (shm.Segment.typed): the views made of it (a
+    # reply's arrays, a result handed out) hold it, so its reference count says who still does
+    region: np.ndarray
+    busy: bool = False  # a request in flight names it
 
     @property
-    def region(self) -> np.ndarray:
-        return self.seg.regions[0]
+    def free(self) -> bool:
+        # 2: this object's reference and getrefcount's argument
+        return not self.busy and sys.getrefcount(self.region) == 2
 
 
 class SlotPool:
@@ -66,7 +77,7 @@ class SlotPool:
         if there is none (a bigger one is then attached for the next requests)."""
         if self.refused or self.closed or nbytes > MAX_SLOT_BYTES:
             return None
-        fits = [s for s in self.slots.values() if not s.busy and s.region.nbytes >= nbytes]
+        fits = [s for s in self.slots.values() if s.region.nbytes >= nbytes and s.free]
         if fits:
             slot = min(fits, key=lambda s: s.region.nbytes)
             slot.busy = True
@@ -81,6 +92,42 @@ class SlotPool:
         if slot is not None:
             slot.busy = False
 
+    def lendable(self, slot_id: int) -> bool:
+        """Whether the reply in slot ``slot_id`` may be handed out as a result (the slot is then
+        held until nothing holds that result): yes while another slot stays free for the next
+        request. When none would, a slot as large is attached for later, up to
+        :data:`SLOTS_PER_SERVER`: a loop that holds one result while it pulls the next then
+        gets its results without a copy from the next pull on."""
+        slot = self.slots.get(slot_id)
+        if slot is None or self.closed:
+            return False
+        if any(s.free for s in self.slots.values() if s is not slot):
+            return True
+        if not self.attaching and len(self.slots) < SLOTS_PER_SERVER:
+            self._grow(slot.region.nbytes)
+        return False
+
+    def lending(self, slot_id: int, parse: Callable[[Message], Any]) -> Callable[[Message], Any]:
+        """``parse`` for a reply in slot ``slot_id`` that may keep the reply's arrays: when
+        they lie in the slot and it may be lent (:meth:`lendable`), the header says ``lent``
+        and the arrays are writable; the slot is not named again while anything holds them."""
+
+        def parse_lent(msg: Message) -> Any:
+            header, arrays = msg
+            slot = self.slots.get(slot_id)
+            if (
+                slot is not None
+                and arrays
+                and all(a.base is slot.region for a in arrays)
+                and self.lendable(slot_id)
+            ):
+                for a in arrays:
+                    a.flags.writeable = True
+                header["lent"] = True
+            return parse(msg)
+
+        return parse_lent
+
     def _grow(self, nbytes: int) -> None:
         """Attach a slot of at least ``nbytes`` (a new id, or replacing the smallest free one
         when every id is in use)."""
@@ -89,7 +136,7 @@ class SlotPool:
         if free_ids:
             slot_id = free_ids[0]
         else:
-            idle = [s for s in self.slots.values() if not s.busy]
+            idle = [s for s in self.slots.values() if s.free]
             if not idle:
                 return
             # retired at once: no request may name this id until the new slot replaced it
@@ -125,7 +172,7 @@ class SlotPool:
                     log.info("%s: no shared-memory slots (%s); using frames", self.server, err)
                     self.refused = True
                 return
-            self.slots[slot_id] = _Slot(slot_id, seg)
+            self.slots[slot_id] = _Slot(slot_id, seg, seg.typed(0, np.dtype(np.uint8), size))
 
         fut.add_done_callback(attached)
 
