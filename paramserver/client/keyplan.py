@@ -49,6 +49,9 @@ class KeyPlan:
     known: set[int] = dc_field(default_factory=set)  # servers that have resolved ``sig``
     # where each part's rows go in the list (group_by_part), made on the first pull that needs it
     spread: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # False: a list sent as it is (KeyPlanCache.sent_as_is) whose dedup is not made yet: base
+    # and inverse are a guess that only a pull may use (the server answers a repeat as a key)
+    checked: bool = True
 
     def placement(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(positions, rows, bounds)``: for part ``p`` and ``t`` in
@@ -173,14 +176,20 @@ class KeyPlanCache:
             if plan is not None and np.array_equal(plan.keys, flat):
                 return plan
         return next(
-            (r[1] for r in self._recent if r[0] == fp and np.array_equal(r[1].keys, flat)), None
+            (
+                r[1]
+                for r in self._recent
+                if r[0] == fp and r[1].checked and np.array_equal(r[1].keys, flat)
+            ),
+            None,
         )
 
     def sent_as_is(self, flat: np.ndarray) -> KeyPlan | None:
         """A plan that sends ``flat`` as it is to the one server, for a long list that looks
         distinct (no key repeats among :data:`SAMPLE_KEYS` spread over it): the server then
         answers every key in list order, also a repeat the sample missed, and the list's own
-        plan (:meth:`find`) can be made while it works. None with more than one server.
+        plan (:meth:`find`) is made when a request needs it (:meth:`sent`). None with more
+        than one server.
 
         Example:
             plan = cache.sent_as_is(np.arange(100_000, dtype=np.uint64))
@@ -192,7 +201,19 @@ class KeyPlanCache:
         if len(np.unique(sample)) != len(sample):
             return None
         keys = flat.copy()  # the caller may reuse its array for the next batch
-        return KeyPlan(keys, keys, None, [(0, None, keys)])
+        return KeyPlan(keys, keys, None, [(0, None, keys)], checked=False)
+
+    def sent(self, plan: KeyPlan, cacheable: bool) -> None:
+        """Note a list :meth:`sent_as_is` sent. Its dedup waits for a request that needs it
+        (the push of the same batch: :meth:`find`), so a pull alone never pays for it, unless
+        the list was seen before: one sent again and again is planned now (while the server
+        works), for its signature."""
+        fp = fingerprint(plan.keys)
+        if fp in self._seen:
+            self.find(plan.keys, cacheable)
+            return
+        self._recent = [(fp, plan), *self._recent[: RECENT_LISTS - 1]]
+        self._count(fp)
 
     def find(self, flat: np.ndarray, cacheable: bool) -> KeyPlan:
         """The plan of ``flat``: reused when the list was sent lately, made otherwise."""
@@ -205,7 +226,7 @@ class KeyPlanCache:
         last = next(
             (r for r in self._recent if r[0] == fp and np.array_equal(r[1].keys, flat)), None
         )
-        if last is not None:
+        if last is not None and last[1].checked:
             # the same list again at once (a push after the pull of one batch): reuse its
             # dedup and routing; a list seen a third time is cached on the servers too
             plan = last[1]
@@ -217,19 +238,24 @@ class KeyPlanCache:
         distinct = len(uniq) == len(flat)
         base = flat if distinct else uniq
         parts = route_keys(base, self.ring, self.num_servers)
-        # a private copy of the list: the caller may reuse its array for the next batch
-        keys = flat.copy()
+        # a private copy of the list: the caller may reuse its array for the next batch (a
+        # list sent as it is has one already)
+        keys = flat.copy() if last is None else last[1].keys
         plan = KeyPlan(keys, keys if distinct else base, None if distinct else inverse, parts)
         if distinct and len(parts) == 1 and parts[0][1] is None:
             plan.parts = [(parts[0][0], None, keys)]
-        self._recent = [(fp, plan), *self._recent[: RECENT_LISTS - 1]]
+        self._recent = [(fp, plan), *[r for r in self._recent if r is not last][: RECENT_LISTS - 1]]
+        self._count(fp)
+        if cacheable and self._seen[fp] >= 3:
+            self._promote(fp, plan)
+        return plan
+
+    def _count(self, fp: tuple[int, ...]) -> None:
+        """One more sighting of the list ``fp`` (a list seen three times gets a signature)."""
         self._seen[fp] = self._seen.get(fp, 0) + 1
         self._seen.move_to_end(fp)
         while len(self._seen) > 4 * KEY_CACHE_LISTS:
             self._seen.popitem(last=False)
-        if cacheable and self._seen[fp] >= 3:
-            self._promote(fp, plan)
-        return plan
 
     def _promote(self, fp: tuple[int, ...], plan: KeyPlan) -> None:
         plan.sig = secrets.randbits(63)

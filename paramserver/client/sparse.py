@@ -127,8 +127,8 @@ class SparseTable(TableHandle):
         # no key-list signatures with replication: a read may move to another copy
         cacheable = create and c.replication == 1
         plans = self.plans()
-        # a long fresh list to one server goes before its dedup, which runs while the server
-        # works (the push of the same batch reuses it); a list seen lately reuses its plan
+        # a long fresh list to one server goes before its dedup, made when the push of the same
+        # batch needs it (a pull alone never pays for it); a list seen lately reuses its plan
         early = None if plans.known(flat, cacheable) else plans.sent_as_is(flat)
         plan, sig = plans.plan(flat, cacheable) if early is None else (early, None)
         self._moved[0] += len(plan.base)
@@ -187,7 +187,7 @@ class SparseTable(TableHandle):
             prefault(out)
         del out
         if early is not None:
-            plans.plan(flat, cacheable)
+            plans.sent(early, cacheable)
         if len(plan.parts) > 1:
             plan.placement()  # where each server's rows go, also while they work
 
