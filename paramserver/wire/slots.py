@@ -69,6 +69,7 @@ class SlotPool:
         self.slots: dict[int, _Slot] = {}
         self.attaching: dict[int, shm.Segment] = {}
         self.refused = False  # another host (or no /dev/shm there): frames only
+        self.full = False  # /dev/shm had no room for a slot to lend: results are copies
         self.closed = False
         self.used = 0  # requests that went in a slot
 
@@ -103,8 +104,8 @@ class SlotPool:
             return False
         if any(s.free for s in self.slots.values() if s is not slot):
             return True
-        if not self.attaching and len(self.slots) < SLOTS_PER_SERVER:
-            self._grow(slot.region.nbytes)
+        if not (self.attaching or self.full) and len(self.slots) < SLOTS_PER_SERVER:
+            self._grow(slot.region.nbytes, spare=True)
         return False
 
     def lending(self, slot_id: int, parse: Callable[[Message], Any]) -> Callable[[Message], Any]:
@@ -128,9 +129,10 @@ class SlotPool:
 
         return parse_lent
 
-    def _grow(self, nbytes: int) -> None:
+    def _grow(self, nbytes: int, spare: bool = False) -> None:
         """Attach a slot of at least ``nbytes`` (a new id, or replacing the smallest free one
-        when every id is in use)."""
+        when every id is in use); ``spare``: one more, so that a result may be lent (where
+        ``/dev/shm`` has no room for it, the slots there are kept and results copied)."""
         size = max(MIN_SLOT_BYTES, 1 << (nbytes - 1).bit_length())
         free_ids = [i for i in range(SLOTS_PER_SERVER) if i not in self.slots]
         if free_ids:
@@ -146,7 +148,10 @@ class SlotPool:
             smallest.seg.close()
         seg = shm.create(size, regions=1)
         if seg is None:
-            self.refused = True
+            if spare:
+                self.full = True
+            else:
+                self.refused = True
             return
         self.attaching[slot_id] = seg
         fut = self.ep.request(

@@ -202,3 +202,34 @@ def test_two_servers_answer_into_copies(cluster: ps.LocalCluster) -> None:
         ref.push(emb, at)
     for a, want in kept:
         np.testing.assert_array_equal(a, want)
+
+
+def test_no_room_in_dev_shm_for_a_spare_slot_keeps_the_slots(
+    one_server: ps.LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``/dev/shm`` has room for one slot and no more (a small container), the slot
+    keeps carrying requests and results are copies (not frames for everything after)."""
+    from paramserver.wire import slots
+
+    create = shm.create
+    made: list[int] = []
+
+    def one_only(nbytes: int, regions: int = 2) -> shm.Segment | None:
+        if made:
+            return None  # as a full /dev/shm answers
+        made.append(nbytes)
+        return create(nbytes, regions)
+
+    monkeypatch.setattr(slots.shm, "create", one_only)
+    client = one_server.connect()
+    emb = _table(client)
+    ref = Reference(8)
+    for _ in range(6):
+        at = ref.distinct()
+        rows = emb.pull(ref.keys[at])
+        np.testing.assert_array_equal(rows, ref.rows[at])
+        assert not _lent(client, rows)
+        ref.push(emb, at)
+    (_, pool), *_ = client._slot_pools.values()
+    assert len(made) == 1 and pool.full and not pool.refused
+    assert pool.used >= 8  # the pulls and pushes after the first kept going in the slot
