@@ -11,7 +11,7 @@ import numpy as np
 
 from paramserver.arrays import all_finite, as_keys
 from paramserver.client.cache import CacheSpec, RowCache, check_cache
-from paramserver.client.keyplan import KeyPlan, KeyPlanCache
+from paramserver.client.keyplan import AS_IS_KEYS, KeyPlan, KeyPlanCache
 from paramserver.client.replicas import settle
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
@@ -129,7 +129,11 @@ class SparseTable(TableHandle):
         plans = self.plans()
         # a long fresh list to one server goes before its dedup, made when the push of the same
         # batch needs it (a pull alone never pays for it); a list seen lately reuses its plan
-        early = None if plans.known(flat, cacheable) else plans.sent_as_is(flat)
+        early = (
+            None
+            if len(flat) < AS_IS_KEYS or plans.known(flat, cacheable)
+            else plans.sent_as_is(flat)
+        )
         plan, sig = plans.plan(flat, cacheable) if early is None else (early, None)
         self._moved[0] += len(plan.base)
         header = self.pull_header(create, limit)

@@ -340,19 +340,24 @@ def _fail(message: str) -> ProtocolError:
 
 
 def _too_deep(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests lists and maps more than ``limit`` levels (no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, dict):
-            children: Any = v.values()
-        elif isinstance(v, list):
-            children = v
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children)
+    """Whether ``value`` nests lists and maps more than ``limit`` levels (no recursion): one
+    level at a time, the containers of each level's values the next (every message is
+    checked, so no tuple or generator per value)."""
+    level: list[Any] = [value]
+    depth = 1
+    while level:
+        below: list[Any] = []
+        for v in level:
+            if isinstance(v, dict):
+                below.extend(v.values())
+            elif isinstance(v, list):
+                below.extend(v)
+            else:
+                continue
+            if depth > limit:
+                return True
+        level = [v for v in below if isinstance(v, (dict, list))]
+        depth += 1
     return False
 
 

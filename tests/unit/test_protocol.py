@@ -176,3 +176,27 @@ def test_slot_end_is_where_encode_stops_placing_arrays() -> None:
     with pytest.raises(ProtocolError, match="no such slot") as info:
         protocol.decode(frames)  # the same message where no slot is attached
     assert info.value.code == "no_slot" and info.value.request_id == 7
+
+
+def _depth(value: object) -> int:
+    """How many levels of lists and maps ``value`` nests (recursive: the reference)."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+_nested = st.recursive(
+    st.integers() | st.text(max_size=2),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_nested, st.integers(1, 8))
+def test_too_deep_is_the_nesting_depth_against_a_limit(value: object, limit: int) -> None:
+    assert protocol._too_deep(value, limit) == (_depth(value) > limit)
