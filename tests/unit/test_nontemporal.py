@@ -14,7 +14,9 @@ from paramserver.arrays import copy_finite
 from paramserver.parallel import SPLIT_BYTES, halves
 from paramserver.server import kernels as k
 
-SPANS = [(0, 4000), (1, 3999), (3, 20), (5, 5), (0, 0), (7, 3001), (16, 32), (15, 17)]
+N = nontemporal.STREAM_BYTES // 4 + 4000  # float32 elements: lines streamed
+# (start, stop): whole, off by one element at either end, small (plain stores), empty
+SPANS = [(0, N), (1, N - 1), (3, 20), (5, 5), (0, 0), (7, N - 999), (16, 32), (15, N - 15)]
 EXP = {np.float32: (np.uint32, np.uint32(0x7F80_0000)),
        np.float64: (np.uint64, np.uint64(0x7FF0_0000_0000_0000))}  # fmt: skip
 
@@ -23,11 +25,11 @@ EXP = {np.float32: (np.uint32, np.uint32(0x7F80_0000)),
 def test_copy_count_matches_numpy_at_every_alignment(dtype: type) -> None:
     uint, exponent = EXP[dtype]
     rng = np.random.default_rng(1)
-    src = rng.standard_normal(4000).astype(dtype)
-    src[[0, 17, 1500, 3999]] = [np.nan, np.inf, -np.inf, np.nan]
+    src = rng.standard_normal(N).astype(dtype)
+    src[[0, 17, 1500, N // 2, N - 1]] = [np.nan, np.inf, -np.inf, np.inf, np.nan]
     bits = src.view(uint)
     for a, b in SPANS:
-        dst = np.zeros(4000, uint)
+        dst = np.zeros(N, uint)
         count = nontemporal.copy_count(bits[a:b], dst[a:b], exponent)
         assert count == int((~np.isfinite(src[a:b])).sum()), (a, b)
         np.testing.assert_array_equal(dst[a:b], bits[a:b])
@@ -35,9 +37,9 @@ def test_copy_count_matches_numpy_at_every_alignment(dtype: type) -> None:
 
 
 def test_copy_count_into_memory_not_aligned_to_its_elements() -> None:
-    raw = np.zeros(4 * 1000 + 1, np.uint8)
-    dst = np.frombuffer(raw.data, np.uint32, count=1000, offset=1)  # one byte off
-    src = np.arange(1000, dtype=np.uint32)
+    raw = np.zeros(4 * N + 1, np.uint8)
+    dst = np.frombuffer(raw.data, np.uint32, count=N, offset=1)  # one byte off: no line stored
+    src = np.arange(N, dtype=np.uint32)
     assert nontemporal.copy_count(src, dst, np.uint32(0x7F80_0000)) == 0
     np.testing.assert_array_equal(dst, src)
 
@@ -47,11 +49,11 @@ def test_sgd_copy_is_bit_identical_to_numpy(dtype: type) -> None:
     rng = np.random.default_rng(2)
     lr = dtype(0.37)
     for a, b in SPANS:
-        w = rng.standard_normal(4000).astype(dtype)
-        g = rng.standard_normal(4000).astype(dtype)
+        w = rng.standard_normal(N).astype(dtype)
+        g = rng.standard_normal(N).astype(dtype)
         want = w.copy()
         want[a:b] = want[a:b] - lr * g[a:b]  # NumPy rounds each operation in dtype
-        out = np.zeros(4000, dtype)
+        out = np.zeros(N, dtype)
         k.sgd_copy(w[a:b], g[a:b], out[a:b], lr)
         assert w.tobytes() == want.tobytes(), (a, b)
         assert out[a:b].tobytes() == want[a:b].tobytes()
@@ -84,3 +86,28 @@ def test_kernels_compile_to_streaming_stores_and_a_fence() -> None:
             fresh.compile(sig)
             asm = fresh.inspect_asm(sig)
             assert "movnt" in asm and "sfence" in asm, f"{kernel.py_func.__name__}{sig}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
+def test_copy_of_any_dtype(dtype: type) -> None:
+    src = (np.arange(N + 3) % 251).astype(dtype)
+    for a, b in SPANS:
+        dst = np.zeros(N + 3, dtype)
+        nontemporal.copy(src[a:b], dst[a:b])
+        assert dst[a:b].tobytes() == src[a:b].tobytes(), (a, b)
+        assert not dst[:a].any() and not dst[b:].any(), "written outside the span"
+
+
+def test_dense_shard_writes_a_pull_and_an_update_into_out() -> None:
+    from paramserver.init import Normal
+    from paramserver.optim import Adam
+    from paramserver.server.shard import DenseShard
+
+    shard = DenseShard(N, np.float32, Normal(), Adam(lr=0.1), seed=4)
+    ref = DenseShard(N, np.float32, Normal(), Adam(lr=0.1), seed=4)
+    out = np.zeros(N, np.float32)
+    assert shard.pull(out) is out and out.tobytes() == ref.pull().tobytes()
+    g = np.random.default_rng(5).standard_normal(N).astype(np.float32)
+    shard.push(g, out=out)
+    ref.push(g)
+    assert out.tobytes() == ref.pull().tobytes() == shard.pull().tobytes()

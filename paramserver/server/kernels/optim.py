@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paramserver.nontemporal import LINE, aligned_head, sgd_line, store_fence
+from paramserver.nontemporal import LINE, sgd_line, store_fence, stream_start
 from paramserver.server.kernels.jit import Array, Scalar, inline, kernel, row_ahead
 
 __all__ = ["adagrad_rows", "adam_rows", "ftrl_rows", "momentum_rows", "sgd_copy", "sgd_rows"]
@@ -135,7 +135,7 @@ def sgd_copy(w: Array, g: Array, out: Array, lr: Scalar) -> None:
     streaming stores a line at a time (``nontemporal.sgd_line``): the worker reads it later,
     and a plain store would first read every line of it."""
     n = w.shape[0]
-    head = aligned_head(out, n)
+    head = stream_start(out, n)
     for j in range(head):
         x = w[j] - lr * g[j]
         w[j] = x
