@@ -66,9 +66,9 @@ STREAMING = platform.machine().lower() in ("x86_64", "amd64")
 
 STREAM_BYTES = 4 << 20
 """Arrays below this size are written with plain stores: what the reader takes next may still
-be in a cache then, and streaming it out costs more than the reads it saves (a copy then a
-pass over the copy, one core: plain faster at 1 MiB, even at 4-8, streaming 1.3-3x faster at
-16-64 MiB)."""
+be in a cache then, and streaming it out costs more than the reads it saves. A copy then a pass
+over the copy, one core (``python benchmarks/dense.py --stores``, loaded machine): streaming
+2.2x slower at 256 KiB, 1.1x at 1 MiB, even at 2-8 MiB, 2.6-2.7x faster at 16-64 MiB."""
 
 _I32 = ir.IntType(32)
 
