@@ -5,9 +5,10 @@ copying 64 MiB then moves 192 MiB through memory where streaming stores, which w
 lines around the cache, move 128. Two passes of a plain dense step write such arrays: the
 worker's copy of a gradient into the shared segment (:func:`copy_count`, behind
 ``arrays.copy_finite``) and the server's SGD writing the new weights into the reply region
-(``server/kernels/optim.sgd_copy``, with :func:`sgd_line`). On this machine each pass took
-about half the time it took with plain stores (docs/performance.md, "Dense plain arrays on one
-host").
+(``server/kernels/optim.sgd_copy``, with :func:`sgd_line`); :func:`copy` for other large
+copies into memory another process reads. At 64 MiB on one core the copy took 0.69x and the
+SGD 0.60x the time of plain stores (``python benchmarks/dense.py --stores``; docs/performance.md,
+"Dense plain arrays on one host").
 
 The kernels work one cache line (:data:`LINE` bytes, a vector of the element type) at a time
 from the first line boundary of the destination, with plain stores before it, after the last
