@@ -16,11 +16,14 @@ import numpy as np
 import numpy.typing as npt
 
 from paramserver.errors import ConfigError
+from paramserver.loading import ready, use_kernels
 from paramserver.parallel import halves
 
 __all__ = ["all_finite", "as_keys", "check_keys", "copy_finite", "count_nonfinite"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_CHUNK = 1 << 18  # values per np.isfinite of the NumPy path (a bounded temporary)
+_SMALL = 1 << 16  # values that never start a worker's kernel loads (paramserver.loading)
 
 
 def as_keys(keys: Any, table: str, *, int64_bits: bool = False) -> npt.NDArray[np.uint64]:
@@ -118,6 +121,9 @@ def copy_finite(src: npt.NDArray[Any], dst: npt.NDArray[Any]) -> bool:
     if src.dtype not in _FLOATS or not (src.flags.c_contiguous and dst.flags.c_contiguous):
         np.copyto(dst, src)
         return all_finite(src)
+    if not _compiled(len(src)):
+        np.copyto(dst, src)
+        return _finite_numpy(src)
     uint = np.uint32 if src.dtype == np.float32 else np.uint64
     mask = np.uint32(0x7F80_0000) if src.dtype == np.float32 else np.uint64(0x7FF0_0000_0000_0000)
     kernel = _copy_count_kernel()
@@ -136,6 +142,8 @@ def all_finite(a: npt.NDArray[Any]) -> bool:
         return True
     if a.dtype in _FLOATS and (a.flags.c_contiguous or a.flags.f_contiguous):
         flat = a.ravel(order="A")
+        if not _compiled(len(flat)):
+            return _finite_numpy(flat)
         mask: np.unsignedinteger[Any]
         if a.dtype == np.float32:
             bits, mask = flat.view(np.uint32), np.uint32(0x7F80_0000)
@@ -143,3 +151,14 @@ def all_finite(a: npt.NDArray[Any]) -> bool:
             bits, mask = flat.view(np.uint64), np.uint64(0x7FF0_0000_0000_0000)
         return sum(int(c) for c in halves(count_nonfinite, [bits], mask)) == 0
     return bool(np.isfinite(a).all())
+
+
+def _compiled(n: int) -> bool:
+    """Whether to check ``n`` values with the compiled kernels: not in a worker whose kernels
+    are not loaded yet (the NumPy path meanwhile), and a short array never starts the loads."""
+    return ready() if n <= _SMALL else use_kernels()
+
+
+def _finite_numpy(flat: npt.NDArray[Any]) -> bool:
+    """:func:`all_finite` of a 1-D array in NumPy, a bounded chunk at a time."""
+    return all(bool(np.isfinite(flat[i : i + _CHUNK]).all()) for i in range(0, len(flat), _CHUNK))

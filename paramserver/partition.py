@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from paramserver.errors import ConfigError
+from paramserver.loading import use_kernels
 
 __all__ = [
     "DENSE_SPLIT_ELEMENTS",
@@ -27,6 +28,7 @@ __all__ = [
     "hash_keys",
     "held_keys",
     "holds",
+    "in_numpy",
     "owners_held",
     "replicas_of",
     "split_by_owner",
@@ -43,8 +45,23 @@ _ROUTE_SALT = np.uint64(0x5F3759DF2545F491)
 # Key lists up to this long are hashed, deduplicated, routed and placed by NumPy in a worker
 # (as fast there): its pulls of short lists (a first pull, a check, a lookup) load no numba,
 # whose import and kernel loads cost 0.3-0.6 s of CPU, most of a LocalCluster's start on two
-# cores (a push still checks and sums its gradient with compiled kernels).
+# cores. A push's sum of repeated keys is always compiled (NumPy has no sum in the list's order
+# without np.add.at): a push waits for the loads that a first long pull did not.
 SMALL_KEYS = 1024
+
+
+def in_numpy(n: int) -> bool:
+    """Whether a list of ``n`` keys is hashed, deduplicated, routed and placed by NumPy: a short
+    one always; a long one while the worker's kernels are still loading
+    (:func:`paramserver.loading.use_kernels`, which starts the loads). Both paths give the same
+    values.
+
+    Example:
+        in_numpy(8)  # True
+    """
+    return n <= SMALL_KEYS or not use_kernels()
+
+
 # splitmix64's constants (paramserver.mix, which imports numba; a unit test holds them equal)
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _M1 = np.uint64(0xBF58_476D_1CE4_E5B9)
@@ -57,7 +74,7 @@ def hash_keys(keys: np.ndarray, salt: np.uint64 = _ROUTE_SALT) -> np.ndarray:
     Example:
         hash_keys(np.arange(3, dtype=np.uint64))
     """
-    if np.size(keys) <= SMALL_KEYS:  # in NumPy: a short list need not load numba
+    if in_numpy(np.size(keys)):
         z = (np.asarray(keys, dtype=np.uint64) ^ np.uint64(salt)) + _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * _M1
         z = (z ^ (z >> np.uint64(27))) * _M2

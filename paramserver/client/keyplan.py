@@ -15,7 +15,7 @@ from dataclasses import field as dc_field
 
 import numpy as np
 
-from paramserver.partition import SMALL_KEYS, HashRing, split_by_owner
+from paramserver.partition import HashRing, in_numpy, split_by_owner
 
 __all__ = [
     "AS_IS_KEYS",
@@ -64,7 +64,7 @@ class KeyPlan:
                 row_in_part[where] = np.arange(len(part_keys))
             inverse = np.arange(n) if self.inverse is None else self.inverse
             nparts = len(self.parts)
-            if len(inverse) <= SMALL_KEYS:  # NumPy: a short list need not load numba
+            if in_numpy(len(inverse)):
                 owner = part_of[inverse]
                 positions = np.argsort(owner, kind="stable").astype(np.intp)
                 bounds = np.zeros(nparts + 1, np.intp)
@@ -88,7 +88,7 @@ def unique_inverse(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         >>> uniq.tolist(), uniq[inv].tolist()
         ([5, 3], [5, 3, 5])
     """
-    if len(flat) <= SMALL_KEYS:  # NumPy: a short list need not load numba
+    if in_numpy(len(flat)):
         uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")  # in order of first appearance
         rank = np.empty(len(order), np.intp)

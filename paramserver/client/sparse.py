@@ -17,7 +17,7 @@ from paramserver.client.session import Session, server_name
 from paramserver.client.table import TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
 from paramserver.parallel import halves
-from paramserver.partition import SMALL_KEYS, split_by_owner
+from paramserver.partition import in_numpy, split_by_owner
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
 from paramserver.wire.transport import Future, Message, gather
@@ -33,7 +33,7 @@ COPY_SPLIT_BYTES = 1 << 21  # a reply copied into the result from this size on i
 def place_reply(plan: KeyPlan, p: int, part: np.ndarray, out: np.ndarray) -> None:
     """Put the rows of the reply to part ``p`` of ``plan`` where the list wants them in ``out``
     (repeated keys get their row copied to each of their positions)."""
-    small = len(out) <= SMALL_KEYS  # NumPy: a short list need not load numba
+    small = in_numpy(len(out))
     if len(plan.parts) == 1 and plan.parts[0][1] is None:
         if plan.inverse is None:  # NumPy's copy releases the GIL: halves on two cores
             halves(np.copyto, [out, part], split_at=COPY_SPLIT_BYTES)

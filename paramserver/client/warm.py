@@ -1,12 +1,11 @@
-"""The worker's compiled kernels loaded ahead, on a background thread.
+"""The worker's compiled kernels, loaded off its requests' path (:mod:`paramserver.loading`).
 
-A worker's first pull and push need numba (its import checks for BLAS by importing SciPy's
-``linalg``) and about eight kernels from numba's cache: 0.3-0.5 s on an idle machine, which
-a worker otherwise spends inside its first pull, after connecting. :func:`start_warming` loads
-them on a daemon thread instead, from ``connect`` on (its registration, the tables' creation).
-(A pull of a short key list needs none: :data:`paramserver.partition.SMALL_KEYS`.) A kernel the thread has not loaded yet
-is loaded by whoever calls it first (numba serializes the loads), so nothing waits longer
-than it did.
+A worker's long pulls and pushes use numba kernels (its import checks for BLAS by importing
+SciPy's ``linalg``, then about eight kernels load from numba's cache: 0.3-0.5 s on an idle
+machine). :func:`start_warming` registers :func:`warm_kernels` as the process's loader and
+starts it on a daemon thread from ``connect`` on (its registration, the tables' creation).
+Until it has run, requests take their NumPy paths (same values), so none waits for it.
+(A pull of a short key list never needs the kernels: :data:`paramserver.partition.SMALL_KEYS`.)
 
 Example:
     start_warming()  # returns at once; later calls do nothing
@@ -15,26 +14,26 @@ Example:
 from __future__ import annotations
 
 import logging
-import threading
 
 import numpy as np
+
+from paramserver import loading
 
 __all__ = ["hold_warming", "start_warming", "warm_kernels"]
 
 log = logging.getLogger(__name__)
 
-_started = threading.Event()
-
 
 def warm_kernels() -> None:
-    """Load the kernels of a worker's first sparse pull and push of float32 rows (one server
-    and several), of the hash ring, and of the finite check of float32 and float64 gradients
-    (and of the copy that checks them, a dense push into shared memory).
+    """Load the kernels of a worker's sparse pull and push of float32 rows (one server and
+    several), of the hash ring, and of the finite check of float32 and float64 gradients (and
+    of the copy that checks them, a dense push into shared memory): the compiled paths that
+    :func:`paramserver.loading.use_kernels` sends requests to once this has run.
 
     Example:
         warm_kernels()
     """
-    from paramserver.arrays import all_finite, copy_finite
+    from paramserver.arrays import _copy_count_kernel, _count_kernel
     from paramserver.client import kernels as k
     from paramserver.mix import splitmix64
 
@@ -48,35 +47,34 @@ def warm_kernels() -> None:
         k.sum_rows_into(inverse, rows, np.empty_like(rows))
         pos, at, _ = k.group_by_part(inverse, np.zeros(2, np.int64), inverse, 1)
         k.place_rows(rows, at, pos, np.empty_like(rows))
-        all_finite(rows)
-        all_finite(np.zeros(2, np.float64))
-        for dtype in (np.float32, np.float64):
-            copy_finite(np.zeros(2, dtype), np.empty(2, dtype))
-    except Exception:  # only an optimization: the real request loads what it needs
+        for bits, mask in ((np.uint32, 0x7F80_0000), (np.uint64, 0x7FF0_0000_0000_0000)):
+            raw = np.zeros(2, bits)
+            _count_kernel()(raw, bits(mask))  # all_finite
+            _copy_count_kernel()(raw, np.empty_like(raw), bits(mask))  # copy_finite
+    except Exception:  # only an optimization: the compiled path loads what it needs itself
         log.debug("warming the worker's kernels failed", exc_info=True)
 
 
 def start_warming() -> None:
-    """Start :func:`warm_kernels` on a daemon thread, once per process.
+    """Make :func:`warm_kernels` this process's loader and start it on a daemon thread, once
+    (nothing after :func:`hold_warming`; a long request starts it then).
 
     Example:
         start_warming()
     """
-    if _started.is_set():
-        return
-    _started.set()
-    threading.Thread(target=warm_kernels, name="warm-worker-kernels", daemon=True).start()
+    loading.register(warm_kernels)
+    loading.start()
 
 
 def hold_warming() -> None:
-    """Keep this process from loading the kernels ahead (:func:`start_warming` does nothing
-    from now on; they load on first use). For a worker that shares its cores with the servers
-    it connects to (:meth:`~paramserver.launch.LocalCluster.connect`): there the thread held
-    the GIL through the first requests and took the CPU the servers answer them with (a first
-    pull of 8 keys took 0.5-1.0 s instead of 0.3-0.5 s on two busy cores), and a short pull
-    needs no kernels at all (:data:`paramserver.partition.SMALL_KEYS`).
+    """Load nothing ahead of need in this process: for a worker that shares its cores with the
+    servers it connects to (:meth:`~paramserver.launch.LocalCluster.connect`), where a thread
+    loading numba held the GIL through the first requests and took the CPU the servers answer
+    them with (a first pull of 8 keys took 0.5-1.0 s instead of 0.3-0.5 s on two busy cores).
+    The first long request starts the loads; it and those behind it take the NumPy paths until
+    they are done.
 
     Example:
         hold_warming()
     """
-    _started.set()
+    loading.hold()
