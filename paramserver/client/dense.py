@@ -15,6 +15,7 @@ from paramserver.client.replicas import live_copies
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import SharedResults, TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
+from paramserver.loading import use_kernels
 from paramserver.parallel import SPLIT_BYTES
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, shm
@@ -316,7 +317,8 @@ class DenseTable(TableHandle):
                 view = target.reshape(self.shape)
 
                 def copied(dst: np.ndarray) -> np.ndarray:
-                    if view.nbytes < SPLIT_BYTES:  # (numba not loaded for a small copy)
+                    # (NumPy for a small copy, and while the kernels load: paramserver.loading)
+                    if view.nbytes < SPLIT_BYTES or not use_kernels():
                         np.copyto(dst, view)
                         return dst
                     # read next by the caller, not from this core's cache: streamed
