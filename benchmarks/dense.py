@@ -137,6 +137,16 @@ while True:
         child.wait()
 
 
+def steady(table: ps.DenseTable, grad: np.ndarray) -> None:
+    """One push started the worker's kernel loads (paramserver.loading; NumPy paths until
+    they are done, seconds on a busy machine): timed steps begin once they are loaded."""
+    from paramserver import loading
+
+    table.push(grad).result()
+    if not loading.use_kernels():  # (starts the loads if the push did not)
+        loading.loaded(timeout=60.0)
+
+
 def ps_dense(nbytes: int, repeat: int, transport: str) -> tuple[float, float]:
     """(seconds per push+pull through the public API with a reused buffer and read-only views,
     seconds per push+pull of plain arrays: the copy into the send buffer and a fresh pull)."""
@@ -147,6 +157,7 @@ def ps_dense(nbytes: int, repeat: int, transport: str) -> tuple[float, float]:
         grad = np.full(n, 1e-6, np.float32)
 
         table.push_buffer()[:] = grad
+        steady(table, grad)
 
         def fast() -> None:
             # a worker computes its gradient into push_buffer() (the fill is its compute, not
@@ -177,6 +188,7 @@ def ps_apart(nbytes: int, repeat: int, plain: bool, transport: str) -> tuple[flo
         table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
         grad = np.full(n, 1e-6, np.float32)
         table.push_buffer()[:] = 1e-6
+        steady(table, grad)
         pushes: list[float] = []
         pulls: list[float] = []
         for i in range(repeat + 5):  # the first 5 untimed
@@ -210,6 +222,7 @@ def ps_cpu(nbytes: int, repeat: int) -> list[tuple[str, float, float]]:
         table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
         grad = np.full(n, 1e-6, np.float32)
         table.push_buffer()[:] = grad
+        steady(table, grad)
         server = int(client.stats()[0]["pid"])
 
         def plain() -> None:
