@@ -140,9 +140,11 @@ while True:
 def steady(table: ps.DenseTable, grad: np.ndarray) -> None:
     """One push started the worker's kernel loads (paramserver.loading; NumPy paths until
     they are done, seconds on a busy machine): timed steps begin once they are loaded."""
-    from paramserver import loading
-
     table.push(grad).result()
+    try:
+        from paramserver import loading
+    except ImportError:  # a tree from before it (kernels loaded inside the first request)
+        return
     if not loading.use_kernels():  # (starts the loads if the push did not)
         loading.loaded(timeout=60.0)
 
