@@ -111,3 +111,13 @@ def test_dense_shard_writes_a_pull_and_an_update_into_out() -> None:
     shard.push(g, out=out)
     ref.push(g)
     assert out.tobytes() == ref.pull().tobytes() == shard.pull().tobytes()
+
+
+def test_read_only_sources() -> None:
+    src = np.random.default_rng(6).standard_normal(N).astype(np.float32)
+    src.flags.writeable = False  # a gradient the caller froze, a region it holds
+    dst = np.empty_like(src)
+    assert copy_finite(src, dst) and dst.tobytes() == src.tobytes()
+    w, out = np.ones(N, np.float32), np.empty(N, np.float32)
+    k.sgd_copy(w, src, out, np.float32(1.0))
+    assert out.tobytes() == w.tobytes() == (np.float32(1.0) - src).tobytes()
