@@ -19,7 +19,9 @@ so the lines are intrinsics written in LLVM IR; the rounding is the scalar code'
 then a subtract, never fused). Where the machine is not x86-64 (:data:`STREAMING` False) the
 same kernels store plainly and fence nothing.
 
-Compiled on first use: only modules that run kernels import this one (it loads numba).
+Compiled on first use: only modules that run kernels import this one (it loads numba). numba's
+cache checks a kernel's own file only: after changing a line here, remove the cached
+``sgd_copy`` (``server/kernels/__pycache__/optim.sgd_copy-*``) or touch ``optim.py``.
 
 Example:
     >>> import numpy as np
@@ -126,12 +128,12 @@ def copy_line(typingctx: Any, src: Any, dst: Any, i: Any, exponent: Any) -> Any:
 
 
 def _sgd_line_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-    wty, gty, oty, _, lty = sig.args
+    wty, gty, oty, _, _ = sig.args
     w, vt = _line(context, builder, wty, args[0], args[3])
     g, _ = _line(context, builder, gty, args[1], args[3])
     out, _ = _line(context, builder, oty, args[2], args[3])
     align = wty.dtype.bitwidth // 8
-    lr = _splat(builder, vt, context.cast(builder, args[4], lty, wty.dtype))
+    lr = _splat(builder, vt, args[4])
     # w - lr*g as the scalar kernel rounds it: no fast-math flags, so no fused multiply-add
     x = builder.fsub(builder.load(w, align=align), builder.fmul(lr, builder.load(g, align=align)))
     builder.store(x, w, align=align)
@@ -142,8 +144,9 @@ def _sgd_line_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
 @intrinsic  # type: ignore[untyped-decorator]
 def sgd_line(typingctx: Any, w: Any, g: Any, out: Any, i: Any, lr: Any) -> Any:
     """SGD over the line at element ``i``: ``w -= lr*g; out[:] = w`` (``out[i]`` line-aligned),
-    ``out`` written around the cache."""
-    same = w.dtype == g.dtype == out.dtype if _contiguous(w, g, out) else False
+    ``out`` written around the cache. ``lr`` comes in the arrays' dtype (the scalar code would
+    round a float64 ``lr`` times a float32 ``g`` in float64)."""
+    same = w.dtype == g.dtype == out.dtype == lr if _contiguous(w, g, out) else False
     ok = same and isinstance(w.dtype, types.Float)
     return (types.void(w, g, out, i, lr), _sgd_line_codegen) if ok else None
 
