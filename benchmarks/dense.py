@@ -12,6 +12,7 @@ and a NumPy memcpy. Throughput counts both directions: 2 x table bytes per push+
     python benchmarks/dense.py --quick    # 1 MiB
     python benchmarks/dense.py --quick --tcp --repeat 401   # 1 MiB over TCP only, push and pull apart
     python benchmarks/dense.py --shm      # 64 MiB same host only (and memcpy), push and pull apart
+    python benchmarks/dense.py --stores   # the kernels alone: streaming stores vs plain, by size
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import zmq
@@ -134,6 +137,18 @@ while True:
         child.wait()
 
 
+def steady(table: ps.DenseTable, grad: np.ndarray) -> None:
+    """One push started the worker's kernel loads (paramserver.loading; NumPy paths until
+    they are done, seconds on a busy machine): timed steps begin once they are loaded."""
+    table.push(grad).result()
+    try:
+        from paramserver import loading
+    except ImportError:  # a tree from before it (kernels loaded inside the first request)
+        return
+    if not loading.use_kernels():  # (starts the loads if the push did not)
+        loading.loaded(timeout=60.0)
+
+
 def ps_dense(nbytes: int, repeat: int, transport: str) -> tuple[float, float]:
     """(seconds per push+pull through the public API with a reused buffer and read-only views,
     seconds per push+pull of plain arrays: the copy into the send buffer and a fresh pull)."""
@@ -144,6 +159,7 @@ def ps_dense(nbytes: int, repeat: int, transport: str) -> tuple[float, float]:
         grad = np.full(n, 1e-6, np.float32)
 
         table.push_buffer()[:] = grad
+        steady(table, grad)
 
         def fast() -> None:
             # a worker computes its gradient into push_buffer() (the fill is its compute, not
@@ -174,6 +190,7 @@ def ps_apart(nbytes: int, repeat: int, plain: bool, transport: str) -> tuple[flo
         table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
         grad = np.full(n, 1e-6, np.float32)
         table.push_buffer()[:] = 1e-6
+        steady(table, grad)
         pushes: list[float] = []
         pulls: list[float] = []
         for i in range(repeat + 5):  # the first 5 untimed
@@ -207,6 +224,7 @@ def ps_cpu(nbytes: int, repeat: int) -> list[tuple[str, float, float]]:
         table = client.dense_table("w", shape=(n,), optimizer=ps.optim.SGD(lr=1.0))
         grad = np.full(n, 1e-6, np.float32)
         table.push_buffer()[:] = grad
+        steady(table, grad)
         server = int(client.stats()[0]["pid"])
 
         def plain() -> None:
@@ -234,6 +252,113 @@ def memcpy(nbytes: int, repeat: int) -> float:
     return median_time(lambda: np.copyto(b, a), repeat)
 
 
+def stores(mib: list[float], repeat: int) -> None:
+    """The two writes of a plain step with streaming stores (``paramserver.nontemporal``) and
+    with plain ones, one core, by size: the worker's copy of a gradient into shared memory,
+    then the server's SGD reading that copy and writing a reply region (a quarter of the
+    timings' spread: the fastest quartile, as other processes share the cores)."""
+    import types
+
+    import numba
+
+    from paramserver import nontemporal
+    from paramserver.server import kernels as k
+    from paramserver.wire import shm
+
+    def streaming_always(kernel: Any) -> Any:
+        # the kernel compiled afresh with no size below which it stores plainly: what the
+        # threshold (nontemporal.STREAM_BYTES) saves on small arrays
+        start = nontemporal.stream_start.py_func
+        start = types.FunctionType(start.__code__, {**start.__globals__, "STREAM_BYTES": 0})
+        fn = kernel.py_func
+        fn = types.FunctionType(
+            fn.__code__,
+            {**fn.__globals__, "stream_start": numba.njit(inline="always")(start)},
+            fn.__name__,
+        )
+        options = {o: v for o, v in kernel.targetoptions.items() if o != "nopython"}
+        return numba.njit(**options)(fn)
+
+    copy_count, sgd_copy = nontemporal.copy_count, k.sgd_copy
+    copy_always, sgd_always = streaming_always(copy_count), streaming_always(sgd_copy)
+
+    @numba.njit(nogil=True)
+    def copy_plain(src: np.ndarray, dst: np.ndarray, exponent: np.uint32) -> int:
+        c = 0
+        for i in range(src.shape[0]):
+            b = src[i]
+            dst[i] = b
+            if b & exponent == exponent:
+                c += 1
+        return c
+
+    @numba.njit(nogil=True, error_model="numpy")
+    def sgd_plain(w: np.ndarray, g: np.ndarray, out: np.ndarray, lr: np.float32) -> None:
+        for j in range(w.shape[0]):
+            x = w[j] - lr * g[j]
+            w[j] = x
+            out[j] = x
+
+    def quartile(fn: Callable[[], object], r: int) -> float:
+        fn()
+        times = []
+        for _ in range(r):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 4]
+
+    exp, lr = np.uint32(0x7F80_0000), np.float32(0.5)
+    for size in mib:
+        n = int(size * (1 << 20)) // 4
+        seg = shm.create(n * 4, regions=2)
+        assert seg is not None, "no room in /dev/shm"
+        try:
+            grad = seg.typed(0, np.dtype(np.float32), n)
+            reply = seg.typed(1, np.dtype(np.float32), n)
+            grad[:] = 0
+            reply[:] = 0
+            src = np.full(n, 1e-6, np.float32)
+            w = np.zeros(n, np.float32)
+            bits, gbits = src.view(np.uint32), grad.view(np.uint32)
+            r = max(repeat, int(400 / size))
+
+            def copy(
+                count: Callable[..., int], b: np.ndarray = bits, g: np.ndarray = gbits
+            ) -> None:
+                count(b, g, exp)
+
+            def sgd(
+                update: Callable[..., None],
+                w: np.ndarray = w,
+                g: np.ndarray = grad,
+                out: np.ndarray = reply,
+            ) -> None:
+                update(w, g, out, lr)
+
+            for what, plain, streamed, always in (
+                ("copy", lambda: copy(copy_plain), lambda: copy(copy_count),
+                 lambda: copy(copy_always)),
+                ("SGD into a reply region", lambda: sgd(sgd_plain), lambda: sgd(sgd_copy),
+                 lambda: sgd(sgd_always)),
+                ("copy, then SGD over the copy",
+                 lambda: (copy(copy_plain), sgd(sgd_plain)),
+                 lambda: (copy(copy_count), sgd(sgd_copy)),
+                 lambda: (copy(copy_always), sgd(sgd_always))),
+            ):  # fmt: skip
+                t_plain = quartile(plain, r)
+                t_stream = quartile(streamed, r)
+                t_always = quartile(always, r)
+                case = f"{what}, {size:g} MiB, one core"
+                emit("dense", f"{case}: plain stores", t_plain * 1e3, "ms")
+                emit("dense", f"{case}: streaming stores at any size", t_always * 1e3, "ms",
+                     baseline=t_plain * 1e3, higher_is_better=False)  # fmt: skip
+                emit("dense", f"{case}: streaming stores from STREAM_BYTES (the kernels)",
+                     t_stream * 1e3, "ms", baseline=t_plain * 1e3, higher_is_better=False)  # fmt: skip
+        finally:
+            seg.close()
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument(
@@ -242,7 +367,13 @@ def main() -> None:
     p.add_argument(
         "--shm", action="store_true", help="only on one host (shared memory), push and pull apart"
     )
+    p.add_argument(
+        "--stores", action="store_true", help="the kernels alone: streaming vs plain stores"
+    )
     args = p.parse_args()
+    if args.stores:
+        stores([0.25, 1] if args.quick else [0.25, 1, 2, 4, 8, 16, 64], args.repeat or 5)
+        return
     nbytes = (1 << 20) if args.quick else (64 << 20)
     repeat = args.repeat or (3 if args.quick else 9)
     gb = 2 * nbytes / 1e9  # both directions

@@ -100,17 +100,9 @@ def _count_kernel() -> Any:
 
 @functools.cache
 def _copy_count_kernel() -> Any:
-    import numba
-
-    @numba.njit(cache=True, nogil=True)
-    def copy_count(src: npt.NDArray[Any], dst: npt.NDArray[Any], exponent: Any) -> int:
-        c = 0
-        for i in range(src.shape[0]):
-            b = src[i]
-            dst[i] = b
-            if b & exponent == exponent:
-                c += 1
-        return c
+    # the copy streams its lines past the cache: the segment it writes is read next by
+    # another process, and a plain store would first read each line it overwrites
+    from paramserver.nontemporal import copy_count
 
     return copy_count
 
@@ -118,14 +110,15 @@ def _copy_count_kernel() -> Any:
 def copy_finite(src: npt.NDArray[Any], dst: npt.NDArray[Any]) -> bool:
     """Copy ``src`` into ``dst`` (same dtype and length, 1-D, C-contiguous) and say whether
     every value was finite: one pass where :func:`all_finite` then a copy make two (a plain
-    dense push into shared memory). ``dst`` is written either way.
+    dense push into shared memory), with streaming stores (``nontemporal.copy_count``).
+    ``dst`` is written either way.
 
     Example:
         >>> dst = np.empty(2, np.float32)
         >>> copy_finite(np.array([1.0, np.nan], np.float32), dst)
         False
     """
-    if src.dtype not in _FLOATS:
+    if src.dtype not in _FLOATS or not (src.flags.c_contiguous and dst.flags.c_contiguous):
         np.copyto(dst, src)
         return all_finite(src)
     if not _compiled(len(src)):

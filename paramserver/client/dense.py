@@ -15,6 +15,8 @@ from paramserver.client.replicas import live_copies
 from paramserver.client.session import Session, server_name
 from paramserver.client.table import SharedResults, TableHandle, prefault
 from paramserver.errors import ConfigError, RemoteError
+from paramserver.loading import use_kernels
+from paramserver.parallel import SPLIT_BYTES
 from paramserver.spec import TableSpec
 from paramserver.wire import bulk, shm
 from paramserver.wire.codec import decode_flat
@@ -313,16 +315,26 @@ class DenseTable(TableHandle):
             if seg is not None:
                 assert target is not None and regions is not None
                 view = target.reshape(self.shape)
+
+                def copied(dst: np.ndarray) -> np.ndarray:
+                    # (NumPy for a small copy, and while the kernels load: paramserver.loading)
+                    if view.nbytes < SPLIT_BYTES or not use_kernels():
+                        np.copyto(dst, view)
+                        return dst
+                    # read next by the caller, not from this core's cache: streamed
+                    from paramserver.nontemporal import copy as streamed
+
+                    streamed(view, dst)
+                    return dst
+
                 if out is not None:
-                    np.copyto(out, view)
-                    return out
+                    return copied(out)
                 if lent:  # the region itself: nothing writes it while anyone holds it
                     regions.handed += 1
                     return view
                 if copy:
                     assert result is not None
-                    np.copyto(result, view)
-                    return result
+                    return copied(result)
                 ro = view.view()
                 ro.flags.writeable = False
                 return ro

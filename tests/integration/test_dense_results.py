@@ -214,3 +214,47 @@ def test_a_plain_push_with_nan_is_refused_in_the_copy_and_changes_nothing(
         if lo <= 5 < hi:
             want[lo:hi] = 2.0
     np.testing.assert_array_equal(skip.pull(), want)
+
+
+def test_large_tables_take_the_streamed_copies_and_match_numpy() -> None:
+    """Tables large enough for streaming stores (paramserver/nontemporal.py) on every path:
+    the worker's copy of a plain push, the server's SGD into a region and its copy into one
+    (a pull after another region was written), copies out of the regions; ranges that do not
+    start on a cache line; NaN in the second half of the copy refused with nothing changed."""
+    with ps.LocalCluster(servers=2, workers=2, timeouts=FAST) as cluster:
+        streamed_copies(cluster)
+
+
+def streamed_copies(cluster: ps.LocalCluster) -> None:
+    n = 6_000_011  # 24 MiB: each server's range split in halves of more than 4 MiB
+    client = cluster.connect()
+    lr = np.float32(0.5)
+    w = client.dense_table(
+        "big", shape=(n,), init=ps.init.Constant(1.0), optimizer=ps.optim.SGD(lr=0.5)
+    )
+    assert w.shared_memory and any(lo % 16 for _, lo, _ in w.spec.ranges)
+    rng = np.random.default_rng(9)
+    ref = np.ones(n, np.float32)
+    held = []
+    for step in range(5):
+        g = rng.standard_normal(n).astype(np.float32)
+        w.push(g).result()
+        ref = ref - lr * g  # NumPy rounds as the server's kernel must: bit for bit
+        got = w.pull()
+        assert got.tobytes() == ref.tobytes(), f"step {step}"
+        held.append((got, ref))  # every result held: later pulls are copies out of a region
+        out = np.empty(n, np.float32)
+        assert w.pull(out=out) is out and out.tobytes() == ref.tobytes()
+    for a, want in held:
+        assert a.tobytes() == want.tobytes(), "a held result changed"
+    g = np.ones(n, np.float32)
+    g[n - n // 5] = np.nan  # in the second half of the worker's copy
+    with pytest.raises(ps.errors.ConfigError, match="NaN or Inf"):
+        w.push(g)
+    assert w.pull().tobytes() == ref.tobytes()
+    # another worker's push: this one's next pull has the server copy into its region
+    other = cluster.connect().dense_table(
+        "big", shape=(n,), init=ps.init.Constant(1.0), optimizer=ps.optim.SGD(lr=0.5)
+    )
+    other.push(np.full(n, 2.0, np.float32)).result()
+    assert w.pull().tobytes() == (ref - lr * np.float32(2.0)).tobytes()

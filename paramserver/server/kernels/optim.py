@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from paramserver.nontemporal import LINE, sgd_line, store_fence, stream_start
 from paramserver.server.kernels.jit import Array, Scalar, inline, kernel, row_ahead
 
 __all__ = ["adagrad_rows", "adam_rows", "ftrl_rows", "momentum_rows", "sgd_copy", "sgd_rows"]
@@ -130,8 +131,22 @@ def ftrl_rows(
 @kernel
 def sgd_copy(w: Array, g: Array, out: Array, lr: Scalar) -> None:
     """Dense SGD fused with the copy out: ``w -= lr*g; out[:] = w`` in one pass over memory
-    (the same-host push that refreshes the worker's reply buffer)."""
-    for j in range(w.shape[0]):
+    (the same-host push that refreshes the worker's reply region). ``out`` is written with
+    streaming stores a line at a time (``nontemporal.sgd_line``): the worker reads it later,
+    and a plain store would first read every line of it."""
+    n = w.shape[0]
+    head = stream_start(out, n)
+    for j in range(head):
         x = w[j] - lr * g[j]
         w[j] = x
         out[j] = x
+    per = LINE // w.itemsize
+    i = head
+    while i + per <= n:
+        sgd_line(w, g, out, i, lr)
+        i += per
+    for j in range(i, n):
+        x = w[j] - lr * g[j]
+        w[j] = x
+        out[j] = x
+    store_fence()

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from paramserver import nontemporal
 from paramserver.errors import ConfigError
 from paramserver.init import Initializer
 from paramserver.optim import SGD, Optimizer
@@ -98,8 +99,11 @@ class DenseShard(Shard):
             >>> DenseShard(3, "float64", Constant(2.0), SGD(), seed=0).pull().tolist()
             [2.0, 2.0, 2.0]
         """
+        if out is None:
+            return self._data[0, : self.size].copy()
         res = check_out(out, (self.size,), self.dtype)
-        np.copyto(res, self._data[0, : self.size])
+        # (into a worker's reply region or a reply buffer: read next by another process)
+        nontemporal.copy(self._data[0, : self.size], res)
         return res
 
     def push(self, grad: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> None:
@@ -122,7 +126,7 @@ class DenseShard(Shard):
                 return
         self._rule.apply(self._data, self._row0, grad.reshape(1, self.size))
         if out is not None:
-            np.copyto(out, self._data[0, : self.size])
+            nontemporal.copy(self._data[0, : self.size], out)
 
     def export(self, start: int = 0, stop: int | None = None) -> dict[str, npt.NDArray[Any]]:
         """``{"rows": (n, 1 + n_slots + n_scalars)}``: per element ``[w, state..., scalars...]``,
