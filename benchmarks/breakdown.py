@@ -6,6 +6,7 @@ Two workloads, as ``sparse.py`` and ``traffic.py`` run them, 1 worker + 1 server
     python benchmarks/breakdown.py sparse              # 100k fresh distinct keys x 16, 1M rows
     python benchmarks/breakdown.py traffic --dim 64    # fresh Zipf batches, pull + push, Adagrad
     python benchmarks/breakdown.py traffic --profile   # and both processes' profiles
+    python benchmarks/breakdown.py sparse --keys 1 --repeat 2000   # a request's fixed cost
 
 CPU time is what to compare on a loaded machine (wall time there is mostly waiting for a core);
 the server's profile covers the timed steps only (SIGUSR2 starts it, SIGUSR1 writes it).
@@ -40,6 +41,17 @@ def serve_profiled() -> None:
     runpy.run_module("paramserver.cli", run_name="__main__", alter_sys=True)
 
 
+def loaded() -> None:
+    """Wait until the worker's kernels are loaded (paramserver.loading: NumPy paths until then,
+    and the loader's thread CPU would count in the timed steps' worker CPU)."""
+    try:
+        from paramserver import loading
+    except ImportError:  # a tree from before it (kernels loaded inside the first request)
+        return
+    if not loading.use_kernels():  # (starts the loads if no request did)
+        loading.loaded(timeout=60.0)
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -56,6 +68,7 @@ def main() -> None:
     p.add_argument("workload", choices=["sparse", "traffic"])
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="print both processes' profiles")
+    p.add_argument("--keys", type=int, default=0, help="sparse: keys per pull (default 100k)")
     args = p.parse_args()
     out = os.path.join(tempfile.mkdtemp(prefix="ps-profile-"), "server.prof")
 
@@ -73,6 +86,7 @@ def main() -> None:
         server = cluster.pids["server 0"]
         if args.workload == "sparse":
             rows, n = (50_000, 5_000) if args.quick else (1_000_000, 100_000)
+            n = args.keys or n
             steps = args.repeat or 30
             every = rng.choice(np.iinfo(np.int64).max, size=rows, replace=False).astype(np.uint64)
             table = client.sparse_table(
@@ -106,6 +120,7 @@ def main() -> None:
         warm = len(sets) - steps
         for i in range(warm):
             step(i)
+        loaded()
         prof = cProfile.Profile(time.thread_time) if args.profile else None
         if args.profile:
             os.kill(server, signal.SIGUSR2)
@@ -124,6 +139,8 @@ def main() -> None:
             time.sleep(1.0)
         dim = 16 if args.workload == "sparse" else args.dim
         what = f"{args.workload} x {dim}, 1 worker + 1 server"
+        if args.workload == "sparse" and args.keys:
+            what = f"sparse {n} keys x {dim}, 1 worker + 1 server"
         load = round(os.getloadavg()[0], 1)
         emit("breakdown", f"{what}: wall per step (median)", statistics.median(times) * 1e3,
              "ms", higher_is_better=False, load=load)  # fmt: skip
