@@ -49,13 +49,16 @@ def test_gradient_shape_and_dtype_must_match(table: ps.SparseTable) -> None:
     assert snapshot(table) == before
 
 
+@pytest.mark.parametrize("repeats", [False, True])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_gradients_are_refused(table: ps.SparseTable, bad: float) -> None:
+def test_non_finite_gradients_are_refused(table: ps.SparseTable, bad: float, repeats: bool) -> None:
+    # repeated keys: checked in the pass that sums them (a NaN or Inf stays in the sum)
     before = snapshot(table)
     grads = np.zeros((100, 4), np.float32)
     grads[57, 2] = bad
+    keys = np.arange(100) % 7 if repeats else np.arange(100)
     with pytest.raises(ConfigError, match=r"'emb'.*NaN or Inf"):
-        table.push(np.arange(100), grads)
+        table.push(keys, grads)
     assert snapshot(table) == before
 
 
