@@ -33,6 +33,7 @@ __all__ = [
     "STATE_ZEROS",
     "assign_rows",
     "gather",
+    "gather_below",
     "gather_or_init",
     "has_duplicates",
     "init_dense",
@@ -128,16 +129,23 @@ def init_rows(
     b: Scalar,
     c: Scalar,
     d: Scalar,
+    out: Array,
 ) -> None:
     """Initialize the rows created for ``keys`` (those with ``rows[i] >= first``, the row count
     before :func:`lookup_or_insert` ran): weights from their keys, then state. A key repeated
-    in ``keys`` initializes its row again, to the same values."""
+    in ``keys`` initializes its row again, to the same values. ``out`` (``len(keys)`` rows, or
+    none): each new row's weights also written to ``out[i]``, while they are in cache (a pull
+    then gathers only the rows that existed: :func:`gather_below`)."""
+    copy = out.shape[0] > 0
     for i in range(keys.shape[0]):
         r = rows[i]
         if r >= first:
             row = data[r]
             init_row(row, dim, kind, p0, p1, row_base(seed, keys[i]))
             init_state(row, dim, state, a, b, c, d)
+            if copy:
+                for j in range(dim):
+                    out[i, j] = row[j]
 
 
 @kernel
@@ -172,6 +180,21 @@ def gather(data: Array, rows: Array, out: Array) -> None:
         r = rows[i]
         for j in range(dim):
             out[i, j] = data[r, j]
+
+
+@kernel
+def gather_below(data: Array, rows: Array, out: Array, first: int) -> None:
+    """``out[i] = data[rows[i], :dim]`` where ``rows[i] < first`` (rows created from ``first``
+    on were written to ``out`` by :func:`init_rows`)."""
+    dim = out.shape[1]
+    n = rows.shape[0]
+    for i in range(n):
+        if i + AHEAD < n and rows[i + AHEAD] < first:
+            prefetch_span(data, rows[i + AHEAD], dim)
+        r = rows[i]
+        if r < first:
+            for j in range(dim):
+                out[i, j] = data[r, j]
 
 
 @kernel
