@@ -21,7 +21,7 @@ from paramserver.server.kernels.jit import (
     prefetch,
     prefetch_span,
 )
-from paramserver.server.kernels.normal import normal_from_bits
+from paramserver.server.kernels.normal import interpolated, normal_from_bits, on_table
 
 __all__ = [
     "INIT_CONSTANT",
@@ -37,6 +37,7 @@ __all__ = [
     "gather_or_init",
     "has_duplicates",
     "init_dense",
+    "init_normal_row",
     "init_row",
     "init_rows",
     "init_state",
@@ -94,6 +95,25 @@ def init_row(row: Array, dim: int, kind: int, p0: float, p1: float, base: np.uin
 
 
 @kernel
+def init_normal_row(
+    row: Array, dim: int, p0: float, p1: float, base: np.uint64, bits: Array
+) -> None:
+    """:func:`init_row`'s Normal weights, the same values, in two passes: every column
+    interpolated in a loop without a branch (it vectorizes), the bits kept in ``bits`` (``dim``
+    uint64 scratch), then the few columns whose cell is at an end of the table (3% of them)
+    computed exactly. One pass with the branch inside took 4.2 ms for 20,000 rows x 64, the
+    two passes 3.5."""
+    for j in range(dim):
+        x = mix64(base + np.uint64(2 * j + 1) * _GOLDEN) >> _S11
+        bits[j] = x
+        row[j] = p0 + p1 * interpolated(x)
+    for j in range(dim):
+        x = bits[j]
+        if not on_table(x):
+            row[j] = p0 + p1 * normal_from_bits(x)
+
+
+@kernel
 def init_state(
     row: Array, dim: int, state: int, a: Scalar, b: Scalar, c: Scalar, d: Scalar
 ) -> None:
@@ -137,11 +157,15 @@ def init_rows(
     none): each new row's weights also written to ``out[i]``, while they are in cache (a pull
     then gathers only the rows that existed: :func:`gather_below`)."""
     copy = out.shape[0] > 0
+    bits = np.empty(dim if kind == INIT_NORMAL else 0, np.uint64)
     for i in range(keys.shape[0]):
         r = rows[i]
         if r >= first:
             row = data[r]
-            init_row(row, dim, kind, p0, p1, row_base(seed, keys[i]))
+            if kind == INIT_NORMAL:
+                init_normal_row(row, dim, p0, p1, row_base(seed, keys[i]), bits)
+            else:
+                init_row(row, dim, kind, p0, p1, row_base(seed, keys[i]))
             init_state(row, dim, state, a, b, c, d)
             if copy:
                 for j in range(dim):
