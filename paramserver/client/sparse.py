@@ -379,10 +379,11 @@ class SparseTable(TableHandle):
         plan, sig = self.plans().plan(
             flat, cacheable=mode != "sync" and self.client.replication == 1
         )
-        scan = unchecked and self.spec.nonfinite == "reject"
+        reject = self.spec.nonfinite == "reject"
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order
-            if scan and not all_finite(g):
+            finite = unchecked and reject and all_finite(g)
+            if unchecked and reject and not finite:
                 self.refuse_nonfinite()
         else:
             from paramserver.client.kernels import sum_rows_checked  # numba: loaded on first use
@@ -390,12 +391,15 @@ class SparseTable(TableHandle):
             summed = self._sum_buffer(len(plan.base))
             # a sum that is not finite: NaN or Inf in g, or finite values that overflowed
             # (sent: the servers refuse it, as they did before the worker checked sums)
-            if not sum_rows_checked(plan.inverse, g, summed) and scan and not all_finite(g):
+            finite = sum_rows_checked(plan.inverse, g, summed)
+            if not finite and unchecked and reject and not all_finite(g):
                 self.refuse_nonfinite()
         self._moved[1] += len(plan.base)
         header = self.push_header()
         values = [summed]
         codec = self.spec.push_codec
+        if finite and reject and (codec is None or codec == "none"):
+            header["checked"] = True  # a server need not scan what lies in a shared slot
         if codec is not None and codec != "none":  # rounded, the residuals kept for next time
             header["codec"] = codec
             values = self._feedback().encode(plan.base, summed, codec)

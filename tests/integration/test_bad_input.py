@@ -62,6 +62,24 @@ def test_non_finite_gradients_are_refused(table: ps.SparseTable, bad: float, rep
     assert snapshot(table) == before
 
 
+def test_finite_gradients_whose_sum_overflows_are_refused_by_the_servers(
+    table: ps.SparseTable,
+) -> None:
+    """Every value finite, but two rows of one key sum to Inf: the worker's check of the sums
+    does not call the gradient NaN or Inf, and it does not tell the servers it found the
+    values finite either, so they scan the summed rows (in a shared slot here: 20,000 rows)
+    and the server holding that key refuses its part, its rows unchanged (the others apply
+    theirs, as with any push refused by some servers)."""
+    key = np.array([57], np.uint64)
+    before = table.pull(key, create=False)
+    keys = np.tile(np.arange(20_000), 2)
+    grads = np.ones((len(keys), 4), np.float32)
+    grads[[57, 20_057], 1] = np.finfo(np.float32).max
+    with pytest.raises(RemoteError, match=r"push to table 'emb'.*NaN or Inf.*unchanged"):
+        table.push(keys, grads).result()
+    assert table.pull(key, create=False).tobytes() == before.tobytes()
+
+
 def raw_request(client: ps.Client, header: dict, arrays=()):  # type: ignore[no-untyped-def]
     """A request to server[0] past the client's checks, on the worker's own connection (a
     server takes a message naming worker 0 only from the connection that holds that rank)."""
