@@ -101,8 +101,8 @@ def init_normal_row(
     """:func:`init_row`'s Normal weights, the same values, in two passes: every column
     interpolated in a loop without a branch (it vectorizes), the bits kept in ``bits`` (``dim``
     uint64 scratch), then the few columns whose cell is at an end of the table (3% of them)
-    computed exactly. One pass with the branch inside took 4.2 ms for 20,000 rows x 64, the
-    two passes 3.5."""
+    computed exactly. One pass with the branch inside does not vectorize (see
+    docs/performance.md, "Less CPU per Zipf step")."""
     for j in range(dim):
         x = mix64(base + np.uint64(2 * j + 1) * _GOLDEN) >> _S11
         bits[j] = x
