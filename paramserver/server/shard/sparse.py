@@ -60,6 +60,9 @@ SPLIT_KEYS_BYTES = 1 << 17
 _AHEAD_MIN_BYTES = 1 << 20
 """Bytes of rows whose pages :meth:`SparseShard.prepare` has mapped ahead at least."""
 
+_PULLED_KEYS = 1 << 20
+"""Keys of a pull whose rows a shard keeps for the push of the same keys (16 MiB at most)."""
+
 _BUCKET_ROWS = 4
 """Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
 rarely reads past its own bucket (one cache line)."""
@@ -153,8 +156,9 @@ class SparseShard(Shard):
             n0 = self._n
             rows = self._find_or_create(keys, out=res)  # new rows' weights written to res
             self._gather(rows, res, below=n0 if self._n > n0 else None)
-            # the push that follows a pull (a training step) is for the same keys, usually
-            self._pulled = (keys.copy(), rows)
+            # the push that follows a pull (a training step) is for the same keys, usually;
+            # kept for lists up to _PULLED_KEYS keys only (16 bytes a key, held until the next)
+            self._pulled = (keys.copy(), rows) if keys.shape[0] <= _PULLED_KEYS else None
         else:
             rows = np.empty(keys.shape[0], np.int64)
             k.lookup(self._index, keys, rows)
