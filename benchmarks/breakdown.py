@@ -8,7 +8,8 @@ Two workloads, as ``sparse.py`` and ``traffic.py`` run them, 1 worker + 1 server
     python benchmarks/breakdown.py traffic --profile   # and both processes' profiles
     python benchmarks/breakdown.py sparse --keys 1 --repeat 2000   # a request's fixed cost
 
-CPU time is what to compare on a loaded machine (wall time there is mostly waiting for a core);
+CPU time is what to compare on a loaded machine (wall time there is mostly waiting for a core),
+and the minor page faults per step count fresh memory mapped (the server's: its new rows);
 the server's profile covers the timed steps only (SIGUSR2 starts it, SIGUSR1 writes it).
 """
 
@@ -52,10 +53,11 @@ def loaded() -> None:
         loading.loaded(timeout=60.0)
 
 
-def cpu_seconds(pid: int) -> float:
+def proc_stat(pid: int) -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of a process so far, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
 
 def main() -> None:
@@ -127,12 +129,14 @@ def main() -> None:
             time.sleep(0.2)
             assert prof is not None
             prof.enable()
-        w0, s0, times = time.process_time(), cpu_seconds(server), []
+        f0, (s0, g0) = proc_stat(os.getpid())[1], proc_stat(server)
+        w0, times = time.process_time(), []
         for i in range(warm, len(sets)):
             t0 = time.perf_counter()
             step(i)
             times.append(time.perf_counter() - t0)
-        w1, s1 = time.process_time(), cpu_seconds(server)
+        w1 = time.process_time()
+        f1, (s1, g1) = proc_stat(os.getpid())[1], proc_stat(server)
         if prof is not None:
             prof.disable()
             os.kill(server, signal.SIGUSR1)
@@ -148,6 +152,11 @@ def main() -> None:
              higher_is_better=False, load=load)  # fmt: skip
         emit("breakdown", f"{what}: server CPU per step", (s1 - s0) / steps * 1e3, "ms",
              higher_is_better=False, load=load)  # fmt: skip
+        # pages mapped per step: fresh memory each step costs a fault per 4 KiB page
+        emit("breakdown", f"{what}: worker minor page faults per step", (f1 - f0) / steps,
+             "faults", higher_is_better=False, load=load)  # fmt: skip
+        emit("breakdown", f"{what}: server minor page faults per step", (g1 - g0) / steps,
+             "faults", higher_is_better=False, load=load)  # fmt: skip
         if prof is not None:
             print("# server, thread CPU time:")
             pstats.Stats(out).sort_stats("tottime").print_stats(15)

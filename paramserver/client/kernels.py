@@ -39,6 +39,7 @@ __all__ = [
     "group_by_part",
     "place_rows",
     "sum_rows",
+    "sum_rows_checked",
     "sum_rows_into",
 ]
 
@@ -110,15 +111,67 @@ def dedup(keys: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64], npt.NDA
 
 
 @numba.njit(cache=True, nogil=True)
-def _sum_rows(inverse: Any, grads: Any, out: Any, lo: int, hi: int) -> None:
-    # rows lo..hi-1 of out only: two calls on two threads share the work without sharing a row
-    out[lo:hi] = 0
+def _sum_rows(inverse: Any, grads: Any, out: Any, lo: int, hi: int, zero: Any) -> bool:
+    # rows lo..hi-1 of out only: two calls on two threads share the work without sharing a row.
+    # With distinct keys numbered in order of first appearance (dedup's), a row's first
+    # gradient is written (zero + g: the bits of 0 + g, -0.0 included) rather than added to a
+    # zeroed row, which saves a pass over out. Returns whether every sum is finite: x * 0 is
+    # NaN exactly when x is not finite, and NaN stays in a sum (so do the worker's own NaN and
+    # Inf, as Inf + -Inf is NaN), so one compare at the end checks the whole range.
     dim = grads.shape[1]
+    check = np.zeros(dim, out.dtype)
+    nxt = lo
     for i in range(inverse.shape[0]):
         row = inverse[i]
         if lo <= row < hi:
-            for j in range(dim):
-                out[row, j] += grads[i, j]
+            if row == nxt:
+                nxt += 1
+                for j in range(dim):
+                    x = grads[i, j] + zero
+                    out[row, j] = x
+                    check[j] += x * zero
+            elif row < nxt:
+                for j in range(dim):
+                    x = out[row, j] + grads[i, j]
+                    out[row, j] = x
+                    check[j] += x * zero
+            else:  # not in order of first appearance: sum into zeroed rows instead
+                out[lo:hi] = 0
+                check[:] = 0
+                for i2 in range(inverse.shape[0]):
+                    r = inverse[i2]
+                    if lo <= r < hi:
+                        for j in range(dim):
+                            x = out[r, j] + grads[i2, j]
+                            out[r, j] = x
+                            check[j] += x * zero
+                nxt = hi
+                break
+    out[nxt:hi] = 0  # rows no key went to
+    return not np.any(check != 0)  # NaN != 0
+
+
+def sum_rows_checked(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> bool:
+    """``out[u] = sum of grads[i] for every i with inverse[i] == u``, rows added in the order
+    of ``i``; ``grads`` and ``out`` are C-contiguous 2-D arrays of one float dtype and width,
+    and every ``inverse[i]`` is a row of ``out``. Returns whether every value of ``out`` is
+    finite: it is not when ``grads`` holds NaN or Inf (and when a sum overflowed), so a caller
+    that must refuse a NaN or Inf gradient need not read ``grads`` a second time when it is.
+
+    Example:
+        ok = sum_rows_checked(inverse, grads, np.empty((len(uniq), grads.shape[1]), grads.dtype))
+    """
+    inv = np.ascontiguousarray(inverse, dtype=np.intp)
+    n = out.shape[0]
+    zero = out.dtype.type(0)
+    if out.nbytes < SPLIT_BYTES or not two_cores():
+        return bool(_sum_rows(inv, grads, out, 0, n, zero))
+    h = n // 2
+    a, b = both(
+        lambda: _sum_rows(inv, grads, out, 0, h, zero),
+        lambda: _sum_rows(inv, grads, out, h, n, zero),
+    )
+    return bool(a and b)
 
 
 def sum_rows_into(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> _Arr:
@@ -129,13 +182,7 @@ def sum_rows_into(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> _Arr
     Example:
         sum_rows_into(inverse, grads, np.empty((len(uniq), grads.shape[1]), grads.dtype))
     """
-    inv = np.ascontiguousarray(inverse, dtype=np.intp)
-    n = out.shape[0]
-    if out.nbytes < SPLIT_BYTES or not two_cores():
-        _sum_rows(inv, grads, out, 0, n)
-    else:
-        h = n // 2
-        both(lambda: _sum_rows(inv, grads, out, 0, h), lambda: _sum_rows(inv, grads, out, h, n))
+    sum_rows_checked(inverse, grads, out)
     return out
 
 

@@ -290,12 +290,14 @@ class SparseTable(TableHandle):
         c.check()
         k = as_keys(keys, self.name)
         flat = k.reshape(-1)
-        g = self.check_grads(grads, (*k.shape, self.dim)).reshape(len(flat), self.dim)
+        # without a cache the values are checked where the sum of repeated keys reads them
+        g = self.check_grads(grads, (*k.shape, self.dim), scan=self.cache is not None)
+        g = g.reshape(len(flat), self.dim)
         if self.cache is not None:
             if self.cache.add(flat, g):
                 return self.flush()
             return gather([], f"push to table {self.name!r}", lambda _: None)
-        return self._push_flat(flat, g)
+        return self._push_flat(flat, g, unchecked=True)
 
     def assign(self, keys: Any, rows: Any, *, timeout: float | None = None) -> None:
         """Write ``rows`` into the table as the rows of ``keys`` (creating missing ones), and
@@ -381,21 +383,34 @@ class SparseTable(TableHandle):
         self._flushes.append(fut)
         return fut
 
-    def _push_flat(self, flat: np.ndarray, g: np.ndarray) -> Future[None]:
+    def _push_flat(self, flat: np.ndarray, g: np.ndarray, unchecked: bool = False) -> Future[None]:
+        """Push ``g`` for the keys ``flat``; ``unchecked``: ``g``'s values are not checked yet
+        (checked here, in the sum's pass when keys repeat; refused before anything is sent)."""
         mode, _ = self.spec.mode
         plan, sig = self.plans().plan(
             flat, cacheable=mode != "sync" and self.client.replication == 1
         )
-        self._moved[1] += len(plan.base)
+        reject = self.spec.nonfinite == "reject"
         if plan.inverse is None:
             summed = g  # distinct keys: the gradient goes as it is, in the list's order
+            finite = unchecked and reject and all_finite(g)
+            if unchecked and reject and not finite:
+                self.refuse_nonfinite()
         else:
-            from paramserver.client.kernels import sum_rows_into  # numba: loaded on first use
+            from paramserver.client.kernels import sum_rows_checked  # numba: loaded on first use
 
-            summed = sum_rows_into(plan.inverse, g, self._sum_buffer(len(plan.base)))
+            summed = self._sum_buffer(len(plan.base))
+            # a sum that is not finite: NaN or Inf in g, or finite values that overflowed
+            # (sent: the servers refuse it, as they did before the worker checked sums)
+            finite = sum_rows_checked(plan.inverse, g, summed)
+            if not finite and unchecked and reject and not all_finite(g):
+                self.refuse_nonfinite()
+        self._moved[1] += len(plan.base)
         header = self.push_header()
         values = [summed]
         codec = self.spec.push_codec
+        if finite and reject and (codec is None or codec == "none"):
+            header["checked"] = True  # a server need not scan what lies in a shared slot
         if codec is not None and codec != "none":  # rounded, the residuals kept for next time
             header["codec"] = codec
             values = self._feedback().encode(plan.base, summed, codec)

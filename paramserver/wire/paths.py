@@ -410,9 +410,21 @@ class Request:
     @property
     def prechecked(self) -> bool:
         """Whether the worker found every value finite and a scan here would buy nothing: a
-        gradient in shared memory, which the worker could change after any scan of ours (a
-        second pass costs 2 ms of 64 MiB). Every gradient that crosses the socket is checked."""
-        return bool(self.header.get("shm") and self.header.get("checked"))
+        gradient in shared memory (a dense table's segment, or the request's slot: a sparse
+        push's summed rows), which the worker could change after any scan of ours (a second
+        pass costs 2 ms of 64 MiB, 0.7 ms of a Zipf step's 29,000 rows x 64). Every gradient
+        that crosses the socket is checked."""
+        h = self.header
+        if not h.get("checked"):
+            return False
+        if h.get("shm"):
+            return True
+        region = self.paths.slot_region(h)
+        if region is None or not self.arrays:
+            return False
+        grad = self.arrays[-1]
+        start = int(grad.ctypes.data) - int(region.ctypes.data)
+        return start >= 0 and start + grad.nbytes <= region.nbytes
 
 
 class Reply:

@@ -154,7 +154,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         "clock": (U63, True),
         "seq": (U63, True),
         "shm": (is_bool, False),  # dense: the gradient is in the attached segment
-        "checked": (is_bool, False),  # dense, shm: the worker found every value finite
+        "checked": (is_bool, False),  # the worker found every value finite (shm, slot)
         "region": (int_in(0, MAX_REPLIES - 1), False),  # shm: new values go there too
         "dirty": (is_bool, False),  # shm: the worker let that region be written since
         "sig": (U63, False),  # sparse: key-list signature (key caching)

@@ -49,14 +49,35 @@ def test_gradient_shape_and_dtype_must_match(table: ps.SparseTable) -> None:
     assert snapshot(table) == before
 
 
+@pytest.mark.parametrize("repeats", [False, True])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_gradients_are_refused(table: ps.SparseTable, bad: float) -> None:
+def test_non_finite_gradients_are_refused(table: ps.SparseTable, bad: float, repeats: bool) -> None:
+    # repeated keys: checked in the pass that sums them (a NaN or Inf stays in the sum)
     before = snapshot(table)
     grads = np.zeros((100, 4), np.float32)
     grads[57, 2] = bad
+    keys = np.arange(100) % 7 if repeats else np.arange(100)
     with pytest.raises(ConfigError, match=r"'emb'.*NaN or Inf"):
-        table.push(np.arange(100), grads)
+        table.push(keys, grads)
     assert snapshot(table) == before
+
+
+def test_finite_gradients_whose_sum_overflows_are_refused_by_the_servers(
+    table: ps.SparseTable,
+) -> None:
+    """Every value finite, but two rows of one key sum to Inf: the worker's check of the sums
+    does not call the gradient NaN or Inf, and it does not tell the servers it found the
+    values finite either, so they scan the summed rows (in a shared slot here: 20,000 rows)
+    and the server holding that key refuses its part, its rows unchanged (the others apply
+    theirs, as with any push refused by some servers)."""
+    key = np.array([57], np.uint64)
+    before = table.pull(key, create=False)
+    keys = np.tile(np.arange(20_000), 2)
+    grads = np.ones((len(keys), 4), np.float32)
+    grads[[57, 20_057], 1] = np.finfo(np.float32).max
+    with pytest.raises(RemoteError, match=r"push to table 'emb'.*NaN or Inf.*unchanged"):
+        table.push(keys, grads).result()
+    assert table.pull(key, create=False).tobytes() == before.tobytes()
 
 
 def raw_request(client: ps.Client, header: dict, arrays=()):  # type: ignore[no-untyped-def]

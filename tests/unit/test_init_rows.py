@@ -11,7 +11,13 @@ from scipy import special, stats
 
 from paramserver.init import Normal, Uniform
 from paramserver.optim import SGD, Adagrad
-from paramserver.server.kernels.normal import CELLS, EXACT_CELLS, ndtri, normal_from_bits
+from paramserver.server.kernels.normal import (
+    CELLS,
+    EXACT_CELLS,
+    ndtri,
+    normal_from_bits,
+    on_table,
+)
 from paramserver.server.shard import DenseShard, SparseShard, arena
 
 U64 = np.uint64
@@ -109,3 +115,35 @@ def test_shard_rows_survive_growth_in_both_arena_modes(monkeypatch: pytest.Monke
     fresh = SparseShard(2, np.float64, Uniform(), SGD(), seed=4).pull(keys, create=False)
     np.testing.assert_array_equal(a.pull(keys[:1000]), fresh[:1000] - 1.0)
     np.testing.assert_array_equal(a.export()["rows"], b.export()["rows"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normal_rows_in_two_passes_are_init_row_bit_for_bit(dtype: Any) -> None:
+    """init_normal_row (columns interpolated without a branch, then the ends computed
+    exactly) writes init_row's Normal values, bit for bit, for rows that have end cells and
+    rows that have none; as does init_rows, which uses it, and gather_or_init, which does not."""
+    from paramserver.server import kernels as k
+    from paramserver.server.kernels.rows import init_normal_row, init_row, row_base
+
+    dim, n = 37, 3000
+    keys = np.random.default_rng(6).integers(0, 2**64 - 1, n, dtype=U64)
+    bits = np.empty(dim, U64)
+    one, two = np.empty((n, dim), dtype), np.empty((n, dim), dtype)
+    ends = np.zeros(n, bool)  # whether a row has a column whose cell is at an end
+    for i in range(n):
+        base = U64(row_base(U64(3), keys[i]))
+        init_row(one[i], dim, k.INIT_NORMAL, 0.5, 2.0, base)
+        init_normal_row(two[i], dim, 0.5, 2.0, base, bits)
+        ends[i] = not all(on_table(U64(x)) for x in bits)
+    assert one.tobytes() == two.tobytes()
+    assert ends.any() and not ends.all()
+    data = np.zeros((n, dim), dtype)
+    z = dtype(0)
+    out = np.full((n, dim), np.nan, dtype)
+    k.init_rows(
+        data, keys, np.arange(n), 0, dim, U64(3), k.INIT_NORMAL, 0.5, 2.0, 0, z, z, z, z, out
+    )
+    assert data.tobytes() == one.tobytes() and out.tobytes() == one.tobytes()
+    peek = np.empty((n, dim), dtype)
+    k.gather_or_init(data, np.full(n, -1), keys, peek, U64(3), k.INIT_NORMAL, 0.5, 2.0)
+    assert peek.tobytes() == one.tobytes()

@@ -61,3 +61,37 @@ def test_prepare_grows_ahead_and_changes_no_row() -> None:
     assert ea["keys"].tobytes() == eb["keys"].tobytes()
     assert ea["rows"].tobytes() == eb["rows"].tobytes()
     np.testing.assert_array_equal(a.contains(ea["keys"]), np.ones(a.num_rows, bool))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_pull_writing_new_rows_as_made_and_push_after_it_match_lookups(
+    split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull writes each new row's weights into the reply as it initializes it and gathers
+    only the rows that existed; a push of the keys it pulled reuses their rows (no lookup).
+    The reference takes the other paths: rows resolved, then gathered (every row read back
+    from the arena), pushes to rows looked up. Same replies, rows and states, bit for bit;
+    also for a push of other keys of the same length after a pull, and of keys equal to the
+    pulled ones in another array."""
+    monkeypatch.setattr(sparse_shard, "SPLIT_ROWS_BYTES", 1 if split else 1 << 62)
+    monkeypatch.setattr(sparse_shard, "SPLIT_KEYS_BYTES", 1 if split else 1 << 62)
+    rng = np.random.default_rng(8)
+
+    def make() -> SparseShard:
+        return SparseShard(16, "float32", ps.init.Normal(std=0.1), ps.optim.Adagrad(lr=0.1), seed=4)
+
+    a, b = make(), make()
+    for step in range(4):
+        keys = rng.integers(0, 20_000, 30_000).astype(np.uint64)  # new, known and repeated
+        grads = rng.standard_normal((len(keys), 16)).astype(np.float32)
+        got = a.pull(keys)
+        rows, dup = b.resolve(keys)
+        assert got.tobytes() == b.pull_rows(rows).tobytes()
+        if step == 2:  # other keys, as many
+            keys = rng.integers(0, 20_000, 30_000).astype(np.uint64)
+            rows, dup = b.resolve(keys)
+        a.push(keys.copy(), grads)
+        b.push_rows(rows, grads, dup)
+    ea, eb = a.export(), b.export()
+    assert ea["keys"].tobytes() == eb["keys"].tobytes()
+    assert ea["rows"].tobytes() == eb["rows"].tobytes()

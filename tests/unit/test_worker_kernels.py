@@ -12,6 +12,7 @@ from paramserver.client.kernels import (
     group_by_part,
     place_rows,
     sum_rows,
+    sum_rows_checked,
     sum_rows_into,
 )
 
@@ -105,3 +106,49 @@ def test_halves_on_two_threads_give_the_one_pass_results(
     out = np.zeros_like(grads)
     place_rows(want, inverse, positions, out)
     np.testing.assert_array_equal(out[positions], want[inverse])
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_rows_checked_in_dedup_order_is_add_at_bit_for_bit_and_says_if_finite(
+    split: bool, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Distinct keys numbered as dedup numbers them (a row's first gradient written, not
+    added to zero): the sums of np.add.at into zeros bit for bit, -0.0 gradients included;
+    the answer is False exactly when a sum is NaN or Inf (a NaN or Inf gradient anywhere, or
+    finite gradients that overflow)."""
+    from paramserver.client import kernels
+
+    monkeypatch.setattr(kernels, "SPLIT_BYTES", 1 if split else 1 << 62)
+    rng = np.random.default_rng(12)
+    keys = rng.zipf(1.2, size=20_001).astype(np.uint64)
+    uniq, inverse = dedup(keys)
+    grads = rng.standard_normal((len(keys), 9)).astype(dtype)
+    grads[rng.random(grads.shape) < 0.2] = -0.0  # 0 + -0.0 is +0.0: kept as add.at has it
+    want = np.zeros((len(uniq), 9), dtype)
+    np.add.at(want, inverse, grads)
+    out = np.full((len(uniq), 9), np.nan, dtype)
+    assert sum_rows_checked(inverse, grads, out) is True
+    assert out.tobytes() == want.tobytes()
+    big = np.finfo(dtype).max
+    for i, bad in [(0, np.nan), (len(keys) - 1, np.inf), (len(keys) // 2, -np.inf)]:
+        g = grads.copy()
+        g[i, 3] = bad
+        assert sum_rows_checked(inverse, g, out) is False
+    g = grads.copy()
+    twice = np.flatnonzero(inverse == inverse[-1])  # the last key's row, repeated
+    if len(twice) < 2:
+        twice = np.flatnonzero(inverse == 0)
+    g[twice[:2], 5] = big  # finite values whose sum overflows
+    assert sum_rows_checked(inverse, g, out) is False
+
+
+def test_sum_rows_checked_zeroes_rows_no_key_went_to_and_takes_any_order() -> None:
+    inverse = np.array([0, 2, 0], np.intp)  # row 1 never named: out of dedup's order
+    grads = np.arange(6, dtype=np.float32).reshape(3, 2)
+    out = np.full((4, 2), 7.0, np.float32)
+    assert sum_rows_checked(inverse, grads, out) is True
+    assert out.tolist() == [[4.0, 6.0], [0.0, 0.0], [2.0, 3.0], [0.0, 0.0]]
+    out = np.full((3, 2), 7.0, np.float32)
+    assert sum_rows_checked(np.array([0, 1, 0], np.intp), grads, out) is True
+    assert out.tolist() == [[4.0, 6.0], [2.0, 3.0], [0.0, 0.0]]

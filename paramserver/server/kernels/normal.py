@@ -25,7 +25,7 @@ import numpy as np
 
 from paramserver.server.kernels.jit import kernel
 
-__all__ = ["CELLS", "EXACT_CELLS", "ndtri", "normal_from_bits"]
+__all__ = ["CELLS", "EXACT_CELLS", "interpolated", "ndtri", "normal_from_bits", "on_table"]
 
 CELLS = 4096
 """Equal-probability cells of the inverse-CDF table."""
@@ -105,12 +105,26 @@ _START, _SLOPE = _table()
 
 
 @kernel
+def interpolated(x: np.uint64) -> float:
+    """:func:`normal_from_bits` of ``x`` where :func:`on_table` (elsewhere a finite value of no
+    use): no branch, so that a loop of it vectorizes."""
+    cell = int(x >> _CELL_SHIFT)
+    frac = (float(x & _FRAC_MASK) + 0.5) * _TWO_M41
+    return float(_START[cell] + frac * _SLOPE[cell])
+
+
+@kernel
+def on_table(x: np.uint64) -> bool:
+    """Whether :func:`normal_from_bits` of ``x`` is interpolated (not computed exactly)."""
+    return EXACT_CELLS <= int(x >> _CELL_SHIFT) < CELLS - EXACT_CELLS
+
+
+@kernel
 def normal_from_bits(x: np.uint64) -> float:
     """A standard normal value from the uniform 53-bit integer ``x`` (``hash >> 11``)."""
     cell = int(x >> _CELL_SHIFT)
     if EXACT_CELLS <= cell < CELLS - EXACT_CELLS:
-        frac = (float(x & _FRAC_MASK) + 0.5) * _TWO_M41
-        return float(_START[cell] + frac * _SLOPE[cell])
+        return interpolated(x)
     if cell < EXACT_CELLS:
         return ndtri((float(x) + 0.5) * _TWO_M53)
     # The upper end by symmetry: (x + 0.5) / 2**53 would round to 1.0 at the top.

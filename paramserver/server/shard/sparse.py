@@ -60,6 +60,9 @@ SPLIT_KEYS_BYTES = 1 << 17
 _AHEAD_MIN_BYTES = 1 << 20
 """Bytes of rows whose pages :meth:`SparseShard.prepare` has mapped ahead at least."""
 
+_PULLED_KEYS = 1 << 20
+"""Keys of a pull whose rows a shard keeps for the push of the same keys (16 MiB at most)."""
+
 _BUCKET_ROWS = 4
 """Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
 rarely reads past its own bucket (one cache line)."""
@@ -106,6 +109,8 @@ class SparseShard(Shard):
         self._n = 0
         self._stamp = 0
         self._recent_keys = 0  # keys of the latest request that may create rows (prepare)
+        # the keys of the latest pull that created rows, and their rows (a row keeps its id)
+        self._pulled: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]] | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -148,7 +153,12 @@ class SparseShard(Shard):
         keys = check_keys(keys, "shard")
         res = check_out(out, (keys.shape[0], self.dim), self.dtype)
         if create:
-            self._gather(self._find_or_create(keys), res)
+            n0 = self._n
+            rows = self._find_or_create(keys, out=res)  # new rows' weights written to res
+            self._gather(rows, res, below=n0 if self._n > n0 else None)
+            # the push that follows a pull (a training step) is for the same keys, usually;
+            # kept for lists up to _PULLED_KEYS keys only (16 bytes a key, held until the next)
+            self._pulled = (keys.copy(), rows) if keys.shape[0] <= _PULLED_KEYS else None
         else:
             rows = np.empty(keys.shape[0], np.int64)
             k.lookup(self._index, keys, rows)
@@ -161,9 +171,19 @@ class SparseShard(Shard):
             )
         return res
 
-    def _gather(self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any]) -> None:
+    def _gather(
+        self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any], below: int | None = None
+    ) -> None:
+        """``out[i]`` = the weights of ``rows[i]`` (``below``: only of rows below that id)."""
         data = self._data
-        halves(lambda o, r: k.gather(data, r, o), [out, rows], split_at=SPLIT_ROWS_BYTES)
+        if below is None:
+            halves(lambda o, r: k.gather(data, r, o), [out, rows], split_at=SPLIT_ROWS_BYTES)
+        else:
+            halves(
+                lambda o, r: k.gather_below(data, r, o, below),
+                [out, rows],
+                split_at=SPLIT_ROWS_BYTES,
+            )
 
     def _update(self, rows: npt.NDArray[np.int64], grads: npt.NDArray[Any]) -> None:
         # rows distinct (repeated keys summed first): the halves touch different rows
@@ -188,7 +208,11 @@ class SparseShard(Shard):
         grads = check_values("grads", grads, (keys.shape[0], self.dim), self.dtype)
         if keys.shape[0] == 0:
             return
-        rows = self._find_or_create(keys)
+        pulled = self._pulled
+        if pulled is not None and pulled[0].shape == keys.shape and np.array_equal(pulled[0], keys):
+            rows = pulled[1]  # the keys of the latest pull: their rows, no lookup (ids stay)
+        else:
+            rows = self._find_or_create(keys)
         if k.has_duplicates(rows, self._mark, self._next_stamp()):
             rows, grads = k.sum_duplicates(rows, grads)
         self._update(rows, grads)
@@ -368,9 +392,14 @@ class SparseShard(Shard):
         return self._stamp
 
     def _find_or_create(
-        self, keys: npt.NDArray[np.uint64], *, initialize: bool = True
+        self,
+        keys: npt.NDArray[np.uint64],
+        *,
+        initialize: bool = True,
+        out: npt.NDArray[Any] | None = None,
     ) -> npt.NDArray[np.int64]:
-        """Row ids of ``keys``, appending (and initializing) rows for the missing ones."""
+        """Row ids of ``keys``, appending (and initializing) rows for the missing ones; with
+        ``out``, the weights of each new row also written to ``out[i]``."""
         if self._n + keys.shape[0] > k.INDEX_MAX_ROWS:
             new = int(np.count_nonzero(~self.contains(np.unique(keys))))
             if self._n + new > k.INDEX_MAX_ROWS:
@@ -397,10 +426,11 @@ class SparseShard(Shard):
         if initialize and self._n > n0:
             kind, p0, p1 = self._init_args
             data, dim, seed, state = self._data, self.dim, self._seed, self._rule.state
+            to = np.empty((0, dim), self.dtype) if out is None else out
             # a repeated new key may be initialized by both halves: to the same values
             halves(
-                lambda ks, r: k.init_rows(data, ks, r, n0, dim, seed, kind, p0, p1, *state),
-                [keys, rows],
+                lambda ks, r, o: k.init_rows(data, ks, r, n0, dim, seed, kind, p0, p1, *state, o),
+                [keys, rows, to],
                 split_at=0 if (self._n - n0) * data.strides[0] >= SPLIT_ROWS_BYTES else 1 << 62,
             )
         return rows
