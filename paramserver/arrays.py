@@ -23,7 +23,10 @@ __all__ = ["all_finite", "as_keys", "check_keys", "copy_finite", "count_nonfinit
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _CHUNK = 1 << 18  # values per np.isfinite of the NumPy path (a bounded temporary)
-_SMALL = 1 << 16  # values that never start a worker's kernel loads (paramserver.loading)
+# Values that never start a worker's kernel loads (paramserver.loading): a dense table of up to
+# 4 MiB of float32 is checked by NumPy (0.1-0.4 ms) until something else loads the kernels,
+# instead of sharing its first steps with the loader's thread.
+_SMALL = 1 << 20
 
 
 def as_keys(keys: Any, table: str, *, int64_bits: bool = False) -> npt.NDArray[np.uint64]:
