@@ -19,7 +19,7 @@ from paramserver.errors import ConfigError
 from paramserver.loading import ready, use_kernels
 from paramserver.parallel import halves
 
-__all__ = ["all_finite", "as_keys", "check_keys", "copy_finite", "count_nonfinite"]
+__all__ = ["all_finite", "as_keys", "check_keys", "copy_finite", "count_nonfinite", "load_kernels"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _CHUNK = 1 << 18  # values per np.isfinite of the NumPy path (a bounded temporary)
@@ -108,6 +108,19 @@ def _copy_count_kernel() -> Any:
     from paramserver.nontemporal import copy_count
 
     return copy_count
+
+
+def load_kernels() -> None:
+    """Load the compiled finite check and checked copy of float32 and float64 values from
+    numba's cache (a worker's loader calls this: :mod:`paramserver.client.warm`).
+
+    Example:
+        load_kernels()
+    """
+    for bits, mask in ((np.uint32, 0x7F80_0000), (np.uint64, 0x7FF0_0000_0000_0000)):
+        raw = np.zeros(2, bits)
+        _count_kernel()(raw, bits(mask))
+        _copy_count_kernel()(raw, np.empty_like(raw), bits(mask))
 
 
 def copy_finite(src: npt.NDArray[Any], dst: npt.NDArray[Any]) -> bool:

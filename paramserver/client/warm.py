@@ -33,7 +33,7 @@ def warm_kernels() -> None:
     Example:
         warm_kernels()
     """
-    from paramserver.arrays import _copy_count_kernel, _count_kernel
+    from paramserver.arrays import load_kernels
     from paramserver.client import kernels as k
     from paramserver.mix import splitmix64
 
@@ -47,10 +47,7 @@ def warm_kernels() -> None:
         k.sum_rows_into(inverse, rows, np.empty_like(rows))
         pos, at, _ = k.group_by_part(inverse, np.zeros(2, np.int64), inverse, 1)
         k.place_rows(rows, at, pos, np.empty_like(rows))
-        for bits, mask in ((np.uint32, 0x7F80_0000), (np.uint64, 0x7FF0_0000_0000_0000)):
-            raw = np.zeros(2, bits)
-            _count_kernel()(raw, bits(mask))  # all_finite
-            _copy_count_kernel()(raw, np.empty_like(raw), bits(mask))  # copy_finite
+        load_kernels()  # all_finite and copy_finite, float32 and float64
     except Exception:  # only an optimization: the compiled path loads what it needs itself
         log.debug("warming the worker's kernels failed", exc_info=True)
 
