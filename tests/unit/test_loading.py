@@ -6,10 +6,7 @@ nothing loaded the kernels before."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+from tests.procs import run_fresh
 
 WHILE_LOADING = """
 import sys, threading
@@ -74,18 +71,6 @@ from paramserver import loading
 assert loading.use_kernels() and loading.ready()  # a server: no loader, the compiled paths
 print("ok")
 """
-
-
-def run_fresh(code: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_long_requests_take_numpy_paths_with_equal_values_while_kernels_load() -> None:

@@ -5,10 +5,7 @@ runs in a fresh interpreter, where nothing else loaded them before."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+from tests.procs import run_fresh
 
 SERVER = """
 import numpy as np
@@ -82,18 +79,6 @@ after = loaded()
 assert after == before, f"compiled after warming: {before} -> {after}"
 print("ok")
 """
-
-
-def run_fresh(code: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_server_warming_loads_what_first_requests_use() -> None:
