@@ -197,8 +197,10 @@ class KeyPlanCache:
         n = len(flat)
         if self.num_servers != 1 or n < AS_IS_KEYS:
             return None
-        sample = flat[:: n // SAMPLE_KEYS]
-        if len(np.unique(sample)) != len(sample):
+        # sorted, a repeat sits next to its twin: 6 us for the sample, where np.unique (a hash
+        # table in NumPy 2) took 70-100 us of the worker's time before the request went out
+        sample = np.sort(flat[:: n // SAMPLE_KEYS])
+        if bool((sample[1:] == sample[:-1]).any()):
             return None
         keys = flat.copy()  # the caller may reuse its array for the next batch
         return KeyPlan(keys, keys, None, [(0, None, keys)], checked=False)

@@ -56,6 +56,21 @@ def test_a_pull_alone_makes_no_dedup_and_the_push_gets_numpys_plan(
     assert cache.known(held, cacheable=True) is plan
 
 
+@pytest.mark.parametrize("where", ["first and last", "neighbours", "apart"])
+def test_a_repeat_the_sample_sees_is_not_sent_as_it_is(where: str) -> None:
+    cache = KeyPlanCache(HashRing.build([0]), 1)
+    keys = fresh(3)
+    n = len(keys)
+    step = n // SAMPLE_KEYS
+    sampled = np.arange(0, n, step)  # the positions the sample reads
+    a, b = {"first and last": (0, -1), "neighbours": (7, 8), "apart": (100, 3)}[where]
+    keys[sampled[a]] = keys[sampled[b]]
+    assert len(np.unique(keys[::step])) < len(keys[::step])  # the sample holds the repeat
+    assert cache.sent_as_is(keys) is None
+    keys[sampled[a]] = np.uint64(2**63 + 5)  # no repeat again (fresh() draws below 2**62)
+    assert cache.sent_as_is(keys) is not None
+
+
 def test_a_list_sent_again_and_again_gets_its_signature(counted: list[int]) -> None:
     cache = KeyPlanCache(HashRing.build([0]), 1)
     keys = fresh(2)
