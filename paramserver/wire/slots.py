@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,17 +73,37 @@ class SlotPool:
         self.closed = False
         self.used = 0  # requests that went in a slot
 
-    def take(self, nbytes: int) -> tuple[int, np.ndarray] | None:
+    def take(self, nbytes: int, arrays: Sequence[np.ndarray] = ()) -> tuple[int, np.ndarray] | None:
         """A free slot of at least ``nbytes``, marked busy: (slot id, its uint8 region); None
-        if there is none (a bigger one is then attached for the next requests)."""
+        if there is none (a bigger one is then attached for the next requests). A slot that
+        one of ``arrays`` lies in (written there, see :meth:`region`) is the one taken."""
         if self.refused or self.closed or nbytes > MAX_SLOT_BYTES:
             return None
-        fits = [s for s in self.slots.values() if s.region.nbytes >= nbytes and s.free]
+        fits = [
+            s
+            for s in self.slots.values()
+            if not s.busy and s.region.nbytes >= nbytes and any(a.base is s.region for a in arrays)
+        ]
+        fits = fits or [s for s in self.slots.values() if s.region.nbytes >= nbytes and s.free]
         if fits:
             slot = min(fits, key=lambda s: s.region.nbytes)
             slot.busy = True
             self.used += 1
             return slot.id, slot.region
+        if not self.attaching:
+            self._grow(nbytes)
+        return None
+
+    def region(self, nbytes: int) -> np.ndarray | None:
+        """The uint8 region of a free slot of at least ``nbytes``, for a request's array to be
+        written straight into (no copy when it is sent: :meth:`take` then takes that slot).
+        Not marked busy: a view of it keeps it from other requests until nothing holds the
+        view. None if there is none (a bigger one is then attached for later)."""
+        if self.refused or self.closed or nbytes > MAX_SLOT_BYTES:
+            return None
+        fits = [s for s in self.slots.values() if s.region.nbytes >= nbytes and s.free]
+        if fits:
+            return min(fits, key=lambda s: s.region.nbytes).region
         if not self.attaching:
             self._grow(nbytes)
         return None
