@@ -443,11 +443,9 @@ class SparseTable(TableHandle):
             return None
         s, idx, part_keys = plan.parts[0]
         pool = None if idx is not None else c.slot_pool(s)
-        at = slot_end([part_keys])
-        region = None if pool is None else pool.region(at + nbytes)
-        if region is None:
-            return None
-        return region[at : at + nbytes].view(self.dtype).reshape(n, self.dim)
+        return (
+            None if pool is None else pool.array(slot_end([part_keys]), self.dtype, (n, self.dim))
+        )
 
     def _sum_buffer(self, n: int) -> np.ndarray:
         """Rows to sum a push's gradient into: the table's buffer, its pages mapped by earlier
