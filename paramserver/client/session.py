@@ -324,10 +324,10 @@ class Session(CoordinatorWatch, RingRouting):
             sent = {**header, "view": self._view_number}
             got = None
             if use_slot and reply_bytes is not None:
-                pool = self._slot_pool(s)
+                pool = self.slot_pool(s)
                 at = slot_end(arrays)
                 if pool is not None and at + reply_bytes >= SLOT_MIN_BYTES:
-                    got = pool.take(at + reply_bytes)
+                    got = pool.take(at + reply_bytes, arrays)
             if got is None:
                 fut = self._ep.request(
                     name, sent, arrays, what=what, parse=parse, sink=sink, bulk=bulk
@@ -391,7 +391,7 @@ class Session(CoordinatorWatch, RingRouting):
         attempt()
         return outer
 
-    def _slot_pool(self, s: int) -> SlotPool | None:
+    def slot_pool(self, s: int) -> SlotPool | None:
         """The shared-memory slots with server ``s`` (None: not with ``transport="tcp"``)."""
         if self.transport != "auto" or self._closed:
             return None

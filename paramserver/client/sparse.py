@@ -20,6 +20,7 @@ from paramserver.parallel import halves
 from paramserver.partition import in_numpy, split_by_owner
 from paramserver.spec import TableSpec
 from paramserver.wire.codec import decode_rows
+from paramserver.wire.protocol import SLOT_MIN_BYTES, slot_end
 from paramserver.wire.transport import Future, Message, gather
 
 __all__ = ["SparseTable"]
@@ -399,7 +400,8 @@ class SparseTable(TableHandle):
         else:
             from paramserver.client.kernels import sum_rows_checked  # numba: loaded on first use
 
-            summed = self._sum_buffer(len(plan.base))
+            in_slot = self._sum_in_slot(plan)
+            summed = self._sum_buffer(len(plan.base)) if in_slot is None else in_slot
             # a sum that is not finite: NaN or Inf in g, or finite values that overflowed
             # (sent: the servers refuse it, as they did before the worker checked sums)
             finite = sum_rows_checked(plan.inverse, g, summed)
@@ -415,7 +417,7 @@ class SparseTable(TableHandle):
             header["codec"] = codec
             values = self._feedback().encode(plan.base, summed, codec)
         fut = self._send_push(plan, sig, header, values)
-        if summed is not g and values[0] is summed:
+        if self._sum_buf is not None and summed.base is self._sum_buf and values[0] is summed:
             self._sum_busy = fut
         return fut
 
@@ -426,6 +428,24 @@ class SparseTable(TableHandle):
 
             self._residuals = SparseFeedback(self.dim, self.dtype)
         return self._residuals
+
+    def _sum_in_slot(self, plan: KeyPlan) -> np.ndarray | None:
+        """Rows to sum a push's gradient into where the request will carry it: in a free
+        shared slot with its one server, at the offset :func:`encode` gives it after the keys
+        (which need not be sent; a retry sends them), so that nothing copies it there. None
+        when the push goes to several servers or copies, is encoded, or no slot is free."""
+        c, n = self.client, len(plan.base)
+        codec = self.spec.push_codec
+        nbytes = n * self.dim * self.dtype.itemsize
+        if len(plan.parts) != 1 or c.replication != 1 or nbytes < SLOT_MIN_BYTES:
+            return None
+        if codec is not None and codec != "none":
+            return None
+        s, idx, part_keys = plan.parts[0]
+        pool = None if idx is not None else c.slot_pool(s)
+        return (
+            None if pool is None else pool.array(slot_end([part_keys]), self.dtype, (n, self.dim))
+        )
 
     def _sum_buffer(self, n: int) -> np.ndarray:
         """Rows to sum a push's gradient into: the table's buffer, its pages mapped by earlier

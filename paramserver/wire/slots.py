@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class _Slot:
     # reply's arrays, a result handed out) hold it, so its reference count says who still does
     region: np.ndarray
     busy: bool = False  # a request in flight names it
+    written: Callable[[], np.ndarray | None] = lambda: None  # the array put there (array())
 
     @property
     def free(self) -> bool:
@@ -73,12 +75,18 @@ class SlotPool:
         self.closed = False
         self.used = 0  # requests that went in a slot
 
-    def take(self, nbytes: int) -> tuple[int, np.ndarray] | None:
+    def take(self, nbytes: int, arrays: Sequence[np.ndarray] = ()) -> tuple[int, np.ndarray] | None:
         """A free slot of at least ``nbytes``, marked busy: (slot id, its uint8 region); None
-        if there is none (a bigger one is then attached for the next requests)."""
+        if there is none (a bigger one is then attached for the next requests). A slot that
+        one of ``arrays`` was made in (by :meth:`array`) is the one taken."""
         if self.refused or self.closed or nbytes > MAX_SLOT_BYTES:
             return None
-        fits = [s for s in self.slots.values() if s.region.nbytes >= nbytes and s.free]
+        fits = [
+            s
+            for s in self.slots.values()
+            if not s.busy and s.region.nbytes >= nbytes and any(a is s.written() for a in arrays)
+        ]
+        fits = fits or [s for s in self.slots.values() if s.region.nbytes >= nbytes and s.free]
         if fits:
             slot = min(fits, key=lambda s: s.region.nbytes)
             slot.busy = True
@@ -87,6 +95,25 @@ class SlotPool:
         if not self.attaching:
             self._grow(nbytes)
         return None
+
+    def array(self, at: int, dtype: np.dtype[Any], shape: tuple[int, int]) -> np.ndarray | None:
+        """An array of ``shape`` at offset ``at`` of a free slot, for a request's array to be
+        written straight into (no copy when it is sent: :meth:`take` then takes that slot for
+        a request that carries this very array). Not marked busy: the array, a view of the
+        slot, keeps it from other requests until nothing holds it. None if no slot is free (a
+        bigger one is then attached for later)."""
+        nbytes = at + shape[0] * shape[1] * dtype.itemsize
+        if self.refused or self.closed or nbytes > MAX_SLOT_BYTES:
+            return None
+        fits = [s for s in self.slots.values() if s.region.nbytes >= nbytes and s.free]
+        if not fits:
+            if not self.attaching:
+                self._grow(nbytes)
+            return None
+        slot = min(fits, key=lambda s: s.region.nbytes)
+        out = slot.region[at:nbytes].view(dtype).reshape(shape)
+        slot.written = weakref.ref(out)
+        return out
 
     def release(self, slot_id: int) -> None:
         slot = self.slots.get(slot_id)

@@ -233,3 +233,30 @@ def test_no_room_in_dev_shm_for_a_spare_slot_keeps_the_slots(
     (_, pool), *_ = client._slot_pools.values()
     assert len(made) == 1 and pool.full and not pool.refused
     assert pool.used >= 8  # the pulls and pushes after the first kept going in the slot
+
+
+def test_repeated_keys_are_summed_into_the_slot_that_carries_them(
+    one_server: ps.LocalCluster,
+) -> None:
+    """A push with repeated keys to one server on this host sums them straight into a free
+    slot, where its request carries them (the worker's own sum buffer is not used once the
+    slots are attached): the table matches NumPy, with the key list's signature and when the
+    server forgot it (the retry sends the keys in front of the sum, which stays put)."""
+    client = one_server.connect()
+    emb = _table(client)
+    ref = Reference(6)
+    at = ref.rng.integers(0, POOL, size=N)  # about 29,000 distinct keys, repeated
+    for step in range(8):
+        ref.push(emb, at)
+        np.testing.assert_array_equal(emb.pull(ref.keys[at]), ref.rows[at])
+        if step == 2:  # the slots are attached by now: no push needs the buffer again
+            emb._sum_buf = None
+        if step == 4:  # the list is cached: a server that forgot it makes the worker resend
+            plan = next(iter(emb._plans.values()))
+            assert plan.sig is not None and plan.known
+            plan.sig ^= 1
+    assert emb._sum_buf is None, "a push summed its gradient outside the slots"
+    assert _slots(client) <= SLOTS_PER_SERVER
+    del emb
+    gc.collect()
+    assert _our_segments() == []
