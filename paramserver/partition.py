@@ -45,8 +45,8 @@ _ROUTE_SALT = np.uint64(0x5F3759DF2545F491)
 # Key lists up to this long are hashed, deduplicated, routed and placed by NumPy in a worker
 # (as fast there): its pulls of short lists (a first pull, a check, a lookup) load no numba,
 # whose import and kernel loads cost 0.3-0.6 s of CPU, most of a LocalCluster's start on two
-# cores. A push's sum of repeated keys is always compiled (NumPy has no sum in the list's order
-# without np.add.at): a push waits for the loads that a first long pull did not.
+# cores. A push's sum of repeated keys is always compiled (NumPy has no scatter-add that adds in
+# the list's order): a push waits for the loads that a first long pull did not.
 SMALL_KEYS = 1024
 
 

@@ -17,8 +17,9 @@ Example:
     >>> uniq, inverse = dedup(np.array([5, 3, 5], np.uint64))
     >>> uniq.tolist(), inverse.tolist()
     ([5, 3], [0, 1, 0])
-    >>> sum_rows(inverse, np.ones((3, 2), np.float32), 2).tolist()
-    [[2.0, 2.0], [1.0, 1.0]]
+    >>> summed = np.empty((2, 2), np.float32)
+    >>> sum_rows_checked(inverse, np.ones((3, 2), np.float32), summed), summed.tolist()
+    (True, [[2.0, 2.0], [1.0, 1.0]])
 """
 
 from __future__ import annotations
@@ -38,9 +39,7 @@ __all__ = [
     "expand_rows",
     "group_by_part",
     "place_rows",
-    "sum_rows",
     "sum_rows_checked",
-    "sum_rows_into",
 ]
 
 _Arr = npt.NDArray[Any]
@@ -172,29 +171,6 @@ def sum_rows_checked(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> b
         lambda: _sum_rows(inv, grads, out, h, n, zero),
     )
     return bool(a and b)
-
-
-def sum_rows_into(inverse: npt.NDArray[np.intp], grads: _Arr, out: _Arr) -> _Arr:
-    """``out[u] = sum of grads[i] for every i with inverse[i] == u``, rows added in the order
-    of ``i``; ``grads`` and ``out`` are C-contiguous 2-D arrays of one dtype and width, and
-    every ``inverse[i]`` is a row of ``out``. Returns ``out``.
-
-    Example:
-        sum_rows_into(inverse, grads, np.empty((len(uniq), grads.shape[1]), grads.dtype))
-    """
-    sum_rows_checked(inverse, grads, out)
-    return out
-
-
-def sum_rows(inverse: npt.NDArray[np.intp], grads: _Arr, n: int) -> _Arr:
-    """``out[u] = sum of grads[i] for every i with inverse[i] == u``, rows added in the order
-    of ``i``; ``grads`` is 2-D, ``out`` has ``n`` rows of its dtype.
-
-    Example:
-        summed = sum_rows(inverse, grads, len(uniq))
-    """
-    g = np.ascontiguousarray(grads)
-    return sum_rows_into(inverse, g, np.empty((n, g.shape[1]), g.dtype))
 
 
 @numba.njit(cache=True, nogil=True)

@@ -44,7 +44,7 @@ def warm_kernels() -> None:
         inverse = np.ascontiguousarray(inverse, dtype=np.int64)
         rows = np.zeros((2, 1), np.float32)
         k.expand_rows(rows, inverse, np.empty_like(rows))
-        k.sum_rows_into(inverse, rows, np.empty_like(rows))
+        k.sum_rows_checked(inverse, rows, np.empty_like(rows))
         pos, at, _ = k.group_by_part(inverse, np.zeros(2, np.int64), inverse, 1)
         k.place_rows(rows, at, pos, np.empty_like(rows))
         load_kernels()  # all_finite and copy_finite, float32 and float64

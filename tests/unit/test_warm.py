@@ -74,7 +74,7 @@ grads = np.ones((len(inverse), 8), np.float32)
 assert all_finite(grads) and all_finite(grads.astype(np.float64))
 for dtype in (np.float32, np.float64):  # a plain dense push into shared memory
     assert copy_finite(np.ones(300, dtype), np.empty(300, dtype))
-k.sum_rows_into(inverse, grads, np.empty((len(uniq), 8), np.float32))
+k.sum_rows_checked(inverse, grads, np.empty((len(uniq), 8), np.float32))
 after = loaded()
 assert after == before, f"compiled after warming: {before} -> {after}"
 print("ok")

@@ -11,9 +11,7 @@ from paramserver.client.kernels import (
     expand_rows,
     group_by_part,
     place_rows,
-    sum_rows,
     sum_rows_checked,
-    sum_rows_into,
 )
 
 
@@ -37,19 +35,19 @@ def test_sum_rows_adds_repeated_rows_in_batch_order_like_add_at(dtype: type) -> 
     grads = rng.standard_normal((4000, 9)).astype(dtype) * 1e3
     expected = np.zeros((60, 9), dtype)
     np.add.at(expected, inverse, grads)  # the reference: one row after another
-    got = sum_rows(inverse, grads, 60)
-    assert got.dtype == dtype
+    got = np.empty((60, 9), dtype)
+    assert sum_rows_checked(inverse, grads, got)
     assert got.tobytes() == expected.tobytes()
 
 
-def test_sum_rows_into_a_reused_buffer_clears_what_it_held() -> None:
+def test_sum_rows_checked_into_a_reused_buffer_clears_what_it_held() -> None:
     rng = np.random.default_rng(4)
     inverse = rng.integers(0, 30, size=500).astype(np.intp)
     grads = rng.standard_normal((500, 4)).astype(np.float32)
     buf = np.full((30, 4), 7.0, np.float32)  # a previous push's sums
     expected = np.zeros((30, 4), np.float32)
     np.add.at(expected, inverse, grads)
-    assert sum_rows_into(inverse, grads, buf) is buf
+    assert sum_rows_checked(inverse, grads, buf)
     assert buf.tobytes() == expected.tobytes()
 
 
@@ -99,7 +97,8 @@ def test_halves_on_two_threads_give_the_one_pass_results(
     grads = rng.standard_normal((len(keys), 9)).astype(np.float32)
     want = np.zeros((len(uniq), 9), np.float32)
     np.add.at(want, inverse, grads)  # the reference: in batch order
-    got = sum_rows_into(inverse, grads, np.full((len(uniq), 9), np.nan, np.float32))
+    got = np.full((len(uniq), 9), np.nan, np.float32)
+    assert sum_rows_checked(inverse, grads, got)
     assert got.tobytes() == want.tobytes()
     np.testing.assert_array_equal(expand_rows(want, inverse, np.empty_like(grads)), want[inverse])
     positions = rng.permutation(len(keys)).astype(np.intp)
