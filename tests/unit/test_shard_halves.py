@@ -13,9 +13,13 @@ from paramserver.server.shard import SparseShard
 from paramserver.server.shard import sparse as sparse_shard
 
 
+def _split(split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SPLIT_ROWS_BYTES", "SPLIT_INIT_BYTES", "SPLIT_KEYS_BYTES"):
+        monkeypatch.setattr(sparse_shard, name, 1 if split else 1 << 62)
+
+
 def _run(split: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    monkeypatch.setattr(sparse_shard, "SPLIT_ROWS_BYTES", 1 if split else 1 << 62)
-    monkeypatch.setattr(sparse_shard, "SPLIT_KEYS_BYTES", 1 if split else 1 << 62)
+    _split(split, monkeypatch)
     rng = np.random.default_rng(3)
     shard = SparseShard(16, "float32", ps.init.Normal(std=0.1), ps.optim.Adagrad(lr=0.1), seed=9)
     out: dict[str, np.ndarray] = {}
@@ -25,13 +29,19 @@ def _run(split: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
         out[f"pull{step}"] = shard.pull(keys)
         out[f"peek{step}"] = shard.pull(keys + np.uint64(10**6), create=False)
         shard.push(keys, rng.standard_normal((len(keys), 16)).astype(np.float32))
+    out["again"] = shard.pull(keys[::-1].copy())  # every key found: gathered only
     out.update(shard.export())
     return out
 
 
-def test_halves_give_what_one_pass_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("missing", [sparse_shard.SPLIT_MISSING, 0])
+def test_halves_give_what_one_pass_gives(missing: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``missing``: the default (lookups split after a request that found most keys only: the
+    first step creates every row, so the second looks up in one pass, the third in halves),
+    and 0 (lookups always split, the missing keys inserted in a second pass)."""
     if not parallel.two_cores():
         pytest.skip("one core: requests are never split")
+    monkeypatch.setattr(sparse_shard, "SPLIT_MISSING", missing)
     one = _run(False, monkeypatch)
     two = _run(True, monkeypatch)
     assert one.keys() == two.keys()
@@ -73,8 +83,7 @@ def test_pull_writing_new_rows_as_made_and_push_after_it_match_lookups(
     from the arena), pushes to rows looked up. Same replies, rows and states, bit for bit;
     also for a push of other keys of the same length after a pull, and of keys equal to the
     pulled ones in another array."""
-    monkeypatch.setattr(sparse_shard, "SPLIT_ROWS_BYTES", 1 if split else 1 << 62)
-    monkeypatch.setattr(sparse_shard, "SPLIT_KEYS_BYTES", 1 if split else 1 << 62)
+    _split(split, monkeypatch)
     rng = np.random.default_rng(8)
 
     def make() -> SparseShard:

@@ -91,6 +91,7 @@ def test_halves_on_two_threads_give_the_one_pass_results(
     from paramserver.client import kernels
 
     monkeypatch.setattr(kernels, "SPLIT_BYTES", 1 if split else 1 << 62)
+    monkeypatch.setattr(kernels, "SPLIT_COPY_BYTES", 1 if split else 1 << 62)
     rng = np.random.default_rng(11)
     keys = rng.zipf(1.2, size=20_001).astype(np.uint64)
     uniq, inverse = dedup(keys)

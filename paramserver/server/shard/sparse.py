@@ -49,13 +49,26 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-SPLIT_ROWS_BYTES = 1 << 20
-"""Bytes of rows from which a gather, the initialization of new rows or an update runs as two
-halves on two threads (:func:`paramserver.parallel.halves`): rows at random places wait on
-memory, and a worker waiting for the reply leaves the other core free."""
+SPLIT_ROWS_BYTES = 1 << 21
+"""Bytes of rows from which a gather or an update runs as two halves on two threads
+(:func:`paramserver.parallel.halves`): rows at random places wait on memory, and a worker
+waiting for the reply leaves the other core free. A hand-off to the helper thread
+(:func:`~paramserver.parallel.both`) takes 70-90 us on the 2-core VM the benchmarks run on, so
+a half must take longer than that: at 1 MiB, the Zipf steps of dim 16 (29k rows of 64 bytes) split
+gathers and updates of 0.3-0.45 ms and were slower for it."""
+
+SPLIT_INIT_BYTES = 1 << 20
+"""Bytes of new rows from which their initialization runs as two halves (a Normal initial
+value costs more per byte than a gather)."""
 
 SPLIT_KEYS_BYTES = 1 << 17
-"""Bytes of keys (16,384) from which their lookups run as two halves on two threads."""
+"""Bytes of keys (16,384) from which their lookups run as two halves on two threads, when
+most keys are found (see :meth:`SparseShard._find_or_create`)."""
+
+SPLIT_MISSING = 4
+"""Lookups are split only when the previous request missed at most 1 in this many keys: split
+lookups insert the missing keys in a second pass that probes for them again (the Zipf steps,
+with 55% new keys, were slower split)."""
 
 _AHEAD_MIN_BYTES = 1 << 20
 """Bytes of rows whose pages :meth:`SparseShard.prepare` has mapped ahead at least."""
@@ -109,6 +122,7 @@ class SparseShard(Shard):
         self._n = 0
         self._stamp = 0
         self._recent_keys = 0  # keys of the latest request that may create rows (prepare)
+        self._recent_new = 0  # rows it created
         # the keys of the latest pull that created rows, and their rows (a row keeps its id)
         self._pulled: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]] | None = None
 
@@ -153,9 +167,8 @@ class SparseShard(Shard):
         keys = check_keys(keys, "shard")
         res = check_out(out, (keys.shape[0], self.dim), self.dtype)
         if create:
-            n0 = self._n
-            rows = self._find_or_create(keys, out=res)  # new rows' weights written to res
-            self._gather(rows, res, below=n0 if self._n > n0 else None)
+            # new rows' weights written to res as they are made, the others gathered
+            rows = self._find_or_create(keys, out=res, gather=True)
             # the push that follows a pull (a training step) is for the same keys, usually;
             # kept for lists up to _PULLED_KEYS keys only (16 bytes a key, held until the next)
             self._pulled = (keys.copy(), rows) if keys.shape[0] <= _PULLED_KEYS else None
@@ -171,19 +184,10 @@ class SparseShard(Shard):
             )
         return res
 
-    def _gather(
-        self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any], below: int | None = None
-    ) -> None:
-        """``out[i]`` = the weights of ``rows[i]`` (``below``: only of rows below that id)."""
+    def _gather(self, rows: npt.NDArray[np.int64], out: npt.NDArray[Any]) -> None:
+        """``out[i]`` = the weights of ``rows[i]``."""
         data = self._data
-        if below is None:
-            halves(lambda o, r: k.gather(data, r, o), [out, rows], split_at=SPLIT_ROWS_BYTES)
-        else:
-            halves(
-                lambda o, r: k.gather_below(data, r, o, below),
-                [out, rows],
-                split_at=SPLIT_ROWS_BYTES,
-            )
+        halves(lambda o, r: k.gather(data, r, o), [out, rows], split_at=SPLIT_ROWS_BYTES)
 
     def _update(self, rows: npt.NDArray[np.int64], grads: npt.NDArray[Any]) -> None:
         # rows distinct (repeated keys summed first): the halves touch different rows
@@ -397,9 +401,11 @@ class SparseShard(Shard):
         *,
         initialize: bool = True,
         out: npt.NDArray[Any] | None = None,
+        gather: bool = False,
     ) -> npt.NDArray[np.int64]:
         """Row ids of ``keys``, appending (and initializing) rows for the missing ones; with
-        ``out``, the weights of each new row also written to ``out[i]``."""
+        ``out``, the weights of each new row also written to ``out[i]``, and with ``gather``
+        those of the other rows too (where rows were created, in the same pass)."""
         if self._n + keys.shape[0] > k.INDEX_MAX_ROWS:
             new = int(np.count_nonzero(~self.contains(np.unique(keys))))
             if self._n + new > k.INDEX_MAX_ROWS:
@@ -410,29 +416,43 @@ class SparseShard(Shard):
                 )
         rows = np.empty(keys.shape[0], np.int64)
         n0 = self._n
+        # the previous request's share of new keys predicts this one's (a training step's
+        # batch after the last): split lookups probe the missing keys twice
+        mostly_found = self._recent_new * SPLIT_MISSING <= self._recent_keys
         self._recent_keys = keys.shape[0]
-        if keys.nbytes >= SPLIT_KEYS_BYTES and two_cores():
+        if keys.nbytes >= SPLIT_KEYS_BYTES and mostly_found and two_cores():
             # read-only lookups in two halves at once; then the missing keys inserted in one
             # pass, in list order, so new rows get the ids a single pass gives them
             index = self._index
             missing = halves(lambda ks, r: k.lookup(index, ks, r), [keys, rows], split_at=0)
             if sum(missing) == 0:
+                self._recent_new = 0
+                if gather and out is not None:
+                    self._gather(rows, out)
                 return rows
             where = np.flatnonzero(rows < 0)
             sub = self._insert(keys[where])
             rows[where] = sub
         else:
             self._insert(keys, rows)
+        self._recent_new = self._n - n0
         if initialize and self._n > n0:
             kind, p0, p1 = self._init_args
             data, dim, seed, state = self._data, self.dim, self._seed, self._rule.state
             to = np.empty((0, dim), self.dtype) if out is None else out
+            also = gather and out is not None
+
+            def init(ks: npt.NDArray[np.uint64], r: npt.NDArray[np.int64], o: Any) -> None:
+                k.init_rows(data, ks, r, n0, dim, seed, kind, p0, p1, *state, o)
+                if also:  # the rows that existed: one hand-off to the helper for both
+                    k.gather_below(data, r, o, n0)
+
             # a repeated new key may be initialized by both halves: to the same values
-            halves(
-                lambda ks, r, o: k.init_rows(data, ks, r, n0, dim, seed, kind, p0, p1, *state, o),
-                [keys, rows, to],
-                split_at=0 if (self._n - n0) * data.strides[0] >= SPLIT_ROWS_BYTES else 1 << 62,
-            )
+            new_bytes = (self._n - n0) * data.strides[0]
+            split = new_bytes >= SPLIT_INIT_BYTES or (also and to.nbytes >= SPLIT_ROWS_BYTES)
+            halves(init, [keys, rows, to], split_at=0 if split else 1 << 62)
+        elif gather and out is not None:
+            self._gather(rows, out)
         return rows
 
     def _insert(
