@@ -14,6 +14,7 @@ from paramserver.server import kernels as k
 from paramserver.server.shard import DenseShard, SparseShard
 
 U64 = np.uint64
+NO_KEYS = np.empty(0, U64)  # lookup's ``kept``: no copy of the keys
 
 
 def np_mix64(z: np.ndarray) -> np.ndarray:
@@ -69,7 +70,7 @@ def test_lookup_or_insert_stops_at_max_rows_and_resumes() -> None:
     k.keys_by_row(index, by_row)
     assert by_row.tolist() == [10, 11, 12, 13]
     found = np.empty(3, np.int64)
-    assert k.lookup(index, np.array([13, 99, 10], U64), found) == 1
+    assert k.lookup(index, np.array([13, 99, 10], U64), found, NO_KEYS) == 1
     assert found.tolist() == [3, -1, 0]
 
 
@@ -91,11 +92,11 @@ def test_full_buckets_overflow_into_the_next_and_wrap_around() -> None:
     assert rows.tolist() == list(range(top, top + 9))
     found = np.empty(11, np.int64)
     probe = np.concatenate([keys, np.array([1, 2], U64)])
-    assert k.lookup(index, probe, found) == 2
+    assert k.lookup(index, probe, found, NO_KEYS) == 2
     assert found.tolist() == [*range(top, top + 9), -1, -1]
     bigger = k.new_index(4)
     k.rehash(bigger, index)
-    assert k.lookup(bigger, probe, found) == 2
+    assert k.lookup(bigger, probe, found, NO_KEYS) == 2
     assert found.tolist() == [*range(top, top + 9), -1, -1]
 
 
@@ -113,8 +114,10 @@ def test_rehash_finds_every_key(keys_list: list[int], extra: int) -> None:
     bigger = k.new_index(buckets << extra)
     k.rehash(bigger, index)
     found = np.empty(keys.size, np.int64)
-    assert k.lookup(bigger, keys, found) == 0
+    kept = np.zeros(keys.size, U64)
+    assert k.lookup(bigger, keys, found, kept if keys.size else NO_KEYS) == 0
     assert found.tolist() == list(range(keys.size))
+    assert kept.tolist() == keys_list  # copied in the same pass
     by_row = np.empty(keys.size, U64)
     k.keys_by_row(bigger, by_row)
     assert by_row.tolist() == keys_list

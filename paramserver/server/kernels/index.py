@@ -119,16 +119,22 @@ def _hash_ahead(index: Array, keys: Array, i: int, ring: Array) -> None:
 
 
 @kernel
-def lookup(index: Array, keys: Array, rows: Array) -> int:
-    """Write the row of each key into ``rows`` (-1 where absent); return how many were absent."""
+def lookup(index: Array, keys: Array, rows: Array, kept: Array) -> int:
+    """Write the row of each key into ``rows`` (-1 where absent); return how many were absent.
+    ``kept``: empty, or as long as ``keys``, which are copied into it in the same pass (a
+    stream of writes among the probes' waits on memory: nearly free, where a copy of its own
+    reads the keys again)."""
     missing = 0
     n = keys.shape[0]
+    keep = kept.shape[0] > 0
     ring = np.empty(_RING, np.uint64)
     for i in range(min(n, AHEAD)):
         _hash_ahead(index, keys, i, ring)
     for i in range(n):
         if i + AHEAD < n:
             _hash_ahead(index, keys, i + AHEAD, ring)
+        if keep:
+            kept[i] = keys[i]
         _, _, v = _probe(index, keys[i], ring[i % _RING])
         if v == 0:
             rows[i] = -1

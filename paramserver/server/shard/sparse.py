@@ -74,6 +74,9 @@ _AHEAD_MIN_BYTES = 1 << 20
 """Bytes of rows whose pages :meth:`SparseShard.prepare` has mapped ahead at least."""
 
 _PULLED_KEYS = 1 << 20
+
+_NO_KEYS = np.empty(0, np.uint64)
+"""``kept`` for :func:`~paramserver.server.kernels.lookup`: no copy of the keys."""
 """Keys of a pull whose rows a shard keeps for the push of the same keys (16 MiB at most)."""
 
 _BUCKET_ROWS = 4
@@ -125,6 +128,7 @@ class SparseShard(Shard):
         self._recent_new = 0  # rows it created
         # the keys of the latest pull that created rows, and their rows (a row keeps its id)
         self._pulled: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]] | None = None
+        self._kept = _NO_KEYS  # the buffer its keys are in (_keep_buffer)
 
     # ------------------------------------------------------------------ properties
 
@@ -167,14 +171,17 @@ class SparseShard(Shard):
         keys = check_keys(keys, "shard")
         res = check_out(out, (keys.shape[0], self.dim), self.dtype)
         if create:
+            self._pulled = None  # (the buffer of its keys is written again now)
+            kept = self._keep_buffer(keys.shape[0])
             # new rows' weights written to res as they are made, the others gathered
-            rows = self._find_or_create(keys, out=res, gather=True)
+            rows = self._find_or_create(keys, out=res, gather=True, kept=kept)
             # the push that follows a pull (a training step) is for the same keys, usually;
             # kept for lists up to _PULLED_KEYS keys only (16 bytes a key, held until the next)
-            self._pulled = (keys.copy(), rows) if keys.shape[0] <= _PULLED_KEYS else None
+            if kept is not None:
+                self._pulled = (kept, rows)
         else:
             rows = np.empty(keys.shape[0], np.int64)
-            k.lookup(self._index, keys, rows)
+            k.lookup(self._index, keys, rows, _NO_KEYS)
             kind, p0, p1 = self._init_args
             data, seed = self._data, self._seed
             halves(
@@ -286,7 +293,7 @@ class SparseShard(Shard):
         """
         keys = check_keys(keys, "shard")
         rows = np.empty(keys.shape[0], np.int64)
-        k.lookup(self._index, keys, rows)
+        k.lookup(self._index, keys, rows, _NO_KEYS)
         return rows >= 0
 
     def export(self) -> dict[str, npt.NDArray[Any]]:
@@ -386,6 +393,17 @@ class SparseShard(Shard):
         ahead = max(min(recent, n // 4), _AHEAD_MIN_BYTES // row_bytes)
         self._arena.ready_soon(min(n + ahead, self.capacity))
 
+    def _keep_buffer(self, n: int) -> npt.NDArray[np.uint64] | None:
+        """Where a pull's ``n`` keys are kept for the push of the same keys (None past
+        :data:`_PULLED_KEYS`): the first ``n`` of a buffer reused from pull to pull, its pages
+        mapped once (a fresh copy of 100k keys cost 0.1-0.2 ms of a pull, most of it in page
+        faults)."""
+        if n > _PULLED_KEYS:
+            return None
+        if self._kept.shape[0] < n:
+            self._kept = np.empty(min(_PULLED_KEYS, max(n, 2 * self._kept.shape[0])), np.uint64)
+        return self._kept[:n]
+
     def _next_stamp(self) -> int:
         """A stamp for :func:`~paramserver.server.kernels.has_duplicates`: 1..255, the marks
         cleared when it wraps (one memset of a byte a row every 255 calls)."""
@@ -402,10 +420,12 @@ class SparseShard(Shard):
         initialize: bool = True,
         out: npt.NDArray[Any] | None = None,
         gather: bool = False,
+        kept: npt.NDArray[np.uint64] | None = None,
     ) -> npt.NDArray[np.int64]:
         """Row ids of ``keys``, appending (and initializing) rows for the missing ones; with
         ``out``, the weights of each new row also written to ``out[i]``, and with ``gather``
-        those of the other rows too (where rows were created, in the same pass)."""
+        those of the other rows too (where rows were created, in the same pass); with ``kept``
+        (as long as ``keys``), a copy of the keys written there."""
         if self._n + keys.shape[0] > k.INDEX_MAX_ROWS:
             new = int(np.count_nonzero(~self.contains(np.unique(keys))))
             if self._n + new > k.INDEX_MAX_ROWS:
@@ -423,18 +443,27 @@ class SparseShard(Shard):
         if keys.nbytes >= SPLIT_KEYS_BYTES and mostly_found and two_cores():
             # read-only lookups in two halves at once; then the missing keys inserted in one
             # pass, in list order, so new rows get the ids a single pass gives them
-            index = self._index
-            missing = halves(lambda ks, r: k.lookup(index, ks, r), [keys, rows], split_at=0)
+            index, data = self._index, self._data
+            into = _NO_KEYS if kept is None else kept
+            to = out if gather and out is not None else np.empty((keys.shape[0], 0), self.dtype)
+
+            def look(ks: npt.NDArray[np.uint64], r: npt.NDArray[np.int64], kp: Any, o: Any) -> int:
+                miss = int(k.lookup(index, ks, r, kp))
+                if miss == 0 and o.shape[1]:  # its rows gathered at once: one hand-off
+                    k.gather(data, r, o)
+                return miss
+
+            missing = halves(look, [keys, rows, into, to], split_at=0)
             if sum(missing) == 0:
                 self._recent_new = 0
-                if gather and out is not None:
-                    self._gather(rows, out)
                 return rows
             where = np.flatnonzero(rows < 0)
             sub = self._insert(keys[where])
             rows[where] = sub
         else:
             self._insert(keys, rows)
+            if kept is not None:
+                kept[:] = keys
         self._recent_new = self._n - n0
         if initialize and self._n > n0:
             kind, p0, p1 = self._init_args
