@@ -8,10 +8,12 @@ mapping reserved once with ``MAP_NORESERVE`` (address space only: no memory is c
 and the kernel fills pages with zeros as rows are first written), so growing is taking a
 longer view of the same memory: nothing is copied and no row moves.
 
-Pages are mapped up to 32 MiB ahead of the rows appended, one ``madvise(MADV_POPULATE_WRITE)``
-call each time (:meth:`Arena.ready`), not one page fault per 4 KiB page while a request
-writes its new rows (on this machine a fault cost more than zeroing the page; `python
-benchmarks/traffic.py --server-only` shows the pulls that create rows). Huge pages are not
+Pages are mapped ahead of the rows appended by one ``madvise(MADV_POPULATE_WRITE)`` call, not
+one page fault per 4 KiB page while a request writes its new rows (on this machine a fault
+cost more than zeroing the page; `python benchmarks/traffic.py --server-only` shows the pulls
+that create rows): between requests by a background thread (:meth:`Arena.ready_soon`, which
+``SparseShard.prepare`` asks for), and in a request only the pages its new rows may need that
+were not asked for before (:meth:`Arena.ready`). Huge pages are not
 asked for: under the default ``defrag=madvise``, ``MADV_HUGEPAGE`` makes faults compact
 memory first, and the pulls that created rows got slower with it, not faster.
 
@@ -47,8 +49,6 @@ fall back to growth by copy."""
 _MAP_NORESERVE = 0x4000  # Linux; Python's mmap module does not export it
 _MADV_POPULATE_WRITE = 23  # Linux 5.14
 POPULATE = True
-POPULATE_BYTES = 1 << 25
-"""Pages mapped ahead at a time (32 MiB): a pull that creates rows maps them in one call."""
 
 
 def _reserve(nbytes: int) -> mmap.mmap | None:
@@ -118,34 +118,43 @@ class Arena:
         return self._whole is not None
 
     def ready(self, n: int) -> None:
-        """Have the pages of rows ``[0, n)`` mapped (``n`` at most :attr:`capacity`): in one
-        call per ``POPULATE_BYTES`` (``MADV_POPULATE_WRITE``, Linux 5.14) instead of one page
-        fault per page as rows are appended. Where the kernel lacks it, pages fault in one by
-        one as before."""
-        if self._region is None or n <= self._ready or not POPULATE:
+        """Have the pages of rows ``[0, n)`` mapped (``n`` at most :attr:`capacity`): those not
+        mapped or asked for yet, in one call (``MADV_POPULATE_WRITE``, Linux 5.14) instead of
+        one page fault per page as rows are appended. Only those: it runs inside a request
+        (mapping 32 MiB at a time here stalled one Zipf step in four by 7-9 ms, each time a
+        batch brought a few more keys than the one before it, past what the background thread
+        had mapped). Where the kernel lacks it, pages fault in one by one as before."""
+        span = self._unasked(n)
+        if span is None:
             return
-        row_bytes = self.stride * self.dtype.itemsize
-        lo = self._ready * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = min(max(n * row_bytes, lo + POPULATE_BYTES), self.capacity * row_bytes)
+        lo, hi = span
+        assert self._region is not None  # (else no span)
         try:
             self._region.madvise(_MADV_POPULATE_WRITE, lo, hi - lo)
         except (OSError, ValueError):
             self._ready = 1 << 62  # this kernel maps pages on fault only: stop asking
             return
-        self._ready = hi // row_bytes
+        self._ready = hi // (self.stride * self.dtype.itemsize)
 
-    def ready_soon(self, n: int) -> None:
-        """:meth:`ready`, the pages mapped by a background thread (the kernel zeroes each:
-        8 ms for 32 MiB here) while the caller goes on; not waited for. Only the pages of rows
-        ``[0, n)``: unlike :meth:`ready`, not ``POPULATE_BYTES`` at least, which a server at rest
-        would hold unused. A row written before its page is mapped faults it in as without
-        this, so nothing depends on when it ends."""
+    def _unasked(self, n: int) -> tuple[int, int] | None:
+        """The byte range of the pages of rows ``[0, n)`` not mapped or asked for yet (None if
+        none, or if pages are mapped on fault only)."""
         if self._region is None or n <= self._ready or not POPULATE:
-            return
+            return None
         row_bytes = self.stride * self.dtype.itemsize
         lo = self._ready * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
         hi = min(-(-n * row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE, self.capacity * row_bytes)
-        self._ready = hi // row_bytes
+        return lo, hi
+
+    def ready_soon(self, n: int) -> None:
+        """:meth:`ready`, the pages mapped by a background thread (the kernel zeroes each:
+        8 ms for 32 MiB here) while the caller goes on; not waited for. A row written before
+        its page is mapped faults it in as without this, so nothing depends on when it ends."""
+        span = self._unasked(n)
+        if span is None:
+            return
+        lo, hi = span
+        self._ready = hi // (self.stride * self.dtype.itemsize)
         start = self._address + lo
         _populator().submit(_populate, start, hi - lo)
 
