@@ -28,8 +28,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs."""
+def run_times(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
+    """Wall times of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs, sorted."""
     for _ in range(warmup):
         fn()
     times = []
@@ -37,7 +37,12 @@ def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return sorted(times)
+
+
+def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs."""
+    return statistics.median(run_times(fn, repeat, warmup))
 
 
 def _sig(x: float) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import zmq
-from common import emit, median_time, parser
+from common import emit, median_time, parser, run_times
 
 import paramserver as ps
 
@@ -300,13 +300,7 @@ def stores(mib: list[float], repeat: int) -> None:
             out[j] = x
 
     def quartile(fn: Callable[[], object], r: int) -> float:
-        fn()
-        times = []
-        for _ in range(r):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 4]
+        return run_times(fn, r)[r // 4]
 
     exp, lr = np.uint32(0x7F80_0000), np.float32(0.5)
     for size in mib:

@@ -74,10 +74,10 @@ _AHEAD_MIN_BYTES = 1 << 20
 """Bytes of rows whose pages :meth:`SparseShard.prepare` has mapped ahead at least."""
 
 _PULLED_KEYS = 1 << 20
+"""Keys of a pull whose rows a shard keeps for the push of the same keys (16 MiB at most)."""
 
 _NO_KEYS = np.empty(0, np.uint64)
 """``kept`` for :func:`~paramserver.server.kernels.lookup`: no copy of the keys."""
-"""Keys of a pull whose rows a shard keeps for the push of the same keys (16 MiB at most)."""
 
 _BUCKET_ROWS = 4
 """Rows an index holds per bucket before it doubles: 80% of the cells, so that a lookup
@@ -176,7 +176,7 @@ class SparseShard(Shard):
             # new rows' weights written to res as they are made, the others gathered
             rows = self._find_or_create(keys, out=res, gather=True, kept=kept)
             # the push that follows a pull (a training step) is for the same keys, usually;
-            # kept for lists up to _PULLED_KEYS keys only (16 bytes a key, held until the next)
+            # kept for lists up to _PULLED_KEYS keys only (the keys' buffer stays with the shard)
             if kept is not None:
                 self._pulled = (kept, rows)
         else:
@@ -396,8 +396,8 @@ class SparseShard(Shard):
     def _keep_buffer(self, n: int) -> npt.NDArray[np.uint64] | None:
         """Where a pull's ``n`` keys are kept for the push of the same keys (None past
         :data:`_PULLED_KEYS`): the first ``n`` of a buffer reused from pull to pull, its pages
-        mapped once (a fresh copy of 100k keys cost 0.1-0.2 ms of a pull, most of it in page
-        faults)."""
+        mapped once. With ``keys.copy()`` into fresh memory instead, the server's part of a
+        100k-key fresh pull took 0.2-0.25 ms longer (docs/performance.md, "Fewer hand-offs")."""
         if n > _PULLED_KEYS:
             return None
         if self._kept.shape[0] < n:
@@ -457,6 +457,8 @@ class SparseShard(Shard):
             if sum(missing) == 0:
                 self._recent_new = 0
                 return rows
+            # (a half that found every key gathered its rows already; the pass below writes
+            # them again, the same values: only when the previous request misled the split)
             where = np.flatnonzero(rows < 0)
             sub = self._insert(keys[where])
             rows[where] = sub
