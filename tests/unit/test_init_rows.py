@@ -127,13 +127,13 @@ def test_normal_rows_in_two_passes_are_init_row_bit_for_bit(dtype: Any) -> None:
 
     dim, n = 37, 3000
     keys = np.random.default_rng(6).integers(0, 2**64 - 1, n, dtype=U64)
-    bits = np.empty(dim, U64)
+    bits, vals = np.empty(dim, U64), np.empty(dim, np.float64)
     one, two = np.empty((n, dim), dtype), np.empty((n, dim), dtype)
     ends = np.zeros(n, bool)  # whether a row has a column whose cell is at an end
     for i in range(n):
         base = U64(row_base(U64(3), keys[i]))
         init_row(one[i], dim, k.INIT_NORMAL, 0.5, 2.0, base)
-        init_normal_row(two[i], dim, 0.5, 2.0, base, bits)
+        init_normal_row(two[i], dim, 0.5, 2.0, base, bits, vals)
         ends[i] = not all(on_table(U64(x)) for x in bits)
     assert one.tobytes() == two.tobytes()
     assert ends.any() and not ends.all()

@@ -104,3 +104,28 @@ def test_pull_writing_new_rows_as_made_and_push_after_it_match_lookups(
     ea, eb = a.export(), b.export()
     assert ea["keys"].tobytes() == eb["keys"].tobytes()
     assert ea["rows"].tobytes() == eb["rows"].tobytes()
+
+
+def test_a_new_key_in_both_halves_is_pulled_with_its_final_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each new key twice, once in each half, at the same place: both halves initialize its
+    row at about the same time, and each copies it into the reply. Every copy holds the row's
+    final Normal values (those of a one-pass shard), never the other half's interpolated
+    first pass (init_normal_row writes a row once)."""
+    if not parallel.two_cores():
+        pytest.skip("one core: requests are never split")
+    rng = np.random.default_rng(5)
+
+    def make() -> SparseShard:
+        return SparseShard(16, "float32", ps.init.Normal(std=0.1), ps.optim.SGD(lr=0.1), seed=7)
+
+    a, b = make(), make()
+    for _ in range(30):
+        fresh = rng.integers(0, 1 << 62, 20_000).astype(np.uint64)
+        keys = np.concatenate([fresh, fresh])
+        _split(True, monkeypatch)
+        got = a.pull(keys)
+        _split(False, monkeypatch)
+        want = b.pull(keys)
+        assert got.tobytes() == want.tobytes()

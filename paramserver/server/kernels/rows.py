@@ -96,21 +96,26 @@ def init_row(row: Array, dim: int, kind: int, p0: float, p1: float, base: np.uin
 
 @kernel
 def init_normal_row(
-    row: Array, dim: int, p0: float, p1: float, base: np.uint64, bits: Array
+    row: Array, dim: int, p0: float, p1: float, base: np.uint64, bits: Array, vals: Array
 ) -> None:
     """:func:`init_row`'s Normal weights, the same values, in two passes: every column
     interpolated in a loop without a branch (it vectorizes), the bits kept in ``bits`` (``dim``
     uint64 scratch), then the few columns whose cell is at an end of the table (3% of them)
     computed exactly. One pass with the branch inside does not vectorize (see
-    docs/performance.md, "Less CPU per Zipf step")."""
+    docs/performance.md, "Less CPU per Zipf step"). Both passes work in ``vals`` (``dim``
+    float64 scratch) and ``row`` is written once, with the final values: a key repeated in
+    both halves of a split request is initialized by both at once, and a half that copies
+    its row into the reply must never see the other half's interpolated values."""
     for j in range(dim):
         x = mix64(base + np.uint64(2 * j + 1) * _GOLDEN) >> _S11
         bits[j] = x
-        row[j] = p0 + p1 * interpolated(x)
+        vals[j] = p0 + p1 * interpolated(x)
     for j in range(dim):
         x = bits[j]
         if not on_table(x):
-            row[j] = p0 + p1 * normal_from_bits(x)
+            vals[j] = p0 + p1 * normal_from_bits(x)
+    for j in range(dim):
+        row[j] = vals[j]
 
 
 @kernel
@@ -158,12 +163,13 @@ def init_rows(
     then gathers only the rows that existed: :func:`gather_below`)."""
     copy = out.shape[0] > 0
     bits = np.empty(dim if kind == INIT_NORMAL else 0, np.uint64)
+    vals = np.empty(bits.shape[0], np.float64)
     for i in range(keys.shape[0]):
         r = rows[i]
         if r >= first:
             row = data[r]
             if kind == INIT_NORMAL:
-                init_normal_row(row, dim, p0, p1, row_base(seed, keys[i]), bits)
+                init_normal_row(row, dim, p0, p1, row_base(seed, keys[i]), bits, vals)
             else:
                 init_row(row, dim, kind, p0, p1, row_base(seed, keys[i]))
             init_state(row, dim, state, a, b, c, d)
