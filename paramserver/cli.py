@@ -235,6 +235,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-w", "--workers", type=int, default=2)
     d.add_argument("--epochs", type=int, default=3)
     d.add_argument("--out", default="paramserver-demo", help="folder for the JSON and the plot")
+    d.add_argument(
+        "--examples",
+        type=int,
+        default=100_000,
+        help="examples generated when MovieLens-100K cannot be fetched (synthetic data)",
+    )
 
     k = sub.add_parser("checkpoint", help="look at checkpoints")
     ksub = k.add_subparsers(dest="action", required=True)
@@ -544,7 +550,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from paramserver.models.demo import main as demo
 
-        return demo(args.servers, args.workers, args.epochs, Path(args.out))
+        return demo(args.servers, args.workers, args.epochs, Path(args.out), args.examples)
     if args.command == "train":
         import importlib
 

@@ -21,7 +21,7 @@ import paramserver as ps
 __all__ = ["main"]
 
 
-def _data() -> tuple[list[str], str]:
+def _data(examples: int) -> tuple[list[str], str]:
     from paramserver.data.fetch import RegistryUnreachable, fetch
 
     try:
@@ -33,7 +33,7 @@ def _data() -> tuple[list[str], str]:
             "Criteo-format data instead",
             flush=True,
         )
-        return ["--data", "synthetic", "--examples", "100000"], "synthetic Criteo-format data"
+        return ["--data", "synthetic", "--examples", str(examples)], "synthetic Criteo-format data"
 
 
 def _run_model(model: str, args: list[str], servers: int, workers: int) -> int:
@@ -68,21 +68,33 @@ def _run_model(model: str, args: list[str], servers: int, workers: int) -> int:
                     p.wait()
 
 
-def main(servers: int = 2, workers: int = 2, epochs: int = 3, out: Path | None = None) -> int:
-    """Run the demo; returns the exit code."""
+def main(
+    servers: int = 2,
+    workers: int = 2,
+    epochs: int = 3,
+    out: Path | None = None,
+    examples: int = 100_000,
+) -> int:
+    """Run the demo; returns the exit code. ``examples``: how many the synthetic data has, when
+    MovieLens-100K cannot be fetched."""
     from paramserver.models.baselines import sklearn_logreg
     from paramserver.models.ctr import load_ctr
     from paramserver.models.program import plot_curves
 
+    if examples < 1000:
+        raise ps.errors.ConfigError(
+            f"--examples is {examples}: give at least 1000 (the synthetic data's "
+            "examples, a fifth of them held out for testing)"
+        )
     start = time.perf_counter()
     out = out or Path("paramserver-demo")
-    data_args, what = _data()
+    data_args, what = _data(examples)
     print(
         f"paramserver demo: click prediction on {what}, {servers} servers and {workers} "
         "workers on this machine",
         flush=True,
     )
-    ns = argparse.Namespace(data=data_args[1], split="time", examples=100_000)
+    ns = argparse.Namespace(data=data_args[1], split="time", examples=examples)
     train, test, desc = load_ctr(ns)
     base = sklearn_logreg(train, test)
     print(f"demo: {desc}: {len(train)} train / {len(test)} test examples", flush=True)
