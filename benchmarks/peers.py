@@ -8,6 +8,8 @@ same settings; throughput and quality printed as ratios (paramserver / peer).
   tokens, dim, window, negatives, min-count, sample, rate, epochs; 2 threads each: gensim's
   workers, the worker's kernel threads); quality: Google analogy accuracy and WordSim353
   Spearman correlation, evaluated by the same function (``--w2v-epochs 5``: the issue's run);
+  then the same paramserver run with a worker-side cache of both tables (``ps.CacheSpec``):
+  its speed, bytes moved and quality against the uncached run;
 - FTRL logistic regression: ``paramserver.models.logreg`` against Vowpal Wabbit
   (``--ftrl``, same alpha, beta, l1, l2), one pass over the same synthetic Criteo-format data;
   examples/s and test AUC;
@@ -41,6 +43,9 @@ from paramserver.data.evaluate import auc
 
 PEERS = ("torch", "word2vec", "vw", "deepfm")
 BATCH = 512
+# word2vec's worker-side cache: every word of the corpus fits (its vocabulary is ~15k words at
+# min-count 5), rows served at most 1, then 2 steps stale (a clock is a step)
+W2V_CACHE_ROWS, W2V_CACHE_STALENESS = 1 << 16, (1, 2)
 # The embeddings' Adagrad rate for DeepFM's one epoch. train_worker's default (0.05) overfits
 # within it: test AUC 0.8038 against deepctr-torch's 0.8117 on the default data (seed 0); 0.03
 # gave 0.8090, 0.02 0.8107, 0.01 0.8117. Checked on other data: see docs/performance.md.
@@ -99,20 +104,26 @@ def word2vec_case(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     theirs = w2v.gensim_reference(words, settings, evaluation)
     t_gensim = time.perf_counter() - t0
-    with ps.LocalCluster(servers=args.servers, workers=1) as cluster:
-        client = cluster.connect()
-        t0 = time.perf_counter()
-        out = w2v.train_worker(
-            client, words, epochs=settings.epochs, dim=settings.dim, window=settings.window,
-            negative=settings.negative, min_count=settings.min_count, sample=settings.sample,
-            lr=settings.lr, evaluation=evaluation, show=False, threads=THREADS,
-        )  # fmt: skip
-        t_ours = time.perf_counter() - t0  # the per-epoch evaluation included, as for gensim
+
+    def ours(cache: ps.CacheSpec | None) -> tuple[dict[str, Any], float]:
+        with ps.LocalCluster(servers=args.servers, workers=1) as cluster:
+            client = cluster.connect()
+            t0 = time.perf_counter()
+            out = w2v.train_worker(
+                client, words, epochs=settings.epochs, dim=settings.dim, window=settings.window,
+                negative=settings.negative, min_count=settings.min_count, sample=settings.sample,
+                lr=settings.lr, evaluation=evaluation, show=False, threads=THREADS, cache=cache,
+            )  # fmt: skip
+            # the per-epoch evaluation included, as for gensim
+            return out, time.perf_counter() - t0
+
+    out, t_ours = ours(None)
     mine = out["curve"][-1]
     tokens = len(words) * settings.epochs
+    case = f"word2vec skip-gram d={settings.dim}, {len(words)} tokens x {settings.epochs} epochs"
     emit(
         "peers",
-        f"word2vec skip-gram d={settings.dim}, {len(words)} tokens x {settings.epochs} epochs",
+        case,
         tokens / t_ours,
         "tokens/s",
         baseline=tokens / t_gensim,
@@ -127,6 +138,41 @@ def word2vec_case(args: argparse.Namespace) -> None:
         wordsim=round(mine["wordsim_spearman"], 4),
         peer_wordsim=round(theirs["wordsim_spearman"], 4),
         wordsim_ratio=_ratio(mine["wordsim_spearman"], theirs["wordsim_spearman"]),
+        bytes_moved=out["traffic"]["bytes"],
+    )
+    # the same run with a worker-side cache of both tables (issue 12, item 6): its effect on
+    # speed, bytes moved and quality, against the uncached run above
+    for staleness in W2V_CACHE_STALENESS:
+        spec = ps.CacheSpec(rows=W2V_CACHE_ROWS, staleness=staleness, flush_every=1)
+        cached_case(case, tokens, spec, ours(spec), (mine, out, t_ours))
+
+
+def cached_case(
+    case: str,
+    tokens: int,
+    spec: ps.CacheSpec,
+    run: tuple[dict[str, Any], float],
+    plain: tuple[dict[str, Any], dict[str, Any], float],
+) -> None:
+    """Emit a word2vec run with a cache against the same run without it."""
+    (cached, t_cached), (mine, out, t_ours) = run, plain
+    got, counts = cached["curve"][-1], cached["cache"]
+    emit(
+        "peers",
+        f"{case}, worker-side cache (CacheSpec rows={spec.rows}, staleness={spec.staleness})",
+        tokens / t_cached,
+        "tokens/s",
+        baseline=tokens / t_ours,
+        peer="the same run without the cache",
+        seconds=round(t_cached, 2),
+        bytes_moved=cached["traffic"]["bytes"],
+        bytes_ratio=_ratio(cached["traffic"]["bytes"], out["traffic"]["bytes"]),
+        hit_rate=_ratio(counts["hits"], counts["hits"] + counts["misses"]),
+        staleness=counts["staleness"],
+        analogy=round(got["analogy_accuracy"], 4),
+        analogy_ratio=_ratio(got["analogy_accuracy"], mine["analogy_accuracy"]),
+        wordsim=round(got["wordsim_spearman"], 4),
+        wordsim_ratio=_ratio(got["wordsim_spearman"], mine["wordsim_spearman"]),
     )
 
 

@@ -158,8 +158,12 @@ def train_worker(
     show: bool = True,
     seed: int = 0,
     threads: int = 2,
+    cache: ps.CacheSpec | None = None,
 ) -> dict[str, Any]:
-    """Train on leased shards of the token stream; rank 0 evaluates after each epoch."""
+    """Train on leased shards of the token stream; rank 0 evaluates after each epoch.
+    ``cache``: a worker-side cache of both embedding tables (``ps.CacheSpec``; a clock is a
+    step). Returns the evaluation curve, the vocabulary's and the token stream's sizes, the
+    rows and bytes this worker moved (``traffic``) and, with a cache, its counts (``cache``)."""
     for what, value in (("batch", batch), ("threads", threads)):
         if value < 1:
             raise ps.errors.ConfigError(f"word2vec: {what} must be at least 1, got {value}")
@@ -173,7 +177,7 @@ def train_worker(
     total_pairs = max(1.0, epochs * kept * (window + 1) / max(client.num_workers, 1))
     trainer = _Trainer(client, vocab, dim=dim, negative=negative, lr=lr, total_pairs=total_pairs,
                        consistency=consistency, evaluation=evaluation, rng=rng,
-                       threads=threads)  # fmt: skip
+                       threads=threads, cache=cache)  # fmt: skip
 
     def split(part: _Tokens) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         centers, contexts = pairs(part.ids, vocab.counts, window, sample, rng)
@@ -187,7 +191,22 @@ def train_worker(
     finally:
         if trainer.pool is not None:
             trainer.pool.shutdown()
-    return {"curve": trainer.curve, "vocabulary": len(vocab), "tokens": len(ids)}
+    tables = (trainer.emb_in, trainer.emb_out)
+    traffic = {
+        k: sum(t.traffic()[k] for t in tables) for k in ("rows_pulled", "rows_pushed", "bytes")
+    }
+    out: dict[str, Any] = {
+        "curve": trainer.curve, "vocabulary": len(vocab), "tokens": len(ids), "traffic": traffic,
+    }  # fmt: skip
+    if cache is not None:
+        counts = [t.cache.stats() for t in tables if t.cache is not None]
+        out["cache"] = {k: sum(c[k] for c in counts) for k in ("hits", "misses")}
+        staleness: dict[int, int] = {}
+        for c in counts:
+            for clocks, rows in c["staleness"].items():
+                staleness[clocks] = staleness.get(clocks, 0) + rows
+        out["cache"]["staleness"] = dict(sorted(staleness.items()))
+    return out
 
 
 class _Trainer(PushesInFlight):
@@ -197,15 +216,15 @@ class _Trainer(PushesInFlight):
     def __init__(
         self, client: ps.Client, vocab: Vocabulary, *, dim: int, negative: int, lr: float,
         total_pairs: float, consistency: str, evaluation: tuple[Any, Any] | None,
-        rng: np.random.Generator, threads: int = 1,
+        rng: np.random.Generator, threads: int = 1, cache: ps.CacheSpec | None = None,
     ) -> None:  # fmt: skip
         self.emb_in = client.sparse_table(
             "w2v/in", dim=dim, init=ps.init.Uniform(-1.0 / dim, 1.0 / dim),  # as gensim
-            optimizer=ps.optim.SGD(lr=1.0), consistency=consistency,
+            optimizer=ps.optim.SGD(lr=1.0), consistency=consistency, cache=cache,
         )  # fmt: skip
         self.emb_out = client.sparse_table(
             "w2v/out", dim=dim, init=ps.init.Zeros(), optimizer=ps.optim.SGD(lr=1.0),
-            consistency=consistency,
+            consistency=consistency, cache=cache,
         )  # fmt: skip
         from paramserver.models import sgns  # numba: on first use
 

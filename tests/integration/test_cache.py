@@ -106,3 +106,41 @@ def test_cache_settings_are_checked(cluster: ps.LocalCluster) -> None:
     client = cluster.connect()
     with pytest.raises(ConfigError, match="sync"):
         client.sparse_table("s", dim=2, consistency="sync", cache=ps.CacheSpec())
+
+
+def test_word2vec_with_a_cache_moves_fewer_rows_and_learns_the_same_groups() -> None:
+    """word2vec (``models.word2vec.train_worker``) on a corpus whose words come in planted
+    groups (a sentence uses one group's words only), without and with a cache of both tables:
+    with it, fewer rows pulled, every cached read at most 2 clocks stale, and the same groups
+    learned (each word's nearest neighbours by cosine within its group, both runs)."""
+    from paramserver.models import word2vec as w2v
+
+    groups, size = 6, 8
+    rng = np.random.default_rng(2)
+    sentences = [rng.integers(0, size, 12) + size * rng.integers(0, groups) for _ in range(5000)]
+    words = np.array([f"w{i}" for i in np.concatenate(sentences)])
+    spec = ps.CacheSpec(rows=1024, staleness=2)
+    runs = {}
+    for name, cache in (("plain", None), ("cached", spec)):
+        with ps.LocalCluster(servers=1, workers=1) as cluster:
+            client = cluster.connect()
+            out = w2v.train_worker(
+                client, words, epochs=2, dim=16, window=2, negative=3, min_count=1, sample=0.0,
+                batch=2048, show=False, threads=1, cache=cache,
+            )  # fmt: skip
+            table = client.table("w2v/in")
+            assert isinstance(table, ps.SparseTable)
+            vecs = table.pull(np.arange(out["vocabulary"], dtype=np.uint64), create=False)
+        vocab = w2v.Vocabulary(words, 1)
+        group = np.array([int(w[1:]) for w in vocab.words]) // size
+        unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+        sim = unit @ unit.T
+        np.fill_diagonal(sim, -np.inf)
+        nearest = np.argsort(-sim, axis=1)[:, : size - 1]  # as many as a word's group-mates
+        runs[name] = (out, float((group[nearest] == group[:, None]).mean()))
+    (plain, plain_right), (cached, cached_right) = runs["plain"], runs["cached"]
+    assert plain_right > 0.9 and cached_right > 0.9, (plain_right, cached_right)
+    assert cached["traffic"]["rows_pulled"] < plain["traffic"]["rows_pulled"] / 2
+    assert cached["traffic"]["rows_pushed"] == plain["traffic"]["rows_pushed"]
+    assert "cache" not in plain and cached["cache"]["hits"] > 0
+    assert max(cached["cache"]["staleness"]) <= 2
