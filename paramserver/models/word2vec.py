@@ -354,12 +354,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads of each worker's kernel "
                    "(updates without locks, as word2vec's and gensim's threads)")  # fmt: skip
     p.add_argument("--consistency", default="async", help="sync, ssp:N or async")
+    p.add_argument("--cache-rows", type=int, default=0, help="rows of a worker-side cache of "
+                   "both embedding tables (ps.CacheSpec; 0: none)")  # fmt: skip
+    p.add_argument("--cache-staleness", type=int, default=1, help="steps a cached row may be "
+                   "behind the servers' (1 kept the quality in docs/performance.md; 2 did not)")  # fmt: skip
     p.add_argument("--gensim", action="store_true", help="also train gensim's Word2Vec")
     return p
 
 
+def _cache(args: argparse.Namespace) -> ps.CacheSpec | None:
+    """The ``--cache-*`` options as a CacheSpec (None without ``--cache-rows``)."""
+    if args.cache_rows == 0:
+        return None
+    try:
+        return ps.CacheSpec(rows=args.cache_rows, staleness=args.cache_staleness)
+    except ps.errors.ConfigError as exc:
+        raise ps.errors.ConfigError(f"word2vec --cache-rows / --cache-staleness: {exc}") from None
+
+
 def train(client: ps.Client, args: argparse.Namespace) -> int:
     """The program: read the corpus, train, evaluate, report (rank 0)."""
+    cache = _cache(args)  # checked before the corpus is read
     words = read_corpus(args.corpus)
     evaluation = _evaluation_sets(args.corpus)
     lead = client.rank == 0
@@ -371,10 +386,13 @@ def train(client: ps.Client, args: argparse.Namespace) -> int:
         client, words, epochs=args.epochs, dim=args.dim, window=args.window,
         negative=args.negative, min_count=args.min_count, sample=args.sample, lr=args.lr,
         batch=args.batch, consistency=args.consistency, evaluation=evaluation, report=report,
-        show=not args.no_progress, threads=args.threads,
+        show=not args.no_progress, threads=args.threads, cache=cache,
     )  # fmt: skip
     if lead:
         report.info["vocabulary"] = out["vocabulary"]
+        report.info["traffic"] = out["traffic"]
+        if "cache" in out:
+            report.info["cache"] = out["cache"]
         if args.gensim and evaluation is not None:
             ref = gensim_reference(words, args, evaluation)
             report.info["gensim"] = ref

@@ -206,11 +206,23 @@ def test_word2vec_on_a_folder_of_text(tmp_path: Path) -> None:
     assert set(got[-4:].tolist()) == {b"the", b"cat", b"dog"}
     assert b"don't" in set(got.tolist())
     r = _run(["train", "word2vec", "-s", "1", "--corpus", "texts", "--min-count", "1",
-              "--dim", "8", "--epochs", "1", "--out", "out", "--no-progress"], tmp_path)  # fmt: skip
+              "--dim", "8", "--epochs", "1", "--out", "out", "--no-progress", "--batch", "1000"],
+             tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((tmp_path / "out" / "word2vec.json").read_text())
     assert summary["vocabulary"] == len(set(got.tolist()))
     assert summary["history"][0]["train_loss"] > 0
+    assert "cache" not in summary and summary["traffic"]["rows_pulled"] > 0
+    # the same with a worker-side cache of both tables: fewer rows pulled, its counts reported
+    r = _run(["train", "word2vec", "-s", "1", "--corpus", "texts", "--min-count", "1",
+              "--dim", "8", "--epochs", "1", "--out", "cached", "--no-progress", "--batch", "1000",
+              "--cache-rows", "1024", "--cache-staleness", "1"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    cached = json.loads((tmp_path / "cached" / "word2vec.json").read_text())
+    assert cached["cache"]["hits"] > 0 and set(cached["cache"]["staleness"]) <= {"0", "1"}
+    assert cached["traffic"]["rows_pulled"] < summary["traffic"]["rows_pulled"]
+    bad = _run(["train", "word2vec", "--corpus", "texts", "--cache-rows", "-5"], tmp_path)
+    assert bad.returncode == 2 and "--cache-rows" in bad.stderr and "rows" in bad.stderr, bad.stderr
 
 
 def test_train_help_lists_the_models_and_a_models_options(tmp_path: Path) -> None:
