@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -200,12 +201,12 @@ def train_worker(
     }  # fmt: skip
     if cache is not None:
         counts = [t.cache.stats() for t in tables if t.cache is not None]
-        out["cache"] = {k: sum(c[k] for c in counts) for k in ("hits", "misses")}
-        staleness: dict[int, int] = {}
-        for c in counts:
-            for clocks, rows in c["staleness"].items():
-                staleness[clocks] = staleness.get(clocks, 0) + rows
-        out["cache"]["staleness"] = dict(sorted(staleness.items()))
+        staleness = sum((Counter(c["staleness"]) for c in counts), Counter[int]())
+        out["cache"] = {
+            "hits": sum(c["hits"] for c in counts),
+            "misses": sum(c["misses"] for c in counts),
+            "staleness": dict(sorted(staleness.items())),  # {clocks: reads}, both tables
+        }
     return out
 
 

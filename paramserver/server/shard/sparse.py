@@ -174,7 +174,7 @@ class SparseShard(Shard):
             self._pulled = None  # (the buffer of its keys is written again now)
             kept = self._keep_buffer(keys.shape[0])
             # new rows' weights written to res as they are made, the others gathered
-            rows = self._find_or_create(keys, out=res, gather=True, kept=kept)
+            rows = self._find_or_create(keys, out=res, kept=kept)
             # the push that follows a pull (a training step) is for the same keys, usually;
             # kept for lists up to _PULLED_KEYS keys only (the keys' buffer stays with the shard)
             if kept is not None:
@@ -419,13 +419,12 @@ class SparseShard(Shard):
         *,
         initialize: bool = True,
         out: npt.NDArray[Any] | None = None,
-        gather: bool = False,
         kept: npt.NDArray[np.uint64] | None = None,
     ) -> npt.NDArray[np.int64]:
         """Row ids of ``keys``, appending (and initializing) rows for the missing ones; with
-        ``out``, the weights of each new row also written to ``out[i]``, and with ``gather``
-        those of the other rows too (where rows were created, in the same pass); with ``kept``
-        (as long as ``keys``), a copy of the keys written there."""
+        ``out``, the weights of every row of ``keys`` written to ``out[i]`` (a new row's as it
+        is made, the others gathered in the same pass); with ``kept`` (as long as ``keys``), a
+        copy of the keys written there."""
         if self._n + keys.shape[0] > k.INDEX_MAX_ROWS:
             new = int(np.count_nonzero(~self.contains(np.unique(keys))))
             if self._n + new > k.INDEX_MAX_ROWS:
@@ -445,7 +444,7 @@ class SparseShard(Shard):
             # pass, in list order, so new rows get the ids a single pass gives them
             index, data = self._index, self._data
             into = _NO_KEYS if kept is None else kept
-            to = out if gather and out is not None else np.empty((keys.shape[0], 0), self.dtype)
+            to = out if out is not None else np.empty((keys.shape[0], 0), self.dtype)
 
             def look(ks: npt.NDArray[np.uint64], r: npt.NDArray[np.int64], kp: Any, o: Any) -> int:
                 miss = int(k.lookup(index, ks, r, kp))
@@ -471,18 +470,19 @@ class SparseShard(Shard):
             kind, p0, p1 = self._init_args
             data, dim, seed, state = self._data, self.dim, self._seed, self._rule.state
             to = np.empty((0, dim), self.dtype) if out is None else out
-            also = gather and out is not None
 
             def init(ks: npt.NDArray[np.uint64], r: npt.NDArray[np.int64], o: Any) -> None:
                 k.init_rows(data, ks, r, n0, dim, seed, kind, p0, p1, *state, o)
-                if also:  # the rows that existed: one hand-off to the helper for both
+                if o.shape[0]:  # the rows that existed: one hand-off to the helper for both
                     k.gather_below(data, r, o, n0)
 
-            # a repeated new key may be initialized by both halves: to the same values
+            # a repeated new key may be initialized by both halves at once: each writes its
+            # row once, with the final values (init_normal_row), so a half's copy into ``out``
+            # never sees the other's work in progress
             new_bytes = (self._n - n0) * data.strides[0]
-            split = new_bytes >= SPLIT_INIT_BYTES or (also and to.nbytes >= SPLIT_ROWS_BYTES)
+            split = new_bytes >= SPLIT_INIT_BYTES or to.nbytes >= SPLIT_ROWS_BYTES
             halves(init, [keys, rows, to], split_at=0 if split else 1 << 62)
-        elif gather and out is not None:
+        elif out is not None:
             self._gather(rows, out)
         return rows
 
